@@ -1,0 +1,107 @@
+//! Command-line interface: parses arguments (clap), reads files, renders diagnostics and
+//! progress, and maps outcomes to exit codes. It is the only layer that prints.
+//!
+//! Exit codes: 0 success; 1 the spec (or the data it names) is wrong; 2 usage or I/O errors.
+
+use aec::diag::{self, Diagnostic};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "aec", version, about = "A compiler for autoencoders", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a spec and show what it compiles to.
+    Compile(CompileArgs),
+}
+
+#[derive(clap::Args)]
+struct CompileArgs {
+    /// The `.ae` spec.
+    spec: PathBuf,
+    /// Print an intermediate form instead of the layer table.
+    #[arg(long, value_enum)]
+    emit: Option<Emit>,
+    /// Batch size of the lowered graph (default: the spec's `batch`, else 1).
+    #[arg(long)]
+    batch: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    /// The AST printed back as `.ae` text, with a mirrored decoder written out.
+    Ast,
+    /// The forward graph IR.
+    Ir,
+    /// Parameter names (PyTorch's) and shapes.
+    Params,
+}
+
+/// An error the CLI reports and turns into an exit code.
+pub enum Failure {
+    /// The spec or its data is wrong: exit 1.
+    Spec,
+    /// Usage or I/O: exit 2.
+    Io(String),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile(args) => compile(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Spec) => ExitCode::from(1),
+        Err(Failure::Io(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Reads a spec file, or says why it cannot.
+pub fn read_spec(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Writes diagnostics to stderr, coloured on a terminal.
+pub fn report(diags: &[Diagnostic], path: &Path, src: &str) {
+    if diags.is_empty() {
+        return;
+    }
+    let color = std::io::stderr().is_terminal();
+    eprint!("{}", diag::render(diags, &path.display().to_string(), src, color));
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        let s = if errors == 1 { "" } else { "s" };
+        eprintln!("aec: {errors} error{s} in {}", path.display());
+    }
+}
+
+fn compile(args: &CompileArgs) -> Result<(), Failure> {
+    let src = read_spec(&args.spec)?;
+    let config = aec::Config { batch: args.batch };
+    let compiled = match aec::compile(&src, &config) {
+        Ok(c) => c,
+        Err(diags) => {
+            report(&diags, &args.spec, &src);
+            return Err(Failure::Spec);
+        }
+    };
+    report(&compiled.warnings, &args.spec, &src);
+    match args.emit {
+        None => print!("{}", compiled.model.table(&src)),
+        Some(Emit::Ast) => print!("{}", compiled.ast),
+        Some(Emit::Ir) => print!("{}", aec::ir::print(&compiled.forward, Some(&src))),
+        Some(Emit::Params) => print!("{}", compiled.model.params_listing()),
+    }
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! The closed set of primitive ops and their typing rules.
+//!
+//! Shapes are written batch first. `[B, C, H, W]` for images, `[B, F]` for vectors,
+//! `[B, T, F]` for sequences. Convolution weights follow PyTorch: conv `[Cout, Cin, K, K]`,
+//! transposed conv `[Cin, Cout, K, K]`.
+
+use super::{DType, Graph, InputId, NodeId, ParamId, Type};
+use crate::syntax::ast::Cell;
+
+/// Elementwise functions of one argument. `LeakyRelu` holds its negative slope.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryFn {
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+    Abs,
+    Square,
+    Neg,
+    Exp,
+    /// sign(x) ∈ {-1, 0, 1}.
+    Sign,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryFn {
+    Add,
+    Sub,
+    Mul,
+}
+
+/// Reconstruction losses, each the mean over all elements (PyTorch's `reduction='mean'`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossFn {
+    /// mean((p - t)²)
+    Mse,
+    /// mean(|p - t|)
+    L1,
+    /// -mean(t·log p + (1-t)·log(1-p)), each log clamped at -100 as PyTorch's `BCELoss`.
+    Bce,
+    /// Cross-entropy of logits `[N, V]` (or `[B, T, V]`) against i32 class ids, mean over ids:
+    /// PyTorch's `CrossEntropyLoss` on the pre-softmax values.
+    CrossEntropyLogits,
+}
+
+/// In-place optimizer updates of one parameter. Hyper-parameters are constants of the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerFn {
+    /// PyTorch's SGD: g += wd·p; v = μ·v + g (v = g on the first step); p -= lr·(g + μ·v if
+    /// nesterov else v). State: the velocity.
+    Sgd { lr: f32, momentum: f32, nesterov: bool, weight_decay: f32 },
+    /// PyTorch's Adam (L2 weight decay added to the gradient). State: m, v; `step` is the
+    /// 1-based step count read from the runtime.
+    Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Input(InputId),
+    Param(ParamId),
+
+    /// `a[M,K] · b[K,N]`, either side transposed first (`ta`, `tb`).
+    MatMul { a: NodeId, b: NodeId, ta: bool, tb: bool },
+    /// `x + bias` along axis 1 (features or channels).
+    BiasAdd { x: NodeId, bias: NodeId },
+    Unary { f: UnaryFn, x: NodeId },
+    /// The derivative of activation `f` times `dy`, written in terms of its output `y`.
+    ActGrad { f: UnaryFn, y: NodeId, dy: NodeId },
+    /// Elementwise on two values of the same type.
+    Binary { f: BinaryFn, a: NodeId, b: NodeId },
+    /// `c · x`.
+    Scale { x: NodeId, c: f32 },
+    /// Softmax along the last axis.
+    Softmax { x: NodeId },
+    /// `y · (dy - Σ dy·y)` along the last axis.
+    SoftmaxGrad { y: NodeId, dy: NodeId },
+    /// The same data with another shape (same element count).
+    Reshape { x: NodeId, shape: Vec<usize> },
+    /// Σ of all elements: a scalar.
+    SumAll { x: NodeId },
+    /// Σ over every axis but axis 1: the gradient of a bias.
+    SumToAxis1 { x: NodeId },
+
+    /// 2-D convolution, NCHW, square kernel taken from `w`.
+    Conv2d { x: NodeId, w: NodeId, stride: usize, pad: usize },
+    /// Transposed convolution: every input pixel scatters `pixel · kernel` (no flip).
+    ConvTranspose2d { x: NodeId, w: NodeId, stride: usize, pad: usize, out_pad: usize },
+    /// ∂loss/∂w of `Conv2d` from its input `x` and output gradient `dy`.
+    Conv2dWeightGrad { x: NodeId, dy: NodeId, kernel: usize, stride: usize, pad: usize },
+    /// ∂loss/∂w of `ConvTranspose2d` from its input `x` and output gradient `dy`.
+    ConvTranspose2dWeightGrad { x: NodeId, dy: NodeId, kernel: usize, stride: usize, pad: usize },
+    /// The switches of a max pool: for each window the flat index `h·W + w` of its maximum in
+    /// the input plane (first maximum on ties).
+    PoolArgmax { x: NodeId, kernel: usize, stride: usize },
+    /// `out[b,c,i] = x[b,c, idx[b,c,i]]`: the pooled values through their switches.
+    Gather { x: NodeId, idx: NodeId },
+    /// Zeros of `[B, C, H, W]` with `v[b,c,i]` written at `idx[b,c,i]` (unpool), or added there
+    /// when `accumulate` (the gradient of `Gather`).
+    Scatter { v: NodeId, idx: NodeId, height: usize, width: usize, accumulate: bool },
+    AvgPool { x: NodeId, kernel: usize, stride: usize },
+    /// The gradient of `AvgPool` back onto an input of `height × width`.
+    AvgPoolGrad { dy: NodeId, kernel: usize, stride: usize, height: usize, width: usize },
+
+    /// Rows of `table[V, N]` picked by i32 ids `[B, T]`: `[B, T, N]`.
+    Embed { table: NodeId, ids: NodeId },
+    /// The gradient of `Embed` on the table: `[V, N]` with each `dy` row added at its id.
+    EmbedGrad { ids: NodeId, dy: NodeId, vocab: usize },
+    /// One-hot f32 vectors of i32 ids: `[B, T] → [B, T, depth]`.
+    OneHot { ids: NodeId, depth: usize },
+    /// Teacher forcing's decoder input: `[B, T]` ids shifted right one step, `start` first.
+    ShiftRight { ids: NodeId, start: i32 },
+    /// A recurrent layer over a whole sequence: `xs [B, T, I]`, initial state `h0 [B, S]` →
+    /// every step's state `[B, T, S]`, where S = H (rnn, gru) or 2H (lstm: h then c).
+    /// Weights as PyTorch: `w_ih [G·H, I]`, `w_hh [G·H, H]`, biases `[G·H]`.
+    Recurrent {
+        cell: Cell,
+        xs: NodeId,
+        h0: NodeId,
+        w_ih: NodeId,
+        w_hh: NodeId,
+        b_ih: Option<NodeId>,
+        b_hh: Option<NodeId>,
+    },
+    /// `[B, T, F] → [B, F]`: the last step.
+    LastStep { x: NodeId },
+    /// `[B, F] → [B, T, F]`: the same vector at every step.
+    Repeat { x: NodeId, times: usize },
+    /// Features `start..start+len` of the last axis.
+    SliceLast { x: NodeId, start: usize, len: usize },
+    /// A vector of zeros `[B, F]` (an initial recurrent state).
+    Zeros { shape: Vec<usize> },
+
+    /// Inverted dropout: `x · mask / (1-p)`, the mask drawn from a counter-based generator of
+    /// (run seed, step, `salt`, element index), so every backend draws the same mask.
+    Dropout { x: NodeId, p: f32, salt: u32 },
+    /// The gradient of `Dropout`: the same mask applied to `dy`.
+    DropoutGrad { dy: NodeId, p: f32, salt: u32 },
+
+    /// A scalar loss between a prediction and its target.
+    Loss { f: LossFn, pred: NodeId, target: NodeId },
+    /// ∂(mean loss)/∂pred.
+    LossGrad { f: LossFn, pred: NodeId, target: NodeId },
+
+    /// Updates parameter `param` in place from its gradient (and the optimizer state the
+    /// runtime keeps for it). Produces nothing: its type is an empty f32 scalar marker.
+    Update { f: OptimizerFn, param: ParamId, grad: NodeId },
+}
+
+impl Op {
+    /// Operands in order.
+    pub fn operands(&self) -> Vec<NodeId> {
+        use Op::*;
+        match self {
+            Input(_) | Param(_) | Zeros { .. } => vec![],
+            MatMul { a, b, .. } | Binary { a, b, .. } => vec![*a, *b],
+            BiasAdd { x, bias } => vec![*x, *bias],
+            ActGrad { y, dy, .. } | SoftmaxGrad { y, dy } => vec![*y, *dy],
+            Unary { x, .. }
+            | Scale { x, .. }
+            | Softmax { x }
+            | Reshape { x, .. }
+            | SumAll { x }
+            | SumToAxis1 { x }
+            | PoolArgmax { x, .. }
+            | AvgPool { x, .. }
+            | LastStep { x }
+            | Repeat { x, .. }
+            | SliceLast { x, .. }
+            | Dropout { x, .. } => vec![*x],
+            Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => vec![*x, *w],
+            Conv2dWeightGrad { x, dy, .. } | ConvTranspose2dWeightGrad { x, dy, .. } => {
+                vec![*x, *dy]
+            }
+            Gather { x, idx } => vec![*x, *idx],
+            Scatter { v, idx, .. } => vec![*v, *idx],
+            AvgPoolGrad { dy, .. } | DropoutGrad { dy, .. } => vec![*dy],
+            Embed { table, ids } => vec![*table, *ids],
+            EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
+            OneHot { ids, .. } | ShiftRight { ids, .. } => vec![*ids],
+            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
+                let mut v = vec![*xs, *h0, *w_ih, *w_hh];
+                v.extend(b_ih.iter().chain(b_hh.iter()).copied());
+                v
+            }
+            Loss { pred, target, .. } | LossGrad { pred, target, .. } => vec![*pred, *target],
+            Update { grad, .. } => vec![*grad],
+        }
+    }
+
+    /// Rewrites every operand through `f`.
+    pub fn map_operands(&mut self, mut f: impl FnMut(NodeId) -> NodeId) {
+        use Op::*;
+        match self {
+            Input(_) | Param(_) | Zeros { .. } => {}
+            MatMul { a, b, .. } | Binary { a, b, .. } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            BiasAdd { x, bias } => {
+                *x = f(*x);
+                *bias = f(*bias);
+            }
+            ActGrad { y, dy, .. } | SoftmaxGrad { y, dy } => {
+                *y = f(*y);
+                *dy = f(*dy);
+            }
+            Unary { x, .. }
+            | Scale { x, .. }
+            | Softmax { x }
+            | Reshape { x, .. }
+            | SumAll { x }
+            | SumToAxis1 { x }
+            | PoolArgmax { x, .. }
+            | AvgPool { x, .. }
+            | LastStep { x }
+            | Repeat { x, .. }
+            | SliceLast { x, .. }
+            | Dropout { x, .. } => *x = f(*x),
+            Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => {
+                *x = f(*x);
+                *w = f(*w);
+            }
+            Conv2dWeightGrad { x, dy, .. } | ConvTranspose2dWeightGrad { x, dy, .. } => {
+                *x = f(*x);
+                *dy = f(*dy);
+            }
+            Gather { x, idx } => {
+                *x = f(*x);
+                *idx = f(*idx);
+            }
+            Scatter { v, idx, .. } => {
+                *v = f(*v);
+                *idx = f(*idx);
+            }
+            AvgPoolGrad { dy, .. } | DropoutGrad { dy, .. } => *dy = f(*dy),
+            Embed { table, ids } => {
+                *table = f(*table);
+                *ids = f(*ids);
+            }
+            EmbedGrad { ids, dy, .. } => {
+                *ids = f(*ids);
+                *dy = f(*dy);
+            }
+            OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
+            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
+                *xs = f(*xs);
+                *h0 = f(*h0);
+                *w_ih = f(*w_ih);
+                *w_hh = f(*w_hh);
+                if let Some(b) = b_ih {
+                    *b = f(*b);
+                }
+                if let Some(b) = b_hh {
+                    *b = f(*b);
+                }
+            }
+            Loss { pred, target, .. } | LossGrad { pred, target, .. } => {
+                *pred = f(*pred);
+                *target = f(*target);
+            }
+            Update { grad, .. } => *grad = f(*grad),
+        }
+    }
+
+    /// The op's name in the IR text.
+    pub fn mnemonic(&self) -> &'static str {
+        use Op::*;
+        match self {
+            Input(_) => "input",
+            Param(_) => "param",
+            MatMul { .. } => "matmul",
+            BiasAdd { .. } => "bias_add",
+            Unary { f, .. } => f.name(),
+            ActGrad { .. } => "act_grad",
+            Binary { f: BinaryFn::Add, .. } => "add",
+            Binary { f: BinaryFn::Sub, .. } => "sub",
+            Binary { f: BinaryFn::Mul, .. } => "mul",
+            Scale { .. } => "scale",
+            Softmax { .. } => "softmax",
+            SoftmaxGrad { .. } => "softmax_grad",
+            Reshape { .. } => "reshape",
+            SumAll { .. } => "sum_all",
+            SumToAxis1 { .. } => "sum_to_axis1",
+            Conv2d { .. } => "conv2d",
+            ConvTranspose2d { .. } => "conv_transpose2d",
+            Conv2dWeightGrad { .. } => "conv2d_weight_grad",
+            ConvTranspose2dWeightGrad { .. } => "conv_transpose2d_weight_grad",
+            PoolArgmax { .. } => "pool_argmax",
+            Gather { .. } => "gather",
+            Scatter { accumulate: false, .. } => "scatter",
+            Scatter { accumulate: true, .. } => "scatter_add",
+            AvgPool { .. } => "avgpool",
+            AvgPoolGrad { .. } => "avgpool_grad",
+            Embed { .. } => "embed",
+            EmbedGrad { .. } => "embed_grad",
+            OneHot { .. } => "one_hot",
+            ShiftRight { .. } => "shift_right",
+            Recurrent { .. } => "recurrent",
+            LastStep { .. } => "last_step",
+            Repeat { .. } => "repeat",
+            SliceLast { .. } => "slice_last",
+            Zeros { .. } => "zeros",
+            Dropout { .. } => "dropout",
+            DropoutGrad { .. } => "dropout_grad",
+            Loss { .. } => "loss",
+            LossGrad { .. } => "loss_grad",
+            Update { .. } => "update",
+        }
+    }
+
+    /// The type this op produces from its operands' types, or why it is ill-typed.
+    pub fn infer(&self, g: &Graph) -> Result<Type, String> {
+        use Op::*;
+        let n = g.len();
+        for o in self.operands() {
+            if o.index() >= n {
+                return Err(format!("operand %{} is not defined before this node", o.0));
+            }
+        }
+        let ty = |id: NodeId| g.ty(id);
+        let f32s = |id: NodeId| -> Result<&Vec<usize>, String> {
+            let t = ty(id);
+            if t.dtype != DType::F32 {
+                return Err(format!("operand %{} must be f32, is {t}", id.0));
+            }
+            Ok(&t.shape)
+        };
+        let i32s = |id: NodeId| -> Result<&Vec<usize>, String> {
+            let t = ty(id);
+            if t.dtype != DType::I32 {
+                return Err(format!("operand %{} must be i32, is {t}", id.0));
+            }
+            Ok(&t.shape)
+        };
+        let same = |a: NodeId, b: NodeId| -> Result<Type, String> {
+            let (ta, tb) = (ty(a), ty(b));
+            if ta != tb {
+                return Err(format!("operands differ: {ta} and {tb}"));
+            }
+            Ok(ta.clone())
+        };
+        Ok(match self {
+            Input(i) => g
+                .inputs
+                .get(i.index())
+                .map(|d| d.ty.clone())
+                .ok_or_else(|| format!("input {} does not exist", i.0))?,
+            Param(p) => g
+                .params
+                .get(p.index())
+                .map(|d| Type::f32(d.shape.clone()))
+                .ok_or_else(|| format!("parameter {} does not exist", p.0))?,
+            MatMul { a, b, ta, tb } => {
+                let (sa, sb) = (f32s(*a)?, f32s(*b)?);
+                let [m0, k0] = two(sa)?;
+                let [k1, n1] = two(sb)?;
+                let (m, ka) = if *ta { (k0, m0) } else { (m0, k0) };
+                let (kb, nn) = if *tb { (n1, k1) } else { (k1, n1) };
+                if ka != kb {
+                    return Err(format!("matmul inner sizes differ: {ka} and {kb}"));
+                }
+                Type::f32([m, nn])
+            }
+            BiasAdd { x, bias } => {
+                let (sx, sb) = (f32s(*x)?, f32s(*bias)?);
+                if sx.len() < 2 || sb.as_slice() != [sx[1]] {
+                    return Err(format!("bias {sb:?} does not match axis 1 of {sx:?}"));
+                }
+                Type::f32(sx.clone())
+            }
+            Unary { x, .. } | Scale { x, .. } | Softmax { x } => Type::f32(f32s(*x)?.clone()),
+            ActGrad { y, dy, .. } | SoftmaxGrad { y, dy } => {
+                f32s(*y)?;
+                same(*y, *dy)?
+            }
+            Binary { a, b, .. } => {
+                f32s(*a)?;
+                same(*a, *b)?
+            }
+            Reshape { x, shape } => {
+                let t = ty(*x);
+                if t.numel() != shape.iter().product::<usize>() {
+                    return Err(format!("cannot reshape {t} to {shape:?}"));
+                }
+                Type { dtype: t.dtype, shape: shape.clone() }
+            }
+            SumAll { x } => {
+                f32s(*x)?;
+                Type::scalar()
+            }
+            SumToAxis1 { x } => {
+                let s = f32s(*x)?;
+                if s.len() < 2 {
+                    return Err("sum_to_axis1 needs rank ≥ 2".into());
+                }
+                Type::f32([s[1]])
+            }
+            Conv2d { x, w, stride, pad } => {
+                let [b, c, h, wd] = four(f32s(*x)?)?;
+                let [co, ci, k, k2] = four(f32s(*w)?)?;
+                if ci != c || k != k2 {
+                    return Err(format!("conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"));
+                }
+                let oh = conv_out(h, k, *stride, *pad)?;
+                let ow = conv_out(wd, k, *stride, *pad)?;
+                Type::f32([b, co, oh, ow])
+            }
+            ConvTranspose2d { x, w, stride, pad, out_pad } => {
+                let [b, c, h, wd] = four(f32s(*x)?)?;
+                let [ci, co, k, k2] = four(f32s(*w)?)?;
+                if ci != c || k != k2 {
+                    return Err(format!("conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
+                }
+                let oh = deconv_out(h, k, *stride, *pad, *out_pad)?;
+                let ow = deconv_out(wd, k, *stride, *pad, *out_pad)?;
+                Type::f32([b, co, oh, ow])
+            }
+            Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
+                let [_, ci, h, w] = four(f32s(*x)?)?;
+                let [_, co, oh, ow] = four(f32s(*dy)?)?;
+                if conv_out(h, *kernel, *stride, *pad)? != oh
+                    || conv_out(w, *kernel, *stride, *pad)? != ow
+                {
+                    return Err("conv2d_weight_grad: dy does not match x".into());
+                }
+                Type::f32([co, ci, *kernel, *kernel])
+            }
+            ConvTranspose2dWeightGrad { x, dy, kernel, .. } => {
+                let [_, ci, _, _] = four(f32s(*x)?)?;
+                let [_, co, _, _] = four(f32s(*dy)?)?;
+                Type::f32([ci, co, *kernel, *kernel])
+            }
+            PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
+                let [b, c, h, w] = four(f32s(*x)?)?;
+                let oh = conv_out(h, *kernel, *stride, 0)?;
+                let ow = conv_out(w, *kernel, *stride, 0)?;
+                let shape = [b, c, oh, ow];
+                if matches!(self, PoolArgmax { .. }) { Type::i32(shape) } else { Type::f32(shape) }
+            }
+            Gather { x, idx } => {
+                let [b, c, _, _] = four(f32s(*x)?)?;
+                let [ib, ic, oh, ow] = four(i32s(*idx)?)?;
+                if (ib, ic) != (b, c) {
+                    return Err("gather: switches do not match the input's batch and channels".into());
+                }
+                Type::f32([b, c, oh, ow])
+            }
+            Scatter { v, idx, height, width, .. } => {
+                let sv = f32s(*v)?;
+                let si = i32s(*idx)?;
+                if sv != si {
+                    return Err(format!("scatter: values {sv:?} and switches {si:?} differ"));
+                }
+                let [b, c, _, _] = four(sv)?;
+                Type::f32([b, c, *height, *width])
+            }
+            AvgPoolGrad { dy, kernel, stride, height, width } => {
+                let [b, c, oh, ow] = four(f32s(*dy)?)?;
+                if conv_out(*height, *kernel, *stride, 0)? != oh
+                    || conv_out(*width, *kernel, *stride, 0)? != ow
+                {
+                    return Err("avgpool_grad: sizes do not match".into());
+                }
+                Type::f32([b, c, *height, *width])
+            }
+            Embed { table, ids } => {
+                let [_, d] = two(f32s(*table)?)?;
+                let mut s = i32s(*ids)?.clone();
+                s.push(d);
+                Type::f32(s)
+            }
+            EmbedGrad { ids, dy, vocab } => {
+                let si = i32s(*ids)?;
+                let sd = f32s(*dy)?;
+                if sd.len() != si.len() + 1 || sd[..si.len()] != si[..] {
+                    return Err("embed_grad: dy does not match ids".into());
+                }
+                Type::f32([*vocab, sd[si.len()]])
+            }
+            OneHot { ids, depth } => {
+                let mut s = i32s(*ids)?.clone();
+                s.push(*depth);
+                Type::f32(s)
+            }
+            ShiftRight { ids, .. } => {
+                let s = i32s(*ids)?;
+                if s.len() != 2 {
+                    return Err("shift_right needs [B, T] ids".into());
+                }
+                Type::i32(s.clone())
+            }
+            Recurrent { cell, xs, h0, w_ih, w_hh, b_ih, b_hh } => {
+                let [b, t, i] = three(f32s(*xs)?)?;
+                let [gh, wi] = two(f32s(*w_ih)?)?;
+                let [gh2, h] = two(f32s(*w_hh)?)?;
+                let g_ = cell.gates() as usize;
+                if gh != g_ * h || gh2 != gh || wi != i {
+                    return Err(format!("recurrent weights do not fit input {i}, hidden {h}"));
+                }
+                for bias in b_ih.iter().chain(b_hh.iter()) {
+                    if f32s(*bias)?.as_slice() != [gh] {
+                        return Err("recurrent bias has the wrong size".into());
+                    }
+                }
+                let s = if *cell == Cell::Lstm { 2 * h } else { h };
+                if f32s(*h0)?.as_slice() != [b, s] {
+                    return Err(format!("initial state must be [{b},{s}]"));
+                }
+                Type::f32([b, t, s])
+            }
+            LastStep { x } => {
+                let [b, _, f] = three(f32s(*x)?)?;
+                Type::f32([b, f])
+            }
+            Repeat { x, times } => {
+                let [b, f] = two(f32s(*x)?)?;
+                Type::f32([b, *times, f])
+            }
+            SliceLast { x, start, len } => {
+                let mut s = f32s(*x)?.clone();
+                let last = s.last_mut().ok_or("slice_last of a scalar")?;
+                if start + len > *last {
+                    return Err("slice_last out of range".into());
+                }
+                *last = *len;
+                Type::f32(s)
+            }
+            Zeros { shape } => Type::f32(shape.clone()),
+            Dropout { x, .. } => Type::f32(f32s(*x)?.clone()),
+            DropoutGrad { dy, .. } => Type::f32(f32s(*dy)?.clone()),
+            Loss { f, pred, target } | LossGrad { f, pred, target } => {
+                let sp = f32s(*pred)?;
+                if *f == LossFn::CrossEntropyLogits {
+                    let st = i32s(*target)?;
+                    if sp.len() != st.len() + 1 || sp[..st.len()] != st[..] {
+                        return Err(format!("cross-entropy: logits {sp:?} vs ids {st:?}"));
+                    }
+                } else {
+                    same(*pred, *target)?;
+                }
+                if matches!(self, Loss { .. }) { Type::scalar() } else { Type::f32(sp.clone()) }
+            }
+            Update { param, grad, .. } => {
+                let p = g.params.get(param.index()).ok_or("update of a missing parameter")?;
+                if f32s(*grad)? != &p.shape {
+                    return Err(format!("update: gradient shape differs from {}", p.name));
+                }
+                Type::f32([0])
+            }
+        })
+    }
+}
+
+impl UnaryFn {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryFn::Relu => "relu",
+            UnaryFn::LeakyRelu(_) => "leaky_relu",
+            UnaryFn::Sigmoid => "sigmoid",
+            UnaryFn::Tanh => "tanh",
+            UnaryFn::Abs => "abs",
+            UnaryFn::Square => "square",
+            UnaryFn::Neg => "neg",
+            UnaryFn::Exp => "exp",
+            UnaryFn::Sign => "sign",
+        }
+    }
+}
+
+impl LossFn {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossFn::Mse => "mse",
+            LossFn::L1 => "l1",
+            LossFn::Bce => "bce",
+            LossFn::CrossEntropyLogits => "cross_entropy_logits",
+        }
+    }
+}
+
+/// PyTorch's convolution output size, `floor((in + 2p - k) / s) + 1`.
+pub fn conv_out(input: usize, k: usize, s: usize, p: usize) -> Result<usize, String> {
+    let padded = input + 2 * p;
+    if s == 0 || k == 0 || k > padded {
+        return Err(format!("kernel {k} does not fit input {input} with padding {p}"));
+    }
+    Ok((padded - k) / s + 1)
+}
+
+/// PyTorch's transposed-convolution output size, `(in - 1)·s - 2p + k + op`.
+pub fn deconv_out(input: usize, k: usize, s: usize, p: usize, op: usize) -> Result<usize, String> {
+    let full = (input - 1) * s + k + op;
+    if input == 0 || full <= 2 * p {
+        return Err(format!("transposed convolution of {input} gives no output"));
+    }
+    Ok(full - 2 * p)
+}
+
+fn two(s: &[usize]) -> Result<[usize; 2], String> {
+    s.try_into().map_err(|_| format!("expected rank 2, got {s:?}"))
+}
+
+fn three(s: &[usize]) -> Result<[usize; 3], String> {
+    s.try_into().map_err(|_| format!("expected rank 3, got {s:?}"))
+}
+
+fn four(s: &[usize]) -> Result<[usize; 4], String> {
+    s.try_into().map_err(|_| format!("expected rank 4, got {s:?}"))
+}

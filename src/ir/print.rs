@@ -1,0 +1,131 @@
+//! The stable text form of a graph (`aec compile --emit ir`).
+//!
+//! Inputs and parameters are printed by name in the header and referred to by name; every
+//! other node gets `%n`, numbered in order of appearance. With the source text at hand, each
+//! line ends with the spec line it came from.
+
+use super::{Graph, NodeId, Op, OptimizerFn, UnaryFn};
+use std::fmt::Write;
+
+pub fn print(g: &Graph, src: Option<&str>) -> String {
+    let mut names: Vec<String> = Vec::with_capacity(g.len());
+    let mut next = 0;
+    for id in g.ids() {
+        names.push(match &g.node(id).op {
+            Op::Input(i) => g.inputs[i.index()].name.clone(),
+            Op::Param(p) => g.params[p.index()].name.clone(),
+            _ => {
+                next += 1;
+                format!("%{}", next - 1)
+            }
+        });
+    }
+    let name = |id: NodeId| names[id.index()].as_str();
+
+    let mut out = String::new();
+    let _ = writeln!(out, "graph {}", g.name);
+    for i in &g.inputs {
+        let _ = writeln!(out, "  input {}: {}", i.name, i.ty);
+    }
+    for p in &g.params {
+        let _ = writeln!(out, "  param {}: {}", p.name, super::Type::f32(p.shape.clone()));
+    }
+    out.push_str("{\n");
+    let mut lines = Vec::new();
+    for id in g.ids() {
+        let node = g.node(id);
+        if matches!(node.op, Op::Input(_) | Op::Param(_)) {
+            continue;
+        }
+        let text = format!("  {} = {}", name(id), op_text(g, &node.op, &name));
+        let text = if matches!(node.op, Op::Update { .. }) {
+            format!("  {}", op_text(g, &node.op, &name))
+        } else {
+            format!("{text} : {}", node.ty)
+        };
+        let line = match (src, g.span(id)) {
+            (Some(src), Some(span)) => Some(span.line_col(src).0),
+            _ => None,
+        };
+        lines.push((text, line));
+    }
+    // Align the line comments, but let a very long line run past the column.
+    let width = lines.iter().map(|(t, _)| t.chars().count()).filter(|&w| w <= 72).max().unwrap_or(0);
+    for (text, line) in lines {
+        match line {
+            Some(l) => {
+                let pad = width.saturating_sub(text.chars().count());
+                let _ = writeln!(out, "{text}{:pad$}  ; line {l}", "");
+            }
+            None => {
+                let _ = writeln!(out, "{text}");
+            }
+        }
+    }
+    let outs: Vec<String> = g.outputs.iter().map(|(n, id)| format!("{n} = {}", name(*id))).collect();
+    let _ = writeln!(out, "  return {}", outs.join(", "));
+    out.push_str("}\n");
+    out
+}
+
+fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String {
+    use Op::*;
+    let m = op.mnemonic();
+    let args = |ids: &[NodeId]| ids.iter().map(|i| name(*i)).collect::<Vec<_>>().join(", ");
+    match op {
+        Input(_) | Param(_) => String::new(),
+        MatMul { a, b, ta, tb } => {
+            let t = |x: bool| if x { "ᵀ" } else { "" };
+            format!("{m} {}{}, {}{}", name(*a), t(*ta), name(*b), t(*tb))
+        }
+        Unary { f: UnaryFn::LeakyRelu(a), x } => format!("{m}({a}) {}", name(*x)),
+        ActGrad { f, y, dy } => {
+            let f = match f {
+                UnaryFn::LeakyRelu(a) => format!("leaky_relu({a})"),
+                other => other.name().to_owned(),
+            };
+            format!("{m}[{f}] {}", args(&[*y, *dy]))
+        }
+        Scale { x, c } => format!("{m} {}, {c}", name(*x)),
+        Reshape { x, .. } => format!("{m} {}", name(*x)),
+        Conv2d { x, w, stride, pad } => format!("{m} {} stride={stride} pad={pad}", args(&[*x, *w])),
+        ConvTranspose2d { x, w, stride, pad, out_pad } => {
+            format!("{m} {} stride={stride} pad={pad} out_pad={out_pad}", args(&[*x, *w]))
+        }
+        Conv2dWeightGrad { x, dy, kernel, stride, pad }
+        | ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
+            format!("{m} {} kernel={kernel} stride={stride} pad={pad}", args(&[*x, *dy]))
+        }
+        PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
+            format!("{m} {} kernel={kernel} stride={stride}", name(*x))
+        }
+        AvgPoolGrad { dy, kernel, stride, .. } => {
+            format!("{m} {} kernel={kernel} stride={stride}", name(*dy))
+        }
+        EmbedGrad { ids, dy, vocab } => format!("{m} {} vocab={vocab}", args(&[*ids, *dy])),
+        OneHot { ids, depth } => format!("{m} {} depth={depth}", name(*ids)),
+        ShiftRight { ids, start } => format!("{m} {} start={start}", name(*ids)),
+        Recurrent { cell, .. } => format!("{m}[{}] {}", cell.keyword(), args(&op.operands())),
+        Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
+        SliceLast { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
+        Zeros { .. } => m.to_owned(),
+        Dropout { x, p, salt } => format!("{m} {} p={p} salt={salt}", name(*x)),
+        DropoutGrad { dy, p, salt } => format!("{m} {} p={p} salt={salt}", name(*dy)),
+        Loss { f, pred, target } | LossGrad { f, pred, target } => {
+            format!("{m}[{}] {}", f.name(), args(&[*pred, *target]))
+        }
+        Update { f, param, grad } => {
+            let p = &g.params[param.index()].name;
+            let f = match f {
+                OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => format!(
+                    "sgd lr={lr} momentum={momentum} nesterov={nesterov} weight_decay={weight_decay}"
+                ),
+                OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => {
+                    format!("adam lr={lr} b1={b1} b2={b2} eps={eps} weight_decay={weight_decay}")
+                }
+            };
+            format!("{m} {p} -= {} ({f})", name(*grad))
+        }
+        _ => format!("{m} {}", args(&op.operands())),
+    }
+}

@@ -1,0 +1,857 @@
+//! Names, `decoder mirror`, shapes and parameters: the checks between the AST and the IR.
+//!
+//! The encoder is checked layer by layer from the input type; each layer's output type comes
+//! from the fixed formulas of LANGUAGE.md. A shape error stops its block (later layers have no
+//! input type) but not the other checks, so all independent errors come out in one run. Every
+//! size is computed with checked arithmetic against [`MAX_ACTIVATION`] and [`MAX_PARAMS`]:
+//! a huge layer is an error, never an overflow.
+
+use super::{LayerInfo, MAX_ACTIVATION, MAX_PARAMS, Model, ParamInfo, Part, Ty, Var};
+use crate::diag::{Diagnostic, Span};
+use crate::ir::ParamRole;
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind};
+
+/// Checks the model, writes out a mirrored decoder into `file`, and returns the model if its
+/// shapes could be resolved (diagnostics may still hold errors).
+pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option<Model> {
+    let mut c = Checker { diags, layers: Vec::new(), params: Vec::new(), pools: Vec::new(), trace: Vec::new() };
+    let m = &file.model;
+    let vars = c.declarations(m);
+    let input = vars.0.first().cloned();
+    let Some(input) = input else {
+        c.diags.push(
+            Diagnostic::error(format!("model `{}` has no input", m.name.name))
+                .label(m.name.span, "declared here")
+                .help("declare one, e.g. `input x: [8]`"),
+        );
+        return None;
+    };
+    if vars.0.len() > 1 {
+        c.diags.push(
+            Diagnostic::error("a model reads one input")
+                .label(vars.0[1].span, "second input")
+                .help("declare further data as `target NAME: …`"),
+        );
+    }
+    let Some(encoder) = &m.encoder else {
+        c.diags.push(
+            Diagnostic::error("the model has no encoder")
+                .label(m.name.span, "in this model")
+                .help("add `encoder { dense 32 -> relu }` or similar"),
+        );
+        return None;
+    };
+    if encoder.layers.is_empty() {
+        c.diags.push(
+            Diagnostic::error("the encoder is empty")
+                .label(encoder.span, "no layers")
+                .help("an encoder needs at least one layer, e.g. `dense 32 -> relu`"),
+        );
+    }
+    let loss_ok = c.loss_names(m, &vars);
+    c.trace.push(format!("{} {}", input.name, input.ty));
+    let code = c.block(Part::Encoder, &encoder.layers, input.ty.clone(), None);
+
+    // The decoder: written, or mirrored from the encoder's layers and their input types.
+    let decoder_layers = match &m.decoder {
+        None => {
+            c.diags.push(
+                Diagnostic::error("the model has no decoder")
+                    .label(m.name.span, "in this model")
+                    .help("add `decoder { … }` or `decoder mirror`"),
+            );
+            return None;
+        }
+        Some(ast::Decoder::Layers(b)) => b.layers.clone(),
+        Some(ast::Decoder::Mirror { tied, output, span }) => {
+            code.as_ref()?;
+            c.mirror(*tied, output.clone(), *span)?
+        }
+    };
+    let target = c.loss_target_ty(m, &vars);
+    let code = code?;
+    let output = c.block(Part::Decoder, &decoder_layers, code.clone(), target.as_ref());
+    if let Some(ast::Decoder::Mirror { .. }) = &m.decoder {
+        let span = m.decoder.as_ref().map_or(Span::default(), decoder_span);
+        let block = ast::Block { layers: decoder_layers, span };
+        file.model.decoder = Some(ast::Decoder::Layers(block));
+    }
+    let output = output?;
+    let m = &file.model;
+    let loss = m.loss.clone()?;
+    if loss_ok {
+        c.check_loss(&loss, &output, target.as_ref());
+    }
+    let total: u64 = c.params.iter().map(ParamInfo::numel).sum();
+    if total > MAX_PARAMS {
+        c.diags.push(
+            Diagnostic::error(format!(
+                "the model has {total} parameters, over aec's budget of {MAX_PARAMS} (1 GiB as f32)"
+            ))
+            .label(m.name.span, "in this model")
+            .help("make the layers smaller"),
+        );
+        return None;
+    }
+    Some(Model {
+        name: m.name.name.clone(),
+        inputs: vars.0,
+        targets: vars.1,
+        layers: c.layers,
+        params: c.params,
+        loss,
+        code,
+        output,
+    })
+}
+
+fn decoder_span(d: &ast::Decoder) -> Span {
+    match d {
+        ast::Decoder::Layers(b) => b.span,
+        ast::Decoder::Mirror { span, .. } => *span,
+    }
+}
+
+struct Checker<'d> {
+    diags: &'d mut Vec<Diagnostic>,
+    layers: Vec<LayerInfo>,
+    params: Vec<ParamInfo>,
+    pools: Vec<Pool>,
+    /// The shape trace so far: "x [1, 28, 28]", "conv 16 k3 (line 5) → [16, 28, 28]", ….
+    trace: Vec<String>,
+}
+
+/// A named max pool: what unpool needs to restore its input.
+#[derive(Clone, Debug)]
+struct Pool {
+    name: String,
+    span: Span,
+    input: Ty,
+    output: Ty,
+    part: Part,
+}
+
+/// What a block's layer needs to know about its surroundings.
+struct Ctx<'a> {
+    part: Part,
+    /// The loss target's type, for decoder recurrent layers (sequence length, vocabulary).
+    target: Option<&'a Ty>,
+}
+
+impl Checker<'_> {
+    fn declarations(&mut self, m: &ast::Model) -> (Vec<Var>, Vec<Var>) {
+        let mut seen: Vec<(String, Span)> = Vec::new();
+        let mut var = |c: &mut Self, d: &ast::Decl| {
+            if let Some((_, first)) = seen.iter().find(|(n, _)| *n == d.name.name) {
+                c.diags.push(
+                    Diagnostic::error(format!("`{}` is declared twice", d.name.name))
+                        .label(d.name.span, "second declaration")
+                        .label(*first, "first declaration")
+                        .help("give each input and target its own name"),
+                );
+            }
+            seen.push((d.name.name.clone(), d.name.span));
+            let ty = Ty::from_ast(&d.ty);
+            if let ast::TypeExpr::SeqTensor { dims, .. } = &d.ty
+                && dims.len() != 1
+            {
+                c.diags.push(
+                    Diagnostic::error("the steps of a sequence are vectors")
+                        .label(d.span, "write `seq[N] of [F]`"),
+                );
+            }
+            c.budget(&ty, d.span);
+            Var { name: d.name.name.clone(), ty, span: d.name.span }
+        };
+        let inputs = m.inputs.iter().map(|d| var(self, d)).collect();
+        let targets = m.targets.iter().map(|d| var(self, d)).collect();
+        (inputs, targets)
+    }
+
+    /// Checks that a per-sample size fits the activation budget (with checked arithmetic).
+    fn budget(&mut self, ty: &Ty, span: Span) -> bool {
+        let n = match ty {
+            Ty::Tensor(d) => d.iter().try_fold(1u64, |a, &b| a.checked_mul(b)),
+            Ty::Seq { len, dim } => len.checked_mul(*dim),
+            Ty::Tokens { len, .. } => Some(*len),
+            Ty::Token { .. } => Some(1),
+        };
+        match n {
+            Some(n) if n <= MAX_ACTIVATION => true,
+            _ => {
+                self.diags.push(
+                    Diagnostic::error(format!(
+                        "{ty} is too large: over aec's budget of {MAX_ACTIVATION} values per sample (1 GiB)"
+                    ))
+                    .label(span, "this size")
+                    .help("make it smaller"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Checks the names the loss uses; true when they resolve.
+    fn loss_names(&mut self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> bool {
+        let Some(loss) = &m.loss else {
+            self.diags.push(
+                Diagnostic::error(format!("model `{}` has no loss", m.name.name))
+                    .label(m.name.span, "in this model")
+                    .help(format!(
+                        "add e.g. `loss mse({})`",
+                        vars.0.first().map_or("x", |v| v.name.as_str())
+                    )),
+            );
+            return false;
+        };
+        let mut ok = true;
+        let known: Vec<&str> = vars.0.iter().chain(&vars.1).map(|v| v.name.as_str()).collect();
+        let main = &loss.main;
+        if main.kind == ast::LossKind::L2 || main.arg.name == "weights" || main.arg.name == "code" {
+            self.diags.push(
+                Diagnostic::error("the first loss term compares the output with an input or target")
+                    .label(main.span, "not a reconstruction loss")
+                    .help("write e.g. `loss mse(x) + 1e-4 * l2(weights)`"),
+            );
+            ok = false;
+        } else if !known.contains(&main.arg.name.as_str()) {
+            let mut d = Diagnostic::error(format!("unknown name `{}` in the loss", main.arg.name))
+                .label(main.arg.span, "not an input or target");
+            d = match crate::syntax::closest(&main.arg.name, known.iter()) {
+                Some(s) => d.help(format!("did you mean `{s}`?")),
+                None => d.help(format!("the model declares {}", known.join(", "))),
+            };
+            self.diags.push(d);
+            ok = false;
+        }
+        for t in &loss.extra {
+            let penalty = matches!(t.kind, ast::LossKind::L1 | ast::LossKind::L2);
+            let target = t.arg.name == "weights" || t.arg.name == "code";
+            if !(penalty && target) {
+                self.diags.push(
+                    Diagnostic::error("an extra loss term is a penalty: `l1` or `l2` of `weights` or `code`")
+                        .label(t.span, "not a penalty")
+                        .help("write e.g. `+ 1e-4 * l2(weights)` or `+ 1e-3 * l1(code)`"),
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    fn loss_target_ty(&self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> Option<Ty> {
+        let name = &m.loss.as_ref()?.main.arg.name;
+        vars.0.iter().chain(&vars.1).find(|v| &v.name == name).map(|v| v.ty.clone())
+    }
+
+    fn check_loss(&mut self, loss: &ast::Loss, output: &Ty, target: Option<&Ty>) {
+        let Some(target) = target else { return };
+        let main = &loss.main;
+        let name = &main.arg.name;
+        let expected = match (main.kind, target) {
+            (ast::LossKind::CrossEntropy, Ty::Tokens { len, vocab }) => {
+                Ty::Seq { len: *len, dim: *vocab }
+            }
+            (ast::LossKind::CrossEntropy, Ty::Token { vocab }) => Ty::Tensor(vec![*vocab]),
+            (ast::LossKind::CrossEntropy, _) => {
+                self.diags.push(
+                    Diagnostic::error(format!("`cross_entropy` needs token ids, but `{name}` is {target}"))
+                        .label(main.span, "cross-entropy of non-tokens")
+                        .help("use `mse` or `bce` for real-valued targets"),
+                );
+                return;
+            }
+            (_, Ty::Tokens { .. } | Ty::Token { .. }) => {
+                self.diags.push(
+                    Diagnostic::error(format!("`{name}` holds token ids; compare them with `cross_entropy`"))
+                        .label(main.span, "not a loss for tokens")
+                        .help(format!("write `loss cross_entropy({name})`")),
+                );
+                return;
+            }
+            (_, t) => t.clone(),
+        };
+        if *output != expected {
+            let last = self.layers.last().map(|l| (l.layer.span, l.input.clone()));
+            let mut d = Diagnostic::error(format!(
+                "decoder output {output} does not match {} {name} {target}",
+                "loss target"
+            ));
+            if let Some((span, input)) = &last {
+                d = d.label(*span, format!("gives {output} from {input}"));
+            }
+            d = d.label(main.arg.span, format!("compared with {expected} here"));
+            if let Some(help) = self.output_fix(output, &expected) {
+                d = d.help(help);
+            }
+            d = d.note(format!("shape trace: {}", self.trace.join(" → ")));
+            self.diags.push(d);
+        }
+        if main.kind == ast::LossKind::Bce {
+            let last_act = self.layers.last().and_then(|l| l.layer.activations.last()).map(|a| a.kind);
+            if last_act != Some(ActKind::Sigmoid) {
+                let span = self.layers.last().map_or(main.span, |l| l.layer.span);
+                self.diags.push(
+                    Diagnostic::warning("`bce` expects probabilities, but the decoder does not end in sigmoid")
+                        .label(span, "last layer")
+                        .help("add `-> sigmoid` to the last layer"),
+                );
+            }
+        }
+    }
+
+    /// A fix for a decoder output off by a little: the output padding a last deconv needs.
+    fn output_fix(&self, output: &Ty, expected: &Ty) -> Option<String> {
+        let (Ty::Tensor(o), Ty::Tensor(e)) = (output, expected) else { return None };
+        let last = self.layers.last()?;
+        if let (LayerKind::Deconv(c), [oc, oh, ow], [ec, eh, ew]) =
+            (&last.layer.kind, o.as_slice(), e.as_slice())
+            && oc == ec
+            && eh >= oh
+            && eh - oh == ew.saturating_sub(*ow)
+            && *ew >= *ow
+        {
+            let need = c.out_pad + (eh - oh);
+            if need < c.stride {
+                return Some(format!("add `op{need}` (output padding {need}) to get {eh}×{ew}"));
+            }
+        }
+        if o.iter().product::<u64>() == e.iter().product::<u64>() {
+            return Some(format!("add `reshape {}` at the end of the decoder", crate::syntax::ast_dims(e)));
+        }
+        None
+    }
+
+    // ---- blocks and layers ---------------------------------------------------------------------
+
+    /// Checks a block's layers from `input`; the output type, or `None` after a shape error.
+    fn block(&mut self, part: Part, layers: &[ast::Layer], input: Ty, target: Option<&Ty>) -> Option<Ty> {
+        let ctx = Ctx { part, target };
+        let mut ty = input;
+        for (index, layer) in layers.iter().enumerate() {
+            let first_param = self.params.len();
+            let (out, flops) = match self.layer(&ctx, index, layer, &ty) {
+                Ok(r) => r,
+                Err(d) => {
+                    let d = d.note(format!("shape trace: {}", self.trace.join(" → ")));
+                    self.diags.push(d);
+                    self.check_names_only(&ctx, &layers[index + 1..]);
+                    return None;
+                }
+            };
+            let mut out = out;
+            for a in &layer.activations {
+                if let Err(d) = activation_fits(a, &out) {
+                    self.diags.push(d);
+                }
+            }
+            if !self.budget(&out, layer.span) {
+                return None;
+            }
+            if let LayerKind::Activation(_) = layer.kind {
+                out = ty.clone();
+            }
+            self.trace.push(format!("{} → {out}", layer));
+            let tied_weight = match &layer.kind {
+                LayerKind::Deconv(ast::ConvSpec { tied_to: Some(i), .. })
+                | LayerKind::Dense { tied_to: Some(i), .. } => self.encoder_weight(*i),
+                _ => None,
+            };
+            self.layers.push(LayerInfo {
+                part,
+                index,
+                layer: layer.clone(),
+                input: ty,
+                output: out.clone(),
+                params: (first_param..self.params.len()).collect(),
+                tied_weight,
+                flops,
+            });
+            ty = out;
+        }
+        Some(ty)
+    }
+
+    /// After a shape error: the rest of the block still gets its name checks.
+    fn check_names_only(&mut self, ctx: &Ctx, layers: &[ast::Layer]) {
+        for l in layers {
+            match &l.kind {
+                LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }) => {
+                    if self.pool_named(n).is_none() {
+                        // Record with unknown shapes so later `unpool` lines resolve.
+                        self.pools.push(Pool {
+                            name: n.name.clone(),
+                            span: n.span,
+                            input: Ty::Tensor(vec![]),
+                            output: Ty::Tensor(vec![]),
+                            part: ctx.part,
+                        });
+                    }
+                }
+                LayerKind::Unpool { pool } => {
+                    if let Err(d) = self.find_pool(pool) {
+                        self.diags.push(d);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn pool_named(&self, n: &ast::Ident) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == n.name)
+    }
+
+    fn find_pool(&self, name: &ast::Ident) -> Result<Pool, Diagnostic> {
+        if let Some(p) = self.pool_named(name) {
+            return Ok(p.clone());
+        }
+        let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+        let mut d = Diagnostic::error(format!("`unpool {}` names no earlier maxpool", name.name))
+            .label(name.span, "unknown pool");
+        d = match crate::syntax::closest(&name.name, names.iter()) {
+            Some(s) => d.help(format!("did you mean `{s}`?")),
+            None if names.is_empty() => {
+                d.help("name a max pool's switches with `maxpool 2 as p1`, then `unpool p1` after it")
+            }
+            None => d.help(format!("the pools so far are {}", names.join(", "))),
+        };
+        Err(d)
+    }
+
+    /// One layer's output type and FLOPs, adding its parameters.
+    fn layer(&mut self, ctx: &Ctx, index: usize, l: &ast::Layer, input: &Ty) -> Result<(Ty, u64), Diagnostic> {
+        let pname = |suffix: &str| format!("{}.{index}.{suffix}", ctx.part.prefix());
+        match &l.kind {
+            LayerKind::Dense { units, bias, tied_to } => {
+                let (seq_len, width) = match input {
+                    Ty::Tensor(d) if d.len() == 1 => (None, d[0]),
+                    Ty::Seq { len, dim } => (Some(*len), *dim),
+                    Ty::Tensor(d) => {
+                        return Err(shape_err(l, format!("`dense` needs a vector, got {input}"))
+                            .help(format!(
+                                "add `flatten` before it to make {} a vector of {}",
+                                crate::syntax::ast_dims(d),
+                                input.numel()
+                            )));
+                    }
+                    Ty::Token { .. } | Ty::Tokens { .. } => {
+                        return Err(shape_err(l, format!("`dense` needs vectors, got token ids {input}"))
+                            .help("add `embed N` first to turn ids into vectors"));
+                    }
+                };
+                if tied_to.is_none() {
+                    self.param(l, pname("weight"), vec![*units, width], ParamRole::Weight, width, *units)?;
+                }
+                if *bias {
+                    self.param(l, pname("bias"), vec![*units], ParamRole::Bias, width, *units)?;
+                }
+                let flops = mul3(2, width, *units).saturating_mul(seq_len.unwrap_or(1));
+                let out = match seq_len {
+                    Some(len) => Ty::Seq { len, dim: *units },
+                    None => Ty::Tensor(vec![*units]),
+                };
+                Ok((out, flops))
+            }
+            LayerKind::Conv(c) | LayerKind::Deconv(c) => {
+                let deconv = matches!(l.kind, LayerKind::Deconv(_));
+                let [cin, h, w] = image(l, input)?;
+                let (oh, ow) = if deconv {
+                    if c.out_pad >= c.stride {
+                        return Err(Diagnostic::error(format!(
+                            "output padding {} must be smaller than the stride {}",
+                            c.out_pad, c.stride
+                        ))
+                        .label(l.span, "output padding too large")
+                        .help(format!(
+                            "use `op{}` at most, or a larger stride",
+                            c.stride - 1
+                        )));
+                    }
+                    let f = |n: u64| -> Result<u64, Diagnostic> {
+                        let full = (n - 1) * c.stride + c.kernel + c.out_pad;
+                        if full <= 2 * c.pad {
+                            return Err(shape_err(l, format!(
+                                "padding {} removes the whole {n}-pixel output of this deconv",
+                                c.pad
+                            ))
+                            .help("use less padding"));
+                        }
+                        Ok(full - 2 * c.pad)
+                    };
+                    (f(h)?, f(w)?)
+                } else {
+                    let (ph, pw) = (h + 2 * c.pad, w + 2 * c.pad);
+                    if c.kernel > ph || c.kernel > pw {
+                        return Err(Diagnostic::error(format!(
+                            "kernel {k}×{k} is larger than the {h}×{w} input{}",
+                            if c.pad > 0 { format!(" padded by {}", c.pad) } else { String::new() },
+                            k = c.kernel
+                        ))
+                        .label(l.span, format!("input is {input}"))
+                        .help(format!(
+                            "use a kernel of at most {} or add padding",
+                            ph.min(pw)
+                        )));
+                    }
+                    ((ph - c.kernel) / c.stride + 1, (pw - c.kernel) / c.stride + 1)
+                };
+                let k2 = c.kernel * c.kernel;
+                if deconv {
+                    // PyTorch: ConvTranspose2d weight [in, out, K, K], fan_in from dim 1.
+                    if c.tied_to.is_none() {
+                        let shape = vec![cin, c.channels, c.kernel, c.kernel];
+                        self.param(l, pname("weight"), shape, ParamRole::Weight, c.channels * k2, cin * k2)?;
+                    }
+                    if c.bias {
+                        self.param(l, pname("bias"), vec![c.channels], ParamRole::Bias, c.channels * k2, cin * k2)?;
+                    }
+                } else {
+                    let shape = vec![c.channels, cin, c.kernel, c.kernel];
+                    self.param(l, pname("weight"), shape, ParamRole::Weight, cin * k2, c.channels * k2)?;
+                    if c.bias {
+                        self.param(l, pname("bias"), vec![c.channels], ParamRole::Bias, cin * k2, c.channels * k2)?;
+                    }
+                }
+                let spatial = if deconv { h * w } else { oh * ow };
+                let flops = mul3(2 * cin, k2, c.channels).saturating_mul(spatial);
+                Ok((Ty::Tensor(vec![c.channels, oh, ow]), flops))
+            }
+            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
+                let [ch, h, w] = image(l, input)?;
+                if p.kernel > h || p.kernel > w {
+                    return Err(Diagnostic::error(format!(
+                        "pool window {k}×{k} is larger than the {h}×{w} input",
+                        k = p.kernel
+                    ))
+                    .label(l.span, format!("input is {input}"))
+                    .help(format!("use a window of at most {}", h.min(w))));
+                }
+                let out = Ty::Tensor(vec![ch, (h - p.kernel) / p.stride + 1, (w - p.kernel) / p.stride + 1]);
+                if let Some(n) = &p.name {
+                    if let Some(first) = self.pool_named(n) {
+                        return Err(Diagnostic::error(format!("pool name `{}` is used twice", n.name))
+                            .label(n.span, "second pool with this name")
+                            .label(first.span, "first pool")
+                            .help("give each pool its own name"));
+                    }
+                    self.pools.push(Pool {
+                        name: n.name.clone(),
+                        span: n.span,
+                        input: input.clone(),
+                        output: out.clone(),
+                        part: ctx.part,
+                    });
+                }
+                Ok((out, 0))
+            }
+            LayerKind::Unpool { pool } => {
+                let p = self.find_pool(pool)?;
+                let _ = p.part;
+                if *input != p.output {
+                    return Err(shape_err(l, format!(
+                        "`unpool {}` needs {} (the output of its maxpool), got {input}",
+                        pool.name, p.output
+                    ))
+                    .label(p.span, format!("pool `{}` gives {}", p.name, p.output))
+                    .help("unpool where the shape equals the pool's output, e.g. mirror the layers between them"));
+                }
+                Ok((p.input.clone(), 0))
+            }
+            LayerKind::Flatten => match input {
+                Ty::Tensor(_) => Ok((Ty::Tensor(vec![input.numel()]), 0)),
+                _ => Err(shape_err(l, format!("`flatten` needs a tensor, got {input}"))),
+            },
+            LayerKind::Reshape { dims } => {
+                let target = dims.iter().try_fold(1u64, |a, &b| a.checked_mul(b)).unwrap_or(u64::MAX);
+                match input {
+                    Ty::Tensor(_) if target == input.numel() => Ok((Ty::Tensor(dims.clone()), 0)),
+                    Ty::Tensor(_) => Err(shape_err(l, format!(
+                        "cannot reshape {input} ({} values) to {} ({target} values)",
+                        input.numel(),
+                        crate::syntax::ast_dims(dims)
+                    ))),
+                    _ => Err(shape_err(l, format!("`reshape` needs a tensor, got {input}"))),
+                }
+            }
+            LayerKind::Embed { dim } => match input {
+                Ty::Tokens { len, vocab } => {
+                    self.param(l, pname("weight"), vec![*vocab, *dim], ParamRole::Embedding, *vocab, *dim)?;
+                    Ok((Ty::Seq { len: *len, dim: *dim }, 0))
+                }
+                _ => Err(shape_err(l, format!("`embed` needs token ids, got {input}"))
+                    .help("embed reads an input declared as `seq[N] of token[V]`")),
+            },
+            LayerKind::Dropout { .. } => Ok((input.clone(), 0)),
+            LayerKind::Activation(_) => Ok((input.clone(), 0)),
+            LayerKind::Recurrent(r) => self.recurrent(ctx, l, r, input, &pname),
+        }
+    }
+
+    fn recurrent(
+        &mut self,
+        ctx: &Ctx,
+        l: &ast::Layer,
+        r: &ast::RecurrentSpec,
+        input: &Ty,
+        pname: &dyn Fn(&str) -> String,
+    ) -> Result<(Ty, u64), Diagnostic> {
+        let kw = r.cell.keyword();
+        let h = r.hidden;
+        let g = r.cell.gates();
+        // (steps, features per step) of the recurrent layer's input.
+        let (len, feat) = match (input, ctx.part, r.teacher_forcing) {
+            (_, Part::Encoder, true) => {
+                return Err(shape_err(l, "`teacher_forcing` belongs to a decoder's recurrent layer".into())
+                    .help("remove it here; the decoder's recurrent layer reads the previous target token"));
+            }
+            (Ty::Seq { len, dim }, _, false) => (*len, *dim),
+            (Ty::Tokens { .. }, _, _) => {
+                return Err(shape_err(l, format!("`{kw}` needs vectors at each step, got token ids"))
+                    .help(format!("add `embed 32` before `{kw}`")));
+            }
+            (Ty::Tensor(d), Part::Decoder, tf) if d.len() == 1 => {
+                let Some(target) = ctx.target else {
+                    return Err(shape_err(l, format!("a decoder `{kw}` takes its length from the loss target, and there is none")));
+                };
+                let (len, vocab) = match target {
+                    Ty::Tokens { len, vocab } => (*len, Some(*vocab)),
+                    Ty::Seq { len, .. } => (*len, None),
+                    _ => {
+                        return Err(shape_err(l, format!("a decoder `{kw}` writes a sequence, but the loss target is {target}")));
+                    }
+                };
+                if tf {
+                    let Some(vocab) = vocab else {
+                        return Err(shape_err(l, "teacher forcing reads target tokens, but the target is not token ids".into()));
+                    };
+                    if d[0] != h {
+                        return Err(shape_err(l, format!(
+                            "`{kw} {h} teacher_forcing` starts from the code, which has {} units",
+                            d[0]
+                        ))
+                        .help(format!("make the encoder's code {h} wide, or write `{kw} {}`", d[0])));
+                    }
+                    if r.cell == Cell::Lstm && !self.code_is_lstm() {
+                        return Err(shape_err(l, "an lstm decoder starts from an lstm encoder's state (h and c)".into())
+                            .help("use `lstm` in the encoder too, or `gru` here"));
+                    }
+                    // Inputs: one-hot previous tokens; index `vocab` is the start token.
+                    (len, vocab + 1)
+                } else {
+                    // The code repeated at every step, from a zero state.
+                    (len, d[0])
+                }
+            }
+            (Ty::Tensor(_) | Ty::Token { .. }, _, _) => {
+                return Err(shape_err(l, format!("`{kw}` needs a sequence, got {input}"))
+                    .help("recurrent layers read `seq[N] of …` inputs; use `dense` for vectors"));
+            }
+            (Ty::Seq { .. }, Part::Decoder, true) => {
+                return Err(shape_err(l, "a teacher-forced recurrent layer starts from a code vector, not a sequence".into())
+                    .help("put it first in the decoder, after an encoder that ends in a recurrent layer"));
+            }
+        };
+        let gh = g * h;
+        let role = ParamRole::Weight;
+        self.param(l, pname("weight_ih_l0"), vec![gh, feat], role, h, gh)?;
+        self.param(l, pname("weight_hh_l0"), vec![gh, h], role, h, gh)?;
+        if r.bias {
+            self.param(l, pname("bias_ih_l0"), vec![gh], ParamRole::Bias, h, gh)?;
+            self.param(l, pname("bias_hh_l0"), vec![gh], ParamRole::Bias, h, gh)?;
+        }
+        let flops = mul3(2 * gh, feat + h, len);
+        let out = if r.return_seq || ctx.part == Part::Decoder {
+            Ty::Seq { len, dim: h }
+        } else {
+            Ty::Tensor(vec![h])
+        };
+        Ok((out, flops))
+    }
+
+    /// The weight parameter of encoder layer `index`.
+    fn encoder_weight(&self, index: usize) -> Option<usize> {
+        let layer = self.layers.iter().find(|l| l.part == Part::Encoder && l.index == index)?;
+        layer.params.first().copied()
+    }
+
+    /// Writes the decoder of `decoder mirror`: the encoder's layers in reverse, each undone.
+    /// A dense or deconv layer takes the activation that produced its encoder twin's input (the
+    /// nearest earlier dense/conv's), the first encoder layer's twin takes the mirror's `-> act`.
+    fn mirror(&mut self, tied: bool, output: Option<ast::Activation>, span: Span) -> Option<Vec<ast::Layer>> {
+        let encoder: Vec<LayerInfo> = self.layers.iter().filter(|l| l.part == Part::Encoder).cloned().collect();
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (pos, info) in encoder.iter().enumerate().rev() {
+            let acts = || -> Vec<ast::Activation> {
+                let earlier = encoder[..pos].iter().rev().find(|e| {
+                    matches!(e.layer.kind, LayerKind::Dense { .. } | LayerKind::Conv(_))
+                });
+                let act = match earlier {
+                    Some(e) => e.layer.activations.last().cloned().or_else(|| {
+                        encoder.get(e.index + 1).and_then(|n| match &n.layer.kind {
+                            LayerKind::Activation(a) => Some(a.clone()),
+                            _ => None,
+                        })
+                    }),
+                    None => output.clone(),
+                };
+                act.map(|a| ast::Activation { kind: a.kind, span }).into_iter().collect()
+            };
+            let tie = tied.then_some(info.index);
+            let kind = match (&info.layer.kind, &info.input) {
+                (LayerKind::Dense { bias, .. }, Ty::Tensor(d)) if d.len() == 1 => {
+                    LayerKind::Dense { units: d[0], bias: *bias, tied_to: tie }
+                }
+                (LayerKind::Conv(c), Ty::Tensor(d)) if d.len() == 3 => {
+                    let Ty::Tensor(o) = &info.output else { continue };
+                    let restore = |inp: u64, out: u64| inp as i64 - ((out as i64 - 1) * c.stride as i64 - 2 * c.pad as i64 + c.kernel as i64);
+                    let (oph, opw) = (restore(d[1], o[1]), restore(d[2], o[2]));
+                    if oph != opw || oph < 0 {
+                        self.diags.push(
+                            Diagnostic::error("this conv cannot be mirrored by one square deconv")
+                                .label(info.layer.span, format!("from {} to {}", info.input, info.output))
+                                .label(span, "mirrored here")
+                                .help("write the decoder by hand"),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    LayerKind::Deconv(ast::ConvSpec {
+                        channels: d[0],
+                        kernel: c.kernel,
+                        stride: c.stride,
+                        pad: c.pad,
+                        out_pad: oph as u64,
+                        bias: c.bias,
+                        tied_to: tie,
+                    })
+                }
+                (LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }), _) => {
+                    LayerKind::Unpool { pool: n.clone() }
+                }
+                (LayerKind::MaxPool(_), _) => {
+                    self.diags.push(
+                        Diagnostic::error("a mirrored maxpool needs a name to unpool through")
+                            .label(info.layer.span, "unnamed pool")
+                            .label(span, "mirrored here")
+                            .help("name its switches: `maxpool 2 as p1`"),
+                    );
+                    ok = false;
+                    continue;
+                }
+                (LayerKind::Flatten | LayerKind::Reshape { .. }, Ty::Tensor(d)) => {
+                    LayerKind::Reshape { dims: d.clone() }
+                }
+                (LayerKind::Dropout { .. } | LayerKind::Activation(_), _) => continue,
+                (kind, _) => {
+                    let what = match kind {
+                        LayerKind::AvgPool(_) => "an avgpool (it keeps no switches; use `maxpool … as NAME`)",
+                        LayerKind::Embed { .. } | LayerKind::Recurrent(_) => {
+                            "a sequence layer (write the decoder of a sequence model by hand)"
+                        }
+                        _ => "this layer",
+                    };
+                    self.diags.push(
+                        Diagnostic::error(format!("`decoder mirror` cannot undo {what}"))
+                            .label(info.layer.span, "cannot be mirrored")
+                            .label(span, "mirrored here"),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            let param_layer = matches!(kind, LayerKind::Dense { .. } | LayerKind::Deconv(_));
+            let activations = if param_layer { acts() } else { Vec::new() };
+            out.push(ast::Layer { kind, activations, span, kind_span: span });
+        }
+        ok.then_some(out)
+    }
+
+    fn code_is_lstm(&self) -> bool {
+        matches!(
+            self.layers.iter().rev().find(|l| l.part == Part::Encoder).map(|l| &l.layer.kind),
+            Some(LayerKind::Recurrent(ast::RecurrentSpec { cell: Cell::Lstm, .. }))
+        )
+    }
+
+    fn param(&mut self, l: &ast::Layer, name: String, shape: Vec<u64>, role: ParamRole, fan_in: u64, fan_out: u64) -> Result<(), Diagnostic> {
+        let n = shape.iter().try_fold(1u64, |a, &b| a.checked_mul(b));
+        match n {
+            Some(n) if n <= MAX_PARAMS => {}
+            _ => {
+                return Err(Diagnostic::error(format!(
+                    "`{name}` would have {} parameters, over aec's budget of {MAX_PARAMS} (1 GiB as f32)",
+                    n.map_or("more than 2⁶⁴".to_owned(), |n| n.to_string())
+                ))
+                .label(l.span, "this layer is too large")
+                .help("make the layer smaller"));
+            }
+        }
+        self.params.push(ParamInfo { name, shape, role, fan_in, fan_out });
+        Ok(())
+    }
+}
+
+fn shape_err(l: &ast::Layer, message: String) -> Diagnostic {
+    Diagnostic::error(message).label(l.span, "here")
+}
+
+fn mul3(a: u64, b: u64, c: u64) -> u64 {
+    a.saturating_mul(b).saturating_mul(c)
+}
+
+/// `[C, H, W]`, or an error that says how to get there.
+fn image(l: &ast::Layer, input: &Ty) -> Result<[u64; 3], Diagnostic> {
+    let kind = l.layer_keyword();
+    match input {
+        Ty::Tensor(d) if d.len() == 3 => Ok([d[0], d[1], d[2]]),
+        Ty::Tensor(d) if d.len() == 2 => Err(shape_err(l, format!(
+            "`{kind}` needs an image [C, H, W], got {input}"
+        ))
+        .help(format!("declare the input with a channel axis, `[1, {}, {}]`", d[0], d[1]))),
+        Ty::Tensor(d) if d.len() == 1 => {
+            let n = d[0];
+            let side = (n as f64).sqrt().round() as u64;
+            let mut e = shape_err(l, format!("`{kind}` needs an image [C, H, W], got a vector {input}"));
+            if side * side == n {
+                e = e.help(format!("add `reshape [1, {side}, {side}]` before it"));
+            } else {
+                e = e.help("add `reshape [C, H, W]` before it");
+            }
+            Err(e)
+        }
+        _ => Err(shape_err(l, format!("`{kind}` needs an image [C, H, W], got {input}"))),
+    }
+}
+
+fn activation_fits(a: &ast::Activation, ty: &Ty) -> Result<(), Diagnostic> {
+    if a.kind == ActKind::Softmax
+        && let Ty::Tensor(d) = ty
+        && d.len() > 1
+    {
+        return Err(Diagnostic::error(format!("softmax of {ty} is ambiguous"))
+            .label(a.span, "softmax runs along one axis")
+            .help("apply softmax to vectors or to sequences of vectors (`flatten` first)"));
+    }
+    Ok(())
+}
+
+impl ast::Layer {
+    pub fn layer_keyword(&self) -> &'static str {
+        match &self.kind {
+            LayerKind::Dense { .. } => "dense",
+            LayerKind::Conv(_) => "conv",
+            LayerKind::Deconv(_) => "deconv",
+            LayerKind::MaxPool(_) => "maxpool",
+            LayerKind::AvgPool(_) => "avgpool",
+            LayerKind::Unpool { .. } => "unpool",
+            LayerKind::Flatten => "flatten",
+            LayerKind::Reshape { .. } => "reshape",
+            LayerKind::Recurrent(r) => r.cell.keyword(),
+            LayerKind::Embed { .. } => "embed",
+            LayerKind::Dropout { .. } => "dropout",
+            LayerKind::Activation(_) => "activation",
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Lowering: every checked layer broken into primitive IR ops, at a fixed batch size.
+//!
+//! The graph's parameters are the model's, in the same order (`ParamId(i)` is
+//! `Model::params[i]`), so checkpoints, optimizers and the IR agree on numbering. Outputs:
+//! `recon` (the decoder's output), `code` (the encoder's output) and `loss` (the total loss).
+//!
+//! Recurrent layers lower to one `recurrent` op over the whole sequence (with its own backward
+//! rule), not to an unrolled loop: the IR stays a few lines long for any length, and the JIT
+//! can keep the time loop and the gate matmuls in one kernel.
+
+use super::{LayerInfo, Model, Part, Ty};
+use crate::diag::Span;
+use crate::ir::{
+    BinaryFn, Graph, LossFn, NodeId, Op, ParamDef, Type, UnaryFn,
+};
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Dropout active; decoders teacher-forced.
+    Train,
+    /// Dropout off.
+    Infer,
+}
+
+#[derive(Clone, Debug)]
+pub struct Lowering {
+    pub batch: u64,
+    pub mode: Mode,
+    /// The input is corrupted by the runtime: the loss reads a separate clean copy,
+    /// `<input>.clean`.
+    pub denoise: bool,
+}
+
+/// Builds the forward graph of `m`.
+pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
+    let b = usize::try_from(cfg.batch).map_err(|_| "batch too large")?;
+    if b == 0 || b > 1 << 24 {
+        return Err(format!("batch {b} is out of range (1 to 16777216)"));
+    }
+    let mut l = Lower { g: Graph::new(format!("{}.forward", m.name)), b, params: Vec::new(), pools: Vec::new(), salt: 0 };
+    for p in &m.params {
+        let def = ParamDef {
+            name: p.name.clone(),
+            shape: p.shape.iter().map(|&d| d as usize).collect(),
+            role: p.role,
+            fan_in: p.fan_in as usize,
+            fan_out: p.fan_out as usize,
+        };
+        l.params.push(l.g.add_param(def)?);
+    }
+    let mut vars = Vec::new();
+    for v in m.inputs.iter().chain(&m.targets) {
+        vars.push((v.name.clone(), l.g.add_input(v.name.clone(), l.batched(&v.ty))?));
+    }
+    let input = vars.first().map(|v| v.1).ok_or("model without input")?;
+
+    let mut cur = Value { node: input, state: None, logits: None };
+    for info in m.encoder() {
+        cur = l.layer(m, info, cur, cfg, &vars)?;
+    }
+    let code = cur.node;
+    for info in m.decoder() {
+        cur = l.layer(m, info, cur, cfg, &vars)?;
+    }
+    let recon = cur.node;
+
+    let loss = l.loss(m, &cur, code, cfg, &mut vars)?;
+    l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
+    Ok(l.g)
+}
+
+struct Lower {
+    g: Graph,
+    b: usize,
+    params: Vec<NodeId>,
+    /// Named pools: switches, and the input plane size unpool restores.
+    pools: Vec<(String, NodeId, usize, usize)>,
+    /// Distinguishes the random streams of dropout layers.
+    salt: u32,
+}
+
+/// The value flowing between layers.
+#[derive(Clone, Copy)]
+struct Value {
+    node: NodeId,
+    /// After a recurrent layer: its last state `[B, S]` (h, or h and c for an LSTM).
+    state: Option<NodeId>,
+    /// When `node` is a softmax: its input, for a fused cross-entropy.
+    logits: Option<NodeId>,
+}
+
+impl Lower {
+    fn batched(&self, ty: &Ty) -> Type {
+        let mut shape = vec![self.b];
+        match ty {
+            Ty::Tensor(d) => {
+                shape.extend(d.iter().map(|&x| x as usize));
+                Type::f32(shape)
+            }
+            Ty::Token { .. } => Type::i32(shape),
+            Ty::Tokens { len, .. } => {
+                shape.push(*len as usize);
+                Type::i32(shape)
+            }
+            Ty::Seq { len, dim } => {
+                shape.extend([*len as usize, *dim as usize]);
+                Type::f32(shape)
+            }
+        }
+    }
+
+    fn add(&mut self, op: Op, span: Span) -> Result<NodeId, String> {
+        self.g.add(op, Some(span))
+    }
+
+    fn param(&self, info: &LayerInfo, k: usize) -> Result<NodeId, String> {
+        let p = info.params.get(k).ok_or_else(|| format!("{}: parameter {k} missing", info.layer))?;
+        Ok(self.params[*p])
+    }
+
+    fn layer(&mut self, m: &Model, info: &LayerInfo, v: Value, cfg: &Lowering, vars: &[(String, NodeId)]) -> Result<Value, String> {
+        let span = info.layer.span;
+        let x = v.node;
+        let mut state = None;
+        let node = match &info.layer.kind {
+            LayerKind::Dense { bias, .. } => {
+                let (w, k) = match info.tied_weight {
+                    Some(p) => (self.params[p], 0),
+                    None => (self.param(info, 0)?, 1),
+                };
+                let tb = info.tied_weight.is_none();
+                let shape = self.g.ty(x).shape.clone();
+                let flat = if shape.len() == 3 {
+                    self.add(Op::Reshape { x, shape: vec![shape[0] * shape[1], shape[2]] }, span)?
+                } else {
+                    x
+                };
+                let mut y = self.add(Op::MatMul { a: flat, b: w, ta: false, tb }, span)?;
+                if *bias {
+                    let bias = self.param(info, k)?;
+                    y = self.add(Op::BiasAdd { x: y, bias }, span)?;
+                }
+                if shape.len() == 3 {
+                    let n = self.g.ty(y).shape[1];
+                    y = self.add(Op::Reshape { x: y, shape: vec![shape[0], shape[1], n] }, span)?;
+                }
+                y
+            }
+            LayerKind::Conv(c) | LayerKind::Deconv(c) => {
+                let (w, k) = match info.tied_weight {
+                    Some(p) => (self.params[p], 0),
+                    None => (self.param(info, 0)?, 1),
+                };
+                let (stride, pad) = (c.stride as usize, c.pad as usize);
+                let op = if matches!(info.layer.kind, LayerKind::Conv(_)) {
+                    Op::Conv2d { x, w, stride, pad }
+                } else {
+                    Op::ConvTranspose2d { x, w, stride, pad, out_pad: c.out_pad as usize }
+                };
+                let mut y = self.add(op, span)?;
+                if c.bias {
+                    let bias = self.param(info, k)?;
+                    y = self.add(Op::BiasAdd { x: y, bias }, span)?;
+                }
+                y
+            }
+            LayerKind::MaxPool(p) => {
+                let (kernel, stride) = (p.kernel as usize, p.stride as usize);
+                let idx = self.add(Op::PoolArgmax { x, kernel, stride }, span)?;
+                if let Some(n) = &p.name {
+                    let s = &self.g.ty(x).shape;
+                    self.pools.push((n.name.clone(), idx, s[2], s[3]));
+                }
+                self.add(Op::Gather { x, idx }, span)?
+            }
+            LayerKind::AvgPool(p) => {
+                self.add(Op::AvgPool { x, kernel: p.kernel as usize, stride: p.stride as usize }, span)?
+            }
+            LayerKind::Unpool { pool } => {
+                let &(_, idx, height, width) = self
+                    .pools
+                    .iter()
+                    .find(|p| p.0 == pool.name)
+                    .ok_or_else(|| format!("pool {} not lowered", pool.name))?;
+                self.add(Op::Scatter { v: x, idx, height, width, accumulate: false }, span)?
+            }
+            LayerKind::Flatten | LayerKind::Reshape { .. } => {
+                let shape = self.batched(&info.output).shape;
+                self.add(Op::Reshape { x, shape }, span)?
+            }
+            LayerKind::Embed { .. } => {
+                let table = self.param(info, 0)?;
+                self.add(Op::Embed { table, ids: x }, span)?
+            }
+            LayerKind::Dropout { p } => match cfg.mode {
+                Mode::Train if *p > 0.0 => {
+                    self.salt += 1;
+                    self.add(Op::Dropout { x, p: *p as f32, salt: self.salt }, span)?
+                }
+                _ => x,
+            },
+            LayerKind::Activation(a) => return self.activation(a, Value { state: None, ..v }),
+            LayerKind::Recurrent(r) => {
+                let (node, last) = self.recurrent(m, info, r, v, cfg, vars)?;
+                state = Some(last);
+                node
+            }
+        };
+        let mut out = Value { node, state, logits: None };
+        for a in &info.layer.activations {
+            out = self.activation(a, out)?;
+        }
+        Ok(out)
+    }
+
+    fn activation(&mut self, a: &ast::Activation, v: Value) -> Result<Value, String> {
+        let x = v.node;
+        let f = match a.kind {
+            ActKind::Identity => return Ok(v),
+            ActKind::Softmax => {
+                let node = self.add(Op::Softmax { x }, a.span)?;
+                return Ok(Value { node, state: v.state, logits: Some(x) });
+            }
+            ActKind::Relu => UnaryFn::Relu,
+            ActKind::Sigmoid => UnaryFn::Sigmoid,
+            ActKind::Tanh => UnaryFn::Tanh,
+            ActKind::LeakyRelu(s) => UnaryFn::LeakyRelu(s as f32),
+        };
+        let node = self.add(Op::Unary { f, x }, a.span)?;
+        Ok(Value { node, state: v.state, logits: None })
+    }
+
+    /// A recurrent layer: the value it passes on and its last state.
+    fn recurrent(
+        &mut self,
+        m: &Model,
+        info: &LayerInfo,
+        r: &ast::RecurrentSpec,
+        v: Value,
+        cfg: &Lowering,
+        vars: &[(String, NodeId)],
+    ) -> Result<(NodeId, NodeId), String> {
+        let span = info.layer.span;
+        let h = r.hidden as usize;
+        let s = if r.cell == Cell::Lstm { 2 * h } else { h };
+        let (xs, h0) = match (info.part, r.teacher_forcing) {
+            (Part::Decoder, true) => {
+                if cfg.mode == Mode::Infer {
+                    return Err("greedy decoding of a teacher-forced decoder is not lowered yet".into());
+                }
+                let target = m.loss_target().ok_or("teacher forcing without a target")?;
+                let Ty::Tokens { vocab, .. } = target.ty else {
+                    return Err("teacher forcing needs token targets".into());
+                };
+                let ids = vars.iter().find(|(n, _)| *n == target.name).map(|v| v.1).ok_or("target missing")?;
+                let shifted = self.add(Op::ShiftRight { ids, start: vocab as i32 }, span)?;
+                let xs = self.add(Op::OneHot { ids: shifted, depth: vocab as usize + 1 }, span)?;
+                (xs, v.state.unwrap_or(v.node))
+            }
+            (Part::Decoder, false) if self.g.ty(v.node).shape.len() == 2 => {
+                let Ty::Seq { len, .. } = info.output else { return Err("decoder recurrent output".into()) };
+                let xs = self.add(Op::Repeat { x: v.node, times: len as usize }, span)?;
+                let h0 = self.add(Op::Zeros { shape: vec![self.b, s] }, span)?;
+                (xs, h0)
+            }
+            _ => {
+                let h0 = self.add(Op::Zeros { shape: vec![self.b, s] }, span)?;
+                (v.node, h0)
+            }
+        };
+        let (w_ih, w_hh) = (self.param(info, 0)?, self.param(info, 1)?);
+        let (b_ih, b_hh) = if r.bias {
+            (Some(self.param(info, 2)?), Some(self.param(info, 3)?))
+        } else {
+            (None, None)
+        };
+        let hs = self.add(Op::Recurrent { cell: r.cell, xs, h0, w_ih, w_hh, b_ih, b_hh }, span)?;
+        let last = self.add(Op::LastStep { x: hs }, span)?;
+        let seq_out = matches!(info.output, Ty::Seq { .. });
+        let out = match (seq_out, r.cell) {
+            (true, Cell::Lstm) => self.add(Op::SliceLast { x: hs, start: 0, len: h }, span)?,
+            (true, _) => hs,
+            (false, Cell::Lstm) => self.add(Op::SliceLast { x: last, start: 0, len: h }, span)?,
+            (false, _) => last,
+        };
+        Ok((out, last))
+    }
+
+    fn loss(&mut self, m: &Model, out: &Value, code: NodeId, cfg: &Lowering, vars: &mut Vec<(String, NodeId)>) -> Result<NodeId, String> {
+        let main = &m.loss.main;
+        let span = main.span;
+        let target_var = m.loss_target().ok_or("loss target missing")?;
+        let input_name = m.inputs.first().map(|v| v.name.as_str());
+        let target = if cfg.denoise && Some(target_var.name.as_str()) == input_name {
+            let name = format!("{}.clean", target_var.name);
+            let ty = self.batched(&target_var.ty);
+            let id = self.g.add_input(name.clone(), ty)?;
+            vars.push((name, id));
+            id
+        } else {
+            vars.iter().find(|(n, _)| *n == target_var.name).map(|v| v.1).ok_or("target missing")?
+        };
+        let (f, pred) = match main.kind {
+            LossKind::Mse => (LossFn::Mse, out.node),
+            LossKind::L1 => (LossFn::L1, out.node),
+            LossKind::Bce => (LossFn::Bce, out.node),
+            LossKind::CrossEntropy => (LossFn::CrossEntropyLogits, out.logits.unwrap_or(out.node)),
+            LossKind::L2 => return Err("l2 is a penalty, not a reconstruction loss".into()),
+        };
+        let mut total = self.add(Op::Loss { f, pred, target }, span)?;
+        for t in &m.loss.extra {
+            let square = t.kind == LossKind::L2;
+            let f = if square { UnaryFn::Square } else { UnaryFn::Abs };
+            let term = if t.arg.name == "weights" {
+                // λ·Σ over every weight (not biases) of w² (or |w|).
+                let weights: Vec<NodeId> = m
+                    .params
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.role == crate::ir::ParamRole::Weight)
+                    .map(|(i, _)| self.params[i])
+                    .collect();
+                let mut acc: Option<NodeId> = None;
+                for w in weights {
+                    let e = self.add(Op::Unary { f, x: w }, t.span)?;
+                    let s = self.add(Op::SumAll { x: e }, t.span)?;
+                    acc = Some(match acc {
+                        Some(a) => self.add(Op::Binary { f: BinaryFn::Add, a, b: s }, t.span)?,
+                        None => s,
+                    });
+                }
+                let Some(acc) = acc else { continue };
+                self.add(Op::Scale { x: acc, c: t.weight as f32 }, t.span)?
+            } else {
+                // λ·mean over the code of c² (or |c|).
+                let e = self.add(Op::Unary { f, x: code }, t.span)?;
+                let s = self.add(Op::SumAll { x: e }, t.span)?;
+                let n = self.g.ty(code).numel() as f64;
+                self.add(Op::Scale { x: s, c: (t.weight / n) as f32 }, t.span)?
+            };
+            total = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: term }, t.span)?;
+        }
+        Ok(total)
+    }
+}

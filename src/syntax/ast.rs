@@ -1,0 +1,275 @@
+//! The typed AST of a spec. Every node carries the byte span it came from.
+//!
+//! The AST says what the user wrote, already checked for vocabulary (a `conv` has a kernel
+//! size, an optimizer is `sgd` or `adam`); it does not know shapes. `Display` prints it back as
+//! `.ae` text, which is what `aec compile --emit ast` shows (with the decoder a `mirror` wrote).
+
+use crate::diag::Span;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct File {
+    pub model: Model,
+    pub train: Option<Train>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ident {
+    pub name: String,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub name: Ident,
+    pub inputs: Vec<Decl>,
+    pub targets: Vec<Decl>,
+    pub encoder: Option<Block>,
+    pub decoder: Option<Decoder>,
+    pub loss: Option<Loss>,
+    pub span: Span,
+}
+
+/// `input x: [1, 28, 28]` or `target t: seq[9] of token[12]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decl {
+    pub name: Ident,
+    pub ty: TypeExpr,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TypeExpr {
+    /// A tensor of this shape per sample.
+    Tensor(Vec<u64>),
+    /// A token id in `0..vocab`.
+    Token { vocab: u64 },
+    /// `seq[len] of token[vocab]`.
+    SeqTokens { len: u64, vocab: u64 },
+    /// `seq[len] of [dims]`.
+    SeqTensor { len: u64, dims: Vec<u64> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub layers: Vec<Layer>,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoder {
+    Layers(Block),
+    /// `decoder mirror [tied] [-> act]`: the compiler writes the decoder.
+    Mirror { tied: bool, output: Option<Activation>, span: Span },
+}
+
+/// One layer line. `span` covers the whole line; `kind_span` the layer's name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layer {
+    pub kind: LayerKind,
+    pub activations: Vec<Activation>,
+    pub span: Span,
+    pub kind_span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerKind {
+    /// `tied_to`: for a mirrored, tied layer, the encoder layer whose weight it uses transposed.
+    Dense { units: u64, bias: bool, tied_to: Option<usize> },
+    Conv(ConvSpec),
+    Deconv(ConvSpec),
+    MaxPool(PoolSpec),
+    AvgPool(PoolSpec),
+    Unpool { pool: Ident },
+    Flatten,
+    Reshape { dims: Vec<u64> },
+    Recurrent(RecurrentSpec),
+    Embed { dim: u64 },
+    Dropout { p: f64 },
+    /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
+    Activation(Activation),
+}
+
+/// Convolution and transposed convolution: square kernels, equal stride and padding on both
+/// axes. `out_pad` is only meaningful for `deconv`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub channels: u64,
+    pub kernel: u64,
+    pub stride: u64,
+    pub pad: u64,
+    pub out_pad: u64,
+    pub bias: bool,
+    /// For a mirrored, tied `deconv`: the encoder layer (index in its block) whose kernel it
+    /// shares.
+    pub tied_to: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSpec {
+    pub kernel: u64,
+    pub stride: u64,
+    pub name: Option<Ident>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cell {
+    Rnn,
+    Gru,
+    Lstm,
+}
+
+impl Cell {
+    /// Gates per cell: the row blocks of `weight_ih_l0` (PyTorch's layout).
+    pub fn gates(self) -> u64 {
+        match self {
+            Cell::Rnn => 1,
+            Cell::Gru => 3,
+            Cell::Lstm => 4,
+        }
+    }
+
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Cell::Rnn => "rnn",
+            Cell::Gru => "gru",
+            Cell::Lstm => "lstm",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecurrentSpec {
+    pub cell: Cell,
+    pub hidden: u64,
+    /// `seq`: return every step's hidden state instead of the last one.
+    pub return_seq: bool,
+    /// `teacher_forcing` (decoder only): start from the code, read the previous target token.
+    pub teacher_forcing: bool,
+    pub bias: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActKind {
+    Relu,
+    Sigmoid,
+    Tanh,
+    Softmax,
+    LeakyRelu(f64),
+    Identity,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Activation {
+    pub kind: ActKind,
+    pub span: Span,
+}
+
+/// `loss mse(x) + 1e-4 * l2(weights)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loss {
+    pub main: LossTerm,
+    pub extra: Vec<LossTerm>,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossTerm {
+    pub weight: f64,
+    pub kind: LossKind,
+    /// What the term is taken of: an input/target name, `weights` or `code`.
+    pub arg: Ident,
+    pub span: Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossKind {
+    Mse,
+    Bce,
+    CrossEntropy,
+    L1,
+    L2,
+}
+
+impl LossKind {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            LossKind::Mse => "mse",
+            LossKind::Bce => "bce",
+            LossKind::CrossEntropy => "cross_entropy",
+            LossKind::L1 => "l1",
+            LossKind::L2 => "l2",
+        }
+    }
+}
+
+/// The `train` block. Fields left out are `None`; the runtime supplies defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Train {
+    pub data: Vec<DataBinding>,
+    pub batch: Option<u64>,
+    pub epochs: Option<u64>,
+    pub optimizer: Option<Optimizer>,
+    pub seed: Option<u64>,
+    pub validation: Option<f64>,
+    pub noise: Option<Noise>,
+    pub pretrain: Option<Pretrain>,
+    pub init: Option<Init>,
+    pub span: Span,
+}
+
+/// `data npy("x.npy")` binds the model's (only) input; `data mask: npy("m.npy")` binds a name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataBinding {
+    pub binding: Option<Ident>,
+    pub source: DataSource,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataSource {
+    OneHot { n: u64 },
+    Npy { path: String, scale: f64 },
+    Csv { path: String, scale: f64 },
+    Idx { path: String, scale: f64 },
+    /// Square patches cut from a [H, W] or [N, H, W] source with a stride.
+    Patches { source: Box<DataSource>, size: u64, stride: u64 },
+    /// A synthetic sequence task: `copy(len, vocab)`, `reverse(len, vocab)`.
+    SeqTask { task: SeqTask, len: u64, vocab: u64, count: u64 },
+    /// The toy translation task: source and target languages with their own vocabularies.
+    Translation { count: u64 },
+    /// Uniform random values in [0, 1) of the input's shape, from the run's seed (benchmarks).
+    Random { count: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqTask {
+    Copy,
+    Reverse,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Optimizer {
+    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64 },
+    Adam { lr: f64, b1: f64, b2: f64, eps: f64, weight_decay: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Noise {
+    Gaussian { sigma: f64 },
+    Mask { p: f64 },
+    SaltPepper { p: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pretrain {
+    pub epochs: u64,
+    pub freeze: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// PyTorch's defaults: kaiming-uniform (a = √5) weights, U(±1/√fan_in) biases.
+    Default,
+    Xavier,
+    He,
+}

@@ -1,0 +1,1321 @@
+//! Builds the typed AST from pest's parse tree: one small function per grammar rule, one per
+//! layer kind and one per train field. Vocabulary mistakes become diagnostics and building
+//! goes on, so one run reports all of them.
+
+use super::Rule;
+use super::ast::*;
+use crate::diag::{Diagnostic, Span};
+use pest::iterators::Pair;
+
+type P<'i> = Pair<'i, Rule>;
+
+#[derive(Default)]
+pub(super) struct Builder {
+    pub diags: Vec<Diagnostic>,
+}
+
+const LAYER_KINDS: &[&str] = &[
+    "dense", "conv", "maxpool", "avgpool", "unpool", "deconv", "flatten", "reshape", "rnn", "gru",
+    "lstm", "embed", "dropout",
+];
+const ACTIVATIONS: &[&str] = &["relu", "sigmoid", "tanh", "softmax", "leaky_relu", "identity"];
+
+fn span_of(p: &P) -> Span {
+    let s = p.as_span();
+    Span::new(s.start(), s.end())
+}
+
+fn ident(p: &P) -> Ident {
+    Ident { name: p.as_str().to_owned(), span: span_of(p) }
+}
+
+/// One argument of a layer line.
+#[derive(Clone, Debug)]
+enum Arg {
+    Num(f64, String),
+    Word(String),
+    Shape(Vec<u64>),
+}
+
+/// A value in a train field or a call argument.
+#[derive(Clone, Debug)]
+enum Value {
+    Call(Call),
+    Str(String),
+    Num(f64),
+    Word(String),
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    name: String,
+    name_span: Span,
+    args: Vec<CallArg>,
+    span: Span,
+}
+
+#[derive(Clone, Debug)]
+struct CallArg {
+    name: Option<Ident>,
+    value: Value,
+    span: Span,
+}
+
+impl Builder {
+    fn err(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    pub(super) fn file(&mut self, p: P) -> File {
+        let mut model = None;
+        let mut train = None;
+        for item in p.into_inner() {
+            match item.as_rule() {
+                Rule::model => model = Some(self.model(item)),
+                Rule::train => train = Some(self.train(item)),
+                _ => {}
+            }
+        }
+        let model = model.unwrap_or_else(|| Model {
+            name: Ident { name: String::new(), span: Span::default() },
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            encoder: None,
+            decoder: None,
+            loss: None,
+            span: Span::default(),
+        });
+        File { model, train }
+    }
+
+    fn model(&mut self, p: P) -> Model {
+        let span = span_of(&p);
+        let mut inner = p.into_inner();
+        let _kw = inner.next();
+        let name = inner.next().map(|n| ident(&n)).unwrap_or(Ident { name: String::new(), span });
+        let mut m = Model {
+            name,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            encoder: None,
+            decoder: None,
+            loss: None,
+            span,
+        };
+        for item in inner {
+            let item_span = span_of(&item);
+            match item.as_rule() {
+                Rule::input_decl => m.inputs.push(self.decl(item)),
+                Rule::target_decl => m.targets.push(self.decl(item)),
+                Rule::encoder => {
+                    let block = self.encoder(item);
+                    if let Some(first) = &m.encoder {
+                        self.duplicate("encoder", first.span, item_span);
+                    } else {
+                        m.encoder = Some(block);
+                    }
+                }
+                Rule::decoder => {
+                    let dec = self.decoder(item);
+                    if let Some(first) = &m.decoder {
+                        let first_span = match first {
+                            Decoder::Layers(b) => b.span,
+                            Decoder::Mirror { span, .. } => *span,
+                        };
+                        self.duplicate("decoder", first_span, item_span);
+                    } else {
+                        m.decoder = Some(dec);
+                    }
+                }
+                Rule::loss_decl => {
+                    let loss = self.loss(item);
+                    match (&m.loss, loss) {
+                        (Some(first), _) => self.duplicate("loss", first.span, item_span),
+                        (None, l) => m.loss = l,
+                    }
+                }
+                _ => {}
+            }
+        }
+        m
+    }
+
+    fn duplicate(&mut self, what: &str, first: Span, second: Span) {
+        self.err(
+            Diagnostic::error(format!("the model has a second `{what}`"))
+                .label(second, "second one here")
+                .label(first, "first one here")
+                .help(format!("a model has one `{what}`; merge the two or remove one")),
+        );
+    }
+
+    fn decl(&mut self, p: P) -> Decl {
+        let span = span_of(&p);
+        let mut inner = p.into_inner().skip(1);
+        let name = inner.next().map(|n| ident(&n)).unwrap_or(Ident { name: String::new(), span });
+        let ty = inner.next().map(|t| self.type_expr(t)).unwrap_or(TypeExpr::Tensor(vec![]));
+        Decl { name, ty, span }
+    }
+
+    fn type_expr(&mut self, p: P) -> TypeExpr {
+        let Some(t) = p.into_inner().next() else { return TypeExpr::Tensor(vec![]) };
+        match t.as_rule() {
+            Rule::shape => TypeExpr::Tensor(self.shape(t)),
+            Rule::token_type => TypeExpr::Token { vocab: self.token_vocab(t) },
+            Rule::seq_type => {
+                let mut inner = t.into_inner().skip(1);
+                let len = inner.next().map(|n| self.int(&n, "a sequence length")).unwrap_or(1);
+                let elem = inner.find(|e| e.as_rule() != Rule::kw_of);
+                match elem {
+                    Some(e) if e.as_rule() == Rule::token_type => {
+                        TypeExpr::SeqTokens { len, vocab: self.token_vocab(e) }
+                    }
+                    Some(e) => TypeExpr::SeqTensor { len, dims: self.shape(e) },
+                    None => TypeExpr::SeqTensor { len, dims: vec![] },
+                }
+            }
+            _ => TypeExpr::Tensor(vec![]),
+        }
+    }
+
+    fn token_vocab(&mut self, p: P) -> u64 {
+        p.into_inner()
+            .find(|n| n.as_rule() == Rule::int)
+            .map(|n| self.int(&n, "a vocabulary size"))
+            .unwrap_or(1)
+    }
+
+    fn shape(&mut self, p: P) -> Vec<u64> {
+        p.into_inner().map(|n| self.int(&n, "a dimension")).collect()
+    }
+
+    /// A positive whole number from an `int` token; 1 (after a diagnostic) if it is not.
+    fn int(&mut self, p: &P, what: &str) -> u64 {
+        let span = span_of(p);
+        match p.as_str().parse::<u64>() {
+            Ok(0) => {
+                self.err(
+                    Diagnostic::error(format!("{what} must be at least 1"))
+                        .label(span, "this is 0"),
+                );
+                1
+            }
+            Ok(n) => n,
+            Err(_) => {
+                self.err(
+                    Diagnostic::error(format!("{what} is too large: `{}`", p.as_str()))
+                        .label(span, "does not fit in 64 bits"),
+                );
+                1
+            }
+        }
+    }
+
+    // ---- layers ------------------------------------------------------------------------------
+
+    fn encoder(&mut self, p: P) -> Block {
+        let span = span_of(&p);
+        let layers = p.into_inner().filter(|l| l.as_rule() == Rule::layer);
+        let layers = layers.filter_map(|l| self.layer(l)).collect();
+        Block { layers, span }
+    }
+
+    fn decoder(&mut self, p: P) -> Decoder {
+        let span = span_of(&p);
+        let mut inner = p.into_inner().skip(1).peekable();
+        if inner.peek().map(|m| m.as_rule()) == Some(Rule::mirror) {
+            let mirror = inner.next().map(|m| m.into_inner());
+            let mut tied = false;
+            let mut output = None;
+            for part in mirror.into_iter().flatten() {
+                match part.as_rule() {
+                    Rule::kw_tied => tied = true,
+                    Rule::activation => output = self.activation(part),
+                    _ => {}
+                }
+            }
+            return Decoder::Mirror { tied, output, span };
+        }
+        let layers = inner.filter(|l| l.as_rule() == Rule::layer);
+        let layers = layers.filter_map(|l| self.layer(l)).collect();
+        Decoder::Layers(Block { layers, span })
+    }
+
+    fn layer(&mut self, p: P) -> Option<Layer> {
+        let span = span_of(&p);
+        let mut kind_pair = None;
+        let mut args = Vec::new();
+        let mut activations = Vec::new();
+        for part in p.into_inner() {
+            match part.as_rule() {
+                Rule::layer_kind => kind_pair = Some(part),
+                Rule::layer_arg => args.push(layer_arg(part)),
+                Rule::activation => activations.extend(self.activation(part)),
+                _ => {}
+            }
+        }
+        let kind_pair = kind_pair?;
+        let kind_span = span_of(&kind_pair);
+        let word = kind_pair.as_str();
+        let kind = self.layer_kind(word, kind_span, &args)?;
+        Some(Layer { kind, activations, span, kind_span })
+    }
+
+    fn layer_kind(&mut self, word: &str, at: Span, args: &[(Arg, Span)]) -> Option<LayerKind> {
+        // A layer keyword among the arguments means two layers were written on one line.
+        for (arg, s) in args {
+            if let Arg::Word(w) = arg
+                && LAYER_KINDS.contains(&w.as_str())
+            {
+                self.err(
+                    Diagnostic::error(format!("`{w}` starts a new layer inside a `{word}` line"))
+                        .label(*s, "a second layer on the same line")
+                        .help("put each layer on its own line, or separate them with `;`"),
+                );
+                return None;
+            }
+        }
+        let mut a = LayerArgs::new(word, at, args);
+        let kind = match word {
+            "dense" => {
+                let units = a.count("units", "dense 32");
+                LayerKind::Dense { units, bias: a.flag("nobias").is_none(), tied_to: None }
+            }
+            "conv" | "deconv" => {
+                let example = if word == "conv" { "conv 16 k3 s1 p1" } else { "deconv 1 k3 s2 p1" };
+                let channels = a.count("output channels", example);
+                let kernel = a.option("k", None, example);
+                let stride = a.option("s", Some(1), example);
+                let pad = a.option("p", Some(0), example);
+                let out_pad = if word == "deconv" { a.option("op", Some(0), example) } else { 0 };
+                let bias = a.flag("nobias").is_none();
+                let spec = ConvSpec { channels, kernel, stride, pad, out_pad, bias, tied_to: None };
+                if word == "conv" { LayerKind::Conv(spec) } else { LayerKind::Deconv(spec) }
+            }
+            "maxpool" | "avgpool" => {
+                let example = if word == "maxpool" { "maxpool 2 as p1" } else { "avgpool 2" };
+                let kernel = a.count("kernel size", example);
+                let stride = a.option("s", Some(kernel), example);
+                let name = a.as_name();
+                let spec = PoolSpec { kernel, stride, name };
+                if word == "maxpool" {
+                    LayerKind::MaxPool(spec)
+                } else {
+                    if let Some(n) = &spec.name {
+                        a.diags.push(
+                            Diagnostic::error("an `avgpool` records no switches to name")
+                                .label(n.span, "unpool needs a maxpool's switches")
+                                .help("use `maxpool` to unpool later, or drop `as …`"),
+                        );
+                    }
+                    LayerKind::AvgPool(spec)
+                }
+            }
+            "unpool" => match a.name_arg() {
+                Some(pool) => LayerKind::Unpool { pool },
+                None => {
+                    a.missing("the name of a maxpool", "unpool p1");
+                    return self.finish(a, None);
+                }
+            },
+            "flatten" => LayerKind::Flatten,
+            "reshape" => match a.shape_arg() {
+                Some(dims) => LayerKind::Reshape { dims },
+                None => {
+                    a.missing("a shape", "reshape [1, 8, 8]");
+                    return self.finish(a, None);
+                }
+            },
+            "rnn" | "gru" | "lstm" => {
+                let cell = match word {
+                    "rnn" => Cell::Rnn,
+                    "gru" => Cell::Gru,
+                    _ => Cell::Lstm,
+                };
+                let hidden = a.count("hidden units", &format!("{word} 64"));
+                let return_seq = a.flag("seq").is_some();
+                let teacher_forcing = a.flag("teacher_forcing").is_some();
+                let bias = a.flag("nobias").is_none();
+                LayerKind::Recurrent(RecurrentSpec { cell, hidden, return_seq, teacher_forcing, bias })
+            }
+            "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
+            "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
+            w if ACTIVATIONS.contains(&w) => {
+                let act = match w {
+                    "leaky_relu" => ActKind::LeakyRelu(a.opt_number().unwrap_or(0.01)),
+                    other => simple_activation(other).unwrap_or(ActKind::Identity),
+                };
+                LayerKind::Activation(Activation { kind: act, span: at })
+            }
+            _ => {
+                let mut d = Diagnostic::error(format!("unknown layer `{word}`"))
+                    .label(at, "not a layer kind");
+                d = match closest(word, LAYER_KINDS.iter().chain(ACTIVATIONS)) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help(format!("layers are {}", LAYER_KINDS.join(", "))),
+                };
+                self.err(d);
+                return None;
+            }
+        };
+        self.finish(a, Some(kind))
+    }
+
+    fn finish(&mut self, mut a: LayerArgs, kind: Option<LayerKind>) -> Option<LayerKind> {
+        a.report_unused();
+        let ok = a.diags.is_empty();
+        self.diags.append(&mut a.diags);
+        if ok { kind } else { None }
+    }
+
+    fn activation(&mut self, p: P) -> Option<Activation> {
+        let span = span_of(&p);
+        let mut inner = p.into_inner();
+        let word = inner.next()?;
+        let name = word.as_str();
+        let args = inner.next().map(|c| self.call_args(c)).unwrap_or_default();
+        let kind = match name {
+            "leaky_relu" => {
+                let slope = match args.first().map(|a| &a.value) {
+                    None => 0.01,
+                    Some(Value::Num(x)) => *x,
+                    Some(_) => {
+                        self.err(
+                            Diagnostic::error("`leaky_relu` takes a number, the negative slope")
+                                .label(span, "write e.g. `leaky_relu(0.01)`"),
+                        );
+                        0.01
+                    }
+                };
+                ActKind::LeakyRelu(slope)
+            }
+            other => match simple_activation(other) {
+                Some(k) => {
+                    if !args.is_empty() {
+                        self.err(
+                            Diagnostic::error(format!("`{other}` takes no arguments"))
+                                .label(span, "remove the parentheses"),
+                        );
+                    }
+                    k
+                }
+                None => {
+                    let mut d = Diagnostic::error(format!("unknown activation `{other}`"))
+                        .label(span_of(&word), "not an activation");
+                    d = match closest(other, ACTIVATIONS.iter()) {
+                        Some(s) => d.help(format!("did you mean `{s}`?")),
+                        None => d.help(format!("activations are {}", ACTIVATIONS.join(", "))),
+                    };
+                    self.err(d);
+                    return None;
+                }
+            },
+        };
+        Some(Activation { kind, span })
+    }
+
+    // ---- loss ----------------------------------------------------------------------------------
+
+    fn loss(&mut self, p: P) -> Option<Loss> {
+        let span = span_of(&p);
+        let terms: Vec<LossTerm> = p
+            .into_inner()
+            .filter(|t| t.as_rule() == Rule::loss_term)
+            .filter_map(|t| self.loss_term(t))
+            .collect();
+        let mut terms = terms.into_iter();
+        let main = terms.next()?;
+        Some(Loss { main, extra: terms.collect(), span })
+    }
+
+    fn loss_term(&mut self, p: P) -> Option<LossTerm> {
+        let span = span_of(&p);
+        let mut weight: f64 = 1.0;
+        let mut call = None;
+        for part in p.into_inner() {
+            match part.as_rule() {
+                Rule::number => weight = part.as_str().parse().unwrap_or(1.0),
+                Rule::call => call = Some(self.call(part)),
+                _ => {}
+            }
+        }
+        let call = call?;
+        let kind = match call.name.as_str() {
+            "mse" => LossKind::Mse,
+            "bce" => LossKind::Bce,
+            "cross_entropy" => LossKind::CrossEntropy,
+            "l1" => LossKind::L1,
+            "l2" => LossKind::L2,
+            other => {
+                let names = ["mse", "bce", "cross_entropy", "l1", "l2"];
+                let mut d = Diagnostic::error(format!("unknown loss `{other}`"))
+                    .label(call.name_span, "not a loss");
+                d = match closest(other, names.iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help("losses are mse, bce, cross_entropy, l1 and l2"),
+                };
+                self.err(d);
+                return None;
+            }
+        };
+        let arg = match call.args.as_slice() {
+            [CallArg { name: None, value: Value::Word(w), span }] => {
+                Ident { name: w.clone(), span: *span }
+            }
+            _ => {
+                self.err(
+                    Diagnostic::error(format!("`{}` takes one name", call.name))
+                        .label(call.span, "write e.g. `mse(x)`")
+                        .help("name an input or target, or `weights` / `code` for a penalty"),
+                );
+                return None;
+            }
+        };
+        if !(weight.is_finite() && weight >= 0.0) {
+            self.err(
+                Diagnostic::error("a loss weight must be a finite number ≥ 0")
+                    .label(span, "this weight"),
+            );
+        }
+        Some(LossTerm { weight, kind, arg, span })
+    }
+
+    // ---- train ---------------------------------------------------------------------------------
+
+    fn train(&mut self, p: P) -> Train {
+        let mut t = Train { span: span_of(&p), ..Train::default() };
+        let mut seen: Vec<(String, Span)> = Vec::new();
+        for field in p.into_inner().filter(|f| f.as_rule() == Rule::field) {
+            let span = span_of(&field);
+            let mut name = None;
+            let mut binding = None;
+            let mut value = None;
+            for part in field.into_inner() {
+                match part.as_rule() {
+                    Rule::field_name => name = Some(ident(&part)),
+                    Rule::binding => binding = Some(ident(&part)),
+                    Rule::value => value = Some((self.value(part.clone()), span_of(&part))),
+                    _ => {}
+                }
+            }
+            let (Some(name), Some((value, vspan))) = (name, value) else { continue };
+            if name.name != "data" {
+                if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name.name) {
+                    self.err(
+                        Diagnostic::error(format!("`{}` is set twice", name.name))
+                            .label(name.span, "second setting")
+                            .label(*first, "first setting"),
+                    );
+                    continue;
+                }
+                seen.push((name.name.clone(), name.span));
+                if let Some(b) = &binding {
+                    self.err(
+                        Diagnostic::error(format!("`{}` takes no binding", name.name))
+                            .label(b.span, "only `data NAME: …` binds a name"),
+                    );
+                }
+            }
+            self.field(&mut t, name, binding, value, vspan, span);
+        }
+        t
+    }
+
+    fn field(&mut self, t: &mut Train, name: Ident, binding: Option<Ident>, v: Value, vs: Span, span: Span) {
+        match name.name.as_str() {
+            "data" => {
+                if let Some(source) = self.data_source(&v, vs) {
+                    t.data.push(DataBinding { binding, source, span });
+                }
+            }
+            "batch" => t.batch = self.field_count(&v, vs, "batch", "batch 64"),
+            "epochs" => t.epochs = self.field_count(&v, vs, "epochs", "epochs 100"),
+            "seed" => t.seed = self.field_int(&v, vs, "seed", "seed 7"),
+            "validation" => match v {
+                Value::Num(x) if (0.0..1.0).contains(&x) => t.validation = Some(x),
+                _ => self.err(
+                    Diagnostic::error("`validation` is the fraction of samples held out, in [0, 1)")
+                        .label(vs, "not in [0, 1)")
+                        .help("write e.g. `validation 0.1`"),
+                ),
+            },
+            "optimizer" => t.optimizer = self.optimizer(&v, vs),
+            "noise" => t.noise = self.noise(&v, vs),
+            "pretrain" => t.pretrain = self.pretrain(&v, vs),
+            "init" => {
+                t.init = match &v {
+                    Value::Word(w) if w == "default" => Some(Init::Default),
+                    Value::Word(w) if w == "xavier" => Some(Init::Xavier),
+                    Value::Word(w) if w == "he" => Some(Init::He),
+                    _ => {
+                        self.err(
+                            Diagnostic::error("unknown initialisation")
+                                .label(vs, "expected `default`, `xavier` or `he`"),
+                        );
+                        None
+                    }
+                }
+            }
+            other => {
+                let fields = [
+                    "data", "batch", "epochs", "optimizer", "seed", "validation", "noise",
+                    "pretrain", "init",
+                ];
+                let mut d = Diagnostic::error(format!("unknown train field `{other}`"))
+                    .label(name.span, "not a train field");
+                d = match closest(other, fields.iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help(format!("train fields are {}", fields.join(", "))),
+                };
+                self.err(d);
+            }
+        }
+    }
+
+    fn field_int(&mut self, v: &Value, vs: Span, field: &str, example: &str) -> Option<u64> {
+        match v {
+            Value::Num(x) if x.fract() == 0.0 && *x >= 0.0 && *x < 9.0e15 => Some(*x as u64),
+            _ => {
+                self.err(
+                    Diagnostic::error(format!("`{field}` takes a whole number"))
+                        .label(vs, "not a whole number ≥ 0")
+                        .help(format!("write e.g. `{example}`")),
+                );
+                None
+            }
+        }
+    }
+
+    fn field_count(&mut self, v: &Value, vs: Span, field: &str, example: &str) -> Option<u64> {
+        let n = self.field_int(v, vs, field, example)?;
+        if n == 0 {
+            self.err(
+                Diagnostic::error(format!("`{field}` must be at least 1"))
+                    .label(vs, "this is 0"),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
+    fn optimizer(&mut self, v: &Value, vs: Span) -> Option<Optimizer> {
+        let Value::Call(c) = v else {
+            self.err(
+                Diagnostic::error("`optimizer` takes `sgd(…)` or `adam(…)`")
+                    .label(vs, "not an optimizer call")
+                    .help("write e.g. `optimizer adam(lr: 1e-3)`"),
+            );
+            return None;
+        };
+        match c.name.as_str() {
+            "sgd" => {
+                let mut a = CallReader::new(self, c, &["lr", "momentum", "nesterov", "weight_decay"]);
+                let lr = a.positive("lr", None);
+                let momentum = a.fraction_01("momentum", 0.0);
+                let nesterov = a.boolean("nesterov", false);
+                let weight_decay = a.non_negative("weight_decay", 0.0);
+                a.finish()?;
+                if nesterov && momentum == 0.0 {
+                    self.err(
+                        Diagnostic::error("Nesterov momentum needs a momentum above 0")
+                            .label(c.span, "nesterov: true with momentum 0")
+                            .help("add e.g. `momentum: 0.9`"),
+                    );
+                }
+                Some(Optimizer::Sgd { lr: lr?, momentum, nesterov, weight_decay })
+            }
+            "adam" => {
+                let mut a = CallReader::new(self, c, &["lr", "b1", "b2", "eps", "weight_decay"]);
+                let lr = a.positive("lr", Some(1e-3));
+                let b1 = a.fraction_01("b1", 0.9);
+                let b2 = a.fraction_01("b2", 0.999);
+                let eps = a.positive("eps", Some(1e-8));
+                let weight_decay = a.non_negative("weight_decay", 0.0);
+                a.finish()?;
+                Some(Optimizer::Adam { lr: lr?, b1, b2, eps: eps?, weight_decay })
+            }
+            other => {
+                let mut d = Diagnostic::error(format!("unknown optimizer `{other}`"))
+                    .label(c.name_span, "not an optimizer");
+                d = match closest(other, ["sgd", "adam"].iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help("optimizers are `sgd(…)` and `adam(…)`"),
+                };
+                self.err(d);
+                None
+            }
+        }
+    }
+
+    fn noise(&mut self, v: &Value, vs: Span) -> Option<Noise> {
+        let Value::Call(c) = v else {
+            self.err(
+                Diagnostic::error("`noise` takes `gaussian(σ)`, `mask(p)` or `salt_pepper(p)`")
+                    .label(vs, "not a noise call"),
+            );
+            return None;
+        };
+        let noise = match c.name.as_str() {
+            "gaussian" => {
+                let mut a = CallReader::new(self, c, &["sigma"]);
+                let sigma = a.positive("sigma", None);
+                a.finish()?;
+                Noise::Gaussian { sigma: sigma? }
+            }
+            "mask" | "salt_pepper" => {
+                let mut a = CallReader::new(self, c, &["p"]);
+                let p = a.fraction_01("p", f64::NAN);
+                a.finish()?;
+                if p.is_nan() {
+                    return None;
+                }
+                if c.name == "mask" { Noise::Mask { p } } else { Noise::SaltPepper { p } }
+            }
+            other => {
+                self.err(
+                    Diagnostic::error(format!("unknown noise `{other}`"))
+                        .label(c.name_span, "expected gaussian, mask or salt_pepper"),
+                );
+                return None;
+            }
+        };
+        Some(noise)
+    }
+
+    fn pretrain(&mut self, v: &Value, vs: Span) -> Option<Pretrain> {
+        match v {
+            Value::Call(c) if c.name == "greedy" => {
+                let mut a = CallReader::new(self, c, &["epochs", "freeze"]);
+                let epochs = a.count("epochs");
+                let freeze = a.boolean("freeze", false);
+                a.finish()?;
+                Some(Pretrain { epochs: epochs?, freeze })
+            }
+            _ => {
+                self.err(
+                    Diagnostic::error("`pretrain` takes `greedy(epochs: E)`")
+                        .label(vs, "not a pretraining schedule")
+                        .help("write e.g. `pretrain greedy(epochs: 20)`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn data_source(&mut self, v: &Value, vs: Span) -> Option<DataSource> {
+        let Value::Call(c) = v else {
+            self.err(
+                Diagnostic::error("`data` takes a source such as `npy(\"x.npy\")` or `onehot(8)`")
+                    .label(vs, "not a data source"),
+            );
+            return None;
+        };
+        let file_source = |b: &mut Builder, kind: &str| -> Option<(String, f64)> {
+            let mut a = CallReader::new(b, c, &["path", "scale"]);
+            let path = a.string("path");
+            let scale = a.positive("scale", Some(1.0));
+            a.finish()?;
+            let _ = kind;
+            Some((path?, scale?))
+        };
+        match c.name.as_str() {
+            "onehot" => {
+                let mut a = CallReader::new(self, c, &["n"]);
+                let n = a.count("n");
+                a.finish()?;
+                Some(DataSource::OneHot { n: n? })
+            }
+            "npy" => file_source(self, "npy").map(|(path, scale)| DataSource::Npy { path, scale }),
+            "csv" => file_source(self, "csv").map(|(path, scale)| DataSource::Csv { path, scale }),
+            "idx" => file_source(self, "idx").map(|(path, scale)| DataSource::Idx { path, scale }),
+            "patches" => {
+                let inner = match c.args.first() {
+                    Some(CallArg { name: None, value, span }) => self.data_source(value, *span),
+                    _ => {
+                        self.err(
+                            Diagnostic::error("`patches` cuts patches from another source")
+                                .label(c.span, "write e.g. `patches(npy(\"camera.npy\"), size: 16)`"),
+                        );
+                        None
+                    }
+                };
+                let rest = Call { args: c.args.iter().skip(1).cloned().collect(), ..c.clone() };
+                let mut a = CallReader::new(self, &rest, &["size", "stride"]);
+                let size = a.count("size");
+                let stride = a.count_or("stride", size.unwrap_or(1));
+                a.finish()?;
+                Some(DataSource::Patches { source: Box::new(inner?), size: size?, stride })
+            }
+            "copy" | "reverse" => {
+                let task = if c.name == "copy" { SeqTask::Copy } else { SeqTask::Reverse };
+                let mut a = CallReader::new(self, c, &["len", "vocab", "count"]);
+                let len = a.count("len");
+                let vocab = a.count("vocab");
+                let count = a.count_or("count", 4096);
+                a.finish()?;
+                Some(DataSource::SeqTask { task, len: len?, vocab: vocab?, count })
+            }
+            "translation" | "random" => {
+                let mut a = CallReader::new(self, c, &["count"]);
+                let count = a.count_or("count", 4096);
+                a.finish()?;
+                Some(if c.name == "random" {
+                    DataSource::Random { count }
+                } else {
+                    DataSource::Translation { count }
+                })
+            }
+            other => {
+                let names = [
+                    "onehot", "npy", "csv", "idx", "patches", "copy", "reverse", "translation", "random",
+                ];
+                let mut d = Diagnostic::error(format!("unknown data source `{other}`"))
+                    .label(c.name_span, "not a data source");
+                d = match closest(other, names.iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help(format!("data sources are {}", names.join(", "))),
+                };
+                self.err(d);
+                None
+            }
+        }
+    }
+
+    // ---- values --------------------------------------------------------------------------------
+
+    fn value(&mut self, p: P) -> Value {
+        let Some(v) = p.into_inner().next() else { return Value::Word(String::new()) };
+        match v.as_rule() {
+            Rule::call => Value::Call(self.call(v)),
+            Rule::string => {
+                let s = v.as_str();
+                Value::Str(s[1..s.len() - 1].to_owned())
+            }
+            Rule::fraction => {
+                let span = span_of(&v);
+                let mut nums = v.into_inner().map(|n| n.as_str().parse::<f64>().unwrap_or(f64::NAN));
+                let (a, b) = (nums.next().unwrap_or(f64::NAN), nums.next().unwrap_or(f64::NAN));
+                if b == 0.0 {
+                    self.err(Diagnostic::error("division by zero").label(span, "this fraction"));
+                    return Value::Num(f64::NAN);
+                }
+                Value::Num(a / b)
+            }
+            Rule::number => Value::Num(v.as_str().parse().unwrap_or(f64::NAN)),
+            _ => Value::Word(v.as_str().to_owned()),
+        }
+    }
+
+    fn call(&mut self, p: P) -> Call {
+        let span = span_of(&p);
+        let mut inner = p.into_inner();
+        let (name, name_span) = match inner.next() {
+            Some(w) => (w.as_str().to_owned(), span_of(&w)),
+            None => (String::new(), span),
+        };
+        let args = inner.next().map(|a| self.call_args(a)).unwrap_or_default();
+        Call { name, name_span, args, span }
+    }
+
+    fn call_args(&mut self, p: P) -> Vec<CallArg> {
+        let mut out = Vec::new();
+        for arg in p.into_inner().filter(|a| a.as_rule() == Rule::arg) {
+            let span = span_of(&arg);
+            let mut name = None;
+            let mut value = Value::Word(String::new());
+            for part in arg.into_inner() {
+                match part.as_rule() {
+                    Rule::arg_name => name = Some(ident(&part)),
+                    Rule::value => value = self.value(part),
+                    _ => {}
+                }
+            }
+            out.push(CallArg { name, value, span });
+        }
+        out
+    }
+}
+
+fn layer_arg(p: P) -> (Arg, Span) {
+    let span = span_of(&p);
+    let Some(inner) = p.into_inner().next() else { return (Arg::Word(String::new()), span) };
+    let arg = match inner.as_rule() {
+        Rule::shape => Arg::Shape(
+            inner.into_inner().map(|n| n.as_str().parse::<u64>().unwrap_or(u64::MAX)).collect(),
+        ),
+        Rule::number => {
+            let text = inner.as_str().to_owned();
+            Arg::Num(text.parse().unwrap_or(f64::NAN), text)
+        }
+        _ => Arg::Word(inner.as_str().to_owned()),
+    };
+    (arg, span)
+}
+
+fn simple_activation(name: &str) -> Option<ActKind> {
+    Some(match name {
+        "relu" => ActKind::Relu,
+        "sigmoid" => ActKind::Sigmoid,
+        "tanh" => ActKind::Tanh,
+        "softmax" => ActKind::Softmax,
+        "identity" => ActKind::Identity,
+        _ => return None,
+    })
+}
+
+/// The closest candidate within edit distance 2, for "did you mean".
+pub fn closest<'a, I, S>(word: &str, candidates: I) -> Option<&'a str>
+where
+    I: IntoIterator<Item = &'a S>,
+    S: AsRef<str> + 'a + ?Sized,
+{
+    candidates
+        .into_iter()
+        .map(|c| c.as_ref())
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= 2 && *d < c.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The arguments of one layer line, consumed by the layer's builder; whatever is left over is
+/// reported as not understood.
+struct LayerArgs<'a> {
+    layer: &'a str,
+    at: Span,
+    args: &'a [(Arg, Span)],
+    used: Vec<bool>,
+    diags: Vec<Diagnostic>,
+}
+
+impl<'a> LayerArgs<'a> {
+    fn new(layer: &'a str, at: Span, args: &'a [(Arg, Span)]) -> Self {
+        LayerArgs { layer, at, args, used: vec![false; args.len()], diags: Vec::new() }
+    }
+
+    fn line_span(&self) -> Span {
+        self.args.iter().fold(self.at, |s, (_, a)| s.to(*a))
+    }
+
+    fn missing(&mut self, what: &str, example: &str) {
+        let d = Diagnostic::error(format!("`{}` needs {what}", self.layer))
+            .label(self.line_span(), format!("{what} missing"))
+            .help(format!("write e.g. `{example}`"));
+        self.diags.push(d);
+    }
+
+    /// The first positional number: a whole number ≥ 1.
+    fn count(&mut self, what: &str, example: &str) -> u64 {
+        let found = self.args.iter().enumerate().find(|(i, (a, _))| {
+            !self.used[*i] && matches!(a, Arg::Num(..))
+        });
+        let Some((i, (Arg::Num(x, text), span))) = found else {
+            self.missing(&format!("a number of {what}"), example);
+            return 1;
+        };
+        self.used[i] = true;
+        if x.fract() != 0.0 || *x < 1.0 || !x.is_finite() || *x > 1e15 {
+            let d = Diagnostic::error(format!(
+                "`{}` needs a whole number of {what} ≥ 1, found `{text}`",
+                self.layer
+            ))
+            .label(*span, "not a whole number ≥ 1")
+            .help(format!("write e.g. `{example}`"));
+            self.diags.push(d);
+            return 1;
+        }
+        *x as u64
+    }
+
+    fn opt_number(&mut self) -> Option<f64> {
+        let i = self.args.iter().position(|(a, _)| matches!(a, Arg::Num(..)))?;
+        self.used[i] = true;
+        match &self.args[i].0 {
+            Arg::Num(x, _) => Some(*x),
+            _ => None,
+        }
+    }
+
+    fn probability(&mut self, example: &str) -> f64 {
+        let Some(i) = self.args.iter().position(|(a, _)| matches!(a, Arg::Num(..))) else {
+            self.missing("a probability", example);
+            return 0.0;
+        };
+        self.used[i] = true;
+        let (Arg::Num(p, text), span) = &self.args[i] else { return 0.0 };
+        if !(0.0..1.0).contains(p) {
+            let d = Diagnostic::error(format!("a probability must be in [0, 1), found `{text}`"))
+                .label(*span, "not in [0, 1)")
+                .help(format!("write e.g. `{example}`"));
+            self.diags.push(d);
+            return 0.0;
+        }
+        *p
+    }
+
+    /// An option written as a prefix and a number: `k3`, `s2`, `p1`, `op1`.
+    fn option(&mut self, prefix: &str, default: Option<u64>, example: &str) -> u64 {
+        let found = self.args.iter().enumerate().find_map(|(i, (a, span))| match a {
+            Arg::Word(w) if !self.used[i] => {
+                let digits = w.strip_prefix(prefix)?;
+                (digits.chars().all(|c| c.is_ascii_digit()) && !digits.is_empty())
+                    .then(|| (i, digits.parse::<u64>(), *span))
+            }
+            _ => None,
+        });
+        match found {
+            Some((i, Ok(n), span)) => {
+                self.used[i] = true;
+                if n == 0 && prefix != "p" && prefix != "op" {
+                    let what = if prefix == "k" { "kernel size" } else { "stride" };
+                    let d = Diagnostic::error(format!("a {what} of 0 is not allowed"))
+                        .label(span, format!("{what} must be at least 1"))
+                        .help(format!("write e.g. `{example}`"));
+                    self.diags.push(d);
+                    return 1;
+                }
+                n
+            }
+            Some((i, Err(_), span)) => {
+                self.used[i] = true;
+                let d = Diagnostic::error("number too large").label(span, "does not fit in 64 bits");
+                self.diags.push(d);
+                1
+            }
+            None => match default {
+                Some(d) => d,
+                None => {
+                    let what = match prefix {
+                        "k" => "a kernel size `kK`",
+                        "s" => "a stride `sS`",
+                        "p" => "a padding `pP`",
+                        _ => "an output padding `opO`",
+                    };
+                    self.missing(what, example);
+                    1
+                }
+            },
+        }
+    }
+
+    fn flag(&mut self, flag: &str) -> Option<Span> {
+        let i = self.args.iter().enumerate().position(|(i, (a, _))| {
+            !self.used[i] && matches!(a, Arg::Word(w) if w == flag)
+        })?;
+        self.used[i] = true;
+        Some(self.args[i].1)
+    }
+
+    /// `as NAME`.
+    fn as_name(&mut self) -> Option<Ident> {
+        let i = self.flag("as")?;
+        let pos = self.args.iter().position(|(_, s)| *s == i)?;
+        match self.args.get(pos + 1) {
+            Some((Arg::Word(w), span)) => {
+                self.used[pos + 1] = true;
+                Some(Ident { name: w.clone(), span: *span })
+            }
+            _ => {
+                let d = Diagnostic::error("`as` must be followed by a name for the switches")
+                    .label(i, "name missing")
+                    .help("write e.g. `maxpool 2 as p1`");
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    /// The first unused word: a reference to a name.
+    fn name_arg(&mut self) -> Option<Ident> {
+        let i = self.args.iter().enumerate().position(|(i, (a, _))| {
+            !self.used[i] && matches!(a, Arg::Word(_))
+        })?;
+        self.used[i] = true;
+        match &self.args[i] {
+            (Arg::Word(w), span) => Some(Ident { name: w.clone(), span: *span }),
+            _ => None,
+        }
+    }
+
+    fn shape_arg(&mut self) -> Option<Vec<u64>> {
+        let i = self.args.iter().position(|(a, _)| matches!(a, Arg::Shape(_)))?;
+        self.used[i] = true;
+        match &self.args[i].0 {
+            Arg::Shape(dims) if dims.contains(&0) => {
+                let d = Diagnostic::error("a reshape dimension must be at least 1")
+                    .label(self.args[i].1, "contains 0");
+                self.diags.push(d);
+                None
+            }
+            Arg::Shape(dims) => Some(dims.clone()),
+            _ => None,
+        }
+    }
+
+    fn report_unused(&mut self) {
+        let layer = self.layer;
+        let accepted = match layer {
+            "dense" => "`dense N [nobias]`",
+            "conv" => "`conv C kK [sS] [pP] [nobias]`",
+            "deconv" => "`deconv C kK [sS] [pP] [opO] [nobias]`",
+            "maxpool" => "`maxpool K [sS] [as NAME]`",
+            "avgpool" => "`avgpool K [sS]`",
+            "unpool" => "`unpool NAME`",
+            "flatten" => "`flatten`",
+            "reshape" => "`reshape [dims]`",
+            "rnn" | "gru" | "lstm" => "`gru H [seq] [teacher_forcing] [nobias]`",
+            "embed" => "`embed N`",
+            "dropout" => "`dropout P`",
+            _ => "no arguments",
+        };
+        for (i, (arg, span)) in self.args.iter().enumerate() {
+            if self.used[i] {
+                continue;
+            }
+            let text = match arg {
+                Arg::Num(_, t) => t.clone(),
+                Arg::Word(w) => w.clone(),
+                Arg::Shape(_) => "[…]".to_owned(),
+            };
+            let mut d = Diagnostic::error(format!("`{layer}` does not take `{text}`"))
+                .label(*span, "not understood here");
+            d = match (arg, layer) {
+                (Arg::Num(..), "conv" | "deconv" | "maxpool" | "avgpool") => d.help(format!(
+                    "options carry their letter: kernel `k{text}`, stride `s{text}`, padding \
+                     `p{text}`; the layer takes {accepted}"
+                )),
+                (Arg::Word(w), _) if ACTIVATIONS.contains(&w.as_str()) => {
+                    d.help(format!("write the activation after an arrow: `-> {w}`"))
+                }
+                _ => d.help(format!("the layer takes {accepted}")),
+            };
+            self.diags.push(d);
+        }
+    }
+}
+
+/// Reads the arguments of a call such as `sgd(lr: 0.1, momentum: 0.9)`: by name, or in the
+/// order of `names` when written without one.
+struct CallReader<'b, 'c> {
+    b: &'b mut Builder,
+    call: &'c Call,
+    names: &'static [&'static str],
+    used: Vec<bool>,
+    errors: usize,
+}
+
+impl<'b, 'c> CallReader<'b, 'c> {
+    fn new(b: &'b mut Builder, call: &'c Call, names: &'static [&'static str]) -> Self {
+        let used = vec![false; call.args.len()];
+        let mut r = CallReader { b, call, names, used, errors: 0 };
+        r.check_names();
+        r
+    }
+
+    fn check_names(&mut self) {
+        let mut positional_ok = true;
+        for (i, a) in self.call.args.iter().enumerate() {
+            match &a.name {
+                Some(n) if !self.names.contains(&n.name.as_str()) => {
+                    self.used[i] = true;
+                    let mut d = Diagnostic::error(format!(
+                        "`{}` has no argument `{}`",
+                        self.call.name, n.name
+                    ))
+                    .label(n.span, "unknown argument");
+                    d = match closest(&n.name, self.names.iter()) {
+                        Some(s) => d.help(format!("did you mean `{s}`?")),
+                        None => d.help(format!("its arguments are {}", self.names.join(", "))),
+                    };
+                    self.error(d);
+                }
+                Some(_) => positional_ok = false,
+                None if !positional_ok || i >= self.names.len() => {
+                    self.used[i] = true;
+                    let d = Diagnostic::error(format!(
+                        "too many unnamed arguments to `{}`",
+                        self.call.name
+                    ))
+                    .label(a.span, "name this argument")
+                    .help(format!("its arguments are {}", self.names.join(", ")));
+                    self.error(d);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn error(&mut self, d: Diagnostic) {
+        self.errors += 1;
+        self.b.err(d);
+    }
+
+    fn find(&mut self, name: &str) -> Option<(Value, Span)> {
+        let pos = self.names.iter().position(|n| *n == name)?;
+        let i = self.call.args.iter().enumerate().position(|(i, a)| match &a.name {
+            Some(n) => n.name == name,
+            None => i == pos,
+        })?;
+        if self.used[i] {
+            return None;
+        }
+        self.used[i] = true;
+        let a = &self.call.args[i];
+        Some((a.value.clone(), a.span))
+    }
+
+    fn number(&mut self, name: &str) -> Option<(f64, Span)> {
+        let (v, span) = self.find(name)?;
+        match v {
+            Value::Num(x) if x.is_finite() => Some((x, span)),
+            _ => {
+                let d = Diagnostic::error(format!("`{name}` must be a number"))
+                    .label(span, "not a number");
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn positive(&mut self, name: &str, default: Option<f64>) -> Option<f64> {
+        match self.number(name) {
+            Some((x, _)) if x > 0.0 => Some(x),
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be above 0"))
+                    .label(span, "not above 0");
+                self.error(d);
+                None
+            }
+            None if default.is_some() => default,
+            None => {
+                let d = Diagnostic::error(format!("`{}` needs `{name}`", self.call.name))
+                    .label(self.call.span, format!("`{name}` missing"))
+                    .help(format!("write e.g. `{}({name}: 0.1)`", self.call.name));
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn non_negative(&mut self, name: &str, default: f64) -> f64 {
+        match self.number(name) {
+            Some((x, _)) if x >= 0.0 => x,
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be ≥ 0")).label(span, "below 0");
+                self.error(d);
+                default
+            }
+            None => default,
+        }
+    }
+
+    fn fraction_01(&mut self, name: &str, default: f64) -> f64 {
+        match self.number(name) {
+            Some((x, _)) if (0.0..1.0).contains(&x) => x,
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be in [0, 1)"))
+                    .label(span, "not in [0, 1)");
+                self.error(d);
+                default
+            }
+            None => {
+                if default.is_nan() {
+                    let d = Diagnostic::error(format!("`{}` needs `{name}`", self.call.name))
+                        .label(self.call.span, format!("`{name}` missing"));
+                    self.error(d);
+                }
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, name: &str) -> Option<u64> {
+        match self.number(name) {
+            Some((x, _)) if x >= 1.0 && x.fract() == 0.0 && x < 1e15 => Some(x as u64),
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be a whole number ≥ 1"))
+                    .label(span, "not a whole number ≥ 1");
+                self.error(d);
+                None
+            }
+            None => {
+                let d = Diagnostic::error(format!("`{}` needs `{name}`", self.call.name))
+                    .label(self.call.span, format!("`{name}` missing"));
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn count_or(&mut self, name: &str, default: u64) -> u64 {
+        if self.names.contains(&name) && self.call.args.iter().enumerate().any(|(i, a)| {
+            a.name.as_ref().is_some_and(|n| n.name == name)
+                || (a.name.is_none() && self.names.get(i) == Some(&name))
+        }) {
+            self.count(name).unwrap_or(default)
+        } else {
+            default
+        }
+    }
+
+    fn boolean(&mut self, name: &str, default: bool) -> bool {
+        match self.find(name) {
+            Some((Value::Word(w), _)) if w == "true" => true,
+            Some((Value::Word(w), _)) if w == "false" => false,
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be `true` or `false`"))
+                    .label(span, "not a boolean");
+                self.error(d);
+                default
+            }
+            None => default,
+        }
+    }
+
+    fn string(&mut self, name: &str) -> Option<String> {
+        match self.find(name) {
+            Some((Value::Str(s), _)) => Some(s),
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be a quoted string"))
+                    .label(span, "write it in double quotes");
+                self.error(d);
+                None
+            }
+            None => {
+                let d = Diagnostic::error(format!("`{}` needs a file path", self.call.name))
+                    .label(self.call.span, "path missing")
+                    .help(format!("write e.g. `{}(\"data/x.{}\")`", self.call.name, self.call.name));
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    /// Ends reading; `None` if any argument was wrong or left over.
+    fn finish(mut self) -> Option<()> {
+        for i in 0..self.call.args.len() {
+            if !self.used[i] {
+                let a = &self.call.args[i];
+                let d = Diagnostic::error(format!("argument not used by `{}`", self.call.name))
+                    .label(a.span, "not understood here")
+                    .help(format!("its arguments are {}", self.names.join(", ")));
+                self.error(d);
+            }
+        }
+        (self.errors == 0).then_some(())
+    }
+}

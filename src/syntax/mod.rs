@@ -1,0 +1,64 @@
+//! Text to AST: the pest parser, the AST builder and readable syntax errors.
+//!
+//! **Invariant:** parsing never panics. Any text gives an AST, diagnostics, or both. No other
+//! module names pest's `Rule` or `Pair`.
+
+pub mod ast;
+mod build;
+mod error;
+mod print;
+
+pub use build::closest;
+pub use print::Dims;
+
+use crate::diag::Diagnostic;
+use pest::Parser;
+
+#[derive(pest_derive::Parser)]
+#[grammar = "../grammar/aec.pest"]
+struct AeParser;
+
+/// Parses a spec. Returns the AST when the text has the language's structure (possibly with
+/// vocabulary errors, which are in the diagnostics), and every diagnostic found.
+pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
+    match AeParser::parse(Rule::file, src) {
+        Ok(mut pairs) => match pairs.next() {
+            Some(file) => {
+                let mut builder = build::Builder::default();
+                let ast = builder.file(file);
+                (Some(ast), builder.diags)
+            }
+            None => (None, vec![Diagnostic::error("the spec is empty")]),
+        },
+        Err(e) => (None, vec![error::from_pest(&e, src)]),
+    }
+}
+
+/// Prints dimensions as the language writes them: `[1, 28, 28]`.
+pub fn ast_dims(d: &[u64]) -> Dims<'_> {
+    Dims(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_language_sketch() {
+        let src = "// 8-3-8\nmodel onehot838 {\n    input x: [8]\n    encoder {\n        dense 3 -> sigmoid\n    }\n    decoder { dense 8 -> sigmoid }\n    loss mse(x)\n}\n\ntrain {\n    data onehot(8)\n    batch 8\n    optimizer sgd(lr: 1.0, momentum: 0.9)\n    epochs 3000; seed 7\n}\n";
+        let (ast, diags) = parse(src);
+        assert!(diags.is_empty(), "{diags:?}");
+        let ast = ast.expect("ast");
+        assert_eq!(ast.model.name.name, "onehot838");
+        let train = ast.train.expect("train block");
+        assert_eq!(train.epochs, Some(3000));
+        assert_eq!(train.seed, Some(7));
+    }
+
+    #[test]
+    fn layer_errors_are_all_reported() {
+        let src = "model m {\n input x: [4]\n encoder { dens 3; conv 2 }\n decoder { dense 4 -> sigmoidd }\n loss mse(x)\n}";
+        let (_, diags) = parse(src);
+        assert_eq!(diags.len(), 3, "{diags:#?}");
+    }
+}
