@@ -16,12 +16,18 @@ pub struct Span {
 
 impl Span {
     pub fn new(start: usize, end: usize) -> Span {
-        Span { start: clamp_u32(start), end: clamp_u32(end.max(start)) }
+        Span {
+            start: clamp_u32(start),
+            end: clamp_u32(end.max(start)),
+        }
     }
 
     /// The smallest span covering both.
     pub fn to(self, other: Span) -> Span {
-        Span { start: self.start.min(other.start), end: self.end.max(other.end) }
+        Span {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
     }
 
     pub fn len(self) -> usize {
@@ -88,11 +94,17 @@ impl Diagnostic {
     }
 
     pub fn warning(message: impl Into<String>) -> Diagnostic {
-        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(message) }
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(message)
+        }
     }
 
     pub fn label(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.labels.push(Label { span, message: message.into() });
+        self.labels.push(Label {
+            span,
+            message: message.into(),
+        });
         self
     }
 
@@ -129,10 +141,17 @@ pub fn render(diags: &[Diagnostic], file_name: &str, src: &str, color: bool) -> 
         .with_context_lines(1);
     let mut out = String::new();
     for d in diags {
-        let report = Report { diag: d, src: miette::NamedSource::new(file_name, src.to_owned()) };
+        let report = Report {
+            diag: d,
+            src: miette::NamedSource::new(file_name, src.to_owned()),
+        };
         if handler.render_report(&mut out, &report).is_err() {
             // Rendering into a String cannot fail; keep the message in any case.
             out.push_str(&d.message);
+        }
+        // miette has no notes; they follow its report, indented like its help.
+        for note in &d.notes {
+            out.push_str(&format!("  note: {}\n", wrap(note, 90, "        ")));
         }
         // miette puts the location in the box header only; a plain `path:line:col` line
         // makes the location clickable and greppable.
@@ -181,18 +200,16 @@ impl miette::Diagnostic for Report<'_> {
     }
 
     fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
-        let notes = self.diag.notes.iter().map(|n| format!("note: {n}"));
-        let help = self.diag.help.iter().map(|h| format!("help: {h}"));
-        let lines: Vec<String> = notes.chain(help).collect();
-        if lines.is_empty() {
-            return None;
-        }
-        // miette prefixes the first line with "help: "; we write our own prefixes.
-        Some(Box::new(Raw(lines.join("\n"))))
+        let help = self.diag.help.as_ref()?;
+        Some(Box::new(Raw(help.clone())))
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        if self.diag.labels.is_empty() { None } else { Some(&self.src) }
+        if self.diag.labels.is_empty() {
+            None
+        } else {
+            Some(&self.src)
+        }
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
@@ -210,6 +227,25 @@ impl miette::Diagnostic for Report<'_> {
         });
         Some(Box::new(labels))
     }
+}
+
+/// Wraps `text` at word boundaries to `width`, indenting continuation lines.
+fn wrap(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line_len = 0;
+    for word in text.split(' ') {
+        if line_len > 0 && line_len + 1 + word.chars().count() > width {
+            out.push('\n');
+            out.push_str(indent);
+            line_len = 0;
+        } else if line_len > 0 {
+            out.push(' ');
+            line_len += 1;
+        }
+        out.push_str(word);
+        line_len += word.chars().count();
+    }
+    out
 }
 
 struct Raw(String);

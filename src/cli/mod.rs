@@ -30,7 +30,7 @@ struct CompileArgs {
     #[arg(long, value_enum)]
     emit: Option<Emit>,
     /// Batch size of the lowered graph (default: the spec's `batch`, else 1).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     batch: Option<u64>,
 }
 
@@ -69,7 +69,8 @@ pub fn main() -> ExitCode {
 
 /// Reads a spec file, or says why it cannot.
 pub fn read_spec(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path).map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
 }
 
 /// Writes diagnostics to stderr, coloured on a terminal.
@@ -78,7 +79,10 @@ pub fn report(diags: &[Diagnostic], path: &Path, src: &str) {
         return;
     }
     let color = std::io::stderr().is_terminal();
-    eprint!("{}", diag::render(diags, &path.display().to_string(), src, color));
+    eprint!(
+        "{}",
+        diag::render(diags, &path.display().to_string(), src, color)
+    );
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
         let s = if errors == 1 { "" } else { "s" };

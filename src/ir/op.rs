@@ -48,10 +48,21 @@ pub enum LossFn {
 pub enum OptimizerFn {
     /// PyTorch's SGD: g += wd·p; v = μ·v + g (v = g on the first step); p -= lr·(g + μ·v if
     /// nesterov else v). State: the velocity.
-    Sgd { lr: f32, momentum: f32, nesterov: bool, weight_decay: f32 },
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
     /// PyTorch's Adam (L2 weight decay added to the gradient). State: m, v; `step` is the
     /// 1-based step count read from the runtime.
-    Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32 },
+    Adam {
+        lr: f32,
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,55 +71,148 @@ pub enum Op {
     Param(ParamId),
 
     /// `a[M,K] · b[K,N]`, either side transposed first (`ta`, `tb`).
-    MatMul { a: NodeId, b: NodeId, ta: bool, tb: bool },
+    MatMul {
+        a: NodeId,
+        b: NodeId,
+        ta: bool,
+        tb: bool,
+    },
     /// `x + bias` along axis 1 (features or channels).
-    BiasAdd { x: NodeId, bias: NodeId },
-    Unary { f: UnaryFn, x: NodeId },
+    BiasAdd {
+        x: NodeId,
+        bias: NodeId,
+    },
+    Unary {
+        f: UnaryFn,
+        x: NodeId,
+    },
     /// The derivative of activation `f` times `dy`, written in terms of its output `y`.
-    ActGrad { f: UnaryFn, y: NodeId, dy: NodeId },
+    ActGrad {
+        f: UnaryFn,
+        y: NodeId,
+        dy: NodeId,
+    },
     /// Elementwise on two values of the same type.
-    Binary { f: BinaryFn, a: NodeId, b: NodeId },
+    Binary {
+        f: BinaryFn,
+        a: NodeId,
+        b: NodeId,
+    },
     /// `c · x`.
-    Scale { x: NodeId, c: f32 },
+    Scale {
+        x: NodeId,
+        c: f32,
+    },
     /// Softmax along the last axis.
-    Softmax { x: NodeId },
+    Softmax {
+        x: NodeId,
+    },
     /// `y · (dy - Σ dy·y)` along the last axis.
-    SoftmaxGrad { y: NodeId, dy: NodeId },
+    SoftmaxGrad {
+        y: NodeId,
+        dy: NodeId,
+    },
     /// The same data with another shape (same element count).
-    Reshape { x: NodeId, shape: Vec<usize> },
+    Reshape {
+        x: NodeId,
+        shape: Vec<usize>,
+    },
     /// Σ of all elements: a scalar.
-    SumAll { x: NodeId },
+    SumAll {
+        x: NodeId,
+    },
     /// Σ over every axis but axis 1: the gradient of a bias.
-    SumToAxis1 { x: NodeId },
+    SumToAxis1 {
+        x: NodeId,
+    },
 
     /// 2-D convolution, NCHW, square kernel taken from `w`.
-    Conv2d { x: NodeId, w: NodeId, stride: usize, pad: usize },
+    Conv2d {
+        x: NodeId,
+        w: NodeId,
+        stride: usize,
+        pad: usize,
+    },
     /// Transposed convolution: every input pixel scatters `pixel · kernel` (no flip).
-    ConvTranspose2d { x: NodeId, w: NodeId, stride: usize, pad: usize, out_pad: usize },
+    ConvTranspose2d {
+        x: NodeId,
+        w: NodeId,
+        stride: usize,
+        pad: usize,
+        out_pad: usize,
+    },
     /// ∂loss/∂w of `Conv2d` from its input `x` and output gradient `dy`.
-    Conv2dWeightGrad { x: NodeId, dy: NodeId, kernel: usize, stride: usize, pad: usize },
+    Conv2dWeightGrad {
+        x: NodeId,
+        dy: NodeId,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
     /// ∂loss/∂w of `ConvTranspose2d` from its input `x` and output gradient `dy`.
-    ConvTranspose2dWeightGrad { x: NodeId, dy: NodeId, kernel: usize, stride: usize, pad: usize },
+    ConvTranspose2dWeightGrad {
+        x: NodeId,
+        dy: NodeId,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
     /// The switches of a max pool: for each window the flat index `h·W + w` of its maximum in
     /// the input plane (first maximum on ties).
-    PoolArgmax { x: NodeId, kernel: usize, stride: usize },
+    PoolArgmax {
+        x: NodeId,
+        kernel: usize,
+        stride: usize,
+    },
     /// `out[b,c,i] = x[b,c, idx[b,c,i]]`: the pooled values through their switches.
-    Gather { x: NodeId, idx: NodeId },
+    Gather {
+        x: NodeId,
+        idx: NodeId,
+    },
     /// Zeros of `[B, C, H, W]` with `v[b,c,i]` written at `idx[b,c,i]` (unpool), or added there
     /// when `accumulate` (the gradient of `Gather`).
-    Scatter { v: NodeId, idx: NodeId, height: usize, width: usize, accumulate: bool },
-    AvgPool { x: NodeId, kernel: usize, stride: usize },
+    Scatter {
+        v: NodeId,
+        idx: NodeId,
+        height: usize,
+        width: usize,
+        accumulate: bool,
+    },
+    AvgPool {
+        x: NodeId,
+        kernel: usize,
+        stride: usize,
+    },
     /// The gradient of `AvgPool` back onto an input of `height × width`.
-    AvgPoolGrad { dy: NodeId, kernel: usize, stride: usize, height: usize, width: usize },
+    AvgPoolGrad {
+        dy: NodeId,
+        kernel: usize,
+        stride: usize,
+        height: usize,
+        width: usize,
+    },
 
     /// Rows of `table[V, N]` picked by i32 ids `[B, T]`: `[B, T, N]`.
-    Embed { table: NodeId, ids: NodeId },
+    Embed {
+        table: NodeId,
+        ids: NodeId,
+    },
     /// The gradient of `Embed` on the table: `[V, N]` with each `dy` row added at its id.
-    EmbedGrad { ids: NodeId, dy: NodeId, vocab: usize },
+    EmbedGrad {
+        ids: NodeId,
+        dy: NodeId,
+        vocab: usize,
+    },
     /// One-hot f32 vectors of i32 ids: `[B, T] → [B, T, depth]`.
-    OneHot { ids: NodeId, depth: usize },
+    OneHot {
+        ids: NodeId,
+        depth: usize,
+    },
     /// Teacher forcing's decoder input: `[B, T]` ids shifted right one step, `start` first.
-    ShiftRight { ids: NodeId, start: i32 },
+    ShiftRight {
+        ids: NodeId,
+        start: i32,
+    },
     /// A recurrent layer over a whole sequence: `xs [B, T, I]`, initial state `h0 [B, S]` →
     /// every step's state `[B, T, S]`, where S = H (rnn, gru) or 2H (lstm: h then c).
     /// Weights as PyTorch: `w_ih [G·H, I]`, `w_hh [G·H, H]`, biases `[G·H]`.
@@ -122,28 +226,59 @@ pub enum Op {
         b_hh: Option<NodeId>,
     },
     /// `[B, T, F] → [B, F]`: the last step.
-    LastStep { x: NodeId },
+    LastStep {
+        x: NodeId,
+    },
     /// `[B, F] → [B, T, F]`: the same vector at every step.
-    Repeat { x: NodeId, times: usize },
+    Repeat {
+        x: NodeId,
+        times: usize,
+    },
     /// Features `start..start+len` of the last axis.
-    SliceLast { x: NodeId, start: usize, len: usize },
+    SliceLast {
+        x: NodeId,
+        start: usize,
+        len: usize,
+    },
     /// A vector of zeros `[B, F]` (an initial recurrent state).
-    Zeros { shape: Vec<usize> },
+    Zeros {
+        shape: Vec<usize>,
+    },
 
     /// Inverted dropout: `x · mask / (1-p)`, the mask drawn from a counter-based generator of
     /// (run seed, step, `salt`, element index), so every backend draws the same mask.
-    Dropout { x: NodeId, p: f32, salt: u32 },
+    Dropout {
+        x: NodeId,
+        p: f32,
+        salt: u32,
+    },
     /// The gradient of `Dropout`: the same mask applied to `dy`.
-    DropoutGrad { dy: NodeId, p: f32, salt: u32 },
+    DropoutGrad {
+        dy: NodeId,
+        p: f32,
+        salt: u32,
+    },
 
     /// A scalar loss between a prediction and its target.
-    Loss { f: LossFn, pred: NodeId, target: NodeId },
+    Loss {
+        f: LossFn,
+        pred: NodeId,
+        target: NodeId,
+    },
     /// ∂(mean loss)/∂pred.
-    LossGrad { f: LossFn, pred: NodeId, target: NodeId },
+    LossGrad {
+        f: LossFn,
+        pred: NodeId,
+        target: NodeId,
+    },
 
     /// Updates parameter `param` in place from its gradient (and the optimizer state the
     /// runtime keeps for it). Produces nothing: its type is an empty f32 scalar marker.
-    Update { f: OptimizerFn, param: ParamId, grad: NodeId },
+    Update {
+        f: OptimizerFn,
+        param: ParamId,
+        grad: NodeId,
+    },
 }
 
 impl Op {
@@ -177,7 +312,15 @@ impl Op {
             Embed { table, ids } => vec![*table, *ids],
             EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
             OneHot { ids, .. } | ShiftRight { ids, .. } => vec![*ids],
-            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
+            Recurrent {
+                xs,
+                h0,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                ..
+            } => {
                 let mut v = vec![*xs, *h0, *w_ih, *w_hh];
                 v.extend(b_ih.iter().chain(b_hh.iter()).copied());
                 v
@@ -242,7 +385,15 @@ impl Op {
                 *dy = f(*dy);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
-            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
+            Recurrent {
+                xs,
+                h0,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                ..
+            } => {
                 *xs = f(*xs);
                 *h0 = f(*h0);
                 *w_ih = f(*w_ih);
@@ -272,9 +423,15 @@ impl Op {
             BiasAdd { .. } => "bias_add",
             Unary { f, .. } => f.name(),
             ActGrad { .. } => "act_grad",
-            Binary { f: BinaryFn::Add, .. } => "add",
-            Binary { f: BinaryFn::Sub, .. } => "sub",
-            Binary { f: BinaryFn::Mul, .. } => "mul",
+            Binary {
+                f: BinaryFn::Add, ..
+            } => "add",
+            Binary {
+                f: BinaryFn::Sub, ..
+            } => "sub",
+            Binary {
+                f: BinaryFn::Mul, ..
+            } => "mul",
             Scale { .. } => "scale",
             Softmax { .. } => "softmax",
             SoftmaxGrad { .. } => "softmax_grad",
@@ -287,8 +444,12 @@ impl Op {
             ConvTranspose2dWeightGrad { .. } => "conv_transpose2d_weight_grad",
             PoolArgmax { .. } => "pool_argmax",
             Gather { .. } => "gather",
-            Scatter { accumulate: false, .. } => "scatter",
-            Scatter { accumulate: true, .. } => "scatter_add",
+            Scatter {
+                accumulate: false, ..
+            } => "scatter",
+            Scatter {
+                accumulate: true, ..
+            } => "scatter_add",
             AvgPool { .. } => "avgpool",
             AvgPoolGrad { .. } => "avgpool_grad",
             Embed { .. } => "embed",
@@ -382,7 +543,10 @@ impl Op {
                 if t.numel() != shape.iter().product::<usize>() {
                     return Err(format!("cannot reshape {t} to {shape:?}"));
                 }
-                Type { dtype: t.dtype, shape: shape.clone() }
+                Type {
+                    dtype: t.dtype,
+                    shape: shape.clone(),
+                }
             }
             SumAll { x } => {
                 f32s(*x)?;
@@ -399,23 +563,39 @@ impl Op {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
                 let [co, ci, k, k2] = four(f32s(*w)?)?;
                 if ci != c || k != k2 {
-                    return Err(format!("conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"));
+                    return Err(format!(
+                        "conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"
+                    ));
                 }
                 let oh = conv_out(h, k, *stride, *pad)?;
                 let ow = conv_out(wd, k, *stride, *pad)?;
                 Type::f32([b, co, oh, ow])
             }
-            ConvTranspose2d { x, w, stride, pad, out_pad } => {
+            ConvTranspose2d {
+                x,
+                w,
+                stride,
+                pad,
+                out_pad,
+            } => {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
                 let [ci, co, k, k2] = four(f32s(*w)?)?;
                 if ci != c || k != k2 {
-                    return Err(format!("conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
+                    return Err(format!(
+                        "conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"
+                    ));
                 }
                 let oh = deconv_out(h, k, *stride, *pad, *out_pad)?;
                 let ow = deconv_out(wd, k, *stride, *pad, *out_pad)?;
                 Type::f32([b, co, oh, ow])
             }
-            Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
+            Conv2dWeightGrad {
+                x,
+                dy,
+                kernel,
+                stride,
+                pad,
+            } => {
                 let [_, ci, h, w] = four(f32s(*x)?)?;
                 let [_, co, oh, ow] = four(f32s(*dy)?)?;
                 if conv_out(h, *kernel, *stride, *pad)? != oh
@@ -435,17 +615,29 @@ impl Op {
                 let oh = conv_out(h, *kernel, *stride, 0)?;
                 let ow = conv_out(w, *kernel, *stride, 0)?;
                 let shape = [b, c, oh, ow];
-                if matches!(self, PoolArgmax { .. }) { Type::i32(shape) } else { Type::f32(shape) }
+                if matches!(self, PoolArgmax { .. }) {
+                    Type::i32(shape)
+                } else {
+                    Type::f32(shape)
+                }
             }
             Gather { x, idx } => {
                 let [b, c, _, _] = four(f32s(*x)?)?;
                 let [ib, ic, oh, ow] = four(i32s(*idx)?)?;
                 if (ib, ic) != (b, c) {
-                    return Err("gather: switches do not match the input's batch and channels".into());
+                    return Err(
+                        "gather: switches do not match the input's batch and channels".into(),
+                    );
                 }
                 Type::f32([b, c, oh, ow])
             }
-            Scatter { v, idx, height, width, .. } => {
+            Scatter {
+                v,
+                idx,
+                height,
+                width,
+                ..
+            } => {
                 let sv = f32s(*v)?;
                 let si = i32s(*idx)?;
                 if sv != si {
@@ -454,7 +646,13 @@ impl Op {
                 let [b, c, _, _] = four(sv)?;
                 Type::f32([b, c, *height, *width])
             }
-            AvgPoolGrad { dy, kernel, stride, height, width } => {
+            AvgPoolGrad {
+                dy,
+                kernel,
+                stride,
+                height,
+                width,
+            } => {
                 let [b, c, oh, ow] = four(f32s(*dy)?)?;
                 if conv_out(*height, *kernel, *stride, 0)? != oh
                     || conv_out(*width, *kernel, *stride, 0)? != ow
@@ -489,13 +687,23 @@ impl Op {
                 }
                 Type::i32(s.clone())
             }
-            Recurrent { cell, xs, h0, w_ih, w_hh, b_ih, b_hh } => {
+            Recurrent {
+                cell,
+                xs,
+                h0,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+            } => {
                 let [b, t, i] = three(f32s(*xs)?)?;
                 let [gh, wi] = two(f32s(*w_ih)?)?;
                 let [gh2, h] = two(f32s(*w_hh)?)?;
                 let g_ = cell.gates() as usize;
                 if gh != g_ * h || gh2 != gh || wi != i {
-                    return Err(format!("recurrent weights do not fit input {i}, hidden {h}"));
+                    return Err(format!(
+                        "recurrent weights do not fit input {i}, hidden {h}"
+                    ));
                 }
                 for bias in b_ih.iter().chain(b_hh.iter()) {
                     if f32s(*bias)?.as_slice() != [gh] {
@@ -538,10 +746,17 @@ impl Op {
                 } else {
                     same(*pred, *target)?;
                 }
-                if matches!(self, Loss { .. }) { Type::scalar() } else { Type::f32(sp.clone()) }
+                if matches!(self, Loss { .. }) {
+                    Type::scalar()
+                } else {
+                    Type::f32(sp.clone())
+                }
             }
             Update { param, grad, .. } => {
-                let p = g.params.get(param.index()).ok_or("update of a missing parameter")?;
+                let p = g
+                    .params
+                    .get(param.index())
+                    .ok_or("update of a missing parameter")?;
                 if f32s(*grad)? != &p.shape {
                     return Err(format!("update: gradient shape differs from {}", p.name));
                 }
@@ -582,7 +797,9 @@ impl LossFn {
 pub fn conv_out(input: usize, k: usize, s: usize, p: usize) -> Result<usize, String> {
     let padded = input + 2 * p;
     if s == 0 || k == 0 || k > padded {
-        return Err(format!("kernel {k} does not fit input {input} with padding {p}"));
+        return Err(format!(
+            "kernel {k} does not fit input {input} with padding {p}"
+        ));
     }
     Ok((padded - k) / s + 1)
 }
@@ -597,13 +814,16 @@ pub fn deconv_out(input: usize, k: usize, s: usize, p: usize, op: usize) -> Resu
 }
 
 fn two(s: &[usize]) -> Result<[usize; 2], String> {
-    s.try_into().map_err(|_| format!("expected rank 2, got {s:?}"))
+    s.try_into()
+        .map_err(|_| format!("expected rank 2, got {s:?}"))
 }
 
 fn three(s: &[usize]) -> Result<[usize; 3], String> {
-    s.try_into().map_err(|_| format!("expected rank 3, got {s:?}"))
+    s.try_into()
+        .map_err(|_| format!("expected rank 3, got {s:?}"))
 }
 
 fn four(s: &[usize]) -> Result<[usize; 4], String> {
-    s.try_into().map_err(|_| format!("expected rank 4, got {s:?}"))
+    s.try_into()
+        .map_err(|_| format!("expected rank 4, got {s:?}"))
 }

@@ -35,6 +35,8 @@ pub struct Decl {
     pub name: Ident,
     pub ty: TypeExpr,
     pub span: Span,
+    /// The declaration had errors; checks that depend on its type are skipped.
+    pub broken: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,13 +55,20 @@ pub enum TypeExpr {
 pub struct Block {
     pub layers: Vec<Layer>,
     pub span: Span,
+    /// A layer could not be built (its error is reported); shape checks of this block and of
+    /// what depends on it are skipped, so one slip does not cascade into false errors.
+    pub incomplete: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decoder {
     Layers(Block),
     /// `decoder mirror [tied] [-> act]`: the compiler writes the decoder.
-    Mirror { tied: bool, output: Option<Activation>, span: Span },
+    Mirror {
+        tied: bool,
+        output: Option<Activation>,
+        span: Span,
+    },
 }
 
 /// One layer line. `span` covers the whole line; `kind_span` the layer's name.
@@ -74,17 +83,29 @@ pub struct Layer {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerKind {
     /// `tied_to`: for a mirrored, tied layer, the encoder layer whose weight it uses transposed.
-    Dense { units: u64, bias: bool, tied_to: Option<usize> },
+    Dense {
+        units: u64,
+        bias: bool,
+        tied_to: Option<usize>,
+    },
     Conv(ConvSpec),
     Deconv(ConvSpec),
     MaxPool(PoolSpec),
     AvgPool(PoolSpec),
-    Unpool { pool: Ident },
+    Unpool {
+        pool: Ident,
+    },
     Flatten,
-    Reshape { dims: Vec<u64> },
+    Reshape {
+        dims: Vec<u64>,
+    },
     Recurrent(RecurrentSpec),
-    Embed { dim: u64 },
-    Dropout { p: f64 },
+    Embed {
+        dim: u64,
+    },
+    Dropout {
+        p: f64,
+    },
     /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
     Activation(Activation),
 }
@@ -227,18 +248,42 @@ pub struct DataBinding {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum DataSource {
-    OneHot { n: u64 },
-    Npy { path: String, scale: f64 },
-    Csv { path: String, scale: f64 },
-    Idx { path: String, scale: f64 },
+    OneHot {
+        n: u64,
+    },
+    Npy {
+        path: String,
+        scale: f64,
+    },
+    Csv {
+        path: String,
+        scale: f64,
+    },
+    Idx {
+        path: String,
+        scale: f64,
+    },
     /// Square patches cut from a [H, W] or [N, H, W] source with a stride.
-    Patches { source: Box<DataSource>, size: u64, stride: u64 },
+    Patches {
+        source: Box<DataSource>,
+        size: u64,
+        stride: u64,
+    },
     /// A synthetic sequence task: `copy(len, vocab)`, `reverse(len, vocab)`.
-    SeqTask { task: SeqTask, len: u64, vocab: u64, count: u64 },
+    SeqTask {
+        task: SeqTask,
+        len: u64,
+        vocab: u64,
+        count: u64,
+    },
     /// The toy translation task: source and target languages with their own vocabularies.
-    Translation { count: u64 },
+    Translation {
+        count: u64,
+    },
     /// Uniform random values in [0, 1) of the input's shape, from the run's seed (benchmarks).
-    Random { count: u64 },
+    Random {
+        count: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,8 +294,19 @@ pub enum SeqTask {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Optimizer {
-    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64 },
-    Adam { lr: f64, b1: f64, b2: f64, eps: f64, weight_decay: f64 },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
+    Adam {
+        lr: f64,
+        b1: f64,
+        b2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -96,6 +96,11 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::int => "a whole number",
         Rule::number => "a number",
         Rule::string => "a quoted string",
+        Rule::colon => "`:`",
+        Rule::lbrace => "`{`",
+        Rule::rbrace => "`}`",
+        Rule::rbracket => "`]`",
+        Rule::rparen => "`)`",
         Rule::WHITESPACE | Rule::COMMENT | Rule::nl | Rule::sep | Rule::boundary => {
             "a new line or `;`"
         }
@@ -115,6 +120,24 @@ fn help_for(src: &str, pos: usize, found: &str) -> Option<String> {
     }
     if found == "}" && src.matches('}').count() > src.matches('{').count() {
         return Some("this `}` closes nothing: remove it".to_owned());
+    }
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before[line_start..].trim_start();
+    let first_word: String = line
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    let blocks = ["encoder", "decoder", "train", "loss", "input", "target"];
+    let above = &before[..line_start];
+    if blocks.contains(&first_word.as_str())
+        && above.matches('{').count() > above.matches('}').count() + 1
+    {
+        return Some(format!(
+            "`{first_word}` starts a new part, but the block above is still open: add its `}}`"
+        ));
+    }
+    if super::build::is_layer_keyword(found) {
+        return Some("put each layer on its own line, or separate them with `;`".to_owned());
     }
     let trimmed = before.trim_end();
     if trimmed.ends_with("->") {
