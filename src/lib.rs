@@ -19,3 +19,8 @@ pub mod sema;
 pub mod syntax;
 
 pub use sema::{Compiled, Config, compile};
+pub mod autodiff;
+pub mod data;
+pub mod interp;
+pub mod passes;
+pub mod runtime;

@@ -3,6 +3,8 @@
 //!
 //! Exit codes: 0 success; 1 the spec (or the data it names) is wrong; 2 usage or I/O errors.
 
+mod run;
+
 use aec::diag::{self, Diagnostic};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -20,6 +22,10 @@ struct Cli {
 enum Command {
     /// Check a spec and show what it compiles to.
     Compile(CompileArgs),
+    /// Train a spec (`--train`), or run a trained network on inputs.
+    Run(run::RunArgs),
+    /// Run the encoder of a trained network: the codes of the inputs.
+    Encode(run::EncodeArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,8 +52,10 @@ enum Emit {
 
 /// An error the CLI reports and turns into an exit code.
 pub enum Failure {
-    /// The spec or its data is wrong: exit 1.
+    /// The spec is wrong (its diagnostics are already printed): exit 1.
     Spec,
+    /// Data, weights or a numerical problem, said in the message: exit 1.
+    Data(String),
     /// Usage or I/O: exit 2.
     Io(String),
 }
@@ -56,10 +64,16 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile(args) => compile(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Encode(args) => run::encode(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Spec) => ExitCode::from(1),
+        Err(Failure::Data(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
         Err(Failure::Io(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(2)

@@ -139,7 +139,8 @@ pub enum Op {
         w: NodeId,
         stride: usize,
         pad: usize,
-        out_pad: usize,
+        /// (height, width): the gradient of a conv on a non-square image may need two.
+        out_pad: [usize; 2],
     },
     /// ∂loss/∂w of `Conv2d` from its input `x` and output gradient `dy`.
     Conv2dWeightGrad {
@@ -240,8 +241,14 @@ pub enum Op {
         start: usize,
         len: usize,
     },
-    /// A vector of zeros `[B, F]` (an initial recurrent state).
-    Zeros {
+    /// A constant: every element `value` (zeros for an initial state, 1 to seed a gradient).
+    Fill {
+        value: f32,
+        shape: Vec<usize>,
+    },
+    /// A scalar copied to every element of `shape` (the gradient of `SumAll`).
+    BroadcastScalar {
+        x: NodeId,
         shape: Vec<usize>,
     },
 
@@ -265,11 +272,12 @@ pub enum Op {
         pred: NodeId,
         target: NodeId,
     },
-    /// ∂(mean loss)/∂pred.
+    /// `dy · ∂(mean loss)/∂pred`, `dy` the scalar gradient arriving at the loss.
     LossGrad {
         f: LossFn,
         pred: NodeId,
         target: NodeId,
+        dy: NodeId,
     },
 
     /// Updates parameter `param` in place from its gradient (and the optimizer state the
@@ -286,7 +294,7 @@ impl Op {
     pub fn operands(&self) -> Vec<NodeId> {
         use Op::*;
         match self {
-            Input(_) | Param(_) | Zeros { .. } => vec![],
+            Input(_) | Param(_) | Fill { .. } => vec![],
             MatMul { a, b, .. } | Binary { a, b, .. } => vec![*a, *b],
             BiasAdd { x, bias } => vec![*x, *bias],
             ActGrad { y, dy, .. } | SoftmaxGrad { y, dy } => vec![*y, *dy],
@@ -301,6 +309,7 @@ impl Op {
             | LastStep { x }
             | Repeat { x, .. }
             | SliceLast { x, .. }
+            | BroadcastScalar { x, .. }
             | Dropout { x, .. } => vec![*x],
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => vec![*x, *w],
             Conv2dWeightGrad { x, dy, .. } | ConvTranspose2dWeightGrad { x, dy, .. } => {
@@ -325,7 +334,10 @@ impl Op {
                 v.extend(b_ih.iter().chain(b_hh.iter()).copied());
                 v
             }
-            Loss { pred, target, .. } | LossGrad { pred, target, .. } => vec![*pred, *target],
+            Loss { pred, target, .. } => vec![*pred, *target],
+            LossGrad {
+                pred, target, dy, ..
+            } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
         }
     }
@@ -334,7 +346,7 @@ impl Op {
     pub fn map_operands(&mut self, mut f: impl FnMut(NodeId) -> NodeId) {
         use Op::*;
         match self {
-            Input(_) | Param(_) | Zeros { .. } => {}
+            Input(_) | Param(_) | Fill { .. } => {}
             MatMul { a, b, .. } | Binary { a, b, .. } => {
                 *a = f(*a);
                 *b = f(*b);
@@ -358,6 +370,7 @@ impl Op {
             | LastStep { x }
             | Repeat { x, .. }
             | SliceLast { x, .. }
+            | BroadcastScalar { x, .. }
             | Dropout { x, .. } => *x = f(*x),
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => {
                 *x = f(*x);
@@ -405,9 +418,16 @@ impl Op {
                     *b = f(*b);
                 }
             }
-            Loss { pred, target, .. } | LossGrad { pred, target, .. } => {
+            Loss { pred, target, .. } => {
                 *pred = f(*pred);
                 *target = f(*target);
+            }
+            LossGrad {
+                pred, target, dy, ..
+            } => {
+                *pred = f(*pred);
+                *target = f(*target);
+                *dy = f(*dy);
             }
             Update { grad, .. } => *grad = f(*grad),
         }
@@ -460,7 +480,8 @@ impl Op {
             LastStep { .. } => "last_step",
             Repeat { .. } => "repeat",
             SliceLast { .. } => "slice_last",
-            Zeros { .. } => "zeros",
+            Fill { .. } => "fill",
+            BroadcastScalar { .. } => "broadcast",
             Dropout { .. } => "dropout",
             DropoutGrad { .. } => "dropout_grad",
             Loss { .. } => "loss",
@@ -585,8 +606,8 @@ impl Op {
                         "conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"
                     ));
                 }
-                let oh = deconv_out(h, k, *stride, *pad, *out_pad)?;
-                let ow = deconv_out(wd, k, *stride, *pad, *out_pad)?;
+                let oh = deconv_out(h, k, *stride, *pad, out_pad[0])?;
+                let ow = deconv_out(wd, k, *stride, *pad, out_pad[1])?;
                 Type::f32([b, co, oh, ow])
             }
             Conv2dWeightGrad {
@@ -733,10 +754,24 @@ impl Op {
                 *last = *len;
                 Type::f32(s)
             }
-            Zeros { shape } => Type::f32(shape.clone()),
+            Fill { shape, .. } => Type::f32(shape.clone()),
+            BroadcastScalar { x, shape } => {
+                if !f32s(*x)?.is_empty() {
+                    return Err("broadcast of a non-scalar".into());
+                }
+                Type::f32(shape.clone())
+            }
             Dropout { x, .. } => Type::f32(f32s(*x)?.clone()),
             DropoutGrad { dy, .. } => Type::f32(f32s(*dy)?.clone()),
-            Loss { f, pred, target } | LossGrad { f, pred, target } => {
+            Loss { f, pred, target }
+            | LossGrad {
+                f, pred, target, ..
+            } => {
+                if let LossGrad { dy, .. } = self
+                    && !f32s(*dy)?.is_empty()
+                {
+                    return Err("loss_grad: dy must be a scalar".into());
+                }
                 let sp = f32s(*pred)?;
                 if *f == LossFn::CrossEntropyLogits {
                     let st = i32s(*target)?;

@@ -115,8 +115,13 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             pad,
             out_pad,
         } => {
+            let op = if out_pad[0] == out_pad[1] {
+                out_pad[0].to_string()
+            } else {
+                format!("({},{})", out_pad[0], out_pad[1])
+            };
             format!(
-                "{m} {} stride={stride} pad={pad} out_pad={out_pad}",
+                "{m} {} stride={stride} pad={pad} out_pad={op}",
                 args(&[*x, *w])
             )
         }
@@ -153,11 +158,11 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Recurrent { cell, .. } => format!("{m}[{}] {}", cell.keyword(), args(&op.operands())),
         Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
         SliceLast { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
-        Zeros { .. } => m.to_owned(),
+        Fill { value, .. } => format!("{m} {value}"),
         Dropout { x, p, salt } => format!("{m} {} p={p} salt={salt}", name(*x)),
         DropoutGrad { dy, p, salt } => format!("{m} {} p={p} salt={salt}", name(*dy)),
-        Loss { f, pred, target } | LossGrad { f, pred, target } => {
-            format!("{m}[{}] {}", f.name(), args(&[*pred, *target]))
+        Loss { f, .. } | LossGrad { f, .. } => {
+            format!("{m}[{}] {}", f.name(), args(&op.operands()))
         }
         Update { f, param, grad } => {
             let p = &g.params[param.index()].name;

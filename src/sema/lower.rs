@@ -206,7 +206,7 @@ impl Lower {
                         w,
                         stride,
                         pad,
-                        out_pad: c.out_pad as usize,
+                        out_pad: [c.out_pad as usize; 2],
                     }
                 };
                 let mut y = self.add(op, span)?;
@@ -372,7 +372,8 @@ impl Lower {
                     span,
                 )?;
                 let h0 = self.add(
-                    Op::Zeros {
+                    Op::Fill {
+                        value: 0.0,
                         shape: vec![self.b, s],
                     },
                     span,
@@ -381,7 +382,8 @@ impl Lower {
             }
             _ => {
                 let h0 = self.add(
-                    Op::Zeros {
+                    Op::Fill {
+                        value: 0.0,
                         shape: vec![self.b, s],
                     },
                     span,

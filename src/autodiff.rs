@@ -1,0 +1,460 @@
+//! Reverse-mode automatic differentiation of an IR graph.
+//!
+//! [`backward`] appends to a copy of the forward graph the nodes that compute ∂loss/∂p for every
+//! parameter p; [`training_step`] adds the optimizer's in-place update of each parameter, so a
+//! whole training step — forward, loss, backward, update — is one graph that later passes can
+//! fuse and compile.
+//!
+//! Only nodes that both depend on a parameter and reach the loss get a gradient. Nodes are
+//! visited in reverse id order, which is a reverse topological order by the IR's invariant.
+//! Each op's rule is one arm of [`Ad::rule`], its math in the comment above it. `d` is the
+//! gradient arriving at the node's output, `y` the node's own value.
+
+use crate::ir::{BinaryFn, Graph, NodeId, Op, OptimizerFn, ParamId, UnaryFn};
+
+/// A forward graph with its gradient nodes.
+pub struct Backward {
+    pub graph: Graph,
+    /// `param_grads[p]`: the node holding ∂loss/∂p, or `None` if p does not affect the loss.
+    pub param_grads: Vec<Option<NodeId>>,
+}
+
+/// Differentiates `loss` (a scalar node of `forward`) with respect to every parameter.
+pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
+    if !forward.ty(loss).shape.is_empty() {
+        return Err(format!("the loss %{} is not a scalar", loss.0));
+    }
+    let n = forward.len();
+    let mut from_param = vec![false; n];
+    for id in forward.ids() {
+        let node = forward.node(id);
+        from_param[id.index()] = matches!(node.op, Op::Param(_))
+            || node.op.operands().iter().any(|o| from_param[o.index()]);
+    }
+    let mut to_loss = vec![false; n];
+    to_loss[loss.index()] = true;
+    for id in forward.ids().rev() {
+        if to_loss[id.index()] {
+            for o in forward.node(id).op.operands() {
+                to_loss[o.index()] = true;
+            }
+        }
+    }
+    let needs: Vec<bool> = (0..n).map(|i| from_param[i] && to_loss[i]).collect();
+
+    let mut graph = forward.clone();
+    graph.name = forward.name.replace(".forward", ".train");
+    let seed = graph.add(
+        Op::Fill {
+            value: 1.0,
+            shape: vec![],
+        },
+        None,
+    )?;
+    let mut ad = Ad {
+        g: graph,
+        grads: vec![None; n],
+        needs,
+    };
+    ad.grads[loss.index()] = Some(seed);
+    for id in forward.ids().rev() {
+        if let (true, Some(d)) = (ad.needs[id.index()], ad.grads[id.index()]) {
+            ad.rule(id, d)?;
+        }
+    }
+    let param_grads = (0..forward.params.len())
+        .map(|p| {
+            forward
+                .param_node(ParamId(p as u32))
+                .and_then(|id| ad.grads[id.index()])
+        })
+        .collect();
+    Ok(Backward {
+        graph: ad.g,
+        param_grads,
+    })
+}
+
+/// The whole training step: forward, loss, backward, and `opt`'s update of every parameter
+/// not `frozen`. Outputs: the forward graph's outputs.
+pub fn training_step(forward: &Graph, opt: OptimizerFn, frozen: &[bool]) -> Result<Graph, String> {
+    let loss = forward
+        .output("loss")
+        .ok_or("the graph has no `loss` output")?;
+    let Backward {
+        mut graph,
+        param_grads,
+    } = backward(forward, loss)?;
+    for (p, grad) in param_grads.into_iter().enumerate() {
+        if let Some(grad) = grad
+            && !frozen.get(p).copied().unwrap_or(false)
+        {
+            graph.add(
+                Op::Update {
+                    f: opt,
+                    param: ParamId(p as u32),
+                    grad,
+                },
+                None,
+            )?;
+        }
+    }
+    Ok(graph)
+}
+
+struct Ad {
+    g: Graph,
+    grads: Vec<Option<NodeId>>,
+    needs: Vec<bool>,
+}
+
+impl Ad {
+    fn add(&mut self, op: Op, at: NodeId) -> Result<NodeId, String> {
+        let span = self.g.span(at);
+        self.g.add(op, span)
+    }
+
+    /// Adds `g` to the gradient of `o`, if `o` needs one.
+    fn acc(&mut self, o: NodeId, g: NodeId, at: NodeId) -> Result<(), String> {
+        if !self.needs[o.index()] {
+            return Ok(());
+        }
+        let sum = match self.grads[o.index()] {
+            Some(prev) => self.add(
+                Op::Binary {
+                    f: BinaryFn::Add,
+                    a: prev,
+                    b: g,
+                },
+                at,
+            )?,
+            None => g,
+        };
+        self.grads[o.index()] = Some(sum);
+        Ok(())
+    }
+
+    fn wants(&self, o: NodeId) -> bool {
+        self.needs[o.index()]
+    }
+
+    fn rule(&mut self, y: NodeId, d: NodeId) -> Result<(), String> {
+        let op = self.g.node(y).op.clone();
+        let shape_of = |g: &Graph, id: NodeId| g.ty(id).shape.clone();
+        match op {
+            Op::Input(_) | Op::Param(_) | Op::Fill { .. } => {}
+
+            // C = op(A)·op(B)  ⇒  d op(A) = dC·op(B)ᵀ,  d op(B) = op(A)ᵀ·dC;
+            // a stored-transposed operand takes the transpose of its gradient.
+            Op::MatMul { a, b, ta, tb } => {
+                if self.wants(a) {
+                    let op = if ta {
+                        Op::MatMul {
+                            a: b,
+                            b: d,
+                            ta: tb,
+                            tb: true,
+                        }
+                    } else {
+                        Op::MatMul {
+                            a: d,
+                            b,
+                            ta: false,
+                            tb: !tb,
+                        }
+                    };
+                    let da = self.add(op, y)?;
+                    self.acc(a, da, y)?;
+                }
+                if self.wants(b) {
+                    let op = if tb {
+                        Op::MatMul {
+                            a: d,
+                            b: a,
+                            ta: true,
+                            tb: ta,
+                        }
+                    } else {
+                        Op::MatMul {
+                            a,
+                            b: d,
+                            ta: !ta,
+                            tb: false,
+                        }
+                    };
+                    let db = self.add(op, y)?;
+                    self.acc(b, db, y)?;
+                }
+            }
+
+            // y = x + b[axis 1]  ⇒  dx = d,  db = Σ over all axes but 1 of d.
+            Op::BiasAdd { x, bias } => {
+                self.acc(x, d, y)?;
+                if self.wants(bias) {
+                    let db = self.add(Op::SumToAxis1 { x: d }, y)?;
+                    self.acc(bias, db, y)?;
+                }
+            }
+
+            Op::Unary { f, x } => {
+                let dx = match f {
+                    // Activations: written from the output y.
+                    // relu: d·[y>0]; leaky: d·(y>0 ? 1 : a); sigmoid: d·y(1-y); tanh: d·(1-y²).
+                    UnaryFn::Relu | UnaryFn::LeakyRelu(_) | UnaryFn::Sigmoid | UnaryFn::Tanh => {
+                        self.add(Op::ActGrad { f, y, dy: d }, y)?
+                    }
+                    // y = |x|  ⇒  dx = d·sign(x).
+                    UnaryFn::Abs => {
+                        let s = self.add(
+                            Op::Unary {
+                                f: UnaryFn::Sign,
+                                x,
+                            },
+                            y,
+                        )?;
+                        self.add(
+                            Op::Binary {
+                                f: BinaryFn::Mul,
+                                a: d,
+                                b: s,
+                            },
+                            y,
+                        )?
+                    }
+                    // y = x²  ⇒  dx = 2·x·d.
+                    UnaryFn::Square => {
+                        let m = self.add(
+                            Op::Binary {
+                                f: BinaryFn::Mul,
+                                a: d,
+                                b: x,
+                            },
+                            y,
+                        )?;
+                        self.add(Op::Scale { x: m, c: 2.0 }, y)?
+                    }
+                    // y = -x  ⇒  dx = -d.
+                    UnaryFn::Neg => self.add(Op::Scale { x: d, c: -1.0 }, y)?,
+                    // y = eˣ  ⇒  dx = d·y.
+                    UnaryFn::Exp => self.add(
+                        Op::Binary {
+                            f: BinaryFn::Mul,
+                            a: d,
+                            b: y,
+                        },
+                        y,
+                    )?,
+                    // y = sign(x) is flat almost everywhere: no gradient.
+                    UnaryFn::Sign => return Ok(()),
+                };
+                self.acc(x, dx, y)?;
+            }
+
+            // y = a ± b  ⇒  da = d,  db = ±d;   y = a·b  ⇒  da = d·b,  db = d·a.
+            Op::Binary { f, a, b } => {
+                let (da, db) = match f {
+                    BinaryFn::Add => (d, d),
+                    BinaryFn::Sub => (d, self.add(Op::Scale { x: d, c: -1.0 }, y)?),
+                    BinaryFn::Mul => (
+                        self.add(
+                            Op::Binary {
+                                f: BinaryFn::Mul,
+                                a: d,
+                                b,
+                            },
+                            y,
+                        )?,
+                        self.add(
+                            Op::Binary {
+                                f: BinaryFn::Mul,
+                                a: d,
+                                b: a,
+                            },
+                            y,
+                        )?,
+                    ),
+                };
+                self.acc(a, da, y)?;
+                self.acc(b, db, y)?;
+            }
+
+            // y = c·x  ⇒  dx = c·d.
+            Op::Scale { x, c } => {
+                let dx = self.add(Op::Scale { x: d, c }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = softmax(x)  ⇒  dx = y·(d - Σ d·y) along the last axis.
+            Op::Softmax { x } => {
+                let dx = self.add(Op::SoftmaxGrad { y, dy: d }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // A reshape moves no data: dx is d with x's shape.
+            Op::Reshape { x, .. } => {
+                let shape = shape_of(&self.g, x);
+                let dx = self.add(Op::Reshape { x: d, shape }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = Σ x  ⇒  dx = d everywhere.
+            Op::SumAll { x } => {
+                let shape = shape_of(&self.g, x);
+                let dx = self.add(Op::BroadcastScalar { x: d, shape }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = x ⋆ w (stride s, padding p)  ⇒  dx = d ⋆ᵀ w (the transposed convolution,
+            // with the output padding that gives back x's size),  dw = Σ_b x ⊗ d.
+            Op::Conv2d { x, w, stride, pad } => {
+                let xs = shape_of(&self.g, x);
+                let ws = shape_of(&self.g, w);
+                if self.wants(x) {
+                    let ds = shape_of(&self.g, d);
+                    let k = ws[2];
+                    let back = |n: usize, o: usize| n + 2 * pad - ((o - 1) * stride + k);
+                    let out_pad = [back(xs[2], ds[2]), back(xs[3], ds[3])];
+                    let dx = self.add(
+                        Op::ConvTranspose2d {
+                            x: d,
+                            w,
+                            stride,
+                            pad,
+                            out_pad,
+                        },
+                        y,
+                    )?;
+                    self.acc(x, dx, y)?;
+                }
+                if self.wants(w) {
+                    let op = Op::Conv2dWeightGrad {
+                        x,
+                        dy: d,
+                        kernel: ws[2],
+                        stride,
+                        pad,
+                    };
+                    let dw = self.add(op, y)?;
+                    self.acc(w, dw, y)?;
+                }
+            }
+
+            // y = x ⋆ᵀ w  ⇒  dx = d ⋆ w (a plain convolution, same stride and padding),
+            // dw = Σ_b x ⊗ d with the roles of input and output swapped.
+            Op::ConvTranspose2d {
+                x, w, stride, pad, ..
+            } => {
+                let k = shape_of(&self.g, w)[2];
+                if self.wants(x) {
+                    let dx = self.add(
+                        Op::Conv2d {
+                            x: d,
+                            w,
+                            stride,
+                            pad,
+                        },
+                        y,
+                    )?;
+                    self.acc(x, dx, y)?;
+                }
+                if self.wants(w) {
+                    let op = Op::ConvTranspose2dWeightGrad {
+                        x,
+                        dy: d,
+                        kernel: k,
+                        stride,
+                        pad,
+                    };
+                    let dw = self.add(op, y)?;
+                    self.acc(w, dw, y)?;
+                }
+            }
+
+            // y[i] = x[idx[i]]  ⇒  dx[idx[i]] += d[i]: the gradient goes back through the
+            // switches.
+            Op::Gather { x, idx } => {
+                let xs = shape_of(&self.g, x);
+                let op = Op::Scatter {
+                    v: d,
+                    idx,
+                    height: xs[2],
+                    width: xs[3],
+                    accumulate: true,
+                };
+                let dx = self.add(op, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = zeros with y[idx[i]] = v[i] (unpool)  ⇒  dv[i] = d[idx[i]].
+            Op::Scatter { v, idx, .. } => {
+                let dv = self.add(Op::Gather { x: d, idx }, y)?;
+                self.acc(v, dv, y)?;
+            }
+
+            // y = mean of each window  ⇒  each input gets d/K² from every window it is in.
+            Op::AvgPool { x, kernel, stride } => {
+                let xs = shape_of(&self.g, x);
+                let op = Op::AvgPoolGrad {
+                    dy: d,
+                    kernel,
+                    stride,
+                    height: xs[2],
+                    width: xs[3],
+                };
+                let dx = self.add(op, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y[b,t] = table[ids[b,t]]  ⇒  dtable[ids[b,t]] += d[b,t].
+            Op::Embed { table, ids } => {
+                let vocab = shape_of(&self.g, table)[0];
+                let dt = self.add(Op::EmbedGrad { ids, dy: d, vocab }, y)?;
+                self.acc(table, dt, y)?;
+            }
+
+            // y = x·mask/(1-p)  ⇒  dx = d·mask/(1-p), the same mask.
+            Op::Dropout { x, p, salt } => {
+                let dx = self.add(Op::DropoutGrad { dy: d, p, salt }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = mean loss(pred, target)  ⇒  dpred = d·∂loss/∂pred (targets are data).
+            Op::Loss { f, pred, target } => {
+                let dp = self.add(
+                    Op::LossGrad {
+                        f,
+                        pred,
+                        target,
+                        dy: d,
+                    },
+                    y,
+                )?;
+                self.acc(pred, dp, y)?;
+            }
+
+            // Integer-valued ops carry no gradient.
+            Op::PoolArgmax { .. } | Op::OneHot { .. } | Op::ShiftRight { .. } => {}
+
+            // Ops that only appear in backward graphs, and the recurrent ops whose rules come
+            // with their interpreter and kernels.
+            Op::ActGrad { .. }
+            | Op::SoftmaxGrad { .. }
+            | Op::SumToAxis1 { .. }
+            | Op::BroadcastScalar { .. }
+            | Op::Conv2dWeightGrad { .. }
+            | Op::ConvTranspose2dWeightGrad { .. }
+            | Op::AvgPoolGrad { .. }
+            | Op::EmbedGrad { .. }
+            | Op::DropoutGrad { .. }
+            | Op::LossGrad { .. }
+            | Op::Update { .. }
+            | Op::Recurrent { .. }
+            | Op::LastStep { .. }
+            | Op::Repeat { .. }
+            | Op::SliceLast { .. } => {
+                return Err(format!("no gradient rule for `{}` yet", op.mnemonic()));
+            }
+        }
+        Ok(())
+    }
+}

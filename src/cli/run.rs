@@ -1,0 +1,506 @@
+//! `aec run` (train, or run a trained network) and `aec encode`.
+
+use super::{Failure, read_spec, report};
+use aec::data::{self, Array, Dataset, Values};
+use aec::diag::{Diagnostic, Span};
+use aec::ir::OptimizerFn;
+use aec::runtime::checkpoint;
+use aec::runtime::infer::{self, Output};
+use aec::runtime::train::{self, Event, TrainConfig, TrainError};
+use aec::syntax::ast::{DataSource, Init, Optimizer};
+use aec::{Compiled, Config};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The `.ae` spec.
+    spec: PathBuf,
+    /// Train the network (with the spec's `train` block and these overrides).
+    #[arg(long)]
+    train: bool,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    epochs: Option<u64>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    batch: Option<u64>,
+    /// Learning rate (replaces the optimizer's `lr`).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: Option<u64>,
+    /// Run folder for checkpoints and metrics (default: runs/<spec name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue training from the last checkpoint in this run folder.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// The executor: `interp` (the reference interpreter).
+    #[arg(long, value_enum, default_value_t = Backend::Interp)]
+    backend: Backend,
+    /// Trained parameters (a checkpoint.safetensors), to run the network without training.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input samples (.npy), to run the network on.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Where to write the outputs (.npy, f32).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct EncodeArgs {
+    spec: PathBuf,
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: Option<u64>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Backend {
+    /// The reference interpreter.
+    Interp,
+}
+
+/// A spec that compiled, with its text for diagnostics.
+struct Spec {
+    path: PathBuf,
+    src: String,
+    compiled: Compiled,
+}
+
+fn load_spec(path: &Path, batch: Option<u64>) -> Result<Spec, Failure> {
+    let src = read_spec(path)?;
+    match aec::compile(&src, &Config { batch }) {
+        Ok(compiled) => {
+            report(&compiled.warnings, path, &src);
+            Ok(Spec {
+                path: path.to_owned(),
+                src,
+                compiled,
+            })
+        }
+        Err(diags) => {
+            report(&diags, path, &src);
+            Err(Failure::Spec)
+        }
+    }
+}
+
+impl Spec {
+    /// Reports a problem located in the spec (exit 1).
+    fn fail(&self, message: impl Into<String>, span: Span, label: &str) -> Failure {
+        let d = Diagnostic::error(message).label(span, label);
+        report(&[d], &self.path, &self.src);
+        Failure::Spec
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into())
+    }
+}
+
+fn threads(t: Option<u64>) -> usize {
+    t.map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    let Backend::Interp = args.backend;
+    if args.train {
+        if args.weights.is_some() || args.input.is_some() || args.output.is_some() {
+            return Err(Failure::Io(
+                "--train takes its data from the spec; drop --weights/--input/--output".into(),
+            ));
+        }
+        return train_cmd(args);
+    }
+    let (Some(weights), Some(input), Some(output)) = (&args.weights, &args.input, &args.output)
+    else {
+        return Err(Failure::Io(
+            "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
+        ));
+    };
+    apply(
+        &args.spec,
+        weights,
+        input,
+        output,
+        Output::Recon,
+        threads(args.threads),
+    )
+}
+
+pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
+    apply(
+        &args.spec,
+        &args.weights,
+        &args.input,
+        &args.output,
+        Output::Code,
+        threads(args.threads),
+    )
+}
+
+fn apply(
+    spec: &Path,
+    weights: &Path,
+    input: &Path,
+    output: &Path,
+    what: Output,
+    threads: usize,
+) -> Result<(), Failure> {
+    let spec = load_spec(spec, None)?;
+    let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
+    let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
+    let x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
+    let x = data::conform(x, var, &input.display().to_string())
+        .map_err(|e| Failure::Data(e.to_string()))?;
+    let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads).map_err(Failure::Data)?;
+    data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
+    eprintln!("wrote {} ({:?}, f32)", output.display(), y.shape);
+    Ok(())
+}
+
+/// Loads every model variable's data, each located at its `data` line on failure.
+fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
+    let model = &spec.compiled.model;
+    let train = spec.compiled.ast.train.as_ref();
+    let bindings = train.map(|t| t.data.as_slice()).unwrap_or(&[]);
+    let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
+    let mut arrays = Vec::new();
+    for (k, var) in vars.iter().enumerate() {
+        let binding = bindings.iter().find(|b| match &b.binding {
+            Some(name) => name.name == var.name,
+            None => k == 0,
+        });
+        let Some(binding) = binding else {
+            let at = train.map_or(var.span, |t| t.span);
+            let what = if k == 0 {
+                "data npy(\"x.npy\")".to_owned()
+            } else {
+                format!("data {}: npy(\"….npy\")", var.name)
+            };
+            return Err(spec.fail(
+                format!("no data for `{}`", var.name),
+                at,
+                &format!("add `{what}` to the train block"),
+            ));
+        };
+        let origin = binding.source.to_string();
+        let array = data::load(&binding.source, &spec.dir(), &var.ty, seed)
+            .and_then(|a| data::conform(a, var, &origin))
+            .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
+        arrays.push(array);
+    }
+    for b in bindings {
+        if let Some(name) = &b.binding
+            && !vars.iter().any(|v| v.name == name.name)
+        {
+            return Err(spec.fail(
+                format!("`{}` is not an input or target of the model", name.name),
+                name.span,
+                "unknown name",
+            ));
+        }
+    }
+    let n = arrays.first().map_or(0, Array::samples);
+    if let Some((k, a)) = arrays.iter().enumerate().find(|(_, a)| a.samples() != n) {
+        let span = bindings.get(k).map_or(Span::default(), |b| b.span);
+        return Err(spec.fail(
+            format!(
+                "`{}` has {} samples, `{}` has {n}",
+                vars[k].name,
+                a.samples(),
+                vars[0].name
+            ),
+            span,
+            "sample counts differ",
+        ));
+    }
+    Ok(Dataset {
+        arrays,
+        names: vars.iter().map(|v| v.name.clone()).collect(),
+        n,
+    })
+}
+
+fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
+    match o {
+        Some(Optimizer::Sgd {
+            lr: l,
+            momentum,
+            nesterov,
+            weight_decay,
+        }) => OptimizerFn::Sgd {
+            lr: lr.unwrap_or(*l) as f32,
+            momentum: *momentum as f32,
+            nesterov: *nesterov,
+            weight_decay: *weight_decay as f32,
+        },
+        Some(Optimizer::Adam {
+            lr: l,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+        }) => OptimizerFn::Adam {
+            lr: lr.unwrap_or(*l) as f32,
+            b1: *b1 as f32,
+            b2: *b2 as f32,
+            eps: *eps as f32,
+            weight_decay: *weight_decay as f32,
+        },
+        None => OptimizerFn::Adam {
+            lr: lr.unwrap_or(1e-3) as f32,
+            b1: 0.9,
+            b2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    }
+}
+
+fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
+    let spec = load_spec(&args.spec, args.batch)?;
+    let t = spec.compiled.ast.train.clone().unwrap_or_default();
+    if let Some(lr) = args.lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        return Err(Failure::Io(format!(
+            "--lr must be a positive number, got {lr}"
+        )));
+    }
+    let (out, resume) = match (&args.resume, &args.out) {
+        (Some(r), Some(o)) if r != o => {
+            return Err(Failure::Io(
+                "--resume continues in its own folder; drop --out".into(),
+            ));
+        }
+        (Some(r), _) => (r.clone(), true),
+        (None, Some(o)) => (o.clone(), false),
+        (None, None) => (PathBuf::from("runs").join(spec.name()), false),
+    };
+    let seed = args.seed.or(t.seed).unwrap_or(0);
+    let cfg = TrainConfig {
+        epochs: args.epochs.or(t.epochs).unwrap_or(10),
+        batch: spec.compiled.batch as usize,
+        optimizer: optimizer(t.optimizer.as_ref(), args.lr),
+        seed,
+        validation: t.validation.unwrap_or(0.0),
+        noise: t.noise,
+        init: t.init.unwrap_or(Init::Default),
+        threads: threads(args.threads),
+        out,
+        resume,
+    };
+    let data = dataset(&spec, seed)?;
+    let progress = Progress::new();
+    let mut on = |e: Event| progress.event(e);
+    let summary = match train::train(&spec.compiled, &data, &cfg, &mut on) {
+        Ok(s) => s,
+        Err(e @ TrainError::NonFinite { .. }) => {
+            progress.finish();
+            let TrainError::NonFinite { span, .. } = &e else {
+                return Err(Failure::Spec);
+            };
+            let d = Diagnostic::error(e.to_string());
+            let d = match span {
+                Some(s) => d.label(*s, "this layer produced it"),
+                None => d,
+            };
+            let d = d.help("lower the learning rate (`--lr`), or check the data's scale");
+            report(&[d], &spec.path, &spec.src);
+            return Err(Failure::Spec);
+        }
+        Err(e) => {
+            progress.finish();
+            return Err(Failure::Data(e.to_string()));
+        }
+    };
+    progress.finish();
+    let last = summary.metrics.last();
+    let val = last
+        .and_then(|m| m.val_loss)
+        .map_or(String::new(), |v| format!(", validation loss {v:.6}"));
+    println!(
+        "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s (interpreter, {} thread{})",
+        last.map_or(0, |m| m.epoch),
+        spec.compiled.model.name,
+        summary.seconds,
+        last.map_or(f64::NAN, |m| m.train_loss),
+        summary.samples_per_s,
+        cfg.threads,
+        if cfg.threads == 1 { "" } else { "s" }
+    );
+    println!(
+        "checkpoint: {}",
+        cfg.out.join("checkpoint.safetensors").display()
+    );
+    if let Some(DataSource::OneHot { .. }) = t.data.first().map(|d| &d.source) {
+        print!(
+            "{}",
+            code_table(&spec.compiled, &summary.state.params, &data, cfg.threads)?
+        );
+    }
+    Ok(())
+}
+
+/// For one-hot data: each input's code, its bits, and whether the output's argmax is right.
+fn code_table(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    threads: usize,
+) -> Result<String, Failure> {
+    let x = &data.arrays[0];
+    let codes =
+        infer::infer(c, params, x, Output::Code, x.samples(), threads).map_err(Failure::Data)?;
+    let recon =
+        infer::infer(c, params, x, Output::Recon, x.samples(), threads).map_err(Failure::Data)?;
+    let (Values::F32(code), Values::F32(out), Values::F32(inp)) =
+        (&codes.values, &recon.values, &x.values)
+    else {
+        return Ok(String::new());
+    };
+    let (k, n) = (codes.sample_len(), x.sample_len());
+    let mut s = String::from("input  code");
+    s.push_str(&" ".repeat((k * 6).saturating_sub(4)));
+    s.push_str("  bits  output\n");
+    let mut correct = 0;
+    for i in 0..x.samples() {
+        let c = &code[i * k..(i + 1) * k];
+        let want = argmax(&inp[i * n..(i + 1) * n]);
+        let got = argmax(&out[i * n..(i + 1) * n]);
+        correct += usize::from(want == got);
+        let vals: Vec<String> = c.iter().map(|v| format!("{v:5.2}")).collect();
+        let bits: String = c.iter().map(|&v| if v > 0.5 { '1' } else { '0' }).collect();
+        s.push_str(&format!(
+            "{want:>5}  {}  {bits:>4}  {got} {}\n",
+            vals.join(" "),
+            if want == got { "✓" } else { "✗" }
+        ));
+    }
+    s.push_str(&format!(
+        "{correct}/{} inputs reconstructed (argmax)\n",
+        x.samples()
+    ));
+    Ok(s)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+}
+
+/// The progress display: a bar on a terminal, a line per tenth of the run otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    every: std::cell::Cell<u64>,
+    steps: std::cell::Cell<u64>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            let style = ProgressStyle::with_template(
+                "{spinner} epoch {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar
+        });
+        Progress {
+            bar,
+            every: std::cell::Cell::new(1),
+            steps: std::cell::Cell::new(1),
+        }
+    }
+
+    fn event(&self, e: Event) {
+        match e {
+            Event::Start {
+                first_epoch,
+                epochs,
+                steps_per_epoch,
+                train,
+                validation,
+            } => {
+                self.every.set((epochs / 10).max(1));
+                self.steps.set(steps_per_epoch);
+                if let Some(bar) = &self.bar {
+                    bar.set_length(epochs);
+                    bar.set_position(first_epoch);
+                }
+                let resumed = if first_epoch > 0 {
+                    format!(", resuming after epoch {first_epoch}")
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "training on {train} samples ({validation} for validation), {steps_per_epoch} steps per epoch{resumed}"
+                );
+            }
+            Event::Step {
+                epoch,
+                step_in_epoch,
+                loss,
+            } => {
+                if let Some(bar) = &self.bar
+                    && (step_in_epoch % 16 == 0 || step_in_epoch == self.steps.get())
+                {
+                    bar.set_message(format!(
+                        "step {step_in_epoch}/{} loss {loss:.5}",
+                        self.steps.get()
+                    ));
+                    let _ = epoch;
+                }
+            }
+            Event::Epoch(m) => {
+                let val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
+                let line = format!(
+                    "loss {:.5}{val} · {:.0} samples/s",
+                    m.train_loss, m.samples_per_s
+                );
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_position(m.epoch);
+                        bar.set_message(line);
+                    }
+                    None if m.epoch % self.every.get() == 0 => {
+                        eprintln!("epoch {:>5}  {line}", m.epoch)
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Data: loaders (npy, csv, idx, synthetic sources), binding data to the model's inputs with a
+//! shape check, batching, shuffling and input noise. It knows the model's declared types, not
+//! its layers.
+
+pub mod npy;
+
+use crate::sema::{Ty, Var};
+use crate::syntax::ast::{DataSource, Noise};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+/// Numbers of one array, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+/// An n-dimensional array; the first axis counts samples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub values: Values,
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => v.len(),
+            Values::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn samples(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    /// Values per sample.
+    pub fn sample_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+}
+
+/// A data problem, with the file or source it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct DataError {
+    pub what: String,
+}
+
+fn err(what: impl Into<String>) -> DataError {
+    DataError { what: what.into() }
+}
+
+/// Reads a `.npy` file.
+pub fn read_npy(path: &Path) -> Result<Array, DataError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    npy::parse(&bytes).map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+/// Writes a `.npy` file atomically (temporary file, then rename).
+pub fn write_npy(path: &Path, a: &Array) -> Result<(), DataError> {
+    crate::runtime::checkpoint::write_atomic(path, &npy::to_bytes(a))
+        .map_err(|e| err(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Loads a source. Paths are relative to `base` (the spec's folder); `sample` is the declared
+/// per-sample type, which sizes the synthetic sources.
+pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Array, DataError> {
+    let path = |p: &str| -> PathBuf { base.join(p) };
+    let scaled = |mut a: Array, scale: f64| {
+        if let Values::F32(v) = &mut a.values
+            && scale != 1.0
+        {
+            v.iter_mut()
+                .for_each(|x| *x = (f64::from(*x) * scale) as f32);
+        }
+        a
+    };
+    Ok(match src {
+        DataSource::OneHot { n } => {
+            let n = *n as usize;
+            let mut v = vec![0.0; n * n];
+            (0..n).for_each(|i| v[i * n + i] = 1.0);
+            Array {
+                shape: vec![n, n],
+                values: Values::F32(v),
+            }
+        }
+        DataSource::Npy { path: p, scale } => scaled(read_npy(&path(p))?, *scale),
+        DataSource::Csv { path: p, scale } => scaled(read_csv(&path(p))?, *scale),
+        DataSource::Idx { path: p, scale } => scaled(read_idx(&path(p))?, *scale),
+        DataSource::Patches {
+            source,
+            size,
+            stride,
+        } => patches(
+            &load(source, base, sample, seed)?,
+            *size as usize,
+            *stride as usize,
+        )?,
+        DataSource::Random { count } => {
+            let per = sample.numel() as usize;
+            let n = *count as usize;
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_DA7A);
+            let v: Vec<f32> = (0..n * per).map(|_| rng.random::<f32>()).collect();
+            let mut shape = vec![n];
+            if let Ty::Tensor(d) = sample {
+                shape.extend(d.iter().map(|&x| x as usize));
+            }
+            Array {
+                shape,
+                values: Values::F32(v),
+            }
+        }
+        DataSource::SeqTask { .. } | DataSource::Translation { .. } => {
+            return Err(err(
+                "sequence tasks feed recurrent models, which aec cannot train yet (the recurrent \
+                 layers have no interpreter or gradient yet)",
+            ));
+        }
+    })
+}
+
+/// A CSV file of numbers, one sample per row; a first row that is not numeric is a header.
+pub fn read_csv(path: &Path) -> Result<Array, DataError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: Result<Vec<f32>, _> =
+            line.split(',').map(|c| c.trim().parse::<f32>()).collect();
+        match parsed {
+            Ok(r) => rows.push(r),
+            Err(_) if i == 0 => continue,
+            Err(_) => {
+                return Err(err(format!(
+                    "{}:{}: not a row of numbers: {line:?}",
+                    path.display(),
+                    i + 1
+                )));
+            }
+        }
+        if let (Some(first), Some(last)) = (rows.first(), rows.last())
+            && first.len() != last.len()
+        {
+            return Err(err(format!(
+                "{}:{}: {} columns, but the first row has {}",
+                path.display(),
+                i + 1,
+                last.len(),
+                first.len()
+            )));
+        }
+    }
+    let cols = rows.first().map_or(0, Vec::len);
+    if rows.is_empty() {
+        return Err(err(format!("{}: no rows of numbers", path.display())));
+    }
+    Ok(Array {
+        shape: vec![rows.len(), cols],
+        values: Values::F32(rows.concat()),
+    })
+}
+
+/// An IDX file (MNIST's format): magic `00 00 type ndim`, big-endian u32 sizes, then data.
+pub fn read_idx(path: &Path) -> Result<Array, DataError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let bad = |m: &str| err(format!("{}: {m}", path.display()));
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad(
+            "not an IDX file (it does not start with two zero bytes)",
+        ));
+    }
+    let (kind, ndim) = (bytes[2], usize::from(bytes[3]));
+    let head = 4 + 4 * ndim;
+    if bytes.len() < head {
+        return Err(bad("the IDX header is cut short"));
+    }
+    let shape: Vec<usize> = (0..ndim)
+        .map(|i| {
+            u32::from_be_bytes([
+                bytes[4 + 4 * i],
+                bytes[5 + 4 * i],
+                bytes[6 + 4 * i],
+                bytes[7 + 4 * i],
+            ]) as usize
+        })
+        .collect();
+    let count: usize = shape.iter().product();
+    let data = &bytes[head..];
+    let size = match kind {
+        0x08 | 0x09 => 1,
+        0x0B => 2,
+        0x0C | 0x0D => 4,
+        0x0E => 8,
+        k => return Err(bad(&format!("unknown IDX data type 0x{k:02x}"))),
+    };
+    if data.len() < count * size {
+        return Err(bad(&format!(
+            "truncated: shape {shape:?} needs {} bytes of data, it has {}",
+            count * size,
+            data.len()
+        )));
+    }
+    let v: Vec<f32> = match kind {
+        0x08 => data[..count].iter().map(|&b| f32::from(b)).collect(),
+        0x09 => data[..count].iter().map(|&b| f32::from(b as i8)).collect(),
+        0x0B => data
+            .chunks_exact(2)
+            .take(count)
+            .map(|c| f32::from(i16::from_be_bytes([c[0], c[1]])))
+            .collect(),
+        0x0C => data
+            .chunks_exact(4)
+            .take(count)
+            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as f32)
+            .collect(),
+        0x0D => data
+            .chunks_exact(4)
+            .take(count)
+            .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => data
+            .chunks_exact(8)
+            .take(count)
+            .map(|c| f64::from_be_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+    };
+    Ok(Array {
+        shape,
+        values: Values::F32(v),
+    })
+}
+
+/// Square patches of `size` every `stride` pixels, from `[H, W]` or `[N, H, W]` (or
+/// `[N, 1, H, W]`) images: `[P, size, size]`.
+fn patches(a: &Array, size: usize, stride: usize) -> Result<Array, DataError> {
+    let Values::F32(v) = &a.values else {
+        return Err(err("patches need real-valued images"));
+    };
+    let (n, h, w) = match a.shape.as_slice() {
+        [h, w] => (1, *h, *w),
+        [n, h, w] | [n, 1, h, w] => (*n, *h, *w),
+        s => {
+            return Err(err(format!(
+                "patches need [H, W] or [N, H, W] images, got {s:?}"
+            )));
+        }
+    };
+    if size > h || size > w {
+        return Err(err(format!(
+            "patches of {size}×{size} do not fit images of {h}×{w}"
+        )));
+    }
+    let mut out = Vec::new();
+    let mut count = 0;
+    for img in 0..n {
+        for y in (0..=h - size).step_by(stride) {
+            for x in (0..=w - size).step_by(stride) {
+                for r in 0..size {
+                    let row = img * h * w + (y + r) * w + x;
+                    out.extend_from_slice(&v[row..row + size]);
+                }
+                count += 1;
+            }
+        }
+    }
+    Ok(Array {
+        shape: vec![count, size, size],
+        values: Values::F32(out),
+    })
+}
+
+/// The data of a run: one array per model variable (inputs, then targets), all with the same
+/// number of samples.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub arrays: Vec<Array>,
+    pub names: Vec<String>,
+    pub n: usize,
+}
+
+/// Checks that `a` holds samples of type `ty` and converts it to the model's dtype: a sample
+/// shape matches when it equals the declared one after dropping axes of size 1 (so
+/// `[N, 8, 8]` data feeds an input `[1, 8, 8]`).
+pub fn conform(a: Array, var: &Var, origin: &str) -> Result<Array, DataError> {
+    let sample: Vec<usize> = a.shape.iter().skip(1).copied().collect();
+    let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
+    let (declared, tokens) = match &var.ty {
+        Ty::Tensor(d) => (d.iter().map(|&x| x as usize).collect::<Vec<_>>(), None),
+        Ty::Token { vocab } => (vec![], Some(*vocab)),
+        Ty::Tokens { len, vocab } => (vec![*len as usize], Some(*vocab)),
+        Ty::Seq { len, dim } => (vec![*len as usize, *dim as usize], None),
+    };
+    if squeeze(&sample) != squeeze(&declared) {
+        return Err(err(format!(
+            "{origin} has samples of shape {sample:?}, but `{}` is declared {}",
+            var.name, var.ty
+        )));
+    }
+    if a.samples() == 0 {
+        return Err(err(format!("{origin} has no samples")));
+    }
+    let shape = a.shape.clone();
+    let values = match (a.values, tokens) {
+        (Values::F32(v), None) => {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                let per = sample.iter().product::<usize>().max(1);
+                return Err(err(format!(
+                    "{origin} contains NaN or infinity (sample {}, value {})",
+                    i / per,
+                    i % per
+                )));
+            }
+            Values::F32(v)
+        }
+        (Values::I32(v), None) => Values::F32(v.into_iter().map(|x| x as f32).collect()),
+        (values, Some(vocab)) => {
+            let ids: Vec<i32> = match values {
+                Values::I32(v) => v,
+                Values::F32(v) => {
+                    if let Some(x) = v.iter().find(|x| x.fract() != 0.0 || !x.is_finite()) {
+                        return Err(err(format!(
+                            "{origin} holds {x}, but `{}` takes whole token ids",
+                            var.name
+                        )));
+                    }
+                    v.into_iter().map(|x| x as i32).collect()
+                }
+            };
+            if let Some(bad) = ids.iter().find(|&&i| i < 0 || i64::from(i) >= vocab as i64) {
+                return Err(err(format!(
+                    "{origin} holds token id {bad}, outside `{}`'s vocabulary 0..{vocab}",
+                    var.name
+                )));
+            }
+            Values::I32(ids)
+        }
+    };
+    Ok(Array { shape, values })
+}
+
+/// A seeded permutation of `0..n`: the order of one epoch.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..=i);
+        idx.swap(i, j);
+    }
+    idx
+}
+
+impl Dataset {
+    /// Splits off the last `fraction` of a seeded permutation as validation data.
+    pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        let order = permutation(self.n, seed ^ 0x0005_EED5_9117);
+        let val = ((self.n as f64) * fraction).round() as usize;
+        let val = if fraction > 0.0 {
+            val.clamp(1, self.n.saturating_sub(1))
+        } else {
+            0
+        };
+        let (train, valid) = order.split_at(self.n - val);
+        (train.to_vec(), valid.to_vec())
+    }
+
+    /// The samples `idx` of array `k`, as one batch.
+    pub fn gather(&self, k: usize, idx: &[usize]) -> Values {
+        let a = &self.arrays[k];
+        let per = a.sample_len();
+        match &a.values {
+            Values::F32(v) => Values::F32(
+                idx.iter()
+                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
+                    .collect(),
+            ),
+            Values::I32(v) => Values::I32(
+                idx.iter()
+                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Corrupts a batch for a denoising autoencoder, from a seeded stream for this step.
+pub fn corrupt(values: &mut [f32], noise: Noise, seed: u64, step: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x0000_4015_E000,
+    );
+    match noise {
+        Noise::Gaussian { sigma } => {
+            for v in values.iter_mut() {
+                // Box–Muller: a standard normal from two uniforms.
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random();
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                *v += (sigma * z) as f32;
+            }
+        }
+        Noise::Mask { p } => {
+            for v in values.iter_mut() {
+                if rng.random::<f64>() < p {
+                    *v = 0.0;
+                }
+            }
+        }
+        Noise::SaltPepper { p } => {
+            for v in values.iter_mut() {
+                if rng.random::<f64>() < p {
+                    *v = if rng.random::<bool>() { 1.0 } else { 0.0 };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,957 @@
+//! The reference interpreter: evaluates any [`ir::Graph`] on plain buffers, one op at a time.
+//!
+//! It is written to be obviously correct, not fast: direct loops, sums in `f64` where an op
+//! reduces, no fusion. It is the oracle every other executor is tested against. The only
+//! concession to speed is splitting a matmul's output rows across threads, which does not change
+//! any result (each element is computed by the same loop).
+//!
+//! Semantics are PyTorch's: see the op docs in `ir::op` and the losses and optimizers below.
+
+use crate::diag::Span;
+use crate::ir::{BinaryFn, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
+use crate::runtime::State;
+use crate::syntax::ast::Cell;
+use std::fmt;
+
+/// A value: f32 or i32 elements in row-major order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buf {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl Buf {
+    pub fn f32(&self) -> &[f32] {
+        match self {
+            Buf::F32(v) => v,
+            Buf::I32(_) => &[],
+        }
+    }
+
+    pub fn i32(&self) -> &[i32] {
+        match self {
+            Buf::I32(v) => v,
+            Buf::F32(_) => &[],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::F32(v) => v.len(),
+            Buf::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Options of one evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The run's seed and the 1-based step: dropout masks are drawn from them.
+    pub seed: u64,
+    pub step: u64,
+    pub threads: usize,
+    /// Stop at the first op that produces NaN or ±inf.
+    pub check_finite: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            seed: 0,
+            step: 1,
+            threads: 1,
+            check_finite: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Error {
+    /// An input's length does not match its declared type.
+    BadInput {
+        name: String,
+        expected: usize,
+        got: usize,
+    },
+    /// An op produced NaN or ±inf.
+    NonFinite {
+        node: NodeId,
+        op: &'static str,
+        span: Option<Span>,
+    },
+    /// A token id outside its vocabulary.
+    BadId {
+        id: i32,
+        vocab: usize,
+    },
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadInput {
+                name,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "input {name} has {got} values, the graph expects {expected}"
+                )
+            }
+            Error::NonFinite { node, op, .. } => {
+                write!(f, "`{op}` (node %{}) produced NaN or infinity", node.0)
+            }
+            Error::BadId { id, vocab } => {
+                write!(f, "token id {id} is outside the vocabulary 0..{vocab}")
+            }
+            Error::Unsupported(op) => write!(f, "the interpreter does not run `{op}` yet"),
+        }
+    }
+}
+
+/// Every node's value after an evaluation.
+pub struct Values {
+    bufs: Vec<Buf>,
+}
+
+impl Values {
+    pub fn get(&self, id: NodeId) -> &Buf {
+        &self.bufs[id.index()]
+    }
+
+    pub fn output<'a>(&'a self, g: &Graph, name: &str) -> Option<&'a Buf> {
+        g.output(name).map(|id| self.get(id))
+    }
+}
+
+/// Evaluates `g`. `inputs` are in `g.inputs` order; parameters and optimizer state are read
+/// from, and `Update` ops write into, `state`.
+pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Result<Values, Error> {
+    let mut bufs: Vec<Buf> = Vec::with_capacity(g.len());
+    for id in g.ids() {
+        let node = g.node(id);
+        let out = eval(g, id, &bufs, inputs, state, opts)?;
+        if opts.check_finite
+            && let Buf::F32(v) = &out
+            && v.iter().any(|x| !x.is_finite())
+        {
+            return Err(Error::NonFinite {
+                node: id,
+                op: node.op.mnemonic(),
+                span: g.span(id),
+            });
+        }
+        bufs.push(out);
+    }
+    Ok(Values { bufs })
+}
+
+fn eval(
+    g: &Graph,
+    id: NodeId,
+    bufs: &[Buf],
+    inputs: &[Buf],
+    state: &mut State,
+    opts: &Options,
+) -> Result<Buf, Error> {
+    let node = g.node(id);
+    let shape = &node.ty.shape;
+    let f = |n: NodeId| bufs[n.index()].f32();
+    let ints = |n: NodeId| bufs[n.index()].i32();
+    let sh = |n: NodeId| g.ty(n).shape.as_slice();
+    let out = match &node.op {
+        Op::Input(i) => {
+            let b = inputs
+                .get(i.index())
+                .ok_or(Error::Unsupported("missing input"))?;
+            let expected = node.ty.numel();
+            let ok_dtype = matches!(
+                (b, node.ty.dtype),
+                (Buf::F32(_), DType::F32) | (Buf::I32(_), DType::I32)
+            );
+            if b.len() != expected || !ok_dtype {
+                let name = g.inputs[i.index()].name.clone();
+                return Err(Error::BadInput {
+                    name,
+                    expected,
+                    got: b.len(),
+                });
+            }
+            b.clone()
+        }
+        Op::Param(p) => Buf::F32(state.params[p.index()].clone()),
+        Op::MatMul { a, b, ta, tb } => {
+            Buf::F32(matmul(f(*a), sh(*a), *ta, f(*b), sh(*b), *tb, opts.threads))
+        }
+        Op::BiasAdd { x, bias } => {
+            let (xs, b) = (sh(*x), f(*bias));
+            let inner: usize = xs[2..].iter().product();
+            let c = xs[1];
+            Buf::F32(
+                f(*x)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + b[(i / inner) % c])
+                    .collect(),
+            )
+        }
+        Op::Unary { f: func, x } => Buf::F32(f(*x).iter().map(|&v| unary(*func, v)).collect()),
+        Op::ActGrad { f: func, y, dy } => Buf::F32(
+            f(*y)
+                .iter()
+                .zip(f(*dy))
+                .map(|(&y, &d)| d * act_derivative(*func, y))
+                .collect(),
+        ),
+        Op::Binary { f: func, a, b } => Buf::F32(
+            f(*a)
+                .iter()
+                .zip(f(*b))
+                .map(|(&a, &b)| match func {
+                    BinaryFn::Add => a + b,
+                    BinaryFn::Sub => a - b,
+                    BinaryFn::Mul => a * b,
+                })
+                .collect(),
+        ),
+        Op::Scale { x, c } => Buf::F32(f(*x).iter().map(|v| v * c).collect()),
+        Op::Softmax { x } => Buf::F32(softmax(f(*x), *sh(*x).last().unwrap_or(&1))),
+        Op::SoftmaxGrad { y, dy } => {
+            let n = *shape.last().unwrap_or(&1);
+            let mut out = vec![0.0; node.ty.numel()];
+            for ((o, y), d) in out.chunks_mut(n).zip(f(*y).chunks(n)).zip(f(*dy).chunks(n)) {
+                let dot: f64 = y.iter().zip(d).map(|(&y, &d)| f64::from(y * d)).sum();
+                for i in 0..n {
+                    o[i] = y[i] * (d[i] - dot as f32);
+                }
+            }
+            Buf::F32(out)
+        }
+        Op::Reshape { x, .. } => bufs[x.index()].clone(),
+        Op::SumAll { x } => Buf::F32(vec![f(*x).iter().map(|&v| f64::from(v)).sum::<f64>() as f32]),
+        Op::SumToAxis1 { x } => {
+            let xs = sh(*x);
+            let (c, inner) = (xs[1], xs[2..].iter().product::<usize>());
+            let mut acc = vec![0f64; c];
+            for (i, &v) in f(*x).iter().enumerate() {
+                acc[(i / inner) % c] += f64::from(v);
+            }
+            Buf::F32(acc.into_iter().map(|v| v as f32).collect())
+        }
+        Op::Fill { value, .. } => Buf::F32(vec![*value; node.ty.numel()]),
+        Op::BroadcastScalar { x, .. } => Buf::F32(vec![f(*x)[0]; node.ty.numel()]),
+        Op::Conv2d { x, w, stride, pad } => {
+            Buf::F32(conv2d(f(*x), sh(*x), f(*w), sh(*w), shape, *stride, *pad))
+        }
+        Op::ConvTranspose2d {
+            x, w, stride, pad, ..
+        } => Buf::F32(conv_transpose2d(
+            f(*x),
+            sh(*x),
+            f(*w),
+            sh(*w),
+            shape,
+            *stride,
+            *pad,
+        )),
+        Op::Conv2dWeightGrad {
+            x, dy, stride, pad, ..
+        } => Buf::F32(conv2d_weight_grad(
+            f(*x),
+            sh(*x),
+            f(*dy),
+            sh(*dy),
+            shape,
+            *stride,
+            *pad,
+        )),
+        Op::ConvTranspose2dWeightGrad {
+            x, dy, stride, pad, ..
+        } => Buf::F32(conv_transpose2d_weight_grad(
+            f(*x),
+            sh(*x),
+            f(*dy),
+            sh(*dy),
+            shape,
+            *stride,
+            *pad,
+        )),
+        Op::PoolArgmax { x, kernel, stride } => {
+            Buf::I32(pool_argmax(f(*x), sh(*x), shape, *kernel, *stride))
+        }
+        Op::Gather { x, idx } => {
+            let xs = sh(*x);
+            let plane_in = xs[2] * xs[3];
+            let plane_out = shape[2] * shape[3];
+            let (xv, iv) = (f(*x), ints(*idx));
+            Buf::F32(
+                (0..iv.len())
+                    .map(|i| xv[(i / plane_out) * plane_in + iv[i] as usize])
+                    .collect(),
+            )
+        }
+        Op::Scatter {
+            v,
+            idx,
+            height,
+            width,
+            accumulate,
+        } => {
+            let plane_out = height * width;
+            let vs = sh(*v);
+            let plane_in = vs[2] * vs[3];
+            let mut out = vec![0.0; node.ty.numel()];
+            for (i, (&val, &at)) in f(*v).iter().zip(ints(*idx)).enumerate() {
+                let o = (i / plane_in) * plane_out + at as usize;
+                if *accumulate {
+                    out[o] += val
+                } else {
+                    out[o] = val
+                }
+            }
+            Buf::F32(out)
+        }
+        Op::AvgPool { x, kernel, stride } => {
+            Buf::F32(avgpool(f(*x), sh(*x), shape, *kernel, *stride))
+        }
+        Op::AvgPoolGrad {
+            dy, kernel, stride, ..
+        } => Buf::F32(avgpool_grad(f(*dy), sh(*dy), shape, *kernel, *stride)),
+        Op::Embed { table, ids } => {
+            let (vocab, dim) = (sh(*table)[0], sh(*table)[1]);
+            let t = f(*table);
+            let mut out = Vec::with_capacity(node.ty.numel());
+            for &id in ints(*ids) {
+                let row = check_id(id, vocab)?;
+                out.extend_from_slice(&t[row * dim..(row + 1) * dim]);
+            }
+            Buf::F32(out)
+        }
+        Op::EmbedGrad { ids, dy, vocab } => {
+            let dim = shape[1];
+            let mut out = vec![0.0; vocab * dim];
+            for (i, &id) in ints(*ids).iter().enumerate() {
+                let row = check_id(id, *vocab)?;
+                for k in 0..dim {
+                    out[row * dim + k] += f(*dy)[i * dim + k];
+                }
+            }
+            Buf::F32(out)
+        }
+        Op::OneHot { ids, depth } => {
+            let mut out = vec![0.0; node.ty.numel()];
+            for (i, &id) in ints(*ids).iter().enumerate() {
+                out[i * depth + check_id(id, *depth)?] = 1.0;
+            }
+            Buf::F32(out)
+        }
+        Op::ShiftRight { ids, start } => {
+            let t = shape[1];
+            let src = ints(*ids);
+            Buf::I32(
+                (0..src.len())
+                    .map(|i| if i % t == 0 { *start } else { src[i - 1] })
+                    .collect(),
+            )
+        }
+        Op::Recurrent { cell, .. } => {
+            let _: Cell = *cell;
+            return Err(Error::Unsupported("recurrent"));
+        }
+        Op::LastStep { x } => {
+            let (t, feat) = (sh(*x)[1], sh(*x)[2]);
+            let xv = f(*x);
+            Buf::F32(
+                (0..shape[0])
+                    .flat_map(|b| xv[(b * t + t - 1) * feat..(b * t + t) * feat].to_vec())
+                    .collect(),
+            )
+        }
+        Op::Repeat { x, times } => {
+            let feat = sh(*x)[1];
+            Buf::F32(
+                f(*x)
+                    .chunks(feat)
+                    .flat_map(|row| row.repeat(*times))
+                    .collect(),
+            )
+        }
+        Op::SliceLast { x, start, len } => {
+            let n = *sh(*x).last().unwrap_or(&1);
+            Buf::F32(
+                f(*x)
+                    .chunks(n)
+                    .flat_map(|row| row[*start..start + len].to_vec())
+                    .collect(),
+            )
+        }
+        Op::Dropout { x, p, salt } => {
+            let scale = 1.0 / (1.0 - p);
+            Buf::F32(
+                f(*x)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if keep(opts, *salt, i, *p) {
+                            v * scale
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            )
+        }
+        Op::DropoutGrad { dy, p, salt } => {
+            let scale = 1.0 / (1.0 - p);
+            Buf::F32(
+                f(*dy)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if keep(opts, *salt, i, *p) {
+                            v * scale
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            )
+        }
+        Op::Loss {
+            f: func,
+            pred,
+            target,
+        } => Buf::F32(vec![
+            loss(*func, f(*pred), sh(*pred), &bufs[target.index()])? as f32,
+        ]),
+        Op::LossGrad {
+            f: func,
+            pred,
+            target,
+            dy,
+        } => Buf::F32(loss_grad(
+            *func,
+            f(*pred),
+            sh(*pred),
+            &bufs[target.index()],
+            f(*dy)[0],
+        )?),
+        Op::Update {
+            f: func,
+            param,
+            grad,
+        } => {
+            update(*func, state, param.index(), f(*grad));
+            Buf::F32(Vec::new())
+        }
+    };
+    Ok(out)
+}
+
+fn check_id(id: i32, vocab: usize) -> Result<usize, Error> {
+    usize::try_from(id)
+        .ok()
+        .filter(|&i| i < vocab)
+        .ok_or(Error::BadId { id, vocab })
+}
+
+pub fn unary(f: UnaryFn, x: f32) -> f32 {
+    match f {
+        UnaryFn::Relu => x.max(0.0),
+        UnaryFn::LeakyRelu(a) => {
+            if x > 0.0 {
+                x
+            } else {
+                a * x
+            }
+        }
+        UnaryFn::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnaryFn::Tanh => x.tanh(),
+        UnaryFn::Abs => x.abs(),
+        UnaryFn::Square => x * x,
+        UnaryFn::Neg => -x,
+        UnaryFn::Exp => x.exp(),
+        UnaryFn::Sign => {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// The derivative of an activation, written from its output `y`.
+fn act_derivative(f: UnaryFn, y: f32) -> f32 {
+    match f {
+        UnaryFn::Relu => {
+            if y > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        UnaryFn::LeakyRelu(a) => {
+            if y > 0.0 {
+                1.0
+            } else {
+                a
+            }
+        }
+        UnaryFn::Sigmoid => y * (1.0 - y),
+        UnaryFn::Tanh => 1.0 - y * y,
+        _ => 1.0,
+    }
+}
+
+fn softmax(x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for (o, row) in out.chunks_mut(n).zip(x.chunks(n)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = ((v - max).exp() as f64 / sum) as f32;
+        }
+    }
+    out
+}
+
+/// `op(a)·op(b)`; output rows are split across `threads`.
+fn matmul(
+    a: &[f32],
+    sa: &[usize],
+    ta: bool,
+    b: &[f32],
+    sb: &[usize],
+    tb: bool,
+    threads: usize,
+) -> Vec<f32> {
+    let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let n = if tb { sb[0] } else { sb[1] };
+    let at = |i: usize, p: usize| {
+        if ta {
+            a[p * sa[1] + i]
+        } else {
+            a[i * sa[1] + p]
+        }
+    };
+    let bt = |p: usize, j: usize| {
+        if tb {
+            b[j * sb[1] + p]
+        } else {
+            b[p * sb[1] + j]
+        }
+    };
+    let mut out = vec![0.0f32; m * n];
+    let rows = |chunk: &mut [f32], first: usize| {
+        for (r, row) in chunk.chunks_mut(n.max(1)).enumerate() {
+            let i = first + r;
+            for (j, o) in row.iter_mut().enumerate() {
+                let mut acc = 0f64;
+                for p in 0..k {
+                    acc += f64::from(at(i, p)) * f64::from(bt(p, j));
+                }
+                *o = acc as f32;
+            }
+        }
+    };
+    let threads = threads.clamp(1, m.max(1));
+    if threads == 1 || m * n * k < 32_768 {
+        rows(&mut out, 0);
+    } else {
+        let per = m.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (t, chunk) in out.chunks_mut(per * n).enumerate() {
+                let rows = &rows;
+                s.spawn(move || rows(chunk, t * per));
+            }
+        });
+    }
+    out
+}
+
+/// Input pixel `(o·s - p + k)` of an output position, if inside the input.
+fn src(o: usize, s: usize, p: usize, k: usize, n: usize) -> Option<usize> {
+    (o * s + k).checked_sub(p).filter(|&i| i < n)
+}
+
+fn conv2d(
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    os: &[usize],
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, k) = (ws[0], ws[2]);
+    let (oh, ow) = (os[2], os[3]);
+    let mut out = vec![0.0; b * co * oh * ow];
+    for n in 0..b {
+        for o in 0..co {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = 0f64;
+                    for c in 0..ci {
+                        for kh in 0..k {
+                            let Some(iy) = src(y, s, p, kh, h) else {
+                                continue;
+                            };
+                            for kw in 0..k {
+                                let Some(ix) = src(xx, s, p, kw, wd) else {
+                                    continue;
+                                };
+                                acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
+                                    * f64::from(w[((o * ci + c) * k + kh) * k + kw]);
+                            }
+                        }
+                    }
+                    out[((n * co + o) * oh + y) * ow + xx] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every input pixel scatters `pixel · kernel` into the output (no flip), overlaps summed.
+fn conv_transpose2d(
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    os: &[usize],
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, k) = (ws[1], ws[2]);
+    let (oh, ow) = (os[2], os[3]);
+    let mut out = vec![0f64; b * co * oh * ow];
+    for n in 0..b {
+        for c in 0..ci {
+            for iy in 0..h {
+                for ix in 0..wd {
+                    let v = f64::from(x[((n * ci + c) * h + iy) * wd + ix]);
+                    for o in 0..co {
+                        for kh in 0..k {
+                            let Some(y) = src(iy, s, p, kh, oh) else {
+                                continue;
+                            };
+                            for kw in 0..k {
+                                let Some(xx) = src(ix, s, p, kw, ow) else {
+                                    continue;
+                                };
+                                out[((n * co + o) * oh + y) * ow + xx] +=
+                                    v * f64::from(w[((c * co + o) * k + kh) * k + kw]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+fn conv2d_weight_grad(
+    x: &[f32],
+    xs: &[usize],
+    dy: &[f32],
+    ds: &[usize],
+    ws: &[usize],
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, oh, ow) = (ds[1], ds[2], ds[3]);
+    let k = ws[2];
+    let mut out = vec![0.0; co * ci * k * k];
+    for o in 0..co {
+        for c in 0..ci {
+            for kh in 0..k {
+                for kw in 0..k {
+                    let mut acc = 0f64;
+                    for n in 0..b {
+                        for y in 0..oh {
+                            let Some(iy) = src(y, s, p, kh, h) else {
+                                continue;
+                            };
+                            for xx in 0..ow {
+                                let Some(ix) = src(xx, s, p, kw, wd) else {
+                                    continue;
+                                };
+                                acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
+                                    * f64::from(dy[((n * co + o) * oh + y) * ow + xx]);
+                            }
+                        }
+                    }
+                    out[((o * ci + c) * k + kh) * k + kw] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn conv_transpose2d_weight_grad(
+    x: &[f32],
+    xs: &[usize],
+    dy: &[f32],
+    ds: &[usize],
+    ws: &[usize],
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, oh, ow) = (ds[1], ds[2], ds[3]);
+    let k = ws[2];
+    let mut out = vec![0.0; ci * co * k * k];
+    for c in 0..ci {
+        for o in 0..co {
+            for kh in 0..k {
+                for kw in 0..k {
+                    let mut acc = 0f64;
+                    for n in 0..b {
+                        for iy in 0..h {
+                            let Some(y) = src(iy, s, p, kh, oh) else {
+                                continue;
+                            };
+                            for ix in 0..wd {
+                                let Some(xx) = src(ix, s, p, kw, ow) else {
+                                    continue;
+                                };
+                                acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
+                                    * f64::from(dy[((n * co + o) * oh + y) * ow + xx]);
+                            }
+                        }
+                    }
+                    out[((c * co + o) * k + kh) * k + kw] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The flat index `h·W + w` of each window's first maximum (NaN counts as a maximum, as in
+/// PyTorch).
+fn pool_argmax(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec<i32> {
+    let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
+    let (oh, ow) = (os[2], os[3]);
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for pl in 0..planes {
+        let plane = &x[pl * h * w..(pl + 1) * h * w];
+        for y in 0..oh {
+            for xx in 0..ow {
+                let mut best = (y * s) * w + xx * s;
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let i = (y * s + kh) * w + xx * s + kw;
+                        if plane[i] > plane[best] || (plane[i].is_nan() && !plane[best].is_nan()) {
+                            best = i;
+                        }
+                    }
+                }
+                out.push(best as i32);
+            }
+        }
+    }
+    out
+}
+
+fn avgpool(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec<f32> {
+    let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
+    let (oh, ow) = (os[2], os[3]);
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for pl in 0..planes {
+        for y in 0..oh {
+            for xx in 0..ow {
+                let mut acc = 0f64;
+                for kh in 0..k {
+                    for kw in 0..k {
+                        acc += f64::from(x[pl * h * w + (y * s + kh) * w + xx * s + kw]);
+                    }
+                }
+                out.push((acc / (k * k) as f64) as f32);
+            }
+        }
+    }
+    out
+}
+
+fn avgpool_grad(dy: &[f32], ds: &[usize], xs: &[usize], k: usize, s: usize) -> Vec<f32> {
+    let (planes, oh, ow) = (ds[0] * ds[1], ds[2], ds[3]);
+    let (h, w) = (xs[2], xs[3]);
+    let mut out = vec![0.0; planes * h * w];
+    let share = 1.0 / (k * k) as f32;
+    for pl in 0..planes {
+        for y in 0..oh {
+            for xx in 0..ow {
+                let g = dy[(pl * oh + y) * ow + xx] * share;
+                for kh in 0..k {
+                    for kw in 0..k {
+                        out[pl * h * w + (y * s + kh) * w + xx * s + kw] += g;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A counter-based random draw in [0, 1): the same for every backend and every thread.
+pub fn uniform(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (u64::from(salt) << 48)
+        ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn keep(opts: &Options, salt: u32, i: usize, p: f32) -> bool {
+    uniform(opts.seed, opts.step, salt, i) >= p
+}
+
+/// The mean loss, computed in f64.
+fn loss(f: LossFn, p: &[f32], ps: &[usize], target: &Buf) -> Result<f64, Error> {
+    let n = p.len() as f64;
+    Ok(match f {
+        LossFn::Mse => {
+            p.iter()
+                .zip(target.f32())
+                .map(|(&p, &t)| f64::from(p - t).powi(2))
+                .sum::<f64>()
+                / n
+        }
+        LossFn::L1 => {
+            p.iter()
+                .zip(target.f32())
+                .map(|(&p, &t)| f64::from((p - t).abs()))
+                .sum::<f64>()
+                / n
+        }
+        LossFn::Bce => {
+            let term = |p: f32, t: f32| {
+                let lp = f64::from(p).ln().max(-100.0);
+                let lq = f64::from(1.0 - p).ln().max(-100.0);
+                -(f64::from(t) * lp + f64::from(1.0 - t) * lq)
+            };
+            p.iter()
+                .zip(target.f32())
+                .map(|(&p, &t)| term(p, t))
+                .sum::<f64>()
+                / n
+        }
+        LossFn::CrossEntropyLogits => {
+            let v = *ps.last().unwrap_or(&1);
+            let ids = target.i32();
+            let mut total = 0f64;
+            for (row, &id) in p.chunks(v).zip(ids) {
+                let t = check_id(id, v)?;
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = f64::from(max)
+                    + row
+                        .iter()
+                        .map(|&z| f64::from(z - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                total += lse - f64::from(row[t]);
+            }
+            total / ids.len() as f64
+        }
+    })
+}
+
+/// `dy · ∂(mean loss)/∂pred`, as PyTorch's backward of each loss.
+fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Result<Vec<f32>, Error> {
+    let n = p.len() as f32;
+    let t = target.f32();
+    Ok(match f {
+        LossFn::Mse => p
+            .iter()
+            .zip(t)
+            .map(|(&p, &t)| 2.0 * (p - t) / n * dy)
+            .collect(),
+        LossFn::L1 => p
+            .iter()
+            .zip(t)
+            .map(|(&p, &t)| unary(UnaryFn::Sign, p - t) / n * dy)
+            .collect(),
+        LossFn::Bce => p
+            .iter()
+            .zip(t)
+            .map(|(&p, &t)| (p - t) / ((1.0 - p) * p).max(1e-12) / n * dy)
+            .collect(),
+        LossFn::CrossEntropyLogits => {
+            let v = *ps.last().unwrap_or(&1);
+            let ids = target.i32();
+            let rows = ids.len() as f32;
+            let mut out = softmax(p, v);
+            for (row, &id) in out.chunks_mut(v).zip(ids) {
+                row[check_id(id, v)?] -= 1.0;
+                for g in row.iter_mut() {
+                    *g = *g / rows * dy;
+                }
+            }
+            out
+        }
+    })
+}
+
+/// PyTorch's update rules (`torch.optim.SGD` and `torch.optim.Adam`, single-tensor form).
+fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
+    let (param, slots, step) = state.begin_update(p, f);
+    match f {
+        OptimizerFn::Sgd {
+            lr,
+            momentum,
+            nesterov,
+            weight_decay,
+        } => {
+            for i in 0..param.len() {
+                let mut d = grad[i] + weight_decay * param[i];
+                if momentum != 0.0 {
+                    let buf = &mut slots[0][i];
+                    *buf = if step <= 1 { d } else { momentum * *buf + d };
+                    d = if nesterov { d + momentum * *buf } else { *buf };
+                }
+                param[i] -= lr * d;
+            }
+        }
+        OptimizerFn::Adam {
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+        } => {
+            let t = step.max(1) as i32;
+            let bc1 = 1.0 - f64::from(b1).powi(t);
+            let bc2_sqrt = (1.0 - f64::from(b2).powi(t)).sqrt();
+            let step_size = (f64::from(lr) / bc1) as f32;
+            let bc2_sqrt = bc2_sqrt as f32;
+            let (m, v) = slots.split_at_mut(1);
+            let (m, v) = (&mut m[0], &mut v[0]);
+            for i in 0..param.len() {
+                let g = grad[i] + weight_decay * param[i];
+                m[i] += (1.0 - b1) * (g - m[i]);
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                param[i] -= step_size * m[i] / denom;
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! IR-to-IR rewrites, one file each.
+
+pub mod dce;

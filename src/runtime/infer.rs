@@ -1,0 +1,83 @@
+//! Inference: the network's output (`recon`) or the encoder's (`code`) for a whole array of
+//! samples, in batches, with dropout off.
+
+use super::State;
+use crate::data::{Array, Values};
+use crate::interp::{self, Buf};
+use crate::passes;
+use crate::sema::{Compiled, Lowering, Mode, Ty, lower};
+
+/// Which result of the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Recon,
+    Code,
+}
+
+/// Runs the model on `input` (samples of the model's input type) with `params`.
+pub fn infer(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    input: &Array,
+    output: Output,
+    batch: usize,
+    threads: usize,
+) -> Result<Array, String> {
+    let name = match output {
+        Output::Recon => "recon",
+        Output::Code => "code",
+    };
+    let n = input.samples();
+    let per = input.sample_len();
+    let mut state = State::new(params.to_vec());
+    let mut out: Vec<f32> = Vec::new();
+    let mut graphs = std::collections::HashMap::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let b = batch.min(n - start);
+        let g = match graphs.entry(b) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let lowering = Lowering {
+                    batch: b as u64,
+                    mode: Mode::Infer,
+                    denoise: false,
+                };
+                let fwd = lower::lower(&c.model, &lowering)?;
+                e.insert(passes::dce::keep_outputs(&fwd, &[name])?)
+            }
+        };
+        let g: &crate::ir::Graph = g;
+        let inputs: Vec<Buf> = g
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, _)| match (&input.values, k) {
+                (Values::F32(v), 0) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
+                (Values::I32(v), 0) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
+                _ => Buf::F32(Vec::new()),
+            })
+            .collect();
+        let opts = interp::Options {
+            threads,
+            check_finite: false,
+            ..interp::Options::default()
+        };
+        let values = interp::run(g, &inputs, &mut state, &opts).map_err(|e| e.to_string())?;
+        out.extend_from_slice(values.output(g, name).map(|b| b.f32()).unwrap_or(&[]));
+    }
+    let ty = match output {
+        Output::Recon => &c.model.output,
+        Output::Code => &c.model.code,
+    };
+    let mut shape = vec![n];
+    match ty {
+        Ty::Tensor(d) => shape.extend(d.iter().map(|&x| x as usize)),
+        Ty::Seq { len, dim } => shape.extend([*len as usize, *dim as usize]),
+        Ty::Tokens { len, .. } => shape.push(*len as usize),
+        Ty::Token { .. } => {}
+    }
+    Ok(Array {
+        shape,
+        values: Values::F32(out),
+    })
+}
