@@ -28,8 +28,8 @@ pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
     let mut from_param = vec![false; n];
     for id in forward.ids() {
         let node = forward.node(id);
-        from_param[id.index()] = matches!(node.op, Op::Param(_))
-            || node.op.operands().iter().any(|o| from_param[o.index()]);
+        from_param[id.index()] =
+            matches!(node.op, Op::Param(_)) || node.op.operands().iter().any(|o| from_param[o.index()]);
     }
     let mut to_loss = vec![false; n];
     to_loss[loss.index()] = true;
@@ -44,18 +44,8 @@ pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
 
     let mut graph = forward.clone();
     graph.name = forward.name.replace(".forward", ".train");
-    let seed = graph.add(
-        Op::Fill {
-            value: 1.0,
-            shape: vec![],
-        },
-        None,
-    )?;
-    let mut ad = Ad {
-        g: graph,
-        grads: vec![None; n],
-        needs,
-    };
+    let seed = graph.add(Op::Fill { value: 1.0, shape: vec![] }, None)?;
+    let mut ad = Ad { g: graph, grads: vec![None; n], needs };
     ad.grads[loss.index()] = Some(seed);
     for id in forward.ids().rev() {
         if let (true, Some(d)) = (ad.needs[id.index()], ad.grads[id.index()]) {
@@ -63,40 +53,21 @@ pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
         }
     }
     let param_grads = (0..forward.params.len())
-        .map(|p| {
-            forward
-                .param_node(ParamId(p as u32))
-                .and_then(|id| ad.grads[id.index()])
-        })
+        .map(|p| forward.param_node(ParamId(p as u32)).and_then(|id| ad.grads[id.index()]))
         .collect();
-    Ok(Backward {
-        graph: ad.g,
-        param_grads,
-    })
+    Ok(Backward { graph: ad.g, param_grads })
 }
 
 /// The whole training step: forward, loss, backward, and `opt`'s update of every parameter
 /// not `frozen`. Outputs: the forward graph's outputs.
 pub fn training_step(forward: &Graph, opt: OptimizerFn, frozen: &[bool]) -> Result<Graph, String> {
-    let loss = forward
-        .output("loss")
-        .ok_or("the graph has no `loss` output")?;
-    let Backward {
-        mut graph,
-        param_grads,
-    } = backward(forward, loss)?;
+    let loss = forward.output("loss").ok_or("the graph has no `loss` output")?;
+    let Backward { mut graph, param_grads } = backward(forward, loss)?;
     for (p, grad) in param_grads.into_iter().enumerate() {
         if let Some(grad) = grad
             && !frozen.get(p).copied().unwrap_or(false)
         {
-            graph.add(
-                Op::Update {
-                    f: opt,
-                    param: ParamId(p as u32),
-                    grad,
-                },
-                None,
-            )?;
+            graph.add(Op::Update { f: opt, param: ParamId(p as u32), grad }, None)?;
         }
     }
     Ok(graph)
@@ -120,14 +91,7 @@ impl Ad {
             return Ok(());
         }
         let sum = match self.grads[o.index()] {
-            Some(prev) => self.add(
-                Op::Binary {
-                    f: BinaryFn::Add,
-                    a: prev,
-                    b: g,
-                },
-                at,
-            )?,
+            Some(prev) => self.add(Op::Binary { f: BinaryFn::Add, a: prev, b: g }, at)?,
             None => g,
         };
         self.grads[o.index()] = Some(sum);
@@ -149,38 +113,18 @@ impl Ad {
             Op::MatMul { a, b, ta, tb } => {
                 if self.wants(a) {
                     let op = if ta {
-                        Op::MatMul {
-                            a: b,
-                            b: d,
-                            ta: tb,
-                            tb: true,
-                        }
+                        Op::MatMul { a: b, b: d, ta: tb, tb: true }
                     } else {
-                        Op::MatMul {
-                            a: d,
-                            b,
-                            ta: false,
-                            tb: !tb,
-                        }
+                        Op::MatMul { a: d, b, ta: false, tb: !tb }
                     };
                     let da = self.add(op, y)?;
                     self.acc(a, da, y)?;
                 }
                 if self.wants(b) {
                     let op = if tb {
-                        Op::MatMul {
-                            a: d,
-                            b: a,
-                            ta: true,
-                            tb: ta,
-                        }
+                        Op::MatMul { a: d, b: a, ta: true, tb: ta }
                     } else {
-                        Op::MatMul {
-                            a,
-                            b: d,
-                            ta: !ta,
-                            tb: false,
-                        }
+                        Op::MatMul { a, b: d, ta: !ta, tb: false }
                     };
                     let db = self.add(op, y)?;
                     self.acc(b, db, y)?;
@@ -205,45 +149,18 @@ impl Ad {
                     }
                     // y = |x|  ⇒  dx = d·sign(x).
                     UnaryFn::Abs => {
-                        let s = self.add(
-                            Op::Unary {
-                                f: UnaryFn::Sign,
-                                x,
-                            },
-                            y,
-                        )?;
-                        self.add(
-                            Op::Binary {
-                                f: BinaryFn::Mul,
-                                a: d,
-                                b: s,
-                            },
-                            y,
-                        )?
+                        let s = self.add(Op::Unary { f: UnaryFn::Sign, x }, y)?;
+                        self.add(Op::Binary { f: BinaryFn::Mul, a: d, b: s }, y)?
                     }
                     // y = x²  ⇒  dx = 2·x·d.
                     UnaryFn::Square => {
-                        let m = self.add(
-                            Op::Binary {
-                                f: BinaryFn::Mul,
-                                a: d,
-                                b: x,
-                            },
-                            y,
-                        )?;
+                        let m = self.add(Op::Binary { f: BinaryFn::Mul, a: d, b: x }, y)?;
                         self.add(Op::Scale { x: m, c: 2.0 }, y)?
                     }
                     // y = -x  ⇒  dx = -d.
                     UnaryFn::Neg => self.add(Op::Scale { x: d, c: -1.0 }, y)?,
                     // y = eˣ  ⇒  dx = d·y.
-                    UnaryFn::Exp => self.add(
-                        Op::Binary {
-                            f: BinaryFn::Mul,
-                            a: d,
-                            b: y,
-                        },
-                        y,
-                    )?,
+                    UnaryFn::Exp => self.add(Op::Binary { f: BinaryFn::Mul, a: d, b: y }, y)?,
                     // y = sign(x) is flat almost everywhere: no gradient.
                     UnaryFn::Sign => return Ok(()),
                 };
@@ -256,22 +173,8 @@ impl Ad {
                     BinaryFn::Add => (d, d),
                     BinaryFn::Sub => (d, self.add(Op::Scale { x: d, c: -1.0 }, y)?),
                     BinaryFn::Mul => (
-                        self.add(
-                            Op::Binary {
-                                f: BinaryFn::Mul,
-                                a: d,
-                                b,
-                            },
-                            y,
-                        )?,
-                        self.add(
-                            Op::Binary {
-                                f: BinaryFn::Mul,
-                                a: d,
-                                b: a,
-                            },
-                            y,
-                        )?,
+                        self.add(Op::Binary { f: BinaryFn::Mul, a: d, b }, y)?,
+                        self.add(Op::Binary { f: BinaryFn::Mul, a: d, b: a }, y)?,
                     ),
                 };
                 self.acc(a, da, y)?;
@@ -314,26 +217,11 @@ impl Ad {
                     let k = ws[2];
                     let back = |n: usize, o: usize| n + 2 * pad - ((o - 1) * stride + k);
                     let out_pad = [back(xs[2], ds[2]), back(xs[3], ds[3])];
-                    let dx = self.add(
-                        Op::ConvTranspose2d {
-                            x: d,
-                            w,
-                            stride,
-                            pad,
-                            out_pad,
-                        },
-                        y,
-                    )?;
+                    let dx = self.add(Op::ConvTranspose2d { x: d, w, stride, pad, out_pad }, y)?;
                     self.acc(x, dx, y)?;
                 }
                 if self.wants(w) {
-                    let op = Op::Conv2dWeightGrad {
-                        x,
-                        dy: d,
-                        kernel: ws[2],
-                        stride,
-                        pad,
-                    };
+                    let op = Op::Conv2dWeightGrad { x, dy: d, kernel: ws[2], stride, pad };
                     let dw = self.add(op, y)?;
                     self.acc(w, dw, y)?;
                 }
@@ -341,30 +229,14 @@ impl Ad {
 
             // y = x ⋆ᵀ w  ⇒  dx = d ⋆ w (a plain convolution, same stride and padding),
             // dw = Σ_b x ⊗ d with the roles of input and output swapped.
-            Op::ConvTranspose2d {
-                x, w, stride, pad, ..
-            } => {
+            Op::ConvTranspose2d { x, w, stride, pad, .. } => {
                 let k = shape_of(&self.g, w)[2];
                 if self.wants(x) {
-                    let dx = self.add(
-                        Op::Conv2d {
-                            x: d,
-                            w,
-                            stride,
-                            pad,
-                        },
-                        y,
-                    )?;
+                    let dx = self.add(Op::Conv2d { x: d, w, stride, pad }, y)?;
                     self.acc(x, dx, y)?;
                 }
                 if self.wants(w) {
-                    let op = Op::ConvTranspose2dWeightGrad {
-                        x,
-                        dy: d,
-                        kernel: k,
-                        stride,
-                        pad,
-                    };
+                    let op = Op::ConvTranspose2dWeightGrad { x, dy: d, kernel: k, stride, pad };
                     let dw = self.add(op, y)?;
                     self.acc(w, dw, y)?;
                 }
@@ -374,13 +246,7 @@ impl Ad {
             // switches.
             Op::Gather { x, idx } => {
                 let xs = shape_of(&self.g, x);
-                let op = Op::Scatter {
-                    v: d,
-                    idx,
-                    height: xs[2],
-                    width: xs[3],
-                    accumulate: true,
-                };
+                let op = Op::Scatter { v: d, idx, height: xs[2], width: xs[3], accumulate: true };
                 let dx = self.add(op, y)?;
                 self.acc(x, dx, y)?;
             }
@@ -394,13 +260,7 @@ impl Ad {
             // y = mean of each window  ⇒  each input gets d/K² from every window it is in.
             Op::AvgPool { x, kernel, stride } => {
                 let xs = shape_of(&self.g, x);
-                let op = Op::AvgPoolGrad {
-                    dy: d,
-                    kernel,
-                    stride,
-                    height: xs[2],
-                    width: xs[3],
-                };
+                let op = Op::AvgPoolGrad { dy: d, kernel, stride, height: xs[2], width: xs[3] };
                 let dx = self.add(op, y)?;
                 self.acc(x, dx, y)?;
             }
@@ -420,15 +280,7 @@ impl Ad {
 
             // y = mean loss(pred, target)  ⇒  dpred = d·∂loss/∂pred (targets are data).
             Op::Loss { f, pred, target } => {
-                let dp = self.add(
-                    Op::LossGrad {
-                        f,
-                        pred,
-                        target,
-                        dy: d,
-                    },
-                    y,
-                )?;
+                let dp = self.add(Op::LossGrad { f, pred, target, dy: d }, y)?;
                 self.acc(pred, dp, y)?;
             }
 

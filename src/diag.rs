@@ -16,18 +16,12 @@ pub struct Span {
 
 impl Span {
     pub fn new(start: usize, end: usize) -> Span {
-        Span {
-            start: clamp_u32(start),
-            end: clamp_u32(end.max(start)),
-        }
+        Span { start: clamp_u32(start), end: clamp_u32(end.max(start)) }
     }
 
     /// The smallest span covering both.
     pub fn to(self, other: Span) -> Span {
-        Span {
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 
     pub fn len(self) -> usize {
@@ -94,17 +88,11 @@ impl Diagnostic {
     }
 
     pub fn warning(message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(message)
-        }
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(message) }
     }
 
     pub fn label(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.labels.push(Label {
-            span,
-            message: message.into(),
-        });
+        self.labels.push(Label { span, message: message.into() });
         self
     }
 
@@ -131,20 +119,12 @@ impl Diagnostic {
 /// Renders diagnostics as text: `file:line:col`, the source line with the span underlined,
 /// labels, notes and help. Colour only when `color` is set (the CLI on a terminal).
 pub fn render(diags: &[Diagnostic], file_name: &str, src: &str, color: bool) -> String {
-    let theme = if color {
-        miette::GraphicalTheme::unicode()
-    } else {
-        miette::GraphicalTheme::unicode_nocolor()
-    };
-    let handler = miette::GraphicalReportHandler::new_themed(theme)
-        .with_width(100)
-        .with_context_lines(1);
+    let theme =
+        if color { miette::GraphicalTheme::unicode() } else { miette::GraphicalTheme::unicode_nocolor() };
+    let handler = miette::GraphicalReportHandler::new_themed(theme).with_width(100).with_context_lines(1);
     let mut out = String::new();
     for d in diags {
-        let report = Report {
-            diag: d,
-            src: miette::NamedSource::new(file_name, src.to_owned()),
-        };
+        let report = Report { diag: d, src: miette::NamedSource::new(file_name, src.to_owned()) };
         if handler.render_report(&mut out, &report).is_err() {
             // Rendering into a String cannot fail; keep the message in any case.
             out.push_str(&d.message);
@@ -205,11 +185,7 @@ impl miette::Diagnostic for Report<'_> {
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        if self.diag.labels.is_empty() {
-            None
-        } else {
-            Some(&self.src)
-        }
+        if self.diag.labels.is_empty() { None } else { Some(&self.src) }
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {

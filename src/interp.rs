@@ -60,12 +60,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            seed: 0,
-            step: 1,
-            threads: 1,
-            check_finite: true,
-        }
+        Options { seed: 0, step: 1, threads: 1, check_finite: true }
     }
 }
 
@@ -94,15 +89,8 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::BadInput {
-                name,
-                expected,
-                got,
-            } => {
-                write!(
-                    f,
-                    "input {name} has {got} values, the graph expects {expected}"
-                )
+            Error::BadInput { name, expected, got } => {
+                write!(f, "input {name} has {got} values, the graph expects {expected}")
             }
             Error::NonFinite { node, op, .. } => {
                 write!(f, "`{op}` (node %{}) produced NaN or infinity", node.0)
@@ -141,11 +129,7 @@ pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Resu
             && let Buf::F32(v) = &out
             && v.iter().any(|x| !x.is_finite())
         {
-            return Err(Error::NonFinite {
-                node: id,
-                op: node.op.mnemonic(),
-                span: g.span(id),
-            });
+            return Err(Error::NonFinite { node: id, op: node.op.mnemonic(), span: g.span(id) });
         }
         bufs.push(out);
     }
@@ -167,48 +151,28 @@ fn eval(
     let sh = |n: NodeId| g.ty(n).shape.as_slice();
     let out = match &node.op {
         Op::Input(i) => {
-            let b = inputs
-                .get(i.index())
-                .ok_or(Error::Unsupported("missing input"))?;
+            let b = inputs.get(i.index()).ok_or(Error::Unsupported("missing input"))?;
             let expected = node.ty.numel();
-            let ok_dtype = matches!(
-                (b, node.ty.dtype),
-                (Buf::F32(_), DType::F32) | (Buf::I32(_), DType::I32)
-            );
+            let ok_dtype =
+                matches!((b, node.ty.dtype), (Buf::F32(_), DType::F32) | (Buf::I32(_), DType::I32));
             if b.len() != expected || !ok_dtype {
                 let name = g.inputs[i.index()].name.clone();
-                return Err(Error::BadInput {
-                    name,
-                    expected,
-                    got: b.len(),
-                });
+                return Err(Error::BadInput { name, expected, got: b.len() });
             }
             b.clone()
         }
         Op::Param(p) => Buf::F32(state.params[p.index()].clone()),
-        Op::MatMul { a, b, ta, tb } => {
-            Buf::F32(matmul(f(*a), sh(*a), *ta, f(*b), sh(*b), *tb, opts.threads))
-        }
+        Op::MatMul { a, b, ta, tb } => Buf::F32(matmul(f(*a), sh(*a), *ta, f(*b), sh(*b), *tb, opts.threads)),
         Op::BiasAdd { x, bias } => {
             let (xs, b) = (sh(*x), f(*bias));
             let inner: usize = xs[2..].iter().product();
             let c = xs[1];
-            Buf::F32(
-                f(*x)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| v + b[(i / inner) % c])
-                    .collect(),
-            )
+            Buf::F32(f(*x).iter().enumerate().map(|(i, v)| v + b[(i / inner) % c]).collect())
         }
         Op::Unary { f: func, x } => Buf::F32(f(*x).iter().map(|&v| unary(*func, v)).collect()),
-        Op::ActGrad { f: func, y, dy } => Buf::F32(
-            f(*y)
-                .iter()
-                .zip(f(*dy))
-                .map(|(&y, &d)| d * act_derivative(*func, y))
-                .collect(),
-        ),
+        Op::ActGrad { f: func, y, dy } => {
+            Buf::F32(f(*y).iter().zip(f(*dy)).map(|(&y, &d)| d * act_derivative(*func, y)).collect())
+        }
         Op::Binary { f: func, a, b } => Buf::F32(
             f(*a)
                 .iter()
@@ -249,80 +213,38 @@ fn eval(
         Op::Conv2d { x, w, stride, pad } => {
             Buf::F32(conv2d(f(*x), sh(*x), f(*w), sh(*w), shape, *stride, *pad))
         }
-        Op::ConvTranspose2d {
-            x, w, stride, pad, ..
-        } => Buf::F32(conv_transpose2d(
-            f(*x),
-            sh(*x),
-            f(*w),
-            sh(*w),
-            shape,
-            *stride,
-            *pad,
-        )),
-        Op::Conv2dWeightGrad {
-            x, dy, stride, pad, ..
-        } => Buf::F32(conv2d_weight_grad(
-            f(*x),
-            sh(*x),
-            f(*dy),
-            sh(*dy),
-            shape,
-            *stride,
-            *pad,
-        )),
-        Op::ConvTranspose2dWeightGrad {
-            x, dy, stride, pad, ..
-        } => Buf::F32(conv_transpose2d_weight_grad(
-            f(*x),
-            sh(*x),
-            f(*dy),
-            sh(*dy),
-            shape,
-            *stride,
-            *pad,
-        )),
-        Op::PoolArgmax { x, kernel, stride } => {
-            Buf::I32(pool_argmax(f(*x), sh(*x), shape, *kernel, *stride))
+        Op::ConvTranspose2d { x, w, stride, pad, .. } => {
+            Buf::F32(conv_transpose2d(f(*x), sh(*x), f(*w), sh(*w), shape, *stride, *pad))
         }
+        Op::Conv2dWeightGrad { x, dy, stride, pad, .. } => {
+            Buf::F32(conv2d_weight_grad(f(*x), sh(*x), f(*dy), sh(*dy), shape, *stride, *pad))
+        }
+        Op::ConvTranspose2dWeightGrad { x, dy, stride, pad, .. } => {
+            Buf::F32(conv_transpose2d_weight_grad(f(*x), sh(*x), f(*dy), sh(*dy), shape, *stride, *pad))
+        }
+        Op::PoolArgmax { x, kernel, stride } => Buf::I32(pool_argmax(f(*x), sh(*x), shape, *kernel, *stride)),
         Op::Gather { x, idx } => {
             let xs = sh(*x);
             let plane_in = xs[2] * xs[3];
             let plane_out = shape[2] * shape[3];
             let (xv, iv) = (f(*x), ints(*idx));
-            Buf::F32(
-                (0..iv.len())
-                    .map(|i| xv[(i / plane_out) * plane_in + iv[i] as usize])
-                    .collect(),
-            )
+            Buf::F32((0..iv.len()).map(|i| xv[(i / plane_out) * plane_in + iv[i] as usize]).collect())
         }
-        Op::Scatter {
-            v,
-            idx,
-            height,
-            width,
-            accumulate,
-        } => {
+        Op::Scatter { v, idx, height, width, accumulate } => {
             let plane_out = height * width;
             let vs = sh(*v);
             let plane_in = vs[2] * vs[3];
             let mut out = vec![0.0; node.ty.numel()];
             for (i, (&val, &at)) in f(*v).iter().zip(ints(*idx)).enumerate() {
                 let o = (i / plane_in) * plane_out + at as usize;
-                if *accumulate {
-                    out[o] += val
-                } else {
-                    out[o] = val
-                }
+                if *accumulate { out[o] += val } else { out[o] = val }
             }
             Buf::F32(out)
         }
-        Op::AvgPool { x, kernel, stride } => {
-            Buf::F32(avgpool(f(*x), sh(*x), shape, *kernel, *stride))
+        Op::AvgPool { x, kernel, stride } => Buf::F32(avgpool(f(*x), sh(*x), shape, *kernel, *stride)),
+        Op::AvgPoolGrad { dy, kernel, stride, .. } => {
+            Buf::F32(avgpool_grad(f(*dy), sh(*dy), shape, *kernel, *stride))
         }
-        Op::AvgPoolGrad {
-            dy, kernel, stride, ..
-        } => Buf::F32(avgpool_grad(f(*dy), sh(*dy), shape, *kernel, *stride)),
         Op::Embed { table, ids } => {
             let (vocab, dim) = (sh(*table)[0], sh(*table)[1]);
             let t = f(*table);
@@ -354,11 +276,7 @@ fn eval(
         Op::ShiftRight { ids, start } => {
             let t = shape[1];
             let src = ints(*ids);
-            Buf::I32(
-                (0..src.len())
-                    .map(|i| if i % t == 0 { *start } else { src[i - 1] })
-                    .collect(),
-            )
+            Buf::I32((0..src.len()).map(|i| if i % t == 0 { *start } else { src[i - 1] }).collect())
         }
         Op::Recurrent { cell, .. } => {
             let _: Cell = *cell;
@@ -368,28 +286,16 @@ fn eval(
             let (t, feat) = (sh(*x)[1], sh(*x)[2]);
             let xv = f(*x);
             Buf::F32(
-                (0..shape[0])
-                    .flat_map(|b| xv[(b * t + t - 1) * feat..(b * t + t) * feat].to_vec())
-                    .collect(),
+                (0..shape[0]).flat_map(|b| xv[(b * t + t - 1) * feat..(b * t + t) * feat].to_vec()).collect(),
             )
         }
         Op::Repeat { x, times } => {
             let feat = sh(*x)[1];
-            Buf::F32(
-                f(*x)
-                    .chunks(feat)
-                    .flat_map(|row| row.repeat(*times))
-                    .collect(),
-            )
+            Buf::F32(f(*x).chunks(feat).flat_map(|row| row.repeat(*times)).collect())
         }
         Op::SliceLast { x, start, len } => {
             let n = *sh(*x).last().unwrap_or(&1);
-            Buf::F32(
-                f(*x)
-                    .chunks(n)
-                    .flat_map(|row| row[*start..start + len].to_vec())
-                    .collect(),
-            )
+            Buf::F32(f(*x).chunks(n).flat_map(|row| row[*start..start + len].to_vec()).collect())
         }
         Op::Dropout { x, p, salt } => {
             let scale = 1.0 / (1.0 - p);
@@ -397,13 +303,7 @@ fn eval(
                 f(*x)
                     .iter()
                     .enumerate()
-                    .map(|(i, &v)| {
-                        if keep(opts, *salt, i, *p) {
-                            v * scale
-                        } else {
-                            0.0
-                        }
-                    })
+                    .map(|(i, &v)| if keep(opts, *salt, i, *p) { v * scale } else { 0.0 })
                     .collect(),
             )
         }
@@ -413,40 +313,17 @@ fn eval(
                 f(*dy)
                     .iter()
                     .enumerate()
-                    .map(|(i, &v)| {
-                        if keep(opts, *salt, i, *p) {
-                            v * scale
-                        } else {
-                            0.0
-                        }
-                    })
+                    .map(|(i, &v)| if keep(opts, *salt, i, *p) { v * scale } else { 0.0 })
                     .collect(),
             )
         }
-        Op::Loss {
-            f: func,
-            pred,
-            target,
-        } => Buf::F32(vec![
-            loss(*func, f(*pred), sh(*pred), &bufs[target.index()])? as f32,
-        ]),
-        Op::LossGrad {
-            f: func,
-            pred,
-            target,
-            dy,
-        } => Buf::F32(loss_grad(
-            *func,
-            f(*pred),
-            sh(*pred),
-            &bufs[target.index()],
-            f(*dy)[0],
-        )?),
-        Op::Update {
-            f: func,
-            param,
-            grad,
-        } => {
+        Op::Loss { f: func, pred, target } => {
+            Buf::F32(vec![loss(*func, f(*pred), sh(*pred), &bufs[target.index()])? as f32])
+        }
+        Op::LossGrad { f: func, pred, target, dy } => {
+            Buf::F32(loss_grad(*func, f(*pred), sh(*pred), &bufs[target.index()], f(*dy)[0])?)
+        }
+        Op::Update { f: func, param, grad } => {
             update(*func, state, param.index(), f(*grad));
             Buf::F32(Vec::new())
         }
@@ -455,10 +332,7 @@ fn eval(
 }
 
 fn check_id(id: i32, vocab: usize) -> Result<usize, Error> {
-    usize::try_from(id)
-        .ok()
-        .filter(|&i| i < vocab)
-        .ok_or(Error::BadId { id, vocab })
+    usize::try_from(id).ok().filter(|&i| i < vocab).ok_or(Error::BadId { id, vocab })
 }
 
 pub fn unary(f: UnaryFn, x: f32) -> f32 {
@@ -525,30 +399,14 @@ fn softmax(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// `op(a)·op(b)`; output rows are split across `threads`.
-fn matmul(
-    a: &[f32],
-    sa: &[usize],
-    ta: bool,
-    b: &[f32],
-    sb: &[usize],
-    tb: bool,
-    threads: usize,
-) -> Vec<f32> {
+fn matmul(a: &[f32], sa: &[usize], ta: bool, b: &[f32], sb: &[usize], tb: bool, threads: usize) -> Vec<f32> {
     let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
     let n = if tb { sb[0] } else { sb[1] };
     let at = |i: usize, p: usize| {
-        if ta {
-            a[p * sa[1] + i]
-        } else {
-            a[i * sa[1] + p]
-        }
+        if ta { a[p * sa[1] + i] } else { a[i * sa[1] + p] }
     };
     let bt = |p: usize, j: usize| {
-        if tb {
-            b[j * sb[1] + p]
-        } else {
-            b[p * sb[1] + j]
-        }
+        if tb { b[j * sb[1] + p] } else { b[p * sb[1] + j] }
     };
     let mut out = vec![0.0f32; m * n];
     let rows = |chunk: &mut [f32], first: usize| {
@@ -583,15 +441,7 @@ fn src(o: usize, s: usize, p: usize, k: usize, n: usize) -> Option<usize> {
     (o * s + k).checked_sub(p).filter(|&i| i < n)
 }
 
-fn conv2d(
-    x: &[f32],
-    xs: &[usize],
-    w: &[f32],
-    ws: &[usize],
-    os: &[usize],
-    s: usize,
-    p: usize,
-) -> Vec<f32> {
+fn conv2d(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], os: &[usize], s: usize, p: usize) -> Vec<f32> {
     let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
     let (co, k) = (ws[0], ws[2]);
     let (oh, ow) = (os[2], os[3]);
@@ -829,31 +679,15 @@ fn keep(opts: &Options, salt: u32, i: usize, p: f32) -> bool {
 fn loss(f: LossFn, p: &[f32], ps: &[usize], target: &Buf) -> Result<f64, Error> {
     let n = p.len() as f64;
     Ok(match f {
-        LossFn::Mse => {
-            p.iter()
-                .zip(target.f32())
-                .map(|(&p, &t)| f64::from(p - t).powi(2))
-                .sum::<f64>()
-                / n
-        }
-        LossFn::L1 => {
-            p.iter()
-                .zip(target.f32())
-                .map(|(&p, &t)| f64::from((p - t).abs()))
-                .sum::<f64>()
-                / n
-        }
+        LossFn::Mse => p.iter().zip(target.f32()).map(|(&p, &t)| f64::from(p - t).powi(2)).sum::<f64>() / n,
+        LossFn::L1 => p.iter().zip(target.f32()).map(|(&p, &t)| f64::from((p - t).abs())).sum::<f64>() / n,
         LossFn::Bce => {
             let term = |p: f32, t: f32| {
                 let lp = f64::from(p).ln().max(-100.0);
                 let lq = f64::from(1.0 - p).ln().max(-100.0);
                 -(f64::from(t) * lp + f64::from(1.0 - t) * lq)
             };
-            p.iter()
-                .zip(target.f32())
-                .map(|(&p, &t)| term(p, t))
-                .sum::<f64>()
-                / n
+            p.iter().zip(target.f32()).map(|(&p, &t)| term(p, t)).sum::<f64>() / n
         }
         LossFn::CrossEntropyLogits => {
             let v = *ps.last().unwrap_or(&1);
@@ -862,12 +696,7 @@ fn loss(f: LossFn, p: &[f32], ps: &[usize], target: &Buf) -> Result<f64, Error> 
             for (row, &id) in p.chunks(v).zip(ids) {
                 let t = check_id(id, v)?;
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = f64::from(max)
-                    + row
-                        .iter()
-                        .map(|&z| f64::from(z - max).exp())
-                        .sum::<f64>()
-                        .ln();
+                let lse = f64::from(max) + row.iter().map(|&z| f64::from(z - max).exp()).sum::<f64>().ln();
                 total += lse - f64::from(row[t]);
             }
             total / ids.len() as f64
@@ -880,21 +709,11 @@ fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Resul
     let n = p.len() as f32;
     let t = target.f32();
     Ok(match f {
-        LossFn::Mse => p
-            .iter()
-            .zip(t)
-            .map(|(&p, &t)| 2.0 * (p - t) / n * dy)
-            .collect(),
-        LossFn::L1 => p
-            .iter()
-            .zip(t)
-            .map(|(&p, &t)| unary(UnaryFn::Sign, p - t) / n * dy)
-            .collect(),
-        LossFn::Bce => p
-            .iter()
-            .zip(t)
-            .map(|(&p, &t)| (p - t) / ((1.0 - p) * p).max(1e-12) / n * dy)
-            .collect(),
+        LossFn::Mse => p.iter().zip(t).map(|(&p, &t)| 2.0 * (p - t) / n * dy).collect(),
+        LossFn::L1 => p.iter().zip(t).map(|(&p, &t)| unary(UnaryFn::Sign, p - t) / n * dy).collect(),
+        LossFn::Bce => {
+            p.iter().zip(t).map(|(&p, &t)| (p - t) / ((1.0 - p) * p).max(1e-12) / n * dy).collect()
+        }
         LossFn::CrossEntropyLogits => {
             let v = *ps.last().unwrap_or(&1);
             let ids = target.i32();
@@ -915,12 +734,7 @@ fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Resul
 fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
     let (param, slots, step) = state.begin_update(p, f);
     match f {
-        OptimizerFn::Sgd {
-            lr,
-            momentum,
-            nesterov,
-            weight_decay,
-        } => {
+        OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
             for i in 0..param.len() {
                 let mut d = grad[i] + weight_decay * param[i];
                 if momentum != 0.0 {
@@ -931,13 +745,7 @@ fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
                 param[i] -= lr * d;
             }
         }
-        OptimizerFn::Adam {
-            lr,
-            b1,
-            b2,
-            eps,
-            weight_decay,
-        } => {
+        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => {
             let t = step.max(1) as i32;
             let bc1 = 1.0 - f64::from(b1).powi(t);
             let bc2_sqrt = (1.0 - f64::from(b2).powi(t)).sqrt();

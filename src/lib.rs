@@ -19,6 +19,34 @@ pub mod sema;
 pub mod syntax;
 
 pub use sema::{Compiled, Config, compile};
+
+/// The training-step graph of a compiled spec with its `train` block's optimizer (Adam with
+/// PyTorch's defaults if it names none).
+pub fn training_step(c: &Compiled) -> Result<ir::Graph, String> {
+    let opt = c.ast.train.as_ref().and_then(|t| t.optimizer.as_ref());
+    autodiff::training_step(&c.forward, optimizer_fn(opt), &[])
+}
+
+/// The IR form of an optimizer setting.
+pub fn optimizer_fn(o: Option<&syntax::ast::Optimizer>) -> ir::OptimizerFn {
+    use syntax::ast::Optimizer;
+    match o {
+        Some(Optimizer::Sgd { lr, momentum, nesterov, weight_decay }) => ir::OptimizerFn::Sgd {
+            lr: *lr as f32,
+            momentum: *momentum as f32,
+            nesterov: *nesterov,
+            weight_decay: *weight_decay as f32,
+        },
+        Some(Optimizer::Adam { lr, b1, b2, eps, weight_decay }) => ir::OptimizerFn::Adam {
+            lr: *lr as f32,
+            b1: *b1 as f32,
+            b2: *b2 as f32,
+            eps: *eps as f32,
+            weight_decay: *weight_decay as f32,
+        },
+        None => ir::OptimizerFn::Adam { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    }
+}
 pub mod autodiff;
 pub mod data;
 pub mod interp;

@@ -37,10 +37,7 @@ fn spec_errors_exit_1_with_the_location_on_stderr() {
     let (code, out, err) = aec(&["compile", "specs/errors/needs_output_padding.ae"]);
     assert_eq!(code, 1);
     assert!(out.is_empty(), "diagnostics go to stderr: {out}");
-    assert!(
-        err.contains("specs/errors/needs_output_padding.ae:8:9"),
-        "{err}"
-    );
+    assert!(err.contains("specs/errors/needs_output_padding.ae:8:9"), "{err}");
     assert!(err.contains("add `op1`"), "{err}");
 }
 

@@ -13,20 +13,14 @@ fn specs() -> Vec<String> {
         .filter(|p| p.extension().is_some_and(|e| e == "ae"))
         .collect();
     paths.sort();
-    paths
-        .iter()
-        .map(|p| std::fs::read_to_string(p).expect("readable spec"))
-        .collect()
+    paths.iter().map(|p| std::fs::read_to_string(p).expect("readable spec")).collect()
 }
 
 /// Compiles at a small batch and, when it succeeds, checks the graph the way later stages will.
 fn compile_does_not_panic(src: &str) {
     let config = aec::Config { batch: Some(2) };
     if let Ok(c) = aec::compile(src, &config) {
-        assert!(
-            aec::ir::verify(&c.forward).is_ok(),
-            "verifier rejects a compiled graph:\n{src}"
-        );
+        assert!(aec::ir::verify(&c.forward).is_ok(), "verifier rejects a compiled graph:\n{src}");
         let _ = aec::ir::print(&c.forward, Some(src));
         let _ = c.model.table(src);
     }

@@ -6,10 +6,7 @@ use std::path::Path;
 /// The path as the user would type it from the repository root, for stable snapshots.
 fn display_path(path: &Path) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
+    path.strip_prefix(root).unwrap_or(path).display().to_string()
 }
 
 fn read(path: &Path) -> String {
@@ -42,6 +39,24 @@ fn specs_compile() {
 }
 
 #[test]
+fn training_steps() {
+    insta::glob!("../specs", "*.ae", |path| {
+        let src = read(path);
+        let compiled = aec::compile(&src, &aec::Config::default()).expect("compiles");
+        let text = match aec::training_step(&compiled) {
+            Ok(g) => {
+                if let Err(errors) = aec::ir::verify(&g) {
+                    panic!("{}: IR verifier: {errors:#?}", display_path(path));
+                }
+                aec::ir::print(&g, Some(&src))
+            }
+            Err(e) => format!("not differentiable yet: {e}\n"),
+        };
+        insta::assert_snapshot!(text);
+    });
+}
+
+#[test]
 fn ast_round_trips_through_its_printer() {
     insta::glob!("../specs", "*.ae", |path| {
         let src = read(path);
@@ -54,12 +69,7 @@ fn ast_round_trips_through_its_printer() {
             "{}: printed form does not parse: {diags:?}\n{printed}",
             display_path(path)
         );
-        assert_eq!(
-            again.expect("ast").to_string(),
-            printed,
-            "{}",
-            display_path(path)
-        );
+        assert_eq!(again.expect("ast").to_string(), printed, "{}", display_path(path));
     });
 }
 
@@ -87,25 +97,11 @@ fn bad_specs_fail_with_located_diagnostics() {
         let errors: Vec<_> = diags.iter().filter(|d| d.is_error()).collect();
         assert!(!errors.is_empty(), "{name}: no error diagnostic");
         for d in &errors {
-            assert!(
-                d.span().is_some(),
-                "{name}: error without a location: {}",
-                d.message
-            );
-            assert!(
-                !d.message.contains("Rule::"),
-                "{name}: grammar rule name shown to a user"
-            );
+            assert!(d.span().is_some(), "{name}: error without a location: {}", d.message);
+            assert!(!d.message.contains("Rule::"), "{name}: grammar rule name shown to a user");
         }
-        let short: Vec<String> = diags
-            .iter()
-            .map(|d| aec::diag::render_short(d, &name, &src))
-            .collect();
-        let text = format!(
-            "{}\n\n{}",
-            short.join("\n"),
-            aec::diag::render(&diags, &name, &src, false)
-        );
+        let short: Vec<String> = diags.iter().map(|d| aec::diag::render_short(d, &name, &src)).collect();
+        let text = format!("{}\n\n{}", short.join("\n"), aec::diag::render(&diags, &name, &src, false));
         insta::assert_snapshot!(text);
     });
 }

@@ -48,6 +48,8 @@ enum Emit {
     Ir,
     /// Parameter names (PyTorch's) and shapes.
     Params,
+    /// The training step: forward, loss, backward and the optimizer's updates.
+    Grad,
 }
 
 /// An error the CLI reports and turns into an exit code.
@@ -83,8 +85,7 @@ pub fn main() -> ExitCode {
 
 /// Reads a spec file, or says why it cannot.
 pub fn read_spec(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
 }
 
 /// Writes diagnostics to stderr, coloured on a terminal.
@@ -93,10 +94,7 @@ pub fn report(diags: &[Diagnostic], path: &Path, src: &str) {
         return;
     }
     let color = std::io::stderr().is_terminal();
-    eprint!(
-        "{}",
-        diag::render(diags, &path.display().to_string(), src, color)
-    );
+    eprint!("{}", diag::render(diags, &path.display().to_string(), src, color));
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
         let s = if errors == 1 { "" } else { "s" };
@@ -120,6 +118,12 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         Some(Emit::Ast) => print!("{}", compiled.ast),
         Some(Emit::Ir) => print!("{}", aec::ir::print(&compiled.forward, Some(&src))),
         Some(Emit::Params) => print!("{}", compiled.model.params_listing()),
+        Some(Emit::Grad) => match aec::training_step(&compiled) {
+            Ok(g) => print!("{}", aec::ir::print(&g, Some(&src))),
+            Err(e) => {
+                return Err(Failure::Data(format!("cannot differentiate {}: {e}", args.spec.display())));
+            }
+        },
     }
     Ok(())
 }

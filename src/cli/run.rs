@@ -83,11 +83,7 @@ fn load_spec(path: &Path, batch: Option<u64>) -> Result<Spec, Failure> {
     match aec::compile(&src, &Config { batch }) {
         Ok(compiled) => {
             report(&compiled.warnings, path, &src);
-            Ok(Spec {
-                path: path.to_owned(),
-                src,
-                compiled,
-            })
+            Ok(Spec { path: path.to_owned(), src, compiled })
         }
         Err(diags) => {
             report(&diags, path, &src);
@@ -105,23 +101,16 @@ impl Spec {
     }
 
     fn dir(&self) -> PathBuf {
-        self.path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
+        self.path.parent().map(Path::to_path_buf).unwrap_or_default()
     }
 
     fn name(&self) -> String {
-        self.path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into())
+        self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
     }
 }
 
 fn threads(t: Option<u64>) -> usize {
-    t.map(|t| t as usize)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    t.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
@@ -134,31 +123,16 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         }
         return train_cmd(args);
     }
-    let (Some(weights), Some(input), Some(output)) = (&args.weights, &args.input, &args.output)
-    else {
+    let (Some(weights), Some(input), Some(output)) = (&args.weights, &args.input, &args.output) else {
         return Err(Failure::Io(
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    apply(
-        &args.spec,
-        weights,
-        input,
-        output,
-        Output::Recon,
-        threads(args.threads),
-    )
+    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads))
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
-    apply(
-        &args.spec,
-        &args.weights,
-        &args.input,
-        &args.output,
-        Output::Code,
-        threads(args.threads),
-    )
+    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, threads(args.threads))
 }
 
 fn apply(
@@ -173,8 +147,7 @@ fn apply(
     let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
-    let x = data::conform(x, var, &input.display().to_string())
-        .map_err(|e| Failure::Data(e.to_string()))?;
+    let x = data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))?;
     let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads).map_err(Failure::Data)?;
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
     eprintln!("wrote {} ({:?}, f32)", output.display(), y.shape);
@@ -227,57 +200,23 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
     if let Some((k, a)) = arrays.iter().enumerate().find(|(_, a)| a.samples() != n) {
         let span = bindings.get(k).map_or(Span::default(), |b| b.span);
         return Err(spec.fail(
-            format!(
-                "`{}` has {} samples, `{}` has {n}",
-                vars[k].name,
-                a.samples(),
-                vars[0].name
-            ),
+            format!("`{}` has {} samples, `{}` has {n}", vars[k].name, a.samples(), vars[0].name),
             span,
             "sample counts differ",
         ));
     }
-    Ok(Dataset {
-        arrays,
-        names: vars.iter().map(|v| v.name.clone()).collect(),
-        n,
-    })
+    Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n })
 }
 
+/// The spec's optimizer with `--lr` applied.
 fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
-    match o {
-        Some(Optimizer::Sgd {
-            lr: l,
-            momentum,
-            nesterov,
-            weight_decay,
-        }) => OptimizerFn::Sgd {
-            lr: lr.unwrap_or(*l) as f32,
-            momentum: *momentum as f32,
-            nesterov: *nesterov,
-            weight_decay: *weight_decay as f32,
-        },
-        Some(Optimizer::Adam {
-            lr: l,
-            b1,
-            b2,
-            eps,
-            weight_decay,
-        }) => OptimizerFn::Adam {
-            lr: lr.unwrap_or(*l) as f32,
-            b1: *b1 as f32,
-            b2: *b2 as f32,
-            eps: *eps as f32,
-            weight_decay: *weight_decay as f32,
-        },
-        None => OptimizerFn::Adam {
-            lr: lr.unwrap_or(1e-3) as f32,
-            b1: 0.9,
-            b2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
+    let mut f = aec::optimizer_fn(o);
+    if let Some(lr) = lr {
+        match &mut f {
+            OptimizerFn::Sgd { lr: l, .. } | OptimizerFn::Adam { lr: l, .. } => *l = lr as f32,
+        }
     }
+    f
 }
 
 fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
@@ -286,15 +225,11 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     if let Some(lr) = args.lr
         && !(lr.is_finite() && lr > 0.0)
     {
-        return Err(Failure::Io(format!(
-            "--lr must be a positive number, got {lr}"
-        )));
+        return Err(Failure::Io(format!("--lr must be a positive number, got {lr}")));
     }
     let (out, resume) = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
-            return Err(Failure::Io(
-                "--resume continues in its own folder; drop --out".into(),
-            ));
+            return Err(Failure::Io("--resume continues in its own folder; drop --out".into()));
         }
         (Some(r), _) => (r.clone(), true),
         (None, Some(o)) => (o.clone(), false),
@@ -339,9 +274,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     };
     progress.finish();
     let last = summary.metrics.last();
-    let val = last
-        .and_then(|m| m.val_loss)
-        .map_or(String::new(), |v| format!(", validation loss {v:.6}"));
+    let val = last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
     println!(
         "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s (interpreter, {} thread{})",
         last.map_or(0, |m| m.epoch),
@@ -352,33 +285,19 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         cfg.threads,
         if cfg.threads == 1 { "" } else { "s" }
     );
-    println!(
-        "checkpoint: {}",
-        cfg.out.join("checkpoint.safetensors").display()
-    );
+    println!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
     if let Some(DataSource::OneHot { .. }) = t.data.first().map(|d| &d.source) {
-        print!(
-            "{}",
-            code_table(&spec.compiled, &summary.state.params, &data, cfg.threads)?
-        );
+        print!("{}", code_table(&spec.compiled, &summary.state.params, &data, cfg.threads)?);
     }
     Ok(())
 }
 
 /// For one-hot data: each input's code, its bits, and whether the output's argmax is right.
-fn code_table(
-    c: &Compiled,
-    params: &[Vec<f32>],
-    data: &Dataset,
-    threads: usize,
-) -> Result<String, Failure> {
+fn code_table(c: &Compiled, params: &[Vec<f32>], data: &Dataset, threads: usize) -> Result<String, Failure> {
     let x = &data.arrays[0];
-    let codes =
-        infer::infer(c, params, x, Output::Code, x.samples(), threads).map_err(Failure::Data)?;
-    let recon =
-        infer::infer(c, params, x, Output::Recon, x.samples(), threads).map_err(Failure::Data)?;
-    let (Values::F32(code), Values::F32(out), Values::F32(inp)) =
-        (&codes.values, &recon.values, &x.values)
+    let codes = infer::infer(c, params, x, Output::Code, x.samples(), threads).map_err(Failure::Data)?;
+    let recon = infer::infer(c, params, x, Output::Recon, x.samples(), threads).map_err(Failure::Data)?;
+    let (Values::F32(code), Values::F32(out), Values::F32(inp)) = (&codes.values, &recon.values, &x.values)
     else {
         return Ok(String::new());
     };
@@ -400,17 +319,12 @@ fn code_table(
             if want == got { "✓" } else { "✗" }
         ));
     }
-    s.push_str(&format!(
-        "{correct}/{} inputs reconstructed (argmax)\n",
-        x.samples()
-    ));
+    s.push_str(&format!("{correct}/{} inputs reconstructed (argmax)\n", x.samples()));
     Ok(s)
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+    v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
 }
 
 /// The progress display: a bar on a terminal, a line per tenth of the run otherwise.
@@ -424,30 +338,19 @@ impl Progress {
     fn new() -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
-            let style = ProgressStyle::with_template(
-                "{spinner} epoch {pos}/{len} [{bar:30}] {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let style =
+                ProgressStyle::with_template("{spinner} epoch {pos}/{len} [{bar:30}] {msg} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
             bar.set_style(style);
             bar
         });
-        Progress {
-            bar,
-            every: std::cell::Cell::new(1),
-            steps: std::cell::Cell::new(1),
-        }
+        Progress { bar, every: std::cell::Cell::new(1), steps: std::cell::Cell::new(1) }
     }
 
     fn event(&self, e: Event) {
         match e {
-            Event::Start {
-                first_epoch,
-                epochs,
-                steps_per_epoch,
-                train,
-                validation,
-            } => {
+            Event::Start { first_epoch, epochs, steps_per_epoch, train, validation } => {
                 self.every.set((epochs / 10).max(1));
                 self.steps.set(steps_per_epoch);
                 if let Some(bar) = &self.bar {
@@ -463,27 +366,17 @@ impl Progress {
                     "training on {train} samples ({validation} for validation), {steps_per_epoch} steps per epoch{resumed}"
                 );
             }
-            Event::Step {
-                epoch,
-                step_in_epoch,
-                loss,
-            } => {
+            Event::Step { epoch, step_in_epoch, loss } => {
                 if let Some(bar) = &self.bar
                     && (step_in_epoch % 16 == 0 || step_in_epoch == self.steps.get())
                 {
-                    bar.set_message(format!(
-                        "step {step_in_epoch}/{} loss {loss:.5}",
-                        self.steps.get()
-                    ));
+                    bar.set_message(format!("step {step_in_epoch}/{} loss {loss:.5}", self.steps.get()));
                     let _ = epoch;
                 }
             }
             Event::Epoch(m) => {
                 let val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
-                let line = format!(
-                    "loss {:.5}{val} · {:.0} samples/s",
-                    m.train_loss, m.samples_per_s
-                );
+                let line = format!("loss {:.5}{val} · {:.0} samples/s", m.train_loss, m.samples_per_s);
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(m.epoch);

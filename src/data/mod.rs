@@ -59,8 +59,7 @@ fn err(what: impl Into<String>) -> DataError {
 
 /// Reads a `.npy` file.
 pub fn read_npy(path: &Path) -> Result<Array, DataError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
     npy::parse(&bytes).map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
@@ -78,8 +77,7 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
         if let Values::F32(v) = &mut a.values
             && scale != 1.0
         {
-            v.iter_mut()
-                .for_each(|x| *x = (f64::from(*x) * scale) as f32);
+            v.iter_mut().for_each(|x| *x = (f64::from(*x) * scale) as f32);
         }
         a
     };
@@ -88,23 +86,14 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
             let n = *n as usize;
             let mut v = vec![0.0; n * n];
             (0..n).for_each(|i| v[i * n + i] = 1.0);
-            Array {
-                shape: vec![n, n],
-                values: Values::F32(v),
-            }
+            Array { shape: vec![n, n], values: Values::F32(v) }
         }
         DataSource::Npy { path: p, scale } => scaled(read_npy(&path(p))?, *scale),
         DataSource::Csv { path: p, scale } => scaled(read_csv(&path(p))?, *scale),
         DataSource::Idx { path: p, scale } => scaled(read_idx(&path(p))?, *scale),
-        DataSource::Patches {
-            source,
-            size,
-            stride,
-        } => patches(
-            &load(source, base, sample, seed)?,
-            *size as usize,
-            *stride as usize,
-        )?,
+        DataSource::Patches { source, size, stride } => {
+            patches(&load(source, base, sample, seed)?, *size as usize, *stride as usize)?
+        }
         DataSource::Random { count } => {
             let per = sample.numel() as usize;
             let n = *count as usize;
@@ -114,10 +103,7 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
             if let Ty::Tensor(d) = sample {
                 shape.extend(d.iter().map(|&x| x as usize));
             }
-            Array {
-                shape,
-                values: Values::F32(v),
-            }
+            Array { shape, values: Values::F32(v) }
         }
         DataSource::SeqTask { .. } | DataSource::Translation { .. } => {
             return Err(err(
@@ -130,24 +116,19 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
 
 /// A CSV file of numbers, one sample per row; a first row that is not numeric is a header.
 pub fn read_csv(path: &Path) -> Result<Array, DataError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
     let mut rows: Vec<Vec<f32>> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: Result<Vec<f32>, _> =
-            line.split(',').map(|c| c.trim().parse::<f32>()).collect();
+        let parsed: Result<Vec<f32>, _> = line.split(',').map(|c| c.trim().parse::<f32>()).collect();
         match parsed {
             Ok(r) => rows.push(r),
             Err(_) if i == 0 => continue,
             Err(_) => {
-                return Err(err(format!(
-                    "{}:{}: not a row of numbers: {line:?}",
-                    path.display(),
-                    i + 1
-                )));
+                return Err(err(format!("{}:{}: not a row of numbers: {line:?}", path.display(), i + 1)));
             }
         }
         if let (Some(first), Some(last)) = (rows.first(), rows.last())
@@ -166,21 +147,15 @@ pub fn read_csv(path: &Path) -> Result<Array, DataError> {
     if rows.is_empty() {
         return Err(err(format!("{}: no rows of numbers", path.display())));
     }
-    Ok(Array {
-        shape: vec![rows.len(), cols],
-        values: Values::F32(rows.concat()),
-    })
+    Ok(Array { shape: vec![rows.len(), cols], values: Values::F32(rows.concat()) })
 }
 
 /// An IDX file (MNIST's format): magic `00 00 type ndim`, big-endian u32 sizes, then data.
 pub fn read_idx(path: &Path) -> Result<Array, DataError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
     let bad = |m: &str| err(format!("{}: {m}", path.display()));
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
-        return Err(bad(
-            "not an IDX file (it does not start with two zero bytes)",
-        ));
+        return Err(bad("not an IDX file (it does not start with two zero bytes)"));
     }
     let (kind, ndim) = (bytes[2], usize::from(bytes[3]));
     let head = 4 + 4 * ndim;
@@ -189,12 +164,8 @@ pub fn read_idx(path: &Path) -> Result<Array, DataError> {
     }
     let shape: Vec<usize> = (0..ndim)
         .map(|i| {
-            u32::from_be_bytes([
-                bytes[4 + 4 * i],
-                bytes[5 + 4 * i],
-                bytes[6 + 4 * i],
-                bytes[7 + 4 * i],
-            ]) as usize
+            u32::from_be_bytes([bytes[4 + 4 * i], bytes[5 + 4 * i], bytes[6 + 4 * i], bytes[7 + 4 * i]])
+                as usize
         })
         .collect();
     let count: usize = shape.iter().product();
@@ -216,31 +187,24 @@ pub fn read_idx(path: &Path) -> Result<Array, DataError> {
     let v: Vec<f32> = match kind {
         0x08 => data[..count].iter().map(|&b| f32::from(b)).collect(),
         0x09 => data[..count].iter().map(|&b| f32::from(b as i8)).collect(),
-        0x0B => data
-            .chunks_exact(2)
-            .take(count)
-            .map(|c| f32::from(i16::from_be_bytes([c[0], c[1]])))
-            .collect(),
+        0x0B => {
+            data.chunks_exact(2).take(count).map(|c| f32::from(i16::from_be_bytes([c[0], c[1]]))).collect()
+        }
         0x0C => data
             .chunks_exact(4)
             .take(count)
             .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as f32)
             .collect(),
-        0x0D => data
-            .chunks_exact(4)
-            .take(count)
-            .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        0x0D => {
+            data.chunks_exact(4).take(count).map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
         _ => data
             .chunks_exact(8)
             .take(count)
             .map(|c| f64::from_be_bytes(c.try_into().unwrap_or([0; 8])) as f32)
             .collect(),
     };
-    Ok(Array {
-        shape,
-        values: Values::F32(v),
-    })
+    Ok(Array { shape, values: Values::F32(v) })
 }
 
 /// Square patches of `size` every `stride` pixels, from `[H, W]` or `[N, H, W]` (or
@@ -253,15 +217,11 @@ fn patches(a: &Array, size: usize, stride: usize) -> Result<Array, DataError> {
         [h, w] => (1, *h, *w),
         [n, h, w] | [n, 1, h, w] => (*n, *h, *w),
         s => {
-            return Err(err(format!(
-                "patches need [H, W] or [N, H, W] images, got {s:?}"
-            )));
+            return Err(err(format!("patches need [H, W] or [N, H, W] images, got {s:?}")));
         }
     };
     if size > h || size > w {
-        return Err(err(format!(
-            "patches of {size}×{size} do not fit images of {h}×{w}"
-        )));
+        return Err(err(format!("patches of {size}×{size} do not fit images of {h}×{w}")));
     }
     let mut out = Vec::new();
     let mut count = 0;
@@ -276,10 +236,7 @@ fn patches(a: &Array, size: usize, stride: usize) -> Result<Array, DataError> {
             }
         }
     }
-    Ok(Array {
-        shape: vec![count, size, size],
-        values: Values::F32(out),
-    })
+    Ok(Array { shape: vec![count, size, size], values: Values::F32(out) })
 }
 
 /// The data of a run: one array per model variable (inputs, then targets), all with the same
@@ -367,11 +324,7 @@ impl Dataset {
     pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
         let order = permutation(self.n, seed ^ 0x0005_EED5_9117);
         let val = ((self.n as f64) * fraction).round() as usize;
-        let val = if fraction > 0.0 {
-            val.clamp(1, self.n.saturating_sub(1))
-        } else {
-            0
-        };
+        let val = if fraction > 0.0 { val.clamp(1, self.n.saturating_sub(1)) } else { 0 };
         let (train, valid) = order.split_at(self.n - val);
         (train.to_vec(), valid.to_vec())
     }
@@ -381,25 +334,20 @@ impl Dataset {
         let a = &self.arrays[k];
         let per = a.sample_len();
         match &a.values {
-            Values::F32(v) => Values::F32(
-                idx.iter()
-                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
-                    .collect(),
-            ),
-            Values::I32(v) => Values::I32(
-                idx.iter()
-                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
-                    .collect(),
-            ),
+            Values::F32(v) => {
+                Values::F32(idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
+            }
+            Values::I32(v) => {
+                Values::I32(idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
+            }
         }
     }
 }
 
 /// Corrupts a batch for a denoising autoencoder, from a seeded stream for this step.
 pub fn corrupt(values: &mut [f32], noise: Noise, seed: u64, step: u64) {
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x0000_4015_E000,
-    );
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x0000_4015_E000);
     match noise {
         Noise::Gaussian { sigma } => {
             for v in values.iter_mut() {

@@ -12,45 +12,29 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
     let major = bytes[6];
     let (header_len, start) = match major {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => {
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        }
         v => return Err(format!("unsupported .npy format version {v}")),
     };
-    let header = bytes
-        .get(start..start + header_len)
-        .ok_or("the .npy header is cut short")?;
+    let header = bytes.get(start..start + header_len).ok_or("the .npy header is cut short")?;
     let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
     let descr = dict_value(header, "descr").ok_or("the .npy header has no 'descr'")?;
-    let fortran =
-        dict_value(header, "fortran_order").ok_or("the .npy header has no 'fortran_order'")?;
+    let fortran = dict_value(header, "fortran_order").ok_or("the .npy header has no 'fortran_order'")?;
     let shape = dict_value(header, "shape").ok_or("the .npy header has no 'shape'")?;
     if fortran.trim() == "True" {
-        return Err(
-            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
-        );
+        return Err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into());
     }
     let shape = parse_shape(shape)?;
     let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"');
-    let count = shape
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .ok_or("the .npy shape is too large")?;
+    let count =
+        shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or("the .npy shape is too large")?;
     let data = &bytes[start + header_len..];
     let (size, values): (usize, fn(&[u8]) -> Values) = match descr {
-        "|u1" | "u1" => (1, |d| {
-            Values::F32(d.iter().map(|&b| f32::from(b)).collect())
-        }),
-        "|i1" | "i1" => (1, |d| {
-            Values::F32(d.iter().map(|&b| f32::from(b as i8)).collect())
-        }),
+        "|u1" | "u1" => (1, |d| Values::F32(d.iter().map(|&b| f32::from(b)).collect())),
+        "|i1" | "i1" => (1, |d| Values::F32(d.iter().map(|&b| f32::from(b as i8)).collect())),
         "<f4" => (4, |d| {
-            Values::F32(
-                d.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            )
+            Values::F32(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         }),
         "<f8" => (8, |d| {
             Values::F32(
@@ -60,19 +44,14 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
             )
         }),
         "<i4" => (4, |d| {
-            Values::I32(
-                d.chunks_exact(4)
-                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            )
+            Values::I32(d.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         }),
         "<i8" => (8, |d| {
             Values::I32(
                 d.chunks_exact(8)
                     .map(|c| {
                         i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))
-                            .clamp(i64::from(i32::MIN), i64::from(i32::MAX))
-                            as i32
+                            .clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
                     })
                     .collect(),
             )
@@ -83,19 +62,14 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
             ));
         }
     };
-    let need = count
-        .checked_mul(size)
-        .ok_or("the .npy shape is too large")?;
+    let need = count.checked_mul(size).ok_or("the .npy shape is too large")?;
     if data.len() < need {
         return Err(format!(
             "the file is truncated: shape {shape:?} needs {need} bytes of data, it has {}",
             data.len()
         ));
     }
-    Ok(Array {
-        shape,
-        values: values(&data[..need]),
-    })
+    Ok(Array { shape, values: values(&data[..need]) })
 }
 
 /// Serialises an array as `.npy` version 1.0.
@@ -105,11 +79,7 @@ pub fn to_bytes(a: &Array) -> Vec<u8> {
         Values::I32(_) => "<i4",
     };
     let dims: Vec<String> = a.shape.iter().map(usize::to_string).collect();
-    let shape = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // Pad so the data starts on a 64-byte boundary, the header ending in a newline.
     while (10 + header.len() + 1) % 64 != 0 {
@@ -121,21 +91,15 @@ pub fn to_bytes(a: &Array) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     match &a.values {
-        Values::F32(v) => v
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        Values::I32(v) => v
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Values::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Values::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
     }
     out
 }
 
 /// The text of `'key': value` in a Python dict literal (value up to the next top-level comma).
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
+    let at = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
     let rest = &header[at + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
     let mut depth = 0;
@@ -151,11 +115,8 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
-    let inner = s
-        .trim()
-        .strip_prefix('(')
-        .and_then(|s| s.strip_suffix(')'))
-        .ok_or("bad shape in the .npy header")?;
+    let inner =
+        s.trim().strip_prefix('(').and_then(|s| s.strip_suffix(')')).ok_or("bad shape in the .npy header")?;
     inner
         .split(',')
         .map(str::trim)
@@ -175,14 +136,8 @@ mod tests {
     #[test]
     fn round_trips_f32_and_i32() {
         for a in [
-            Array {
-                shape: vec![2, 3],
-                values: Values::F32(vec![0.5, -1.0, 2.0, 3.0, 4.0, 1e-8]),
-            },
-            Array {
-                shape: vec![4],
-                values: Values::I32(vec![0, 7, -3, 9]),
-            },
+            Array { shape: vec![2, 3], values: Values::F32(vec![0.5, -1.0, 2.0, 3.0, 4.0, 1e-8]) },
+            Array { shape: vec![4], values: Values::I32(vec![0, 7, -3, 9]) },
         ] {
             let bytes = to_bytes(&a);
             assert_eq!(parse(&bytes).expect("parses"), a);
@@ -192,13 +147,14 @@ mod tests {
     #[test]
     fn malformed_files_are_explained() {
         assert!(parse(b"hello").unwrap_err().contains("not a .npy"));
-        let mut bytes = to_bytes(&Array {
-            shape: vec![8],
-            values: Values::F32(vec![1.0; 8]),
-        });
+        let mut bytes = to_bytes(&Array { shape: vec![8], values: Values::F32(vec![1.0; 8]) });
         bytes.truncate(bytes.len() - 3);
         assert!(parse(&bytes).unwrap_err().contains("truncated"));
-        let complex = b"\x93NUMPY\x01\x00\x46\x00{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }          \n";
-        assert!(parse(complex).unwrap_err().contains("unsupported dtype"));
+        let header = "{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }\n";
+        let mut complex = b"\x93NUMPY\x01\x00".to_vec();
+        complex.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        complex.extend_from_slice(header.as_bytes());
+        complex.extend_from_slice(&[0; 8]);
+        assert!(parse(&complex).unwrap_err().contains("unsupported dtype"));
     }
 }

@@ -71,17 +71,11 @@ pub struct Type {
 
 impl Type {
     pub fn f32(shape: impl Into<Vec<usize>>) -> Type {
-        Type {
-            dtype: DType::F32,
-            shape: shape.into(),
-        }
+        Type { dtype: DType::F32, shape: shape.into() }
     }
 
     pub fn i32(shape: impl Into<Vec<usize>>) -> Type {
-        Type {
-            dtype: DType::I32,
-            shape: shape.into(),
-        }
+        Type { dtype: DType::I32, shape: shape.into() }
     }
 
     pub fn scalar() -> Type {
@@ -158,10 +152,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            ..Graph::default()
-        }
+        Graph { name: name.into(), ..Graph::default() }
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -204,10 +195,7 @@ impl Graph {
 
     pub fn add_input(&mut self, name: impl Into<String>, ty: Type) -> Result<NodeId, String> {
         let id = InputId(self.inputs.len() as u32);
-        self.inputs.push(InputDef {
-            name: name.into(),
-            ty,
-        });
+        self.inputs.push(InputDef { name: name.into(), ty });
         self.add(Op::Input(id), None)
     }
 
@@ -228,17 +216,11 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| *id)
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
     }
 
     pub fn input_index(&self, name: &str) -> Option<InputId> {
-        self.inputs
-            .iter()
-            .position(|i| i.name == name)
-            .map(|i| InputId(i as u32))
+        self.inputs.iter().position(|i| i.name == name).map(|i| InputId(i as u32))
     }
 
     /// Rebuilds the graph keeping only `keep[i]` nodes, remapping operands and outputs. Used by

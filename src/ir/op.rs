@@ -48,21 +48,10 @@ pub enum LossFn {
 pub enum OptimizerFn {
     /// PyTorch's SGD: g += wd·p; v = μ·v + g (v = g on the first step); p -= lr·(g + μ·v if
     /// nesterov else v). State: the velocity.
-    Sgd {
-        lr: f32,
-        momentum: f32,
-        nesterov: bool,
-        weight_decay: f32,
-    },
+    Sgd { lr: f32, momentum: f32, nesterov: bool, weight_decay: f32 },
     /// PyTorch's Adam (L2 weight decay added to the gradient). State: m, v; `step` is the
     /// 1-based step count read from the runtime.
-    Adam {
-        lr: f32,
-        b1: f32,
-        b2: f32,
-        eps: f32,
-        weight_decay: f32,
-    },
+    Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32 },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -171,7 +160,9 @@ pub enum Op {
         idx: NodeId,
     },
     /// Zeros of `[B, C, H, W]` with `v[b,c,i]` written at `idx[b,c,i]` (unpool), or added there
-    /// when `accumulate` (the gradient of `Gather`).
+    /// when `accumulate` (the gradient of `Gather`). When overlapping pool windows give two
+    /// values one switch, the write keeps the last (PyTorch's CPU order) and the gradient
+    /// gathers for both (PyTorch's `max_unpool2d` backward).
     Scatter {
         v: NodeId,
         idx: NodeId,
@@ -321,23 +312,13 @@ impl Op {
             Embed { table, ids } => vec![*table, *ids],
             EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
             OneHot { ids, .. } | ShiftRight { ids, .. } => vec![*ids],
-            Recurrent {
-                xs,
-                h0,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-                ..
-            } => {
+            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
                 let mut v = vec![*xs, *h0, *w_ih, *w_hh];
                 v.extend(b_ih.iter().chain(b_hh.iter()).copied());
                 v
             }
             Loss { pred, target, .. } => vec![*pred, *target],
-            LossGrad {
-                pred, target, dy, ..
-            } => vec![*pred, *target, *dy],
+            LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
         }
     }
@@ -398,15 +379,7 @@ impl Op {
                 *dy = f(*dy);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
-            Recurrent {
-                xs,
-                h0,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-                ..
-            } => {
+            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
                 *xs = f(*xs);
                 *h0 = f(*h0);
                 *w_ih = f(*w_ih);
@@ -422,9 +395,7 @@ impl Op {
                 *pred = f(*pred);
                 *target = f(*target);
             }
-            LossGrad {
-                pred, target, dy, ..
-            } => {
+            LossGrad { pred, target, dy, .. } => {
                 *pred = f(*pred);
                 *target = f(*target);
                 *dy = f(*dy);
@@ -443,15 +414,9 @@ impl Op {
             BiasAdd { .. } => "bias_add",
             Unary { f, .. } => f.name(),
             ActGrad { .. } => "act_grad",
-            Binary {
-                f: BinaryFn::Add, ..
-            } => "add",
-            Binary {
-                f: BinaryFn::Sub, ..
-            } => "sub",
-            Binary {
-                f: BinaryFn::Mul, ..
-            } => "mul",
+            Binary { f: BinaryFn::Add, .. } => "add",
+            Binary { f: BinaryFn::Sub, .. } => "sub",
+            Binary { f: BinaryFn::Mul, .. } => "mul",
             Scale { .. } => "scale",
             Softmax { .. } => "softmax",
             SoftmaxGrad { .. } => "softmax_grad",
@@ -464,12 +429,8 @@ impl Op {
             ConvTranspose2dWeightGrad { .. } => "conv_transpose2d_weight_grad",
             PoolArgmax { .. } => "pool_argmax",
             Gather { .. } => "gather",
-            Scatter {
-                accumulate: false, ..
-            } => "scatter",
-            Scatter {
-                accumulate: true, ..
-            } => "scatter_add",
+            Scatter { accumulate: false, .. } => "scatter",
+            Scatter { accumulate: true, .. } => "scatter_add",
             AvgPool { .. } => "avgpool",
             AvgPoolGrad { .. } => "avgpool_grad",
             Embed { .. } => "embed",
@@ -564,10 +525,7 @@ impl Op {
                 if t.numel() != shape.iter().product::<usize>() {
                     return Err(format!("cannot reshape {t} to {shape:?}"));
                 }
-                Type {
-                    dtype: t.dtype,
-                    shape: shape.clone(),
-                }
+                Type { dtype: t.dtype, shape: shape.clone() }
             }
             SumAll { x } => {
                 f32s(*x)?;
@@ -584,44 +542,26 @@ impl Op {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
                 let [co, ci, k, k2] = four(f32s(*w)?)?;
                 if ci != c || k != k2 {
-                    return Err(format!(
-                        "conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"
-                    ));
+                    return Err(format!("conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"));
                 }
                 let oh = conv_out(h, k, *stride, *pad)?;
                 let ow = conv_out(wd, k, *stride, *pad)?;
                 Type::f32([b, co, oh, ow])
             }
-            ConvTranspose2d {
-                x,
-                w,
-                stride,
-                pad,
-                out_pad,
-            } => {
+            ConvTranspose2d { x, w, stride, pad, out_pad } => {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
                 let [ci, co, k, k2] = four(f32s(*w)?)?;
                 if ci != c || k != k2 {
-                    return Err(format!(
-                        "conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"
-                    ));
+                    return Err(format!("conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
                 }
                 let oh = deconv_out(h, k, *stride, *pad, out_pad[0])?;
                 let ow = deconv_out(wd, k, *stride, *pad, out_pad[1])?;
                 Type::f32([b, co, oh, ow])
             }
-            Conv2dWeightGrad {
-                x,
-                dy,
-                kernel,
-                stride,
-                pad,
-            } => {
+            Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
                 let [_, ci, h, w] = four(f32s(*x)?)?;
                 let [_, co, oh, ow] = four(f32s(*dy)?)?;
-                if conv_out(h, *kernel, *stride, *pad)? != oh
-                    || conv_out(w, *kernel, *stride, *pad)? != ow
-                {
+                if conv_out(h, *kernel, *stride, *pad)? != oh || conv_out(w, *kernel, *stride, *pad)? != ow {
                     return Err("conv2d_weight_grad: dy does not match x".into());
                 }
                 Type::f32([co, ci, *kernel, *kernel])
@@ -636,29 +576,17 @@ impl Op {
                 let oh = conv_out(h, *kernel, *stride, 0)?;
                 let ow = conv_out(w, *kernel, *stride, 0)?;
                 let shape = [b, c, oh, ow];
-                if matches!(self, PoolArgmax { .. }) {
-                    Type::i32(shape)
-                } else {
-                    Type::f32(shape)
-                }
+                if matches!(self, PoolArgmax { .. }) { Type::i32(shape) } else { Type::f32(shape) }
             }
             Gather { x, idx } => {
                 let [b, c, _, _] = four(f32s(*x)?)?;
                 let [ib, ic, oh, ow] = four(i32s(*idx)?)?;
                 if (ib, ic) != (b, c) {
-                    return Err(
-                        "gather: switches do not match the input's batch and channels".into(),
-                    );
+                    return Err("gather: switches do not match the input's batch and channels".into());
                 }
                 Type::f32([b, c, oh, ow])
             }
-            Scatter {
-                v,
-                idx,
-                height,
-                width,
-                ..
-            } => {
+            Scatter { v, idx, height, width, .. } => {
                 let sv = f32s(*v)?;
                 let si = i32s(*idx)?;
                 if sv != si {
@@ -667,13 +595,7 @@ impl Op {
                 let [b, c, _, _] = four(sv)?;
                 Type::f32([b, c, *height, *width])
             }
-            AvgPoolGrad {
-                dy,
-                kernel,
-                stride,
-                height,
-                width,
-            } => {
+            AvgPoolGrad { dy, kernel, stride, height, width } => {
                 let [b, c, oh, ow] = four(f32s(*dy)?)?;
                 if conv_out(*height, *kernel, *stride, 0)? != oh
                     || conv_out(*width, *kernel, *stride, 0)? != ow
@@ -708,23 +630,13 @@ impl Op {
                 }
                 Type::i32(s.clone())
             }
-            Recurrent {
-                cell,
-                xs,
-                h0,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-            } => {
+            Recurrent { cell, xs, h0, w_ih, w_hh, b_ih, b_hh } => {
                 let [b, t, i] = three(f32s(*xs)?)?;
                 let [gh, wi] = two(f32s(*w_ih)?)?;
                 let [gh2, h] = two(f32s(*w_hh)?)?;
                 let g_ = cell.gates() as usize;
                 if gh != g_ * h || gh2 != gh || wi != i {
-                    return Err(format!(
-                        "recurrent weights do not fit input {i}, hidden {h}"
-                    ));
+                    return Err(format!("recurrent weights do not fit input {i}, hidden {h}"));
                 }
                 for bias in b_ih.iter().chain(b_hh.iter()) {
                     if f32s(*bias)?.as_slice() != [gh] {
@@ -763,10 +675,7 @@ impl Op {
             }
             Dropout { x, .. } => Type::f32(f32s(*x)?.clone()),
             DropoutGrad { dy, .. } => Type::f32(f32s(*dy)?.clone()),
-            Loss { f, pred, target }
-            | LossGrad {
-                f, pred, target, ..
-            } => {
+            Loss { f, pred, target } | LossGrad { f, pred, target, .. } => {
                 if let LossGrad { dy, .. } = self
                     && !f32s(*dy)?.is_empty()
                 {
@@ -781,17 +690,10 @@ impl Op {
                 } else {
                     same(*pred, *target)?;
                 }
-                if matches!(self, Loss { .. }) {
-                    Type::scalar()
-                } else {
-                    Type::f32(sp.clone())
-                }
+                if matches!(self, Loss { .. }) { Type::scalar() } else { Type::f32(sp.clone()) }
             }
             Update { param, grad, .. } => {
-                let p = g
-                    .params
-                    .get(param.index())
-                    .ok_or("update of a missing parameter")?;
+                let p = g.params.get(param.index()).ok_or("update of a missing parameter")?;
                 if f32s(*grad)? != &p.shape {
                     return Err(format!("update: gradient shape differs from {}", p.name));
                 }
@@ -832,9 +734,7 @@ impl LossFn {
 pub fn conv_out(input: usize, k: usize, s: usize, p: usize) -> Result<usize, String> {
     let padded = input + 2 * p;
     if s == 0 || k == 0 || k > padded {
-        return Err(format!(
-            "kernel {k} does not fit input {input} with padding {p}"
-        ));
+        return Err(format!("kernel {k} does not fit input {input} with padding {p}"));
     }
     Ok((padded - k) / s + 1)
 }
@@ -849,16 +749,13 @@ pub fn deconv_out(input: usize, k: usize, s: usize, p: usize, op: usize) -> Resu
 }
 
 fn two(s: &[usize]) -> Result<[usize; 2], String> {
-    s.try_into()
-        .map_err(|_| format!("expected rank 2, got {s:?}"))
+    s.try_into().map_err(|_| format!("expected rank 2, got {s:?}"))
 }
 
 fn three(s: &[usize]) -> Result<[usize; 3], String> {
-    s.try_into()
-        .map_err(|_| format!("expected rank 3, got {s:?}"))
+    s.try_into().map_err(|_| format!("expected rank 3, got {s:?}"))
 }
 
 fn four(s: &[usize]) -> Result<[usize; 4], String> {
-    s.try_into()
-        .map_err(|_| format!("expected rank 4, got {s:?}"))
+    s.try_into().map_err(|_| format!("expected rank 4, got {s:?}"))
 }

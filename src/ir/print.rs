@@ -28,12 +28,7 @@ pub fn print(g: &Graph, src: Option<&str>) -> String {
         let _ = writeln!(out, "  input {}: {}", i.name, i.ty);
     }
     for p in &g.params {
-        let _ = writeln!(
-            out,
-            "  param {}: {}",
-            p.name,
-            super::Type::f32(p.shape.clone())
-        );
+        let _ = writeln!(out, "  param {}: {}", p.name, super::Type::f32(p.shape.clone()));
     }
     out.push_str("{\n");
     let mut lines = Vec::new();
@@ -55,12 +50,7 @@ pub fn print(g: &Graph, src: Option<&str>) -> String {
         lines.push((text, line));
     }
     // Align the line comments, but let a very long line run past the column.
-    let width = lines
-        .iter()
-        .map(|(t, _)| t.chars().count())
-        .filter(|&w| w <= 72)
-        .max()
-        .unwrap_or(0);
+    let width = lines.iter().map(|(t, _)| t.chars().count()).filter(|&w| w <= 72).max().unwrap_or(0);
     for (text, line) in lines {
         match line {
             Some(l) => {
@@ -72,11 +62,7 @@ pub fn print(g: &Graph, src: Option<&str>) -> String {
             }
         }
     }
-    let outs: Vec<String> = g
-        .outputs
-        .iter()
-        .map(|(n, id)| format!("{n} = {}", name(*id)))
-        .collect();
+    let outs: Vec<String> = g.outputs.iter().map(|(n, id)| format!("{n} = {}", name(*id))).collect();
     let _ = writeln!(out, "  return {}", outs.join(", "));
     out.push_str("}\n");
     out
@@ -92,10 +78,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             let t = |x: bool| if x { "ᵀ" } else { "" };
             format!("{m} {}{}, {}{}", name(*a), t(*ta), name(*b), t(*tb))
         }
-        Unary {
-            f: UnaryFn::LeakyRelu(a),
-            x,
-        } => format!("{m}({a}) {}", name(*x)),
+        Unary { f: UnaryFn::LeakyRelu(a), x } => format!("{m}({a}) {}", name(*x)),
         ActGrad { f, y, dy } => {
             let f = match f {
                 UnaryFn::LeakyRelu(a) => format!("leaky_relu({a})"),
@@ -108,48 +91,22 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Conv2d { x, w, stride, pad } => {
             format!("{m} {} stride={stride} pad={pad}", args(&[*x, *w]))
         }
-        ConvTranspose2d {
-            x,
-            w,
-            stride,
-            pad,
-            out_pad,
-        } => {
+        ConvTranspose2d { x, w, stride, pad, out_pad } => {
             let op = if out_pad[0] == out_pad[1] {
                 out_pad[0].to_string()
             } else {
                 format!("({},{})", out_pad[0], out_pad[1])
             };
-            format!(
-                "{m} {} stride={stride} pad={pad} out_pad={op}",
-                args(&[*x, *w])
-            )
+            format!("{m} {} stride={stride} pad={pad} out_pad={op}", args(&[*x, *w]))
         }
-        Conv2dWeightGrad {
-            x,
-            dy,
-            kernel,
-            stride,
-            pad,
-        }
-        | ConvTranspose2dWeightGrad {
-            x,
-            dy,
-            kernel,
-            stride,
-            pad,
-        } => {
-            format!(
-                "{m} {} kernel={kernel} stride={stride} pad={pad}",
-                args(&[*x, *dy])
-            )
+        Conv2dWeightGrad { x, dy, kernel, stride, pad }
+        | ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
+            format!("{m} {} kernel={kernel} stride={stride} pad={pad}", args(&[*x, *dy]))
         }
         PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
             format!("{m} {} kernel={kernel} stride={stride}", name(*x))
         }
-        AvgPoolGrad {
-            dy, kernel, stride, ..
-        } => {
+        AvgPoolGrad { dy, kernel, stride, .. } => {
             format!("{m} {} kernel={kernel} stride={stride}", name(*dy))
         }
         EmbedGrad { ids, dy, vocab } => format!("{m} {} vocab={vocab}", args(&[*ids, *dy])),
@@ -167,26 +124,25 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Update { f, param, grad } => {
             let p = &g.params[param.index()].name;
             let f = match f {
-                OptimizerFn::Sgd {
-                    lr,
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                } => format!(
-                    "sgd lr={lr} momentum={momentum} nesterov={nesterov} weight_decay={weight_decay}"
+                OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => format!(
+                    "sgd lr={} momentum={momentum} nesterov={nesterov} weight_decay={}",
+                    num(*lr),
+                    num(*weight_decay)
                 ),
-                OptimizerFn::Adam {
-                    lr,
-                    b1,
-                    b2,
-                    eps,
-                    weight_decay,
-                } => {
-                    format!("adam lr={lr} b1={b1} b2={b2} eps={eps} weight_decay={weight_decay}")
-                }
+                OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => format!(
+                    "adam lr={} b1={b1} b2={b2} eps={} weight_decay={}",
+                    num(*lr),
+                    num(*eps),
+                    num(*weight_decay)
+                ),
             };
-            format!("{m} {p} -= {} ({f})", name(*grad))
+            format!("{m}[{f}] {p}, {}", name(*grad))
         }
         _ => format!("{m} {}", args(&op.operands())),
     }
+}
+
+/// A constant as a person writes it: `0.003`, `1e-8`.
+fn num(x: f32) -> String {
+    if x != 0.0 && x.abs() < 1e-3 { format!("{x:e}") } else { format!("{x}") }
 }

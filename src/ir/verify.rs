@@ -17,10 +17,7 @@ pub fn verify(g: &Graph) -> Result<(), Vec<String>> {
         let node = g.node(id);
         for o in node.op.operands() {
             if o >= id {
-                errors.push(format!(
-                    "%{}: operand %{} does not come before it",
-                    id.0, o.0
-                ));
+                errors.push(format!("%{}: operand %{} does not come before it", id.0, o.0));
             }
         }
         match &node.op {
@@ -38,10 +35,7 @@ pub fn verify(g: &Graph) -> Result<(), Vec<String>> {
         }
         // Only re-infer when operands are in order; otherwise `infer` would read later nodes.
         if node.op.operands().iter().all(|o| *o < id) {
-            let prefix = Graph {
-                nodes: g.nodes[..id.index()].to_vec(),
-                ..g.clone_header()
-            };
+            let prefix = Graph { nodes: g.nodes[..id.index()].to_vec(), ..g.clone_header() };
             match node.op.infer(&prefix) {
                 Ok(ty) if ty != node.ty => errors.push(format!(
                     "%{}: {} has type {} but its operands give {ty}",
@@ -67,11 +61,7 @@ pub fn verify(g: &Graph) -> Result<(), Vec<String>> {
         }
         names.push(name);
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
 impl Graph {
@@ -97,22 +87,11 @@ mod tests {
     fn reports_every_broken_invariant() {
         let mut g = Graph::new("bad");
         let x = g.add_input("x", Type::f32([2, 3])).expect("input");
-        let y = g
-            .add(
-                Op::Unary {
-                    f: UnaryFn::Relu,
-                    x,
-                },
-                None,
-            )
-            .expect("relu");
+        let y = g.add(Op::Unary { f: UnaryFn::Relu, x }, None).expect("relu");
         g.outputs.push(("y".into(), y));
         assert!(verify(&g).is_ok());
         // Break it twice: a forward reference and a wrong stored type.
-        g.nodes[1].op = Op::Unary {
-            f: UnaryFn::Relu,
-            x: NodeId(1),
-        };
+        g.nodes[1].op = Op::Unary { f: UnaryFn::Relu, x: NodeId(1) };
         g.nodes[0].ty = Type::f32([7]);
         g.outputs.push(("y".into(), NodeId(9)));
         let errors = verify(&g).expect_err("broken graph");

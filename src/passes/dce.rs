@@ -8,10 +8,7 @@ pub fn keep_outputs(g: &Graph, outputs: &[&str]) -> Result<Graph, String> {
     let mut live = vec![false; g.len()];
     let mut roots = Vec::new();
     for name in outputs {
-        roots.push(
-            g.output(name)
-                .ok_or_else(|| format!("the graph has no output `{name}`"))?,
-        );
+        roots.push(g.output(name).ok_or_else(|| format!("the graph has no output `{name}`"))?);
     }
     for id in g.ids() {
         if matches!(g.node(id).op, Op::Update { .. }) {
@@ -29,9 +26,7 @@ pub fn keep_outputs(g: &Graph, outputs: &[&str]) -> Result<Graph, String> {
         }
     }
     let mut pruned = g.clone();
-    pruned
-        .outputs
-        .retain(|(n, _)| outputs.contains(&n.as_str()));
+    pruned.outputs.retain(|(n, _)| outputs.contains(&n.as_str()));
     let out = pruned.retain(&live)?;
     debug_assert!(crate::ir::verify(&out).is_ok());
     Ok(out)

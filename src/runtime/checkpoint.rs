@@ -19,10 +19,7 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -54,9 +51,7 @@ fn serialize(
     let views: Result<Vec<(String, TensorView<'_>)>, String> = tensors
         .iter()
         .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| e.to_string())
+            TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| e.to_string())
         })
         .collect();
     safetensors::serialize(views?, meta).map_err(|e| e.to_string())
@@ -83,11 +78,7 @@ pub fn save(dir: &Path, g: &Graph, state: &State, progress: &Progress) -> Result
             _ => &[],
         };
         for (suffix, buf) in names.iter().zip(s) {
-            slots.push((
-                format!("{}.{suffix}", p.name),
-                p.shape.clone(),
-                to_bytes(buf),
-            ));
+            slots.push((format!("{}.{suffix}", p.name), p.shape.clone(), to_bytes(buf)));
         }
         let _ = steps;
     }
@@ -97,13 +88,7 @@ pub fn save(dir: &Path, g: &Graph, state: &State, progress: &Progress) -> Result
         ("step".to_owned(), state.step.to_string()),
         ("seed".to_owned(), progress.seed.to_string()),
         ("param_steps".to_owned(), steps.join(",")),
-        (
-            "model".to_owned(),
-            g.name
-                .trim_end_matches(".forward")
-                .trim_end_matches(".train")
-                .to_owned(),
-        ),
+        ("model".to_owned(), g.name.trim_end_matches(".forward").trim_end_matches(".train").to_owned()),
     ]);
     let bytes = serialize(&slots, Some(meta))?;
     let path = dir.join("optimizer.safetensors");
@@ -119,12 +104,7 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
     let mut out = Vec::new();
     for p in &g.params {
         let t = st.tensor(&p.name).map_err(|_| {
-            format!(
-                "{} has no `{}` (shape {:?}), which the spec needs",
-                path.display(),
-                p.name,
-                p.shape
-            )
+            format!("{} has no `{}` (shape {:?}), which the spec needs", path.display(), p.name, p.shape)
         })?;
         if t.shape() != p.shape.as_slice() {
             return Err(format!(
@@ -138,34 +118,20 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
         out.push(f32s(path, &p.name, &t)?);
     }
     let known: Vec<&str> = g.params.iter().map(|p| p.name.as_str()).collect();
-    let mut extra: Vec<String> = st
-        .names()
-        .into_iter()
-        .filter(|n| !known.contains(n))
-        .map(str::to_owned)
-        .collect();
+    let mut extra: Vec<String> =
+        st.names().into_iter().filter(|n| !known.contains(n)).map(str::to_owned).collect();
     extra.sort();
     if let Some(name) = extra.first() {
-        return Err(format!(
-            "{} has `{name}`, which the spec does not declare",
-            path.display()
-        ));
+        return Err(format!("{} has `{name}`, which the spec does not declare", path.display()));
     }
     Ok(out)
 }
 
 fn f32s(path: &Path, name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, String> {
     if t.dtype() != Dtype::F32 {
-        return Err(format!(
-            "{}: `{name}` is {:?}, aec reads F32",
-            path.display(),
-            t.dtype()
-        ));
+        return Err(format!("{}: `{name}` is {:?}, aec reads F32", path.display(), t.dtype()));
     }
-    Ok(t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Restores a whole training state from `dir`.
@@ -175,8 +141,7 @@ pub fn load(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
     let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let info = meta.metadata().clone().unwrap_or_default();
     let num = |k: &str| -> Result<u64, String> {
         info.get(k)
@@ -187,18 +152,10 @@ pub fn load(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
     state.step = num("step")?;
     let steps: Vec<u64> = info
         .get("param_steps")
-        .map(|s| {
-            s.split(',')
-                .filter(|x| !x.is_empty())
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
+        .map(|s| s.split(',').filter(|x| !x.is_empty()).filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default();
     if steps.len() != g.params.len() {
-        return Err(format!(
-            "{}: its per-parameter steps do not match the spec",
-            path.display()
-        ));
+        return Err(format!("{}: its per-parameter steps do not match the spec", path.display()));
     }
     state.param_steps = steps;
     for (i, p) in g.params.iter().enumerate() {
@@ -210,11 +167,5 @@ pub fn load(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
         }
         state.slots[i] = slots;
     }
-    Ok((
-        state,
-        Progress {
-            epoch: num("epoch")?,
-            seed: num("seed")?,
-        },
-    ))
+    Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")? }))
 }

@@ -37,11 +37,7 @@ pub fn infer(
         let g = match graphs.entry(b) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let lowering = Lowering {
-                    batch: b as u64,
-                    mode: Mode::Infer,
-                    denoise: false,
-                };
+                let lowering = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false };
                 let fwd = lower::lower(&c.model, &lowering)?;
                 e.insert(passes::dce::keep_outputs(&fwd, &[name])?)
             }
@@ -57,11 +53,7 @@ pub fn infer(
                 _ => Buf::F32(Vec::new()),
             })
             .collect();
-        let opts = interp::Options {
-            threads,
-            check_finite: false,
-            ..interp::Options::default()
-        };
+        let opts = interp::Options { threads, check_finite: false, ..interp::Options::default() };
         let values = interp::run(g, &inputs, &mut state, &opts).map_err(|e| e.to_string())?;
         out.extend_from_slice(values.output(g, name).map(|b| b.f32()).unwrap_or(&[]));
     }
@@ -76,8 +68,5 @@ pub fn infer(
         Ty::Tokens { len, .. } => shape.push(*len as usize),
         Ty::Token { .. } => {}
     }
-    Ok(Array {
-        shape,
-        values: Values::F32(out),
-    })
+    Ok(Array { shape, values: Values::F32(out) })
 }

@@ -25,16 +25,12 @@ pub fn init_params(g: &Graph, init: Init, seed: u64) -> Vec<Vec<f32>> {
             let fan_out = p.fan_out.max(1) as f64;
             let bound = match (p.role, init) {
                 (ParamRole::Embedding, _) => return (0..n).map(|_| normal(&mut rng)).collect(),
-                (ParamRole::Weight, Init::Default) | (ParamRole::Bias, Init::Default) => {
-                    1.0 / fan_in.sqrt()
-                }
+                (ParamRole::Weight, Init::Default) | (ParamRole::Bias, Init::Default) => 1.0 / fan_in.sqrt(),
                 (ParamRole::Weight, Init::Xavier) => (6.0 / (fan_in + fan_out)).sqrt(),
                 (ParamRole::Weight, Init::He) => (6.0 / fan_in).sqrt(),
                 (ParamRole::Bias, _) => 0.0,
             };
-            (0..n)
-                .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
-                .collect()
+            (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
         })
         .collect()
 }

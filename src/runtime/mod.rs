@@ -26,21 +26,12 @@ pub struct State {
 impl State {
     pub fn new(params: Vec<Vec<f32>>) -> State {
         let n = params.len();
-        State {
-            params,
-            slots: vec![Vec::new(); n],
-            param_steps: vec![0; n],
-            step: 0,
-        }
+        State { params, slots: vec![Vec::new(); n], param_steps: vec![0; n], step: 0 }
     }
 
     /// Starts an update of parameter `p`: its values, its optimizer buffers (created as zeros
     /// on its first update) and the 1-based count of this update.
-    pub fn begin_update(
-        &mut self,
-        p: usize,
-        f: OptimizerFn,
-    ) -> (&mut Vec<f32>, &mut Vec<Vec<f32>>, u64) {
+    pub fn begin_update(&mut self, p: usize, f: OptimizerFn) -> (&mut Vec<f32>, &mut Vec<Vec<f32>>, u64) {
         let n = self.params[p].len();
         let want = match f {
             OptimizerFn::Sgd { momentum, .. } => usize::from(momentum != 0.0),

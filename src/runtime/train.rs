@@ -53,18 +53,8 @@ pub struct EpochMetrics {
 
 /// What the loop reports as it goes; the CLI turns it into a progress bar.
 pub enum Event<'a> {
-    Start {
-        first_epoch: u64,
-        epochs: u64,
-        steps_per_epoch: u64,
-        train: usize,
-        validation: usize,
-    },
-    Step {
-        epoch: u64,
-        step_in_epoch: u64,
-        loss: f64,
-    },
+    Start { first_epoch: u64, epochs: u64, steps_per_epoch: u64, train: usize, validation: usize },
+    Step { epoch: u64, step_in_epoch: u64, loss: f64 },
     Epoch(&'a EpochMetrics),
 }
 
@@ -84,13 +74,7 @@ pub enum TrainError {
     #[error("internal compiler error: {0}")]
     Compile(String),
     #[error("{what} at step {step} (epoch {epoch}); {kept}")]
-    NonFinite {
-        epoch: u64,
-        step: u64,
-        what: String,
-        span: Option<Span>,
-        kept: String,
-    },
+    NonFinite { epoch: u64, step: u64, what: String, span: Option<Span>, kept: String },
 }
 
 /// Compiled graphs by batch size.
@@ -104,24 +88,17 @@ struct Programs<'c> {
 
 impl Programs<'_> {
     fn lowering(&self, batch: usize, mode: Mode) -> Lowering {
-        Lowering {
-            batch: batch as u64,
-            mode,
-            denoise: self.denoise,
-        }
+        Lowering { batch: batch as u64, mode, denoise: self.denoise }
     }
 
     fn train(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.train.contains_key(&batch) {
             let fwd = lower::lower(&self.compiled.model, &self.lowering(batch, Mode::Train))
                 .map_err(TrainError::Compile)?;
-            let step =
-                autodiff::training_step(&fwd, self.optimizer, &[]).map_err(TrainError::Compile)?;
+            let step = autodiff::training_step(&fwd, self.optimizer, &[]).map_err(TrainError::Compile)?;
             self.train.insert(batch, step);
         }
-        self.train
-            .get(&batch)
-            .ok_or_else(|| TrainError::Compile("missing step graph".into()))
+        self.train.get(&batch).ok_or_else(|| TrainError::Compile("missing step graph".into()))
     }
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
@@ -131,9 +108,7 @@ impl Programs<'_> {
             let g = passes::dce::keep_outputs(&fwd, &["loss"]).map_err(TrainError::Compile)?;
             self.eval.insert(batch, g);
         }
-        self.eval
-            .get(&batch)
-            .ok_or_else(|| TrainError::Compile("missing eval graph".into()))
+        self.eval.get(&batch).ok_or_else(|| TrainError::Compile("missing eval graph".into()))
     }
 }
 
@@ -183,9 +158,7 @@ pub fn train(
     };
     let (train_idx, val_idx) = data.split(cfg.validation, cfg.seed);
     if train_idx.is_empty() {
-        return Err(TrainError::Data(
-            "no training samples are left after the validation split".into(),
-        ));
+        return Err(TrainError::Data("no training samples are left after the validation split".into()));
     }
     let batch = cfg.batch.min(train_idx.len()).max(1);
     let metrics_path = cfg.out.join("metrics.jsonl");
@@ -206,11 +179,7 @@ pub fn train(
         let metrics = read_metrics(&metrics_path, progress.epoch);
         (state, metrics, progress.epoch)
     } else {
-        (
-            State::new(super::init::init_params(&reference, cfg.init, cfg.seed)),
-            Vec::new(),
-            0,
-        )
+        (State::new(super::init::init_params(&reference, cfg.init, cfg.seed)), Vec::new(), 0)
     };
 
     let steps_per_epoch = train_idx.len().div_ceil(batch) as u64;
@@ -227,10 +196,7 @@ pub fn train(
     let mut last_save = Instant::now();
     for epoch in first_epoch + 1..=cfg.epochs {
         let epoch_start = Instant::now();
-        let perm = data::permutation(
-            train_idx.len(),
-            cfg.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407),
-        );
+        let perm = data::permutation(train_idx.len(), cfg.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
         let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
         let mut loss_sum = 0f64;
         for (s, idx) in order.chunks(batch).enumerate() {
@@ -245,15 +211,9 @@ pub fn train(
             };
             let values = interp::run(g, &inputs, &mut state, &opts)
                 .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
-            let loss = values
-                .output(g, "loss")
-                .map_or(f64::NAN, |b| f64::from(b.f32()[0]));
+            let loss = values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]));
             loss_sum += loss * idx.len() as f64;
-            on(Event::Step {
-                epoch,
-                step_in_epoch: s as u64 + 1,
-                loss,
-            });
+            on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
         }
         let epoch_train = epoch_start.elapsed();
         train_time += epoch_train;
@@ -303,39 +263,24 @@ fn evaluate(
     for chunk in idx.chunks(batch) {
         let g = programs.eval(chunk.len())?;
         let inputs = batch_inputs(g, data, chunk, None, cfg.seed, state.step);
-        let opts = interp::Options {
-            seed: cfg.seed,
-            step: state.step,
-            threads: cfg.threads,
-            check_finite: false,
-        };
-        let values = interp::run(g, &inputs, state, &opts)
-            .map_err(|e| TrainError::Compile(e.to_string()))?;
-        sum += values
-            .output(g, "loss")
-            .map_or(f64::NAN, |b| f64::from(b.f32()[0]))
-            * chunk.len() as f64;
+        let opts =
+            interp::Options { seed: cfg.seed, step: state.step, threads: cfg.threads, check_finite: false };
+        let values = interp::run(g, &inputs, state, &opts).map_err(|e| TrainError::Compile(e.to_string()))?;
+        sum += values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])) * chunk.len() as f64;
     }
     Ok(Some(sum / idx.len() as f64))
 }
 
 fn stop(e: interp::Error, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -> TrainError {
     let kept = if last_good > 0 && cfg.out.join("checkpoint.safetensors").exists() {
-        format!(
-            "training stopped; the last good checkpoint stays in {}",
-            cfg.out.display()
-        )
+        format!("training stopped; the last good checkpoint stays in {}", cfg.out.display())
     } else {
         "training stopped before any checkpoint was written".to_owned()
     };
     match e {
-        interp::Error::NonFinite { span, .. } => TrainError::NonFinite {
-            epoch,
-            step,
-            what: e.to_string(),
-            span,
-            kept,
-        },
+        interp::Error::NonFinite { span, .. } => {
+            TrainError::NonFinite { epoch, step, what: e.to_string(), span, kept }
+        }
         other => TrainError::Data(other.to_string()),
     }
 }

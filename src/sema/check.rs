@@ -83,19 +83,10 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
     };
     let target = c.loss_target_ty(m, &vars);
     let code = code?;
-    let output = c.block(
-        Part::Decoder,
-        &decoder_layers,
-        code.clone(),
-        target.as_ref(),
-    );
+    let output = c.block(Part::Decoder, &decoder_layers, code.clone(), target.as_ref());
     if let Some(ast::Decoder::Mirror { .. }) = &m.decoder {
         let span = m.decoder.as_ref().map_or(Span::default(), decoder_span);
-        let block = ast::Block {
-            layers: decoder_layers,
-            span,
-            incomplete: false,
-        };
+        let block = ast::Block { layers: decoder_layers, span, incomplete: false };
         file.model.decoder = Some(ast::Decoder::Layers(block));
     }
     let output = output?;
@@ -199,11 +190,7 @@ impl Checker<'_> {
                 );
             }
             c.budget(&ty, d.span);
-            Var {
-                name: d.name.name.clone(),
-                ty,
-                span: d.name.span,
-            }
+            Var { name: d.name.name.clone(), ty, span: d.name.span }
         };
         let inputs = m.inputs.iter().map(|d| var(self, d)).collect();
         let targets = m.targets.iter().map(|d| var(self, d)).collect();
@@ -247,20 +234,13 @@ impl Checker<'_> {
             return false;
         };
         let mut ok = true;
-        let known: Vec<&str> = vars
-            .0
-            .iter()
-            .chain(&vars.1)
-            .map(|v| v.name.as_str())
-            .collect();
+        let known: Vec<&str> = vars.0.iter().chain(&vars.1).map(|v| v.name.as_str()).collect();
         let main = &loss.main;
         if main.kind == ast::LossKind::L2 || main.arg.name == "weights" || main.arg.name == "code" {
             self.diags.push(
-                Diagnostic::error(
-                    "the first loss term compares the output with an input or target",
-                )
-                .label(main.span, "not a reconstruction loss")
-                .help("write e.g. `loss mse(x) + 1e-4 * l2(weights)`"),
+                Diagnostic::error("the first loss term compares the output with an input or target")
+                    .label(main.span, "not a reconstruction loss")
+                    .help("write e.g. `loss mse(x) + 1e-4 * l2(weights)`"),
             );
             ok = false;
         } else if !known.contains(&main.arg.name.as_str()) {
@@ -278,11 +258,9 @@ impl Checker<'_> {
             let target = t.arg.name == "weights" || t.arg.name == "code";
             if !(penalty && target) {
                 self.diags.push(
-                    Diagnostic::error(
-                        "an extra loss term is a penalty: `l1` or `l2` of `weights` or `code`",
-                    )
-                    .label(t.span, "not a penalty")
-                    .help("write e.g. `+ 1e-4 * l2(weights)` or `+ 1e-3 * l1(code)`"),
+                    Diagnostic::error("an extra loss term is a penalty: `l1` or `l2` of `weights` or `code`")
+                        .label(t.span, "not a penalty")
+                        .help("write e.g. `+ 1e-4 * l2(weights)` or `+ 1e-3 * l1(code)`"),
                 );
                 ok = false;
             }
@@ -292,11 +270,7 @@ impl Checker<'_> {
 
     fn loss_target_ty(&self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> Option<Ty> {
         let name = &m.loss.as_ref()?.main.arg.name;
-        vars.0
-            .iter()
-            .chain(&vars.1)
-            .find(|v| &v.name == name)
-            .map(|v| v.ty.clone())
+        vars.0.iter().chain(&vars.1).find(|v| &v.name == name).map(|v| v.ty.clone())
     }
 
     fn check_loss(&mut self, loss: &ast::Loss, output: &Ty, target: Option<&Ty>) {
@@ -304,28 +278,21 @@ impl Checker<'_> {
         let main = &loss.main;
         let name = &main.arg.name;
         let expected = match (main.kind, target) {
-            (ast::LossKind::CrossEntropy, Ty::Tokens { len, vocab }) => Ty::Seq {
-                len: *len,
-                dim: *vocab,
-            },
+            (ast::LossKind::CrossEntropy, Ty::Tokens { len, vocab }) => Ty::Seq { len: *len, dim: *vocab },
             (ast::LossKind::CrossEntropy, Ty::Token { vocab }) => Ty::Tensor(vec![*vocab]),
             (ast::LossKind::CrossEntropy, _) => {
                 self.diags.push(
-                    Diagnostic::error(format!(
-                        "`cross_entropy` needs token ids, but `{name}` is {target}"
-                    ))
-                    .label(main.span, "cross-entropy of non-tokens")
-                    .help("use `mse` or `bce` for real-valued targets"),
+                    Diagnostic::error(format!("`cross_entropy` needs token ids, but `{name}` is {target}"))
+                        .label(main.span, "cross-entropy of non-tokens")
+                        .help("use `mse` or `bce` for real-valued targets"),
                 );
                 return;
             }
             (_, Ty::Tokens { .. } | Ty::Token { .. }) => {
                 self.diags.push(
-                    Diagnostic::error(format!(
-                        "`{name}` holds token ids; compare them with `cross_entropy`"
-                    ))
-                    .label(main.span, "not a loss for tokens")
-                    .help(format!("write `loss cross_entropy({name})`")),
+                    Diagnostic::error(format!("`{name}` holds token ids; compare them with `cross_entropy`"))
+                        .label(main.span, "not a loss for tokens")
+                        .help(format!("write `loss cross_entropy({name})`")),
                 );
                 return;
             }
@@ -348,11 +315,7 @@ impl Checker<'_> {
             self.diags.push(d);
         }
         if main.kind == ast::LossKind::Bce {
-            let last_act = self
-                .layers
-                .last()
-                .and_then(|l| l.layer.activations.last())
-                .map(|a| a.kind);
+            let last_act = self.layers.last().and_then(|l| l.layer.activations.last()).map(|a| a.kind);
             if last_act != Some(ActKind::Sigmoid) {
                 let span = self.layers.last().map_or(main.span, |l| l.layer.span);
                 self.diags.push(
@@ -381,16 +344,11 @@ impl Checker<'_> {
         {
             let need = c.out_pad + (eh - oh);
             if need < c.stride {
-                return Some(format!(
-                    "add `op{need}` (output padding {need}) to get {eh}×{ew}"
-                ));
+                return Some(format!("add `op{need}` (output padding {need}) to get {eh}×{ew}"));
             }
         }
         if o.iter().product::<u64>() == e.iter().product::<u64>() {
-            return Some(format!(
-                "add `reshape {}` at the end of the decoder",
-                crate::syntax::ast_dims(e)
-            ));
+            return Some(format!("add `reshape {}` at the end of the decoder", crate::syntax::ast_dims(e)));
         }
         None
     }
@@ -398,13 +356,7 @@ impl Checker<'_> {
     // ---- blocks and layers ---------------------------------------------------------------------
 
     /// Checks a block's layers from `input`; the output type, or `None` after a shape error.
-    fn block(
-        &mut self,
-        part: Part,
-        layers: &[ast::Layer],
-        input: Ty,
-        target: Option<&Ty>,
-    ) -> Option<Ty> {
+    fn block(&mut self, part: Part, layers: &[ast::Layer], input: Ty, target: Option<&Ty>) -> Option<Ty> {
         let ctx = Ctx { part, target };
         let mut ty = input;
         for (index, layer) in layers.iter().enumerate() {
@@ -432,12 +384,8 @@ impl Checker<'_> {
             }
             self.trace.push(format!("{} → {out}", layer));
             let tied_weight = match &layer.kind {
-                LayerKind::Deconv(ast::ConvSpec {
-                    tied_to: Some(i), ..
-                })
-                | LayerKind::Dense {
-                    tied_to: Some(i), ..
-                } => self.encoder_weight(*i),
+                LayerKind::Deconv(ast::ConvSpec { tied_to: Some(i), .. })
+                | LayerKind::Dense { tied_to: Some(i), .. } => self.encoder_weight(*i),
                 _ => None,
             };
             self.layers.push(LayerInfo {
@@ -460,9 +408,7 @@ impl Checker<'_> {
         for l in layers {
             match &l.kind {
                 // Record with unknown shapes so later `unpool` lines resolve.
-                LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. })
-                    if self.pool_named(n).is_none() =>
-                {
+                LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }) if self.pool_named(n).is_none() => {
                     self.pools.push(Pool {
                         name: n.name.clone(),
                         span: n.span,
@@ -489,22 +435,19 @@ impl Checker<'_> {
             return Ok(p.clone());
         }
         if let Some(later) = self.declared_pools.iter().find(|p| p.name == name.name) {
-            return Err(Diagnostic::error(format!(
-                "`unpool {}` comes before its maxpool",
-                name.name
-            ))
-            .label(name.span, "used here")
-            .label(later.span, "the pool is only defined here, later")
-            .help("unpool through a pool's switches after the pool has run"));
+            return Err(Diagnostic::error(format!("`unpool {}` comes before its maxpool", name.name))
+                .label(name.span, "used here")
+                .label(later.span, "the pool is only defined here, later")
+                .help("unpool through a pool's switches after the pool has run"));
         }
         let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
         let mut d = Diagnostic::error(format!("`unpool {}` names no earlier maxpool", name.name))
             .label(name.span, "unknown pool");
         d = match crate::syntax::closest(&name.name, names.iter()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
-            None if names.is_empty() => d.help(
-                "name a max pool's switches with `maxpool 2 as p1`, then `unpool p1` after it",
-            ),
+            None if names.is_empty() => {
+                d.help("name a max pool's switches with `maxpool 2 as p1`, then `unpool p1` after it")
+            }
             None => d.help(format!("the pools so far are {}", names.join(", "))),
         };
         Err(d)
@@ -520,49 +463,29 @@ impl Checker<'_> {
     ) -> Result<(Ty, u64), Diagnostic> {
         let pname = |suffix: &str| format!("{}.{index}.{suffix}", ctx.part.prefix());
         match &l.kind {
-            LayerKind::Dense {
-                units,
-                bias,
-                tied_to,
-            } => {
+            LayerKind::Dense { units, bias, tied_to } => {
                 let (seq_len, width) = match input {
                     Ty::Tensor(d) if d.len() == 1 => (None, d[0]),
                     Ty::Seq { len, dim } => (Some(*len), *dim),
                     Ty::Tensor(d) => {
-                        return Err(shape_err(l, format!("`dense` needs a vector, got {input}"))
-                            .help(format!(
+                        return Err(shape_err(l, format!("`dense` needs a vector, got {input}")).help(
+                            format!(
                                 "add `flatten` before it to make {} a vector of {}",
                                 crate::syntax::ast_dims(d),
                                 input.numel()
-                            )));
+                            ),
+                        ));
                     }
                     Ty::Token { .. } | Ty::Tokens { .. } => {
-                        return Err(shape_err(
-                            l,
-                            format!("`dense` needs vectors, got token ids {input}"),
-                        )
-                        .help("add `embed N` first to turn ids into vectors"));
+                        return Err(shape_err(l, format!("`dense` needs vectors, got token ids {input}"))
+                            .help("add `embed N` first to turn ids into vectors"));
                     }
                 };
                 if tied_to.is_none() {
-                    self.param(
-                        l,
-                        pname("weight"),
-                        vec![*units, width],
-                        ParamRole::Weight,
-                        width,
-                        *units,
-                    )?;
+                    self.param(l, pname("weight"), vec![*units, width], ParamRole::Weight, width, *units)?;
                 }
                 if *bias {
-                    self.param(
-                        l,
-                        pname("bias"),
-                        vec![*units],
-                        ParamRole::Bias,
-                        width,
-                        *units,
-                    )?;
+                    self.param(l, pname("bias"), vec![*units], ParamRole::Bias, width, *units)?;
                 }
                 let flops = mul3(2, width, *units).saturating_mul(seq_len.unwrap_or(1));
                 let out = match seq_len {
@@ -581,60 +504,42 @@ impl Checker<'_> {
                             c.out_pad, c.stride
                         ))
                         .label(l.span, "output padding too large")
-                        .help(format!(
-                            "use `op{}` at most, or a larger stride",
-                            c.stride - 1
-                        )));
+                        .help(format!("use `op{}` at most, or a larger stride", c.stride - 1)));
                     }
-                    let f =
-                        |n: u64| -> Result<u64, Diagnostic> {
-                            let full = (n - 1) * c.stride + c.kernel + c.out_pad;
-                            if full <= 2 * c.pad {
-                                return Err(shape_err(l, format!(
-                                "padding {} removes the whole {n}-pixel output of this deconv",
-                                c.pad
-                            ))
+                    let f = |n: u64| -> Result<u64, Diagnostic> {
+                        let full = (n - 1) * c.stride + c.kernel + c.out_pad;
+                        if full <= 2 * c.pad {
+                            return Err(shape_err(
+                                l,
+                                format!(
+                                    "padding {} removes the whole {n}-pixel output of this deconv",
+                                    c.pad
+                                ),
+                            )
                             .help("use less padding"));
-                            }
-                            Ok(full - 2 * c.pad)
-                        };
+                        }
+                        Ok(full - 2 * c.pad)
+                    };
                     (f(h)?, f(w)?)
                 } else {
                     let (ph, pw) = (h + 2 * c.pad, w + 2 * c.pad);
                     if c.kernel > ph || c.kernel > pw {
                         return Err(Diagnostic::error(format!(
                             "kernel {k}×{k} is larger than the {h}×{w} input{}",
-                            if c.pad > 0 {
-                                format!(" padded by {}", c.pad)
-                            } else {
-                                String::new()
-                            },
+                            if c.pad > 0 { format!(" padded by {}", c.pad) } else { String::new() },
                             k = c.kernel
                         ))
                         .label(l.span, format!("input is {input}"))
-                        .help(format!(
-                            "use a kernel of at most {} or add padding",
-                            ph.min(pw)
-                        )));
+                        .help(format!("use a kernel of at most {} or add padding", ph.min(pw))));
                     }
-                    (
-                        (ph - c.kernel) / c.stride + 1,
-                        (pw - c.kernel) / c.stride + 1,
-                    )
+                    ((ph - c.kernel) / c.stride + 1, (pw - c.kernel) / c.stride + 1)
                 };
                 let k2 = c.kernel * c.kernel;
                 if deconv {
                     // PyTorch: ConvTranspose2d weight [in, out, K, K], fan_in from dim 1.
                     if c.tied_to.is_none() {
                         let shape = vec![cin, c.channels, c.kernel, c.kernel];
-                        self.param(
-                            l,
-                            pname("weight"),
-                            shape,
-                            ParamRole::Weight,
-                            c.channels * k2,
-                            cin * k2,
-                        )?;
+                        self.param(l, pname("weight"), shape, ParamRole::Weight, c.channels * k2, cin * k2)?;
                     }
                     if c.bias {
                         self.param(
@@ -648,14 +553,7 @@ impl Checker<'_> {
                     }
                 } else {
                     let shape = vec![c.channels, cin, c.kernel, c.kernel];
-                    self.param(
-                        l,
-                        pname("weight"),
-                        shape,
-                        ParamRole::Weight,
-                        cin * k2,
-                        c.channels * k2,
-                    )?;
+                    self.param(l, pname("weight"), shape, ParamRole::Weight, cin * k2, c.channels * k2)?;
                     if c.bias {
                         self.param(
                             l,
@@ -681,20 +579,13 @@ impl Checker<'_> {
                     .label(l.span, format!("input is {input}"))
                     .help(format!("use a window of at most {}", h.min(w))));
                 }
-                let out = Ty::Tensor(vec![
-                    ch,
-                    (h - p.kernel) / p.stride + 1,
-                    (w - p.kernel) / p.stride + 1,
-                ]);
+                let out = Ty::Tensor(vec![ch, (h - p.kernel) / p.stride + 1, (w - p.kernel) / p.stride + 1]);
                 if let Some(n) = &p.name {
                     if let Some(first) = self.pool_named(n) {
-                        return Err(Diagnostic::error(format!(
-                            "pool name `{}` is used twice",
-                            n.name
-                        ))
-                        .label(n.span, "second pool with this name")
-                        .label(first.span, "first pool")
-                        .help("give each pool its own name"));
+                        return Err(Diagnostic::error(format!("pool name `{}` is used twice", n.name))
+                            .label(n.span, "second pool with this name")
+                            .label(first.span, "first pool")
+                            .help("give each pool its own name"));
                     }
                     self.pools.push(Pool {
                         name: n.name.clone(),
@@ -719,16 +610,10 @@ impl Checker<'_> {
             }
             LayerKind::Flatten => match input {
                 Ty::Tensor(_) => Ok((Ty::Tensor(vec![input.numel()]), 0)),
-                _ => Err(shape_err(
-                    l,
-                    format!("`flatten` needs a tensor, got {input}"),
-                )),
+                _ => Err(shape_err(l, format!("`flatten` needs a tensor, got {input}"))),
             },
             LayerKind::Reshape { dims } => {
-                let target = dims
-                    .iter()
-                    .try_fold(1u64, |a, &b| a.checked_mul(b))
-                    .unwrap_or(u64::MAX);
+                let target = dims.iter().try_fold(1u64, |a, &b| a.checked_mul(b)).unwrap_or(u64::MAX);
                 match input {
                     Ty::Tensor(_) if target == input.numel() => Ok((Ty::Tensor(dims.clone()), 0)),
                     Ty::Tensor(_) => Err(shape_err(
@@ -739,34 +624,16 @@ impl Checker<'_> {
                             crate::syntax::ast_dims(dims)
                         ),
                     )),
-                    _ => Err(shape_err(
-                        l,
-                        format!("`reshape` needs a tensor, got {input}"),
-                    )),
+                    _ => Err(shape_err(l, format!("`reshape` needs a tensor, got {input}"))),
                 }
             }
             LayerKind::Embed { dim } => match input {
                 Ty::Tokens { len, vocab } => {
-                    self.param(
-                        l,
-                        pname("weight"),
-                        vec![*vocab, *dim],
-                        ParamRole::Embedding,
-                        *vocab,
-                        *dim,
-                    )?;
-                    Ok((
-                        Ty::Seq {
-                            len: *len,
-                            dim: *dim,
-                        },
-                        0,
-                    ))
+                    self.param(l, pname("weight"), vec![*vocab, *dim], ParamRole::Embedding, *vocab, *dim)?;
+                    Ok((Ty::Seq { len: *len, dim: *dim }, 0))
                 }
-                _ => Err(
-                    shape_err(l, format!("`embed` needs token ids, got {input}"))
-                        .help("embed reads an input declared as `seq[N] of token[V]`"),
-                ),
+                _ => Err(shape_err(l, format!("`embed` needs token ids, got {input}"))
+                    .help("embed reads an input declared as `seq[N] of token[V]`")),
             },
             LayerKind::Dropout { .. } => Ok((input.clone(), 0)),
             LayerKind::Activation(_) => Ok((input.clone(), 0)),
@@ -788,29 +655,19 @@ impl Checker<'_> {
         // (steps, features per step) of the recurrent layer's input.
         let (len, feat) = match (input, ctx.part, r.teacher_forcing) {
             (_, Part::Encoder, true) => {
-                return Err(shape_err(
-                    l,
-                    "`teacher_forcing` belongs to a decoder's recurrent layer".into(),
-                )
-                .help(
-                    "remove it here; the decoder's recurrent layer reads the previous target token",
-                ));
+                return Err(shape_err(l, "`teacher_forcing` belongs to a decoder's recurrent layer".into())
+                    .help("remove it here; the decoder's recurrent layer reads the previous target token"));
             }
             (Ty::Seq { len, dim }, _, false) => (*len, *dim),
             (Ty::Tokens { .. }, _, _) => {
-                return Err(shape_err(
-                    l,
-                    format!("`{kw}` needs vectors at each step, got token ids"),
-                )
-                .help(format!("add `embed 32` before `{kw}`")));
+                return Err(shape_err(l, format!("`{kw}` needs vectors at each step, got token ids"))
+                    .help(format!("add `embed 32` before `{kw}`")));
             }
             (Ty::Tensor(d), Part::Decoder, tf) if d.len() == 1 => {
                 let Some(target) = ctx.target else {
                     return Err(shape_err(
                         l,
-                        format!(
-                            "a decoder `{kw}` takes its length from the loss target, and there is none"
-                        ),
+                        format!("a decoder `{kw}` takes its length from the loss target, and there is none"),
                     ));
                 };
                 let (len, vocab) = match target {
@@ -819,9 +676,7 @@ impl Checker<'_> {
                     _ => {
                         return Err(shape_err(
                             l,
-                            format!(
-                                "a decoder `{kw}` writes a sequence, but the loss target is {target}"
-                            ),
+                            format!("a decoder `{kw}` writes a sequence, but the loss target is {target}"),
                         ));
                     }
                 };
@@ -829,15 +684,17 @@ impl Checker<'_> {
                     let Some(vocab) = vocab else {
                         return Err(shape_err(
                             l,
-                            "teacher forcing reads target tokens, but the target is not token ids"
-                                .into(),
+                            "teacher forcing reads target tokens, but the target is not token ids".into(),
                         ));
                     };
                     if d[0] != h {
-                        return Err(shape_err(l, format!(
-                            "`{kw} {h} teacher_forcing` starts from the code, which has {} units",
-                            d[0]
-                        ))
+                        return Err(shape_err(
+                            l,
+                            format!(
+                                "`{kw} {h} teacher_forcing` starts from the code, which has {} units",
+                                d[0]
+                            ),
+                        )
                         .help(format!("make the encoder's code {h} wide, or write `{kw} {}`", d[0])));
                     }
                     if r.cell == Cell::Lstm && !self.code_is_lstm() {
@@ -855,21 +712,15 @@ impl Checker<'_> {
                 }
             }
             (Ty::Tensor(_) | Ty::Token { .. }, _, _) => {
-                return Err(
-                    shape_err(l, format!("`{kw}` needs a sequence, got {input}")).help(
-                        "recurrent layers read `seq[N] of …` inputs; use `dense` for vectors",
-                    ),
-                );
+                return Err(shape_err(l, format!("`{kw}` needs a sequence, got {input}"))
+                    .help("recurrent layers read `seq[N] of …` inputs; use `dense` for vectors"));
             }
             (Ty::Seq { .. }, Part::Decoder, true) => {
                 return Err(shape_err(
                     l,
-                    "a teacher-forced recurrent layer starts from a code vector, not a sequence"
-                        .into(),
+                    "a teacher-forced recurrent layer starts from a code vector, not a sequence".into(),
                 )
-                .help(
-                    "put it first in the decoder, after an encoder that ends in a recurrent layer",
-                ));
+                .help("put it first in the decoder, after an encoder that ends in a recurrent layer"));
             }
         };
         let gh = g * h;
@@ -891,28 +742,16 @@ impl Checker<'_> {
 
     /// The weight parameter of encoder layer `index`.
     fn encoder_weight(&self, index: usize) -> Option<usize> {
-        let layer = self
-            .layers
-            .iter()
-            .find(|l| l.part == Part::Encoder && l.index == index)?;
+        let layer = self.layers.iter().find(|l| l.part == Part::Encoder && l.index == index)?;
         layer.params.first().copied()
     }
 
     /// Writes the decoder of `decoder mirror`: the encoder's layers in reverse, each undone.
     /// A dense or deconv layer takes the activation that produced its encoder twin's input (the
     /// nearest earlier dense/conv's), the first encoder layer's twin takes the mirror's `-> act`.
-    fn mirror(
-        &mut self,
-        tied: bool,
-        output: Option<ast::Activation>,
-        span: Span,
-    ) -> Option<Vec<ast::Layer>> {
-        let encoder: Vec<LayerInfo> = self
-            .layers
-            .iter()
-            .filter(|l| l.part == Part::Encoder)
-            .cloned()
-            .collect();
+    fn mirror(&mut self, tied: bool, output: Option<ast::Activation>, span: Span) -> Option<Vec<ast::Layer>> {
+        let encoder: Vec<LayerInfo> =
+            self.layers.iter().filter(|l| l.part == Part::Encoder).cloned().collect();
         let mut out = Vec::new();
         let mut ok = true;
         for (pos, info) in encoder.iter().enumerate().rev() {
@@ -930,36 +769,25 @@ impl Checker<'_> {
                     }),
                     None => output.clone(),
                 };
-                act.map(|a| ast::Activation { kind: a.kind, span })
-                    .into_iter()
-                    .collect()
+                act.map(|a| ast::Activation { kind: a.kind, span }).into_iter().collect()
             };
             let tie = tied.then_some(info.index);
             let kind = match (&info.layer.kind, &info.input) {
                 (LayerKind::Dense { bias, .. }, Ty::Tensor(d)) if d.len() == 1 => {
-                    LayerKind::Dense {
-                        units: d[0],
-                        bias: *bias,
-                        tied_to: tie,
-                    }
+                    LayerKind::Dense { units: d[0], bias: *bias, tied_to: tie }
                 }
                 (LayerKind::Conv(c), Ty::Tensor(d)) if d.len() == 3 => {
                     let Ty::Tensor(o) = &info.output else {
                         continue;
                     };
                     let restore = |inp: u64, out: u64| {
-                        inp as i64
-                            - ((out as i64 - 1) * c.stride as i64 - 2 * c.pad as i64
-                                + c.kernel as i64)
+                        inp as i64 - ((out as i64 - 1) * c.stride as i64 - 2 * c.pad as i64 + c.kernel as i64)
                     };
                     let (oph, opw) = (restore(d[1], o[1]), restore(d[2], o[2]));
                     if oph != opw || oph < 0 {
                         self.diags.push(
                             Diagnostic::error("this conv cannot be mirrored by one square deconv")
-                                .label(
-                                    info.layer.span,
-                                    format!("from {} to {}", info.input, info.output),
-                                )
+                                .label(info.layer.span, format!("from {} to {}", info.input, info.output))
                                 .label(span, "mirrored here")
                                 .help("write the decoder by hand"),
                         );
@@ -995,9 +823,7 @@ impl Checker<'_> {
                 (LayerKind::Dropout { .. } | LayerKind::Activation(_), _) => continue,
                 (kind, _) => {
                     let what = match kind {
-                        LayerKind::AvgPool(_) => {
-                            "an avgpool (it keeps no switches; use `maxpool … as NAME`)"
-                        }
+                        LayerKind::AvgPool(_) => "an avgpool (it keeps no switches; use `maxpool … as NAME`)",
                         LayerKind::Embed { .. } | LayerKind::Recurrent(_) => {
                             "a sequence layer (write the decoder of a sequence model by hand)"
                         }
@@ -1014,27 +840,15 @@ impl Checker<'_> {
             };
             let param_layer = matches!(kind, LayerKind::Dense { .. } | LayerKind::Deconv(_));
             let activations = if param_layer { acts() } else { Vec::new() };
-            out.push(ast::Layer {
-                kind,
-                activations,
-                span,
-                kind_span: span,
-            });
+            out.push(ast::Layer { kind, activations, span, kind_span: span });
         }
         ok.then_some(out)
     }
 
     fn code_is_lstm(&self) -> bool {
         matches!(
-            self.layers
-                .iter()
-                .rev()
-                .find(|l| l.part == Part::Encoder)
-                .map(|l| &l.layer.kind),
-            Some(LayerKind::Recurrent(ast::RecurrentSpec {
-                cell: Cell::Lstm,
-                ..
-            }))
+            self.layers.iter().rev().find(|l| l.part == Part::Encoder).map(|l| &l.layer.kind),
+            Some(LayerKind::Recurrent(ast::RecurrentSpec { cell: Cell::Lstm, .. }))
         )
     }
 
@@ -1059,13 +873,7 @@ impl Checker<'_> {
                 .help("make the layer smaller"));
             }
         }
-        self.params.push(ParamInfo {
-            name,
-            shape,
-            role,
-            fan_in,
-            fan_out,
-        });
+        self.params.push(ParamInfo { name, shape, role, fan_in, fan_out });
         Ok(())
     }
 }
@@ -1083,21 +891,14 @@ fn image(l: &ast::Layer, input: &Ty) -> Result<[u64; 3], Diagnostic> {
     let kind = l.layer_keyword();
     match input {
         Ty::Tensor(d) if d.len() == 3 => Ok([d[0], d[1], d[2]]),
-        Ty::Tensor(d) if d.len() == 2 => Err(shape_err(
-            l,
-            format!("`{kind}` needs an image [C, H, W], got {input}"),
-        )
-        .help(format!(
-            "declare the input with a channel axis, `[1, {}, {}]`",
-            d[0], d[1]
-        ))),
+        Ty::Tensor(d) if d.len() == 2 => {
+            Err(shape_err(l, format!("`{kind}` needs an image [C, H, W], got {input}"))
+                .help(format!("declare the input with a channel axis, `[1, {}, {}]`", d[0], d[1])))
+        }
         Ty::Tensor(d) if d.len() == 1 => {
             let n = d[0];
             let side = (n as f64).sqrt().round() as u64;
-            let mut e = shape_err(
-                l,
-                format!("`{kind}` needs an image [C, H, W], got a vector {input}"),
-            );
+            let mut e = shape_err(l, format!("`{kind}` needs an image [C, H, W], got a vector {input}"));
             if side * side == n {
                 e = e.help(format!("add `reshape [1, {side}, {side}]` before it"));
             } else {
@@ -1105,10 +906,7 @@ fn image(l: &ast::Layer, input: &Ty) -> Result<[u64; 3], Diagnostic> {
             }
             Err(e)
         }
-        _ => Err(shape_err(
-            l,
-            format!("`{kind}` needs an image [C, H, W], got {input}"),
-        )),
+        _ => Err(shape_err(l, format!("`{kind}` needs an image [C, H, W], got {input}"))),
     }
 }
 

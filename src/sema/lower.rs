@@ -55,18 +55,11 @@ pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
     }
     let mut vars = Vec::new();
     for v in m.inputs.iter().chain(&m.targets) {
-        vars.push((
-            v.name.clone(),
-            l.g.add_input(v.name.clone(), l.batched(&v.ty))?,
-        ));
+        vars.push((v.name.clone(), l.g.add_input(v.name.clone(), l.batched(&v.ty))?));
     }
     let input = vars.first().map(|v| v.1).ok_or("model without input")?;
 
-    let mut cur = Value {
-        node: input,
-        state: None,
-        logits: None,
-    };
+    let mut cur = Value { node: input, state: None, logits: None };
     for info in m.encoder() {
         cur = l.layer(m, info, cur, cfg, &vars)?;
     }
@@ -77,11 +70,7 @@ pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
     let recon = cur.node;
 
     let loss = l.loss(m, &cur, code, cfg, &mut vars)?;
-    l.g.outputs = vec![
-        ("recon".into(), recon),
-        ("code".into(), code),
-        ("loss".into(), loss),
-    ];
+    l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
     Ok(l.g)
 }
 
@@ -130,10 +119,7 @@ impl Lower {
     }
 
     fn param(&self, info: &LayerInfo, k: usize) -> Result<NodeId, String> {
-        let p = info
-            .params
-            .get(k)
-            .ok_or_else(|| format!("{}: parameter {k} missing", info.layer))?;
+        let p = info.params.get(k).ok_or_else(|| format!("{}: parameter {k} missing", info.layer))?;
         Ok(self.params[*p])
     }
 
@@ -157,38 +143,18 @@ impl Lower {
                 let tb = info.tied_weight.is_none();
                 let shape = self.g.ty(x).shape.clone();
                 let flat = if shape.len() == 3 {
-                    self.add(
-                        Op::Reshape {
-                            x,
-                            shape: vec![shape[0] * shape[1], shape[2]],
-                        },
-                        span,
-                    )?
+                    self.add(Op::Reshape { x, shape: vec![shape[0] * shape[1], shape[2]] }, span)?
                 } else {
                     x
                 };
-                let mut y = self.add(
-                    Op::MatMul {
-                        a: flat,
-                        b: w,
-                        ta: false,
-                        tb,
-                    },
-                    span,
-                )?;
+                let mut y = self.add(Op::MatMul { a: flat, b: w, ta: false, tb }, span)?;
                 if *bias {
                     let bias = self.param(info, k)?;
                     y = self.add(Op::BiasAdd { x: y, bias }, span)?;
                 }
                 if shape.len() == 3 {
                     let n = self.g.ty(y).shape[1];
-                    y = self.add(
-                        Op::Reshape {
-                            x: y,
-                            shape: vec![shape[0], shape[1], n],
-                        },
-                        span,
-                    )?;
+                    y = self.add(Op::Reshape { x: y, shape: vec![shape[0], shape[1], n] }, span)?;
                 }
                 y
             }
@@ -201,13 +167,7 @@ impl Lower {
                 let op = if matches!(info.layer.kind, LayerKind::Conv(_)) {
                     Op::Conv2d { x, w, stride, pad }
                 } else {
-                    Op::ConvTranspose2d {
-                        x,
-                        w,
-                        stride,
-                        pad,
-                        out_pad: [c.out_pad as usize; 2],
-                    }
+                    Op::ConvTranspose2d { x, w, stride, pad, out_pad: [c.out_pad as usize; 2] }
                 };
                 let mut y = self.add(op, span)?;
                 if c.bias {
@@ -225,30 +185,16 @@ impl Lower {
                 }
                 self.add(Op::Gather { x, idx }, span)?
             }
-            LayerKind::AvgPool(p) => self.add(
-                Op::AvgPool {
-                    x,
-                    kernel: p.kernel as usize,
-                    stride: p.stride as usize,
-                },
-                span,
-            )?,
+            LayerKind::AvgPool(p) => {
+                self.add(Op::AvgPool { x, kernel: p.kernel as usize, stride: p.stride as usize }, span)?
+            }
             LayerKind::Unpool { pool } => {
                 let &(_, idx, height, width) = self
                     .pools
                     .iter()
                     .find(|p| p.0 == pool.name)
                     .ok_or_else(|| format!("pool {} not lowered", pool.name))?;
-                self.add(
-                    Op::Scatter {
-                        v: x,
-                        idx,
-                        height,
-                        width,
-                        accumulate: false,
-                    },
-                    span,
-                )?
+                self.add(Op::Scatter { v: x, idx, height, width, accumulate: false }, span)?
             }
             LayerKind::Flatten | LayerKind::Reshape { .. } => {
                 let shape = self.batched(&info.output).shape;
@@ -261,14 +207,7 @@ impl Lower {
             LayerKind::Dropout { p } => match cfg.mode {
                 Mode::Train if *p > 0.0 => {
                     self.salt += 1;
-                    self.add(
-                        Op::Dropout {
-                            x,
-                            p: *p as f32,
-                            salt: self.salt,
-                        },
-                        span,
-                    )?
+                    self.add(Op::Dropout { x, p: *p as f32, salt: self.salt }, span)?
                 }
                 _ => x,
             },
@@ -279,11 +218,7 @@ impl Lower {
                 node
             }
         };
-        let mut out = Value {
-            node,
-            state,
-            logits: None,
-        };
+        let mut out = Value { node, state, logits: None };
         for a in &info.layer.activations {
             out = self.activation(a, out)?;
         }
@@ -296,11 +231,7 @@ impl Lower {
             ActKind::Identity => return Ok(v),
             ActKind::Softmax => {
                 let node = self.add(Op::Softmax { x }, a.span)?;
-                return Ok(Value {
-                    node,
-                    state: v.state,
-                    logits: Some(x),
-                });
+                return Ok(Value { node, state: v.state, logits: Some(x) });
             }
             ActKind::Relu => UnaryFn::Relu,
             ActKind::Sigmoid => UnaryFn::Sigmoid,
@@ -308,11 +239,7 @@ impl Lower {
             ActKind::LeakyRelu(s) => UnaryFn::LeakyRelu(s as f32),
         };
         let node = self.add(Op::Unary { f, x }, a.span)?;
-        Ok(Value {
-            node,
-            state: v.state,
-            logits: None,
-        })
+        Ok(Value { node, state: v.state, logits: None })
     }
 
     /// A recurrent layer: the value it passes on and its last state.
@@ -331,104 +258,41 @@ impl Lower {
         let (xs, h0) = match (info.part, r.teacher_forcing) {
             (Part::Decoder, true) => {
                 if cfg.mode == Mode::Infer {
-                    return Err(
-                        "greedy decoding of a teacher-forced decoder is not lowered yet".into(),
-                    );
+                    return Err("greedy decoding of a teacher-forced decoder is not lowered yet".into());
                 }
                 let target = m.loss_target().ok_or("teacher forcing without a target")?;
                 let Ty::Tokens { vocab, .. } = target.ty else {
                     return Err("teacher forcing needs token targets".into());
                 };
-                let ids = vars
-                    .iter()
-                    .find(|(n, _)| *n == target.name)
-                    .map(|v| v.1)
-                    .ok_or("target missing")?;
-                let shifted = self.add(
-                    Op::ShiftRight {
-                        ids,
-                        start: vocab as i32,
-                    },
-                    span,
-                )?;
-                let xs = self.add(
-                    Op::OneHot {
-                        ids: shifted,
-                        depth: vocab as usize + 1,
-                    },
-                    span,
-                )?;
+                let ids =
+                    vars.iter().find(|(n, _)| *n == target.name).map(|v| v.1).ok_or("target missing")?;
+                let shifted = self.add(Op::ShiftRight { ids, start: vocab as i32 }, span)?;
+                let xs = self.add(Op::OneHot { ids: shifted, depth: vocab as usize + 1 }, span)?;
                 (xs, v.state.unwrap_or(v.node))
             }
             (Part::Decoder, false) if self.g.ty(v.node).shape.len() == 2 => {
                 let Ty::Seq { len, .. } = info.output else {
                     return Err("decoder recurrent output".into());
                 };
-                let xs = self.add(
-                    Op::Repeat {
-                        x: v.node,
-                        times: len as usize,
-                    },
-                    span,
-                )?;
-                let h0 = self.add(
-                    Op::Fill {
-                        value: 0.0,
-                        shape: vec![self.b, s],
-                    },
-                    span,
-                )?;
+                let xs = self.add(Op::Repeat { x: v.node, times: len as usize }, span)?;
+                let h0 = self.add(Op::Fill { value: 0.0, shape: vec![self.b, s] }, span)?;
                 (xs, h0)
             }
             _ => {
-                let h0 = self.add(
-                    Op::Fill {
-                        value: 0.0,
-                        shape: vec![self.b, s],
-                    },
-                    span,
-                )?;
+                let h0 = self.add(Op::Fill { value: 0.0, shape: vec![self.b, s] }, span)?;
                 (v.node, h0)
             }
         };
         let (w_ih, w_hh) = (self.param(info, 0)?, self.param(info, 1)?);
-        let (b_ih, b_hh) = if r.bias {
-            (Some(self.param(info, 2)?), Some(self.param(info, 3)?))
-        } else {
-            (None, None)
-        };
-        let hs = self.add(
-            Op::Recurrent {
-                cell: r.cell,
-                xs,
-                h0,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-            },
-            span,
-        )?;
+        let (b_ih, b_hh) =
+            if r.bias { (Some(self.param(info, 2)?), Some(self.param(info, 3)?)) } else { (None, None) };
+        let hs = self.add(Op::Recurrent { cell: r.cell, xs, h0, w_ih, w_hh, b_ih, b_hh }, span)?;
         let last = self.add(Op::LastStep { x: hs }, span)?;
         let seq_out = matches!(info.output, Ty::Seq { .. });
         let out = match (seq_out, r.cell) {
-            (true, Cell::Lstm) => self.add(
-                Op::SliceLast {
-                    x: hs,
-                    start: 0,
-                    len: h,
-                },
-                span,
-            )?,
+            (true, Cell::Lstm) => self.add(Op::SliceLast { x: hs, start: 0, len: h }, span)?,
             (true, _) => hs,
-            (false, Cell::Lstm) => self.add(
-                Op::SliceLast {
-                    x: last,
-                    start: 0,
-                    len: h,
-                },
-                span,
-            )?,
+            (false, Cell::Lstm) => self.add(Op::SliceLast { x: last, start: 0, len: h }, span)?,
             (false, _) => last,
         };
         Ok((out, last))
@@ -453,10 +317,7 @@ impl Lower {
             vars.push((name, id));
             id
         } else {
-            vars.iter()
-                .find(|(n, _)| *n == target_var.name)
-                .map(|v| v.1)
-                .ok_or("target missing")?
+            vars.iter().find(|(n, _)| *n == target_var.name).map(|v| v.1).ok_or("target missing")?
         };
         let (f, pred) = match main.kind {
             LossKind::Mse => (LossFn::Mse, out.node),
@@ -468,11 +329,7 @@ impl Lower {
         let mut total = self.add(Op::Loss { f, pred, target }, span)?;
         for t in &m.loss.extra {
             let square = t.kind == LossKind::L2;
-            let f = if square {
-                UnaryFn::Square
-            } else {
-                UnaryFn::Abs
-            };
+            let f = if square { UnaryFn::Square } else { UnaryFn::Abs };
             let term = if t.arg.name == "weights" {
                 // λ·Σ over every weight (not biases) of w² (or |w|).
                 let weights: Vec<NodeId> = m
@@ -487,46 +344,20 @@ impl Lower {
                     let e = self.add(Op::Unary { f, x: w }, t.span)?;
                     let s = self.add(Op::SumAll { x: e }, t.span)?;
                     acc = Some(match acc {
-                        Some(a) => self.add(
-                            Op::Binary {
-                                f: BinaryFn::Add,
-                                a,
-                                b: s,
-                            },
-                            t.span,
-                        )?,
+                        Some(a) => self.add(Op::Binary { f: BinaryFn::Add, a, b: s }, t.span)?,
                         None => s,
                     });
                 }
                 let Some(acc) = acc else { continue };
-                self.add(
-                    Op::Scale {
-                        x: acc,
-                        c: t.weight as f32,
-                    },
-                    t.span,
-                )?
+                self.add(Op::Scale { x: acc, c: t.weight as f32 }, t.span)?
             } else {
                 // λ·mean over the code of c² (or |c|).
                 let e = self.add(Op::Unary { f, x: code }, t.span)?;
                 let s = self.add(Op::SumAll { x: e }, t.span)?;
                 let n = self.g.ty(code).numel() as f64;
-                self.add(
-                    Op::Scale {
-                        x: s,
-                        c: (t.weight / n) as f32,
-                    },
-                    t.span,
-                )?
+                self.add(Op::Scale { x: s, c: (t.weight / n) as f32 }, t.span)?
             };
-            total = self.add(
-                Op::Binary {
-                    f: BinaryFn::Add,
-                    a: total,
-                    b: term,
-                },
-                t.span,
-            )?;
+            total = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: term }, t.span)?;
         }
         Ok(total)
     }

@@ -52,14 +52,8 @@ impl Ty {
         match t {
             ast::TypeExpr::Tensor(d) => Ty::Tensor(d.clone()),
             ast::TypeExpr::Token { vocab } => Ty::Token { vocab: *vocab },
-            ast::TypeExpr::SeqTokens { len, vocab } => Ty::Tokens {
-                len: *len,
-                vocab: *vocab,
-            },
-            ast::TypeExpr::SeqTensor { len, dims } => Ty::Seq {
-                len: *len,
-                dim: dims.iter().product(),
-            },
+            ast::TypeExpr::SeqTokens { len, vocab } => Ty::Tokens { len: *len, vocab: *vocab },
+            ast::TypeExpr::SeqTensor { len, dims } => Ty::Seq { len: *len, dim: dims.iter().product() },
         }
     }
 }
@@ -161,10 +155,7 @@ impl Model {
     /// The variable the main loss compares the output with.
     pub fn loss_target(&self) -> Option<&Var> {
         let name = &self.loss.main.arg.name;
-        self.inputs
-            .iter()
-            .chain(&self.targets)
-            .find(|v| &v.name == name)
+        self.inputs.iter().chain(&self.targets).find(|v| &v.name == name)
     }
 
     /// The per-layer table printed by `aec compile`.
@@ -209,27 +200,13 @@ pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> 
         Some(m) if !errors => m,
         _ => return Err(diags),
     };
-    let batch = config
-        .batch
-        .or(ast.train.as_ref().and_then(|t| t.batch))
-        .unwrap_or(1);
-    let lowering = Lowering {
-        batch,
-        mode: Mode::Train,
-        denoise: ast.train.as_ref().is_some_and(|t| t.noise.is_some()),
-    };
+    let batch = config.batch.or(ast.train.as_ref().and_then(|t| t.batch)).unwrap_or(1);
+    let lowering =
+        Lowering { batch, mode: Mode::Train, denoise: ast.train.as_ref().is_some_and(|t| t.noise.is_some()) };
     match lower::lower(&model, &lowering) {
-        Ok(forward) => Ok(Compiled {
-            ast,
-            model,
-            forward,
-            batch,
-            warnings: diags,
-        }),
+        Ok(forward) => Ok(Compiled { ast, model, forward, batch, warnings: diags }),
         Err(e) => {
-            diags.push(Diagnostic::error(format!(
-                "internal compiler error while lowering: {e}"
-            )));
+            diags.push(Diagnostic::error(format!("internal compiler error while lowering: {e}")));
             Err(diags)
         }
     }

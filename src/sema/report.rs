@@ -6,27 +6,11 @@ use std::fmt::Write;
 /// One row per layer: layer, source line, output shape, parameters, FLOPs per sample.
 pub(super) fn table(m: &Model, src: &str) -> String {
     let mut rows: Vec<[String; 5]> = Vec::new();
-    rows.push([
-        "layer".into(),
-        "line".into(),
-        "output".into(),
-        "params".into(),
-        "FLOPs".into(),
-    ]);
-    let vars = m
-        .inputs
-        .iter()
-        .map(|v| ("input", v))
-        .chain(m.targets.iter().map(|v| ("target", v)));
+    rows.push(["layer".into(), "line".into(), "output".into(), "params".into(), "FLOPs".into()]);
+    let vars = m.inputs.iter().map(|v| ("input", v)).chain(m.targets.iter().map(|v| ("target", v)));
     for (kind, v) in vars {
         let line = v.span.line_col(src).0;
-        rows.push([
-            format!("{kind} {}", v.name),
-            line.to_string(),
-            v.ty.to_string(),
-            "-".into(),
-            "-".into(),
-        ]);
+        rows.push([format!("{kind} {}", v.name), line.to_string(), v.ty.to_string(), "-".into(), "-".into()]);
     }
     for l in &m.layers {
         let line = l.layer.span.line_col(src).0;
@@ -34,27 +18,11 @@ pub(super) fn table(m: &Model, src: &str) -> String {
         let mut name = format!("{}.{} {}", l.part.prefix(), l.index, l.layer);
         if let Some(t) = l.tied_weight {
             // The printed layer already says it is tied; keep the column short.
-            name = format!(
-                "{}.{} {} (tied {})",
-                l.part.prefix(),
-                l.index,
-                short(&l.layer),
-                m.params[t].name
-            );
+            name = format!("{}.{} {} (tied {})", l.part.prefix(), l.index, short(&l.layer), m.params[t].name);
         }
-        rows.push([
-            name,
-            line.to_string(),
-            l.output.to_string(),
-            params.to_string(),
-            thousands(l.flops),
-        ]);
+        rows.push([name, line.to_string(), l.output.to_string(), params.to_string(), thousands(l.flops)]);
     }
-    let total_flops: u64 = m
-        .layers
-        .iter()
-        .map(|l| l.flops)
-        .fold(0, u64::saturating_add);
+    let total_flops: u64 = m.layers.iter().map(|l| l.flops).fold(0, u64::saturating_add);
     rows.push([
         "total".into(),
         String::new(),
@@ -63,9 +31,8 @@ pub(super) fn table(m: &Model, src: &str) -> String {
         thousands(total_flops),
     ]);
 
-    let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..5).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     let sep = |out: &mut String| {
         let line: Vec<String> = widths.iter().map(|w| "─".repeat(*w)).collect();
@@ -121,16 +88,7 @@ pub(super) fn params(m: &Model) -> String {
     let shapes: Vec<String> = m
         .params
         .iter()
-        .map(|p| {
-            format!(
-                "[{}]",
-                p.shape
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+        .map(|p| format!("[{}]", p.shape.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
         .collect();
     let width = m.params.iter().map(|p| p.name.len()).max().unwrap_or(0);
     let swidth = shapes.iter().map(String::len).max().unwrap_or(0);
@@ -148,12 +106,7 @@ pub(super) fn params(m: &Model) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# {} parameters, {} as f32",
-        m.param_count(),
-        bytes(m.param_count() * 4)
-    );
+    let _ = writeln!(out, "# {} parameters, {} as f32", m.param_count(), bytes(m.param_count() * 4));
     out
 }
 
@@ -177,9 +130,5 @@ fn bytes(n: u64) -> String {
         x /= 1024.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
+    if u == 0 { format!("{n} B") } else { format!("{x:.1} {}", UNITS[u]) }
 }

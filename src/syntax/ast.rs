@@ -294,19 +294,8 @@ pub enum SeqTask {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Optimizer {
-    Sgd {
-        lr: f64,
-        momentum: f64,
-        nesterov: bool,
-        weight_decay: f64,
-    },
-    Adam {
-        lr: f64,
-        b1: f64,
-        b2: f64,
-        eps: f64,
-        weight_decay: f64,
-    },
+    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64 },
+    Adam { lr: f64, b1: f64, b2: f64, eps: f64, weight_decay: f64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

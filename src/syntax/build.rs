@@ -15,8 +15,8 @@ pub(super) struct Builder {
 }
 
 const LAYER_KINDS: &[&str] = &[
-    "dense", "conv", "maxpool", "avgpool", "unpool", "deconv", "flatten", "reshape", "rnn", "gru",
-    "lstm", "embed", "dropout",
+    "dense", "conv", "maxpool", "avgpool", "unpool", "deconv", "flatten", "reshape", "rnn", "gru", "lstm",
+    "embed", "dropout",
 ];
 /// The largest size a spec may write anywhere (2²⁸, aec's per-sample activation budget). With
 /// every size below it, all shape arithmetic fits in `u64` without overflow.
@@ -25,14 +25,7 @@ pub const MAX_SIZE: u64 = 1 << 28;
 /// The largest batch (2²⁴ samples).
 pub const MAX_BATCH: u64 = 1 << 24;
 
-const ACTIVATIONS: &[&str] = &[
-    "relu",
-    "sigmoid",
-    "tanh",
-    "softmax",
-    "leaky_relu",
-    "identity",
-];
+const ACTIVATIONS: &[&str] = &["relu", "sigmoid", "tanh", "softmax", "leaky_relu", "identity"];
 
 pub(super) fn is_layer_keyword(word: &str) -> bool {
     LAYER_KINDS.contains(&word)
@@ -44,10 +37,7 @@ fn span_of(p: &P) -> Span {
 }
 
 fn ident(p: &P) -> Ident {
-    Ident {
-        name: p.as_str().to_owned(),
-        span: span_of(p),
-    }
+    Ident { name: p.as_str().to_owned(), span: span_of(p) }
 }
 
 /// One argument of a layer line.
@@ -107,10 +97,7 @@ impl Builder {
             }
         }
         let model = model.unwrap_or_else(|| Model {
-            name: Ident {
-                name: String::new(),
-                span: Span::default(),
-            },
+            name: Ident { name: String::new(), span: Span::default() },
             inputs: Vec::new(),
             targets: Vec::new(),
             encoder: None,
@@ -128,10 +115,7 @@ impl Builder {
             .clone()
             .find(|n| n.as_rule() == Rule::name)
             .map(|n| ident(&n))
-            .unwrap_or(Ident {
-                name: String::new(),
-                span,
-            });
+            .unwrap_or(Ident { name: String::new(), span });
         let mut m = Model {
             name,
             inputs: Vec::new(),
@@ -184,19 +168,14 @@ impl Builder {
             Diagnostic::error(format!("the model has a second `{what}`"))
                 .label(second, "second one here")
                 .label(first, "first one here")
-                .help(format!(
-                    "a model has one `{what}`; merge the two or remove one"
-                )),
+                .help(format!("a model has one `{what}`; merge the two or remove one")),
         );
     }
 
     fn decl(&mut self, p: P) -> Decl {
         let span = span_of(&p);
         let errors = self.diags.len();
-        let mut name = Ident {
-            name: String::new(),
-            span,
-        };
+        let mut name = Ident { name: String::new(), span };
         let mut ty = TypeExpr::Tensor(vec![]);
         for part in p.into_inner() {
             match part.as_rule() {
@@ -205,12 +184,7 @@ impl Builder {
                 _ => {}
             }
         }
-        Decl {
-            name,
-            ty,
-            span,
-            broken: self.diags.len() > errors,
-        }
+        Decl { name, ty, span, broken: self.diags.len() > errors }
     }
 
     fn type_expr(&mut self, p: P) -> TypeExpr {
@@ -219,25 +193,16 @@ impl Builder {
         };
         match t.as_rule() {
             Rule::shape => TypeExpr::Tensor(self.shape(t)),
-            Rule::token_type => TypeExpr::Token {
-                vocab: self.token_vocab(t),
-            },
+            Rule::token_type => TypeExpr::Token { vocab: self.token_vocab(t) },
             Rule::seq_type => {
                 let mut inner = t.into_inner().skip(1);
-                let len = inner
-                    .next()
-                    .map(|n| self.int(&n, "a sequence length"))
-                    .unwrap_or(1);
+                let len = inner.next().map(|n| self.int(&n, "a sequence length")).unwrap_or(1);
                 let elem = inner.find(|e| e.as_rule() != Rule::kw_of);
                 match elem {
-                    Some(e) if e.as_rule() == Rule::token_type => TypeExpr::SeqTokens {
-                        len,
-                        vocab: self.token_vocab(e),
-                    },
-                    Some(e) => TypeExpr::SeqTensor {
-                        len,
-                        dims: self.shape(e),
-                    },
+                    Some(e) if e.as_rule() == Rule::token_type => {
+                        TypeExpr::SeqTokens { len, vocab: self.token_vocab(e) }
+                    }
+                    Some(e) => TypeExpr::SeqTensor { len, dims: self.shape(e) },
                     None => TypeExpr::SeqTensor { len, dims: vec![] },
                 }
             }
@@ -253,10 +218,7 @@ impl Builder {
     }
 
     fn shape(&mut self, p: P) -> Vec<u64> {
-        p.into_inner()
-            .filter(|n| n.as_rule() == Rule::int)
-            .map(|n| self.int(&n, "a dimension"))
-            .collect()
+        p.into_inner().filter(|n| n.as_rule() == Rule::int).map(|n| self.int(&n, "a dimension")).collect()
     }
 
     /// A positive whole number from an `int` token; 1 (after a diagnostic) if it is not.
@@ -268,10 +230,7 @@ impl Builder {
                 1
             }
             Ok(0) => {
-                self.err(
-                    Diagnostic::error(format!("{what} must be at least 1"))
-                        .label(span, "this is 0"),
-                );
+                self.err(Diagnostic::error(format!("{what} must be at least 1")).label(span, "this is 0"));
                 1
             }
             Ok(n) => n,
@@ -294,11 +253,7 @@ impl Builder {
         let errors = self.diags.len();
         let layers = pairs.filter(|l| l.as_rule() == Rule::layer);
         let layers = layers.filter_map(|l| self.layer(l)).collect();
-        Block {
-            layers,
-            span,
-            incomplete: self.diags.len() > errors,
-        }
+        Block { layers, span, incomplete: self.diags.len() > errors }
     }
 
     fn decoder(&mut self, p: P) -> Decoder {
@@ -337,12 +292,7 @@ impl Builder {
         let kind_span = span_of(&kind_pair);
         let word = kind_pair.as_str();
         let kind = self.layer_kind(word, kind_span, &args)?;
-        Some(Layer {
-            kind,
-            activations,
-            span,
-            kind_span,
-        })
+        Some(Layer { kind, activations, span, kind_span })
     }
 
     fn layer_kind(&mut self, word: &str, at: Span, args: &[(Arg, Span)]) -> Option<LayerKind> {
@@ -363,57 +313,25 @@ impl Builder {
         let kind = match word {
             "dense" => {
                 let units = a.count("units", "dense 32");
-                LayerKind::Dense {
-                    units,
-                    bias: a.flag("nobias").is_none(),
-                    tied_to: None,
-                }
+                LayerKind::Dense { units, bias: a.flag("nobias").is_none(), tied_to: None }
             }
             "conv" | "deconv" => {
-                let example = if word == "conv" {
-                    "conv 16 k3 s1 p1"
-                } else {
-                    "deconv 1 k3 s2 p1"
-                };
+                let example = if word == "conv" { "conv 16 k3 s1 p1" } else { "deconv 1 k3 s2 p1" };
                 let channels = a.count("output channels", example);
                 let kernel = a.option("k", None, example);
                 let stride = a.option("s", Some(1), example);
                 let pad = a.option("p", Some(0), example);
-                let out_pad = if word == "deconv" {
-                    a.option("op", Some(0), example)
-                } else {
-                    0
-                };
+                let out_pad = if word == "deconv" { a.option("op", Some(0), example) } else { 0 };
                 let bias = a.flag("nobias").is_none();
-                let spec = ConvSpec {
-                    channels,
-                    kernel,
-                    stride,
-                    pad,
-                    out_pad,
-                    bias,
-                    tied_to: None,
-                };
-                if word == "conv" {
-                    LayerKind::Conv(spec)
-                } else {
-                    LayerKind::Deconv(spec)
-                }
+                let spec = ConvSpec { channels, kernel, stride, pad, out_pad, bias, tied_to: None };
+                if word == "conv" { LayerKind::Conv(spec) } else { LayerKind::Deconv(spec) }
             }
             "maxpool" | "avgpool" => {
-                let example = if word == "maxpool" {
-                    "maxpool 2 as p1"
-                } else {
-                    "avgpool 2"
-                };
+                let example = if word == "maxpool" { "maxpool 2 as p1" } else { "avgpool 2" };
                 let kernel = a.count("kernel size", example);
                 let stride = a.option("s", Some(kernel), example);
                 let name = a.as_name();
-                let spec = PoolSpec {
-                    kernel,
-                    stride,
-                    name,
-                };
+                let spec = PoolSpec { kernel, stride, name };
                 if word == "maxpool" {
                     LayerKind::MaxPool(spec)
                 } else {
@@ -452,33 +370,20 @@ impl Builder {
                 let return_seq = a.flag("seq").is_some();
                 let teacher_forcing = a.flag("teacher_forcing").is_some();
                 let bias = a.flag("nobias").is_none();
-                LayerKind::Recurrent(RecurrentSpec {
-                    cell,
-                    hidden,
-                    return_seq,
-                    teacher_forcing,
-                    bias,
-                })
+                LayerKind::Recurrent(RecurrentSpec { cell, hidden, return_seq, teacher_forcing, bias })
             }
-            "embed" => LayerKind::Embed {
-                dim: a.count("embedding size", "embed 32"),
-            },
-            "dropout" => LayerKind::Dropout {
-                p: a.probability("dropout 0.2"),
-            },
+            "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
+            "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
             w if ACTIVATIONS.contains(&w) => {
                 let act = match w {
                     "leaky_relu" => ActKind::LeakyRelu(a.opt_number().unwrap_or(0.01)),
                     other => simple_activation(other).unwrap_or(ActKind::Identity),
                 };
-                LayerKind::Activation(Activation {
-                    kind: act,
-                    span: at,
-                })
+                LayerKind::Activation(Activation { kind: act, span: at })
             }
             _ => {
-                let mut d = Diagnostic::error(format!("unknown layer `{word}`"))
-                    .label(at, "not a layer kind");
+                let mut d =
+                    Diagnostic::error(format!("unknown layer `{word}`")).label(at, "not a layer kind");
                 d = match closest(word, LAYER_KINDS.iter().chain(ACTIVATIONS)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("layers are {}", LAYER_KINDS.join(", "))),
@@ -554,11 +459,7 @@ impl Builder {
             .collect();
         let mut terms = terms.into_iter();
         let main = terms.next()?;
-        Some(Loss {
-            main,
-            extra: terms.collect(),
-            span,
-        })
+        Some(Loss { main, extra: terms.collect(), span })
     }
 
     fn loss_term(&mut self, p: P) -> Option<LossTerm> {
@@ -581,8 +482,8 @@ impl Builder {
             "l2" => LossKind::L2,
             other => {
                 let names = ["mse", "bce", "cross_entropy", "l1", "l2"];
-                let mut d = Diagnostic::error(format!("unknown loss `{other}`"))
-                    .label(call.name_span, "not a loss");
+                let mut d =
+                    Diagnostic::error(format!("unknown loss `{other}`")).label(call.name_span, "not a loss");
                 d = match closest(other, names.iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help("losses are mse, bce, cross_entropy, l1 and l2"),
@@ -592,16 +493,7 @@ impl Builder {
             }
         };
         let arg = match call.args.as_slice() {
-            [
-                CallArg {
-                    name: None,
-                    value: Value::Word(w),
-                    span,
-                },
-            ] => Ident {
-                name: w.clone(),
-                span: *span,
-            },
+            [CallArg { name: None, value: Value::Word(w), span }] => Ident { name: w.clone(), span: *span },
             _ => {
                 self.err(
                     Diagnostic::error(format!("`{}` takes one name", call.name))
@@ -613,25 +505,16 @@ impl Builder {
         };
         if !(weight.is_finite() && weight >= 0.0) {
             self.err(
-                Diagnostic::error("a loss weight must be a finite number ≥ 0")
-                    .label(span, "this weight"),
+                Diagnostic::error("a loss weight must be a finite number ≥ 0").label(span, "this weight"),
             );
         }
-        Some(LossTerm {
-            weight,
-            kind,
-            arg,
-            span,
-        })
+        Some(LossTerm { weight, kind, arg, span })
     }
 
     // ---- train ---------------------------------------------------------------------------------
 
     fn train(&mut self, p: P) -> Train {
-        let mut t = Train {
-            span: span_of(&p),
-            ..Train::default()
-        };
+        let mut t = Train { span: span_of(&p), ..Train::default() };
         let mut seen: Vec<(String, Span)> = Vec::new();
         for field in p.into_inner().filter(|f| f.as_rule() == Rule::field) {
             let span = span_of(&field);
@@ -671,33 +554,19 @@ impl Builder {
         t
     }
 
-    fn field(
-        &mut self,
-        t: &mut Train,
-        name: Ident,
-        binding: Option<Ident>,
-        v: Value,
-        vs: Span,
-        span: Span,
-    ) {
+    fn field(&mut self, t: &mut Train, name: Ident, binding: Option<Ident>, v: Value, vs: Span, span: Span) {
         match name.name.as_str() {
             "data" => {
                 if let Some(source) = self.data_source(&v, vs) {
-                    t.data.push(DataBinding {
-                        binding,
-                        source,
-                        span,
-                    });
+                    t.data.push(DataBinding { binding, source, span });
                 }
             }
             "batch" => {
                 t.batch = self.field_count(&v, vs, "batch", "batch 64");
                 if t.batch.is_some_and(|b| b > MAX_BATCH) {
                     self.err(
-                        Diagnostic::error(format!(
-                            "a batch above {MAX_BATCH} samples is not supported"
-                        ))
-                        .label(vs, "too large"),
+                        Diagnostic::error(format!("a batch above {MAX_BATCH} samples is not supported"))
+                            .label(vs, "too large"),
                     );
                     t.batch = None;
                 }
@@ -707,11 +576,9 @@ impl Builder {
             "validation" => match v {
                 Value::Num(x) if (0.0..1.0).contains(&x) => t.validation = Some(x),
                 _ => self.err(
-                    Diagnostic::error(
-                        "`validation` is the fraction of samples held out, in [0, 1)",
-                    )
-                    .label(vs, "not in [0, 1)")
-                    .help("write e.g. `validation 0.1`"),
+                    Diagnostic::error("`validation` is the fraction of samples held out, in [0, 1)")
+                        .label(vs, "not in [0, 1)")
+                        .help("write e.g. `validation 0.1`"),
                 ),
             },
             "optimizer" => t.optimizer = self.optimizer(&v, vs),
@@ -771,9 +638,7 @@ impl Builder {
     fn field_count(&mut self, v: &Value, vs: Span, field: &str, example: &str) -> Option<u64> {
         let n = self.field_int(v, vs, field, example)?;
         if n == 0 {
-            self.err(
-                Diagnostic::error(format!("`{field}` must be at least 1")).label(vs, "this is 0"),
-            );
+            self.err(Diagnostic::error(format!("`{field}` must be at least 1")).label(vs, "this is 0"));
             return None;
         }
         Some(n)
@@ -790,8 +655,7 @@ impl Builder {
         };
         match c.name.as_str() {
             "sgd" => {
-                let mut a =
-                    CallReader::new(self, c, &["lr", "momentum", "nesterov", "weight_decay"]);
+                let mut a = CallReader::new(self, c, &["lr", "momentum", "nesterov", "weight_decay"]);
                 let lr = a.positive("lr", None);
                 let momentum = a.fraction_01("momentum", 0.0);
                 let nesterov = a.boolean("nesterov", false);
@@ -804,12 +668,7 @@ impl Builder {
                             .help("add e.g. `momentum: 0.9`"),
                     );
                 }
-                Some(Optimizer::Sgd {
-                    lr: lr?,
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                })
+                Some(Optimizer::Sgd { lr: lr?, momentum, nesterov, weight_decay })
             }
             "adam" => {
                 let mut a = CallReader::new(self, c, &["lr", "b1", "b2", "eps", "weight_decay"]);
@@ -819,13 +678,7 @@ impl Builder {
                 let eps = a.positive("eps", Some(1e-8));
                 let weight_decay = a.non_negative("weight_decay", 0.0);
                 a.finish()?;
-                Some(Optimizer::Adam {
-                    lr: lr?,
-                    b1,
-                    b2,
-                    eps: eps?,
-                    weight_decay,
-                })
+                Some(Optimizer::Adam { lr: lr?, b1, b2, eps: eps?, weight_decay })
             }
             other => {
                 let mut d = Diagnostic::error(format!("unknown optimizer `{other}`"))
@@ -862,11 +715,7 @@ impl Builder {
                 if p.is_nan() {
                     return None;
                 }
-                if c.name == "mask" {
-                    Noise::Mask { p }
-                } else {
-                    Noise::SaltPepper { p }
-                }
+                if c.name == "mask" { Noise::Mask { p } } else { Noise::SaltPepper { p } }
             }
             other => {
                 self.err(
@@ -886,10 +735,7 @@ impl Builder {
                 let epochs = a.count("epochs");
                 let freeze = a.boolean("freeze", false);
                 a.finish()?;
-                Some(Pretrain {
-                    epochs: epochs?,
-                    freeze,
-                })
+                Some(Pretrain { epochs: epochs?, freeze })
             }
             _ => {
                 self.err(
@@ -930,52 +776,30 @@ impl Builder {
             "idx" => file_source(self, "idx").map(|(path, scale)| DataSource::Idx { path, scale }),
             "patches" => {
                 let inner = match c.args.first() {
-                    Some(CallArg {
-                        name: None,
-                        value,
-                        span,
-                    }) => self.data_source(value, *span),
+                    Some(CallArg { name: None, value, span }) => self.data_source(value, *span),
                     _ => {
                         self.err(
-                            Diagnostic::error("`patches` cuts patches from another source").label(
-                                c.span,
-                                "write e.g. `patches(npy(\"camera.npy\"), size: 16)`",
-                            ),
+                            Diagnostic::error("`patches` cuts patches from another source")
+                                .label(c.span, "write e.g. `patches(npy(\"camera.npy\"), size: 16)`"),
                         );
                         None
                     }
                 };
-                let rest = Call {
-                    args: c.args.iter().skip(1).cloned().collect(),
-                    ..c.clone()
-                };
+                let rest = Call { args: c.args.iter().skip(1).cloned().collect(), ..c.clone() };
                 let mut a = CallReader::new(self, &rest, &["size", "stride"]);
                 let size = a.count("size");
                 let stride = a.count_or("stride", size.unwrap_or(1));
                 a.finish()?;
-                Some(DataSource::Patches {
-                    source: Box::new(inner?),
-                    size: size?,
-                    stride,
-                })
+                Some(DataSource::Patches { source: Box::new(inner?), size: size?, stride })
             }
             "copy" | "reverse" => {
-                let task = if c.name == "copy" {
-                    SeqTask::Copy
-                } else {
-                    SeqTask::Reverse
-                };
+                let task = if c.name == "copy" { SeqTask::Copy } else { SeqTask::Reverse };
                 let mut a = CallReader::new(self, c, &["len", "vocab", "count"]);
                 let len = a.count("len");
                 let vocab = a.count("vocab");
                 let count = a.count_or("count", 4096);
                 a.finish()?;
-                Some(DataSource::SeqTask {
-                    task,
-                    len: len?,
-                    vocab: vocab?,
-                    count,
-                })
+                Some(DataSource::SeqTask { task, len: len?, vocab: vocab?, count })
             }
             "translation" | "random" => {
                 let mut a = CallReader::new(self, c, &["count"]);
@@ -988,17 +812,8 @@ impl Builder {
                 })
             }
             other => {
-                let names = [
-                    "onehot",
-                    "npy",
-                    "csv",
-                    "idx",
-                    "patches",
-                    "copy",
-                    "reverse",
-                    "translation",
-                    "random",
-                ];
+                let names =
+                    ["onehot", "npy", "csv", "idx", "patches", "copy", "reverse", "translation", "random"];
                 let mut d = Diagnostic::error(format!("unknown data source `{other}`"))
                     .label(c.name_span, "not a data source");
                 d = match closest(other, names.iter()) {
@@ -1025,13 +840,8 @@ impl Builder {
             }
             Rule::fraction => {
                 let span = span_of(&v);
-                let mut nums = v
-                    .into_inner()
-                    .map(|n| n.as_str().parse::<f64>().unwrap_or(f64::NAN));
-                let (a, b) = (
-                    nums.next().unwrap_or(f64::NAN),
-                    nums.next().unwrap_or(f64::NAN),
-                );
+                let mut nums = v.into_inner().map(|n| n.as_str().parse::<f64>().unwrap_or(f64::NAN));
+                let (a, b) = (nums.next().unwrap_or(f64::NAN), nums.next().unwrap_or(f64::NAN));
                 if b == 0.0 {
                     self.err(Diagnostic::error("division by zero").label(span, "this fraction"));
                     return Value::Num(f64::NAN);
@@ -1051,12 +861,7 @@ impl Builder {
             None => (String::new(), span),
         };
         let args = inner.next().map(|a| self.call_args(a)).unwrap_or_default();
-        Call {
-            name,
-            name_span,
-            args,
-            span,
-        }
+        Call { name, name_span, args, span }
     }
 
     fn call_args(&mut self, p: P) -> Vec<CallArg> {
@@ -1101,11 +906,9 @@ fn layer_arg(p: P) -> (Arg, Span) {
 }
 
 fn too_large(what: &str, text: &str, span: Span) -> Diagnostic {
-    Diagnostic::error(format!(
-        "{text} is beyond aec's size limit of {MAX_SIZE} (2²⁸)"
-    ))
-    .label(span, format!("{what} too large"))
-    .help("sizes above 2²⁸ would not fit in memory; make it smaller")
+    Diagnostic::error(format!("{text} is beyond aec's size limit of {MAX_SIZE} (2²⁸)"))
+        .label(span, format!("{what} too large"))
+        .help("sizes above 2²⁸ would not fit in memory; make it smaller")
 }
 
 fn simple_activation(name: &str) -> Option<ActKind> {
@@ -1160,13 +963,7 @@ struct LayerArgs<'a> {
 
 impl<'a> LayerArgs<'a> {
     fn new(layer: &'a str, at: Span, args: &'a [(Arg, Span)]) -> Self {
-        LayerArgs {
-            layer,
-            at,
-            args,
-            used: vec![false; args.len()],
-            diags: Vec::new(),
-        }
+        LayerArgs { layer, at, args, used: vec![false; args.len()], diags: Vec::new() }
     }
 
     fn line_span(&self) -> Span {
@@ -1182,19 +979,15 @@ impl<'a> LayerArgs<'a> {
 
     /// The first positional number: a whole number ≥ 1.
     fn count(&mut self, what: &str, example: &str) -> u64 {
-        let found = self
-            .args
-            .iter()
-            .enumerate()
-            .find(|(i, (a, _))| !self.used[*i] && matches!(a, Arg::Num(..)));
+        let found =
+            self.args.iter().enumerate().find(|(i, (a, _))| !self.used[*i] && matches!(a, Arg::Num(..)));
         let Some((i, (Arg::Num(x, text), span))) = found else {
             self.missing(&format!("a number of {what}"), example);
             return 1;
         };
         self.used[i] = true;
         if x.is_finite() && x.fract() == 0.0 && *x > MAX_SIZE as f64 {
-            self.diags
-                .push(too_large(&format!("`{}`: {what}", self.layer), text, *span));
+            self.diags.push(too_large(&format!("`{}`: {what}", self.layer), text, *span));
             return 1;
         }
         if x.fract() != 0.0 || *x < 1.0 || !x.is_finite() {
@@ -1211,10 +1004,7 @@ impl<'a> LayerArgs<'a> {
     }
 
     fn opt_number(&mut self) -> Option<f64> {
-        let i = self
-            .args
-            .iter()
-            .position(|(a, _)| matches!(a, Arg::Num(..)))?;
+        let i = self.args.iter().position(|(a, _)| matches!(a, Arg::Num(..)))?;
         self.used[i] = true;
         match &self.args[i].0 {
             Arg::Num(x, _) => Some(*x),
@@ -1223,11 +1013,7 @@ impl<'a> LayerArgs<'a> {
     }
 
     fn probability(&mut self, example: &str) -> f64 {
-        let Some(i) = self
-            .args
-            .iter()
-            .position(|(a, _)| matches!(a, Arg::Num(..)))
-        else {
+        let Some(i) = self.args.iter().position(|(a, _)| matches!(a, Arg::Num(..))) else {
             self.missing("a probability", example);
             return 0.0;
         };
@@ -1247,33 +1033,24 @@ impl<'a> LayerArgs<'a> {
 
     /// An option written as a prefix and a number: `k3`, `s2`, `p1`, `op1`.
     fn option(&mut self, prefix: &str, default: Option<u64>, example: &str) -> u64 {
-        let found = self
-            .args
-            .iter()
-            .enumerate()
-            .find_map(|(i, (a, span))| match a {
-                Arg::Word(w) if !self.used[i] => {
-                    let digits = w.strip_prefix(prefix)?;
-                    (digits.chars().all(|c| c.is_ascii_digit()) && !digits.is_empty())
-                        .then(|| (i, digits.parse::<u64>(), *span))
-                }
-                _ => None,
-            });
+        let found = self.args.iter().enumerate().find_map(|(i, (a, span))| match a {
+            Arg::Word(w) if !self.used[i] => {
+                let digits = w.strip_prefix(prefix)?;
+                (digits.chars().all(|c| c.is_ascii_digit()) && !digits.is_empty())
+                    .then(|| (i, digits.parse::<u64>(), *span))
+            }
+            _ => None,
+        });
         match found {
             Some((i, Ok(n), span)) if n > MAX_SIZE => {
                 self.used[i] = true;
-                self.diags
-                    .push(too_large(&format!("`{prefix}`"), &n.to_string(), span));
+                self.diags.push(too_large(&format!("`{prefix}`"), &n.to_string(), span));
                 1
             }
             Some((i, Ok(n), span)) => {
                 self.used[i] = true;
                 if n == 0 && prefix != "p" && prefix != "op" {
-                    let what = if prefix == "k" {
-                        "kernel size"
-                    } else {
-                        "stride"
-                    };
+                    let what = if prefix == "k" { "kernel size" } else { "stride" };
                     let d = Diagnostic::error(format!("a {what} of 0 is not allowed"))
                         .label(span, format!("{what} must be at least 1"))
                         .help(format!("write e.g. `{example}`"));
@@ -1285,8 +1062,7 @@ impl<'a> LayerArgs<'a> {
             Some((i, Err(_), span)) => {
                 self.used[i] = true;
                 let text = self.args[i].0.text();
-                self.diags
-                    .push(too_large(&format!("`{prefix}`"), &text, span));
+                self.diags.push(too_large(&format!("`{prefix}`"), &text, span));
                 1
             }
             None => match default {
@@ -1322,10 +1098,7 @@ impl<'a> LayerArgs<'a> {
         match self.args.get(pos + 1) {
             Some((Arg::Word(w), span)) => {
                 self.used[pos + 1] = true;
-                Some(Ident {
-                    name: w.clone(),
-                    span: *span,
-                })
+                Some(Ident { name: w.clone(), span: *span })
             }
             _ => {
                 let d = Diagnostic::error("`as` must be followed by a name for the switches")
@@ -1346,19 +1119,13 @@ impl<'a> LayerArgs<'a> {
             .position(|(i, (a, _))| !self.used[i] && matches!(a, Arg::Word(_)))?;
         self.used[i] = true;
         match &self.args[i] {
-            (Arg::Word(w), span) => Some(Ident {
-                name: w.clone(),
-                span: *span,
-            }),
+            (Arg::Word(w), span) => Some(Ident { name: w.clone(), span: *span }),
             _ => None,
         }
     }
 
     fn shape_arg(&mut self) -> Option<Vec<u64>> {
-        let i = self
-            .args
-            .iter()
-            .position(|(a, _)| matches!(a, Arg::Shape(_)))?;
+        let i = self.args.iter().position(|(a, _)| matches!(a, Arg::Shape(_)))?;
         self.used[i] = true;
         match &self.args[i].0 {
             Arg::Shape(dims) if dims.iter().any(|&d| d > MAX_SIZE) => {
@@ -1432,13 +1199,7 @@ struct CallReader<'b, 'c> {
 impl<'b, 'c> CallReader<'b, 'c> {
     fn new(b: &'b mut Builder, call: &'c Call, names: &'static [&'static str]) -> Self {
         let used = vec![false; call.args.len()];
-        let mut r = CallReader {
-            b,
-            call,
-            names,
-            used,
-            errors: 0,
-        };
+        let mut r = CallReader { b, call, names, used, errors: 0 };
         r.check_names();
         r
     }
@@ -1449,11 +1210,9 @@ impl<'b, 'c> CallReader<'b, 'c> {
             match &a.name {
                 Some(n) if !self.names.contains(&n.name.as_str()) => {
                     self.used[i] = true;
-                    let mut d = Diagnostic::error(format!(
-                        "`{}` has no argument `{}`",
-                        self.call.name, n.name
-                    ))
-                    .label(n.span, "unknown argument");
+                    let mut d =
+                        Diagnostic::error(format!("`{}` has no argument `{}`", self.call.name, n.name))
+                            .label(n.span, "unknown argument");
                     d = match closest(&n.name, self.names.iter()) {
                         Some(s) => d.help(format!("did you mean `{s}`?")),
                         None => d.help(format!("its arguments are {}", self.names.join(", "))),
@@ -1463,12 +1222,9 @@ impl<'b, 'c> CallReader<'b, 'c> {
                 Some(_) => positional_ok = false,
                 None if !positional_ok || i >= self.names.len() => {
                     self.used[i] = true;
-                    let d = Diagnostic::error(format!(
-                        "too many unnamed arguments to `{}`",
-                        self.call.name
-                    ))
-                    .label(a.span, "name this argument")
-                    .help(format!("its arguments are {}", self.names.join(", ")));
+                    let d = Diagnostic::error(format!("too many unnamed arguments to `{}`", self.call.name))
+                        .label(a.span, "name this argument")
+                        .help(format!("its arguments are {}", self.names.join(", ")));
                     self.error(d);
                 }
                 None => {}
@@ -1483,15 +1239,10 @@ impl<'b, 'c> CallReader<'b, 'c> {
 
     fn find(&mut self, name: &str) -> Option<(Value, Span)> {
         let pos = self.names.iter().position(|n| *n == name)?;
-        let i = self
-            .call
-            .args
-            .iter()
-            .enumerate()
-            .position(|(i, a)| match &a.name {
-                Some(n) => n.name == name,
-                None => i == pos,
-            })?;
+        let i = self.call.args.iter().enumerate().position(|(i, a)| match &a.name {
+            Some(n) => n.name == name,
+            None => i == pos,
+        })?;
         if self.used[i] {
             return None;
         }
@@ -1505,8 +1256,7 @@ impl<'b, 'c> CallReader<'b, 'c> {
         match v {
             Value::Num(x) if x.is_finite() => Some((x, span)),
             _ => {
-                let d = Diagnostic::error(format!("`{name}` must be a number"))
-                    .label(span, "not a number");
+                let d = Diagnostic::error(format!("`{name}` must be a number")).label(span, "not a number");
                 self.error(d);
                 None
             }
@@ -1517,8 +1267,7 @@ impl<'b, 'c> CallReader<'b, 'c> {
         match self.number(name) {
             Some((x, _)) if x > 0.0 => Some(x),
             Some((_, span)) => {
-                let d = Diagnostic::error(format!("`{name}` must be above 0"))
-                    .label(span, "not above 0");
+                let d = Diagnostic::error(format!("`{name}` must be above 0")).label(span, "not above 0");
                 self.error(d);
                 None
             }
@@ -1549,8 +1298,7 @@ impl<'b, 'c> CallReader<'b, 'c> {
         match self.number(name) {
             Some((x, _)) if (0.0..1.0).contains(&x) => x,
             Some((_, span)) => {
-                let d = Diagnostic::error(format!("`{name}` must be in [0, 1)"))
-                    .label(span, "not in [0, 1)");
+                let d = Diagnostic::error(format!("`{name}` must be in [0, 1)")).label(span, "not in [0, 1)");
                 self.error(d);
                 default
             }
@@ -1622,10 +1370,7 @@ impl<'b, 'c> CallReader<'b, 'c> {
             None => {
                 let d = Diagnostic::error(format!("`{}` needs a file path", self.call.name))
                     .label(self.call.span, "path missing")
-                    .help(format!(
-                        "write e.g. `{}(\"data/x.{}\")`",
-                        self.call.name, self.call.name
-                    ));
+                    .help(format!("write e.g. `{}(\"data/x.{}\")`", self.call.name, self.call.name));
                 self.error(d);
                 None
             }

@@ -37,10 +37,9 @@ fn found_at(src: &str, pos: usize) -> String {
     let mut chars = rest.chars();
     match chars.next() {
         None => String::new(),
-        Some(c) if c.is_alphanumeric() || c == '_' => rest
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
-            .collect(),
+        Some(c) if c.is_alphanumeric() || c == '_' => {
+            rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.').collect()
+        }
         Some('\r') | Some('\n') => "\n".to_owned(),
         Some(c) => c.to_string(),
     }
@@ -101,9 +100,7 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::rbrace => "`}`",
         Rule::rbracket => "`]`",
         Rule::rparen => "`)`",
-        Rule::WHITESPACE | Rule::COMMENT | Rule::nl | Rule::sep | Rule::boundary => {
-            "a new line or `;`"
-        }
+        Rule::WHITESPACE | Rule::COMMENT | Rule::nl | Rule::sep | Rule::boundary => "a new line or `;`",
     }
 }
 
@@ -123,15 +120,10 @@ fn help_for(src: &str, pos: usize, found: &str) -> Option<String> {
     }
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = before[line_start..].trim_start();
-    let first_word: String = line
-        .chars()
-        .take_while(|c| c.is_alphanumeric() || *c == '_')
-        .collect();
+    let first_word: String = line.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
     let blocks = ["encoder", "decoder", "train", "loss", "input", "target"];
     let above = &before[..line_start];
-    if blocks.contains(&first_word.as_str())
-        && above.matches('{').count() > above.matches('}').count() + 1
-    {
+    if blocks.contains(&first_word.as_str()) && above.matches('{').count() > above.matches('}').count() + 1 {
         return Some(format!(
             "`{first_word}` starts a new part, but the block above is still open: add its `}}`"
         ));
@@ -141,9 +133,7 @@ fn help_for(src: &str, pos: usize, found: &str) -> Option<String> {
     }
     let trimmed = before.trim_end();
     if trimmed.ends_with("->") {
-        return Some(
-            "activations are relu, sigmoid, tanh, softmax, leaky_relu(a) and identity".to_owned(),
-        );
+        return Some("activations are relu, sigmoid, tanh, softmax, leaky_relu(a) and identity".to_owned());
     }
     None
 }

@@ -93,31 +93,15 @@ impl Display for LayerKind {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let nobias = |b: bool| if b { "" } else { " nobias" };
         match self {
-            LayerKind::Dense {
-                units,
-                bias,
-                tied_to,
-            } => {
+            LayerKind::Dense { units, bias, tied_to } => {
                 write!(f, "dense {units}{}", nobias(*bias))?;
                 tied(f, *tied_to)
             }
             LayerKind::Conv(c) => {
-                write!(
-                    f,
-                    "conv {} k{} s{} p{}{}",
-                    c.channels,
-                    c.kernel,
-                    c.stride,
-                    c.pad,
-                    nobias(c.bias)
-                )
+                write!(f, "conv {} k{} s{} p{}{}", c.channels, c.kernel, c.stride, c.pad, nobias(c.bias))
             }
             LayerKind::Deconv(c) => {
-                write!(
-                    f,
-                    "deconv {} k{} s{} p{}",
-                    c.channels, c.kernel, c.stride, c.pad
-                )?;
+                write!(f, "deconv {} k{} s{} p{}", c.channels, c.kernel, c.stride, c.pad)?;
                 if c.out_pad > 0 {
                     write!(f, " op{}", c.out_pad)?;
                 }
@@ -125,11 +109,7 @@ impl Display for LayerKind {
                 tied(f, c.tied_to)
             }
             LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
-                let kw = if matches!(self, LayerKind::MaxPool(_)) {
-                    "maxpool"
-                } else {
-                    "avgpool"
-                };
+                let kw = if matches!(self, LayerKind::MaxPool(_)) { "maxpool" } else { "avgpool" };
                 write!(f, "{kw} {} s{}", p.kernel, p.stride)?;
                 if let Some(n) = &p.name {
                     write!(f, " as {}", n.name)?;
@@ -228,11 +208,7 @@ impl Display for Train {
             }
         }
         if let Some(p) = &self.pretrain {
-            writeln!(
-                f,
-                "    pretrain greedy(epochs: {}, freeze: {})",
-                p.epochs, p.freeze
-            )?;
+            writeln!(f, "    pretrain greedy(epochs: {}, freeze: {})", p.epochs, p.freeze)?;
         }
         if let Some(i) = self.init {
             let name = match i {
@@ -260,19 +236,10 @@ impl Display for DataSource {
             DataSource::Npy { path, scale } => scaled(f, "npy", path, *scale),
             DataSource::Csv { path, scale } => scaled(f, "csv", path, *scale),
             DataSource::Idx { path, scale } => scaled(f, "idx", path, *scale),
-            DataSource::Patches {
-                source,
-                size,
-                stride,
-            } => {
+            DataSource::Patches { source, size, stride } => {
                 write!(f, "patches({source}, size: {size}, stride: {stride})")
             }
-            DataSource::SeqTask {
-                task,
-                len,
-                vocab,
-                count,
-            } => {
+            DataSource::SeqTask { task, len, vocab, count } => {
                 let name = match task {
                     SeqTask::Copy => "copy",
                     SeqTask::Reverse => "reverse",
@@ -291,35 +258,20 @@ struct Num(f64);
 impl Display for Num {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let x = self.0;
-        if x != 0.0 && x.abs() < 1e-3 {
-            write!(f, "{x:e}")
-        } else {
-            write!(f, "{x}")
-        }
+        if x != 0.0 && x.abs() < 1e-3 { write!(f, "{x:e}") } else { write!(f, "{x}") }
     }
 }
 
 impl Display for Optimizer {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                nesterov,
-                weight_decay,
-            } => write!(
+            Optimizer::Sgd { lr, momentum, nesterov, weight_decay } => write!(
                 f,
                 "sgd(lr: {}, momentum: {momentum}, nesterov: {nesterov}, weight_decay: {})",
                 Num(*lr),
                 Num(*weight_decay)
             ),
-            Optimizer::Adam {
-                lr,
-                b1,
-                b2,
-                eps,
-                weight_decay,
-            } => write!(
+            Optimizer::Adam { lr, b1, b2, eps, weight_decay } => write!(
                 f,
                 "adam(lr: {}, b1: {b1}, b2: {b2}, eps: {}, weight_decay: {})",
                 Num(*lr),

@@ -1,0 +1,347 @@
+//! Gradient checks: for every op with a backward rule, autodiff's gradient (run on the
+//! interpreter) against central finite differences, on random values and odd sizes.
+//!
+//! Each case builds `y = op(params…)` and checks L = Σ y·r for a fixed random r, so every
+//! element of y carries a different weight. The interpreter accumulates in f64, so a step of
+//! 1e-3 leaves the truncation and rounding errors far below the tolerance.
+
+use aec::autodiff;
+use aec::interp::{self, Buf};
+use aec::ir::{BinaryFn, Graph, LossFn, NodeId, Op, ParamDef, ParamRole, Type, UnaryFn};
+use aec::runtime::State;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+struct Case {
+    g: Graph,
+    params: Vec<Vec<f32>>,
+    inputs: Vec<Buf>,
+    rng: ChaCha8Rng,
+}
+
+impl Case {
+    fn new(seed: u64) -> Case {
+        Case {
+            g: Graph::new("check.forward"),
+            params: Vec::new(),
+            inputs: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// A parameter with values U(-1, 1), pushed away from 0 by `gap` (kinks of relu and abs).
+    fn param_gap(&mut self, shape: &[usize], gap: f32) -> NodeId {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| {
+                let x: f32 = self.rng.random::<f32>() * 2.0 - 1.0;
+                if x.abs() < gap { x.signum() * gap + x } else { x }
+            })
+            .collect();
+        self.params.push(v);
+        let def = ParamDef {
+            name: format!("p{}", self.params.len()),
+            shape: shape.to_vec(),
+            role: ParamRole::Weight,
+            fan_in: 1,
+            fan_out: 1,
+        };
+        self.g.add_param(def).expect("param")
+    }
+
+    fn param(&mut self, shape: &[usize]) -> NodeId {
+        self.param_gap(shape, 0.0)
+    }
+
+    fn input_f32(&mut self, shape: &[usize], lo: f32, hi: f32) -> NodeId {
+        let n: usize = shape.iter().product();
+        let v = (0..n).map(|_| lo + (hi - lo) * self.rng.random::<f32>()).collect();
+        self.inputs.push(Buf::F32(v));
+        let name = format!("in{}", self.inputs.len());
+        self.g.add_input(name, Type::f32(shape.to_vec())).expect("input")
+    }
+
+    fn input_ids(&mut self, shape: &[usize], vocab: i32) -> NodeId {
+        let n: usize = shape.iter().product();
+        let v = (0..n).map(|_| self.rng.random_range(0..vocab)).collect();
+        self.inputs.push(Buf::I32(v));
+        let name = format!("in{}", self.inputs.len());
+        self.g.add_input(name, Type::i32(shape.to_vec())).expect("input")
+    }
+
+    fn add(&mut self, op: Op) -> NodeId {
+        match self.g.add(op, None) {
+            Ok(id) => id,
+            Err(e) => panic!("bad test graph: {e}"),
+        }
+    }
+
+    /// Checks ∂(Σ y·r)/∂p for every parameter p.
+    fn check(mut self, y: NodeId, what: &str) {
+        let shape = self.g.ty(y).shape.clone();
+        let loss = if shape.is_empty() {
+            y
+        } else {
+            let r = self.input_f32(&shape, -1.0, 1.0);
+            let m = self.add(Op::Binary { f: BinaryFn::Mul, a: y, b: r });
+            self.add(Op::SumAll { x: m })
+        };
+        self.g.outputs.push(("loss".into(), loss));
+        aec::ir::verify(&self.g).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let back = autodiff::backward(&self.g, loss).unwrap_or_else(|e| panic!("{what}: {e}"));
+        aec::ir::verify(&back.graph).unwrap_or_else(|e| panic!("{what}: backward graph: {e:?}"));
+        let opts = interp::Options { check_finite: false, ..interp::Options::default() };
+        let mut state = State::new(self.params.clone());
+        let values = interp::run(&back.graph, &self.inputs, &mut state, &opts)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let eval = |params: &[Vec<f32>]| -> f64 {
+            let mut s = State::new(params.to_vec());
+            let v = interp::run(&self.g, &self.inputs, &mut s, &opts).expect("forward");
+            f64::from(v.get(loss).f32()[0])
+        };
+        let eps = 1e-3f32;
+        let mut largest = 0f64;
+        for (p, grad) in back.param_grads.iter().enumerate() {
+            let analytic: Vec<f32> = match grad {
+                Some(id) => values.get(*id).f32().to_vec(),
+                None => vec![0.0; self.params[p].len()],
+            };
+            let n = self.params[p].len();
+            // At most 40 elements per parameter, spread over it.
+            let step = n.div_ceil(40).max(1);
+            for i in (0..n).step_by(step) {
+                let mut plus = self.params.clone();
+                plus[p][i] += eps;
+                let mut minus = self.params.clone();
+                minus[p][i] -= eps;
+                let numeric = (eval(&plus) - eval(&minus)) / (2.0 * f64::from(eps));
+                let a = f64::from(analytic[i]);
+                largest = largest.max(numeric.abs());
+                let tol = 2e-3 + 2e-2 * a.abs().max(numeric.abs());
+                assert!(
+                    (a - numeric).abs() <= tol,
+                    "{what}: ∂L/∂p{}[{i}]: autodiff {a:.6}, finite differences {numeric:.6}",
+                    p + 1
+                );
+            }
+        }
+        // A check of gradients that are all zero would prove nothing.
+        assert!(largest > 1e-3, "{what}: every checked gradient is ~0 ({largest})");
+    }
+}
+
+#[test]
+fn matmul_in_every_transposition() {
+    for (m, k, n) in [(3, 5, 7), (1, 13, 1), (13, 1, 3)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let mut c = Case::new(1);
+                let a = c.param(&if ta { [k, m] } else { [m, k] });
+                let b = c.param(&if tb { [n, k] } else { [k, n] });
+                let y = c.add(Op::MatMul { a, b, ta, tb });
+                c.check(y, &format!("matmul {m}x{k}x{n} ta={ta} tb={tb}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_weight_used_twice_sums_both_gradients() {
+    // Tied weights: y = (x·Wᵀ)·W.
+    let mut c = Case::new(2);
+    let x = c.param(&[3, 5]);
+    let w = c.param(&[7, 5]);
+    let h = c.add(Op::MatMul { a: x, b: w, ta: false, tb: true });
+    let y = c.add(Op::MatMul { a: h, b: w, ta: false, tb: false });
+    c.check(y, "tied matmul");
+}
+
+#[test]
+fn bias_add() {
+    for shape in [vec![3, 5], vec![2, 3, 5, 7], vec![1, 1]] {
+        let mut c = Case::new(3);
+        let x = c.param(&shape);
+        let b = c.param(&[shape[1]]);
+        let y = c.add(Op::BiasAdd { x, bias: b });
+        c.check(y, &format!("bias_add {shape:?}"));
+    }
+}
+
+#[test]
+fn unary_functions() {
+    let fs = [
+        UnaryFn::Relu,
+        UnaryFn::LeakyRelu(0.1),
+        UnaryFn::Sigmoid,
+        UnaryFn::Tanh,
+        UnaryFn::Abs,
+        UnaryFn::Square,
+        UnaryFn::Neg,
+        UnaryFn::Exp,
+    ];
+    for f in fs {
+        for shape in [[3, 7], [1, 13], [5, 1]] {
+            let mut c = Case::new(4);
+            let x = c.param_gap(&shape, 0.05);
+            let y = c.add(Op::Unary { f, x });
+            c.check(y, &format!("{} {shape:?}", f.name()));
+        }
+    }
+}
+
+#[test]
+fn binary_and_scale() {
+    for f in [BinaryFn::Add, BinaryFn::Sub, BinaryFn::Mul] {
+        let mut c = Case::new(5);
+        let a = c.param(&[3, 5]);
+        let b = c.param(&[3, 5]);
+        let y = c.add(Op::Binary { f, a, b });
+        c.check(y, &format!("{f:?}"));
+    }
+    let mut c = Case::new(6);
+    let x = c.param(&[7, 3]);
+    let y = c.add(Op::Scale { x, c: -2.5 });
+    c.check(y, "scale");
+}
+
+#[test]
+fn softmax_reshape_and_sums() {
+    for shape in [vec![3, 5], vec![2, 3, 7], vec![1, 2]] {
+        let mut c = Case::new(7);
+        let x = c.param(&shape);
+        let y = c.add(Op::Softmax { x });
+        c.check(y, &format!("softmax {shape:?}"));
+    }
+    let mut c = Case::new(8);
+    let x = c.param(&[2, 3, 5]);
+    let y = c.add(Op::Reshape { x, shape: vec![6, 5] });
+    c.check(y, "reshape");
+    let mut c = Case::new(9);
+    let x = c.param(&[3, 5]);
+    let s = c.add(Op::Unary { f: UnaryFn::Square, x });
+    let y = c.add(Op::SumAll { x: s });
+    c.check(y, "sum_all of squares (an l2 penalty)");
+}
+
+#[test]
+fn conv2d_on_awkward_sizes() {
+    // (batch, cin, h, w, cout, k, stride, pad)
+    let cases = [
+        (2, 3, 5, 7, 4, 3, 1, 1),
+        (1, 3, 5, 7, 2, 3, 2, 1),
+        (2, 1, 7, 5, 3, 3, 2, 0),
+        (1, 2, 4, 4, 1, 1, 1, 0),
+        (3, 1, 6, 6, 2, 2, 2, 0),
+    ];
+    for (b, ci, h, w, co, k, s, p) in cases {
+        let mut c = Case::new(10);
+        let x = c.param(&[b, ci, h, w]);
+        let wt = c.param(&[co, ci, k, k]);
+        let y = c.add(Op::Conv2d { x, w: wt, stride: s, pad: p });
+        c.check(y, &format!("conv2d x[{b},{ci},{h},{w}] k{k} s{s} p{p}"));
+    }
+}
+
+#[test]
+fn conv_transpose2d_on_awkward_sizes() {
+    // (batch, cin, h, w, cout, k, stride, pad, out_pad)
+    let cases = [
+        (2, 3, 3, 4, 2, 3, 2, 1, 1),
+        (1, 2, 5, 3, 3, 3, 1, 1, 0),
+        (2, 1, 2, 2, 1, 2, 2, 0, 0),
+        (1, 3, 3, 5, 2, 3, 2, 0, 1),
+    ];
+    for (b, ci, h, w, co, k, s, p, op) in cases {
+        let mut c = Case::new(11);
+        let x = c.param(&[b, ci, h, w]);
+        let wt = c.param(&[ci, co, k, k]);
+        let y = c.add(Op::ConvTranspose2d { x, w: wt, stride: s, pad: p, out_pad: [op, op] });
+        c.check(y, &format!("conv_transpose2d x[{b},{ci},{h},{w}] k{k} s{s} p{p} op{op}"));
+    }
+}
+
+#[test]
+fn maxpool_unpool_and_avgpool() {
+    for (h, w, k, s) in [(5, 7, 2, 2), (7, 7, 3, 2), (4, 4, 2, 2), (3, 5, 3, 1)] {
+        let mut c = Case::new(12);
+        let x = c.param(&[2, 3, h, w]);
+        let idx = c.add(Op::PoolArgmax { x, kernel: k, stride: s });
+        let y = c.add(Op::Gather { x, idx });
+        c.check(y, &format!("maxpool {h}x{w} k{k} s{s}"));
+
+        // Unpooling through overlapping windows (k > s) can write two values to one switch;
+        // the forward keeps the last and the backward gathers for both, as PyTorch's
+        // max_unpool2d does, so finite differences only agree where windows do not overlap.
+        if k <= s {
+            let mut c = Case::new(13);
+            let x = c.input_f32(&[2, 3, h, w], -1.0, 1.0);
+            let idx = c.add(Op::PoolArgmax { x, kernel: k, stride: s });
+            let shape = c.g.ty(idx).shape.clone();
+            let v = c.param(&shape);
+            let y = c.add(Op::Scatter { v, idx, height: h, width: w, accumulate: false });
+            c.check(y, &format!("unpool {h}x{w} k{k} s{s}"));
+        }
+
+        let mut c = Case::new(14);
+        let x = c.param(&[2, 3, h, w]);
+        let y = c.add(Op::AvgPool { x, kernel: k, stride: s });
+        c.check(y, &format!("avgpool {h}x{w} k{k} s{s}"));
+    }
+}
+
+#[test]
+fn embed_and_dropout() {
+    let mut c = Case::new(15);
+    let table = c.param(&[7, 5]);
+    let ids = c.input_ids(&[3, 4], 7);
+    let y = c.add(Op::Embed { table, ids });
+    c.check(y, "embed");
+
+    let mut c = Case::new(16);
+    let x = c.param(&[3, 13]);
+    let y = c.add(Op::Dropout { x, p: 0.3, salt: 1 });
+    c.check(y, "dropout");
+}
+
+#[test]
+fn losses() {
+    for f in [LossFn::Mse, LossFn::L1] {
+        let mut c = Case::new(17);
+        let p = c.param(&[3, 7]);
+        let t = c.input_f32(&[3, 7], -1.0, 1.0);
+        let y = c.add(Op::Loss { f, pred: p, target: t });
+        c.check(y, f.name());
+    }
+    let mut c = Case::new(18);
+    let z = c.param(&[3, 7]);
+    let p = c.add(Op::Unary { f: UnaryFn::Sigmoid, x: z });
+    let t = c.input_f32(&[3, 7], 0.0, 1.0);
+    let y = c.add(Op::Loss { f: LossFn::Bce, pred: p, target: t });
+    c.check(y, "bce");
+
+    for shape in [vec![5, 7], vec![3, 4, 7], vec![1, 2]] {
+        let mut c = Case::new(19);
+        let z = c.param(&shape);
+        let ids = c.input_ids(&shape[..shape.len() - 1], shape[shape.len() - 1] as i32);
+        let y = c.add(Op::Loss { f: LossFn::CrossEntropyLogits, pred: z, target: ids });
+        c.check(y, &format!("cross_entropy {shape:?}"));
+    }
+}
+
+#[test]
+fn every_spec_without_recurrence_differentiates() {
+    // The same check through whole lowered specs, at a batch of 3: dense, conv, pools, mirror,
+    // tied weights, penalties.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
+    for name in
+        ["onehot838", "digits_mlp", "digits_conv", "digits_deconv", "mirror", "seed_deconv", "denoise"]
+    {
+        let src = std::fs::read_to_string(dir.join(format!("{name}.ae"))).expect("spec");
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(3) }).expect("compiles");
+        let g = compiled.forward;
+        let loss = g.output("loss").expect("loss");
+        let back = autodiff::backward(&g, loss).expect("backward");
+        assert!(back.param_grads.iter().all(Option::is_some), "{name}: a parameter without gradient");
+        aec::ir::verify(&back.graph).expect("verified");
+    }
+}
