@@ -50,6 +50,8 @@ enum Emit {
     Params,
     /// The training step: forward, loss, backward and the optimizer's updates.
     Grad,
+    /// A PyTorch module with the same parameter names and forward pass.
+    Torch,
 }
 
 /// An error the CLI reports and turns into an exit code.
@@ -118,6 +120,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         Some(Emit::Ast) => print!("{}", compiled.ast),
         Some(Emit::Ir) => print!("{}", aec::ir::print(&compiled.forward, Some(&src))),
         Some(Emit::Params) => print!("{}", compiled.model.params_listing()),
+        Some(Emit::Torch) => print!("{}", aec::sema::torch::emit(&compiled.model)),
         Some(Emit::Grad) => match aec::training_step(&compiled) {
             Ok(g) => print!("{}", aec::ir::print(&g, Some(&src))),
             Err(e) => {

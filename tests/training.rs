@@ -1,0 +1,280 @@
+//! End to end through the `aec` binary: training, resuming, running and encoding, and the
+//! messages a user gets when data, weights or numbers go wrong.
+
+use aec::data::{self, Array, Values};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh folder for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn aec(args: &[&str]) -> (i32, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_aec")).args(args).current_dir(root()).output().expect("run aec");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn f32s(a: &Array) -> &[f32] {
+    match &a.values {
+        Values::F32(v) => v,
+        Values::I32(_) => panic!("expected f32"),
+    }
+}
+
+#[test]
+fn onehot838_learns_a_binary_code() {
+    let dir = scratch("onehot838");
+    let (code, out, err) = aec(&["run", "--train", "specs/onehot838.ae", "--out", s(&dir)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("8/8 inputs reconstructed"), "{out}");
+
+    // The encoder's codes for the eight one-hot inputs: distinct and near-binary.
+    let mut eye = vec![0.0; 64];
+    (0..8).for_each(|i| eye[i * 9] = 1.0);
+    let x = dir.join("eye.npy");
+    data::write_npy(&x, &Array { shape: vec![8, 8], values: Values::F32(eye) }).expect("write");
+    let z = dir.join("codes.npy");
+    let weights = dir.join("checkpoint.safetensors");
+    let (code, _, err) =
+        aec(&["encode", "specs/onehot838.ae", "--weights", s(&weights), "--input", s(&x), "--output", s(&z)]);
+    assert_eq!(code, 0, "{err}");
+    let codes = data::read_npy(&z).expect("codes");
+    assert_eq!(codes.shape, vec![8, 3]);
+    let v = f32s(&codes);
+    assert!(v.iter().all(|&c| !(0.25..=0.75).contains(&c)), "codes are not near-binary: {v:?}");
+    let mut bits: Vec<String> =
+        v.chunks(3).map(|c| c.iter().map(|&b| if b > 0.5 { '1' } else { '0' }).collect()).collect();
+    // `aec encode` gives the codes the training summary printed.
+    for (i, b) in bits.iter().enumerate() {
+        let row = out.lines().find(|l| l.trim_start().starts_with(&format!("{i} "))).expect("table row");
+        assert!(row.contains(&format!(" {b} ")), "row {i}: {row} vs {b}");
+        let printed: Vec<f32> =
+            row.split_whitespace().skip(1).take(3).map(|t| t.parse().expect("number")).collect();
+        for (p, c) in printed.iter().zip(&v[i * 3..i * 3 + 3]) {
+            assert!((p - c).abs() <= 0.006, "row {i}: printed {p}, encoded {c}");
+        }
+    }
+    bits.sort();
+    bits.dedup();
+    assert_eq!(bits.len(), 8, "codes are not distinct: {bits:?}");
+
+    // The whole network reconstructs each input (argmax) through `aec run`.
+    let y = dir.join("recon.npy");
+    let (code, _, err) =
+        aec(&["run", "specs/onehot838.ae", "--weights", s(&weights), "--input", s(&x), "--output", s(&y)]);
+    assert_eq!(code, 0, "{err}");
+    let recon = data::read_npy(&y).expect("recon");
+    for (i, row) in f32s(&recon).chunks(8).enumerate() {
+        let best = row.iter().enumerate().fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
+        assert_eq!(best, i, "input {i} reconstructed as {best}: {row:?}");
+    }
+}
+
+#[test]
+fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
+    // Adam (with validation) and SGD with momentum.
+    for (spec, total, first) in [("specs/digits_mlp.ae", "3", "1"), ("specs/onehot838.ae", "40", "15")] {
+        let whole = scratch(&format!("whole-{total}"));
+        let parts = scratch(&format!("parts-{total}"));
+        let (code, _, err) = aec(&["run", "--train", spec, "--epochs", total, "--out", s(&whole)]);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = aec(&["run", "--train", spec, "--epochs", first, "--out", s(&parts)]);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = aec(&["run", "--train", spec, "--epochs", total, "--resume", s(&parts)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains(&format!("resuming after epoch {first}")), "{err}");
+        for file in ["checkpoint.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(whole.join(file)).expect("whole");
+            let b = std::fs::read(parts.join(file)).expect("parts");
+            assert_eq!(contents(&a), contents(&b), "{spec}: {file} differs after resuming");
+        }
+        let lines = std::fs::read_to_string(parts.join("metrics.jsonl")).expect("metrics");
+        assert_eq!(lines.lines().count(), total.parse::<usize>().expect("n"), "one metrics line per epoch");
+    }
+}
+
+/// A safetensors file's tensors (name, shape, exact bytes) and metadata, in a stable order.
+fn contents(bytes: &[u8]) -> (Vec<(String, Vec<usize>, Vec<u8>)>, Vec<(String, String)>) {
+    let st = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
+    let mut tensors: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
+    tensors.sort();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).expect("metadata");
+    let mut meta: Vec<_> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    meta.sort();
+    (tensors, meta)
+}
+
+#[test]
+fn digits_mlp_trains_on_real_data() {
+    let dir = scratch("digits_mlp");
+    let (code, out, err) =
+        aec(&["run", "--train", "specs/digits_mlp.ae", "--epochs", "20", "--out", s(&dir)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("validation loss"), "{out}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("json");
+    for key in ["epoch", "train_loss", "val_loss", "samples_per_s"] {
+        assert!(last.get(key).is_some(), "metrics lack {key}: {last}");
+    }
+    let val = last["val_loss"].as_f64().expect("val_loss");
+    // Predicting the mean image scores 0.073; the autoencoder must do far better.
+    assert!(val < 0.04, "validation MSE {val} after 20 epochs");
+}
+
+#[test]
+fn the_last_partial_batch_is_trained_on() {
+    let dir = scratch("partial");
+    let spec = dir.join("ten.ae");
+    let text = "model ten {\n input x: [10]\n encoder { dense 4 -> sigmoid }\n decoder { dense 10 -> sigmoid }\n loss mse(x)\n}\ntrain {\n data onehot(10)\n batch 4\n epochs 2\n optimizer sgd(lr: 0.5)\n}\n";
+    std::fs::write(&spec, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("3 steps per epoch"), "{err}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.lines().last().expect("line").contains("\"step\":6"), "{metrics}");
+}
+
+/// Writes a safetensors file of f32 tensors.
+fn write_weights(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, shape, v)| (n.to_string(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .expect("view"),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).expect("serialize")).expect("write");
+}
+
+#[test]
+fn the_seeds_deconvolution_example_is_exact() {
+    let dir = scratch("seed_deconv");
+    let w = dir.join("w.safetensors");
+    write_weights(&w, &[("encoder.0.weight", vec![1, 1, 2, 2], vec![3.0, 4.0, 1.0, 1.0])]);
+    let x = dir.join("x.npy");
+    data::write_npy(&x, &Array { shape: vec![1, 1, 2, 2], values: Values::F32(vec![1.0, 2.0, 5.0, 9.0]) })
+        .expect("x");
+    let y = dir.join("y.npy");
+    let (code, _, err) =
+        aec(&["run", "specs/seed_deconv.ae", "--weights", s(&w), "--input", s(&x), "--output", s(&y)]);
+    assert_eq!(code, 0, "{err}");
+    let out = data::read_npy(&y).expect("y");
+    assert_eq!(out.shape, vec![1, 1, 4, 4]);
+    let want = [3., 4., 6., 8., 1., 1., 2., 2., 15., 20., 27., 36., 5., 5., 9., 9.];
+    assert_eq!(f32s(&out), &want);
+}
+
+#[test]
+fn weights_that_do_not_fit_the_spec_are_named() {
+    let dir = scratch("bad_weights");
+    let w = dir.join("w.safetensors");
+    write_weights(&w, &[("encoder.0.weight", vec![2, 2, 2, 2], vec![0.0; 16])]);
+    let x = dir.join("x.npy");
+    data::write_npy(&x, &Array { shape: vec![1, 1, 2, 2], values: Values::F32(vec![0.0; 4]) }).expect("x");
+    let y = dir.join("y.npy");
+    let (code, _, err) =
+        aec(&["run", "specs/seed_deconv.ae", "--weights", s(&w), "--input", s(&x), "--output", s(&y)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`encoder.0.weight` has shape [2, 2, 2, 2], the spec needs [1, 1, 2, 2]"), "{err}");
+
+    let (code, _, err) =
+        aec(&["run", "specs/onehot838.ae", "--weights", s(&w), "--input", s(&x), "--output", s(&y)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("has no `encoder.0.weight` (shape [3, 8])") || err.contains("encoder.0.weight"),
+        "{err}"
+    );
+
+    let (code, _, err) = aec(&[
+        "run",
+        "specs/seed_deconv.ae",
+        "--weights",
+        "nowhere.safetensors",
+        "--input",
+        s(&x),
+        "--output",
+        s(&y),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read nowhere.safetensors"), "{err}");
+}
+
+#[test]
+fn bad_data_is_reported_at_its_data_line() {
+    let dir = scratch("bad_data");
+    let missing = dir.join("missing.ae");
+    let text = "model m {\n input x: [8]\n encoder { dense 3 }\n decoder { dense 8 }\n loss mse(x)\n}\ntrain {\n data npy(\"no/such.npy\")\n}\n";
+    std::fs::write(&missing, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&missing), "--out", s(&dir)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing.ae:8:2"), "{err}");
+    assert!(err.contains("cannot read"), "{err}");
+
+    // Digits are 8×8 samples; an input of 10 values does not take them.
+    let shape = dir.join("shape.ae");
+    let digits = root().join("specs/data/digits-images.npy");
+    let text = format!(
+        "model m {{\n input x: [10]\n encoder {{ dense 3 }}\n decoder {{ dense 10 }}\n loss mse(x)\n}}\ntrain {{\n data npy({:?})\n}}\n",
+        s(&digits)
+    );
+    std::fs::write(&shape, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&shape), "--out", s(&dir)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has samples of shape [8, 8]"), "{err}");
+    assert!(err.contains("shape.ae:8:2"), "{err}");
+
+    let target = dir.join("target.ae");
+    let text = "model m {\n input x: [8]\n target t: [8]\n encoder { dense 3 }\n decoder { dense 8 }\n loss mse(t)\n}\ntrain {\n data onehot(8)\n}\n";
+    std::fs::write(&target, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&target), "--out", s(&dir)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no data for `t`"), "{err}");
+}
+
+#[test]
+fn divergence_stops_at_the_first_bad_op_and_keeps_the_last_checkpoint() {
+    let dir = scratch("diverge");
+    let spec = dir.join("diverge.ae");
+    let text = "model d {\n input x: [8]\n encoder { dense 3 -> relu }\n decoder { dense 8 }\n loss mse(x)\n}\ntrain {\n data onehot(8)\n optimizer sgd(lr: 1e30)\n epochs 100\n}\n";
+    std::fs::write(&spec, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("produced NaN or infinity at step"), "{err}");
+    assert!(err.contains("diverge.ae:"), "the message points into the spec: {err}");
+    assert!(err.contains("--lr"), "{err}");
+}
+
+#[test]
+fn usage_mistakes_exit_2() {
+    let (code, _, err) = aec(&["run", "specs/onehot838.ae"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--train"), "{err}");
+    let (code, _, _) = aec(&["run", "specs/onehot838.ae", "--train", "--epochs", "0"]);
+    assert_eq!(code, 2);
+}
