@@ -110,8 +110,11 @@ fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
     }
 }
 
-/// A safetensors file's tensors (name, shape, exact bytes) and metadata, in a stable order.
-fn contents(bytes: &[u8]) -> (Vec<(String, Vec<usize>, Vec<u8>)>, Vec<(String, String)>) {
+/// Name, shape and exact bytes of each tensor.
+type Tensors = Vec<(String, Vec<usize>, Vec<u8>)>;
+
+/// A safetensors file's tensors and metadata, in a stable order.
+fn contents(bytes: &[u8]) -> (Tensors, Vec<(String, String)>) {
     let st = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
     let mut tensors: Vec<_> =
         st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
