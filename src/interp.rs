@@ -219,8 +219,10 @@ fn eval(
         Op::Conv2dWeightGrad { x, dy, stride, pad, .. } => {
             Buf::F32(conv2d_weight_grad(f(*x), sh(*x), f(*dy), sh(*dy), shape, *stride, *pad))
         }
+        // For y = x ⋆ᵀ w, dw[ci,co,kh,kw] = Σ x[ci,ih,iw]·dy[co,ih·s-p+kh,iw·s-p+kw]: the weight
+        // gradient of a convolution of dy, with x in the role of its output gradient.
         Op::ConvTranspose2dWeightGrad { x, dy, stride, pad, .. } => {
-            Buf::F32(conv_transpose2d_weight_grad(f(*x), sh(*x), f(*dy), sh(*dy), shape, *stride, *pad))
+            Buf::F32(conv2d_weight_grad(f(*dy), sh(*dy), f(*x), sh(*x), shape, *stride, *pad))
         }
         Op::PoolArgmax { x, kernel, stride } => Buf::I32(pool_argmax(f(*x), sh(*x), shape, *kernel, *stride)),
         Op::Gather { x, idx } => {
@@ -546,46 +548,6 @@ fn conv2d_weight_grad(
                         }
                     }
                     out[((o * ci + c) * k + kh) * k + kw] = acc as f32;
-                }
-            }
-        }
-    }
-    out
-}
-
-fn conv_transpose2d_weight_grad(
-    x: &[f32],
-    xs: &[usize],
-    dy: &[f32],
-    ds: &[usize],
-    ws: &[usize],
-    s: usize,
-    p: usize,
-) -> Vec<f32> {
-    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
-    let (co, oh, ow) = (ds[1], ds[2], ds[3]);
-    let k = ws[2];
-    let mut out = vec![0.0; ci * co * k * k];
-    for c in 0..ci {
-        for o in 0..co {
-            for kh in 0..k {
-                for kw in 0..k {
-                    let mut acc = 0f64;
-                    for n in 0..b {
-                        for iy in 0..h {
-                            let Some(y) = src(iy, s, p, kh, oh) else {
-                                continue;
-                            };
-                            for ix in 0..wd {
-                                let Some(xx) = src(ix, s, p, kw, ow) else {
-                                    continue;
-                                };
-                                acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
-                                    * f64::from(dy[((n * co + o) * oh + y) * ow + xx]);
-                            }
-                        }
-                    }
-                    out[((c * co + o) * k + kh) * k + kw] = acc as f32;
                 }
             }
         }
