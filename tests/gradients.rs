@@ -86,6 +86,7 @@ impl Case {
             let m = self.add(Op::Binary { f: BinaryFn::Mul, a: y, b: r });
             self.add(Op::SumAll { x: m })
         };
+        self.g.outputs.retain(|o| o.0 != "loss");
         self.g.outputs.push(("loss".into(), loss));
         aec::ir::verify(&self.g).unwrap_or_else(|e| panic!("{what}: {e:?}"));
         let back = autodiff::backward(&self.g, loss).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -326,6 +327,28 @@ fn losses() {
         let y = c.add(Op::Loss { f: LossFn::CrossEntropyLogits, pred: z, target: ids });
         c.check(y, &format!("cross_entropy {shape:?}"));
     }
+}
+
+#[test]
+fn a_tied_weight_through_a_whole_mirrored_network() {
+    // `decoder mirror tied`: encoder.0.weight is used by the conv and by the deconv, and
+    // encoder.3.weight by two dense layers; their gradients are the sums of both uses.
+    let src =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/mirror.ae"))
+            .expect("spec");
+    let compiled = aec::compile(&src, &aec::Config { batch: Some(2) }).expect("compiles");
+    let g = compiled.forward;
+    let mut c = Case::new(21);
+    c.params = g
+        .params
+        .iter()
+        .map(|p| (0..p.shape.iter().product::<usize>()).map(|_| c.rng.random::<f32>() - 0.5).collect())
+        .collect();
+    let n = g.inputs[0].ty.numel();
+    c.inputs = vec![Buf::F32((0..n).map(|_| c.rng.random::<f32>()).collect())];
+    let loss = g.output("loss").expect("loss");
+    c.g = g;
+    c.check(loss, "mirror tied");
 }
 
 #[test]

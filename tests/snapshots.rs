@@ -57,6 +57,26 @@ fn training_steps() {
 }
 
 #[test]
+fn pretraining_stages() {
+    insta::glob!("../specs", "*.ae", |path| {
+        let src = read(path);
+        if !src.contains("pretrain") {
+            return;
+        }
+        let compiled = aec::compile(&src, &aec::Config::default()).expect("compiles");
+        let lowering =
+            aec::sema::Lowering { batch: compiled.batch, mode: aec::sema::Mode::Train, denoise: false };
+        let mut text = String::new();
+        for k in 1..=aec::sema::stage::stages(&compiled.model) {
+            let g = aec::sema::lower::lower_stage(&compiled.model, k, &lowering).expect("stage lowers");
+            aec::ir::verify(&g).expect("stage graph verifies");
+            text.push_str(&aec::ir::print(&g, Some(&src)));
+        }
+        insta::assert_snapshot!(text);
+    });
+}
+
+#[test]
 fn ast_round_trips_through_its_printer() {
     insta::glob!("../specs", "*.ae", |path| {
         let src = read(path);

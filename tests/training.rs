@@ -281,3 +281,74 @@ fn usage_mistakes_exit_2() {
     let (code, _, _) = aec(&["run", "specs/onehot838.ae", "--train", "--epochs", "0"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn resuming_inside_greedy_pretraining_continues_the_right_stage() {
+    // Two stages of 3 epochs, then 3 epochs of fine-tuning: 9 epochs. Stop inside stage 2
+    // (epoch 4) and at the boundary between the stages (epoch 3), and resume each.
+    let spec_dir = scratch("pretrain-spec");
+    let spec = spec_dir.join("stack.ae");
+    let text = "model stack {\n input x: [8]\n encoder { dense 5 -> sigmoid; dense 3 -> sigmoid }\n decoder mirror -> sigmoid\n loss mse(x)\n}\ntrain {\n data onehot(8)\n batch 3\n epochs 3\n optimizer adam(lr: 0.05)\n pretrain greedy(epochs: 3)\n seed 4\n}\n";
+    std::fs::write(&spec, text).expect("spec");
+    let whole = scratch("pretrain-whole");
+    let (code, out, err) = aec(&["run", "--train", s(&spec), "--out", s(&whole)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("trained 9 epochs"), "{out}");
+    assert!(
+        err.contains("pretrain 1/2: epochs 1–3")
+            && err.contains("pretrain 2/2: epochs 4–6")
+            && err.contains("fine-tune: epochs 7–9"),
+        "{err}"
+    );
+    let stages: Vec<String> = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["stage"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "pretrain 1/2",
+            "pretrain 1/2",
+            "pretrain 1/2",
+            "pretrain 2/2",
+            "pretrain 2/2",
+            "pretrain 2/2",
+            "fine-tune",
+            "fine-tune",
+            "fine-tune"
+        ]
+    );
+    // The finished checkpoint holds the model's parameters only (it loads into PyTorch).
+    let names: Vec<String> = contents(&std::fs::read(whole.join("checkpoint.safetensors")).expect("ckpt"))
+        .0
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with("pretrain.")), "{names:?}");
+
+    for stop in ["4", "3"] {
+        let parts = scratch(&format!("pretrain-parts-{stop}"));
+        let (code, out, err) = aec(&["run", "--train", s(&spec), "--out", s(&parts), "--stop-at", stop]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("stopped after epoch {stop} of 9")), "{out}");
+        if stop == "4" {
+            // Mid-stage, the checkpoint keeps the stage's decoder to resume with.
+            let saved = contents(&std::fs::read(parts.join("checkpoint.safetensors")).expect("ckpt")).0;
+            assert!(saved.iter().any(|t| t.0 == "pretrain.2.weight"), "the stage decoder was not saved");
+        }
+        let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&parts)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains(&format!("resuming after epoch {stop}")), "{err}");
+        for file in ["checkpoint.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(whole.join(file)).expect("whole");
+            let b = std::fs::read(parts.join(file)).expect("parts");
+            assert_eq!(contents(&a), contents(&b), "stopped at {stop}: {file} differs after resuming");
+        }
+    }
+}

@@ -38,6 +38,9 @@ struct CompileArgs {
     /// Batch size of the lowered graph (default: the spec's `batch`, else 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     batch: Option<u64>,
+    /// With `--emit ir` or `grad`: the graph of greedy pretraining's stage K (1 = first layer).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    stage: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,6 +88,37 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--stage K`: a stage of greedy pretraining, as IR or as its training step.
+fn emit_stage(args: &CompileArgs, c: &aec::Compiled, src: &str, k: usize) -> Result<(), Failure> {
+    let lowering = aec::sema::Lowering { batch: c.batch, mode: aec::sema::Mode::Train, denoise: false };
+    let fwd = aec::sema::lower::lower_stage(&c.model, k, &lowering)
+        .map_err(|e| Failure::Data(format!("{}: {e}", args.spec.display())))?;
+    let g = match args.emit {
+        Some(Emit::Ir) => fwd,
+        Some(Emit::Grad) => {
+            let train = c.ast.train.as_ref();
+            let opt = train.and_then(|t| t.optimizer.as_ref());
+            // With `freeze: true`, the encoder layers below the stage's are not updated.
+            let freeze = train.and_then(|t| t.pretrain).is_some_and(|p| p.freeze);
+            let layers = aec::sema::stage::param_layers(&c.model);
+            let own = layers.get(k - 1).map(|&pos| format!("encoder.{}.", c.model.layers[pos].index));
+            let frozen: Vec<bool> = fwd
+                .params
+                .iter()
+                .map(|p| {
+                    freeze
+                        && p.name.starts_with("encoder.")
+                        && own.as_ref().is_none_or(|o| !p.name.starts_with(o))
+                })
+                .collect();
+            aec::autodiff::training_step(&fwd, aec::optimizer_fn(opt), &frozen).map_err(Failure::Data)?
+        }
+        _ => return Err(Failure::Io("--stage goes with --emit ir or --emit grad".into())),
+    };
+    print!("{}", aec::ir::print(&g, Some(src)));
+    Ok(())
+}
+
 /// Reads a spec file, or says why it cannot.
 pub fn read_spec(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| Failure::Io(format!("cannot read {}: {e}", path.display())))
@@ -115,6 +149,9 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         }
     };
     report(&compiled.warnings, &args.spec, &src);
+    if let Some(k) = args.stage {
+        return emit_stage(args, &compiled, &src, k as usize);
+    }
     match args.emit {
         None => print!("{}", compiled.model.table(&src)),
         Some(Emit::Ast) => print!("{}", compiled.ast),

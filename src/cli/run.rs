@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// Continue training from the last checkpoint in this run folder.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Stop after this epoch (counting pretraining's) with a checkpoint; continue later with
+    /// --resume.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stop_at: Option<u64>,
     /// The executor: `interp` (the reference interpreter).
     #[arg(long, value_enum, default_value_t = Backend::Interp)]
     backend: Backend,
@@ -244,6 +248,8 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         validation: t.validation.unwrap_or(0.0),
         noise: t.noise,
         init: t.init.unwrap_or(Init::Default),
+        pretrain: t.pretrain,
+        stop_at: args.stop_at,
         threads: threads(args.threads),
         out,
         resume,
@@ -286,8 +292,17 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         if cfg.threads == 1 { "" } else { "s" }
     );
     println!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
+    if summary.stopped_early {
+        println!(
+            "stopped after epoch {} of {}; continue with --resume {}",
+            last.map_or(0, |m| m.epoch),
+            summary.total_epochs,
+            cfg.out.display()
+        );
+        return Ok(());
+    }
     if let Some(DataSource::OneHot { .. }) = t.data.first().map(|d| &d.source) {
-        print!("{}", code_table(&spec.compiled, &summary.state.params, &data, cfg.threads)?);
+        print!("{}", code_table(&spec.compiled, &summary.params, &data, cfg.threads)?);
     }
     Ok(())
 }
@@ -338,10 +353,11 @@ impl Progress {
     fn new() -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
-            let style =
-                ProgressStyle::with_template("{spinner} epoch {pos}/{len} [{bar:30}] {msg} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> ");
+            let style = ProgressStyle::with_template(
+                "{spinner} {prefix} epoch {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
             bar.set_style(style);
             bar
         });
@@ -365,6 +381,13 @@ impl Progress {
                 eprintln!(
                     "training on {train} samples ({validation} for validation), {steps_per_epoch} steps per epoch{resumed}"
                 );
+            }
+            Event::Phase { label, first_epoch, last_epoch } => {
+                let line = format!("{label}: epochs {first_epoch}–{last_epoch}");
+                match &self.bar {
+                    Some(bar) => bar.set_prefix(label.to_owned()),
+                    None => eprintln!("{line}"),
+                }
             }
             Event::Step { epoch, step_in_epoch, loss } => {
                 if let Some(bar) = &self.bar

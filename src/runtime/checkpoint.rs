@@ -57,21 +57,25 @@ fn serialize(
     safetensors::serialize(views?, meta).map_err(|e| e.to_string())
 }
 
-/// Saves parameters and optimizer state into `dir`.
-pub fn save(dir: &Path, g: &Graph, state: &State, progress: &Progress) -> Result<(), String> {
+/// Saves a run folder: `params` (every named tensor the run keeps: the model's parameters, and
+/// during greedy pretraining its stage decoders) and the optimizer state of `g`, the graph being
+/// trained, whose parameters are among `params`.
+pub fn save(
+    dir: &Path,
+    params: &[(String, Vec<usize>, Vec<f32>)],
+    g: &Graph,
+    state: &State,
+    progress: &Progress,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let params: Vec<(String, Vec<usize>, Vec<u8>)> = g
-        .params
-        .iter()
-        .zip(&state.params)
-        .map(|(p, v)| (p.name.clone(), p.shape.clone(), to_bytes(v)))
-        .collect();
-    let bytes = serialize(&params, None)?;
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        params.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), to_bytes(v))).collect();
+    let bytes = serialize(&tensors, None)?;
     let path = dir.join("checkpoint.safetensors");
     write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
 
     let mut slots = Vec::new();
-    for ((p, s), steps) in g.params.iter().zip(&state.slots).zip(&state.param_steps) {
+    for (p, s) in g.params.iter().zip(&state.slots) {
         let names: &[&str] = match s.len() {
             1 => &["momentum_buffer"],
             2 => &["exp_avg", "exp_avg_sq"],
@@ -80,7 +84,6 @@ pub fn save(dir: &Path, g: &Graph, state: &State, progress: &Progress) -> Result
         for (suffix, buf) in names.iter().zip(s) {
             slots.push((format!("{}.{suffix}", p.name), p.shape.clone(), to_bytes(buf)));
         }
-        let _ = steps;
     }
     let steps: Vec<String> = state.param_steps.iter().map(u64::to_string).collect();
     let meta = HashMap::from([
@@ -88,11 +91,23 @@ pub fn save(dir: &Path, g: &Graph, state: &State, progress: &Progress) -> Result
         ("step".to_owned(), state.step.to_string()),
         ("seed".to_owned(), progress.seed.to_string()),
         ("param_steps".to_owned(), steps.join(",")),
-        ("model".to_owned(), g.name.trim_end_matches(".forward").trim_end_matches(".train").to_owned()),
+        ("graph".to_owned(), g.name.clone()),
     ]);
     let bytes = serialize(&slots, Some(meta))?;
     let path = dir.join("optimizer.safetensors");
     write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Every f32 tensor of a safetensors file, in the file's order.
+pub fn read_all(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (name, t) in st.iter() {
+        out.push((name.to_owned(), t.shape().to_vec(), f32s(path, name, &t)?));
+    }
+    Ok(out)
 }
 
 /// Reads the parameters of `g` from a checkpoint: every name present with its shape, nothing
@@ -134,9 +149,9 @@ fn f32s(path: &Path, name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, String>
     Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
-/// Restores a whole training state from `dir`.
-pub fn load(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
-    let params = load_params(&dir.join("checkpoint.safetensors"), g)?;
+/// The optimizer state for `g` saved in `dir` (parameter values are not filled in: they come from
+/// the checkpoint by name), and where the run stood.
+pub fn load_optimizer(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
     let path = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -148,24 +163,24 @@ pub fn load(dir: &Path, g: &Graph) -> Result<(State, Progress), String> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("{} lacks `{k}` in its metadata", path.display()))
     };
-    let mut state = State::new(params);
+    let mut state = State::new(vec![Vec::new(); g.params.len()]);
     state.step = num("step")?;
     let steps: Vec<u64> = info
         .get("param_steps")
         .map(|s| s.split(',').filter(|x| !x.is_empty()).filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default();
-    if steps.len() != g.params.len() {
-        return Err(format!("{}: its per-parameter steps do not match the spec", path.display()));
-    }
-    state.param_steps = steps;
-    for (i, p) in g.params.iter().enumerate() {
-        let mut slots = Vec::new();
-        for suffix in ["momentum_buffer", "exp_avg", "exp_avg_sq"] {
-            if let Ok(t) = st.tensor(&format!("{}.{suffix}", p.name)) {
-                slots.push(f32s(&path, &p.name, &t)?);
+    if info.get("graph") == Some(&g.name) {
+        if steps.len() != g.params.len() {
+            return Err(format!("{}: its per-parameter steps do not match the spec", path.display()));
+        }
+        state.param_steps = steps;
+        for (i, p) in g.params.iter().enumerate() {
+            for suffix in ["momentum_buffer", "exp_avg", "exp_avg_sq"] {
+                if let Ok(t) = st.tensor(&format!("{}.{suffix}", p.name)) {
+                    state.slots[i].push(f32s(&path, &p.name, &t)?);
+                }
             }
         }
-        state.slots[i] = slots;
     }
     Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")? }))
 }

@@ -1,10 +1,17 @@
-//! The training loop: batches, steps, validation, metrics, checkpoints, resume.
+//! The training loop: phases, batches, steps, validation, metrics, checkpoints, resume.
+//!
+//! A run is a list of phases over one epoch and step count: with `pretrain greedy(epochs: E)`,
+//! a phase per stage of greedy layer-wise pretraining (`sema::stage`), then the whole network;
+//! otherwise just the whole network. Parameters live in a store by name, so weights carry over
+//! from phase to phase; each phase has its own compiled step graphs and a fresh optimizer. When
+//! the fine-tuning phase starts, each stage's trained decoder initialises the decoder layer that
+//! mirrors the same encoder layer (when the shapes agree, as with `decoder mirror`).
 //!
 //! Reproducibility: every random choice is a function of the run's seed and a counter — the
-//! initial parameters of (seed), the validation split of (seed), the order of epoch e of
-//! (seed, e), input noise and dropout masks of (seed, step). Checkpoints are taken at epoch
-//! boundaries, so resuming from one replays exactly what an uninterrupted run would have done:
-//! the final parameters are bit-identical.
+//! initial parameters of (seed) and of (seed, stage), the validation split of (seed), the order
+//! of epoch e of (seed, e), input noise and dropout masks of (seed, step). Checkpoints are taken
+//! at epoch boundaries, so resuming from one — in any phase — replays exactly what an
+//! uninterrupted run would have done: the final parameters are bit-identical.
 //!
 //! Step graphs are compiled per batch size: the full batch, and the smaller last batch of an
 //! epoch (which is trained on, not dropped).
@@ -17,15 +24,16 @@ use crate::diag::Span;
 use crate::interp::{self, Buf};
 use crate::ir::{Graph, OptimizerFn};
 use crate::passes;
-use crate::sema::{Compiled, Lowering, Mode, lower};
-use crate::syntax::ast::{Init, Noise};
+use crate::sema::{Compiled, Lowering, Mode, Part, lower, stage};
+use crate::syntax::ast::{Init, Noise, Pretrain};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Settings of one training run (the spec's `train` block with command-line overrides).
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
+    /// Epochs of the whole network (after pretraining, if any).
     pub epochs: u64,
     pub batch: usize,
     pub optimizer: OptimizerFn,
@@ -33,17 +41,23 @@ pub struct TrainConfig {
     pub validation: f64,
     pub noise: Option<Noise>,
     pub init: Init,
+    pub pretrain: Option<Pretrain>,
     pub threads: usize,
     /// The run folder: checkpoints and metrics go here.
     pub out: PathBuf,
     /// Continue from the checkpoint in `out`.
     pub resume: bool,
+    /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
+    pub stop_at: Option<u64>,
 }
 
 /// One epoch's numbers, as written to `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u64,
+    /// The phase: `pretrain k/K` or `fine-tune` (absent without pretraining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
     pub step: u64,
     pub train_loss: f64,
     pub val_loss: Option<f64>,
@@ -54,13 +68,18 @@ pub struct EpochMetrics {
 /// What the loop reports as it goes; the CLI turns it into a progress bar.
 pub enum Event<'a> {
     Start { first_epoch: u64, epochs: u64, steps_per_epoch: u64, train: usize, validation: usize },
+    Phase { label: &'a str, first_epoch: u64, last_epoch: u64 },
     Step { epoch: u64, step_in_epoch: u64, loss: f64 },
     Epoch(&'a EpochMetrics),
 }
 
 pub struct Summary {
     pub metrics: Vec<EpochMetrics>,
-    pub state: State,
+    /// Epochs in the whole run, and whether it stopped early (`stop_at`).
+    pub total_epochs: u64,
+    pub stopped_early: bool,
+    /// The model's parameters, in `Compiled::forward` order.
+    pub params: Vec<Vec<f32>>,
     pub seconds: f64,
     pub samples_per_s: f64,
 }
@@ -77,25 +96,108 @@ pub enum TrainError {
     NonFinite { epoch: u64, step: u64, what: String, span: Option<Span>, kept: String },
 }
 
-/// Compiled graphs by batch size.
+/// One phase of a run.
+struct Phase {
+    /// `pretrain k/K`, `fine-tune`, or `None` for a run without pretraining.
+    label: Option<String>,
+    stage: Option<usize>,
+    epochs: u64,
+    /// Freeze the encoder layers below the stage's.
+    freeze: bool,
+}
+
+fn phases(c: &Compiled, cfg: &TrainConfig) -> Vec<Phase> {
+    let mut out = Vec::new();
+    if let Some(p) = cfg.pretrain {
+        let k = stage::stages(&c.model);
+        for s in 1..=k {
+            out.push(Phase {
+                label: Some(format!("pretrain {s}/{k}")),
+                stage: Some(s),
+                epochs: p.epochs,
+                freeze: p.freeze,
+            });
+        }
+    }
+    let label = cfg.pretrain.map(|_| "fine-tune".to_owned());
+    out.push(Phase { label, stage: None, epochs: cfg.epochs, freeze: false });
+    out
+}
+
+/// Named parameters: the model's and, while pretraining, the stage decoders'.
+#[derive(Clone, Debug, Default)]
+struct Store {
+    entries: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl Store {
+    fn get(&self, name: &str) -> Option<&Vec<f32>> {
+        self.entries.iter().find(|e| e.0 == name).map(|e| &e.2)
+    }
+
+    fn set(&mut self, name: &str, shape: &[usize], v: Vec<f32>) {
+        match self.entries.iter_mut().find(|e| e.0 == name) {
+            Some(e) => e.2 = v,
+            None => self.entries.push((name.to_owned(), shape.to_vec(), v)),
+        }
+    }
+
+    /// The values of `g`'s parameters.
+    fn params_of(&self, g: &Graph) -> Result<Vec<Vec<f32>>, TrainError> {
+        g.params
+            .iter()
+            .map(|p| {
+                self.get(&p.name)
+                    .cloned()
+                    .ok_or_else(|| TrainError::Compile(format!("no value for {}", p.name)))
+            })
+            .collect()
+    }
+
+    fn take_from(&mut self, g: &Graph, state: &State) {
+        for (p, v) in g.params.iter().zip(&state.params) {
+            self.set(&p.name, &p.shape, v.clone());
+        }
+    }
+}
+
+/// Compiled graphs of one phase, by batch size.
 struct Programs<'c> {
     compiled: &'c Compiled,
     optimizer: OptimizerFn,
     denoise: bool,
+    stage: Option<usize>,
+    freeze: bool,
     train: HashMap<usize, Graph>,
     eval: HashMap<usize, Graph>,
 }
 
 impl Programs<'_> {
-    fn lowering(&self, batch: usize, mode: Mode) -> Lowering {
-        Lowering { batch: batch as u64, mode, denoise: self.denoise }
+    fn forward(&self, batch: usize, mode: Mode) -> Result<Graph, TrainError> {
+        let lowering = Lowering { batch: batch as u64, mode, denoise: self.denoise };
+        let g = match self.stage {
+            Some(k) => lower::lower_stage(&self.compiled.model, k, &lowering),
+            None => lower::lower(&self.compiled.model, &lowering),
+        };
+        g.map_err(TrainError::Compile)
+    }
+
+    /// Which parameters of a stage graph are frozen: every encoder layer below the stage's.
+    fn frozen(&self, g: &Graph) -> Vec<bool> {
+        let (Some(k), true) = (self.stage, self.freeze) else { return vec![false; g.params.len()] };
+        let layers = stage::param_layers(&self.compiled.model);
+        let own = layers.get(k - 1).map(|&pos| format!("encoder.{}.", self.compiled.model.layers[pos].index));
+        g.params
+            .iter()
+            .map(|p| p.name.starts_with("encoder.") && own.as_ref().is_none_or(|o| !p.name.starts_with(o)))
+            .collect()
     }
 
     fn train(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.train.contains_key(&batch) {
-            let fwd = lower::lower(&self.compiled.model, &self.lowering(batch, Mode::Train))
-                .map_err(TrainError::Compile)?;
-            let step = autodiff::training_step(&fwd, self.optimizer, &[]).map_err(TrainError::Compile)?;
+            let fwd = self.forward(batch, Mode::Train)?;
+            let frozen = self.frozen(&fwd);
+            let step = autodiff::training_step(&fwd, self.optimizer, &frozen).map_err(TrainError::Compile)?;
             self.train.insert(batch, step);
         }
         self.train.get(&batch).ok_or_else(|| TrainError::Compile("missing step graph".into()))
@@ -103,8 +205,7 @@ impl Programs<'_> {
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.eval.contains_key(&batch) {
-            let fwd = lower::lower(&self.compiled.model, &self.lowering(batch, Mode::Infer))
-                .map_err(TrainError::Compile)?;
+            let fwd = self.forward(batch, Mode::Infer)?;
             let g = passes::dce::keep_outputs(&fwd, &["loss"]).map_err(TrainError::Compile)?;
             self.eval.insert(batch, g);
         }
@@ -126,9 +227,7 @@ fn batch_inputs(
         .map(|input| {
             let clean = input.name.ends_with(".clean");
             let name = input.name.trim_end_matches(".clean");
-            let Some(k) = data.names.iter().position(|n| n == name) else {
-                return Buf::F32(Vec::new());
-            };
+            let Some(k) = data.names.iter().position(|n| n == name) else { return Buf::F32(Vec::new()) };
             match data.gather(k, idx) {
                 Values::F32(mut v) => {
                     if let (Some(noise), false, 0) = (noise, clean, k) {
@@ -149,43 +248,27 @@ pub fn train(
     cfg: &TrainConfig,
     on: &mut dyn FnMut(Event),
 ) -> Result<Summary, TrainError> {
-    let mut programs = Programs {
-        compiled,
-        optimizer: cfg.optimizer,
-        denoise: cfg.noise.is_some(),
-        train: HashMap::new(),
-        eval: HashMap::new(),
-    };
     let (train_idx, val_idx) = data.split(cfg.validation, cfg.seed);
     if train_idx.is_empty() {
         return Err(TrainError::Data("no training samples are left after the validation split".into()));
     }
     let batch = cfg.batch.min(train_idx.len()).max(1);
-    let metrics_path = cfg.out.join("metrics.jsonl");
+    let phases = phases(compiled, cfg);
+    let total: u64 = phases.iter().map(|p| p.epochs).sum();
+    let model_graph = &compiled.forward;
 
-    // A fresh start or the state of the last checkpoint.
-    let reference = programs.train(batch)?.clone();
-    let (mut state, mut metrics, first_epoch) = if cfg.resume {
-        let (state, progress) = checkpoint::load(&cfg.out, &reference).map_err(TrainError::Io)?;
-        if progress.seed != cfg.seed {
-            return Err(TrainError::Data(format!(
-                "the checkpoint in {} was trained with seed {}, this run has seed {}: pass --seed {}",
-                cfg.out.display(),
-                progress.seed,
-                cfg.seed,
-                progress.seed
-            )));
-        }
-        let metrics = read_metrics(&metrics_path, progress.epoch);
-        (state, metrics, progress.epoch)
-    } else {
-        (State::new(super::init::init_params(&reference, cfg.init, cfg.seed)), Vec::new(), 0)
-    };
+    // A fresh start, or the state of the last checkpoint.
+    let mut store = Store::default();
+    for (p, v) in model_graph.params.iter().zip(super::init::init_params(model_graph, cfg.init, cfg.seed)) {
+        store.set(&p.name, &p.shape, v);
+    }
+    let (mut metrics, first_epoch, mut step) =
+        if cfg.resume { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0) };
 
     let steps_per_epoch = train_idx.len().div_ceil(batch) as u64;
     on(Event::Start {
         first_epoch,
-        epochs: cfg.epochs,
+        epochs: total,
         steps_per_epoch,
         train: train_idx.len(),
         validation: val_idx.len(),
@@ -194,57 +277,205 @@ pub fn train(
     let mut train_time = Duration::ZERO;
     let mut trained_samples = 0usize;
     let mut last_save = Instant::now();
-    for epoch in first_epoch + 1..=cfg.epochs {
-        let epoch_start = Instant::now();
-        let perm = data::permutation(train_idx.len(), cfg.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
-        let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
-        let mut loss_sum = 0f64;
-        for (s, idx) in order.chunks(batch).enumerate() {
-            state.step += 1;
-            let g = programs.train(idx.len())?;
-            let inputs = batch_inputs(g, data, idx, cfg.noise, cfg.seed, state.step);
-            let opts = interp::Options {
-                seed: cfg.seed,
-                step: state.step,
-                threads: cfg.threads,
-                check_finite: true,
-            };
-            let values = interp::run(g, &inputs, &mut state, &opts)
-                .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
-            let loss = values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]));
-            loss_sum += loss * idx.len() as f64;
-            on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
+    let last = cfg.stop_at.unwrap_or(total).min(total);
+    let mut phase_start = 0u64;
+    for phase in &phases {
+        if phase_start >= last {
+            break;
         }
-        let epoch_train = epoch_start.elapsed();
-        train_time += epoch_train;
-        trained_samples += order.len();
-        let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state)?;
-        let m = EpochMetrics {
-            epoch,
-            step: state.step,
-            train_loss: loss_sum / order.len() as f64,
-            val_loss,
-            samples_per_s: order.len() as f64 / epoch_train.as_secs_f64().max(1e-9),
-            seconds: started.elapsed().as_secs_f64(),
+        let phase_end = phase_start + phase.epochs;
+        if phase_end <= first_epoch {
+            phase_start = phase_end;
+            continue;
+        }
+        let mut programs = Programs {
+            compiled,
+            optimizer: cfg.optimizer,
+            denoise: cfg.noise.is_some(),
+            stage: phase.stage,
+            freeze: phase.freeze,
+            train: HashMap::new(),
+            eval: HashMap::new(),
         };
-        metrics.push(m);
-        if let Some(m) = metrics.last() {
-            on(Event::Epoch(m));
+        let reference = programs.train(batch)?.clone();
+        let mut state = if first_epoch > phase_start {
+            // Resuming inside this phase: its optimizer state is in the run folder.
+            let (mut state, _) = checkpoint::load_optimizer(&cfg.out, &reference).map_err(TrainError::Io)?;
+            state.params = store.params_of(&reference)?;
+            state
+        } else {
+            begin_phase(&mut store, compiled, phase, &reference, cfg)?;
+            let mut s = State::new(store.params_of(&reference)?);
+            s.step = step;
+            s
+        };
+        if let Some(label) = &phase.label {
+            on(Event::Phase { label, first_epoch: phase_start + 1, last_epoch: phase_end });
         }
-        if epoch == cfg.epochs || last_save.elapsed() >= Duration::from_secs(2) {
-            save(&cfg.out, &reference, &state, epoch, cfg.seed, &metrics)?;
-            last_save = Instant::now();
+        for epoch in first_epoch.max(phase_start) + 1..=phase_end.min(last) {
+            let epoch_start = Instant::now();
+            let perm =
+                data::permutation(train_idx.len(), cfg.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+            let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
+            let mut loss_sum = 0f64;
+            for (s, idx) in order.chunks(batch).enumerate() {
+                state.step += 1;
+                let g = programs.train(idx.len())?;
+                let inputs = batch_inputs(g, data, idx, cfg.noise, cfg.seed, state.step);
+                let opts = interp::Options {
+                    seed: cfg.seed,
+                    step: state.step,
+                    threads: cfg.threads,
+                    check_finite: true,
+                };
+                let values = interp::run(g, &inputs, &mut state, &opts)
+                    .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
+                let loss = values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]));
+                loss_sum += loss * idx.len() as f64;
+                on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
+            }
+            let epoch_train = epoch_start.elapsed();
+            train_time += epoch_train;
+            trained_samples += order.len();
+            let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state)?;
+            metrics.push(EpochMetrics {
+                epoch,
+                stage: phase.label.clone(),
+                step: state.step,
+                train_loss: loss_sum / order.len() as f64,
+                val_loss,
+                samples_per_s: order.len() as f64 / epoch_train.as_secs_f64().max(1e-9),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            if let Some(m) = metrics.last() {
+                on(Event::Epoch(m));
+            }
+            store.take_from(&reference, &state);
+            if epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2) {
+                let kept = if epoch == total { model_only(&store, model_graph) } else { store.clone() };
+                save(&cfg.out, &kept, &reference, &state, epoch, cfg.seed, &metrics)?;
+                last_save = Instant::now();
+            }
         }
+        step = state.step;
+        phase_start = phase_end;
     }
-    if first_epoch >= cfg.epochs {
-        save(&cfg.out, &reference, &state, cfg.epochs, cfg.seed, &metrics)?;
+    let params = store.params_of(model_graph)?;
+    if first_epoch >= last {
+        let mut state = State::new(params.clone());
+        state.step = step;
+        save(&cfg.out, &model_only(&store, model_graph), model_graph, &state, total, cfg.seed, &metrics)?;
     }
     Ok(Summary {
         metrics,
-        state,
+        total_epochs: total,
+        stopped_early: last < total,
+        params,
         seconds: started.elapsed().as_secs_f64(),
         samples_per_s: trained_samples as f64 / train_time.as_secs_f64().max(1e-9),
     })
+}
+
+/// Prepares the store for a phase: a stage's fresh decoder; or, when fine-tuning after
+/// pretraining, the stage decoders moved into the decoder layers that mirror their stages.
+fn begin_phase(
+    store: &mut Store,
+    c: &Compiled,
+    phase: &Phase,
+    g: &Graph,
+    cfg: &TrainConfig,
+) -> Result<(), TrainError> {
+    match phase.stage {
+        Some(k) => {
+            let seed = cfg.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let values = super::init::init_params(g, cfg.init, seed);
+            let prefix = format!("pretrain.{k}.");
+            for (p, v) in g.params.iter().zip(values) {
+                if p.name.starts_with(&prefix) {
+                    store.set(&p.name, &p.shape, v);
+                }
+            }
+        }
+        None if cfg.pretrain.is_some() => {
+            // Decoder layers with parameters, last stage first (the mirror's order).
+            let decoder: Vec<usize> = c
+                .model
+                .layers
+                .iter()
+                .filter(|l| l.part == Part::Decoder && !l.params.is_empty())
+                .map(|l| l.index)
+                .collect();
+            let k = stage::stages(&c.model);
+            for (i, index) in decoder.iter().enumerate().take(k) {
+                let s = k - i;
+                for suffix in ["weight", "bias"] {
+                    let from = format!("pretrain.{s}.{suffix}");
+                    let to = format!("decoder.{index}.{suffix}");
+                    let shape = c.forward.params.iter().find(|p| p.name == to).map(|p| p.shape.clone());
+                    let src = store.entries.iter().find(|e| e.0 == from).cloned();
+                    if let (Some(shape), Some((_, from_shape, v))) = (shape, src)
+                        && shape == from_shape
+                    {
+                        store.set(&to, &shape, v);
+                    }
+                }
+            }
+            store.entries.retain(|e| !e.0.starts_with("pretrain."));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// The store reduced to the model's own parameters (what a finished run's checkpoint holds).
+fn model_only(store: &Store, g: &Graph) -> Store {
+    let entries = store.entries.iter().filter(|e| g.params.iter().any(|p| p.name == e.0)).cloned().collect();
+    Store { entries }
+}
+
+/// Loads the run folder into the store: where the run stands and its metrics so far.
+fn resume(
+    store: &mut Store,
+    model: &Graph,
+    cfg: &TrainConfig,
+) -> Result<(Vec<EpochMetrics>, u64, u64), TrainError> {
+    let path = cfg.out.join("checkpoint.safetensors");
+    let saved = checkpoint::read_all(&path).map_err(TrainError::Io)?;
+    for p in &model.params {
+        match saved.iter().find(|s| s.0 == p.name) {
+            Some((_, shape, _)) if *shape != p.shape => {
+                return Err(TrainError::Data(format!(
+                    "{}: `{}` has shape {shape:?}, the spec needs {:?}",
+                    path.display(),
+                    p.name,
+                    p.shape
+                )));
+            }
+            Some(_) => {}
+            None => {
+                return Err(TrainError::Data(format!(
+                    "{} has no `{}`, which the spec needs",
+                    path.display(),
+                    p.name
+                )));
+            }
+        }
+    }
+    for (name, shape, v) in saved {
+        store.set(&name, &shape, v);
+    }
+    let (state, progress) = checkpoint::load_optimizer(&cfg.out, model).map_err(TrainError::Io)?;
+    if progress.seed != cfg.seed {
+        return Err(TrainError::Data(format!(
+            "the checkpoint in {} was trained with seed {}, this run has seed {}: pass --seed {}",
+            cfg.out.display(),
+            progress.seed,
+            cfg.seed,
+            progress.seed
+        )));
+    }
+    let metrics = read_metrics(&cfg.out.join("metrics.jsonl"), progress.epoch);
+    Ok((metrics, progress.epoch, state.step))
 }
 
 /// The mean validation loss (inference mode: no dropout, no noise).
@@ -286,14 +517,15 @@ fn stop(e: interp::Error, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u
 }
 
 fn save(
-    dir: &std::path::Path,
+    dir: &Path,
+    store: &Store,
     g: &Graph,
     state: &State,
     epoch: u64,
     seed: u64,
     metrics: &[EpochMetrics],
 ) -> Result<(), TrainError> {
-    checkpoint::save(dir, g, state, &Progress { epoch, seed }).map_err(TrainError::Io)?;
+    checkpoint::save(dir, &store.entries, g, state, &Progress { epoch, seed }).map_err(TrainError::Io)?;
     let mut text = String::new();
     for m in metrics {
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?);
@@ -305,7 +537,7 @@ fn save(
 }
 
 /// The metrics of epochs up to `upto` from an earlier run's file.
-fn read_metrics(path: &std::path::Path, upto: u64) -> Vec<EpochMetrics> {
+fn read_metrics(path: &Path, upto: u64) -> Vec<EpochMetrics> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<EpochMetrics>(l).ok())

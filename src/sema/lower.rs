@@ -32,6 +32,17 @@ pub struct Lowering {
 
 /// Builds the forward graph of `m`.
 pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
+    lower_with(m, cfg, None)
+}
+
+/// Builds the forward graph of greedy pretraining's stage `k` (1-based; see `sema::stage`).
+pub fn lower_stage(m: &Model, k: usize, cfg: &Lowering) -> Result<Graph, String> {
+    let (stage, pos) = super::stage::stage_model(m, k)?;
+    lower_with(&stage, cfg, Some(pos))
+}
+
+/// `stage_target`: the layer whose input the loss reconstructs, instead of the declared loss.
+fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<Graph, String> {
     let b = usize::try_from(cfg.batch).map_err(|_| "batch too large")?;
     if b == 0 || b > 1 << 24 {
         return Err(format!("batch {b} is out of range (1 to 16777216)"));
@@ -60,7 +71,11 @@ pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
     let input = vars.first().map(|v| v.1).ok_or("model without input")?;
 
     let mut cur = Value { node: input, state: None, logits: None };
-    for info in m.encoder() {
+    let mut target = None;
+    for (pos, info) in m.layers.iter().enumerate().filter(|(_, l)| l.part == Part::Encoder) {
+        if Some(pos) == stage_target {
+            target = Some(cur.node);
+        }
         cur = l.layer(m, info, cur, cfg, &vars)?;
     }
     let code = cur.node;
@@ -69,7 +84,22 @@ pub fn lower(m: &Model, cfg: &Lowering) -> Result<Graph, String> {
     }
     let recon = cur.node;
 
-    let loss = l.loss(m, &cur, code, cfg, &mut vars)?;
+    let loss = match target {
+        Some(t) => {
+            // Pretraining: reconstruct the stage layer's input (the clean input for the first
+            // layer of a denoising model).
+            let t = if t == input && cfg.denoise {
+                let name = format!("{}.clean", l.g.inputs[0].name);
+                let ty = l.g.ty(input).clone();
+                l.g.add_input(name, ty)?
+            } else {
+                t
+            };
+            let span = m.loss.span;
+            l.add(Op::Loss { f: LossFn::Mse, pred: cur.node, target: t }, span)?
+        }
+        None => l.loss(m, &cur, code, cfg, &mut vars)?,
+    };
     l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
     Ok(l.g)
 }

@@ -11,6 +11,7 @@
 mod check;
 pub mod lower;
 mod report;
+pub mod stage;
 pub mod torch;
 
 pub use lower::{Lowering, Mode};
