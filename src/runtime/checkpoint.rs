@@ -17,6 +17,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
+/// A named f32 tensor: name, shape, values.
+pub type Named = (String, Vec<usize>, Vec<f32>);
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -62,7 +65,7 @@ fn serialize(
 /// trained, whose parameters are among `params`.
 pub fn save(
     dir: &Path,
-    params: &[(String, Vec<usize>, Vec<f32>)],
+    params: &[Named],
     g: &Graph,
     state: &State,
     progress: &Progress,
@@ -99,7 +102,7 @@ pub fn save(
 }
 
 /// Every f32 tensor of a safetensors file, in the file's order.
-pub fn read_all(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+pub fn read_all(path: &Path) -> Result<Vec<Named>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;

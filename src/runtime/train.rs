@@ -127,7 +127,7 @@ fn phases(c: &Compiled, cfg: &TrainConfig) -> Vec<Phase> {
 /// Named parameters: the model's and, while pretraining, the stage decoders'.
 #[derive(Clone, Debug, Default)]
 struct Store {
-    entries: Vec<(String, Vec<usize>, Vec<f32>)>,
+    entries: Vec<checkpoint::Named>,
 }
 
 impl Store {
