@@ -48,6 +48,7 @@ pub fn optimizer_fn(o: Option<&syntax::ast::Optimizer>) -> ir::OptimizerFn {
     }
 }
 pub mod autodiff;
+pub mod codegen;
 pub mod data;
 pub mod interp;
 pub mod passes;

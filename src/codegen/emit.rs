@@ -1,0 +1,190 @@
+//! Helpers for writing kernels with Cranelift's `FunctionBuilder`: addresses at constant offsets
+//! from the arena base, counted loops with constant bounds, and the math Cranelift has no
+//! instruction for (a vectorisable `exp` in the style of Cephes' `expf`).
+
+use cranelift_codegen::ir::Endianness;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::{BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::FunctionBuilder;
+
+pub struct Emit<'a, 'b> {
+    pub b: &'a mut FunctionBuilder<'b>,
+    pub base: Value,
+    /// `logf` from the host's libm, for the scalar logarithms of the losses.
+    pub logf: Option<FuncRef>,
+}
+
+/// Loads and stores of arena memory: aligned for scalars, trusted (no traps; the plan checked
+/// every bound before the first call).
+pub fn mem() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+/// Vector loads and stores: `notrap`, not aligned (a row may start anywhere in a buffer).
+pub fn vmem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+impl Emit<'_, '_> {
+    pub fn i64(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(I64, v)
+    }
+
+    /// A float constant of type `ty` (`F32` or `F32X4`).
+    pub fn fconst(&mut self, ty: Type, x: f32) -> Value {
+        let c = self.b.ins().f32const(x);
+        if ty == F32X4 { self.b.ins().splat(F32X4, c) } else { c }
+    }
+
+    /// The address of element `idx` (an I64 count of 4-byte elements) of the buffer at `off`.
+    pub fn addr(&mut self, off: usize, idx: Value) -> Value {
+        let bytes = self.b.ins().ishl_imm_s(idx, 2);
+        let p = self.b.ins().iadd(self.base, bytes);
+        self.b.ins().iadd_imm_s(p, off as i64)
+    }
+
+    pub fn load(&mut self, ty: Type, off: usize, idx: Value) -> Value {
+        let a = self.addr(off, idx);
+        let flags = if ty.is_vector() { vmem() } else { mem() };
+        self.b.ins().load(ty, flags, a, 0)
+    }
+
+    pub fn store(&mut self, off: usize, idx: Value, v: Value) {
+        let a = self.addr(off, idx);
+        let flags = if self.b.func.dfg.value_type(v).is_vector() { vmem() } else { mem() };
+        self.b.ins().store(flags, v, a, 0);
+    }
+
+    /// `for i in (lo..hi).step_by(step) { body(i) }`, with `i` an I64; nothing when empty.
+    pub fn for_range(&mut self, lo: i64, hi: i64, step: i64, mut body: impl FnMut(&mut Self, Value)) {
+        if lo >= hi {
+            return;
+        }
+        let header = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.append_block_param(header, I64);
+        let start = self.i64(lo);
+        self.b.ins().jump(header, &[BlockArg::Value(start)]);
+        self.b.switch_to_block(header);
+        let i = self.b.block_params(header)[0];
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, step);
+        let more = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, next, hi);
+        self.b.ins().brif(more, header, &[BlockArg::Value(next)], exit, &[]);
+        self.b.switch_to_block(exit);
+    }
+
+    /// An elementwise loop over `n` elements: `body(ty, i)` with `ty` F32X4 over the vector
+    /// part and F32 over the tail.
+    pub fn elementwise(&mut self, n: usize, mut body: impl FnMut(&mut Self, Type, Value)) {
+        let full = (n / 4 * 4) as i64;
+        self.for_range(0, full, 4, |e, i| body(e, F32X4, i));
+        self.for_range(full, n as i64, 1, |e, i| body(e, F32, i));
+    }
+
+    /// `if cond { then() }`.
+    pub fn when(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        let yes = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().brif(cond, yes, &[], done, &[]);
+        self.b.switch_to_block(yes);
+        then(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+    }
+
+    /// eˣ for F32 or F32X4: x = n·ln2 + r, a degree-6 polynomial for eʳ, 2ⁿ from the exponent
+    /// bits. Relative error about 2e-7 over the range where the result is finite and normal.
+    pub fn exp(&mut self, ty: Type, x: Value) -> Value {
+        let hi = self.fconst(ty, 88.376_26);
+        let lo = self.fconst(ty, -87.336_55);
+        let x = self.b.ins().fmin(x, hi);
+        let x = self.b.ins().fmax(x, lo);
+        let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
+        let fx = self.b.ins().fmul(x, log2e);
+        let fx = self.b.ins().nearest(fx);
+        let c1 = self.fconst(ty, 0.693_359_4);
+        let c2 = self.fconst(ty, -2.121_944_4e-4);
+        let t = self.b.ins().fmul(fx, c1);
+        let x = self.b.ins().fsub(x, t);
+        let t = self.b.ins().fmul(fx, c2);
+        let x = self.b.ins().fsub(x, t);
+        let z = self.b.ins().fmul(x, x);
+        let mut y = self.fconst(ty, 1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            let cc = self.fconst(ty, c);
+            y = self.b.ins().fma(y, x, cc);
+        }
+        let one = self.fconst(ty, 1.0);
+        let xp1 = self.b.ins().fadd(x, one);
+        let y = self.b.ins().fma(y, z, xp1);
+        let ity = if ty == F32X4 { I32X4 } else { I32 };
+        let n = self.b.ins().fcvt_to_sint_sat(ity, fx);
+        let bias = if ty == F32X4 {
+            let c = self.b.ins().iconst(I32, 127);
+            self.b.ins().splat(I32X4, c)
+        } else {
+            self.b.ins().iconst(I32, 127)
+        };
+        let n = self.b.ins().iadd(n, bias);
+        let n = self.b.ins().ishl_imm_s(n, 23);
+        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+        let pow2n = self.b.ins().bitcast(ty, flags, n);
+        self.b.ins().fmul(y, pow2n)
+    }
+
+    /// 1 / (1 + e⁻ˣ).
+    pub fn sigmoid(&mut self, ty: Type, x: Value) -> Value {
+        let nx = self.b.ins().fneg(x);
+        let e = self.exp(ty, nx);
+        let one = self.fconst(ty, 1.0);
+        let d = self.b.ins().fadd(one, e);
+        self.b.ins().fdiv(one, d)
+    }
+
+    /// tanh x = 1 - 2 / (e²ˣ + 1).
+    pub fn tanh(&mut self, ty: Type, x: Value) -> Value {
+        let two = self.fconst(ty, 2.0);
+        let x2 = self.b.ins().fmul(x, two);
+        let e = self.exp(ty, x2);
+        let one = self.fconst(ty, 1.0);
+        let d = self.b.ins().fadd(e, one);
+        let q = self.b.ins().fdiv(two, d);
+        self.b.ins().fsub(one, q)
+    }
+
+    /// ln x (scalar), through the host's `logf`.
+    pub fn ln(&mut self, x: Value) -> Value {
+        match self.logf {
+            Some(f) => {
+                let call = self.b.ins().call(f, &[x]);
+                self.b.inst_results(call)[0]
+            }
+            None => x,
+        }
+    }
+
+    /// `c ? a : b` for F32 or F32X4 given an F32 comparison result of the same shape.
+    pub fn select(&mut self, ty: Type, cond: Value, a: Value, b: Value) -> Value {
+        if ty == F32X4 {
+            // A vector comparison gives an i32x4 mask; bitselect wants the operands' type.
+            let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+            let mask = self.b.ins().bitcast(F32X4, flags, cond);
+            self.b.ins().bitselect(mask, a, b)
+        } else {
+            self.b.ins().select(cond, a, b)
+        }
+    }
+
+    /// Horizontal sum of an F32X4.
+    pub fn hsum(&mut self, v: Value) -> Value {
+        let a = self.b.ins().extractlane(v, 0);
+        let b = self.b.ins().extractlane(v, 1);
+        let c = self.b.ins().extractlane(v, 2);
+        let d = self.b.ins().extractlane(v, 3);
+        let ab = self.b.ins().fadd(a, b);
+        let cd = self.b.ins().fadd(c, d);
+        self.b.ins().fadd(ab, cd)
+    }
+}

@@ -1,0 +1,1029 @@
+//! One kernel per IR node: the op's loops with every shape, stride and offset a constant.
+//! Semantics are the interpreter's (and so PyTorch's); `tests/jit.rs` holds every kernel to
+//! them.
+
+use super::emit::Emit;
+use super::plan::Plan;
+use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
+
+/// Emits node `id`'s kernel body. Errors name ops without a kernel (nothing falls back).
+pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), String> {
+    let node = g.node(id);
+    let out = plan.node[id.index()];
+    let at = |n: NodeId| plan.node[n.index()];
+    let shape = |n: NodeId| g.ty(n).shape.clone();
+    let numel = node.ty.numel();
+    match &node.op {
+        Op::Input(_) | Op::Param(_) | Op::Reshape { .. } => {}
+        Op::Fill { value, .. } => {
+            let v = *value;
+            e.elementwise(numel, |e, ty, i| {
+                let c = e.fconst(ty, v);
+                e.store(out, i, c);
+            });
+        }
+        Op::BroadcastScalar { x, .. } => {
+            let zero = e.i64(0);
+            let s = e.load(F32, at(*x), zero);
+            let v = e.b.ins().splat(F32X4, s);
+            e.elementwise(numel, |e, ty, i| e.store(out, i, if ty == F32X4 { v } else { s }));
+        }
+        Op::Unary { f, x } => {
+            let (f, src) = (*f, at(*x));
+            e.elementwise(numel, |e, ty, i| {
+                let v = e.load(ty, src, i);
+                let y = unary(e, ty, f, v);
+                e.store(out, i, y);
+            });
+        }
+        Op::ActGrad { f, y, dy } => {
+            let (f, ys, ds) = (*f, at(*y), at(*dy));
+            e.elementwise(numel, |e, ty, i| {
+                let y = e.load(ty, ys, i);
+                let d = e.load(ty, ds, i);
+                let r = act_grad(e, ty, f, y, d);
+                e.store(out, i, r);
+            });
+        }
+        Op::Binary { f, a, b } => {
+            let (f, sa, sb) = (*f, at(*a), at(*b));
+            e.elementwise(numel, |e, ty, i| {
+                let a = e.load(ty, sa, i);
+                let b = e.load(ty, sb, i);
+                let r = match f {
+                    BinaryFn::Add => e.b.ins().fadd(a, b),
+                    BinaryFn::Sub => e.b.ins().fsub(a, b),
+                    BinaryFn::Mul => e.b.ins().fmul(a, b),
+                };
+                e.store(out, i, r);
+            });
+        }
+        Op::Scale { x, c } => {
+            let (c, src) = (*c, at(*x));
+            e.elementwise(numel, |e, ty, i| {
+                let v = e.load(ty, src, i);
+                let k = e.fconst(ty, c);
+                let r = e.b.ins().fmul(v, k);
+                e.store(out, i, r);
+            });
+        }
+        Op::BiasAdd { x, bias } => {
+            let s = shape(*x);
+            let (rows, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
+            let (xs, bs) = (at(*x), at(*bias));
+            if inner == 1 {
+                for_rows(e, rows, c, |e, row0| {
+                    e.elementwise(c, |e, ty, j| {
+                        let idx = e.b.ins().iadd(row0, j);
+                        let v = e.load(ty, xs, idx);
+                        let b = e.load(ty, bs, j);
+                        let r = e.b.ins().fadd(v, b);
+                        e.store(out, idx, r);
+                    });
+                });
+            } else {
+                e.for_range(0, (rows * c) as i64, 1, |e, rc| {
+                    let ch = e.b.ins().urem_imm_s(rc, c as i64);
+                    let b = e.load(F32, bs, ch);
+                    let bv = e.b.ins().splat(F32X4, b);
+                    let start = e.b.ins().imul_imm_s(rc, inner as i64);
+                    e.elementwise(inner, |e, ty, j| {
+                        let idx = e.b.ins().iadd(start, j);
+                        let v = e.load(ty, xs, idx);
+                        let r = e.b.ins().fadd(v, if ty == F32X4 { bv } else { b });
+                        e.store(out, idx, r);
+                    });
+                });
+            }
+        }
+        Op::Softmax { x } => {
+            let n = *node.ty.shape.last().unwrap_or(&1);
+            let src = at(*x);
+            for_rows(e, numel / n, n, |e, r0| softmax_row(e, src, out, r0, n));
+        }
+        Op::SoftmaxGrad { y, dy } => {
+            let n = *node.ty.shape.last().unwrap_or(&1);
+            let (ys, ds) = (at(*y), at(*dy));
+            for_rows(e, numel / n, n, |e, r0| {
+                let acc = sum(e, n, |e, ty, j| {
+                    let idx = e.b.ins().iadd(r0, j);
+                    let y = e.load(ty, ys, idx);
+                    let d = e.load(ty, ds, idx);
+                    e.b.ins().fmul(y, d)
+                });
+                let dotv = e.b.ins().splat(F32X4, acc);
+                e.elementwise(n, |e, ty, j| {
+                    let idx = e.b.ins().iadd(r0, j);
+                    let y = e.load(ty, ys, idx);
+                    let d = e.load(ty, ds, idx);
+                    let t = e.b.ins().fsub(d, if ty == F32X4 { dotv } else { acc });
+                    let r = e.b.ins().fmul(y, t);
+                    e.store(out, idx, r);
+                });
+            });
+        }
+        Op::SumAll { x } => {
+            let (src, n) = (at(*x), g.ty(*x).numel());
+            let s = sum(e, n, |e, ty, i| e.load(ty, src, i));
+            let zero = e.i64(0);
+            e.store(out, zero, s);
+        }
+        Op::SumToAxis1 { x } => {
+            let s = shape(*x);
+            let (b, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
+            let src = at(*x);
+            e.for_range(0, c as i64, 1, |e, ch| {
+                let acc = e.b.declare_var(F32);
+                let z = e.fconst(F32, 0.0);
+                e.b.def_var(acc, z);
+                e.for_range(0, b as i64, 1, |e, n| {
+                    let row = e.b.ins().imul_imm_s(n, c as i64);
+                    let row = e.b.ins().iadd(row, ch);
+                    let start = e.b.ins().imul_imm_s(row, inner as i64);
+                    let part = sum(e, inner, |e, ty, j| {
+                        let idx = e.b.ins().iadd(start, j);
+                        e.load(ty, src, idx)
+                    });
+                    let a = e.b.use_var(acc);
+                    let a = e.b.ins().fadd(a, part);
+                    e.b.def_var(acc, a);
+                });
+                let a = e.b.use_var(acc);
+                e.store(out, ch, a);
+            });
+        }
+        Op::MatMul { a, b, ta, tb } => {
+            let scratch =
+                plan.scratch.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("matmul without scratch")?;
+            super::matmul::emit(e, g, plan, id, (*a, *ta), (*b, *tb), scratch);
+        }
+        Op::Conv2d { x, w, stride, pad } => {
+            conv2d(e, &shape(*x), &shape(*w), &node.ty.shape, (at(*x), at(*w), out), *stride, *pad)
+        }
+        Op::ConvTranspose2d { x, w, stride, pad, .. } => {
+            conv_transpose2d(e, &shape(*x), &shape(*w), &node.ty.shape, (at(*x), at(*w), out), *stride, *pad)
+        }
+        Op::Conv2dWeightGrad { x, dy, stride, pad, .. } => conv2d_weight_grad(
+            e,
+            &shape(*x),
+            &shape(*dy),
+            &node.ty.shape,
+            (at(*x), at(*dy), out),
+            *stride,
+            *pad,
+        ),
+        Op::ConvTranspose2dWeightGrad { x, dy, stride, pad, .. } => {
+            // The weight gradient of a convolution of dy, with x as its output gradient.
+            conv2d_weight_grad(
+                e,
+                &shape(*dy),
+                &shape(*x),
+                &node.ty.shape,
+                (at(*dy), at(*x), out),
+                *stride,
+                *pad,
+            )
+        }
+        Op::PoolArgmax { x, kernel, stride } => {
+            pool_argmax(e, &shape(*x), &node.ty.shape, at(*x), out, *kernel, *stride)
+        }
+        Op::Gather { x, idx } => {
+            let xs = shape(*x);
+            let (plane_in, plane_out) = (xs[2] * xs[3], node.ty.shape[2] * node.ty.shape[3]);
+            let (src, is) = (at(*x), at(*idx));
+            e.for_range(0, (numel / plane_out) as i64, 1, |e, pl| {
+                e.for_range(0, plane_out as i64, 1, |e, i| {
+                    let o = e.b.ins().imul_imm_s(pl, plane_out as i64);
+                    let o = e.b.ins().iadd(o, i);
+                    let sw = load_index(e, is, o);
+                    let base = e.b.ins().imul_imm_s(pl, plane_in as i64);
+                    let s = e.b.ins().iadd(base, sw);
+                    let v = e.load(F32, src, s);
+                    e.store(out, o, v);
+                });
+            });
+        }
+        Op::Scatter { v, idx, height, width, accumulate } => {
+            let vs = shape(*v);
+            let (plane_in, plane_out) = (vs[2] * vs[3], height * width);
+            let (src, is, acc) = (at(*v), at(*idx), *accumulate);
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, (vs[0] * vs[1]) as i64, 1, |e, pl| {
+                e.for_range(0, plane_in as i64, 1, |e, i| {
+                    let o = e.b.ins().imul_imm_s(pl, plane_in as i64);
+                    let o = e.b.ins().iadd(o, i);
+                    let sw = load_index(e, is, o);
+                    let base = e.b.ins().imul_imm_s(pl, plane_out as i64);
+                    let t = e.b.ins().iadd(base, sw);
+                    let val = e.load(F32, src, o);
+                    let val = if acc {
+                        let old = e.load(F32, out, t);
+                        e.b.ins().fadd(old, val)
+                    } else {
+                        val
+                    };
+                    e.store(out, t, val);
+                });
+            });
+        }
+        Op::AvgPool { x, kernel, stride } => {
+            avgpool(e, &shape(*x), &node.ty.shape, at(*x), out, *kernel, *stride)
+        }
+        Op::AvgPoolGrad { dy, kernel, stride, .. } => {
+            avgpool_grad(e, &shape(*dy), &node.ty.shape, at(*dy), out, *kernel, *stride)
+        }
+        Op::Embed { table, ids } => {
+            let dim = shape(*table)[1];
+            let (ts, is) = (at(*table), at(*ids));
+            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
+                let id = load_index(e, is, t);
+                let src = e.b.ins().imul_imm_s(id, dim as i64);
+                let dst = e.b.ins().imul_imm_s(t, dim as i64);
+                e.elementwise(dim, |e, ty, j| {
+                    let s = e.b.ins().iadd(src, j);
+                    let v = e.load(ty, ts, s);
+                    let d = e.b.ins().iadd(dst, j);
+                    e.store(out, d, v);
+                });
+            });
+        }
+        Op::EmbedGrad { ids, dy, .. } => {
+            let dim = node.ty.shape[1];
+            let (is, ds) = (at(*ids), at(*dy));
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
+                let id = load_index(e, is, t);
+                let dst = e.b.ins().imul_imm_s(id, dim as i64);
+                let src = e.b.ins().imul_imm_s(t, dim as i64);
+                e.elementwise(dim, |e, ty, j| {
+                    let d = e.b.ins().iadd(dst, j);
+                    let s = e.b.ins().iadd(src, j);
+                    let old = e.load(ty, out, d);
+                    let g = e.load(ty, ds, s);
+                    let r = e.b.ins().fadd(old, g);
+                    e.store(out, d, r);
+                });
+            });
+        }
+        Op::OneHot { ids, depth } => {
+            let (is, depth) = (at(*ids), *depth);
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
+                let id = load_index(e, is, t);
+                let row = e.b.ins().imul_imm_s(t, depth as i64);
+                let at = e.b.ins().iadd(row, id);
+                let one = e.fconst(F32, 1.0);
+                e.store(out, at, one);
+            });
+        }
+        Op::ShiftRight { ids, start } => {
+            let (is, t, start) = (at(*ids), node.ty.shape[1], *start);
+            e.for_range(0, numel as i64, 1, |e, i| {
+                let pos = e.b.ins().urem_imm_s(i, t as i64);
+                let first = e.b.ins().icmp_imm_s(IntCC::Equal, pos, 0);
+                let prev = e.b.ins().iadd_imm_s(i, -1);
+                let prev = e.b.ins().select(first, i, prev);
+                let v = e.load(I32, is, prev);
+                let s = e.b.ins().iconst(I32, i64::from(start));
+                let v = e.b.ins().select(first, s, v);
+                e.store(out, i, v);
+            });
+        }
+        Op::LastStep { x } => {
+            let s = shape(*x);
+            let (t, f, src) = (s[1], s[2], at(*x));
+            e.for_range(0, s[0] as i64, 1, |e, b| {
+                let from = e.b.ins().imul_imm_s(b, (t * f) as i64);
+                let from = e.b.ins().iadd_imm_s(from, ((t - 1) * f) as i64);
+                let to = e.b.ins().imul_imm_s(b, f as i64);
+                copy(e, src, from, out, to, f);
+            });
+        }
+        Op::Repeat { x, times } => {
+            let f = shape(*x)[1];
+            let (src, times) = (at(*x), *times);
+            e.for_range(0, shape(*x)[0] as i64, 1, |e, b| {
+                let from = e.b.ins().imul_imm_s(b, f as i64);
+                e.for_range(0, times as i64, 1, |e, t| {
+                    let to = e.b.ins().imul_imm_s(b, (times * f) as i64);
+                    let tt = e.b.ins().imul_imm_s(t, f as i64);
+                    let to = e.b.ins().iadd(to, tt);
+                    copy(e, src, from, out, to, f);
+                });
+            });
+        }
+        Op::SliceLast { x, start, len } => {
+            let n = *shape(*x).last().unwrap_or(&1);
+            let (src, start, len) = (at(*x), *start, *len);
+            e.for_range(0, (numel / len) as i64, 1, |e, r| {
+                let from = e.b.ins().imul_imm_s(r, n as i64);
+                let from = e.b.ins().iadd_imm_s(from, start as i64);
+                let to = e.b.ins().imul_imm_s(r, len as i64);
+                copy(e, src, from, out, to, len);
+            });
+        }
+        Op::Dropout { x, p, salt } | Op::DropoutGrad { dy: x, p, salt } => {
+            let (src, p, salt) = (at(*x), *p, *salt);
+            // The rng slot holds the seed and the step as two u64 (element offsets 0 and 2).
+            let zero = e.i64(0);
+            let two = e.i64(2);
+            let seed = e.load(I64, plan.rng, zero);
+            let step = e.load(I64, plan.rng, two);
+            let scale = 1.0 / (1.0 - p);
+            e.for_range(0, numel as i64, 1, |e, i| {
+                let u = uniform(e, seed, step, salt, i);
+                let pv = e.fconst(F32, p);
+                let keep = e.b.ins().fcmp(FloatCC::GreaterThanOrEqual, u, pv);
+                let v = e.load(F32, src, i);
+                let k = e.fconst(F32, scale);
+                let s = e.b.ins().fmul(v, k);
+                let z = e.fconst(F32, 0.0);
+                let r = e.b.ins().select(keep, s, z);
+                e.store(out, i, r);
+            });
+        }
+        Op::Loss { f, pred, target } => loss(e, *f, &shape(*pred), at(*pred), at(*target), out),
+        Op::LossGrad { f, pred, target, dy } => {
+            loss_grad(e, *f, &shape(*pred), (at(*pred), at(*target), at(*dy)), out)
+        }
+        Op::Update { f, param, grad } => {
+            let scalars = plan
+                .update_scalars
+                .iter()
+                .find(|s| s.0 == id)
+                .map(|s| s.1)
+                .ok_or("update without scalars")?;
+            let n = g.params[param.index()].shape.iter().product();
+            update(e, *f, n, plan.param[param.index()], &plan.slots[param.index()], at(*grad), scalars);
+        }
+        Op::Recurrent { .. } => return Err("the JIT has no kernel for `recurrent` yet".into()),
+    }
+    Ok(())
+}
+
+/// `for r in 0..rows { body(r·n) }`.
+fn for_rows(e: &mut Emit, rows: usize, n: usize, mut body: impl FnMut(&mut Emit, Value)) {
+    e.for_range(0, rows as i64, 1, |e, r| {
+        let r0 = e.b.ins().imul_imm_s(r, n as i64);
+        body(e, r0);
+    });
+}
+
+/// Σ of `term(ty, i)` over `i < n`, vector lanes then tail, as an F32.
+fn sum(e: &mut Emit, n: usize, mut term: impl FnMut(&mut Emit, Type, Value) -> Value) -> Value {
+    let vacc = e.b.declare_var(F32X4);
+    let sacc = e.b.declare_var(F32);
+    let zv = e.fconst(F32X4, 0.0);
+    let zs = e.fconst(F32, 0.0);
+    e.b.def_var(vacc, zv);
+    e.b.def_var(sacc, zs);
+    e.elementwise(n, |e, ty, i| {
+        let t = term(e, ty, i);
+        let var = if ty == F32X4 { vacc } else { sacc };
+        let a = e.b.use_var(var);
+        let a = e.b.ins().fadd(a, t);
+        e.b.def_var(var, a);
+    });
+    let v = e.b.use_var(vacc);
+    let h = e.hsum(v);
+    let s = e.b.use_var(sacc);
+    e.b.ins().fadd(h, s)
+}
+
+fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value, n: usize) {
+    e.elementwise(n, |e, ty, j| {
+        let s = e.b.ins().iadd(from, j);
+        let v = e.load(ty, src, s);
+        let d = e.b.ins().iadd(to, j);
+        e.store(dst, d, v);
+    });
+}
+
+/// An i32 index at element `i` of buffer `off`, as an I64.
+fn load_index(e: &mut Emit, off: usize, i: Value) -> Value {
+    let v = e.load(I32, off, i);
+    e.b.ins().sextend(I64, v)
+}
+
+fn unary(e: &mut Emit, ty: Type, f: UnaryFn, x: Value) -> Value {
+    match f {
+        UnaryFn::Relu => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+            e.select(ty, pos, x, z)
+        }
+        UnaryFn::LeakyRelu(a) => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+            let k = e.fconst(ty, a);
+            let ax = e.b.ins().fmul(x, k);
+            e.select(ty, pos, x, ax)
+        }
+        UnaryFn::Sigmoid => e.sigmoid(ty, x),
+        UnaryFn::Tanh => e.tanh(ty, x),
+        UnaryFn::Abs => e.b.ins().fabs(x),
+        UnaryFn::Square => e.b.ins().fmul(x, x),
+        UnaryFn::Neg => e.b.ins().fneg(x),
+        UnaryFn::Exp => e.exp(ty, x),
+        UnaryFn::Sign => sign(e, ty, x),
+    }
+}
+
+fn sign(e: &mut Emit, ty: Type, x: Value) -> Value {
+    let z = e.fconst(ty, 0.0);
+    let one = e.fconst(ty, 1.0);
+    let m1 = e.fconst(ty, -1.0);
+    let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+    let neg = e.b.ins().fcmp(FloatCC::LessThan, x, z);
+    let n = e.select(ty, neg, m1, z);
+    e.select(ty, pos, one, n)
+}
+
+fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -> Value {
+    match f {
+        UnaryFn::Relu | UnaryFn::LeakyRelu(_) => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, y, z);
+            let other = match f {
+                UnaryFn::LeakyRelu(a) => {
+                    let k = e.fconst(ty, a);
+                    e.b.ins().fmul(d, k)
+                }
+                _ => z,
+            };
+            e.select(ty, pos, d, other)
+        }
+        UnaryFn::Sigmoid => {
+            let one = e.fconst(ty, 1.0);
+            let q = e.b.ins().fsub(one, y);
+            let t = e.b.ins().fmul(y, q);
+            e.b.ins().fmul(d, t)
+        }
+        UnaryFn::Tanh => {
+            let one = e.fconst(ty, 1.0);
+            let yy = e.b.ins().fmul(y, y);
+            let t = e.b.ins().fsub(one, yy);
+            e.b.ins().fmul(d, t)
+        }
+        _ => d,
+    }
+}
+
+fn softmax_row(e: &mut Emit, src: usize, out: usize, r0: Value, n: usize) {
+    let m = e.b.declare_var(F32);
+    let ninf = e.fconst(F32, f32::NEG_INFINITY);
+    e.b.def_var(m, ninf);
+    e.for_range(0, n as i64, 1, |e, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(F32, src, idx);
+        let cur = e.b.use_var(m);
+        let mx = e.b.ins().fmax(cur, v);
+        e.b.def_var(m, mx);
+    });
+    let max = e.b.use_var(m);
+    let maxv = e.b.ins().splat(F32X4, max);
+    let total = sum(e, n, |e, ty, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(ty, src, idx);
+        let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
+        let x = e.exp(ty, t);
+        e.store(out, idx, x);
+        x
+    });
+    let one = e.fconst(F32, 1.0);
+    let inv = e.b.ins().fdiv(one, total);
+    let invv = e.b.ins().splat(F32X4, inv);
+    e.elementwise(n, |e, ty, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(ty, out, idx);
+        let r = e.b.ins().fmul(v, if ty == F32X4 { invv } else { inv });
+        e.store(out, idx, r);
+    });
+}
+
+/// Input pixel `o·s - p + k`, and whether it lies in `0..n`.
+fn src_pixel(e: &mut Emit, o: Value, s: usize, p: usize, k: Value, n: usize) -> (Value, Value) {
+    let t = e.b.ins().imul_imm_s(o, s as i64);
+    let t = e.b.ins().iadd(t, k);
+    let i = e.b.ins().iadd_imm_s(t, -(p as i64));
+    let inb = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, i, n as i64);
+    (i, inb)
+}
+
+/// `((a·b1 + b)·c1 + c)·d1 + d` with constant multipliers.
+fn idx4(e: &mut Emit, a: Value, b: Value, c: Value, d: Value, dims: [usize; 3]) -> Value {
+    let t = e.b.ins().imul_imm_s(a, dims[0] as i64);
+    let t = e.b.ins().iadd(t, b);
+    let t = e.b.ins().imul_imm_s(t, dims[1] as i64);
+    let t = e.b.ins().iadd(t, c);
+    let t = e.b.ins().imul_imm_s(t, dims[2] as i64);
+    e.b.ins().iadd(t, d)
+}
+
+fn conv2d(
+    e: &mut Emit,
+    xs: &[usize],
+    ws: &[usize],
+    os: &[usize],
+    (x, w, out): (usize, usize, usize),
+    s: usize,
+    p: usize,
+) {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, k) = (ws[0], ws[2]);
+    let (oh, ow) = (os[2], os[3]);
+    e.for_range(0, b as i64, 1, |e, n| {
+        e.for_range(0, co as i64, 1, |e, o| {
+            e.for_range(0, oh as i64, 1, |e, y| {
+                e.for_range(0, ow as i64, 1, |e, xx| {
+                    let acc = e.b.declare_var(F32);
+                    let z = e.fconst(F32, 0.0);
+                    e.b.def_var(acc, z);
+                    e.for_range(0, ci as i64, 1, |e, c| {
+                        e.for_range(0, k as i64, 1, |e, kh| {
+                            let (iy, iny) = src_pixel(e, y, s, p, kh, h);
+                            e.when(iny, |e| {
+                                e.for_range(0, k as i64, 1, |e, kw| {
+                                    let (ix, inx) = src_pixel(e, xx, s, p, kw, wd);
+                                    e.when(inx, |e| {
+                                        let xi = idx4(e, n, c, iy, ix, [ci, h, wd]);
+                                        let wi = idx4(e, o, c, kh, kw, [ci, k, k]);
+                                        let xv = e.load(F32, x, xi);
+                                        let wv = e.load(F32, w, wi);
+                                        let a = e.b.use_var(acc);
+                                        let a = e.b.ins().fma(xv, wv, a);
+                                        e.b.def_var(acc, a);
+                                    });
+                                });
+                            });
+                        });
+                    });
+                    let oi = idx4(e, n, o, y, xx, [co, oh, ow]);
+                    let a = e.b.use_var(acc);
+                    e.store(out, oi, a);
+                });
+            });
+        });
+    });
+}
+
+fn conv_transpose2d(
+    e: &mut Emit,
+    xs: &[usize],
+    ws: &[usize],
+    os: &[usize],
+    (x, w, out): (usize, usize, usize),
+    s: usize,
+    p: usize,
+) {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, k) = (ws[1], ws[2]);
+    let (oh, ow) = (os[2], os[3]);
+    let total = b * co * oh * ow;
+    e.elementwise(total, |e, ty, i| {
+        let z = e.fconst(ty, 0.0);
+        e.store(out, i, z);
+    });
+    e.for_range(0, b as i64, 1, |e, n| {
+        e.for_range(0, ci as i64, 1, |e, c| {
+            e.for_range(0, h as i64, 1, |e, iy| {
+                e.for_range(0, wd as i64, 1, |e, ix| {
+                    let xi = idx4(e, n, c, iy, ix, [ci, h, wd]);
+                    let v = e.load(F32, x, xi);
+                    e.for_range(0, co as i64, 1, |e, o| {
+                        e.for_range(0, k as i64, 1, |e, kh| {
+                            let (y, iny) = src_pixel(e, iy, s, p, kh, oh);
+                            e.when(iny, |e| {
+                                e.for_range(0, k as i64, 1, |e, kw| {
+                                    let (xx, inx) = src_pixel(e, ix, s, p, kw, ow);
+                                    e.when(inx, |e| {
+                                        let wi = idx4(e, c, o, kh, kw, [co, k, k]);
+                                        let oi = idx4(e, n, o, y, xx, [co, oh, ow]);
+                                        let wv = e.load(F32, w, wi);
+                                        let old = e.load(F32, out, oi);
+                                        let r = e.b.ins().fma(v, wv, old);
+                                        e.store(out, oi, r);
+                                    });
+                                });
+                            });
+                        });
+                    });
+                });
+            });
+        });
+    });
+}
+
+fn conv2d_weight_grad(
+    e: &mut Emit,
+    xs: &[usize],
+    ds: &[usize],
+    ws: &[usize],
+    (x, dy, out): (usize, usize, usize),
+    s: usize,
+    p: usize,
+) {
+    let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (co, oh, ow) = (ds[1], ds[2], ds[3]);
+    let k = ws[2];
+    e.for_range(0, co as i64, 1, |e, o| {
+        e.for_range(0, ci as i64, 1, |e, c| {
+            e.for_range(0, k as i64, 1, |e, kh| {
+                e.for_range(0, k as i64, 1, |e, kw| {
+                    let acc = e.b.declare_var(F32);
+                    let z = e.fconst(F32, 0.0);
+                    e.b.def_var(acc, z);
+                    e.for_range(0, b as i64, 1, |e, n| {
+                        e.for_range(0, oh as i64, 1, |e, y| {
+                            let (iy, iny) = src_pixel(e, y, s, p, kh, h);
+                            e.when(iny, |e| {
+                                e.for_range(0, ow as i64, 1, |e, xx| {
+                                    let (ix, inx) = src_pixel(e, xx, s, p, kw, wd);
+                                    e.when(inx, |e| {
+                                        let xi = idx4(e, n, c, iy, ix, [ci, h, wd]);
+                                        let di = idx4(e, n, o, y, xx, [co, oh, ow]);
+                                        let xv = e.load(F32, x, xi);
+                                        let dv = e.load(F32, dy, di);
+                                        let a = e.b.use_var(acc);
+                                        let a = e.b.ins().fma(xv, dv, a);
+                                        e.b.def_var(acc, a);
+                                    });
+                                });
+                            });
+                        });
+                    });
+                    let wi = idx4(e, o, c, kh, kw, [ci, k, k]);
+                    let a = e.b.use_var(acc);
+                    e.store(out, wi, a);
+                });
+            });
+        });
+    });
+}
+
+fn pool_argmax(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: usize, s: usize) {
+    let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
+    let (oh, ow) = (os[2], os[3]);
+    e.for_range(0, planes as i64, 1, |e, pl| {
+        e.for_range(0, oh as i64, 1, |e, y| {
+            e.for_range(0, ow as i64, 1, |e, xx| {
+                let best = e.b.declare_var(I64);
+                let bestv = e.b.declare_var(F32);
+                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let first = e.b.ins().iadd(ys, xs_);
+                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
+                let fi = e.b.ins().iadd(pbase, first);
+                let fv = e.load(F32, x, fi);
+                e.b.def_var(best, first);
+                e.b.def_var(bestv, fv);
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
+                        let gi = e.b.ins().iadd(pbase, i);
+                        let v = e.load(F32, x, gi);
+                        let bv = e.b.use_var(bestv);
+                        // Strictly greater keeps the first maximum; NaN counts as a maximum.
+                        let gt = e.b.ins().fcmp(FloatCC::GreaterThan, v, bv);
+                        let vnan = e.b.ins().fcmp(FloatCC::Unordered, v, v);
+                        let bnan = e.b.ins().fcmp(FloatCC::Unordered, bv, bv);
+                        let bok = e.b.ins().bnot(bnan);
+                        let nanwin = e.b.ins().band(vnan, bok);
+                        let take = e.b.ins().bor(gt, nanwin);
+                        let bi = e.b.use_var(best);
+                        let nb = e.b.ins().select(take, i, bi);
+                        let nv = e.b.ins().select(take, v, bv);
+                        e.b.def_var(best, nb);
+                        e.b.def_var(bestv, nv);
+                    }
+                }
+                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
+                let r = e.b.ins().imul_imm_s(y, ow as i64);
+                let o = e.b.ins().iadd(o, r);
+                let o = e.b.ins().iadd(o, xx);
+                let bi = e.b.use_var(best);
+                let b32 = e.b.ins().ireduce(I32, bi);
+                e.store(out, o, b32);
+            });
+        });
+    });
+}
+
+fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: usize, s: usize) {
+    let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
+    let (oh, ow) = (os[2], os[3]);
+    let share = 1.0 / (k * k) as f32;
+    e.for_range(0, planes as i64, 1, |e, pl| {
+        e.for_range(0, oh as i64, 1, |e, y| {
+            e.for_range(0, ow as i64, 1, |e, xx| {
+                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
+                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let first = e.b.ins().iadd(ys, xs_);
+                let first = e.b.ins().iadd(pbase, first);
+                let mut acc = e.fconst(F32, 0.0);
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
+                        let v = e.load(F32, x, i);
+                        acc = e.b.ins().fadd(acc, v);
+                    }
+                }
+                let c = e.fconst(F32, share);
+                let r = e.b.ins().fmul(acc, c);
+                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
+                let rr = e.b.ins().imul_imm_s(y, ow as i64);
+                let o = e.b.ins().iadd(o, rr);
+                let o = e.b.ins().iadd(o, xx);
+                e.store(out, o, r);
+            });
+        });
+    });
+}
+
+fn avgpool_grad(e: &mut Emit, ds: &[usize], xs: &[usize], dy: usize, out: usize, k: usize, s: usize) {
+    let (planes, oh, ow) = (ds[0] * ds[1], ds[2], ds[3]);
+    let (h, w) = (xs[2], xs[3]);
+    let share = 1.0 / (k * k) as f32;
+    e.elementwise(planes * h * w, |e, ty, i| {
+        let z = e.fconst(ty, 0.0);
+        e.store(out, i, z);
+    });
+    e.for_range(0, planes as i64, 1, |e, pl| {
+        e.for_range(0, oh as i64, 1, |e, y| {
+            e.for_range(0, ow as i64, 1, |e, xx| {
+                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
+                let rr = e.b.ins().imul_imm_s(y, ow as i64);
+                let o = e.b.ins().iadd(o, rr);
+                let o = e.b.ins().iadd(o, xx);
+                let gv = e.load(F32, dy, o);
+                let c = e.fconst(F32, share);
+                let gv = e.b.ins().fmul(gv, c);
+                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
+                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let first = e.b.ins().iadd(ys, xs_);
+                let first = e.b.ins().iadd(pbase, first);
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
+                        let old = e.load(F32, out, i);
+                        let r = e.b.ins().fadd(old, gv);
+                        e.store(out, i, r);
+                    }
+                }
+            });
+        });
+    });
+}
+
+/// The counter-based uniform draw of `interp::uniform`, in 64-bit integer ops.
+fn uniform(e: &mut Emit, seed: Value, step: Value, salt: u32, i: Value) -> Value {
+    let s = e.b.ins().imul_imm_s(step, 0x9E37_79B9_7F4A_7C15u64 as i64);
+    let z = e.b.ins().bxor(seed, s);
+    let z = e.b.ins().bxor_imm_s(z, (u64::from(salt) << 48) as i64);
+    let t = e.b.ins().imul_imm_s(i, 0xD1B5_4A32_D192_ED03u64 as i64);
+    let mut z = e.b.ins().bxor(z, t);
+    for (shift, mul) in [(30, 0xBF58_476D_1CE4_E5B9u64), (27, 0x94D0_49BB_1331_11EBu64)] {
+        let sh = e.b.ins().ushr_imm_s(z, shift);
+        let x = e.b.ins().bxor(z, sh);
+        z = e.b.ins().imul_imm_s(x, mul as i64);
+    }
+    let sh = e.b.ins().ushr_imm_s(z, 31);
+    let z = e.b.ins().bxor(z, sh);
+    let top = e.b.ins().ushr_imm_s(z, 40);
+    let f = e.b.ins().fcvt_from_uint(F32, top);
+    let c = e.fconst(F32, 1.0 / (1u64 << 24) as f32);
+    e.b.ins().fmul(f, c)
+}
+
+fn loss(e: &mut Emit, f: LossFn, ps: &[usize], p: usize, t: usize, out: usize) {
+    let n: usize = ps.iter().product();
+    let zero = e.i64(0);
+    let value = match f {
+        LossFn::Mse | LossFn::L1 => {
+            let s = sum(e, n, |e, ty, i| {
+                let a = e.load(ty, p, i);
+                let b = e.load(ty, t, i);
+                let d = e.b.ins().fsub(a, b);
+                if f == LossFn::Mse { e.b.ins().fmul(d, d) } else { e.b.ins().fabs(d) }
+            });
+            let c = e.fconst(F32, 1.0 / n as f32);
+            e.b.ins().fmul(s, c)
+        }
+        LossFn::Bce => {
+            let acc = e.b.declare_var(F32);
+            let z = e.fconst(F32, 0.0);
+            e.b.def_var(acc, z);
+            e.for_range(0, n as i64, 1, |e, i| {
+                let pv = e.load(F32, p, i);
+                let tv = e.load(F32, t, i);
+                let lo = e.fconst(F32, -100.0);
+                let lp = e.ln(pv);
+                let lp = e.b.ins().fmax(lp, lo);
+                let one = e.fconst(F32, 1.0);
+                let q = e.b.ins().fsub(one, pv);
+                let lq = e.ln(q);
+                let lq = e.b.ins().fmax(lq, lo);
+                let u = e.b.ins().fsub(one, tv);
+                let a = e.b.ins().fmul(tv, lp);
+                let b = e.b.ins().fmul(u, lq);
+                let term = e.b.ins().fadd(a, b);
+                let cur = e.b.use_var(acc);
+                let cur = e.b.ins().fsub(cur, term);
+                e.b.def_var(acc, cur);
+            });
+            let s = e.b.use_var(acc);
+            let c = e.fconst(F32, 1.0 / n as f32);
+            e.b.ins().fmul(s, c)
+        }
+        LossFn::CrossEntropyLogits => {
+            let v = *ps.last().unwrap_or(&1);
+            let rows = n / v;
+            let acc = e.b.declare_var(F32);
+            let z = e.fconst(F32, 0.0);
+            e.b.def_var(acc, z);
+            e.for_range(0, rows as i64, 1, |e, r| {
+                let r0 = e.b.ins().imul_imm_s(r, v as i64);
+                let (max, total) = row_max_sumexp(e, p, r0, v);
+                let l = e.ln(total);
+                let lse = e.b.ins().fadd(max, l);
+                let id = load_index(e, t, r);
+                let at = e.b.ins().iadd(r0, id);
+                let zt = e.load(F32, p, at);
+                let term = e.b.ins().fsub(lse, zt);
+                let cur = e.b.use_var(acc);
+                let cur = e.b.ins().fadd(cur, term);
+                e.b.def_var(acc, cur);
+            });
+            let s = e.b.use_var(acc);
+            let c = e.fconst(F32, 1.0 / rows as f32);
+            e.b.ins().fmul(s, c)
+        }
+    };
+    e.store(out, zero, value);
+}
+
+/// The maximum of a row and Σ e^(z - max).
+fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize) -> (Value, Value) {
+    let m = e.b.declare_var(F32);
+    let ninf = e.fconst(F32, f32::NEG_INFINITY);
+    e.b.def_var(m, ninf);
+    e.for_range(0, n as i64, 1, |e, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(F32, src, idx);
+        let cur = e.b.use_var(m);
+        let mx = e.b.ins().fmax(cur, v);
+        e.b.def_var(m, mx);
+    });
+    let max = e.b.use_var(m);
+    let maxv = e.b.ins().splat(F32X4, max);
+    let total = sum(e, n, |e, ty, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(ty, src, idx);
+        let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
+        e.exp(ty, t)
+    });
+    (max, total)
+}
+
+fn loss_grad(e: &mut Emit, f: LossFn, ps: &[usize], (p, t, dy): (usize, usize, usize), out: usize) {
+    let n: usize = ps.iter().product();
+    let zero = e.i64(0);
+    let d = e.load(F32, dy, zero);
+    match f {
+        LossFn::Mse | LossFn::L1 | LossFn::Bce => {
+            let scale = if f == LossFn::Mse { 2.0 / n as f32 } else { 1.0 / n as f32 };
+            let c = e.fconst(F32, scale);
+            let k = e.b.ins().fmul(d, c);
+            let kv = e.b.ins().splat(F32X4, k);
+            e.elementwise(n, |e, ty, i| {
+                let a = e.load(ty, p, i);
+                let b = e.load(ty, t, i);
+                let diff = e.b.ins().fsub(a, b);
+                let g = match f {
+                    LossFn::Mse => diff,
+                    LossFn::L1 => sign(e, ty, diff),
+                    _ => {
+                        let one = e.fconst(ty, 1.0);
+                        let q = e.b.ins().fsub(one, a);
+                        let pq = e.b.ins().fmul(q, a);
+                        let eps = e.fconst(ty, 1e-12);
+                        let den = e.b.ins().fmax(pq, eps);
+                        e.b.ins().fdiv(diff, den)
+                    }
+                };
+                let r = e.b.ins().fmul(g, if ty == F32X4 { kv } else { k });
+                e.store(out, i, r);
+            });
+        }
+        LossFn::CrossEntropyLogits => {
+            let v = *ps.last().unwrap_or(&1);
+            let rows = n / v;
+            let c = e.fconst(F32, 1.0 / rows as f32);
+            let k = e.b.ins().fmul(d, c);
+            e.for_range(0, rows as i64, 1, |e, r| {
+                let r0 = e.b.ins().imul_imm_s(r, v as i64);
+                let (max, total) = row_max_sumexp(e, p, r0, v);
+                let one = e.fconst(F32, 1.0);
+                let inv = e.b.ins().fdiv(one, total);
+                let scale = e.b.ins().fmul(inv, k);
+                let id = load_index(e, t, r);
+                e.for_range(0, v as i64, 1, |e, j| {
+                    let idx = e.b.ins().iadd(r0, j);
+                    let z = e.load(F32, p, idx);
+                    let sh = e.b.ins().fsub(z, max);
+                    let ex = e.exp(F32, sh);
+                    let pr = e.b.ins().fmul(ex, scale);
+                    let hit = e.b.ins().icmp(IntCC::Equal, j, id);
+                    let minus = e.b.ins().fsub(pr, k);
+                    let g = e.b.ins().select(hit, minus, pr);
+                    e.store(out, idx, g);
+                });
+            });
+        }
+    }
+}
+
+/// The optimizer step of one parameter. Scalars set by the runtime before each step:
+/// [0] SGD's momentum for this step (0 on the parameter's first update, so the buffer starts as
+/// the gradient) or Adam's step size lr/(1-β₁ᵗ); [1] Adam's √(1-β₂ᵗ).
+fn update(
+    e: &mut Emit,
+    f: OptimizerFn,
+    n: usize,
+    param: usize,
+    slots: &[usize],
+    grad: usize,
+    scalars: usize,
+) {
+    let zero = e.i64(0);
+    let one = e.i64(1);
+    let s0 = e.load(F32, scalars, zero);
+    let s1 = e.load(F32, scalars, one);
+    let s0v = e.b.ins().splat(F32X4, s0);
+    let s1v = e.b.ins().splat(F32X4, s1);
+    e.elementwise(n, |e, ty, i| {
+        let (s0, s1) = if ty == F32X4 { (s0v, s1v) } else { (s0, s1) };
+        let p = e.load(ty, param, i);
+        let g = e.load(ty, grad, i);
+        match f {
+            OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
+                let wd = e.fconst(ty, weight_decay);
+                let mut d = e.b.ins().fma(wd, p, g);
+                if let Some(&buf) = slots.first() {
+                    let b = e.load(ty, buf, i);
+                    let nb = e.b.ins().fma(s0, b, d);
+                    e.store(buf, i, nb);
+                    d = if nesterov {
+                        let mu = e.fconst(ty, momentum);
+                        e.b.ins().fma(mu, nb, d)
+                    } else {
+                        nb
+                    };
+                }
+                let lrv = e.fconst(ty, lr);
+                let step = e.b.ins().fmul(lrv, d);
+                let np = e.b.ins().fsub(p, step);
+                e.store(param, i, np);
+            }
+            OptimizerFn::Adam { b1, b2, eps, weight_decay, .. } => {
+                let wd = e.fconst(ty, weight_decay);
+                let g = e.b.ins().fma(wd, p, g);
+                let (ms, vs) = (slots[0], slots[1]);
+                let m = e.load(ty, ms, i);
+                let v = e.load(ty, vs, i);
+                let c1 = e.fconst(ty, 1.0 - b1);
+                let gm = e.b.ins().fsub(g, m);
+                let m = e.b.ins().fma(c1, gm, m);
+                let c2 = e.fconst(ty, 1.0 - b2);
+                let gg = e.b.ins().fmul(g, g);
+                let gg = e.b.ins().fmul(c2, gg);
+                let b2v = e.fconst(ty, b2);
+                let v = e.b.ins().fma(b2v, v, gg);
+                e.store(ms, i, m);
+                e.store(vs, i, v);
+                let sq = e.b.ins().sqrt(v);
+                let den = e.b.ins().fdiv(sq, s1);
+                let epsv = e.fconst(ty, eps);
+                let den = e.b.ins().fadd(den, epsv);
+                let q = e.b.ins().fdiv(m, den);
+                let step = e.b.ins().fmul(s0, q);
+                let np = e.b.ins().fsub(p, step);
+                e.store(param, i, np);
+            }
+        }
+    });
+}

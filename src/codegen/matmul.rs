@@ -1,0 +1,152 @@
+//! The matmul kernel: `C[M,N] = op(A)·op(B)`.
+//!
+//! B is packed into panels of 8 columns (`[N/8][K][8]`, zero-padded), so every panel row is two
+//! `F32X4` loads whatever B's layout. C is computed in blocks of 4 rows × 8 columns held in 8
+//! vector accumulators: per k, two loads of B, four broadcasts of A and eight `fma`s. Rows past
+//! the last full block of 4 and columns past the last full panel get their own code, sized at
+//! compile time.
+
+use super::emit::Emit;
+use super::plan::Plan;
+use crate::ir::{Graph, NodeId};
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::Variable;
+
+const MR: usize = 4;
+const NR: usize = 8;
+
+struct Mm {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: usize,
+    ta: bool,
+    packed: usize,
+    c: usize,
+}
+
+pub fn emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    (a, ta): (NodeId, bool),
+    (b, tb): (NodeId, bool),
+    scratch: usize,
+) {
+    let sa = &g.ty(a).shape;
+    let sb = &g.ty(b).shape;
+    let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let n = if tb { sb[0] } else { sb[1] };
+    pack_b(e, plan.node[b.index()], tb, k, n, scratch);
+    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: plan.node[id.index()] };
+    let full_rows = m / MR;
+    let full_panels = n / NR;
+    e.for_range(0, full_rows as i64, 1, |e, ib| {
+        let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
+        panels(e, &mm, i0, MR, full_panels);
+    });
+    if !m.is_multiple_of(MR) {
+        let i0 = e.i64((full_rows * MR) as i64);
+        panels(e, &mm, i0, m % MR, full_panels);
+    }
+}
+
+/// All column panels of a block of `rows` rows starting at `i0`.
+fn panels(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, full_panels: usize) {
+    e.for_range(0, full_panels as i64, 1, |e, jp| block(e, mm, i0, rows, jp, NR));
+    if !mm.n.is_multiple_of(NR) {
+        let jp = e.i64(full_panels as i64);
+        block(e, mm, i0, rows, jp, mm.n % NR);
+    }
+}
+
+/// One `rows × cols` block of C (rows ≤ 4, cols ≤ 8) at rows `i0..`, panel `jp`.
+fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) {
+    let acc: Vec<[Variable; 2]> = (0..rows)
+        .map(|_| {
+            let z = e.fconst(F32X4, 0.0);
+            let v0 = e.b.declare_var(F32X4);
+            let v1 = e.b.declare_var(F32X4);
+            e.b.def_var(v0, z);
+            e.b.def_var(v1, z);
+            [v0, v1]
+        })
+        .collect();
+    let panel = e.b.ins().imul_imm_s(jp, (mm.k * NR) as i64);
+    e.for_range(0, mm.k as i64, 1, |e, kk| {
+        let row = e.b.ins().imul_imm_s(kk, NR as i64);
+        let at = e.b.ins().iadd(panel, row);
+        let b0 = e.load(F32X4, mm.packed, at);
+        let at4 = e.b.ins().iadd_imm_s(at, 4);
+        let b1 = e.load(F32X4, mm.packed, at4);
+        for (r, acc) in acc.iter().enumerate() {
+            let i = e.b.ins().iadd_imm_s(i0, r as i64);
+            // A(i, k): row-major [M, K], or [K, M] when transposed.
+            let idx = if mm.ta {
+                let t = e.b.ins().imul_imm_s(kk, mm.m as i64);
+                e.b.ins().iadd(t, i)
+            } else {
+                let t = e.b.ins().imul_imm_s(i, mm.k as i64);
+                e.b.ins().iadd(t, kk)
+            };
+            let av = e.load(F32, mm.a, idx);
+            let av = e.b.ins().splat(F32X4, av);
+            for (h, bv) in [b0, b1].into_iter().enumerate() {
+                let cur = e.b.use_var(acc[h]);
+                let nv = e.b.ins().fma(av, bv, cur);
+                e.b.def_var(acc[h], nv);
+            }
+        }
+    });
+    let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
+    for (r, acc) in acc.iter().enumerate() {
+        let i = e.b.ins().iadd_imm_s(i0, r as i64);
+        let row = e.b.ins().imul_imm_s(i, mm.n as i64);
+        let at = e.b.ins().iadd(row, col0);
+        let v0 = e.b.use_var(acc[0]);
+        let v1 = e.b.use_var(acc[1]);
+        if cols == NR {
+            e.store(mm.c, at, v0);
+            let at4 = e.b.ins().iadd_imm_s(at, 4);
+            e.store(mm.c, at4, v1);
+        } else {
+            for j in 0..cols {
+                let v = if j < 4 { v0 } else { v1 };
+                let lane = e.b.ins().extractlane(v, (j % 4) as u8);
+                let aj = e.b.ins().iadd_imm_s(at, j as i64);
+                e.store(mm.c, aj, lane);
+            }
+        }
+    }
+}
+
+/// `packed[j/8][k][j%8] = B(k, j)`, zero past column N.
+fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
+    let panels = n.div_ceil(NR);
+    e.elementwise(panels * k * NR, |e, ty, i| {
+        let z = e.fconst(ty, 0.0);
+        e.store(packed, i, z);
+    });
+    e.for_range(0, k as i64, 1, |e, kk| {
+        e.for_range(0, n as i64, 1, |e, j| {
+            // B(k, j): row-major [K, N], or [N, K] when transposed.
+            let src = if tb {
+                let t = e.b.ins().imul_imm_s(j, k as i64);
+                e.b.ins().iadd(t, kk)
+            } else {
+                let t = e.b.ins().imul_imm_s(kk, n as i64);
+                e.b.ins().iadd(t, j)
+            };
+            let v = e.load(F32, b, src);
+            let jp = e.b.ins().ushr_imm_s(j, 3);
+            let jl = e.b.ins().band_imm_s(j, 7);
+            let dst = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
+            let kr = e.b.ins().imul_imm_s(kk, NR as i64);
+            let dst = e.b.ins().iadd(dst, kr);
+            let dst = e.b.ins().iadd(dst, jl);
+            e.store(packed, dst, v);
+        });
+    });
+}

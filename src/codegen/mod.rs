@@ -1,0 +1,364 @@
+//! Native code for IR graphs, through Cranelift.
+//!
+//! [`Program::compile`] plans memory ([`plan`]): every value of the graph — parameters, optimizer
+//! buffers, inputs, per-step scalars, temporaries — at a constant offset in one arena the
+//! program owns. Each node then becomes one generated function `fn(base)` whose loops, strides
+//! and offsets are constants ([`kernels`], [`matmul`]). A step is the kernels called in order.
+//!
+//! **Safety.** This is the only module with `unsafe`, and [`Program::call`] is the only place
+//! generated code is called. Before the first call, [`Program::compile`] checks every buffer of
+//! the plan against the arena's length; generated code only touches the arena through those
+//! offsets, with loop bounds from the same shapes, so a wrong plan is an error, never memory
+//! corruption.
+//!
+//! Nothing falls back to the interpreter: an op without a kernel is a compile error.
+
+mod emit;
+mod kernels;
+mod matmul;
+pub mod plan;
+
+use crate::interp::Buf;
+use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
+use crate::runtime::State;
+use cranelift_codegen::ir::types::{F32, I64};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, UserFuncName};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module, default_libcall_names};
+use std::time::{Duration, Instant};
+
+type KernelFn = unsafe extern "C" fn(*mut u8);
+
+struct Kernel {
+    node: NodeId,
+    f: KernelFn,
+}
+
+/// Options of a compilation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Keep each kernel's Cranelift IR as text (`--emit clif`).
+    pub keep_clif: bool,
+}
+
+/// A compiled graph with its arena: parameters and optimizer state live here between steps.
+pub struct Program {
+    graph: Graph,
+    plan: plan::Plan,
+    kernels: Vec<Kernel>,
+    /// The arena, 8-byte aligned; `base` is its first 64-byte boundary.
+    arena: Vec<u64>,
+    base: usize,
+    param_steps: Vec<u64>,
+    compile_time: Duration,
+    clif: Vec<(String, String)>,
+    // Keeps the generated code alive; declared last so it is dropped after the kernels.
+    _module: JITModule,
+}
+
+extern "C" fn aec_logf(x: f32) -> f32 {
+    x.ln()
+}
+
+impl Program {
+    pub fn compile(g: &Graph, opts: Options) -> Result<Program, String> {
+        let started = Instant::now();
+        let plan = plan::plan(g);
+        check_plan(g, &plan)?;
+
+        let mut flags = settings::builder();
+        flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
+        flags.set("use_colocated_libcalls", "false").map_err(|e| e.to_string())?;
+        flags.set("is_pic", "false").map_err(|e| e.to_string())?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| format!("this machine is not supported by Cranelift: {e}"))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| e.to_string())?;
+        let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+        builder.symbol("aec_logf", aec_logf as *const u8);
+        let mut module = JITModule::new(builder);
+
+        let mut logf_sig = module.make_signature();
+        logf_sig.params.push(AbiParam::new(F32));
+        logf_sig.returns.push(AbiParam::new(F32));
+        let logf =
+            module.declare_function("aec_logf", Linkage::Import, &logf_sig).map_err(|e| e.to_string())?;
+
+        let mut sig = module.make_signature();
+        sig.params.push(AbiParam::new(I64));
+        let mut ctx = module.make_context();
+        let mut fctx = FunctionBuilderContext::new();
+        let mut ids = Vec::new();
+        let mut clif = Vec::new();
+        for id in g.ids() {
+            let node = g.node(id);
+            if matches!(node.op, Op::Input(_) | Op::Param(_) | Op::Reshape { .. }) {
+                continue;
+            }
+            let name = format!("k{}_{}", id.0, node.op.mnemonic());
+            let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+            ctx.func.signature = sig.clone();
+            ctx.func.name = UserFuncName::user(0, fid.as_u32());
+            let frontend = module.target_config();
+            {
+                let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+                let entry = b.create_block();
+                b.append_block_params_for_function_params(entry);
+                b.switch_to_block(entry);
+                let base = b.block_params(entry)[0];
+                let logf_ref = module.declare_func_in_func(logf, b.func);
+                let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref) };
+                kernels::emit(&mut e, g, &plan, id)?;
+                b.ins().return_(&[]);
+                b.seal_all_blocks();
+                b.finalize(frontend);
+            }
+            if opts.keep_clif {
+                clif.push((name.clone(), ctx.func.display().to_string()));
+            }
+            module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
+            module.clear_context(&mut ctx);
+            ids.push((id, fid));
+        }
+        module.finalize_definitions().map_err(|e| e.to_string())?;
+        let kernels = ids
+            .into_iter()
+            .map(|(node, fid)| {
+                let ptr = module.get_finalized_function(fid);
+                // SAFETY: `ptr` is the finalized code of a function declared with the signature
+                // `fn(i64)` (the arena base) and no results, which is `KernelFn`'s ABI.
+                let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
+                Kernel { node, f }
+            })
+            .collect();
+        let words = plan.size / 8 + 16;
+        let arena = vec![0u64; words];
+        let addr = arena.as_ptr() as usize;
+        let base = addr.next_multiple_of(64) - addr;
+        Ok(Program {
+            graph: g.clone(),
+            param_steps: vec![0; g.params.len()],
+            plan,
+            kernels,
+            arena,
+            base,
+            compile_time: started.elapsed(),
+            clif,
+            _module: module,
+        })
+    }
+
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn plan(&self) -> &plan::Plan {
+        &self.plan
+    }
+
+    /// Each kernel's Cranelift IR (with `Options::keep_clif`).
+    pub fn clif(&self) -> &[(String, String)] {
+        &self.clif
+    }
+
+    pub fn kernel_count(&self) -> usize {
+        self.kernels.len()
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        let all: &mut [u8] = bytemuck_bytes(&mut self.arena);
+        &mut all[self.base..]
+    }
+
+    fn write_f32(&mut self, off: usize, v: &[f32]) {
+        let dst = &mut self.bytes()[off..off + v.len() * 4];
+        for (d, x) in dst.chunks_exact_mut(4).zip(v) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+    }
+
+    fn read_f32(&self, off: usize, n: usize) -> Vec<f32> {
+        let all: &[u8] = bytemuck_bytes_ref(&self.arena);
+        all[self.base + off..self.base + off + n * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    /// Loads parameters and optimizer state.
+    pub fn set_state(&mut self, state: &State) -> Result<(), String> {
+        for (i, def) in self.graph.params.clone().iter().enumerate() {
+            let n: usize = def.shape.iter().product();
+            let v = state.params.get(i).ok_or("state has too few parameters")?;
+            if v.len() != n {
+                return Err(format!("{}: {} values for {n}", def.name, v.len()));
+            }
+            self.write_f32(self.plan.param[i], v);
+            let slots = self.plan.slots[i].clone();
+            for (k, off) in slots.iter().enumerate() {
+                match state.slots.get(i).and_then(|s| s.get(k)) {
+                    Some(s) if s.len() == n => self.write_f32(*off, s),
+                    _ => self.write_f32(*off, &vec![0.0; n]),
+                }
+            }
+        }
+        self.param_steps = state.param_steps.clone();
+        self.param_steps.resize(self.graph.params.len(), 0);
+        Ok(())
+    }
+
+    /// Copies parameters and optimizer state out.
+    pub fn get_state(&self, state: &mut State) {
+        let n_params = self.graph.params.len();
+        state.params.resize(n_params, Vec::new());
+        state.slots.resize(n_params, Vec::new());
+        for (i, def) in self.graph.params.iter().enumerate() {
+            let n: usize = def.shape.iter().product();
+            state.params[i] = self.read_f32(self.plan.param[i], n);
+            if !self.plan.slots[i].is_empty() && self.param_steps.get(i).copied().unwrap_or(0) > 0 {
+                state.slots[i] = self.plan.slots[i].iter().map(|&o| self.read_f32(o, n)).collect();
+            }
+        }
+        state.param_steps = self.param_steps.clone();
+    }
+
+    /// Runs the graph on `inputs` (in `graph.inputs` order). The updates run only after the
+    /// loss (if the graph has one) is checked to be finite: on NaN or infinity the step stops
+    /// with parameters and optimizer state as they were before it, and `Err(loss)` returns.
+    pub fn run(&mut self, inputs: &[Buf], seed: u64, step: u64) -> Result<(), f32> {
+        for (i, (def, buf)) in self.graph.inputs.clone().iter().zip(inputs).enumerate() {
+            let off = self.plan.input[i];
+            let n = def.ty.numel();
+            match buf {
+                Buf::F32(v) if v.len() == n && def.ty.dtype == DType::F32 => self.write_f32(off, v),
+                Buf::I32(v) if v.len() == n && def.ty.dtype == DType::I32 => {
+                    let dst = &mut self.bytes()[off..off + n * 4];
+                    for (d, x) in dst.chunks_exact_mut(4).zip(v) {
+                        d.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                // An input the graph does not read (pruned) may be empty.
+                _ if self.graph.input_node(crate::ir::InputId(i as u32)).is_none() => {}
+                _ => return Err(f32::NAN),
+            }
+        }
+        let rng = self.plan.rng;
+        let bytes = self.bytes();
+        bytes[rng..rng + 8].copy_from_slice(&seed.to_le_bytes());
+        bytes[rng + 8..rng + 16].copy_from_slice(&step.to_le_bytes());
+        let first_update = self
+            .kernels
+            .iter()
+            .position(|k| matches!(self.graph.node(k.node).op, Op::Update { .. }))
+            .unwrap_or(self.kernels.len());
+        for k in 0..first_update {
+            self.call(k);
+        }
+        if first_update < self.kernels.len() {
+            if let Some(loss) = self.graph.output("loss") {
+                let l = self.read_f32(self.plan.node[loss.index()], 1)[0];
+                if !l.is_finite() {
+                    return Err(l);
+                }
+            }
+            self.set_update_scalars();
+            for k in first_update..self.kernels.len() {
+                self.call(k);
+            }
+        }
+        Ok(())
+    }
+
+    /// The scalars each update reads this step (see `kernels::update`).
+    fn set_update_scalars(&mut self) {
+        for (node, off) in self.plan.update_scalars.clone() {
+            let Op::Update { f, param, .. } = self.graph.node(node).op else { continue };
+            let p = param.index();
+            self.param_steps[p] += 1;
+            let t = self.param_steps[p];
+            let (s0, s1) = match f {
+                OptimizerFn::Sgd { momentum, .. } => (if t == 1 { 0.0 } else { momentum }, 0.0),
+                OptimizerFn::Adam { lr, b1, b2, .. } => {
+                    let t = t as i32;
+                    let bc1 = 1.0 - f64::from(b1).powi(t);
+                    let bc2 = (1.0 - f64::from(b2).powi(t)).sqrt();
+                    ((f64::from(lr) / bc1) as f32, bc2 as f32)
+                }
+            };
+            self.write_f32(off, &[s0, s1]);
+        }
+    }
+
+    /// Calls kernel `k` on the arena.
+    fn call(&mut self, k: usize) {
+        let f = self.kernels[k].f;
+        let base = self.bytes().as_mut_ptr();
+        // SAFETY: `f` was generated for this program's plan, which `check_plan` verified fits
+        // in the arena; `base` points at the arena's 64-byte-aligned start, with `plan.size`
+        // bytes behind it (the arena was allocated with `plan.size` plus alignment slack).
+        unsafe { f(base) }
+    }
+
+    /// A node's value after `run`: valid for outputs (temporaries may be reused).
+    pub fn value(&self, id: NodeId) -> Buf {
+        let ty = self.graph.ty(id).clone();
+        let off = self.plan.node[id.index()];
+        match ty.dtype {
+            DType::F32 => Buf::F32(self.read_f32(off, ty.numel())),
+            DType::I32 => {
+                Buf::I32(self.read_f32(off, ty.numel()).into_iter().map(|f| f.to_bits() as i32).collect())
+            }
+        }
+    }
+
+    pub fn output(&self, name: &str) -> Option<Buf> {
+        self.graph.output(name).map(|id| self.value(id))
+    }
+}
+
+/// Every buffer of the plan lies inside the arena.
+fn check_plan(g: &Graph, p: &plan::Plan) -> Result<(), String> {
+    let fits = |what: &str, off: usize, bytes: usize| {
+        if off + bytes <= p.size { Ok(()) } else { Err(format!("memory plan: {what} ends past the arena")) }
+    };
+    for id in g.ids() {
+        if !matches!(g.node(id).op, Op::Update { .. }) {
+            fits(&format!("%{}", id.0), p.node[id.index()], g.ty(id).numel() * 4)?;
+        }
+    }
+    for (i, def) in g.params.iter().enumerate() {
+        let n = def.shape.iter().product::<usize>() * 4;
+        fits(&def.name, p.param[i], n)?;
+        for &s in &p.slots[i] {
+            fits(&def.name, s, n)?;
+        }
+    }
+    for &(id, off) in &p.scratch {
+        fits("scratch", off, plan::scratch_bytes(g, id))?;
+    }
+    fits("rng", p.rng, 16)
+}
+
+fn bytemuck_bytes(v: &mut [u64]) -> &mut [u8] {
+    let len = std::mem::size_of_val(v);
+    // SAFETY: a `[u64]` is `len` initialised bytes with no padding, and u8 has alignment 1; the
+    // returned slice borrows `v` mutably, so nothing else can see it meanwhile.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) }
+}
+
+fn bytemuck_bytes_ref(v: &[u64]) -> &[u8] {
+    let len = std::mem::size_of_val(v);
+    // SAFETY: as above, shared.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), len) }
+}
+
+/// A kernel's IR text without compiling a program: for `--emit clif`.
+pub fn clif_of(g: &Graph) -> Result<Vec<(String, String)>, String> {
+    Program::compile(g, Options { keep_clif: true }).map(|p| p.clif)
+}

@@ -1,0 +1,157 @@
+//! The memory plan: every value of a graph at a constant byte offset in one arena.
+//!
+//! Layout: parameters, their optimizer buffers, graph inputs, per-step scalars (dropout's seed
+//! and step; each update's step size, bias correction and momentum), then the temporaries.
+//! Temporaries are reused by liveness: a value's space is free after its last use, and a later
+//! value of a size that fits takes it (first fit). A `reshape` is the same bytes as its input.
+//! Every buffer starts on a 64-byte boundary.
+
+use crate::ir::{Graph, NodeId, Op, OptimizerFn};
+
+const ALIGN: usize = 64;
+
+fn round(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// Byte offset of each node's value.
+    pub node: Vec<usize>,
+    /// Byte offset of each parameter.
+    pub param: Vec<usize>,
+    /// Byte offsets of each parameter's optimizer buffers (0, 1 or 2).
+    pub slots: Vec<Vec<usize>>,
+    pub input: Vec<usize>,
+    /// Dropout's seed and step (two u64).
+    pub rng: usize,
+    /// Per `update` node: 4 f32 the runtime sets before each step.
+    pub update_scalars: Vec<(NodeId, usize)>,
+    /// Per matmul node: its packed-panel scratch.
+    pub scratch: Vec<(NodeId, usize)>,
+    /// Bytes of the persistent part (everything before the temporaries) and in all.
+    pub persistent: usize,
+    pub size: usize,
+    /// (node, offset, bytes, first, last use) of each temporary, for `--emit fused`.
+    pub temporaries: Vec<(NodeId, usize, usize, usize, usize)>,
+}
+
+/// Bytes of a value's scratch: matmul keeps its right operand packed in panels of 8 columns.
+pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+    match &g.node(id).op {
+        Op::MatMul { b, tb, .. } => {
+            let s = &g.ty(*b).shape;
+            let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
+            k * n.div_ceil(8) * 8 * 4
+        }
+        _ => 0,
+    }
+}
+
+pub fn plan(g: &Graph) -> Plan {
+    let mut p = Plan { node: vec![0; g.len()], ..Plan::default() };
+    let mut at = 0usize;
+    let mut take = |bytes: usize| {
+        let o = at;
+        at += round(bytes.max(4));
+        o
+    };
+    for def in &g.params {
+        p.param.push(take(def.shape.iter().product::<usize>() * 4));
+    }
+    let slot_count = |p: usize| {
+        g.nodes().iter().find_map(|n| match n.op {
+            Op::Update { f: OptimizerFn::Adam { .. }, param, .. } if param.index() == p => Some(2),
+            Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } if param.index() == p => {
+                Some(usize::from(momentum != 0.0))
+            }
+            _ => None,
+        })
+    };
+    for (i, def) in g.params.iter().enumerate() {
+        let n = def.shape.iter().product::<usize>() * 4;
+        let slots = (0..slot_count(i).unwrap_or(0)).map(|_| take(n)).collect();
+        p.slots.push(slots);
+    }
+    for i in &g.inputs {
+        p.input.push(take(i.ty.numel() * 4));
+    }
+    p.rng = take(16);
+    for id in g.ids() {
+        if matches!(g.node(id).op, Op::Update { .. }) {
+            p.update_scalars.push((id, take(16)));
+        }
+    }
+    p.persistent = at;
+
+    // Last use of every node (outputs live to the end).
+    let n = g.len();
+    let mut last = vec![0usize; n];
+    for id in g.ids() {
+        last[id.index()] = id.index();
+        for o in g.node(id).op.operands() {
+            last[o.index()] = last[o.index()].max(id.index());
+        }
+    }
+    for (_, id) in &g.outputs {
+        last[id.index()] = n;
+    }
+    // A reshape's bytes are its input's: the input lives as long as the reshape.
+    for id in g.ids().rev() {
+        if let Op::Reshape { x, .. } = g.node(id).op {
+            last[x.index()] = last[x.index()].max(last[id.index()]);
+        }
+    }
+
+    // First-fit reuse of freed blocks among the temporaries.
+    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, bytes)
+    let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (last use, offset, bytes)
+    let mut end = at;
+    let alloc = |bytes: usize, free: &mut Vec<(usize, usize)>, end: &mut usize| -> usize {
+        let bytes = round(bytes.max(4));
+        if let Some(i) = free.iter().position(|&(_, b)| b >= bytes) {
+            let (o, b) = free.remove(i);
+            if b > bytes {
+                free.push((o + bytes, b - bytes));
+            }
+            return o;
+        }
+        let o = *end;
+        *end += bytes;
+        o
+    };
+    for id in g.ids() {
+        // Free what died before this node.
+        live.retain(|&(l, o, b)| {
+            if l < id.index() {
+                free.push((o, b));
+                false
+            } else {
+                true
+            }
+        });
+        let node = g.node(id);
+        p.node[id.index()] = match &node.op {
+            Op::Param(q) => p.param[q.index()],
+            Op::Input(i) => p.input[i.index()],
+            Op::Reshape { x, .. } => p.node[x.index()],
+            Op::Update { .. } => 0,
+            _ => {
+                let bytes = round(node.ty.numel().max(1) * 4);
+                let o = alloc(bytes, &mut free, &mut end);
+                live.push((last[id.index()], o, bytes));
+                p.temporaries.push((id, o, bytes, id.index(), last[id.index()]));
+                o
+            }
+        };
+        let scratch = scratch_bytes(g, id);
+        if scratch > 0 {
+            // Scratch is only needed while the node runs.
+            let o = alloc(scratch, &mut free, &mut end);
+            live.push((id.index(), o, round(scratch)));
+            p.scratch.push((id, o));
+        }
+    }
+    p.size = end;
+    p
+}

@@ -1,0 +1,178 @@
+//! The JIT against the interpreter: every kernel, every spec, odd sizes.
+
+use aec::codegen::{Options, Program};
+use aec::interp::{self, Buf};
+use aec::ir::{DType, Graph};
+use aec::runtime::{State, init};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random_inputs(g: &Graph, rng: &mut ChaCha8Rng) -> Vec<Buf> {
+    g.inputs
+        .iter()
+        .map(|i| match i.ty.dtype {
+            DType::F32 => Buf::F32((0..i.ty.numel()).map(|_| rng.random::<f32>()).collect()),
+            DType::I32 => Buf::I32((0..i.ty.numel()).map(|_| rng.random_range(0..2)).collect()),
+        })
+        .collect()
+}
+
+fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let ok = (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs()));
+        assert!(ok, "{what}[{i}]: interpreter {x}, JIT {y}");
+    }
+}
+
+/// `steps` training steps of `g` on both backends from the same state; compares the loss of
+/// every step and every parameter and optimizer buffer at the end.
+fn same_training(name: &str, g: &Graph, forward: &Graph, steps: u64, tol: f32) {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut state = State::new(init::init_params(forward, aec::syntax::ast::Init::Default, 3));
+    let mut program = Program::compile(g, Options::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    program.set_state(&state).expect("state");
+    for step in 1..=steps {
+        let inputs = random_inputs(g, &mut rng);
+        state.step = step;
+        let opts = interp::Options { seed: 5, step, threads: 1, check_finite: true };
+        let values = interp::run(g, &inputs, &mut state, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        program.run(&inputs, 5, step).unwrap_or_else(|l| panic!("{name}: JIT loss {l}"));
+        for (out, id) in &g.outputs {
+            if let (Buf::F32(a), Buf::F32(b)) = (values.get(*id), program.value(*id)) {
+                close(&format!("{name} step {step} {out}"), a, &b, tol);
+            }
+        }
+    }
+    let mut jit = State::new(Vec::new());
+    program.get_state(&mut jit);
+    for (i, p) in g.params.iter().enumerate() {
+        close(&format!("{name} {}", p.name), &state.params[i], &jit.params[i], tol);
+        for (k, s) in state.slots[i].iter().enumerate() {
+            close(&format!("{name} {} slot {k}", p.name), s, &jit.slots[i][k], tol);
+        }
+    }
+}
+
+fn spec(name: &str, batch: u64) -> (Graph, Graph) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs").join(format!("{name}.ae"));
+    let src = std::fs::read_to_string(path).expect("spec");
+    let compiled = aec::compile(&src, &aec::Config { batch: Some(batch) }).expect("compiles");
+    let step = aec::training_step(&compiled).expect("differentiates");
+    (step, compiled.forward)
+}
+
+#[test]
+fn onehot838_trains_the_same() {
+    let (g, f) = spec("onehot838", 8);
+    same_training("onehot838", &g, &f, 3, 1e-5);
+}
+
+fn compile_src(src: &str, batch: u64) -> (Graph, Graph) {
+    let compiled = aec::compile(src, &aec::Config { batch: Some(batch) })
+        .unwrap_or_else(|d| panic!("{src}\n{}", aec::diag::render(&d, "test.ae", src, false)));
+    let step = aec::training_step(&compiled).expect("differentiates");
+    (step, compiled.forward)
+}
+
+#[test]
+fn every_spec_without_recurrence_at_odd_batches() {
+    for name in [
+        "onehot838",
+        "digits_mlp",
+        "digits_conv",
+        "digits_deconv",
+        "mirror",
+        "seed_deconv",
+        "stacked",
+        "bench_mlp784",
+    ] {
+        for batch in [1, 3, 8, 13] {
+            let (g, f) = spec(name, batch);
+            same_training(&format!("{name} batch {batch}"), &g, &f, 2, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn convolutional_specs_at_small_batches() {
+    for name in ["denoise", "bench_conv28", "coins_seg"] {
+        let (g, f) = spec(name, 2);
+        same_training(name, &g, &f, 1, 1e-4);
+    }
+}
+
+#[test]
+fn dense_layers_activations_losses_and_optimizers_at_simd_tails() {
+    let acts = ["relu", "sigmoid", "tanh", "leaky_relu(0.1)", "identity"];
+    let opts = [
+        "sgd(lr: 0.1)",
+        "sgd(lr: 0.1, momentum: 0.9)",
+        "sgd(lr: 0.1, momentum: 0.5, nesterov: true, weight_decay: 0.01)",
+        "adam(lr: 0.01)",
+        "adam(lr: 0.01, weight_decay: 0.1)",
+    ];
+    let losses = ["mse(x)", "l1(x) + 1e-3 * l2(weights)", "bce(x) + 0.01 * l1(code)"];
+    let mut case = 0;
+    for f in [1usize, 3, 5, 7, 13] {
+        for h in [1usize, 3, 5, 7, 13] {
+            let act = acts[case % acts.len()];
+            let opt = opts[case % opts.len()];
+            let loss = losses[case % losses.len()];
+            case += 1;
+            let src = format!(
+                "model t {{ input x: [{f}]\n encoder {{ dense {h} -> {act}; dropout 0.25 }}\n decoder {{ dense {f} -> sigmoid }}\n loss {loss} }}\ntrain {{ optimizer {opt} }}"
+            );
+            for batch in [1, 3, 13] {
+                let (g, fwd) = compile_src(&src, batch);
+                same_training(&format!("{src} batch {batch}"), &g, &fwd, 3, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_and_cross_entropy() {
+    for v in [2usize, 3, 5, 7, 13] {
+        let src = format!(
+            "model t {{ input x: [{v}]\n target t: token[{v}]\n encoder {{ dense 5 -> tanh }}\n decoder {{ dense {v} -> softmax }}\n loss cross_entropy(t) }}"
+        );
+        for batch in [1, 3, 8] {
+            let (g, f) = compile_src(&src, batch);
+            same_training(&format!("{src} batch {batch}"), &g, &f, 3, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn convolutions_pools_and_unpooling_on_awkward_sizes() {
+    let srcs = [
+        // 5×7 images, 3 channels, stride 2, padding 1, output padding 1.
+        "model t { input x: [3, 5, 7]\n encoder { conv 4 k3 s2 p1 -> relu }\n decoder { deconv 3 k3 s2 p1 -> sigmoid; flatten; dense 105; reshape [3, 5, 7] }\n loss mse(x) }",
+        // Pools on odd sizes, unpooling through switches, a 1×1 conv.
+        "model t { input x: [2, 7, 7]\n encoder { conv 3 k3 p1 -> relu; maxpool 2 as p; conv 5 k1 }\n decoder { deconv 3 k1 -> relu; unpool p; deconv 2 k3 p1 -> sigmoid }\n loss mse(x) }",
+        // Overlapping pools and average pooling.
+        "model t { input x: [1, 7, 5]\n encoder { maxpool 3 s2 as p; conv 2 k1; avgpool 2 s1 }\n decoder { flatten; dense 35 -> sigmoid; reshape [1, 7, 5] }\n loss bce(x) }",
+        "model t { input x: [1, 6, 6]\n encoder { conv 2 k2 s2 -> leaky_relu(0.2); flatten; dense 3 }\n decoder mirror tied -> sigmoid\n loss mse(x) }",
+    ];
+    for src in srcs {
+        for batch in [1, 3] {
+            let (g, f) = compile_src(src, batch);
+            same_training(&format!("{src} batch {batch}"), &g, &f, 2, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn a_diverging_step_leaves_the_state_untouched() {
+    let src = "model t { input x: [4]\n encoder { dense 3 }\n decoder { dense 4 }\n loss mse(x) }\ntrain { optimizer sgd(lr: 0.1) }";
+    let (g, f) = compile_src(src, 2);
+    let mut program = Program::compile(&g, Options::default()).expect("compiles");
+    let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 1));
+    program.set_state(&state).expect("state");
+    let bad = vec![Buf::F32(vec![f32::INFINITY; 8])];
+    assert!(program.run(&bad, 0, 1).is_err(), "an infinite loss must stop the step");
+    let mut after = State::new(Vec::new());
+    program.get_state(&mut after);
+    assert_eq!(after.params, state.params, "parameters changed by a failed step");
+}
