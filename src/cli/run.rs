@@ -42,8 +42,8 @@ pub struct RunArgs {
     /// --resume.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stop_at: Option<u64>,
-    /// The executor: `interp` (the reference interpreter).
-    #[arg(long, value_enum, default_value_t = Backend::Interp)]
+    /// The executor: native code (`jit`) or the reference interpreter (`interp`).
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
     backend: Backend,
     /// Trained parameters (a checkpoint.safetensors), to run the network without training.
     #[arg(long)]
@@ -69,10 +69,21 @@ pub struct EncodeArgs {
     threads: Option<u64>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
+    /// Native code generated with Cranelift.
+    Jit,
     /// The reference interpreter.
     Interp,
+}
+
+impl Backend {
+    fn runtime(self) -> aec::runtime::Backend {
+        match self {
+            Backend::Jit => aec::runtime::Backend::Jit,
+            Backend::Interp => aec::runtime::Backend::Interp,
+        }
+    }
 }
 
 /// A spec that compiled, with its text for diagnostics.
@@ -118,7 +129,6 @@ fn threads(t: Option<u64>) -> usize {
 }
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
-    let Backend::Interp = args.backend;
     if args.train {
         if args.weights.is_some() || args.input.is_some() || args.output.is_some() {
             return Err(Failure::Io(
@@ -251,6 +261,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         pretrain: t.pretrain,
         stop_at: args.stop_at,
         threads: threads(args.threads),
+        backend: args.backend.runtime(),
         out,
         resume,
     };
@@ -279,17 +290,23 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         }
     };
     progress.finish();
+    // The native kernels run on one thread for now; the interpreter splits matmul rows.
+    let used_threads = if args.backend == Backend::Jit { 1 } else { cfg.threads };
     let last = summary.metrics.last();
     let val = last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
     println!(
-        "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s (interpreter, {} thread{})",
+        "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s ({}, {} thread{})",
         last.map_or(0, |m| m.epoch),
         spec.compiled.model.name,
         summary.seconds,
         last.map_or(f64::NAN, |m| m.train_loss),
         summary.samples_per_s,
-        cfg.threads,
-        if cfg.threads == 1 { "" } else { "s" }
+        match args.backend {
+            Backend::Jit => format!("native code compiled in {:.1} ms", summary.jit_seconds * 1e3),
+            Backend::Interp => "interpreter".to_owned(),
+        },
+        used_threads,
+        if used_threads == 1 { "" } else { "s" }
     );
     println!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
     if summary.stopped_early {
@@ -386,6 +403,13 @@ impl Progress {
                 let line = format!("{label}: epochs {first_epoch}–{last_epoch}");
                 match &self.bar {
                     Some(bar) => bar.set_prefix(label.to_owned()),
+                    None => eprintln!("{line}"),
+                }
+            }
+            Event::Compiled { graph, kernels, seconds } => {
+                let line = format!("native code for {graph}: {kernels} kernels in {:.1} ms", seconds * 1e3);
+                match &self.bar {
+                    Some(bar) => bar.println(line),
                     None => eprintln!("{line}"),
                 }
             }

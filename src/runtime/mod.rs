@@ -9,6 +9,16 @@ pub mod train;
 
 use crate::ir::OptimizerFn;
 
+/// Which executor runs the graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Native code generated with Cranelift (`codegen`).
+    #[default]
+    Jit,
+    /// The reference interpreter.
+    Interp,
+}
+
 /// Everything a training run changes: parameter values, the optimizer's per-parameter state
 /// (PyTorch's `momentum_buffer`, or `exp_avg` and `exp_avg_sq`, and `step`), and the number of
 /// steps taken.

@@ -16,9 +16,10 @@
 //! Step graphs are compiled per batch size: the full batch, and the smaller last batch of an
 //! epoch (which is trained on, not dropped).
 
-use super::State;
 use super::checkpoint::{self, Progress};
+use super::{Backend, State};
 use crate::autodiff;
+use crate::codegen;
 use crate::data::{self, Dataset, Values};
 use crate::diag::Span;
 use crate::interp::{self, Buf};
@@ -43,6 +44,7 @@ pub struct TrainConfig {
     pub init: Init,
     pub pretrain: Option<Pretrain>,
     pub threads: usize,
+    pub backend: Backend,
     /// The run folder: checkpoints and metrics go here.
     pub out: PathBuf,
     /// Continue from the checkpoint in `out`.
@@ -67,9 +69,29 @@ pub struct EpochMetrics {
 
 /// What the loop reports as it goes; the CLI turns it into a progress bar.
 pub enum Event<'a> {
-    Start { first_epoch: u64, epochs: u64, steps_per_epoch: u64, train: usize, validation: usize },
-    Phase { label: &'a str, first_epoch: u64, last_epoch: u64 },
-    Step { epoch: u64, step_in_epoch: u64, loss: f64 },
+    Start {
+        first_epoch: u64,
+        epochs: u64,
+        steps_per_epoch: u64,
+        train: usize,
+        validation: usize,
+    },
+    Phase {
+        label: &'a str,
+        first_epoch: u64,
+        last_epoch: u64,
+    },
+    /// Native code was generated for a graph.
+    Compiled {
+        graph: &'a str,
+        kernels: usize,
+        seconds: f64,
+    },
+    Step {
+        epoch: u64,
+        step_in_epoch: u64,
+        loss: f64,
+    },
     Epoch(&'a EpochMetrics),
 }
 
@@ -82,6 +104,8 @@ pub struct Summary {
     pub params: Vec<Vec<f32>>,
     pub seconds: f64,
     pub samples_per_s: f64,
+    /// Time spent generating native code, in all.
+    pub jit_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +194,12 @@ struct Programs<'c> {
     freeze: bool,
     train: HashMap<usize, Graph>,
     eval: HashMap<usize, Graph>,
+    backend: Backend,
+    native: HashMap<usize, codegen::Program>,
+    native_eval: HashMap<usize, codegen::Program>,
+    /// The native program whose arena holds the current parameters, if any.
+    holder: Option<usize>,
+    jit_seconds: f64,
 }
 
 impl Programs<'_> {
@@ -201,6 +231,99 @@ impl Programs<'_> {
             self.train.insert(batch, step);
         }
         self.train.get(&batch).ok_or_else(|| TrainError::Compile("missing step graph".into()))
+    }
+
+    fn compile(&mut self, g: &Graph, on: &mut dyn FnMut(Event)) -> Result<codegen::Program, TrainError> {
+        let p = codegen::Program::compile(g, codegen::Options::default()).map_err(TrainError::Compile)?;
+        let seconds = p.compile_time().as_secs_f64();
+        self.jit_seconds += seconds;
+        on(Event::Compiled { graph: &g.name, kernels: p.kernel_count(), seconds });
+        Ok(p)
+    }
+
+    /// One training step; returns the loss. `state` is current unless a native program holds it
+    /// (see `sync`).
+    fn step(
+        &mut self,
+        batch: usize,
+        inputs: &[Buf],
+        state: &mut State,
+        opts: &interp::Options,
+        on: &mut dyn FnMut(Event),
+    ) -> Result<f64, interp::Error> {
+        let compile_err =
+            |e: TrainError| interp::Error::Unsupported(Box::leak(e.to_string().into_boxed_str()));
+        if self.backend == Backend::Interp {
+            let g = self.train(batch).map_err(compile_err)?;
+            let values = interp::run(g, inputs, state, opts)?;
+            return Ok(values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])));
+        }
+        if !self.native.contains_key(&batch) {
+            let g = self.train(batch).map_err(compile_err)?.clone();
+            let p = self.compile(&g, on).map_err(compile_err)?;
+            self.native.insert(batch, p);
+        }
+        if self.holder != Some(batch) {
+            self.sync(state);
+            if let Some(p) = self.native.get_mut(&batch) {
+                p.set_state(state).map_err(|e| compile_err(TrainError::Compile(e)))?;
+            }
+            self.holder = Some(batch);
+        }
+        let Some(p) = self.native.get_mut(&batch) else {
+            return Err(interp::Error::Unsupported("no program"));
+        };
+        match p.run(inputs, opts.seed, opts.step) {
+            Ok(()) => Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]))),
+            Err(_) => {
+                // The step stopped before its updates: replay it on the interpreter from the same
+                // state to name the first op that produced NaN or infinity.
+                p.get_state(state);
+                let g = self.train(batch).map_err(compile_err)?;
+                let mut probe = state.clone();
+                interp::run(g, inputs, &mut probe, opts)?;
+                Err(interp::Error::NonFinite {
+                    node: crate::ir::NodeId(0),
+                    op: "the native step",
+                    span: None,
+                })
+            }
+        }
+    }
+
+    /// Makes `state` current: copies parameters and optimizer state out of the native program
+    /// that holds them.
+    fn sync(&mut self, state: &mut State) {
+        if let Some(p) = self.holder.and_then(|h| self.native.get(&h)) {
+            p.get_state(state);
+        }
+    }
+
+    /// The mean loss of one batch in inference mode.
+    fn eval_loss(
+        &mut self,
+        batch: usize,
+        inputs: &[Buf],
+        state: &mut State,
+        opts: &interp::Options,
+        on: &mut dyn FnMut(Event),
+    ) -> Result<f64, TrainError> {
+        if self.backend == Backend::Interp {
+            let g = self.eval(batch)?;
+            let values =
+                interp::run(g, inputs, state, opts).map_err(|e| TrainError::Compile(e.to_string()))?;
+            return Ok(values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])));
+        }
+        if !self.native_eval.contains_key(&batch) {
+            let g = self.eval(batch)?.clone();
+            let p = self.compile(&g, on)?;
+            self.native_eval.insert(batch, p);
+        }
+        let p = self.native_eval.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
+        p.set_state(state).map_err(TrainError::Compile)?;
+        // An eval graph has no updates: `run` only fails on inputs that do not fit.
+        p.run(inputs, opts.seed, opts.step).map_err(|_| TrainError::Compile("evaluation inputs".into()))?;
+        Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])))
     }
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
@@ -278,6 +401,7 @@ pub fn train(
     let mut trained_samples = 0usize;
     let mut last_save = Instant::now();
     let last = cfg.stop_at.unwrap_or(total).min(total);
+    let mut jit_seconds = 0.0;
     let mut phase_start = 0u64;
     for phase in &phases {
         if phase_start >= last {
@@ -296,6 +420,11 @@ pub fn train(
             freeze: phase.freeze,
             train: HashMap::new(),
             eval: HashMap::new(),
+            backend: cfg.backend,
+            native: HashMap::new(),
+            native_eval: HashMap::new(),
+            holder: None,
+            jit_seconds: 0.0,
         };
         let reference = programs.train(batch)?.clone();
         let mut state = if first_epoch > phase_start {
@@ -312,6 +441,7 @@ pub fn train(
         if let Some(label) = &phase.label {
             on(Event::Phase { label, first_epoch: phase_start + 1, last_epoch: phase_end });
         }
+        let mut jit_before = programs.jit_seconds;
         for epoch in first_epoch.max(phase_start) + 1..=phase_end.min(last) {
             let epoch_start = Instant::now();
             let perm =
@@ -328,16 +458,20 @@ pub fn train(
                     threads: cfg.threads,
                     check_finite: true,
                 };
-                let values = interp::run(g, &inputs, &mut state, &opts)
+                let loss = programs
+                    .step(idx.len(), &inputs, &mut state, &opts, on)
                     .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
-                let loss = values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]));
                 loss_sum += loss * idx.len() as f64;
                 on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
             }
-            let epoch_train = epoch_start.elapsed();
+            // Code generation happens inside the first steps; it is reported apart.
+            let compiled_now = programs.jit_seconds - jit_before;
+            let epoch_train = epoch_start.elapsed().saturating_sub(Duration::from_secs_f64(compiled_now));
+            jit_before = programs.jit_seconds;
             train_time += epoch_train;
             trained_samples += order.len();
-            let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state)?;
+            programs.sync(&mut state);
+            let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
             metrics.push(EpochMetrics {
                 epoch,
                 stage: phase.label.clone(),
@@ -358,6 +492,7 @@ pub fn train(
             }
         }
         step = state.step;
+        jit_seconds += programs.jit_seconds;
         phase_start = phase_end;
     }
     let params = store.params_of(model_graph)?;
@@ -373,6 +508,7 @@ pub fn train(
         params,
         seconds: started.elapsed().as_secs_f64(),
         samples_per_s: trained_samples as f64 / train_time.as_secs_f64().max(1e-9),
+        jit_seconds,
     })
 }
 
@@ -486,6 +622,7 @@ fn evaluate(
     batch: usize,
     cfg: &TrainConfig,
     state: &mut State,
+    on: &mut dyn FnMut(Event),
 ) -> Result<Option<f64>, TrainError> {
     if idx.is_empty() {
         return Ok(None);
@@ -496,8 +633,7 @@ fn evaluate(
         let inputs = batch_inputs(g, data, chunk, None, cfg.seed, state.step);
         let opts =
             interp::Options { seed: cfg.seed, step: state.step, threads: cfg.threads, check_finite: false };
-        let values = interp::run(g, &inputs, state, &opts).map_err(|e| TrainError::Compile(e.to_string()))?;
-        sum += values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])) * chunk.len() as f64;
+        sum += programs.eval_loss(chunk.len(), &inputs, state, &opts, on)? * chunk.len() as f64;
     }
     Ok(Some(sum / idx.len() as f64))
 }
