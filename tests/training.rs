@@ -352,3 +352,38 @@ fn resuming_inside_greedy_pretraining_continues_the_right_stage() {
         }
     }
 }
+
+#[test]
+fn onehot838_has_the_same_loss_curve_on_both_backends() {
+    let mut curves = Vec::new();
+    for backend in ["jit", "interp"] {
+        let dir = scratch(&format!("curve-{backend}"));
+        let (code, _, err) = aec(&[
+            "run",
+            "--train",
+            "specs/onehot838.ae",
+            "--epochs",
+            "200",
+            "--backend",
+            backend,
+            "--out",
+            s(&dir),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let losses: Vec<f64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"]
+                    .as_f64()
+                    .expect("loss")
+            })
+            .collect();
+        assert_eq!(losses.len(), 200);
+        curves.push(losses);
+    }
+    for (step, (jit, interp)) in curves[0].iter().zip(&curves[1]).enumerate() {
+        let rel = (jit - interp).abs() / interp.abs().max(1e-12);
+        assert!(rel < 1e-4, "step {}: native {jit}, interpreter {interp}", step + 1);
+    }
+}

@@ -3,6 +3,22 @@
 //!
 //! Exit codes: 0 success; 1 the spec (or the data it names) is wrong; 2 usage or I/O errors.
 
+/// `print!` that never panics: output to a closed pipe (`aec … | head`) is dropped.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` that never panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod run;
 
 use aec::diag::{self, Diagnostic};
@@ -55,6 +71,10 @@ enum Emit {
     Grad,
     /// A PyTorch module with the same parameter names and forward pass.
     Torch,
+    /// The native kernels of the training step and its memory plan.
+    Fused,
+    /// The Cranelift IR of every kernel of the training step.
+    Clif,
 }
 
 /// An error the CLI reports and turns into an exit code.
@@ -115,7 +135,7 @@ fn emit_stage(args: &CompileArgs, c: &aec::Compiled, src: &str, k: usize) -> Res
         }
         _ => return Err(Failure::Io("--stage goes with --emit ir or --emit grad".into())),
     };
-    print!("{}", aec::ir::print(&g, Some(src)));
+    out!("{}", aec::ir::print(&g, Some(src)));
     Ok(())
 }
 
@@ -153,13 +173,38 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         return emit_stage(args, &compiled, &src, k as usize);
     }
     match args.emit {
-        None => print!("{}", compiled.model.table(&src)),
-        Some(Emit::Ast) => print!("{}", compiled.ast),
-        Some(Emit::Ir) => print!("{}", aec::ir::print(&compiled.forward, Some(&src))),
-        Some(Emit::Params) => print!("{}", compiled.model.params_listing()),
-        Some(Emit::Torch) => print!("{}", aec::sema::torch::emit(&compiled.model)),
+        None => {
+            out!("{}", compiled.model.table(&src));
+            match aec::training_step(&compiled)
+                .and_then(|g| aec::codegen::Program::compile(&g, Default::default()))
+            {
+                Ok(p) => outln!(
+                    "native training step (batch {}): {} kernels, {:.1} KiB arena, compiled in {:.1} ms",
+                    compiled.batch,
+                    p.kernel_count(),
+                    p.plan().size as f64 / 1024.0,
+                    p.compile_time().as_secs_f64() * 1e3
+                ),
+                Err(e) => outln!("native training step: not available ({e})"),
+            }
+        }
+        Some(Emit::Fused) => {
+            let g = aec::training_step(&compiled).map_err(Failure::Data)?;
+            let p = aec::codegen::Program::compile(&g, Default::default()).map_err(Failure::Data)?;
+            out!("{}", aec::codegen::describe(&p));
+        }
+        Some(Emit::Clif) => {
+            let g = aec::training_step(&compiled).map_err(Failure::Data)?;
+            for (name, text) in aec::codegen::clif_of(&g).map_err(Failure::Data)? {
+                outln!("; kernel {name}\n{text}");
+            }
+        }
+        Some(Emit::Ast) => out!("{}", compiled.ast),
+        Some(Emit::Ir) => out!("{}", aec::ir::print(&compiled.forward, Some(&src))),
+        Some(Emit::Params) => out!("{}", compiled.model.params_listing()),
+        Some(Emit::Torch) => out!("{}", aec::sema::torch::emit(&compiled.model)),
         Some(Emit::Grad) => match aec::training_step(&compiled) {
-            Ok(g) => print!("{}", aec::ir::print(&g, Some(&src))),
+            Ok(g) => out!("{}", aec::ir::print(&g, Some(&src))),
             Err(e) => {
                 return Err(Failure::Data(format!("cannot differentiate {}: {e}", args.spec.display())));
             }

@@ -59,6 +59,9 @@ pub struct RunArgs {
 #[derive(clap::Args)]
 pub struct EncodeArgs {
     spec: PathBuf,
+    /// The executor: native code (`jit`) or the reference interpreter (`interp`).
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
+    backend: Backend,
     #[arg(long)]
     weights: PathBuf,
     #[arg(long)]
@@ -142,11 +145,19 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads))
+    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads), args.backend)
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
-    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, threads(args.threads))
+    apply(
+        &args.spec,
+        &args.weights,
+        &args.input,
+        &args.output,
+        Output::Code,
+        threads(args.threads),
+        args.backend,
+    )
 }
 
 fn apply(
@@ -156,13 +167,15 @@ fn apply(
     output: &Path,
     what: Output,
     threads: usize,
+    backend: Backend,
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
     let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
     let x = data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))?;
-    let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads).map_err(Failure::Data)?;
+    let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads, backend.runtime())
+        .map_err(Failure::Data)?;
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
     eprintln!("wrote {} ({:?}, f32)", output.display(), y.shape);
     Ok(())
@@ -294,7 +307,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     let used_threads = if args.backend == Backend::Jit { 1 } else { cfg.threads };
     let last = summary.metrics.last();
     let val = last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
-    println!(
+    outln!(
         "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s ({}, {} thread{})",
         last.map_or(0, |m| m.epoch),
         spec.compiled.model.name,
@@ -308,9 +321,9 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         used_threads,
         if used_threads == 1 { "" } else { "s" }
     );
-    println!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
+    outln!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
     if summary.stopped_early {
-        println!(
+        outln!(
             "stopped after epoch {} of {}; continue with --resume {}",
             last.map_or(0, |m| m.epoch),
             summary.total_epochs,
@@ -319,16 +332,24 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if let Some(DataSource::OneHot { .. }) = t.data.first().map(|d| &d.source) {
-        print!("{}", code_table(&spec.compiled, &summary.params, &data, cfg.threads)?);
+        out!("{}", code_table(&spec.compiled, &summary.params, &data, cfg.threads, cfg.backend)?);
     }
     Ok(())
 }
 
 /// For one-hot data: each input's code, its bits, and whether the output's argmax is right.
-fn code_table(c: &Compiled, params: &[Vec<f32>], data: &Dataset, threads: usize) -> Result<String, Failure> {
+fn code_table(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    threads: usize,
+    backend: aec::runtime::Backend,
+) -> Result<String, Failure> {
     let x = &data.arrays[0];
-    let codes = infer::infer(c, params, x, Output::Code, x.samples(), threads).map_err(Failure::Data)?;
-    let recon = infer::infer(c, params, x, Output::Recon, x.samples(), threads).map_err(Failure::Data)?;
+    let codes =
+        infer::infer(c, params, x, Output::Code, x.samples(), threads, backend).map_err(Failure::Data)?;
+    let recon =
+        infer::infer(c, params, x, Output::Recon, x.samples(), threads, backend).map_err(Failure::Data)?;
     let (Values::F32(code), Values::F32(out), Values::F32(inp)) = (&codes.values, &recon.values, &x.values)
     else {
         return Ok(String::new());

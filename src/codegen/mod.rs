@@ -362,3 +362,57 @@ fn bytemuck_bytes_ref(v: &[u64]) -> &[u8] {
 pub fn clif_of(g: &Graph) -> Result<Vec<(String, String)>, String> {
     Program::compile(g, Options { keep_clif: true }).map(|p| p.clif)
 }
+
+/// The kernels a step runs, in order, and the memory plan (`aec compile --emit fused`).
+pub fn describe(p: &Program) -> String {
+    use std::fmt::Write;
+    let g = &p.graph;
+    let plan = &p.plan;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "program {}: {} kernels, compiled in {:.2} ms",
+        g.name,
+        p.kernels.len(),
+        p.compile_time.as_secs_f64() * 1e3
+    );
+    let _ = writeln!(
+        out,
+        "arena: {} bytes ({} persistent: parameters, optimizer state, inputs, step scalars)",
+        plan.size, plan.persistent
+    );
+    let _ = writeln!(out, "\nkernels (one per op; fusion is not done yet):");
+    for k in &p.kernels {
+        let node = g.node(k.node);
+        let _ = writeln!(
+            out,
+            "  k{:<4} {:<28} -> {} @ {}",
+            k.node.0,
+            node.op.mnemonic(),
+            node.ty,
+            plan.node[k.node.index()]
+        );
+    }
+    let _ = writeln!(out, "\nparameters:");
+    for (i, d) in g.params.iter().enumerate() {
+        let slots: Vec<String> = plan.slots[i].iter().map(usize::to_string).collect();
+        let _ =
+            writeln!(out, "  {:<24} @ {:<8} optimizer state @ [{}]", d.name, plan.param[i], slots.join(", "));
+    }
+    let _ = writeln!(out, "\ninputs:");
+    for (i, d) in g.inputs.iter().enumerate() {
+        let _ = writeln!(out, "  {:<24} @ {}", d.name, plan.input[i]);
+    }
+    let _ = writeln!(out, "\ntemporaries (offset, bytes, live from node to node):");
+    for (id, off, bytes, first, last) in &plan.temporaries {
+        let _ = writeln!(out, "  %{:<5} @ {:<8} {:>8} B  live {first}..{last}", id.0, off, bytes);
+    }
+    let total: usize = plan.temporaries.iter().map(|t| t.2).sum();
+    let _ = writeln!(
+        out,
+        "\n{} B of temporaries share {} B through liveness",
+        total,
+        plan.size - plan.persistent
+    );
+    out
+}

@@ -1,7 +1,8 @@
 //! Inference: the network's output (`recon`) or the encoder's (`code`) for a whole array of
 //! samples, in batches, with dropout off.
 
-use super::State;
+use super::{Backend, State};
+use crate::codegen;
 use crate::data::{Array, Values};
 use crate::interp::{self, Buf};
 use crate::passes;
@@ -22,6 +23,7 @@ pub fn infer(
     output: Output,
     batch: usize,
     threads: usize,
+    backend: Backend,
 ) -> Result<Array, String> {
     let name = match output {
         Output::Recon => "recon",
@@ -32,6 +34,7 @@ pub fn infer(
     let mut state = State::new(params.to_vec());
     let mut out: Vec<f32> = Vec::new();
     let mut graphs = std::collections::HashMap::new();
+    let mut native: std::collections::HashMap<usize, codegen::Program> = std::collections::HashMap::new();
     for start in (0..n).step_by(batch.max(1)) {
         let b = batch.min(n - start);
         let g = match graphs.entry(b) {
@@ -53,9 +56,27 @@ pub fn infer(
                 _ => Buf::F32(Vec::new()),
             })
             .collect();
-        let opts = interp::Options { threads, check_finite: false, ..interp::Options::default() };
-        let values = interp::run(g, &inputs, &mut state, &opts).map_err(|e| e.to_string())?;
-        out.extend_from_slice(values.output(g, name).map(|b| b.f32()).unwrap_or(&[]));
+        match backend {
+            Backend::Interp => {
+                let opts = interp::Options { threads, check_finite: false, ..interp::Options::default() };
+                let values = interp::run(g, &inputs, &mut state, &opts).map_err(|e| e.to_string())?;
+                out.extend_from_slice(values.output(g, name).map(|b| b.f32()).unwrap_or(&[]));
+            }
+            Backend::Jit => {
+                let p = match native.entry(b) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(codegen::Program::compile(g, codegen::Options::default())?)
+                    }
+                };
+                p.set_state(&state)?;
+                p.run(&inputs, 0, 1).map_err(|_| "the inputs do not fit the network".to_owned())?;
+                match p.output(name) {
+                    Some(Buf::F32(v)) => out.extend_from_slice(&v),
+                    _ => return Err(format!("no `{name}` output")),
+                }
+            }
+        }
     }
     let ty = match output {
         Output::Recon => &c.model.output,
