@@ -28,9 +28,14 @@ fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
 /// `steps` training steps of `g` on both backends from the same state; compares the loss of
 /// every step and every parameter and optimizer buffer at the end.
 fn same_training(name: &str, g: &Graph, forward: &Graph, steps: u64, tol: f32) {
+    same_training_threads(name, g, forward, steps, tol, 1);
+}
+
+fn same_training_threads(name: &str, g: &Graph, forward: &Graph, steps: u64, tol: f32, threads: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut state = State::new(init::init_params(forward, aec::syntax::ast::Init::Default, 3));
     let mut program = Program::compile(g, Options::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    program.set_threads(threads);
     program.set_state(&state).expect("state");
     for step in 1..=steps {
         let inputs = random_inputs(g, &mut rng);
@@ -175,4 +180,28 @@ fn a_diverging_step_leaves_the_state_untouched() {
     let mut after = State::new(Vec::new());
     program.get_state(&mut after);
     assert_eq!(after.params, state.params, "parameters changed by a failed step");
+}
+
+#[test]
+fn splitting_matmuls_across_threads_changes_nothing() {
+    // 784-256 matmuls at batch 13 and 64 are above the split threshold; 13 leaves a partial
+    // block of rows for the last thread.
+    for batch in [13, 64] {
+        let (g, f) = spec("bench_mlp784", batch);
+        same_training_threads(&format!("bench_mlp784 batch {batch}, 2 threads"), &g, &f, 2, 1e-4, 2);
+        // And bit for bit against one thread.
+        let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 3));
+        let inputs = random_inputs(&g, &mut ChaCha8Rng::seed_from_u64(1));
+        let mut results = Vec::new();
+        for threads in [1, 2] {
+            let mut p = Program::compile(&g, Options::default()).expect("compiles");
+            p.set_threads(threads);
+            p.set_state(&state).expect("state");
+            p.run(&inputs, 1, 1).expect("runs");
+            let mut out = State::new(Vec::new());
+            p.get_state(&mut out);
+            results.push(out.params);
+        }
+        assert!(results[0] == results[1], "batch {batch}: 2 threads differ from 1");
+    }
 }

@@ -19,6 +19,7 @@ macro_rules! outln {
     }};
 }
 
+mod bench;
 mod run;
 
 use aec::diag::{self, Diagnostic};
@@ -42,6 +43,8 @@ enum Command {
     Run(run::RunArgs),
     /// Run the encoder of a trained network: the codes of the inputs.
     Encode(run::EncodeArgs),
+    /// Measure native compile time, training and inference speed.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile(&args),
         Command::Run(args) => run::run(&args),
         Command::Encode(args) => run::encode(&args),
+        Command::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

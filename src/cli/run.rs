@@ -303,8 +303,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         }
     };
     progress.finish();
-    // The native kernels run on one thread for now; the interpreter splits matmul rows.
-    let used_threads = if args.backend == Backend::Jit { 1 } else { cfg.threads };
+    let used_threads = cfg.threads;
     let last = summary.metrics.last();
     let val = last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
     outln!(

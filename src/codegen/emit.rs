@@ -75,12 +75,61 @@ impl Emit<'_, '_> {
         self.b.switch_to_block(exit);
     }
 
+    /// `for i in lo..hi { body(i) }` with bounds known only at run time.
+    pub fn for_dynamic(&mut self, lo: Value, hi: Value, mut body: impl FnMut(&mut Self, Value)) {
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.append_block_param(header, I64);
+        self.b.ins().jump(header, &[BlockArg::Value(lo)]);
+        self.b.switch_to_block(header);
+        let i = self.b.block_params(header)[0];
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, hi);
+        self.b.ins().brif(more, body_block, &[], exit, &[]);
+        self.b.switch_to_block(body_block);
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.ins().jump(header, &[BlockArg::Value(next)]);
+        self.b.switch_to_block(exit);
+    }
+
     /// An elementwise loop over `n` elements: `body(ty, i)` with `ty` F32X4 over the vector
     /// part and F32 over the tail.
     pub fn elementwise(&mut self, n: usize, mut body: impl FnMut(&mut Self, Type, Value)) {
         let full = (n / 4 * 4) as i64;
         self.for_range(0, full, 4, |e, i| body(e, F32X4, i));
         self.for_range(full, n as i64, 1, |e, i| body(e, F32, i));
+    }
+
+    /// `elementwise` over the chunks `lo..hi` of `chunk` elements (`chunk` a multiple of 4):
+    /// the part of `n` elements one thread takes.
+    pub fn elementwise_chunks(
+        &mut self,
+        n: usize,
+        chunk: usize,
+        lo: Value,
+        hi: Value,
+        mut body: impl FnMut(&mut Self, Type, Value),
+    ) {
+        let full = n / chunk;
+        let fr = self.i64(full as i64);
+        let cap = self.b.ins().smin(hi, fr);
+        self.for_dynamic(lo, cap, |e, c| {
+            let start = e.b.ins().imul_imm_s(c, chunk as i64);
+            e.for_range(0, chunk as i64, 4, |e, i| {
+                let idx = e.b.ins().iadd(start, i);
+                body(e, F32X4, idx);
+            });
+        });
+        if !n.is_multiple_of(chunk) {
+            let last = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
+            self.when(last, |e| {
+                let start = (full * chunk) as i64;
+                let vec_end = start + ((n - full * chunk) / 4 * 4) as i64;
+                e.for_range(start, vec_end, 4, |e, i| body(e, F32X4, i));
+                e.for_range(vec_end, n as i64, 1, |e, i| body(e, F32, i));
+            });
+        }
     }
 
     /// `if cond { then() }`.

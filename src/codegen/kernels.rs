@@ -9,8 +9,9 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
-/// Emits node `id`'s kernel body. Errors name ops without a kernel (nothing falls back).
-pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), String> {
+/// Emits node `id`'s kernel body; `range` is the (lo, hi) work range of kernels that split
+/// across threads. Errors name ops without a kernel (nothing falls back).
+pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Value)) -> Result<(), String> {
     let node = g.node(id);
     let out = plan.node[id.index()];
     let at = |n: NodeId| plan.node[n.index()];
@@ -33,7 +34,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         }
         Op::Unary { f, x } => {
             let (f, src) = (*f, at(*x));
-            e.elementwise(numel, |e, ty, i| {
+            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
                 let v = e.load(ty, src, i);
                 let y = unary(e, ty, f, v);
                 e.store(out, i, y);
@@ -41,7 +42,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         }
         Op::ActGrad { f, y, dy } => {
             let (f, ys, ds) = (*f, at(*y), at(*dy));
-            e.elementwise(numel, |e, ty, i| {
+            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
                 let y = e.load(ty, ys, i);
                 let d = e.load(ty, ds, i);
                 let r = act_grad(e, ty, f, y, d);
@@ -50,7 +51,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         }
         Op::Binary { f, a, b } => {
             let (f, sa, sb) = (*f, at(*a), at(*b));
-            e.elementwise(numel, |e, ty, i| {
+            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
                 let a = e.load(ty, sa, i);
                 let b = e.load(ty, sb, i);
                 let r = match f {
@@ -63,7 +64,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         }
         Op::Scale { x, c } => {
             let (c, src) = (*c, at(*x));
-            e.elementwise(numel, |e, ty, i| {
+            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
                 let v = e.load(ty, src, i);
                 let k = e.fconst(ty, c);
                 let r = e.b.ins().fmul(v, k);
@@ -155,10 +156,10 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
                 e.store(out, ch, a);
             });
         }
-        Op::MatMul { a, b, ta, tb } => {
+        Op::MatMul { a, ta, .. } => {
             let scratch =
                 plan.scratch.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("matmul without scratch")?;
-            super::matmul::emit(e, g, plan, id, (*a, *ta), (*b, *tb), scratch);
+            super::matmul::emit(e, g, plan, id, (*a, *ta), scratch, range.0, range.1);
         }
         Op::Conv2d { x, w, stride, pad } => {
             conv2d(e, &shape(*x), &shape(*w), &node.ty.shape, (at(*x), at(*w), out), *stride, *pad)
@@ -366,11 +367,38 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
                 .map(|s| s.1)
                 .ok_or("update without scalars")?;
             let n = g.params[param.index()].shape.iter().product();
-            update(e, *f, n, plan.param[param.index()], &plan.slots[param.index()], at(*grad), scalars);
+            update(
+                e,
+                *f,
+                n,
+                plan.param[param.index()],
+                &plan.slots[param.index()],
+                at(*grad),
+                scalars,
+                range,
+            );
         }
         Op::Recurrent { .. } => return Err("the JIT has no kernel for `recurrent` yet".into()),
     }
     Ok(())
+}
+
+/// Elements per work unit of the kernels that split by element ranges.
+pub const CHUNK: usize = 8192;
+
+/// Work units of node `id`'s kernel (1 for kernels that do not split), and its rough work.
+pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
+    match &g.node(id).op {
+        Op::Update { param, .. } => {
+            let n: usize = g.params[param.index()].shape.iter().product();
+            (n.div_ceil(CHUNK), 8 * n)
+        }
+        Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } => {
+            let n = g.ty(id).numel();
+            (n.div_ceil(CHUNK), 4 * n)
+        }
+        _ => (1, 0),
+    }
 }
 
 /// `for r in 0..rows { body(r·n) }`.
@@ -960,6 +988,7 @@ fn loss_grad(e: &mut Emit, f: LossFn, ps: &[usize], (p, t, dy): (usize, usize, u
 /// The optimizer step of one parameter. Scalars set by the runtime before each step:
 /// [0] SGD's momentum for this step (0 on the parameter's first update, so the buffer starts as
 /// the gradient) or Adam's step size lr/(1-β₁ᵗ); [1] Adam's √(1-β₂ᵗ).
+#[allow(clippy::too_many_arguments)]
 fn update(
     e: &mut Emit,
     f: OptimizerFn,
@@ -968,6 +997,7 @@ fn update(
     slots: &[usize],
     grad: usize,
     scalars: usize,
+    (lo, hi): (Value, Value),
 ) {
     let zero = e.i64(0);
     let one = e.i64(1);
@@ -975,7 +1005,7 @@ fn update(
     let s1 = e.load(F32, scalars, one);
     let s0v = e.b.ins().splat(F32X4, s0);
     let s1v = e.b.ins().splat(F32X4, s1);
-    e.elementwise(n, |e, ty, i| {
+    e.elementwise_chunks(n, CHUNK, lo, hi, |e, ty, i| {
         let (s0, s1) = if ty == F32X4 { (s0v, s1v) } else { (s0, s1) };
         let p = e.load(ty, param, i);
         let g = e.load(ty, grad, i);

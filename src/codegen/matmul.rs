@@ -9,6 +9,7 @@
 use super::emit::Emit;
 use super::plan::Plan;
 use crate::ir::{Graph, NodeId};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
@@ -26,30 +27,56 @@ struct Mm {
     c: usize,
 }
 
+/// The sizes of a matmul node: (M, N, K).
+pub fn dims(g: &Graph, id: NodeId) -> Option<(usize, usize, usize)> {
+    let crate::ir::Op::MatMul { a, b, ta, tb } = g.node(id).op else { return None };
+    let sa = &g.ty(a).shape;
+    let sb = &g.ty(b).shape;
+    let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let n = if tb { sb[0] } else { sb[1] };
+    Some((m, n, k))
+}
+
+/// Blocks of rows a matmul's compute kernel splits into: the unit of work per thread.
+pub fn row_blocks(m: usize) -> usize {
+    m.div_ceil(MR)
+}
+
+/// The packing kernel: B into panels (run once, before the compute kernel).
+pub fn emit_pack(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, (b, tb): (NodeId, bool), scratch: usize) {
+    let Some((_, n, k)) = dims(g, id) else { return };
+    pack_b(e, plan.node[b.index()], tb, k, n, scratch);
+}
+
+/// The compute kernel over row blocks `lo..hi` (I64 block indices).
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,
     id: NodeId,
     (a, ta): (NodeId, bool),
-    (b, tb): (NodeId, bool),
     scratch: usize,
+    lo: Value,
+    hi: Value,
 ) {
-    let sa = &g.ty(a).shape;
-    let sb = &g.ty(b).shape;
-    let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
-    let n = if tb { sb[0] } else { sb[1] };
-    pack_b(e, plan.node[b.index()], tb, k, n, scratch);
+    let Some((m, n, k)) = dims(g, id) else { return };
     let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: plan.node[id.index()] };
     let full_rows = m / MR;
     let full_panels = n / NR;
-    e.for_range(0, full_rows as i64, 1, |e, ib| {
+    // Full blocks in lo..min(hi, full_rows); the partial last block when hi reaches it.
+    let fr = e.i64(full_rows as i64);
+    let cap = e.b.ins().smin(hi, fr);
+    e.for_dynamic(lo, cap, |e, ib| {
         let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
         panels(e, &mm, i0, MR, full_panels);
     });
     if !m.is_multiple_of(MR) {
-        let i0 = e.i64((full_rows * MR) as i64);
-        panels(e, &mm, i0, m % MR, full_panels);
+        let last = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full_rows as i64);
+        e.when(last, |e| {
+            let i0 = e.i64((full_rows * MR) as i64);
+            panels(e, &mm, i0, m % MR, full_panels);
+        });
     }
 }
 

@@ -29,12 +29,30 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{Linkage, Module, default_libcall_names};
 use std::time::{Duration, Instant};
 
-type KernelFn = unsafe extern "C" fn(*mut u8);
+/// A kernel: `fn(arena base, lo, hi)`; `lo..hi` is the range of work units (a matmul's row
+/// blocks) for kernels that split across threads, ignored by the others.
+type KernelFn = unsafe extern "C" fn(*mut u8, i64, i64);
 
 struct Kernel {
     node: NodeId,
     f: KernelFn,
+    /// Work units `lo..hi` ranges over (1 for kernels that do not split).
+    units: usize,
+    /// Multiply-adds, to decide whether splitting pays.
+    work: usize,
 }
+
+/// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
+const SPLIT_WORK: usize = 1 << 20;
+
+/// The arena's base address, sent to the worker threads of one kernel call.
+#[derive(Clone, Copy)]
+struct Base(*mut u8);
+// SAFETY: the pointer is only used by kernels running inside one `std::thread::scope` in
+// `Program::call`, each on a disjoint range of output rows, while the `&mut Program` borrow
+// keeps every other access to the arena out.
+unsafe impl Send for Base {}
+unsafe impl Sync for Base {}
 
 /// Options of a compilation.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,6 +70,7 @@ pub struct Program {
     arena: Vec<u64>,
     base: usize,
     param_steps: Vec<u64>,
+    threads: usize,
     compile_time: Duration,
     clif: Vec<(String, String)>,
     // Keeps the generated code alive; declared last so it is dropped after the kernels.
@@ -87,17 +106,24 @@ impl Program {
             module.declare_function("aec_logf", Linkage::Import, &logf_sig).map_err(|e| e.to_string())?;
 
         let mut sig = module.make_signature();
-        sig.params.push(AbiParam::new(I64));
+        sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
         let mut ctx = module.make_context();
         let mut fctx = FunctionBuilderContext::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
+        // Matmuls are two kernels: packing B, then the compute kernel that splits by rows.
+        let mut work: Vec<(NodeId, bool)> = Vec::new();
         for id in g.ids() {
-            let node = g.node(id);
-            if matches!(node.op, Op::Input(_) | Op::Param(_) | Op::Reshape { .. }) {
-                continue;
+            match g.node(id).op {
+                Op::Input(_) | Op::Param(_) | Op::Reshape { .. } => {}
+                Op::MatMul { .. } => work.extend([(id, true), (id, false)]),
+                _ => work.push((id, false)),
             }
-            let name = format!("k{}_{}", id.0, node.op.mnemonic());
+        }
+        for &(id, pack) in &work {
+            let node = g.node(id);
+            let name =
+                if pack { format!("k{}_pack", id.0) } else { format!("k{}_{}", id.0, node.op.mnemonic()) };
             let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
             ctx.func.signature = sig.clone();
             ctx.func.name = UserFuncName::user(0, fid.as_u32());
@@ -107,10 +133,22 @@ impl Program {
                 let entry = b.create_block();
                 b.append_block_params_for_function_params(entry);
                 b.switch_to_block(entry);
-                let base = b.block_params(entry)[0];
+                let params = b.block_params(entry).to_vec();
+                let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
                 let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref) };
-                kernels::emit(&mut e, g, &plan, id)?;
+                match (&node.op, pack) {
+                    (Op::MatMul { b: rhs, tb, .. }, true) => {
+                        let scratch = plan
+                            .scratch
+                            .iter()
+                            .find(|s| s.0 == id)
+                            .map(|s| s.1)
+                            .ok_or("matmul without scratch")?;
+                        matmul::emit_pack(&mut e, g, &plan, id, (*rhs, *tb), scratch);
+                    }
+                    _ => kernels::emit(&mut e, g, &plan, id, (lo, hi))?,
+                }
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
                 b.finalize(frontend);
@@ -120,17 +158,22 @@ impl Program {
             }
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
-            ids.push((id, fid));
+            let (units, flops) = match (matmul::dims(g, id), pack) {
+                (Some((m, n, k)), false) => (matmul::row_blocks(m), m * n * k),
+                (Some(_), true) => (1, 0),
+                (None, _) => kernels::units(g, id),
+            };
+            ids.push((id, fid, units, flops));
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(node, fid)| {
+            .map(|(node, fid, units, work)| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
-                // `fn(i64)` (the arena base) and no results, which is `KernelFn`'s ABI.
+                // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                Kernel { node, f }
+                Kernel { node, f, units, work }
             })
             .collect();
         let words = plan.size / 8 + 16;
@@ -140,6 +183,7 @@ impl Program {
         Ok(Program {
             graph: g.clone(),
             param_steps: vec![0; g.params.len()],
+            threads: 1,
             plan,
             kernels,
             arena,
@@ -165,6 +209,11 @@ impl Program {
     /// Each kernel's Cranelift IR (with `Options::keep_clif`).
     pub fn clif(&self) -> &[(String, String)] {
         &self.clif
+    }
+
+    /// Threads the large kernels split across (1 by default).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     pub fn kernel_count(&self) -> usize {
@@ -295,14 +344,35 @@ impl Program {
         }
     }
 
-    /// Calls kernel `k` on the arena.
+    /// Calls kernel `k` on the arena, split across threads when it is large enough.
     fn call(&mut self, k: usize) {
-        let f = self.kernels[k].f;
-        let base = self.bytes().as_mut_ptr();
-        // SAFETY: `f` was generated for this program's plan, which `check_plan` verified fits
-        // in the arena; `base` points at the arena's 64-byte-aligned start, with `plan.size`
-        // bytes behind it (the arena was allocated with `plan.size` plus alignment slack).
-        unsafe { f(base) }
+        let (f, units, work) = (self.kernels[k].f, self.kernels[k].units, self.kernels[k].work);
+        let base = Base(self.bytes().as_mut_ptr());
+        let threads = self.threads.min(units);
+        if threads <= 1 || work < SPLIT_WORK {
+            // SAFETY: `f` was generated for this program's plan, which `check_plan` verified
+            // fits in the arena; `base` points at the arena's 64-byte-aligned start with
+            // `plan.size` bytes behind it. `0..units` is the kernel's whole range.
+            unsafe { f(base.0, 0, units as i64) };
+            return;
+        }
+        let per = units.div_ceil(threads);
+        std::thread::scope(|s| {
+            for t in 1..threads {
+                let (lo, hi) = (t * per, ((t + 1) * per).min(units));
+                if lo < hi {
+                    // SAFETY: as above; the ranges are disjoint, and a split kernel (matmul's
+                    // compute) writes only the output rows of its own range and reads buffers
+                    // no kernel of this call writes.
+                    s.spawn(move || {
+                        let base = base;
+                        unsafe { f(base.0, lo as i64, hi as i64) }
+                    });
+                }
+            }
+            // SAFETY: as above, the first range on this thread.
+            unsafe { f(base.0, 0, per.min(units) as i64) };
+        });
     }
 
     /// A node's value after `run`: valid for outputs (temporaries may be reused).

@@ -66,7 +66,9 @@ pub fn infer(
                 let p = match native.entry(b) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(codegen::Program::compile(g, codegen::Options::default())?)
+                        let mut p = codegen::Program::compile(g, codegen::Options::default())?;
+                        p.set_threads(threads);
+                        e.insert(p)
                     }
                 };
                 p.set_state(&state)?;

@@ -200,6 +200,7 @@ struct Programs<'c> {
     /// The native program whose arena holds the current parameters, if any.
     holder: Option<usize>,
     jit_seconds: f64,
+    threads: usize,
 }
 
 impl Programs<'_> {
@@ -234,7 +235,8 @@ impl Programs<'_> {
     }
 
     fn compile(&mut self, g: &Graph, on: &mut dyn FnMut(Event)) -> Result<codegen::Program, TrainError> {
-        let p = codegen::Program::compile(g, codegen::Options::default()).map_err(TrainError::Compile)?;
+        let mut p = codegen::Program::compile(g, codegen::Options::default()).map_err(TrainError::Compile)?;
+        p.set_threads(self.threads);
         let seconds = p.compile_time().as_secs_f64();
         self.jit_seconds += seconds;
         on(Event::Compiled { graph: &g.name, kernels: p.kernel_count(), seconds });
@@ -425,6 +427,7 @@ pub fn train(
             native_eval: HashMap::new(),
             holder: None,
             jit_seconds: 0.0,
+            threads: cfg.threads,
         };
         let reference = programs.train(batch)?.clone();
         let mut state = if first_epoch > phase_start {

@@ -1,0 +1,117 @@
+//! `aec bench`: how fast a spec trains and runs natively, on synthetic inputs.
+
+use super::{Failure, read_spec, report};
+use aec::codegen::{Options, Program};
+use aec::interp::Buf;
+use aec::ir::{DType, Graph};
+use aec::runtime::{State, init};
+use aec::sema::{Lowering, Mode, lower};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Register-only peak of 128-bit FMA on one core of this machine (see ARCHITECTURE.md).
+const PEAK_GFLOPS_PER_CORE: f64 = 45.0;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    spec: PathBuf,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    batch: Option<u64>,
+    /// Threads large kernels split across (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: Option<u64>,
+    /// Training steps per measurement round (5 rounds; the median is reported).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn inputs(g: &Graph) -> Vec<Buf> {
+    g.inputs
+        .iter()
+        .map(|i| match i.ty.dtype {
+            DType::F32 => Buf::F32((0..i.ty.numel()).map(|k| (k % 97) as f32 / 97.0).collect()),
+            DType::I32 => Buf::I32(vec![0; i.ty.numel()]),
+        })
+        .collect()
+}
+
+/// Median samples/s over 5 rounds of `steps` runs of `p`.
+fn measure(p: &mut Program, batch: u64, steps: u64) -> Result<f64, Failure> {
+    let x = inputs(p.graph());
+    for s in 0..3 {
+        p.run(&x, 1, s + 1).map_err(|l| Failure::Data(format!("the benchmark diverged (loss {l})")))?;
+    }
+    let mut rates = Vec::new();
+    for round in 0..5 {
+        let t = Instant::now();
+        for s in 0..steps {
+            p.run(&x, 1, 4 + round * steps + s)
+                .map_err(|l| Failure::Data(format!("the benchmark diverged (loss {l})")))?;
+        }
+        rates.push((steps * batch) as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[2])
+}
+
+pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
+    let src = read_spec(&args.spec)?;
+    let c = match aec::compile(&src, &aec::Config { batch: args.batch }) {
+        Ok(c) => c,
+        Err(d) => {
+            report(&d, &args.spec, &src);
+            return Err(Failure::Spec);
+        }
+    };
+    let step =
+        aec::training_step(&c).map_err(|e| Failure::Data(format!("cannot train this spec natively: {e}")))?;
+    let threads = args
+        .threads
+        .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
+    let mut train = Program::compile(&step, Options::default()).map_err(Failure::Data)?;
+    train.set_threads(threads);
+    let state = State::new(init::init_params(&c.forward, aec::syntax::ast::Init::Default, 1));
+    train.set_state(&state).map_err(Failure::Data)?;
+    let fwd = lower::lower(&c.model, &Lowering { batch: c.batch, mode: Mode::Infer, denoise: false })
+        .map_err(Failure::Data)?;
+    let fwd = aec::passes::dce::keep_outputs(&fwd, &["recon"]).map_err(Failure::Data)?;
+    let mut infer = Program::compile(&fwd, Options::default()).map_err(Failure::Data)?;
+    infer.set_threads(threads);
+    infer.set_state(&state).map_err(Failure::Data)?;
+
+    let flops_fwd: u64 = c.model.layers.iter().map(|l| l.flops).sum();
+    // A training step: the forward pass and about twice its work backward.
+    let flops_train = 3.0 * flops_fwd as f64;
+    let steps = args
+        .steps
+        .unwrap_or_else(|| (2e8 / (flops_train * c.batch as f64).max(1.0)).clamp(10.0, 20_000.0) as u64);
+    let train_rate = measure(&mut train, c.batch, steps)?;
+    let infer_rate = measure(&mut infer, c.batch, steps)?;
+    let gflops = flops_train * train_rate / 1e9;
+    let peak = 100.0 * gflops / (PEAK_GFLOPS_PER_CORE * threads as f64);
+    let compile_ms = (train.compile_time() + infer.compile_time()).as_secs_f64() * 1e3;
+    let name = &c.model.name;
+    if args.json {
+        outln!(
+            "{{\"spec\":\"{name}\",\"batch\":{},\"threads\":{threads},\"jit_compile_ms\":{compile_ms:.3},\"train_samples_per_s\":{train_rate:.1},\"infer_samples_per_s\":{infer_rate:.1},\"train_gflops\":{gflops:.3},\"peak_percent\":{peak:.2}}}",
+            c.batch
+        );
+    } else {
+        let s = if threads == 1 { "" } else { "s" };
+        outln!("{name} (batch {}, {threads} thread{s}, median of 5 rounds of {steps} steps)", c.batch);
+        outln!(
+            "  native compile  {compile_ms:.1} ms ({} + {} kernels)",
+            train.kernel_count(),
+            infer.kernel_count()
+        );
+        outln!("  training        {train_rate:.0} samples/s");
+        outln!("  inference       {infer_rate:.0} samples/s");
+        outln!(
+            "  training        {gflops:.2} GFLOP/s, {peak:.1}% of the 128-bit FMA peak ({PEAK_GFLOPS_PER_CORE} GFLOP/s per core)"
+        );
+    }
+    Ok(())
+}
