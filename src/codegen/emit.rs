@@ -50,6 +50,14 @@ impl Emit<'_, '_> {
         self.b.ins().load(ty, flags, a, 0)
     }
 
+    /// A load from a buffer the kernel never writes: read-only and movable, so Cranelift may
+    /// schedule it freely (and rematerialise it instead of spilling).
+    pub fn load_ro(&mut self, ty: Type, off: usize, idx: Value) -> Value {
+        let a = self.addr(off, idx);
+        let flags = if ty.is_vector() { vmem() } else { mem() }.with_readonly().with_can_move();
+        self.b.ins().load(ty, flags, a, 0)
+    }
+
     pub fn store(&mut self, off: usize, idx: Value, v: Value) {
         let a = self.addr(off, idx);
         let flags = if self.b.func.dfg.value_type(v).is_vector() { vmem() } else { mem() };
@@ -122,7 +130,10 @@ impl Emit<'_, '_> {
             });
         });
         if !n.is_multiple_of(chunk) {
-            let last = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
+            // The tail chunk (number `full`) belongs to the range that contains it.
+            let reaches = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
+            let starts = self.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full as i64);
+            let last = self.b.ins().band(reaches, starts);
             self.when(last, |e| {
                 let start = (full * chunk) as i64;
                 let vec_end = start + ((n - full * chunk) / 4 * 4) as i64;

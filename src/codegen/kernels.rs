@@ -156,11 +156,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 e.store(out, ch, a);
             });
         }
-        Op::MatMul { a, ta, .. } => {
-            let scratch =
-                plan.scratch.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("matmul without scratch")?;
-            super::matmul::emit(e, g, plan, id, (*a, *ta), scratch, range.0, range.1);
-        }
+        Op::MatMul { .. } => return Err("a matmul is emitted with its fused group".into()),
         Op::Conv2d { x, w, stride, pad } => {
             conv2d(e, &shape(*x), &shape(*w), &node.ty.shape, (at(*x), at(*w), out), *stride, *pad)
         }
@@ -359,25 +355,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::LossGrad { f, pred, target, dy } => {
             loss_grad(e, *f, &shape(*pred), (at(*pred), at(*target), at(*dy)), out)
         }
-        Op::Update { f, param, grad } => {
-            let scalars = plan
-                .update_scalars
-                .iter()
-                .find(|s| s.0 == id)
-                .map(|s| s.1)
-                .ok_or("update without scalars")?;
-            let n = g.params[param.index()].shape.iter().product();
-            update(
-                e,
-                *f,
-                n,
-                plan.param[param.index()],
-                &plan.slots[param.index()],
-                at(*grad),
-                scalars,
-                range,
-            );
-        }
+        Op::Update { .. } => return Err("updates are emitted together".into()),
         Op::Recurrent { .. } => return Err("the JIT has no kernel for `recurrent` yet".into()),
     }
     Ok(())
@@ -392,6 +370,10 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         Op::Update { param, .. } => {
             let n: usize = g.params[param.index()].shape.iter().product();
             (n.div_ceil(CHUNK), 8 * n)
+        }
+        Op::MatMul { .. } => {
+            let (m, n, k) = super::matmul::dims(g, id).unwrap_or((1, 1, 1));
+            (super::matmul::row_blocks(m), m * n * k)
         }
         Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } => {
             let n = g.ty(id).numel();
@@ -445,7 +427,7 @@ fn load_index(e: &mut Emit, off: usize, i: Value) -> Value {
     e.b.ins().sextend(I64, v)
 }
 
-fn unary(e: &mut Emit, ty: Type, f: UnaryFn, x: Value) -> Value {
+pub(super) fn unary(e: &mut Emit, ty: Type, f: UnaryFn, x: Value) -> Value {
     match f {
         UnaryFn::Relu => {
             let z = e.fconst(ty, 0.0);
@@ -479,7 +461,7 @@ fn sign(e: &mut Emit, ty: Type, x: Value) -> Value {
     e.select(ty, pos, one, n)
 }
 
-fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -> Value {
+pub(super) fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -> Value {
     match f {
         UnaryFn::Relu | UnaryFn::LeakyRelu(_) => {
             let z = e.fconst(ty, 0.0);
@@ -1056,4 +1038,34 @@ fn update(
             }
         }
     });
+}
+
+/// Every optimizer update in one kernel: its work units are the chunks of all parameters one
+/// after another, and `lo..hi` picks some of them.
+pub fn updates(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    ids: &[NodeId],
+    (lo, hi): (Value, Value),
+) -> Result<(), String> {
+    let mut first = 0usize;
+    for &id in ids {
+        let Op::Update { f, param, grad } = g.node(id).op else { return Err("not an update".into()) };
+        let scalars =
+            plan.update_scalars.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("update without scalars")?;
+        let n: usize = g.params[param.index()].shape.iter().product();
+        let chunks = n.div_ceil(CHUNK) as i64;
+        // This parameter's part of lo..hi, in its own chunk numbers.
+        let zero = e.i64(0);
+        let top = e.i64(chunks);
+        let l = e.b.ins().iadd_imm_s(lo, -(first as i64));
+        let l = e.b.ins().smax(l, zero);
+        let h = e.b.ins().iadd_imm_s(hi, -(first as i64));
+        let h = e.b.ins().smin(h, top);
+        let slots = plan.slots[param.index()].clone();
+        update(e, f, n, plan.param[param.index()], &slots, plan.node[grad.index()], scalars, (l, h));
+        first += chunks as usize;
+    }
+    Ok(())
 }

@@ -1,23 +1,24 @@
 //! The matmul kernel: `C[M,N] = op(A)·op(B)`.
 //!
 //! B is packed into panels of 8 columns (`[N/8][K][8]`, zero-padded), so every panel row is two
-//! `F32X4` loads whatever B's layout. C is computed in blocks of 4 rows × 8 columns held in 8
-//! vector accumulators: per k, two loads of B, four broadcasts of A and eight `fma`s. Rows past
-//! the last full block of 4 and columns past the last full panel get their own code, sized at
-//! compile time.
+//! `F32X4` loads whatever B's layout. C is computed in blocks of 6 rows × 8 columns held in 12
+//! vector accumulators: per k, two loads of B, six broadcasts of A and twelve `fma`s. A and the
+//! packed panel are loaded as read-only and movable, which lets Cranelift keep the accumulators
+//! in registers (see ARCHITECTURE.md's measurements). Rows past the last full block and columns
+//! past the last full panel get their own code, sized at compile time.
 
 use super::emit::Emit;
 use super::plan::Plan;
-use crate::ir::{Graph, NodeId};
+use crate::ir::{BinaryFn, Graph, NodeId, UnaryFn};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
 
-const MR: usize = 4;
+const MR: usize = 6;
 const NR: usize = 8;
 
-struct Mm {
+struct Mm<'a> {
     m: usize,
     n: usize,
     k: usize,
@@ -25,6 +26,74 @@ struct Mm {
     ta: bool,
     packed: usize,
     c: usize,
+    epilogue: &'a [EpOp],
+}
+
+/// An elementwise op applied to C in the store (see `fuse`); offsets are arena buffers.
+#[derive(Clone, Copy, Debug)]
+pub enum EpOp {
+    /// `+ bias[j]`.
+    Bias(usize),
+    Unary(UnaryFn),
+    /// The derivative of an activation with output `y` (a [M, N] buffer), times C.
+    ActGrad(UnaryFn, usize),
+    /// `C op other` (or `other op C` when `!c_left`), `other` a [M, N] buffer.
+    Binary(BinaryFn, usize, bool),
+    Scale(f32),
+}
+
+/// The epilogue of matmul `mm` fused with `chain`.
+pub fn epilogue(g: &Graph, plan: &Plan, mm: NodeId, chain: &[NodeId]) -> Vec<EpOp> {
+    let at = |n: NodeId| plan.node[n.index()];
+    // The chain operand of each op is the node before it in the chain (or the matmul).
+    let mut cur = mm;
+    let mut out = Vec::new();
+    for &u in chain {
+        out.push(match g.node(u).op {
+            crate::ir::Op::BiasAdd { bias, .. } => EpOp::Bias(at(bias)),
+            crate::ir::Op::Unary { f, .. } => EpOp::Unary(f),
+            crate::ir::Op::Scale { c, .. } => EpOp::Scale(c),
+            crate::ir::Op::ActGrad { f, y, .. } => EpOp::ActGrad(f, at(y)),
+            crate::ir::Op::Binary { f, a, b } => {
+                let c_left = a == cur;
+                EpOp::Binary(f, at(if c_left { b } else { a }), c_left)
+            }
+            _ => break,
+        });
+        cur = u;
+    }
+    out
+}
+
+/// Applies the epilogue to four columns of C at flat index `idx`, column `col`.
+fn apply(e: &mut Emit, ops: &[EpOp], mut v: Value, idx: Value, col: Value) -> Value {
+    for op in ops {
+        v = match *op {
+            EpOp::Bias(off) => {
+                let b = e.load_ro(F32X4, off, col);
+                e.b.ins().fadd(v, b)
+            }
+            EpOp::Unary(f) => super::kernels::unary(e, F32X4, f, v),
+            EpOp::ActGrad(f, y) => {
+                let yv = e.load_ro(F32X4, y, idx);
+                super::kernels::act_grad(e, F32X4, f, yv, v)
+            }
+            EpOp::Binary(f, other, c_left) => {
+                let o = e.load_ro(F32X4, other, idx);
+                let (a, b) = if c_left { (v, o) } else { (o, v) };
+                match f {
+                    BinaryFn::Add => e.b.ins().fadd(a, b),
+                    BinaryFn::Sub => e.b.ins().fsub(a, b),
+                    BinaryFn::Mul => e.b.ins().fmul(a, b),
+                }
+            }
+            EpOp::Scale(c) => {
+                let k = e.fconst(F32X4, c);
+                e.b.ins().fmul(v, k)
+            }
+        };
+    }
+    v
 }
 
 /// The sizes of a matmul node: (M, N, K).
@@ -57,11 +126,11 @@ pub fn emit(
     id: NodeId,
     (a, ta): (NodeId, bool),
     scratch: usize,
-    lo: Value,
-    hi: Value,
+    (lo, hi): (Value, Value),
+    (out, epilogue): (usize, &[EpOp]),
 ) {
     let Some((m, n, k)) = dims(g, id) else { return };
-    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: plan.node[id.index()] };
+    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: out, epilogue };
     let full_rows = m / MR;
     let full_panels = n / NR;
     // Full blocks in lo..min(hi, full_rows); the partial last block when hi reaches it.
@@ -72,7 +141,10 @@ pub fn emit(
         panels(e, &mm, i0, MR, full_panels);
     });
     if !m.is_multiple_of(MR) {
-        let last = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full_rows as i64);
+        // The partial block (number `full_rows`) belongs to the range that contains it.
+        let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full_rows as i64);
+        let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full_rows as i64);
+        let last = e.b.ins().band(reaches, starts);
         e.when(last, |e| {
             let i0 = e.i64((full_rows * MR) as i64);
             panels(e, &mm, i0, m % MR, full_panels);
@@ -105,9 +177,9 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
     e.for_range(0, mm.k as i64, 1, |e, kk| {
         let row = e.b.ins().imul_imm_s(kk, NR as i64);
         let at = e.b.ins().iadd(panel, row);
-        let b0 = e.load(F32X4, mm.packed, at);
+        let b0 = e.load_ro(F32X4, mm.packed, at);
         let at4 = e.b.ins().iadd_imm_s(at, 4);
-        let b1 = e.load(F32X4, mm.packed, at4);
+        let b1 = e.load_ro(F32X4, mm.packed, at4);
         for (r, acc) in acc.iter().enumerate() {
             let i = e.b.ins().iadd_imm_s(i0, r as i64);
             // A(i, k): row-major [M, K], or [K, M] when transposed.
@@ -118,7 +190,7 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
                 let t = e.b.ins().imul_imm_s(i, mm.k as i64);
                 e.b.ins().iadd(t, kk)
             };
-            let av = e.load(F32, mm.a, idx);
+            let av = e.load_ro(F32, mm.a, idx);
             let av = e.b.ins().splat(F32X4, av);
             for (h, bv) in [b0, b1].into_iter().enumerate() {
                 let cur = e.b.use_var(acc[h]);
@@ -134,9 +206,12 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
         let at = e.b.ins().iadd(row, col0);
         let v0 = e.b.use_var(acc[0]);
         let v1 = e.b.use_var(acc[1]);
+        let at4 = e.b.ins().iadd_imm_s(at, 4);
+        let col4 = e.b.ins().iadd_imm_s(col0, 4);
+        let v0 = apply(e, mm.epilogue, v0, at, col0);
+        let v1 = apply(e, mm.epilogue, v1, at4, col4);
         if cols == NR {
             e.store(mm.c, at, v0);
-            let at4 = e.b.ins().iadd_imm_s(at, 4);
             e.store(mm.c, at4, v1);
         } else {
             for j in 0..cols {

@@ -14,6 +14,7 @@
 //! Nothing falls back to the interpreter: an op without a kernel is a compile error.
 
 mod emit;
+pub mod fuse;
 mod kernels;
 mod matmul;
 pub mod plan;
@@ -34,7 +35,10 @@ use std::time::{Duration, Instant};
 type KernelFn = unsafe extern "C" fn(*mut u8, i64, i64);
 
 struct Kernel {
-    node: NodeId,
+    /// Index into `Program::groups`.
+    group: usize,
+    /// The packing kernel of a matmul group.
+    pack: bool,
     f: KernelFn,
     /// Work units `lo..hi` ranges over (1 for kernels that do not split).
     units: usize,
@@ -64,6 +68,7 @@ pub struct Options {
 /// A compiled graph with its arena: parameters and optimizer state live here between steps.
 pub struct Program {
     graph: Graph,
+    groups: Vec<fuse::Group>,
     plan: plan::Plan,
     kernels: Vec<Kernel>,
     /// The arena, 8-byte aligned; `base` is its first 64-byte boundary.
@@ -84,7 +89,8 @@ extern "C" fn aec_logf(x: f32) -> f32 {
 impl Program {
     pub fn compile(g: &Graph, opts: Options) -> Result<Program, String> {
         let started = Instant::now();
-        let plan = plan::plan(g);
+        let groups = fuse::groups(g);
+        let plan = plan::plan(g, &groups);
         check_plan(g, &plan)?;
 
         let mut flags = settings::builder();
@@ -111,19 +117,27 @@ impl Program {
         let mut fctx = FunctionBuilderContext::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
-        // Matmuls are two kernels: packing B, then the compute kernel that splits by rows.
-        let mut work: Vec<(NodeId, bool)> = Vec::new();
-        for id in g.ids() {
-            match g.node(id).op {
-                Op::Input(_) | Op::Param(_) | Op::Reshape { .. } => {}
-                Op::MatMul { .. } => work.extend([(id, true), (id, false)]),
-                _ => work.push((id, false)),
+        // A fused matmul is two kernels: packing B, then the compute kernel that splits by rows
+        // and applies the fused ops as it stores.
+        let mut work: Vec<(usize, bool)> = Vec::new();
+        for (gi, grp) in groups.iter().enumerate() {
+            if matches!(grp, fuse::Group::MatMul { .. }) {
+                work.push((gi, true));
             }
+            work.push((gi, false));
         }
-        for &(id, pack) in &work {
-            let node = g.node(id);
-            let name =
-                if pack { format!("k{}_pack", id.0) } else { format!("k{}_{}", id.0, node.op.mnemonic()) };
+        for &(gi, pack) in &work {
+            let grp = &groups[gi];
+            let head = grp.head();
+            let name = match (grp, pack) {
+                (_, true) => format!("k{}_pack", head.0),
+                (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
+                (fuse::Group::MatMul { chain, .. }, _) if !chain.is_empty() => {
+                    let ops: Vec<&str> = grp.nodes().iter().map(|n| g.node(*n).op.mnemonic()).collect();
+                    format!("k{}_{}", head.0, ops.join("_"))
+                }
+                _ => format!("k{}_{}", head.0, g.node(head).op.mnemonic()),
+            };
             let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
             ctx.func.signature = sig.clone();
             ctx.func.name = UserFuncName::user(0, fid.as_u32());
@@ -137,17 +151,27 @@ impl Program {
                 let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
                 let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref) };
-                match (&node.op, pack) {
-                    (Op::MatMul { b: rhs, tb, .. }, true) => {
+                match grp {
+                    fuse::Group::MatMul { mm, chain } => {
+                        let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
+                            return Err("a matmul group without a matmul".into());
+                        };
                         let scratch = plan
                             .scratch
                             .iter()
-                            .find(|s| s.0 == id)
+                            .find(|s| s.0 == *mm)
                             .map(|s| s.1)
                             .ok_or("matmul without scratch")?;
-                        matmul::emit_pack(&mut e, g, &plan, id, (*rhs, *tb), scratch);
+                        if pack {
+                            matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch);
+                        } else {
+                            let ep = matmul::epilogue(g, &plan, *mm, chain);
+                            let out = plan.node[grp.result().index()];
+                            matmul::emit(&mut e, g, &plan, *mm, (a, ta), scratch, (lo, hi), (out, &ep));
+                        }
                     }
-                    _ => kernels::emit(&mut e, g, &plan, id, (lo, hi))?,
+                    fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
+                    fuse::Group::Single(id) => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
                 }
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
@@ -158,22 +182,24 @@ impl Program {
             }
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
-            let (units, flops) = match (matmul::dims(g, id), pack) {
-                (Some((m, n, k)), false) => (matmul::row_blocks(m), m * n * k),
-                (Some(_), true) => (1, 0),
-                (None, _) => kernels::units(g, id),
+            let (units, work) = match (grp, pack) {
+                (_, true) => (1, 0),
+                (fuse::Group::Updates(ids), _) => {
+                    ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+                }
+                _ => kernels::units(g, head),
             };
-            ids.push((id, fid, units, flops));
+            ids.push((gi, pack, fid, units, work));
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(node, fid, units, work)| {
+            .map(|(group, pack, fid, units, work)| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                Kernel { node, f, units, work }
+                Kernel { group, pack, f, units, work }
             })
             .collect();
         let words = plan.size / 8 + 16;
@@ -182,6 +208,7 @@ impl Program {
         let base = addr.next_multiple_of(64) - addr;
         Ok(Program {
             graph: g.clone(),
+            groups,
             param_steps: vec![0; g.params.len()],
             threads: 1,
             plan,
@@ -304,7 +331,7 @@ impl Program {
         let first_update = self
             .kernels
             .iter()
-            .position(|k| matches!(self.graph.node(k.node).op, Op::Update { .. }))
+            .position(|k| matches!(self.groups[k.group], fuse::Group::Updates(_)))
             .unwrap_or(self.kernels.len());
         for k in 0..first_update {
             self.call(k);
@@ -451,17 +478,29 @@ pub fn describe(p: &Program) -> String {
         "arena: {} bytes ({} persistent: parameters, optimizer state, inputs, step scalars)",
         plan.size, plan.persistent
     );
-    let _ = writeln!(out, "\nkernels (one per op; fusion is not done yet):");
+    let _ = writeln!(
+        out,
+        "\nkernels, in order (a fused group computes its ops in one pass and stores only its result):"
+    );
     for k in &p.kernels {
-        let node = g.node(k.node);
-        let _ = writeln!(
-            out,
-            "  k{:<4} {:<28} -> {} @ {}",
-            k.node.0,
-            node.op.mnemonic(),
-            node.ty,
-            plan.node[k.node.index()]
-        );
+        let grp = &p.groups[k.group];
+        let split = if k.units > 1 { format!(", split into {} work units", k.units) } else { String::new() };
+        if k.pack {
+            let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
+            continue;
+        }
+        match grp {
+            fuse::Group::Updates(ids) => {
+                let _ = writeln!(out, "  update {} parameters{split}", ids.len());
+            }
+            _ => {
+                let ops: Vec<String> =
+                    grp.nodes().iter().map(|n| format!("%{} {}", n.0, g.node(*n).op.mnemonic())).collect();
+                let r = grp.result();
+                let _ =
+                    writeln!(out, "  {} -> {} @ {}{split}", ops.join(" + "), g.ty(r), plan.node[r.index()]);
+            }
+        }
     }
     let _ = writeln!(out, "\nparameters:");
     for (i, d) in g.params.iter().enumerate() {

@@ -6,6 +6,7 @@
 //! value of a size that fits takes it (first fit). A `reshape` is the same bytes as its input.
 //! Every buffer starts on a 64-byte boundary.
 
+use super::fuse::Group;
 use crate::ir::{Graph, NodeId, Op, OptimizerFn};
 
 const ALIGN: usize = 64;
@@ -48,7 +49,24 @@ pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     }
 }
 
-pub fn plan(g: &Graph) -> Plan {
+/// Plans `g` to run as `groups`: a fused group's result is allocated where the group runs (its
+/// first node), and the values inside a fused chain get no memory at all.
+pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
+    // For each node: the node whose buffer it stands for (itself unless fused away), and, at a
+    // group's head, the result to allocate there.
+    let mut at_head: Vec<Option<NodeId>> = vec![None; g.len()];
+    let mut fused_away = vec![false; g.len()];
+    for grp in groups {
+        if let Group::MatMul { mm, chain } = grp
+            && let Some(&last) = chain.last()
+        {
+            at_head[mm.index()] = Some(last);
+            fused_away[mm.index()] = true;
+            for c in &chain[..chain.len() - 1] {
+                fused_away[c.index()] = true;
+            }
+        }
+    }
     let mut p = Plan { node: vec![0; g.len()], ..Plan::default() };
     let mut at = 0usize;
     let mut take = |bytes: usize| {
@@ -131,11 +149,21 @@ pub fn plan(g: &Graph) -> Plan {
             }
         });
         let node = g.node(id);
+        if let Some(result) = at_head[id.index()] {
+            // A fused group: its result lives from here.
+            let bytes = round(g.ty(result).numel().max(1) * 4);
+            let o = alloc(bytes, &mut free, &mut end);
+            live.push((last[result.index()], o, bytes));
+            p.temporaries.push((result, o, bytes, id.index(), last[result.index()]));
+            p.node[result.index()] = o;
+        }
+        let allocated_at_head = p.temporaries.iter().any(|t| t.0 == id);
         p.node[id.index()] = match &node.op {
             Op::Param(q) => p.param[q.index()],
             Op::Input(i) => p.input[i.index()],
             Op::Reshape { x, .. } => p.node[x.index()],
             Op::Update { .. } => 0,
+            _ if fused_away[id.index()] || allocated_at_head => p.node[id.index()],
             _ => {
                 let bytes = round(node.ty.numel().max(1) * 4);
                 let o = alloc(bytes, &mut free, &mut end);
