@@ -49,6 +49,47 @@ struct Kernel {
 /// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
 const SPLIT_WORK: usize = 1 << 20;
 
+/// One piece of a split kernel call, sent to a worker.
+struct Job {
+    f: KernelFn,
+    base: Base,
+    lo: i64,
+    hi: i64,
+}
+
+/// Threads that stay alive between kernel calls, so a split call costs two channel messages
+/// rather than starting threads. A worker runs a job and answers on `done`.
+struct Pool {
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Pool {
+    fn new(workers: usize) -> Pool {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let jobs = (0..workers)
+            .map(|_| {
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                let done_tx = done_tx.clone();
+                std::thread::spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let base = job.base;
+                        // SAFETY: the sender (`Program::call`) blocks until this job answers, so
+                        // the arena behind `base` outlives the call; the job's range is disjoint
+                        // from every other part of the same kernel call (see `Program::call`).
+                        unsafe { (job.f)(base.0, job.lo, job.hi) };
+                        if done_tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tx
+            })
+            .collect();
+        Pool { jobs, done }
+    }
+}
+
 /// The arena's base address, sent to the worker threads of one kernel call.
 #[derive(Clone, Copy)]
 struct Base(*mut u8);
@@ -76,6 +117,7 @@ pub struct Program {
     base: usize,
     param_steps: Vec<u64>,
     threads: usize,
+    pool: Option<Pool>,
     compile_time: Duration,
     clif: Vec<(String, String)>,
     // Keeps the generated code alive; declared last so it is dropped after the kernels.
@@ -211,6 +253,7 @@ impl Program {
             groups,
             param_steps: vec![0; g.params.len()],
             threads: 1,
+            pool: None,
             plan,
             kernels,
             arena,
@@ -241,6 +284,8 @@ impl Program {
     /// Threads the large kernels split across (1 by default).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+        let splits = self.kernels.iter().any(|k| k.units > 1 && k.work >= SPLIT_WORK);
+        self.pool = (self.threads > 1 && splits).then(|| Pool::new(self.threads - 1));
     }
 
     pub fn kernel_count(&self) -> usize {
@@ -384,22 +429,30 @@ impl Program {
             return;
         }
         let per = units.div_ceil(threads);
-        std::thread::scope(|s| {
-            for t in 1..threads {
-                let (lo, hi) = (t * per, ((t + 1) * per).min(units));
-                if lo < hi {
-                    // SAFETY: as above; the ranges are disjoint, and a split kernel (matmul's
-                    // compute) writes only the output rows of its own range and reads buffers
-                    // no kernel of this call writes.
-                    s.spawn(move || {
-                        let base = base;
-                        unsafe { f(base.0, lo as i64, hi as i64) }
-                    });
-                }
+        let Some(pool) = &self.pool else {
+            // SAFETY: as above, the whole range on this thread.
+            unsafe { f(base.0, 0, units as i64) };
+            return;
+        };
+        let mut sent = 0;
+        for (t, worker) in (1..threads).zip(&pool.jobs) {
+            let (lo, hi) = (t * per, ((t + 1) * per).min(units));
+            if lo < hi && worker.send(Job { f, base, lo: lo as i64, hi: hi as i64 }).is_ok() {
+                sent += 1;
+            } else if lo < hi {
+                // A worker that is gone: run its part here.
+                // SAFETY: as above, a range disjoint from the others.
+                unsafe { f(base.0, lo as i64, hi as i64) };
             }
-            // SAFETY: as above, the first range on this thread.
-            unsafe { f(base.0, 0, per.min(units) as i64) };
-        });
+        }
+        // SAFETY: as above: the first range, on this thread, while the workers run theirs. A
+        // split kernel (matmul compute, elementwise, updates) writes only its own rows or
+        // elements and reads buffers no part of this call writes.
+        unsafe { f(base.0, 0, per.min(units) as i64) };
+        for _ in 0..sent {
+            // Wait for every part before the arena can be touched again.
+            let _ = pool.done.recv();
+        }
     }
 
     /// A node's value after `run`: valid for outputs (temporaries may be reused).
