@@ -239,7 +239,9 @@ impl Programs<'_> {
         p.set_threads(self.threads);
         let seconds = p.compile_time().as_secs_f64();
         self.jit_seconds += seconds;
-        on(Event::Compiled { graph: &g.name, kernels: p.kernel_count(), seconds });
+        let batch = g.inputs.first().and_then(|i| i.ty.shape.first()).copied().unwrap_or(0);
+        let name = format!("{} (batch {batch})", g.name);
+        on(Event::Compiled { graph: &name, kernels: p.kernel_count(), seconds });
         Ok(p)
     }
 
