@@ -120,6 +120,21 @@ pub enum TrainError {
     NonFinite { epoch: u64, step: u64, what: String, span: Option<Span>, kept: String },
 }
 
+/// Why a step failed.
+enum StepFail {
+    /// The step ran and went wrong (NaN, a bad token id): said by the interpreter.
+    Run(interp::Error),
+    /// The native step diverged where the interpreter does not.
+    Native(String),
+    Train(TrainError),
+}
+
+impl From<TrainError> for StepFail {
+    fn from(e: TrainError) -> Self {
+        StepFail::Train(e)
+    }
+}
+
 /// One phase of a run.
 struct Phase {
     /// `pretrain k/K`, `fine-tune`, or `None` for a run without pretraining.
@@ -254,43 +269,38 @@ impl Programs<'_> {
         state: &mut State,
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
-    ) -> Result<f64, interp::Error> {
-        let compile_err =
-            |e: TrainError| interp::Error::Unsupported(Box::leak(e.to_string().into_boxed_str()));
+    ) -> Result<f64, StepFail> {
         if self.backend == Backend::Interp {
-            let g = self.train(batch).map_err(compile_err)?;
-            let values = interp::run(g, inputs, state, opts)?;
+            let g = self.train(batch)?;
+            let values = interp::run(g, inputs, state, opts).map_err(StepFail::Run)?;
             return Ok(values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])));
         }
         if !self.native.contains_key(&batch) {
-            let g = self.train(batch).map_err(compile_err)?.clone();
-            let p = self.compile(&g, on).map_err(compile_err)?;
+            let g = self.train(batch)?.clone();
+            let p = self.compile(&g, on)?;
             self.native.insert(batch, p);
         }
         if self.holder != Some(batch) {
             self.sync(state);
             if let Some(p) = self.native.get_mut(&batch) {
-                p.set_state(state).map_err(|e| compile_err(TrainError::Compile(e)))?;
+                p.set_state(state).map_err(TrainError::Compile)?;
             }
             self.holder = Some(batch);
         }
-        let Some(p) = self.native.get_mut(&batch) else {
-            return Err(interp::Error::Unsupported("no program"));
-        };
+        let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
         match p.run(inputs, opts.seed, opts.step) {
             Ok(()) => Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]))),
-            Err(_) => {
+            Err(loss) => {
                 // The step stopped before its updates: replay it on the interpreter from the same
                 // state to name the first op that produced NaN or infinity.
                 p.get_state(state);
-                let g = self.train(batch).map_err(compile_err)?;
+                let g = self.train(batch)?;
                 let mut probe = state.clone();
-                interp::run(g, inputs, &mut probe, opts)?;
-                Err(interp::Error::NonFinite {
-                    node: crate::ir::NodeId(0),
-                    op: "the native step",
-                    span: None,
-                })
+                interp::run(g, inputs, &mut probe, opts).map_err(StepFail::Run)?;
+                Err(StepFail::Native(format!(
+                    "the native step's loss was {loss}, but the interpreter computes it finite; \
+                     train this run with --backend interp"
+                )))
             }
         }
     }
@@ -643,7 +653,12 @@ fn evaluate(
     Ok(Some(sum / idx.len() as f64))
 }
 
-fn stop(e: interp::Error, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -> TrainError {
+fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -> TrainError {
+    let e = match e {
+        StepFail::Run(e) => e,
+        StepFail::Train(e) => return e,
+        StepFail::Native(what) => return TrainError::Data(format!("{what} (step {step}, epoch {epoch})")),
+    };
     let kept = if last_good > 0 && cfg.out.join("checkpoint.safetensors").exists() {
         format!("training stopped; the last good checkpoint stays in {}", cfg.out.display())
     } else {
