@@ -231,24 +231,27 @@ fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
         let z = e.fconst(ty, 0.0);
         e.store(packed, i, z);
     });
-    e.for_range(0, k as i64, 1, |e, kk| {
-        e.for_range(0, n as i64, 1, |e, j| {
-            // B(k, j): row-major [K, N], or [N, K] when transposed.
-            let src = if tb {
-                let t = e.b.ins().imul_imm_s(j, k as i64);
-                e.b.ins().iadd(t, kk)
-            } else {
-                let t = e.b.ins().imul_imm_s(kk, n as i64);
-                e.b.ins().iadd(t, j)
-            };
-            let v = e.load(F32, b, src);
-            let jp = e.b.ins().ushr_imm_s(j, 3);
-            let jl = e.b.ins().band_imm_s(j, 7);
-            let dst = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
-            let kr = e.b.ins().imul_imm_s(kk, NR as i64);
-            let dst = e.b.ins().iadd(dst, kr);
-            let dst = e.b.ins().iadd(dst, jl);
-            e.store(packed, dst, v);
-        });
-    });
+    // Read B along its rows: k inner when B is stored transposed ([N, K]), j inner otherwise.
+    let copy = |e: &mut Emit, kk: Value, j: Value| {
+        let src = if tb {
+            let t = e.b.ins().imul_imm_s(j, k as i64);
+            e.b.ins().iadd(t, kk)
+        } else {
+            let t = e.b.ins().imul_imm_s(kk, n as i64);
+            e.b.ins().iadd(t, j)
+        };
+        let v = e.load_ro(F32, b, src);
+        let jp = e.b.ins().ushr_imm_s(j, 3);
+        let jl = e.b.ins().band_imm_s(j, 7);
+        let dst = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
+        let kr = e.b.ins().imul_imm_s(kk, NR as i64);
+        let dst = e.b.ins().iadd(dst, kr);
+        let dst = e.b.ins().iadd(dst, jl);
+        e.store(packed, dst, v);
+    };
+    if tb {
+        e.for_range(0, n as i64, 1, |e, j| e.for_range(0, k as i64, 1, |e, kk| copy(e, kk, j)));
+    } else {
+        e.for_range(0, k as i64, 1, |e, kk| e.for_range(0, n as i64, 1, |e, j| copy(e, kk, j)));
+    }
 }
