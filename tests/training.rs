@@ -387,3 +387,68 @@ fn onehot838_has_the_same_loss_curve_on_both_backends() {
         assert!(rel < 1e-4, "step {}: native {jit}, interpreter {interp}", step + 1);
     }
 }
+
+/// Runs a spec without parameters on one input.
+fn run_without_weights(spec: &str, dir: &Path, x: Vec<f32>, shape: Vec<usize>) -> Array {
+    let w = dir.join("none.safetensors");
+    write_weights(&w, &[]);
+    let xp = dir.join("x.npy");
+    data::write_npy(&xp, &Array { shape, values: Values::F32(x) }).expect("x");
+    let y = dir.join("y.npy");
+    for backend in ["jit", "interp"] {
+        let (code, _, err) = aec(&[
+            "run",
+            spec,
+            "--weights",
+            s(&w),
+            "--input",
+            s(&xp),
+            "--output",
+            s(&y),
+            "--backend",
+            backend,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    data::read_npy(&y).expect("y")
+}
+
+#[test]
+fn maxpool_then_unpool_puts_each_max_back_at_its_switch() {
+    let dir = scratch("pool_roundtrip");
+    #[rustfmt::skip]
+    let x = vec![
+        1.0, 5.0,   2.0, 2.0,
+        3.0, 4.0,   2.0, 1.0,
+        9.0, 0.0,  -1.0, -3.0,
+        8.0, 9.0,  -2.0, -1.0,
+    ];
+    let y = run_without_weights("specs/pool_roundtrip.ae", &dir, x, vec![1, 1, 4, 4]);
+    // Ties keep the first maximum (row-major), as PyTorch's switches do.
+    #[rustfmt::skip]
+    let want = [
+        0.0, 5.0,   2.0, 0.0,
+        0.0, 0.0,   0.0, 0.0,
+        9.0, 0.0,  -1.0, 0.0,
+        0.0, 0.0,   0.0, 0.0,
+    ];
+    assert_eq!(y.shape, vec![1, 1, 4, 4]);
+    assert_eq!(f32s(&y), &want);
+}
+
+#[test]
+fn unpooling_restores_an_odd_size() {
+    let dir = scratch("pool_odd");
+    let x: Vec<f32> = (0..49).map(|i| i as f32).collect();
+    let y = run_without_weights("specs/pool_odd.ae", &dir, x, vec![1, 1, 7, 7]);
+    assert_eq!(y.shape, vec![1, 1, 7, 7]);
+    let v = f32s(&y);
+    // Increasing values: each 2×2 window's maximum is its bottom-right pixel.
+    for r in 0..7 {
+        for c in 0..7 {
+            let kept = r % 2 == 1 && c % 2 == 1 && r < 6 && c < 6;
+            let want = if kept { (r * 7 + c) as f32 } else { 0.0 };
+            assert_eq!(v[r * 7 + c], want, "pixel ({r}, {c})");
+        }
+    }
+}
