@@ -136,25 +136,43 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let s = shape(*x);
             let (b, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
             let src = at(*x);
-            e.for_range(0, c as i64, 1, |e, ch| {
-                let acc = e.b.declare_var(F32);
-                let z = e.fconst(F32, 0.0);
-                e.b.def_var(acc, z);
+            if inner == 1 {
+                // [B, C]: add the rows, each a contiguous vector pass (no strided column reads).
+                e.elementwise(c, |e, ty, j| {
+                    let z = e.fconst(ty, 0.0);
+                    e.store(out, j, z);
+                });
                 e.for_range(0, b as i64, 1, |e, n| {
                     let row = e.b.ins().imul_imm_s(n, c as i64);
-                    let row = e.b.ins().iadd(row, ch);
-                    let start = e.b.ins().imul_imm_s(row, inner as i64);
-                    let part = sum(e, inner, |e, ty, j| {
-                        let idx = e.b.ins().iadd(start, j);
-                        e.load(ty, src, idx)
+                    e.elementwise(c, |e, ty, j| {
+                        let idx = e.b.ins().iadd(row, j);
+                        let v = e.load(ty, src, idx);
+                        let acc = e.load(ty, out, j);
+                        let r = e.b.ins().fadd(acc, v);
+                        e.store(out, j, r);
+                    });
+                });
+            } else {
+                e.for_range(0, c as i64, 1, |e, ch| {
+                    let acc = e.b.declare_var(F32);
+                    let z = e.fconst(F32, 0.0);
+                    e.b.def_var(acc, z);
+                    e.for_range(0, b as i64, 1, |e, n| {
+                        let row = e.b.ins().imul_imm_s(n, c as i64);
+                        let row = e.b.ins().iadd(row, ch);
+                        let start = e.b.ins().imul_imm_s(row, inner as i64);
+                        let part = sum(e, inner, |e, ty, j| {
+                            let idx = e.b.ins().iadd(start, j);
+                            e.load(ty, src, idx)
+                        });
+                        let a = e.b.use_var(acc);
+                        let a = e.b.ins().fadd(a, part);
+                        e.b.def_var(acc, a);
                     });
                     let a = e.b.use_var(acc);
-                    let a = e.b.ins().fadd(a, part);
-                    e.b.def_var(acc, a);
+                    e.store(out, ch, a);
                 });
-                let a = e.b.use_var(acc);
-                e.store(out, ch, a);
-            });
+            }
         }
         Op::MatMul { .. } => return Err("a matmul is emitted with its fused group".into()),
         Op::Conv2d { x, w, stride, pad } => {
