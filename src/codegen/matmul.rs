@@ -18,15 +18,23 @@ use cranelift_frontend::Variable;
 const MR: usize = 6;
 const NR: usize = 8;
 
-struct Mm<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    a: usize,
-    ta: bool,
-    packed: usize,
-    c: usize,
-    epilogue: &'a [EpOp],
+/// One matmul `C[M,N] = op(A)·B` with B already packed: sizes and arena offsets.
+pub struct Mm<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A: row-major [M, K], or [K, M] when `ta`.
+    pub a: usize,
+    pub ta: bool,
+    pub packed: usize,
+    /// C: row-major [M, N].
+    pub c: usize,
+    pub epilogue: &'a [EpOp],
+}
+
+/// Bytes of B packed in panels of 8 columns.
+pub fn packed_bytes(k: usize, n: usize) -> usize {
+    k * n.div_ceil(NR) * NR * 4
 }
 
 /// An elementwise op applied to C in the store (see `fuse`); offsets are arena buffers.
@@ -131,6 +139,12 @@ pub fn emit(
 ) {
     let Some((m, n, k)) = dims(g, id) else { return };
     let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: out, epilogue };
+    emit_mm(e, &mm, (lo, hi));
+}
+
+/// The compute kernel of `mm` over its row blocks `lo..hi`.
+pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
+    let (m, n) = (mm.m, mm.n);
     let full_rows = m / MR;
     let full_panels = n / NR;
     // Full blocks in lo..min(hi, full_rows); the partial last block when hi reaches it.
@@ -138,7 +152,7 @@ pub fn emit(
     let cap = e.b.ins().smin(hi, fr);
     e.for_dynamic(lo, cap, |e, ib| {
         let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
-        panels(e, &mm, i0, MR, full_panels);
+        panels(e, mm, i0, MR, full_panels);
     });
     if !m.is_multiple_of(MR) {
         // The partial block (number `full_rows`) belongs to the range that contains it.
@@ -147,7 +161,7 @@ pub fn emit(
         let last = e.b.ins().band(reaches, starts);
         e.when(last, |e| {
             let i0 = e.i64((full_rows * MR) as i64);
-            panels(e, &mm, i0, m % MR, full_panels);
+            panels(e, mm, i0, m % MR, full_panels);
         });
     }
 }
@@ -224,23 +238,24 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
     }
 }
 
-/// `packed[j/8][k][j%8] = B(k, j)`, zero past column N.
-fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
+/// `packed[j/8][k][j%8] = value(k, j)` for `k < K`, `j < N`, zero past column N. `value` is
+/// called with I64 loop counters; `j_outer` chooses the loop order (the one that reads the
+/// source along its rows).
+pub fn pack_with(
+    e: &mut Emit,
+    k: usize,
+    n: usize,
+    packed: usize,
+    j_outer: bool,
+    mut value: impl FnMut(&mut Emit, Value, Value) -> Value,
+) {
     let panels = n.div_ceil(NR);
     e.elementwise(panels * k * NR, |e, ty, i| {
         let z = e.fconst(ty, 0.0);
         e.store(packed, i, z);
     });
-    // Read B along its rows: k inner when B is stored transposed ([N, K]), j inner otherwise.
-    let copy = |e: &mut Emit, kk: Value, j: Value| {
-        let src = if tb {
-            let t = e.b.ins().imul_imm_s(j, k as i64);
-            e.b.ins().iadd(t, kk)
-        } else {
-            let t = e.b.ins().imul_imm_s(kk, n as i64);
-            e.b.ins().iadd(t, j)
-        };
-        let v = e.load_ro(F32, b, src);
+    let mut copy = |e: &mut Emit, kk: Value, j: Value| {
+        let v = value(e, kk, j);
         let jp = e.b.ins().ushr_imm_s(j, 3);
         let jl = e.b.ins().band_imm_s(j, 7);
         let dst = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
@@ -249,9 +264,24 @@ fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
         let dst = e.b.ins().iadd(dst, jl);
         e.store(packed, dst, v);
     };
-    if tb {
+    if j_outer {
         e.for_range(0, n as i64, 1, |e, j| e.for_range(0, k as i64, 1, |e, kk| copy(e, kk, j)));
     } else {
         e.for_range(0, k as i64, 1, |e, kk| e.for_range(0, n as i64, 1, |e, j| copy(e, kk, j)));
     }
+}
+
+/// `packed[j/8][k][j%8] = B(k, j)`, zero past column N.
+fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
+    // Read B along its rows: k inner when B is stored transposed ([N, K]), j inner otherwise.
+    pack_with(e, k, n, packed, tb, |e, kk, j| {
+        let src = if tb {
+            let t = e.b.ins().imul_imm_s(j, k as i64);
+            e.b.ins().iadd(t, kk)
+        } else {
+            let t = e.b.ins().imul_imm_s(kk, n as i64);
+            e.b.ins().iadd(t, j)
+        };
+        e.load_ro(F32, b, src)
+    });
 }

@@ -13,6 +13,7 @@
 //!
 //! Nothing falls back to the interpreter: an op without a kernel is a compile error.
 
+mod conv;
 mod emit;
 pub mod fuse;
 mod kernels;
@@ -37,13 +38,22 @@ type KernelFn = unsafe extern "C" fn(*mut u8, i64, i64);
 struct Kernel {
     /// Index into `Program::groups`.
     group: usize,
-    /// The packing kernel of a matmul group.
-    pack: bool,
+    /// Which kernel of its group this is.
+    piece: Piece,
     f: KernelFn,
     /// Work units `lo..hi` ranges over (1 for kernels that do not split).
     units: usize,
     /// Multiply-adds, to decide whether splitting pays.
     work: usize,
+}
+
+/// The kernels a group becomes: a fused matmul packs then computes; a convolution prepares,
+/// computes and (for conv2d and its transpose) finishes; everything else is one kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Piece {
+    Pack,
+    Main,
+    Conv(conv::Part),
 }
 
 /// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
@@ -161,18 +171,26 @@ impl Program {
         let mut clif = Vec::new();
         // A fused matmul is two kernels: packing B, then the compute kernel that splits by rows
         // and applies the fused ops as it stores.
-        let mut work: Vec<(usize, bool)> = Vec::new();
+        let mut work: Vec<(usize, Piece)> = Vec::new();
         for (gi, grp) in groups.iter().enumerate() {
-            if matches!(grp, fuse::Group::MatMul { .. }) {
-                work.push((gi, true));
+            match grp {
+                fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
+                fuse::Group::Single(id) => match conv::parts(g, *id) {
+                    Some((parts, _, _)) => work.extend(parts.into_iter().map(|p| (gi, Piece::Conv(p)))),
+                    None => work.push((gi, Piece::Main)),
+                },
+                fuse::Group::Updates(_) => work.push((gi, Piece::Main)),
             }
-            work.push((gi, false));
         }
-        for &(gi, pack) in &work {
+        for &(gi, piece) in &work {
             let grp = &groups[gi];
             let head = grp.head();
-            let name = match (grp, pack) {
-                (_, true) => format!("k{}_pack", head.0),
+            let pack = piece == Piece::Pack;
+            let name = match (grp, piece) {
+                (_, Piece::Pack) => format!("k{}_pack", head.0),
+                (_, Piece::Conv(p)) => {
+                    format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
+                }
                 (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
                 (fuse::Group::MatMul { chain, .. }, _) if !chain.is_empty() => {
                     let ops: Vec<&str> = grp.nodes().iter().map(|n| g.node(*n).op.mnemonic()).collect();
@@ -213,7 +231,18 @@ impl Program {
                         }
                     }
                     fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
-                    fuse::Group::Single(id) => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
+                    fuse::Group::Single(id) => match piece {
+                        Piece::Conv(part) => {
+                            let scratch = plan
+                                .scratch
+                                .iter()
+                                .find(|s| s.0 == *id)
+                                .map(|s| s.1)
+                                .ok_or("conv without scratch")?;
+                            conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
+                        }
+                        _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
+                    },
                 }
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
@@ -224,24 +253,27 @@ impl Program {
             }
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
-            let (units, work) = match (grp, pack) {
-                (_, true) => (1, 0),
+            let (units, work) = match (grp, piece) {
+                (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
+                (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
+                    conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
+                }
                 (fuse::Group::Updates(ids), _) => {
                     ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
                 }
                 _ => kernels::units(g, head),
             };
-            ids.push((gi, pack, fid, units, work));
+            ids.push((gi, piece, fid, units, work));
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(group, pack, fid, units, work)| {
+            .map(|(group, piece, fid, units, work)| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                Kernel { group, pack, f, units, work }
+                Kernel { group, piece, f, units, work }
             })
             .collect();
         let words = plan.size / 8 + 16;
@@ -538,9 +570,25 @@ pub fn describe(p: &Program) -> String {
     for k in &p.kernels {
         let grp = &p.groups[k.group];
         let split = if k.units > 1 { format!(", split into {} work units", k.units) } else { String::new() };
-        if k.pack {
-            let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
-            continue;
+        match k.piece {
+            Piece::Pack => {
+                let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
+                continue;
+            }
+            Piece::Conv(conv::Part::Prep) => {
+                let _ = writeln!(
+                    out,
+                    "  prepare %{} {} (im2col into packed panels)",
+                    grp.head().0,
+                    g.node(grp.head()).op.mnemonic()
+                );
+                continue;
+            }
+            Piece::Conv(conv::Part::Finish) => {
+                let _ = writeln!(out, "  finish %{} (into NCHW)", grp.head().0);
+                continue;
+            }
+            _ => {}
         }
         match grp {
             fuse::Group::Updates(ids) => {

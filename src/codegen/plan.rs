@@ -37,9 +37,14 @@ pub struct Plan {
     pub temporaries: Vec<(NodeId, usize, usize, usize, usize)>,
 }
 
-/// Bytes of a value's scratch: matmul keeps its right operand packed in panels of 8 columns.
+/// Bytes of a value's scratch: matmul keeps its right operand packed in panels of 8 columns;
+/// a convolution its packed operand and a temporary (see `conv`).
 pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     match &g.node(id).op {
+        Op::Conv2d { .. }
+        | Op::ConvTranspose2d { .. }
+        | Op::Conv2dWeightGrad { .. }
+        | Op::ConvTranspose2dWeightGrad { .. } => super::conv::scratch_bytes(g, id),
         Op::MatMul { b, tb, .. } => {
             let s = &g.ty(*b).shape;
             let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };

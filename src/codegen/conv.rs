@@ -1,0 +1,320 @@
+//! Convolutions on the matmul core (`matmul::emit_mm`), each op in up to three kernels:
+//! a *prep* kernel that packs the matmul's right operand (and permutes what needs it), the
+//! *compute* kernel that splits across threads by rows, and a *finish* kernel that puts the
+//! result in NCHW order.
+//!
+//! With `N = B·OH·OW` output positions and `CKK = Cin·K·K`:
+//! - conv2d: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`, then `T` permuted to NCHW.
+//! - conv_transpose2d (also the input gradient of conv2d): `T[Cout·K·K, B·H·W] = Wᵀ · x'`, with
+//!   `x'` the input as `[Cin, B·H·W]` and `W` stored `[Cin, Cout·K·K]`; then col2im adds every
+//!   column of `T` into the output window it came from.
+//! - conv2d's weight gradient: `dW[Cout, CKK] = dy'[Cout, N] · im2col(x)ᵀ`; the transposed
+//!   convolution's weight gradient is the same with input and output gradient swapped.
+//!
+//! im2col is written straight into the packed panels, never materialised.
+
+use super::emit::Emit;
+use super::matmul::{self, Mm};
+use super::plan::Plan;
+use crate::ir::{Graph, NodeId, Op};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::F32;
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+/// The kernels of one op, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Prep,
+    Compute,
+    Finish,
+}
+
+/// A convolution's geometry, seen as conv2d: input `[b, ci, h, w]`, kernel `k`, output
+/// `[b, co, oh, ow]`.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    b: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geom {
+    fn of(input: &[usize], output: &[usize], k: usize, s: usize, p: usize) -> Geom {
+        Geom {
+            b: input[0],
+            ci: input[1],
+            h: input[2],
+            w: input[3],
+            co: output[1],
+            k,
+            s,
+            p,
+            oh: output[2],
+            ow: output[3],
+        }
+    }
+    fn n(&self) -> usize {
+        self.b * self.oh * self.ow
+    }
+    fn ckk(&self) -> usize {
+        self.ci * self.k * self.k
+    }
+}
+
+/// What the op computes as a matmul, and its scratch: (M, N, K, packed bytes, temp floats).
+fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
+    let sh = |n: NodeId| g.ty(n).shape.clone();
+    let out = &g.ty(id).shape;
+    match g.node(id).op {
+        Op::Conv2d { x, w, stride, pad } => {
+            let ge = Geom::of(&sh(x), out, sh(w)[2], stride, pad);
+            Some((ge, ge.co, ge.n(), ge.ckk(), ge.co * ge.n()))
+        }
+        Op::ConvTranspose2d { x, w, stride, pad, .. } => {
+            // Seen as the conv2d whose input gradient it is: conv input = this output.
+            let ge = Geom::of(out, &sh(x), sh(w)[2], stride, pad);
+            let kk = ge.k * ge.k;
+            Some((ge, ge.ci * kk, ge.n(), ge.co, ge.ci * kk * ge.n()))
+        }
+        Op::Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
+            let ge = Geom::of(&sh(x), &sh(dy), kernel, stride, pad);
+            Some((ge, ge.co, ge.ckk(), ge.n(), ge.co * ge.n()))
+        }
+        Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
+            // conv2d's weight gradient with dy as the input and x as the output gradient.
+            let ge = Geom::of(&sh(dy), &sh(x), kernel, stride, pad);
+            Some((ge, ge.co, ge.ckk(), ge.n(), ge.co * ge.n()))
+        }
+        _ => None,
+    }
+}
+
+/// Bytes of scratch a conv-family node needs (packed panels, then a temporary).
+pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+    match shape(g, id) {
+        Some((_, _, n, k, temp)) => packed_round(k, n) + temp * 4,
+        None => 0,
+    }
+}
+
+fn packed_round(k: usize, n: usize) -> usize {
+    matmul::packed_bytes(k, n).div_ceil(64) * 64
+}
+
+/// The parts this op has, and the work units of its compute kernel.
+pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
+    let (_, m, n, k, _) = shape(g, id)?;
+    let finish = matches!(g.node(id).op, Op::Conv2d { .. } | Op::ConvTranspose2d { .. });
+    let mut parts = vec![Part::Prep, Part::Compute];
+    if finish {
+        parts.push(Part::Finish);
+    }
+    Some((parts, matmul::row_blocks(m), m * n * k))
+}
+
+/// Emits one part of conv-family node `id`.
+pub fn emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    part: Part,
+    scratch: usize,
+    range: (Value, Value),
+) -> Result<(), String> {
+    let (ge, m, n, k, _) = shape(g, id).ok_or("not a convolution")?;
+    let packed = scratch;
+    let temp = scratch + packed_round(k, n);
+    let at = |x: NodeId| plan.node[x.index()];
+    let out = plan.node[id.index()];
+    match (g.node(id).op.clone(), part) {
+        (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, false),
+        (Op::Conv2d { w, .. }, Part::Compute) => {
+            let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[] };
+            matmul::emit_mm(e, &mm, range);
+        }
+        (Op::Conv2d { .. }, Part::Finish) => to_nchw(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
+        (Op::ConvTranspose2d { x, .. }, Part::Prep) => {
+            // x [B, Cin', H', W'] (the conv's output side) as [Cin', B·H'·W'], packed.
+            let (c, hw) = (ge.co, ge.oh * ge.ow);
+            matmul::pack_with(e, k, n, packed, false, |e, kk, j| {
+                let img = e.b.ins().udiv_imm_s(j, hw as i64);
+                let pos = e.b.ins().urem_imm_s(j, hw as i64);
+                let t = e.b.ins().imul_imm_s(img, c as i64);
+                let t = e.b.ins().iadd(t, kk);
+                let t = e.b.ins().imul_imm_s(t, hw as i64);
+                let src = e.b.ins().iadd(t, pos);
+                e.load_ro(F32, at(x), src)
+            });
+        }
+        (Op::ConvTranspose2d { w, .. }, Part::Compute) => {
+            let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[] };
+            matmul::emit_mm(e, &mm, range);
+        }
+        (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out),
+        (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
+            to_cn(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow);
+            im2col_pack(e, ge, at(x), packed, true);
+        }
+        (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
+            to_cn(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow);
+            im2col_pack(e, ge, at(dy), packed, true);
+        }
+        (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
+            let mm = Mm { m, n, k, a: temp, ta: false, packed, c: out, epilogue: &[] };
+            matmul::emit_mm(e, &mm, range);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The im2col value for (row `r` = (c, kh, kw), column `q` = (img, oy, ox)): the input pixel
+/// under that kernel tap, or 0 in the padding.
+fn im2col_value(e: &mut Emit, ge: Geom, x: usize, r: Value, q: Value) -> Value {
+    let kk = (ge.k * ge.k) as i64;
+    let c = e.b.ins().udiv_imm_s(r, kk);
+    let rem = e.b.ins().urem_imm_s(r, kk);
+    let kh = e.b.ins().udiv_imm_s(rem, ge.k as i64);
+    let kw = e.b.ins().urem_imm_s(rem, ge.k as i64);
+    let ohw = (ge.oh * ge.ow) as i64;
+    let img = e.b.ins().udiv_imm_s(q, ohw);
+    let pos = e.b.ins().urem_imm_s(q, ohw);
+    let oy = e.b.ins().udiv_imm_s(pos, ge.ow as i64);
+    let ox = e.b.ins().urem_imm_s(pos, ge.ow as i64);
+    let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+    let iy = e.b.ins().iadd(iy, kh);
+    let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
+    let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
+    let ix = e.b.ins().iadd(ix, kw);
+    let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
+    let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
+    let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
+    let inside = e.b.ins().band(iny, inx);
+    let t = e.b.ins().imul_imm_s(img, ge.ci as i64);
+    let t = e.b.ins().iadd(t, c);
+    let t = e.b.ins().imul_imm_s(t, ge.h as i64);
+    let t = e.b.ins().iadd(t, iy);
+    let t = e.b.ins().imul_imm_s(t, ge.w as i64);
+    let t = e.b.ins().iadd(t, ix);
+    // Outside the image the index is not valid: read element 0 instead and drop it.
+    let zero = e.i64(0);
+    let idx = e.b.ins().select(inside, t, zero);
+    let v = e.load_ro(F32, x, idx);
+    let z = e.fconst(F32, 0.0);
+    e.b.ins().select(inside, v, z)
+}
+
+/// Packs im2col(x) as the matmul's right operand: `[CKK, N]` for conv2d, or its transpose
+/// `[N, CKK]` for the weight gradient.
+fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool) {
+    let (rows, cols) = (ge.ckk(), ge.n());
+    if transposed {
+        matmul::pack_with(e, cols, rows, packed, false, |e, q, r| im2col_value(e, ge, x, r, q));
+    } else {
+        matmul::pack_with(e, rows, cols, packed, false, |e, r, q| im2col_value(e, ge, x, r, q));
+    }
+}
+
+/// `[C, B, HW]` → `[B, C, HW]`.
+fn to_nchw(e: &mut Emit, src: usize, dst: usize, c: usize, b: usize, hw: usize) {
+    e.for_range(0, c as i64, 1, |e, ch| {
+        e.for_range(0, b as i64, 1, |e, img| {
+            let s = e.b.ins().imul_imm_s(ch, b as i64);
+            let s = e.b.ins().iadd(s, img);
+            let s = e.b.ins().imul_imm_s(s, hw as i64);
+            let d = e.b.ins().imul_imm_s(img, c as i64);
+            let d = e.b.ins().iadd(d, ch);
+            let d = e.b.ins().imul_imm_s(d, hw as i64);
+            e.elementwise(hw, |e, ty, i| {
+                let si = e.b.ins().iadd(s, i);
+                let v = e.load(ty, src, si);
+                let di = e.b.ins().iadd(d, i);
+                e.store(dst, di, v);
+            });
+        });
+    });
+}
+
+/// `[B, C, HW]` → `[C, B, HW]`.
+fn to_cn(e: &mut Emit, src: usize, dst: usize, b: usize, c: usize, hw: usize) {
+    e.for_range(0, b as i64, 1, |e, img| {
+        e.for_range(0, c as i64, 1, |e, ch| {
+            let s = e.b.ins().imul_imm_s(img, c as i64);
+            let s = e.b.ins().iadd(s, ch);
+            let s = e.b.ins().imul_imm_s(s, hw as i64);
+            let d = e.b.ins().imul_imm_s(ch, b as i64);
+            let d = e.b.ins().iadd(d, img);
+            let d = e.b.ins().imul_imm_s(d, hw as i64);
+            e.elementwise(hw, |e, ty, i| {
+                let si = e.b.ins().iadd(s, i);
+                let v = e.load(ty, src, si);
+                let di = e.b.ins().iadd(d, i);
+                e.store(dst, di, v);
+            });
+        });
+    });
+}
+
+/// Adds every column of `cols[(c, kh, kw), (img, oy, ox)]` into the image pixel under that
+/// kernel tap: the output `[B, C, H, W]` of a transposed convolution (`ge` seen as conv2d:
+/// its input is this output).
+fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize) {
+    let total = ge.b * ge.ci * ge.h * ge.w;
+    e.elementwise(total, |e, ty, i| {
+        let z = e.fconst(ty, 0.0);
+        e.store(out, i, z);
+    });
+    let n = ge.n() as i64;
+    e.for_range(0, ge.ci as i64, 1, |e, c| {
+        e.for_range(0, ge.k as i64, 1, |e, kh| {
+            e.for_range(0, ge.k as i64, 1, |e, kw| {
+                let r = e.b.ins().imul_imm_s(c, ge.k as i64);
+                let r = e.b.ins().iadd(r, kh);
+                let r = e.b.ins().imul_imm_s(r, ge.k as i64);
+                let r = e.b.ins().iadd(r, kw);
+                let row = e.b.ins().imul_imm_s(r, n);
+                e.for_range(0, ge.b as i64, 1, |e, img| {
+                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+                        let iy = e.b.ins().iadd(iy, kh);
+                        let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
+                        let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
+                        e.when(iny, |e| {
+                            e.for_range(0, ge.ow as i64, 1, |e, ox| {
+                                let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                                let ix = e.b.ins().iadd(ix, kw);
+                                let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
+                                let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
+                                e.when(inx, |e| {
+                                    let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+                                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                                    let q = e.b.ins().iadd(q, t);
+                                    let q = e.b.ins().iadd(q, ox);
+                                    let src = e.b.ins().iadd(row, q);
+                                    let v = e.load(F32, cols, src);
+                                    let d = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                                    let d = e.b.ins().iadd(d, c);
+                                    let d = e.b.ins().imul_imm_s(d, ge.h as i64);
+                                    let d = e.b.ins().iadd(d, iy);
+                                    let d = e.b.ins().imul_imm_s(d, ge.w as i64);
+                                    let d = e.b.ins().iadd(d, ix);
+                                    let old = e.load(F32, out, d);
+                                    let sum = e.b.ins().fadd(old, v);
+                                    e.store(out, d, sum);
+                                });
+                            });
+                        });
+                    });
+                });
+            });
+        });
+    });
+}
