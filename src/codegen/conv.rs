@@ -176,51 +176,69 @@ pub fn emit(
     Ok(())
 }
 
-/// The im2col value for (row `r` = (c, kh, kw), column `q` = (img, oy, ox)): the input pixel
-/// under that kernel tap, or 0 in the padding.
-fn im2col_value(e: &mut Emit, ge: Geom, x: usize, r: Value, q: Value) -> Value {
-    let kk = (ge.k * ge.k) as i64;
-    let c = e.b.ins().udiv_imm_s(r, kk);
-    let rem = e.b.ins().urem_imm_s(r, kk);
-    let kh = e.b.ins().udiv_imm_s(rem, ge.k as i64);
-    let kw = e.b.ins().urem_imm_s(rem, ge.k as i64);
-    let ohw = (ge.oh * ge.ow) as i64;
-    let img = e.b.ins().udiv_imm_s(q, ohw);
-    let pos = e.b.ins().urem_imm_s(q, ohw);
-    let oy = e.b.ins().udiv_imm_s(pos, ge.ow as i64);
-    let ox = e.b.ins().urem_imm_s(pos, ge.ow as i64);
-    let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-    let iy = e.b.ins().iadd(iy, kh);
-    let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
-    let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
-    let ix = e.b.ins().iadd(ix, kw);
-    let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
-    let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
-    let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
-    let inside = e.b.ins().band(iny, inx);
-    let t = e.b.ins().imul_imm_s(img, ge.ci as i64);
-    let t = e.b.ins().iadd(t, c);
-    let t = e.b.ins().imul_imm_s(t, ge.h as i64);
-    let t = e.b.ins().iadd(t, iy);
-    let t = e.b.ins().imul_imm_s(t, ge.w as i64);
-    let t = e.b.ins().iadd(t, ix);
-    // Outside the image the index is not valid: read element 0 instead and drop it.
-    let zero = e.i64(0);
-    let idx = e.b.ins().select(inside, t, zero);
-    let v = e.load_ro(F32, x, idx);
-    let z = e.fconst(F32, 0.0);
-    e.b.ins().select(inside, v, z)
-}
-
-/// Packs im2col(x) as the matmul's right operand: `[CKK, N]` for conv2d, or its transpose
-/// `[N, CKK]` for the weight gradient.
+/// Packs im2col(x) as the matmul's right operand: `[CKK, N]` for conv2d (panels over the
+/// output positions), or its transpose `[N, CKK]` for the weight gradient (panels over the
+/// kernel taps). Nested loops over (c, kh, kw) and (img, oy, ox) keep every index a running
+/// product — no division — and skip a whole row of padding at once.
 fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool) {
     let (rows, cols) = (ge.ckk(), ge.n());
-    if transposed {
-        matmul::pack_with(e, cols, rows, packed, false, |e, q, r| im2col_value(e, ge, x, r, q));
-    } else {
-        matmul::pack_with(e, rows, cols, packed, false, |e, r, q| im2col_value(e, ge, x, r, q));
-    }
+    // The packed matrix is [K][N] in panels of 8 along N: K = rows, N = cols, or the reverse.
+    let (pk, pn) = if transposed { (cols, rows) } else { (rows, cols) };
+    let panels = pn.div_ceil(8);
+    e.elementwise(panels * pk * 8, |e, ty, i| {
+        let z = e.fconst(ty, 0.0);
+        e.store(packed, i, z);
+    });
+    let k = ge.k as i64;
+    e.for_range(0, ge.ci as i64, 1, |e, c| {
+        e.for_range(0, k, 1, |e, kh| {
+            e.for_range(0, k, 1, |e, kw| {
+                let r = e.b.ins().imul_imm_s(c, k);
+                let r = e.b.ins().iadd(r, kh);
+                let r = e.b.ins().imul_imm_s(r, k);
+                let r = e.b.ins().iadd(r, kw);
+                e.for_range(0, ge.b as i64, 1, |e, img| {
+                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+                        let iy = e.b.ins().iadd(iy, kh);
+                        let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
+                        let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
+                        // Rows of padding stay zero.
+                        e.when(iny, |e| {
+                            let src_row = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                            let src_row = e.b.ins().iadd(src_row, c);
+                            let src_row = e.b.ins().imul_imm_s(src_row, ge.h as i64);
+                            let src_row = e.b.ins().iadd(src_row, iy);
+                            let src_row = e.b.ins().imul_imm_s(src_row, ge.w as i64);
+                            let q0 = e.b.ins().imul_imm_s(img, ge.oh as i64);
+                            let q0 = e.b.ins().iadd(q0, oy);
+                            let q0 = e.b.ins().imul_imm_s(q0, ge.ow as i64);
+                            e.for_range(0, ge.ow as i64, 1, |e, ox| {
+                                let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                                let ix = e.b.ins().iadd(ix, kw);
+                                let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
+                                let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
+                                e.when(inx, |e| {
+                                    let src = e.b.ins().iadd(src_row, ix);
+                                    let v = e.load_ro(F32, x, src);
+                                    let q = e.b.ins().iadd(q0, ox);
+                                    // packed[j/8][kk][j%8] with (kk, j) = (r, q) or (q, r).
+                                    let (kk, j) = if transposed { (q, r) } else { (r, q) };
+                                    let jp = e.b.ins().ushr_imm_s(j, 3);
+                                    let jl = e.b.ins().band_imm_s(j, 7);
+                                    let dst = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
+                                    let kr = e.b.ins().ishl_imm_s(kk, 3);
+                                    let dst = e.b.ins().iadd(dst, kr);
+                                    let dst = e.b.ins().iadd(dst, jl);
+                                    e.store(packed, dst, v);
+                                });
+                            });
+                        });
+                    });
+                });
+            });
+        });
+    });
 }
 
 /// `[C, B, HW]` → `[B, C, HW]`.
