@@ -183,6 +183,33 @@ fn a_diverging_step_leaves_the_state_untouched() {
 }
 
 #[test]
+fn splitting_convolutions_across_threads_changes_nothing() {
+    // Convolutions' im2col packing splits by input channel, their matmuls by rows. Against the
+    // interpreter at small batches; 1 against 2 threads, bit for bit, at batches large enough
+    // that every convolution kernel splits.
+    for (name, batch) in [("bench_conv28", 3), ("digits_conv", 13)] {
+        let (g, f) = spec(name, batch);
+        same_training_threads(&format!("{name} batch {batch}, 2 threads"), &g, &f, 1, 1e-4, 2);
+    }
+    for (name, batch) in [("bench_conv28", 64), ("coins_seg", 16)] {
+        let (g, f) = spec(name, batch);
+        let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 3));
+        let inputs = random_inputs(&g, &mut ChaCha8Rng::seed_from_u64(1));
+        let mut results = Vec::new();
+        for threads in [1, 2] {
+            let mut p = Program::compile(&g, Options::default()).expect("compiles");
+            p.set_threads(threads);
+            p.set_state(&state).expect("state");
+            p.run(&inputs, 1, 1).expect("runs");
+            let mut out = State::new(Vec::new());
+            p.get_state(&mut out);
+            results.push(out.params);
+        }
+        assert!(results[0] == results[1], "{name}: 2 threads differ from 1");
+    }
+}
+
+#[test]
 fn splitting_matmuls_across_threads_changes_nothing() {
     // 784-256 matmuls at batch 13 and 64 are above the split threshold; 13 leaves a partial
     // block of rows for the last thread.

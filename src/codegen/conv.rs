@@ -108,6 +108,18 @@ fn packed_round(k: usize, n: usize) -> usize {
     matmul::packed_bytes(k, n).div_ceil(64) * 64
 }
 
+/// Work units of the prep kernel (input channels of im2col; 1 when it does not split) and its
+/// rough work.
+pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
+    match (shape(g, id), &g.node(id).op) {
+        (
+            Some((ge, ..)),
+            Op::Conv2d { .. } | Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. },
+        ) => (ge.ci, 4 * ge.ckk() * ge.n()),
+        _ => (1, 0),
+    }
+}
+
 /// The parts this op has, and the work units of its compute kernel.
 pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     let (_, m, n, k, _) = shape(g, id)?;
@@ -135,7 +147,7 @@ pub fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
-        (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, false),
+        (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, false, range),
         (Op::Conv2d { w, .. }, Part::Compute) => {
             let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[] };
             matmul::emit_mm(e, &mm, range);
@@ -160,12 +172,15 @@ pub fn emit(
         }
         (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out),
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            to_cn(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow);
-            im2col_pack(e, ge, at(x), packed, true);
+            // The permute goes to the range that starts at 0; it writes only `temp`.
+            let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
+            e.when(first, |e| to_cn(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow));
+            im2col_pack(e, ge, at(x), packed, true, range);
         }
         (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            to_cn(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow);
-            im2col_pack(e, ge, at(dy), packed, true);
+            let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
+            e.when(first, |e| to_cn(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow));
+            im2col_pack(e, ge, at(dy), packed, true, range);
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
             let mm = Mm { m, n, k, a: temp, ta: false, packed, c: out, epilogue: &[] };
@@ -178,24 +193,42 @@ pub fn emit(
 
 /// Packs im2col(x) as the matmul's right operand: `[CKK, N]` for conv2d (panels over the
 /// output positions), or its transpose `[N, CKK]` for the weight gradient (panels over the
-/// kernel taps). Nested loops over (c, kh, kw) and (img, oy, ox) keep every index a running
-/// product — no division — and skip a whole row of padding at once.
-fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool) {
+/// kernel taps), for the input channels `lo..hi` — the work one thread takes. Every element
+/// of those channels' rows is written once (a zero in the padding), so threads never touch
+/// the same element; the padding lanes of the last panel belong to the range that starts at 0.
+/// Nested loops keep every index a running product — no division.
+fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool, (lo, hi): (Value, Value)) {
     let (rows, cols) = (ge.ckk(), ge.n());
     // The packed matrix is [K][N] in panels of 8 along N: K = rows, N = cols, or the reverse.
     let (pk, pn) = if transposed { (cols, rows) } else { (rows, cols) };
-    let panels = pn.div_ceil(8);
-    e.elementwise(panels * pk * 8, |e, ty, i| {
-        let z = e.fconst(ty, 0.0);
-        e.store(packed, i, z);
-    });
     let k = ge.k as i64;
-    e.for_range(0, ge.ci as i64, 1, |e, c| {
+    let kk = k * k;
+    if !pn.is_multiple_of(8) {
+        let first = e.b.ins().icmp_imm_s(IntCC::Equal, lo, 0);
+        e.when(first, |e| {
+            let last = (pn / 8 * pk * 8) as i64;
+            let lanes = (pn % 8) as i64;
+            e.for_range(0, pk as i64, 1, |e, kr| {
+                let base = e.b.ins().ishl_imm_s(kr, 3);
+                let base = e.b.ins().iadd_imm_s(base, last);
+                e.for_range(lanes, 8, 1, |e, l| {
+                    let at = e.b.ins().iadd(base, l);
+                    let z = e.fconst(F32, 0.0);
+                    e.store(packed, at, z);
+                });
+            });
+        });
+    }
+    let hi = {
+        let top = e.i64(ge.ci as i64);
+        e.b.ins().smin(hi, top)
+    };
+    e.for_dynamic(lo, hi, |e, c| {
         e.for_range(0, k, 1, |e, kh| {
             e.for_range(0, k, 1, |e, kw| {
-                let r = e.b.ins().imul_imm_s(c, k);
-                let r = e.b.ins().iadd(r, kh);
-                let r = e.b.ins().imul_imm_s(r, k);
+                let r = e.b.ins().imul_imm_s(c, kk);
+                let t = e.b.ins().imul_imm_s(kh, k);
+                let r = e.b.ins().iadd(r, t);
                 let r = e.b.ins().iadd(r, kw);
                 e.for_range(0, ge.b as i64, 1, |e, img| {
                     e.for_range(0, ge.oh as i64, 1, |e, oy| {
@@ -203,36 +236,37 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
                         let iy = e.b.ins().iadd(iy, kh);
                         let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
                         let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
-                        // Rows of padding stay zero.
-                        e.when(iny, |e| {
-                            let src_row = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                            let src_row = e.b.ins().iadd(src_row, c);
-                            let src_row = e.b.ins().imul_imm_s(src_row, ge.h as i64);
-                            let src_row = e.b.ins().iadd(src_row, iy);
-                            let src_row = e.b.ins().imul_imm_s(src_row, ge.w as i64);
-                            let q0 = e.b.ins().imul_imm_s(img, ge.oh as i64);
-                            let q0 = e.b.ins().iadd(q0, oy);
-                            let q0 = e.b.ins().imul_imm_s(q0, ge.ow as i64);
-                            e.for_range(0, ge.ow as i64, 1, |e, ox| {
-                                let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
-                                let ix = e.b.ins().iadd(ix, kw);
-                                let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
-                                let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
-                                e.when(inx, |e| {
-                                    let src = e.b.ins().iadd(src_row, ix);
-                                    let v = e.load_ro(F32, x, src);
-                                    let q = e.b.ins().iadd(q0, ox);
-                                    // packed[j/8][kk][j%8] with (kk, j) = (r, q) or (q, r).
-                                    let (kk, j) = if transposed { (q, r) } else { (r, q) };
-                                    let jp = e.b.ins().ushr_imm_s(j, 3);
-                                    let jl = e.b.ins().band_imm_s(j, 7);
-                                    let dst = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
-                                    let kr = e.b.ins().ishl_imm_s(kk, 3);
-                                    let dst = e.b.ins().iadd(dst, kr);
-                                    let dst = e.b.ins().iadd(dst, jl);
-                                    e.store(packed, dst, v);
-                                });
-                            });
+                        let src_row = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                        let src_row = e.b.ins().iadd(src_row, c);
+                        let src_row = e.b.ins().imul_imm_s(src_row, ge.h as i64);
+                        let src_row = e.b.ins().iadd(src_row, iy);
+                        let src_row = e.b.ins().imul_imm_s(src_row, ge.w as i64);
+                        let q0 = e.b.ins().imul_imm_s(img, ge.oh as i64);
+                        let q0 = e.b.ins().iadd(q0, oy);
+                        let q0 = e.b.ins().imul_imm_s(q0, ge.ow as i64);
+                        e.for_range(0, ge.ow as i64, 1, |e, ox| {
+                            let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                            let ix = e.b.ins().iadd(ix, kw);
+                            let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
+                            let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
+                            let inside = e.b.ins().band(iny, inx);
+                            // In the padding the index is not valid: read element 0, store 0.
+                            let src = e.b.ins().iadd(src_row, ix);
+                            let zero = e.i64(0);
+                            let src = e.b.ins().select(inside, src, zero);
+                            let v = e.load_ro(F32, x, src);
+                            let z = e.fconst(F32, 0.0);
+                            let v = e.b.ins().select(inside, v, z);
+                            let q = e.b.ins().iadd(q0, ox);
+                            // packed[j/8][kr][j%8] with (kr, j) = (r, q) or (q, r).
+                            let (kr, j) = if transposed { (q, r) } else { (r, q) };
+                            let jp = e.b.ins().ushr_imm_s(j, 3);
+                            let jl = e.b.ins().band_imm_s(j, 7);
+                            let dst = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
+                            let kr = e.b.ins().ishl_imm_s(kr, 3);
+                            let dst = e.b.ins().iadd(dst, kr);
+                            let dst = e.b.ins().iadd(dst, jl);
+                            e.store(packed, dst, v);
                         });
                     });
                 });

@@ -254,6 +254,7 @@ impl Program {
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
             let (units, work) = match (grp, piece) {
+                (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => conv::prep_units(g, *id),
                 (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
                     conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
