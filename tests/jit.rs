@@ -182,6 +182,19 @@ fn a_diverging_step_leaves_the_state_untouched() {
     assert_eq!(after.params, state.params, "parameters changed by a failed step");
 }
 
+/// The parameters after one native step on `threads` threads, from a fixed state and input.
+fn params_after_one_step(g: &Graph, forward: &Graph, threads: usize) -> Vec<Vec<f32>> {
+    let state = State::new(init::init_params(forward, aec::syntax::ast::Init::Default, 3));
+    let inputs = random_inputs(g, &mut ChaCha8Rng::seed_from_u64(1));
+    let mut p = Program::compile(g, Options::default()).expect("compiles");
+    p.set_threads(threads);
+    p.set_state(&state).expect("state");
+    p.run(&inputs, 1, 1).expect("runs");
+    let mut out = State::new(Vec::new());
+    p.get_state(&mut out);
+    out.params
+}
+
 #[test]
 fn splitting_convolutions_across_threads_changes_nothing() {
     // Convolutions' im2col packing splits by input channel, their matmuls by rows. Against the
@@ -193,18 +206,7 @@ fn splitting_convolutions_across_threads_changes_nothing() {
     }
     for (name, batch) in [("bench_conv28", 64), ("coins_seg", 16)] {
         let (g, f) = spec(name, batch);
-        let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 3));
-        let inputs = random_inputs(&g, &mut ChaCha8Rng::seed_from_u64(1));
-        let mut results = Vec::new();
-        for threads in [1, 2] {
-            let mut p = Program::compile(&g, Options::default()).expect("compiles");
-            p.set_threads(threads);
-            p.set_state(&state).expect("state");
-            p.run(&inputs, 1, 1).expect("runs");
-            let mut out = State::new(Vec::new());
-            p.get_state(&mut out);
-            results.push(out.params);
-        }
+        let results: Vec<_> = [1, 2].map(|threads| params_after_one_step(&g, &f, threads)).into();
         assert!(results[0] == results[1], "{name}: 2 threads differ from 1");
     }
 }
@@ -217,18 +219,7 @@ fn splitting_matmuls_across_threads_changes_nothing() {
         let (g, f) = spec("bench_mlp784", batch);
         same_training_threads(&format!("bench_mlp784 batch {batch}, 2 threads"), &g, &f, 2, 1e-4, 2);
         // And bit for bit against one thread.
-        let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 3));
-        let inputs = random_inputs(&g, &mut ChaCha8Rng::seed_from_u64(1));
-        let mut results = Vec::new();
-        for threads in [1, 2] {
-            let mut p = Program::compile(&g, Options::default()).expect("compiles");
-            p.set_threads(threads);
-            p.set_state(&state).expect("state");
-            p.run(&inputs, 1, 1).expect("runs");
-            let mut out = State::new(Vec::new());
-            p.get_state(&mut out);
-            results.push(out.params);
-        }
+        let results: Vec<_> = [1, 2].map(|threads| params_after_one_step(&g, &f, threads)).into();
         assert!(results[0] == results[1], "batch {batch}: 2 threads differ from 1");
     }
 }

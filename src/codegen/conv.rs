@@ -152,7 +152,7 @@ pub fn emit(
             let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[] };
             matmul::emit_mm(e, &mm, range);
         }
-        (Op::Conv2d { .. }, Part::Finish) => to_nchw(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
+        (Op::Conv2d { .. }, Part::Finish) => swap_outer(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
         (Op::ConvTranspose2d { x, .. }, Part::Prep) => {
             // x [B, Cin', H', W'] (the conv's output side) as [Cin', B·H'·W'], packed.
             let (c, hw) = (ge.co, ge.oh * ge.ow);
@@ -174,12 +174,12 @@ pub fn emit(
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
             // The permute goes to the range that starts at 0; it writes only `temp`.
             let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
-            e.when(first, |e| to_cn(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow));
+            e.when(first, |e| swap_outer(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow));
             im2col_pack(e, ge, at(x), packed, true, range);
         }
         (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
             let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
-            e.when(first, |e| to_cn(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow));
+            e.when(first, |e| swap_outer(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow));
             im2col_pack(e, ge, at(dy), packed, true, range);
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
@@ -275,42 +275,17 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
     });
 }
 
-/// `[C, B, HW]` → `[B, C, HW]`.
-fn to_nchw(e: &mut Emit, src: usize, dst: usize, c: usize, b: usize, hw: usize) {
-    e.for_range(0, c as i64, 1, |e, ch| {
-        e.for_range(0, b as i64, 1, |e, img| {
-            let s = e.b.ins().imul_imm_s(ch, b as i64);
-            let s = e.b.ins().iadd(s, img);
+/// Swaps the two outer axes: `[A, B, HW]` → `[B, A, HW]` (NCHW to `[C, N·HW]` and back).
+fn swap_outer(e: &mut Emit, src: usize, dst: usize, a: usize, b: usize, hw: usize) {
+    e.for_range(0, a as i64, 1, |e, i| {
+        e.for_range(0, b as i64, 1, |e, j| {
+            let s = e.b.ins().imul_imm_s(i, b as i64);
+            let s = e.b.ins().iadd(s, j);
             let s = e.b.ins().imul_imm_s(s, hw as i64);
-            let d = e.b.ins().imul_imm_s(img, c as i64);
-            let d = e.b.ins().iadd(d, ch);
+            let d = e.b.ins().imul_imm_s(j, a as i64);
+            let d = e.b.ins().iadd(d, i);
             let d = e.b.ins().imul_imm_s(d, hw as i64);
-            e.elementwise(hw, |e, ty, i| {
-                let si = e.b.ins().iadd(s, i);
-                let v = e.load(ty, src, si);
-                let di = e.b.ins().iadd(d, i);
-                e.store(dst, di, v);
-            });
-        });
-    });
-}
-
-/// `[B, C, HW]` → `[C, B, HW]`.
-fn to_cn(e: &mut Emit, src: usize, dst: usize, b: usize, c: usize, hw: usize) {
-    e.for_range(0, b as i64, 1, |e, img| {
-        e.for_range(0, c as i64, 1, |e, ch| {
-            let s = e.b.ins().imul_imm_s(img, c as i64);
-            let s = e.b.ins().iadd(s, ch);
-            let s = e.b.ins().imul_imm_s(s, hw as i64);
-            let d = e.b.ins().imul_imm_s(ch, b as i64);
-            let d = e.b.ins().iadd(d, img);
-            let d = e.b.ins().imul_imm_s(d, hw as i64);
-            e.elementwise(hw, |e, ty, i| {
-                let si = e.b.ins().iadd(s, i);
-                let v = e.load(ty, src, si);
-                let di = e.b.ins().iadd(d, i);
-                e.store(dst, di, v);
-            });
+            super::kernels::copy(e, src, s, dst, d, hw);
         });
     });
 }

@@ -239,12 +239,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 let id = load_index(e, is, t);
                 let src = e.b.ins().imul_imm_s(id, dim as i64);
                 let dst = e.b.ins().imul_imm_s(t, dim as i64);
-                e.elementwise(dim, |e, ty, j| {
-                    let s = e.b.ins().iadd(src, j);
-                    let v = e.load(ty, ts, s);
-                    let d = e.b.ins().iadd(dst, j);
-                    e.store(out, d, v);
-                });
+                copy(e, ts, src, out, dst, dim);
             });
         }
         Op::EmbedGrad { ids, dy, .. } => {
@@ -409,7 +404,8 @@ fn sum(e: &mut Emit, n: usize, mut term: impl FnMut(&mut Emit, Type, Value) -> V
     e.b.ins().fadd(h, s)
 }
 
-fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value, n: usize) {
+/// Copies `n` elements from `src[from..]` to `dst[to..]`.
+pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value, n: usize) {
     e.elementwise(n, |e, ty, j| {
         let s = e.b.ins().iadd(from, j);
         let v = e.load(ty, src, s);
@@ -489,26 +485,8 @@ pub(super) fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -
 }
 
 fn softmax_row(e: &mut Emit, src: usize, out: usize, r0: Value, n: usize) {
-    let m = e.b.declare_var(F32);
-    let ninf = e.fconst(F32, f32::NEG_INFINITY);
-    e.b.def_var(m, ninf);
-    e.for_range(0, n as i64, 1, |e, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(F32, src, idx);
-        let cur = e.b.use_var(m);
-        let mx = e.b.ins().fmax(cur, v);
-        e.b.def_var(m, mx);
-    });
-    let max = e.b.use_var(m);
-    let maxv = e.b.ins().splat(F32X4, max);
-    let total = sum(e, n, |e, ty, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(ty, src, idx);
-        let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
-        let x = e.exp(ty, t);
-        e.store(out, idx, x);
-        x
-    });
+    // The exponentials are stored as they are summed, then scaled.
+    let (_, total) = row_max_sumexp(e, src, r0, n, Some(out));
     let one = e.fconst(F32, 1.0);
     let inv = e.b.ins().fdiv(one, total);
     let invv = e.b.ins().splat(F32X4, inv);
@@ -704,7 +682,7 @@ fn loss(e: &mut Emit, f: LossFn, ps: &[usize], p: usize, t: usize, out: usize) {
             e.b.def_var(acc, z);
             e.for_range(0, rows as i64, 1, |e, r| {
                 let r0 = e.b.ins().imul_imm_s(r, v as i64);
-                let (max, total) = row_max_sumexp(e, p, r0, v);
+                let (max, total) = row_max_sumexp(e, p, r0, v, None);
                 let l = e.ln(total);
                 let lse = e.b.ins().fadd(max, l);
                 let id = load_index(e, t, r);
@@ -723,8 +701,8 @@ fn loss(e: &mut Emit, f: LossFn, ps: &[usize], p: usize, t: usize, out: usize) {
     e.store(out, zero, value);
 }
 
-/// The maximum of a row and Σ e^(z - max).
-fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize) -> (Value, Value) {
+/// The maximum of a row and Σ e^(z - max); with `store`, each e^(z - max) is also written there.
+fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<usize>) -> (Value, Value) {
     let m = e.b.declare_var(F32);
     let ninf = e.fconst(F32, f32::NEG_INFINITY);
     e.b.def_var(m, ninf);
@@ -741,7 +719,11 @@ fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize) -> (Value, Valu
         let idx = e.b.ins().iadd(r0, j);
         let v = e.load(ty, src, idx);
         let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
-        e.exp(ty, t)
+        let x = e.exp(ty, t);
+        if let Some(out) = store {
+            e.store(out, idx, x);
+        }
+        x
     });
     (max, total)
 }
@@ -783,7 +765,7 @@ fn loss_grad(e: &mut Emit, f: LossFn, ps: &[usize], (p, t, dy): (usize, usize, u
             let k = e.b.ins().fmul(d, c);
             e.for_range(0, rows as i64, 1, |e, r| {
                 let r0 = e.b.ins().imul_imm_s(r, v as i64);
-                let (max, total) = row_max_sumexp(e, p, r0, v);
+                let (max, total) = row_max_sumexp(e, p, r0, v, None);
                 let one = e.fconst(F32, 1.0);
                 let inv = e.b.ins().fdiv(one, total);
                 let scale = e.b.ins().fmul(inv, k);
