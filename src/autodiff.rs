@@ -284,11 +284,73 @@ impl Ad {
                 self.acc(pred, dp, y)?;
             }
 
+            // Backpropagation through time. The states before each step and their hidden
+            // projections gh = h_prev·W_hhᵀ + b_hh are recomputed for all steps at once (one
+            // parallel matmul); the loop then runs backwards from the last step, giving the
+            // gradients of the projections and of the initial state. Then
+            // dW_hh = Σ_t dghᵀ·h_prev,  db_hh = Σ dgh, and xp's own rule takes dxp on.
+            Op::Recurrent { cell, xp, h0, w_hh, b_hh } => {
+                let [b, t, g] = <[usize; 3]>::try_from(shape_of(&self.g, xp))
+                    .map_err(|_| "recurrent projections must be [B, T, G·H]".to_string())?;
+                let h = shape_of(&self.g, w_hh)[1];
+                let hprev = self.add(Op::PrevStates { x: y, first: h0 }, y)?;
+                let hp = if cell.state(h) == h {
+                    hprev
+                } else {
+                    self.add(Op::SliceLast { x: hprev, start: 0, len: h }, y)?
+                };
+                let hp = self.add(Op::Reshape { x: hp, shape: vec![b * t, h] }, y)?;
+                let mut gh = self.add(Op::MatMul { a: hp, b: w_hh, ta: false, tb: true }, y)?;
+                if let Some(bias) = b_hh {
+                    gh = self.add(Op::BiasAdd { x: gh, bias }, y)?;
+                }
+                let gh = self.add(Op::Reshape { x: gh, shape: vec![b, t, g] }, y)?;
+                let grad = self.add(Op::RecurrentGrad { cell, xp, gh, hprev, dhs: d, w_hh }, y)?;
+                let layout = crate::ir::recurrent_grad_layout(cell, b, t, h);
+                let dxp = self.add(Op::Part { x: grad, offset: layout.dxp, shape: vec![b, t, g] }, y)?;
+                self.acc(xp, dxp, y)?;
+                if self.wants(h0) {
+                    let shape = shape_of(&self.g, h0);
+                    let dh0 = self.add(Op::Part { x: grad, offset: layout.dh0, shape }, y)?;
+                    self.acc(h0, dh0, y)?;
+                }
+                let dgh = self.add(Op::Part { x: grad, offset: layout.dgh, shape: vec![b * t, g] }, y)?;
+                if self.wants(w_hh) {
+                    let dw = self.add(Op::MatMul { a: dgh, b: hp, ta: true, tb: false }, y)?;
+                    self.acc(w_hh, dw, y)?;
+                }
+                if let Some(bias) = b_hh.filter(|&p| self.wants(p)) {
+                    let db = self.add(Op::SumToAxis1 { x: dgh }, y)?;
+                    self.acc(bias, db, y)?;
+                }
+            }
+
+            // y = x[:, T-1]  ⇒  dx = d at the last step, zeros before.
+            Op::LastStep { x } => {
+                let [b, t, f] = <[usize; 3]>::try_from(shape_of(&self.g, x))
+                    .map_err(|_| "last_step of a non-sequence".to_string())?;
+                let pad = self.add(Op::PadLast { x: d, start: (t - 1) * f, total: t * f }, y)?;
+                let dx = self.add(Op::Reshape { x: pad, shape: vec![b, t, f] }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y[:, t] = x for every t  ⇒  dx = Σ_t d[:, t].
+            Op::Repeat { x, .. } => {
+                let dx = self.add(Op::SumSteps { x: d }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = x[..., start..start+len]  ⇒  dx = d there, zeros elsewhere.
+            Op::SliceLast { x, start, .. } => {
+                let total = *shape_of(&self.g, x).last().unwrap_or(&1);
+                let dx = self.add(Op::PadLast { x: d, start, total }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
             // Integer-valued ops carry no gradient.
             Op::PoolArgmax { .. } | Op::OneHot { .. } | Op::ShiftRight { .. } => {}
 
-            // Ops that only appear in backward graphs, and the recurrent ops whose rules come
-            // with their interpreter and kernels.
+            // Ops that only appear in backward graphs.
             Op::ActGrad { .. }
             | Op::SoftmaxGrad { .. }
             | Op::SumToAxis1 { .. }
@@ -300,10 +362,11 @@ impl Ad {
             | Op::DropoutGrad { .. }
             | Op::LossGrad { .. }
             | Op::Update { .. }
-            | Op::Recurrent { .. }
-            | Op::LastStep { .. }
-            | Op::Repeat { .. }
-            | Op::SliceLast { .. } => {
+            | Op::RecurrentGrad { .. }
+            | Op::PrevStates { .. }
+            | Op::Part { .. }
+            | Op::PadLast { .. }
+            | Op::SumSteps { .. } => {
                 return Err(format!("no gradient rule for `{}` yet", op.mnemonic()));
             }
         }

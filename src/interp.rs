@@ -280,9 +280,42 @@ fn eval(
             let src = ints(*ids);
             Buf::I32((0..src.len()).map(|i| if i % t == 0 { *start } else { src[i - 1] }).collect())
         }
-        Op::Recurrent { cell, .. } => {
-            let _: Cell = *cell;
-            return Err(Error::Unsupported("recurrent"));
+        Op::Recurrent { cell, xp, h0, w_hh, b_hh } => {
+            let bias = b_hh.map(f);
+            Buf::F32(recurrent(*cell, f(*xp), sh(*xp), f(*h0), f(*w_hh), bias))
+        }
+        Op::RecurrentGrad { cell, xp, gh, hprev, dhs, w_hh } => {
+            Buf::F32(recurrent_grad(*cell, sh(*xp), [f(*xp), f(*gh), f(*hprev), f(*dhs), f(*w_hh)]))
+        }
+        Op::PrevStates { x, first } => {
+            let [_, t, s] = [sh(*x)[0], sh(*x)[1], sh(*x)[2]];
+            let (xv, fv) = (f(*x), f(*first));
+            let mut out = xv.to_vec();
+            for (b, row) in out.chunks_mut(t * s).enumerate() {
+                row.copy_within(0..(t - 1) * s, s);
+                row[..s].copy_from_slice(&fv[b * s..(b + 1) * s]);
+            }
+            Buf::F32(out)
+        }
+        Op::Part { x, offset, .. } => Buf::F32(f(*x)[*offset..offset + node.ty.numel()].to_vec()),
+        Op::PadLast { x, start, total } => {
+            let n = *sh(*x).last().unwrap_or(&1);
+            let mut out = vec![0.0; node.ty.numel()];
+            for (o, row) in out.chunks_mut(*total).zip(f(*x).chunks(n)) {
+                o[*start..start + n].copy_from_slice(row);
+            }
+            Buf::F32(out)
+        }
+        Op::SumSteps { x } => {
+            let (t, n) = (sh(*x)[1], sh(*x)[2]);
+            let xv = f(*x);
+            let mut out = Vec::with_capacity(node.ty.numel());
+            for b in 0..shape[0] {
+                for j in 0..n {
+                    out.push((0..t).map(|k| f64::from(xv[(b * t + k) * n + j])).sum::<f64>() as f32);
+                }
+            }
+            Buf::F32(out)
         }
         Op::LastStep { x } => {
             let (t, feat) = (sh(*x)[1], sh(*x)[2]);
@@ -331,6 +364,156 @@ fn eval(
         }
     };
     Ok(out)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `gh = h·W_hhᵀ (+ b_hh)` for one state row `h` (f64 sums).
+fn hidden_projection(h: &[f32], w_hh: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    w_hh.chunks(h.len())
+        .enumerate()
+        .map(|(j, w)| {
+            let dot: f64 = w.iter().zip(h).map(|(&w, &h)| f64::from(w) * f64::from(h)).sum();
+            dot as f32 + bias.map_or(0.0, |b| b[j])
+        })
+        .collect()
+}
+
+/// One step of a cell (PyTorch's equations): from the projections `gi` (input) and `gh`
+/// (state) and the previous state, the new state (h, then c for an LSTM).
+fn cell_step(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32], out: &mut [f32]) {
+    let h = gh.len() / cell.gates() as usize;
+    for j in 0..h {
+        match cell {
+            Cell::Rnn => out[j] = (gi[j] + gh[j]).tanh(),
+            Cell::Gru => {
+                let r = sigmoid(gi[j] + gh[j]);
+                let z = sigmoid(gi[h + j] + gh[h + j]);
+                let n = (gi[2 * h + j] + r * gh[2 * h + j]).tanh();
+                out[j] = (1.0 - z) * n + z * prev[j];
+            }
+            Cell::Lstm => {
+                let a = |k: usize| gi[k * h + j] + gh[k * h + j];
+                let (i, fg, g, o) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+                let c = fg * prev[h + j] + i * g;
+                out[j] = o * c.tanh();
+                out[h + j] = c;
+            }
+        }
+    }
+}
+
+/// The gradient of one step: given the new state's gradient `ds`, writes the gradients of
+/// the projections (`dgi`, `dgh`) and the direct part of the previous state's gradient (the
+/// part that does not go through `W_hh`).
+fn cell_step_grad(
+    cell: Cell,
+    [gi, gh, prev, ds]: [&[f32]; 4],
+    dgi: &mut [f32],
+    dgh: &mut [f32],
+    dprev: &mut [f32],
+) {
+    let h = gh.len() / cell.gates() as usize;
+    for j in 0..h {
+        match cell {
+            Cell::Rnn => {
+                let y = (gi[j] + gh[j]).tanh();
+                dgi[j] = ds[j] * (1.0 - y * y);
+                dgh[j] = dgi[j];
+                dprev[j] = 0.0;
+            }
+            Cell::Gru => {
+                let r = sigmoid(gi[j] + gh[j]);
+                let z = sigmoid(gi[h + j] + gh[h + j]);
+                let n = (gi[2 * h + j] + r * gh[2 * h + j]).tanh();
+                let dn = ds[j] * (1.0 - z) * (1.0 - n * n);
+                let dz = ds[j] * (prev[j] - n) * z * (1.0 - z);
+                let dr = dn * gh[2 * h + j] * r * (1.0 - r);
+                dgi[j] = dr;
+                dgh[j] = dr;
+                dgi[h + j] = dz;
+                dgh[h + j] = dz;
+                dgi[2 * h + j] = dn;
+                dgh[2 * h + j] = dn * r;
+                dprev[j] = ds[j] * z;
+            }
+            Cell::Lstm => {
+                let a = |k: usize| gi[k * h + j] + gh[k * h + j];
+                let (i, fg, g, o) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+                let c = fg * prev[h + j] + i * g;
+                let tc = c.tanh();
+                let dc = ds[h + j] + ds[j] * o * (1.0 - tc * tc);
+                let d = [
+                    dc * g * i * (1.0 - i),
+                    dc * prev[h + j] * fg * (1.0 - fg),
+                    dc * i * (1.0 - g * g),
+                    ds[j] * tc * o * (1.0 - o),
+                ];
+                for (k, v) in d.into_iter().enumerate() {
+                    dgi[k * h + j] = v;
+                    dgh[k * h + j] = v;
+                }
+                dprev[j] = 0.0;
+                dprev[h + j] = dc * fg;
+            }
+        }
+    }
+}
+
+/// The time loop of `Op::Recurrent`, one sequence at a time.
+fn recurrent(
+    cell: Cell,
+    xp: &[f32],
+    xs: &[usize],
+    h0: &[f32],
+    w_hh: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (b, t, g) = (xs[0], xs[1], xs[2]);
+    let h = g / cell.gates() as usize;
+    let s = cell.state(h);
+    let mut out = vec![0.0; b * t * s];
+    for bi in 0..b {
+        let mut prev = h0[bi * s..(bi + 1) * s].to_vec();
+        for ti in 0..t {
+            let gh = hidden_projection(&prev[..h], w_hh, bias);
+            let row = (bi * t + ti) * s;
+            cell_step(cell, &xp[(bi * t + ti) * g..][..g], &gh, &prev, &mut out[row..row + s]);
+            prev.copy_from_slice(&out[row..row + s]);
+        }
+    }
+    out
+}
+
+/// Backpropagation through time (`Op::RecurrentGrad`), from the last step to the first.
+fn recurrent_grad(cell: Cell, xs: &[usize], [xp, gh, hprev, dhs, w_hh]: [&[f32]; 5]) -> Vec<f32> {
+    let (b, t, g) = (xs[0], xs[1], xs[2]);
+    let h = g / cell.gates() as usize;
+    let s = cell.state(h);
+    let layout = crate::ir::recurrent_grad_layout(cell, b, t, h);
+    let mut out = vec![0.0; layout.total];
+    let (mut dgi, mut dgh, mut direct) = (vec![0.0; g], vec![0.0; g], vec![0.0; s]);
+    for bi in 0..b {
+        let mut carry = vec![0.0f32; s];
+        for ti in (0..t).rev() {
+            let at = bi * t + ti;
+            let ds: Vec<f32> = dhs[at * s..][..s].iter().zip(&carry).map(|(a, c)| a + c).collect();
+            let ins = [&xp[at * g..][..g], &gh[at * g..][..g], &hprev[at * s..][..s], &ds[..]];
+            cell_step_grad(cell, ins, &mut dgi, &mut dgh, &mut direct);
+            out[layout.dxp + at * g..][..g].copy_from_slice(&dgi);
+            out[layout.dgh + at * g..][..g].copy_from_slice(&dgh);
+            // carry = direct + dgh·W_hh (into the h part).
+            carry.copy_from_slice(&direct);
+            for (k, c) in carry[..h].iter_mut().enumerate() {
+                let dot: f64 = (0..g).map(|j| f64::from(dgh[j]) * f64::from(w_hh[j * h + k])).sum();
+                *c += dot as f32;
+            }
+        }
+        out[layout.dh0 + bi * s..][..s].copy_from_slice(&carry);
+    }
+    out
 }
 
 fn check_id(id: i32, vocab: usize) -> Result<usize, Error> {

@@ -368,3 +368,44 @@ fn every_spec_without_recurrence_differentiates() {
         aec::ir::verify(&back.graph).expect("verified");
     }
 }
+
+#[test]
+fn recurrent_cells_through_time() {
+    // Backpropagation through time for every cell at hidden sizes 1, 3, 5, 17 and lengths
+    // 1, 2, 7: gradients of the input projections, the initial state, W_hh and b_hh — and of
+    // the last step and a slice of it, as the encoder's code and an LSTM's h are taken.
+    use aec::syntax::ast::Cell;
+    for cell in [Cell::Rnn, Cell::Gru, Cell::Lstm] {
+        for h in [1, 3, 5, 17] {
+            for t in [1, 2, 7] {
+                let what = format!("{} hidden {h} length {t}", cell.keyword());
+                let (b, g, s) = (2, cell.gates() as usize * h, cell.state(h));
+                let mut c = Case::new(30 + h as u64 * 10 + t as u64);
+                let xp = c.param(&[b, t, g]);
+                let h0 = c.param(&[b, s]);
+                let w_hh = c.param(&[g, h]);
+                let b_hh = c.param(&[g]);
+                let hs = c.add(Op::Recurrent { cell, xp, h0, w_hh, b_hh: Some(b_hh) });
+                c.check(hs, &what);
+
+                let mut c = Case::new(31 + h as u64 * 10 + t as u64);
+                let xp = c.param(&[b, t, g]);
+                let h0 = c.param(&[b, s]);
+                let w_hh = c.param(&[g, h]);
+                let hs = c.add(Op::Recurrent { cell, xp, h0, w_hh, b_hh: None });
+                let last = c.add(Op::LastStep { x: hs });
+                let y = c.add(Op::SliceLast { x: last, start: 0, len: h });
+                c.check(y, &format!("{what}, last h, no bias"));
+            }
+        }
+    }
+}
+
+#[test]
+fn repeat_and_sequence_views() {
+    let mut c = Case::new(50);
+    let x = c.param(&[3, 5]);
+    let r = c.add(Op::Repeat { x, times: 4 });
+    let p = c.add(Op::Unary { f: UnaryFn::Square, x: r });
+    c.check(p, "repeat");
+}

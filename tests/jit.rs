@@ -223,3 +223,94 @@ fn splitting_matmuls_across_threads_changes_nothing() {
         assert!(results[0] == results[1], "batch {batch}: 2 threads differ from 1");
     }
 }
+
+#[test]
+fn recurrent_specs_at_odd_batches() {
+    for name in ["seq_copy", "translate", "bench_gru"] {
+        for batch in [1, 3, 8, 13] {
+            let (g, f) = spec(name, batch);
+            same_training(&format!("{name} batch {batch}"), &g, &f, 2, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn every_cell_at_odd_hidden_sizes_and_lengths() {
+    // Encoder-decoders with each cell, hidden sizes 1, 3, 5, 17 (SIMD tails), lengths 1, 2, 7;
+    // teacher-forced decoders, and decoders that read the code at every step.
+    for cell in ["rnn", "gru", "lstm"] {
+        for hidden in [1, 3, 5, 17] {
+            for len in [1, 2, 7] {
+                for forcing in [true, false] {
+                    let decoder = if forcing {
+                        format!("{cell} {hidden} teacher_forcing; dense 3 -> softmax")
+                    } else {
+                        format!("{cell} {hidden} seq; dense 3 -> softmax")
+                    };
+                    let src = format!(
+                        "model m {{\n input s: seq[{len}] of token[3]\n encoder {{ embed 4; {cell} {hidden} }}\n \
+                         decoder {{ {decoder} }}\n loss cross_entropy(s)\n}}\n\
+                         train {{ data copy(len: {len}, vocab: 3, count: 8)\n optimizer adam(lr: 0.01) }}\n"
+                    );
+                    let (g, f) = compile_src(&src, 3);
+                    same_training(&format!("{cell} {hidden} len {len} forcing {forcing}"), &g, &f, 2, 1e-4);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn recurrent_ops_alone() {
+    // Forward and backward of each cell as bare ops, every intermediate compared.
+    use aec::ir::{Op, ParamDef, ParamRole, Type};
+    use aec::syntax::ast::Cell;
+    for cell in [Cell::Rnn, Cell::Gru, Cell::Lstm] {
+        for h in [1, 3, 5, 17] {
+            let (b, t) = (3, 2);
+            let (gh, s) = (cell.gates() as usize * h, cell.state(h));
+            let mut g = Graph::new("r.forward");
+            let p = |g: &mut Graph, name: &str, shape: Vec<usize>| {
+                let def =
+                    ParamDef { name: name.into(), shape, role: ParamRole::Weight, fan_in: 1, fan_out: 1 };
+                g.add_param(def).expect("param")
+            };
+            let xp = p(&mut g, "xp", vec![b, t, gh]);
+            let h0 = p(&mut g, "h0", vec![b, s]);
+            let w_hh = p(&mut g, "w", vec![gh, h]);
+            let b_hh = p(&mut g, "bias", vec![gh]);
+            let hs = g.add(Op::Recurrent { cell, xp, h0, w_hh, b_hh: Some(b_hh) }, None).expect("op");
+            let r = g.add_input("r", Type::f32(vec![b, t, s])).expect("input");
+            let m = g.add(Op::Binary { f: aec::ir::BinaryFn::Mul, a: hs, b: r }, None).expect("op");
+            let loss = g.add(Op::SumAll { x: m }, None).expect("op");
+            g.outputs = vec![("loss".into(), loss)];
+            let back = aec::autodiff::backward(&g, loss).expect("backward");
+            let mut full = back.graph;
+            // Every f32 value but the flat gradient buffer, whose padding is never read (its
+            // parts are compared instead).
+            full.outputs = full
+                .ids()
+                .filter(|&i| full.ty(i).dtype == DType::F32)
+                .filter(|&i| !matches!(full.node(i).op, Op::RecurrentGrad { .. }))
+                .map(|i| (format!("%{}", i.0), i))
+                .collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(h as u64);
+            let params: Vec<Vec<f32>> = full
+                .params
+                .iter()
+                .map(|d| (0..d.shape.iter().product::<usize>()).map(|_| rng.random::<f32>() - 0.5).collect())
+                .collect();
+            let inputs = random_inputs(&full, &mut rng);
+            let mut state = State::new(params);
+            let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };
+            let values = interp::run(&full, &inputs, &mut state, &opts).expect("interp");
+            let mut program = Program::compile(&full, Options::default()).expect("compiles");
+            program.set_state(&state).expect("state");
+            program.run(&inputs, 1, 1).expect("runs");
+            for (name, id) in &full.outputs {
+                let what = format!("{} h {h} {name} {}", cell.keyword(), full.node(*id).op.mnemonic());
+                close(&what, values.get(*id).f32(), program.value(*id).f32(), 1e-5);
+            }
+        }
+    }
+}

@@ -177,7 +177,8 @@ fn apply(
     let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads, backend.runtime())
         .map_err(Failure::Data)?;
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
-    eprintln!("wrote {} ({:?}, f32)", output.display(), y.shape);
+    let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
+    eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
     Ok(())
 }
 
@@ -189,9 +190,11 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
     let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
     let mut arrays = Vec::new();
     for (k, var) in vars.iter().enumerate() {
+        // An unnamed binding feeds the first input; a sequence task's also feeds a target
+        // (the copy, the reversal or the translation of its sentences).
         let binding = bindings.iter().find(|b| match &b.binding {
             Some(name) => name.name == var.name,
-            None => k == 0,
+            None => k == 0 || b.source.is_sequence_task(),
         });
         let Some(binding) = binding else {
             let at = train.map_or(var.span, |t| t.span);
@@ -207,7 +210,8 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
             ));
         };
         let origin = binding.source.to_string();
-        let array = data::load(&binding.source, &spec.dir(), &var.ty, seed)
+        let part = usize::from(k > 0);
+        let array = data::load(&binding.source, &spec.dir(), &var.ty, seed, part)
             .and_then(|a| data::conform(a, var, &origin))
             .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
         arrays.push(array);
@@ -305,7 +309,15 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     progress.finish();
     let used_threads = cfg.threads;
     let last = summary.metrics.last();
-    let val = last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
+    let mut val =
+        last.and_then(|m| m.val_loss).map_or(String::new(), |v| format!(", validation loss {v:.6}"));
+    if let Some((t, q)) = last.and_then(|m| m.token_accuracy.zip(m.sequence_accuracy)) {
+        val += &format!(
+            " (greedy decoding of the validation set: {:.2}% of tokens, {:.2}% of sequences right)",
+            t * 100.0,
+            q * 100.0
+        );
+    }
     outln!(
         "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s ({}, {} thread{})",
         last.map_or(0, |m| m.epoch),
@@ -330,10 +342,53 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    if t.data.first().is_some_and(|d| d.source.is_sequence_task()) {
+        out!("{}", decoded_examples(&spec.compiled, &summary.params, &data, &cfg)?);
+    }
     if let Some(DataSource::OneHot { .. }) = t.data.first().map(|d| &d.source) {
         out!("{}", code_table(&spec.compiled, &summary.params, &data, cfg.threads, cfg.backend)?);
     }
     Ok(())
+}
+
+/// For sequence tasks: a few held-out sentences, what greedy decoding wrote, and the target.
+fn decoded_examples(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    cfg: &TrainConfig,
+) -> Result<String, Failure> {
+    let Some(mut d) = aec::runtime::decode::Decoder::new(c, cfg.backend, cfg.threads) else {
+        return Ok(String::new());
+    };
+    let (_, val) = data.split(cfg.validation, cfg.seed);
+    let idx: Vec<usize> = val.into_iter().take(6).collect();
+    if idx.is_empty() {
+        return Ok(String::new());
+    }
+    let ints = |k: usize| match data.gather(k, &idx) {
+        Values::I32(v) => v,
+        Values::F32(_) => Vec::new(),
+    };
+    let inputs: Vec<aec::interp::Buf> =
+        (0..data.arrays.len()).map(|k| aec::interp::Buf::I32(ints(k))).collect();
+    let got = d.decode(params, &inputs, idx.len()).map_err(Failure::Data)?;
+    let target = data.arrays.len() - 1;
+    let (src, want) = (ints(0), ints(target));
+    let (sl, tl) = (data.arrays[0].sample_len(), d.len);
+    let words = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(" ");
+    let mut s = String::from("held-out examples (input → greedy decoding | target):\n");
+    for i in 0..idx.len() {
+        let (g, w) = (&got[i * tl..(i + 1) * tl], &want[i * tl..(i + 1) * tl]);
+        let mark = if g == w { "✓" } else { "✗" };
+        s.push_str(&format!(
+            "  {} → {} | {} {mark}\n",
+            words(&src[i * sl..(i + 1) * sl]),
+            words(g),
+            words(w)
+        ));
+    }
+    Ok(s)
 }
 
 /// For one-hot data: each input's code, its bits, and whether the output's argmax is right.
@@ -442,7 +497,10 @@ impl Progress {
                 }
             }
             Event::Epoch(m) => {
-                let val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
+                let mut val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
+                if let (Some(t), Some(q)) = (m.token_accuracy, m.sequence_accuracy) {
+                    val += &format!(" tokens {:.1}% sequences {:.1}%", t * 100.0, q * 100.0);
+                }
                 let line = format!("loss {:.5}{val} · {:.0} samples/s", m.train_loss, m.samples_per_s);
                 match &self.bar {
                     Some(bar) => {

@@ -149,7 +149,7 @@ pub fn emit(
     match (g.node(id).op.clone(), part) {
         (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, false, range),
         (Op::Conv2d { w, .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[] };
+            let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         (Op::Conv2d { .. }, Part::Finish) => swap_outer(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
@@ -167,7 +167,7 @@ pub fn emit(
             });
         }
         (Op::ConvTranspose2d { w, .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[] };
+            let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out),
@@ -183,7 +183,7 @@ pub fn emit(
             im2col_pack(e, ge, at(dy), packed, true, range);
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: temp, ta: false, packed, c: out, epilogue: &[] };
+            let mm = Mm { m, n, k, a: temp, ta: false, packed, c: out, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         _ => {}

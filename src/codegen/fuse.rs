@@ -49,7 +49,7 @@ impl Group {
     }
 }
 
-/// The groups of a graph, in execution order. Inputs, parameters and reshapes need no kernel
+/// The groups of a graph, in execution order. Inputs, parameters, reshapes and parts need no kernel
 /// and belong to none.
 pub fn groups(g: &Graph) -> Vec<Group> {
     let n = g.len();
@@ -72,7 +72,7 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             continue;
         }
         match g.node(id).op {
-            Op::Input(_) | Op::Param(_) | Op::Reshape { .. } => {}
+            Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
                 let shape = &g.ty(id).shape;

@@ -347,8 +347,57 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::LossGrad { f, pred, target, dy } => {
             loss_grad(e, *f, &shape(*pred), (at(*pred), at(*target), at(*dy)), out)
         }
+        Op::PrevStates { x, first } => {
+            let s = shape(*x);
+            let (t, f, src, first) = (s[1], s[2], at(*x), at(*first));
+            e.for_range(0, s[0] as i64, 1, |e, b| {
+                let row = e.b.ins().imul_imm_s(b, (t * f) as i64);
+                let from = e.b.ins().imul_imm_s(b, f as i64);
+                copy(e, first, from, out, row, f);
+                let to = e.b.ins().iadd_imm_s(row, f as i64);
+                copy(e, src, row, out, to, (t - 1) * f);
+            });
+        }
+        Op::PadLast { x, start, total } => {
+            let n = *shape(*x).last().unwrap_or(&1);
+            let (src, start, total) = (at(*x), *start, *total);
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, (numel / total) as i64, 1, |e, r| {
+                let from = e.b.ins().imul_imm_s(r, n as i64);
+                let to = e.b.ins().imul_imm_s(r, total as i64);
+                let to = e.b.ins().iadd_imm_s(to, start as i64);
+                copy(e, src, from, out, to, n);
+            });
+        }
+        Op::SumSteps { x } => {
+            let s = shape(*x);
+            let (t, f, src) = (s[1], s[2], at(*x));
+            e.for_range(0, s[0] as i64, 1, |e, b| {
+                let row = e.b.ins().imul_imm_s(b, f as i64);
+                let first = e.b.ins().imul_imm_s(b, (t * f) as i64);
+                copy(e, src, first, out, row, f);
+                e.for_range(1, t as i64, 1, |e, k| {
+                    let step = e.b.ins().imul_imm_s(k, f as i64);
+                    let from = e.b.ins().iadd(first, step);
+                    e.elementwise(f, |e, ty, j| {
+                        let si = e.b.ins().iadd(from, j);
+                        let v = e.load(ty, src, si);
+                        let di = e.b.ins().iadd(row, j);
+                        let acc = e.load(ty, out, di);
+                        let r = e.b.ins().fadd(acc, v);
+                        e.store(out, di, r);
+                    });
+                });
+            });
+        }
         Op::Update { .. } => return Err("updates are emitted together".into()),
-        Op::Recurrent { .. } => return Err("the JIT has no kernel for `recurrent` yet".into()),
+        Op::Part { .. } => {}
+        Op::Recurrent { .. } | Op::RecurrentGrad { .. } => {
+            return Err("recurrent ops are emitted by `codegen::recurrent`".into());
+        }
     }
     Ok(())
 }

@@ -30,6 +30,10 @@ pub struct Mm<'a> {
     /// C: row-major [M, N].
     pub c: usize,
     pub epilogue: &'a [EpOp],
+    /// Whether A and the epilogue's operands stay unchanged for the whole kernel, so their
+    /// loads may move (out of loops). False inside a recurrent time loop, which rewrites them
+    /// every step.
+    pub stable: bool,
 }
 
 /// Bytes of B packed in panels of 8 columns.
@@ -74,8 +78,11 @@ pub fn epilogue(g: &Graph, plan: &Plan, mm: NodeId, chain: &[NodeId]) -> Vec<EpO
 }
 
 /// Applies the epilogue to four columns of C at flat index `idx`, column `col`.
-fn apply(e: &mut Emit, ops: &[EpOp], mut v: Value, idx: Value, col: Value) -> Value {
-    for op in ops {
+fn apply(e: &mut Emit, mm: &Mm, mut v: Value, idx: Value, col: Value) -> Value {
+    let load = |e: &mut Emit, off: usize, i: Value| {
+        if mm.stable { e.load_ro(F32X4, off, i) } else { e.load(F32X4, off, i) }
+    };
+    for op in mm.epilogue {
         v = match *op {
             EpOp::Bias(off) => {
                 let b = e.load_ro(F32X4, off, col);
@@ -83,11 +90,11 @@ fn apply(e: &mut Emit, ops: &[EpOp], mut v: Value, idx: Value, col: Value) -> Va
             }
             EpOp::Unary(f) => super::kernels::unary(e, F32X4, f, v),
             EpOp::ActGrad(f, y) => {
-                let yv = e.load_ro(F32X4, y, idx);
+                let yv = load(e, y, idx);
                 super::kernels::act_grad(e, F32X4, f, yv, v)
             }
             EpOp::Binary(f, other, c_left) => {
-                let o = e.load_ro(F32X4, other, idx);
+                let o = load(e, other, idx);
                 let (a, b) = if c_left { (v, o) } else { (o, v) };
                 match f {
                     BinaryFn::Add => e.b.ins().fadd(a, b),
@@ -138,7 +145,7 @@ pub fn emit(
     (out, epilogue): (usize, &[EpOp]),
 ) {
     let Some((m, n, k)) = dims(g, id) else { return };
-    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: out, epilogue };
+    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: out, epilogue, stable: true };
     emit_mm(e, &mm, (lo, hi));
 }
 
@@ -204,7 +211,7 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
                 let t = e.b.ins().imul_imm_s(i, mm.k as i64);
                 e.b.ins().iadd(t, kk)
             };
-            let av = e.load_ro(F32, mm.a, idx);
+            let av = if mm.stable { e.load_ro(F32, mm.a, idx) } else { e.load(F32, mm.a, idx) };
             let av = e.b.ins().splat(F32X4, av);
             for (h, bv) in [b0, b1].into_iter().enumerate() {
                 let cur = e.b.use_var(acc[h]);
@@ -222,8 +229,8 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
         let v1 = e.b.use_var(acc[1]);
         let at4 = e.b.ins().iadd_imm_s(at, 4);
         let col4 = e.b.ins().iadd_imm_s(col0, 4);
-        let v0 = apply(e, mm.epilogue, v0, at, col0);
-        let v1 = apply(e, mm.epilogue, v1, at4, col4);
+        let v0 = apply(e, mm, v0, at, col0);
+        let v1 = apply(e, mm, v1, at4, col4);
         if cols == NR {
             e.store(mm.c, at, v0);
             e.store(mm.c, at4, v1);
@@ -272,7 +279,7 @@ pub fn pack_with(
 }
 
 /// `packed[j/8][k][j%8] = B(k, j)`, zero past column N.
-fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
+pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
     // Read B along its rows: k inner when B is stored transposed ([N, K]), j inner otherwise.
     pack_with(e, k, n, packed, tb, |e, kk, j| {
         let src = if tb {

@@ -19,6 +19,7 @@ pub mod fuse;
 mod kernels;
 mod matmul;
 pub mod plan;
+mod recurrent;
 
 use crate::interp::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
@@ -54,6 +55,7 @@ enum Piece {
     Pack,
     Main,
     Conv(conv::Part),
+    Rec(recurrent::Part),
 }
 
 /// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
@@ -175,9 +177,10 @@ impl Program {
         for (gi, grp) in groups.iter().enumerate() {
             match grp {
                 fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
-                fuse::Group::Single(id) => match conv::parts(g, *id) {
-                    Some((parts, _, _)) => work.extend(parts.into_iter().map(|p| (gi, Piece::Conv(p)))),
-                    None => work.push((gi, Piece::Main)),
+                fuse::Group::Single(id) => match (conv::parts(g, *id), recurrent::parts(g, *id)) {
+                    (Some((parts, _, _)), _) => work.extend(parts.into_iter().map(|p| (gi, Piece::Conv(p)))),
+                    (_, Some((parts, _, _))) => work.extend(parts.into_iter().map(|p| (gi, Piece::Rec(p)))),
+                    _ => work.push((gi, Piece::Main)),
                 },
                 fuse::Group::Updates(_) => work.push((gi, Piece::Main)),
             }
@@ -189,6 +192,9 @@ impl Program {
             let name = match (grp, piece) {
                 (_, Piece::Pack) => format!("k{}_pack", head.0),
                 (_, Piece::Conv(p)) => {
+                    format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
+                }
+                (_, Piece::Rec(p)) => {
                     format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
                 }
                 (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
@@ -241,6 +247,15 @@ impl Program {
                                 .ok_or("conv without scratch")?;
                             conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
                         }
+                        Piece::Rec(part) => {
+                            let scratch = plan
+                                .scratch
+                                .iter()
+                                .find(|s| s.0 == *id)
+                                .map(|s| s.1)
+                                .ok_or("recurrent op without scratch")?;
+                            recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
+                        }
                         _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
                     },
                 }
@@ -258,6 +273,10 @@ impl Program {
                 (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
                     conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
+                }
+                (_, Piece::Rec(recurrent::Part::Pack)) => (1, 0),
+                (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Loop)) => {
+                    recurrent::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
                 }
                 (fuse::Group::Updates(ids), _) => {
                     ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
@@ -587,6 +606,10 @@ pub fn describe(p: &Program) -> String {
             }
             Piece::Conv(conv::Part::Finish) => {
                 let _ = writeln!(out, "  finish %{} (into NCHW)", grp.head().0);
+                continue;
+            }
+            Piece::Rec(recurrent::Part::Pack) => {
+                let _ = writeln!(out, "  pack w_hh of %{} into panels", grp.head().0);
                 continue;
             }
             _ => {}

@@ -3,7 +3,8 @@
 //! Layout: parameters, their optimizer buffers, graph inputs, per-step scalars (dropout's seed
 //! and step; each update's step size, bias correction and momentum), then the temporaries.
 //! Temporaries are reused by liveness: a value's space is free after its last use, and a later
-//! value of a size that fits takes it (first fit). A `reshape` is the same bytes as its input.
+//! value of a size that fits takes it (first fit). A `reshape` is the same bytes as its input,
+//! a `part` a range of them.
 //! Every buffer starts on a 64-byte boundary.
 
 use super::fuse::Group;
@@ -45,6 +46,7 @@ pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
         | Op::ConvTranspose2d { .. }
         | Op::Conv2dWeightGrad { .. }
         | Op::ConvTranspose2dWeightGrad { .. } => super::conv::scratch_bytes(g, id),
+        Op::Recurrent { .. } | Op::RecurrentGrad { .. } => super::recurrent::scratch_bytes(g, id),
         Op::MatMul { b, tb, .. } => {
             let s = &g.ty(*b).shape;
             let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
@@ -121,7 +123,7 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
     }
     // A reshape's bytes are its input's: the input lives as long as the reshape.
     for id in g.ids().rev() {
-        if let Op::Reshape { x, .. } = g.node(id).op {
+        if let Op::Reshape { x, .. } | Op::Part { x, .. } = g.node(id).op {
             last[x.index()] = last[x.index()].max(last[id.index()]);
         }
     }
@@ -167,6 +169,7 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
             Op::Param(q) => p.param[q.index()],
             Op::Input(i) => p.input[i.index()],
             Op::Reshape { x, .. } => p.node[x.index()],
+            Op::Part { x, offset, .. } => p.node[x.index()] + offset * 4,
             Op::Update { .. } => 0,
             _ if fused_away[id.index()] || allocated_at_head => p.node[id.index()],
             _ => {

@@ -5,7 +5,7 @@
 pub mod npy;
 
 use crate::sema::{Ty, Var};
-use crate::syntax::ast::{DataSource, Noise};
+use crate::syntax::ast::{DataSource, Noise, SeqTask};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
@@ -70,8 +70,9 @@ pub fn write_npy(path: &Path, a: &Array) -> Result<(), DataError> {
 }
 
 /// Loads a source. Paths are relative to `base` (the spec's folder); `sample` is the declared
-/// per-sample type, which sizes the synthetic sources.
-pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Array, DataError> {
+/// per-sample type, which sizes the synthetic sources. `part` picks the array of a source that
+/// gives several: the sequence tasks give the input sentences (0) and their targets (1).
+pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64, part: usize) -> Result<Array, DataError> {
     let path = |p: &str| -> PathBuf { base.join(p) };
     let scaled = |mut a: Array, scale: f64| {
         if let Values::F32(v) = &mut a.values
@@ -92,7 +93,7 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
         DataSource::Csv { path: p, scale } => scaled(read_csv(&path(p))?, *scale),
         DataSource::Idx { path: p, scale } => scaled(read_idx(&path(p))?, *scale),
         DataSource::Patches { source, size, stride } => {
-            patches(&load(source, base, sample, seed)?, *size as usize, *stride as usize)?
+            patches(&load(source, base, sample, seed, part)?, *size as usize, *stride as usize)?
         }
         DataSource::Random { count } => {
             let per = sample.numel() as usize;
@@ -105,13 +106,43 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64) -> Result<Arr
             }
             Array { shape, values: Values::F32(v) }
         }
-        DataSource::SeqTask { .. } | DataSource::Translation { .. } => {
-            return Err(err(
-                "sequence tasks feed recurrent models, which aec cannot train yet (the recurrent \
-                 layers have no interpreter or gradient yet)",
-            ));
+        DataSource::SeqTask { task, len, vocab, count } => {
+            let (n, len, vocab) = (*count as usize, *len as usize, *vocab as i32);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0005_E0DA_7A00);
+            let src: Vec<i32> = (0..n * len).map(|_| rng.random_range(0..vocab)).collect();
+            let ids = match (part, task) {
+                (0, _) | (_, SeqTask::Copy) => src,
+                (_, SeqTask::Reverse) => src.chunks(len).flat_map(|s| s.iter().rev().copied()).collect(),
+            };
+            Array { shape: vec![n, len], values: Values::I32(ids) }
+        }
+        DataSource::Translation { count } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7A57_DA7A);
+            let n = *count as usize;
+            let src: Vec<i32> = (0..n * TRANSLATION_SRC_LEN).map(|_| rng.random_range(0..12)).collect();
+            let (len, ids) = if part == 0 {
+                (TRANSLATION_SRC_LEN, src)
+            } else {
+                (TRANSLATION_SRC_LEN + 1, src.chunks(TRANSLATION_SRC_LEN).flat_map(translate).collect())
+            };
+            Array { shape: vec![n, len], values: Values::I32(ids) }
         }
     })
+}
+
+/// Words per sentence of the toy translation task's source language (vocabulary 12); its
+/// target sentences have one more word (vocabulary 14).
+pub const TRANSLATION_SRC_LEN: usize = 6;
+
+/// The toy translation: each source word `w` becomes the target word `2 + (5w + 3) mod 12`
+/// (a dictionary), each adjacent pair of words is swapped (adjectives follow their nouns in
+/// the target language), and a final particle, 0 or 1, agrees with the first source word
+/// (below 6 or not) — so the decoder needs the whole sentence, not one word at a time.
+pub fn translate(src: &[i32]) -> Vec<i32> {
+    let word = |w: i32| 2 + (5 * w + 3) % 12;
+    let mut out: Vec<i32> = src.chunks(2).flat_map(|p| p.iter().rev().map(|&w| word(w))).collect();
+    out.push(i32::from(src.first().is_some_and(|&w| w >= 6)));
+    out
 }
 
 /// A CSV file of numbers, one sample per row; a first row that is not numeric is a header.

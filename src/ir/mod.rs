@@ -18,7 +18,7 @@ mod op;
 mod print;
 mod verify;
 
-pub use op::{BinaryFn, LossFn, Op, OptimizerFn, UnaryFn};
+pub use op::{BinaryFn, LossFn, Op, OptimizerFn, RecurrentGradLayout, UnaryFn, recurrent_grad_layout};
 pub use print::print;
 pub use verify::verify;
 

@@ -205,17 +205,42 @@ pub enum Op {
         ids: NodeId,
         start: i32,
     },
-    /// A recurrent layer over a whole sequence: `xs [B, T, I]`, initial state `h0 [B, S]` →
-    /// every step's state `[B, T, S]`, where S = H (rnn, gru) or 2H (lstm: h then c).
-    /// Weights as PyTorch: `w_ih [G·H, I]`, `w_hh [G·H, H]`, biases `[G·H]`.
+    /// A recurrent layer's time loop: `xp [B, T, G·H]`, the input projection `x·W_ihᵀ + b_ih`
+    /// of every step (a matmul before the loop), initial state `h0 [B, S]` → every step's
+    /// state `[B, T, S]`, where S = H (rnn, gru) or 2H (lstm: h then c). Per step the loop
+    /// adds `h·W_hhᵀ + b_hh` and applies the cell (PyTorch's gate order: gru r,z,n; lstm
+    /// i,f,g,o). `w_hh [G·H, H]`, `b_hh [G·H]` as PyTorch.
     Recurrent {
         cell: Cell,
-        xs: NodeId,
+        xp: NodeId,
         h0: NodeId,
-        w_ih: NodeId,
         w_hh: NodeId,
-        b_ih: Option<NodeId>,
         b_hh: Option<NodeId>,
+    },
+    /// Backpropagation through time of `Recurrent`: from the projections `xp`, the recomputed
+    /// `gh = h_prev·W_hhᵀ + b_hh` of every step `[B, T, G·H]`, the previous states `hprev`
+    /// `[B, T, S]` and the states' gradient `dhs [B, T, S]`, a flat buffer holding the
+    /// gradient of `xp`, then (gru only: r and z share it, n does not) of `gh`, then of the
+    /// initial state — see [`recurrent_grad_layout`]; `Part` views pick them out.
+    RecurrentGrad {
+        cell: Cell,
+        xp: NodeId,
+        gh: NodeId,
+        hprev: NodeId,
+        dhs: NodeId,
+        w_hh: NodeId,
+    },
+    /// The state before each step: `first [B, S]` at step 0, then `x [B, T, S]` shifted one
+    /// step later.
+    PrevStates {
+        x: NodeId,
+        first: NodeId,
+    },
+    /// Elements `offset..offset + Π shape` of `x`, seen as `shape` (no copy natively).
+    Part {
+        x: NodeId,
+        offset: usize,
+        shape: Vec<usize>,
     },
     /// `[B, T, F] → [B, F]`: the last step.
     LastStep {
@@ -231,6 +256,17 @@ pub enum Op {
         x: NodeId,
         start: usize,
         len: usize,
+    },
+    /// The gradient of `SliceLast`: `x` at features `start..` of a last axis of `total`,
+    /// zeros elsewhere.
+    PadLast {
+        x: NodeId,
+        start: usize,
+        total: usize,
+    },
+    /// `[B, T, F] → [B, F]`: the sum over steps (the gradient of `Repeat`).
+    SumSteps {
+        x: NodeId,
     },
     /// A constant: every element `value` (zeros for an initial state, 1 to seed a gradient).
     Fill {
@@ -300,6 +336,9 @@ impl Op {
             | LastStep { x }
             | Repeat { x, .. }
             | SliceLast { x, .. }
+            | PadLast { x, .. }
+            | SumSteps { x }
+            | Part { x, .. }
             | BroadcastScalar { x, .. }
             | Dropout { x, .. } => vec![*x],
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => vec![*x, *w],
@@ -312,11 +351,13 @@ impl Op {
             Embed { table, ids } => vec![*table, *ids],
             EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
             OneHot { ids, .. } | ShiftRight { ids, .. } => vec![*ids],
-            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
-                let mut v = vec![*xs, *h0, *w_ih, *w_hh];
-                v.extend(b_ih.iter().chain(b_hh.iter()).copied());
+            Recurrent { xp, h0, w_hh, b_hh, .. } => {
+                let mut v = vec![*xp, *h0, *w_hh];
+                v.extend(b_hh.iter().copied());
                 v
             }
+            RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => vec![*xp, *gh, *hprev, *dhs, *w_hh],
+            PrevStates { x, first } => vec![*x, *first],
             Loss { pred, target, .. } => vec![*pred, *target],
             LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
@@ -351,6 +392,9 @@ impl Op {
             | LastStep { x }
             | Repeat { x, .. }
             | SliceLast { x, .. }
+            | PadLast { x, .. }
+            | SumSteps { x }
+            | Part { x, .. }
             | BroadcastScalar { x, .. }
             | Dropout { x, .. } => *x = f(*x),
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => {
@@ -379,17 +423,22 @@ impl Op {
                 *dy = f(*dy);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
-            Recurrent { xs, h0, w_ih, w_hh, b_ih, b_hh, .. } => {
-                *xs = f(*xs);
+            Recurrent { xp, h0, w_hh, b_hh, .. } => {
+                *xp = f(*xp);
                 *h0 = f(*h0);
-                *w_ih = f(*w_ih);
                 *w_hh = f(*w_hh);
-                if let Some(b) = b_ih {
-                    *b = f(*b);
-                }
                 if let Some(b) = b_hh {
                     *b = f(*b);
                 }
+            }
+            RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => {
+                for v in [xp, gh, hprev, dhs, w_hh] {
+                    *v = f(*v);
+                }
+            }
+            PrevStates { x, first } => {
+                *x = f(*x);
+                *first = f(*first);
             }
             Loss { pred, target, .. } => {
                 *pred = f(*pred);
@@ -441,6 +490,11 @@ impl Op {
             LastStep { .. } => "last_step",
             Repeat { .. } => "repeat",
             SliceLast { .. } => "slice_last",
+            RecurrentGrad { .. } => "recurrent_grad",
+            PrevStates { .. } => "prev_states",
+            Part { .. } => "part",
+            PadLast { .. } => "pad_last",
+            SumSteps { .. } => "sum_steps",
             Fill { .. } => "fill",
             BroadcastScalar { .. } => "broadcast",
             Dropout { .. } => "dropout",
@@ -630,24 +684,63 @@ impl Op {
                 }
                 Type::i32(s.clone())
             }
-            Recurrent { cell, xs, h0, w_ih, w_hh, b_ih, b_hh } => {
-                let [b, t, i] = three(f32s(*xs)?)?;
-                let [gh, wi] = two(f32s(*w_ih)?)?;
+            Recurrent { cell, xp, h0, w_hh, b_hh } => {
+                let [b, t, gh] = three(f32s(*xp)?)?;
                 let [gh2, h] = two(f32s(*w_hh)?)?;
-                let g_ = cell.gates() as usize;
-                if gh != g_ * h || gh2 != gh || wi != i {
-                    return Err(format!("recurrent weights do not fit input {i}, hidden {h}"));
+                if gh != cell.gates() as usize * h || gh2 != gh {
+                    return Err(format!("recurrent: projections of {gh} do not fit hidden size {h}"));
                 }
-                for bias in b_ih.iter().chain(b_hh.iter()) {
-                    if f32s(*bias)?.as_slice() != [gh] {
-                        return Err("recurrent bias has the wrong size".into());
-                    }
+                if let Some(bias) = b_hh
+                    && f32s(*bias)?.as_slice() != [gh]
+                {
+                    return Err("recurrent bias has the wrong size".into());
                 }
-                let s = if *cell == Cell::Lstm { 2 * h } else { h };
+                let s = cell.state(h);
                 if f32s(*h0)?.as_slice() != [b, s] {
                     return Err(format!("initial state must be [{b},{s}]"));
                 }
                 Type::f32([b, t, s])
+            }
+            RecurrentGrad { cell, xp, gh, hprev, dhs, w_hh } => {
+                let [b, t, g_] = three(f32s(*xp)?)?;
+                let [_, h] = two(f32s(*w_hh)?)?;
+                let s = cell.state(h);
+                if f32s(*gh)?.as_slice() != [b, t, g_] {
+                    return Err("recurrent_grad: gh does not match xp".into());
+                }
+                for x in [hprev, dhs] {
+                    if f32s(*x)?.as_slice() != [b, t, s] {
+                        return Err(format!("recurrent_grad: states must be [{b},{t},{s}]"));
+                    }
+                }
+                Type::f32([recurrent_grad_layout(*cell, b, t, h).total])
+            }
+            PrevStates { x, first } => {
+                let [b, _, s] = three(f32s(*x)?)?;
+                if f32s(*first)?.as_slice() != [b, s] {
+                    return Err(format!("prev_states: the first state must be [{b},{s}]"));
+                }
+                Type::f32(f32s(*x)?.clone())
+            }
+            Part { x, offset, shape } => {
+                let n = f32s(*x)?.iter().product::<usize>();
+                if offset + shape.iter().product::<usize>() > n {
+                    return Err("part out of range".into());
+                }
+                Type::f32(shape.clone())
+            }
+            PadLast { x, start, total } => {
+                let mut s = f32s(*x)?.clone();
+                let last = s.last_mut().ok_or("pad_last of a scalar")?;
+                if *start + *last > *total {
+                    return Err("pad_last out of range".into());
+                }
+                *last = *total;
+                Type::f32(s)
+            }
+            SumSteps { x } => {
+                let [b, _, f] = three(f32s(*x)?)?;
+                Type::f32([b, f])
             }
             LastStep { x } => {
                 let [b, _, f] = three(f32s(*x)?)?;
@@ -758,4 +851,25 @@ fn three(s: &[usize]) -> Result<[usize; 3], String> {
 
 fn four(s: &[usize]) -> Result<[usize; 4], String> {
     s.try_into().map_err(|_| format!("expected rank 4, got {s:?}"))
+}
+
+/// Where `RecurrentGrad` puts each gradient in its flat output (element offsets, each a
+/// multiple of 16 so every part starts on a 64-byte boundary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecurrentGradLayout {
+    /// `d xp [B, T, G·H]` at 0.
+    pub dxp: usize,
+    /// `d gh [B, T, G·H]`: its own part for a GRU, the same as `dxp` otherwise.
+    pub dgh: usize,
+    /// `d h0 [B, S]`.
+    pub dh0: usize,
+    pub total: usize,
+}
+
+pub fn recurrent_grad_layout(cell: Cell, b: usize, t: usize, h: usize) -> RecurrentGradLayout {
+    let up = |n: usize| n.div_ceil(16) * 16;
+    let gates = b * t * cell.gates() as usize * h;
+    let dgh = if cell == Cell::Gru { up(gates) } else { 0 };
+    let dh0 = if cell == Cell::Gru { dgh + up(gates) } else { up(gates) };
+    RecurrentGradLayout { dxp: 0, dgh, dh0, total: dh0 + b * cell.state(h) }
 }

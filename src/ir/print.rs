@@ -112,7 +112,11 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         EmbedGrad { ids, dy, vocab } => format!("{m} {} vocab={vocab}", args(&[*ids, *dy])),
         OneHot { ids, depth } => format!("{m} {} depth={depth}", name(*ids)),
         ShiftRight { ids, start } => format!("{m} {} start={start}", name(*ids)),
-        Recurrent { cell, .. } => format!("{m}[{}] {}", cell.keyword(), args(&op.operands())),
+        Recurrent { cell, .. } | RecurrentGrad { cell, .. } => {
+            format!("{m}[{}] {}", cell.keyword(), args(&op.operands()))
+        }
+        Part { x, offset, .. } => format!("{m} {} offset={offset}", name(*x)),
+        PadLast { x, start, total } => format!("{m} {} start={start} total={total}", name(*x)),
         Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
         SliceLast { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
         Fill { value, .. } => format!("{m} {value}"),

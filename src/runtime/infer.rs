@@ -1,5 +1,6 @@
 //! Inference: the network's output (`recon`) or the encoder's (`code`) for a whole array of
-//! samples, in batches, with dropout off.
+//! samples, in batches, with dropout off. A teacher-forced decoder's output is the token ids
+//! of greedy decoding (`decode`).
 
 use super::{Backend, State};
 use crate::codegen;
@@ -31,6 +32,21 @@ pub fn infer(
     };
     let n = input.samples();
     let per = input.sample_len();
+    if output == Output::Recon
+        && let Some(mut d) = super::decode::Decoder::new(c, backend, threads)
+    {
+        // A teacher-forced decoder writes its sequence by greedy decoding: token ids out.
+        let mut ids = Vec::with_capacity(n * d.len);
+        for start in (0..n).step_by(batch.max(1)) {
+            let b = batch.min(n - start);
+            let x = match &input.values {
+                Values::F32(v) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
+                Values::I32(v) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
+            };
+            ids.extend(d.decode(params, &[x], b)?);
+        }
+        return Ok(Array { shape: vec![n, d.len], values: Values::I32(ids) });
+    }
     let mut state = State::new(params.to_vec());
     let mut out: Vec<f32> = Vec::new();
     let mut graphs = std::collections::HashMap::new();

@@ -3,6 +3,7 @@
 //! the AST or pest.
 
 pub mod checkpoint;
+pub mod decode;
 pub mod infer;
 pub mod init;
 pub mod train;

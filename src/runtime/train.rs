@@ -63,6 +63,12 @@ pub struct EpochMetrics {
     pub step: u64,
     pub train_loss: f64,
     pub val_loss: Option<f64>,
+    /// Sequence models: greedy decoding of the validation set, the fraction of tokens and of
+    /// whole sequences right.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_accuracy: Option<f64>,
     pub samples_per_s: f64,
     pub seconds: f64,
 }
@@ -417,6 +423,7 @@ pub fn train(
     let last = cfg.stop_at.unwrap_or(total).min(total);
     let mut jit_seconds = 0.0;
     let mut phase_start = 0u64;
+    let mut decoder = super::decode::Decoder::new(compiled, cfg.backend, cfg.threads);
     for phase in &phases {
         if phase_start >= last {
             break;
@@ -487,12 +494,21 @@ pub fn train(
             trained_samples += order.len();
             programs.sync(&mut state);
             let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
+            let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
+                Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
+                    let (t, s) = decode_accuracy(d, compiled, data, &val_idx, batch, &state.params)?;
+                    (Some(t), Some(s))
+                }
+                _ => (None, None),
+            };
             metrics.push(EpochMetrics {
                 epoch,
                 stage: phase.label.clone(),
                 step: state.step,
                 train_loss: loss_sum / order.len() as f64,
                 val_loss,
+                token_accuracy,
+                sequence_accuracy,
                 samples_per_s: order.len() as f64 / epoch_train.as_secs_f64().max(1e-9),
                 seconds: started.elapsed().as_secs_f64(),
             });
@@ -627,6 +643,38 @@ fn resume(
     }
     let metrics = read_metrics(&cfg.out.join("metrics.jsonl"), progress.epoch);
     Ok((metrics, progress.epoch, state.step))
+}
+
+/// Greedy decoding of the samples `idx`: token and whole-sequence accuracy against the loss
+/// target.
+pub fn decode_accuracy(
+    d: &mut super::decode::Decoder,
+    compiled: &Compiled,
+    data: &Dataset,
+    idx: &[usize],
+    batch: usize,
+    params: &[Vec<f32>],
+) -> Result<(f64, f64), TrainError> {
+    let target = compiled.model.loss_target().map(|v| v.name.as_str()).unwrap_or_default();
+    let k = data
+        .names
+        .iter()
+        .position(|n| n == target)
+        .ok_or_else(|| TrainError::Data("no target data".into()))?;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(batch) {
+        let inputs: Vec<Buf> = (0..data.arrays.len())
+            .map(|a| match data.gather(a, chunk) {
+                Values::F32(v) => Buf::F32(v),
+                Values::I32(v) => Buf::I32(v),
+            })
+            .collect();
+        got.extend(d.decode(params, &inputs, chunk.len()).map_err(TrainError::Compile)?);
+        if let Values::I32(v) = data.gather(k, chunk) {
+            want.extend(v);
+        }
+    }
+    Ok(super::decode::accuracy(&got, &want, d.len))
 }
 
 /// The mean validation loss (inference mode: no dropout, no noise).

@@ -4,9 +4,10 @@
 //! `Model::params[i]`), so checkpoints, optimizers and the IR agree on numbering. Outputs:
 //! `recon` (the decoder's output), `code` (the encoder's output) and `loss` (the total loss).
 //!
-//! Recurrent layers lower to one `recurrent` op over the whole sequence (with its own backward
-//! rule), not to an unrolled loop: the IR stays a few lines long for any length, and the JIT
-//! can keep the time loop and the gate matmuls in one kernel.
+//! A recurrent layer lowers to the input projection of every step at once (one matmul over
+//! `[B·T, I]`, the big parallel part) and one `recurrent` op that keeps the time loop (with its
+//! own backward rule, backpropagation through time), not an unrolled loop: the IR stays a few
+//! lines long for any length, and the JIT keeps each step's `h·W_hhᵀ` and gates in one kernel.
 
 use super::{LayerInfo, Model, Part, Ty};
 use crate::diag::Span;
@@ -17,8 +18,21 @@ use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind};
 pub enum Mode {
     /// Dropout active; decoders teacher-forced.
     Train,
-    /// Dropout off.
+    /// Dropout off; decoders still teacher-forced (the validation loss). A model with a
+    /// teacher-forced decoder also outputs `state0`, the state the decoder starts from.
     Infer,
+    /// One step of greedy decoding (models with a teacher-forced decoder): inputs `prev`, the
+    /// previous token `[B, 1]`, and `state`, the decoder's state `[B, S]`; outputs `recon`,
+    /// the step's output `[B, 1, V]`, and `state`, the state after it. No encoder, no loss.
+    Decode,
+}
+
+/// The teacher-forced recurrent layer of `m`'s decoder, if any: greedy decoding runs from it.
+pub fn teacher_forced(m: &Model) -> Option<&ast::RecurrentSpec> {
+    m.decoder().find_map(|l| match &l.layer.kind {
+        LayerKind::Recurrent(r) if r.teacher_forcing => Some(r),
+        _ => None,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +67,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         params: Vec::new(),
         pools: Vec::new(),
         salt: 0,
+        decode_state: None,
     };
     for p in &m.params {
         let def = ParamDef {
@@ -63,6 +78,9 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
             fan_out: p.fan_out as usize,
         };
         l.params.push(l.g.add_param(def)?);
+    }
+    if cfg.mode == Mode::Decode {
+        return l.decode_step(m, cfg);
     }
     let mut vars = Vec::new();
     for v in m.inputs.iter().chain(&m.targets) {
@@ -79,6 +97,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         cur = l.layer(m, info, cur, cfg, &vars)?;
     }
     let code = cur.node;
+    let state0 = cur.state.unwrap_or(cur.node);
     for info in m.decoder() {
         cur = l.layer(m, info, cur, cfg, &vars)?;
     }
@@ -101,6 +120,9 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         None => l.loss(m, &cur, code, cfg, &mut vars)?,
     };
     l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
+    if cfg.mode == Mode::Infer && teacher_forced(m).is_some() {
+        l.g.outputs.push(("state0".into(), state0));
+    }
     Ok(l.g)
 }
 
@@ -112,6 +134,8 @@ struct Lower {
     pools: Vec<(String, NodeId, usize, usize)>,
     /// Distinguishes the random streams of dropout layers.
     salt: u32,
+    /// In a decode step: the teacher-forced layer's state after the step.
+    decode_state: Option<NodeId>,
 }
 
 /// The value flowing between layers.
@@ -125,6 +149,34 @@ struct Value {
 }
 
 impl Lower {
+    /// The graph of one greedy decoding step (`Mode::Decode`): the decoder from its
+    /// teacher-forced recurrent layer on, over one step.
+    fn decode_step(mut self, m: &Model, cfg: &Lowering) -> Result<Graph, String> {
+        let r = teacher_forced(m).ok_or("greedy decoding needs a teacher-forced decoder")?;
+        let mut layers = m
+            .decoder()
+            .skip_while(|l| !matches!(&l.layer.kind, LayerKind::Recurrent(x) if x.teacher_forcing));
+        let s = r.cell.state(r.hidden as usize);
+        let prev = self.g.add_input("prev", Type::i32(vec![self.b, 1]))?;
+        let state = self.g.add_input("state", Type::f32(vec![self.b, s]))?;
+        let vars = vec![("prev".to_owned(), prev)];
+        let mut cur = Value { node: state, state: Some(state), logits: None };
+        if let Some(first) = layers.next() {
+            cur = self.layer(m, first, cur, cfg, &vars)?;
+        }
+        for info in layers {
+            if matches!(info.layer.kind, LayerKind::Recurrent(_)) {
+                return Err("greedy decoding supports one recurrent layer in the decoder (the \
+                            teacher-forced one)"
+                    .into());
+            }
+            cur = self.layer(m, info, cur, cfg, &vars)?;
+        }
+        let next = self.decode_state.ok_or("the decode step has no state")?;
+        self.g.outputs = vec![("recon".into(), cur.node), ("state".into(), next)];
+        Ok(self.g)
+    }
+
     fn batched(&self, ty: &Ty) -> Type {
         let mut shape = vec![self.b];
         match ty {
@@ -286,10 +338,16 @@ impl Lower {
         let h = r.hidden as usize;
         let s = if r.cell == Cell::Lstm { 2 * h } else { h };
         let (xs, h0) = match (info.part, r.teacher_forcing) {
+            (Part::Decoder, true) if cfg.mode == Mode::Decode => {
+                let prev = vars.first().map(|v| v.1).ok_or("decode step without `prev`")?;
+                let vocab = m.loss_target().map_or(Ok(0), |t| match t.ty {
+                    Ty::Tokens { vocab, .. } => Ok(vocab),
+                    _ => Err("teacher forcing needs token targets"),
+                })?;
+                let xs = self.add(Op::OneHot { ids: prev, depth: vocab as usize + 1 }, span)?;
+                (xs, v.state.unwrap_or(v.node))
+            }
             (Part::Decoder, true) => {
-                if cfg.mode == Mode::Infer {
-                    return Err("greedy decoding of a teacher-forced decoder is not lowered yet".into());
-                }
                 let target = m.loss_target().ok_or("teacher forcing without a target")?;
                 let Ty::Tokens { vocab, .. } = target.ty else {
                     return Err("teacher forcing needs token targets".into());
@@ -316,8 +374,21 @@ impl Lower {
         let (w_ih, w_hh) = (self.param(info, 0)?, self.param(info, 1)?);
         let (b_ih, b_hh) =
             if r.bias { (Some(self.param(info, 2)?), Some(self.param(info, 3)?)) } else { (None, None) };
-        let hs = self.add(Op::Recurrent { cell: r.cell, xs, h0, w_ih, w_hh, b_ih, b_hh }, span)?;
+        // The input projection of every step at once (one matmul), then the time loop.
+        let [b, t, i] = <[usize; 3]>::try_from(self.g.ty(xs).shape.as_slice())
+            .map_err(|_| "recurrent input must be [B, T, I]".to_string())?;
+        let flat = self.add(Op::Reshape { x: xs, shape: vec![b * t, i] }, span)?;
+        let mut xp = self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?;
+        if let Some(bias) = b_ih {
+            xp = self.add(Op::BiasAdd { x: xp, bias }, span)?;
+        }
+        let gh = self.g.ty(xp).shape[1];
+        let xp = self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?;
+        let hs = self.add(Op::Recurrent { cell: r.cell, xp, h0, w_hh, b_hh }, span)?;
         let last = self.add(Op::LastStep { x: hs }, span)?;
+        if r.teacher_forcing {
+            self.decode_state = Some(last);
+        }
         let seq_out = matches!(info.output, Ty::Seq { .. });
         let out = match (seq_out, r.cell) {
             (true, Cell::Lstm) => self.add(Op::SliceLast { x: hs, start: 0, len: h }, span)?,

@@ -31,12 +31,17 @@ pub fn emit(m: &Model) -> String {
     let _ = writeln!(out, "        pools = {{}}");
     body(&mut out, m, Part::Encoder);
     let _ = writeln!(out, "        return x, pools");
-    let _ = writeln!(out, "\n    def forward(self, x):");
-    let _ = writeln!(out, "        \"\"\"Returns (reconstruction, code).\"\"\"");
-    let _ = writeln!(out, "        x, pools = self.encode(x)");
-    let _ = writeln!(out, "        code = x");
-    body(&mut out, m, Part::Decoder);
-    let _ = writeln!(out, "        return x, code");
+    match (super::lower::teacher_forced(m), m.loss_target().map(|t| &t.ty)) {
+        (Some(_), Some(Ty::Tokens { len, vocab })) => greedy(&mut out, m, *len, *vocab),
+        _ => {
+            let _ = writeln!(out, "\n    def forward(self, x):");
+            let _ = writeln!(out, "        \"\"\"Returns (reconstruction, code).\"\"\"");
+            let _ = writeln!(out, "        x, pools = self.encode(x)");
+            let _ = writeln!(out, "        code = x");
+            body(&mut out, m, Part::Decoder);
+            let _ = writeln!(out, "        return x, code");
+        }
+    }
     let _ = writeln!(out, "\n\nModel = {class}");
     out
 }
@@ -62,6 +67,77 @@ class Reshape(nn.Module):
     def forward(self, x):
         return x.reshape(x.shape[0], *self.dims)
 "#;
+
+/// `forward`, `step` and `greedy` of a model with a teacher-forced decoder: with a target,
+/// the decoder reads the target shifted right after a start token (id `vocab`), as aec trains;
+/// without, it feeds back its own argmax, as `aec run` decodes. `pools["state"]` carries the
+/// recurrent state in aec's layout (h, or h then c).
+fn greedy(out: &mut String, m: &Model, len: u64, vocab: u64) {
+    let _ = writeln!(out, "\n    def forward(self, x, target=None):");
+    let _ = writeln!(
+        out,
+        "        \"\"\"Returns (output, code): teacher-forced with a target, else greedy token ids.\"\"\""
+    );
+    let _ = writeln!(out, "        x, pools = self.encode(x)");
+    let _ = writeln!(out, "        code = x");
+    let _ = writeln!(out, "        if target is None:");
+    let _ = writeln!(out, "            return self.greedy(pools[\"state\"], {len}), code");
+    let _ = writeln!(out, "        start = torch.full_like(target[:, :1], {vocab})");
+    let _ = writeln!(
+        out,
+        "        x = F.one_hot(torch.cat([start, target[:, :-1]], 1).long(), {}).float()",
+        vocab + 1
+    );
+    body(out, m, Part::Decoder);
+    let _ = writeln!(out, "        return x, code");
+    let _ = writeln!(out, "\n    def step(self, prev, state):");
+    let _ = writeln!(out, "        pools = {{\"state\": state}}");
+    let _ = writeln!(out, "        x = F.one_hot(prev[:, None].long(), {}).float()", vocab + 1);
+    body(out, m, Part::Decoder);
+    let _ = writeln!(out, "        return x, pools[\"state\"]");
+    let _ = writeln!(out, "\n    def greedy(self, state, n):");
+    let _ = writeln!(out, "        prev = torch.full((state.shape[0],), {vocab}, dtype=torch.long)");
+    let _ = writeln!(out, "        out = []");
+    let _ = writeln!(out, "        for _ in range(n):");
+    let _ = writeln!(out, "            y, state = self.step(prev, state)");
+    let _ = writeln!(out, "            prev = y[:, 0].argmax(-1)");
+    let _ = writeln!(out, "            out.append(prev)");
+    let _ = writeln!(out, "        return torch.stack(out, 1)");
+}
+
+/// The lines of a recurrent layer: its initial state (the carried state for a teacher-forced
+/// decoder, zeros otherwise), the run, the state kept in aec's layout, and the output (every
+/// step's h, or the last state's h).
+fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str) -> String {
+    let h = r.hidden;
+    let lstm = r.cell == Cell::Lstm;
+    let mut lines = Vec::new();
+    let from_vector = !matches!(l.input, Ty::Seq { .. } | Ty::Tokens { .. });
+    if l.part == Part::Decoder
+        && !r.teacher_forcing
+        && from_vector
+        && let Ty::Seq { len, .. } = l.output
+    {
+        lines.push(format!("x = x[:, None].repeat(1, {len}, 1)"));
+    }
+    let h0 = match (l.part == Part::Decoder && r.teacher_forcing, lstm) {
+        (false, _) => String::new(),
+        (true, false) => ", pools[\"state\"][None].contiguous()".to_owned(),
+        (true, true) => format!(
+            ", (pools[\"state\"][None, :, :{h}].contiguous(), pools[\"state\"][None, :, {h}:].contiguous())"
+        ),
+    };
+    lines.push(format!("x, st = {me}(x{h0})"));
+    lines.push(if lstm {
+        "pools[\"state\"] = torch.cat([st[0][0], st[1][0]], -1)".to_owned()
+    } else {
+        "pools[\"state\"] = st[0]".to_owned()
+    });
+    if !matches!(l.output, Ty::Seq { .. }) {
+        lines.push("x = x[:, -1]".to_owned());
+    }
+    lines.join("\n        ")
+}
 
 fn camel(name: &str) -> String {
     name.split('_').filter(|p| !p.is_empty()).map(|p| p[..1].to_uppercase() + &p[1..]).collect()
@@ -171,9 +247,7 @@ fn body(out: &mut String, m: &Model, part: Part) {
                     pool.name
                 )
             }
-            (LayerKind::Recurrent(_), _) => {
-                "raise NotImplementedError(\"recurrent forward passes are not exported yet\")".into()
-            }
+            (LayerKind::Recurrent(r), _) => recurrent(l, r, &me),
             _ => format!("x = {me}(x)"),
         };
         let _ = writeln!(out, "        {line}");

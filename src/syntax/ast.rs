@@ -149,6 +149,11 @@ impl Cell {
         }
     }
 
+    /// The size of the state one step passes on: h, or h and c for an LSTM.
+    pub fn state(self, hidden: usize) -> usize {
+        if self == Cell::Lstm { 2 * hidden } else { hidden }
+    }
+
     pub fn keyword(self) -> &'static str {
         match self {
             Cell::Rnn => "rnn",
@@ -284,6 +289,14 @@ pub enum DataSource {
     Random {
         count: u64,
     },
+}
+
+impl DataSource {
+    /// Whether this source gives sentences with their targets (a copy, a reversal, a
+    /// translation) rather than one array.
+    pub fn is_sequence_task(&self) -> bool {
+        matches!(self, DataSource::SeqTask { .. } | DataSource::Translation { .. })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,384 @@
+//! The time loops of recurrent layers (`recurrent`, `recurrent_grad`), each in two kernels:
+//! *pack* puts `W_hh` in the matmul's panels once, then *loop* runs every step for a block of
+//! batch rows — rows are independent sequences, so threads split the batch and each runs the
+//! whole loop for its rows. Per step the state's projection is one small matmul on the shared
+//! micro-kernel (`matmul::emit_mm`), and the cell's gates one vector pass over the hidden units.
+//!
+//! Scratch (after the packed panels): the forward keeps the running `h [B, H]` (and `c` for an
+//! LSTM) contiguous, so it can be the matmul's left operand, and `gh [B, G·H]`. The backward
+//! keeps the carried gradients `dh [B, H]` (and `dc`), this step's `dgh [B, G·H]` and the part
+//! of `dh` that skips `W_hh` (a GRU's `dh·z`), added in the matmul's store.
+
+use super::emit::Emit;
+use super::matmul::{self, EpOp, Mm};
+use super::plan::Plan;
+use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
+use crate::syntax::ast::Cell;
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Pack,
+    Loop,
+}
+
+/// Sizes of a recurrent op: batch, steps, hidden, gates.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    g: usize,
+    cell: Cell,
+}
+
+impl Dims {
+    fn gh(&self) -> usize {
+        self.g * self.h
+    }
+    fn s(&self) -> usize {
+        self.cell.state(self.h)
+    }
+}
+
+fn dims(g: &Graph, id: NodeId) -> Option<Dims> {
+    let (cell, xp) = match g.node(id).op {
+        Op::Recurrent { cell, xp, .. } | Op::RecurrentGrad { cell, xp, .. } => (cell, xp),
+        _ => return None,
+    };
+    let s = &g.ty(xp).shape;
+    let gates = cell.gates() as usize;
+    Some(Dims { b: s[0], t: s[1], h: s[2] / gates, g: gates, cell })
+}
+
+fn round(bytes: usize) -> usize {
+    bytes.div_ceil(64) * 64
+}
+
+/// Offsets of the scratch buffers: packed panels, then `h`/`dh` and `c`/`dc` (`[B, H]`), then
+/// the forward's `gh [B, G·H]` or the backward's `direct [B, H]`, then the backward's `dgh`.
+fn layout(d: Dims, scratch: usize) -> [usize; 5] {
+    let packed = round(matmul::packed_bytes(d.h, d.gh()).max(matmul::packed_bytes(d.gh(), d.h)));
+    let bh = round(d.b * d.h * 4);
+    let bg = round(d.b * d.gh() * 4);
+    let s1 = scratch + packed;
+    [scratch, s1, s1 + bh, s1 + 2 * bh, s1 + 2 * bh + bg]
+}
+
+pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+    let Some(d) = dims(g, id) else { return 0 };
+    layout(d, 0)[4] + round(d.b * d.gh() * 4)
+}
+
+/// The parts of a recurrent node, its loop's work units (blocks of batch rows) and work.
+pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
+    let d = dims(g, id)?;
+    let work =
+        d.b * d.t * d.gh() * d.h * if matches!(g.node(id).op, Op::RecurrentGrad { .. }) { 2 } else { 1 };
+    Some((vec![Part::Pack, Part::Loop], matmul::row_blocks(d.b), work))
+}
+
+/// Emits one part of recurrent node `id`; the loop covers row blocks `lo..hi`.
+pub fn emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    part: Part,
+    scratch: usize,
+    (lo, hi): (Value, Value),
+) -> Result<(), String> {
+    let d = dims(g, id).ok_or("not a recurrent op")?;
+    let at = |x: NodeId| plan.node[x.index()];
+    let out = plan.node[id.index()];
+    let [packed, s1, s2, s3, s4] = layout(d, scratch);
+    // Rows of this range: blocks of 6, like the matmul's.
+    let r0 = e.b.ins().imul_imm_s(lo, 6);
+    let r1 = e.b.ins().imul_imm_s(hi, 6);
+    let bmax = e.i64(d.b as i64);
+    let r1 = e.b.ins().smin(r1, bmax);
+    match (g.node(id).op.clone(), part) {
+        // gh = h·W_hhᵀ: B = W_hhᵀ [H, G·H], W_hh stored [G·H, H].
+        (Op::Recurrent { w_hh, .. }, Part::Pack) => matmul::pack_b(e, at(w_hh), true, d.h, d.gh(), packed),
+        // dh = dgh·W_hh: B = W_hh [G·H, H].
+        (Op::RecurrentGrad { w_hh, .. }, Part::Pack) => {
+            matmul::pack_b(e, at(w_hh), false, d.gh(), d.h, packed)
+        }
+        (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => {
+            let (h, c, gh) = (s1, s2, s3);
+            let s = d.s();
+            // The running state starts at h0.
+            e.for_dynamic(r0, r1, |e, r| {
+                let from = e.b.ins().imul_imm_s(r, s as i64);
+                let to = e.b.ins().imul_imm_s(r, d.h as i64);
+                super::kernels::copy(e, at(h0), from, h, to, d.h);
+                if d.cell == Cell::Lstm {
+                    let from = e.b.ins().iadd_imm_s(from, d.h as i64);
+                    super::kernels::copy(e, at(h0), from, c, to, d.h);
+                }
+            });
+            let ep: Vec<EpOp> = b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect();
+            let mm = Mm {
+                m: d.b,
+                n: d.gh(),
+                k: d.h,
+                a: h,
+                ta: false,
+                packed,
+                c: gh,
+                epilogue: &ep,
+                stable: false,
+            };
+            e.for_range(0, d.t as i64, 1, |e, t| {
+                matmul::emit_mm(e, &mm, (lo, hi));
+                e.for_dynamic(r0, r1, |e, r| {
+                    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
+                    let bt = e.b.ins().iadd(bt, t);
+                    let xrow = e.b.ins().imul_imm_s(bt, d.gh() as i64);
+                    let orow = e.b.ins().imul_imm_s(bt, s as i64);
+                    let grow = e.b.ins().imul_imm_s(r, d.gh() as i64);
+                    let hrow = e.b.ins().imul_imm_s(r, d.h as i64);
+                    e.elementwise(d.h, |e, ty, j| {
+                        let ld = |e: &mut Emit, buf: usize, row: Value, k: usize| {
+                            let i = e.b.ins().iadd(row, j);
+                            let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                            e.load(ty, buf, i)
+                        };
+                        let gate = |e: &mut Emit, k: usize| {
+                            let x = ld(e, at(xp), xrow, k);
+                            let y = ld(e, gh, grow, k);
+                            (x, y)
+                        };
+                        let hp = ld(e, h, hrow, 0);
+                        let hi_ = e.b.ins().iadd(hrow, j);
+                        let oi = e.b.ins().iadd(orow, j);
+                        match d.cell {
+                            Cell::Rnn => {
+                                let (x, y) = gate(e, 0);
+                                let a = e.b.ins().fadd(x, y);
+                                let hn = e.tanh(ty, a);
+                                e.store(h, hi_, hn);
+                                e.store(out, oi, hn);
+                            }
+                            Cell::Gru => {
+                                let (xr, yr) = gate(e, 0);
+                                let (xz, yz) = gate(e, 1);
+                                let (xn, yn) = gate(e, 2);
+                                let ar = e.b.ins().fadd(xr, yr);
+                                let rr = e.sigmoid(ty, ar);
+                                let az = e.b.ins().fadd(xz, yz);
+                                let z = e.sigmoid(ty, az);
+                                let an = e.b.ins().fma(rr, yn, xn);
+                                let n = e.tanh(ty, an);
+                                // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
+                                let diff = e.b.ins().fsub(hp, n);
+                                let hn = e.b.ins().fma(z, diff, n);
+                                e.store(h, hi_, hn);
+                                e.store(out, oi, hn);
+                            }
+                            Cell::Lstm => {
+                                let acts: Vec<Value> = (0..4)
+                                    .map(|k| {
+                                        let (x, y) = gate(e, k);
+                                        let a = e.b.ins().fadd(x, y);
+                                        if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
+                                    })
+                                    .collect();
+                                let (i, f, gg, o) = (acts[0], acts[1], acts[2], acts[3]);
+                                let cp = e.load(ty, c, hi_);
+                                let ig = e.b.ins().fmul(i, gg);
+                                let cn = e.b.ins().fma(f, cp, ig);
+                                let tc = e.tanh(ty, cn);
+                                let hn = e.b.ins().fmul(o, tc);
+                                e.store(h, hi_, hn);
+                                e.store(c, hi_, cn);
+                                e.store(out, oi, hn);
+                                let oc = e.b.ins().iadd_imm_s(oi, d.h as i64);
+                                e.store(out, oc, cn);
+                            }
+                        }
+                    });
+                });
+            });
+        }
+        (Op::RecurrentGrad { xp, gh, hprev, dhs, .. }, Part::Loop) => {
+            let (dh, dc, direct, dgh) = (s1, s2, s3, s4);
+            let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
+            let s = d.s();
+            e.for_dynamic(r0, r1, |e, r| {
+                let row = e.b.ins().imul_imm_s(r, d.h as i64);
+                e.elementwise(d.h, |e, ty, j| {
+                    let i = e.b.ins().iadd(row, j);
+                    let z = e.fconst(ty, 0.0);
+                    e.store(dh, i, z);
+                    e.store(dc, i, z);
+                    e.store(direct, i, z);
+                });
+            });
+            let ep = [EpOp::Binary(BinaryFn::Add, direct, true)];
+            let ep: &[EpOp] = if d.cell == Cell::Gru { &ep } else { &[] };
+            let mm = Mm {
+                m: d.b,
+                n: d.h,
+                k: d.gh(),
+                a: dgh,
+                ta: false,
+                packed,
+                c: dh,
+                epilogue: ep,
+                stable: false,
+            };
+            e.for_range(0, d.t as i64, 1, |e, back| {
+                let last = e.i64(d.t as i64 - 1);
+                let t = e.b.ins().isub(last, back);
+                e.for_dynamic(r0, r1, |e, r| {
+                    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
+                    let bt = e.b.ins().iadd(bt, t);
+                    let xrow = e.b.ins().imul_imm_s(bt, d.gh() as i64);
+                    let srow = e.b.ins().imul_imm_s(bt, s as i64);
+                    let grow = e.b.ins().imul_imm_s(r, d.gh() as i64);
+                    let hrow = e.b.ins().imul_imm_s(r, d.h as i64);
+                    e.elementwise(d.h, |e, ty, j| {
+                        let idx = |e: &mut Emit, row: Value, k: usize| {
+                            let i = e.b.ins().iadd(row, j);
+                            e.b.ins().iadd_imm_s(i, (k * d.h) as i64)
+                        };
+                        let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
+                        let gi: Vec<Value> = (0..d.g).map(|k| idx(e, grow, k)).collect();
+                        let hi_ = idx(e, hrow, 0);
+                        let si = idx(e, srow, 0);
+                        let dsh = {
+                            let a = e.load(ty, at(dhs), si);
+                            let b = e.load(ty, dh, hi_);
+                            e.b.ins().fadd(a, b)
+                        };
+                        let one = e.fconst(ty, 1.0);
+                        // Stores dgi (into the output) and dgh (into the output and the
+                        // step's contiguous `dgh` scratch, the matmul's left operand).
+                        let put = |e: &mut Emit, k: usize, dgi: Value, dghv: Value| {
+                            let o = e.b.ins().iadd_imm_s(xi[k], lay.dxp as i64);
+                            e.store(out, o, dgi);
+                            let o = e.b.ins().iadd_imm_s(xi[k], lay.dgh as i64);
+                            e.store(out, o, dghv);
+                            e.store(dgh, gi[k], dghv);
+                        };
+                        let pre = |e: &mut Emit, k: usize| {
+                            let x = e.load(ty, at(xp), xi[k]);
+                            let y = e.load(ty, at(gh), xi[k]);
+                            (x, y)
+                        };
+                        match d.cell {
+                            Cell::Rnn => {
+                                let (x, y) = pre(e, 0);
+                                let a = e.b.ins().fadd(x, y);
+                                let yv = e.tanh(ty, a);
+                                let d1 = one_minus_sq(e, ty, yv);
+                                let da = e.b.ins().fmul(dsh, d1);
+                                put(e, 0, da, da);
+                            }
+                            Cell::Gru => {
+                                let (xr, yr) = pre(e, 0);
+                                let (xz, yz) = pre(e, 1);
+                                let (xn, yn) = pre(e, 2);
+                                let ar = e.b.ins().fadd(xr, yr);
+                                let rr = e.sigmoid(ty, ar);
+                                let az = e.b.ins().fadd(xz, yz);
+                                let z = e.sigmoid(ty, az);
+                                let an = e.b.ins().fma(rr, yn, xn);
+                                let n = e.tanh(ty, an);
+                                let hp = e.load(ty, at(hprev), si);
+                                // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
+                                // dr = dn·gh_n·r(1-r); direct = ds·z.
+                                let omz = e.b.ins().fsub(one, z);
+                                let dn = e.b.ins().fmul(dsh, omz);
+                                let t1 = one_minus_sq(e, ty, n);
+                                let dn = e.b.ins().fmul(dn, t1);
+                                let diff = e.b.ins().fsub(hp, n);
+                                let dz = e.b.ins().fmul(dsh, diff);
+                                let zz = e.b.ins().fmul(z, omz);
+                                let dz = e.b.ins().fmul(dz, zz);
+                                let omr = e.b.ins().fsub(one, rr);
+                                let rr1 = e.b.ins().fmul(rr, omr);
+                                let dr = e.b.ins().fmul(dn, yn);
+                                let dr = e.b.ins().fmul(dr, rr1);
+                                put(e, 0, dr, dr);
+                                put(e, 1, dz, dz);
+                                let dnr = e.b.ins().fmul(dn, rr);
+                                put(e, 2, dn, dnr);
+                                let dir = e.b.ins().fmul(dsh, z);
+                                e.store(direct, hi_, dir);
+                            }
+                            Cell::Lstm => {
+                                let acts: Vec<Value> = (0..4)
+                                    .map(|k| {
+                                        let (x, y) = pre(e, k);
+                                        let a = e.b.ins().fadd(x, y);
+                                        if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
+                                    })
+                                    .collect();
+                                let (i, f, gg, o) = (acts[0], acts[1], acts[2], acts[3]);
+                                let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
+                                let cp = e.load(ty, at(hprev), ci);
+                                let ig = e.b.ins().fmul(i, gg);
+                                let cn = e.b.ins().fma(f, cp, ig);
+                                let tc = e.tanh(ty, cn);
+                                // dc = ds_c + ds_h·o·(1-tanh²c).
+                                let dsc = {
+                                    let a = e.load(ty, at(dhs), ci);
+                                    let b = e.load(ty, dc, hi_);
+                                    e.b.ins().fadd(a, b)
+                                };
+                                let t1 = one_minus_sq(e, ty, tc);
+                                let t2 = e.b.ins().fmul(dsh, o);
+                                let dcv = e.b.ins().fma(t2, t1, dsc);
+                                let sig_d = |e: &mut Emit, v: Value| {
+                                    let om = e.b.ins().fsub(one, v);
+                                    e.b.ins().fmul(v, om)
+                                };
+                                let di = e.b.ins().fmul(dcv, gg);
+                                let si_ = sig_d(e, i);
+                                let di = e.b.ins().fmul(di, si_);
+                                let df = e.b.ins().fmul(dcv, cp);
+                                let sf = sig_d(e, f);
+                                let df = e.b.ins().fmul(df, sf);
+                                let dg = e.b.ins().fmul(dcv, i);
+                                let tg = one_minus_sq(e, ty, gg);
+                                let dg = e.b.ins().fmul(dg, tg);
+                                let dov = e.b.ins().fmul(dsh, tc);
+                                let so = sig_d(e, o);
+                                let dov = e.b.ins().fmul(dov, so);
+                                for (k, v) in [di, df, dg, dov].into_iter().enumerate() {
+                                    put(e, k, v, v);
+                                }
+                                let dcp = e.b.ins().fmul(dcv, f);
+                                e.store(dc, hi_, dcp);
+                            }
+                        }
+                    });
+                });
+                // dh (carried to the step before) = dgh·W_hh (+ the GRU's direct part).
+                matmul::emit_mm(e, &mm, (lo, hi));
+            });
+            // The initial state's gradient.
+            e.for_dynamic(r0, r1, |e, r| {
+                let from = e.b.ins().imul_imm_s(r, d.h as i64);
+                let to = e.b.ins().imul_imm_s(r, s as i64);
+                let to = e.b.ins().iadd_imm_s(to, lay.dh0 as i64);
+                super::kernels::copy(e, dh, from, out, to, d.h);
+                if d.cell == Cell::Lstm {
+                    let to = e.b.ins().iadd_imm_s(to, d.h as i64);
+                    super::kernels::copy(e, dc, from, out, to, d.h);
+                }
+            });
+        }
+        _ => return Err("not a recurrent op".into()),
+    }
+    Ok(())
+}
+
+/// `1 - v²` (the derivative of tanh from its output).
+fn one_minus_sq(e: &mut Emit, ty: Type, v: Value) -> Value {
+    let one = e.fconst(ty, 1.0);
+    let sq = e.b.ins().fmul(v, v);
+    e.b.ins().fsub(one, sq)
+}

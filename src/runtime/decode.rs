@@ -1,0 +1,142 @@
+//! Greedy decoding: how a model with a teacher-forced decoder writes a sequence on its own.
+//!
+//! Two graphs per batch size: the encoder (the `Mode::Infer` graph pruned to `state0`, the
+//! state the decoder starts from) and one decoder step (`Mode::Decode`: previous token and
+//! state in, the step's output and the next state out). The loop runs here: start token, then
+//! each step's argmax fed back, for the target's length (the language has no end token, so
+//! decoding always runs to the declared length). Both graphs run on the chosen backend —
+//! natively, each compiled once.
+
+use super::{Backend, State};
+use crate::codegen;
+use crate::interp::{self, Buf};
+use crate::ir::Graph;
+use crate::passes;
+use crate::sema::{Compiled, Lowering, Mode, Ty, lower};
+use std::collections::HashMap;
+
+/// A graph and, on the JIT backend, its compiled program.
+struct Runner {
+    graph: Graph,
+    program: Option<codegen::Program>,
+}
+
+impl Runner {
+    fn new(graph: Graph, backend: Backend, threads: usize) -> Result<Runner, String> {
+        let program = match backend {
+            Backend::Jit => {
+                let mut p = codegen::Program::compile(&graph, codegen::Options::default())?;
+                p.set_threads(threads);
+                Some(p)
+            }
+            Backend::Interp => None,
+        };
+        Ok(Runner { graph, program })
+    }
+
+    /// Runs on `inputs` and returns the named outputs.
+    fn run(
+        &mut self,
+        state: &State,
+        inputs: &[Buf],
+        names: &[&str],
+        threads: usize,
+    ) -> Result<Vec<Buf>, String> {
+        match &mut self.program {
+            Some(p) => {
+                p.set_state(state)?;
+                p.run(inputs, 0, 1).map_err(|_| "the inputs do not fit the network".to_owned())?;
+                names.iter().map(|n| p.output(n).ok_or_else(|| format!("no `{n}` output"))).collect()
+            }
+            None => {
+                let opts = interp::Options { threads, check_finite: false, ..interp::Options::default() };
+                let mut s = state.clone();
+                let values = interp::run(&self.graph, inputs, &mut s, &opts).map_err(|e| e.to_string())?;
+                names
+                    .iter()
+                    .map(|n| values.output(&self.graph, n).cloned().ok_or_else(|| format!("no `{n}` output")))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Greedy decoding of a model, with its graphs compiled per batch size.
+pub struct Decoder<'c> {
+    compiled: &'c Compiled,
+    backend: Backend,
+    threads: usize,
+    /// The sequence decoded: its length and vocabulary (the loss target's).
+    pub len: usize,
+    pub vocab: usize,
+    graphs: HashMap<usize, (Runner, Runner)>,
+}
+
+impl<'c> Decoder<'c> {
+    /// A decoder for `c`, or `None` if its decoder is not teacher-forced (it then writes its
+    /// output in one pass, like any other network).
+    pub fn new(c: &'c Compiled, backend: Backend, threads: usize) -> Option<Decoder<'c>> {
+        lower::teacher_forced(&c.model)?;
+        let Ty::Tokens { len, vocab } = c.model.loss_target()?.ty else { return None };
+        Some(Decoder {
+            compiled: c,
+            backend,
+            threads,
+            len: len as usize,
+            vocab: vocab as usize,
+            graphs: HashMap::new(),
+        })
+    }
+
+    /// Decodes a batch: `inputs` are the model's inputs (`[B, …]` each); returns `[B, len]`
+    /// token ids.
+    pub fn decode(&mut self, params: &[Vec<f32>], inputs: &[Buf], b: usize) -> Result<Vec<i32>, String> {
+        if !self.graphs.contains_key(&b) {
+            let model = &self.compiled.model;
+            let infer = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false };
+            let enc = passes::dce::keep_outputs(&lower::lower(model, &infer)?, &["state0"])?;
+            let step = lower::lower(model, &Lowering { mode: Mode::Decode, ..infer })?;
+            let runners = (
+                Runner::new(enc, self.backend, self.threads)?,
+                Runner::new(step, self.backend, self.threads)?,
+            );
+            self.graphs.insert(b, runners);
+        }
+        let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let state = State::new(params.to_vec());
+        let mut h = enc.run(&state, inputs, &["state0"], self.threads)?.remove(0);
+        let mut prev = vec![self.vocab as i32; b];
+        let mut out = vec![0i32; b * self.len];
+        for t in 0..self.len {
+            let mut outs =
+                step.run(&state, &[Buf::I32(prev.clone()), h], &["recon", "state"], self.threads)?;
+            h = outs.pop().ok_or("no state")?;
+            let probs = outs.pop().ok_or("no output")?;
+            for (i, row) in probs.f32().chunks(self.vocab).enumerate().take(b) {
+                let best = argmax(row) as i32;
+                prev[i] = best;
+                out[i * self.len + t] = best;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The index of the largest value (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}
+
+/// Token accuracy and whole-sequence accuracy of `got` against `want` (`[N, len]` each).
+pub fn accuracy(got: &[i32], want: &[i32], len: usize) -> (f64, f64) {
+    let n = want.len() / len.max(1);
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let tokens = got.iter().zip(want).filter(|(a, b)| a == b).count();
+    let seqs = got.chunks(len).zip(want.chunks(len)).filter(|(a, b)| a == b).count();
+    (tokens as f64 / want.len() as f64, seqs as f64 / n as f64)
+}
