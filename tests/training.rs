@@ -503,3 +503,54 @@ fn the_toy_translation_swaps_pairs_and_agrees() {
     assert_eq!(data::translate(&[0, 1, 2, 3, 4, 5]), vec![10, 5, 8, 3, 6, 13, 0]);
     assert_eq!(data::translate(&[11, 6, 0, 0, 0, 0]), vec![11, 12, 5, 5, 5, 5, 1]);
 }
+
+/// The size of a PNG file's image.
+fn png_size(path: &Path) -> (u32, u32) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().expect("a PNG");
+    let info = reader.info();
+    (info.width, info.height)
+}
+
+#[test]
+fn segmentation_reports_held_out_metrics_and_draws_its_masks() {
+    // One epoch of coins_seg: pixel accuracy and IoU on the held-out patches, a picture per
+    // epoch in the run folder and one at the end — inputs, predicted masks, target masks.
+    let dir = scratch("coins_seg");
+    let png = dir.join("grid.png");
+    let (code, out, err) = aec(&[
+        "run",
+        "--train",
+        "specs/coins_seg.ae",
+        "--epochs",
+        "1",
+        "--out",
+        s(&dir),
+        "--png",
+        s(&png),
+        "--png-every",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with("segmentation of")).unwrap_or_else(|| panic!("{out}"));
+    let number = |key: &str| -> f64 {
+        let rest = &line[line.find(key).unwrap_or_else(|| panic!("{line}")) + key.len()..];
+        rest.trim_start().split(['%', ',', ' ']).next().and_then(|v| v.parse().ok()).expect("a number")
+    };
+    // Coins cover about a third of the picture: always answering "background" scores ~66%.
+    assert!(number("pixel accuracy") > 85.0, "{line}");
+    assert!(number("IoU") > 0.5, "{line}");
+    // 3 columns of 32×32 scaled ×3 with 2-pixel gaps; 8 rows.
+    assert_eq!(png_size(&png), (3 * 98 + 2, 8 * 98 + 2));
+    assert_eq!(png_size(&dir.join("epoch-0001.png")), (3 * 98 + 2, 8 * 98 + 2));
+    assert!(out.contains("inputs | outputs | target masks"), "{out}");
+}
+
+#[test]
+fn pictures_of_a_model_without_images_are_refused() {
+    let dir = scratch("seq_png");
+    let (code, _, err) =
+        aec(&["run", "--train", "specs/seq_copy.ae", "--out", s(&dir), "--png", s(&dir.join("x.png"))]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--png draws images"), "{err}");
+}

@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod picture;
 mod run;
 
 use aec::diag::{self, Diagnostic};

@@ -1,5 +1,6 @@
 //! `aec run` (train, or run a trained network) and `aec encode`.
 
+use super::picture::{self, Column};
 use super::{Failure, read_spec, report};
 use aec::data::{self, Array, Dataset, Values};
 use aec::diag::{Diagnostic, Span};
@@ -54,6 +55,14 @@ pub struct RunArgs {
     /// Where to write the outputs (.npy, f32).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Write a picture (PNG): inputs, (noisy inputs,) outputs and target masks side by side —
+    /// of the held-out samples after training, or of the first inputs with --weights.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// While training, write such a picture every N epochs into the run folder
+    /// (`epoch-0005.png`, …).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    png_every: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -145,7 +154,108 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads), args.backend)
+    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads), args.backend)?;
+    if let Some(png) = &args.png {
+        let spec = load_spec(&args.spec, None)?;
+        let ty = &spec.compiled.model.inputs.first().ok_or(Failure::Spec)?.ty;
+        let dims = picture::image_dims(ty).ok_or_else(|| Failure::Io(not_images(ty)))?;
+        let x = data::conform(
+            data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?,
+            spec.compiled.model.inputs.first().ok_or(Failure::Spec)?,
+            &input.display().to_string(),
+        )
+        .map_err(|e| Failure::Data(e.to_string()))?;
+        let y = data::read_npy(output).map_err(|e| Failure::Data(e.to_string()))?;
+        let cols = [Column { title: "inputs", images: &x }, Column { title: "outputs", images: &y }];
+        let done = picture::write_grid(png, &cols, dims, 8).map_err(Failure::Io)?;
+        eprintln!("wrote {done}");
+    }
+    Ok(())
+}
+
+fn not_images(ty: &aec::sema::Ty) -> String {
+    format!("--png draws images, and this model's input is {ty}")
+}
+
+/// The picture of a trained model on held-out samples (the first training samples when there
+/// is no validation split): inputs, noisy inputs (denoising), outputs, target masks.
+fn training_picture(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    cfg: &TrainConfig,
+    path: &Path,
+) -> Result<String, Failure> {
+    let model = &c.model;
+    let var = model.inputs.first().ok_or(Failure::Spec)?;
+    let dims = picture::image_dims(&var.ty).ok_or_else(|| Failure::Io(not_images(&var.ty)))?;
+    let (train_idx, val) = data.split(cfg.validation, cfg.seed);
+    let idx: Vec<usize> = if val.is_empty() { train_idx } else { val }.into_iter().take(8).collect();
+    let sample = |k: usize| Array {
+        shape: std::iter::once(idx.len()).chain(data.arrays[k].shape[1..].iter().copied()).collect(),
+        values: data.gather(k, &idx),
+    };
+    let x = sample(0);
+    let noisy = cfg.noise.map(|noise| {
+        let mut a = x.clone();
+        if let Values::F32(v) = &mut a.values {
+            data::corrupt(v, noise, cfg.seed, 0);
+        }
+        a
+    });
+    let fed = noisy.as_ref().unwrap_or(&x);
+    let y = infer::infer(c, params, fed, Output::Recon, idx.len(), cfg.threads, cfg.backend)
+        .map_err(Failure::Data)?;
+    let mut cols = vec![Column { title: "inputs", images: &x }];
+    if let Some(n) = &noisy {
+        cols.push(Column { title: "noisy inputs", images: n });
+    }
+    cols.push(Column { title: "outputs", images: &y });
+    let target = mask_target(c, data).map(sample);
+    if let Some(t) = &target {
+        cols.push(Column { title: "target masks", images: t });
+    }
+    picture::write_grid(path, &cols, dims, 8).map_err(Failure::Io)
+}
+
+/// The data array of a segmentation target: a declared `target` of the output's shape that
+/// the loss compares with (not the input itself).
+fn mask_target(c: &Compiled, data: &Dataset) -> Option<usize> {
+    let t = c.model.loss_target()?;
+    let is_input = c.model.inputs.iter().any(|v| v.name == t.name);
+    (!is_input && t.ty == c.model.output).then(|| data.names.iter().position(|n| *n == t.name))?
+}
+
+/// Segmentation on held-out samples: pixel accuracy and the foreground's intersection over
+/// union, with the output thresholded at 0.5.
+fn mask_metrics(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    cfg: &TrainConfig,
+) -> Result<Option<(f64, f64, usize)>, Failure> {
+    let Some(k) = mask_target(c, data) else { return Ok(None) };
+    let (_, idx) = data.split(cfg.validation, cfg.seed);
+    if idx.is_empty() {
+        return Ok(None);
+    }
+    let take = |k: usize| Array {
+        shape: std::iter::once(idx.len()).chain(data.arrays[k].shape[1..].iter().copied()).collect(),
+        values: data.gather(k, &idx),
+    };
+    let y = infer::infer(c, params, &take(0), Output::Recon, 64, cfg.threads, cfg.backend)
+        .map_err(Failure::Data)?;
+    let (Values::F32(p), Values::F32(t)) = (&y.values, &take(k).values) else { return Ok(None) };
+    let (mut right, mut inter, mut union) = (0usize, 0usize, 0usize);
+    for (&p, &t) in p.iter().zip(t) {
+        let (p, t) = (p >= 0.5, t >= 0.5);
+        right += usize::from(p == t);
+        inter += usize::from(p && t);
+        union += usize::from(p || t);
+    }
+    let n = p.len().max(1);
+    let iou = if union == 0 { 1.0 } else { inter as f64 / union as f64 };
+    Ok(Some((right as f64 / n as f64, iou, idx.len())))
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
@@ -283,8 +393,25 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         resume,
     };
     let data = dataset(&spec, seed)?;
+    if let Some(ty) = (args.png.is_some() || args.png_every.is_some())
+        .then(|| &spec.compiled.model.inputs[0].ty)
+        .filter(|ty| picture::image_dims(ty).is_none())
+    {
+        return Err(Failure::Io(not_images(ty)));
+    }
     let progress = Progress::new();
-    let mut on = |e: Event| progress.event(e);
+    let mut pictures = Vec::new();
+    let mut on = |e: Event| match e {
+        Event::Params { epoch, params } => {
+            if let Some(n) = args.png_every
+                && epoch % n == 0
+            {
+                let path = cfg.out.join(format!("epoch-{epoch:04}.png"));
+                pictures.push(training_picture(&spec.compiled, params, &data, &cfg, &path));
+            }
+        }
+        e => progress.event(e),
+    };
     let summary = match train::train(&spec.compiled, &data, &cfg, &mut on) {
         Ok(s) => s,
         Err(e @ TrainError::NonFinite { .. }) => {
@@ -341,6 +468,19 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
             cfg.out.display()
         );
         return Ok(());
+    }
+    for p in pictures {
+        outln!("picture: {}", p?);
+    }
+    if let Some(png) = &args.png {
+        outln!("picture: {}", training_picture(&spec.compiled, &summary.params, &data, &cfg, png)?);
+    }
+    if let Some((acc, iou, n)) = mask_metrics(&spec.compiled, &summary.params, &data, &cfg)? {
+        outln!(
+            "segmentation of {n} held-out samples (output ≥ 0.5): pixel accuracy {:.2}%, IoU {:.3}",
+            acc * 100.0,
+            iou
+        );
     }
     if t.data.first().is_some_and(|d| d.source.is_sequence_task()) {
         out!("{}", decoded_examples(&spec.compiled, &summary.params, &data, &cfg)?);
@@ -496,6 +636,7 @@ impl Progress {
                     let _ = epoch;
                 }
             }
+            Event::Params { .. } => {}
             Event::Epoch(m) => {
                 let mut val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
                 if let (Some(t), Some(q)) = (m.token_accuracy, m.sequence_accuracy) {

@@ -98,6 +98,11 @@ pub enum Event<'a> {
         step_in_epoch: u64,
         loss: f64,
     },
+    /// The model's parameters at the end of an epoch (not sent during pretraining stages).
+    Params {
+        epoch: u64,
+        params: &'a [Vec<f32>],
+    },
     Epoch(&'a EpochMetrics),
 }
 
@@ -516,6 +521,9 @@ pub fn train(
                 on(Event::Epoch(m));
             }
             store.take_from(&reference, &state);
+            if phase.stage.is_none() {
+                on(Event::Params { epoch, params: &state.params });
+            }
             if epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2) {
                 let kept = if epoch == total { model_only(&store, model_graph) } else { store.clone() };
                 save(&cfg.out, &kept, &reference, &state, epoch, cfg.seed, &metrics)?;
