@@ -381,22 +381,31 @@ fn hidden_projection(h: &[f32], w_hh: &[f32], bias: Option<&[f32]>) -> Vec<f32> 
         .collect()
 }
 
-/// One step of a cell (PyTorch's equations): from the projections `gi` (input) and `gh`
-/// (state) and the previous state, the new state (h, then c for an LSTM).
+/// The activations of hidden unit `j` from the projections `gi` (input) and `gh` (state),
+/// PyTorch's equations: rnn `[h]`; gru `[r, z, n]` with n = tanh(gi_n + r·gh_n); lstm
+/// `[i, f, g, o]`.
+fn activations(cell: Cell, gi: &[f32], gh: &[f32], j: usize) -> [f32; 4] {
+    let h = gh.len() / cell.gates() as usize;
+    let a = |k: usize| gi[k * h + j] + gh[k * h + j];
+    match cell {
+        Cell::Rnn => [a(0).tanh(), 0.0, 0.0, 0.0],
+        Cell::Gru => {
+            let r = sigmoid(a(0));
+            [r, sigmoid(a(1)), (gi[2 * h + j] + r * gh[2 * h + j]).tanh(), 0.0]
+        }
+        Cell::Lstm => [sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3))],
+    }
+}
+
+/// One step of a cell: from the projections and the previous state, the new state (h, then c
+/// for an LSTM).
 fn cell_step(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32], out: &mut [f32]) {
     let h = gh.len() / cell.gates() as usize;
     for j in 0..h {
-        match cell {
-            Cell::Rnn => out[j] = (gi[j] + gh[j]).tanh(),
-            Cell::Gru => {
-                let r = sigmoid(gi[j] + gh[j]);
-                let z = sigmoid(gi[h + j] + gh[h + j]);
-                let n = (gi[2 * h + j] + r * gh[2 * h + j]).tanh();
-                out[j] = (1.0 - z) * n + z * prev[j];
-            }
-            Cell::Lstm => {
-                let a = |k: usize| gi[k * h + j] + gh[k * h + j];
-                let (i, fg, g, o) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+        match (cell, activations(cell, gi, gh, j)) {
+            (Cell::Rnn, [y, ..]) => out[j] = y,
+            (Cell::Gru, [_, z, n, _]) => out[j] = (1.0 - z) * n + z * prev[j],
+            (Cell::Lstm, [i, fg, g, o]) => {
                 let c = fg * prev[h + j] + i * g;
                 out[j] = o * c.tanh();
                 out[h + j] = c;
@@ -417,17 +426,13 @@ fn cell_step_grad(
 ) {
     let h = gh.len() / cell.gates() as usize;
     for j in 0..h {
-        match cell {
-            Cell::Rnn => {
-                let y = (gi[j] + gh[j]).tanh();
+        match (cell, activations(cell, gi, gh, j)) {
+            (Cell::Rnn, [y, ..]) => {
                 dgi[j] = ds[j] * (1.0 - y * y);
                 dgh[j] = dgi[j];
                 dprev[j] = 0.0;
             }
-            Cell::Gru => {
-                let r = sigmoid(gi[j] + gh[j]);
-                let z = sigmoid(gi[h + j] + gh[h + j]);
-                let n = (gi[2 * h + j] + r * gh[2 * h + j]).tanh();
+            (Cell::Gru, [r, z, n, _]) => {
                 let dn = ds[j] * (1.0 - z) * (1.0 - n * n);
                 let dz = ds[j] * (prev[j] - n) * z * (1.0 - z);
                 let dr = dn * gh[2 * h + j] * r * (1.0 - r);
@@ -439,9 +444,7 @@ fn cell_step_grad(
                 dgh[2 * h + j] = dn * r;
                 dprev[j] = ds[j] * z;
             }
-            Cell::Lstm => {
-                let a = |k: usize| gi[k * h + j] + gh[k * h + j];
-                let (i, fg, g, o) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+            (Cell::Lstm, [i, fg, g, o]) => {
                 let c = fg * prev[h + j] + i * g;
                 let tc = c.tanh();
                 let dc = ds[h + j] + ds[j] * o * (1.0 - tc * tc);

@@ -149,27 +149,17 @@ pub fn emit(
                             let y = ld(e, gh, grow, k);
                             (x, y)
                         };
-                        let hp = ld(e, h, hrow, 0);
                         let hi_ = e.b.ins().iadd(hrow, j);
                         let oi = e.b.ins().iadd(orow, j);
+                        let a = activations(e, ty, d.cell, gate);
                         match d.cell {
                             Cell::Rnn => {
-                                let (x, y) = gate(e, 0);
-                                let a = e.b.ins().fadd(x, y);
-                                let hn = e.tanh(ty, a);
-                                e.store(h, hi_, hn);
-                                e.store(out, oi, hn);
+                                e.store(h, hi_, a[0]);
+                                e.store(out, oi, a[0]);
                             }
                             Cell::Gru => {
-                                let (xr, yr) = gate(e, 0);
-                                let (xz, yz) = gate(e, 1);
-                                let (xn, yn) = gate(e, 2);
-                                let ar = e.b.ins().fadd(xr, yr);
-                                let rr = e.sigmoid(ty, ar);
-                                let az = e.b.ins().fadd(xz, yz);
-                                let z = e.sigmoid(ty, az);
-                                let an = e.b.ins().fma(rr, yn, xn);
-                                let n = e.tanh(ty, an);
+                                let (z, n) = (a[1], a[2]);
+                                let hp = e.load(ty, h, hi_);
                                 // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
                                 let diff = e.b.ins().fsub(hp, n);
                                 let hn = e.b.ins().fma(z, diff, n);
@@ -177,19 +167,9 @@ pub fn emit(
                                 e.store(out, oi, hn);
                             }
                             Cell::Lstm => {
-                                let acts: Vec<Value> = (0..4)
-                                    .map(|k| {
-                                        let (x, y) = gate(e, k);
-                                        let a = e.b.ins().fadd(x, y);
-                                        if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
-                                    })
-                                    .collect();
-                                let (i, f, gg, o) = (acts[0], acts[1], acts[2], acts[3]);
                                 let cp = e.load(ty, c, hi_);
-                                let ig = e.b.ins().fmul(i, gg);
-                                let cn = e.b.ins().fma(f, cp, ig);
-                                let tc = e.tanh(ty, cn);
-                                let hn = e.b.ins().fmul(o, tc);
+                                let (cn, tc) = lstm_cell(e, ty, &a, cp);
+                                let hn = e.b.ins().fmul(a[3], tc);
                                 e.store(h, hi_, hn);
                                 e.store(c, hi_, cn);
                                 e.store(out, oi, hn);
@@ -267,25 +247,15 @@ pub fn emit(
                             let y = e.load(ty, at(gh), xi[k]);
                             (x, y)
                         };
+                        let a = activations(e, ty, d.cell, pre);
                         match d.cell {
                             Cell::Rnn => {
-                                let (x, y) = pre(e, 0);
-                                let a = e.b.ins().fadd(x, y);
-                                let yv = e.tanh(ty, a);
-                                let d1 = one_minus_sq(e, ty, yv);
+                                let d1 = one_minus_sq(e, ty, a[0]);
                                 let da = e.b.ins().fmul(dsh, d1);
                                 put(e, 0, da, da);
                             }
                             Cell::Gru => {
-                                let (xr, yr) = pre(e, 0);
-                                let (xz, yz) = pre(e, 1);
-                                let (xn, yn) = pre(e, 2);
-                                let ar = e.b.ins().fadd(xr, yr);
-                                let rr = e.sigmoid(ty, ar);
-                                let az = e.b.ins().fadd(xz, yz);
-                                let z = e.sigmoid(ty, az);
-                                let an = e.b.ins().fma(rr, yn, xn);
-                                let n = e.tanh(ty, an);
+                                let (rr, z, n, yn) = (a[0], a[1], a[2], a[3]);
                                 let hp = e.load(ty, at(hprev), si);
                                 // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
                                 // dr = dn·gh_n·r(1-r); direct = ds·z.
@@ -309,19 +279,10 @@ pub fn emit(
                                 e.store(direct, hi_, dir);
                             }
                             Cell::Lstm => {
-                                let acts: Vec<Value> = (0..4)
-                                    .map(|k| {
-                                        let (x, y) = pre(e, k);
-                                        let a = e.b.ins().fadd(x, y);
-                                        if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
-                                    })
-                                    .collect();
-                                let (i, f, gg, o) = (acts[0], acts[1], acts[2], acts[3]);
+                                let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
                                 let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
                                 let cp = e.load(ty, at(hprev), ci);
-                                let ig = e.b.ins().fmul(i, gg);
-                                let cn = e.b.ins().fma(f, cp, ig);
-                                let tc = e.tanh(ty, cn);
+                                let (_, tc) = lstm_cell(e, ty, &a, cp);
                                 // dc = ds_c + ds_h·o·(1-tanh²c).
                                 let dsc = {
                                     let a = e.load(ty, at(dhs), ci);
@@ -374,6 +335,49 @@ pub fn emit(
         _ => return Err("not a recurrent op".into()),
     }
     Ok(())
+}
+
+/// The cell's activations from the projections `pre(k) = (x·W_ihᵀ+b_ih, h·W_hhᵀ+b_hh)` of gate
+/// k: rnn `[h]`; gru `[r, z, n, gh_n]` (n = tanh(x_n + r·gh_n)); lstm `[i, f, g, o]`.
+fn activations(
+    e: &mut Emit,
+    ty: Type,
+    cell: Cell,
+    mut pre: impl FnMut(&mut Emit, usize) -> (Value, Value),
+) -> Vec<Value> {
+    match cell {
+        Cell::Rnn => {
+            let (x, y) = pre(e, 0);
+            let a = e.b.ins().fadd(x, y);
+            vec![e.tanh(ty, a)]
+        }
+        Cell::Gru => {
+            let (xr, yr) = pre(e, 0);
+            let (xz, yz) = pre(e, 1);
+            let (xn, yn) = pre(e, 2);
+            let ar = e.b.ins().fadd(xr, yr);
+            let r = e.sigmoid(ty, ar);
+            let az = e.b.ins().fadd(xz, yz);
+            let z = e.sigmoid(ty, az);
+            let an = e.b.ins().fma(r, yn, xn);
+            let n = e.tanh(ty, an);
+            vec![r, z, n, yn]
+        }
+        Cell::Lstm => (0..4)
+            .map(|k| {
+                let (x, y) = pre(e, k);
+                let a = e.b.ins().fadd(x, y);
+                if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
+            })
+            .collect(),
+    }
+}
+
+/// An LSTM's new cell state `c = f·c_prev + i·g` and `tanh c`, from activations `[i, f, g, o]`.
+fn lstm_cell(e: &mut Emit, ty: Type, a: &[Value], cp: Value) -> (Value, Value) {
+    let ig = e.b.ins().fmul(a[0], a[2]);
+    let c = e.b.ins().fma(a[1], cp, ig);
+    (c, e.tanh(ty, c))
 }
 
 /// `1 - v²` (the derivative of tanh from its output).
