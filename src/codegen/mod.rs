@@ -222,12 +222,7 @@ impl Program {
                         let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
                             return Err("a matmul group without a matmul".into());
                         };
-                        let scratch = plan
-                            .scratch
-                            .iter()
-                            .find(|s| s.0 == *mm)
-                            .map(|s| s.1)
-                            .ok_or("matmul without scratch")?;
+                        let scratch = plan.scratch_of(*mm)?;
                         if pack {
                             matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch);
                         } else {
@@ -239,21 +234,11 @@ impl Program {
                     fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
                     fuse::Group::Single(id) => match piece {
                         Piece::Conv(part) => {
-                            let scratch = plan
-                                .scratch
-                                .iter()
-                                .find(|s| s.0 == *id)
-                                .map(|s| s.1)
-                                .ok_or("conv without scratch")?;
+                            let scratch = plan.scratch_of(*id)?;
                             conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
                         }
                         Piece::Rec(part) => {
-                            let scratch = plan
-                                .scratch
-                                .iter()
-                                .find(|s| s.0 == *id)
-                                .map(|s| s.1)
-                                .ok_or("recurrent op without scratch")?;
+                            let scratch = plan.scratch_of(*id)?;
                             recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
                         }
                         _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,

@@ -38,6 +38,17 @@ pub struct Plan {
     pub temporaries: Vec<(NodeId, usize, usize, usize, usize)>,
 }
 
+impl Plan {
+    /// The offset of node `id`'s scratch.
+    pub fn scratch_of(&self, id: NodeId) -> Result<usize, String> {
+        self.scratch
+            .iter()
+            .find(|s| s.0 == id)
+            .map(|s| s.1)
+            .ok_or_else(|| format!("%{} has no scratch", id.0))
+    }
+}
+
 /// Bytes of a value's scratch: matmul keeps its right operand packed in panels of 8 columns;
 /// a convolution its packed operand and a temporary (see `conv`).
 pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {

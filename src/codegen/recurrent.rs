@@ -51,6 +51,26 @@ fn dims(g: &Graph, id: NodeId) -> Option<Dims> {
     Some(Dims { b: s[0], t: s[1], h: s[2] / gates, g: gates, cell })
 }
 
+/// Element offsets of batch row `r` at step `t`: its projections (`[B, T, G·H]`) and states
+/// (`[B, T, S]`), and its rows of the `[B, G·H]` and `[B, H]` scratch buffers.
+struct Rows {
+    xrow: Value,
+    srow: Value,
+    grow: Value,
+    hrow: Value,
+}
+
+fn rows(e: &mut Emit, d: Dims, r: Value, t: Value) -> Rows {
+    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
+    let bt = e.b.ins().iadd(bt, t);
+    Rows {
+        xrow: e.b.ins().imul_imm_s(bt, d.gh() as i64),
+        srow: e.b.ins().imul_imm_s(bt, d.s() as i64),
+        grow: e.b.ins().imul_imm_s(r, d.gh() as i64),
+        hrow: e.b.ins().imul_imm_s(r, d.h as i64),
+    }
+}
+
 fn round(bytes: usize) -> usize {
     bytes.div_ceil(64) * 64
 }
@@ -132,12 +152,7 @@ pub fn emit(
             e.for_range(0, d.t as i64, 1, |e, t| {
                 matmul::emit_mm(e, &mm, (lo, hi));
                 e.for_dynamic(r0, r1, |e, r| {
-                    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
-                    let bt = e.b.ins().iadd(bt, t);
-                    let xrow = e.b.ins().imul_imm_s(bt, d.gh() as i64);
-                    let orow = e.b.ins().imul_imm_s(bt, s as i64);
-                    let grow = e.b.ins().imul_imm_s(r, d.gh() as i64);
-                    let hrow = e.b.ins().imul_imm_s(r, d.h as i64);
+                    let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
                     e.elementwise(d.h, |e, ty, j| {
                         let ld = |e: &mut Emit, buf: usize, row: Value, k: usize| {
                             let i = e.b.ins().iadd(row, j);
@@ -212,12 +227,7 @@ pub fn emit(
                 let last = e.i64(d.t as i64 - 1);
                 let t = e.b.ins().isub(last, back);
                 e.for_dynamic(r0, r1, |e, r| {
-                    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
-                    let bt = e.b.ins().iadd(bt, t);
-                    let xrow = e.b.ins().imul_imm_s(bt, d.gh() as i64);
-                    let srow = e.b.ins().imul_imm_s(bt, s as i64);
-                    let grow = e.b.ins().imul_imm_s(r, d.gh() as i64);
-                    let hrow = e.b.ins().imul_imm_s(r, d.h as i64);
+                    let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
                     e.elementwise(d.h, |e, ty, j| {
                         let idx = |e: &mut Emit, row: Value, k: usize| {
                             let i = e.b.ins().iadd(row, j);
