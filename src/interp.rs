@@ -297,6 +297,22 @@ fn eval(
             }
             Buf::F32(out)
         }
+        Op::HiddenProj { rec } => {
+            let Op::Recurrent { xp, h0, w_hh, b_hh, .. } = g.node(*rec).op else {
+                return Err(Error::Unsupported("hidden_proj of a node that is not recurrent"));
+            };
+            let [b, t, _] = [sh(xp)[0], sh(xp)[1], sh(xp)[2]];
+            let (states, h0, s) = (f(*rec), f(h0), sh(h0)[1]);
+            let h = sh(w_hh)[1];
+            let mut out = Vec::with_capacity(node.ty.numel());
+            for bi in 0..b {
+                for ti in 0..t {
+                    let prev = if ti == 0 { &h0[bi * s..] } else { &states[(bi * t + ti - 1) * s..] };
+                    out.extend(hidden_projection(&prev[..h], f(w_hh), b_hh.map(f)));
+                }
+            }
+            Buf::F32(out)
+        }
         Op::Part { x, offset, .. } => Buf::F32(f(*x)[*offset..offset + node.ty.numel()].to_vec()),
         Op::PadLast { x, start, total } => {
             let n = *sh(*x).last().unwrap_or(&1);

@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// After the measurement, time every kernel of the training step and list where the time
+    /// goes (the kernels that take the most first).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn inputs(g: &Graph) -> Vec<Buf> {
@@ -113,5 +117,40 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
             "  training        {gflops:.2} GFLOP/s, {peak:.1}% of the 128-bit FMA peak ({PEAK_GFLOPS_PER_CORE} GFLOP/s per core)"
         );
     }
+    if args.profile {
+        train.start_profile();
+        let x = inputs(train.graph());
+        for s in 0..steps {
+            train
+                .run(&x, 1, 1000 + s)
+                .map_err(|l| Failure::Data(format!("the benchmark diverged (loss {l})")))?;
+        }
+        print_profile(&train.profile(), steps);
+    }
     Ok(())
+}
+
+/// The kernels of a step by the time they took, most first, with their share of the step.
+fn print_profile(times: &[(&str, std::time::Duration)], steps: u64) {
+    let total: f64 = times.iter().map(|t| t.1.as_secs_f64()).sum();
+    let mut by_time: Vec<_> = times.iter().enumerate().collect();
+    by_time.sort_by_key(|t| std::cmp::Reverse(t.1.1));
+    outln!(
+        "\ntraining step, per kernel ({steps} steps; {:.3} ms per step in kernels):",
+        1e3 * total / steps as f64
+    );
+    let mut cumulative = 0.0;
+    for (i, (name, t)) in by_time {
+        let share = 100.0 * t.as_secs_f64() / total.max(f64::MIN_POSITIVE);
+        cumulative += share;
+        outln!(
+            "  {:>6.1}%  {:>6.1}%  {:>9.1} µs  #{i:<3} {name}",
+            share,
+            cumulative,
+            1e6 * t.as_secs_f64() / steps as f64
+        );
+        if cumulative > 99.5 {
+            break;
+        }
+    }
 }

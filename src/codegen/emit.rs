@@ -156,14 +156,17 @@ impl Emit<'_, '_> {
 
     /// eˣ for F32 or F32X4: x = n·ln2 + r, a degree-6 polynomial for eʳ, 2ⁿ from the exponent
     /// bits. Relative error about 2e-7 over the range where the result is finite and normal.
+    /// n is rounded by adding 1.5·2²³ in the same `fma` as the scaling (the float's ulp there
+    /// is 1), which also leaves n in the sum's low bits: no rounding or conversion instruction.
     pub fn exp(&mut self, ty: Type, x: Value) -> Value {
         let hi = self.fconst(ty, 88.376_26);
         let lo = self.fconst(ty, -87.336_55);
         let x = self.b.ins().fmin(x, hi);
         let x = self.b.ins().fmax(x, lo);
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
-        let fx = self.b.ins().fmul(x, log2e);
-        let fx = self.b.ins().nearest(fx);
+        let magic = self.fconst(ty, 12_582_912.0);
+        let shifted = self.b.ins().fma(x, log2e, magic);
+        let fx = self.b.ins().fsub(shifted, magic);
         let c1 = self.fconst(ty, 0.693_359_4);
         let c2 = self.fconst(ty, -2.121_944_4e-4);
         let t = self.b.ins().fmul(fx, c1);
@@ -179,8 +182,10 @@ impl Emit<'_, '_> {
         let one = self.fconst(ty, 1.0);
         let xp1 = self.b.ins().fadd(x, one);
         let y = self.b.ins().fma(y, z, xp1);
+        // The sum's bits are 0x4B40_0000 + n; shifted left by 23 only n + 127 survives.
         let ity = if ty == F32X4 { I32X4 } else { I32 };
-        let n = self.b.ins().fcvt_to_sint_sat(ity, fx);
+        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+        let n = self.b.ins().bitcast(ity, flags, shifted);
         let bias = if ty == F32X4 {
             let c = self.b.ins().iconst(I32, 127);
             self.b.ins().splat(I32X4, c)
@@ -189,7 +194,6 @@ impl Emit<'_, '_> {
         };
         let n = self.b.ins().iadd(n, bias);
         let n = self.b.ins().ishl_imm_s(n, 23);
-        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
         let pow2n = self.b.ins().bitcast(ty, flags, n);
         self.b.ins().fmul(y, pow2n)
     }

@@ -49,8 +49,8 @@ impl Group {
     }
 }
 
-/// The groups of a graph, in execution order. Inputs, parameters, reshapes and parts need no kernel
-/// and belong to none.
+/// The groups of a graph, in execution order. Inputs, parameters, reshapes, parts and saved
+/// hidden projections need no kernel and belong to none.
 pub fn groups(g: &Graph) -> Vec<Group> {
     let n = g.len();
     let mut uses = vec![0usize; n];
@@ -72,7 +72,8 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             continue;
         }
         match g.node(id).op {
-            Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } => {}
+            // A recurrent loop writes its hidden projections as it runs.
+            Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } | Op::HiddenProj { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
                 let shape = &g.ty(id).shape;

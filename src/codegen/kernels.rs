@@ -394,7 +394,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             });
         }
         Op::Update { .. } => return Err("updates are emitted together".into()),
-        Op::Part { .. } => {}
+        Op::Part { .. } | Op::HiddenProj { .. } => {}
         Op::Recurrent { .. } | Op::RecurrentGrad { .. } => {
             return Err("recurrent ops are emitted by `codegen::recurrent`".into());
         }

@@ -46,6 +46,8 @@ struct Kernel {
     units: usize,
     /// Multiply-adds, to decide whether splitting pays.
     work: usize,
+    /// The generated function's name (as in `--emit clif`).
+    name: String,
 }
 
 /// The kernels a group becomes: a fused matmul packs then computes; a convolution prepares,
@@ -132,6 +134,8 @@ pub struct Program {
     pool: Option<Pool>,
     compile_time: Duration,
     clif: Vec<(String, String)>,
+    /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
+    profile: Option<Vec<Duration>>,
     // Keeps the generated code alive; declared last so it is dropped after the kernels.
     _module: JITModule,
 }
@@ -268,17 +272,17 @@ impl Program {
                 }
                 _ => kernels::units(g, head),
             };
-            ids.push((gi, piece, fid, units, work));
+            ids.push((gi, piece, fid, units, work, name));
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(group, piece, fid, units, work)| {
+            .map(|(group, piece, fid, units, work, name)| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                Kernel { group, piece, f, units, work }
+                Kernel { group, piece, f, units, work, name }
             })
             .collect();
         let words = plan.size / 8 + 16;
@@ -297,6 +301,7 @@ impl Program {
             base,
             compile_time: started.elapsed(),
             clif,
+            profile: None,
             _module: module,
         })
     }
@@ -323,6 +328,17 @@ impl Program {
         self.threads = threads.max(1);
         let splits = self.kernels.iter().any(|k| k.units > 1 && k.work >= SPLIT_WORK);
         self.pool = (self.threads > 1 && splits).then(|| Pool::new(self.threads - 1));
+    }
+
+    /// Starts timing every kernel call (from zero).
+    pub fn start_profile(&mut self) {
+        self.profile = Some(vec![Duration::ZERO; self.kernels.len()]);
+    }
+
+    /// Each kernel's name and the time spent in it since `start_profile`, in step order.
+    pub fn profile(&self) -> Vec<(&str, Duration)> {
+        let times = self.profile.as_deref().unwrap_or_default();
+        self.kernels.iter().zip(times).map(|(k, t)| (k.name.as_str(), *t)).collect()
     }
 
     pub fn kernel_count(&self) -> usize {
@@ -453,8 +469,21 @@ impl Program {
         }
     }
 
-    /// Calls kernel `k` on the arena, split across threads when it is large enough.
+    /// Calls kernel `k`, timing it when profiling.
     fn call(&mut self, k: usize) {
+        if self.profile.is_none() {
+            return self.call_split(k);
+        }
+        let t = Instant::now();
+        self.call_split(k);
+        let spent = t.elapsed();
+        if let Some(p) = self.profile.as_mut() {
+            p[k] += spent;
+        }
+    }
+
+    /// Calls kernel `k` on the arena, split across threads when it is large enough.
+    fn call_split(&mut self, k: usize) {
         let (f, units, work) = (self.kernels[k].f, self.kernels[k].units, self.kernels[k].work);
         let base = Base(self.bytes().as_mut_ptr());
         let threads = self.threads.min(units);

@@ -74,6 +74,12 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
     // group's head, the result to allocate there.
     let mut at_head: Vec<Option<NodeId>> = vec![None; g.len()];
     let mut fused_away = vec![false; g.len()];
+    // A recurrent loop writes the hidden projections it saves as it runs.
+    for id in g.ids() {
+        if let Op::HiddenProj { rec } = g.node(id).op {
+            at_head[rec.index()] = Some(id);
+        }
+    }
     for grp in groups {
         if let Group::MatMul { mm, chain } = grp
             && let Some(&last) = chain.last()

@@ -71,6 +71,12 @@ fn rows(e: &mut Emit, d: Dims, r: Value, t: Value) -> Rows {
     }
 }
 
+/// The node that reads the hidden projections recurrent node `rec` saves (`hidden_proj`), if
+/// any: the loop then stores each step's `h·W_hhᵀ + b_hh` there as well.
+pub fn saved_projections(g: &Graph, rec: NodeId) -> Option<NodeId> {
+    g.ids().find(|&id| g.node(id).op == Op::HiddenProj { rec })
+}
+
 fn round(bytes: usize) -> usize {
     bytes.div_ceil(64) * 64
 }
@@ -126,6 +132,7 @@ pub fn emit(
         }
         (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => {
             let (h, c, gh) = (s1, s2, s3);
+            let saved = saved_projections(g, id).map(at);
             let s = d.s();
             // The running state starts at h0.
             e.for_dynamic(r0, r1, |e, r| {
@@ -162,6 +169,12 @@ pub fn emit(
                         let gate = |e: &mut Emit, k: usize| {
                             let x = ld(e, at(xp), xrow, k);
                             let y = ld(e, gh, grow, k);
+                            if let Some(saved) = saved {
+                                // Saved at the projection's own index: [B, T, G·H] both.
+                                let i = e.b.ins().iadd(xrow, j);
+                                let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                                e.store(saved, i, y);
+                            }
                             (x, y)
                         };
                         let hi_ = e.b.ins().iadd(hrow, j);

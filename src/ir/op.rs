@@ -230,6 +230,12 @@ pub enum Op {
         dhs: NodeId,
         w_hh: NodeId,
     },
+    /// The hidden projections `h_{t-1}·W_hhᵀ + b_hh` that recurrent node `rec` added at each
+    /// step, `[B, T, G·H]`, for its backward: the native forward loop saves them as it runs;
+    /// the interpreter recomputes them from `rec`'s states.
+    HiddenProj {
+        rec: NodeId,
+    },
     /// The state before each step: `first [B, S]` at step 0, then `x [B, T, S]` shifted one
     /// step later.
     PrevStates {
@@ -358,6 +364,7 @@ impl Op {
             }
             RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => vec![*xp, *gh, *hprev, *dhs, *w_hh],
             PrevStates { x, first } => vec![*x, *first],
+            HiddenProj { rec } => vec![*rec],
             Loss { pred, target, .. } => vec![*pred, *target],
             LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
@@ -440,6 +447,7 @@ impl Op {
                 *x = f(*x);
                 *first = f(*first);
             }
+            HiddenProj { rec } => *rec = f(*rec),
             Loss { pred, target, .. } => {
                 *pred = f(*pred);
                 *target = f(*target);
@@ -492,6 +500,7 @@ impl Op {
             SliceLast { .. } => "slice_last",
             RecurrentGrad { .. } => "recurrent_grad",
             PrevStates { .. } => "prev_states",
+            HiddenProj { .. } => "hidden_proj",
             Part { .. } => "part",
             PadLast { .. } => "pad_last",
             SumSteps { .. } => "sum_steps",
@@ -722,6 +731,10 @@ impl Op {
                 }
                 Type::f32(f32s(*x)?.clone())
             }
+            HiddenProj { rec } => match g.node(*rec).op {
+                Recurrent { xp, .. } => Type::f32(f32s(xp)?.clone()),
+                _ => return Err("hidden_proj of a node that is not recurrent".into()),
+            },
             Part { x, offset, shape } => {
                 let n = f32s(*x)?.iter().product::<usize>();
                 if offset + shape.iter().product::<usize>() > n {
