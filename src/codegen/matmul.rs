@@ -30,9 +30,8 @@ pub struct Mm<'a> {
     /// C: row-major [M, N].
     pub c: usize,
     pub epilogue: &'a [EpOp],
-    /// Whether A and the epilogue's operands stay unchanged for the whole kernel, so their
-    /// loads may move (out of loops). False inside a recurrent time loop, which rewrites them
-    /// every step.
+    /// Whether the epilogue's operands stay unchanged for the whole kernel, so their loads may
+    /// move (out of loops). False inside a recurrent time loop, which rewrites them every step.
     pub stable: bool,
 }
 
@@ -211,7 +210,11 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
                 let t = e.b.ins().imul_imm_s(i, mm.k as i64);
                 e.b.ins().iadd(t, kk)
             };
-            let av = if mm.stable { e.load_ro(F32, mm.a, idx) } else { e.load(F32, mm.a, idx) };
+            // Movable even when A changes between calls (`!mm.stable`): the address depends
+            // on this k loop's counter, so the load cannot leave the loop, and nothing inside
+            // it stores. As a pure load it is scheduled next to its `fma`s, which keeps the
+            // accumulators in registers.
+            let av = e.load_ro(F32, mm.a, idx);
             let av = e.b.ins().splat(F32X4, av);
             for (h, bv) in [b0, b1].into_iter().enumerate() {
                 let cur = e.b.use_var(acc[h]);
