@@ -194,27 +194,23 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
         })
         .collect();
     let panel = e.b.ins().imul_imm_s(jp, (mm.k * NR) as i64);
-    e.for_range(0, mm.k as i64, 1, |e, kk| {
+    // A(i0 + r, k) = a[a0 + k·sk + r·sr]; the row's part is a constant, folded into the
+    // load's displacement like the panel's second half.
+    let (a0, sk, sr) = if mm.ta { (i0, mm.m, 1) } else { (e.b.ins().imul_imm_s(i0, mm.k as i64), 1, mm.k) };
+    let step = |e: &mut Emit, kk: Value, pure: bool| {
         let row = e.b.ins().imul_imm_s(kk, NR as i64);
         let at = e.b.ins().iadd(panel, row);
         let b0 = e.load_ro(F32X4, mm.packed, at);
-        let at4 = e.b.ins().iadd_imm_s(at, 4);
-        let b1 = e.load_ro(F32X4, mm.packed, at4);
+        let b1 = e.load_ro(F32X4, mm.packed + 16, at);
+        let t = e.b.ins().imul_imm_s(kk, sk as i64);
+        let ak = e.b.ins().iadd(a0, t);
         for (r, acc) in acc.iter().enumerate() {
-            let i = e.b.ins().iadd_imm_s(i0, r as i64);
-            // A(i, k): row-major [M, K], or [K, M] when transposed.
-            let idx = if mm.ta {
-                let t = e.b.ins().imul_imm_s(kk, mm.m as i64);
-                e.b.ins().iadd(t, i)
-            } else {
-                let t = e.b.ins().imul_imm_s(i, mm.k as i64);
-                e.b.ins().iadd(t, kk)
-            };
-            // Movable even when A changes between calls (`!mm.stable`): the address depends
-            // on this k loop's counter, so the load cannot leave the loop, and nothing inside
-            // it stores. As a pure load it is scheduled next to its `fma`s, which keeps the
+            // Movable even when A changes between calls (`!mm.stable`) if the address depends
+            // on the k loop's counter: the load cannot leave the loop, and nothing inside it
+            // stores. As a pure load it is scheduled next to its `fma`s, which keeps the
             // accumulators in registers.
-            let av = e.load_ro(F32, mm.a, idx);
+            let off = mm.a + 4 * r * sr;
+            let av = if pure { e.load_ro(F32, off, ak) } else { e.load(F32, off, ak) };
             let av = e.b.ins().splat(F32X4, av);
             for (h, bv) in [b0, b1].into_iter().enumerate() {
                 let cur = e.b.use_var(acc[h]);
@@ -222,7 +218,20 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
                 e.b.def_var(acc[h], nv);
             }
         }
+    };
+    // Two k per iteration: the accumulators move to their loop registers once per two.
+    let pairs = (mm.k / 2 * 2) as i64;
+    e.for_range(0, pairs, 2, |e, kk| {
+        step(e, kk, true);
+        let k1 = e.b.ins().iadd_imm_s(kk, 1);
+        step(e, k1, true);
     });
+    if mm.k % 2 == 1 {
+        // A constant k: in a partial block of a time loop the address would be constant too,
+        // and a pure load of it could be hoisted out of the time loop that rewrites A.
+        let last = e.i64(pairs);
+        step(e, last, mm.stable);
+    }
     let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
     for (r, acc) in acc.iter().enumerate() {
         let i = e.b.ins().iadd_imm_s(i0, r as i64);
