@@ -126,9 +126,17 @@ pub fn row_blocks(m: usize) -> usize {
 }
 
 /// The packing kernel: B into panels (run once, before the compute kernel).
-pub fn emit_pack(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, (b, tb): (NodeId, bool), scratch: usize) {
+pub fn emit_pack(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    (b, tb): (NodeId, bool),
+    scratch: usize,
+    range: (Value, Value),
+) {
     let Some((_, n, k)) = dims(g, id) else { return };
-    pack_b(e, plan.node[b.index()], tb, k, n, scratch);
+    pack_b(e, plan.node[b.index()], tb, k, n, scratch, range);
 }
 
 /// The compute kernel over row blocks `lo..hi` (I64 block indices).
@@ -290,17 +298,71 @@ pub fn pack_with(
     }
 }
 
-/// `packed[j/8][k][j%8] = B(k, j)`, zero past column N.
-pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize) {
-    // Read B along its rows: k inner when B is stored transposed ([N, K]), j inner otherwise.
-    pack_with(e, k, n, packed, tb, |e, kk, j| {
-        let src = if tb {
-            let t = e.b.ins().imul_imm_s(j, k as i64);
-            e.b.ins().iadd(t, kk)
+/// `packed[j/8][k][j%8] = B(k, j)`, zero past column N, for the panels `lo..hi` (I64 panel
+/// indices): the work one thread takes. A row-major B is copied eight floats at a time; a
+/// transposed one is read along its rows, one panel column after another.
+pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize, (lo, hi): (Value, Value)) {
+    let full = n / NR;
+    let top = e.i64(full as i64);
+    let cap = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, cap, |e, jp| {
+        let dst0 = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
+        let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
+        if tb {
+            for j in 0..NR {
+                // B(kk, col0 + j) = b[(col0 + j)·K + kk].
+                let src = e.b.ins().imul_imm_s(col0, k as i64);
+                e.for_range(0, k as i64, 1, |e, kk| {
+                    let s = e.b.ins().iadd(src, kk);
+                    let v = e.load_ro(F32, b + 4 * j * k, s);
+                    let d = e.b.ins().ishl_imm_s(kk, 3);
+                    let d = e.b.ins().iadd(dst0, d);
+                    e.store(packed + 4 * j, d, v);
+                });
+            }
         } else {
-            let t = e.b.ins().imul_imm_s(kk, n as i64);
-            e.b.ins().iadd(t, j)
-        };
-        e.load_ro(F32, b, src)
+            e.for_range(0, k as i64, 1, |e, kk| {
+                let s = e.b.ins().imul_imm_s(kk, n as i64);
+                let s = e.b.ins().iadd(s, col0);
+                let d = e.b.ins().ishl_imm_s(kk, 3);
+                let d = e.b.ins().iadd(dst0, d);
+                for half in 0..2 {
+                    let v = e.load_ro(F32X4, b + 16 * half, s);
+                    e.store(packed + 16 * half, d, v);
+                }
+            });
+        }
     });
+    if !n.is_multiple_of(NR) {
+        // The last, partial panel (number `full`) belongs to the range that contains it.
+        let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
+        let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full as i64);
+        let last = e.b.ins().band(reaches, starts);
+        e.when(last, |e| {
+            for j in 0..NR {
+                let col = full * NR + j;
+                e.for_range(0, k as i64, 1, |e, kk| {
+                    let v = if col < n {
+                        let src = if tb {
+                            e.b.ins().iadd_imm_s(kk, (col * k) as i64)
+                        } else {
+                            let t = e.b.ins().imul_imm_s(kk, n as i64);
+                            e.b.ins().iadd_imm_s(t, col as i64)
+                        };
+                        e.load_ro(F32, b, src)
+                    } else {
+                        e.fconst(F32, 0.0)
+                    };
+                    let d = e.b.ins().ishl_imm_s(kk, 3);
+                    e.store(packed + 4 * (full * k * NR + j), d, v);
+                });
+            }
+        });
+    }
+}
+
+/// Work units of a packing kernel (panels) and its rough work, in the multiply-adds
+/// `SPLIT_WORK` is measured in (a packed float costs about as much as 16 of them).
+pub fn pack_units(k: usize, n: usize) -> (usize, usize) {
+    (n.div_ceil(NR), 16 * k * n)
 }

@@ -228,7 +228,7 @@ impl Program {
                         };
                         let scratch = plan.scratch_of(*mm)?;
                         if pack {
-                            matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch);
+                            matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch, (lo, hi));
                         } else {
                             let ep = matmul::epilogue(g, &plan, *mm, chain);
                             let out = plan.node[grp.result().index()];
@@ -259,11 +259,14 @@ impl Program {
             module.clear_context(&mut ctx);
             let (units, work) = match (grp, piece) {
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => conv::prep_units(g, *id),
+                (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
+                    matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
+                }
                 (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
                     conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
                 }
-                (_, Piece::Rec(recurrent::Part::Pack)) => (1, 0),
+                (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Pack)) => recurrent::pack_units(g, *id),
                 (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Loop)) => {
                     recurrent::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
                 }

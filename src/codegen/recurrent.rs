@@ -96,6 +96,16 @@ pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     layout(d, 0)[4] + round(d.b * d.gh() * 4)
 }
 
+/// Work units (panels) of the pack kernel and its work: `W_hhᵀ [H, G·H]` forward, `W_hh
+/// [G·H, H]` backward.
+pub fn pack_units(g: &Graph, id: NodeId) -> (usize, usize) {
+    match (dims(g, id), &g.node(id).op) {
+        (Some(d), Op::Recurrent { .. }) => matmul::pack_units(d.h, d.gh()),
+        (Some(d), _) => matmul::pack_units(d.gh(), d.h),
+        (None, _) => (1, 0),
+    }
+}
+
 /// The parts of a recurrent node, its loop's work units (blocks of batch rows) and work.
 pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     let d = dims(g, id)?;
@@ -125,10 +135,12 @@ pub fn emit(
     let r1 = e.b.ins().smin(r1, bmax);
     match (g.node(id).op.clone(), part) {
         // gh = h·W_hhᵀ: B = W_hhᵀ [H, G·H], W_hh stored [G·H, H].
-        (Op::Recurrent { w_hh, .. }, Part::Pack) => matmul::pack_b(e, at(w_hh), true, d.h, d.gh(), packed),
+        (Op::Recurrent { w_hh, .. }, Part::Pack) => {
+            matmul::pack_b(e, at(w_hh), true, d.h, d.gh(), packed, (lo, hi))
+        }
         // dh = dgh·W_hh: B = W_hh [G·H, H].
         (Op::RecurrentGrad { w_hh, .. }, Part::Pack) => {
-            matmul::pack_b(e, at(w_hh), false, d.gh(), d.h, packed)
+            matmul::pack_b(e, at(w_hh), false, d.gh(), d.h, packed, (lo, hi))
         }
         (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => {
             let (h, c, gh) = (s1, s2, s3);
