@@ -314,3 +314,50 @@ fn recurrent_ops_alone() {
         }
     }
 }
+
+#[test]
+fn elementwise_chains_fuse_and_match_the_interpreter() {
+    // tanh → scale → (y − ·) → sigmoid' and bias → relu → scale over NCHW: one kernel each,
+    // at SIMD tails, and split across two threads at a size that splits.
+    use aec::codegen::fuse::{Group, groups};
+    use aec::ir::{BinaryFn, Op, ParamDef, ParamRole, Type, UnaryFn};
+    for (rows, n, threads) in [(1, 1, 1), (3, 5, 1), (2, 7, 1), (3, 13, 1), (1, 300_001, 2)] {
+        let mut g = Graph::new("chains");
+        let x = g.add_input("x", Type::f32(vec![rows, n])).expect("input");
+        let y = g.add_input("y", Type::f32(vec![rows, n])).expect("input");
+        let t = g.add(Op::Unary { f: UnaryFn::Tanh, x }, None).expect("op");
+        let s = g.add(Op::Scale { x: t, c: 0.5 }, None).expect("op");
+        let d = g.add(Op::Binary { f: BinaryFn::Sub, a: y, b: s }, None).expect("op");
+        let a = g.add(Op::ActGrad { f: UnaryFn::Sigmoid, y, dy: d }, None).expect("op");
+        let x4 = g.add_input("x4", Type::f32(vec![rows, 3, 1, n])).expect("input");
+        let def = ParamDef { name: "b".into(), shape: vec![3], role: ParamRole::Bias, fan_in: 1, fan_out: 1 };
+        let bias = g.add_param(def).expect("param");
+        let ba = g.add(Op::BiasAdd { x: x4, bias }, None).expect("op");
+        let r = g.add(Op::Unary { f: UnaryFn::Relu, x: ba }, None).expect("op");
+        let r = g.add(Op::Scale { x: r, c: -2.0 }, None).expect("op");
+        g.outputs = vec![("a".into(), a), ("r".into(), r)];
+        let chains: Vec<usize> = groups(&g)
+            .iter()
+            .filter_map(|grp| match grp {
+                Group::Chain(v) => Some(v.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chains, [4, 3], "two chains of four and three ops");
+        let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
+        let inputs: Vec<Buf> = random_inputs(&g, &mut rng)
+            .into_iter()
+            .map(|b| Buf::F32(b.f32().iter().map(|v| 4.0 * v - 2.0).collect()))
+            .collect();
+        let mut state = State::new(vec![vec![0.5, -0.25, 1.0]]);
+        let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };
+        let values = interp::run(&g, &inputs, &mut state, &opts).expect("interp");
+        let mut program = Program::compile(&g, Options::default()).expect("compiles");
+        program.set_threads(threads);
+        program.set_state(&state).expect("state");
+        program.run(&inputs, 1, 1).expect("runs");
+        for (name, id) in &g.outputs {
+            close(&format!("{rows}×{n} {name}"), values.get(*id).f32(), program.value(*id).f32(), 1e-5);
+        }
+    }
+}

@@ -5,6 +5,9 @@
 //!   must be the single user of the value before it, so the intermediate values are never
 //!   written; the other operands (bias, the activation's output, …) must exist before the
 //!   matmul runs. Forward: `x·Wᵀ + b → relu` is one pass; backward: `dY·W → relu'(y)` is one.
+//! - Any other elementwise op (and a bias add) takes the elementwise ops after it the same way:
+//!   one loop computes the whole chain per element and stores only the last value
+//!   (`relu' ∘ (dy · mask)`, `bias → relu`, a loss gradient's scale, …).
 //! - Every optimizer update is one kernel, its work the concatenated chunks of all parameters.
 //!
 //! A group runs at the position of its first node; the memory plan gives the group's result
@@ -20,6 +23,8 @@ pub enum Group {
         mm: NodeId,
         chain: Vec<NodeId>,
     },
+    /// An elementwise op (or bias add) and the elementwise ops computed with it, in order.
+    Chain(Vec<NodeId>),
     /// All optimizer updates.
     Updates(Vec<NodeId>),
 }
@@ -28,7 +33,7 @@ impl Group {
     pub fn head(&self) -> NodeId {
         match self {
             Group::Single(n) | Group::MatMul { mm: n, .. } => *n,
-            Group::Updates(v) => v[0],
+            Group::Chain(v) | Group::Updates(v) => v[0],
         }
     }
 
@@ -36,6 +41,7 @@ impl Group {
     pub fn result(&self) -> NodeId {
         match self {
             Group::MatMul { mm, chain } => *chain.last().unwrap_or(mm),
+            Group::Chain(v) => *v.last().unwrap_or(&v[0]),
             _ => self.head(),
         }
     }
@@ -44,7 +50,7 @@ impl Group {
         match self {
             Group::Single(n) => vec![*n],
             Group::MatMul { mm, chain } => std::iter::once(*mm).chain(chain.iter().copied()).collect(),
-            Group::Updates(v) => v.clone(),
+            Group::Chain(v) | Group::Updates(v) => v.clone(),
         }
     }
 }
@@ -76,19 +82,20 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } | Op::HiddenProj { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
-                let shape = &g.ty(id).shape;
-                let mut chain = Vec::new();
-                let mut cur = id;
-                while uses[cur.index()] == 1 {
-                    let Some(u) = user[cur.index()] else { break };
-                    if g.ty(u).shape != *shape || !fits_epilogue(g, u, cur, id) {
-                        break;
-                    }
-                    chain.push(u);
-                    taken[u.index()] = true;
-                    cur = u;
-                }
+                let chain = follow(g, id, &uses, &user, &mut taken, true);
                 out.push(Group::MatMul { mm: id, chain });
+            }
+            Op::Unary { .. }
+            | Op::ActGrad { .. }
+            | Op::Binary { .. }
+            | Op::Scale { .. }
+            | Op::BiasAdd { .. } => {
+                let chain = follow(g, id, &uses, &user, &mut taken, false);
+                if chain.is_empty() {
+                    out.push(Group::Single(id));
+                } else {
+                    out.push(Group::Chain(std::iter::once(id).chain(chain).collect()));
+                }
             }
             _ => out.push(Group::Single(id)),
         }
@@ -99,10 +106,37 @@ pub fn groups(g: &Graph) -> Vec<Group> {
     out
 }
 
-/// Whether `u` can be computed in the store of matmul `mm` from `cur` (its chain operand):
-/// an elementwise op whose other operands exist before `mm` runs.
-fn fits_epilogue(g: &Graph, u: NodeId, cur: NodeId, mm: NodeId) -> bool {
-    let before = |o: NodeId| o < mm;
+/// The elementwise ops that can follow `head` in its kernel: each the single user of the value
+/// before it, of the same shape, and marked `taken`. A bias add only follows a matmul.
+fn follow(
+    g: &Graph,
+    head: NodeId,
+    uses: &[usize],
+    user: &[Option<NodeId>],
+    taken: &mut [bool],
+    bias: bool,
+) -> Vec<NodeId> {
+    let shape = &g.ty(head).shape;
+    let mut chain = Vec::new();
+    let mut cur = head;
+    while uses[cur.index()] == 1 {
+        let Some(u) = user[cur.index()] else { break };
+        let is_bias = matches!(g.node(u).op, Op::BiasAdd { .. });
+        if g.ty(u).shape != *shape || (is_bias && !bias) || !fits_epilogue(g, u, cur, head) {
+            break;
+        }
+        chain.push(u);
+        taken[u.index()] = true;
+        cur = u;
+    }
+    chain
+}
+
+/// Whether `u` can be computed in the store of `head`'s kernel from `cur` (its chain operand):
+/// an elementwise op whose other operands exist before `head` runs. (An operand inside
+/// another chain has that chain's next op as its one user, so it is never `u`'s operand.)
+fn fits_epilogue(g: &Graph, u: NodeId, cur: NodeId, head: NodeId) -> bool {
+    let before = |o: NodeId| o < head;
     match g.node(u).op {
         Op::BiasAdd { x, bias } => x == cur && before(bias) && g.ty(u).shape.len() == 2,
         Op::Unary { x, .. } | Op::Scale { x, .. } => x == cur,

@@ -32,73 +32,8 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let v = e.b.ins().splat(F32X4, s);
             e.elementwise(numel, |e, ty, i| e.store(out, i, if ty == F32X4 { v } else { s }));
         }
-        Op::Unary { f, x } => {
-            let (f, src) = (*f, at(*x));
-            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
-                let v = e.load(ty, src, i);
-                let y = unary(e, ty, f, v);
-                e.store(out, i, y);
-            });
-        }
-        Op::ActGrad { f, y, dy } => {
-            let (f, ys, ds) = (*f, at(*y), at(*dy));
-            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
-                let y = e.load(ty, ys, i);
-                let d = e.load(ty, ds, i);
-                let r = act_grad(e, ty, f, y, d);
-                e.store(out, i, r);
-            });
-        }
-        Op::Binary { f, a, b } => {
-            let (f, sa, sb) = (*f, at(*a), at(*b));
-            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
-                let a = e.load(ty, sa, i);
-                let b = e.load(ty, sb, i);
-                let r = match f {
-                    BinaryFn::Add => e.b.ins().fadd(a, b),
-                    BinaryFn::Sub => e.b.ins().fsub(a, b),
-                    BinaryFn::Mul => e.b.ins().fmul(a, b),
-                };
-                e.store(out, i, r);
-            });
-        }
-        Op::Scale { x, c } => {
-            let (c, src) = (*c, at(*x));
-            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
-                let v = e.load(ty, src, i);
-                let k = e.fconst(ty, c);
-                let r = e.b.ins().fmul(v, k);
-                e.store(out, i, r);
-            });
-        }
-        Op::BiasAdd { x, bias } => {
-            let s = shape(*x);
-            let (rows, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
-            let (xs, bs) = (at(*x), at(*bias));
-            if inner == 1 {
-                for_rows(e, rows, c, |e, row0| {
-                    e.elementwise(c, |e, ty, j| {
-                        let idx = e.b.ins().iadd(row0, j);
-                        let v = e.load(ty, xs, idx);
-                        let b = e.load(ty, bs, j);
-                        let r = e.b.ins().fadd(v, b);
-                        e.store(out, idx, r);
-                    });
-                });
-            } else {
-                e.for_range(0, (rows * c) as i64, 1, |e, rc| {
-                    let ch = e.b.ins().urem_imm_s(rc, c as i64);
-                    let b = e.load(F32, bs, ch);
-                    let bv = e.b.ins().splat(F32X4, b);
-                    let start = e.b.ins().imul_imm_s(rc, inner as i64);
-                    e.elementwise(inner, |e, ty, j| {
-                        let idx = e.b.ins().iadd(start, j);
-                        let v = e.load(ty, xs, idx);
-                        let r = e.b.ins().fadd(v, if ty == F32X4 { bv } else { b });
-                        e.store(out, idx, r);
-                    });
-                });
-            }
+        Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } | Op::BiasAdd { .. } => {
+            chain(e, g, plan, &[id], range)?
         }
         Op::Softmax { x } => {
             let n = *node.ty.shape.last().unwrap_or(&1);
@@ -402,6 +337,106 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
     Ok(())
 }
 
+/// An elementwise op (or bias add) `ids[0]` and the elementwise ops after it (`fuse`'s
+/// chains): one loop computes them all per element and stores the last one's value.
+pub fn chain(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    ids: &[NodeId],
+    range: (Value, Value),
+) -> Result<(), String> {
+    let head = *ids.first().ok_or("an empty chain")?;
+    let last = *ids.last().unwrap_or(&head);
+    let at = |n: NodeId| plan.node[n.index()];
+    let out = at(last);
+    let ops = super::matmul::epilogue(g, plan, head, &ids[1..]);
+    if ops.len() + 1 != ids.len() {
+        return Err(format!("%{}: a chain with an op that is not elementwise", head.0));
+    }
+    if !matches!(
+        g.node(head).op,
+        Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } | Op::BiasAdd { .. }
+    ) {
+        return Err(format!("%{}: a chain must start with an elementwise op", head.0));
+    }
+    let numel = g.ty(head).numel();
+    let finish = |e: &mut Emit, ty: Type, v: Value, i: Value| {
+        let v = super::matmul::apply_ops(e, ty, &ops, v, i, None, true);
+        e.store(out, i, v);
+    };
+    match g.node(head).op {
+        Op::BiasAdd { x, bias } => {
+            let s = g.ty(x).shape.clone();
+            let (rows, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
+            let (xs, bs) = (at(x), at(bias));
+            // Rows `lo..hi` (the batch rows a thread takes), each `c` channels of `inner`.
+            let top = e.i64(rows as i64);
+            let hi = e.b.ins().smin(range.1, top);
+            e.for_dynamic(range.0, hi, |e, r| {
+                if inner == 1 {
+                    let row0 = e.b.ins().imul_imm_s(r, c as i64);
+                    e.elementwise(c, |e, ty, j| {
+                        let idx = e.b.ins().iadd(row0, j);
+                        let v = e.load(ty, xs, idx);
+                        let b = e.load(ty, bs, j);
+                        let r = e.b.ins().fadd(v, b);
+                        finish(e, ty, r, idx);
+                    });
+                } else {
+                    e.for_range(0, c as i64, 1, |e, ch| {
+                        let b = e.load(F32, bs, ch);
+                        let bv = e.b.ins().splat(F32X4, b);
+                        let rc = e.b.ins().imul_imm_s(r, c as i64);
+                        let rc = e.b.ins().iadd(rc, ch);
+                        let start = e.b.ins().imul_imm_s(rc, inner as i64);
+                        e.elementwise(inner, |e, ty, j| {
+                            let idx = e.b.ins().iadd(start, j);
+                            let v = e.load(ty, xs, idx);
+                            let r = e.b.ins().fadd(v, if ty == F32X4 { bv } else { b });
+                            finish(e, ty, r, idx);
+                        });
+                    });
+                }
+            });
+        }
+        ref op => {
+            let op = op.clone();
+            e.elementwise_chunks(numel, CHUNK, range.0, range.1, |e, ty, i| {
+                let v = match op {
+                    Op::Unary { f, x } => {
+                        let v = e.load(ty, at(x), i);
+                        unary(e, ty, f, v)
+                    }
+                    Op::ActGrad { f, y, dy } => {
+                        let y = e.load(ty, at(y), i);
+                        let d = e.load(ty, at(dy), i);
+                        act_grad(e, ty, f, y, d)
+                    }
+                    Op::Binary { f, a, b } => {
+                        let a = e.load(ty, at(a), i);
+                        let b = e.load(ty, at(b), i);
+                        match f {
+                            BinaryFn::Add => e.b.ins().fadd(a, b),
+                            BinaryFn::Sub => e.b.ins().fsub(a, b),
+                            BinaryFn::Mul => e.b.ins().fmul(a, b),
+                        }
+                    }
+                    Op::Scale { x, c } => {
+                        let v = e.load(ty, at(x), i);
+                        let k = e.fconst(ty, c);
+                        e.b.ins().fmul(v, k)
+                    }
+                    // Not reached: checked above.
+                    _ => e.fconst(ty, 0.0),
+                };
+                finish(e, ty, v, i);
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Elements per work unit of the kernels that split by element ranges.
 pub const CHUNK: usize = 8192;
 
@@ -419,6 +454,10 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } => {
             let n = g.ty(id).numel();
             (n.div_ceil(CHUNK), 4 * n)
+        }
+        Op::BiasAdd { .. } => {
+            let s = &g.ty(id).shape;
+            (s[0], 4 * g.ty(id).numel())
         }
         _ => (1, 0),
     }

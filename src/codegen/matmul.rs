@@ -12,7 +12,7 @@ use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, NodeId, UnaryFn};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 
 const MR: usize = 6;
@@ -77,20 +77,36 @@ pub fn epilogue(g: &Graph, plan: &Plan, mm: NodeId, chain: &[NodeId]) -> Vec<EpO
 }
 
 /// Applies the epilogue to four columns of C at flat index `idx`, column `col`.
-fn apply(e: &mut Emit, mm: &Mm, mut v: Value, idx: Value, col: Value) -> Value {
+fn apply(e: &mut Emit, mm: &Mm, v: Value, idx: Value, col: Value) -> Value {
+    apply_ops(e, F32X4, mm.epilogue, v, idx, Some(col), mm.stable)
+}
+
+/// Applies elementwise `ops` to `v` (of type `ty`, F32 or F32X4), the value at flat index
+/// `idx`; a bias is indexed by `col` (only a matmul's epilogue has one). `stable`: the other
+/// operands do not change while the kernel runs, so their loads may move.
+pub fn apply_ops(
+    e: &mut Emit,
+    ty: Type,
+    ops: &[EpOp],
+    mut v: Value,
+    idx: Value,
+    col: Option<Value>,
+    stable: bool,
+) -> Value {
     let load = |e: &mut Emit, off: usize, i: Value| {
-        if mm.stable { e.load_ro(F32X4, off, i) } else { e.load(F32X4, off, i) }
+        if stable { e.load_ro(ty, off, i) } else { e.load(ty, off, i) }
     };
-    for op in mm.epilogue {
+    for op in ops {
         v = match *op {
             EpOp::Bias(off) => {
-                let b = e.load_ro(F32X4, off, col);
+                let col = col.unwrap_or(idx);
+                let b = e.load_ro(ty, off, col);
                 e.b.ins().fadd(v, b)
             }
-            EpOp::Unary(f) => super::kernels::unary(e, F32X4, f, v),
+            EpOp::Unary(f) => super::kernels::unary(e, ty, f, v),
             EpOp::ActGrad(f, y) => {
                 let yv = load(e, y, idx);
-                super::kernels::act_grad(e, F32X4, f, yv, v)
+                super::kernels::act_grad(e, ty, f, yv, v)
             }
             EpOp::Binary(f, other, c_left) => {
                 let o = load(e, other, idx);
@@ -102,7 +118,7 @@ fn apply(e: &mut Emit, mm: &Mm, mut v: Value, idx: Value, col: Value) -> Value {
                 }
             }
             EpOp::Scale(c) => {
-                let k = e.fconst(F32X4, c);
+                let k = e.fconst(ty, c);
                 e.b.ins().fmul(v, k)
             }
         };

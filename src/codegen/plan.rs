@@ -81,12 +81,10 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
         }
     }
     for grp in groups {
-        if let Group::MatMul { mm, chain } = grp
-            && let Some(&last) = chain.last()
-        {
-            at_head[mm.index()] = Some(last);
-            fused_away[mm.index()] = true;
-            for c in &chain[..chain.len() - 1] {
+        let nodes = grp.nodes();
+        if matches!(grp, Group::MatMul { .. } | Group::Chain(_)) && nodes.len() > 1 {
+            at_head[nodes[0].index()] = Some(grp.result());
+            for c in &nodes[..nodes.len() - 1] {
                 fused_away[c.index()] = true;
             }
         }
