@@ -117,29 +117,47 @@ impl Emit<'_, '_> {
         chunk: usize,
         lo: Value,
         hi: Value,
-        mut body: impl FnMut(&mut Self, Type, Value),
+        body: impl FnMut(&mut Self, Type, Value),
     ) {
         let full = n / chunk;
-        let fr = self.i64(full as i64);
-        let cap = self.b.ins().smin(hi, fr);
-        self.for_dynamic(lo, cap, |e, c| {
+        // Both parts call `body`; one runs after the other.
+        let body = std::cell::RefCell::new(body);
+        let mut whole = |e: &mut Self, c: Value| {
             let start = e.b.ins().imul_imm_s(c, chunk as i64);
             e.for_range(0, chunk as i64, 4, |e, i| {
                 let idx = e.b.ins().iadd(start, i);
-                body(e, F32X4, idx);
+                (body.borrow_mut())(e, F32X4, idx);
             });
-        });
-        if !n.is_multiple_of(chunk) {
-            // The tail chunk (number `full`) belongs to the range that contains it.
+        };
+        let mut tail = |e: &mut Self| {
+            let start = (full * chunk) as i64;
+            let vec_end = start + ((n - full * chunk) / 4 * 4) as i64;
+            e.for_range(start, vec_end, 4, |e, i| (body.borrow_mut())(e, F32X4, i));
+            e.for_range(vec_end, n as i64, 1, |e, i| (body.borrow_mut())(e, F32, i));
+        };
+        self.units((lo, hi), full, !n.is_multiple_of(chunk), &mut whole, &mut tail);
+    }
+
+    /// The work units `lo..hi` of a kernel split into `full` whole units and, when `partial`,
+    /// one partial unit after them (number `full`): `whole(u)` for every whole unit of the
+    /// range, then `partial_unit()` if the range holds the partial one, so that exactly one
+    /// thread runs it.
+    pub fn units(
+        &mut self,
+        (lo, hi): (Value, Value),
+        full: usize,
+        partial: bool,
+        whole: &mut dyn FnMut(&mut Self, Value),
+        partial_unit: &mut dyn FnMut(&mut Self),
+    ) {
+        let top = self.i64(full as i64);
+        let cap = self.b.ins().smin(hi, top);
+        self.for_dynamic(lo, cap, |e, u| whole(e, u));
+        if partial {
             let reaches = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
             let starts = self.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full as i64);
-            let last = self.b.ins().band(reaches, starts);
-            self.when(last, |e| {
-                let start = (full * chunk) as i64;
-                let vec_end = start + ((n - full * chunk) / 4 * 4) as i64;
-                e.for_range(start, vec_end, 4, |e, i| body(e, F32X4, i));
-                e.for_range(vec_end, n as i64, 1, |e, i| body(e, F32, i));
-            });
+            let holds = self.b.ins().band(reaches, starts);
+            self.when(holds, |e| partial_unit(e));
         }
     }
 

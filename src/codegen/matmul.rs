@@ -10,7 +10,6 @@
 use super::emit::Emit;
 use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, NodeId, UnaryFn};
-use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
@@ -177,23 +176,16 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
     let (m, n) = (mm.m, mm.n);
     let full_rows = m / MR;
     let full_panels = n / NR;
-    // Full blocks in lo..min(hi, full_rows); the partial last block when hi reaches it.
-    let fr = e.i64(full_rows as i64);
-    let cap = e.b.ins().smin(hi, fr);
-    e.for_dynamic(lo, cap, |e, ib| {
+    // Blocks of MR rows; the partial last block is a unit of its own.
+    let mut whole = |e: &mut Emit, ib: Value| {
         let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
         panels(e, mm, i0, MR, full_panels);
-    });
-    if !m.is_multiple_of(MR) {
-        // The partial block (number `full_rows`) belongs to the range that contains it.
-        let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full_rows as i64);
-        let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full_rows as i64);
-        let last = e.b.ins().band(reaches, starts);
-        e.when(last, |e| {
-            let i0 = e.i64((full_rows * MR) as i64);
-            panels(e, mm, i0, m % MR, full_panels);
-        });
-    }
+    };
+    let mut partial = |e: &mut Emit| {
+        let i0 = e.i64((full_rows * MR) as i64);
+        panels(e, mm, i0, m % MR, full_panels);
+    };
+    e.units((lo, hi), full_rows, !m.is_multiple_of(MR), &mut whole, &mut partial);
 }
 
 /// All column panels of a block of `rows` rows starting at `i0`.
@@ -319,9 +311,7 @@ pub fn pack_with(
 /// transposed one is read along its rows, one panel column after another.
 pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize, (lo, hi): (Value, Value)) {
     let full = n / NR;
-    let top = e.i64(full as i64);
-    let cap = e.b.ins().smin(hi, top);
-    e.for_dynamic(lo, cap, |e, jp| {
+    let mut whole = |e: &mut Emit, jp: Value| {
         let dst0 = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
         let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
         if tb {
@@ -348,33 +338,29 @@ pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usiz
                 }
             });
         }
-    });
-    if !n.is_multiple_of(NR) {
-        // The last, partial panel (number `full`) belongs to the range that contains it.
-        let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
-        let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full as i64);
-        let last = e.b.ins().band(reaches, starts);
-        e.when(last, |e| {
-            for j in 0..NR {
-                let col = full * NR + j;
-                e.for_range(0, k as i64, 1, |e, kk| {
-                    let v = if col < n {
-                        let src = if tb {
-                            e.b.ins().iadd_imm_s(kk, (col * k) as i64)
-                        } else {
-                            let t = e.b.ins().imul_imm_s(kk, n as i64);
-                            e.b.ins().iadd_imm_s(t, col as i64)
-                        };
-                        e.load_ro(F32, b, src)
+    };
+    // The last, partial panel: zero past column N.
+    let mut partial = |e: &mut Emit| {
+        for j in 0..NR {
+            let col = full * NR + j;
+            e.for_range(0, k as i64, 1, |e, kk| {
+                let v = if col < n {
+                    let src = if tb {
+                        e.b.ins().iadd_imm_s(kk, (col * k) as i64)
                     } else {
-                        e.fconst(F32, 0.0)
+                        let t = e.b.ins().imul_imm_s(kk, n as i64);
+                        e.b.ins().iadd_imm_s(t, col as i64)
                     };
-                    let d = e.b.ins().ishl_imm_s(kk, 3);
-                    e.store(packed + 4 * (full * k * NR + j), d, v);
-                });
-            }
-        });
-    }
+                    e.load_ro(F32, b, src)
+                } else {
+                    e.fconst(F32, 0.0)
+                };
+                let d = e.b.ins().ishl_imm_s(kk, 3);
+                e.store(packed + 4 * (full * k * NR + j), d, v);
+            });
+        }
+    };
+    e.units((lo, hi), full, !n.is_multiple_of(NR), &mut whole, &mut partial);
 }
 
 /// Work units of a packing kernel (panels) and its rough work, in the multiply-adds
