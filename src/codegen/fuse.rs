@@ -8,6 +8,8 @@
 //! - Any other elementwise op (and a bias add) takes the elementwise ops after it the same way:
 //!   one loop computes the whole chain per element and stores only the last value
 //!   (`relu' ∘ (dy · mask)`, `bias → relu`, a loss gradient's scale, …).
+//! - A loss and its gradient (from the backward pass's constant seed) are one pass over the
+//!   predictions: the gradient is written where the loss runs.
 //! - Every optimizer update is one kernel, its work the concatenated chunks of all parameters.
 //!
 //! A group runs at the position of its first node; the memory plan gives the group's result
@@ -25,6 +27,11 @@ pub enum Group {
     },
     /// An elementwise op (or bias add) and the elementwise ops computed with it, in order.
     Chain(Vec<NodeId>),
+    /// A loss and its gradient, computed together.
+    LossPair {
+        loss: NodeId,
+        grad: NodeId,
+    },
     /// All optimizer updates.
     Updates(Vec<NodeId>),
 }
@@ -32,7 +39,7 @@ pub enum Group {
 impl Group {
     pub fn head(&self) -> NodeId {
         match self {
-            Group::Single(n) | Group::MatMul { mm: n, .. } => *n,
+            Group::Single(n) | Group::MatMul { mm: n, .. } | Group::LossPair { loss: n, .. } => *n,
             Group::Chain(v) | Group::Updates(v) => v[0],
         }
     }
@@ -42,6 +49,7 @@ impl Group {
         match self {
             Group::MatMul { mm, chain } => *chain.last().unwrap_or(mm),
             Group::Chain(v) => *v.last().unwrap_or(&v[0]),
+            Group::LossPair { grad, .. } => *grad,
             _ => self.head(),
         }
     }
@@ -51,6 +59,7 @@ impl Group {
             Group::Single(n) => vec![*n],
             Group::MatMul { mm, chain } => std::iter::once(*mm).chain(chain.iter().copied()).collect(),
             Group::Chain(v) | Group::Updates(v) => v.clone(),
+            Group::LossPair { loss, grad } => vec![*loss, *grad],
         }
     }
 }
@@ -97,6 +106,13 @@ pub fn groups(g: &Graph) -> Vec<Group> {
                     out.push(Group::Chain(std::iter::once(id).chain(chain).collect()));
                 }
             }
+            Op::Loss { .. } => match loss_grad_of(g, id) {
+                Some(grad) => {
+                    taken[grad.index()] = true;
+                    out.push(Group::LossPair { loss: id, grad });
+                }
+                None => out.push(Group::Single(id)),
+            },
             _ => out.push(Group::Single(id)),
         }
     }
@@ -104,6 +120,24 @@ pub fn groups(g: &Graph) -> Vec<Group> {
         out.push(Group::Updates(updates));
     }
     out
+}
+
+/// The gradient of loss node `loss` that can be computed with it: same loss, prediction and
+/// target, and an incoming gradient that is a constant (the backward pass's seed), so it is
+/// known when the loss runs. Not for binary cross-entropy, whose loss is a scalar loop.
+fn loss_grad_of(g: &Graph, loss: NodeId) -> Option<NodeId> {
+    let Op::Loss { f, pred, target } = g.node(loss).op else { return None };
+    if f == crate::ir::LossFn::Bce {
+        return None;
+    }
+    g.ids().find(|&id| match g.node(id).op {
+        Op::LossGrad { f: f2, pred: p2, target: t2, dy } => {
+            (f2, p2, t2) == (f, pred, target)
+                && matches!(g.node(dy).op, Op::Fill { .. })
+                && g.ty(dy).numel() == 1
+        }
+        _ => false,
+    })
 }
 
 /// The elementwise ops that can follow `head` in its kernel: each the single user of the value

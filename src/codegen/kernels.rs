@@ -278,9 +278,13 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 e.store(out, i, r);
             });
         }
-        Op::Loss { f, pred, target } => loss(e, *f, &shape(*pred), at(*pred), at(*target), out),
+        Op::Loss { f, pred, target } => {
+            loss_kernel(e, *f, &shape(*pred), (at(*pred), at(*target)), Some(out), None)
+        }
         Op::LossGrad { f, pred, target, dy } => {
-            loss_grad(e, *f, &shape(*pred), (at(*pred), at(*target), at(*dy)), out)
+            let zero = e.i64(0);
+            let k = e.load(F32, at(*dy), zero);
+            loss_kernel(e, *f, &shape(*pred), (at(*pred), at(*target)), None, Some((k, out)))
         }
         Op::PrevStates { x, first } => {
             let s = shape(*x);
@@ -722,156 +726,164 @@ fn uniform(e: &mut Emit, seed: Value, step: Value, salt: u32, i: Value) -> Value
     e.b.ins().fmul(f, c)
 }
 
-fn loss(e: &mut Emit, f: LossFn, ps: &[usize], p: usize, t: usize, out: usize) {
+/// A loss and its gradient: the mean loss into `value`, the gradient times `k` (an F32
+/// scalar) into `grad`, or both in one pass over the predictions (`fuse`'s loss pairs).
+fn loss_kernel(
+    e: &mut Emit,
+    f: LossFn,
+    ps: &[usize],
+    (p, t): (usize, usize),
+    value: Option<usize>,
+    grad: Option<(Value, usize)>,
+) {
     let n: usize = ps.iter().product();
     let zero = e.i64(0);
-    let value = match f {
-        LossFn::Mse | LossFn::L1 => {
-            let s = sum(e, n, |e, ty, i| {
-                let a = e.load(ty, p, i);
-                let b = e.load(ty, t, i);
-                let d = e.b.ins().fsub(a, b);
-                if f == LossFn::Mse { e.b.ins().fmul(d, d) } else { e.b.ins().fabs(d) }
-            });
-            let c = e.fconst(F32, 1.0 / n as f32);
-            e.b.ins().fmul(s, c)
-        }
-        LossFn::Bce => {
-            let acc = e.b.declare_var(F32);
-            let z = e.fconst(F32, 0.0);
-            e.b.def_var(acc, z);
-            e.for_range(0, n as i64, 1, |e, i| {
-                let pv = e.load(F32, p, i);
-                let tv = e.load(F32, t, i);
-                let lo = e.fconst(F32, -100.0);
-                let lp = e.ln(pv);
-                let lp = e.b.ins().fmax(lp, lo);
-                let one = e.fconst(F32, 1.0);
-                let q = e.b.ins().fsub(one, pv);
-                let lq = e.ln(q);
-                let lq = e.b.ins().fmax(lq, lo);
-                let u = e.b.ins().fsub(one, tv);
-                let a = e.b.ins().fmul(tv, lp);
-                let b = e.b.ins().fmul(u, lq);
-                let term = e.b.ins().fadd(a, b);
-                let cur = e.b.use_var(acc);
-                let cur = e.b.ins().fsub(cur, term);
-                e.b.def_var(acc, cur);
-            });
-            let s = e.b.use_var(acc);
-            let c = e.fconst(F32, 1.0 / n as f32);
-            e.b.ins().fmul(s, c)
-        }
-        LossFn::CrossEntropyLogits => {
-            let v = *ps.last().unwrap_or(&1);
-            let rows = n / v;
-            let acc = e.b.declare_var(F32);
-            let z = e.fconst(F32, 0.0);
-            e.b.def_var(acc, z);
-            e.for_range(0, rows as i64, 1, |e, r| {
-                let r0 = e.b.ins().imul_imm_s(r, v as i64);
-                let (max, total) = row_max_sumexp(e, p, r0, v, None);
-                let l = e.ln(total);
-                let lse = e.b.ins().fadd(max, l);
-                let id = load_index(e, t, r);
-                let at = e.b.ins().iadd(r0, id);
-                let zt = e.load(F32, p, at);
-                let term = e.b.ins().fsub(lse, zt);
-                let cur = e.b.use_var(acc);
-                let cur = e.b.ins().fadd(cur, term);
-                e.b.def_var(acc, cur);
-            });
-            let s = e.b.use_var(acc);
-            let c = e.fconst(F32, 1.0 / rows as f32);
-            e.b.ins().fmul(s, c)
-        }
-    };
-    e.store(out, zero, value);
-}
-
-/// The maximum of a row and Σ e^(z - max); with `store`, each e^(z - max) is also written there.
-fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<usize>) -> (Value, Value) {
-    let m = e.b.declare_var(F32);
-    let ninf = e.fconst(F32, f32::NEG_INFINITY);
-    e.b.def_var(m, ninf);
-    e.for_range(0, n as i64, 1, |e, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(F32, src, idx);
-        let cur = e.b.use_var(m);
-        let mx = e.b.ins().fmax(cur, v);
-        e.b.def_var(m, mx);
-    });
-    let max = e.b.use_var(m);
-    let maxv = e.b.ins().splat(F32X4, max);
-    let total = sum(e, n, |e, ty, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(ty, src, idx);
-        let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
-        let x = e.exp(ty, t);
-        if let Some(out) = store {
-            e.store(out, idx, x);
-        }
-        x
-    });
-    (max, total)
-}
-
-fn loss_grad(e: &mut Emit, f: LossFn, ps: &[usize], (p, t, dy): (usize, usize, usize), out: usize) {
-    let n: usize = ps.iter().product();
-    let zero = e.i64(0);
-    let d = e.load(F32, dy, zero);
     match f {
         LossFn::Mse | LossFn::L1 | LossFn::Bce => {
             let scale = if f == LossFn::Mse { 2.0 / n as f32 } else { 1.0 / n as f32 };
             let c = e.fconst(F32, scale);
-            let k = e.b.ins().fmul(d, c);
-            let kv = e.b.ins().splat(F32X4, k);
-            e.elementwise(n, |e, ty, i| {
+            let grad = grad.map(|(k, out)| {
+                let k = e.b.ins().fmul(k, c);
+                (k, e.b.ins().splat(F32X4, k), out)
+            });
+            // Stores the gradient at i; returns the loss term (mse, l1; bce's is scalar only).
+            let mut body = |e: &mut Emit, ty: Type, i: Value| {
                 let a = e.load(ty, p, i);
                 let b = e.load(ty, t, i);
                 let diff = e.b.ins().fsub(a, b);
-                let g = match f {
-                    LossFn::Mse => diff,
-                    LossFn::L1 => sign(e, ty, diff),
-                    _ => {
-                        let one = e.fconst(ty, 1.0);
-                        let q = e.b.ins().fsub(one, a);
-                        let pq = e.b.ins().fmul(q, a);
-                        let eps = e.fconst(ty, 1e-12);
-                        let den = e.b.ins().fmax(pq, eps);
-                        e.b.ins().fdiv(diff, den)
+                if let Some((k, kv, out)) = grad {
+                    let g = match f {
+                        LossFn::Mse => diff,
+                        LossFn::L1 => sign(e, ty, diff),
+                        _ => {
+                            let one = e.fconst(ty, 1.0);
+                            let q = e.b.ins().fsub(one, a);
+                            let pq = e.b.ins().fmul(q, a);
+                            let eps = e.fconst(ty, 1e-12);
+                            let den = e.b.ins().fmax(pq, eps);
+                            e.b.ins().fdiv(diff, den)
+                        }
+                    };
+                    let r = e.b.ins().fmul(g, if ty == F32X4 { kv } else { k });
+                    e.store(out, i, r);
+                }
+                match f {
+                    LossFn::Mse => e.b.ins().fmul(diff, diff),
+                    _ => e.b.ins().fabs(diff),
+                }
+            };
+            match value {
+                Some(out) if f != LossFn::Bce => {
+                    let s = sum(e, n, &mut body);
+                    let c = e.fconst(F32, 1.0 / n as f32);
+                    let v = e.b.ins().fmul(s, c);
+                    e.store(out, zero, v);
+                }
+                _ => {
+                    if grad.is_some() {
+                        e.elementwise(n, |e, ty, i| {
+                            body(e, ty, i);
+                        });
                     }
-                };
-                let r = e.b.ins().fmul(g, if ty == F32X4 { kv } else { k });
-                e.store(out, i, r);
-            });
+                    if let Some(out) = value {
+                        let v = bce(e, n, p, t);
+                        e.store(out, zero, v);
+                    }
+                }
+            }
         }
         LossFn::CrossEntropyLogits => {
             let v = *ps.last().unwrap_or(&1);
             let rows = n / v;
-            let c = e.fconst(F32, 1.0 / rows as f32);
-            let k = e.b.ins().fmul(d, c);
+            let inv_rows = e.fconst(F32, 1.0 / rows as f32);
+            let k = grad.map(|(k, _)| e.b.ins().fmul(k, inv_rows));
+            let acc = e.b.declare_var(F32);
+            let z = e.fconst(F32, 0.0);
+            e.b.def_var(acc, z);
             e.for_range(0, rows as i64, 1, |e, r| {
                 let r0 = e.b.ins().imul_imm_s(r, v as i64);
                 let (max, total) = row_max_sumexp(e, p, r0, v, None);
-                let one = e.fconst(F32, 1.0);
-                let inv = e.b.ins().fdiv(one, total);
-                let scale = e.b.ins().fmul(inv, k);
                 let id = load_index(e, t, r);
-                e.for_range(0, v as i64, 1, |e, j| {
-                    let idx = e.b.ins().iadd(r0, j);
-                    let z = e.load(F32, p, idx);
-                    let sh = e.b.ins().fsub(z, max);
-                    let ex = e.exp(F32, sh);
-                    let pr = e.b.ins().fmul(ex, scale);
-                    let hit = e.b.ins().icmp(IntCC::Equal, j, id);
-                    let minus = e.b.ins().fsub(pr, k);
-                    let g = e.b.ins().select(hit, minus, pr);
-                    e.store(out, idx, g);
-                });
+                if value.is_some() {
+                    let l = e.ln(total);
+                    let lse = e.b.ins().fadd(max, l);
+                    let at = e.b.ins().iadd(r0, id);
+                    let zt = e.load(F32, p, at);
+                    let term = e.b.ins().fsub(lse, zt);
+                    let cur = e.b.use_var(acc);
+                    let cur = e.b.ins().fadd(cur, term);
+                    e.b.def_var(acc, cur);
+                }
+                if let (Some(k), Some((_, out))) = (k, grad) {
+                    // (softmax − one-hot(target)) · k.
+                    let one = e.fconst(F32, 1.0);
+                    let inv = e.b.ins().fdiv(one, total);
+                    let scale = e.b.ins().fmul(inv, k);
+                    e.for_range(0, v as i64, 1, |e, j| {
+                        let idx = e.b.ins().iadd(r0, j);
+                        let z = e.load(F32, p, idx);
+                        let sh = e.b.ins().fsub(z, max);
+                        let ex = e.exp(F32, sh);
+                        let pr = e.b.ins().fmul(ex, scale);
+                        let hit = e.b.ins().icmp(IntCC::Equal, j, id);
+                        let minus = e.b.ins().fsub(pr, k);
+                        let g = e.b.ins().select(hit, minus, pr);
+                        e.store(out, idx, g);
+                    });
+                }
             });
+            if let Some(out) = value {
+                let s = e.b.use_var(acc);
+                let v = e.b.ins().fmul(s, inv_rows);
+                e.store(out, zero, v);
+            }
         }
     }
+}
+
+/// Binary cross-entropy's mean, PyTorch's way: each log clamped at −100 (scalar: `ln` is the
+/// host's).
+fn bce(e: &mut Emit, n: usize, p: usize, t: usize) -> Value {
+    let acc = e.b.declare_var(F32);
+    let z = e.fconst(F32, 0.0);
+    e.b.def_var(acc, z);
+    e.for_range(0, n as i64, 1, |e, i| {
+        let pv = e.load(F32, p, i);
+        let tv = e.load(F32, t, i);
+        let lo = e.fconst(F32, -100.0);
+        let lp = e.ln(pv);
+        let lp = e.b.ins().fmax(lp, lo);
+        let one = e.fconst(F32, 1.0);
+        let q = e.b.ins().fsub(one, pv);
+        let lq = e.ln(q);
+        let lq = e.b.ins().fmax(lq, lo);
+        let u = e.b.ins().fsub(one, tv);
+        let a = e.b.ins().fmul(tv, lp);
+        let b = e.b.ins().fmul(u, lq);
+        let term = e.b.ins().fadd(a, b);
+        let cur = e.b.use_var(acc);
+        let cur = e.b.ins().fsub(cur, term);
+        e.b.def_var(acc, cur);
+    });
+    let s = e.b.use_var(acc);
+    let c = e.fconst(F32, 1.0 / n as f32);
+    e.b.ins().fmul(s, c)
+}
+
+/// A loss and its gradient in one kernel (`fuse::Group::LossPair`): the gradient's incoming
+/// scalar is the constant `fill` the backward pass starts from.
+pub fn loss_pair(e: &mut Emit, g: &Graph, plan: &Plan, loss: NodeId, grad: NodeId) -> Result<(), String> {
+    let (Op::Loss { f, pred, target }, Op::LossGrad { dy, .. }) = (&g.node(loss).op, &g.node(grad).op) else {
+        return Err("a loss pair without its loss and gradient".into());
+    };
+    let Op::Fill { value, .. } = g.node(*dy).op else {
+        return Err("a loss pair whose gradient does not start from a constant".into());
+    };
+    let at = |n: NodeId| plan.node[n.index()];
+    let k = e.fconst(F32, value);
+    let io = (at(*pred), at(*target));
+    loss_kernel(e, *f, &g.ty(*pred).shape, io, Some(at(loss)), Some((k, at(grad))));
+    Ok(())
 }
 
 /// The optimizer step of one parameter. Scalars set by the runtime before each step:
@@ -975,4 +987,31 @@ pub fn updates(
         first += chunks as usize;
     }
     Ok(())
+}
+
+/// The maximum of a row and Σ e^(z - max); with `store`, each e^(z - max) is also written there.
+fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<usize>) -> (Value, Value) {
+    let m = e.b.declare_var(F32);
+    let ninf = e.fconst(F32, f32::NEG_INFINITY);
+    e.b.def_var(m, ninf);
+    e.for_range(0, n as i64, 1, |e, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(F32, src, idx);
+        let cur = e.b.use_var(m);
+        let mx = e.b.ins().fmax(cur, v);
+        e.b.def_var(m, mx);
+    });
+    let max = e.b.use_var(m);
+    let maxv = e.b.ins().splat(F32X4, max);
+    let total = sum(e, n, |e, ty, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(ty, src, idx);
+        let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
+        let x = e.exp(ty, t);
+        if let Some(out) = store {
+            e.store(out, idx, x);
+        }
+        x
+    });
+    (max, total)
 }

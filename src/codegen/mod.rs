@@ -186,7 +186,9 @@ impl Program {
                     (_, Some((parts, _, _))) => work.extend(parts.into_iter().map(|p| (gi, Piece::Rec(p)))),
                     _ => work.push((gi, Piece::Main)),
                 },
-                fuse::Group::Chain(_) | fuse::Group::Updates(_) => work.push((gi, Piece::Main)),
+                fuse::Group::Chain(_) | fuse::Group::LossPair { .. } | fuse::Group::Updates(_) => {
+                    work.push((gi, Piece::Main))
+                }
             }
         }
         for &(gi, piece) in &work {
@@ -202,7 +204,9 @@ impl Program {
                     format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
                 }
                 (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
-                (fuse::Group::MatMul { .. } | fuse::Group::Chain(_), _) if grp.nodes().len() > 1 => {
+                (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
+                    if grp.nodes().len() > 1 =>
+                {
                     let ops: Vec<&str> = grp.nodes().iter().map(|n| g.node(*n).op.mnemonic()).collect();
                     format!("k{}_{}", head.0, ops.join("_"))
                 }
@@ -237,6 +241,9 @@ impl Program {
                     }
                     fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
                     fuse::Group::Chain(ids) => kernels::chain(&mut e, g, &plan, ids, (lo, hi))?,
+                    fuse::Group::LossPair { loss, grad } => {
+                        kernels::loss_pair(&mut e, g, &plan, *loss, *grad)?
+                    }
                     fuse::Group::Single(id) => match piece {
                         Piece::Conv(part) => {
                             let scratch = plan.scratch_of(*id)?;

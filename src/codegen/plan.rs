@@ -82,7 +82,10 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
     }
     for grp in groups {
         let nodes = grp.nodes();
-        if matches!(grp, Group::MatMul { .. } | Group::Chain(_)) && nodes.len() > 1 {
+        if let Group::LossPair { loss, grad } = grp {
+            // The gradient is written when the loss runs; the loss keeps its own buffer.
+            at_head[loss.index()] = Some(*grad);
+        } else if matches!(grp, Group::MatMul { .. } | Group::Chain(_)) && nodes.len() > 1 {
             at_head[nodes[0].index()] = Some(grp.result());
             for c in &nodes[..nodes.len() - 1] {
                 fused_away[c.index()] = true;
