@@ -71,45 +71,125 @@ struct Job {
     hi: i64,
 }
 
-/// Threads that stay alive between kernel calls, so a split call costs two channel messages
-/// rather than starting threads. A worker runs a job and answers on `done`.
+/// Threads that stay alive between kernel calls. A worker waits for its next job spinning for a
+/// short while (the next kernel of a step usually follows within microseconds) and then parks,
+/// so a split call costs a few atomic operations rather than waking a sleeping thread.
 struct Pool {
-    jobs: Vec<std::sync::mpsc::Sender<Job>>,
-    done: std::sync::mpsc::Receiver<()>,
+    workers: Vec<(std::sync::Arc<Slot>, std::thread::JoinHandle<()>)>,
+}
+
+/// One worker's mailbox: `state` moves IDLE → READY (a job is in `job`) → DONE → IDLE.
+struct Slot {
+    state: std::sync::atomic::AtomicU32,
+    job: std::sync::Mutex<Option<Job>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+const IDLE: u32 = 0;
+const READY: u32 = 1;
+const DONE: u32 = 2;
+
+/// How long a waiting thread spins before it parks or yields.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Spins until `ready()`, checking the clock every 64 rounds; after `SPIN`, calls `rest()` (park
+/// or yield) between checks.
+fn wait_until(mut ready: impl FnMut() -> bool, rest: impl Fn()) {
+    let start = Instant::now();
+    let mut rounds = 0u32;
+    while !ready() {
+        rounds = rounds.wrapping_add(1);
+        if rounds.is_multiple_of(64) && start.elapsed() > SPIN {
+            rest();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 impl Pool {
     fn new(workers: usize) -> Pool {
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let jobs = (0..workers)
+        use std::sync::atomic::Ordering;
+        let workers = (0..workers)
             .map(|_| {
-                let (tx, rx) = std::sync::mpsc::channel::<Job>();
-                let done_tx = done_tx.clone();
-                std::thread::spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        let base = job.base;
-                        // SAFETY: the sender (`Program::call`) blocks until this job answers, so
-                        // the arena behind `base` outlives the call; the job's range is disjoint
-                        // from every other part of the same kernel call (see `Program::call`).
-                        unsafe { (job.f)(base.0, job.lo, job.hi) };
-                        if done_tx.send(()).is_err() {
+                let slot = std::sync::Arc::new(Slot {
+                    state: std::sync::atomic::AtomicU32::new(IDLE),
+                    job: std::sync::Mutex::new(None),
+                    stop: std::sync::atomic::AtomicBool::new(false),
+                });
+                let mine = slot.clone();
+                let handle = std::thread::spawn(move || {
+                    loop {
+                        wait_until(
+                            || {
+                                mine.state.load(Ordering::Acquire) == READY
+                                    || mine.stop.load(Ordering::Acquire)
+                            },
+                            std::thread::park,
+                        );
+                        if mine.stop.load(Ordering::Acquire) {
                             break;
                         }
+                        let job = mine.job.lock().ok().and_then(|mut j| j.take());
+                        if let Some(job) = job {
+                            // SAFETY: the sender (`Program::call_split`) waits until this job is
+                            // DONE, so the arena behind `base` outlives the call; the job's range
+                            // is disjoint from every other part of the same kernel call.
+                            unsafe { (job.f)(job.base.0, job.lo, job.hi) };
+                        }
+                        mine.state.store(DONE, Ordering::Release);
                     }
                 });
-                tx
+                (slot, handle)
             })
             .collect();
-        Pool { jobs, done }
+        Pool { workers }
+    }
+
+    /// Gives worker `w` a job; false if the worker is gone.
+    fn send(&self, w: usize, job: Job) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some((slot, handle)) = self.workers.get(w) else { return false };
+        if handle.is_finished() {
+            return false;
+        }
+        match slot.job.lock() {
+            Ok(mut j) => *j = Some(job),
+            Err(_) => return false,
+        }
+        slot.state.store(READY, Ordering::Release);
+        handle.thread().unpark();
+        true
+    }
+
+    /// Waits for worker `w`'s job to finish.
+    fn wait(&self, w: usize) {
+        use std::sync::atomic::Ordering;
+        let Some((slot, handle)) = self.workers.get(w) else { return };
+        wait_until(
+            || slot.state.load(Ordering::Acquire) == DONE || handle.is_finished(),
+            std::thread::yield_now,
+        );
+        slot.state.store(IDLE, Ordering::Release);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (slot, handle) in self.workers.drain(..) {
+            slot.stop.store(true, std::sync::atomic::Ordering::Release);
+            handle.thread().unpark();
+            let _ = handle.join();
+        }
     }
 }
 
 /// The arena's base address, sent to the worker threads of one kernel call.
 #[derive(Clone, Copy)]
 struct Base(*mut u8);
-// SAFETY: the pointer is only used by kernels running inside one `std::thread::scope` in
-// `Program::call`, each on a disjoint range of output rows, while the `&mut Program` borrow
-// keeps every other access to the arena out.
+// SAFETY: the pointer is only used by the parts of one kernel call (`Program::call_split`, which
+// waits for all of them before it returns), each on a disjoint range of output rows, while the
+// `&mut Program` borrow keeps every other access to the arena out.
 unsafe impl Send for Base {}
 unsafe impl Sync for Base {}
 
@@ -511,12 +591,15 @@ impl Program {
             unsafe { f(base.0, 0, units as i64) };
             return;
         };
-        let mut sent = 0;
-        for (t, worker) in (1..threads).zip(&pool.jobs) {
+        let mut sent = Vec::new();
+        for t in 1..threads {
             let (lo, hi) = (t * per, ((t + 1) * per).min(units));
-            if lo < hi && worker.send(Job { f, base, lo: lo as i64, hi: hi as i64 }).is_ok() {
-                sent += 1;
-            } else if lo < hi {
+            if lo >= hi {
+                continue;
+            }
+            if pool.send(t - 1, Job { f, base, lo: lo as i64, hi: hi as i64 }) {
+                sent.push(t - 1);
+            } else {
                 // A worker that is gone: run its part here.
                 // SAFETY: as above, a range disjoint from the others.
                 unsafe { f(base.0, lo as i64, hi as i64) };
@@ -526,9 +609,9 @@ impl Program {
         // split kernel (matmul compute, elementwise, updates) writes only its own rows or
         // elements and reads buffers no part of this call writes.
         unsafe { f(base.0, 0, per.min(units) as i64) };
-        for _ in 0..sent {
+        for w in sent {
             // Wait for every part before the arena can be touched again.
-            let _ = pool.done.recv();
+            pool.wait(w);
         }
     }
 
