@@ -3,7 +3,7 @@
 //! instruction for (a vectorisable `exp` in the style of Cephes' `expf`).
 
 use cranelift_codegen::ir::Endianness;
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
@@ -179,8 +179,12 @@ impl Emit<'_, '_> {
     pub fn exp(&mut self, ty: Type, x: Value) -> Value {
         let hi = self.fconst(ty, 88.376_26);
         let lo = self.fconst(ty, -87.336_55);
-        let x = self.b.ins().fmin(x, hi);
-        let x = self.b.ins().fmax(x, lo);
+        // Clamped by compare and select (Cranelift's vector fmin/fmax are long NaN-careful
+        // sequences); a NaN compares false both times and stays NaN.
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+        let x = self.select(ty, above, hi, x);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let x = self.select(ty, below, lo, x);
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
         let magic = self.fconst(ty, 12_582_912.0);
         let shifted = self.b.ins().fma(x, log2e, magic);
