@@ -232,6 +232,14 @@ fn recurrent_specs_at_odd_batches() {
             same_training(&format!("{name} batch {batch}"), &g, &f, 2, 1e-4);
         }
     }
+    // The time loops split the batch rows between threads: 13 gives 7 and 6 rows (a block of
+    // six and one or none left over), 32 gives 16 and 16 (two blocks and four rows each).
+    for batch in [13, 32] {
+        let (g, f) = spec("bench_gru", batch);
+        same_training_threads(&format!("bench_gru batch {batch}, 2 threads"), &g, &f, 2, 1e-4, 2);
+        let results: Vec<_> = [1, 2].map(|threads| params_after_one_step(&g, &f, threads)).into();
+        assert!(results[0] == results[1], "bench_gru batch {batch}: 2 threads differ from 1");
+    }
 }
 
 #[test]

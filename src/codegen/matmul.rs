@@ -10,6 +10,7 @@
 use super::emit::Emit;
 use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, NodeId, UnaryFn};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
@@ -186,6 +187,28 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
         panels(e, mm, i0, m % MR, full_panels);
     };
     e.units((lo, hi), full_rows, !m.is_multiple_of(MR), &mut whole, &mut partial);
+}
+
+/// Rows `r0..r1` of `mm`, bounds known only at run time (a recurrent loop's share of the
+/// batch): blocks of MR rows, then the 1 to MR−1 rows left, each count with its own code.
+pub fn emit_rows(e: &mut Emit, mm: &Mm, (r0, r1): (Value, Value)) {
+    let full_panels = mm.n / NR;
+    let count = e.b.ins().isub(r1, r0);
+    let zero = e.i64(0);
+    let count = e.b.ins().smax(count, zero);
+    let blocks = e.b.ins().udiv_imm_s(count, MR as i64);
+    e.for_dynamic(zero, blocks, |e, ib| {
+        let t = e.b.ins().imul_imm_s(ib, MR as i64);
+        let i0 = e.b.ins().iadd(r0, t);
+        panels(e, mm, i0, MR, full_panels);
+    });
+    let t = e.b.ins().imul_imm_s(blocks, MR as i64);
+    let rest = e.b.ins().iadd(r0, t);
+    let left = e.b.ins().urem_imm_s(count, MR as i64);
+    for rows in 1..MR {
+        let is = e.b.ins().icmp_imm_s(IntCC::Equal, left, rows as i64);
+        e.when(is, |e| panels(e, mm, rest, rows, full_panels));
+    }
 }
 
 /// All column panels of a block of `rows` rows starting at `i0`.

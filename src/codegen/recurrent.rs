@@ -1,8 +1,8 @@
 //! The time loops of recurrent layers (`recurrent`, `recurrent_grad`), each in two kernels:
 //! *pack* puts `W_hh` in the matmul's panels once, then *loop* runs every step for a block of
 //! batch rows — rows are independent sequences, so threads split the batch and each runs the
-//! whole loop for its rows. Per step the state's projection is one small matmul on the shared
-//! micro-kernel (`matmul::emit_mm`), and the cell's gates one vector pass over the hidden units.
+//! whole loop for its rows (units are rows, so the batch splits evenly). Per step the state's projection is one small matmul on the shared
+//! micro-kernel (`matmul::emit_rows`), and the cell's gates one vector pass over the hidden units.
 //!
 //! Scratch (after the packed panels): the forward keeps the running `h [B, H]` (and `c` for an
 //! LSTM) contiguous, so it can be the matmul's left operand, and `gh [B, G·H]`. The backward
@@ -106,15 +106,15 @@ pub fn pack_units(g: &Graph, id: NodeId) -> (usize, usize) {
     }
 }
 
-/// The parts of a recurrent node, its loop's work units (blocks of batch rows) and work.
+/// The parts of a recurrent node, its loop's work units (batch rows) and work.
 pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     let d = dims(g, id)?;
     let work =
         d.b * d.t * d.gh() * d.h * if matches!(g.node(id).op, Op::RecurrentGrad { .. }) { 2 } else { 1 };
-    Some((vec![Part::Pack, Part::Loop], matmul::row_blocks(d.b), work))
+    Some((vec![Part::Pack, Part::Loop], d.b, work))
 }
 
-/// Emits one part of recurrent node `id`; the loop covers row blocks `lo..hi`.
+/// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi`.
 pub fn emit(
     e: &mut Emit,
     g: &Graph,
@@ -128,11 +128,10 @@ pub fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     let [packed, s1, s2, s3, s4] = layout(d, scratch);
-    // Rows of this range: blocks of 6, like the matmul's.
-    let r0 = e.b.ins().imul_imm_s(lo, 6);
-    let r1 = e.b.ins().imul_imm_s(hi, 6);
+    // The loop's work units are batch rows (sequences), split evenly between threads.
+    let r0 = lo;
     let bmax = e.i64(d.b as i64);
-    let r1 = e.b.ins().smin(r1, bmax);
+    let r1 = e.b.ins().smin(hi, bmax);
     match (g.node(id).op.clone(), part) {
         // gh = h·W_hhᵀ: B = W_hhᵀ [H, G·H], W_hh stored [G·H, H].
         (Op::Recurrent { w_hh, .. }, Part::Pack) => {
@@ -169,7 +168,7 @@ pub fn emit(
                 stable: false,
             };
             e.for_range(0, d.t as i64, 1, |e, t| {
-                matmul::emit_mm(e, &mm, (lo, hi));
+                matmul::emit_rows(e, &mm, (r0, r1));
                 e.for_dynamic(r0, r1, |e, r| {
                     let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
                     e.elementwise(d.h, |e, ty, j| {
@@ -353,7 +352,7 @@ pub fn emit(
                     });
                 });
                 // dh (carried to the step before) = dgh·W_hh (+ the GRU's direct part).
-                matmul::emit_mm(e, &mm, (lo, hi));
+                matmul::emit_rows(e, &mm, (r0, r1));
             });
             // The initial state's gradient.
             e.for_dynamic(r0, r1, |e, r| {
