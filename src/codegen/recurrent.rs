@@ -1,8 +1,9 @@
 //! The time loops of recurrent layers (`recurrent`, `recurrent_grad`), each in two kernels:
-//! *pack* puts `W_hh` in the matmul's panels once, then *loop* runs every step for a block of
-//! batch rows — rows are independent sequences, so threads split the batch and each runs the
-//! whole loop for its rows (units are rows, so the batch splits evenly). Per step the state's projection is one small matmul on the shared
-//! micro-kernel (`matmul::emit_rows`), and the cell's gates one vector pass over the hidden units.
+//! *pack* puts `W_hh` in the matmul's panels once, then *loop* runs every step for a range of
+//! batch rows — rows are independent sequences, so threads split the batch evenly and each runs
+//! the whole loop for its rows. Per step the state's projection is one small matmul on the
+//! shared micro-kernel (`matmul::emit_rows`), and the cell's gates one vector pass over the
+//! hidden units.
 //!
 //! Scratch (after the packed panels): the forward keeps the running `h [B, H]` (and `c` for an
 //! LSTM) contiguous, so it can be the matmul's left operand, and `gh [B, G·H]`. The backward
