@@ -658,6 +658,21 @@ impl Checker<'_> {
                 return Err(shape_err(l, "`teacher_forcing` belongs to a decoder's recurrent layer".into())
                     .help("remove it here; the decoder's recurrent layer reads the previous target token"));
             }
+            (Ty::Seq { .. }, Part::Decoder, false) if let Some(first) = self.teacher_forced_layer() => {
+                return Err(shape_err(
+                    l,
+                    format!(
+                        "greedy decoding runs one recurrent layer step by step: this `{kw}` comes \
+                         after the decoder's teacher-forced one"
+                    ),
+                )
+                .label(first.layer.span, "the teacher-forced layer")
+                .help(
+                    "use one recurrent layer in the decoder (wider if needed), or drop \
+                     `teacher_forcing` so that the decoder reads the code at every step; `dense` \
+                     layers may follow it",
+                ));
+            }
             (Ty::Seq { len, dim }, _, false) => (*len, *dim),
             (Ty::Tokens { .. }, _, _) => {
                 return Err(shape_err(l, format!("`{kw}` needs vectors at each step, got token ids"))
@@ -843,6 +858,13 @@ impl Checker<'_> {
             out.push(ast::Layer { kind, activations, span, kind_span: span });
         }
         ok.then_some(out)
+    }
+
+    /// The decoder's teacher-forced recurrent layer, if one was checked already.
+    fn teacher_forced_layer(&self) -> Option<&LayerInfo> {
+        self.layers.iter().find(|l| {
+            l.part == Part::Decoder && matches!(&l.layer.kind, LayerKind::Recurrent(r) if r.teacher_forcing)
+        })
     }
 
     fn code_is_lstm(&self) -> bool {
