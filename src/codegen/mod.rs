@@ -235,6 +235,9 @@ impl Program {
         flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
         flags.set("use_colocated_libcalls", "false").map_err(|e| e.to_string())?;
         flags.set("is_pic", "false").map_err(|e| e.to_string())?;
+        // Cranelift's IR verifier runs in debug builds (every test); release builds skip it.
+        let verify = if cfg!(debug_assertions) { "true" } else { "false" };
+        flags.set("enable_verifier", verify).map_err(|e| e.to_string())?;
         let isa = cranelift_native::builder()
             .map_err(|e| format!("this machine is not supported by Cranelift: {e}"))?
             .finish(settings::Flags::new(flags))
