@@ -57,6 +57,22 @@ fn training_steps() {
 }
 
 #[test]
+fn fused_kernels() {
+    // The native training step as `aec compile --emit fused` shows it: which ops each kernel
+    // computes together, and the memory plan. (Its first line, the compile time, is left out.)
+    insta::glob!("../specs", "*.ae", |path| {
+        let src = read(path);
+        let compiled = aec::compile(&src, &aec::Config::default()).expect("compiles");
+        let g = aec::training_step(&compiled).expect("differentiates");
+        let program = aec::codegen::Program::compile(&g, aec::codegen::Options::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", display_path(path)));
+        let text = aec::codegen::describe(&program);
+        let text: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        insta::assert_snapshot!(text);
+    });
+}
+
+#[test]
 fn pretraining_stages() {
     insta::glob!("../specs", "*.ae", |path| {
         let src = read(path);
