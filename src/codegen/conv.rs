@@ -18,8 +18,8 @@ use super::matmul::{self, Mm};
 use super::plan::Plan;
 use crate::ir::{Graph, NodeId, Op};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::F32;
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
 /// The kernels of one op, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +120,15 @@ pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
     }
 }
 
+/// Work units of the finish kernel (images, for a transposed convolution's col2im; 1 for
+/// conv2d's permute, which does not split) and its rough work.
+pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
+    match (shape(g, id), &g.node(id).op) {
+        (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.b, 4 * ge.ci * ge.k * ge.k * ge.n()),
+        _ => (1, 0),
+    }
+}
+
 /// The parts this op has, and the work units of its compute kernel.
 pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     let (_, m, n, k, _) = shape(g, id)?;
@@ -170,7 +179,7 @@ pub fn emit(
             let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
-        (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out),
+        (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out, range),
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
             // The permute goes to the range that starts at 0; it writes only `temp`.
             let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
@@ -292,56 +301,77 @@ fn swap_outer(e: &mut Emit, src: usize, dst: usize, a: usize, b: usize, hw: usiz
 
 /// Adds every column of `cols[(c, kh, kw), (img, oy, ox)]` into the image pixel under that
 /// kernel tap: the output `[B, C, H, W]` of a transposed convolution (`ge` seen as conv2d:
-/// its input is this output).
-fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize) {
-    let total = ge.b * ge.ci * ge.h * ge.w;
-    e.elementwise(total, |e, ty, i| {
-        let z = e.fconst(ty, 0.0);
-        e.store(out, i, z);
-    });
+/// its input is this output), for the images `lo..hi` — the work one thread takes. Per image
+/// and channel the output plane stays in cache while all taps add into it. The taps are
+/// unrolled, so each one's rows and columns inside the image are constant ranges: no test per
+/// pixel, and with stride 1 a row is one vector loop over both buffers.
+fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Value)) {
     let n = ge.n() as i64;
-    e.for_range(0, ge.ci as i64, 1, |e, c| {
-        e.for_range(0, ge.k as i64, 1, |e, kh| {
-            e.for_range(0, ge.k as i64, 1, |e, kw| {
-                let r = e.b.ins().imul_imm_s(c, ge.k as i64);
-                let r = e.b.ins().iadd(r, kh);
-                let r = e.b.ins().imul_imm_s(r, ge.k as i64);
-                let r = e.b.ins().iadd(r, kw);
-                let row = e.b.ins().imul_imm_s(r, n);
-                e.for_range(0, ge.b as i64, 1, |e, img| {
-                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
+    let plane = ge.h * ge.w;
+    let top = e.i64(ge.b as i64);
+    let hi = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, hi, |e, img| {
+        let first = e.b.ins().imul_imm_s(img, (ge.ci * plane) as i64);
+        e.elementwise(ge.ci * plane, |e, ty, j| {
+            let i = e.b.ins().iadd(first, j);
+            let z = e.fconst(ty, 0.0);
+            e.store(out, i, z);
+        });
+        let col0 = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+        e.for_range(0, ge.ci as i64, 1, |e, c| {
+            let t = e.b.ins().imul_imm_s(c, plane as i64);
+            let obase = e.b.ins().iadd(first, t);
+            for kh in 0..ge.k {
+                for kw in 0..ge.k {
+                    let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
+                    let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
+                    if oy0 >= oy1 || ox0 >= ox1 {
+                        continue;
+                    }
+                    // Row r = (c, kh, kw) of cols, at this image's columns.
+                    let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
+                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
+                    let row = e.b.ins().imul_imm_s(r, n);
+                    let row = e.b.ins().iadd(row, col0);
+                    e.for_range(oy0 as i64, oy1 as i64, 1, |e, oy| {
+                        // iy = oy·s + kh − p, ix = ox·s + kw − p.
+                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                        let src = e.b.ins().iadd(row, t);
                         let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                        let iy = e.b.ins().iadd(iy, kh);
-                        let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
-                        let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
-                        e.when(iny, |e| {
-                            e.for_range(0, ge.ow as i64, 1, |e, ox| {
-                                let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
-                                let ix = e.b.ins().iadd(ix, kw);
-                                let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
-                                let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
-                                e.when(inx, |e| {
-                                    let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
-                                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                                    let q = e.b.ins().iadd(q, t);
-                                    let q = e.b.ins().iadd(q, ox);
-                                    let src = e.b.ins().iadd(row, q);
-                                    let v = e.load(F32, cols, src);
-                                    let d = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                                    let d = e.b.ins().iadd(d, c);
-                                    let d = e.b.ins().imul_imm_s(d, ge.h as i64);
-                                    let d = e.b.ins().iadd(d, iy);
-                                    let d = e.b.ins().imul_imm_s(d, ge.w as i64);
-                                    let d = e.b.ins().iadd(d, ix);
-                                    let old = e.load(F32, out, d);
-                                    let sum = e.b.ins().fadd(old, v);
-                                    e.store(out, d, sum);
-                                });
-                            });
-                        });
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                        let dst = e.b.ins().iadd(obase, t);
+                        let dst = e.b.ins().iadd_imm_s(dst, kw as i64 - ge.p as i64);
+                        let add = |e: &mut Emit, ty: Type, ox: Value| {
+                            let si = e.b.ins().iadd(src, ox);
+                            let v = e.load(ty, cols, si);
+                            let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                            let di = e.b.ins().iadd(dst, t);
+                            let old = e.load(ty, out, di);
+                            let sum = e.b.ins().fadd(old, v);
+                            e.store(out, di, sum);
+                        };
+                        if ge.s == 1 {
+                            let vec_end = ox0 + (ox1 - ox0) / 4 * 4;
+                            e.for_range(ox0 as i64, vec_end as i64, 4, |e, ox| add(e, F32X4, ox));
+                            e.for_range(vec_end as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));
+                        } else {
+                            e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));
+                        }
                     });
-                });
-            });
+                }
+            }
         });
     });
+}
+
+/// The output positions `o` in `0..out` whose input position `o·s + tap − p` lies in `0..size`.
+fn inside(tap: usize, s: usize, p: usize, size: usize, out: usize) -> (usize, usize) {
+    // o·s ≥ p − tap and o·s ≤ size − 1 + p − tap.
+    let lo = p.saturating_sub(tap).div_ceil(s);
+    let hi = match (size + p).checked_sub(tap + 1) {
+        Some(top) => (top / s + 1).min(out),
+        None => 0,
+    };
+    (lo.min(out), hi.max(lo.min(out)))
 }

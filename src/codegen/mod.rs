@@ -353,6 +353,7 @@ impl Program {
                 (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
                     matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
                 }
+                (fuse::Group::Single(id), Piece::Conv(conv::Part::Finish)) => conv::finish_units(g, *id),
                 (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
                     conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
