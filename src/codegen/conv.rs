@@ -116,6 +116,8 @@ pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
             Some((ge, ..)),
             Op::Conv2d { .. } | Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. },
         ) => (ge.ci, 4 * ge.ckk() * ge.n()),
+        // Panels of the transposed convolution's input.
+        (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.n().div_ceil(8), 4 * ge.co * ge.n()),
         _ => (1, 0),
     }
 }
@@ -164,16 +166,7 @@ pub fn emit(
         (Op::Conv2d { .. }, Part::Finish) => swap_outer(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
         (Op::ConvTranspose2d { x, .. }, Part::Prep) => {
             // x [B, Cin', H', W'] (the conv's output side) as [Cin', B·H'·W'], packed.
-            let (c, hw) = (ge.co, ge.oh * ge.ow);
-            matmul::pack_with(e, k, n, packed, false, |e, kk, j| {
-                let img = e.b.ins().udiv_imm_s(j, hw as i64);
-                let pos = e.b.ins().urem_imm_s(j, hw as i64);
-                let t = e.b.ins().imul_imm_s(img, c as i64);
-                let t = e.b.ins().iadd(t, kk);
-                let t = e.b.ins().imul_imm_s(t, hw as i64);
-                let src = e.b.ins().iadd(t, pos);
-                e.load_ro(F32, at(x), src)
-            });
+            pack_planes(e, at(x), (ge.b, ge.co, ge.oh * ge.ow), packed, range);
         }
         (Op::ConvTranspose2d { w, .. }, Part::Compute) => {
             let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[], stable: true };
@@ -282,6 +275,83 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
             });
         });
     });
+}
+
+/// Packs `x [B, C, HW]` as the matmul's right operand `[C, B·HW]` (panels of 8 columns), for
+/// the panels `lo..hi`. A panel inside one image plane is two vector loads per channel; one
+/// that straddles two planes, and the last partial one, go lane by lane.
+fn pack_planes(
+    e: &mut Emit,
+    x: usize,
+    (b, c, hw): (usize, usize, usize),
+    packed: usize,
+    range: (Value, Value),
+) {
+    let n = b * hw;
+    // Lane `l` of the panel starting at column j0: x[img, kk, pos] for every channel kk.
+    let lane = |e: &mut Emit, dst0: Value, j0: Value, l: usize| {
+        let j = e.b.ins().iadd_imm_s(j0, l as i64);
+        let img = e.b.ins().udiv_imm_s(j, hw as i64);
+        let t = e.b.ins().imul_imm_s(img, (c * hw) as i64);
+        let t2 = e.b.ins().imul_imm_s(img, hw as i64);
+        let pos = e.b.ins().isub(j, t2);
+        let base = e.b.ins().iadd(t, pos);
+        e.for_range(0, c as i64, 1, |e, kk| {
+            let t = e.b.ins().imul_imm_s(kk, hw as i64);
+            let src = e.b.ins().iadd(base, t);
+            let v = e.load_ro(F32, x, src);
+            let d = e.b.ins().ishl_imm_s(kk, 3);
+            let d = e.b.ins().iadd(dst0, d);
+            e.store(packed + 4 * l, d, v);
+        });
+    };
+    let mut whole = |e: &mut Emit, jp: Value| {
+        let dst0 = e.b.ins().imul_imm_s(jp, (c * 8) as i64);
+        let j0 = e.b.ins().imul_imm_s(jp, 8);
+        let img = e.b.ins().udiv_imm_s(j0, hw as i64);
+        let t = e.b.ins().imul_imm_s(img, hw as i64);
+        let pos = e.b.ins().isub(j0, t);
+        let end = e.b.ins().iadd_imm_s(pos, 8);
+        let fits = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, hw as i64);
+        let straddles = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, end, hw as i64);
+        e.when(fits, |e| {
+            let t = e.b.ins().imul_imm_s(img, (c * hw) as i64);
+            let base = e.b.ins().iadd(t, pos);
+            e.for_range(0, c as i64, 1, |e, kk| {
+                let t = e.b.ins().imul_imm_s(kk, hw as i64);
+                let src = e.b.ins().iadd(base, t);
+                let d = e.b.ins().ishl_imm_s(kk, 3);
+                let d = e.b.ins().iadd(dst0, d);
+                for half in 0..2 {
+                    let v = e.load_ro(F32X4, x + 16 * half, src);
+                    e.store(packed + 16 * half, d, v);
+                }
+            });
+        });
+        e.when(straddles, |e| {
+            for l in 0..8 {
+                lane(e, dst0, j0, l);
+            }
+        });
+    };
+    let full = n / 8;
+    let mut partial = |e: &mut Emit| {
+        let dst0 = e.i64((full * c * 8) as i64);
+        let j0 = e.i64((full * 8) as i64);
+        for l in 0..8 {
+            if full * 8 + l < n {
+                lane(e, dst0, j0, l);
+            } else {
+                e.for_range(0, c as i64, 1, |e, kk| {
+                    let d = e.b.ins().ishl_imm_s(kk, 3);
+                    let d = e.b.ins().iadd(dst0, d);
+                    let z = e.fconst(F32, 0.0);
+                    e.store(packed + 4 * l, d, z);
+                });
+            }
+        }
+    };
+    e.units(range, full, !n.is_multiple_of(8), &mut whole, &mut partial);
 }
 
 /// Swaps the two outer axes: `[A, B, HW]` → `[B, A, HW]` (NCHW to `[C, N·HW]` and back).

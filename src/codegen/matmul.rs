@@ -296,39 +296,6 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
     }
 }
 
-/// `packed[j/8][k][j%8] = value(k, j)` for `k < K`, `j < N`, zero past column N. `value` is
-/// called with I64 loop counters; `j_outer` chooses the loop order (the one that reads the
-/// source along its rows).
-pub fn pack_with(
-    e: &mut Emit,
-    k: usize,
-    n: usize,
-    packed: usize,
-    j_outer: bool,
-    mut value: impl FnMut(&mut Emit, Value, Value) -> Value,
-) {
-    let panels = n.div_ceil(NR);
-    e.elementwise(panels * k * NR, |e, ty, i| {
-        let z = e.fconst(ty, 0.0);
-        e.store(packed, i, z);
-    });
-    let mut copy = |e: &mut Emit, kk: Value, j: Value| {
-        let v = value(e, kk, j);
-        let jp = e.b.ins().ushr_imm_s(j, 3);
-        let jl = e.b.ins().band_imm_s(j, 7);
-        let dst = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
-        let kr = e.b.ins().imul_imm_s(kk, NR as i64);
-        let dst = e.b.ins().iadd(dst, kr);
-        let dst = e.b.ins().iadd(dst, jl);
-        e.store(packed, dst, v);
-    };
-    if j_outer {
-        e.for_range(0, n as i64, 1, |e, j| e.for_range(0, k as i64, 1, |e, kk| copy(e, kk, j)));
-    } else {
-        e.for_range(0, k as i64, 1, |e, kk| e.for_range(0, n as i64, 1, |e, j| copy(e, kk, j)));
-    }
-}
-
 /// `packed[j/8][k][j%8] = B(k, j)`, zero past column N, for the panels `lo..hi` (I64 panel
 /// indices): the work one thread takes. A row-major B is copied eight floats at a time; a
 /// transposed one is read along its rows, one panel column after another.
