@@ -225,55 +225,113 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
         let top = e.i64(ge.ci as i64);
         e.b.ins().smin(hi, top)
     };
+    let (kk, k) = (kk as usize, k as usize);
     e.for_dynamic(lo, hi, |e, c| {
-        e.for_range(0, k, 1, |e, kh| {
-            e.for_range(0, k, 1, |e, kw| {
-                let r = e.b.ins().imul_imm_s(c, kk);
-                let t = e.b.ins().imul_imm_s(kh, k);
-                let r = e.b.ins().iadd(r, t);
-                let r = e.b.ins().iadd(r, kw);
+        // The taps are unrolled, so the output rows and columns whose input pixel is inside
+        // the image are constant ranges; the rest of each row is padding (zeros).
+        for kh in 0..k {
+            for kw in 0..k {
+                let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
+                let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
+                let r = e.b.ins().imul_imm_s(c, kk as i64);
+                let r = e.b.ins().iadd_imm_s(r, (kh * k + kw) as i64);
+                // packed[j/8][kr][j%8] with (kr, j) = (r, q) or (q, r): the part fixed by r.
+                let (rbase, qmul) = if transposed {
+                    let jp = e.b.ins().ushr_imm_s(r, 3);
+                    let jl = e.b.ins().band_imm_s(r, 7);
+                    let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
+                    (e.b.ins().iadd(t, jl), 8)
+                } else {
+                    (e.b.ins().ishl_imm_s(r, 3), 0)
+                };
+                let put = |e: &mut Emit, q: Value, v: Value| {
+                    let dst = if transposed {
+                        let t = e.b.ins().imul_imm_s(q, qmul);
+                        e.b.ins().iadd(rbase, t)
+                    } else {
+                        let jp = e.b.ins().ushr_imm_s(q, 3);
+                        let jl = e.b.ins().band_imm_s(q, 7);
+                        let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
+                        let t = e.b.ins().iadd(t, jl);
+                        e.b.ins().iadd(t, rbase)
+                    };
+                    e.store(packed, dst, v);
+                };
+                let zeros = |e: &mut Emit, q0: Value, from: usize, to: usize| {
+                    e.for_range(from as i64, to as i64, 1, |e, ox| {
+                        let q = e.b.ins().iadd(q0, ox);
+                        let z = e.fconst(F32, 0.0);
+                        put(e, q, z);
+                    });
+                };
                 e.for_range(0, ge.b as i64, 1, |e, img| {
+                    let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                    let plane = e.b.ins().iadd(plane, c);
+                    let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
+                    let qimg = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
                     e.for_range(0, ge.oh as i64, 1, |e, oy| {
-                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                        let iy = e.b.ins().iadd(iy, kh);
-                        let iy = e.b.ins().iadd_imm_s(iy, -(ge.p as i64));
-                        let iny = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, iy, ge.h as i64);
-                        let src_row = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                        let src_row = e.b.ins().iadd(src_row, c);
-                        let src_row = e.b.ins().imul_imm_s(src_row, ge.h as i64);
-                        let src_row = e.b.ins().iadd(src_row, iy);
-                        let src_row = e.b.ins().imul_imm_s(src_row, ge.w as i64);
-                        let q0 = e.b.ins().imul_imm_s(img, ge.oh as i64);
-                        let q0 = e.b.ins().iadd(q0, oy);
-                        let q0 = e.b.ins().imul_imm_s(q0, ge.ow as i64);
-                        e.for_range(0, ge.ow as i64, 1, |e, ox| {
-                            let ix = e.b.ins().imul_imm_s(ox, ge.s as i64);
-                            let ix = e.b.ins().iadd(ix, kw);
-                            let ix = e.b.ins().iadd_imm_s(ix, -(ge.p as i64));
-                            let inx = e.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, ix, ge.w as i64);
-                            let inside = e.b.ins().band(iny, inx);
-                            // In the padding the index is not valid: read element 0, store 0.
-                            let src = e.b.ins().iadd(src_row, ix);
-                            let zero = e.i64(0);
-                            let src = e.b.ins().select(inside, src, zero);
-                            let v = e.load_ro(F32, x, src);
-                            let z = e.fconst(F32, 0.0);
-                            let v = e.b.ins().select(inside, v, z);
-                            let q = e.b.ins().iadd(q0, ox);
-                            // packed[j/8][kr][j%8] with (kr, j) = (r, q) or (q, r).
-                            let (kr, j) = if transposed { (q, r) } else { (r, q) };
-                            let jp = e.b.ins().ushr_imm_s(j, 3);
-                            let jl = e.b.ins().band_imm_s(j, 7);
-                            let dst = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
-                            let kr = e.b.ins().ishl_imm_s(kr, 3);
-                            let dst = e.b.ins().iadd(dst, kr);
-                            let dst = e.b.ins().iadd(dst, jl);
-                            e.store(packed, dst, v);
+                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                        let q0 = e.b.ins().iadd(qimg, t);
+                        let row_inside = {
+                            let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
+                            let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
+                            e.b.ins().band(a, b)
+                        };
+                        let row_outside = {
+                            let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
+                            let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
+                            e.b.ins().bor(a, b)
+                        };
+                        e.when(row_outside, |e| zeros(e, q0, 0, ge.ow));
+                        e.when(row_inside, |e| {
+                            zeros(e, q0, 0, ox0);
+                            // x[img, c, oy·s + kh − p, ox·s + kw − p].
+                            let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                            let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                            let src = e.b.ins().iadd(plane, t);
+                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
+                            let one = |e: &mut Emit, ox: Value| {
+                                let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                                let si = e.b.ins().iadd(src, t);
+                                let v = e.load_ro(F32, x, si);
+                                let q = e.b.ins().iadd(q0, ox);
+                                put(e, q, v);
+                            };
+                            if transposed || ge.s != 1 || ox1 - ox0 < 4 {
+                                e.for_range(ox0 as i64, ox1 as i64, 1, one);
+                            } else {
+                                // Four columns q..q+4 with q a multiple of 4 are four lanes of
+                                // one panel row: one vector load and store. Single columns
+                                // before the first such q and after the last.
+                                let start = e.i64(ox0 as i64);
+                                let qs = e.b.ins().iadd_imm_s(q0, ox0 as i64);
+                                let neg = e.b.ins().ineg(qs);
+                                let head = e.b.ins().band_imm_s(neg, 3);
+                                let mid = e.b.ins().iadd(start, head);
+                                e.for_dynamic(start, mid, one);
+                                let end = e.i64(ox1 as i64);
+                                let left = e.b.ins().isub(end, mid);
+                                let quads = e.b.ins().ushr_imm_s(left, 2);
+                                let zero = e.i64(0);
+                                e.for_dynamic(zero, quads, |e, v| {
+                                    let t = e.b.ins().ishl_imm_s(v, 2);
+                                    let ox = e.b.ins().iadd(mid, t);
+                                    let si = e.b.ins().iadd(src, ox);
+                                    let v = e.load_ro(F32X4, x, si);
+                                    let q = e.b.ins().iadd(q0, ox);
+                                    put(e, q, v);
+                                });
+                                let t = e.b.ins().ishl_imm_s(quads, 2);
+                                let tail = e.b.ins().iadd(mid, t);
+                                e.for_dynamic(tail, end, one);
+                            }
+                            zeros(e, q0, ox1, ge.ow);
                         });
                     });
                 });
-            });
-        });
+            }
+        }
     });
 }
 
