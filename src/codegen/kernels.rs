@@ -117,7 +117,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             return Err("a convolution is emitted by `codegen::conv`".into());
         }
         Op::PoolArgmax { x, kernel, stride } => {
-            pool_argmax(e, &shape(*x), &node.ty.shape, at(*x), out, *kernel, *stride)
+            pool_argmax(e, &shape(*x), &node.ty.shape, (at(*x), out), (*kernel, *stride), range)
         }
         Op::Gather { x, idx } => {
             let xs = shape(*x);
@@ -463,6 +463,8 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
             let s = &g.ty(id).shape;
             (s[0], 4 * g.ty(id).numel())
         }
+        // Images; each output compares k² inputs.
+        Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel * kernel * g.ty(id).numel()),
         _ => (1, 0),
     }
 }
@@ -590,10 +592,22 @@ fn softmax_row(e: &mut Emit, src: usize, out: usize, r0: Value, n: usize) {
     });
 }
 
-fn pool_argmax(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: usize, s: usize) {
-    let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
+/// Max-pooling with switches over the images `lo..hi` (the work one thread takes).
+fn pool_argmax(
+    e: &mut Emit,
+    xs: &[usize],
+    os: &[usize],
+    (x, out): (usize, usize),
+    (k, s): (usize, usize),
+    (lo, hi): (Value, Value),
+) {
+    let (c, h, w) = (xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
-    e.for_range(0, planes as i64, 1, |e, pl| {
+    let top = e.i64(xs[0] as i64);
+    let hi = e.b.ins().smin(hi, top);
+    let first_plane = e.b.ins().imul_imm_s(lo, c as i64);
+    let end_plane = e.b.ins().imul_imm_s(hi, c as i64);
+    e.for_dynamic(first_plane, end_plane, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, ow as i64, 1, |e, xx| {
                 let best = e.b.declare_var(I64);
