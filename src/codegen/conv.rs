@@ -122,11 +122,12 @@ pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
     }
 }
 
-/// Work units of the finish kernel (images, for a transposed convolution's col2im; 1 for
-/// conv2d's permute, which does not split) and its rough work.
+/// Work units of the finish kernel (images: a transposed convolution's col2im, conv2d's
+/// permute into NCHW) and its rough work.
 pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
         (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.b, 4 * ge.ci * ge.k * ge.k * ge.n()),
+        (Some((ge, ..)), Op::Conv2d { .. }) => (ge.b, 8 * ge.co * ge.n()),
         _ => (1, 0),
     }
 }
@@ -163,7 +164,9 @@ pub fn emit(
             let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
-        (Op::Conv2d { .. }, Part::Finish) => swap_outer(e, temp, out, ge.co, ge.b, ge.oh * ge.ow),
+        (Op::Conv2d { .. }, Part::Finish) => {
+            swap_outer_range(e, temp, out, (ge.co, ge.b, ge.oh * ge.ow), range)
+        }
         (Op::ConvTranspose2d { x, .. }, Part::Prep) => {
             // x [B, Cin', H', W'] (the conv's output side) as [Cin', B·H'·W'], packed.
             pack_planes(e, at(x), (ge.b, ge.co, ge.oh * ge.ow), packed, range);
@@ -414,8 +417,23 @@ fn pack_planes(
 
 /// Swaps the two outer axes: `[A, B, HW]` → `[B, A, HW]` (NCHW to `[C, N·HW]` and back).
 fn swap_outer(e: &mut Emit, src: usize, dst: usize, a: usize, b: usize, hw: usize) {
-    e.for_range(0, a as i64, 1, |e, i| {
-        e.for_range(0, b as i64, 1, |e, j| {
+    let (lo, hi) = (e.i64(0), e.i64(b as i64));
+    swap_outer_range(e, src, dst, (a, b, hw), (lo, hi));
+}
+
+/// `swap_outer` for the outer indices `lo..hi` of the result (`j` of `[B, A, HW]`): the part
+/// one thread takes.
+fn swap_outer_range(
+    e: &mut Emit,
+    src: usize,
+    dst: usize,
+    (a, b, hw): (usize, usize, usize),
+    (lo, hi): (Value, Value),
+) {
+    let top = e.i64(b as i64);
+    let hi = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, hi, |e, j| {
+        e.for_range(0, a as i64, 1, |e, i| {
             let s = e.b.ins().imul_imm_s(i, b as i64);
             let s = e.b.ins().iadd(s, j);
             let s = e.b.ins().imul_imm_s(s, hw as i64);
