@@ -701,7 +701,12 @@ pub fn describe(p: &Program) -> String {
     );
     for k in &p.kernels {
         let grp = &p.groups[k.group];
-        let split = if k.units > 1 { format!(", split into {} work units", k.units) } else { String::new() };
+        // Only kernels large enough to split do (see `call_split`).
+        let split = if k.units > 1 && k.work >= SPLIT_WORK {
+            format!(", split into {} work units", k.units)
+        } else {
+            String::new()
+        };
         match k.piece {
             Piece::Pack => {
                 let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
