@@ -378,16 +378,7 @@ fn pack_planes(
         e.when(fits, |e| {
             let t = e.b.ins().imul_imm_s(img, (c * hw) as i64);
             let base = e.b.ins().iadd(t, pos);
-            e.for_range(0, c as i64, 1, |e, kk| {
-                let t = e.b.ins().imul_imm_s(kk, hw as i64);
-                let src = e.b.ins().iadd(base, t);
-                let d = e.b.ins().ishl_imm_s(kk, 3);
-                let d = e.b.ins().iadd(dst0, d);
-                for half in 0..2 {
-                    let v = e.load_ro(F32X4, x + 16 * half, src);
-                    e.store(packed + 16 * half, d, v);
-                }
-            });
+            matmul::panel_rows(e, (x, base, hw), c, (packed, dst0));
         });
         e.when(straddles, |e| {
             for l in 0..8 {

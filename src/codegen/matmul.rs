@@ -317,16 +317,7 @@ pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usiz
                 });
             }
         } else {
-            e.for_range(0, k as i64, 1, |e, kk| {
-                let s = e.b.ins().imul_imm_s(kk, n as i64);
-                let s = e.b.ins().iadd(s, col0);
-                let d = e.b.ins().ishl_imm_s(kk, 3);
-                let d = e.b.ins().iadd(dst0, d);
-                for half in 0..2 {
-                    let v = e.load_ro(F32X4, b + 16 * half, s);
-                    e.store(packed + 16 * half, d, v);
-                }
-            });
+            panel_rows(e, (b, col0, n), k, (packed, dst0));
         }
     };
     // The last, partial panel: zero past column N.
@@ -351,6 +342,26 @@ pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usiz
         }
     };
     e.units((lo, hi), full, !n.is_multiple_of(NR), &mut whole, &mut partial);
+}
+
+/// Copies `k` rows of 8 floats into one panel: row `kk` from `src[first + kk·stride..]` to
+/// `packed[dst0 + kk·8..]`, two vector loads and stores each.
+pub fn panel_rows(
+    e: &mut Emit,
+    (src, first, stride): (usize, Value, usize),
+    k: usize,
+    (packed, dst0): (usize, Value),
+) {
+    e.for_range(0, k as i64, 1, |e, kk| {
+        let t = e.b.ins().imul_imm_s(kk, stride as i64);
+        let s = e.b.ins().iadd(first, t);
+        let d = e.b.ins().ishl_imm_s(kk, 3);
+        let d = e.b.ins().iadd(dst0, d);
+        for half in 0..2 {
+            let v = e.load_ro(F32X4, src + 16 * half, s);
+            e.store(packed + 16 * half, d, v);
+        }
+    });
 }
 
 /// Work units of a packing kernel (panels) and its rough work, in the multiply-adds
