@@ -1,17 +1,19 @@
-//! Convolutions on the matmul core (`matmul::emit_mm`), each op in up to three kernels:
-//! a *prep* kernel that packs the matmul's right operand (and permutes what needs it), the
-//! *compute* kernel that splits across threads by rows, and a *finish* kernel that puts the
-//! result in NCHW order.
+//! Convolutions on the matmul core (`matmul::emit_mm`), each op in up to three kernels: a *prep*
+//! kernel that lays out the matmul's operands, the *compute* kernel that splits across threads
+//! by rows, and a *finish* kernel that puts the result in its layout.
 //!
 //! With `N = B·OH·OW` output positions and `CKK = Cin·K·K`:
-//! - conv2d: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`, then `T` permuted to NCHW.
+//! - conv2d: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`, then `T` permuted to NCHW;
+//!   im2col is written straight into the packed panels.
 //! - conv_transpose2d (also the input gradient of conv2d): `T[Cout·K·K, B·H·W] = Wᵀ · x'`, with
 //!   `x'` the input as `[Cin, B·H·W]` and `W` stored `[Cin, Cout·K·K]`; then col2im adds every
 //!   column of `T` into the output window it came from.
-//! - conv2d's weight gradient: `dW[Cout, CKK] = dy'[Cout, N] · im2col(x)ᵀ`; the transposed
-//!   convolution's weight gradient is the same with input and output gradient swapped.
+//! - conv2d's weight gradient: `dWᵀ[CKK, Cout] = im2col(x)[CKK, N] · dy'ᵀ[N, Cout]`, im2col
+//!   row-major (contiguous copies) and `dy'ᵀ` packed by channels, `dWᵀ` stored transposed
+//!   (two kernels, no finish); the transposed convolution's weight gradient is the same with
+//!   input and output gradient swapped.
 //!
-//! im2col is written straight into the packed panels, never materialised.
+//! The large preps and finishes split across threads (by input channel, panel or image).
 
 use super::emit::Emit;
 use super::matmul::{self, Mm};
@@ -83,14 +85,15 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
             let kk = ge.k * ge.k;
             Some((ge, ge.ci * kk, ge.n(), ge.co, ge.ci * kk * ge.n()))
         }
+        // dWᵀ [CKK, Cout] = im2col(x) [CKK, N] · dy'ᵀ [N, Cout]; temp holds im2col row-major.
         Op::Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
             let ge = Geom::of(&sh(x), &sh(dy), kernel, stride, pad);
-            Some((ge, ge.co, ge.ckk(), ge.n(), ge.co * ge.n()))
+            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * ge.n()))
         }
         Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
             // conv2d's weight gradient with dy as the input and x as the output gradient.
             let ge = Geom::of(&sh(dy), &sh(x), kernel, stride, pad);
-            Some((ge, ge.co, ge.ckk(), ge.n(), ge.co * ge.n()))
+            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * ge.n()))
         }
         _ => None,
     }
@@ -112,10 +115,11 @@ fn packed_round(k: usize, n: usize) -> usize {
 /// rough work.
 pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
-        (
-            Some((ge, ..)),
-            Op::Conv2d { .. } | Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. },
-        ) => (ge.ci, 4 * ge.ckk() * ge.n()),
+        (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
+        // Images: their im2col columns and their rows of the packed output gradient.
+        (Some((ge, ..)), Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }) => {
+            (ge.b, 4 * (ge.ckk() + ge.co) * ge.n())
+        }
         // Panels of the transposed convolution's input.
         (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.n().div_ceil(8), 4 * ge.co * ge.n()),
         _ => (1, 0),
@@ -159,9 +163,10 @@ pub fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
-        (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, false, range),
+        (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, range),
         (Op::Conv2d { w, .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: at(w), ta: false, packed, c: temp, epilogue: &[], stable: true };
+            let mm =
+                Mm { m, n, k, a: at(w), ta: false, packed, c: temp, tc: false, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         (Op::Conv2d { .. }, Part::Finish) => {
@@ -172,23 +177,21 @@ pub fn emit(
             pack_planes(e, at(x), (ge.b, ge.co, ge.oh * ge.ow), packed, range);
         }
         (Op::ConvTranspose2d { w, .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: at(w), ta: true, packed, c: temp, epilogue: &[], stable: true };
+            let mm =
+                Mm { m, n, k, a: at(w), ta: true, packed, c: temp, tc: false, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out, range),
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            // The permute goes to the range that starts at 0; it writes only `temp`.
-            let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
-            e.when(first, |e| swap_outer(e, at(dy), temp, ge.b, ge.co, ge.oh * ge.ow));
-            im2col_pack(e, ge, at(x), packed, true, range);
+            weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range);
         }
         (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            let first = e.b.ins().icmp_imm_s(IntCC::Equal, range.0, 0);
-            e.when(first, |e| swap_outer(e, at(x), temp, ge.b, ge.co, ge.oh * ge.ow));
-            im2col_pack(e, ge, at(dy), packed, true, range);
+            weight_grad_prep(e, ge, (at(dy), at(x)), (packed, temp), range);
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
-            let mm = Mm { m, n, k, a: temp, ta: false, packed, c: out, epilogue: &[], stable: true };
+            // dWᵀ [CKK, Cout], stored transposed: dW [Cout, CKK].
+            let mm =
+                Mm { m, n, k, a: temp, ta: false, packed, c: out, tc: true, epilogue: &[], stable: true };
             matmul::emit_mm(e, &mm, range);
         }
         _ => {}
@@ -196,16 +199,14 @@ pub fn emit(
     Ok(())
 }
 
-/// Packs im2col(x) as the matmul's right operand: `[CKK, N]` for conv2d (panels over the
-/// output positions), or its transpose `[N, CKK]` for the weight gradient (panels over the
-/// kernel taps), for the input channels `lo..hi` — the work one thread takes. Every element
-/// of those channels' rows is written once (a zero in the padding), so threads never touch
-/// the same element; the padding lanes of the last panel belong to the range that starts at 0.
+/// Packs im2col(x) as the matmul's right operand `[CKK, N]` (panels over the output
+/// positions), for the input channels `lo..hi` — the work one thread takes. Every element of
+/// those channels' rows is written once (a zero in the padding), so threads never touch the
+/// same element; the padding lanes of the last panel belong to the range that starts at 0.
 /// Nested loops keep every index a running product — no division.
-fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool, (lo, hi): (Value, Value)) {
-    let (rows, cols) = (ge.ckk(), ge.n());
-    // The packed matrix is [K][N] in panels of 8 along N: K = rows, N = cols, or the reverse.
-    let (pk, pn) = if transposed { (cols, rows) } else { (rows, cols) };
+fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value, Value)) {
+    // The packed matrix is [K][N] in panels of 8 along N.
+    let (pk, pn) = (ge.ckk(), ge.n());
     let k = ge.k as i64;
     let kk = k * k;
     if !pn.is_multiple_of(8) {
@@ -238,26 +239,14 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
                 let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
                 let r = e.b.ins().imul_imm_s(c, kk as i64);
                 let r = e.b.ins().iadd_imm_s(r, (kh * k + kw) as i64);
-                // packed[j/8][kr][j%8] with (kr, j) = (r, q) or (q, r): the part fixed by r.
-                let (rbase, qmul) = if transposed {
-                    let jp = e.b.ins().ushr_imm_s(r, 3);
-                    let jl = e.b.ins().band_imm_s(r, 7);
-                    let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
-                    (e.b.ins().iadd(t, jl), 8)
-                } else {
-                    (e.b.ins().ishl_imm_s(r, 3), 0)
-                };
+                // packed[q/8][r][q%8].
+                let rbase = e.b.ins().ishl_imm_s(r, 3);
                 let put = |e: &mut Emit, q: Value, v: Value| {
-                    let dst = if transposed {
-                        let t = e.b.ins().imul_imm_s(q, qmul);
-                        e.b.ins().iadd(rbase, t)
-                    } else {
-                        let jp = e.b.ins().ushr_imm_s(q, 3);
-                        let jl = e.b.ins().band_imm_s(q, 7);
-                        let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
-                        let t = e.b.ins().iadd(t, jl);
-                        e.b.ins().iadd(t, rbase)
-                    };
+                    let jp = e.b.ins().ushr_imm_s(q, 3);
+                    let jl = e.b.ins().band_imm_s(q, 7);
+                    let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
+                    let t = e.b.ins().iadd(t, jl);
+                    let dst = e.b.ins().iadd(t, rbase);
                     e.store(packed, dst, v);
                 };
                 let zeros = |e: &mut Emit, q0: Value, from: usize, to: usize| {
@@ -301,7 +290,7 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
                                 let q = e.b.ins().iadd(q0, ox);
                                 put(e, q, v);
                             };
-                            if transposed || ge.s != 1 || ox1 - ox0 < 4 {
+                            if ge.s != 1 || ox1 - ox0 < 4 {
                                 e.for_range(ox0 as i64, ox1 as i64, 1, one);
                             } else {
                                 // Four columns q..q+4 with q a multiple of 4 are four lanes of
@@ -336,6 +325,108 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, transposed: bool
             }
         }
     });
+}
+
+/// The weight gradient's operands for the images `lo..hi` (the work one thread takes): their
+/// columns of im2col of `input`, row-major `[CKK, N]`, into `acol`, and their rows of the output
+/// gradient `dy [B, Cout, HW]` packed as the right operand `[N, Cout]`.
+fn weight_grad_prep(
+    e: &mut Emit,
+    ge: Geom,
+    (input, dy): (usize, usize),
+    (packed, acol): (usize, usize),
+    (lo, hi): (Value, Value),
+) {
+    let n = ge.n();
+    let top = e.i64(ge.b as i64);
+    let hi = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, hi, |e, img| {
+        pack_channels(e, dy, (ge.b, ge.co, ge.oh * ge.ow), packed, img);
+        e.for_range(0, ge.ci as i64, 1, |e, c| {
+            for kh in 0..ge.k {
+                for kw in 0..ge.k {
+                    let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
+                    let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
+                    let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
+                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
+                    let row = e.b.ins().imul_imm_s(r, n as i64);
+                    let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
+                        e.for_range(from as i64, to as i64, 1, |e, ox| {
+                            let i = e.b.ins().iadd(at, ox);
+                            let z = e.fconst(F32, 0.0);
+                            e.store(acol, i, z);
+                        });
+                    };
+                    let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                    let plane = e.b.ins().iadd(plane, c);
+                    let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
+                    let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+                    let q = e.b.ins().iadd(row, q);
+                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
+                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                        let dst = e.b.ins().iadd(q, t);
+                        let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
+                        let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
+                        let inside_row = e.b.ins().band(a, b);
+                        let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
+                        let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
+                        let outside_row = e.b.ins().bor(a, b);
+                        e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
+                        e.when(inside_row, |e| {
+                            fill(e, dst, 0, ox0);
+                            // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
+                            let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                            let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                            let src = e.b.ins().iadd(plane, t);
+                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
+                            let copy = |e: &mut Emit, ty: Type, ox: Value| {
+                                let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                                let si = e.b.ins().iadd(src, t);
+                                let v = e.load_ro(ty, input, si);
+                                let di = e.b.ins().iadd(dst, ox);
+                                e.store(acol, di, v);
+                            };
+                            if ge.s == 1 {
+                                let vec_end = ox0 + (ox1 - ox0) / 4 * 4;
+                                e.for_range(ox0 as i64, vec_end as i64, 4, |e, ox| copy(e, F32X4, ox));
+                                e.for_range(vec_end as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                            } else {
+                                e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                            }
+                            fill(e, dst, ox1, ge.ow);
+                        });
+                    });
+                }
+            }
+        });
+    });
+}
+
+/// Packs image `img`'s part of `dy [B, C, HW]` into the matmul's right operand `[B·HW, C]`
+/// (panels of 8 channels, zero past channel C).
+fn pack_channels(e: &mut Emit, dy: usize, (b, c, hw): (usize, usize, usize), packed: usize, img: Value) {
+    let n = b * hw;
+    let q0 = e.b.ins().imul_imm_s(img, hw as i64);
+    let src0 = e.b.ins().imul_imm_s(img, (c * hw) as i64);
+    for jp in 0..c.div_ceil(8) {
+        for l in 0..8 {
+            let ch = jp * 8 + l;
+            let dst0 = (jp * n * 8 + l) as i64;
+            e.for_range(0, hw as i64, 1, |e, pos| {
+                let q = e.b.ins().iadd(q0, pos);
+                let d = e.b.ins().ishl_imm_s(q, 3);
+                let d = e.b.ins().iadd_imm_s(d, dst0);
+                let v = if ch < c {
+                    let s = e.b.ins().iadd(src0, pos);
+                    e.load_ro(F32, dy + 4 * ch * hw, s)
+                } else {
+                    e.fconst(F32, 0.0)
+                };
+                e.store(packed, d, v);
+            });
+        }
+    }
 }
 
 /// Packs `x [B, C, HW]` as the matmul's right operand `[C, B·HW]` (panels of 8 columns), for
@@ -406,14 +497,8 @@ fn pack_planes(
     e.units(range, full, !n.is_multiple_of(8), &mut whole, &mut partial);
 }
 
-/// Swaps the two outer axes: `[A, B, HW]` → `[B, A, HW]` (NCHW to `[C, N·HW]` and back).
-fn swap_outer(e: &mut Emit, src: usize, dst: usize, a: usize, b: usize, hw: usize) {
-    let (lo, hi) = (e.i64(0), e.i64(b as i64));
-    swap_outer_range(e, src, dst, (a, b, hw), (lo, hi));
-}
-
-/// `swap_outer` for the outer indices `lo..hi` of the result (`j` of `[B, A, HW]`): the part
-/// one thread takes.
+/// Swaps the two outer axes, `[A, B, HW]` → `[B, A, HW]` (conv2d's `[Cout, B·HW]` into NCHW),
+/// for the outer indices `lo..hi` of the result: the part one thread takes.
 fn swap_outer_range(
     e: &mut Emit,
     src: usize,

@@ -27,8 +27,9 @@ pub struct Mm<'a> {
     pub a: usize,
     pub ta: bool,
     pub packed: usize,
-    /// C: row-major [M, N].
+    /// C: row-major [M, N], or [N, M] when `tc` (stored lane by lane; no epilogue).
     pub c: usize,
+    pub tc: bool,
     pub epilogue: &'a [EpOp],
     /// Whether the epilogue's operands stay unchanged for the whole kernel, so their loads may
     /// move (out of loops). False inside a recurrent time loop, which rewrites them every step.
@@ -168,7 +169,18 @@ pub fn emit(
     (out, epilogue): (usize, &[EpOp]),
 ) {
     let Some((m, n, k)) = dims(g, id) else { return };
-    let mm = Mm { m, n, k, a: plan.node[a.index()], ta, packed: scratch, c: out, epilogue, stable: true };
+    let mm = Mm {
+        m,
+        n,
+        k,
+        a: plan.node[a.index()],
+        ta,
+        packed: scratch,
+        c: out,
+        tc: false,
+        epilogue,
+        stable: true,
+    };
     emit_mm(e, &mm, (lo, hi));
 }
 
@@ -282,7 +294,17 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
         let col4 = e.b.ins().iadd_imm_s(col0, 4);
         let v0 = apply(e, mm, v0, at, col0);
         let v1 = apply(e, mm, v1, at4, col4);
-        if cols == NR {
+        if mm.tc {
+            // C(i, j) at c[j·M + i].
+            for j in 0..cols {
+                let v = if j < 4 { v0 } else { v1 };
+                let lane = e.b.ins().extractlane(v, (j % 4) as u8);
+                let t = e.b.ins().iadd_imm_s(col0, j as i64);
+                let t = e.b.ins().imul_imm_s(t, mm.m as i64);
+                let aj = e.b.ins().iadd(t, i);
+                e.store(mm.c, aj, lane);
+            }
+        } else if cols == NR {
             e.store(mm.c, at, v0);
             e.store(mm.c, at4, v1);
         } else {

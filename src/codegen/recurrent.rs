@@ -165,6 +165,7 @@ pub fn emit(
                 ta: false,
                 packed,
                 c: gh,
+                tc: false,
                 epilogue: &ep,
                 stable: false,
             };
@@ -245,6 +246,7 @@ pub fn emit(
                 ta: false,
                 packed,
                 c: dh,
+                tc: false,
                 epilogue: ep,
                 stable: false,
             };
