@@ -119,11 +119,13 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::PoolArgmax { x, kernel, stride } => {
             pool_argmax(e, &shape(*x), &node.ty.shape, (at(*x), out), (*kernel, *stride), range)
         }
+        // Gather and scatter run over the planes of the images `lo..hi`.
         Op::Gather { x, idx } => {
             let xs = shape(*x);
             let (plane_in, plane_out) = (xs[2] * xs[3], node.ty.shape[2] * node.ty.shape[3]);
             let (src, is) = (at(*x), at(*idx));
-            e.for_range(0, (numel / plane_out) as i64, 1, |e, pl| {
+            let (first, end) = image_planes(e, xs[0], xs[1], range);
+            e.for_dynamic(first, end, |e, pl| {
                 e.for_range(0, plane_out as i64, 1, |e, i| {
                     let o = e.b.ins().imul_imm_s(pl, plane_out as i64);
                     let o = e.b.ins().iadd(o, i);
@@ -139,11 +141,16 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let vs = shape(*v);
             let (plane_in, plane_out) = (vs[2] * vs[3], height * width);
             let (src, is, acc) = (at(*v), at(*idx), *accumulate);
-            e.elementwise(numel, |e, ty, i| {
-                let z = e.fconst(ty, 0.0);
-                e.store(out, i, z);
+            let (first, end) = image_planes(e, vs[0], vs[1], range);
+            e.for_dynamic(first, end, |e, pl| {
+                let base = e.b.ins().imul_imm_s(pl, plane_out as i64);
+                e.elementwise(plane_out, |e, ty, i| {
+                    let at = e.b.ins().iadd(base, i);
+                    let z = e.fconst(ty, 0.0);
+                    e.store(out, at, z);
+                });
             });
-            e.for_range(0, (vs[0] * vs[1]) as i64, 1, |e, pl| {
+            e.for_dynamic(first, end, |e, pl| {
                 e.for_range(0, plane_in as i64, 1, |e, i| {
                     let o = e.b.ins().imul_imm_s(pl, plane_in as i64);
                     let o = e.b.ins().iadd(o, i);
@@ -463,10 +470,22 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
             let s = &g.ty(id).shape;
             (s[0], 4 * g.ty(id).numel())
         }
+        // Images (of the input: the gathered or scattered values' planes follow them).
+        Op::Gather { x, .. } => (g.ty(*x).shape[0], 8 * g.ty(id).numel()),
+        Op::Scatter { v, .. } => (g.ty(*v).shape[0], 8 * g.ty(id).numel()),
         // Images; each output compares k² inputs.
         Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel * kernel * g.ty(id).numel()),
         _ => (1, 0),
     }
+}
+
+/// The planes `lo·C..hi·C` of images `lo..hi` (of `b` images of `c` planes each).
+fn image_planes(e: &mut Emit, b: usize, c: usize, (lo, hi): (Value, Value)) -> (Value, Value) {
+    let top = e.i64(b as i64);
+    let hi = e.b.ins().smin(hi, top);
+    let first = e.b.ins().imul_imm_s(lo, c as i64);
+    let end = e.b.ins().imul_imm_s(hi, c as i64);
+    (first, end)
 }
 
 /// `for r in 0..rows { body(r·n) }`.
@@ -603,10 +622,7 @@ fn pool_argmax(
 ) {
     let (c, h, w) = (xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
-    let top = e.i64(xs[0] as i64);
-    let hi = e.b.ins().smin(hi, top);
-    let first_plane = e.b.ins().imul_imm_s(lo, c as i64);
-    let end_plane = e.b.ins().imul_imm_s(hi, c as i64);
+    let (first_plane, end_plane) = image_planes(e, xs[0], c, (lo, hi));
     e.for_dynamic(first_plane, end_plane, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, ow as i64, 1, |e, xx| {
