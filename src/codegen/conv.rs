@@ -388,9 +388,7 @@ fn weight_grad_prep(
                                 e.store(acol, di, v);
                             };
                             if ge.s == 1 {
-                                let vec_end = ox0 + (ox1 - ox0) / 4 * 4;
-                                e.for_range(ox0 as i64, vec_end as i64, 4, |e, ox| copy(e, F32X4, ox));
-                                e.for_range(vec_end as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                                e.elementwise_in(ox0, ox1, copy);
                             } else {
                                 e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
                             }
@@ -574,9 +572,7 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
                             e.store(out, di, sum);
                         };
                         if ge.s == 1 {
-                            let vec_end = ox0 + (ox1 - ox0) / 4 * 4;
-                            e.for_range(ox0 as i64, vec_end as i64, 4, |e, ox| add(e, F32X4, ox));
-                            e.for_range(vec_end as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));
+                            e.elementwise_in(ox0, ox1, add);
                         } else {
                             e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));
                         }

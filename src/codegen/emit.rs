@@ -103,10 +103,15 @@ impl Emit<'_, '_> {
 
     /// An elementwise loop over `n` elements: `body(ty, i)` with `ty` F32X4 over the vector
     /// part and F32 over the tail.
-    pub fn elementwise(&mut self, n: usize, mut body: impl FnMut(&mut Self, Type, Value)) {
-        let full = (n / 4 * 4) as i64;
-        self.for_range(0, full, 4, |e, i| body(e, F32X4, i));
-        self.for_range(full, n as i64, 1, |e, i| body(e, F32, i));
+    pub fn elementwise(&mut self, n: usize, body: impl FnMut(&mut Self, Type, Value)) {
+        self.elementwise_in(0, n, body);
+    }
+
+    /// `elementwise` over the elements `from..to`.
+    pub fn elementwise_in(&mut self, from: usize, to: usize, mut body: impl FnMut(&mut Self, Type, Value)) {
+        let vec_end = (from + to.saturating_sub(from) / 4 * 4) as i64;
+        self.for_range(from as i64, vec_end, 4, |e, i| body(e, F32X4, i));
+        self.for_range(vec_end, to as i64, 1, |e, i| body(e, F32, i));
     }
 
     /// `elementwise` over the chunks `lo..hi` of `chunk` elements (`chunk` a multiple of 4):
@@ -129,12 +134,8 @@ impl Emit<'_, '_> {
                 (body.borrow_mut())(e, F32X4, idx);
             });
         };
-        let mut tail = |e: &mut Self| {
-            let start = (full * chunk) as i64;
-            let vec_end = start + ((n - full * chunk) / 4 * 4) as i64;
-            e.for_range(start, vec_end, 4, |e, i| (body.borrow_mut())(e, F32X4, i));
-            e.for_range(vec_end, n as i64, 1, |e, i| (body.borrow_mut())(e, F32, i));
-        };
+        let mut tail =
+            |e: &mut Self| e.elementwise_in(full * chunk, n, |e, ty, i| (body.borrow_mut())(e, ty, i));
         self.units((lo, hi), full, !n.is_multiple_of(chunk), &mut whole, &mut tail);
     }
 
