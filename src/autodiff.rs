@@ -353,6 +353,9 @@ impl Ad {
             | Op::BroadcastScalar { .. }
             | Op::Conv2dWeightGrad { .. }
             | Op::ConvTranspose2dWeightGrad { .. }
+            | Op::SparseConvT { .. }
+            | Op::GatherConv { .. }
+            | Op::SparseWeightGrad { .. }
             | Op::AvgPoolGrad { .. }
             | Op::EmbedGrad { .. }
             | Op::DropoutGrad { .. }

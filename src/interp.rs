@@ -243,6 +243,46 @@ fn eval(
             }
             Buf::F32(out)
         }
+        Op::SparseConvT { v, idx, w, width, pad, .. } => {
+            let (ws, vs) = (sh(*w), sh(*v));
+            let (e_n, k, plane) = (ws[1], ws[2], shape[2] * shape[3]);
+            let (vv, wv) = (f(*v), f(*w));
+            let mut out = vec![0f64; node.ty.numel()];
+            for_switch_taps(vs, ints(*idx), *width, (shape[2], shape[3]), (k, *pad), |n, b, c, t, at| {
+                for e in 0..e_n {
+                    out[(b * e_n + e) * plane + at] +=
+                        f64::from(vv[n]) * f64::from(wv[(c * e_n + e) * k * k + t]);
+                }
+            });
+            Buf::F32(out.into_iter().map(|a| a as f32).collect())
+        }
+        Op::GatherConv { x, w, idx, pad } => {
+            let (xs, ws) = (sh(*x), sh(*w));
+            let (e_n, k, plane) = (xs[1], ws[2], xs[2] * xs[3]);
+            let width = xs[3] + 2 * pad + 1 - k;
+            let (xv, wv) = (f(*x), f(*w));
+            let mut out = vec![0f64; node.ty.numel()];
+            for_switch_taps(shape, ints(*idx), width, (xs[2], xs[3]), (k, *pad), |n, b, c, t, at| {
+                for e in 0..e_n {
+                    out[n] +=
+                        f64::from(wv[(c * e_n + e) * k * k + t]) * f64::from(xv[(b * e_n + e) * plane + at]);
+                }
+            });
+            Buf::F32(out.into_iter().map(|a| a as f32).collect())
+        }
+        Op::SparseWeightGrad { v, idx, d, kernel, pad, width, .. } => {
+            let (ds, k) = (sh(*d), *kernel);
+            let (e_n, plane) = (ds[1], ds[2] * ds[3]);
+            let (vv, dv) = (f(*v), f(*d));
+            let mut out = vec![0f64; node.ty.numel()];
+            for_switch_taps(sh(*v), ints(*idx), *width, (ds[2], ds[3]), (k, *pad), |n, b, c, t, at| {
+                for e in 0..e_n {
+                    out[(c * e_n + e) * k * k + t] +=
+                        f64::from(vv[n]) * f64::from(dv[(b * e_n + e) * plane + at]);
+                }
+            });
+            Buf::F32(out.into_iter().map(|a| a as f32).collect())
+        }
         Op::AvgPool { x, kernel, stride } => Buf::F32(avgpool(f(*x), sh(*x), shape, *kernel, *stride)),
         Op::AvgPoolGrad { dy, kernel, stride, .. } => {
             Buf::F32(avgpool_grad(f(*dy), sh(*dy), shape, *kernel, *stride))
@@ -643,6 +683,32 @@ fn matmul(a: &[f32], sa: &[usize], ta: bool, b: &[f32], sb: &[usize], tb: bool, 
 /// Input pixel `(o·s - p + k)` of an output position, if inside the input.
 fn src(o: usize, s: usize, p: usize, k: usize, n: usize) -> Option<usize> {
     (o * s + k).checked_sub(p).filter(|&i| i < n)
+}
+
+/// Every tap inside the dense plane of every switch of a switch map (`passes::sparse`):
+/// `visit(n, b, c, tap, at)` for switch `n` = `(b, c, q)` of `shape` `[B, C, Hp, Wp]`, in a
+/// plane `width` wide, tap `i·k + j`, at offset `at` of the `height × width` dense plane.
+fn for_switch_taps(
+    shape: &[usize],
+    idx: &[i32],
+    width: usize,
+    (hd, wd): (usize, usize),
+    (k, pad): (usize, usize),
+    mut visit: impl FnMut(usize, usize, usize, usize, usize),
+) {
+    let (c_n, q_n) = (shape[1], shape[2] * shape[3]);
+    for (n, &s) in idx.iter().enumerate() {
+        let (b, c) = (n / (c_n * q_n), n / q_n % c_n);
+        let s = s as usize;
+        let (r, col) = (s / width, s % width);
+        for i in 0..k {
+            let Some(y) = (r + i).checked_sub(pad).filter(|&y| y < hd) else { continue };
+            for j in 0..k {
+                let Some(x) = (col + j).checked_sub(pad).filter(|&x| x < wd) else { continue };
+                visit(n, b, c, i * k + j, y * wd + x);
+            }
+        }
+    }
 }
 
 fn conv2d(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], os: &[usize], s: usize, p: usize) -> Vec<f32> {

@@ -18,6 +18,7 @@
 use super::emit::Emit;
 use super::matmul::{self, Mm};
 use super::plan::Plan;
+use super::sparse;
 use crate::ir::{Graph, NodeId, Op};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
@@ -103,7 +104,7 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
 pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     match shape(g, id) {
         Some((_, _, n, k, temp)) => packed_round(k, n) + temp * 4,
-        None => 0,
+        None => sparse::scratch_bytes(g, id),
     }
 }
 
@@ -122,7 +123,7 @@ pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
         }
         // Panels of the transposed convolution's input.
         (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.n().div_ceil(8), 4 * ge.co * ge.n()),
-        _ => (1, 0),
+        _ => sparse::prep_units(g, id),
     }
 }
 
@@ -138,6 +139,9 @@ pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
 
 /// The parts this op has, and the work units of its compute kernel.
 pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
+    if let Some((units, work)) = sparse::parts(g, id) {
+        return Some((vec![Part::Prep, Part::Compute], units, work));
+    }
     let (_, m, n, k, _) = shape(g, id)?;
     let finish = matches!(g.node(id).op, Op::Conv2d { .. } | Op::ConvTranspose2d { .. });
     let mut parts = vec![Part::Prep, Part::Compute];
@@ -145,6 +149,14 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
         parts.push(Part::Finish);
     }
     Some((parts, matmul::row_blocks(m), m * n * k))
+}
+
+/// What the prep kernel of `op` does, for `--emit fused`.
+pub fn prep_text(op: &Op) -> &'static str {
+    match op {
+        Op::SparseConvT { .. } | Op::GatherConv { .. } | Op::SparseWeightGrad { .. } => sparse::prep_text(op),
+        _ => "im2col into packed panels",
+    }
 }
 
 /// Emits one part of conv-family node `id`.
@@ -157,6 +169,9 @@ pub fn emit(
     scratch: usize,
     range: (Value, Value),
 ) -> Result<(), String> {
+    if sparse::parts(g, id).is_some() {
+        return sparse::emit(e, g, plan, id, part == Part::Compute, scratch, range);
+    }
     let (ge, m, n, k, _) = shape(g, id).ok_or("not a convolution")?;
     let packed = scratch;
     let temp = scratch + packed_round(k, n);

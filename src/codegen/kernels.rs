@@ -113,7 +113,10 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::Conv2d { .. }
         | Op::ConvTranspose2d { .. }
         | Op::Conv2dWeightGrad { .. }
-        | Op::ConvTranspose2dWeightGrad { .. } => {
+        | Op::ConvTranspose2dWeightGrad { .. }
+        | Op::SparseConvT { .. }
+        | Op::GatherConv { .. }
+        | Op::SparseWeightGrad { .. } => {
             return Err("a convolution is emitted by `codegen::conv`".into());
         }
         Op::PoolArgmax { x, kernel, stride } => {

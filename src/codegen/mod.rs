@@ -20,6 +20,7 @@ mod kernels;
 mod matmul;
 pub mod plan;
 mod recurrent;
+mod sparse;
 
 use crate::interp::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
@@ -198,6 +199,9 @@ unsafe impl Sync for Base {}
 pub struct Options {
     /// Keep each kernel's Cranelift IR as text (`--emit clif`).
     pub keep_clif: bool,
+    /// Compute convolutions of max-pool switch maps densely, as written (`passes::sparse` is
+    /// skipped): for comparing the two.
+    pub dense: bool,
 }
 
 /// A compiled graph with its arena: parameters and optimizer state live here between steps.
@@ -227,6 +231,13 @@ extern "C" fn aec_logf(x: f32) -> f32 {
 impl Program {
     pub fn compile(g: &Graph, opts: Options) -> Result<Program, String> {
         let started = Instant::now();
+        let rewritten;
+        let g = if opts.dense {
+            g
+        } else {
+            rewritten = crate::passes::sparse::rewrite(g)?;
+            &rewritten
+        };
         let groups = fuse::groups(g);
         let plan = plan::plan(g, &groups);
         check_plan(g, &plan)?;
@@ -619,7 +630,8 @@ impl Program {
         }
     }
 
-    /// A node's value after `run`: valid for outputs (temporaries may be reused).
+    /// The value of node `id` of the compiled graph (`graph()`, rewritten by `passes::sparse`)
+    /// after `run`: valid for outputs (temporaries may be reused); `output` finds one by name.
     pub fn value(&self, id: NodeId) -> Buf {
         let ty = self.graph.ty(id).clone();
         let off = self.plan.node[id.index()];
@@ -674,7 +686,7 @@ fn bytemuck_bytes_ref(v: &[u64]) -> &[u8] {
 
 /// A kernel's IR text without compiling a program: for `--emit clif`.
 pub fn clif_of(g: &Graph) -> Result<Vec<(String, String)>, String> {
-    Program::compile(g, Options { keep_clif: true }).map(|p| p.clif)
+    Program::compile(g, Options { keep_clif: true, ..Options::default() }).map(|p| p.clif)
 }
 
 /// The kernels a step runs, in order, and the memory plan (`aec compile --emit fused`).
@@ -713,12 +725,9 @@ pub fn describe(p: &Program) -> String {
                 continue;
             }
             Piece::Conv(conv::Part::Prep) => {
-                let _ = writeln!(
-                    out,
-                    "  prepare %{} {} (im2col into packed panels)",
-                    grp.head().0,
-                    g.node(grp.head()).op.mnemonic()
-                );
+                let op = &g.node(grp.head()).op;
+                let _ =
+                    writeln!(out, "  prepare %{} {} ({})", grp.head().0, op.mnemonic(), conv::prep_text(op));
                 continue;
             }
             Piece::Conv(conv::Part::Finish) => {

@@ -56,7 +56,10 @@ pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
         Op::Conv2d { .. }
         | Op::ConvTranspose2d { .. }
         | Op::Conv2dWeightGrad { .. }
-        | Op::ConvTranspose2dWeightGrad { .. } => super::conv::scratch_bytes(g, id),
+        | Op::ConvTranspose2dWeightGrad { .. }
+        | Op::SparseConvT { .. }
+        | Op::GatherConv { .. }
+        | Op::SparseWeightGrad { .. } => super::conv::scratch_bytes(g, id),
         Op::Recurrent { .. } | Op::RecurrentGrad { .. } => super::recurrent::scratch_bytes(g, id),
         Op::MatMul { b, tb, .. } => {
             let s = &g.ty(*b).shape;

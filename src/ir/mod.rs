@@ -223,16 +223,22 @@ impl Graph {
         self.inputs.iter().position(|i| i.name == name).map(|i| InputId(i as u32))
     }
 
-    /// Rebuilds the graph keeping only `keep[i]` nodes, remapping operands and outputs. Used by
-    /// dead-code elimination; `keep` must be closed under operands.
-    pub fn retain(&self, keep: &[bool]) -> Result<Graph, String> {
-        let mut map: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
-        let mut out = Graph {
+    /// A graph with this one's name, inputs and parameters and no nodes: the start of a
+    /// rewrite.
+    pub fn empty_like(&self) -> Graph {
+        Graph {
             name: self.name.clone(),
             inputs: self.inputs.clone(),
             params: self.params.clone(),
             ..Graph::default()
-        };
+        }
+    }
+
+    /// Rebuilds the graph keeping only `keep[i]` nodes, remapping operands and outputs. Used by
+    /// dead-code elimination; `keep` must be closed under operands.
+    pub fn retain(&self, keep: &[bool]) -> Result<Graph, String> {
+        let mut map: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
+        let mut out = self.empty_like();
         for id in self.ids() {
             if !keep.get(id.index()).copied().unwrap_or(false) {
                 continue;

@@ -175,6 +175,42 @@ pub enum Op {
         kernel: usize,
         stride: usize,
     },
+
+    // Convolutions of a switch map: `Scatter` of `v` at switches `idx` that never repeat
+    // (pools with stride ≥ kernel), a plane that is zero but at one place per window. Made by
+    // `passes::sparse` from the dense ops, they skip the zeros; stride 1. A tap `(i, j)` of
+    // switch `s = (r, c)` is the dense position `(r + i - pad, c + j - pad)`; those outside
+    // the dense plane are zero (or dropped, when written).
+    /// `conv_transpose2d(scatter(v, idx, height, width), w, stride 1, pad)`: every switch adds
+    /// `v · w[c]` around itself.
+    SparseConvT {
+        v: NodeId,
+        idx: NodeId,
+        w: NodeId,
+        height: usize,
+        width: usize,
+        pad: usize,
+    },
+    /// `gather(conv2d(x, w, stride 1, pad), idx)`: the convolution at the switches only.
+    GatherConv {
+        x: NodeId,
+        w: NodeId,
+        idx: NodeId,
+        pad: usize,
+    },
+    /// `dw[c, e, i, j] = Σ v[b,c,q] · d[b, e, tap (i, j) of idx[b,c,q]]`, the switches in a
+    /// `height × width` plane: conv2d's weight gradient with a switch-map output gradient
+    /// (`d` the input) and the transposed convolution's with a switch-map input (`d` the
+    /// output gradient).
+    SparseWeightGrad {
+        v: NodeId,
+        idx: NodeId,
+        d: NodeId,
+        kernel: usize,
+        pad: usize,
+        height: usize,
+        width: usize,
+    },
     /// The gradient of `AvgPool` back onto an input of `height × width`.
     AvgPoolGrad {
         dy: NodeId,
@@ -353,6 +389,9 @@ impl Op {
             }
             Gather { x, idx } => vec![*x, *idx],
             Scatter { v, idx, .. } => vec![*v, *idx],
+            SparseConvT { v, idx, w, .. } => vec![*v, *idx, *w],
+            GatherConv { x, w, idx, .. } => vec![*x, *w, *idx],
+            SparseWeightGrad { v, idx, d, .. } => vec![*v, *idx, *d],
             AvgPoolGrad { dy, .. } | DropoutGrad { dy, .. } => vec![*dy],
             Embed { table, ids } => vec![*table, *ids],
             EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
@@ -419,6 +458,21 @@ impl Op {
             Scatter { v, idx, .. } => {
                 *v = f(*v);
                 *idx = f(*idx);
+            }
+            SparseConvT { v, idx, w, .. } => {
+                for o in [v, idx, w] {
+                    *o = f(*o);
+                }
+            }
+            GatherConv { x, w, idx, .. } => {
+                for o in [x, w, idx] {
+                    *o = f(*o);
+                }
+            }
+            SparseWeightGrad { v, idx, d, .. } => {
+                for o in [v, idx, d] {
+                    *o = f(*o);
+                }
             }
             AvgPoolGrad { dy, .. } | DropoutGrad { dy, .. } => *dy = f(*dy),
             Embed { table, ids } => {
@@ -489,6 +543,9 @@ impl Op {
             Scatter { accumulate: false, .. } => "scatter",
             Scatter { accumulate: true, .. } => "scatter_add",
             AvgPool { .. } => "avgpool",
+            SparseConvT { .. } => "sparse_conv_transpose2d",
+            GatherConv { .. } => "gather_conv2d",
+            SparseWeightGrad { .. } => "sparse_weight_grad",
             AvgPoolGrad { .. } => "avgpool_grad",
             Embed { .. } => "embed",
             EmbedGrad { .. } => "embed_grad",
@@ -657,6 +714,39 @@ impl Op {
                 }
                 let [b, c, _, _] = four(sv)?;
                 Type::f32([b, c, *height, *width])
+            }
+            SparseConvT { v, idx, w, height, width, pad } => {
+                let sv = f32s(*v)?;
+                if sv != i32s(*idx)? {
+                    return Err("sparse_conv_transpose2d: values and switches differ".into());
+                }
+                let [b, c, _, _] = four(sv)?;
+                let [ci, co, k, k2] = four(f32s(*w)?)?;
+                if ci != c || k != k2 {
+                    return Err(format!("sparse_conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
+                }
+                Type::f32([b, co, deconv_out(*height, k, 1, *pad, 0)?, deconv_out(*width, k, 1, *pad, 0)?])
+            }
+            GatherConv { x, w, idx, .. } => {
+                let [b, e, _, _] = four(f32s(*x)?)?;
+                let [co, ci, k, k2] = four(f32s(*w)?)?;
+                let si = four(i32s(*idx)?)?;
+                if ci != e || k != k2 || si[0] != b || si[1] != co {
+                    return Err(format!("gather_conv2d: weight [{co},{ci},{k},{k2}] vs {e} channels"));
+                }
+                Type::f32(si)
+            }
+            SparseWeightGrad { v, idx, d, kernel, .. } => {
+                let sv = f32s(*v)?;
+                if sv != i32s(*idx)? {
+                    return Err("sparse_weight_grad: values and switches differ".into());
+                }
+                let [b, c, _, _] = four(sv)?;
+                let [bd, e, _, _] = four(f32s(*d)?)?;
+                if bd != b {
+                    return Err("sparse_weight_grad: batch sizes differ".into());
+                }
+                Type::f32([c, e, *kernel, *kernel])
             }
             AvgPoolGrad { dy, kernel, stride, height, width } => {
                 let [b, c, oh, ow] = four(f32s(*dy)?)?;

@@ -103,6 +103,13 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         | ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
             format!("{m} {} kernel={kernel} stride={stride} pad={pad}", args(&[*x, *dy]))
         }
+        SparseConvT { height, width, pad, .. } => {
+            format!("{m} {} size={height}x{width} pad={pad}", args(&op.operands()))
+        }
+        GatherConv { pad, .. } => format!("{m} {} pad={pad}", args(&op.operands())),
+        SparseWeightGrad { kernel, pad, height, width, .. } => {
+            format!("{m} {} kernel={kernel} pad={pad} size={height}x{width}", args(&op.operands()))
+        }
         PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
             format!("{m} {} kernel={kernel} stride={stride}", name(*x))
         }

@@ -1,0 +1,389 @@
+//! Convolutions of switch maps (`passes::sparse`): work per switch instead of per position.
+//!
+//! The dense side is copied channel-last into a padded plane, `[B][HP·WP][E']` with `E'` the
+//! dense channels rounded up to 4 (zeros in the padding lanes and around the plane), so that a
+//! switch's taps are `K·K` runs of `E'` floats at constant distances from one address: each
+//! tap and group of four channels is one vector load (or load and store). Switch `s` of a
+//! plane `W` wide sits at row `s / W` (a multiply by a 32-bit reciprocal) and its tap `(i, j)`
+//! at padded row `s / W + i`, column `s % W + j`.
+//!
+//! - `SparseConvT`: per image, zero the plane, add `v · w[c]` around every switch (weights held
+//!   in registers, twelve vectors at a time), then copy the plane's inside out as NCHW.
+//! - `GatherConv`: per image, copy `x` in, then one dot product of `w[c]` with the taps per
+//!   switch.
+//! - `SparseWeightGrad`: copy `d` in (per image), then per channel `c` accumulate `v · taps`
+//!   over all switches of the channel in registers, twelve vectors at a time.
+//!
+//! Preps pack the weights `[C][K·K][E']` (one unit) or copy images (units: images); the
+//! compute kernels split by images, the weight gradient by channels.
+
+use super::emit::{Emit, vmem};
+use super::plan::Plan;
+use crate::ir::{Graph, NodeId, Op};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+
+/// Vectors held in registers across a loop over switches.
+const HELD: usize = 12;
+
+/// A switch-map convolution's sizes.
+#[derive(Clone, Copy, Debug)]
+struct Geo {
+    /// The switch map `[B, C, Q]`.
+    b: usize,
+    c: usize,
+    q: usize,
+    /// The switches' plane width.
+    ws: usize,
+    /// Dense channels, and rounded up to 4.
+    e: usize,
+    ep: usize,
+    k: usize,
+    pad: usize,
+    /// The dense plane and the padded one.
+    hd: usize,
+    wd: usize,
+    hp: usize,
+    wp: usize,
+}
+
+impl Geo {
+    fn of(g: &Graph, id: NodeId) -> Option<Geo> {
+        let sh = |n: NodeId| g.ty(n).shape.clone();
+        let (map, dense, k, pad, (hs, ws)) = match g.node(id).op {
+            Op::SparseConvT { v, w, height, width, pad, .. } => {
+                (sh(v), g.ty(id).shape.clone(), sh(w)[2], pad, (height, width))
+            }
+            Op::GatherConv { x, w, idx, pad } => {
+                let (xs, k) = (sh(x), sh(w)[2]);
+                let sparse = ((xs[2] + 2 * pad + 1).checked_sub(k)?, (xs[3] + 2 * pad + 1).checked_sub(k)?);
+                (sh(idx), xs, k, pad, sparse)
+            }
+            Op::SparseWeightGrad { v, d, kernel, pad, height, width, .. } => {
+                (sh(v), sh(d), kernel, pad, (height, width))
+            }
+            _ => return None,
+        };
+        let (hd, wd) = (dense[2], dense[3]);
+        Some(Geo {
+            b: map[0],
+            c: map[1],
+            q: map[2] * map[3],
+            ws,
+            e: dense[1],
+            ep: dense[1].div_ceil(4) * 4,
+            k,
+            pad,
+            hd,
+            wd,
+            hp: (hd + pad).max(hs + k - 1),
+            wp: (wd + pad).max(ws + k - 1),
+        })
+    }
+
+    /// Floats of one image's padded channel-last plane.
+    fn img(&self) -> usize {
+        self.hp * self.wp * self.ep
+    }
+
+    /// Floats of the packed weights `[C][K·K][E']`.
+    fn packed(&self) -> usize {
+        self.c * self.k * self.k * self.ep
+    }
+
+    /// Every vector of a switch's taps: (floats from the switch's own place in the padded
+    /// plane, floats from its channel's packed weights).
+    fn taps(&self) -> Vec<(i32, i32)> {
+        let mut v = Vec::new();
+        for i in 0..self.k {
+            for j in 0..self.k {
+                for lanes in (0..self.ep).step_by(4) {
+                    let plane = (i * self.wp + j) * self.ep + lanes;
+                    let weights = (i * self.k + j) * self.ep + lanes;
+                    v.push((plane as i32, weights as i32));
+                }
+            }
+        }
+        v
+    }
+
+    /// Multiply-adds.
+    fn work(&self) -> usize {
+        self.b * self.c * self.q * self.k * self.k * self.e
+    }
+}
+
+/// Bytes of scratch: the padded planes of every image, then the packed weights.
+pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+    Geo::of(g, id).map_or(0, |ge| (ge.b * ge.img() + ge.packed()) * 4)
+}
+
+/// The kernels of `id` (prep, compute) and the compute kernel's work units and work.
+pub fn parts(g: &Graph, id: NodeId) -> Option<(usize, usize)> {
+    let ge = Geo::of(g, id)?;
+    let units = if matches!(g.node(id).op, Op::SparseWeightGrad { .. }) { ge.c } else { ge.b };
+    Some((units, ge.work()))
+}
+
+/// The prep kernel's work units (images for the weight gradient's copy, else one) and work.
+pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
+    match (Geo::of(g, id), &g.node(id).op) {
+        (Some(ge), Op::SparseWeightGrad { .. }) => (ge.b, 4 * ge.b * ge.img()),
+        _ => (1, 0),
+    }
+}
+
+/// What the prep kernel of `id` does, for `--emit fused`.
+pub fn prep_text(op: &Op) -> &'static str {
+    match op {
+        Op::SparseWeightGrad { .. } => "copy into padded channel-last planes",
+        _ => "pack the weights by tap",
+    }
+}
+
+/// Emits the prep (`compute` false) or compute kernel of switch-map convolution `id`.
+pub fn emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    compute: bool,
+    scratch: usize,
+    (lo, hi): (Value, Value),
+) -> Result<(), String> {
+    let ge = Geo::of(g, id).ok_or("not a switch-map convolution")?;
+    let at = |n: NodeId| plan.node[n.index()];
+    let out = plan.node[id.index()];
+    let planes = scratch;
+    let packed = scratch + ge.b * ge.img() * 4;
+    let images = |e: &mut Emit, body: &mut dyn FnMut(&mut Emit, Value)| {
+        let top = e.i64(ge.b as i64);
+        let hi = e.b.ins().smin(hi, top);
+        e.for_dynamic(lo, hi, |e, b| body(e, b));
+    };
+    match (g.node(id).op.clone(), compute) {
+        (Op::SparseConvT { w, .. } | Op::GatherConv { w, .. }, false) => pack_weights(e, ge, at(w), packed),
+        (Op::SparseConvT { v, idx, .. }, true) => images(e, &mut |e, b| {
+            let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+            zero(e, planes, img, ge.img());
+            scatter(e, ge, (at(v), at(idx)), (planes, packed), b);
+            channels_first(e, ge, planes, out, b);
+        }),
+        (Op::GatherConv { x, idx, .. }, true) => images(e, &mut |e, b| {
+            channels_last(e, ge, at(x), planes, b);
+            gather(e, ge, at(idx), (planes, packed), out, b);
+        }),
+        (Op::SparseWeightGrad { d, .. }, false) => {
+            images(e, &mut |e, b| channels_last(e, ge, at(d), planes, b))
+        }
+        (Op::SparseWeightGrad { v, idx, .. }, true) => {
+            let top = e.i64(ge.c as i64);
+            let hi = e.b.ins().smin(hi, top);
+            e.for_dynamic(lo, hi, |e, c| weight_grad(e, ge, (at(v), at(idx)), planes, out, c));
+        }
+        _ => return Err("not a switch-map convolution".into()),
+    }
+    Ok(())
+}
+
+/// `packed[c][t][e] = w[c][e][t]`, zeros in the padding lanes.
+fn pack_weights(e: &mut Emit, ge: Geo, w: usize, packed: usize) {
+    let zero_at = e.i64(0);
+    zero(e, packed, zero_at, ge.packed());
+    let kk = ge.k * ge.k;
+    e.for_range(0, ge.c as i64, 1, |e, c| {
+        e.for_range(0, ge.e as i64, 1, |e, ch| {
+            let src = e.b.ins().imul_imm_s(c, ge.e as i64);
+            let src = e.b.ins().iadd(src, ch);
+            let src = e.b.ins().imul_imm_s(src, kk as i64);
+            let dst = e.b.ins().imul_imm_s(c, (kk * ge.ep) as i64);
+            let dst = e.b.ins().iadd(dst, ch);
+            for t in 0..kk {
+                let s = e.b.ins().iadd_imm_s(src, t as i64);
+                let val = e.load(F32, w, s);
+                let d = e.b.ins().iadd_imm_s(dst, (t * ge.ep) as i64);
+                e.store(packed, d, val);
+            }
+        });
+    });
+}
+
+/// Zeros `n` floats (a multiple of 4) of buffer `buf` from element `from`.
+fn zero(e: &mut Emit, buf: usize, from: Value, n: usize) {
+    let z = e.fconst(F32X4, 0.0);
+    e.for_range(0, n as i64, 4, |e, i| {
+        let at = e.b.ins().iadd(from, i);
+        e.store(buf, at, z);
+    });
+}
+
+/// Image `b` of `src` (NCHW) into its padded channel-last plane (zeros around it).
+fn channels_last(e: &mut Emit, ge: Geo, src: usize, planes: usize, b: Value) {
+    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    zero(e, planes, img, ge.img());
+    for_dense(e, ge, b, img, |e, from, to| {
+        let v = e.load(F32, src, from);
+        e.store(planes, to, v);
+    });
+}
+
+/// The inside of image `b`'s padded plane out to `dst` (NCHW).
+fn channels_first(e: &mut Emit, ge: Geo, planes: usize, dst: usize, b: Value) {
+    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    for_dense(e, ge, b, img, |e, to, from| {
+        let v = e.load(F32, planes, from);
+        e.store(dst, to, v);
+    });
+}
+
+/// `body(nchw, padded)` for every element of image `b` of the dense side: its index in NCHW
+/// and in the padded channel-last planes (whose image starts at `img`).
+fn for_dense(e: &mut Emit, ge: Geo, b: Value, img: Value, mut body: impl FnMut(&mut Emit, Value, Value)) {
+    e.for_range(0, ge.e as i64, 1, |e, ch| {
+        let plane = e.b.ins().imul_imm_s(b, ge.e as i64);
+        let plane = e.b.ins().iadd(plane, ch);
+        let nchw = e.b.ins().imul_imm_s(plane, (ge.hd * ge.wd) as i64);
+        let padded = e.b.ins().iadd(img, ch);
+        e.for_range(0, ge.hd as i64, 1, |e, y| {
+            let row = e.b.ins().imul_imm_s(y, ge.wd as i64);
+            let row = e.b.ins().iadd(nchw, row);
+            let prow = e.b.ins().imul_imm_s(y, (ge.wp * ge.ep) as i64);
+            let first = ((ge.pad * ge.wp + ge.pad) * ge.ep) as i64;
+            let prow = e.b.ins().iadd_imm_s(prow, first);
+            let prow = e.b.ins().iadd(padded, prow);
+            e.for_range(0, ge.wd as i64, 1, |e, x| {
+                let a = e.b.ins().iadd(row, x);
+                let p = e.b.ins().imul_imm_s(x, ge.ep as i64);
+                let p = e.b.ins().iadd(prow, p);
+                body(e, a, p);
+            });
+        });
+    });
+}
+
+/// The byte address of switch `n`'s place (`n` an element index of the map) in the padded
+/// plane of image `img` (an element index of the planes' buffer).
+fn switch(e: &mut Emit, ge: Geo, idx: usize, planes: usize, img: Value, n: Value) -> Value {
+    let s = e.load(I32, idx, n);
+    let s = e.b.ins().uextend(I64, s);
+    // s / W as (s · ⌊2³²/W + 1⌋) >> 32: exact while s · W < 2³² (`passes::sparse`).
+    let row = e.b.ins().imul_imm_s(s, ((1u64 << 32) / ge.ws as u64 + 1) as i64);
+    let row = e.b.ins().ushr_imm_s(row, 32);
+    let skip = e.b.ins().imul_imm_s(row, (ge.wp - ge.ws) as i64);
+    let place = e.b.ins().iadd(s, skip);
+    let place = e.b.ins().imul_imm_s(place, ge.ep as i64);
+    let place = e.b.ins().iadd(img, place);
+    e.addr(planes, place)
+}
+
+/// Adds `v · w[c]` around every switch of image `b` into its padded plane.
+fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (usize, usize), b: Value) {
+    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let taps = ge.taps();
+    e.for_range(0, ge.c as i64, 1, |e, c| {
+        let wbase = e.b.ins().imul_imm_s(c, (ge.k * ge.k * ge.ep) as i64);
+        let first = e.b.ins().imul_imm_s(b, ge.c as i64);
+        let first = e.b.ins().iadd(first, c);
+        let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+        for chunk in taps.chunks(HELD) {
+            let held: Vec<Value> = chunk
+                .iter()
+                .map(|&(_, wo)| {
+                    let i = e.b.ins().iadd_imm_s(wbase, i64::from(wo));
+                    e.load_ro(F32X4, packed, i)
+                })
+                .collect();
+            e.for_range(0, ge.q as i64, 1, |e, q| {
+                let n = e.b.ins().iadd(first, q);
+                let addr = switch(e, ge, idx, planes, img, n);
+                let val = e.load(F32, v, n);
+                let val = e.b.ins().splat(F32X4, val);
+                for (&(po, _), &w) in chunk.iter().zip(&held) {
+                    let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
+                    let d = e.b.ins().fma(val, w, d);
+                    e.b.ins().store(vmem(), d, addr, po * 4);
+                }
+            });
+        }
+    });
+}
+
+/// `out[b,c,q]` = the dot product of `w[c]` with the taps of switch `(b, c, q)`.
+fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), out: usize, b: Value) {
+    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let taps = ge.taps();
+    let ro = MemFlagsData::new().with_notrap().with_readonly().with_can_move();
+    e.for_range(0, ge.c as i64, 1, |e, c| {
+        let wbase = e.b.ins().imul_imm_s(c, (ge.k * ge.k * ge.ep) as i64);
+        let waddr = e.addr(packed, wbase);
+        let first = e.b.ins().imul_imm_s(b, ge.c as i64);
+        let first = e.b.ins().iadd(first, c);
+        let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+        e.for_range(0, ge.q as i64, 1, |e, q| {
+            let n = e.b.ins().iadd(first, q);
+            let addr = switch(e, ge, idx, planes, img, n);
+            let mut acc: Vec<Value> = Vec::new();
+            for (j, &(po, wo)) in taps.iter().enumerate() {
+                let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
+                let w = e.b.ins().load(F32X4, ro, waddr, wo * 4);
+                if j < 4 {
+                    acc.push(e.b.ins().fmul(d, w));
+                } else {
+                    acc[j % 4] = e.b.ins().fma(d, w, acc[j % 4]);
+                }
+            }
+            let mut sum = acc[0];
+            for &a in &acc[1..] {
+                sum = e.b.ins().fadd(sum, a);
+            }
+            let dot = e.hsum(sum);
+            e.store(out, n, dot);
+        });
+    });
+}
+
+/// `out[c, e, t] = Σ v · tap t` over every switch of channel `c`, in all images.
+fn weight_grad(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), planes: usize, out: usize, c: Value) {
+    let taps = ge.taps();
+    let kk = ge.k * ge.k;
+    for (ci, chunk) in taps.chunks(HELD).enumerate() {
+        let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
+        let z = e.fconst(F32X4, 0.0);
+        for &var in &vars {
+            e.b.def_var(var, z);
+        }
+        e.for_range(0, ge.b as i64, 1, |e, b| {
+            let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+            let first = e.b.ins().imul_imm_s(b, ge.c as i64);
+            let first = e.b.ins().iadd(first, c);
+            let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+            e.for_range(0, ge.q as i64, 1, |e, q| {
+                let n = e.b.ins().iadd(first, q);
+                let addr = switch(e, ge, idx, planes, img, n);
+                let val = e.load(F32, v, n);
+                let val = e.b.ins().splat(F32X4, val);
+                for (&(po, _), &var) in chunk.iter().zip(&vars) {
+                    let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
+                    let a = e.b.use_var(var);
+                    let a = e.b.ins().fma(val, d, a);
+                    e.b.def_var(var, a);
+                }
+            });
+        });
+        // Lane l of tap vector (t, lanes) is channel lanes + l: out[c][ch][t].
+        let row = e.b.ins().imul_imm_s(c, (ge.e * kk) as i64);
+        for (j, &var) in vars.iter().enumerate() {
+            let flat = ci * HELD + j;
+            let (t, lanes) = (flat / (ge.ep / 4), flat % (ge.ep / 4) * 4);
+            let a = e.b.use_var(var);
+            for l in 0..4 {
+                let ch = lanes + l;
+                if ch < ge.e {
+                    let x = e.b.ins().extractlane(a, l as u8);
+                    let i = e.b.ins().iadd_imm_s(row, (ch * kk + t) as i64);
+                    e.store(out, i, x);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Switch maps: the unpooled plane of a max pool (`scatter` of its values at its switches) and
+//! the gradient that reaches a pool's input (`scatter_add` of the output gradient) are zero
+//! but at one place per window — three in four zeros for a 2×2 pool. The convolutions that
+//! read or write such a map are rewritten to skip the zeros (`Op::SparseConvT`,
+//! `Op::GatherConv`, `Op::SparseWeightGrad`):
+//!
+//! - `conv_transpose2d(map)` (a decoder's deconvolution after `unpool`; conv2d's input
+//!   gradient) scatters each value around its switch;
+//! - `gather(conv2d(x), switches)` (the gradient of a deconvolution's unpooled input) computes
+//!   the convolution only where it is read;
+//! - the weight gradients whose output gradient (conv2d) or input (conv_transpose2d) is a map
+//!   sum over the switches only;
+//! - `act_grad(map, y)` is the map of `act_grad(v, gather(y))`, and a bias gradient of a map
+//!   the sum of its values.
+//!
+//! The same sums without the products by zero: the results equal the dense ops' up to the
+//! order of additions. Only switches that never repeat qualify (pools with stride ≥ kernel),
+//! and only stride-1 convolutions; the rest stays dense. The interpreter runs the graph as
+//! written (the reference); the native code runs it rewritten.
+
+use crate::ir::{Graph, NodeId, Op};
+
+/// The largest switch plane rewritten (the kernels divide a switch by the plane's width with a
+/// 32-bit multiply, exact while `switch · width < 2³²`).
+const MAX_PLANE: usize = 1 << 16;
+
+/// A switch map: `scatter(v, idx)` onto `height × width` planes.
+#[derive(Clone, Copy)]
+struct Map {
+    v: NodeId,
+    idx: NodeId,
+    height: usize,
+    width: usize,
+}
+
+/// `g` with every convolution of a switch map rewritten, and what no longer feeds an output or
+/// an update removed.
+pub fn rewrite(g: &Graph) -> Result<Graph, String> {
+    let mut out = g.empty_like();
+    let mut map: Vec<NodeId> = Vec::with_capacity(g.len());
+    // Indexed by the new graph's nodes.
+    let mut maps: Vec<Option<Map>> = Vec::new();
+    let mut updated = false;
+    for id in g.ids() {
+        let mut op = g.node(id).op.clone();
+        op.map_operands(|o| map[o.index()]);
+        let span = g.span(id);
+        let map_of = |n: NodeId, maps: &[Option<Map>]| maps.get(n.index()).copied().flatten();
+        let mut made: Option<Map> = None;
+        let new = match op {
+            Op::Scatter { v, idx, height, width, .. } if unique(&out, idx) && height * width <= MAX_PLANE => {
+                made = Some(Map { v, idx, height, width });
+                out.add(op, span)?
+            }
+            Op::ActGrad { f, y, dy } if map_of(dy, &maps).is_some() => {
+                let m = map_of(dy, &maps).ok_or("no map")?;
+                let gy = out.add(Op::Gather { x: y, idx: m.idx }, span)?;
+                let v = out.add(Op::ActGrad { f, y: gy, dy: m.v }, span)?;
+                made = Some(Map { v, ..m });
+                let (height, width) = (m.height, m.width);
+                out.add(Op::Scatter { v, idx: m.idx, height, width, accumulate: true }, span)?
+            }
+            Op::SumToAxis1 { x } if map_of(x, &maps).is_some() => {
+                let m = map_of(x, &maps).ok_or("no map")?;
+                out.add(Op::SumToAxis1 { x: m.v }, span)?
+            }
+            Op::ConvTranspose2d { x, w, stride: 1, pad, out_pad: [0, 0] } if map_of(x, &maps).is_some() => {
+                let m = map_of(x, &maps).ok_or("no map")?;
+                out.add(
+                    Op::SparseConvT { v: m.v, idx: m.idx, w, height: m.height, width: m.width, pad },
+                    span,
+                )?
+            }
+            Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(dy, &maps).is_some() => {
+                let m = map_of(dy, &maps).ok_or("no map")?;
+                let (height, width) = (m.height, m.width);
+                out.add(Op::SparseWeightGrad { v: m.v, idx: m.idx, d: x, kernel, pad, height, width }, span)?
+            }
+            Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(x, &maps).is_some() => {
+                let m = map_of(x, &maps).ok_or("no map")?;
+                let (height, width) = (m.height, m.width);
+                out.add(Op::SparseWeightGrad { v: m.v, idx: m.idx, d: dy, kernel, pad, height, width }, span)?
+            }
+            // Reads the convolution's operands where the gather is: no update may come between.
+            Op::Gather { x, idx } if !updated => match out.node(x).op {
+                Op::Conv2d { x: cx, w, stride: 1, pad } if plane(&out, x) <= MAX_PLANE => {
+                    out.add(Op::GatherConv { x: cx, w, idx, pad }, span)?
+                }
+                _ => out.add(op, span)?,
+            },
+            _ => {
+                updated |= matches!(op, Op::Update { .. });
+                out.add(op, span)?
+            }
+        };
+        maps.resize(out.len(), None);
+        maps[new.index()] = made;
+        map.push(new);
+    }
+    for (name, id) in &g.outputs {
+        out.outputs.push((name.clone(), map[id.index()]));
+    }
+    let names: Vec<&str> = out.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    super::dce::keep_outputs(&out, &names)
+}
+
+/// Whether the switches `idx` never repeat within a plane: those of a pool whose windows do
+/// not overlap.
+fn unique(g: &Graph, idx: NodeId) -> bool {
+    matches!(g.node(idx).op, Op::PoolArgmax { kernel, stride, .. } if stride >= kernel)
+}
+
+fn plane(g: &Graph, n: NodeId) -> usize {
+    g.ty(n).shape.iter().skip(2).product()
+}
