@@ -3,7 +3,7 @@
 use super::{Failure, read_spec, report};
 use aec::codegen::{Options, Program};
 use aec::interp::Buf;
-use aec::ir::{DType, Graph};
+use aec::ir::{DType, Graph, Op};
 use aec::runtime::{State, init};
 use aec::sema::{Lowering, Mode, lower};
 use std::path::PathBuf;
@@ -116,6 +116,14 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
         outln!(
             "  training        {gflops:.2} GFLOP/s, {peak:.1}% of the 128-bit FMA peak ({PEAK_GFLOPS_PER_CORE} GFLOP/s per core)"
         );
+        let skips = train.graph().nodes().iter().any(|n| {
+            matches!(n.op, Op::SparseConvT { .. } | Op::GatherConv { .. } | Op::SparseWeightGrad { .. })
+        });
+        if skips {
+            outln!(
+                "                  (FLOPs as the dense layers count them; the convolutions of pool switch maps skip their zeros)"
+            );
+        }
     }
     if args.profile {
         train.start_profile();

@@ -20,11 +20,15 @@
 use super::emit::{Emit, vmem};
 use super::plan::Plan;
 use crate::ir::{Graph, NodeId, Op};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 
 /// Vectors held in registers across a loop over switches.
 const HELD: usize = 12;
+
+/// Independent sums in a dot product: enough to hide the `fma` latency.
+const CHAINS: usize = 8;
 
 /// A switch-map convolution's sizes.
 #[derive(Clone, Copy, Debug)]
@@ -128,7 +132,7 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(usize, usize)> {
 /// The prep kernel's work units (images for the weight gradient's copy, else one) and work.
 pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (Geo::of(g, id), &g.node(id).op) {
-        (Some(ge), Op::SparseWeightGrad { .. }) => (ge.b, 4 * ge.b * ge.img()),
+        (Some(ge), Op::SparseWeightGrad { .. } | Op::GatherConv { .. }) => (ge.b, 4 * ge.b * ge.img()),
         _ => (1, 0),
     }
 }
@@ -137,6 +141,7 @@ pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
 pub fn prep_text(op: &Op) -> &'static str {
     match op {
         Op::SparseWeightGrad { .. } => "copy into padded channel-last planes",
+        Op::GatherConv { .. } => "copy into padded channel-last planes, pack the weights by tap",
         _ => "pack the weights by tap",
     }
 }
@@ -162,24 +167,28 @@ pub fn emit(
         e.for_dynamic(lo, hi, |e, b| body(e, b));
     };
     match (g.node(id).op.clone(), compute) {
-        (Op::SparseConvT { w, .. } | Op::GatherConv { w, .. }, false) => pack_weights(e, ge, at(w), packed),
+        (Op::SparseConvT { w, .. }, false) => pack_weights(e, ge, at(w), packed),
+        (Op::GatherConv { x, w, .. }, false) => {
+            images(e, &mut |e, b| channels_last(e, ge, at(x), planes, b));
+            let first = e.b.ins().icmp_imm_s(IntCC::Equal, lo, 0);
+            e.when(first, |e| pack_weights(e, ge, at(w), packed));
+        }
         (Op::SparseConvT { v, idx, .. }, true) => images(e, &mut |e, b| {
             let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
             zero(e, planes, img, ge.img());
             scatter(e, ge, (at(v), at(idx)), (planes, packed), b);
             channels_first(e, ge, planes, out, b);
         }),
-        (Op::GatherConv { x, idx, .. }, true) => images(e, &mut |e, b| {
-            channels_last(e, ge, at(x), planes, b);
-            gather(e, ge, at(idx), (planes, packed), out, b);
-        }),
+        (Op::GatherConv { idx, .. }, true) => {
+            images(e, &mut |e, b| gather(e, ge, at(idx), (planes, packed), out, b))
+        }
         (Op::SparseWeightGrad { d, .. }, false) => {
             images(e, &mut |e, b| channels_last(e, ge, at(d), planes, b))
         }
         (Op::SparseWeightGrad { v, idx, .. }, true) => {
             let top = e.i64(ge.c as i64);
             let hi = e.b.ins().smin(hi, top);
-            e.for_dynamic(lo, hi, |e, c| weight_grad(e, ge, (at(v), at(idx)), planes, out, c));
+            weight_grad(e, ge, (at(v), at(idx)), (planes, packed), out, (lo, hi));
         }
         _ => return Err("not a switch-map convolution".into()),
     }
@@ -308,11 +317,16 @@ fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (u
     });
 }
 
+/// Loads of what the kernel only reads (the planes a prep kernel copied, packed weights): pure,
+/// so Cranelift places each next to its use (and folds it into the `fma`).
+fn read_only() -> MemFlagsData {
+    vmem().with_readonly().with_can_move()
+}
+
 /// `out[b,c,q]` = the dot product of `w[c]` with the taps of switch `(b, c, q)`.
 fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), out: usize, b: Value) {
     let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
     let taps = ge.taps();
-    let ro = MemFlagsData::new().with_notrap().with_readonly().with_can_move();
     e.for_range(0, ge.c as i64, 1, |e, c| {
         let wbase = e.b.ins().imul_imm_s(c, (ge.k * ge.k * ge.ep) as i64);
         let waddr = e.addr(packed, wbase);
@@ -324,66 +338,97 @@ fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), o
             let addr = switch(e, ge, idx, planes, img, n);
             let mut acc: Vec<Value> = Vec::new();
             for (j, &(po, wo)) in taps.iter().enumerate() {
-                let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
-                let w = e.b.ins().load(F32X4, ro, waddr, wo * 4);
-                if j < 4 {
+                let d = e.b.ins().load(F32X4, read_only(), addr, po * 4);
+                let w = e.b.ins().load(F32X4, read_only(), waddr, wo * 4);
+                if j < CHAINS {
                     acc.push(e.b.ins().fmul(d, w));
                 } else {
-                    acc[j % 4] = e.b.ins().fma(d, w, acc[j % 4]);
+                    acc[j % CHAINS] = e.b.ins().fma(d, w, acc[j % CHAINS]);
                 }
             }
-            let mut sum = acc[0];
-            for &a in &acc[1..] {
-                sum = e.b.ins().fadd(sum, a);
+            // Pairwise: the chains are independent until here.
+            while acc.len() > 1 {
+                let half = acc.len().div_ceil(2);
+                for i in 0..acc.len() - half {
+                    acc[i] = e.b.ins().fadd(acc[i], acc[i + half]);
+                }
+                acc.truncate(half);
             }
+            let sum = acc[0];
             let dot = e.hsum(sum);
             e.store(out, n, dot);
         });
     });
 }
 
-/// `out[c, e, t] = Σ v · tap t` over every switch of channel `c`, in all images.
-fn weight_grad(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), planes: usize, out: usize, c: Value) {
+/// `out[c, e, t] = Σ v · tap t` over every switch of the channels `lo..hi` in all images:
+/// image by image (its plane stays in cache while every channel reads it), each channel's sums
+/// kept in `sums` (`[C][K·K][E']`) between images, twelve vectors at a time in registers.
+fn weight_grad(
+    e: &mut Emit,
+    ge: Geo,
+    (v, idx): (usize, usize),
+    (planes, sums): (usize, usize),
+    out: usize,
+    (lo, hi): (Value, Value),
+) {
     let taps = ge.taps();
-    let kk = ge.k * ge.k;
-    for (ci, chunk) in taps.chunks(HELD).enumerate() {
-        let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
-        let z = e.fconst(F32X4, 0.0);
-        for &var in &vars {
-            e.b.def_var(var, z);
-        }
-        e.for_range(0, ge.b as i64, 1, |e, b| {
-            let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let per = (taps.len() * 4) as i64;
+    e.for_dynamic(lo, hi, |e, c| {
+        let from = e.b.ins().imul_imm_s(c, per);
+        zero(e, sums, from, per as usize);
+    });
+    e.for_range(0, ge.b as i64, 1, |e, b| {
+        let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+        e.for_dynamic(lo, hi, |e, c| {
             let first = e.b.ins().imul_imm_s(b, ge.c as i64);
             let first = e.b.ins().iadd(first, c);
             let first = e.b.ins().imul_imm_s(first, ge.q as i64);
-            e.for_range(0, ge.q as i64, 1, |e, q| {
-                let n = e.b.ins().iadd(first, q);
-                let addr = switch(e, ge, idx, planes, img, n);
-                let val = e.load(F32, v, n);
-                let val = e.b.ins().splat(F32X4, val);
-                for (&(po, _), &var) in chunk.iter().zip(&vars) {
-                    let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
-                    let a = e.b.use_var(var);
-                    let a = e.b.ins().fma(val, d, a);
+            let row = e.b.ins().imul_imm_s(c, per);
+            for (ci, chunk) in taps.chunks(HELD).enumerate() {
+                let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
+                for (j, &var) in vars.iter().enumerate() {
+                    let i = e.b.ins().iadd_imm_s(row, ((ci * HELD + j) * 4) as i64);
+                    let a = e.load(F32X4, sums, i);
                     e.b.def_var(var, a);
                 }
-            });
+                e.for_range(0, ge.q as i64, 1, |e, q| {
+                    let n = e.b.ins().iadd(first, q);
+                    let addr = switch(e, ge, idx, planes, img, n);
+                    let val = e.load(F32, v, n);
+                    let val = e.b.ins().splat(F32X4, val);
+                    for (&(po, _), &var) in chunk.iter().zip(&vars) {
+                        let d = e.b.ins().load(F32X4, read_only(), addr, po * 4);
+                        let a = e.b.use_var(var);
+                        let a = e.b.ins().fma(d, val, a);
+                        e.b.def_var(var, a);
+                    }
+                });
+                for (j, &var) in vars.iter().enumerate() {
+                    let i = e.b.ins().iadd_imm_s(row, ((ci * HELD + j) * 4) as i64);
+                    let a = e.b.use_var(var);
+                    e.store(sums, i, a);
+                }
+            }
         });
-        // Lane l of tap vector (t, lanes) is channel lanes + l: out[c][ch][t].
-        let row = e.b.ins().imul_imm_s(c, (ge.e * kk) as i64);
-        for (j, &var) in vars.iter().enumerate() {
-            let flat = ci * HELD + j;
-            let (t, lanes) = (flat / (ge.ep / 4), flat % (ge.ep / 4) * 4);
-            let a = e.b.use_var(var);
+    });
+    // Lane l of tap vector (t, lanes) is channel lanes + l: out[c][ch][t].
+    let kk = ge.k * ge.k;
+    e.for_dynamic(lo, hi, |e, c| {
+        let row = e.b.ins().imul_imm_s(c, per);
+        let orow = e.b.ins().imul_imm_s(c, (ge.e * kk) as i64);
+        for j in 0..taps.len() {
+            let (t, lanes) = (j / (ge.ep / 4), j % (ge.ep / 4) * 4);
+            let i = e.b.ins().iadd_imm_s(row, (j * 4) as i64);
+            let a = e.load(F32X4, sums, i);
             for l in 0..4 {
                 let ch = lanes + l;
                 if ch < ge.e {
                     let x = e.b.ins().extractlane(a, l as u8);
-                    let i = e.b.ins().iadd_imm_s(row, (ch * kk + t) as i64);
+                    let i = e.b.ins().iadd_imm_s(orow, (ch * kk + t) as i64);
                     e.store(out, i, x);
                 }
             }
         }
-    }
+    });
 }
