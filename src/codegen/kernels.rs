@@ -646,12 +646,10 @@ fn pool_argmax(
                         let v = e.load(F32, x, gi);
                         let bv = e.b.use_var(bestv);
                         // Strictly greater keeps the first maximum; NaN counts as a maximum.
-                        let gt = e.b.ins().fcmp(FloatCC::GreaterThan, v, bv);
-                        let vnan = e.b.ins().fcmp(FloatCC::Unordered, v, v);
-                        let bnan = e.b.ins().fcmp(FloatCC::Unordered, bv, bv);
-                        let bok = e.b.ins().bnot(bnan);
-                        let nanwin = e.b.ins().band(vnan, bok);
-                        let take = e.b.ins().bor(gt, nanwin);
+                        // (v > best or v is NaN) and best is not NaN.
+                        let gt = e.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, bv);
+                        let bok = e.b.ins().fcmp(FloatCC::Ordered, bv, bv);
+                        let take = e.b.ins().band(gt, bok);
                         let bi = e.b.use_var(best);
                         let nb = e.b.ins().select(take, i, bi);
                         let nv = e.b.ins().select(take, v, bv);

@@ -39,9 +39,13 @@ struct Geo {
     q: usize,
     /// The switches' plane width.
     ws: usize,
-    /// Dense channels, and rounded up to 4.
+    /// Dense channels, and the floats per place in the padded plane (rounded up to 4, or 1 for
+    /// tap rows).
     e: usize,
     ep: usize,
+    /// One dense channel read (not written): each vector holds four taps of a kernel row
+    /// instead of four channels of one tap — a third of the vectors for K = 3.
+    rows: bool,
     k: usize,
     pad: usize,
     /// The dense plane and the padded one.
@@ -69,30 +73,45 @@ impl Geo {
             _ => return None,
         };
         let (hd, wd) = (dense[2], dense[3]);
+        let rows = dense[1] == 1 && !matches!(g.node(id).op, Op::SparseConvT { .. });
+        // A tap row's last vector reads up to three columns past the kernel.
+        let reach = if rows { k.div_ceil(4) * 4 } else { k };
         Some(Geo {
             b: map[0],
             c: map[1],
             q: map[2] * map[3],
             ws,
             e: dense[1],
-            ep: dense[1].div_ceil(4) * 4,
+            ep: if rows { 1 } else { dense[1].div_ceil(4) * 4 },
+            rows,
             k,
             pad,
             hd,
             wd,
             hp: (hd + pad).max(hs + k - 1),
-            wp: (wd + pad).max(ws + k - 1),
+            wp: (wd + pad).max(ws + reach - 1),
         })
     }
 
-    /// Floats of one image's padded channel-last plane.
+    /// Floats of one image's padded channel-last plane (a multiple of 4).
     fn img(&self) -> usize {
-        self.hp * self.wp * self.ep
+        (self.hp * self.wp * self.ep).div_ceil(4) * 4
     }
 
-    /// Floats of the packed weights `[C][K·K][E']`.
+    /// Floats of one channel's packed weights: `[K·K][E']`, or `[K][K rounded up to 4]` for
+    /// tap rows.
+    fn per_channel(&self) -> usize {
+        if self.rows { self.k * self.k.div_ceil(4) * 4 } else { self.k * self.k * self.ep }
+    }
+
     fn packed(&self) -> usize {
-        self.c * self.k * self.k * self.ep
+        self.c * self.per_channel()
+    }
+
+    /// Where dense channel `ch` of tap `(i, j)` sits in a channel's packed weights (and its
+    /// sums): vector `slot / 4`, lane `slot % 4`.
+    fn slot(&self, ch: usize, i: usize, j: usize) -> usize {
+        if self.rows { i * self.k.div_ceil(4) * 4 + j } else { (i * self.k + j) * self.ep + ch }
     }
 
     /// Every vector of a switch's taps: (floats from the switch's own place in the padded
@@ -102,9 +121,11 @@ impl Geo {
         for i in 0..self.k {
             for j in 0..self.k {
                 for lanes in (0..self.ep).step_by(4) {
+                    if self.rows && j % 4 != 0 {
+                        continue;
+                    }
                     let plane = (i * self.wp + j) * self.ep + lanes;
-                    let weights = (i * self.k + j) * self.ep + lanes;
-                    v.push((plane as i32, weights as i32));
+                    v.push((plane as i32, self.slot(lanes, i, j) as i32));
                 }
             }
         }
@@ -205,12 +226,12 @@ fn pack_weights(e: &mut Emit, ge: Geo, w: usize, packed: usize) {
             let src = e.b.ins().imul_imm_s(c, ge.e as i64);
             let src = e.b.ins().iadd(src, ch);
             let src = e.b.ins().imul_imm_s(src, kk as i64);
-            let dst = e.b.ins().imul_imm_s(c, (kk * ge.ep) as i64);
+            let dst = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
             let dst = e.b.ins().iadd(dst, ch);
             for t in 0..kk {
                 let s = e.b.ins().iadd_imm_s(src, t as i64);
                 let val = e.load(F32, w, s);
-                let d = e.b.ins().iadd_imm_s(dst, (t * ge.ep) as i64);
+                let d = e.b.ins().iadd_imm_s(dst, ge.slot(0, t / ge.k, t % ge.k) as i64);
                 e.store(packed, d, val);
             }
         });
@@ -290,7 +311,7 @@ fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (u
     let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
     let taps = ge.taps();
     e.for_range(0, ge.c as i64, 1, |e, c| {
-        let wbase = e.b.ins().imul_imm_s(c, (ge.k * ge.k * ge.ep) as i64);
+        let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
         let first = e.b.ins().imul_imm_s(b, ge.c as i64);
         let first = e.b.ins().iadd(first, c);
         let first = e.b.ins().imul_imm_s(first, ge.q as i64);
@@ -328,7 +349,7 @@ fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), o
     let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
     let taps = ge.taps();
     e.for_range(0, ge.c as i64, 1, |e, c| {
-        let wbase = e.b.ins().imul_imm_s(c, (ge.k * ge.k * ge.ep) as i64);
+        let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
         let waddr = e.addr(packed, wbase);
         let first = e.b.ins().imul_imm_s(b, ge.c as i64);
         let first = e.b.ins().iadd(first, c);
@@ -373,7 +394,7 @@ fn weight_grad(
     (lo, hi): (Value, Value),
 ) {
     let taps = ge.taps();
-    let per = (taps.len() * 4) as i64;
+    let per = ge.per_channel() as i64;
     e.for_dynamic(lo, hi, |e, c| {
         let from = e.b.ins().imul_imm_s(c, per);
         zero(e, sums, from, per as usize);
@@ -385,10 +406,10 @@ fn weight_grad(
             let first = e.b.ins().iadd(first, c);
             let first = e.b.ins().imul_imm_s(first, ge.q as i64);
             let row = e.b.ins().imul_imm_s(c, per);
-            for (ci, chunk) in taps.chunks(HELD).enumerate() {
+            for chunk in taps.chunks(HELD) {
                 let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
-                for (j, &var) in vars.iter().enumerate() {
-                    let i = e.b.ins().iadd_imm_s(row, ((ci * HELD + j) * 4) as i64);
+                for (&(_, wo), &var) in chunk.iter().zip(&vars) {
+                    let i = e.b.ins().iadd_imm_s(row, i64::from(wo));
                     let a = e.load(F32X4, sums, i);
                     e.b.def_var(var, a);
                 }
@@ -404,30 +425,25 @@ fn weight_grad(
                         e.b.def_var(var, a);
                     }
                 });
-                for (j, &var) in vars.iter().enumerate() {
-                    let i = e.b.ins().iadd_imm_s(row, ((ci * HELD + j) * 4) as i64);
+                for (&(_, wo), &var) in chunk.iter().zip(&vars) {
+                    let i = e.b.ins().iadd_imm_s(row, i64::from(wo));
                     let a = e.b.use_var(var);
                     e.store(sums, i, a);
                 }
             }
         });
     });
-    // Lane l of tap vector (t, lanes) is channel lanes + l: out[c][ch][t].
+    // out[c][ch][i][j] from its slot of the sums.
     let kk = ge.k * ge.k;
     e.for_dynamic(lo, hi, |e, c| {
         let row = e.b.ins().imul_imm_s(c, per);
         let orow = e.b.ins().imul_imm_s(c, (ge.e * kk) as i64);
-        for j in 0..taps.len() {
-            let (t, lanes) = (j / (ge.ep / 4), j % (ge.ep / 4) * 4);
-            let i = e.b.ins().iadd_imm_s(row, (j * 4) as i64);
-            let a = e.load(F32X4, sums, i);
-            for l in 0..4 {
-                let ch = lanes + l;
-                if ch < ge.e {
-                    let x = e.b.ins().extractlane(a, l as u8);
-                    let i = e.b.ins().iadd_imm_s(orow, (ch * kk + t) as i64);
-                    e.store(out, i, x);
-                }
+        for ch in 0..ge.e {
+            for t in 0..kk {
+                let i = e.b.ins().iadd_imm_s(row, ge.slot(ch, t / ge.k, t % ge.k) as i64);
+                let x = e.load(F32, sums, i);
+                let i = e.b.ins().iadd_imm_s(orow, (ch * kk + t) as i64);
+                e.store(out, i, x);
             }
         }
     });
