@@ -709,7 +709,9 @@ pub fn describe(p: &Program) -> String {
     );
     let _ = writeln!(
         out,
-        "\nkernels, in order (a fused group computes its ops in one pass and stores only its result):"
+        "\nkernels, in order (a fused group computes its ops in one pass and stores only its result;\n\
+         %N are the nodes of the graph as compiled: after dead-code elimination and the rewrite of\n\
+         switch-map convolutions, so they may differ from `--emit ir`'s):"
     );
     for k in &p.kernels {
         let grp = &p.groups[k.group];
