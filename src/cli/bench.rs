@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// goes (the kernels that take the most first).
     #[arg(long)]
     profile: bool,
+    /// Compute the convolutions of pool switch maps densely (im2col and matmul), as the graph
+    /// is written: for comparing with the per-switch kernels, which are the default.
+    #[arg(long)]
+    dense: bool,
 }
 
 fn inputs(g: &Graph) -> Vec<Buf> {
@@ -75,14 +79,15 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let threads = args
         .threads
         .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
-    let mut train = Program::compile(&step, Options::default()).map_err(Failure::Data)?;
+    let opts = Options { dense: args.dense, ..Options::default() };
+    let mut train = Program::compile(&step, opts).map_err(Failure::Data)?;
     train.set_threads(threads);
     let state = State::new(init::init_params(&c.forward, aec::syntax::ast::Init::Default, 1));
     train.set_state(&state).map_err(Failure::Data)?;
     let fwd = lower::lower(&c.model, &Lowering { batch: c.batch, mode: Mode::Infer, denoise: false })
         .map_err(Failure::Data)?;
     let fwd = aec::passes::dce::keep_outputs(&fwd, &["recon"]).map_err(Failure::Data)?;
-    let mut infer = Program::compile(&fwd, Options::default()).map_err(Failure::Data)?;
+    let mut infer = Program::compile(&fwd, opts).map_err(Failure::Data)?;
     infer.set_threads(threads);
     infer.set_state(&state).map_err(Failure::Data)?;
 

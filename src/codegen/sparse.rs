@@ -291,6 +291,13 @@ fn for_dense(e: &mut Emit, ge: Geo, b: Value, img: Value, mut body: impl FnMut(&
     });
 }
 
+/// The map's element index of the first switch of image `b`, channel `c`.
+fn first_switch(e: &mut Emit, ge: Geo, b: Value, c: Value) -> Value {
+    let plane = e.b.ins().imul_imm_s(b, ge.c as i64);
+    let plane = e.b.ins().iadd(plane, c);
+    e.b.ins().imul_imm_s(plane, ge.q as i64)
+}
+
 /// The byte address of switch `n`'s place (`n` an element index of the map) in the padded
 /// plane of image `img` (an element index of the planes' buffer).
 fn switch(e: &mut Emit, ge: Geo, idx: usize, planes: usize, img: Value, n: Value) -> Value {
@@ -312,9 +319,7 @@ fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (u
     let taps = ge.taps();
     e.for_range(0, ge.c as i64, 1, |e, c| {
         let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
-        let first = e.b.ins().imul_imm_s(b, ge.c as i64);
-        let first = e.b.ins().iadd(first, c);
-        let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+        let first = first_switch(e, ge, b, c);
         for chunk in taps.chunks(HELD) {
             let held: Vec<Value> = chunk
                 .iter()
@@ -351,9 +356,7 @@ fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), o
     e.for_range(0, ge.c as i64, 1, |e, c| {
         let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
         let waddr = e.addr(packed, wbase);
-        let first = e.b.ins().imul_imm_s(b, ge.c as i64);
-        let first = e.b.ins().iadd(first, c);
-        let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+        let first = first_switch(e, ge, b, c);
         e.for_range(0, ge.q as i64, 1, |e, q| {
             let n = e.b.ins().iadd(first, q);
             let addr = switch(e, ge, idx, planes, img, n);
@@ -402,9 +405,7 @@ fn weight_grad(
     e.for_range(0, ge.b as i64, 1, |e, b| {
         let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
         e.for_dynamic(lo, hi, |e, c| {
-            let first = e.b.ins().imul_imm_s(b, ge.c as i64);
-            let first = e.b.ins().iadd(first, c);
-            let first = e.b.ins().imul_imm_s(first, ge.q as i64);
+            let first = first_switch(e, ge, b, c);
             let row = e.b.ins().imul_imm_s(c, per);
             for chunk in taps.chunks(HELD) {
                 let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
