@@ -408,3 +408,35 @@ fn switch_map_convolutions_match_the_dense_ones() {
         }
     }
 }
+
+/// Max-pool switches on the JIT against the interpreter, exactly: rows wide enough for the
+/// four-at-a-time path (2×2, stride 2) and its scalar tail, ties (the first maximum wins), NaN
+/// (a maximum; the first one wins) and infinities; and a 3×3 pool that stays scalar.
+#[test]
+fn pool_switches_break_ties_and_nans_as_the_interpreter() {
+    use aec::ir::{Op, Type};
+    for (h, w, k, s) in [(6, 11, 2, 2), (8, 8, 2, 2), (5, 19, 2, 2), (7, 10, 3, 3)] {
+        let mut g = Graph::new("pool");
+        let x = g.add_input("x", Type::f32(vec![2, 3, h, w])).expect("input");
+        let sw = g.add(Op::PoolArgmax { x, kernel: k, stride: s }, None).expect("pool");
+        g.outputs.push(("sw".into(), sw));
+        let mut rng = ChaCha8Rng::seed_from_u64(h as u64 * 31 + w as u64);
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0];
+        let data: Vec<f32> = (0..2 * 3 * h * w)
+            .map(|_| match rng.random_range(0..4) {
+                // Few distinct values: many ties.
+                0 | 1 => rng.random_range(0..3) as f32,
+                2 => special[rng.random_range(0..special.len())],
+                _ => rng.random::<f32>(),
+            })
+            .collect();
+        let inputs = vec![Buf::F32(data)];
+        let mut state = State::new(Vec::new());
+        let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: false };
+        let values = interp::run(&g, &inputs, &mut state, &opts).expect("interp");
+        let mut program = Program::compile(&g, Options::default()).expect("compiles");
+        program.run(&inputs, 1, 1).expect("runs");
+        let jit = program.output("sw").expect("output");
+        assert_eq!(values.get(sw).i32(), jit.i32(), "{h}×{w} pool {k} stride {s}");
+    }
+}

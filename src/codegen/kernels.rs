@@ -6,8 +6,8 @@ use super::emit::Emit;
 use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
-use cranelift_codegen::ir::{InstBuilder, Type, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
+use cranelift_codegen::ir::{ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value};
 
 /// Emits node `id`'s kernel body; `range` is the (lo, hi) work range of kernels that split
 /// across threads. Errors name ops without a kernel (nothing falls back).
@@ -626,9 +626,14 @@ fn pool_argmax(
     let (c, h, w) = (xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
     let (first_plane, end_plane) = image_planes(e, xs[0], c, (lo, hi));
+    // 2×2 windows at stride 2 take four outputs of a row at a time.
+    let quads = if (k, s) == (2, 2) { ow / 4 } else { 0 };
     e.for_dynamic(first_plane, end_plane, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
-            e.for_range(0, ow as i64, 1, |e, xx| {
+            e.for_range(0, quads as i64, 1, |e, quad| {
+                pool_argmax_quad(e, (x, out), (h, w, oh, ow), pl, y, quad)
+            });
+            e.for_range(4 * quads as i64, ow as i64, 1, |e, xx| {
                 let best = e.b.declare_var(I64);
                 let bestv = e.b.declare_var(F32);
                 let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
@@ -667,6 +672,69 @@ fn pool_argmax(
             });
         });
     });
+}
+
+/// Four outputs `4·quad..4·quad + 4` of row `y` of a 2×2, stride-2 max pool: each candidate of
+/// the window is one vector (the row's even or odd columns, split by `shufps`), compared in the
+/// scalar loop's order with its rule.
+fn pool_argmax_quad(
+    e: &mut Emit,
+    (x, out): (usize, usize),
+    (h, w, oh, ow): (usize, usize, usize, usize),
+    pl: Value,
+    y: Value,
+    quad: Value,
+) {
+    let little = MemFlagsData::new().with_endianness(Endianness::Little);
+    // Lanes 0, 2 of the first vector, then of the second: the even columns; 1, 3: the odd ones.
+    let evens: Vec<u8> = [0u8, 2, 4, 6].iter().flat_map(|&l| (0..4).map(move |b| l * 4 + b)).collect();
+    let odds: Vec<u8> = evens.iter().map(|b| b + 4).collect();
+    let plane = e.b.ins().imul_imm_s(pl, (h * w) as i64);
+    let row = e.b.ins().imul_imm_s(y, (2 * w) as i64);
+    let col = e.b.ins().imul_imm_s(quad, 8);
+    let first = e.b.ins().iadd(row, col);
+    let at = e.b.ins().iadd(plane, first);
+    let mut candidates = Vec::new();
+    for r in 0..2 {
+        let i = e.b.ins().iadd_imm_s(at, (r * w) as i64);
+        let lo = e.load(F32X4, x, i);
+        let i = e.b.ins().iadd_imm_s(i, 4);
+        let hi = e.load(F32X4, x, i);
+        let lo = e.b.ins().bitcast(I8X16, little, lo);
+        let hi = e.b.ins().bitcast(I8X16, little, hi);
+        for mask in [&evens, &odds] {
+            let imm = e.b.func.dfg.immediates.push(ConstantData::from(mask.as_slice()));
+            let v = e.b.ins().shuffle(lo, hi, imm);
+            candidates.push(e.b.ins().bitcast(F32X4, little, v));
+        }
+    }
+    // Flat indices of the first candidate: first + 2·lane.
+    let lanes = e.b.func.dfg.constants.insert(ConstantData::from(
+        [0i32, 2, 4, 6].iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>(),
+    ));
+    let lanes = e.b.ins().vconst(I32X4, lanes);
+    let first32 = e.b.ins().ireduce(I32, first);
+    let base = e.b.ins().splat(I32X4, first32);
+    let base = e.b.ins().iadd(base, lanes);
+    let (mut best, mut best_at) = (candidates[0], base);
+    for (n, &v) in candidates.iter().enumerate().skip(1) {
+        let offset = e.b.ins().iconst(I32, ((n / 2) * w + n % 2) as i64);
+        let offset = e.b.ins().splat(I32X4, offset);
+        let at = e.b.ins().iadd(base, offset);
+        // (v > best or v is NaN) and best is not NaN: the scalar loop's rule.
+        let gt = e.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, best);
+        let ok = e.b.ins().fcmp(FloatCC::Ordered, best, best);
+        let take = e.b.ins().band(gt, ok);
+        best = e.select(F32X4, take, v, best);
+        best_at = e.b.ins().bitselect(take, at, best_at);
+    }
+    let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
+    let r = e.b.ins().imul_imm_s(y, ow as i64);
+    let o = e.b.ins().iadd(o, r);
+    let q = e.b.ins().imul_imm_s(quad, 4);
+    let o = e.b.ins().iadd(o, q);
+    let best_at = e.b.ins().bitcast(F32X4, little, best_at);
+    e.store(out, o, best_at);
 }
 
 fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: usize, s: usize) {
