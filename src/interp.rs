@@ -8,7 +8,7 @@
 //! Semantics are PyTorch's: see the op docs in `ir::op` and the losses and optimizers below.
 
 use crate::diag::Span;
-use crate::ir::{BinaryFn, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
+use crate::ir::{BinaryFn, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight};
 use crate::runtime::State;
 use crate::syntax::ast::Cell;
 use std::fmt;
@@ -243,42 +243,42 @@ fn eval(
             }
             Buf::F32(out)
         }
-        Op::SparseConvT { v, idx, w, width, pad, .. } => {
+        Op::SparseConvT { v, idx, w, width, pad, flip, .. } => {
             let (ws, vs) = (sh(*w), sh(*v));
-            let (e_n, k, plane) = (ws[1], ws[2], shape[2] * shape[3]);
+            let (c_n, e_n, k, plane) = (vs[1], shape[1], ws[2], shape[2] * shape[3]);
             let (vv, wv) = (f(*v), f(*w));
             let mut out = vec![0f64; node.ty.numel()];
             for_switch_taps(vs, ints(*idx), *width, (shape[2], shape[3]), (k, *pad), |n, b, c, t, at| {
                 for e in 0..e_n {
-                    out[(b * e_n + e) * plane + at] +=
-                        f64::from(vv[n]) * f64::from(wv[(c * e_n + e) * k * k + t]);
+                    let wi = switch_weight(*flip, (c, e), (c_n, e_n), k * k, t);
+                    out[(b * e_n + e) * plane + at] += f64::from(vv[n]) * f64::from(wv[wi]);
                 }
             });
             Buf::F32(out.into_iter().map(|a| a as f32).collect())
         }
-        Op::GatherConv { x, w, idx, pad } => {
+        Op::GatherConv { x, w, idx, pad, flip } => {
             let (xs, ws) = (sh(*x), sh(*w));
-            let (e_n, k, plane) = (xs[1], ws[2], xs[2] * xs[3]);
+            let (c_n, e_n, k, plane) = (shape[1], xs[1], ws[2], xs[2] * xs[3]);
             let width = xs[3] + 2 * pad + 1 - k;
             let (xv, wv) = (f(*x), f(*w));
             let mut out = vec![0f64; node.ty.numel()];
             for_switch_taps(shape, ints(*idx), width, (xs[2], xs[3]), (k, *pad), |n, b, c, t, at| {
                 for e in 0..e_n {
-                    out[n] +=
-                        f64::from(wv[(c * e_n + e) * k * k + t]) * f64::from(xv[(b * e_n + e) * plane + at]);
+                    let wi = switch_weight(*flip, (c, e), (c_n, e_n), k * k, t);
+                    out[n] += f64::from(wv[wi]) * f64::from(xv[(b * e_n + e) * plane + at]);
                 }
             });
             Buf::F32(out.into_iter().map(|a| a as f32).collect())
         }
-        Op::SparseWeightGrad { v, idx, d, kernel, pad, width, .. } => {
-            let (ds, k) = (sh(*d), *kernel);
-            let (e_n, plane) = (ds[1], ds[2] * ds[3]);
+        Op::SparseWeightGrad { v, idx, d, kernel, pad, width, flip, .. } => {
+            let (ds, vs, k) = (sh(*d), sh(*v), *kernel);
+            let (c_n, e_n, plane) = (vs[1], ds[1], ds[2] * ds[3]);
             let (vv, dv) = (f(*v), f(*d));
             let mut out = vec![0f64; node.ty.numel()];
-            for_switch_taps(sh(*v), ints(*idx), *width, (ds[2], ds[3]), (k, *pad), |n, b, c, t, at| {
+            for_switch_taps(vs, ints(*idx), *width, (ds[2], ds[3]), (k, *pad), |n, b, c, t, at| {
                 for e in 0..e_n {
-                    out[(c * e_n + e) * k * k + t] +=
-                        f64::from(vv[n]) * f64::from(dv[(b * e_n + e) * plane + at]);
+                    let wi = switch_weight(*flip, (c, e), (c_n, e_n), k * k, t);
+                    out[wi] += f64::from(vv[n]) * f64::from(dv[(b * e_n + e) * plane + at]);
                 }
             });
             Buf::F32(out.into_iter().map(|a| a as f32).collect())

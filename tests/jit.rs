@@ -381,6 +381,9 @@ fn switch_map_convolutions_match_the_dense_ones() {
         "model t { input x: [3, 9, 6]\n encoder { conv 5 k3 p1 -> relu; maxpool 2 as p; conv 6 k3 p1 -> tanh }\n decoder { deconv 5 k3 p1 -> relu; unpool p; deconv 3 k5 p2 -> sigmoid }\n loss mse(x) }",
         "model t { input x: [2, 8, 7]\n encoder { conv 4 k3 p1 -> relu; maxpool 2 as p; conv 4 k3 p1 }\n decoder { unpool p; deconv 2 k3 -> relu; flatten; dense 112 -> sigmoid; reshape [2, 8, 7] }\n loss mse(x) }",
         "model t { input x: [1, 7, 7]\n encoder { conv 3 k5 p2 -> sigmoid; maxpool 3 as p }\n decoder { unpool p; deconv 1 k3 p1 -> sigmoid }\n loss bce(x) }",
+        // A convolution (not a deconvolution) after unpooling: the kernels run flipped.
+        "model t { input x: [1, 9, 8]\n encoder { conv 5 k3 p1 -> relu; maxpool 2 as p }\n decoder { unpool p; conv 1 k3 p1 -> sigmoid }\n loss mse(x) }",
+        "model t { input x: [1, 8, 9]\n encoder { conv 3 k3 p1 -> tanh; maxpool 2 as p }\n decoder { unpool p; conv 4 k5 p1 -> relu; flatten; dense 72 -> sigmoid; reshape [1, 8, 9] }\n loss mse(x) }",
     ];
     for src in srcs {
         let (g, f) = compile_src(src, 3);
@@ -389,6 +392,8 @@ fn switch_map_convolutions_match_the_dense_ones() {
         for op in ["sparse_conv_transpose2d", "gather_conv2d", "sparse_weight_grad"] {
             assert!(mnemonics.contains(&op), "{src}: no {op} in {mnemonics:?}");
         }
+        let flips = aec::ir::print(&sparse, None).matches(" flip").count();
+        assert_eq!(flips > 0, src.contains("unpool p; conv"), "{src}: {flips} flipped ops");
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let inputs = random_inputs(&g, &mut rng);
         let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };

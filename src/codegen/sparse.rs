@@ -46,6 +46,8 @@ struct Geo {
     /// One dense channel read (not written): each vector holds four taps of a kernel row
     /// instead of four channels of one tap — a third of the vectors for K = 3.
     rows: bool,
+    /// The weight is a conv2d weight read flipped (see `Op::SparseConvT`).
+    flip: bool,
     k: usize,
     pad: usize,
     /// The dense plane and the padded one.
@@ -58,17 +60,17 @@ struct Geo {
 impl Geo {
     fn of(g: &Graph, id: NodeId) -> Option<Geo> {
         let sh = |n: NodeId| g.ty(n).shape.clone();
-        let (map, dense, k, pad, (hs, ws)) = match g.node(id).op {
-            Op::SparseConvT { v, w, height, width, pad, .. } => {
-                (sh(v), g.ty(id).shape.clone(), sh(w)[2], pad, (height, width))
+        let (map, dense, k, pad, (hs, ws), flip) = match g.node(id).op {
+            Op::SparseConvT { v, w, height, width, pad, flip, .. } => {
+                (sh(v), g.ty(id).shape.clone(), sh(w)[2], pad, (height, width), flip)
             }
-            Op::GatherConv { x, w, idx, pad } => {
+            Op::GatherConv { x, w, idx, pad, flip } => {
                 let (xs, k) = (sh(x), sh(w)[2]);
                 let sparse = ((xs[2] + 2 * pad + 1).checked_sub(k)?, (xs[3] + 2 * pad + 1).checked_sub(k)?);
-                (sh(idx), xs, k, pad, sparse)
+                (sh(idx), xs, k, pad, sparse, flip)
             }
-            Op::SparseWeightGrad { v, d, kernel, pad, height, width, .. } => {
-                (sh(v), sh(d), kernel, pad, (height, width))
+            Op::SparseWeightGrad { v, d, kernel, pad, height, width, flip, .. } => {
+                (sh(v), sh(d), kernel, pad, (height, width), flip)
             }
             _ => return None,
         };
@@ -84,6 +86,7 @@ impl Geo {
             e: dense[1],
             ep: if rows { 1 } else { dense[1].div_ceil(4) * 4 },
             rows,
+            flip,
             k,
             pad,
             hd,
@@ -130,6 +133,19 @@ impl Geo {
             }
         }
         v
+    }
+
+    /// Where `K[c][ch][0]` sits in the weight (or weight gradient): `[C][E][K·K]`, or flipped
+    /// `[E][C][K·K]` (see `ir::switch_weight`); `tap_at(t)` is tap `t`'s distance from there.
+    fn weight_at(&self, e: &mut Emit, c: Value, ch: Value) -> Value {
+        let (outer, inner, n) = if self.flip { (ch, c, self.c) } else { (c, ch, self.e) };
+        let at = e.b.ins().imul_imm_s(outer, n as i64);
+        let at = e.b.ins().iadd(at, inner);
+        e.b.ins().imul_imm_s(at, (self.k * self.k) as i64)
+    }
+
+    fn tap_at(&self, t: usize) -> i64 {
+        (if self.flip { self.k * self.k - 1 - t } else { t }) as i64
     }
 
     /// Multiply-adds.
@@ -223,13 +239,11 @@ fn pack_weights(e: &mut Emit, ge: Geo, w: usize, packed: usize) {
     let kk = ge.k * ge.k;
     e.for_range(0, ge.c as i64, 1, |e, c| {
         e.for_range(0, ge.e as i64, 1, |e, ch| {
-            let src = e.b.ins().imul_imm_s(c, ge.e as i64);
-            let src = e.b.ins().iadd(src, ch);
-            let src = e.b.ins().imul_imm_s(src, kk as i64);
+            let src = ge.weight_at(e, c, ch);
             let dst = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
             let dst = e.b.ins().iadd(dst, ch);
             for t in 0..kk {
-                let s = e.b.ins().iadd_imm_s(src, t as i64);
+                let s = e.b.ins().iadd_imm_s(src, ge.tap_at(t));
                 let val = e.load(F32, w, s);
                 let d = e.b.ins().iadd_imm_s(dst, ge.slot(0, t / ge.k, t % ge.k) as i64);
                 e.store(packed, d, val);
@@ -438,12 +452,13 @@ fn weight_grad(
     let kk = ge.k * ge.k;
     e.for_dynamic(lo, hi, |e, c| {
         let row = e.b.ins().imul_imm_s(c, per);
-        let orow = e.b.ins().imul_imm_s(c, (ge.e * kk) as i64);
         for ch in 0..ge.e {
+            let chv = e.i64(ch as i64);
+            let orow = ge.weight_at(e, c, chv);
             for t in 0..kk {
                 let i = e.b.ins().iadd_imm_s(row, ge.slot(ch, t / ge.k, t % ge.k) as i64);
                 let x = e.load(F32, sums, i);
-                let i = e.b.ins().iadd_imm_s(orow, (ch * kk + t) as i64);
+                let i = e.b.ins().iadd_imm_s(orow, ge.tap_at(t));
                 e.store(out, i, x);
             }
         }

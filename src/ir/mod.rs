@@ -18,7 +18,9 @@ mod op;
 mod print;
 mod verify;
 
-pub use op::{BinaryFn, LossFn, Op, OptimizerFn, RecurrentGradLayout, UnaryFn, recurrent_grad_layout};
+pub use op::{
+    BinaryFn, LossFn, Op, OptimizerFn, RecurrentGradLayout, UnaryFn, recurrent_grad_layout, switch_weight,
+};
 pub use print::print;
 pub use verify::verify;
 

@@ -178,11 +178,14 @@ pub enum Op {
 
     // Convolutions of a switch map: `Scatter` of `v` at switches `idx` that never repeat
     // (pools with stride ≥ kernel), a plane that is zero but at one place per window. Made by
-    // `passes::sparse` from the dense ops, they skip the zeros; stride 1. A tap `(i, j)` of
-    // switch `s = (r, c)` is the dense position `(r + i - pad, c + j - pad)`; those outside
-    // the dense plane are zero (or dropped, when written).
-    /// `conv_transpose2d(scatter(v, idx, height, width), w, stride 1, pad)`: every switch adds
-    /// `v · w[c]` around itself.
+    // `passes::sparse` from the dense ops, they skip the zeros; stride 1. With `c` the map's
+    // channel and `e` the dense side's, the kernel `K[c][e][i][j]` is the weight `w[c][e][i][j]`
+    // — or, with `flip`, `w[e][c][K-1-i][K-1-j]` (`switch_weight`): a conv2d weight, for the
+    // same ops with conv2d and conv_transpose2d exchanged. A tap `(i, j)` of switch
+    // `s = (r, c)` is the dense position `(r + i - pad, c + j - pad)`; those outside the dense
+    // plane are zero (or dropped, when written).
+    /// `out[b, e, tap (i, j) of s] += v · K[c][e][i][j]` for every switch: `conv_transpose2d`
+    /// of the map (`pad` its padding), or with `flip` `conv2d` (padding `K - 1 - pad`).
     SparseConvT {
         v: NodeId,
         idx: NodeId,
@@ -190,18 +193,21 @@ pub enum Op {
         height: usize,
         width: usize,
         pad: usize,
+        flip: bool,
     },
-    /// `gather(conv2d(x, w, stride 1, pad), idx)`: the convolution at the switches only.
+    /// `out[b,c,q] = Σ K[c][e][i][j] · x[b, e, tap (i, j) of idx[b,c,q]]`: `conv2d(x, w, pad)`
+    /// — or with `flip` `conv_transpose2d(x, w, K - 1 - pad)` — gathered at the switches.
     GatherConv {
         x: NodeId,
         w: NodeId,
         idx: NodeId,
         pad: usize,
+        flip: bool,
     },
-    /// `dw[c, e, i, j] = Σ v[b,c,q] · d[b, e, tap (i, j) of idx[b,c,q]]`, the switches in a
-    /// `height × width` plane: conv2d's weight gradient with a switch-map output gradient
-    /// (`d` the input) and the transposed convolution's with a switch-map input (`d` the
-    /// output gradient).
+    /// `K[c, e, i, j] = Σ v[b,c,q] · d[b, e, tap (i, j) of idx[b,c,q]]`, the switches in a
+    /// `height × width` plane, stored as the weight: conv2d's weight gradient with a switch-map
+    /// output gradient (`d` the input), the transposed convolution's with a switch-map input
+    /// (`d` the output gradient), or with `flip` conv2d's with a switch-map input.
     SparseWeightGrad {
         v: NodeId,
         idx: NodeId,
@@ -210,6 +216,7 @@ pub enum Op {
         pad: usize,
         height: usize,
         width: usize,
+        flip: bool,
     },
     /// The gradient of `AvgPool` back onto an input of `height × width`.
     AvgPoolGrad {
@@ -715,28 +722,31 @@ impl Op {
                 let [b, c, _, _] = four(sv)?;
                 Type::f32([b, c, *height, *width])
             }
-            SparseConvT { v, idx, w, height, width, pad } => {
+            SparseConvT { v, idx, w, height, width, pad, flip } => {
                 let sv = f32s(*v)?;
                 if sv != i32s(*idx)? {
                     return Err("sparse_conv_transpose2d: values and switches differ".into());
                 }
                 let [b, c, _, _] = four(sv)?;
-                let [ci, co, k, k2] = four(f32s(*w)?)?;
-                if ci != c || k != k2 {
-                    return Err(format!("sparse_conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
+                let ws = four(f32s(*w)?)?;
+                let (ci, co) = if *flip { (ws[1], ws[0]) } else { (ws[0], ws[1]) };
+                let k = ws[2];
+                if ci != c || k != ws[3] {
+                    return Err(format!("sparse_conv_transpose2d weight {ws:?} vs {c} channels"));
                 }
                 Type::f32([b, co, deconv_out(*height, k, 1, *pad, 0)?, deconv_out(*width, k, 1, *pad, 0)?])
             }
-            GatherConv { x, w, idx, .. } => {
+            GatherConv { x, w, idx, flip, .. } => {
                 let [b, e, _, _] = four(f32s(*x)?)?;
-                let [co, ci, k, k2] = four(f32s(*w)?)?;
+                let ws = four(f32s(*w)?)?;
+                let (co, ci) = if *flip { (ws[1], ws[0]) } else { (ws[0], ws[1]) };
                 let si = four(i32s(*idx)?)?;
-                if ci != e || k != k2 || si[0] != b || si[1] != co {
-                    return Err(format!("gather_conv2d: weight [{co},{ci},{k},{k2}] vs {e} channels"));
+                if ci != e || ws[2] != ws[3] || si[0] != b || si[1] != co {
+                    return Err(format!("gather_conv2d: weight {ws:?} vs {e} channels"));
                 }
                 Type::f32(si)
             }
-            SparseWeightGrad { v, idx, d, kernel, .. } => {
+            SparseWeightGrad { v, idx, d, kernel, flip, .. } => {
                 let sv = f32s(*v)?;
                 if sv != i32s(*idx)? {
                     return Err("sparse_weight_grad: values and switches differ".into());
@@ -746,7 +756,7 @@ impl Op {
                 if bd != b {
                     return Err("sparse_weight_grad: batch sizes differ".into());
                 }
-                Type::f32([c, e, *kernel, *kernel])
+                if *flip { Type::f32([e, c, *kernel, *kernel]) } else { Type::f32([c, e, *kernel, *kernel]) }
             }
             AvgPoolGrad { dy, kernel, stride, height, width } => {
                 let [b, c, oh, ow] = four(f32s(*dy)?)?;
@@ -936,6 +946,18 @@ pub fn conv_out(input: usize, k: usize, s: usize, p: usize) -> Result<usize, Str
 }
 
 /// PyTorch's transposed-convolution output size, `(in - 1)·s - 2p + k + op`.
+/// The flat index in a switch-map convolution's weight (or weight gradient) of `K[c][e][t]`
+/// (tap `t = i·K + j`, of `kk = K·K`), for `cn` map and `en` dense channels (see `SparseConvT`).
+pub fn switch_weight(
+    flip: bool,
+    (c, e): (usize, usize),
+    (cn, en): (usize, usize),
+    kk: usize,
+    t: usize,
+) -> usize {
+    if flip { (e * cn + c) * kk + (kk - 1 - t) } else { (c * en + e) * kk + t }
+}
+
 pub fn deconv_out(input: usize, k: usize, s: usize, p: usize, op: usize) -> Result<usize, String> {
     let full = (input - 1) * s + k + op;
     if input == 0 || full <= 2 * p {

@@ -103,12 +103,13 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         | ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
             format!("{m} {} kernel={kernel} stride={stride} pad={pad}", args(&[*x, *dy]))
         }
-        SparseConvT { height, width, pad, .. } => {
-            format!("{m} {} size={height}x{width} pad={pad}", args(&op.operands()))
+        SparseConvT { height, width, pad, flip, .. } => {
+            format!("{m} {} size={height}x{width} pad={pad}{}", args(&op.operands()), flipped(*flip))
         }
-        GatherConv { pad, .. } => format!("{m} {} pad={pad}", args(&op.operands())),
-        SparseWeightGrad { kernel, pad, height, width, .. } => {
-            format!("{m} {} kernel={kernel} pad={pad} size={height}x{width}", args(&op.operands()))
+        GatherConv { pad, flip, .. } => format!("{m} {} pad={pad}{}", args(&op.operands()), flipped(*flip)),
+        SparseWeightGrad { kernel, pad, height, width, flip, .. } => {
+            let a = args(&op.operands());
+            format!("{m} {a} kernel={kernel} pad={pad} size={height}x{width}{}", flipped(*flip))
         }
         PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
             format!("{m} {} kernel={kernel} stride={stride}", name(*x))
@@ -157,4 +158,8 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
 /// A constant as a person writes it: `0.003`, `1e-8`.
 fn num(x: f32) -> String {
     if x != 0.0 && x.abs() < 1e-3 { format!("{x:e}") } else { format!("{x}") }
+}
+
+fn flipped(flip: bool) -> &'static str {
+    if flip { " flip" } else { "" }
 }

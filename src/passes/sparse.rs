@@ -5,11 +5,13 @@
 //! `Op::GatherConv`, `Op::SparseWeightGrad`):
 //!
 //! - `conv_transpose2d(map)` (a decoder's deconvolution after `unpool`; conv2d's input
-//!   gradient) scatters each value around its switch;
-//! - `gather(conv2d(x), switches)` (the gradient of a deconvolution's unpooled input) computes
-//!   the convolution only where it is read;
-//! - the weight gradients whose output gradient (conv2d) or input (conv_transpose2d) is a map
-//!   sum over the switches only;
+//!   gradient through a pool) and `conv2d(map)` (a convolution after `unpool`) scatter each
+//!   value around its switch;
+//! - `gather(conv2d(x), switches)` and `gather(conv_transpose2d(x), switches)` (the gradient
+//!   of an unpooled map that a deconvolution or a convolution read) compute the convolution
+//!   only where it is read;
+//! - the weight gradients whose output gradient (conv2d) or input (either) is a map sum over
+//!   the switches only;
 //! - `act_grad(map, y)` is the map of `act_grad(v, gather(y))`, and a bias gradient of a map
 //!   the sum of its values.
 //!
@@ -66,25 +68,72 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
             }
             Op::ConvTranspose2d { x, w, stride: 1, pad, out_pad: [0, 0] } if map_of(x, &maps).is_some() => {
                 let m = map_of(x, &maps).ok_or("no map")?;
-                out.add(
-                    Op::SparseConvT { v: m.v, idx: m.idx, w, height: m.height, width: m.width, pad },
-                    span,
-                )?
+                let (height, width) = (m.height, m.width);
+                out.add(Op::SparseConvT { v: m.v, idx: m.idx, w, height, width, pad, flip: false }, span)?
+            }
+            // conv2d of a map: the same scatter with the kernel flipped (padding K - 1 - pad).
+            Op::Conv2d { x, w, stride: 1, pad } if map_of(x, &maps).is_some() && flippable(&out, w, pad) => {
+                let m = map_of(x, &maps).ok_or("no map")?;
+                let (height, width, pad) = (m.height, m.width, kernel(&out, w) - 1 - pad);
+                out.add(Op::SparseConvT { v: m.v, idx: m.idx, w, height, width, pad, flip: true }, span)?
             }
             Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(dy, &maps).is_some() => {
                 let m = map_of(dy, &maps).ok_or("no map")?;
                 let (height, width) = (m.height, m.width);
-                out.add(Op::SparseWeightGrad { v: m.v, idx: m.idx, d: x, kernel, pad, height, width }, span)?
+                let op = Op::SparseWeightGrad {
+                    v: m.v,
+                    idx: m.idx,
+                    d: x,
+                    kernel,
+                    pad,
+                    height,
+                    width,
+                    flip: false,
+                };
+                out.add(op, span)?
+            }
+            Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad }
+                if map_of(x, &maps).is_some() && pad < kernel =>
+            {
+                let m = map_of(x, &maps).ok_or("no map")?;
+                let (height, width, pad) = (m.height, m.width, kernel - 1 - pad);
+                let op = Op::SparseWeightGrad {
+                    v: m.v,
+                    idx: m.idx,
+                    d: dy,
+                    kernel,
+                    pad,
+                    height,
+                    width,
+                    flip: true,
+                };
+                out.add(op, span)?
             }
             Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(x, &maps).is_some() => {
                 let m = map_of(x, &maps).ok_or("no map")?;
                 let (height, width) = (m.height, m.width);
-                out.add(Op::SparseWeightGrad { v: m.v, idx: m.idx, d: dy, kernel, pad, height, width }, span)?
+                let op = Op::SparseWeightGrad {
+                    v: m.v,
+                    idx: m.idx,
+                    d: dy,
+                    kernel,
+                    pad,
+                    height,
+                    width,
+                    flip: false,
+                };
+                out.add(op, span)?
             }
             // Reads the convolution's operands where the gather is: no update may come between.
-            Op::Gather { x, idx } if !updated => match out.node(x).op {
-                Op::Conv2d { x: cx, w, stride: 1, pad } if plane(&out, x) <= MAX_PLANE => {
-                    out.add(Op::GatherConv { x: cx, w, idx, pad }, span)?
+            Op::Gather { x, idx } if !updated && plane(&out, x) <= MAX_PLANE => match out.node(x).op {
+                Op::Conv2d { x: cx, w, stride: 1, pad } => {
+                    out.add(Op::GatherConv { x: cx, w, idx, pad, flip: false }, span)?
+                }
+                Op::ConvTranspose2d { x: cx, w, stride: 1, pad, out_pad: [0, 0] }
+                    if flippable(&out, w, pad) =>
+                {
+                    let pad = kernel(&out, w) - 1 - pad;
+                    out.add(Op::GatherConv { x: cx, w, idx, pad, flip: true }, span)?
                 }
                 _ => out.add(op, span)?,
             },
@@ -112,4 +161,14 @@ fn unique(g: &Graph, idx: NodeId) -> bool {
 
 fn plane(g: &Graph, n: NodeId) -> usize {
     g.ty(n).shape.iter().skip(2).product()
+}
+
+fn kernel(g: &Graph, w: NodeId) -> usize {
+    g.ty(w).shape.get(2).copied().unwrap_or(0)
+}
+
+/// Whether a stride-1 convolution with weight `w` and padding `pad` can run flipped: its
+/// padding becomes `K - 1 - pad`.
+fn flippable(g: &Graph, w: NodeId, pad: usize) -> bool {
+    pad < kernel(g, w)
 }
