@@ -451,6 +451,20 @@ impl Program {
         self.kernels.len()
     }
 
+    /// Multiply-adds one run executes in its matmuls, convolutions and recurrent loops (what
+    /// the code does: a switch-map convolution counts only its switches).
+    pub fn multiply_adds(&self) -> u64 {
+        self.kernels
+            .iter()
+            .filter(|k| match (&self.groups[k.group], k.piece) {
+                (fuse::Group::MatMul { .. }, Piece::Main) => true,
+                (_, Piece::Conv(conv::Part::Compute) | Piece::Rec(recurrent::Part::Loop)) => true,
+                _ => false,
+            })
+            .map(|k| k.work as u64)
+            .sum()
+    }
+
     fn bytes(&mut self) -> &mut [u8] {
         let all: &mut [u8] = bytemuck_bytes(&mut self.arena);
         &mut all[self.base..]
