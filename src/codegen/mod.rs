@@ -456,10 +456,12 @@ impl Program {
     pub fn multiply_adds(&self) -> u64 {
         self.kernels
             .iter()
-            .filter(|k| match (&self.groups[k.group], k.piece) {
-                (fuse::Group::MatMul { .. }, Piece::Main) => true,
-                (_, Piece::Conv(conv::Part::Compute) | Piece::Rec(recurrent::Part::Loop)) => true,
-                _ => false,
+            .filter(|k| {
+                matches!(
+                    (&self.groups[k.group], k.piece),
+                    (fuse::Group::MatMul { .. }, Piece::Main)
+                        | (_, Piece::Conv(conv::Part::Compute) | Piece::Rec(recurrent::Part::Loop))
+                )
             })
             .map(|k| k.work as u64)
             .sum()
