@@ -327,6 +327,25 @@ fn switch(e: &mut Emit, ge: Geo, idx: usize, planes: usize, img: Value, n: Value
     e.addr(planes, place)
 }
 
+/// `body(addr, v)` for the switches of one image and channel (`first` the index of the first in
+/// the map): the byte address of its place in the padded plane of image `img`, its value splat.
+fn for_switches(
+    e: &mut Emit,
+    ge: Geo,
+    (v, idx): (usize, usize),
+    (planes, img): (usize, Value),
+    first: Value,
+    mut body: impl FnMut(&mut Emit, Value, Value),
+) {
+    e.for_range(0, ge.q as i64, 1, |e, q| {
+        let n = e.b.ins().iadd(first, q);
+        let addr = switch(e, ge, idx, planes, img, n);
+        let val = e.load(F32, v, n);
+        let val = e.b.ins().splat(F32X4, val);
+        body(e, addr, val);
+    });
+}
+
 /// Adds `v · w[c]` around every switch of image `b` into its padded plane.
 fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (usize, usize), b: Value) {
     let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
@@ -342,11 +361,7 @@ fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (u
                     e.load_ro(F32X4, packed, i)
                 })
                 .collect();
-            e.for_range(0, ge.q as i64, 1, |e, q| {
-                let n = e.b.ins().iadd(first, q);
-                let addr = switch(e, ge, idx, planes, img, n);
-                let val = e.load(F32, v, n);
-                let val = e.b.ins().splat(F32X4, val);
+            for_switches(e, ge, (v, idx), (planes, img), first, |e, addr, val| {
                 for (&(po, _), &w) in chunk.iter().zip(&held) {
                     let d = e.b.ins().load(F32X4, vmem(), addr, po * 4);
                     let d = e.b.ins().fma(val, w, d);
@@ -428,11 +443,7 @@ fn weight_grad(
                     let a = e.load(F32X4, sums, i);
                     e.b.def_var(var, a);
                 }
-                e.for_range(0, ge.q as i64, 1, |e, q| {
-                    let n = e.b.ins().iadd(first, q);
-                    let addr = switch(e, ge, idx, planes, img, n);
-                    let val = e.load(F32, v, n);
-                    let val = e.b.ins().splat(F32X4, val);
+                for_switches(e, ge, (v, idx), (planes, img), first, |e, addr, val| {
                     for (&(po, _), &var) in chunk.iter().zip(&vars) {
                         let d = e.b.ins().load(F32X4, read_only(), addr, po * 4);
                         let a = e.b.use_var(var);

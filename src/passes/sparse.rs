@@ -35,6 +35,20 @@ struct Map {
     width: usize,
 }
 
+impl Map {
+    /// The map's transposed convolution (or, with `flip`, convolution) by `w`.
+    fn conv_t(self, w: NodeId, pad: usize, flip: bool) -> Op {
+        let Map { v, idx, height, width } = self;
+        Op::SparseConvT { v, idx, w, height, width, pad, flip }
+    }
+
+    /// A weight gradient with the map on one side and `d` on the other.
+    fn weight_grad(self, d: NodeId, kernel: usize, pad: usize, flip: bool) -> Op {
+        let Map { v, idx, height, width } = self;
+        Op::SparseWeightGrad { v, idx, d, kernel, pad, height, width, flip }
+    }
+}
+
 /// `g` with every convolution of a switch map rewritten, and what no longer feeds an output or
 /// an update removed.
 pub fn rewrite(g: &Graph) -> Result<Graph, String> {
@@ -67,62 +81,24 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
                 out.add(Op::SumToAxis1 { x: m.v }, span)?
             }
             Op::ConvTranspose2d { x, w, stride: 1, pad, out_pad: [0, 0] } if map_of(x, &maps).is_some() => {
-                let m = map_of(x, &maps).ok_or("no map")?;
-                let (height, width) = (m.height, m.width);
-                out.add(Op::SparseConvT { v: m.v, idx: m.idx, w, height, width, pad, flip: false }, span)?
+                out.add(map_of(x, &maps).ok_or("no map")?.conv_t(w, pad, false), span)?
             }
             // conv2d of a map: the same scatter with the kernel flipped (padding K - 1 - pad).
             Op::Conv2d { x, w, stride: 1, pad } if map_of(x, &maps).is_some() && flippable(&out, w, pad) => {
-                let m = map_of(x, &maps).ok_or("no map")?;
-                let (height, width, pad) = (m.height, m.width, kernel(&out, w) - 1 - pad);
-                out.add(Op::SparseConvT { v: m.v, idx: m.idx, w, height, width, pad, flip: true }, span)?
+                let pad = kernel(&out, w) - 1 - pad;
+                out.add(map_of(x, &maps).ok_or("no map")?.conv_t(w, pad, true), span)?
             }
             Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(dy, &maps).is_some() => {
-                let m = map_of(dy, &maps).ok_or("no map")?;
-                let (height, width) = (m.height, m.width);
-                let op = Op::SparseWeightGrad {
-                    v: m.v,
-                    idx: m.idx,
-                    d: x,
-                    kernel,
-                    pad,
-                    height,
-                    width,
-                    flip: false,
-                };
-                out.add(op, span)?
+                out.add(map_of(dy, &maps).ok_or("no map")?.weight_grad(x, kernel, pad, false), span)?
             }
             Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad }
                 if map_of(x, &maps).is_some() && pad < kernel =>
             {
-                let m = map_of(x, &maps).ok_or("no map")?;
-                let (height, width, pad) = (m.height, m.width, kernel - 1 - pad);
-                let op = Op::SparseWeightGrad {
-                    v: m.v,
-                    idx: m.idx,
-                    d: dy,
-                    kernel,
-                    pad,
-                    height,
-                    width,
-                    flip: true,
-                };
-                out.add(op, span)?
+                let pad = kernel - 1 - pad;
+                out.add(map_of(x, &maps).ok_or("no map")?.weight_grad(dy, kernel, pad, true), span)?
             }
             Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(x, &maps).is_some() => {
-                let m = map_of(x, &maps).ok_or("no map")?;
-                let (height, width) = (m.height, m.width);
-                let op = Op::SparseWeightGrad {
-                    v: m.v,
-                    idx: m.idx,
-                    d: dy,
-                    kernel,
-                    pad,
-                    height,
-                    width,
-                    flip: false,
-                };
-                out.add(op, span)?
+                out.add(map_of(x, &maps).ok_or("no map")?.weight_grad(dy, kernel, pad, false), span)?
             }
             // Reads the convolution's operands where the gather is: no update may come between.
             Op::Gather { x, idx } if !updated && plane(&out, x) <= MAX_PLANE => match out.node(x).op {
