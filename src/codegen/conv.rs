@@ -148,7 +148,7 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     if finish {
         parts.push(Part::Finish);
     }
-    Some((parts, matmul::row_blocks(m), m * n * k))
+    Some((parts, matmul::units(m, n, k), m * n * k))
 }
 
 /// What the prep kernel of `op` does, for `--emit fused`.

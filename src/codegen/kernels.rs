@@ -463,7 +463,7 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         }
         Op::MatMul { .. } => {
             let (m, n, k) = super::matmul::dims(g, id).unwrap_or((1, 1, 1));
-            (super::matmul::row_blocks(m), m * n * k)
+            (super::matmul::units(m, n, k), m * n * k)
         }
         Op::Unary { .. } | Op::ActGrad { .. } | Op::Binary { .. } | Op::Scale { .. } => {
             let n = g.ty(id).numel();

@@ -5,7 +5,10 @@
 //! vector accumulators: per k, two loads of B, six broadcasts of A and twelve `fma`s. A and the
 //! packed panel are loaded as read-only and movable, which lets Cranelift keep the accumulators
 //! in registers (see ARCHITECTURE.md's measurements). Rows past the last full block and columns
-//! past the last full panel get their own code, sized at compile time.
+//! past the last full panel get their own code, sized at compile time. Threads split the blocks
+//! of rows — or, when B is large and A small (a convolution's im2col and its weights), groups of
+//! eight column panels, which balances a few rows over many columns and keeps each group's
+//! panels in cache while every block of rows passes over them.
 
 use super::emit::Emit;
 use super::plan::Plan;
@@ -142,6 +145,21 @@ pub fn row_blocks(m: usize) -> usize {
     m.div_ceil(MR)
 }
 
+/// Column panels per work unit when a matmul goes panel by panel.
+const PANELS_PER_UNIT: usize = 8;
+
+/// Whether a matmul goes panel by panel, each panel of B once through every block of rows,
+/// rather than block by block, each streaming all of B: when B is large (a convolution's
+/// im2col) and A small enough to stay in the core's cache (its weights).
+fn columns_first(m: usize, n: usize, k: usize) -> bool {
+    m * k * 4 <= 256 << 10 && k * n * 4 >= 1 << 20
+}
+
+/// The work units of the compute kernel: blocks of rows, or groups of column panels.
+pub fn units(m: usize, n: usize, k: usize) -> usize {
+    if columns_first(m, n, k) { n.div_ceil(NR).div_ceil(PANELS_PER_UNIT) } else { row_blocks(m) }
+}
+
 /// The packing kernel: B into panels (run once, before the compute kernel).
 pub fn emit_pack(
     e: &mut Emit,
@@ -189,6 +207,38 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
     let (m, n) = (mm.m, mm.n);
     let full_rows = m / MR;
     let full_panels = n / NR;
+    if columns_first(m, n, mm.k) {
+        // Unit u: panels 8u..8u + 8, every block of rows of each; the last unit also takes
+        // the partial panel.
+        let count = units(m, n, mm.k) as i64;
+        let top = e.i64(count);
+        let end = e.b.ins().smin(hi, top);
+        e.for_dynamic(lo, end, |e, u| {
+            let p0 = e.b.ins().imul_imm_s(u, PANELS_PER_UNIT as i64);
+            let p1 = e.b.ins().iadd_imm_s(p0, PANELS_PER_UNIT as i64);
+            let last = e.i64(full_panels as i64);
+            let p1 = e.b.ins().smin(p1, last);
+            // Block by block of rows over the unit's panels (which stay in cache).
+            e.for_range(0, (m / MR) as i64, 1, |e, ib| {
+                let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
+                e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, MR, jp, NR));
+            });
+            if !m.is_multiple_of(MR) {
+                let i0 = e.i64((m / MR * MR) as i64);
+                e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, m % MR, jp, NR));
+            }
+        });
+        if !n.is_multiple_of(NR) {
+            let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, hi, count);
+            let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, lo, count);
+            let holds = e.b.ins().band(reaches, starts);
+            e.when(holds, |e| {
+                let jp = e.i64(full_panels as i64);
+                rows_of_panel(e, mm, jp, n % NR);
+            });
+        }
+        return;
+    }
     // Blocks of MR rows; the partial last block is a unit of its own.
     let mut whole = |e: &mut Emit, ib: Value| {
         let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
@@ -220,6 +270,18 @@ pub fn emit_rows(e: &mut Emit, mm: &Mm, (r0, r1): (Value, Value)) {
     for rows in 1..MR {
         let is = e.b.ins().icmp_imm_s(IntCC::Equal, left, rows as i64);
         e.when(is, |e| panels(e, mm, rest, rows, full_panels));
+    }
+}
+
+/// Every block of rows of column panel `jp` (`cols` wide).
+fn rows_of_panel(e: &mut Emit, mm: &Mm, jp: Value, cols: usize) {
+    e.for_range(0, (mm.m / MR) as i64, 1, |e, ib| {
+        let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
+        block(e, mm, i0, MR, jp, cols);
+    });
+    if !mm.m.is_multiple_of(MR) {
+        let i0 = e.i64((mm.m / MR * MR) as i64);
+        block(e, mm, i0, mm.m % MR, jp, cols);
     }
 }
 
