@@ -207,8 +207,7 @@ impl Emit<'_, '_> {
         let y = self.b.ins().fma(y, z, xp1);
         // The sum's bits are 0x4B40_0000 + n; shifted left by 23 only n + 127 survives.
         let ity = if ty == F32X4 { I32X4 } else { I32 };
-        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
-        let n = self.b.ins().bitcast(ity, flags, shifted);
+        let n = self.bitcast(ity, shifted);
         let bias = if ty == F32X4 {
             let c = self.b.ins().iconst(I32, 127);
             self.b.ins().splat(I32X4, c)
@@ -217,7 +216,7 @@ impl Emit<'_, '_> {
         };
         let n = self.b.ins().iadd(n, bias);
         let n = self.b.ins().ishl_imm_s(n, 23);
-        let pow2n = self.b.ins().bitcast(ty, flags, n);
+        let pow2n = self.bitcast(ty, n);
         self.b.ins().fmul(y, pow2n)
     }
 
@@ -256,12 +255,17 @@ impl Emit<'_, '_> {
     pub fn select(&mut self, ty: Type, cond: Value, a: Value, b: Value) -> Value {
         if ty == F32X4 {
             // A vector comparison gives an i32x4 mask; bitselect wants the operands' type.
-            let flags = MemFlagsData::new().with_endianness(Endianness::Little);
-            let mask = self.b.ins().bitcast(F32X4, flags, cond);
+            let mask = self.bitcast(F32X4, cond);
             self.b.ins().bitselect(mask, a, b)
         } else {
             self.b.ins().select(cond, a, b)
         }
+    }
+
+    /// The same bits as type `ty` (lanes in little-endian order).
+    pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
+        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+        self.b.ins().bitcast(ty, flags, v)
     }
 
     /// Horizontal sum of an F32X4.

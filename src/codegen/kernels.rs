@@ -7,7 +7,7 @@ use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
-use cranelift_codegen::ir::{ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
 
 /// Emits node `id`'s kernel body; `range` is the (lo, hi) work range of kernels that split
 /// across threads. Errors name ops without a kernel (nothing falls back).
@@ -650,11 +650,7 @@ fn pool_argmax(
                         let gi = e.b.ins().iadd(pbase, i);
                         let v = e.load(F32, x, gi);
                         let bv = e.b.use_var(bestv);
-                        // Strictly greater keeps the first maximum; NaN counts as a maximum.
-                        // (v > best or v is NaN) and best is not NaN.
-                        let gt = e.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, bv);
-                        let bok = e.b.ins().fcmp(FloatCC::Ordered, bv, bv);
-                        let take = e.b.ins().band(gt, bok);
+                        let take = pool_takes(e, v, bv);
                         let bi = e.b.use_var(best);
                         let nb = e.b.ins().select(take, i, bi);
                         let nv = e.b.ins().select(take, v, bv);
@@ -674,6 +670,15 @@ fn pool_argmax(
     });
 }
 
+/// Whether a max pool's window candidate `v` replaces the best so far (F32 or F32X4): strictly
+/// greater keeps the first maximum, and NaN counts as a maximum — `(v > best or v is NaN) and
+/// best is not NaN`.
+fn pool_takes(e: &mut Emit, v: Value, best: Value) -> Value {
+    let gt = e.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, best);
+    let ok = e.b.ins().fcmp(FloatCC::Ordered, best, best);
+    e.b.ins().band(gt, ok)
+}
+
 /// Four outputs `4·quad..4·quad + 4` of row `y` of a 2×2, stride-2 max pool: each candidate of
 /// the window is one vector (the row's even or odd columns, split by `shufps`), compared in the
 /// scalar loop's order with its rule.
@@ -685,7 +690,6 @@ fn pool_argmax_quad(
     y: Value,
     quad: Value,
 ) {
-    let little = MemFlagsData::new().with_endianness(Endianness::Little);
     // Lanes 0, 2 of the first vector, then of the second: the even columns; 1, 3: the odd ones.
     let evens: Vec<u8> = [0u8, 2, 4, 6].iter().flat_map(|&l| (0..4).map(move |b| l * 4 + b)).collect();
     let odds: Vec<u8> = evens.iter().map(|b| b + 4).collect();
@@ -700,12 +704,12 @@ fn pool_argmax_quad(
         let lo = e.load(F32X4, x, i);
         let i = e.b.ins().iadd_imm_s(i, 4);
         let hi = e.load(F32X4, x, i);
-        let lo = e.b.ins().bitcast(I8X16, little, lo);
-        let hi = e.b.ins().bitcast(I8X16, little, hi);
+        let lo = e.bitcast(I8X16, lo);
+        let hi = e.bitcast(I8X16, hi);
         for mask in [&evens, &odds] {
             let imm = e.b.func.dfg.immediates.push(ConstantData::from(mask.as_slice()));
             let v = e.b.ins().shuffle(lo, hi, imm);
-            candidates.push(e.b.ins().bitcast(F32X4, little, v));
+            candidates.push(e.bitcast(F32X4, v));
         }
     }
     // Flat indices of the first candidate: first + 2·lane.
@@ -721,10 +725,7 @@ fn pool_argmax_quad(
         let offset = e.b.ins().iconst(I32, ((n / 2) * w + n % 2) as i64);
         let offset = e.b.ins().splat(I32X4, offset);
         let at = e.b.ins().iadd(base, offset);
-        // (v > best or v is NaN) and best is not NaN: the scalar loop's rule.
-        let gt = e.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, best);
-        let ok = e.b.ins().fcmp(FloatCC::Ordered, best, best);
-        let take = e.b.ins().band(gt, ok);
+        let take = pool_takes(e, v, best);
         best = e.select(F32X4, take, v, best);
         best_at = e.b.ins().bitselect(take, at, best_at);
     }
@@ -733,7 +734,7 @@ fn pool_argmax_quad(
     let o = e.b.ins().iadd(o, r);
     let q = e.b.ins().imul_imm_s(quad, 4);
     let o = e.b.ins().iadd(o, q);
-    let best_at = e.b.ins().bitcast(F32X4, little, best_at);
+    let best_at = e.bitcast(F32X4, best_at);
     e.store(out, o, best_at);
 }
 

@@ -145,12 +145,13 @@ pub fn row_blocks(m: usize) -> usize {
     m.div_ceil(MR)
 }
 
-/// Column panels per work unit when a matmul goes panel by panel.
+/// Column panels per work unit when a matmul splits by columns.
 const PANELS_PER_UNIT: usize = 8;
 
-/// Whether a matmul goes panel by panel, each panel of B once through every block of rows,
-/// rather than block by block, each streaming all of B: when B is large (a convolution's
-/// im2col) and A small enough to stay in the core's cache (its weights).
+/// Whether a matmul splits into groups of column panels, every block of rows passing over a
+/// group while it stays in cache, rather than into blocks of rows, each streaming all of B:
+/// when B is large (a convolution's im2col) and A small enough to stay in the core's cache
+/// (its weights).
 fn columns_first(m: usize, n: usize, k: usize) -> bool {
     m * k * 4 <= 256 << 10 && k * n * 4 >= 1 << 20
 }
@@ -208,8 +209,8 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
     let full_rows = m / MR;
     let full_panels = n / NR;
     if columns_first(m, n, mm.k) {
-        // Unit u: panels 8u..8u + 8, every block of rows of each; the last unit also takes
-        // the partial panel.
+        // Unit u: panels 8u..8u + 8 under every block of rows; the last unit also takes the
+        // partial panel.
         let count = units(m, n, mm.k) as i64;
         let top = e.i64(count);
         let end = e.b.ins().smin(hi, top);
@@ -218,15 +219,7 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
             let p1 = e.b.ins().iadd_imm_s(p0, PANELS_PER_UNIT as i64);
             let last = e.i64(full_panels as i64);
             let p1 = e.b.ins().smin(p1, last);
-            // Block by block of rows over the unit's panels (which stay in cache).
-            e.for_range(0, (m / MR) as i64, 1, |e, ib| {
-                let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
-                e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, MR, jp, NR));
-            });
-            if !m.is_multiple_of(MR) {
-                let i0 = e.i64((m / MR * MR) as i64);
-                e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, m % MR, jp, NR));
-            }
+            rows_over_panels(e, mm, (p0, p1), NR);
         });
         if !n.is_multiple_of(NR) {
             let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, hi, count);
@@ -234,7 +227,8 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
             let holds = e.b.ins().band(reaches, starts);
             e.when(holds, |e| {
                 let jp = e.i64(full_panels as i64);
-                rows_of_panel(e, mm, jp, n % NR);
+                let after = e.i64(full_panels as i64 + 1);
+                rows_over_panels(e, mm, (jp, after), n % NR);
             });
         }
         return;
@@ -273,15 +267,16 @@ pub fn emit_rows(e: &mut Emit, mm: &Mm, (r0, r1): (Value, Value)) {
     }
 }
 
-/// Every block of rows of column panel `jp` (`cols` wide).
-fn rows_of_panel(e: &mut Emit, mm: &Mm, jp: Value, cols: usize) {
+/// Column panels `p0..p1` (each `cols` wide), block of rows by block of rows: the panels stay
+/// in cache while every block passes over them.
+fn rows_over_panels(e: &mut Emit, mm: &Mm, (p0, p1): (Value, Value), cols: usize) {
     e.for_range(0, (mm.m / MR) as i64, 1, |e, ib| {
         let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
-        block(e, mm, i0, MR, jp, cols);
+        e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, MR, jp, cols));
     });
     if !mm.m.is_multiple_of(MR) {
         let i0 = e.i64((mm.m / MR * MR) as i64);
-        block(e, mm, i0, mm.m % MR, jp, cols);
+        e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, mm.m % MR, jp, cols));
     }
 }
 
