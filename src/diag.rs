@@ -124,13 +124,17 @@ pub fn render(diags: &[Diagnostic], file_name: &str, src: &str, color: bool) -> 
     let handler = miette::GraphicalReportHandler::new_themed(theme).with_width(100).with_context_lines(1);
     let mut out = String::new();
     for d in diags {
-        let report = Report { diag: d, src: miette::NamedSource::new(file_name, src.to_owned()) };
+        // Lines too long to show (miette cannot pad past column 65,535) are shown around the
+        // labels on them; the note gives the true column.
+        let view = Window::of(src, d);
+        let shown = Diagnostic { labels: view.labels.clone(), ..d.clone() };
+        let report = Report { diag: &shown, src: miette::NamedSource::new(file_name, view.text) };
         if handler.render_report(&mut out, &report).is_err() {
             // Rendering into a String cannot fail; keep the message in any case.
             out.push_str(&d.message);
         }
         // miette has no notes; they follow its report, indented like its help.
-        for note in &d.notes {
+        for note in view.notes.iter().chain(&d.notes) {
             out.push_str(&format!("  note: {}\n", wrap(note, 90, "        ")));
         }
         // miette puts the location in the box header only; a plain `path:line:col` line
@@ -138,6 +142,84 @@ pub fn render(diags: &[Diagnostic], file_name: &str, src: &str, color: bool) -> 
         out.push('\n');
     }
     out
+}
+
+/// Lines longer than this many bytes are shown as a window around their labels.
+const MAX_SHOWN_LINE: usize = 240;
+
+/// The source as one diagnostic shows it: every line longer than [`MAX_SHOWN_LINE`] cut to a
+/// window around the first label on it (or its start), the labels moved to match.
+struct Window {
+    text: String,
+    labels: Vec<Label>,
+    notes: Vec<String>,
+}
+
+impl Window {
+    fn of(src: &str, d: &Diagnostic) -> Window {
+        if src.lines().all(|l| l.len() <= MAX_SHOWN_LINE) {
+            return Window { text: src.to_owned(), labels: d.labels.clone(), notes: Vec::new() };
+        }
+        // Each line as (its start in `src`, the kept range `from..to` of `src`, where that range
+        // starts in `text`).
+        let mut text = String::with_capacity(src.len().min(1 << 20));
+        let mut kept: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let mut notes = Vec::new();
+        let mut start = 0;
+        for (number, line) in src.split_inclusive('\n').enumerate() {
+            let body = line.trim_end_matches(['\n', '\r']);
+            let end = start + body.len();
+            let (from, to) = if body.len() <= MAX_SHOWN_LINE {
+                (start, end)
+            } else {
+                let anchor = d
+                    .labels
+                    .iter()
+                    .map(|l| l.span.start as usize)
+                    .find(|&p| (start..=end).contains(&p))
+                    .unwrap_or(start);
+                let from = floor_char_boundary(src, anchor.saturating_sub(MAX_SHOWN_LINE / 3).max(start));
+                let to = floor_char_boundary(src, (from + MAX_SHOWN_LINE).min(end));
+                if d.labels.iter().any(|l| (start..=end).contains(&(l.span.start as usize))) {
+                    let col = src[start..anchor.min(end)].chars().count() + 1;
+                    notes.push(format!(
+                        "line {} is {} characters long; it is shown around column {col}",
+                        number + 1,
+                        body.chars().count()
+                    ));
+                }
+                (from, to)
+            };
+            let prefix = if from > start { "…" } else { "" };
+            text.push_str(prefix);
+            let at = text.len();
+            text.push_str(&src[from..to]);
+            if to < end {
+                text.push('…');
+            }
+            text.push_str(&line[body.len()..]);
+            kept.push((start, from, to, at));
+            start += line.len();
+        }
+        // An offset of `src` in `text`: inside its line's window, or at the window's edge.
+        let map = |p: usize| -> usize {
+            let i = kept.partition_point(|k| k.0 <= p).saturating_sub(1);
+            match kept.get(i) {
+                Some(&(_, from, to, at)) => at + p.clamp(from, to) - from,
+                None => 0,
+            }
+        };
+        let labels = d
+            .labels
+            .iter()
+            .map(|l| {
+                let s = map(l.span.start as usize);
+                let e = map(l.span.end as usize).max(s);
+                Label { span: Span::new(s, e), message: l.message.clone() }
+            })
+            .collect();
+        Window { text, labels, notes }
+    }
 }
 
 /// A one-line `file:line:col: error: message` form, for logs and tests.

@@ -104,3 +104,43 @@ proptest! {
         compile_does_not_panic(&src);
     }
 }
+
+/// A spec whose `data` line nests `depth` copies of `open … close` around a file name.
+fn nested(open: &str, close: &str, depth: usize) -> String {
+    let inner = format!("{}\"x.npy\"{}", open.repeat(depth), close.repeat(depth));
+    format!("model m {{\n input x: [4]\n encoder {{ dense 2 }}\n decoder {{ dense 4 }}\n loss mse(x)\n}}\ntrain {{\n data {inner}\n}}\n")
+}
+
+#[test]
+fn deep_nesting_of_every_bracket_kind_is_a_located_error() {
+    for (open, close) in [("npy(", ")"), ("(", ")"), ("[", "]"), ("{", "}")] {
+        for depth in [65, 7_000, 100_000] {
+            let src = nested(open, close, depth);
+            let Err(diags) = aec::compile(&src, &aec::Config::default()) else {
+                panic!("{open}…{close} nested {depth} deep compiles");
+            };
+            assert!(diags[0].message.contains("nested more than"), "{open}: {:?}", diags[0]);
+            let (line, _) = diags[0].span().expect("located").line_col(&src);
+            assert_eq!(line, 8, "{open}");
+            // A long line renders, shortened.
+            let text = aec::diag::render(&diags, "m.ae", &src, false);
+            assert_eq!(text.contains("is shown around column"), src.lines().any(|l| l.len() > 240), "{text}");
+        }
+    }
+    // Within the limit the nesting is no problem of its own.
+    let (_, diags) = aec::syntax::parse(&nested("npy(", ")", 60));
+    assert!(diags.iter().all(|d| !d.message.contains("nested")), "{diags:?}");
+}
+
+#[test]
+fn a_label_past_column_65535_renders() {
+    let src = format!(
+        "model m {{\n input x: [4]{}zz\n encoder {{ dense 2 }}\n decoder {{ dense 4 }}\n loss mse(x)\n}}\n",
+        " ".repeat(65_600)
+    );
+    let Err(diags) = aec::compile(&src, &aec::Config::default()) else { panic!("compiles") };
+    let text = aec::diag::render(&diags, "m.ae", &src, false);
+    assert!(text.contains("line 2 is 65615 characters long; it is shown around column 65614"), "{text}");
+    assert!(text.lines().all(|l| l.chars().count() < 400), "{text}");
+    assert!(aec::diag::render_short(&diags[0], "m.ae", &src).starts_with("m.ae:2:65614:"));
+}

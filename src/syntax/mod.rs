@@ -11,7 +11,7 @@ mod print;
 pub use build::closest;
 pub use print::Dims;
 
-use crate::diag::Diagnostic;
+use crate::diag::{Diagnostic, Span};
 use pest::Parser;
 
 #[derive(pest_derive::Parser)]
@@ -21,6 +21,9 @@ struct AeParser;
 /// Parses a spec. Returns the AST when the text has the language's structure (possibly with
 /// vocabulary errors, which are in the diagnostics), and every diagnostic found.
 pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
+    if let Some(d) = too_deep(src) {
+        return (None, vec![d]);
+    }
     match AeParser::parse(Rule::file, src) {
         Ok(mut pairs) => match pairs.next() {
             Some(file) => {
@@ -32,6 +35,54 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
         },
         Err(e) => (None, vec![error::from_pest(&e, src)]),
     }
+}
+
+/// Brackets nested deeper than this are refused before parsing: the parser and the AST builder
+/// recurse once per level, and no spec needs more than a handful.
+pub const MAX_NESTING: usize = 64;
+
+/// The first bracket (`(`, `[` or `{`, outside strings and comments) nested deeper than
+/// [`MAX_NESTING`], as a diagnostic. A scan without recursion, so any text gets an answer.
+fn too_deep(src: &str) -> Option<Diagnostic> {
+    let bytes = src.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(
+                        Diagnostic::error(format!("brackets are nested more than {MAX_NESTING} deep"))
+                            .label(Span::new(i, i + 1), format!("bracket {depth} levels deep"))
+                            .help("a spec needs only a few levels: close the brackets opened before this one"),
+                    );
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Prints dimensions as the language writes them: `[1, 28, 28]`.
