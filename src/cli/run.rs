@@ -346,6 +346,16 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
             "sample counts differ",
         ));
     }
+    if let Some(t) = train
+        && t.validation.is_some_and(|v| v > 0.0)
+        && n < 2
+    {
+        return Err(spec.fail(
+            format!("a validation split needs at least 2 samples, and the data has {n}"),
+            t.validation_span,
+            "no sample would be left for training or for validation",
+        ));
+    }
     Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n })
 }
 
@@ -363,10 +373,13 @@ fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
 fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     let spec = load_spec(&args.spec, args.batch)?;
     let t = spec.compiled.ast.train.clone().unwrap_or_default();
-    if let Some(lr) = args.lr
-        && !(lr.is_finite() && lr > 0.0)
-    {
-        return Err(Failure::Io(format!("--lr must be a positive number, got {lr}")));
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(Failure::Io(format!("--lr must be a positive number, got {lr}")));
+        }
+        if let Some(why) = aec::syntax::f32_problem(lr) {
+            return Err(Failure::Io(format!("--lr {lr} {why}; aec trains in 32-bit floats")));
+        }
     }
     let (out, resume) = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
@@ -434,6 +447,15 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         }
     };
     progress.finish();
+    if summary.nothing_to_do {
+        outln!(
+            "nothing to train: the run in {} already stands at epoch {} of {}; it is left unchanged",
+            cfg.out.display(),
+            summary.metrics.last().map_or(0, |m| m.epoch),
+            summary.total_epochs
+        );
+        return Ok(());
+    }
     let used_threads = cfg.threads;
     let last = summary.metrics.last();
     let mut val =

@@ -57,9 +57,20 @@ fn err(what: impl Into<String>) -> DataError {
     DataError { what: what.into() }
 }
 
+/// The bytes of a data file. Only regular files (or links to one) are data: a device, a FIFO
+/// or a folder is refused before anything is read, so `/dev/zero` cannot be read without end.
+fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { "a folder" } else { "not a regular file (a device, FIFO or socket)" };
+        return Err(err(format!("{} is {kind}; data must be a regular file", path.display())));
+    }
+    std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))
+}
+
 /// Reads a `.npy` file.
 pub fn read_npy(path: &Path) -> Result<Array, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = read_file(path)?;
     npy::parse(&bytes).map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
@@ -147,17 +158,21 @@ pub fn translate(src: &[i32]) -> Vec<i32> {
 
 /// A CSV file of numbers, one sample per row; a first row that is not numeric is a header.
 pub fn read_csv(path: &Path) -> Result<Array, DataError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let text = String::from_utf8(read_file(path)?)
+        .map_err(|_| err(format!("{}: not a text file (it is not UTF-8)", path.display())))?;
+    // A byte-order mark is not part of the first cell.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut rows: Vec<Vec<f32>> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: Result<Vec<f32>, _> = line.split(',').map(|c| c.trim().parse::<f32>()).collect();
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed: Result<Vec<f32>, _> = cells.iter().map(|c| c.parse::<f32>()).collect();
         match parsed {
             Ok(r) => rows.push(r),
-            Err(_) if i == 0 => continue,
+            // A header is a first line with no number in it; a first row with a typo is an error.
+            Err(_) if i == 0 && cells.iter().all(|c| c.parse::<f64>().is_err()) => continue,
             Err(_) => {
                 return Err(err(format!("{}:{}: not a row of numbers: {line:?}", path.display(), i + 1)));
             }
@@ -183,7 +198,7 @@ pub fn read_csv(path: &Path) -> Result<Array, DataError> {
 
 /// An IDX file (MNIST's format): magic `00 00 type ndim`, big-endian u32 sizes, then data.
 pub fn read_idx(path: &Path) -> Result<Array, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = read_file(path)?;
     let bad = |m: &str| err(format!("{}: {m}", path.display()));
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
         return Err(bad("not an IDX file (it does not start with two zero bytes)"));
@@ -199,7 +214,10 @@ pub fn read_idx(path: &Path) -> Result<Array, DataError> {
                 as usize
         })
         .collect();
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| bad(&format!("the IDX shape {shape:?} is too large")))?;
     let data = &bytes[head..];
     let size = match kind {
         0x08 | 0x09 => 1,
@@ -208,10 +226,12 @@ pub fn read_idx(path: &Path) -> Result<Array, DataError> {
         0x0E => 8,
         k => return Err(bad(&format!("unknown IDX data type 0x{k:02x}"))),
     };
-    if data.len() < count * size {
+    let need =
+        count.checked_mul(size).ok_or_else(|| bad(&format!("the IDX shape {shape:?} is too large")))?;
+    if data.len() != need {
+        let what = if data.len() < need { "truncated" } else { "longer than its header says" };
         return Err(bad(&format!(
-            "truncated: shape {shape:?} needs {} bytes of data, it has {}",
-            count * size,
+            "{what}: shape {shape:?} needs {need} bytes of data, it has {}",
             data.len()
         )));
     }
@@ -355,7 +375,9 @@ impl Dataset {
     pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
         let order = permutation(self.n, seed ^ 0x0005_EED5_9117);
         let val = ((self.n as f64) * fraction).round() as usize;
-        let val = if fraction > 0.0 { val.clamp(1, self.n.saturating_sub(1)) } else { 0 };
+        // At least one sample on each side when there are two; `aec run` refuses a split of
+        // fewer (`min_samples_for`).
+        let val = if fraction > 0.0 { val.max(1).min(self.n.saturating_sub(1)) } else { 0 };
         let (train, valid) = order.split_at(self.n - val);
         (train.to_vec(), valid.to_vec())
     }

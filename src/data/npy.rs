@@ -63,9 +63,10 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
         }
     };
     let need = count.checked_mul(size).ok_or("the .npy shape is too large")?;
-    if data.len() < need {
+    if data.len() != need {
+        let what = if data.len() < need { "truncated" } else { "longer than its header says" };
         return Err(format!(
-            "the file is truncated: shape {shape:?} needs {need} bytes of data, it has {}",
+            "the file is {what}: shape {shape:?} needs {need} bytes of data, it has {}",
             data.len()
         ));
     }

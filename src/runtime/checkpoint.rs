@@ -149,7 +149,18 @@ fn f32s(path: &Path, name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, String>
     if t.dtype() != Dtype::F32 {
         return Err(format!("{}: `{name}` is {:?}, aec reads F32", path.display(), t.dtype()));
     }
-    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    let v: Vec<f32> =
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    // Non-finite weights give all-NaN outputs (or a run that diverges at once): refuse them.
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "{}: `{name}` holds {} at element {i} (of {}); weights must be finite numbers",
+            path.display(),
+            v[i],
+            v.len()
+        ));
+    }
+    Ok(v)
 }
 
 /// The optimizer state for `g` saved in `dir` (parameter values are not filled in: they come from

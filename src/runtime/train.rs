@@ -107,6 +107,8 @@ pub enum Event<'a> {
 }
 
 pub struct Summary {
+    /// A resumed run found already at its last epoch: nothing was trained or written.
+    pub nothing_to_do: bool,
     pub metrics: Vec<EpochMetrics>,
     /// Epochs in the whole run, and whether it stopped early (`stop_at`).
     pub total_epochs: u64,
@@ -301,7 +303,8 @@ impl Programs<'_> {
         let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
         match p.run(inputs, opts.seed, opts.step) {
             Ok(()) => Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]))),
-            Err(loss) => {
+            Err(codegen::RunError::Inputs(what)) => Err(StepFail::Train(TrainError::Data(what))),
+            Err(codegen::RunError::NonFinite(loss)) => {
                 // The step stopped before its updates: replay it on the interpreter from the same
                 // state to name the first op that produced NaN or infinity.
                 p.get_state(state);
@@ -347,7 +350,7 @@ impl Programs<'_> {
         let p = self.native_eval.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
         p.set_state(state).map_err(TrainError::Compile)?;
         // An eval graph has no updates: `run` only fails on inputs that do not fit.
-        p.run(inputs, opts.seed, opts.step).map_err(|_| TrainError::Compile("evaluation inputs".into()))?;
+        p.run(inputs, opts.seed, opts.step).map_err(|e| TrainError::Data(e.to_string()))?;
         Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])))
     }
 
@@ -413,6 +416,21 @@ pub fn train(
     let (mut metrics, first_epoch, mut step) =
         if cfg.resume { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0) };
 
+    let last = cfg.stop_at.unwrap_or(total).min(total);
+    if first_epoch >= last {
+        // A resumed run that already stands at its last epoch: nothing is trained and nothing
+        // written, so its saved state stays exactly as it was.
+        return Ok(Summary {
+            nothing_to_do: true,
+            total_epochs: total,
+            stopped_early: last < total,
+            params: store.params_of(model_graph)?,
+            metrics,
+            seconds: 0.0,
+            samples_per_s: 0.0,
+            jit_seconds: 0.0,
+        });
+    }
     let steps_per_epoch = train_idx.len().div_ceil(batch) as u64;
     on(Event::Start {
         first_epoch,
@@ -425,7 +443,6 @@ pub fn train(
     let mut train_time = Duration::ZERO;
     let mut trained_samples = 0usize;
     let mut last_save = Instant::now();
-    let last = cfg.stop_at.unwrap_or(total).min(total);
     let mut jit_seconds = 0.0;
     let mut phase_start = 0u64;
     let mut decoder = super::decode::Decoder::new(compiled, cfg.backend, cfg.threads);
@@ -498,6 +515,12 @@ pub fn train(
             train_time += epoch_train;
             trained_samples += order.len();
             programs.sync(&mut state);
+            // The loss of each step was finite; an update can still overflow a parameter or an
+            // optimizer buffer (Adam's second moment at a huge learning rate). Neither is saved.
+            if let Some(what) = non_finite_state(&reference, &state) {
+                let kept = kept_message(cfg, epoch - 1);
+                return Err(TrainError::NonFinite { epoch, step: state.step, what, span: None, kept });
+            }
             let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
             let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
@@ -535,12 +558,8 @@ pub fn train(
         phase_start = phase_end;
     }
     let params = store.params_of(model_graph)?;
-    if first_epoch >= last {
-        let mut state = State::new(params.clone());
-        state.step = step;
-        save(&cfg.out, &model_only(&store, model_graph), model_graph, &state, total, cfg.seed, &metrics)?;
-    }
     Ok(Summary {
+        nothing_to_do: false,
         metrics,
         total_epochs: total,
         stopped_early: last < total,
@@ -715,17 +734,36 @@ fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -
         StepFail::Train(e) => return e,
         StepFail::Native(what) => return TrainError::Data(format!("{what} (step {step}, epoch {epoch})")),
     };
-    let kept = if last_good > 0 && cfg.out.join("checkpoint.safetensors").exists() {
-        format!("training stopped; the last good checkpoint stays in {}", cfg.out.display())
-    } else {
-        "training stopped before any checkpoint was written".to_owned()
-    };
+    let kept = kept_message(cfg, last_good);
     match e {
         interp::Error::NonFinite { span, .. } => {
             TrainError::NonFinite { epoch, step, what: e.to_string(), span, kept }
         }
         other => TrainError::Data(other.to_string()),
     }
+}
+
+/// What became of the run's checkpoint when it stops on a non-finite number.
+fn kept_message(cfg: &TrainConfig, last_good: u64) -> String {
+    if last_good > 0 && cfg.out.join("checkpoint.safetensors").exists() {
+        format!("training stopped; the last good checkpoint stays in {}", cfg.out.display())
+    } else {
+        "training stopped before any checkpoint was written".to_owned()
+    }
+}
+
+/// The first parameter or optimizer buffer of `state` holding NaN or infinity, described.
+fn non_finite_state(g: &Graph, state: &State) -> Option<String> {
+    for (i, p) in g.params.iter().enumerate() {
+        if state.params.get(i).is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
+            return Some(format!("the parameter `{}` became NaN or infinite", p.name));
+        }
+        let slots = state.slots.get(i).map_or(&[][..], Vec::as_slice);
+        if let Some(k) = slots.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+            return Some(format!("the optimizer's buffer {k} of `{}` became NaN or infinite", p.name));
+        }
+    }
+    None
 }
 
 fn save(

@@ -237,6 +237,8 @@ pub struct Train {
     pub optimizer: Option<Optimizer>,
     pub seed: Option<u64>,
     pub validation: Option<f64>,
+    /// Where `validation` is set (the default span when it is not).
+    pub validation_span: Span,
     pub noise: Option<Noise>,
     pub pretrain: Option<Pretrain>,
     pub init: Option<Init>,

@@ -574,7 +574,10 @@ impl Builder {
             "epochs" => t.epochs = self.field_count(&v, vs, "epochs", "epochs 100"),
             "seed" => t.seed = self.field_int(&v, vs, "seed", "seed 7"),
             "validation" => match v {
-                Value::Num(x) if (0.0..1.0).contains(&x) => t.validation = Some(x),
+                Value::Num(x) if (0.0..1.0).contains(&x) => {
+                    t.validation = Some(x);
+                    t.validation_span = span;
+                }
                 _ => self.err(
                     Diagnostic::error("`validation` is the fraction of samples held out, in [0, 1)")
                         .label(vs, "not in [0, 1)")
@@ -1265,7 +1268,11 @@ impl<'b, 'c> CallReader<'b, 'c> {
 
     fn positive(&mut self, name: &str, default: Option<f64>) -> Option<f64> {
         match self.number(name) {
-            Some((x, _)) if x > 0.0 => Some(x),
+            Some((x, _)) if x > 0.0 && (x as f32).is_finite() && x as f32 > 0.0 => Some(x),
+            Some((x, span)) if x > 0.0 => {
+                self.error(not_f32(name, x, span));
+                None
+            }
             Some((_, span)) => {
                 let d = Diagnostic::error(format!("`{name}` must be above 0")).label(span, "not above 0");
                 self.error(d);
@@ -1284,7 +1291,11 @@ impl<'b, 'c> CallReader<'b, 'c> {
 
     fn non_negative(&mut self, name: &str, default: f64) -> f64 {
         match self.number(name) {
-            Some((x, _)) if x >= 0.0 => x,
+            Some((x, _)) if x >= 0.0 && (x as f32).is_finite() => x,
+            Some((x, span)) if x >= 0.0 => {
+                self.error(not_f32(name, x, span));
+                default
+            }
             Some((_, span)) => {
                 let d = Diagnostic::error(format!("`{name}` must be ≥ 0")).label(span, "below 0");
                 self.error(d);
@@ -1296,7 +1307,11 @@ impl<'b, 'c> CallReader<'b, 'c> {
 
     fn fraction_01(&mut self, name: &str, default: f64) -> f64 {
         match self.number(name) {
-            Some((x, _)) if (0.0..1.0).contains(&x) => x,
+            Some((x, _)) if (0.0..1.0).contains(&x) && (x as f32) < 1.0 => x,
+            Some((x, span)) if (0.0..1.0).contains(&x) => {
+                self.error(not_f32(name, x, span));
+                default
+            }
             Some((_, span)) => {
                 let d = Diagnostic::error(format!("`{name}` must be in [0, 1)")).label(span, "not in [0, 1)");
                 self.error(d);
@@ -1390,4 +1405,26 @@ impl<'b, 'c> CallReader<'b, 'c> {
         }
         (self.errors == 0).then_some(())
     }
+}
+
+/// A hyper-parameter that changes meaning when aec rounds it to the 32-bit float it computes
+/// with: it overflows to infinity, rounds to 0, or (a fraction below 1) rounds to 1.
+pub fn f32_problem(x: f64) -> Option<&'static str> {
+    let y = x as f32;
+    if !y.is_finite() {
+        Some("is infinite as a 32-bit float (the largest is about 3.4e38)")
+    } else if x != 0.0 && y == 0.0 {
+        Some("rounds to 0 as a 32-bit float (the smallest is about 1.4e-45)")
+    } else if x < 1.0 && y == 1.0 {
+        Some("rounds to 1 as a 32-bit float")
+    } else {
+        None
+    }
+}
+
+fn not_f32(name: &str, x: f64, span: Span) -> Diagnostic {
+    let why = f32_problem(x).unwrap_or("is not a 32-bit float");
+    Diagnostic::error(format!("`{name}` = {x} {why}"))
+        .label(span, "out of f32's range")
+        .help("aec trains in 32-bit floats: give a value they can hold")
 }

@@ -8,7 +8,7 @@ mod build;
 mod error;
 mod print;
 
-pub use build::closest;
+pub use build::{closest, f32_problem};
 pub use print::Dims;
 
 use crate::diag::{Diagnostic, Span};
@@ -73,7 +73,9 @@ fn too_deep(src: &str) -> Option<Diagnostic> {
                     return Some(
                         Diagnostic::error(format!("brackets are nested more than {MAX_NESTING} deep"))
                             .label(Span::new(i, i + 1), format!("bracket {depth} levels deep"))
-                            .help("a spec needs only a few levels: close the brackets opened before this one"),
+                            .help(
+                                "a spec needs only a few levels: close the brackets opened before this one",
+                            ),
                     );
                 }
             }
