@@ -182,6 +182,26 @@ fn a_diverging_step_leaves_the_state_untouched() {
     assert_eq!(after.params, state.params, "parameters changed by a failed step");
 }
 
+#[test]
+fn token_ids_out_of_range_stop_the_step_before_any_kernel_writes() {
+    // Ids index the embedding table, its gradient and the cross-entropy's classes: an id outside
+    // the vocabulary must be an error from the library API, not a write outside the arena.
+    let src = "model t { input s: seq[3] of token[4]\n encoder { embed 2; gru 2 }\n decoder { gru 2 teacher_forcing; dense 4 -> softmax }\n loss cross_entropy(s) }";
+    let (g, f) = compile_src(src, 2);
+    let mut program = Program::compile(&g, Options::default()).expect("compiles");
+    let state = State::new(init::init_params(&f, aec::syntax::ast::Init::Default, 1));
+    program.set_state(&state).expect("state");
+    for bad in [4, -1, i32::MAX, i32::MIN] {
+        let ids = vec![Buf::I32(vec![0, 1, 2, 3, bad, 1])];
+        let e = program.run(&ids, 0, 1).expect_err("an id outside the vocabulary");
+        assert_eq!(e, aec::codegen::RunError::Inputs(format!("`s` holds the id {bad}, outside 0..4")));
+        let mut after = State::new(Vec::new());
+        program.get_state(&mut after);
+        assert_eq!(after.params, state.params, "parameters changed by a refused step");
+    }
+    program.run(&[Buf::I32(vec![0, 1, 2, 3, 3, 1])], 0, 1).expect("ids in range run");
+}
+
 /// The parameters after one native step on `threads` threads, from a fixed state and input.
 fn params_after_one_step(g: &Graph, forward: &Graph, threads: usize) -> Vec<Vec<f32>> {
     let state = State::new(init::init_params(forward, aec::syntax::ast::Init::Default, 3));
@@ -445,4 +465,98 @@ fn pool_switches_break_ties_and_nans_as_the_interpreter() {
         let jit = program.output("sw").expect("output");
         assert_eq!(values.get(sw).i32(), jit.i32(), "{h}×{w} pool {k} stride {s}");
     }
+}
+
+/// Inputs from 1e-30 to 20 in both signs (log-spaced), denormals, ±0, ±∞ and NaN, padded to
+/// a multiple of `row` with zeros.
+fn magnitudes(row: usize) -> Vec<f32> {
+    let mut v = vec![0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-40, -1e-40, 1e-45, -1e-45];
+    for i in 0..=313 {
+        let m = 10f64.powf(-30.0 + 31.3 * i as f64 / 313.0) as f32;
+        v.extend([m, -m]);
+    }
+    v.resize(v.len().next_multiple_of(row), 0.0);
+    v
+}
+
+/// Native against the interpreter in relative error (NaN and infinities must agree exactly).
+fn same_relative(what: &str, x: &[f32], interp: &[f32], jit: &[f32], tol: f32) {
+    for (i, (a, b)) in interp.iter().zip(jit).enumerate() {
+        let ok = if a.is_nan() || b.is_nan() || a.is_infinite() || b.is_infinite() || *a == 0.0 {
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) || (*a == 0.0 && *b == 0.0)
+        } else {
+            ((a - b) / a).abs() <= tol
+        };
+        assert!(ok, "{what}({}) : interpreter {a:e}, JIT {b:e}", x[i]);
+    }
+}
+
+#[test]
+fn transcendentals_keep_their_relative_accuracy_at_every_magnitude() {
+    use aec::ir::{Op, Type, UnaryFn};
+    // Softmax rows of 7 values, so rows mix magnitudes and the vector loop has a tail.
+    let x = magnitudes(7);
+    for (name, op) in [
+        ("tanh", Some(UnaryFn::Tanh)),
+        ("sigmoid", Some(UnaryFn::Sigmoid)),
+        ("exp", Some(UnaryFn::Exp)),
+        ("softmax", None),
+    ] {
+        let mut g = Graph::new(name);
+        let input = g.add_input("x", Type::f32(vec![x.len() / 7, 7])).expect("input");
+        let y = match op {
+            Some(f) => g.add(Op::Unary { f, x: input }, None).expect("op"),
+            None => g.add(Op::Softmax { x: input }, None).expect("op"),
+        };
+        g.outputs = vec![("y".into(), y)];
+        let inputs = vec![Buf::F32(x.clone())];
+        let mut state = State::new(Vec::new());
+        let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: false };
+        let values = interp::run(&g, &inputs, &mut state, &opts).expect("interp");
+        let mut program = Program::compile(&g, Options::default()).expect("compiles");
+        program.run(&inputs, 1, 1).expect("runs");
+        let jit = program.output("y").expect("output");
+        let (a, b) = (values.get(y).f32(), jit.f32());
+        if op.is_some() {
+            same_relative(name, &x, a, b, 2e-6);
+        } else {
+            // A row holding NaN or +∞ is NaN; the others are compared as values.
+            for (r, row) in x.chunks(7).enumerate() {
+                let at = r * 7..r * 7 + 7;
+                if row.iter().all(|v| v.is_finite() || *v == f32::NEG_INFINITY) {
+                    same_relative(name, row, &a[at.clone()], &b[at], 2e-6);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn l2_of_the_weights_includes_the_embedding_table() {
+    // PyTorch's Σ over every weight tensor (not biases) of a module with an `nn.Embedding`.
+    let model = |loss: &str| {
+        format!(
+            "model t {{ input s: seq[3] of token[4]\n encoder {{ embed 2; gru 2 }}\n decoder {{ gru 2 teacher_forcing; dense 4 -> softmax }}\n loss {loss} }}"
+        )
+    };
+    let loss_of = |src: &str| {
+        let c = aec::compile(src, &aec::Config { batch: Some(2) }).expect("compiles");
+        let mut state = State::new(init::init_params(&c.forward, aec::syntax::ast::Init::Default, 4));
+        let inputs = vec![Buf::I32(vec![0, 1, 2, 3, 2, 1])];
+        let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };
+        let values = interp::run(&c.forward, &inputs, &mut state, &opts).expect("runs");
+        let loss = c.forward.output("loss").expect("loss");
+        let squares: f64 = c
+            .forward
+            .params
+            .iter()
+            .zip(&state.params)
+            .filter(|(p, _)| !p.name.contains("bias"))
+            .map(|(_, v)| v.iter().map(|w| f64::from(*w).powi(2)).sum::<f64>())
+            .sum();
+        (f64::from(values.get(loss).f32()[0]), squares)
+    };
+    let (plain, _) = loss_of(&model("cross_entropy(s)"));
+    let (penalised, squares) = loss_of(&model("cross_entropy(s) + 1e-2 * l2(weights)"));
+    assert!(((penalised - plain) - 1e-2 * squares).abs() < 1e-5, "{penalised} − {plain} vs 1e-2·{squares}");
 }

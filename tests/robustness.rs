@@ -108,7 +108,9 @@ proptest! {
 /// A spec whose `data` line nests `depth` copies of `open … close` around a file name.
 fn nested(open: &str, close: &str, depth: usize) -> String {
     let inner = format!("{}\"x.npy\"{}", open.repeat(depth), close.repeat(depth));
-    format!("model m {{\n input x: [4]\n encoder {{ dense 2 }}\n decoder {{ dense 4 }}\n loss mse(x)\n}}\ntrain {{\n data {inner}\n}}\n")
+    format!(
+        "model m {{\n input x: [4]\n encoder {{ dense 2 }}\n decoder {{ dense 4 }}\n loss mse(x)\n}}\ntrain {{\n data {inner}\n}}\n"
+    )
 }
 
 #[test]

@@ -204,6 +204,55 @@ pub struct Options {
     pub dense: bool,
 }
 
+/// Why [`Program::run`] stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunError {
+    /// The loss came out NaN or infinite: the step stopped before its updates.
+    NonFinite(f32),
+    /// An input does not fit the graph: its length or type, or a token id out of range.
+    Inputs(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::NonFinite(l) => write!(f, "the loss is {l}"),
+            RunError::Inputs(what) => f.write_str(what),
+        }
+    }
+}
+
+/// For each input, the ids it may hold (`0..bound`): the smallest table, vocabulary or class
+/// count that an op indexes by it (directly or shifted right); `usize::MAX` when none does.
+fn id_bounds(g: &Graph) -> Vec<usize> {
+    let mut bound = vec![usize::MAX; g.inputs.len()];
+    // The input a value of ids comes from, looking through `shift_right`.
+    let source = |mut id: NodeId| loop {
+        match g.node(id).op {
+            Op::Input(i) => return Some(i.0 as usize),
+            Op::ShiftRight { ids, .. } => id = ids,
+            _ => return None,
+        }
+    };
+    for id in g.ids() {
+        let (ids, n) = match g.node(id).op {
+            Op::Embed { table, ids } => (ids, g.ty(table).shape[0]),
+            Op::EmbedGrad { ids, vocab, .. } => (ids, vocab),
+            Op::OneHot { ids, depth } => (ids, depth),
+            Op::Loss { pred, target, .. } | Op::LossGrad { pred, target, .. }
+                if g.ty(target).dtype == DType::I32 =>
+            {
+                (target, g.ty(pred).shape.last().copied().unwrap_or(0))
+            }
+            _ => continue,
+        };
+        if let Some(i) = source(ids) {
+            bound[i] = bound[i].min(n);
+        }
+    }
+    bound
+}
+
 /// A compiled graph with its arena: parameters and optimizer state live here between steps.
 pub struct Program {
     graph: Graph,
@@ -214,6 +263,8 @@ pub struct Program {
     arena: Vec<u64>,
     base: usize,
     param_steps: Vec<u64>,
+    /// Per input, the ids it may hold ([`id_bounds`]).
+    id_bounds: Vec<usize>,
     threads: usize,
     pool: Option<Pool>,
     compile_time: Duration,
@@ -399,6 +450,7 @@ impl Program {
             graph: g.clone(),
             groups,
             param_steps: vec![0; g.params.len()],
+            id_bounds: id_bounds(g),
             threads: 1,
             pool: None,
             plan,
@@ -527,13 +579,22 @@ impl Program {
     /// Runs the graph on `inputs` (in `graph.inputs` order). The updates run only after the
     /// loss (if the graph has one) is checked to be finite: on NaN or infinity the step stops
     /// with parameters and optimizer state as they were before it, and `Err(loss)` returns.
-    pub fn run(&mut self, inputs: &[Buf], seed: u64, step: u64) -> Result<(), f32> {
+    pub fn run(&mut self, inputs: &[Buf], seed: u64, step: u64) -> Result<(), RunError> {
         for (i, (def, buf)) in self.graph.inputs.clone().iter().zip(inputs).enumerate() {
             let off = self.plan.input[i];
             let n = def.ty.numel();
             match buf {
                 Buf::F32(v) if v.len() == n && def.ty.dtype == DType::F32 => self.write_f32(off, v),
                 Buf::I32(v) if v.len() == n && def.ty.dtype == DType::I32 => {
+                    // Kernels index tables and rows by these ids: an id out of range would read
+                    // or write outside its buffer, so it stops the step before any kernel runs.
+                    let bound = self.id_bounds[i];
+                    if let Some(&bad) = v.iter().find(|&&x| x < 0 || x as i64 >= bound as i64) {
+                        return Err(RunError::Inputs(format!(
+                            "`{}` holds the id {bad}, outside 0..{bound}",
+                            def.name
+                        )));
+                    }
                     let dst = &mut self.bytes()[off..off + n * 4];
                     for (d, x) in dst.chunks_exact_mut(4).zip(v) {
                         d.copy_from_slice(&x.to_le_bytes());
@@ -541,7 +602,15 @@ impl Program {
                 }
                 // An input the graph does not read (pruned) may be empty.
                 _ if self.graph.input_node(crate::ir::InputId(i as u32)).is_none() => {}
-                _ => return Err(f32::NAN),
+                _ => {
+                    return Err(RunError::Inputs(format!(
+                        "`{}` needs {} {} values, got {}",
+                        def.name,
+                        n,
+                        if def.ty.dtype == DType::I32 { "i32" } else { "f32" },
+                        buf.len()
+                    )));
+                }
             }
         }
         let rng = self.plan.rng;
@@ -560,7 +629,7 @@ impl Program {
             if let Some(loss) = self.graph.output("loss") {
                 let l = self.read_f32(self.plan.node[loss.index()], 1)[0];
                 if !l.is_finite() {
-                    return Err(l);
+                    return Err(RunError::NonFinite(l));
                 }
             }
             self.set_update_scalars();

@@ -45,7 +45,7 @@ impl Runner {
         match &mut self.program {
             Some(p) => {
                 p.set_state(state)?;
-                p.run(inputs, 0, 1).map_err(|_| "the inputs do not fit the network".to_owned())?;
+                p.run(inputs, 0, 1).map_err(|e| format!("the inputs do not fit the network: {e}"))?;
                 names.iter().map(|n| p.output(n).ok_or_else(|| format!("no `{n}` output"))).collect()
             }
             None => {

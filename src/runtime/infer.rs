@@ -88,7 +88,7 @@ pub fn infer(
                     }
                 };
                 p.set_state(&state)?;
-                p.run(&inputs, 0, 1).map_err(|_| "the inputs do not fit the network".to_owned())?;
+                p.run(&inputs, 0, 1).map_err(|e| format!("the inputs do not fit the network: {e}"))?;
                 match p.output(name) {
                     Some(Buf::F32(v)) => out.extend_from_slice(&v),
                     _ => return Err(format!("no `{name}` output")),

@@ -432,12 +432,13 @@ impl Lower {
             let square = t.kind == LossKind::L2;
             let f = if square { UnaryFn::Square } else { UnaryFn::Abs };
             let term = if t.arg.name == "weights" {
-                // λ·Σ over every weight (not biases) of w² (or |w|).
+                // λ·Σ over every weight (not biases) of w² (or |w|); an embedding table is a
+                // weight, as in a PyTorch sum over the module's weight tensors.
                 let weights: Vec<NodeId> = m
                     .params
                     .iter()
                     .enumerate()
-                    .filter(|(_, p)| p.role == crate::ir::ParamRole::Weight)
+                    .filter(|(_, p)| p.role != crate::ir::ParamRole::Bias)
                     .map(|(i, _)| self.params[i])
                     .collect();
                 let mut acc: Option<NodeId> = None;
