@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Training throughput of aec's native code against PyTorch eager, in one run.
+"""Training throughput of aec's native code against PyTorch eager and JAX, in one run.
 
 For each bench spec: `aec bench SPEC --batch B --json` for aec, then the same network in PyTorch
-(the module `aec compile --emit torch` writes, so shapes and layers are the same), the same
-batch, loss, optimizer and thread count, timed the same way (median of 5 rounds, after warm-up).
-Prints one line per spec with both samples/s and the ratio.
+(the module `aec compile --emit torch` writes, so shapes and layers are the same) and in JAX
+(the same dense layers, or the GRU autoencoder, with optax's Adam or SGD), the same batch, loss,
+optimizer and thread count, timed the same way (median of 5 rounds, after warm-up). JAX is timed
+two ways: one `jax.jit` step per call, and a `lax.scan` of 50 steps per call (its fastest form).
+Prints one line per spec: every rate, and aec against the best peer. bench_conv28 (max-pool
+switches and unpooling) has no JAX twin here: its column says `-`.
+
+    --threads N   aec, PyTorch and XLA on N threads (default: all cores). Pin a one-thread run
+                  with `taskset -c 0`.
 
 Setup (outside the repository, not needed by CI):
-    python3 -m venv ../torch-venv && ../torch-venv/bin/pip install torch numpy safetensors
-    cargo build --release && ../torch-venv/bin/python benches/torch_compare.py
+    python3 -m venv ../torch-venv && ../torch-venv/bin/pip install torch numpy safetensors jax optax
+    cargo build --release && ../torch-venv/bin/python benches/torch_compare.py [--threads 1] [SPEC…]
 """
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,15 +32,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 AEC = ROOT / "target" / "release" / "aec"
 
-# spec, batch, optimizer (as the spec's train block), loss
+# spec, batch, optimizer (as the spec's train block: name, lr, momentum), loss
 BENCHES = [
-    ("onehot838", 8, lambda p: torch.optim.SGD(p, lr=5.0, momentum=0.9), "mse"),
-    ("digits_mlp", 64, lambda p: torch.optim.Adam(p, lr=3e-3), "mse"),
-    ("bench_mlp784", 64, lambda p: torch.optim.Adam(p, lr=1e-3), "mse"),
-    ("bench_mlp784", 256, lambda p: torch.optim.Adam(p, lr=1e-3), "mse"),
-    ("bench_conv28", 64, lambda p: torch.optim.Adam(p, lr=1e-3), "mse"),
-    ("bench_gru", 32, lambda p: torch.optim.Adam(p, lr=1e-3), "cross_entropy"),
+    ("onehot838", 8, ("sgd", 5.0, 0.9), "mse"),
+    ("digits_mlp", 64, ("adam", 3e-3, 0.0), "mse"),
+    ("bench_mlp784", 64, ("adam", 1e-3, 0.0), "mse"),
+    ("bench_mlp784", 256, ("adam", 1e-3, 0.0), "mse"),
+    ("bench_conv28", 64, ("adam", 1e-3, 0.0), "mse"),
+    ("bench_gru", 32, ("adam", 1e-3, 0.0), "cross_entropy"),
 ]
+
+
+def torch_opt(params, opt):
+    name, lr, momentum = opt
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.Adam(params, lr=lr)
 
 
 class GruSeqAe(torch.nn.Module):
@@ -59,11 +74,11 @@ def aec(*args):
     return subprocess.run([str(AEC), *map(str, args)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def torch_rate(name, batch, make_opt, threads, tmp, loss_name):
+def torch_rate(name, batch, opt_spec, threads, tmp, loss_name):
     torch.set_num_threads(threads)
     if loss_name == "cross_entropy":
         model = GruSeqAe()
-        opt = make_opt(model.parameters())
+        opt = torch_opt(model.parameters(), opt_spec)
         x = torch.randint(0, model.vocab, (batch, 20))
 
         def step():
@@ -80,7 +95,7 @@ def torch_rate(name, batch, make_opt, threads, tmp, loss_name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model = mod.Model()
-    opt = make_opt(model.parameters())
+    opt = torch_opt(model.parameters(), opt_spec)
     shape = None
     for line in aec("compile", ROOT / "specs" / f"{name}.ae").splitlines():
         if line.startswith("input "):
@@ -115,19 +130,150 @@ def timed(step, batch):
     return sorted(rates)[2]
 
 
+def dense_layers(name):
+    """(fan_in, fan_out, activation) of each dense layer of a spec, from its PyTorch module; None
+    when the spec has other layers."""
+    text = aec("compile", ROOT / "specs" / f"{name}.ae", "--emit", "torch")
+    layers = re.findall(r"nn\.Linear\((\d+), (\d+), bias=True\),\s+# \d+: dense \d+(?: -> (\w+))?", text)
+    if not layers or re.search(r"nn\.(Conv|GRU|LSTM|RNN|Embedding)", text):
+        return None
+    return [(int(i), int(o), act or "linear") for i, o, act in layers]
+
+
+def jax_worker(name, batch, threads, opt_spec, loss_name):
+    """Runs in a child process (XLA reads its thread flags at import): prints JAX's samples/s
+    for one jit step per call and for a lax.scan of 50 steps per call, as JSON."""
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    key = jax.random.PRNGKey(0)
+    act = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "linear": lambda v: v}
+    if loss_name == "cross_entropy":
+        vocab, embed, hidden, length = 16, 16, 64, 20
+
+        def gru_params(k, fan_in):
+            k1, k2 = jax.random.split(k)
+            s = hidden**-0.5
+            return {
+                "wi": jax.random.uniform(k1, (fan_in, 3 * hidden), minval=-s, maxval=s),
+                "wh": jax.random.uniform(k2, (hidden, 3 * hidden), minval=-s, maxval=s),
+                "bi": jnp.zeros(3 * hidden),
+                "bh": jnp.zeros(3 * hidden),
+            }
+
+        def gru(p, xs, h):
+            xp = xs @ p["wi"] + p["bi"]  # [B, T, 3H], one matmul for every step
+
+            def cell(h, x):
+                hp = h @ p["wh"] + p["bh"]
+                r = jax.nn.sigmoid(x[:, :hidden] + hp[:, :hidden])
+                z = jax.nn.sigmoid(x[:, hidden : 2 * hidden] + hp[:, hidden : 2 * hidden])
+                n = jnp.tanh(x[:, 2 * hidden :] + r * hp[:, 2 * hidden :])
+                h = (1 - z) * n + z * h
+                return h, h
+
+            h, ys = jax.lax.scan(cell, h, jnp.swapaxes(xp, 0, 1))
+            return h, jnp.swapaxes(ys, 0, 1)
+
+        ks = jax.random.split(key, 5)
+        params = {
+            "embed": jax.random.normal(ks[0], (vocab, embed)),
+            "enc": gru_params(ks[1], embed),
+            "dec": gru_params(ks[2], vocab + 1),
+            "out_w": jax.random.uniform(ks[3], (hidden, vocab), minval=-0.125, maxval=0.125),
+            "out_b": jnp.zeros(vocab),
+        }
+        x = jax.random.randint(ks[4], (batch, length), 0, vocab)
+
+        def loss_fn(p, x):
+            h0 = jnp.zeros((x.shape[0], hidden))
+            h, _ = gru(p["enc"], p["embed"][x], h0)
+            prev = jnp.concatenate([jnp.full((x.shape[0], 1), vocab), x[:, :-1]], 1)
+            _, ys = gru(p["dec"], jax.nn.one_hot(prev, vocab + 1), h)
+            logits = ys @ p["out_w"] + p["out_b"]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, x).mean()
+
+    else:
+        layers = dense_layers(name)
+        params = []
+        for i, (fi, fo, a) in enumerate(layers):
+            k = jax.random.fold_in(key, i)
+            s = fi**-0.5
+            params.append((jax.random.uniform(k, (fi, fo), minval=-s, maxval=s), jnp.zeros(fo)))
+        x = jax.random.uniform(key, (batch, layers[0][0]))
+
+        def loss_fn(p, x):
+            h = x
+            for (w, b), (_, _, a) in zip(p, layers):
+                h = act[a](h @ w + b)
+            return jnp.mean((h - x) ** 2)
+
+    opt_name, lr, momentum = opt_spec
+    tx = optax.adam(lr) if opt_name == "adam" else optax.sgd(lr, momentum=momentum)
+    state = tx.init(params)
+
+    def one(carry, _):
+        p, s = carry
+        loss, g = jax.value_and_grad(loss_fn)(p, x)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), loss
+
+    step = jax.jit(lambda p, s: one((p, s), None))
+    scan_steps = 50
+    many = jax.jit(lambda p, s: jax.lax.scan(one, (p, s), None, length=scan_steps))
+    carry = (params, state)
+
+    def jit_step():
+        nonlocal carry
+        carry, loss = step(*carry)
+        loss.block_until_ready()
+
+    def scan_call():
+        nonlocal carry
+        carry, losses = many(*carry)
+        losses.block_until_ready()
+
+    rates = {"jit": timed(jit_step, batch), "scan": timed(scan_call, batch * scan_steps)}
+    print(json.dumps(rates))
+
+
+def jax_rates(name, batch, threads, opt_spec, loss_name):
+    if loss_name != "cross_entropy" and dense_layers(name) is None:
+        return None
+    args = [sys.executable, __file__, "--jax-worker", name, str(batch), str(threads), json.dumps([opt_spec, loss_name])]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
+    argv = sys.argv[1:]
+    if argv[:1] == ["--jax-worker"]:
+        name, batch, threads, rest = argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4])
+        return jax_worker(name, batch, threads, tuple(rest[0]), rest[1])
+    threads_flag = []
+    if argv[:1] == ["--threads"]:
+        threads_flag, argv = ["--threads", argv[1]], argv[2:]
+    only = argv
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"{'spec':14} {'batch':>5} {'threads':>7} {'aec samples/s':>15} {'torch samples/s':>16} {'ratio':>7}")
-        only = sys.argv[1:]
-        for name, batch, make_opt, loss_name in BENCHES:
+        print(
+            f"{'spec':14} {'batch':>5} {'threads':>7} {'aec':>10} {'torch':>9} {'jax jit':>9} {'jax scan':>9}"
+            f" {'aec/best':>8}"
+        )
+        for name, batch, opt_spec, loss_name in BENCHES:
             if only and name not in only:
                 continue
-            ours = json.loads(aec("bench", ROOT / "specs" / f"{name}.ae", "--batch", batch, "--json"))
+            ours = json.loads(aec("bench", ROOT / "specs" / f"{name}.ae", "--batch", batch, "--json", *threads_flag))
             threads = ours["threads"]
-            theirs = torch_rate(name, batch, make_opt, threads, tmp, loss_name)
+            theirs = torch_rate(name, batch, opt_spec, threads, tmp, loss_name)
+            jx = jax_rates(name, batch, threads, opt_spec, loss_name)
             a = ours["train_samples_per_s"]
-            print(f"{name:14} {batch:5} {threads:7} {a:15.0f} {theirs:16.0f} {a / theirs:6.2f}x", flush=True)
+            best = max([theirs] + (list(jx.values()) if jx else []))
+            j = f"{jx['jit']:9.0f} {jx['scan']:9.0f}" if jx else f"{'-':>9} {'-':>9}"
+            print(f"{name:14} {batch:5} {threads:7} {a:10.0f} {theirs:9.0f} {j} {a / best:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -560,3 +560,67 @@ fn l2_of_the_weights_includes_the_embedding_table() {
     let (penalised, squares) = loss_of(&model("cross_entropy(s) + 1e-2 * l2(weights)"));
     assert!(((penalised - plain) - 1e-2 * squares).abs() < 1e-5, "{penalised} − {plain} vs 1e-2·{squares}");
 }
+
+#[test]
+fn every_matmul_path_matches_the_interpreter_across_the_threshold() {
+    // Both paths on this machine (the wide core only where the CPU has it), every transpose,
+    // sizes on both sides of the wide core's threshold and at the SIMD and unit tails, with a
+    // fused epilogue (bias and ReLU, or an activation derivative), on one and two threads.
+    use aec::codegen::wide::{self, MatmulPath};
+    use aec::ir::{Op, ParamDef, ParamRole, Type, UnaryFn};
+    let mut paths = vec![MatmulPath::Cranelift];
+    if wide::isa().is_some() {
+        paths.push(MatmulPath::Auto);
+    }
+    let sizes =
+        [(1, 1, 1), (3, 17, 5), (17, 3, 33), (13, 255, 20), (2, 257, 17), (257, 9, 31), (64, 130, 255)];
+    for (m, n, k) in sizes {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut g = Graph::new("mm");
+            let a = g.add_input("a", Type::f32(if ta { vec![k, m] } else { vec![m, k] })).expect("a");
+            let b = g.add_input("b", Type::f32(if tb { vec![n, k] } else { vec![k, n] })).expect("b");
+            let y = g.add_input("y", Type::f32(vec![m, n])).expect("y");
+            let mm = g.add(Op::MatMul { a, b, ta, tb }, None).expect("matmul");
+            let def = ParamDef {
+                name: "bias".into(),
+                shape: vec![n],
+                role: ParamRole::Bias,
+                fan_in: 1,
+                fan_out: 1,
+            };
+            let bias = g.add_param(def).expect("param");
+            let with_bias = g.add(Op::BiasAdd { x: mm, bias }, None).expect("bias");
+            let relu = g.add(Op::Unary { f: UnaryFn::Relu, x: with_bias }, None).expect("relu");
+            let mm2 = g.add(Op::MatMul { a, b, ta, tb }, None).expect("matmul");
+            let grad = g.add(Op::ActGrad { f: UnaryFn::Tanh, y, dy: mm2 }, None).expect("act_grad");
+            g.outputs = vec![("relu".into(), relu), ("grad".into(), grad)];
+            let mut rng = ChaCha8Rng::seed_from_u64((m * 1000 + n * 10 + k) as u64);
+            let inputs: Vec<Buf> = random_inputs(&g, &mut rng)
+                .into_iter()
+                .map(|b| Buf::F32(b.f32().iter().map(|v| 2.0 * v - 1.0).collect()))
+                .collect();
+            let mut state = State::new(vec![(0..n).map(|j| j as f32 * 0.01 - 0.1).collect()]);
+            let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };
+            let values = interp::run(&g, &inputs, &mut state, &opts).expect("interp");
+            for &path in &paths {
+                let mut outs = Vec::new();
+                for threads in [1, 2] {
+                    let options = aec::codegen::Options { matmul: path, ..aec::codegen::Options::default() };
+                    let mut program = Program::compile(&g, options).expect("compiles");
+                    let wide = program.wide_isa().is_some();
+                    assert_eq!(wide, path == MatmulPath::Auto && wide::worth(m, n, k), "{m}×{n}×{k}");
+                    program.set_threads(threads);
+                    program.set_state(&state).expect("state");
+                    program.run(&inputs, 1, 1).expect("runs");
+                    for (name, id) in &g.outputs {
+                        let jit = program.output(name).expect("output");
+                        let what = format!("{path:?} {m}×{n}×{k} ta {ta} tb {tb} {name} ({threads} threads)");
+                        close(&what, values.get(*id).f32(), jit.f32(), 1e-5);
+                        outs.push(jit);
+                    }
+                }
+                assert!(outs[..2] == outs[2..], "{path:?} {m}×{n}×{k}: 2 threads differ from 1");
+            }
+        }
+    }
+}

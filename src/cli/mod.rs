@@ -93,6 +93,10 @@ pub enum Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = aec::codegen::wide::MatmulPath::from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Compile(args) => compile(&args),
         Command::Run(args) => run::run(&args),

@@ -21,6 +21,7 @@ mod matmul;
 pub mod plan;
 mod recurrent;
 mod sparse;
+pub mod wide;
 
 use crate::interp::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
@@ -47,6 +48,8 @@ struct Kernel {
     units: usize,
     /// Multiply-adds, to decide whether splitting pays.
     work: usize,
+    /// A matmul computed on the wide core ([`wide`]).
+    wide: bool,
     /// The generated function's name (as in `--emit clif`).
     name: String,
 }
@@ -194,14 +197,23 @@ struct Base(*mut u8);
 unsafe impl Send for Base {}
 unsafe impl Sync for Base {}
 
-/// Options of a compilation.
-#[derive(Clone, Copy, Debug, Default)]
+/// Options of a compilation. The default takes the matmul path from `AEC_MATMUL` (`auto` when
+/// unset; the CLI refuses any other value before compiling).
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// Keep each kernel's Cranelift IR as text (`--emit clif`).
     pub keep_clif: bool,
     /// Compute convolutions of max-pool switch maps densely, as written (`passes::sparse` is
     /// skipped): for comparing the two.
     pub dense: bool,
+    /// Which kernels the matmuls run on.
+    pub matmul: wide::MatmulPath,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { keep_clif: false, dense: false, matmul: wide::MatmulPath::from_env().unwrap_or_default() }
+    }
 }
 
 /// Why [`Program::run`] stopped.
@@ -269,6 +281,12 @@ pub struct Program {
     pool: Option<Pool>,
     compile_time: Duration,
     clif: Vec<(String, String)>,
+    /// The wide core's calls: the generated code holds their addresses, so they stay boxed
+    /// and alive as long as the code.
+    /// (Per group; boxed, so moving the vector moves no call.)
+    _calls: Vec<Option<Box<wide::Call>>>,
+    /// The instruction set of the wide core, when any matmul uses it.
+    wide_isa: Option<&'static str>,
     /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
     profile: Option<Vec<Duration>>,
     // Keeps the generated code alive; declared last so it is dropped after the kernels.
@@ -290,7 +308,16 @@ impl Program {
             &rewritten
         };
         let groups = fuse::groups(g);
-        let plan = plan::plan(g, &groups);
+        let wide_isa = match opts.matmul {
+            wide::MatmulPath::Auto => wide::isa(),
+            wide::MatmulPath::Cranelift => None,
+        };
+        let is_wide = |id: NodeId| {
+            wide_isa.is_some()
+                && groups.iter().any(|grp| matches!(grp, fuse::Group::MatMul { mm, .. } if *mm == id))
+                && matmul::dims(g, id).is_some_and(|(m, n, k)| wide::worth(m, n, k))
+        };
+        let plan = plan::plan(g, &groups, &is_wide);
         check_plan(g, &plan)?;
 
         let mut flags = settings::builder();
@@ -306,6 +333,7 @@ impl Program {
             .map_err(|e| e.to_string())?;
         let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
         builder.symbol("aec_logf", aec_logf as *const u8);
+        builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
         let mut module = JITModule::new(builder);
 
         let mut logf_sig = module.make_signature();
@@ -316,6 +344,24 @@ impl Program {
 
         let mut sig = module.make_signature();
         sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
+        // `aec_gemm(base, call, unit)` has the kernels' signature.
+        let gemm = module.declare_function("aec_gemm", Linkage::Import, &sig).map_err(|e| e.to_string())?;
+        // The matmuls that run on the wide core, each with its call (index by group).
+        let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
+        for (gi, grp) in groups.iter().enumerate() {
+            let fuse::Group::MatMul { mm, .. } = grp else { continue };
+            let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else { continue };
+            let Some((m, n, k)) = matmul::dims(g, *mm) else { continue };
+            if is_wide(*mm) {
+                let out = plan.node[grp.result().index()];
+                let call =
+                    wide::Call::new((m, n, k), (plan.node[a.index()], ta), (plan.node[rhs.index()], tb), out);
+                if call.extent() > plan.size {
+                    return Err(format!("the wide matmul of %{} reaches past the arena", mm.0));
+                }
+                calls[gi] = Some(Box::new(call));
+            }
+        }
         let mut ctx = module.make_context();
         let mut fctx = FunctionBuilderContext::new();
         let mut ids = Vec::new();
@@ -325,6 +371,8 @@ impl Program {
         let mut work: Vec<(usize, Piece)> = Vec::new();
         for (gi, grp) in groups.iter().enumerate() {
             match grp {
+                // The wide core packs its operands itself.
+                fuse::Group::MatMul { .. } if calls[gi].is_some() => work.push((gi, Piece::Main)),
                 fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
                 fuse::Group::Single(id) => match (conv::parts(g, *id), recurrent::parts(g, *id)) {
                     (Some((parts, _, _)), _) => work.extend(parts.into_iter().map(|p| (gi, Piece::Conv(p)))),
@@ -375,10 +423,16 @@ impl Program {
                         let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
                             return Err("a matmul group without a matmul".into());
                         };
-                        let scratch = plan.scratch_of(*mm)?;
-                        if pack {
+                        if let Some(call) = &calls[gi] {
+                            let ep = matmul::epilogue(g, &plan, *mm, chain);
+                            let core = module.declare_func_in_func(gemm, e.b.func);
+                            let addr = &**call as *const wide::Call as i64;
+                            wide::emit(&mut e, core, call, addr, (lo, hi), &ep);
+                        } else if pack {
+                            let scratch = plan.scratch_of(*mm)?;
                             matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch, (lo, hi));
                         } else {
+                            let scratch = plan.scratch_of(*mm)?;
                             let ep = matmul::epilogue(g, &plan, *mm, chain);
                             let out = plan.node[grp.result().index()];
                             matmul::emit(&mut e, g, &plan, *mm, (a, ta), scratch, (lo, hi), (out, &ep));
@@ -411,6 +465,10 @@ impl Program {
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
             let (units, work) = match (grp, piece) {
+                (fuse::Group::MatMul { mm, .. }, Piece::Main) if calls[gi].is_some() => {
+                    let units = calls[gi].as_ref().map_or(1, |c| c.unit_count());
+                    (units, matmul::dims(g, *mm).map_or(0, |(m, n, k)| m * n * k))
+                }
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => conv::prep_units(g, *id),
                 (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
                     matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
@@ -439,7 +497,8 @@ impl Program {
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                Kernel { group, piece, f, units, work, name }
+                let wide = calls[group].is_some() && piece == Piece::Main;
+                Kernel { group, piece, f, units, work, wide, name }
             })
             .collect();
         let words = plan.size / 8 + 16;
@@ -459,9 +518,17 @@ impl Program {
             base,
             compile_time: started.elapsed(),
             clif,
+            wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
+            _calls: calls,
             profile: None,
             _module: module,
         })
+    }
+
+    /// The instruction set of the wide matmul core, when any of this program's matmuls runs on
+    /// it (`None`: every matmul is Cranelift's 128-bit kernel).
+    pub fn wide_isa(&self) -> Option<&'static str> {
+        self.wide_isa
     }
 
     pub fn compile_time(&self) -> Duration {
@@ -782,10 +849,11 @@ pub fn describe(p: &Program) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "program {}: {} kernels, compiled in {:.2} ms",
+        "program {}: {} kernels, compiled in {:.2} ms{}",
         g.name,
         p.kernels.len(),
-        p.compile_time.as_secs_f64() * 1e3
+        p.compile_time.as_secs_f64() * 1e3,
+        p.wide_isa.map_or(String::new(), |isa| format!("; the wide matmul core runs {isa}"))
     );
     let _ = writeln!(
         out,
@@ -835,8 +903,14 @@ pub fn describe(p: &Program) -> String {
                 let ops: Vec<String> =
                     grp.nodes().iter().map(|n| format!("%{} {}", n.0, g.node(*n).op.mnemonic())).collect();
                 let r = grp.result();
-                let _ =
-                    writeln!(out, "  {} -> {} @ {}{split}", ops.join(" + "), g.ty(r), plan.node[r.index()]);
+                let core = if k.wide { " [matmul on the wide core]" } else { "" };
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} @ {}{split}{core}",
+                    ops.join(" + "),
+                    g.ty(r),
+                    plan.node[r.index()]
+                );
             }
         }
     }

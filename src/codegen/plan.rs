@@ -71,8 +71,9 @@ pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
 }
 
 /// Plans `g` to run as `groups`: a fused group's result is allocated where the group runs (its
-/// first node), and the values inside a fused chain get no memory at all.
-pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
+/// first node), and the values inside a fused chain get no memory at all. The matmuls for which
+/// `wide` holds run on the wide core, which packs its operands itself: they get no scratch.
+pub fn plan(g: &Graph, groups: &[Group], wide: &dyn Fn(NodeId) -> bool) -> Plan {
     // For each node: the node whose buffer it stands for (itself unless fused away), and, at a
     // group's head, the result to allocate there.
     let mut at_head: Vec<Option<NodeId>> = vec![None; g.len()];
@@ -201,7 +202,7 @@ pub fn plan(g: &Graph, groups: &[Group]) -> Plan {
                 o
             }
         };
-        let scratch = scratch_bytes(g, id);
+        let scratch = if wide(id) { 0 } else { scratch_bytes(g, id) };
         if scratch > 0 {
             // Scratch is only needed while the node runs.
             let o = alloc(scratch, &mut free, &mut end);

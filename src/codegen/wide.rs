@@ -1,0 +1,247 @@
+//! The wide matmul core: `C = op(A)·op(B)` at the machine's widest vectors.
+//!
+//! Cranelift 0.135 has only 128-bit vectors, so its micro-kernel ([`super::matmul`]) tops out at
+//! the 128-bit FMA peak. Large matmuls instead call [`aec_gemm`] from the generated kernel: the
+//! `gemm` crate's AVX-512 or AVX2+FMA kernels, picked by run-time CPU detection (built with its
+//! `x86-v4` feature, no rayon). The generated kernel keeps everything else: it calls the core on
+//! one work unit (a fixed group of C's columns, or of its rows), then applies the fused epilogue
+//! (bias, activation, activation derivative, …) to that unit while it is in cache. Units are
+//! fixed by the shapes, never by the thread count, so results are the same for any `--threads`.
+//!
+//! The one narrow interface is [`Call`] (sizes, arena offsets, strides), which the program owns
+//! at a stable address for as long as its code can run, and [`aec_gemm`].
+
+use super::emit::Emit;
+use super::matmul::{EpOp, apply_ops};
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
+
+/// Which kernels a program's matmuls run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The wide core for every matmul large enough to pay, when the CPU has AVX2+FMA or
+    /// AVX-512; Cranelift's 128-bit kernel otherwise.
+    #[default]
+    Auto,
+    /// Cranelift's 128-bit kernel for every matmul.
+    Cranelift,
+}
+
+impl MatmulPath {
+    /// The path `AEC_MATMUL` asks for: `auto` (or unset) or `cranelift`.
+    pub fn from_env() -> Result<MatmulPath, String> {
+        match std::env::var("AEC_MATMUL").as_deref() {
+            Err(_) | Ok("auto") | Ok("") => Ok(MatmulPath::Auto),
+            Ok("cranelift") => Ok(MatmulPath::Cranelift),
+            Ok(other) => Err(format!("AEC_MATMUL={other}: expected `auto` or `cranelift`")),
+        }
+    }
+}
+
+/// The instruction set the wide core runs with on this machine, or `None` when it would not
+/// beat Cranelift's 128-bit kernel (no AVX2+FMA).
+pub fn isa() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some("AVX-512");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return Some("AVX2+FMA");
+        }
+    }
+    None
+}
+
+/// Multiply-adds from which a matmul runs on the wide core. Measured with `aec bench` on
+/// `bench_mlp784` and `digits_mlp` (see the README): below this the call and the core's own
+/// packing cost more than the 128-bit kernel, whose epilogue is fused into its stores.
+pub const MIN_WORK: usize = 1 << 12;
+
+/// Whether a matmul of these sizes runs on the wide core.
+pub fn worth(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= MIN_WORK && n >= 8 && k >= 8
+}
+
+/// C's columns (or rows) per work unit: about this many, a multiple of 16.
+const UNIT: usize = 128;
+
+/// One matmul on the wide core: `C[M, N] = op(A)·op(B)`, C row-major. Offsets are bytes into
+/// the arena; strides are in elements.
+#[repr(C)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: usize,
+    pub a_rs: isize,
+    pub a_cs: isize,
+    pub b: usize,
+    pub b_rs: isize,
+    pub b_cs: isize,
+    pub c: usize,
+    /// Units are groups of C's columns (else of its rows), `unit` of them each but the last.
+    pub by_cols: bool,
+    pub unit: usize,
+}
+
+impl Call {
+    /// A: `[M, K]` at byte offset `a`, or `[K, M]` when `ta`; B: `[K, N]`, or `[N, K]` when
+    /// `tb`; C: `[M, N]`.
+    pub fn new(
+        (m, n, k): (usize, usize, usize),
+        (a, ta): (usize, bool),
+        (b, tb): (usize, bool),
+        c: usize,
+    ) -> Call {
+        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        // Split the longer side of C: each unit then shares the other operand, which is the
+        // smaller one to pack again per unit.
+        let by_cols = n >= m;
+        let side = if by_cols { n } else { m };
+        let units = side.div_ceil(UNIT);
+        let unit = side.div_ceil(units).next_multiple_of(16).min(side);
+        Call { m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, by_cols, unit }
+    }
+
+    fn side(&self) -> usize {
+        if self.by_cols { self.n } else { self.m }
+    }
+
+    /// Whole units, and the size of the partial last one (0 when there is none).
+    pub fn units(&self) -> (usize, usize) {
+        (self.side() / self.unit, self.side() % self.unit)
+    }
+
+    /// Work units in all.
+    pub fn unit_count(&self) -> usize {
+        self.side().div_ceil(self.unit)
+    }
+
+    /// One past the last byte of the arena the call reads or writes.
+    pub fn extent(&self) -> usize {
+        let last = |off: usize, rows: usize, rs: isize, cols: usize, cs: isize| {
+            off + 4 * ((rows - 1) * rs.unsigned_abs() + (cols - 1) * cs.unsigned_abs() + 1)
+        };
+        let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs);
+        let b = last(self.b, self.k, self.b_rs, self.n, self.b_cs);
+        let c = last(self.c, self.m, self.n as isize, self.n, 1);
+        a.max(b).max(c)
+    }
+
+    /// Rows `r0..r0 + rows` and columns `c0..c0 + cols` of C that unit `u` computes.
+    fn block(&self, u: usize) -> (usize, usize, usize, usize) {
+        let start = u * self.unit;
+        let len = self.unit.min(self.side().saturating_sub(start));
+        if self.by_cols { (0, self.m, start, len) } else { (start, len, 0, self.n) }
+    }
+}
+
+/// Computes work unit `unit` of `*call` on the arena at `base`. Called by generated code only.
+///
+/// # Safety
+/// `call` points at a live [`Call`] whose [`Call::extent`] fits in the arena at `base`, and no
+/// other thread writes C's block of unit `unit` meanwhile.
+pub(super) unsafe extern "C" fn aec_gemm(base: *mut u8, call: *const Call, unit: i64) {
+    // SAFETY: `call` is the address of a `Call` that the program owns, boxed, for as long as
+    // its generated code exists; the kernels only read it.
+    let c = unsafe { &*call };
+    let (r0, rows, c0, cols) = c.block(unit.max(0) as usize);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    // SAFETY: `Program::compile` checked `c.extent()` against the arena, so every element of
+    // A, B and C that these sizes and strides reach lies inside it; units cover disjoint
+    // blocks of C, so threads running different units never write the same element, and
+    // nothing else runs while a kernel does. The element offsets are within those bounds.
+    unsafe {
+        let a = (base.add(c.a) as *const f32).offset(r0 as isize * c.a_rs);
+        let b = (base.add(c.b) as *const f32).offset(c0 as isize * c.b_cs);
+        let dst = (base.add(c.c) as *mut f32).add(r0 * c.n + c0);
+        gemm::gemm(
+            rows,
+            cols,
+            c.k,
+            dst,
+            1,
+            c.n as isize,
+            false,
+            a,
+            c.a_cs,
+            c.a_rs,
+            b,
+            c.b_cs,
+            c.b_rs,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The compute kernel of a wide matmul over its units `lo..hi`: per unit, the call into the
+/// core, then the epilogue over the unit's block of C.
+pub fn emit(
+    e: &mut Emit,
+    core: FuncRef,
+    call: &Call,
+    call_addr: i64,
+    (lo, hi): (Value, Value),
+    epilogue: &[EpOp],
+) {
+    let (full, rest) = call.units();
+    let one = |e: &mut Emit, u: Value, len: usize| {
+        let addr = e.i64(call_addr);
+        e.b.ins().call(core, &[e.base, addr, u]);
+        if epilogue.is_empty() {
+            return;
+        }
+        let start = e.b.ins().imul_imm_s(u, call.unit as i64);
+        if call.by_cols {
+            let zero = e.i64(0);
+            block_epilogue(e, (call.c, call.n), (zero, call.m), (start, len), epilogue);
+        } else {
+            let zero = e.i64(0);
+            block_epilogue(e, (call.c, call.n), (start, len), (zero, call.n), epilogue);
+        }
+    };
+    let mut whole = |e: &mut Emit, u: Value| one(e, u, call.unit);
+    let mut partial = |e: &mut Emit| {
+        let u = e.i64(full as i64);
+        one(e, u, rest);
+    };
+    e.units((lo, hi), full, rest > 0, &mut whole, &mut partial);
+}
+
+/// Applies `ops` in place to rows `r0..r0 + rows` and columns `c0..c0 + cols` of the row-major
+/// `[_, n]` result at `out`: four columns at a time, then the tail.
+fn block_epilogue(
+    e: &mut Emit,
+    (out, n): (usize, usize),
+    (r0, rows): (Value, usize),
+    (c0, cols): (Value, usize),
+    ops: &[EpOp],
+) {
+    e.for_range(0, rows as i64, 1, |e, i| {
+        let row = e.b.ins().iadd(r0, i);
+        let row = e.b.ins().imul_imm_s(row, n as i64);
+        let at = e.b.ins().iadd(row, c0);
+        let one = |e: &mut Emit, ty: Type, j: Value| {
+            let idx = e.b.ins().iadd(at, j);
+            let col = e.b.ins().iadd(c0, j);
+            let v = e.load(ty, out, idx);
+            let v = apply_ops(e, ty, ops, v, idx, Some(col), true);
+            e.store(out, idx, v);
+        };
+        e.for_range(0, (cols / 4 * 4) as i64, 4, |e, j| one(e, F32X4, j));
+        for j in cols / 4 * 4..cols {
+            let j = e.i64(j as i64);
+            one(e, F32, j);
+        }
+    });
+}
