@@ -349,6 +349,19 @@ impl Program {
         // The matmuls that run on the wide core, each with its call (index by group).
         let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
         for (gi, grp) in groups.iter().enumerate() {
+            if let fuse::Group::Single(id) = grp
+                && wide_isa.is_some()
+                && recurrent::wide_worth(g, *id)
+            {
+                let scratch = plan.scratch_of(*id)?;
+                if let Some(call) = recurrent::wide_call(g, &plan, *id, scratch) {
+                    if call.extent() > plan.size {
+                        return Err(format!("the wide projection of %{} reaches past the arena", id.0));
+                    }
+                    calls[gi] = Some(Box::new(call));
+                }
+                continue;
+            }
             let fuse::Group::MatMul { mm, .. } = grp else { continue };
             let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else { continue };
             let Some((m, n, k)) = matmul::dims(g, *mm) else { continue };
@@ -450,7 +463,14 @@ impl Program {
                         }
                         Piece::Rec(part) => {
                             let scratch = plan.scratch_of(*id)?;
-                            recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
+                            let core = match &calls[gi] {
+                                Some(call) => {
+                                    let f = module.declare_func_in_func(gemm, e.b.func);
+                                    Some((f, &**call, &**call as *const wide::Call as i64))
+                                }
+                                None => None,
+                            };
+                            recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
                         }
                         _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
                     },
@@ -480,7 +500,10 @@ impl Program {
                 }
                 (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Pack)) => recurrent::pack_units(g, *id),
                 (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Loop)) => {
-                    recurrent::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
+                    let (units, work) =
+                        recurrent::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work));
+                    // With the wide core, units are groups of batch rows.
+                    (calls[gi].as_ref().map_or(units, |c| c.unit_count()), work)
                 }
                 (fuse::Group::Updates(ids), _) => {
                     ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
@@ -497,7 +520,8 @@ impl Program {
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                let wide = calls[group].is_some() && piece == Piece::Main;
+                let wide = calls[group].is_some()
+                    && matches!(piece, Piece::Main | Piece::Rec(recurrent::Part::Loop));
                 Kernel { group, piece, f, units, work, wide, name }
             })
             .collect();

@@ -13,9 +13,10 @@
 use super::emit::Emit;
 use super::matmul::{self, EpOp, Mm};
 use super::plan::Plan;
+use super::wide::{self, Call};
 use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
 use crate::syntax::ast::Cell;
-use cranelift_codegen::ir::{InstBuilder, Type, Value};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -78,6 +79,31 @@ pub fn saved_projections(g: &Graph, rec: NodeId) -> Option<NodeId> {
     g.ids().find(|&id| g.node(id).op == Op::HiddenProj { rec })
 }
 
+/// `dst[k·rows + i] = src[i·cols + k]`: the `[rows, cols]` matrix at `src` transposed, for the
+/// columns of `dst` in panels `lo..hi` of 8 (the pack part's work units).
+fn transpose_panels(
+    e: &mut Emit,
+    src: usize,
+    (rows, cols): (usize, usize),
+    dst: usize,
+    (lo, hi): (Value, Value),
+) {
+    let i0 = e.b.ins().imul_imm_s(lo, 8);
+    let i1 = e.b.ins().imul_imm_s(hi, 8);
+    let top = e.i64(rows as i64);
+    let i1 = e.b.ins().smin(i1, top);
+    e.for_dynamic(i0, i1, |e, i| {
+        let from = e.b.ins().imul_imm_s(i, cols as i64);
+        e.for_range(0, cols as i64, 1, |e, k| {
+            let s = e.b.ins().iadd(from, k);
+            let v = e.load_ro(cranelift_codegen::ir::types::F32, src, s);
+            let t = e.b.ins().imul_imm_s(k, rows as i64);
+            let t = e.b.ins().iadd(t, i);
+            e.store(dst, t, v);
+        });
+    });
+}
+
 fn round(bytes: usize) -> usize {
     bytes.div_ceil(64) * 64
 }
@@ -115,7 +141,33 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     Some((vec![Part::Pack, Part::Loop], d.b, work))
 }
 
-/// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi`.
+/// Whether the per-step projection of recurrent node `id` is worth the wide core.
+pub fn wide_worth(g: &Graph, id: NodeId) -> bool {
+    dims(g, id).is_some_and(|d| wide::worth(d.b.min(wide::ROW_UNIT), d.gh(), d.h))
+}
+
+/// The per-step projection of recurrent node `id` as a call into the wide core, its units
+/// [`wide::ROW_UNIT`] batch rows each: forward `gh = h·W_hhᵀ` with `W_hhᵀ` copied row-major
+/// into the scratch by the pack part, backward `dh = dgh·W_hh` straight from the parameter.
+pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+    let d = dims(g, id)?;
+    let [packed, s1, _, s3, s4] = layout(d, scratch);
+    match g.node(id).op {
+        Op::Recurrent { .. } => Some(Call::rows((d.b, d.gh(), d.h), (s1, false), (packed, false), s3)),
+        Op::RecurrentGrad { w_hh, .. } => {
+            Some(Call::rows((d.b, d.h, d.gh()), (s4, false), (plan.node[w_hh.index()], false), s1))
+        }
+        _ => None,
+    }
+}
+
+/// The wide core for a recurrent loop's projection: the imported `aec_gemm`, the call and
+/// its address.
+pub type Core<'a> = (FuncRef, &'a Call, i64);
+
+/// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi` (units of
+/// [`wide::ROW_UNIT`] rows with the wide `core`).
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     e: &mut Emit,
     g: &Graph,
@@ -124,16 +176,31 @@ pub fn emit(
     part: Part,
     scratch: usize,
     (lo, hi): (Value, Value),
+    core: Option<Core>,
 ) -> Result<(), String> {
     let d = dims(g, id).ok_or("not a recurrent op")?;
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     let [packed, s1, s2, s3, s4] = layout(d, scratch);
-    // The loop's work units are batch rows (sequences), split evenly between threads.
-    let r0 = lo;
+    // The loop's work units are batch rows (sequences), or groups of them for the wide core,
+    // split evenly between threads.
+    let per = if core.is_some() && part == Part::Loop { wide::ROW_UNIT as i64 } else { 1 };
+    let r0 = e.b.ins().imul_imm_s(lo, per);
+    let r1 = e.b.ins().imul_imm_s(hi, per);
     let bmax = e.i64(d.b as i64);
-    let r1 = e.b.ins().smin(hi, bmax);
+    let r1 = e.b.ins().smin(r1, bmax);
+    // The per-step projection of rows `r0..r1`, with the fused `ep`.
+    let project = |e: &mut Emit, mm: &Mm| match core {
+        Some((f, call, addr)) => wide::emit_row_units(e, f, (call, addr), (lo, hi), mm.epilogue, false),
+        None => matmul::emit_rows(e, mm, (r0, r1)),
+    };
     match (g.node(id).op.clone(), part) {
+        // The wide core reads W_hhᵀ row-major [H, G·H]: a transposed copy.
+        (Op::Recurrent { w_hh, .. }, Part::Pack) if core.is_some() => {
+            transpose_panels(e, at(w_hh), (d.gh(), d.h), packed, (lo, hi))
+        }
+        // The backward's core reads W_hh as it is.
+        (Op::RecurrentGrad { .. }, Part::Pack) if core.is_some() => {}
         // gh = h·W_hhᵀ: B = W_hhᵀ [H, G·H], W_hh stored [G·H, H].
         (Op::Recurrent { w_hh, .. }, Part::Pack) => {
             matmul::pack_b(e, at(w_hh), true, d.h, d.gh(), packed, (lo, hi))
@@ -170,7 +237,7 @@ pub fn emit(
                 stable: false,
             };
             e.for_range(0, d.t as i64, 1, |e, t| {
-                matmul::emit_rows(e, &mm, (r0, r1));
+                project(e, &mm);
                 e.for_dynamic(r0, r1, |e, r| {
                     let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
                     e.elementwise(d.h, |e, ty, j| {
@@ -355,7 +422,7 @@ pub fn emit(
                     });
                 });
                 // dh (carried to the step before) = dgh·W_hh (+ the GRU's direct part).
-                matmul::emit_rows(e, &mm, (r0, r1));
+                project(e, &mm);
             });
             // The initial state's gradient.
             e.for_dynamic(r0, r1, |e, r| {

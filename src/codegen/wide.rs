@@ -66,6 +66,10 @@ pub fn worth(m: usize, n: usize, k: usize) -> bool {
 /// C's columns (or rows) per work unit: about this many, a multiple of 16.
 const UNIT: usize = 128;
 
+/// Rows per work unit of a recurrent loop's projection: each step's call into the core covers
+/// one unit, so the rows a call sees never depend on how threads split the batch.
+pub const ROW_UNIT: usize = 8;
+
 /// One matmul on the wide core: `C[M, N] = op(A)·op(B)`, C row-major. Offsets are bytes into
 /// the arena; strides are in elements.
 #[repr(C)]
@@ -108,6 +112,17 @@ impl Call {
 
     fn side(&self) -> usize {
         if self.by_cols { self.n } else { self.m }
+    }
+
+    /// A call split into units of [`ROW_UNIT`] rows: a recurrent loop's per-step projection,
+    /// whose threads take whole units of batch rows.
+    pub fn rows(
+        (m, n, k): (usize, usize, usize),
+        (a, ta): (usize, bool),
+        (b, tb): (usize, bool),
+        c: usize,
+    ) -> Call {
+        Call { by_cols: false, unit: ROW_UNIT, ..Call::new((m, n, k), (a, ta), (b, tb), c) }
     }
 
     /// Whole units, and the size of the partial last one (0 when there is none).
@@ -202,12 +217,13 @@ pub fn emit(
             return;
         }
         let start = e.b.ins().imul_imm_s(u, call.unit as i64);
+        let zero = e.i64(0);
         if call.by_cols {
-            let zero = e.i64(0);
-            block_epilogue(e, (call.c, call.n), (zero, call.m), (start, len), epilogue);
+            let m = e.i64(call.m as i64);
+            block_epilogue(e, (call.c, call.n), (zero, m), (start, len), epilogue, true);
         } else {
-            let zero = e.i64(0);
-            block_epilogue(e, (call.c, call.n), (start, len), (zero, call.n), epilogue);
+            let end = e.b.ins().iadd_imm_s(start, len as i64);
+            block_epilogue(e, (call.c, call.n), (start, end), (zero, call.n), epilogue, true);
         }
     };
     let mut whole = |e: &mut Emit, u: Value| one(e, u, call.unit);
@@ -218,24 +234,51 @@ pub fn emit(
     e.units((lo, hi), full, rest > 0, &mut whole, &mut partial);
 }
 
-/// Applies `ops` in place to rows `r0..r0 + rows` and columns `c0..c0 + cols` of the row-major
+/// The row units `lo..hi` of a call split by rows (a recurrent loop's share of the batch, in
+/// [`ROW_UNIT`]s): per unit the call into the core, then the epilogue over its rows. `stable`:
+/// the epilogue's operands do not change while the kernel runs (false in a time loop).
+pub fn emit_row_units(
+    e: &mut Emit,
+    core: FuncRef,
+    (call, call_addr): (&Call, i64),
+    (lo, hi): (Value, Value),
+    epilogue: &[EpOp],
+    stable: bool,
+) {
+    let count = e.i64(call.unit_count() as i64);
+    let end = e.b.ins().smin(hi, count);
+    e.for_dynamic(lo, end, |e, u| {
+        let addr = e.i64(call_addr);
+        e.b.ins().call(core, &[e.base, addr, u]);
+        if !epilogue.is_empty() {
+            let r0 = e.b.ins().imul_imm_s(u, call.unit as i64);
+            let r1 = e.b.ins().iadd_imm_s(r0, call.unit as i64);
+            let m = e.i64(call.m as i64);
+            let r1 = e.b.ins().smin(r1, m);
+            let zero = e.i64(0);
+            block_epilogue(e, (call.c, call.n), (r0, r1), (zero, call.n), epilogue, stable);
+        }
+    });
+}
+
+/// Applies `ops` in place to rows `r0..r1` and columns `c0..c0 + cols` of the row-major
 /// `[_, n]` result at `out`: four columns at a time, then the tail.
 fn block_epilogue(
     e: &mut Emit,
     (out, n): (usize, usize),
-    (r0, rows): (Value, usize),
+    (r0, r1): (Value, Value),
     (c0, cols): (Value, usize),
     ops: &[EpOp],
+    stable: bool,
 ) {
-    e.for_range(0, rows as i64, 1, |e, i| {
-        let row = e.b.ins().iadd(r0, i);
+    e.for_dynamic(r0, r1, |e, row| {
         let row = e.b.ins().imul_imm_s(row, n as i64);
         let at = e.b.ins().iadd(row, c0);
         let one = |e: &mut Emit, ty: Type, j: Value| {
             let idx = e.b.ins().iadd(at, j);
             let col = e.b.ins().iadd(c0, j);
             let v = e.load(ty, out, idx);
-            let v = apply_ops(e, ty, ops, v, idx, Some(col), true);
+            let v = apply_ops(e, ty, ops, v, idx, Some(col), stable);
             e.store(out, idx, v);
         };
         e.for_range(0, (cols / 4 * 4) as i64, 4, |e, j| one(e, F32X4, j));
