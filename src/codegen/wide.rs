@@ -105,8 +105,9 @@ impl Call {
         // smaller one to pack again per unit.
         let by_cols = n >= m;
         let side = if by_cols { n } else { m };
-        let units = side.div_ceil(UNIT);
-        let unit = side.div_ceil(units).next_multiple_of(16).min(side);
+        // An even number of units, so that two threads get the same share.
+        let units = side.div_ceil(UNIT).next_multiple_of(2);
+        let unit = side.div_ceil(units).next_multiple_of(8).min(side);
         Call { m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, by_cols, unit }
     }
 
