@@ -9,9 +9,6 @@ use aec::sema::{Lowering, Mode, lower};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Register-only peak of 128-bit FMA on one core of this machine (see ARCHITECTURE.md).
-const PEAK_GFLOPS_PER_CORE: f64 = 45.0;
-
 #[derive(clap::Args)]
 pub struct BenchArgs {
     spec: PathBuf,
@@ -103,13 +100,26 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let infer_rate = measure(&mut infer, c.batch, steps)?;
     let gflops = flops_train * train_rate / 1e9;
     let executed_gflops = executed * train_rate / 1e9;
-    let peak = 100.0 * executed_gflops / (PEAK_GFLOPS_PER_CORE * threads as f64);
+    // The share of peak is of the widest FMA the program's kernels run: the wide core's if any
+    // matmul uses it, else Cranelift's 128 bits; the peak is measured now, on this machine.
+    let peaks = aec::codegen::wide::fma_peaks();
+    let width =
+        if train.wide_isa().is_some() { peaks.first() } else { peaks.iter().find(|p| p.0 == "128-bit") };
+    let (width, per_core) = width.copied().unwrap_or(("unmeasured", f64::NAN));
+    let peak = 100.0 * executed_gflops / (per_core * threads as f64);
+    let matmuls = match train.wide_isa() {
+        Some(isa) => {
+            format!("the wide core ({isa}) for large matmuls, Cranelift's 128-bit kernel for the rest")
+        }
+        None => "Cranelift's 128-bit kernel".to_owned(),
+    };
     let compile_ms = (train.compile_time() + infer.compile_time()).as_secs_f64() * 1e3;
     let name = &c.model.name;
     if args.json {
         outln!(
-            "{{\"spec\":\"{name}\",\"batch\":{},\"threads\":{threads},\"jit_compile_ms\":{compile_ms:.3},\"train_samples_per_s\":{train_rate:.1},\"infer_samples_per_s\":{infer_rate:.1},\"train_gflops\":{gflops:.3},\"executed_gflops\":{executed_gflops:.3},\"peak_percent\":{peak:.2}}}",
-            c.batch
+            "{{\"spec\":\"{name}\",\"batch\":{},\"threads\":{threads},\"jit_compile_ms\":{compile_ms:.3},\"train_samples_per_s\":{train_rate:.1},\"infer_samples_per_s\":{infer_rate:.1},\"train_gflops\":{gflops:.3},\"executed_gflops\":{executed_gflops:.3},\"peak_percent\":{peak:.2},\"peak_width\":\"{width}\",\"peak_gflops_per_core\":{per_core:.1},\"wide_core\":{}}}",
+            c.batch,
+            train.wide_isa().map_or("null".to_owned(), |isa| format!("\"{isa}\""))
         );
     } else {
         let s = if threads == 1 { "" } else { "s" };
@@ -123,8 +133,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
         outln!("  inference       {infer_rate:.0} samples/s");
         outln!("  training        {gflops:.2} GFLOP/s as the layers count their FLOPs");
         outln!(
-            "                  {executed_gflops:.2} GFLOP/s executed, {peak:.1}% of the 128-bit FMA peak ({PEAK_GFLOPS_PER_CORE} GFLOP/s per core)"
+            "                  {executed_gflops:.2} GFLOP/s executed, {peak:.1}% of the {width} FMA peak ({per_core:.1} GFLOP/s per core, measured now)"
         );
+        outln!("  matmuls         {matmuls}");
     }
     if args.profile {
         train.start_profile();

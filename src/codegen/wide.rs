@@ -289,3 +289,93 @@ fn block_epilogue(
         }
     });
 }
+
+/// The register-only FMA peak of one core, in GFLOP/s, per vector width this CPU runs: twelve
+/// independent accumulators, about 20 ms each (measured at run time: a constant from one
+/// machine is wrong on the next, and clocks move between hours).
+pub fn fma_peaks() -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let rate = |lanes: usize, f: &dyn Fn(u64) -> f32| {
+            let n = 2_000_000u64;
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                std::hint::black_box(f(n));
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            (n * 12 * lanes as u64 * 2) as f64 / best.max(1e-9) / 1e9
+        };
+        if has!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            out.push(("512-bit", rate(16, &|n| unsafe { peak::avx512(n) })));
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            out.push(("256-bit", rate(8, &|n| unsafe { peak::avx2(n) })));
+            // SAFETY: as above; 128-bit FMA is part of the FMA extension.
+            out.push(("128-bit", rate(4, &|n| unsafe { peak::sse_fma(n) })));
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// `n` rounds of twelve independent 512-bit FMAs.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512(n: u64) -> f32 {
+        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999_9));
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(a, b, *r);
+            }
+        }
+        acc.iter().map(|r| _mm512_reduce_add_ps(*r)).sum()
+    }
+
+    /// `n` rounds of twelve independent 256-bit FMAs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2(n: u64) -> f32 {
+        let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
+        let mut acc = [_mm256_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(a, b, *r);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        let mut sum = 0.0;
+        for r in acc {
+            // SAFETY: `lanes` holds 8 floats, the store's width.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
+            sum += lanes.iter().sum::<f32>();
+        }
+        sum
+    }
+
+    /// `n` rounds of twelve independent 128-bit FMAs (the width Cranelift's kernels use).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sse_fma(n: u64) -> f32 {
+        let (a, b) = (_mm_set1_ps(1.000_000_1), _mm_set1_ps(0.999_999_9));
+        let mut acc = [_mm_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm_fmadd_ps(a, b, *r);
+            }
+        }
+        let mut lanes = [0f32; 4];
+        let mut sum = 0.0;
+        for r in acc {
+            // SAFETY: `lanes` holds 4 floats, the store's width.
+            unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), r) };
+            sum += lanes.iter().sum::<f32>();
+        }
+        sum
+    }
+}
