@@ -19,6 +19,7 @@ use super::emit::Emit;
 use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::sparse;
+use super::wide::{self, Call};
 use crate::ir::{Graph, NodeId, Op};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
@@ -112,10 +113,23 @@ fn packed_round(k: usize, n: usize) -> usize {
     matmul::packed_bytes(k, n).div_ceil(64) * 64
 }
 
-/// Work units of the prep kernel (input channels of im2col; 1 when it does not split) and its
-/// rough work.
-pub fn prep_units(g: &Graph, id: NodeId) -> (usize, usize) {
+/// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
+/// im2col row-major in the packed region (which is at least as large), `T` in the temporary.
+pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+    let Op::Conv2d { w, .. } = g.node(id).op else { return None };
+    let (_, m, n, k, _) = shape(g, id)?;
+    if sparse::parts(g, id).is_some() || !wide::worth(m, n, k) {
+        return None;
+    }
+    let temp = scratch + packed_round(k, n);
+    Some(Call::new((m, n, k), (plan.node[w.index()], false), (scratch, false), temp))
+}
+
+/// Work units of the prep kernel (input channels of im2col, or images when it writes im2col
+/// row-major for the wide core; 1 when it does not split) and its rough work.
+pub fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
+        (Some((ge, ..)), Op::Conv2d { .. }) if wide => (ge.b, 4 * ge.ckk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
         // Images: their im2col columns and their rows of the packed output gradient.
         (Some((ge, ..)), Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }) => {
@@ -159,7 +173,9 @@ pub fn prep_text(op: &Op) -> &'static str {
     }
 }
 
-/// Emits one part of conv-family node `id`.
+/// Emits one part of conv-family node `id`; a dense conv2d's matmul on the wide `core` when
+/// there is one ([`wide_call`]).
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     e: &mut Emit,
     g: &Graph,
@@ -168,6 +184,7 @@ pub fn emit(
     part: Part,
     scratch: usize,
     range: (Value, Value),
+    core: Option<wide::Core>,
 ) -> Result<(), String> {
     if sparse::parts(g, id).is_some() {
         return sparse::emit(e, g, plan, id, part == Part::Compute, scratch, range);
@@ -178,6 +195,17 @@ pub fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
+        (Op::Conv2d { x, .. }, Part::Prep) if core.is_some() => {
+            let (lo, hi) = range;
+            let top = e.i64(ge.b as i64);
+            let hi = e.b.ins().smin(hi, top);
+            e.for_dynamic(lo, hi, |e, img| im2col_rows(e, ge, at(x), packed, img));
+        }
+        (Op::Conv2d { .. }, Part::Compute) if core.is_some() => {
+            if let Some((f, call, addr)) = core {
+                wide::emit(e, f, call, addr, range, &[]);
+            }
+        }
         (Op::Conv2d { x, .. }, Part::Prep) => im2col_pack(e, ge, at(x), packed, range),
         (Op::Conv2d { w, .. }, Part::Compute) => {
             let mm =
@@ -352,67 +380,73 @@ fn weight_grad_prep(
     (packed, acol): (usize, usize),
     (lo, hi): (Value, Value),
 ) {
-    let n = ge.n();
     let top = e.i64(ge.b as i64);
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, img| {
         pack_channels(e, dy, (ge.b, ge.co, ge.oh * ge.ow), packed, img);
-        e.for_range(0, ge.ci as i64, 1, |e, c| {
-            for kh in 0..ge.k {
-                for kw in 0..ge.k {
-                    let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
-                    let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
-                    let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
-                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
-                    let row = e.b.ins().imul_imm_s(r, n as i64);
-                    let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
-                        e.for_range(from as i64, to as i64, 1, |e, ox| {
-                            let i = e.b.ins().iadd(at, ox);
-                            let z = e.fconst(F32, 0.0);
-                            e.store(acol, i, z);
-                        });
-                    };
-                    let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                    let plane = e.b.ins().iadd(plane, c);
-                    let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
-                    let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
-                    let q = e.b.ins().iadd(row, q);
-                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
-                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                        let dst = e.b.ins().iadd(q, t);
-                        let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
-                        let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
-                        let inside_row = e.b.ins().band(a, b);
-                        let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
-                        let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
-                        let outside_row = e.b.ins().bor(a, b);
-                        e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
-                        e.when(inside_row, |e| {
-                            fill(e, dst, 0, ox0);
-                            // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
-                            let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
-                            let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                            let src = e.b.ins().iadd(plane, t);
-                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
-                            let copy = |e: &mut Emit, ty: Type, ox: Value| {
-                                let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
-                                let si = e.b.ins().iadd(src, t);
-                                let v = e.load_ro(ty, input, si);
-                                let di = e.b.ins().iadd(dst, ox);
-                                e.store(acol, di, v);
-                            };
-                            if ge.s == 1 {
-                                e.elementwise_in(ox0, ox1, copy);
-                            } else {
-                                e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
-                            }
-                            fill(e, dst, ox1, ge.ow);
-                        });
+        im2col_rows(e, ge, input, acol, img);
+    });
+}
+
+/// Image `img`'s columns of im2col(input), row-major `[CKK, N]` at `acol`: contiguous copies
+/// of input rows, zeros in the padding.
+fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, acol: usize, img: Value) {
+    let n = ge.n();
+    e.for_range(0, ge.ci as i64, 1, |e, c| {
+        for kh in 0..ge.k {
+            for kw in 0..ge.k {
+                let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
+                let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
+                let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
+                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
+                let row = e.b.ins().imul_imm_s(r, n as i64);
+                let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
+                    e.for_range(from as i64, to as i64, 1, |e, ox| {
+                        let i = e.b.ins().iadd(at, ox);
+                        let z = e.fconst(F32, 0.0);
+                        e.store(acol, i, z);
                     });
-                }
+                };
+                let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                let plane = e.b.ins().iadd(plane, c);
+                let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
+                let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+                let q = e.b.ins().iadd(row, q);
+                e.for_range(0, ge.oh as i64, 1, |e, oy| {
+                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                    let dst = e.b.ins().iadd(q, t);
+                    let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
+                    let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
+                    let inside_row = e.b.ins().band(a, b);
+                    let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
+                    let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
+                    let outside_row = e.b.ins().bor(a, b);
+                    e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
+                    e.when(inside_row, |e| {
+                        fill(e, dst, 0, ox0);
+                        // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                        let src = e.b.ins().iadd(plane, t);
+                        let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
+                        let copy = |e: &mut Emit, ty: Type, ox: Value| {
+                            let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                            let si = e.b.ins().iadd(src, t);
+                            let v = e.load_ro(ty, input, si);
+                            let di = e.b.ins().iadd(dst, ox);
+                            e.store(acol, di, v);
+                        };
+                        if ge.s == 1 {
+                            e.elementwise_in(ox0, ox1, copy);
+                        } else {
+                            e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                        }
+                        fill(e, dst, ox1, ge.ow);
+                    });
+                });
             }
-        });
+        }
     });
 }
 

@@ -284,7 +284,7 @@ pub struct Program {
     /// The wide core's calls: the generated code holds their addresses, so they stay boxed
     /// and alive as long as the code.
     /// (Per group; boxed, so moving the vector moves no call.)
-    _calls: Vec<Option<Box<wide::Call>>>,
+    calls: Vec<Option<Box<wide::Call>>>,
     /// The instruction set of the wide core, when any matmul uses it.
     wide_isa: Option<&'static str>,
     /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
@@ -351,12 +351,18 @@ impl Program {
         for (gi, grp) in groups.iter().enumerate() {
             if let fuse::Group::Single(id) = grp
                 && wide_isa.is_some()
-                && recurrent::wide_worth(g, *id)
+                && plan::scratch_bytes(g, *id) > 0
             {
+                // A recurrent loop's per-step projection, or a dense conv2d's matmul.
                 let scratch = plan.scratch_of(*id)?;
-                if let Some(call) = recurrent::wide_call(g, &plan, *id, scratch) {
+                let call = if recurrent::wide_worth(g, *id) {
+                    recurrent::wide_call(g, &plan, *id, scratch)
+                } else {
+                    conv::wide_call(g, &plan, *id, scratch)
+                };
+                if let Some(call) = call {
                     if call.extent() > plan.size {
-                        return Err(format!("the wide projection of %{} reaches past the arena", id.0));
+                        return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
                     }
                     calls[gi] = Some(Box::new(call));
                 }
@@ -459,7 +465,14 @@ impl Program {
                     fuse::Group::Single(id) => match piece {
                         Piece::Conv(part) => {
                             let scratch = plan.scratch_of(*id)?;
-                            conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi))?;
+                            let core = match &calls[gi] {
+                                Some(call) => {
+                                    let f = module.declare_func_in_func(gemm, e.b.func);
+                                    Some((f, &**call, &**call as *const wide::Call as i64))
+                                }
+                                None => None,
+                            };
+                            conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
                         }
                         Piece::Rec(part) => {
                             let scratch = plan.scratch_of(*id)?;
@@ -489,14 +502,17 @@ impl Program {
                     let units = calls[gi].as_ref().map_or(1, |c| c.unit_count());
                     (units, matmul::dims(g, *mm).map_or(0, |(m, n, k)| m * n * k))
                 }
-                (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => conv::prep_units(g, *id),
+                (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => {
+                    conv::prep_units(g, *id, calls[gi].is_some())
+                }
                 (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
                     matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
                 }
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Finish)) => conv::finish_units(g, *id),
                 (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
                 (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
-                    conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work))
+                    let (units, work) = conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work));
+                    (calls[gi].as_ref().map_or(units, |c| c.unit_count()), work)
                 }
                 (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Pack)) => recurrent::pack_units(g, *id),
                 (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Loop)) => {
@@ -521,7 +537,10 @@ impl Program {
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
                 let wide = calls[group].is_some()
-                    && matches!(piece, Piece::Main | Piece::Rec(recurrent::Part::Loop));
+                    && matches!(
+                        piece,
+                        Piece::Main | Piece::Rec(recurrent::Part::Loop) | Piece::Conv(conv::Part::Compute)
+                    );
                 Kernel { group, piece, f, units, work, wide, name }
             })
             .collect();
@@ -543,7 +562,7 @@ impl Program {
             compile_time: started.elapsed(),
             clif,
             wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
-            _calls: calls,
+            calls,
             profile: None,
             _module: module,
         })
@@ -905,8 +924,12 @@ pub fn describe(p: &Program) -> String {
             }
             Piece::Conv(conv::Part::Prep) => {
                 let op = &g.node(grp.head()).op;
-                let _ =
-                    writeln!(out, "  prepare %{} {} ({})", grp.head().0, op.mnemonic(), conv::prep_text(op));
+                let what = if p.calls[k.group].is_some() {
+                    "im2col row-major, for the wide core"
+                } else {
+                    conv::prep_text(op)
+                };
+                let _ = writeln!(out, "  prepare %{} {} ({what})", grp.head().0, op.mnemonic());
                 continue;
             }
             Piece::Conv(conv::Part::Finish) => {

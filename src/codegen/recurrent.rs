@@ -16,7 +16,7 @@ use super::plan::Plan;
 use super::wide::{self, Call};
 use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
 use crate::syntax::ast::Cell;
-use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -161,10 +161,6 @@ pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<C
     }
 }
 
-/// The wide core for a recurrent loop's projection: the imported `aec_gemm`, the call and
-/// its address.
-pub type Core<'a> = (FuncRef, &'a Call, i64);
-
 /// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi` (units of
 /// [`wide::ROW_UNIT`] rows with the wide `core`).
 #[allow(clippy::too_many_arguments)]
@@ -176,7 +172,7 @@ pub fn emit(
     part: Part,
     scratch: usize,
     (lo, hi): (Value, Value),
-    core: Option<Core>,
+    core: Option<wide::Core>,
 ) -> Result<(), String> {
     let d = dims(g, id).ok_or("not a recurrent op")?;
     let at = |x: NodeId| plan.node[x.index()];

@@ -16,6 +16,9 @@ use super::matmul::{EpOp, apply_ops};
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
 
+/// The wide core as a kernel sees it: the imported [`aec_gemm`], a call and the call's address.
+pub type Core<'a> = (FuncRef, &'a Call, i64);
+
 /// Which kernels a program's matmuls run on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPath {
