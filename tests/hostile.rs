@@ -1,6 +1,7 @@
 //! Inputs that crashed aec or silently lost or corrupted a run: each now gets a message saying
 //! what and where, and leaves saved state as it was.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -192,4 +193,116 @@ fn an_update_that_overflows_the_optimizer_state_stops_the_run() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("the optimizer's buffer 1 of `encoder.0.weight` became NaN or infinite"), "{err}");
     assert!(!dir.join("run/optimizer.safetensors").exists(), "{err}");
+}
+
+/// The JSON lines of `metrics.jsonl` without the timing fields (which differ between runs).
+fn metrics_without_times(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).expect("metrics");
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            if let Some(m) = v.as_object_mut() {
+                m.remove("seconds");
+                m.remove("samples_per_s");
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn a_save_killed_or_out_of_disk_at_any_write_or_rename_resumes_to_the_same_bytes() {
+    let dir = scratch("transaction");
+    let spec = spec(&dir, "t.ae", 8, " data onehot(8)\n batch 4\n epochs 4\n optimizer adam(lr: 0.05)");
+    let full = dir.join("full");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&full)]);
+    assert_eq!(code, 0, "{err}");
+    let state = ["checkpoint.safetensors", "optimizer.safetensors"];
+    let want: Vec<Vec<u8>> = state.iter().map(|f| std::fs::read(full.join(f)).expect("saved")).collect();
+    let want_metrics = metrics_without_times(&full.join("metrics.jsonl"));
+    let mut faulted = 0;
+    for k in 1..=12 {
+        for kind in ["kill", "enospc"] {
+            let run = dir.join(format!("{kind}-{k}"));
+            let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&run), "--stop-at", "2"]);
+            assert_eq!(code, 0, "{err}");
+            // Resume to the end with the k-th write or rename of the last save failing.
+            let out = Command::new(env!("CARGO_BIN_EXE_aec"))
+                .args(["run", "--train", s(&spec), "--resume", s(&run)])
+                .env("AEC_FAULT_SAVE", format!("{k}:{kind}"))
+                .output()
+                .expect("run aec");
+            if !out.status.success() {
+                faulted += 1;
+                let err = String::from_utf8_lossy(&out.stderr);
+                match kind {
+                    "enospc" => {
+                        assert_eq!(out.status.code(), Some(2), "{k}: {err}");
+                        assert!(err.contains("No space left on device"), "{k}: {err}");
+                    }
+                    _ => assert_eq!(out.status.code(), None, "killed by a signal at {k}: {err}"),
+                }
+                let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&run)]);
+                assert_eq!(code, 0, "{kind} at {k}, then resumed: {err}");
+            }
+            for (f, w) in state.iter().zip(&want) {
+                assert!(std::fs::read(run.join(f)).expect("saved") == *w, "{kind} at {k}: {f} differs");
+            }
+            assert_eq!(metrics_without_times(&run.join("metrics.jsonl")), want_metrics, "{kind} at {k}");
+            let leftovers: Vec<_> = std::fs::read_dir(&run)
+                .expect("run folder")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".new") || n.ends_with(".tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "{kind} at {k}: {leftovers:?}");
+        }
+    }
+    // Every write and rename of a save was hit: 3 staged writes, the manifest's write and
+    // rename, 3 renames into place — seven places, twice.
+    assert!(faulted >= 14, "only {faulted} runs were interrupted");
+}
+
+#[test]
+fn a_damaged_save_is_refused_on_resume() {
+    let dir = scratch("damaged");
+    let spec = spec(&dir, "d.ae", 8, " data onehot(8)\n epochs 2\n optimizer adam(lr: 0.05)");
+    let (code, err) = train(&spec, &dir, &["--stop-at", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let run = dir.join("run");
+    let mut bytes = std::fs::read(run.join("optimizer.safetensors")).expect("saved");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(run.join("optimizer.safetensors"), bytes).expect("write");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&run)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is damaged: optimizer.safetensors"), "{err}");
+}
+
+#[test]
+fn outputs_go_through_symlinks_and_never_replace_devices_or_fifos() {
+    let dir = scratch("outputs");
+    let spec = spec(&dir, "o.ae", 8, " data onehot(8)\n epochs 2");
+    let (code, err) = train(&spec, &dir, &[]);
+    assert_eq!(code, 0, "{err}");
+    let weights = dir.join("run/checkpoint.safetensors");
+    let x = dir.join("x.npy");
+    let a = aec::data::Array { shape: vec![2, 8], values: aec::data::Values::F32(vec![0.5; 16]) };
+    aec::data::write_npy(&x, &a).expect("npy");
+    let run =
+        |out: &Path| aec(&["run", s(&spec), "--weights", s(&weights), "--input", s(&x), "--output", s(out)]);
+    // A link: the file it points to gets the output, and the link stays a link.
+    let target = dir.join("target.npy");
+    std::fs::write(&target, b"old").expect("target");
+    let link = dir.join("link.npy");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let (code, _, err) = run(&link);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::symlink_metadata(&link).expect("link").file_type().is_symlink());
+    assert_eq!(aec::data::read_npy(&target).expect("written through the link").shape, vec![2, 8]);
+    // A device is not replaced.
+    let (code, _, err) = run(Path::new("/dev/null"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(std::fs::metadata("/dev/null").expect("null").file_type().is_char_device());
 }

@@ -441,6 +441,11 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
             report(&[d], &spec.path, &spec.src);
             return Err(Failure::Spec);
         }
+        // I/O problems (a full disk, a read-only folder, a damaged save) exit 2, as documented.
+        Err(e @ TrainError::Io(_)) => {
+            progress.finish();
+            return Err(Failure::Io(e.to_string()));
+        }
         Err(e) => {
             progress.finish();
             return Err(Failure::Data(e.to_string()));

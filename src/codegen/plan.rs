@@ -8,7 +8,7 @@
 //! Every buffer starts on a 64-byte boundary.
 
 use super::fuse::Group;
-use crate::ir::{Graph, NodeId, Op, OptimizerFn};
+use crate::ir::{Graph, NodeId, Op};
 
 const ALIGN: usize = 64;
 
@@ -106,18 +106,9 @@ pub fn plan(g: &Graph, groups: &[Group], wide: &dyn Fn(NodeId) -> bool) -> Plan 
     for def in &g.params {
         p.param.push(take(def.shape.iter().product::<usize>() * 4));
     }
-    let slot_count = |p: usize| {
-        g.nodes().iter().find_map(|n| match n.op {
-            Op::Update { f: OptimizerFn::Adam { .. }, param, .. } if param.index() == p => Some(2),
-            Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } if param.index() == p => {
-                Some(usize::from(momentum != 0.0))
-            }
-            _ => None,
-        })
-    };
     for (i, def) in g.params.iter().enumerate() {
         let n = def.shape.iter().product::<usize>() * 4;
-        let slots = (0..slot_count(i).unwrap_or(0)).map(|_| take(n)).collect();
+        let slots = (0..g.optimizer_slots(i).unwrap_or(0)).map(|_| take(n)).collect();
         p.slots.push(slots);
     }
     for i in &g.inputs {

@@ -217,6 +217,18 @@ impl Graph {
         self.ids().find(|&id| self.node(id).op == Op::Input(i))
     }
 
+    /// How many buffers the optimizer keeps for parameter `i`: Adam two, SGD with momentum one,
+    /// plain SGD none; `None` when no `update` node updates it.
+    pub fn optimizer_slots(&self, i: usize) -> Option<usize> {
+        self.nodes.iter().find_map(|n| match n.op {
+            Op::Update { f: OptimizerFn::Adam { .. }, param, .. } if param.index() == i => Some(2),
+            Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } if param.index() == i => {
+                Some(usize::from(momentum != 0.0))
+            }
+            _ => None,
+        })
+    }
+
     pub fn output(&self, name: &str) -> Option<NodeId> {
         self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
     }

@@ -7,33 +7,210 @@
 //!   and `<name>.exp_avg_sq` (Adam), with metadata: `epoch`, `step`, the per-parameter update
 //!   counts and the seed — everything `--resume` needs.
 //!
-//! Every file is written to a temporary name beside its target, synced, then renamed over it:
-//! a crash leaves the old file or the new one, never half of one.
+//! A save is one transaction ([`commit`]): the checkpoint, the optimizer state and the metrics
+//! are written under staged names and synced, then `save.json` — a manifest naming each file
+//! with its length and hash — is renamed into place (the commit point), and only then are the
+//! staged files renamed over the old ones. A kill or a full disk before the commit leaves the
+//! previous save whole; after it, [`recover`] finishes the renames from the manifest. Every
+//! byte written is a function of the run (safetensors headers are written with sorted keys).
 
 use super::State;
 use crate::ir::Graph;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A named f32 tensor: name, shape, values.
 pub type Named = (String, Vec<usize>, Vec<f32>);
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file and a rename. A symbolic link is followed
+/// (its target is replaced, beside the target); a device, FIFO or folder is refused, never
+/// replaced by a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let target = regular_target(path)?;
+    let path = target.as_path();
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        write_synced(&tmp, bytes)?;
+        fault()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The file a write to `path` replaces: `path` itself, or the end of its chain of symbolic
+/// links; an error when that is something other than a regular file.
+fn regular_target(path: &Path) -> std::io::Result<PathBuf> {
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&at)?;
+                at = at.parent().map_or(link.clone(), |dir| dir.join(&link));
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "it is not a regular file (a device, FIFO, socket or folder); aec only writes files",
+                ));
+            }
+            _ => return Ok(at),
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many levels of symbolic links"))
+}
+
+/// Creates `path` with `bytes` and syncs it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fault()?;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Syncs the folder holding `path`, so a rename in it is on disk.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// A test-only switch: `AEC_FAULT_SAVE=K` makes the K-th write or rename of this process kill
+/// it on the spot (as `kill -9` would), and `AEC_FAULT_SAVE=K:enospc` makes it fail as a full
+/// disk does. The tests of [`commit`] go through every K.
+fn fault() -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("AEC_FAULT_SAVE") else { return Ok(()) };
+    let (k, kind) = spec.split_once(':').unwrap_or((&spec, "kill"));
+    let n = DONE.fetch_add(1, Ordering::SeqCst) + 1;
+    if k.parse::<u64>().ok() != Some(n) {
+        return Ok(());
+    }
+    if kind == "enospc" {
+        return Err(std::io::Error::from_raw_os_error(28));
+    }
+    std::process::abort()
+}
+
+/// The manifest of the last committed save.
+pub const MANIFEST: &str = "save.json";
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    step: u64,
+    files: Vec<FileEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct FileEntry {
+    name: String,
+    bytes: u64,
+    fnv1a64: String,
+    /// Where the file is staged until the commit's renames.
+    staged: String,
+}
+
+/// FNV-1a, 64 bits: a checksum of a saved file (not a defence against tampering).
+fn fnv1a64(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Saves `files` (name, bytes) into `dir` as one transaction, tagged with the training `step`:
+/// staged and synced, committed by renaming the manifest into place, then moved over the
+/// previous save's files. On an error before the commit the previous save stays whole.
+pub fn commit(dir: &Path, files: &[(&str, Vec<u8>)], step: u64) -> Result<(), String> {
+    let err = |what: &str, path: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
+    std::fs::create_dir_all(dir).map_err(|e| err("create", dir, e))?;
+    let mut entries = Vec::new();
+    let staged: Vec<PathBuf> =
+        files.iter().map(|(name, _)| dir.join(format!(".{name}.s{step}.new"))).collect();
+    let result = (|| {
+        for ((name, bytes), path) in files.iter().zip(&staged) {
+            write_synced(path, bytes).map_err(|e| err("write", path, e))?;
+            entries.push(FileEntry {
+                name: (*name).to_owned(),
+                bytes: bytes.len() as u64,
+                fnv1a64: fnv1a64(bytes),
+                staged: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            });
+        }
+        let manifest = Manifest { step, files: entries };
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
+        let path = dir.join(MANIFEST);
+        write_atomic(&path, text.as_bytes()).map_err(|e| err("write", &path, e))
+    })();
+    if let Err(e) = result {
+        for path in &staged {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    // Committed: what is left is the renames, which `recover` redoes after a crash.
+    recover(dir).map(|_| ())
+}
+
+/// Brings `dir` to its last committed save: finishes the renames of a save that was committed
+/// but not moved into place, checks every file the manifest names (length and hash), and
+/// removes leftover staged and temporary files. `Ok(false)` when the folder has no manifest (a
+/// run from before manifests, or none saved yet).
+pub fn recover(dir: &Path) -> Result<bool, String> {
+    let path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not a save manifest: {e}", path.display()))?;
+    let matches = |p: &Path, f: &FileEntry| {
+        std::fs::read(p).is_ok_and(|b| b.len() as u64 == f.bytes && fnv1a64(&b) == f.fnv1a64)
+    };
+    let mut moved = false;
+    for f in &manifest.files {
+        let target = dir.join(&f.name);
+        if matches(&target, f) {
+            continue;
+        }
+        let staged = dir.join(&f.staged);
+        if !matches(&staged, f) {
+            return Err(format!(
+                "the save in {} is damaged: {} is missing or differs from what {MANIFEST} records                  (step {}); restore the folder from a copy, or start the run again",
+                dir.display(),
+                f.name,
+                manifest.step
+            ));
+        }
+        fault()
+            .and_then(|()| std::fs::rename(&staged, &target))
+            .map_err(|e| format!("cannot move {} into place: {e}", staged.display()))?;
+        moved = true;
+    }
+    if moved {
+        sync_dir(&path).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+    }
+    // Leftovers of interrupted saves: staged files and temporaries.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && (name.ends_with(".new") || name.ends_with(".tmp")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Where training stands, saved beside the parameters.
@@ -57,25 +234,43 @@ fn serialize(
             TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| e.to_string())
         })
         .collect();
-    safetensors::serialize(views?, meta).map_err(|e| e.to_string())
+    let bytes = safetensors::serialize(views?, meta).map_err(|e| e.to_string())?;
+    Ok(sorted_header(bytes))
 }
 
-/// Saves a run folder: `params` (every named tensor the run keeps: the model's parameters, and
-/// during greedy pretraining its stage decoders) and the optimizer state of `g`, the graph being
-/// trained, whose parameters are among `params`.
-pub fn save(
-    dir: &Path,
+/// The same safetensors file with its JSON header's keys sorted (the metadata is a `HashMap`,
+/// whose order changes from run to run). The header keeps its length: the same entries,
+/// reordered, padded with the same spaces; tensors are located by their offsets, not order.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(len) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + len) else { return bytes };
+    // serde_json's maps are sorted by key.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else { return bytes };
+    let Ok(text) = serde_json::to_string(&value) else { return bytes };
+    if text.len() <= len {
+        let mut sorted = text.into_bytes();
+        sorted.resize(len, b' ');
+        bytes[8..8 + len].copy_from_slice(&sorted);
+    }
+    bytes
+}
+
+/// The files of a save of a run folder: `checkpoint.safetensors` with `params` (every named
+/// tensor the run keeps: the model's parameters, and during greedy pretraining its stage
+/// decoders) and `optimizer.safetensors` with the optimizer state of `g`, the graph being
+/// trained, whose parameters are among `params`. [`commit`] writes them.
+pub fn save_files(
     params: &[Named],
     g: &Graph,
     state: &State,
     progress: &Progress,
-) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+) -> Result<Vec<(&'static str, Vec<u8>)>, String> {
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
         params.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), to_bytes(v))).collect();
-    let bytes = serialize(&tensors, None)?;
-    let path = dir.join("checkpoint.safetensors");
-    write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let checkpoint = serialize(&tensors, None)?;
 
     let mut slots = Vec::new();
     for (p, s) in g.params.iter().zip(&state.slots) {
@@ -96,9 +291,8 @@ pub fn save(
         ("param_steps".to_owned(), steps.join(",")),
         ("graph".to_owned(), g.name.clone()),
     ]);
-    let bytes = serialize(&slots, Some(meta))?;
-    let path = dir.join("optimizer.safetensors");
-    write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    let optimizer = serialize(&slots, Some(meta))?;
+    Ok(vec![("checkpoint.safetensors", checkpoint), ("optimizer.safetensors", optimizer)])
 }
 
 /// Every f32 tensor of a safetensors file, in the file's order.
@@ -187,14 +381,39 @@ pub fn load_optimizer(dir: &Path, g: &Graph) -> Result<(State, Progress), String
         if steps.len() != g.params.len() {
             return Err(format!("{}: its per-parameter steps do not match the spec", path.display()));
         }
-        state.param_steps = steps;
         for (i, p) in g.params.iter().enumerate() {
-            for suffix in ["momentum_buffer", "exp_avg", "exp_avg_sq"] {
-                if let Ok(t) = st.tensor(&format!("{}.{suffix}", p.name)) {
-                    state.slots[i].push(f32s(&path, &p.name, &t)?);
+            // A parameter that has been updated has every buffer its optimizer keeps, each of
+            // its shape: a missing or misshapen one is an error, never zeros.
+            let names: &[&str] = match g.optimizer_slots(i).unwrap_or(0) {
+                2 => &["exp_avg", "exp_avg_sq"],
+                1 => &["momentum_buffer"],
+                _ => &[],
+            };
+            for suffix in names {
+                let name = format!("{}.{suffix}", p.name);
+                match st.tensor(&name) {
+                    Ok(t) if t.shape() == p.shape.as_slice() => state.slots[i].push(f32s(&path, &name, &t)?),
+                    Ok(t) => {
+                        return Err(format!(
+                            "{}: `{name}` has shape {:?}, the spec needs {:?}",
+                            path.display(),
+                            t.shape(),
+                            p.shape
+                        ));
+                    }
+                    Err(_) if steps[i] > 0 => {
+                        return Err(format!(
+                            "{} has no `{name}`, which `{}` needs after {} updates",
+                            path.display(),
+                            p.name,
+                            steps[i]
+                        ));
+                    }
+                    Err(_) => {}
                 }
             }
         }
+        state.param_steps = steps;
     }
     Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")? }))
 }

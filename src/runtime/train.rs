@@ -633,6 +633,8 @@ fn resume(
     model: &Graph,
     cfg: &TrainConfig,
 ) -> Result<(Vec<EpochMetrics>, u64, u64), TrainError> {
+    // The last committed save, with any interrupted one finished or cleared away.
+    checkpoint::recover(&cfg.out).map_err(TrainError::Io)?;
     let path = cfg.out.join("checkpoint.safetensors");
     let saved = checkpoint::read_all(&path).map_err(TrainError::Io)?;
     for p in &model.params {
@@ -775,15 +777,15 @@ fn save(
     seed: u64,
     metrics: &[EpochMetrics],
 ) -> Result<(), TrainError> {
-    checkpoint::save(dir, &store.entries, g, state, &Progress { epoch, seed }).map_err(TrainError::Io)?;
+    let mut files = checkpoint::save_files(&store.entries, g, state, &Progress { epoch, seed })
+        .map_err(TrainError::Io)?;
     let mut text = String::new();
     for m in metrics {
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?);
         text.push('\n');
     }
-    let path = dir.join("metrics.jsonl");
-    checkpoint::write_atomic(&path, text.as_bytes())
-        .map_err(|e| TrainError::Io(format!("cannot write {}: {e}", path.display())))
+    files.push(("metrics.jsonl", text.into_bytes()));
+    checkpoint::commit(dir, &files, state.step).map_err(TrainError::Io)
 }
 
 /// The metrics of epochs up to `upto` from an earlier run's file.
