@@ -84,6 +84,8 @@ pub enum Error {
         vocab: usize,
     },
     Unsupported(&'static str),
+    /// The graph's values would not fit in the memory budget.
+    Memory(String),
 }
 
 impl fmt::Display for Error {
@@ -99,6 +101,7 @@ impl fmt::Display for Error {
                 write!(f, "token id {id} is outside the vocabulary 0..{vocab}")
             }
             Error::Unsupported(op) => write!(f, "the interpreter does not run `{op}` yet"),
+            Error::Memory(what) => f.write_str(what),
         }
     }
 }
@@ -121,6 +124,10 @@ impl Values {
 /// Evaluates `g`. `inputs` are in `g.inputs` order; parameters and optimizer state are read
 /// from, and `Update` ops write into, `state`.
 pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Result<Values, Error> {
+    // The interpreter keeps every value of the step: estimated before the first is made.
+    let bytes = g.nodes().iter().try_fold(0u64, |a, n| a.checked_add(4 * n.ty.numel() as u64));
+    crate::memory::check(&format!("interpreting `{}`", g.name), bytes, "use a smaller --batch")
+        .map_err(Error::Memory)?;
     let mut bufs: Vec<Buf> = Vec::with_capacity(g.len());
     for id in g.ids() {
         let node = g.node(id);

@@ -15,6 +15,7 @@
 
 pub mod diag;
 pub mod ir;
+pub mod memory;
 pub mod sema;
 pub mod syntax;
 

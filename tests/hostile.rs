@@ -306,3 +306,32 @@ fn outputs_go_through_symlinks_and_never_replace_devices_or_fifos() {
     assert!(err.contains("not a regular file"), "{err}");
     assert!(std::fs::metadata("/dev/null").expect("null").file_type().is_char_device());
 }
+
+#[test]
+fn memory_is_estimated_before_it_is_allocated() {
+    // 120 GiB of arena at batch 100,000: a message, not an abort.
+    let (code, out, err) = aec(&["compile", "specs/coins_seg.ae", "--batch", "100000"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("needs 120.5 GiB, over the memory budget"), "{err}");
+    assert!(err.contains("use a smaller --batch"), "{err}");
+    // The estimate is printed when it fits.
+    let (code, out, err) = aec(&["compile", "specs/coins_seg.ae"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("memory: 39.9 MiB for the training step"), "{out}");
+    // --memory-limit sets the budget, for compiling, for the interpreter and for data.
+    let (code, _, err) = aec(&["--memory-limit", "1M", "compile", "specs/bench_mlp784.ae"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("over the memory budget of 1.0 MiB (set by --memory-limit)"), "{err}");
+    let dir = scratch("memory");
+    let huge = spec(&dir, "huge.ae", 256, " data random(count: 200000000)");
+    let (code, err) = train(&huge, &dir, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("random(count: 200000000) needs 190.7 GiB"), "{err}");
+    assert!(err.contains("huge.ae:8:2"), "{err}");
+    let small = spec(&dir, "small.ae", 256, " data random(count: 64)\n batch 64\n epochs 1");
+    let (code, err) = train(&small, &dir, &["--memory-limit", "200K", "--backend", "interp"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("interpreting `m.train` needs"), "{err}");
+    let (code, _, err) = aec(&["--memory-limit", "lots", "compile", "specs/onehot838.ae"]);
+    assert_eq!(code, 2, "{err}");
+}

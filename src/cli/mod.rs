@@ -34,6 +34,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The memory aec may use (e.g. 4G, 512M; default: this machine's memory less a margin).
+    /// Every allocation that grows with the spec, batch or data is checked against it first.
+    #[arg(long, global = true, value_parser = aec::memory::parse_size)]
+    memory_limit: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +97,9 @@ pub enum Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(bytes) = cli.memory_limit {
+        aec::memory::set_limit(bytes);
+    }
     if let Err(e) = aec::codegen::wide::MatmulPath::from_env() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -184,18 +191,21 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     match args.emit {
         None => {
             out!("{}", compiled.model.table(&src));
-            match aec::training_step(&compiled)
+            let p = aec::training_step(&compiled)
                 .and_then(|g| aec::codegen::Program::compile(&g, Default::default()))
-            {
-                Ok(p) => outln!(
-                    "native training step (batch {}): {} kernels, {:.1} KiB arena, compiled in {:.1} ms",
-                    compiled.batch,
-                    p.kernel_count(),
-                    p.plan().size as f64 / 1024.0,
-                    p.compile_time().as_secs_f64() * 1e3
-                ),
-                Err(e) => outln!("native training step: not available ({e})"),
-            }
+                .map_err(Failure::Data)?;
+            outln!(
+                "native training step (batch {}): {} kernels, compiled in {:.1} ms",
+                compiled.batch,
+                p.kernel_count(),
+                p.compile_time().as_secs_f64() * 1e3
+            );
+            outln!(
+                "memory: {} for the training step (one arena: values, parameters, optimizer state), \
+                 within the budget of {}",
+                aec::memory::human(p.plan().size as u64),
+                aec::memory::human(aec::memory::limit())
+            );
         }
         Some(Emit::Fused) => {
             let g = aec::training_step(&compiled).map_err(Failure::Data)?;

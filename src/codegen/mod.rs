@@ -319,6 +319,11 @@ impl Program {
         };
         let plan = plan::plan(g, &groups, &is_wide);
         check_plan(g, &plan)?;
+        crate::memory::check(
+            &format!("the native code of `{}` (its arena of values, parameters and optimizer state)", g.name),
+            Some(plan.size as u64 + 1024),
+            "use a smaller --batch",
+        )?;
 
         let mut flags = settings::builder();
         flags.set("opt_level", "speed").map_err(|e| e.to_string())?;

@@ -65,6 +65,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
         let kind = if meta.is_dir() { "a folder" } else { "not a regular file (a device, FIFO or socket)" };
         return Err(err(format!("{} is {kind}; data must be a regular file", path.display())));
     }
+    crate::memory::check(&format!("reading {}", path.display()), Some(meta.len()), "use a smaller file")
+        .map_err(err)?;
     std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))
 }
 
@@ -93,6 +95,24 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64, part: usize) 
         }
         a
     };
+    // Generated data is sized before it is made: `count` and `n` come from the spec.
+    let generated = |what: &str, floats: Option<u64>| {
+        crate::memory::check(what, floats.and_then(|f| f.checked_mul(4)), "generate fewer samples")
+            .map_err(err)
+    };
+    match src {
+        DataSource::OneHot { n } => generated(&format!("onehot({n})"), n.checked_mul(*n))?,
+        DataSource::Random { count } => {
+            generated(&format!("random(count: {count})"), count.checked_mul(sample.numel()))?
+        }
+        DataSource::SeqTask { len, count, .. } => {
+            generated("the sequence task's data", count.checked_mul(*len))?
+        }
+        DataSource::Translation { count } => {
+            generated("translation's data", count.checked_mul(TRANSLATION_SRC_LEN as u64 + 1))?
+        }
+        _ => {}
+    }
     Ok(match src {
         DataSource::OneHot { n } => {
             let n = *n as usize;
@@ -228,6 +248,12 @@ pub fn read_idx(path: &Path) -> Result<Array, DataError> {
     };
     let need =
         count.checked_mul(size).ok_or_else(|| bad(&format!("the IDX shape {shape:?} is too large")))?;
+    crate::memory::check(
+        &format!("{}'s values", path.display()),
+        (count as u64).checked_mul(4),
+        "use a smaller file",
+    )
+    .map_err(err)?;
     if data.len() != need {
         let what = if data.len() < need { "truncated" } else { "longer than its header says" };
         return Err(bad(&format!(

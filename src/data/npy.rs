@@ -63,6 +63,7 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
         }
     };
     let need = count.checked_mul(size).ok_or("the .npy shape is too large")?;
+    crate::memory::check("its values", (count as u64).checked_mul(4), "use a smaller file")?;
     if data.len() != need {
         let what = if data.len() < need { "truncated" } else { "longer than its header says" };
         return Err(format!(

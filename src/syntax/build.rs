@@ -1331,6 +1331,12 @@ impl<'b, 'c> CallReader<'b, 'c> {
     fn count(&mut self, name: &str) -> Option<u64> {
         match self.number(name) {
             Some((x, _)) if x >= 1.0 && x.fract() == 0.0 && x <= MAX_SIZE as f64 => Some(x as u64),
+            Some((x, span)) if x > MAX_SIZE as f64 => {
+                let d =
+                    Diagnostic::error(format!("`{name}` may be at most {MAX_SIZE}")).label(span, "too large");
+                self.error(d);
+                None
+            }
             Some((_, span)) => {
                 let d = Diagnostic::error(format!("`{name}` must be a whole number ≥ 1"))
                     .label(span, "not a whole number ≥ 1");

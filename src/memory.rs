@@ -1,0 +1,111 @@
+//! The memory budget: every allocation that grows with the spec, the batch or the data (a
+//! program's arena, the interpreter's values, data sets read or generated) is estimated and
+//! checked here before it is made, so that too big is a message, never an abort.
+//!
+//! The budget is the machine's physical memory less a margin (a tenth, at least 1 GiB), or what
+//! `--memory-limit` sets for the process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The budget in bytes; 0 until set (then [`default_limit`] applies).
+static LIMIT: AtomicU64 = AtomicU64::new(0);
+
+/// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`), if known.
+pub fn physical() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The budget when none is set: physical memory less a tenth (at least 1 GiB); 8 GiB when the
+/// machine does not say how much it has.
+pub fn default_limit() -> u64 {
+    match physical() {
+        Some(total) => total.saturating_sub((total / 10).max(1 << 30)).max(1 << 28),
+        None => 8 << 30,
+    }
+}
+
+/// The budget in force.
+pub fn limit() -> u64 {
+    match LIMIT.load(Ordering::Relaxed) {
+        0 => default_limit(),
+        n => n,
+    }
+}
+
+/// Sets the budget for this process (`--memory-limit`).
+pub fn set_limit(bytes: u64) {
+    LIMIT.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// `Ok` when `bytes` (`None`: the size overflows) fit in the budget; else a message saying
+/// that `what` needs that much and how to `shrink` it.
+pub fn check(what: &str, bytes: Option<u64>, shrink: &str) -> Result<(), String> {
+    let budget = limit();
+    match bytes {
+        Some(b) if b <= budget => Ok(()),
+        b => Err(format!(
+            "{what} needs {}, over the memory budget of {} ({}); {shrink}",
+            b.map_or("more bytes than a 64-bit size holds".to_owned(), human),
+            human(budget),
+            if LIMIT.load(Ordering::Relaxed) == 0 {
+                "this machine's memory less a margin; --memory-limit sets another"
+            } else {
+                "set by --memory-limit"
+            }
+        )),
+    }
+}
+
+/// A size for people: `512 B`, `1.5 KiB`, `12.3 MiB`, `2.0 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Parses a size as `--memory-limit` takes it: bytes, or a number with `K`, `M`, `G` or `T`
+/// (powers of 1024; `KiB`, `MB`… accepted alike).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_uppercase().trim_end_matches('B').trim_end_matches('I') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("`{text}` is not a size: write e.g. 512M or 8G")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("`{text}` is not a size: write e.g. 512M or 8G"))?;
+    let bytes = n * scale as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}` is not a usable memory limit"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(100), "100 B");
+    }
+}
