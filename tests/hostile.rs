@@ -335,3 +335,23 @@ fn memory_is_estimated_before_it_is_allocated() {
     let (code, _, err) = aec(&["--memory-limit", "lots", "compile", "specs/onehot838.ae"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn native_code_does_not_grow_with_the_channels_and_a_huge_kernel_is_refused() {
+    // 16,384 channels: the weight gradient's packing was unrolled per 8 channels (476,395
+    // instructions, 6 s to compile); now every kernel stays small.
+    let src = "model m {\n input x: [1, 8, 8]\n encoder { conv 16384 k3 p1 -> relu; conv 4 k3 p1 }\n decoder { deconv 16384 k3 p1 -> relu; deconv 1 k3 p1 -> sigmoid }\n loss mse(x)\n}\ntrain { batch 2 }\n";
+    let compiled = aec::compile(src, &aec::Config::default()).expect("compiles");
+    let g = aec::training_step(&compiled).expect("differentiates");
+    let clif = aec::codegen::clif_of(&g).expect("native code");
+    let largest = clif.iter().map(|(_, text)| text.lines().count()).max().unwrap_or(0);
+    assert!(largest < 5_000, "a kernel of {largest} lines");
+    // A 61×61 kernel unrolls its taps: refused with the reason, before Cranelift compiles it.
+    let dir = scratch("huge_kernel");
+    let spec = dir.join("k.ae");
+    let text = "model m {\n input x: [1, 64, 64]\n encoder { conv 2 k61 p0 -> relu }\n decoder { deconv 1 k61 p0 -> sigmoid }\n loss mse(x)\n}\ntrain { batch 1 }\n";
+    std::fs::write(&spec, text).expect("spec");
+    let (code, _, err) = aec(&["compile", s(&spec)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("would be too large to compile in seconds"), "{err}");
+}

@@ -456,22 +456,38 @@ fn pack_channels(e: &mut Emit, dy: usize, (b, c, hw): (usize, usize, usize), pac
     let n = b * hw;
     let q0 = e.b.ins().imul_imm_s(img, hw as i64);
     let src0 = e.b.ins().imul_imm_s(img, (c * hw) as i64);
-    for jp in 0..c.div_ceil(8) {
+    // A loop over the whole panels (its code does not grow with the channels), then the last,
+    // partial one with its zero lanes.
+    let lanes = |e: &mut Emit, jp: Value, l: usize, real: bool| {
+        // Channel jp·8 + l: its plane starts at src0 + (jp·8 + l)·HW, its lane at jp·N·8 + l.
+        let ch = e.b.ins().imul_imm_s(jp, 8);
+        let src = e.b.ins().iadd_imm_s(ch, l as i64);
+        let src = e.b.ins().imul_imm_s(src, hw as i64);
+        let src = e.b.ins().iadd(src0, src);
+        let dst0 = e.b.ins().imul_imm_s(jp, (n * 8) as i64);
+        let dst0 = e.b.ins().iadd_imm_s(dst0, l as i64);
+        e.for_range(0, hw as i64, 1, |e, pos| {
+            let q = e.b.ins().iadd(q0, pos);
+            let d = e.b.ins().ishl_imm_s(q, 3);
+            let d = e.b.ins().iadd(d, dst0);
+            let v = if real {
+                let s = e.b.ins().iadd(src, pos);
+                e.load_ro(F32, dy, s)
+            } else {
+                e.fconst(F32, 0.0)
+            };
+            e.store(packed, d, v);
+        });
+    };
+    e.for_range(0, (c / 8) as i64, 1, |e, jp| {
         for l in 0..8 {
-            let ch = jp * 8 + l;
-            let dst0 = (jp * n * 8 + l) as i64;
-            e.for_range(0, hw as i64, 1, |e, pos| {
-                let q = e.b.ins().iadd(q0, pos);
-                let d = e.b.ins().ishl_imm_s(q, 3);
-                let d = e.b.ins().iadd_imm_s(d, dst0);
-                let v = if ch < c {
-                    let s = e.b.ins().iadd(src0, pos);
-                    e.load_ro(F32, dy + 4 * ch * hw, s)
-                } else {
-                    e.fconst(F32, 0.0)
-                };
-                e.store(packed, d, v);
-            });
+            lanes(e, jp, l, true);
+        }
+    });
+    if !c.is_multiple_of(8) {
+        let jp = e.i64((c / 8) as i64);
+        for l in 0..8 {
+            lanes(e, jp, l, l < c % 8);
         }
     }
 }

@@ -64,6 +64,11 @@ enum Piece {
     Rec(recurrent::Part),
 }
 
+/// Cranelift IR instructions a kernel, and a whole program, may have: about a second of
+/// compilation (the largest kernel of a shipped spec has under 2,000).
+const MAX_KERNEL_INSTS: usize = 200_000;
+const MAX_PROGRAM_INSTS: usize = 1_000_000;
+
 /// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
 const SPLIT_WORK: usize = 1 << 20;
 
@@ -408,6 +413,7 @@ impl Program {
                 }
             }
         }
+        let mut total_insts = 0usize;
         for &(gi, piece) in &work {
             let grp = &groups[gi];
             let head = grp.head();
@@ -499,6 +505,19 @@ impl Program {
             }
             if opts.keep_clif {
                 clif.push((name.clone(), ctx.func.display().to_string()));
+            }
+            // Compile time grows with the code: a kernel whose loops were unrolled over a huge
+            // dimension is refused here, in milliseconds, rather than compiled for minutes.
+            let insts = ctx.func.dfg.num_insts();
+            total_insts += insts;
+            if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
+                return Err(format!(
+                    "the native code of `{}` would be too large to compile in seconds: kernel {name} \
+                     has {insts} instructions ({total_insts} so far; at most {MAX_KERNEL_INSTS} per \
+                     kernel and {MAX_PROGRAM_INSTS} in all). Its loops unroll over a kernel's taps \
+                     or a layer's channels: use smaller kernels or fewer channels, or --backend interp",
+                    g.name
+                ));
             }
             module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
             module.clear_context(&mut ctx);
