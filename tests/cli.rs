@@ -51,3 +51,26 @@ fn io_and_usage_errors_exit_2() {
     let (code, _, _) = aec(&["frobnicate"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn the_bce_check_looks_through_shape_only_layers_and_flags_a_double_sigmoid() {
+    let spec = |tail: &str| {
+        format!(
+            "model m {{\n input x: [8, 8]\n encoder {{ flatten; dense 16 -> relu }}\n decoder {{ dense 64 -> sigmoid; {tail} }}\n loss bce(x)\n}}"
+        )
+    };
+    let warnings = |src: &str| -> Vec<String> {
+        let c = aec::compile(src, &aec::Config::default()).expect("compiles");
+        c.warnings.iter().map(|d| d.message.clone()).collect()
+    };
+    // A reshape after the sigmoid keeps probabilities: no warning.
+    assert_eq!(warnings(&spec("reshape [8, 8]")), Vec::<String>::new());
+    // The fix the old warning suggested applies sigmoid twice.
+    assert_eq!(warnings(&spec("reshape [8, 8] -> sigmoid")), ["sigmoid is applied to a sigmoid's output"]);
+    // No sigmoid at all: the warning points at the dense layer, not the reshape.
+    let src = "model m {\n input x: [8, 8]\n encoder { flatten; dense 16 -> relu }\n decoder { dense 64; reshape [8, 8] }\n loss bce(x)\n}";
+    let c = aec::compile(src, &aec::Config::default()).expect("compiles");
+    assert_eq!(c.warnings.len(), 1);
+    let (line, col) = c.warnings[0].span().expect("located").line_col(src);
+    assert_eq!((line, col), (4, 12), "{:?}", c.warnings[0]);
+}

@@ -314,18 +314,51 @@ impl Checker<'_> {
             d = d.note(format!("shape trace: {}", self.trace.join(" → ")));
             self.diags.push(d);
         }
-        if main.kind == ast::LossKind::Bce {
-            let last_act = self.layers.last().and_then(|l| l.layer.activations.last()).map(|a| a.kind);
-            if last_act != Some(ActKind::Sigmoid) {
-                let span = self.layers.last().map_or(main.span, |l| l.layer.span);
+        // The activations in the order they apply, and the layers that change values (`None`
+        // between them); layers that only move values (reshape, flatten, pools, unpool) are
+        // looked through.
+        let mut applied: Vec<Option<(ActKind, Span)>> = Vec::new();
+        for l in &self.layers {
+            match &l.layer.kind {
+                LayerKind::Flatten
+                | LayerKind::Reshape { .. }
+                | LayerKind::MaxPool(_)
+                | LayerKind::AvgPool(_)
+                | LayerKind::Unpool { .. } => {}
+                LayerKind::Activation(a) => applied.push(Some((a.kind, a.span))),
+                _ => applied.push(None),
+            }
+            applied.extend(l.layer.activations.iter().map(|a| Some((a.kind, a.span))));
+        }
+        for pair in applied.windows(2) {
+            if let [Some((ActKind::Sigmoid, first)), Some((ActKind::Sigmoid, second))] = pair {
                 self.diags.push(
-                    Diagnostic::warning(
-                        "`bce` expects probabilities, but the decoder does not end in sigmoid",
-                    )
-                    .label(span, "last layer")
-                    .help("add `-> sigmoid` to the last layer"),
+                    Diagnostic::warning("sigmoid is applied to a sigmoid's output")
+                        .label(*second, "the second sigmoid: its values stay within [0.5, 0.73]")
+                        .label(*first, "the first")
+                        .help("remove one of them"),
                 );
             }
+        }
+        let last = applied.last().copied().flatten();
+        if main.kind == ast::LossKind::Bce && !matches!(last, Some((ActKind::Sigmoid, _))) {
+            // The last layer that changes values, where `-> sigmoid` belongs.
+            let owner = self.layers.iter().rev().find(|l| {
+                !matches!(
+                    l.layer.kind,
+                    LayerKind::Flatten
+                        | LayerKind::Reshape { .. }
+                        | LayerKind::MaxPool(_)
+                        | LayerKind::AvgPool(_)
+                        | LayerKind::Unpool { .. }
+                )
+            });
+            let span = owner.or(self.layers.last()).map_or(main.span, |l| l.layer.span);
+            self.diags.push(
+                Diagnostic::warning("`bce` expects probabilities, but the decoder does not end in sigmoid")
+                    .label(span, "the last layer that computes values")
+                    .help("add `-> sigmoid` to this layer"),
+            );
         }
     }
 
