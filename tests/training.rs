@@ -141,6 +141,32 @@ fn digits_mlp_trains_on_real_data() {
     let val = last["val_loss"].as_f64().expect("val_loss");
     // Predicting the mean image scores 0.073; the autoencoder must do far better.
     assert!(val < 0.04, "validation MSE {val} after 20 epochs");
+
+    // The raw digits (0..16) are scaled by the spec's 1/16 when run, as in training.
+    let raw = root().join("specs/data/digits-images.npy");
+    let x = data::read_npy(&raw).expect("digits");
+    let first: Vec<f32> = f32s(&x)[..64 * 64].to_vec();
+    let input = dir.join("raw.npy");
+    data::write_npy(&input, &Array { shape: vec![64, 8, 8], values: Values::F32(first.clone()) })
+        .expect("npy");
+    let weights = dir.join("checkpoint.safetensors");
+    let mse = |extra: &[&str]| {
+        let out = dir.join("out.npy");
+        let mut args = vec!["run", "specs/digits_mlp.ae", "--weights", s(&weights), "--input", s(&input)];
+        args.extend(["--output", s(&out)]);
+        args.extend(extra);
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, 0, "{err}");
+        let y = data::read_npy(&out).expect("outputs");
+        let e: f32 = f32s(&y).iter().zip(&first).map(|(p, t)| (p - t / 16.0).powi(2)).sum();
+        (e / first.len() as f32, err)
+    };
+    let (scaled, err) = mse(&[]);
+    assert!(err.contains("scaled") && err.contains("by 0.0625"), "{err}");
+    assert!(scaled < 0.04, "MSE {scaled} of the scaled input");
+    let (raw, err) = mse(&["--raw-input"]);
+    assert!(err.contains("fed") && err.contains("as it is"), "{err}");
+    assert!(raw > 2.0 * scaled, "raw input MSE {raw} against scaled {scaled}");
 }
 
 #[test]

@@ -49,7 +49,8 @@ pub struct RunArgs {
     /// Trained parameters (a checkpoint.safetensors), to run the network without training.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Input samples (.npy), to run the network on.
+    /// Input samples (.npy), to run the network on — scaled as the spec's `data` line scales its
+    /// data (see --raw-input).
     #[arg(long)]
     input: Option<PathBuf>,
     /// Where to write the outputs (.npy, f32).
@@ -63,22 +64,33 @@ pub struct RunArgs {
     /// (`epoch-0005.png`, …).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     png_every: Option<u64>,
+    /// With --input: feed it as it is, without the `scale` of the spec's data.
+    #[arg(long)]
+    raw_input: bool,
 }
 
 #[derive(clap::Args)]
 pub struct EncodeArgs {
+    /// The `.ae` spec.
     spec: PathBuf,
     /// The executor: native code (`jit`) or the reference interpreter (`interp`).
     #[arg(long, value_enum, default_value_t = Backend::Jit)]
     backend: Backend,
+    /// Trained parameters (a checkpoint.safetensors).
     #[arg(long)]
     weights: PathBuf,
+    /// Input samples (.npy), scaled as the spec's `data` line scales its data.
     #[arg(long)]
     input: PathBuf,
+    /// Where to write the codes (.npy, f32).
     #[arg(long)]
     output: PathBuf,
+    /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
+    /// Feed --input as it is, without the `scale` of the spec's data.
+    #[arg(long)]
+    raw_input: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -154,7 +166,8 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    apply(&args.spec, weights, input, output, Output::Recon, threads(args.threads), args.backend)?;
+    let how = Apply { threads: threads(args.threads), backend: args.backend, raw: args.raw_input };
+    apply(&args.spec, weights, input, output, Output::Recon, how)?;
     if let Some(png) = &args.png {
         let spec = load_spec(&args.spec, None)?;
         let ty = &spec.compiled.model.inputs.first().ok_or(Failure::Spec)?.ty;
@@ -259,15 +272,32 @@ fn mask_metrics(
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
-    apply(
-        &args.spec,
-        &args.weights,
-        &args.input,
-        &args.output,
-        Output::Code,
-        threads(args.threads),
-        args.backend,
-    )
+    let how = Apply { threads: threads(args.threads), backend: args.backend, raw: args.raw_input };
+    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)
+}
+
+/// How `apply` runs: threads, backend, and whether `--input` skips the data's `scale`.
+struct Apply {
+    threads: usize,
+    backend: Backend,
+    raw: bool,
+}
+
+/// The `scale` the spec's `data` line applies to the first input's data (through `patches`).
+fn input_scale(spec: &Spec) -> Option<f64> {
+    let bindings = spec.compiled.ast.train.as_ref().map(|t| t.data.as_slice()).unwrap_or(&[]);
+    let first = spec.compiled.model.inputs.first()?;
+    let binding = bindings.iter().find(|b| b.binding.as_ref().is_none_or(|n| n.name == first.name))?;
+    let mut source = &binding.source;
+    loop {
+        match source {
+            DataSource::Patches { source: inner, .. } => source = inner,
+            DataSource::Npy { scale, .. } | DataSource::Csv { scale, .. } | DataSource::Idx { scale, .. } => {
+                return Some(*scale);
+            }
+            _ => return None,
+        }
+    }
 }
 
 fn apply(
@@ -276,15 +306,28 @@ fn apply(
     input: &Path,
     output: &Path,
     what: Output,
-    threads: usize,
-    backend: Backend,
+    how: Apply,
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
     let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
-    let x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
+    let mut x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
+    // The network was trained on the data as the spec scales it: so is --input, unless asked.
+    match input_scale(&spec).filter(|&s| s != 1.0) {
+        Some(scale) if !how.raw => {
+            if let Values::F32(v) = &mut x.values {
+                v.iter_mut().for_each(|a| *a = (f64::from(*a) * scale) as f32);
+            }
+            eprintln!(
+                "scaled {} by {scale} as the spec's data is (--raw-input feeds it as it is)",
+                input.display()
+            );
+        }
+        Some(scale) => eprintln!("fed {} as it is (the spec's data is scaled by {scale})", input.display()),
+        None => {}
+    }
     let x = data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))?;
-    let y = infer::infer(&spec.compiled, &params, &x, what, 256, threads, backend.runtime())
+    let y = infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, how.backend.runtime())
         .map_err(Failure::Data)?;
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
     let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
