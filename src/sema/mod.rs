@@ -191,12 +191,56 @@ pub struct Compiled {
 }
 
 /// Parses, checks and lowers a spec. On failure, every diagnostic found.
+/// The train block's `data` lines against the model: every bound name is an input or a target,
+/// and a task whose target differs from its input (`reverse`, `translation`) has a target to
+/// train on — without one the loss would compare the input with itself, a copy task.
+fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
+    for b in &t.data {
+        if let Some(name) = &b.binding
+            && !m.inputs.iter().chain(&m.targets).any(|v| v.name == name.name)
+        {
+            let names: Vec<&str> = m.inputs.iter().chain(&m.targets).map(|v| v.name.as_str()).collect();
+            diags.push(
+                Diagnostic::error(format!("`{}` is not an input or target of the model", name.name))
+                    .label(name.span, "unknown name")
+                    .help(format!("the model's inputs and targets are {}", names.join(", "))),
+            );
+        }
+        let distinct_target = matches!(
+            b.source,
+            ast::DataSource::SeqTask { task: ast::SeqTask::Reverse, .. }
+                | ast::DataSource::Translation { .. }
+        );
+        if distinct_target && m.targets.is_empty() {
+            let input = m.inputs.first().map_or("s".to_owned(), |v| v.name.clone());
+            let ty = match b.source {
+                ast::DataSource::SeqTask { len, vocab, .. } => format!("seq[{len}] of token[{vocab}]"),
+                _ => "…".to_owned(),
+            };
+            diags.push(
+                Diagnostic::error(format!(
+                    "`{}` gives each sentence a target, but the model declares no `target`: the loss \
+                     would compare `{input}` with itself and train a copy",
+                    b.source
+                ))
+                .label(b.span, "its targets would be unused")
+                .help(format!(
+                    "declare `target t: {ty}` beside `input {input}` and write `loss cross_entropy(t)`"
+                )),
+            );
+        }
+    }
+}
+
 pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> {
     let (ast, mut diags) = syntax::parse(src);
     let Some(mut ast) = ast else {
         return Err(diags);
     };
     let model = check::check(&mut ast, &mut diags);
+    if let (Some(m), Some(t)) = (&model, &ast.train) {
+        check_data(m, t, &mut diags);
+    }
     let errors = diags.iter().any(Diagnostic::is_error);
     let model = match model {
         Some(m) if !errors => m,
