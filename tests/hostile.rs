@@ -355,3 +355,66 @@ fn native_code_does_not_grow_with_the_channels_and_a_huge_kernel_is_refused() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("would be too large to compile in seconds"), "{err}");
 }
+
+#[test]
+fn paths_are_checked_before_training_and_io_problems_exit_2() {
+    let dir = scratch("paths");
+    let spec = spec(&dir, "p.ae", 8, " data onehot(8)\n epochs 3");
+    // --out naming a file.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").expect("file");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&file)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is a file; give a folder"), "{err}");
+    assert!(!err.contains("epoch"), "checked before training: {err}");
+    // --png in a folder that does not exist.
+    let png = dir.join("no/such/folder/x.png");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir.join("r1")), "--png", s(&png)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!dir.join("r1/checkpoint.safetensors").exists());
+    // Nothing to resume.
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&dir.join("never"))]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nothing to resume"), "{err}");
+    // --weights naming a folder.
+    let (code, _, err) =
+        aec(&["run", s(&spec), "--weights", s(&dir), "--input", s(&spec), "--output", s(&file)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--weights") && err.contains("is a folder"), "{err}");
+    // A negative count is refused as a value, not taken for a flag.
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--epochs", "-1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!err.contains("-- -1"), "{err}");
+    assert!(err.contains("-1"), "{err}");
+    // A fresh run prints its whole configuration and records it; --png-every writes into the
+    // folder made before training.
+    let run = dir.join("r2");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&run)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("config: batch 1, epochs 3, optimizer adam(lr: 0.001, b1: 0.9"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).expect("config.json"))
+            .expect("json");
+    assert_eq!(config["epochs"], 3);
+    // A batch larger than the data says so.
+    let big = self::spec(&dir, "big.ae", 8, " data onehot(8)\n batch 64\n epochs 1");
+    let (code, _, err) = aec(&["run", "--train", s(&big), "--out", s(&dir.join("r3"))]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("note: batch 64 is larger than the data (8 samples)"), "{err}");
+}
+
+#[test]
+fn rates_of_epochs_too_short_to_time_are_not_shown() {
+    // 8-3-8 epochs take microseconds: a rate from them would read in the billions.
+    let dir = scratch("rates");
+    let spec = spec(&dir, "r.ae", 8, " data onehot(8)\n batch 8\n epochs 20");
+    let (code, err) = train(&spec, &dir, &[]);
+    assert_eq!(code, 0, "{err}");
+    for line in err.lines().filter(|l| l.contains("samples/s")) {
+        let rate: f64 = line.split_whitespace().rev().nth(1).and_then(|r| r.parse().ok()).unwrap_or(0.0);
+        assert!(rate < 1e10, "{line}");
+    }
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).expect("metrics");
+    assert!(metrics.contains("\"samples_per_s\":null"), "{metrics}");
+}

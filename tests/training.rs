@@ -250,8 +250,9 @@ fn weights_that_do_not_fit_the_spec_are_named() {
         "--output",
         s(&y),
     ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("cannot read nowhere.safetensors"), "{err}");
+    // A missing file is an I/O problem: exit 2.
+    assert_eq!(code, 2);
+    assert!(err.contains("--weights nowhere.safetensors does not exist"), "{err}");
 }
 
 #[test]

@@ -21,14 +21,18 @@ pub struct RunArgs {
     /// Train the network (with the spec's `train` block and these overrides).
     #[arg(long)]
     train: bool,
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Epochs of training (replaces the train block's `epochs`; default 10).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    /// Samples per step (replaces the train block's `batch`; default 1).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     batch: Option<u64>,
     /// Learning rate (replaces the optimizer's `lr`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
-    #[arg(long)]
+    /// The seed of every random choice: initialisation, validation split, order, noise
+    /// (replaces the train block's `seed`; default 0).
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -309,6 +313,12 @@ fn apply(
     how: Apply,
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
+    for (flag, path) in [("--weights", weights), ("--input", input)] {
+        if !path.is_file() {
+            let what = if path.is_dir() { "is a folder" } else { "does not exist" };
+            return Err(Failure::Io(format!("{flag} {} {what}; give a file", path.display())));
+        }
+    }
     let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let mut x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
@@ -333,6 +343,82 @@ fn apply(
     let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
     eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
     Ok(())
+}
+
+/// Every path a training run writes, checked before it trains: the run folder (made now; with
+/// `--resume`, one with a checkpoint) and the folder of `--png`. A problem is exit 2.
+fn check_paths(cfg: &TrainConfig, png: Option<&Path>) -> Result<(), Failure> {
+    let out = &cfg.out;
+    if cfg.resume {
+        if !out.join("checkpoint.safetensors").is_file() {
+            return Err(Failure::Io(format!(
+                "nothing to resume in {}: it has no checkpoint.safetensors",
+                out.display()
+            )));
+        }
+    } else if out.exists() && !out.is_dir() {
+        return Err(Failure::Io(format!("--out {} is a file; give a folder for the run", out.display())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Failure::Io(format!("cannot create {}: {e}", out.display())))?;
+    if let Some(png) = png {
+        let dir = png.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(Failure::Io(format!(
+                "--png {}: the folder {} does not exist",
+                png.display(),
+                dir.display()
+            )));
+        }
+        if png.is_dir() {
+            return Err(Failure::Io(format!("--png {} is a folder; give a file name", png.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The run's whole configuration, defaults included: one line for the terminal, and the JSON
+/// of `config.json` in the run folder.
+fn resolved_config(cfg: &TrainConfig) -> (String, String) {
+    let optimizer = match cfg.optimizer {
+        OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
+            format!("sgd(lr: {lr}, momentum: {momentum}, nesterov: {nesterov}, weight_decay: {weight_decay})")
+        }
+        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => {
+            format!("adam(lr: {lr}, b1: {b1}, b2: {b2}, eps: {eps}, weight_decay: {weight_decay})")
+        }
+    };
+    let noise = cfg.noise.map(|n| format!("{n:?}"));
+    let pretrain = cfg.pretrain.map(|p| format!("greedy(epochs: {}, freeze: {})", p.epochs, p.freeze));
+    let backend = match cfg.backend {
+        aec::runtime::Backend::Jit => "jit",
+        aec::runtime::Backend::Interp => "interp",
+    };
+    let line = format!(
+        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {:?}{}{}, {} thread{}, backend {backend}",
+        cfg.batch,
+        cfg.epochs,
+        cfg.seed,
+        cfg.validation,
+        cfg.init,
+        noise.as_ref().map_or(String::new(), |n| format!(", noise {n}")),
+        pretrain.as_ref().map_or(String::new(), |p| format!(", pretrain {p}")),
+        cfg.threads,
+        if cfg.threads == 1 { "" } else { "s" },
+    );
+    let json = serde_json::json!({
+        "batch": cfg.batch,
+        "epochs": cfg.epochs,
+        "optimizer": optimizer,
+        "seed": cfg.seed,
+        "validation": cfg.validation,
+        "init": format!("{:?}", cfg.init),
+        "noise": noise,
+        "pretrain": pretrain,
+        "threads": cfg.threads,
+        "backend": backend,
+        "stop_at": cfg.stop_at,
+    });
+    (line, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n")
 }
 
 /// Loads every model variable's data, each located at its `data` line on failure.
@@ -448,7 +534,19 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         out,
         resume,
     };
+    check_paths(&cfg, args.png.as_deref())?;
     let data = dataset(&spec, seed)?;
+    let config = resolved_config(&cfg);
+    eprintln!("{}", config.0);
+    if cfg.batch > data.n {
+        eprintln!(
+            "note: batch {} is larger than the data ({} samples): each step takes the whole training set",
+            cfg.batch, data.n
+        );
+    }
+    let path = cfg.out.join("config.json");
+    aec::runtime::checkpoint::write_atomic(&path, config.1.as_bytes())
+        .map_err(|e| Failure::Io(format!("cannot write {}: {e}", path.display())))?;
     if let Some(ty) = (args.png.is_some() || args.png_every.is_some())
         .then(|| &spec.compiled.model.inputs[0].ty)
         .filter(|ty| picture::image_dims(ty).is_none())
@@ -516,12 +614,12 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         );
     }
     outln!(
-        "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {:.0} samples/s ({}, {} thread{})",
+        "trained {} epochs of {} in {:.2}s: train loss {:.6}{val}, {} samples/s ({}, {} thread{})",
         last.map_or(0, |m| m.epoch),
         spec.compiled.model.name,
         summary.seconds,
         last.map_or(f64::NAN, |m| m.train_loss),
-        summary.samples_per_s,
+        summary.samples_per_s.map_or("—".to_owned(), |r| format!("{r:.0}")),
         match args.backend {
             Backend::Jit => format!("native code compiled in {:.1} ms", summary.jit_seconds * 1e3),
             Backend::Interp => "interpreter".to_owned(),
@@ -712,7 +810,8 @@ impl Progress {
                 if let (Some(t), Some(q)) = (m.token_accuracy, m.sequence_accuracy) {
                     val += &format!(" tokens {:.1}% sequences {:.1}%", t * 100.0, q * 100.0);
                 }
-                let line = format!("loss {:.5}{val} · {:.0} samples/s", m.train_loss, m.samples_per_s);
+                let rate = m.samples_per_s.map_or(String::new(), |r| format!(" · {r:.0} samples/s"));
+                let line = format!("loss {:.5}{val}{rate}", m.train_loss);
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(m.epoch);

@@ -69,7 +69,8 @@ pub struct EpochMetrics {
     pub token_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence_accuracy: Option<f64>,
-    pub samples_per_s: f64,
+    /// `None` when the epoch's training took under a millisecond: too short to time.
+    pub samples_per_s: Option<f64>,
     pub seconds: f64,
 }
 
@@ -116,7 +117,7 @@ pub struct Summary {
     /// The model's parameters, in `Compiled::forward` order.
     pub params: Vec<Vec<f32>>,
     pub seconds: f64,
-    pub samples_per_s: f64,
+    pub samples_per_s: Option<f64>,
     /// Time spent generating native code, in all.
     pub jit_seconds: f64,
 }
@@ -427,7 +428,7 @@ pub fn train(
             params: store.params_of(model_graph)?,
             metrics,
             seconds: 0.0,
-            samples_per_s: 0.0,
+            samples_per_s: None,
             jit_seconds: 0.0,
         });
     }
@@ -537,7 +538,7 @@ pub fn train(
                 val_loss,
                 token_accuracy,
                 sequence_accuracy,
-                samples_per_s: order.len() as f64 / epoch_train.as_secs_f64().max(1e-9),
+                samples_per_s: rate(order.len(), epoch_train),
                 seconds: started.elapsed().as_secs_f64(),
             });
             if let Some(m) = metrics.last() {
@@ -565,7 +566,7 @@ pub fn train(
         stopped_early: last < total,
         params,
         seconds: started.elapsed().as_secs_f64(),
-        samples_per_s: trained_samples as f64 / train_time.as_secs_f64().max(1e-9),
+        samples_per_s: rate(trained_samples, train_time),
         jit_seconds,
     })
 }
@@ -743,6 +744,11 @@ fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -
         }
         other => TrainError::Data(other.to_string()),
     }
+}
+
+/// Samples per second over `spent`, when that is long enough to time (a millisecond).
+fn rate(samples: usize, spent: Duration) -> Option<f64> {
+    (spent >= Duration::from_millis(1)).then(|| samples as f64 / spent.as_secs_f64())
 }
 
 /// What became of the run's checkpoint when it stops on a non-finite number.
