@@ -278,11 +278,13 @@ impl Builder {
     fn layer(&mut self, p: P) -> Option<Layer> {
         let span = span_of(&p);
         let mut kind_pair = None;
+        let mut call = None;
         let mut args = Vec::new();
         let mut activations = Vec::new();
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::layer_kind => kind_pair = Some(part),
+                Rule::call_args => call = Some(part),
                 Rule::layer_arg => args.push(layer_arg(part)),
                 Rule::activation => activations.extend(self.activation(part)),
                 _ => {}
@@ -291,7 +293,31 @@ impl Builder {
         let kind_pair = kind_pair?;
         let kind_span = span_of(&kind_pair);
         let word = kind_pair.as_str();
-        let kind = self.layer_kind(word, kind_span, &args)?;
+        let kind = match call {
+            // An activation with arguments on a line of its own: `leaky_relu(0.2)`.
+            Some(c) if ACTIVATIONS.contains(&word) => {
+                let call_span = span_of(&c);
+                let call_args = self.call_args(c);
+                let at = kind_span.to(call_span);
+                let kind = self.activation_kind(word, kind_span, &call_args, at)?;
+                if let Some((_, s)) = args.first() {
+                    self.err(
+                        Diagnostic::error(format!("`{word}` takes no more arguments")).label(*s, "extra"),
+                    );
+                    return None;
+                }
+                LayerKind::Activation(Activation { kind, span: at })
+            }
+            Some(c) => {
+                self.err(
+                    Diagnostic::error(format!("`{word}` takes its arguments without parentheses"))
+                        .label(span_of(&c), "not a call")
+                        .help(format!("write e.g. `{word} 32`")),
+                );
+                return None;
+            }
+            None => self.layer_kind(word, kind_span, &args)?,
+        };
         Some(Layer { kind, activations, span, kind_span })
     }
 
@@ -406,8 +432,19 @@ impl Builder {
         let span = span_of(&p);
         let mut inner = p.into_inner();
         let word = inner.next()?;
-        let name = word.as_str();
         let args = inner.next().map(|c| self.call_args(c)).unwrap_or_default();
+        let kind = self.activation_kind(word.as_str(), span_of(&word), &args, span)?;
+        Some(Activation { kind, span })
+    }
+
+    /// The activation `name(args)`; `name_span` is the name's, `span` the whole call's.
+    fn activation_kind(
+        &mut self,
+        name: &str,
+        name_span: Span,
+        args: &[CallArg],
+        span: Span,
+    ) -> Option<ActKind> {
         let kind = match name {
             "leaky_relu" => {
                 let slope = match args.first().map(|a| &a.value) {
@@ -435,7 +472,7 @@ impl Builder {
                 }
                 None => {
                     let mut d = Diagnostic::error(format!("unknown activation `{other}`"))
-                        .label(span_of(&word), "not an activation");
+                        .label(name_span, "not an activation");
                     d = match closest(other, ACTIVATIONS.iter()) {
                         Some(s) => d.help(format!("did you mean `{s}`?")),
                         None => d.help(format!("activations are {}", ACTIVATIONS.join(", "))),
@@ -445,7 +482,7 @@ impl Builder {
                 }
             },
         };
-        Some(Activation { kind, span })
+        Some(kind)
     }
 
     // ---- loss ----------------------------------------------------------------------------------
