@@ -115,6 +115,23 @@ fn help_for(src: &str, pos: usize, found: &str) -> Option<String> {
         }
         return None;
     }
+    if found == "#" {
+        return Some("comments start with `//` (or are written `/* … */`)".to_owned());
+    }
+    if found == "%" {
+        let number: String = before
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if let Ok(x) = number.parse::<f64>() {
+            return Some(format!("write a fraction: `{}` for {number}%", x / 100.0));
+        }
+        return Some("write a fraction, e.g. `0.1` for 10%".to_owned());
+    }
     if found == "}" && src.matches('}').count() > src.matches('{').count() {
         return Some("this `}` closes nothing: remove it".to_owned());
     }
