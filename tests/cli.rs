@@ -25,10 +25,26 @@ fn compile_prints_the_table_and_exits_0() {
 
 #[test]
 fn every_emit_form_works() {
-    for form in ["ast", "ir", "params"] {
+    // Each of the seven forms, with a line that only that form prints.
+    let forms = [
+        ("ast", "decoder {"),
+        ("ir", "graph mirror.forward"),
+        ("grad", "graph mirror.train"),
+        ("params", "encoder.0.weight  [8, 1, 3, 3]"),
+        ("torch", "class Mirror(nn.Module):"),
+        ("fused", "program mirror.train:"),
+        ("clif", "; kernel k"),
+    ];
+    for (form, line) in forms {
         let (code, out, err) = aec(&["compile", "specs/mirror.ae", "--emit", form]);
         assert_eq!(code, 0, "--emit {form}: {err}");
-        assert!(!out.is_empty());
+        assert!(out.contains(line), "--emit {form} lacks `{line}`:\n{out}");
+        // No form prints another's mark.
+        for (other, mark) in forms.iter().filter(|f| f.0 != form) {
+            if ["ast", "fused", "clif", "torch"].contains(other) {
+                assert!(!out.contains(mark), "--emit {form} prints {other}'s `{mark}`");
+            }
+        }
     }
 }
 

@@ -529,6 +529,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         init: t.init.unwrap_or(Init::Default),
         pretrain: t.pretrain,
         stop_at: args.stop_at,
+        config_json: None,
         threads: threads(args.threads),
         backend: args.backend.runtime(),
         out,
@@ -536,17 +537,15 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     };
     check_paths(&cfg, args.png.as_deref())?;
     let data = dataset(&spec, seed)?;
-    let config = resolved_config(&cfg);
-    eprintln!("{}", config.0);
+    let (line, json) = resolved_config(&cfg);
+    eprintln!("{line}");
+    let cfg = TrainConfig { config_json: Some(json), ..cfg };
     if cfg.batch > data.n {
         eprintln!(
             "note: batch {} is larger than the data ({} samples): each step takes the whole training set",
             cfg.batch, data.n
         );
     }
-    let path = cfg.out.join("config.json");
-    aec::runtime::checkpoint::write_atomic(&path, config.1.as_bytes())
-        .map_err(|e| Failure::Io(format!("cannot write {}: {e}", path.display())))?;
     if let Some(ty) = (args.png.is_some() || args.png_every.is_some())
         .then(|| &spec.compiled.model.inputs[0].ty)
         .filter(|ty| picture::image_dims(ty).is_none())

@@ -51,6 +51,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
+    /// The run's resolved configuration, saved as `config.json` with every save.
+    pub config_json: Option<String>,
 }
 
 /// One epoch's numbers, as written to `metrics.jsonl`.
@@ -550,7 +552,7 @@ pub fn train(
             }
             if epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2) {
                 let kept = if epoch == total { model_only(&store, model_graph) } else { store.clone() };
-                save(&cfg.out, &kept, &reference, &state, epoch, cfg.seed, &metrics)?;
+                save(&cfg.out, &kept, &reference, &state, (epoch, cfg), &metrics)?;
                 last_save = Instant::now();
             }
         }
@@ -774,17 +776,20 @@ fn non_finite_state(g: &Graph, state: &State) -> Option<String> {
     None
 }
 
+/// Saves the run as one transaction: checkpoint, optimizer state, metrics and configuration.
 fn save(
     dir: &Path,
     store: &Store,
     g: &Graph,
     state: &State,
-    epoch: u64,
-    seed: u64,
+    (epoch, cfg): (u64, &TrainConfig),
     metrics: &[EpochMetrics],
 ) -> Result<(), TrainError> {
-    let mut files = checkpoint::save_files(&store.entries, g, state, &Progress { epoch, seed })
-        .map_err(TrainError::Io)?;
+    let progress = Progress { epoch, seed: cfg.seed };
+    let mut files = checkpoint::save_files(&store.entries, g, state, &progress).map_err(TrainError::Io)?;
+    if let Some(config) = &cfg.config_json {
+        files.push(("config.json", config.clone().into_bytes()));
+    }
     let mut text = String::new();
     for m in metrics {
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?);
