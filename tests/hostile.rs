@@ -107,6 +107,13 @@ fn a_csv_keeps_a_first_row_with_a_typo_and_drops_a_byte_order_mark() {
     std::fs::write(&typo, "1,2x\n3,4\n").expect("csv");
     let e = aec::data::read_csv(&typo).expect_err("a typo is not a header");
     assert!(e.to_string().contains("typo.csv:1: not a row of numbers"), "{e}");
+    // A run says when it skipped a header.
+    let rows = dir.join("rows.csv");
+    std::fs::write(&rows, "a,b,c,d\n1,2,3,4\n0,1,0,1\n").expect("csv");
+    let spec = spec(&dir, "csv.ae", 4, &format!(" data csv({:?})\n epochs 1", s(&rows)));
+    let (code, err) = train(&spec, &dir, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("skipped the header line of") && err.contains(": a,b,c,d"), "{err}");
 }
 
 #[test]

@@ -449,6 +449,11 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
             ));
         };
         let origin = binding.source.to_string();
+        if let DataSource::Csv { path, .. } = &binding.source
+            && let Some(header) = data::csv_header(&spec.dir().join(path))
+        {
+            eprintln!("skipped the header line of {path}: {header}");
+        }
         let part = usize::from(k > 0);
         let array = data::load(&binding.source, &spec.dir(), &var.ty, seed, part)
             .and_then(|a| data::conform(a, var, &origin))

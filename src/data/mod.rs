@@ -216,6 +216,15 @@ pub fn read_csv(path: &Path) -> Result<Array, DataError> {
     Ok(Array { shape: vec![rows.len(), cols], values: Values::F32(rows.concat()) })
 }
 
+/// The header line `read_csv` skips in `path` (a first line with no number in it), if any.
+pub fn csv_header(path: &Path) -> Option<String> {
+    let text = String::from_utf8(read_file(path).ok()?).ok()?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let first = text.lines().next()?;
+    let cells: Vec<&str> = first.split(',').map(str::trim).collect();
+    (!first.trim().is_empty() && cells.iter().all(|c| c.parse::<f64>().is_err())).then(|| first.to_owned())
+}
+
 /// An IDX file (MNIST's format): magic `00 00 type ndim`, big-endian u32 sizes, then data.
 pub fn read_idx(path: &Path) -> Result<Array, DataError> {
     let bytes = read_file(path)?;
