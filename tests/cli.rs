@@ -90,3 +90,18 @@ fn the_bce_check_looks_through_shape_only_layers_and_flags_a_double_sigmoid() {
     let (line, col) = c.warnings[0].span().expect("located").line_col(src);
     assert_eq!((line, col), (4, 12), "{:?}", c.warnings[0]);
 }
+
+#[test]
+fn check_compares_every_gradient_and_the_native_code() {
+    let (code, out, err) = aec(&["check", "specs/digits_conv.ae", "--batch", "3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for name in ["encoder.0.weight", "encoder.2.bias", "decoder.3.weight"] {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}:\n{out}"));
+        assert!(line.ends_with("ok"), "{line}");
+    }
+    assert!(out.contains("every gradient agrees"), "{out}");
+    // A sequence model: token ids, recurrent loops natively and on the interpreter.
+    let (code, out, err) = aec(&["check", "specs/bench_gru.ae", "--samples", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("decoder.0.weight_hh_l0"), "{out}");
+}

@@ -48,6 +48,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run the encoder of a trained network: the codes of the inputs.
     Encode(run::EncodeArgs),
+    /// Check a spec's gradients: autodiff against finite differences, native code against the
+    /// interpreter, one line per parameter.
+    Check(run::CheckArgs),
     /// Measure native compile time, training and inference speed.
     Bench(bench::BenchArgs),
 }
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile(&args),
         Command::Run(args) => run::run(&args),
         Command::Encode(args) => run::encode(&args),
+        Command::Check(args) => run::check(&args),
         Command::Bench(args) => bench::bench(&args),
     };
     match result {

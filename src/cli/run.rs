@@ -4,6 +4,7 @@ use super::picture::{self, Column};
 use super::{Failure, read_spec, report};
 use aec::data::{self, Array, Dataset, Values};
 use aec::diag::{Diagnostic, Span};
+use aec::interp::Buf;
 use aec::ir::OptimizerFn;
 use aec::runtime::checkpoint;
 use aec::runtime::infer::{self, Output};
@@ -273,6 +274,98 @@ fn mask_metrics(
     let n = p.len().max(1);
     let iou = if union == 0 { 1.0 } else { inter as f64 / union as f64 };
     Ok(Some((right as f64 / n as f64, iou, idx.len())))
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The `.ae` spec.
+    spec: PathBuf,
+    /// Samples in the checked batch (the first of the spec's data; random ones without data).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// The seed of the initial parameters (and of noise and dropout).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Elements of each parameter compared with finite differences.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    samples: u64,
+}
+
+/// `aec check`: every parameter's gradient against finite differences, and the native code
+/// against the interpreter; exit 1 when one disagrees.
+pub fn check(args: &CheckArgs) -> Result<(), Failure> {
+    let spec = load_spec(&args.spec, Some(args.batch))?;
+    let g = &spec.compiled.forward;
+    let has_data = spec.compiled.ast.train.as_ref().is_some_and(|t| !t.data.is_empty());
+    let inputs = if has_data {
+        let data = dataset(&spec, args.seed)?;
+        let idx: Vec<usize> = (0..data.n).cycle().take(args.batch as usize).collect();
+        let noise = spec.compiled.ast.train.as_ref().and_then(|t| t.noise);
+        aec::runtime::train::batch_inputs(g, &data, &idx, noise, args.seed, 1)
+    } else {
+        random_inputs(&spec, args.seed)
+    };
+    let params = aec::runtime::init::init_params(g, Init::Default, args.seed);
+    let r = aec::runtime::check::check(g, &params, &inputs, args.samples as usize, true)
+        .map_err(Failure::Data)?;
+    outln!(
+        "{} at batch {} ({}): loss {:.6} on the interpreter, {} natively",
+        spec.compiled.model.name,
+        args.batch,
+        if has_data { "the first samples of its data" } else { "random inputs" },
+        r.loss,
+        r.native_loss.map_or("—".to_owned(), |l| format!("{l:.6}"))
+    );
+    outln!(
+        "{:<28} {:>9} {:>7}  {:>14}  {:>14}  verdict",
+        "parameter",
+        "elements",
+        "checked",
+        "vs differences",
+        "native vs interp"
+    );
+    for p in &r.params {
+        outln!(
+            "{:<28} {:>9} {:>7}  {:>14}  {:>14}  {}",
+            p.name,
+            p.elements,
+            p.sampled,
+            format!("{:.1e}", p.fd_error),
+            p.native_error.map_or("—".to_owned(), |e| format!("{e:.1e}")),
+            if p.passes() { "ok" } else { "FAIL" }
+        );
+    }
+    outln!("(relative differences; finite differences at steps 1e-3, 3e-4 and 1e-4, the best of them)");
+    if r.passes() {
+        outln!("every gradient agrees");
+        Ok(())
+    } else {
+        Err(Failure::Data("a gradient disagrees (see FAIL above)".into()))
+    }
+}
+
+/// Random inputs for a spec without data: values in [0, 1), token ids within their vocabulary.
+fn random_inputs(spec: &Spec, seed: u64) -> Vec<Buf> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let model = &spec.compiled.model;
+    spec.compiled
+        .forward
+        .inputs
+        .iter()
+        .map(|i| {
+            let n = i.ty.numel();
+            let vocab =
+                model.inputs.iter().chain(&model.targets).find(|v| i.name.starts_with(v.name.as_str()));
+            match vocab.map(|v| &v.ty) {
+                Some(aec::sema::Ty::Tokens { vocab, .. } | aec::sema::Ty::Token { vocab }) => {
+                    let v = *vocab as i32;
+                    Buf::I32((0..n).map(|_| rng.random_range(0..v)).collect())
+                }
+                _ => Buf::F32((0..n).map(|_| rng.random::<f32>()).collect()),
+            }
+        })
+        .collect()
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {

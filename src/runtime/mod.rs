@@ -2,6 +2,7 @@
 //! checkpoints. It executes graphs through an executor (today the interpreter) and never sees
 //! the AST or pest.
 
+pub mod check;
 pub mod checkpoint;
 pub mod decode;
 pub mod infer;

@@ -368,7 +368,7 @@ impl Programs<'_> {
 }
 
 /// The graph inputs of a batch: model variables by name, `<input>.clean` for denoising.
-fn batch_inputs(
+pub fn batch_inputs(
     g: &Graph,
     data: &Dataset,
     idx: &[usize],
