@@ -1,7 +1,7 @@
 //! Names, `decoder mirror`, shapes and parameters: the checks between the AST and the IR.
 //!
 //! The encoder is checked layer by layer from the input type; each layer's output type comes
-//! from the fixed formulas of LANGUAGE.md. A shape error stops its block (later layers have no
+//! from the fixed formulas (PyTorch's, as the README's language section gives them). A shape error stops its block (later layers have no
 //! input type) but not the other checks, so all independent errors come out in one run. Every
 //! size is computed with checked arithmetic against [`MAX_ACTIVATION`] and [`MAX_PARAMS`]:
 //! a huge layer is an error, never an overflow.

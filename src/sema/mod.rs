@@ -1,8 +1,9 @@
 //! Semantic analysis: from the AST to a checked [`Model`] and its forward [`ir::Graph`].
 //!
 //! - [`check`]: names (pools, inputs, targets), `decoder mirror`, shape inference with the
-//!   fixed formulas of LANGUAGE.md, kinds and ranges, the memory budget, PyTorch parameter
-//!   names. It returns the model *and* every diagnostic, so a file's errors come in one run.
+//!   fixed formulas (PyTorch's; the README's language section), kinds and ranges, the size
+//!   limits, PyTorch parameter names. It returns the model *and* every diagnostic, so a file's
+//!   errors come in one run; `check_data` adds the train block's data lines.
 //! - [`lower`]: every layer broken into primitive IR ops for a given batch size.
 //! - [`report`]: the per-layer table `aec compile` prints.
 //!
