@@ -9,7 +9,7 @@
 
 use crate::diag::Span;
 use crate::ir::{BinaryFn, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight};
-use crate::runtime::State;
+use crate::state::State;
 use crate::syntax::ast::Cell;
 use std::fmt;
 

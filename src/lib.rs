@@ -54,3 +54,4 @@ pub mod data;
 pub mod interp;
 pub mod passes;
 pub mod runtime;
+pub mod state;

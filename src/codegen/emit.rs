@@ -2,6 +2,7 @@
 //! from the arena base, counted loops with constant bounds, and the math Cranelift has no
 //! instruction for (a vectorisable `exp` in the style of Cephes' `expf`).
 
+use crate::ir::{BinaryFn, UnaryFn};
 use cranelift_codegen::ir::Endianness;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
@@ -303,5 +304,132 @@ impl Emit<'_, '_> {
         let ab = self.b.ins().fadd(a, b);
         let cd = self.b.ins().fadd(c, d);
         self.b.ins().fadd(ab, cd)
+    }
+}
+
+// ---- the elementwise math every kernel family shares -------------------------------------
+
+/// An elementwise op applied to C in the store (see `fuse`); offsets are arena buffers.
+#[derive(Clone, Copy, Debug)]
+pub enum EpOp {
+    /// `+ bias[j]`.
+    Bias(usize),
+    Unary(UnaryFn),
+    /// The derivative of an activation with output `y` (a [M, N] buffer), times C.
+    ActGrad(UnaryFn, usize),
+    /// `C op other` (or `other op C` when `!c_left`), `other` a [M, N] buffer.
+    Binary(BinaryFn, usize, bool),
+    Scale(f32),
+}
+
+/// Applies elementwise `ops` to `v` (of type `ty`, F32 or F32X4), the value at flat index
+/// `idx`; a bias is indexed by `col` (only a matmul's epilogue has one). `stable`: the other
+/// operands do not change while the kernel runs, so their loads may move.
+pub fn apply_ops(
+    e: &mut Emit,
+    ty: Type,
+    ops: &[EpOp],
+    mut v: Value,
+    idx: Value,
+    col: Option<Value>,
+    stable: bool,
+) -> Value {
+    let load = |e: &mut Emit, off: usize, i: Value| {
+        if stable { e.load_ro(ty, off, i) } else { e.load(ty, off, i) }
+    };
+    for op in ops {
+        v = match *op {
+            EpOp::Bias(off) => {
+                let col = col.unwrap_or(idx);
+                let b = e.load_ro(ty, off, col);
+                e.b.ins().fadd(v, b)
+            }
+            EpOp::Unary(f) => unary(e, ty, f, v),
+            EpOp::ActGrad(f, y) => {
+                let yv = load(e, y, idx);
+                act_grad(e, ty, f, yv, v)
+            }
+            EpOp::Binary(f, other, c_left) => {
+                let o = load(e, other, idx);
+                let (a, b) = if c_left { (v, o) } else { (o, v) };
+                match f {
+                    BinaryFn::Add => e.b.ins().fadd(a, b),
+                    BinaryFn::Sub => e.b.ins().fsub(a, b),
+                    BinaryFn::Mul => e.b.ins().fmul(a, b),
+                }
+            }
+            EpOp::Scale(c) => {
+                let k = e.fconst(ty, c);
+                e.b.ins().fmul(v, k)
+            }
+        };
+    }
+    v
+}
+
+/// `f(x)` for F32 or F32X4.
+pub fn unary(e: &mut Emit, ty: Type, f: UnaryFn, x: Value) -> Value {
+    match f {
+        UnaryFn::Relu => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+            e.select(ty, pos, x, z)
+        }
+        UnaryFn::LeakyRelu(a) => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+            let k = e.fconst(ty, a);
+            let ax = e.b.ins().fmul(x, k);
+            e.select(ty, pos, x, ax)
+        }
+        UnaryFn::Sigmoid => e.sigmoid(ty, x),
+        UnaryFn::Tanh => e.tanh(ty, x),
+        UnaryFn::Abs => e.b.ins().fabs(x),
+        UnaryFn::Square => e.b.ins().fmul(x, x),
+        UnaryFn::Neg => e.b.ins().fneg(x),
+        UnaryFn::Exp => e.exp(ty, x),
+        UnaryFn::Sign => sign(e, ty, x),
+    }
+}
+
+/// −1, 0 or 1 by the sign of `x` (0 for ±0 and NaN).
+pub fn sign(e: &mut Emit, ty: Type, x: Value) -> Value {
+    let z = e.fconst(ty, 0.0);
+    let one = e.fconst(ty, 1.0);
+    let m1 = e.fconst(ty, -1.0);
+    let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+    let neg = e.b.ins().fcmp(FloatCC::LessThan, x, z);
+    let n = e.select(ty, neg, m1, z);
+    e.select(ty, pos, one, n)
+}
+
+/// `d · f'(x)` given the activation's output `y = f(x)`, for F32 or F32X4.
+pub fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -> Value {
+    match f {
+        UnaryFn::Relu | UnaryFn::LeakyRelu(_) => {
+            let z = e.fconst(ty, 0.0);
+            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, y, z);
+            let other = match f {
+                UnaryFn::LeakyRelu(a) => {
+                    let k = e.fconst(ty, a);
+                    e.b.ins().fmul(d, k)
+                }
+                _ => z,
+            };
+            e.select(ty, pos, d, other)
+        }
+        UnaryFn::Sigmoid => {
+            let one = e.fconst(ty, 1.0);
+            let q = e.b.ins().fsub(one, y);
+            let t = e.b.ins().fmul(y, q);
+            e.b.ins().fmul(d, t)
+        }
+        UnaryFn::Tanh => {
+            let one = e.fconst(ty, 1.0);
+            let yy = e.b.ins().fmul(y, y);
+            let t = e.b.ins().fsub(one, yy);
+            e.b.ins().fmul(d, t)
+        }
+        _ => d,
     }
 }

@@ -2,9 +2,9 @@
 //! Semantics are the interpreter's (and so PyTorch's); `tests/jit.rs` holds every kernel to
 //! them.
 
-use super::emit::Emit;
+use super::emit::{Emit, act_grad, apply_ops, sign, unary};
 use super::plan::Plan;
-use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn};
+use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
 use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
@@ -376,7 +376,7 @@ pub fn chain(
     }
     let numel = g.ty(head).numel();
     let finish = |e: &mut Emit, ty: Type, v: Value, i: Value| {
-        let v = super::matmul::apply_ops(e, ty, &ops, v, i, None, true);
+        let v = apply_ops(e, ty, &ops, v, i, None, true);
         e.store(out, i, v);
     };
     match g.node(head).op {
@@ -534,70 +534,6 @@ pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value,
 fn load_index(e: &mut Emit, off: usize, i: Value) -> Value {
     let v = e.load(I32, off, i);
     e.b.ins().sextend(I64, v)
-}
-
-pub(super) fn unary(e: &mut Emit, ty: Type, f: UnaryFn, x: Value) -> Value {
-    match f {
-        UnaryFn::Relu => {
-            let z = e.fconst(ty, 0.0);
-            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
-            e.select(ty, pos, x, z)
-        }
-        UnaryFn::LeakyRelu(a) => {
-            let z = e.fconst(ty, 0.0);
-            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
-            let k = e.fconst(ty, a);
-            let ax = e.b.ins().fmul(x, k);
-            e.select(ty, pos, x, ax)
-        }
-        UnaryFn::Sigmoid => e.sigmoid(ty, x),
-        UnaryFn::Tanh => e.tanh(ty, x),
-        UnaryFn::Abs => e.b.ins().fabs(x),
-        UnaryFn::Square => e.b.ins().fmul(x, x),
-        UnaryFn::Neg => e.b.ins().fneg(x),
-        UnaryFn::Exp => e.exp(ty, x),
-        UnaryFn::Sign => sign(e, ty, x),
-    }
-}
-
-fn sign(e: &mut Emit, ty: Type, x: Value) -> Value {
-    let z = e.fconst(ty, 0.0);
-    let one = e.fconst(ty, 1.0);
-    let m1 = e.fconst(ty, -1.0);
-    let pos = e.b.ins().fcmp(FloatCC::GreaterThan, x, z);
-    let neg = e.b.ins().fcmp(FloatCC::LessThan, x, z);
-    let n = e.select(ty, neg, m1, z);
-    e.select(ty, pos, one, n)
-}
-
-pub(super) fn act_grad(e: &mut Emit, ty: Type, f: UnaryFn, y: Value, d: Value) -> Value {
-    match f {
-        UnaryFn::Relu | UnaryFn::LeakyRelu(_) => {
-            let z = e.fconst(ty, 0.0);
-            let pos = e.b.ins().fcmp(FloatCC::GreaterThan, y, z);
-            let other = match f {
-                UnaryFn::LeakyRelu(a) => {
-                    let k = e.fconst(ty, a);
-                    e.b.ins().fmul(d, k)
-                }
-                _ => z,
-            };
-            e.select(ty, pos, d, other)
-        }
-        UnaryFn::Sigmoid => {
-            let one = e.fconst(ty, 1.0);
-            let q = e.b.ins().fsub(one, y);
-            let t = e.b.ins().fmul(y, q);
-            e.b.ins().fmul(d, t)
-        }
-        UnaryFn::Tanh => {
-            let one = e.fconst(ty, 1.0);
-            let yy = e.b.ins().fmul(y, y);
-            let t = e.b.ins().fsub(one, yy);
-            e.b.ins().fmul(d, t)
-        }
-        _ => d,
-    }
 }
 
 fn softmax_row(e: &mut Emit, src: usize, out: usize, r0: Value, n: usize) {

@@ -10,12 +10,12 @@
 //! eight column panels, which balances a few rows over many columns and keeps each group's
 //! panels in cache while every block of rows passes over them.
 
-use super::emit::Emit;
+use super::emit::{Emit, EpOp, apply_ops};
 use super::plan::Plan;
-use crate::ir::{BinaryFn, Graph, NodeId, UnaryFn};
+use crate::ir::{Graph, NodeId};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
-use cranelift_codegen::ir::{InstBuilder, Type, Value};
+use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
 
 const MR: usize = 6;
@@ -44,19 +44,6 @@ pub fn packed_bytes(k: usize, n: usize) -> usize {
     k * n.div_ceil(NR) * NR * 4
 }
 
-/// An elementwise op applied to C in the store (see `fuse`); offsets are arena buffers.
-#[derive(Clone, Copy, Debug)]
-pub enum EpOp {
-    /// `+ bias[j]`.
-    Bias(usize),
-    Unary(UnaryFn),
-    /// The derivative of an activation with output `y` (a [M, N] buffer), times C.
-    ActGrad(UnaryFn, usize),
-    /// `C op other` (or `other op C` when `!c_left`), `other` a [M, N] buffer.
-    Binary(BinaryFn, usize, bool),
-    Scale(f32),
-}
-
 /// The epilogue of matmul `mm` fused with `chain`.
 pub fn epilogue(g: &Graph, plan: &Plan, mm: NodeId, chain: &[NodeId]) -> Vec<EpOp> {
     let at = |n: NodeId| plan.node[n.index()];
@@ -83,51 +70,6 @@ pub fn epilogue(g: &Graph, plan: &Plan, mm: NodeId, chain: &[NodeId]) -> Vec<EpO
 /// Applies the epilogue to four columns of C at flat index `idx`, column `col`.
 fn apply(e: &mut Emit, mm: &Mm, v: Value, idx: Value, col: Value) -> Value {
     apply_ops(e, F32X4, mm.epilogue, v, idx, Some(col), mm.stable)
-}
-
-/// Applies elementwise `ops` to `v` (of type `ty`, F32 or F32X4), the value at flat index
-/// `idx`; a bias is indexed by `col` (only a matmul's epilogue has one). `stable`: the other
-/// operands do not change while the kernel runs, so their loads may move.
-pub fn apply_ops(
-    e: &mut Emit,
-    ty: Type,
-    ops: &[EpOp],
-    mut v: Value,
-    idx: Value,
-    col: Option<Value>,
-    stable: bool,
-) -> Value {
-    let load = |e: &mut Emit, off: usize, i: Value| {
-        if stable { e.load_ro(ty, off, i) } else { e.load(ty, off, i) }
-    };
-    for op in ops {
-        v = match *op {
-            EpOp::Bias(off) => {
-                let col = col.unwrap_or(idx);
-                let b = e.load_ro(ty, off, col);
-                e.b.ins().fadd(v, b)
-            }
-            EpOp::Unary(f) => super::kernels::unary(e, ty, f, v),
-            EpOp::ActGrad(f, y) => {
-                let yv = load(e, y, idx);
-                super::kernels::act_grad(e, ty, f, yv, v)
-            }
-            EpOp::Binary(f, other, c_left) => {
-                let o = load(e, other, idx);
-                let (a, b) = if c_left { (v, o) } else { (o, v) };
-                match f {
-                    BinaryFn::Add => e.b.ins().fadd(a, b),
-                    BinaryFn::Sub => e.b.ins().fsub(a, b),
-                    BinaryFn::Mul => e.b.ins().fmul(a, b),
-                }
-            }
-            EpOp::Scale(c) => {
-                let k = e.fconst(ty, c);
-                e.b.ins().fmul(v, k)
-            }
-        };
-    }
-    v
 }
 
 /// The sizes of a matmul node: (M, N, K).

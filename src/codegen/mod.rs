@@ -25,7 +25,7 @@ pub mod wide;
 
 use crate::interp::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
-use crate::runtime::State;
+use crate::state::State;
 use cranelift_codegen::ir::types::{F32, I64};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
@@ -322,7 +322,7 @@ impl Program {
                 && groups.iter().any(|grp| matches!(grp, fuse::Group::MatMul { mm, .. } if *mm == id))
                 && matmul::dims(g, id).is_some_and(|(m, n, k)| wide::worth(m, n, k))
         };
-        let plan = plan::plan(g, &groups, &is_wide);
+        let plan = plan::plan(g, &groups, &|id| scratch_bytes(g, id, is_wide(id)));
         check_plan(g, &plan)?;
         crate::memory::check(
             &format!("the native code of `{}` (its arena of values, parameters and optimizer state)", g.name),
@@ -361,7 +361,7 @@ impl Program {
         for (gi, grp) in groups.iter().enumerate() {
             if let fuse::Group::Single(id) = grp
                 && wide_isa.is_some()
-                && plan::scratch_bytes(g, *id) > 0
+                && scratch_bytes(g, *id, false) > 0
             {
                 // A recurrent loop's per-step projection, or a dense conv2d's matmul.
                 let scratch = plan.scratch_of(*id)?;
@@ -867,6 +867,29 @@ impl Program {
     }
 }
 
+/// Bytes of a node's scratch, by op family: matmul keeps its right operand packed in panels of
+/// 8 columns (none on the wide core, which packs its operands itself: `wide`); a convolution its
+/// packed operand and a temporary (`conv`); a recurrent loop its state (`recurrent`).
+fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
+    match &g.node(id).op {
+        Op::Conv2d { .. }
+        | Op::ConvTranspose2d { .. }
+        | Op::Conv2dWeightGrad { .. }
+        | Op::ConvTranspose2dWeightGrad { .. }
+        | Op::SparseConvT { .. }
+        | Op::GatherConv { .. }
+        | Op::SparseWeightGrad { .. } => conv::scratch_bytes(g, id),
+        Op::Recurrent { .. } | Op::RecurrentGrad { .. } => recurrent::scratch_bytes(g, id),
+        Op::MatMul { .. } if wide => 0,
+        Op::MatMul { b, tb, .. } => {
+            let s = &g.ty(*b).shape;
+            let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
+            k * n.div_ceil(8) * 8 * 4
+        }
+        _ => 0,
+    }
+}
+
 /// Every buffer of the plan lies inside the arena.
 fn check_plan(g: &Graph, p: &plan::Plan) -> Result<(), String> {
     let fits = |what: &str, off: usize, bytes: usize| {
@@ -884,8 +907,8 @@ fn check_plan(g: &Graph, p: &plan::Plan) -> Result<(), String> {
             fits(&def.name, s, n)?;
         }
     }
-    for &(id, off) in &p.scratch {
-        fits("scratch", off, plan::scratch_bytes(g, id))?;
+    for &(_, off, bytes) in &p.scratch {
+        fits("scratch", off, bytes)?;
     }
     fits("rng", p.rng, 16)
 }

@@ -29,8 +29,8 @@ pub struct Plan {
     pub rng: usize,
     /// Per `update` node: 4 f32 the runtime sets before each step.
     pub update_scalars: Vec<(NodeId, usize)>,
-    /// Per matmul node: its packed-panel scratch.
-    pub scratch: Vec<(NodeId, usize)>,
+    /// Per node with scratch (packed operands, im2col, a recurrent state): offset and bytes.
+    pub scratch: Vec<(NodeId, usize, usize)>,
     /// Bytes of the persistent part (everything before the temporaries) and in all.
     pub persistent: usize,
     pub size: usize,
@@ -49,31 +49,11 @@ impl Plan {
     }
 }
 
-/// Bytes of a value's scratch: matmul keeps its right operand packed in panels of 8 columns;
-/// a convolution its packed operand and a temporary (see `conv`).
-pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
-    match &g.node(id).op {
-        Op::Conv2d { .. }
-        | Op::ConvTranspose2d { .. }
-        | Op::Conv2dWeightGrad { .. }
-        | Op::ConvTranspose2dWeightGrad { .. }
-        | Op::SparseConvT { .. }
-        | Op::GatherConv { .. }
-        | Op::SparseWeightGrad { .. } => super::conv::scratch_bytes(g, id),
-        Op::Recurrent { .. } | Op::RecurrentGrad { .. } => super::recurrent::scratch_bytes(g, id),
-        Op::MatMul { b, tb, .. } => {
-            let s = &g.ty(*b).shape;
-            let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
-            k * n.div_ceil(8) * 8 * 4
-        }
-        _ => 0,
-    }
-}
-
 /// Plans `g` to run as `groups`: a fused group's result is allocated where the group runs (its
-/// first node), and the values inside a fused chain get no memory at all. The matmuls for which
-/// `wide` holds run on the wide core, which packs its operands itself: they get no scratch.
-pub fn plan(g: &Graph, groups: &[Group], wide: &dyn Fn(NodeId) -> bool) -> Plan {
+/// first node), and the values inside a fused chain get no memory at all. `scratch(id)` is the
+/// scratch a node's kernels need while it runs (each op family says how much: the planner
+/// knows none of them).
+pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> Plan {
     // For each node: the node whose buffer it stands for (itself unless fused away), and, at a
     // group's head, the result to allocate there.
     let mut at_head: Vec<Option<NodeId>> = vec![None; g.len()];
@@ -193,12 +173,12 @@ pub fn plan(g: &Graph, groups: &[Group], wide: &dyn Fn(NodeId) -> bool) -> Plan 
                 o
             }
         };
-        let scratch = if wide(id) { 0 } else { scratch_bytes(g, id) };
+        let scratch = scratch(id);
         if scratch > 0 {
             // Scratch is only needed while the node runs.
             let o = alloc(scratch, &mut free, &mut end);
             live.push((id.index(), o, round(scratch)));
-            p.scratch.push((id, o));
+            p.scratch.push((id, o, scratch));
         }
     }
     p.size = end;

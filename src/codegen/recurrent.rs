@@ -10,8 +10,8 @@
 //! keeps the carried gradients `dh [B, H]` (and `dc`), this step's `dgh [B, G·H]` and the part
 //! of `dh` that skips `W_hh` (a GRU's `dh·z`), added in the matmul's store.
 
-use super::emit::Emit;
-use super::matmul::{self, EpOp, Mm};
+use super::emit::{Emit, EpOp};
+use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::wide::{self, Call};
 use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};

@@ -11,8 +11,7 @@
 //! The one narrow interface is [`Call`] (sizes, arena offsets, strides), which the program owns
 //! at a stable address for as long as its code can run, and [`aec_gemm`].
 
-use super::emit::Emit;
-use super::matmul::{EpOp, apply_ops};
+use super::emit::{Emit, EpOp, apply_ops};
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
 

@@ -9,7 +9,8 @@ pub mod infer;
 pub mod init;
 pub mod train;
 
-use crate::ir::OptimizerFn;
+/// The training state lives below the backends, which read and write it ([`crate::state`]).
+pub use crate::state::State;
 
 /// Which executor runs the graphs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -19,40 +20,4 @@ pub enum Backend {
     Jit,
     /// The reference interpreter.
     Interp,
-}
-
-/// Everything a training run changes: parameter values, the optimizer's per-parameter state
-/// (PyTorch's `momentum_buffer`, or `exp_avg` and `exp_avg_sq`, and `step`), and the number of
-/// steps taken.
-#[derive(Clone, Debug, PartialEq)]
-pub struct State {
-    pub params: Vec<Vec<f32>>,
-    /// Per parameter: the optimizer's buffers, empty until its first update.
-    pub slots: Vec<Vec<Vec<f32>>>,
-    /// Per parameter: how many updates it has had.
-    pub param_steps: Vec<u64>,
-    /// Training steps taken in the run (batches).
-    pub step: u64,
-}
-
-impl State {
-    pub fn new(params: Vec<Vec<f32>>) -> State {
-        let n = params.len();
-        State { params, slots: vec![Vec::new(); n], param_steps: vec![0; n], step: 0 }
-    }
-
-    /// Starts an update of parameter `p`: its values, its optimizer buffers (created as zeros
-    /// on its first update) and the 1-based count of this update.
-    pub fn begin_update(&mut self, p: usize, f: OptimizerFn) -> (&mut Vec<f32>, &mut Vec<Vec<f32>>, u64) {
-        let n = self.params[p].len();
-        let want = match f {
-            OptimizerFn::Sgd { momentum, .. } => usize::from(momentum != 0.0),
-            OptimizerFn::Adam { .. } => 2,
-        };
-        if self.slots[p].len() != want {
-            self.slots[p] = vec![vec![0.0; n]; want];
-        }
-        self.param_steps[p] += 1;
-        (&mut self.params[p], &mut self.slots[p], self.param_steps[p])
-    }
 }
