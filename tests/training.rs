@@ -630,3 +630,19 @@ fn pictures_of_a_model_without_images_are_refused() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--png draws images"), "{err}");
 }
+
+#[test]
+fn a_run_draws_its_loss_curves() {
+    // loss.png at the end of training (and with --png-every as it goes), stages shaded.
+    let dir = scratch("loss_png");
+    let (code, out, err) = aec(&["run", "--train", "specs/digits_mlp.ae", "--epochs", "4", "--out", s(&dir)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("loss curves:"), "{out}");
+    assert_eq!(png_size(&dir.join("loss.png")), (800, 480));
+    let every = scratch("loss_png_every");
+    let args =
+        ["run", "--train", "specs/digits_mlp.ae", "--epochs", "2", "--png-every", "1", "--out", s(&every)];
+    let (code, _, err) = aec(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(every.join("epoch-0001.png").exists() && every.join("loss.png").exists());
+}

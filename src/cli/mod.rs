@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod bench;
 mod picture;
+mod plot;
 mod run;
 
 use aec::diag::{self, Diagnostic};

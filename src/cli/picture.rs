@@ -73,16 +73,21 @@ pub fn write_grid(
             }
         }
     }
+    write_rgb_png(path, &rgb, (width, height))?;
+    let titles: Vec<&str> = columns.iter().map(|c| c.title).collect();
+    Ok(format!("{} ({rows} samples: {})", path.display(), titles.join(" | ")))
+}
+
+/// Writes 8-bit RGB pixels as a PNG file, atomically.
+pub fn write_rgb_png(path: &Path, rgb: &[u8], (width, height): (usize, usize)) -> Result<(), String> {
     let mut bytes = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut bytes, width as u32, height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(&rgb).map_err(|e| e.to_string())?;
+        writer.write_image_data(rgb).map_err(|e| e.to_string())?;
     }
     aec::runtime::checkpoint::write_atomic(path, &bytes)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let titles: Vec<&str> = columns.iter().map(|c| c.title).collect();
-    Ok(format!("{} ({rows} samples: {})", path.display(), titles.join(" | ")))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

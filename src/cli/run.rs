@@ -1,6 +1,7 @@
 //! `aec run` (train, or run a trained network) and `aec encode`.
 
 use super::picture::{self, Column};
+use super::plot;
 use super::{Failure, read_spec, report};
 use aec::data::{self, Array, Dataset, Values};
 use aec::diag::{Diagnostic, Span};
@@ -652,6 +653,8 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     }
     let progress = Progress::new();
     let mut pictures = Vec::new();
+    // The epochs so far, for the loss curves `--png-every` draws as it goes.
+    let mut seen: Vec<train::EpochMetrics> = Vec::new();
     let mut on = |e: Event| match e {
         Event::Params { epoch, params } => {
             if let Some(n) = args.png_every
@@ -659,7 +662,14 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
             {
                 let path = cfg.out.join(format!("epoch-{epoch:04}.png"));
                 pictures.push(training_picture(&spec.compiled, params, &data, &cfg, &path));
+                let curves = cfg.out.join("loss.png");
+                let drawn = plot::loss_png(&curves, &seen).map(|()| curves.display().to_string());
+                pictures.push(drawn.map_err(Failure::Io));
             }
+        }
+        Event::Epoch(m) => {
+            seen.push(m.clone());
+            progress.event(Event::Epoch(m));
         }
         e => progress.event(e),
     };
@@ -737,6 +747,9 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     for p in pictures {
         outln!("picture: {}", p?);
     }
+    let curves = cfg.out.join("loss.png");
+    plot::loss_png(&curves, &summary.metrics).map_err(Failure::Io)?;
+    outln!("loss curves: {}", curves.display());
     if let Some(png) = &args.png {
         outln!("picture: {}", training_picture(&spec.compiled, &summary.params, &data, &cfg, png)?);
     }

@@ -1,0 +1,99 @@
+//! `loss.png`: the loss curves of a run, drawn with plotters into a bitmap (the font ships in
+//! the `dejavu` crate, so no system font is needed).
+
+use super::picture::write_rgb_png;
+use aec::runtime::train::EpochMetrics;
+use plotters::prelude::*;
+use std::path::Path;
+
+const SIZE: (u32, u32) = (800, 480);
+
+/// Registers the embedded font once.
+fn font() -> Result<(), String> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .map_err(|_| "the embedded font does not load".to_owned())
+    })
+    .clone()
+}
+
+/// Draws train and validation loss per epoch (log scale) with the pretraining stages shaded and
+/// named, into `path`. Nothing is drawn without a finite, positive loss.
+pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
+    let points = |f: fn(&EpochMetrics) -> Option<f64>| -> Vec<(u64, f64)> {
+        metrics
+            .iter()
+            .filter_map(|m| f(m).filter(|v| v.is_finite() && *v > 0.0).map(|v| (m.epoch, v)))
+            .collect()
+    };
+    let train = points(|m| Some(m.train_loss));
+    let val = points(|m| m.val_loss);
+    let all: Vec<f64> = train.iter().chain(&val).map(|p| p.1).collect();
+    let (Some(lo), Some(hi)) = (all.iter().copied().reduce(f64::min), all.iter().copied().reduce(f64::max))
+    else {
+        return Ok(());
+    };
+    font()?;
+    let (first, last) = (metrics.first().map_or(1, |m| m.epoch), metrics.last().map_or(1, |m| m.epoch));
+    let mut rgb = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    let draw = |rgb: &mut [u8]| -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (lo, hi) = (lo / 1.5, hi * 1.5);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("loss per epoch", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(first.saturating_sub(1)..last.max(first + 1), (lo..hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("loss (log scale)")
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        // The phases of greedy pretraining, shaded by turns and named.
+        let (mut start, mut band) = (0, 0);
+        for (i, m) in metrics.iter().enumerate() {
+            let ends = metrics.get(i + 1).is_none_or(|n| n.stage != m.stage);
+            if let (true, Some(stage)) = (ends, &m.stage) {
+                let from = metrics[start].epoch.saturating_sub(1);
+                let shade = if band % 2 == 0 { RGBColor(232, 238, 250) } else { RGBColor(250, 242, 228) };
+                band += 1;
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(from, lo), (m.epoch, hi)],
+                    shade.filled(),
+                )))?;
+                chart.draw_series(std::iter::once(Text::new(
+                    stage.clone(),
+                    (from, hi / 1.3),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )))?;
+            }
+            if ends {
+                start = i + 1;
+            }
+        }
+        chart
+            .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        if !val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?
+                .label("validation")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw(&mut rgb).map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
+    write_rgb_png(path, &rgb, (SIZE.0 as usize, SIZE.1 as usize))
+}
