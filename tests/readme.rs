@@ -47,7 +47,7 @@ fn the_first_commands_output_is_what_the_binary_prints() {
     // Everything but the timings and the run folder: the code table, line for line.
     let table = |t: &str| -> Vec<String> {
         t.lines()
-            .filter(|l| !l.starts_with("trained ") && !l.starts_with("checkpoint:"))
+            .filter(|l| !["trained ", "checkpoint:", "loss curves:"].iter().any(|p| l.starts_with(p)))
             .map(str::to_owned)
             .collect()
     };

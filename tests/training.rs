@@ -639,6 +639,12 @@ fn a_run_draws_its_loss_curves() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("loss curves:"), "{out}");
     assert_eq!(png_size(&dir.join("loss.png")), (800, 480));
+    // Every term of the loss is in the metrics; their sum is the loss.
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("json");
+    let mse = last["terms"]["mse"].as_f64().expect("the mse term");
+    assert!((mse - last["train_loss"].as_f64().expect("loss")).abs() < 1e-9, "{last}");
     let every = scratch("loss_png_every");
     let args =
         ["run", "--train", "specs/digits_mlp.ae", "--epochs", "2", "--png-every", "1", "--out", s(&every)];

@@ -29,7 +29,8 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
     };
     let train = points(|m| Some(m.train_loss));
     let val = points(|m| m.val_loss);
-    let all: Vec<f64> = train.iter().chain(&val).map(|p| p.1).collect();
+    let terms = metrics.iter().flat_map(|m| m.terms.values().copied()).filter(|v| v.is_finite() && *v > 0.0);
+    let all: Vec<f64> = train.iter().chain(&val).map(|p| p.1).chain(terms).collect();
     let (Some(lo), Some(hi)) = (all.iter().copied().reduce(f64::min), all.iter().copied().reduce(f64::max))
     else {
         return Ok(());
@@ -79,6 +80,25 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
             .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?
             .label("train")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        // Each term of a loss with several (a penalty beside the reconstruction loss).
+        let names: Vec<&String> = metrics.last().map(|m| m.terms.keys().collect()).unwrap_or_default();
+        if names.len() > 1 {
+            let colors =
+                [RGBColor(60, 160, 60), RGBColor(150, 90, 200), RGBColor(230, 140, 20), RGBColor(90, 90, 90)];
+            for (k, name) in names.into_iter().enumerate() {
+                let color = colors[k % colors.len()];
+                let series: Vec<(u64, f64)> = metrics
+                    .iter()
+                    .filter_map(|m| {
+                        m.terms.get(name).filter(|v| v.is_finite() && **v > lo / 1.5).map(|v| (m.epoch, *v))
+                    })
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(series, color.stroke_width(1)))?
+                    .label(name.clone())
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(1)));
+            }
+        }
         if !val.is_empty() {
             chart
                 .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?

@@ -921,7 +921,13 @@ impl Progress {
                     val += &format!(" tokens {:.1}% sequences {:.1}%", t * 100.0, q * 100.0);
                 }
                 let rate = m.samples_per_s.map_or(String::new(), |r| format!(" · {r:.0} samples/s"));
-                let line = format!("loss {:.5}{val}{rate}", m.train_loss);
+                let terms = if m.terms.len() > 1 {
+                    let t: Vec<String> = m.terms.iter().map(|(n, v)| format!("{n} {v:.5}")).collect();
+                    format!(" ({})", t.join(" + "))
+                } else {
+                    String::new()
+                };
+                let line = format!("loss {:.5}{terms}{val}{rate}", m.train_loss);
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(m.epoch);

@@ -25,6 +25,7 @@ use crate::diag::Span;
 use crate::interp::{self, Buf};
 use crate::ir::{Graph, OptimizerFn};
 use crate::passes;
+use crate::sema::lower::TERM_PREFIX;
 use crate::sema::{Compiled, Lowering, Mode, Part, lower, stage};
 use crate::syntax::ast::{Init, Noise, Pretrain};
 use std::collections::HashMap;
@@ -73,6 +74,10 @@ pub struct EpochMetrics {
     pub sequence_accuracy: Option<f64>,
     /// `None` when the epoch's training took under a millisecond: too short to time.
     pub samples_per_s: Option<f64>,
+    /// Each term of the loss (the reconstruction loss and each weighted penalty), averaged over
+    /// the epoch's samples like `train_loss`, which is their sum.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub terms: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
 }
 
@@ -276,8 +281,8 @@ impl Programs<'_> {
         Ok(p)
     }
 
-    /// One training step; returns the loss. `state` is current unless a native program holds it
-    /// (see `sync`).
+    /// One training step; returns the loss and its terms (see [`loss_and_terms`]). `state` is
+    /// current unless a native program holds it (see `sync`).
     fn step(
         &mut self,
         batch: usize,
@@ -285,11 +290,11 @@ impl Programs<'_> {
         state: &mut State,
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
-    ) -> Result<f64, StepFail> {
+    ) -> Result<(f64, Vec<f64>), StepFail> {
         if self.backend == Backend::Interp {
             let g = self.train(batch)?;
             let values = interp::run(g, inputs, state, opts).map_err(StepFail::Run)?;
-            return Ok(values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])));
+            return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
         }
         if !self.native.contains_key(&batch) {
             let g = self.train(batch)?.clone();
@@ -305,7 +310,7 @@ impl Programs<'_> {
         }
         let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
         match p.run(inputs, opts.seed, opts.step) {
-            Ok(()) => Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0]))),
+            Ok(()) => Ok(loss_and_terms(p.graph(), |name| p.output(name))),
             Err(codegen::RunError::Inputs(what)) => Err(StepFail::Train(TrainError::Data(what))),
             Err(codegen::RunError::NonFinite(loss)) => {
                 // The step stopped before its updates: replay it on the interpreter from the same
@@ -495,6 +500,7 @@ pub fn train(
                 data::permutation(train_idx.len(), cfg.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
             let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
             let mut loss_sum = 0f64;
+            let mut term_sums: Vec<f64> = Vec::new();
             for (s, idx) in order.chunks(batch).enumerate() {
                 state.step += 1;
                 let g = programs.train(idx.len())?;
@@ -505,10 +511,14 @@ pub fn train(
                     threads: cfg.threads,
                     check_finite: true,
                 };
-                let loss = programs
+                let (loss, terms) = programs
                     .step(idx.len(), &inputs, &mut state, &opts, on)
                     .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
                 loss_sum += loss * idx.len() as f64;
+                term_sums.resize(terms.len(), 0.0);
+                for (sum, t) in term_sums.iter_mut().zip(terms) {
+                    *sum += t * idx.len() as f64;
+                }
                 on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
             }
             // Code generation happens inside the first steps; it is reported apart.
@@ -537,6 +547,11 @@ pub fn train(
                 stage: phase.label.clone(),
                 step: state.step,
                 train_loss: loss_sum / order.len() as f64,
+                terms: term_names(&reference)
+                    .into_iter()
+                    .zip(&term_sums)
+                    .map(|(name, sum)| (name, sum / order.len() as f64))
+                    .collect(),
                 val_loss,
                 token_accuracy,
                 sequence_accuracy,
@@ -746,6 +761,20 @@ fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -
         }
         other => TrainError::Data(other.to_string()),
     }
+}
+
+/// The loss of a step and each of its terms (the `term.*` outputs, in order), read by name.
+fn loss_and_terms(g: &Graph, read: impl Fn(&str) -> Option<Buf>) -> (f64, Vec<f64>) {
+    let scalar =
+        |name: &str| read(name).map_or(f64::NAN, |b| f64::from(b.f32().first().copied().unwrap_or(f32::NAN)));
+    let terms =
+        g.outputs.iter().filter(|(n, _)| n.starts_with(TERM_PREFIX)).map(|(n, _)| scalar(n)).collect();
+    (scalar("loss"), terms)
+}
+
+/// The names of a graph's loss terms (`mse`, `l2(weights)`, …), in order.
+fn term_names(g: &Graph) -> Vec<String> {
+    g.outputs.iter().filter_map(|(n, _)| n.strip_prefix(TERM_PREFIX)).map(str::to_owned).collect()
 }
 
 /// Samples per second over `spent`, when that is long enough to time (a millisecond).

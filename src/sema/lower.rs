@@ -68,6 +68,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         pools: Vec::new(),
         salt: 0,
         decode_state: None,
+        terms: Vec::new(),
     };
     for p in &m.params {
         let def = ParamDef {
@@ -120,6 +121,11 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         None => l.loss(m, &cur, code, cfg, &mut vars)?,
     };
     l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
+    // Every term of the loss as an output of its own (`term.mse`, `term.l2(weights)`, …), for
+    // the metrics.
+    if target.is_none() {
+        l.g.outputs.extend(l.terms.drain(..).map(|(name, id)| (format!("{TERM_PREFIX}{name}"), id)));
+    }
     if cfg.mode == Mode::Infer && teacher_forced(m).is_some() {
         l.g.outputs.push(("state0".into(), state0));
     }
@@ -136,7 +142,12 @@ struct Lower {
     salt: u32,
     /// In a decode step: the teacher-forced layer's state after the step.
     decode_state: Option<NodeId>,
+    /// The loss's terms, by name: the reconstruction loss and each weighted penalty.
+    terms: Vec<(String, NodeId)>,
 }
+
+/// Graph outputs that hold one term of the loss are named `term.<the term>`.
+pub const TERM_PREFIX: &str = "term.";
 
 /// The value flowing between layers.
 #[derive(Clone, Copy)]
@@ -428,6 +439,7 @@ impl Lower {
             LossKind::L2 => return Err("l2 is a penalty, not a reconstruction loss".into()),
         };
         let mut total = self.add(Op::Loss { f, pred, target }, span)?;
+        self.terms.push((main.kind.keyword().to_owned(), total));
         for t in &m.loss.extra {
             let square = t.kind == LossKind::L2;
             let f = if square { UnaryFn::Square } else { UnaryFn::Abs };
@@ -459,6 +471,7 @@ impl Lower {
                 let n = self.g.ty(code).numel() as f64;
                 self.add(Op::Scale { x: s, c: (t.weight / n) as f32 }, t.span)?
             };
+            self.terms.push((format!("{}({})", t.kind.keyword(), t.arg.name), term));
             total = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: term }, t.span)?;
         }
         Ok(total)
