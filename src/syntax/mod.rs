@@ -33,8 +33,114 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
             }
             None => (None, vec![Diagnostic::error("the spec is empty")]),
         },
-        Err(e) => (None, vec![error::from_pest(&e, src)]),
+        Err(e) => (None, syntax_errors(src, error::from_pest(&e, src))),
     }
+}
+
+/// The brackets open at the end of `text` (outside comments and strings), innermost last.
+fn open_brackets(text: &str) -> Vec<char> {
+    let bytes = text.as_bytes();
+    let mut stack = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            c @ (b'{' | b'(' | b'[') => stack.push(c as char),
+            c @ (b'}' | b')' | b']') if stack.last().is_some_and(|&o| pair(o, c as char)) => {
+                stack.pop();
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    stack
+}
+
+fn pair(open: char, close: char) -> bool {
+    matches!((open, close), ('{', '}') | ('(', ')') | ('[', ']'))
+}
+
+/// Line `line` blanked for recovery, `outer` the brackets open before it: spaces (of the same
+/// byte length, so every offset in the file stays) for everything but the brackets that matter
+/// to the lines around it — those it opens, and those that close an outer one. A pair opened
+/// and closed within the line, or a stray closer, goes with the rest.
+fn blank_line(line: &str, outer: &[char]) -> String {
+    let chars: Vec<char> = line.chars().collect();
+    let mut keep = vec![false; chars.len()];
+    let mut open: Vec<usize> = Vec::new();
+    let mut outer = outer.to_vec();
+    for (i, &c) in chars.iter().enumerate() {
+        match c {
+            '{' | '(' | '[' => {
+                keep[i] = true;
+                open.push(i);
+            }
+            '}' | ')' | ']' => {
+                if let Some(&j) = open.last() {
+                    if pair(chars[j], c) {
+                        keep[j] = false;
+                        open.pop();
+                    }
+                } else if outer.last().is_some_and(|&o| pair(o, c)) {
+                    keep[i] = true;
+                    outer.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    chars.iter().zip(keep).map(|(&c, k)| if k { c.to_string() } else { " ".repeat(c.len_utf8()) }).collect()
+}
+
+/// At most this many syntax errors are reported from one file.
+const MAX_SYNTAX_ERRORS: usize = 10;
+
+/// Every syntax error of `src` that recovery can reach, starting with `first`: the line of each
+/// error is blanked (its brackets kept, so the blocks stay balanced) and the text parsed again,
+/// until it parses or an error repeats a line, or comes at the end of the file (the cascade of
+/// an earlier one).
+fn syntax_errors(src: &str, first: Diagnostic) -> Vec<Diagnostic> {
+    let mut text = src.to_owned();
+    let mut lines_seen = Vec::new();
+    let mut out = vec![first];
+    while out.len() < MAX_SYNTAX_ERRORS {
+        let Some(at) = out.last().and_then(Diagnostic::span).map(|s| s.start as usize) else { break };
+        if at >= text.trim_end().len() {
+            break;
+        }
+        let start = text[..at.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        if lines_seen.contains(&start) {
+            break;
+        }
+        lines_seen.push(start);
+        let blank = blank_line(&text[start..end], &open_brackets(&text[..start]));
+        text.replace_range(start..end, &blank);
+        match AeParser::parse(Rule::file, &text) {
+            Ok(_) => break,
+            Err(e) => {
+                let d = error::from_pest(&e, &text);
+                let pos = d.span().map_or(0, |s| s.start as usize);
+                if pos >= text.trim_end().len()
+                    || lines_seen.contains(&text[..pos].rfind('\n').map_or(0, |i| i + 1))
+                {
+                    break;
+                }
+                out.push(d);
+            }
+        }
+    }
+    out
 }
 
 /// Brackets nested deeper than this are refused before parsing: the parser and the AST builder
