@@ -39,29 +39,14 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
 
 /// The brackets open at the end of `text` (outside comments and strings), innermost last.
 fn open_brackets(text: &str) -> Vec<char> {
-    let bytes = text.as_bytes();
     let mut stack = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'"' => {
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            c @ (b'{' | b'(' | b'[') => stack.push(c as char),
-            c @ (b'}' | b')' | b']') if stack.last().is_some_and(|&o| pair(o, c as char)) => {
-                stack.pop();
-            }
-            _ => {}
+    for (_, c) in brackets(text) {
+        let c = c as char;
+        if matches!(c, '{' | '(' | '[') {
+            stack.push(c);
+        } else if stack.last().is_some_and(|&o| pair(o, c)) {
+            stack.pop();
         }
-        i += 1;
     }
     stack
 }
@@ -147,48 +132,59 @@ fn syntax_errors(src: &str, first: Diagnostic) -> Vec<Diagnostic> {
 /// recurse once per level, and no spec needs more than a handful.
 pub const MAX_NESTING: usize = 64;
 
-/// The first bracket (`(`, `[` or `{`, outside strings and comments) nested deeper than
-/// [`MAX_NESTING`], as a diagnostic. A scan without recursion, so any text gets an answer.
-fn too_deep(src: &str) -> Option<Diagnostic> {
-    let bytes = src.as_bytes();
-    let mut depth = 0usize;
+/// The brackets of `text` outside comments and strings, with their byte offsets: the one scan
+/// both the nesting limit and syntax-error recovery need, without recursion.
+fn brackets(text: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let bytes = text.as_bytes();
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+    std::iter::from_fn(move || {
+        while i < bytes.len() {
+            let at = i;
+            i += 1;
+            match bytes[at] {
+                b'/' if bytes.get(at + 1) == Some(&b'/') => {
+                    while i < bytes.len() && bytes[i] != b'\n' {
+                        i += 1;
+                    }
+                }
+                b'/' if bytes.get(at + 1) == Some(&b'*') => {
+                    i += 1;
+                    while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                        i += 1;
+                    }
+                    i += 2;
+                }
+                b'"' => {
+                    while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                        i += 1;
+                    }
                     i += 1;
                 }
+                c @ (b'(' | b'[' | b'{' | b')' | b']' | b'}') => return Some((at, c)),
+                _ => {}
             }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'"' => {
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'(' | b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Some(
-                        Diagnostic::error(format!("brackets are nested more than {MAX_NESTING} deep"))
-                            .label(Span::new(i, i + 1), format!("bracket {depth} levels deep"))
-                            .help(
-                                "a spec needs only a few levels: close the brackets opened before this one",
-                            ),
-                    );
-                }
-            }
-            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
         }
-        i += 1;
+        None
+    })
+}
+
+/// The first bracket (`(`, `[` or `{`, outside strings and comments) nested deeper than
+/// [`MAX_NESTING`], as a diagnostic.
+fn too_deep(src: &str) -> Option<Diagnostic> {
+    let mut depth = 0usize;
+    for (at, c) in brackets(src) {
+        if matches!(c, b'(' | b'[' | b'{') {
+            depth += 1;
+            if depth > MAX_NESTING {
+                return Some(
+                    Diagnostic::error(format!("brackets are nested more than {MAX_NESTING} deep"))
+                        .label(Span::new(at, at + 1), format!("bracket {depth} levels deep"))
+                        .help("a spec needs only a few levels: close the brackets opened before this one"),
+                );
+            }
+        } else {
+            depth = depth.saturating_sub(1);
+        }
     }
     None
 }
