@@ -444,7 +444,9 @@ fn apply(
 fn check_paths(cfg: &TrainConfig, png: Option<&Path>) -> Result<(), Failure> {
     let out = &cfg.out;
     if cfg.resume {
-        if !out.join("checkpoint.safetensors").is_file() {
+        // A committed save whose renames were cut short has its manifest: `--resume` finishes it.
+        let manifest = out.join(aec::runtime::checkpoint::MANIFEST);
+        if !out.join("checkpoint.safetensors").is_file() && !manifest.is_file() {
             return Err(Failure::Io(format!(
                 "nothing to resume in {}: it has no checkpoint.safetensors",
                 out.display()

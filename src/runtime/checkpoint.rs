@@ -158,8 +158,29 @@ pub fn commit(dir: &Path, files: &[(&str, Vec<u8>)], step: u64) -> Result<(), St
         }
         return Err(e);
     }
-    // Committed: what is left is the renames, which `recover` redoes after a crash.
-    recover(dir).map(|_| ())
+    // Committed: what is left is the renames (which `recover` redoes after a crash) and the
+    // leftovers of earlier interrupted saves.
+    for ((name, _), staged) in files.iter().zip(&staged) {
+        let target = dir.join(name);
+        fault()
+            .and_then(|()| std::fs::rename(staged, &target))
+            .map_err(|e| err("move into place", staged, e))?;
+    }
+    sync_dir(&dir.join(MANIFEST)).map_err(|e| err("sync", dir, e))?;
+    remove_leftovers(dir);
+    Ok(())
+}
+
+/// Removes staged files and temporaries that interrupted saves left behind.
+fn remove_leftovers(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && (name.ends_with(".new") || name.ends_with(".tmp")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Brings `dir` to its last committed save: finishes the renames of a save that was committed
@@ -187,7 +208,7 @@ pub fn recover(dir: &Path) -> Result<bool, String> {
         let staged = dir.join(&f.staged);
         if !matches(&staged, f) {
             return Err(format!(
-                "the save in {} is damaged: {} is missing or differs from what {MANIFEST} records                  (step {}); restore the folder from a copy, or start the run again",
+                "the save in {} is damaged: {} is missing or differs from what {MANIFEST} records (step {}); restore the folder from a copy, or start the run again",
                 dir.display(),
                 f.name,
                 manifest.step
@@ -201,15 +222,7 @@ pub fn recover(dir: &Path) -> Result<bool, String> {
     if moved {
         sync_dir(&path).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
     }
-    // Leftovers of interrupted saves: staged files and temporaries.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && (name.ends_with(".new") || name.ends_with(".tmp")) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+    remove_leftovers(dir);
     Ok(true)
 }
 
