@@ -1,35 +1,12 @@
 //! Inputs that crashed aec or silently lost or corrupted a run: each now gets a message saying
 //! what and where, and leaves saved state as it was.
 
+mod common;
+
+use common::{aec, s};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh folder for one test's files.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-fn aec(args: &[&str]) -> (i32, String, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_aec")).args(args).current_dir(root()).output().expect("run aec");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A spec of `[dim]` vectors, an autoencoder through one unit, with `train` lines.
 fn spec(dir: &Path, name: &str, dim: usize, train: &str) -> PathBuf {
@@ -473,4 +450,9 @@ fn a_divergence_after_a_save_leaves_the_folder_as_it_was() {
         s(&dir.join("y.npy")),
     ]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// A fresh folder for one test of this file.
+fn scratch(name: &str) -> PathBuf {
+    common::scratch(&format!("hostile/{name}"))
 }
