@@ -105,3 +105,25 @@ fn check_compares_every_gradient_and_the_native_code() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("decoder.0.weight_hh_l0"), "{out}");
 }
+
+#[test]
+fn several_mpi_processes_are_refused_rather_than_training_copies() {
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aec"))
+            .args(["compile", "specs/onehot838.ae"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env(var, "2")
+            .output()
+            .expect("run aec");
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("2 MPI processes"), "{var}");
+    }
+    // One process under mpirun is fine.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aec"))
+        .args(["compile", "specs/onehot838.ae"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .expect("run aec");
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -101,6 +101,17 @@ pub enum Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // N copies started by mpirun would each train the same model alone, silently.
+    if let Some(n) = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<u64>().ok().filter(|&n| n > 1))
+    {
+        eprintln!(
+            "error: aec was started as {n} MPI processes, but this build cannot train across processes: \
+             each would train the same model alone. Run it as one process (without mpirun)."
+        );
+        return ExitCode::from(2);
+    }
     if let Some(bytes) = cli.memory_limit {
         aec::memory::set_limit(bytes);
     }
