@@ -5,6 +5,8 @@
 //! element of y carries a different weight. The interpreter accumulates in f64, so a step of
 //! 1e-3 leaves the truncation and rounding errors far below the tolerance.
 
+mod common;
+
 use aec::autodiff;
 use aec::interp::{self, Buf};
 use aec::ir::{BinaryFn, Graph, LossFn, NodeId, Op, ParamDef, ParamRole, Type, UnaryFn};
@@ -360,12 +362,7 @@ fn every_shipped_spec_against_finite_differences() {
     // element in 25 may still miss for that reason, and a spec whose every gradient is ~0 fails.
     use aec::sema::Ty;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .expect("specs/")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ae")).map(str::to_owned))
-        .collect();
-    names.sort();
+    let names = common::shipped_specs();
     assert!(names.len() >= 16, "{names:?}");
     for name in names {
         let src = std::fs::read_to_string(dir.join(format!("{name}.ae"))).expect("spec");

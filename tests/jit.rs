@@ -1,5 +1,7 @@
 //! The JIT against the interpreter: every kernel, every spec, odd sizes.
 
+mod common;
+
 use aec::codegen::{Options, Program};
 use aec::interp::{self, Buf};
 use aec::ir::{DType, Graph};
@@ -86,12 +88,7 @@ fn every_spec_at_batches_1_3_8_and_13() {
     // by listing specs/: a new spec is tested with no Rust to write. Convolutional specs train
     // one step at each batch (the interpreter is slow on them), the others two.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .expect("specs/")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ae")).map(str::to_owned))
-        .collect();
-    names.sort();
+    let names = common::shipped_specs();
     let mut tested = 0;
     for name in names {
         let src = std::fs::read_to_string(dir.join(format!("{name}.ae"))).expect("spec");

@@ -448,16 +448,19 @@ impl Program {
                 let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
                 let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref) };
+                // The wide core, imported into the kernels of a group that calls it.
+                let core = calls[gi].as_deref().map(|call| {
+                    let f = module.declare_func_in_func(gemm, e.b.func);
+                    (f, call, call as *const wide::Call as i64)
+                });
                 match grp {
                     fuse::Group::MatMul { mm, chain } => {
                         let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
                             return Err("a matmul group without a matmul".into());
                         };
-                        if let Some(call) = &calls[gi] {
+                        if let Some((f, call, addr)) = core {
                             let ep = matmul::epilogue(g, &plan, *mm, chain);
-                            let core = module.declare_func_in_func(gemm, e.b.func);
-                            let addr = &**call as *const wide::Call as i64;
-                            wide::emit(&mut e, core, call, addr, (lo, hi), &ep);
+                            wide::emit(&mut e, f, call, addr, (lo, hi), &ep);
                         } else if pack {
                             let scratch = plan.scratch_of(*mm)?;
                             matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch, (lo, hi));
@@ -476,24 +479,10 @@ impl Program {
                     fuse::Group::Single(id) => match piece {
                         Piece::Conv(part) => {
                             let scratch = plan.scratch_of(*id)?;
-                            let core = match &calls[gi] {
-                                Some(call) => {
-                                    let f = module.declare_func_in_func(gemm, e.b.func);
-                                    Some((f, &**call, &**call as *const wide::Call as i64))
-                                }
-                                None => None,
-                            };
                             conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
                         }
                         Piece::Rec(part) => {
                             let scratch = plan.scratch_of(*id)?;
-                            let core = match &calls[gi] {
-                                Some(call) => {
-                                    let f = module.declare_func_in_func(gemm, e.b.func);
-                                    Some((f, &**call, &**call as *const wide::Call as i64))
-                                }
-                                None => None,
-                            };
                             recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
                         }
                         _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,

@@ -31,3 +31,15 @@ pub fn aec(args: &[&str]) -> (i32, String, String) {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// The names of the shipped specs (`specs/*.ae`), sorted: tests that cover "every spec" list
+/// them, so a new spec is covered with no Rust to write.
+pub fn shipped_specs() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("specs"))
+        .expect("specs/")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ae")).map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
