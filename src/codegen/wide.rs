@@ -2,8 +2,8 @@
 //!
 //! Cranelift 0.135 has only 128-bit vectors, so its micro-kernel ([`super::matmul`]) tops out at
 //! the 128-bit FMA peak. Large matmuls instead call [`aec_gemm`] from the generated kernel: the
-//! `gemm` crate's AVX-512 or AVX2+FMA kernels, picked by run-time CPU detection (built with its
-//! `x86-v4` feature, no rayon). The generated kernel keeps everything else: it calls the core on
+//! `gemm-f32` crate's AVX-512 or AVX2+FMA kernels, picked by run-time CPU detection (built with
+//! its `x86-v4` feature, no rayon). The generated kernel keeps everything else: it calls the core on
 //! one work unit (a fixed group of C's columns, or of its rows), then applies the fused epilogue
 //! (bias, activation, activation derivative, …) to that unit while it is in cache. Units are
 //! fixed by the shapes, never by the thread count, so results are the same for any `--threads`.
@@ -14,6 +14,7 @@
 use super::emit::{Emit, EpOp, apply_ops};
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
+use gemm_common::Parallelism;
 
 /// The wide core as a kernel sees it: the imported [`aec_gemm`], a call and the call's address.
 pub type Core<'a> = (FuncRef, &'a Call, i64);
@@ -178,27 +179,54 @@ pub(super) unsafe extern "C" fn aec_gemm(base: *mut u8, call: *const Call, unit:
         let a = (base.add(c.a) as *const f32).offset(r0 as isize * c.a_rs);
         let b = (base.add(c.b) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c) as *mut f32).add(r0 * c.n + c0);
-        gemm::gemm(
-            rows,
-            cols,
-            c.k,
-            dst,
-            1,
-            c.n as isize,
-            false,
-            a,
-            c.a_cs,
-            c.a_rs,
-            b,
-            c.b_cs,
-            c.b_rs,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        let kernel = gemm_f32::gemm::f32::get_gemm_fn();
+        // The kernels want a column-major destination: C = A·B with C row-major is computed as
+        // Cᵀ = Bᵀ·Aᵀ, column-major (what the `gemm` facade does).
+        if c.n > 1 {
+            kernel(
+                cols,
+                rows,
+                c.k,
+                dst,
+                c.n as isize,
+                1,
+                false,
+                b,
+                c.b_rs,
+                c.b_cs,
+                a,
+                c.a_rs,
+                c.a_cs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        } else {
+            kernel(
+                rows,
+                cols,
+                c.k,
+                dst,
+                1,
+                c.n as isize,
+                false,
+                a,
+                c.a_cs,
+                c.a_rs,
+                b,
+                c.b_cs,
+                c.b_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
     }
 }
 
