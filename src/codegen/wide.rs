@@ -56,9 +56,10 @@ pub fn isa() -> Option<&'static str> {
     None
 }
 
-/// Multiply-adds from which a matmul runs on the wide core. Measured with `aec bench` on
-/// `bench_mlp784` and `digits_mlp` (see the README): below this the call and the core's own
-/// packing cost more than the 128-bit kernel, whose epilogue is fused into its stores.
+/// Multiply-adds from which a matmul runs on the wide core. Measured with `aec bench` on one
+/// thread (see the README): digits_mlp trained equally fast with the threshold anywhere from
+/// 2¹⁰ to 2¹³ and slower above; 2¹² keeps the smallest matmuls (8-3-8's) on the 128-bit kernel,
+/// which fuses its epilogue into its stores and has no call to make.
 pub const MIN_WORK: usize = 1 << 12;
 
 /// Whether a matmul of these sizes runs on the wide core.
@@ -66,7 +67,8 @@ pub fn worth(m: usize, n: usize, k: usize) -> bool {
     m * n * k >= MIN_WORK && n >= 8 && k >= 8
 }
 
-/// C's columns (or rows) per work unit: about this many, a multiple of 16.
+/// C's columns (or rows) per work unit: at most about this many, a multiple of 8, in an even
+/// number of units.
 const UNIT: usize = 128;
 
 /// Rows per work unit of a recurrent loop's projection: each step's call into the core covers
