@@ -358,56 +358,33 @@ pub fn fma_peaks() -> Vec<(&'static str, f64)> {
 mod peak {
     use std::arch::x86_64::*;
 
-    /// `n` rounds of twelve independent 512-bit FMAs.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512(n: u64) -> f32 {
-        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999_9));
-        let mut acc = [_mm512_setzero_ps(); 12];
-        for _ in 0..n {
-            for r in acc.iter_mut() {
-                *r = _mm512_fmadd_ps(a, b, *r);
+    /// `$name(n)`: `n` rounds of twelve independent FMAs of `$lanes`-float vectors, enabled by
+    /// `$features`; returns their lanes' sum (so the loop is not optimized away).
+    macro_rules! fma_loop {
+        ($name:ident, $features:literal, $lanes:literal, $set1:ident, $zero:ident, $fma:ident, $store:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(n: u64) -> f32 {
+                let (a, b) = ($set1(1.000_000_1), $set1(0.999_999_9));
+                let mut acc = [$zero(); 12];
+                for _ in 0..n {
+                    for r in acc.iter_mut() {
+                        *r = $fma(a, b, *r);
+                    }
+                }
+                let mut lanes = [0f32; $lanes];
+                let mut sum = 0.0;
+                for r in acc {
+                    // SAFETY: `lanes` holds as many floats as the store writes.
+                    unsafe { $store(lanes.as_mut_ptr(), r) };
+                    sum += lanes.iter().sum::<f32>();
+                }
+                sum
             }
-        }
-        acc.iter().map(|r| _mm512_reduce_add_ps(*r)).sum()
+        };
     }
 
-    /// `n` rounds of twelve independent 256-bit FMAs.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2(n: u64) -> f32 {
-        let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
-        let mut acc = [_mm256_setzero_ps(); 12];
-        for _ in 0..n {
-            for r in acc.iter_mut() {
-                *r = _mm256_fmadd_ps(a, b, *r);
-            }
-        }
-        let mut lanes = [0f32; 8];
-        let mut sum = 0.0;
-        for r in acc {
-            // SAFETY: `lanes` holds 8 floats, the store's width.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
-            sum += lanes.iter().sum::<f32>();
-        }
-        sum
-    }
-
-    /// `n` rounds of twelve independent 128-bit FMAs (the width Cranelift's kernels use).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn sse_fma(n: u64) -> f32 {
-        let (a, b) = (_mm_set1_ps(1.000_000_1), _mm_set1_ps(0.999_999_9));
-        let mut acc = [_mm_setzero_ps(); 12];
-        for _ in 0..n {
-            for r in acc.iter_mut() {
-                *r = _mm_fmadd_ps(a, b, *r);
-            }
-        }
-        let mut lanes = [0f32; 4];
-        let mut sum = 0.0;
-        for r in acc {
-            // SAFETY: `lanes` holds 4 floats, the store's width.
-            unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), r) };
-            sum += lanes.iter().sum::<f32>();
-        }
-        sum
-    }
+    fma_loop!(avx512, "avx512f", 16, _mm512_set1_ps, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    fma_loop!(avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
+    // 128 bits: the width Cranelift's kernels use.
+    fma_loop!(sse_fma, "avx2,fma", 4, _mm_set1_ps, _mm_setzero_ps, _mm_fmadd_ps, _mm_storeu_ps);
 }
