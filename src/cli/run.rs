@@ -556,17 +556,7 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
             .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
         arrays.push(array);
     }
-    for b in bindings {
-        if let Some(name) = &b.binding
-            && !vars.iter().any(|v| v.name == name.name)
-        {
-            return Err(spec.fail(
-                format!("`{}` is not an input or target of the model", name.name),
-                name.span,
-                "unknown name",
-            ));
-        }
-    }
+    // A binding of an unknown name never gets here: `aec::compile` refuses it (`check_data`).
     let n = arrays.first().map_or(0, Array::samples);
     if let Some((k, a)) = arrays.iter().enumerate().find(|(_, a)| a.samples() != n) {
         let span = bindings.get(k).map_or(Span::default(), |b| b.span);
