@@ -214,14 +214,13 @@ impl Ad {
                 let ws = shape_of(&self.g, w);
                 if self.wants(x) {
                     let ds = shape_of(&self.g, d);
-                    let k = ws[2];
-                    let back = |n: usize, o: usize| n + 2 * pad - ((o - 1) * stride + k);
-                    let out_pad = [back(xs[2], ds[2]), back(xs[3], ds[3])];
+                    let back = |a: usize| xs[a + 2] + 2 * pad[a] - ((ds[a + 2] - 1) * stride[a] + ws[a + 2]);
+                    let out_pad = [back(0), back(1)];
                     let dx = self.add(Op::ConvTranspose2d { x: d, w, stride, pad, out_pad }, y)?;
                     self.acc(x, dx, y)?;
                 }
                 if self.wants(w) {
-                    let op = Op::Conv2dWeightGrad { x, dy: d, kernel: ws[2], stride, pad };
+                    let op = Op::Conv2dWeightGrad { x, dy: d, kernel: [ws[2], ws[3]], stride, pad };
                     let dw = self.add(op, y)?;
                     self.acc(w, dw, y)?;
                 }
@@ -230,7 +229,8 @@ impl Ad {
             // y = x ⋆ᵀ w  ⇒  dx = d ⋆ w (a plain convolution, same stride and padding),
             // dw = Σ_b x ⊗ d with the roles of input and output swapped.
             Op::ConvTranspose2d { x, w, stride, pad, .. } => {
-                let k = shape_of(&self.g, w)[2];
+                let ws = shape_of(&self.g, w);
+                let k = [ws[2], ws[3]];
                 if self.wants(x) {
                     let dx = self.add(Op::Conv2d { x: d, w, stride, pad }, y)?;
                     self.acc(x, dx, y)?;

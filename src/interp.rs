@@ -718,9 +718,11 @@ fn for_switch_taps(
     }
 }
 
-fn conv2d(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], os: &[usize], s: usize, p: usize) -> Vec<f32> {
+type Hw = [usize; 2];
+
+fn conv2d(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], os: &[usize], s: Hw, p: Hw) -> Vec<f32> {
     let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
-    let (co, k) = (ws[0], ws[2]);
+    let (co, k) = (ws[0], [ws[2], ws[3]]);
     let (oh, ow) = (os[2], os[3]);
     let mut out = vec![0.0; b * co * oh * ow];
     for n in 0..b {
@@ -729,16 +731,16 @@ fn conv2d(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], os: &[usize], s: usi
                 for xx in 0..ow {
                     let mut acc = 0f64;
                     for c in 0..ci {
-                        for kh in 0..k {
-                            let Some(iy) = src(y, s, p, kh, h) else {
+                        for kh in 0..k[0] {
+                            let Some(iy) = src(y, s[0], p[0], kh, h) else {
                                 continue;
                             };
-                            for kw in 0..k {
-                                let Some(ix) = src(xx, s, p, kw, wd) else {
+                            for kw in 0..k[1] {
+                                let Some(ix) = src(xx, s[1], p[1], kw, wd) else {
                                     continue;
                                 };
                                 acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
-                                    * f64::from(w[((o * ci + c) * k + kh) * k + kw]);
+                                    * f64::from(w[((o * ci + c) * k[0] + kh) * k[1] + kw]);
                             }
                         }
                     }
@@ -757,11 +759,11 @@ fn conv_transpose2d(
     w: &[f32],
     ws: &[usize],
     os: &[usize],
-    s: usize,
-    p: usize,
+    s: Hw,
+    p: Hw,
 ) -> Vec<f32> {
     let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
-    let (co, k) = (ws[1], ws[2]);
+    let (co, k) = (ws[1], [ws[2], ws[3]]);
     let (oh, ow) = (os[2], os[3]);
     let mut out = vec![0f64; b * co * oh * ow];
     for n in 0..b {
@@ -770,16 +772,16 @@ fn conv_transpose2d(
                 for ix in 0..wd {
                     let v = f64::from(x[((n * ci + c) * h + iy) * wd + ix]);
                     for o in 0..co {
-                        for kh in 0..k {
-                            let Some(y) = src(iy, s, p, kh, oh) else {
+                        for kh in 0..k[0] {
+                            let Some(y) = src(iy, s[0], p[0], kh, oh) else {
                                 continue;
                             };
-                            for kw in 0..k {
-                                let Some(xx) = src(ix, s, p, kw, ow) else {
+                            for kw in 0..k[1] {
+                                let Some(xx) = src(ix, s[1], p[1], kw, ow) else {
                                     continue;
                                 };
                                 out[((n * co + o) * oh + y) * ow + xx] +=
-                                    v * f64::from(w[((c * co + o) * k + kh) * k + kw]);
+                                    v * f64::from(w[((c * co + o) * k[0] + kh) * k[1] + kw]);
                             }
                         }
                     }
@@ -796,25 +798,25 @@ fn conv2d_weight_grad(
     dy: &[f32],
     ds: &[usize],
     ws: &[usize],
-    s: usize,
-    p: usize,
+    s: Hw,
+    p: Hw,
 ) -> Vec<f32> {
     let (b, ci, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
     let (co, oh, ow) = (ds[1], ds[2], ds[3]);
-    let k = ws[2];
-    let mut out = vec![0.0; co * ci * k * k];
+    let k = [ws[2], ws[3]];
+    let mut out = vec![0.0; co * ci * k[0] * k[1]];
     for o in 0..co {
         for c in 0..ci {
-            for kh in 0..k {
-                for kw in 0..k {
+            for kh in 0..k[0] {
+                for kw in 0..k[1] {
                     let mut acc = 0f64;
                     for n in 0..b {
                         for y in 0..oh {
-                            let Some(iy) = src(y, s, p, kh, h) else {
+                            let Some(iy) = src(y, s[0], p[0], kh, h) else {
                                 continue;
                             };
                             for xx in 0..ow {
-                                let Some(ix) = src(xx, s, p, kw, wd) else {
+                                let Some(ix) = src(xx, s[1], p[1], kw, wd) else {
                                     continue;
                                 };
                                 acc += f64::from(x[((n * ci + c) * h + iy) * wd + ix])
@@ -822,7 +824,7 @@ fn conv2d_weight_grad(
                             }
                         }
                     }
-                    out[((o * ci + c) * k + kh) * k + kw] = acc as f32;
+                    out[((o * ci + c) * k[0] + kh) * k[1] + kw] = acc as f32;
                 }
             }
         }

@@ -228,38 +228,42 @@ fn softmax_reshape_and_sums() {
 
 #[test]
 fn conv2d_on_awkward_sizes() {
-    // (batch, cin, h, w, cout, k, stride, pad)
+    // (batch, cin, h, w, cout, kernel, stride, pad), sizes per axis [height, width].
     let cases = [
-        (2, 3, 5, 7, 4, 3, 1, 1),
-        (1, 3, 5, 7, 2, 3, 2, 1),
-        (2, 1, 7, 5, 3, 3, 2, 0),
-        (1, 2, 4, 4, 1, 1, 1, 0),
-        (3, 1, 6, 6, 2, 2, 2, 0),
+        (2, 3, 5, 7, 4, [3, 3], [1, 1], [1, 1]),
+        (1, 3, 5, 7, 2, [3, 3], [2, 2], [1, 1]),
+        (2, 1, 7, 5, 3, [3, 3], [2, 2], [0, 0]),
+        (1, 2, 4, 4, 1, [1, 1], [1, 1], [0, 0]),
+        (3, 1, 6, 6, 2, [2, 2], [2, 2], [0, 0]),
+        (2, 2, 5, 9, 3, [3, 5], [1, 2], [1, 2]),
+        (1, 3, 8, 4, 2, [4, 1], [3, 1], [0, 1]),
     ];
     for (b, ci, h, w, co, k, s, p) in cases {
         let mut c = Case::new(10);
         let x = c.param(&[b, ci, h, w]);
-        let wt = c.param(&[co, ci, k, k]);
+        let wt = c.param(&[co, ci, k[0], k[1]]);
         let y = c.add(Op::Conv2d { x, w: wt, stride: s, pad: p });
-        c.check(y, &format!("conv2d x[{b},{ci},{h},{w}] k{k} s{s} p{p}"));
+        c.check(y, &format!("conv2d x[{b},{ci},{h},{w}] k{k:?} s{s:?} p{p:?}"));
     }
 }
 
 #[test]
 fn conv_transpose2d_on_awkward_sizes() {
-    // (batch, cin, h, w, cout, k, stride, pad, out_pad)
+    // (batch, cin, h, w, cout, kernel, stride, pad, out_pad), sizes per axis [height, width].
     let cases = [
-        (2, 3, 3, 4, 2, 3, 2, 1, 1),
-        (1, 2, 5, 3, 3, 3, 1, 1, 0),
-        (2, 1, 2, 2, 1, 2, 2, 0, 0),
-        (1, 3, 3, 5, 2, 3, 2, 0, 1),
+        (2, 3, 3, 4, 2, [3, 3], [2, 2], [1, 1], [1, 1]),
+        (1, 2, 5, 3, 3, [3, 3], [1, 1], [1, 1], [0, 0]),
+        (2, 1, 2, 2, 1, [2, 2], [2, 2], [0, 0], [0, 0]),
+        (1, 3, 3, 5, 2, [3, 3], [2, 2], [0, 0], [1, 1]),
+        (2, 2, 3, 4, 3, [3, 5], [3, 2], [2, 1], [1, 0]),
+        (1, 1, 4, 2, 2, [1, 4], [2, 1], [0, 2], [0, 0]),
     ];
     for (b, ci, h, w, co, k, s, p, op) in cases {
         let mut c = Case::new(11);
         let x = c.param(&[b, ci, h, w]);
-        let wt = c.param(&[ci, co, k, k]);
-        let y = c.add(Op::ConvTranspose2d { x, w: wt, stride: s, pad: p, out_pad: [op, op] });
-        c.check(y, &format!("conv_transpose2d x[{b},{ci},{h},{w}] k{k} s{s} p{p} op{op}"));
+        let wt = c.param(&[ci, co, k[0], k[1]]);
+        let y = c.add(Op::ConvTranspose2d { x, w: wt, stride: s, pad: p, out_pad: op });
+        c.check(y, &format!("conv_transpose2d x[{b},{ci},{h},{w}] k{k:?} s{s:?} p{p:?} op{op:?}"));
     }
 }
 

@@ -157,6 +157,13 @@ fn convolutions_pools_and_unpooling_on_awkward_sizes() {
         // Overlapping pools and average pooling.
         "model t { input x: [1, 7, 5]\n encoder { maxpool 3 s2 as p; conv 2 k1; avgpool 2 s1 }\n decoder { flatten; dense 35 -> sigmoid; reshape [1, 7, 5] }\n loss bce(x) }",
         "model t { input x: [1, 6, 6]\n encoder { conv 2 k2 s2 -> leaky_relu(0.2); flatten; dense 3 }\n decoder mirror tied -> sigmoid\n loss mse(x) }",
+        // Sizes per axis: kernel, stride, padding and output padding differ between the axes.
+        "model t { input x: [2, 7, 9]\n encoder { conv 3 k3x5 s2x1 p1x2 -> tanh }\n decoder { deconv 2 k3x5 s2x1 p1x2 op0x0 -> sigmoid }\n loss mse(x) }",
+        // The mirror of a square conv that needs a different output padding per axis (op1x0).
+        "model t { input x: [3, 11, 7]\n encoder { conv 5 k5 s3 p2 -> relu }\n decoder mirror -> sigmoid\n loss mse(x) }",
+        // A non-square kernel next to unpooled switches (the switch-map kernels take square
+        // ones, so these stay dense) and a tied mirror of it.
+        "model t { input x: [1, 8, 6]\n encoder { conv 2 k1x3 p0x1 -> relu; maxpool 2 as p; conv 3 k3x1 p1x0 }\n decoder mirror tied -> sigmoid\n loss mse(x) }",
     ];
     for src in srcs {
         for batch in [1, 3] {

@@ -33,8 +33,8 @@ pub enum Part {
     Finish,
 }
 
-/// A convolution's geometry, seen as conv2d: input `[b, ci, h, w]`, kernel `k`, output
-/// `[b, co, oh, ow]`.
+/// A convolution's geometry, seen as conv2d: input `[b, ci, h, w]`, kernel, stride and padding
+/// per axis (`[height, width]`), output `[b, co, oh, ow]`.
 #[derive(Clone, Copy, Debug)]
 struct Geom {
     b: usize,
@@ -42,15 +42,15 @@ struct Geom {
     h: usize,
     w: usize,
     co: usize,
-    k: usize,
-    s: usize,
-    p: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    p: [usize; 2],
     oh: usize,
     ow: usize,
 }
 
 impl Geom {
-    fn of(input: &[usize], output: &[usize], k: usize, s: usize, p: usize) -> Geom {
+    fn of(input: &[usize], output: &[usize], k: [usize; 2], s: [usize; 2], p: [usize; 2]) -> Geom {
         Geom {
             b: input[0],
             ci: input[1],
@@ -67,8 +67,11 @@ impl Geom {
     fn n(&self) -> usize {
         self.b * self.oh * self.ow
     }
+    fn kk(&self) -> usize {
+        self.k[0] * self.k[1]
+    }
     fn ckk(&self) -> usize {
-        self.ci * self.k * self.k
+        self.ci * self.kk()
     }
 }
 
@@ -78,13 +81,13 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
     let out = &g.ty(id).shape;
     match g.node(id).op {
         Op::Conv2d { x, w, stride, pad } => {
-            let ge = Geom::of(&sh(x), out, sh(w)[2], stride, pad);
+            let ge = Geom::of(&sh(x), out, [sh(w)[2], sh(w)[3]], stride, pad);
             Some((ge, ge.co, ge.n(), ge.ckk(), ge.co * ge.n()))
         }
         Op::ConvTranspose2d { x, w, stride, pad, .. } => {
             // Seen as the conv2d whose input gradient it is: conv input = this output.
-            let ge = Geom::of(out, &sh(x), sh(w)[2], stride, pad);
-            let kk = ge.k * ge.k;
+            let ge = Geom::of(out, &sh(x), [sh(w)[2], sh(w)[3]], stride, pad);
+            let kk = ge.kk();
             Some((ge, ge.ci * kk, ge.n(), ge.co, ge.ci * kk * ge.n()))
         }
         // dWᵀ [CKK, Cout] = im2col(x) [CKK, N] · dy'ᵀ [N, Cout]; temp holds im2col row-major.
@@ -145,7 +148,7 @@ pub fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
 /// permute into NCHW) and its rough work.
 pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
-        (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.b, 4 * ge.ci * ge.k * ge.k * ge.n()),
+        (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.b, 4 * ge.ci * ge.kk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.b, 8 * ge.co * ge.n()),
         _ => (1, 0),
     }
@@ -250,8 +253,6 @@ pub fn emit(
 fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value, Value)) {
     // The packed matrix is [K][N] in panels of 8 along N.
     let (pk, pn) = (ge.ckk(), ge.n());
-    let k = ge.k as i64;
-    let kk = k * k;
     if !pn.is_multiple_of(8) {
         let first = e.b.ins().icmp_imm_s(IntCC::Equal, lo, 0);
         e.when(first, |e| {
@@ -272,16 +273,15 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
         let top = e.i64(ge.ci as i64);
         e.b.ins().smin(hi, top)
     };
-    let (kk, k) = (kk as usize, k as usize);
     e.for_dynamic(lo, hi, |e, c| {
         // The taps are unrolled, so the output rows and columns whose input pixel is inside
         // the image are constant ranges; the rest of each row is padding (zeros).
-        for kh in 0..k {
-            for kw in 0..k {
-                let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
-                let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
-                let r = e.b.ins().imul_imm_s(c, kk as i64);
-                let r = e.b.ins().iadd_imm_s(r, (kh * k + kw) as i64);
+        for kh in 0..ge.k[0] {
+            for kw in 0..ge.k[1] {
+                let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
+                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
+                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
                 // packed[q/8][r][q%8].
                 let rbase = e.b.ins().ishl_imm_s(r, 3);
                 let put = |e: &mut Emit, q: Value, v: Value| {
@@ -321,19 +321,19 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
                         e.when(row_inside, |e| {
                             zeros(e, q0, 0, ox0);
                             // x[img, c, oy·s + kh − p, ox·s + kw − p].
-                            let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                            let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
                             let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
                             let src = e.b.ins().iadd(plane, t);
-                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
+                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p[1] as i64);
                             let one = |e: &mut Emit, ox: Value| {
-                                let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                                let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
                                 let si = e.b.ins().iadd(src, t);
                                 let v = e.load_ro(F32, x, si);
                                 let q = e.b.ins().iadd(q0, ox);
                                 put(e, q, v);
                             };
-                            if ge.s != 1 || ox1 - ox0 < 4 {
+                            if ge.s[1] != 1 || ox1 - ox0 < 4 {
                                 e.for_range(ox0 as i64, ox1 as i64, 1, one);
                             } else {
                                 // Four columns q..q+4 with q a multiple of 4 are four lanes of
@@ -393,12 +393,12 @@ fn weight_grad_prep(
 fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, acol: usize, img: Value) {
     let n = ge.n();
     e.for_range(0, ge.ci as i64, 1, |e, c| {
-        for kh in 0..ge.k {
-            for kw in 0..ge.k {
-                let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
-                let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
-                let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
-                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
+        for kh in 0..ge.k[0] {
+            for kw in 0..ge.k[1] {
+                let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
+                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
+                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
                 let row = e.b.ins().imul_imm_s(r, n as i64);
                 let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
                     e.for_range(from as i64, to as i64, 1, |e, ox| {
@@ -425,19 +425,19 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, acol: usize, img: Value) {
                     e.when(inside_row, |e| {
                         fill(e, dst, 0, ox0);
                         // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
-                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
                         let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
                         let src = e.b.ins().iadd(plane, t);
-                        let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p as i64);
+                        let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p[1] as i64);
                         let copy = |e: &mut Emit, ty: Type, ox: Value| {
-                            let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
                             let si = e.b.ins().iadd(src, t);
                             let v = e.load_ro(ty, input, si);
                             let di = e.b.ins().iadd(dst, ox);
                             e.store(acol, di, v);
                         };
-                        if ge.s == 1 {
+                        if ge.s[1] == 1 {
                             e.elementwise_in(ox0, ox1, copy);
                         } else {
                             e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
@@ -606,37 +606,37 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
         e.for_range(0, ge.ci as i64, 1, |e, c| {
             let t = e.b.ins().imul_imm_s(c, plane as i64);
             let obase = e.b.ins().iadd(first, t);
-            for kh in 0..ge.k {
-                for kw in 0..ge.k {
-                    let (oy0, oy1) = inside(kh, ge.s, ge.p, ge.h, ge.oh);
-                    let (ox0, ox1) = inside(kw, ge.s, ge.p, ge.w, ge.ow);
+            for kh in 0..ge.k[0] {
+                for kw in 0..ge.k[1] {
+                    let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
+                    let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
                     if oy0 >= oy1 || ox0 >= ox1 {
                         continue;
                     }
                     // Row r = (c, kh, kw) of cols, at this image's columns.
-                    let r = e.b.ins().imul_imm_s(c, (ge.k * ge.k) as i64);
-                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k + kw) as i64);
+                    let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
+                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
                     let row = e.b.ins().imul_imm_s(r, n);
                     let row = e.b.ins().iadd(row, col0);
                     e.for_range(oy0 as i64, oy1 as i64, 1, |e, oy| {
                         // iy = oy·s + kh − p, ix = ox·s + kw − p.
                         let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
                         let src = e.b.ins().iadd(row, t);
-                        let iy = e.b.ins().imul_imm_s(oy, ge.s as i64);
-                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p as i64);
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
                         let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
                         let dst = e.b.ins().iadd(obase, t);
-                        let dst = e.b.ins().iadd_imm_s(dst, kw as i64 - ge.p as i64);
+                        let dst = e.b.ins().iadd_imm_s(dst, kw as i64 - ge.p[1] as i64);
                         let add = |e: &mut Emit, ty: Type, ox: Value| {
                             let si = e.b.ins().iadd(src, ox);
                             let v = e.load(ty, cols, si);
-                            let t = e.b.ins().imul_imm_s(ox, ge.s as i64);
+                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
                             let di = e.b.ins().iadd(dst, t);
                             let old = e.load(ty, out, di);
                             let sum = e.b.ins().fadd(old, v);
                             e.store(out, di, sum);
                         };
-                        if ge.s == 1 {
+                        if ge.s[1] == 1 {
                             e.elementwise_in(ox0, ox1, add);
                         } else {
                             e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));

@@ -115,37 +115,37 @@ pub enum Op {
         x: NodeId,
     },
 
-    /// 2-D convolution, NCHW, square kernel taken from `w`.
+    // Convolutions: sizes per axis, `[height, width]`, as PyTorch's.
+    /// 2-D convolution, NCHW, the kernel's size taken from `w`.
     Conv2d {
         x: NodeId,
         w: NodeId,
-        stride: usize,
-        pad: usize,
+        stride: [usize; 2],
+        pad: [usize; 2],
     },
     /// Transposed convolution: every input pixel scatters `pixel · kernel` (no flip).
     ConvTranspose2d {
         x: NodeId,
         w: NodeId,
-        stride: usize,
-        pad: usize,
-        /// (height, width): the gradient of a conv on a non-square image may need two.
+        stride: [usize; 2],
+        pad: [usize; 2],
         out_pad: [usize; 2],
     },
     /// ∂loss/∂w of `Conv2d` from its input `x` and output gradient `dy`.
     Conv2dWeightGrad {
         x: NodeId,
         dy: NodeId,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad: [usize; 2],
     },
     /// ∂loss/∂w of `ConvTranspose2d` from its input `x` and output gradient `dy`.
     ConvTranspose2dWeightGrad {
         x: NodeId,
         dy: NodeId,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad: [usize; 2],
     },
     /// The switches of a max pool: for each window the flat index `h·W + w` of its maximum in
     /// the input plane (first maximum on ties).
@@ -667,36 +667,38 @@ impl Op {
             }
             Conv2d { x, w, stride, pad } => {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
-                let [co, ci, k, k2] = four(f32s(*w)?)?;
-                if ci != c || k != k2 {
-                    return Err(format!("conv2d weight [{co},{ci},{k},{k2}] vs {c} channels"));
+                let [co, ci, kh, kw] = four(f32s(*w)?)?;
+                if ci != c {
+                    return Err(format!("conv2d weight [{co},{ci},{kh},{kw}] vs {c} channels"));
                 }
-                let oh = conv_out(h, k, *stride, *pad)?;
-                let ow = conv_out(wd, k, *stride, *pad)?;
+                let oh = conv_out(h, kh, stride[0], pad[0])?;
+                let ow = conv_out(wd, kw, stride[1], pad[1])?;
                 Type::f32([b, co, oh, ow])
             }
             ConvTranspose2d { x, w, stride, pad, out_pad } => {
                 let [b, c, h, wd] = four(f32s(*x)?)?;
-                let [ci, co, k, k2] = four(f32s(*w)?)?;
-                if ci != c || k != k2 {
-                    return Err(format!("conv_transpose2d weight [{ci},{co},{k},{k2}] vs {c}"));
+                let [ci, co, kh, kw] = four(f32s(*w)?)?;
+                if ci != c {
+                    return Err(format!("conv_transpose2d weight [{ci},{co},{kh},{kw}] vs {c}"));
                 }
-                let oh = deconv_out(h, k, *stride, *pad, out_pad[0])?;
-                let ow = deconv_out(wd, k, *stride, *pad, out_pad[1])?;
+                let oh = deconv_out(h, kh, stride[0], pad[0], out_pad[0])?;
+                let ow = deconv_out(wd, kw, stride[1], pad[1], out_pad[1])?;
                 Type::f32([b, co, oh, ow])
             }
             Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
                 let [_, ci, h, w] = four(f32s(*x)?)?;
                 let [_, co, oh, ow] = four(f32s(*dy)?)?;
-                if conv_out(h, *kernel, *stride, *pad)? != oh || conv_out(w, *kernel, *stride, *pad)? != ow {
+                if conv_out(h, kernel[0], stride[0], pad[0])? != oh
+                    || conv_out(w, kernel[1], stride[1], pad[1])? != ow
+                {
                     return Err("conv2d_weight_grad: dy does not match x".into());
                 }
-                Type::f32([co, ci, *kernel, *kernel])
+                Type::f32([co, ci, kernel[0], kernel[1]])
             }
             ConvTranspose2dWeightGrad { x, dy, kernel, .. } => {
                 let [_, ci, _, _] = four(f32s(*x)?)?;
                 let [_, co, _, _] = four(f32s(*dy)?)?;
-                Type::f32([ci, co, *kernel, *kernel])
+                Type::f32([ci, co, kernel[0], kernel[1]])
             }
             PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
                 let [b, c, h, w] = four(f32s(*x)?)?;

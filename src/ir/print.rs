@@ -89,19 +89,16 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Scale { x, c } => format!("{m} {}, {c}", name(*x)),
         Reshape { x, .. } => format!("{m} {}", name(*x)),
         Conv2d { x, w, stride, pad } => {
-            format!("{m} {} stride={stride} pad={pad}", args(&[*x, *w]))
+            format!("{m} {} stride={} pad={}", args(&[*x, *w]), hw(*stride), hw(*pad))
         }
         ConvTranspose2d { x, w, stride, pad, out_pad } => {
-            let op = if out_pad[0] == out_pad[1] {
-                out_pad[0].to_string()
-            } else {
-                format!("({},{})", out_pad[0], out_pad[1])
-            };
-            format!("{m} {} stride={stride} pad={pad} out_pad={op}", args(&[*x, *w]))
+            let (s, p, op) = (hw(*stride), hw(*pad), hw(*out_pad));
+            format!("{m} {} stride={s} pad={p} out_pad={op}", args(&[*x, *w]))
         }
         Conv2dWeightGrad { x, dy, kernel, stride, pad }
         | ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
-            format!("{m} {} kernel={kernel} stride={stride} pad={pad}", args(&[*x, *dy]))
+            let (k, s, p) = (hw(*kernel), hw(*stride), hw(*pad));
+            format!("{m} {} kernel={k} stride={s} pad={p}", args(&[*x, *dy]))
         }
         SparseConvT { height, width, pad, flip, .. } => {
             format!("{m} {} size={height}x{width} pad={pad}{}", args(&op.operands()), flipped(*flip))
@@ -162,4 +159,9 @@ fn num(x: f32) -> String {
 
 fn flipped(flip: bool) -> &'static str {
     if flip { " flip" } else { "" }
+}
+
+/// A size per axis: `3`, or `(3,5)` for height 3 and width 5.
+fn hw([h, w]: [usize; 2]) -> String {
+    if h == w { h.to_string() } else { format!("({h},{w})") }
 }

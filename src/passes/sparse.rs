@@ -80,33 +80,42 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
                 let m = map_of(x, &maps).ok_or("no map")?;
                 out.add(Op::SumToAxis1 { x: m.v }, span)?
             }
-            Op::ConvTranspose2d { x, w, stride: 1, pad, out_pad: [0, 0] } if map_of(x, &maps).is_some() => {
+            // The switch-map kernels take square kernels and one padding for both axes.
+            Op::ConvTranspose2d { x, w, stride: [1, 1], pad: [pad, p2], out_pad: [0, 0] }
+                if map_of(x, &maps).is_some() && pad == p2 && square(&out, w) =>
+            {
                 out.add(map_of(x, &maps).ok_or("no map")?.conv_t(w, pad, false), span)?
             }
             // conv2d of a map: the same scatter with the kernel flipped (padding K - 1 - pad).
-            Op::Conv2d { x, w, stride: 1, pad } if map_of(x, &maps).is_some() && flippable(&out, w, pad) => {
+            Op::Conv2d { x, w, stride: [1, 1], pad: [pad, p2] }
+                if map_of(x, &maps).is_some() && pad == p2 && flippable(&out, w, pad) =>
+            {
                 let pad = kernel(&out, w) - 1 - pad;
                 out.add(map_of(x, &maps).ok_or("no map")?.conv_t(w, pad, true), span)?
             }
-            Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(dy, &maps).is_some() => {
+            Op::Conv2dWeightGrad { x, dy, kernel: [kernel, k2], stride: [1, 1], pad: [pad, p2] }
+                if map_of(dy, &maps).is_some() && kernel == k2 && pad == p2 =>
+            {
                 out.add(map_of(dy, &maps).ok_or("no map")?.weight_grad(x, kernel, pad, false), span)?
             }
-            Op::Conv2dWeightGrad { x, dy, kernel, stride: 1, pad }
-                if map_of(x, &maps).is_some() && pad < kernel =>
+            Op::Conv2dWeightGrad { x, dy, kernel: [kernel, k2], stride: [1, 1], pad: [pad, p2] }
+                if map_of(x, &maps).is_some() && kernel == k2 && pad == p2 && pad < kernel =>
             {
                 let pad = kernel - 1 - pad;
                 out.add(map_of(x, &maps).ok_or("no map")?.weight_grad(dy, kernel, pad, true), span)?
             }
-            Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride: 1, pad } if map_of(x, &maps).is_some() => {
+            Op::ConvTranspose2dWeightGrad { x, dy, kernel: [kernel, k2], stride: [1, 1], pad: [pad, p2] }
+                if map_of(x, &maps).is_some() && kernel == k2 && pad == p2 =>
+            {
                 out.add(map_of(x, &maps).ok_or("no map")?.weight_grad(dy, kernel, pad, false), span)?
             }
             // Reads the convolution's operands where the gather is: no update may come between.
             Op::Gather { x, idx } if !updated && plane(&out, x) <= MAX_PLANE => match out.node(x).op {
-                Op::Conv2d { x: cx, w, stride: 1, pad } => {
+                Op::Conv2d { x: cx, w, stride: [1, 1], pad: [pad, p2] } if pad == p2 && square(&out, w) => {
                     out.add(Op::GatherConv { x: cx, w, idx, pad, flip: false }, span)?
                 }
-                Op::ConvTranspose2d { x: cx, w, stride: 1, pad, out_pad: [0, 0] }
-                    if flippable(&out, w, pad) =>
+                Op::ConvTranspose2d { x: cx, w, stride: [1, 1], pad: [pad, p2], out_pad: [0, 0] }
+                    if pad == p2 && flippable(&out, w, pad) =>
                 {
                     let pad = kernel(&out, w) - 1 - pad;
                     out.add(Op::GatherConv { x: cx, w, idx, pad, flip: true }, span)?
@@ -143,8 +152,14 @@ fn kernel(g: &Graph, w: NodeId) -> usize {
     g.ty(w).shape.get(2).copied().unwrap_or(0)
 }
 
+/// Whether the weight `w`'s kernel is as wide as it is high.
+fn square(g: &Graph, w: NodeId) -> bool {
+    let s = &g.ty(w).shape;
+    s.len() == 4 && s[2] == s[3]
+}
+
 /// Whether a stride-1 convolution with weight `w` and padding `pad` can run flipped: its
 /// padding becomes `K - 1 - pad`.
 fn flippable(g: &Graph, w: NodeId, pad: usize) -> bool {
-    pad < kernel(g, w)
+    square(g, w) && pad < kernel(g, w)
 }

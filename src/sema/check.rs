@@ -9,7 +9,7 @@
 use super::{LayerInfo, MAX_ACTIVATION, MAX_PARAMS, Model, ParamInfo, Part, Ty, Var};
 use crate::diag::{Diagnostic, Span};
 use crate::ir::ParamRole;
-use crate::syntax::ast::{self, ActKind, Cell, LayerKind};
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind, ShowHw};
 
 /// Checks the model, writes out a mirrored decoder into `file`, and returns the model if its
 /// shapes could be resolved (diagnostics may still hold errors).
@@ -372,12 +372,12 @@ impl Checker<'_> {
             (&last.layer.kind, o.as_slice(), e.as_slice())
             && oc == ec
             && eh >= oh
-            && eh - oh == ew.saturating_sub(*ow)
-            && *ew >= *ow
+            && ew >= ow
         {
-            let need = c.out_pad + (eh - oh);
-            if need < c.stride {
-                return Some(format!("add `op{need}` (output padding {need}) to get {eh}×{ew}"));
+            let need = [c.out_pad[0] + (eh - oh), c.out_pad[1] + (ew - ow)];
+            if need[0] < c.stride[0] && need[1] < c.stride[1] {
+                let op = ShowHw(need);
+                return Some(format!("add `op{op}` (output padding {op}) to get {eh}×{ew}"));
             }
         }
         if o.iter().product::<u64>() == e.iter().product::<u64>() {
@@ -531,47 +531,54 @@ impl Checker<'_> {
                 let deconv = matches!(l.kind, LayerKind::Deconv(_));
                 let [cin, h, w] = image(l, input)?;
                 let (oh, ow) = if deconv {
-                    if c.out_pad >= c.stride {
+                    if c.out_pad[0] >= c.stride[0] || c.out_pad[1] >= c.stride[1] {
+                        let most = ShowHw([c.stride[0] - 1, c.stride[1] - 1]);
                         return Err(Diagnostic::error(format!(
-                            "output padding {} must be smaller than the stride {}",
-                            c.out_pad, c.stride
+                            "output padding {} must be smaller than the stride {} (on each axis)",
+                            ShowHw(c.out_pad),
+                            ShowHw(c.stride)
                         ))
                         .label(l.span, "output padding too large")
-                        .help(format!("use `op{}` at most, or a larger stride", c.stride - 1)));
+                        .help(format!("use `op{most}` at most, or a larger stride")));
                     }
-                    let f = |n: u64| -> Result<u64, Diagnostic> {
-                        let full = (n - 1) * c.stride + c.kernel + c.out_pad;
-                        if full <= 2 * c.pad {
+                    let f = |n: u64, a: usize| -> Result<u64, Diagnostic> {
+                        let full = (n - 1) * c.stride[a] + c.kernel[a] + c.out_pad[a];
+                        if full <= 2 * c.pad[a] {
                             return Err(shape_err(
                                 l,
                                 format!(
-                                    "padding {} removes the whole {n}-pixel output of this deconv",
-                                    c.pad
+                                    "padding {} removes the whole {n}-pixel {} of this deconv's output",
+                                    c.pad[a],
+                                    ["height", "width"][a]
                                 ),
                             )
                             .help("use less padding"));
                         }
-                        Ok(full - 2 * c.pad)
+                        Ok(full - 2 * c.pad[a])
                     };
-                    (f(h)?, f(w)?)
+                    (f(h, 0)?, f(w, 1)?)
                 } else {
-                    let (ph, pw) = (h + 2 * c.pad, w + 2 * c.pad);
-                    if c.kernel > ph || c.kernel > pw {
+                    let (ph, pw) = (h + 2 * c.pad[0], w + 2 * c.pad[1]);
+                    if c.kernel[0] > ph || c.kernel[1] > pw {
+                        let [kh, kw] = c.kernel;
                         return Err(Diagnostic::error(format!(
-                            "kernel {k}×{k} is larger than the {h}×{w} input{}",
-                            if c.pad > 0 { format!(" padded by {}", c.pad) } else { String::new() },
-                            k = c.kernel
+                            "kernel {kh}×{kw} is larger than the {h}×{w} input{}",
+                            if c.pad != [0, 0] {
+                                format!(" padded by {}", ShowHw(c.pad))
+                            } else {
+                                String::new()
+                            },
                         ))
                         .label(l.span, format!("input is {input}"))
-                        .help(format!("use a kernel of at most {} or add padding", ph.min(pw))));
+                        .help(format!("use a kernel of at most {ph}×{pw} or add padding")));
                     }
-                    ((ph - c.kernel) / c.stride + 1, (pw - c.kernel) / c.stride + 1)
+                    ((ph - c.kernel[0]) / c.stride[0] + 1, (pw - c.kernel[1]) / c.stride[1] + 1)
                 };
-                let k2 = c.kernel * c.kernel;
+                let k2 = c.kernel[0] * c.kernel[1];
                 if deconv {
                     // PyTorch: ConvTranspose2d weight [in, out, K, K], fan_in from dim 1.
                     if c.tied_to.is_none() {
-                        let shape = vec![cin, c.channels, c.kernel, c.kernel];
+                        let shape = vec![cin, c.channels, c.kernel[0], c.kernel[1]];
                         self.param(l, pname("weight"), shape, ParamRole::Weight, c.channels * k2, cin * k2)?;
                     }
                     if c.bias {
@@ -585,7 +592,7 @@ impl Checker<'_> {
                         )?;
                     }
                 } else {
-                    let shape = vec![c.channels, cin, c.kernel, c.kernel];
+                    let shape = vec![c.channels, cin, c.kernel[0], c.kernel[1]];
                     self.param(l, pname("weight"), shape, ParamRole::Weight, cin * k2, c.channels * k2)?;
                     if c.bias {
                         self.param(
@@ -825,29 +832,16 @@ impl Checker<'_> {
                     LayerKind::Dense { units: d[0], bias: *bias, tied_to: tie }
                 }
                 (LayerKind::Conv(c), Ty::Tensor(d)) if d.len() == 3 => {
-                    let Ty::Tensor(o) = &info.output else {
-                        continue;
-                    };
-                    let restore = |inp: u64, out: u64| {
-                        inp as i64 - ((out as i64 - 1) * c.stride as i64 - 2 * c.pad as i64 + c.kernel as i64)
-                    };
-                    let (oph, opw) = (restore(d[1], o[1]), restore(d[2], o[2]));
-                    if oph != opw || oph < 0 {
-                        self.diags.push(
-                            Diagnostic::error("this conv cannot be mirrored by one square deconv")
-                                .label(info.layer.span, format!("from {} to {}", info.input, info.output))
-                                .label(span, "mirrored here")
-                                .help("write the decoder by hand"),
-                        );
-                        ok = false;
-                        continue;
-                    }
+                    // The output padding that gives back the conv's input size, per axis: what
+                    // the conv's floor dropped, `(in + 2p - k) mod s`, so always below the stride.
+                    let restore =
+                        |a: usize| (d[a + 1] + 2 * c.pad[a]).saturating_sub(c.kernel[a]) % c.stride[a];
                     LayerKind::Deconv(ast::ConvSpec {
                         channels: d[0],
                         kernel: c.kernel,
                         stride: c.stride,
                         pad: c.pad,
-                        out_pad: oph as u64,
+                        out_pad: [restore(0), restore(1)],
                         bias: c.bias,
                         tied_to: tie,
                     })

@@ -256,11 +256,11 @@ impl Lower {
                     Some(p) => (self.params[p], 0),
                     None => (self.param(info, 0)?, 1),
                 };
-                let (stride, pad) = (c.stride as usize, c.pad as usize);
+                let [stride, pad, out_pad] = [c.stride, c.pad, c.out_pad].map(|a| a.map(|n| n as usize));
                 let op = if matches!(info.layer.kind, LayerKind::Conv(_)) {
                     Op::Conv2d { x, w, stride, pad }
                 } else {
-                    Op::ConvTranspose2d { x, w, stride, pad, out_pad: [c.out_pad as usize; 2] }
+                    Op::ConvTranspose2d { x, w, stride, pad, out_pad }
                 };
                 let mut y = self.add(op, span)?;
                 if c.bias {

@@ -76,26 +76,22 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             ],
         ),
         (LayerKind::Conv(c), Ty::Tensor(i), Ty::Tensor(o)) if i.len() == 3 => {
-            let restore = (i[1] + 2 * c.pad).checked_sub((o[1] - 1) * c.stride + c.kernel);
-            let restore_w = (i[2] + 2 * c.pad).checked_sub((o[2] - 1) * c.stride + c.kernel);
-            let out_pad = match (restore, restore_w) {
-                (Some(h), Some(w)) if h == w => h,
-                _ => return Err(format!("stage {k}: this conv cannot be mirrored by one square deconv")),
-            };
-            let k2 = c.kernel * c.kernel;
+            // The output padding that restores the conv's input size (see `check::mirror`).
+            let restore = |a: usize| (i[a + 1] + 2 * c.pad[a]).saturating_sub(c.kernel[a]) % c.stride[a];
+            let k2 = c.kernel[0] * c.kernel[1];
             let spec = ConvSpec {
                 channels: i[0],
                 kernel: c.kernel,
                 stride: c.stride,
                 pad: c.pad,
-                out_pad,
+                out_pad: [restore(0), restore(1)],
                 bias: c.bias,
                 tied_to: None,
             };
             (
                 LayerKind::Deconv(spec),
                 vec![
-                    (vec![o[0], i[0], c.kernel, c.kernel], ParamRole::Weight, i[0] * k2, o[0] * k2),
+                    (vec![o[0], i[0], c.kernel[0], c.kernel[1]], ParamRole::Weight, i[0] * k2, o[0] * k2),
                     (vec![i[0]], ParamRole::Bias, i[0] * k2, o[0] * k2),
                 ],
             )

@@ -167,9 +167,9 @@ fn module(m: &Model, l: &LayerInfo) -> String {
             format!(
                 "nn.Conv2d({cin}, {}, {}, stride={}, padding={}, bias={})",
                 c.channels,
-                c.kernel,
-                c.stride,
-                c.pad,
+                py_hw(c.kernel),
+                py_hw(c.stride),
+                py_hw(c.pad),
                 py_bool(c.bias)
             )
         }
@@ -179,10 +179,10 @@ fn module(m: &Model, l: &LayerInfo) -> String {
                 "nn.ConvTranspose2d({}, {}, {}, stride={}, padding={}, output_padding={}, bias={})",
                 in_features(&l.input),
                 c.channels,
-                c.kernel,
-                c.stride,
-                c.pad,
-                c.out_pad,
+                py_hw(c.kernel),
+                py_hw(c.stride),
+                py_hw(c.pad),
+                py_hw(c.out_pad),
                 py_bool(c.bias)
             ),
         },
@@ -215,6 +215,11 @@ fn module(m: &Model, l: &LayerInfo) -> String {
     }
 }
 
+/// A size per axis as PyTorch takes it: `3`, or `(3, 5)`.
+fn py_hw([h, w]: [u64; 2]) -> String {
+    if h == w { h.to_string() } else { format!("({h}, {w})") }
+}
+
 fn body(out: &mut String, m: &Model, part: Part) {
     for l in m.layers.iter().filter(|l| l.part == part) {
         let me = format!("self.{}[{}]", part.prefix(), l.index);
@@ -226,7 +231,9 @@ fn body(out: &mut String, m: &Model, part: Part) {
             (LayerKind::Dense { .. }, Some(w)) => format!("x = F.linear(x, {w}.t(), {me}.bias)"),
             (LayerKind::Deconv(c), Some(w)) => format!(
                 "x = F.conv_transpose2d(x, {w}, {me}.bias, stride={}, padding={}, output_padding={})",
-                c.stride, c.pad, c.out_pad
+                py_hw(c.stride),
+                py_hw(c.pad),
+                py_hw(c.out_pad)
             ),
             (LayerKind::MaxPool(p), _) => {
                 let name = p.name.as_ref().map_or("_", |n| n.name.as_str());

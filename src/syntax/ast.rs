@@ -110,19 +110,32 @@ pub enum LayerKind {
     Activation(Activation),
 }
 
-/// Convolution and transposed convolution: square kernels, equal stride and padding on both
-/// axes. `out_pad` is only meaningful for `deconv`.
+/// Convolution and transposed convolution. Sizes are per axis, `[height, width]`, as PyTorch
+/// allows (`k3x5`; `k3` is `[3, 3]`). `out_pad` is only meaningful for `deconv`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConvSpec {
     pub channels: u64,
-    pub kernel: u64,
-    pub stride: u64,
-    pub pad: u64,
-    pub out_pad: u64,
+    pub kernel: Hw,
+    pub stride: Hw,
+    pub pad: Hw,
+    pub out_pad: Hw,
     pub bias: bool,
     /// For a mirrored, tied `deconv`: the encoder layer (index in its block) whose kernel it
     /// shares.
     pub tied_to: Option<usize>,
+}
+
+/// A size per axis, `[height, width]`.
+pub type Hw = [u64; 2];
+
+/// `3` for `[3, 3]`, `3x5` for `[3, 5]`: how a size is written after its letter.
+pub struct ShowHw(pub Hw);
+
+impl std::fmt::Display for ShowHw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [h, w] = self.0;
+        if h == w { write!(f, "{h}") } else { write!(f, "{h}x{w}") }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -345,9 +345,9 @@ impl Builder {
                 let example = if word == "conv" { "conv 16 k3 s1 p1" } else { "deconv 1 k3 s2 p1" };
                 let channels = a.count("output channels", example);
                 let kernel = a.option("k", None, example);
-                let stride = a.option("s", Some(1), example);
-                let pad = a.option("p", Some(0), example);
-                let out_pad = if word == "deconv" { a.option("op", Some(0), example) } else { 0 };
+                let stride = a.option("s", Some([1, 1]), example);
+                let pad = a.option("p", Some([0, 0]), example);
+                let out_pad = if word == "deconv" { a.option("op", Some([0, 0]), example) } else { [0, 0] };
                 let bias = a.flag("nobias").is_none();
                 let spec = ConvSpec { channels, kernel, stride, pad, out_pad, bias, tied_to: None };
                 if word == "conv" { LayerKind::Conv(spec) } else { LayerKind::Deconv(spec) }
@@ -355,7 +355,7 @@ impl Builder {
             "maxpool" | "avgpool" => {
                 let example = if word == "maxpool" { "maxpool 2 as p1" } else { "avgpool 2" };
                 let kernel = a.count("kernel size", example);
-                let stride = a.option("s", Some(kernel), example);
+                let stride = a.square_option("s", kernel, example);
                 let name = a.as_name();
                 let spec = PoolSpec { kernel, stride, name };
                 if word == "maxpool" {
@@ -1071,31 +1071,34 @@ impl<'a> LayerArgs<'a> {
         *p
     }
 
-    /// An option written as a prefix and a number: `k3`, `s2`, `p1`, `op1`.
-    fn option(&mut self, prefix: &str, default: Option<u64>, example: &str) -> u64 {
+    /// An option written as a prefix and a size: `k3`, `s2`, `p1`, `op1`, or per axis
+    /// (height × width) `k3x5`, `op1x0`.
+    fn option(&mut self, prefix: &str, default: Option<Hw>, example: &str) -> Hw {
         let found = self.args.iter().enumerate().find_map(|(i, (a, span))| match a {
             Arg::Word(w) if !self.used[i] => {
-                let digits = w.strip_prefix(prefix)?;
-                (digits.chars().all(|c| c.is_ascii_digit()) && !digits.is_empty())
-                    .then(|| (i, digits.parse::<u64>(), *span))
+                let size = w.strip_prefix(prefix)?;
+                let (h, w) = size.split_once('x').unwrap_or((size, size));
+                let digits = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit());
+                (digits(h) && digits(w))
+                    .then(|| (i, h.parse::<u64>().and_then(|h| Ok([h, w.parse()?])), *span))
             }
             _ => None,
         });
         match found {
-            Some((i, Ok(n), span)) if n > MAX_SIZE => {
+            Some((i, Ok(n), span)) if n.iter().any(|&n| n > MAX_SIZE) => {
                 self.used[i] = true;
-                self.diags.push(too_large(&format!("`{prefix}`"), &n.to_string(), span));
-                1
+                self.diags.push(too_large(&format!("`{prefix}`"), &ShowHw(n).to_string(), span));
+                [1, 1]
             }
             Some((i, Ok(n), span)) => {
                 self.used[i] = true;
-                if n == 0 && prefix != "p" && prefix != "op" {
+                if n.contains(&0) && prefix != "p" && prefix != "op" {
                     let what = if prefix == "k" { "kernel size" } else { "stride" };
                     let d = Diagnostic::error(format!("a {what} of 0 is not allowed"))
                         .label(span, format!("{what} must be at least 1"))
                         .help(format!("write e.g. `{example}`"));
                     self.diags.push(d);
-                    return 1;
+                    return [1, 1];
                 }
                 n
             }
@@ -1103,7 +1106,7 @@ impl<'a> LayerArgs<'a> {
                 self.used[i] = true;
                 let text = self.args[i].0.text();
                 self.diags.push(too_large(&format!("`{prefix}`"), &text, span));
-                1
+                [1, 1]
             }
             None => match default {
                 Some(d) => d,
@@ -1115,10 +1118,25 @@ impl<'a> LayerArgs<'a> {
                         _ => "an output padding `opO`",
                     };
                     self.missing(what, example);
-                    1
+                    [1, 1]
                 }
             },
         }
+    }
+
+    /// An option that is one size for both axes (a pool's stride).
+    fn square_option(&mut self, prefix: &str, default: u64, example: &str) -> u64 {
+        let before = self.used.clone();
+        let [h, w] = self.option(prefix, Some([default, default]), example);
+        if h != w {
+            let i = self.used.iter().zip(&before).position(|(now, was)| *now && !was);
+            let span = i.map_or(self.at, |i| self.args[i].1);
+            let d = Diagnostic::error(format!("a `{}` takes one stride for both axes", self.layer))
+                .label(span, "a size per axis")
+                .help(format!("write e.g. `{example}`; a convolution takes sizes per axis"));
+            self.diags.push(d);
+        }
+        h
     }
 
     fn flag(&mut self, flag: &str) -> Option<Span> {
@@ -1188,8 +1206,8 @@ impl<'a> LayerArgs<'a> {
         let layer = self.layer;
         let accepted = match layer {
             "dense" => "`dense N [nobias]`",
-            "conv" => "`conv C kK [sS] [pP] [nobias]`",
-            "deconv" => "`deconv C kK [sS] [pP] [opO] [nobias]`",
+            "conv" => "`conv C kK [sS] [pP] [nobias]` (a size per axis as `k3x5`)",
+            "deconv" => "`deconv C kK [sS] [pP] [opO] [nobias]` (a size per axis as `k3x5`)",
             "maxpool" => "`maxpool K [sS] [as NAME]`",
             "avgpool" => "`avgpool K [sS]`",
             "unpool" => "`unpool NAME`",

@@ -98,12 +98,14 @@ impl Display for LayerKind {
                 tied(f, *tied_to)
             }
             LayerKind::Conv(c) => {
-                write!(f, "conv {} k{} s{} p{}{}", c.channels, c.kernel, c.stride, c.pad, nobias(c.bias))
+                let (k, s, p) = (ShowHw(c.kernel), ShowHw(c.stride), ShowHw(c.pad));
+                write!(f, "conv {} k{k} s{s} p{p}{}", c.channels, nobias(c.bias))
             }
             LayerKind::Deconv(c) => {
-                write!(f, "deconv {} k{} s{} p{}", c.channels, c.kernel, c.stride, c.pad)?;
-                if c.out_pad > 0 {
-                    write!(f, " op{}", c.out_pad)?;
+                let (k, s, p) = (ShowHw(c.kernel), ShowHw(c.stride), ShowHw(c.pad));
+                write!(f, "deconv {} k{k} s{s} p{p}", c.channels)?;
+                if c.out_pad != [0, 0] {
+                    write!(f, " op{}", ShowHw(c.out_pad))?;
                 }
                 write!(f, "{}", nobias(c.bias))?;
                 tied(f, c.tied_to)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 AEC = ROOT / "target" / "release" / "aec"
-DEFAULT = ["onehot838", "digits_mlp", "digits_conv", "digits_deconv", "mirror", "denoise", "coins_seg"]
+DEFAULT = ["onehot838", "digits_mlp", "digits_conv", "digits_deconv", "mirror", "strokes", "denoise", "coins_seg"]
 
 
 def aec(*args):
@@ -55,8 +55,8 @@ def check(name, work):
 
     x = np.random.default_rng(0).random([5] + input_shape(spec), dtype=np.float32)
     np.save(work / "x.npy", x)
-    aec("run", spec, "--weights", run / "checkpoint.safetensors", "--input", work / "x.npy", "--output", work / "y.npy")
-    aec("encode", spec, "--weights", run / "checkpoint.safetensors", "--input", work / "x.npy", "--output", work / "z.npy")
+    aec("run", spec, "--weights", run / "checkpoint.safetensors", "--input", work / "x.npy", "--raw-input", "--output", work / "y.npy")
+    aec("encode", spec, "--weights", run / "checkpoint.safetensors", "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy")
     with torch.no_grad():
         recon, code = model(torch.from_numpy(x))
     dy = np.abs(np.load(work / "y.npy") - recon.numpy()).max()
