@@ -27,11 +27,12 @@ use crate::interp::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
 use crate::state::State;
 use cranelift_codegen::ir::types::{F32, I64};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, UserFuncName};
+use cranelift_codegen::ir::{AbiParam, Function, InstBuilder, UserFuncName};
+use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Linkage, Module, default_libcall_names};
+use cranelift_module::{FuncId, Linkage, Module, ModuleReloc, default_libcall_names};
 use std::time::{Duration, Instant};
 
 /// A kernel: `fn(arena base, lo, hi)`; `lo..hi` is the range of work units (a matmul's row
@@ -302,6 +303,60 @@ extern "C" fn aec_logf(x: f32) -> f32 {
     x.ln()
 }
 
+/// A kernel's machine code, before it is placed in the module.
+struct Compiled {
+    fid: FuncId,
+    alignment: u64,
+    bytes: Vec<u8>,
+    relocs: Vec<ModuleReloc>,
+}
+
+/// Compiles the kernels' functions to machine code on every core (Cranelift compiles each
+/// function on its own; only placing the code in the module is serial), in their order.
+fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> Result<Vec<Compiled>, String> {
+    let one = |(fid, name, func): (FuncId, String, Function)| -> Result<Compiled, String> {
+        let mut ctx = cranelift_codegen::Context::for_function(func);
+        ctx.compile(isa, &mut Default::default()).map_err(|e| format!("{name}: {:?}", e.inner))?;
+        let code = ctx.compiled_code().ok_or_else(|| format!("{name}: no code"))?;
+        let alignment = code.buffer.alignment as u64;
+        let bytes = code.code_buffer().to_vec();
+        let relocs =
+            code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, fid)).collect();
+        Ok(Compiled { fid, alignment, bytes, relocs })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(funcs.len());
+    if threads <= 1 {
+        return funcs.into_iter().map(one).collect();
+    }
+    // Each thread takes the next function from a shared queue; the largest go first, so no
+    // thread is left with a big one at the end.
+    let mut queue: Vec<(usize, (FuncId, String, Function))> = funcs.into_iter().enumerate().collect();
+    queue.sort_by_key(|(_, (_, _, f))| f.dfg.num_insts());
+    let count = queue.len();
+    let queue = std::sync::Mutex::new(queue);
+    let mut done: Vec<(usize, Result<Compiled, String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let next = queue.lock().map_or(None, |mut q| q.pop());
+                        let Some((i, f)) = next else { break };
+                        out.push((i, one(f)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    if done.len() != count {
+        return Err("a thread compiling the kernels stopped".into());
+    }
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 impl Program {
     pub fn compile(g: &Graph, opts: Options) -> Result<Program, String> {
         let started = Instant::now();
@@ -391,8 +446,8 @@ impl Program {
                 calls[gi] = Some(Box::new(call));
             }
         }
-        let mut ctx = module.make_context();
         let mut fctx = FunctionBuilderContext::new();
+        let mut funcs = Vec::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
         // A fused matmul is two kernels: packing B, then the compute kernel that splits by rows
@@ -436,11 +491,10 @@ impl Program {
                 _ => format!("k{}_{}", head.0, g.node(head).op.mnemonic()),
             };
             let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-            ctx.func.signature = sig.clone();
-            ctx.func.name = UserFuncName::user(0, fid.as_u32());
+            let mut func = Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
             let frontend = module.target_config();
             {
-                let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+                let mut b = FunctionBuilder::new(&mut func, &mut fctx);
                 let entry = b.create_block();
                 b.append_block_params_for_function_params(entry);
                 b.switch_to_block(entry);
@@ -493,11 +547,11 @@ impl Program {
                 b.finalize(frontend);
             }
             if opts.keep_clif {
-                clif.push((name.clone(), ctx.func.display().to_string()));
+                clif.push((name.clone(), func.display().to_string()));
             }
             // Compile time grows with the code: a kernel whose loops were unrolled over a huge
             // dimension is refused here, in milliseconds, rather than compiled for minutes.
-            let insts = ctx.func.dfg.num_insts();
+            let insts = func.dfg.num_insts();
             total_insts += insts;
             if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
                 return Err(format!(
@@ -508,8 +562,7 @@ impl Program {
                     g.name
                 ));
             }
-            module.define_function(fid, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
-            module.clear_context(&mut ctx);
+            funcs.push((fid, name.clone(), func));
             let (units, work) = match (grp, piece) {
                 (fuse::Group::MatMul { mm, .. }, Piece::Main) if calls[gi].is_some() => {
                     let units = calls[gi].as_ref().map_or(1, |c| c.unit_count());
@@ -540,6 +593,9 @@ impl Program {
                 _ => kernels::units(g, head),
             };
             ids.push((gi, piece, fid, units, work, name));
+        }
+        for Compiled { fid, alignment, bytes, relocs } in compile_all(module.isa(), funcs)? {
+            module.define_function_bytes(fid, alignment, &bytes, &relocs).map_err(|e| e.to_string())?;
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
