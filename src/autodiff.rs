@@ -106,7 +106,7 @@ impl Ad {
         let op = self.g.node(y).op.clone();
         let shape_of = |g: &Graph, id: NodeId| g.ty(id).shape.clone();
         match op {
-            Op::Input(_) | Op::Param(_) | Op::Fill { .. } => {}
+            Op::Input(_) | Op::Param(_) | Op::Fill { .. } | Op::Normal { .. } => {}
 
             // C = op(A)·op(B)  ⇒  d op(A) = dC·op(B)ᵀ,  d op(B) = op(A)ᵀ·dC;
             // a stored-transposed operand takes the transpose of its gradient.

@@ -216,6 +216,9 @@ fn eval(
             Buf::F32(acc.into_iter().map(|v| v as f32).collect())
         }
         Op::Fill { value, .. } => Buf::F32(vec![*value; node.ty.numel()]),
+        Op::Normal { salt, .. } => {
+            Buf::F32((0..node.ty.numel()).map(|i| normal(opts.seed, opts.step, *salt, i)).collect())
+        }
         Op::BroadcastScalar { x, .. } => Buf::F32(vec![f(*x)[0]; node.ty.numel()]),
         Op::Conv2d { x, w, stride, pad } => {
             Buf::F32(conv2d(f(*x), sh(*x), f(*w), sh(*w), shape, *stride, *pad))
@@ -908,6 +911,14 @@ pub fn uniform(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// A counter-based draw from N(0, 1): Box–Muller over the draws `2i` and `2i + 1` of
+/// `uniform`, in f64 (the JIT calls this same function, so both backends draw the same ε).
+pub fn normal(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
+    let u1 = 1.0 - f64::from(uniform(seed, step, salt, 2 * i)); // in (0, 1]: ln is finite
+    let u2 = f64::from(uniform(seed, step, salt, 2 * i + 1));
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
 fn keep(opts: &Options, salt: u32, i: usize, p: f32) -> bool {

@@ -26,6 +26,20 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 e.store(out, i, c);
             });
         }
+        Op::Normal { salt, .. } => {
+            // The rng slot holds the seed and the step as two u64 (element offsets 0 and 2).
+            let zero = e.i64(0);
+            let two = e.i64(2);
+            let seed = e.load(I64, plan.rng, zero);
+            let step = e.load(I64, plan.rng, two);
+            let salt = e.i64(i64::from(*salt));
+            let f = e.normal.ok_or("no ε generator")?;
+            e.for_range(0, numel as i64, 1, |e, i| {
+                let call = e.b.ins().call(f, &[seed, step, salt, i]);
+                let v = e.b.inst_results(call)[0];
+                e.store(out, i, v);
+            });
+        }
         Op::BroadcastScalar { x, .. } => {
             let zero = e.i64(0);
             let s = e.load(F32, at(*x), zero);

@@ -303,6 +303,12 @@ extern "C" fn aec_logf(x: f32) -> f32 {
     x.ln()
 }
 
+/// ε of a Gaussian code: the interpreter's draw itself, so both backends use the same numbers
+/// (a few per sample and step; the generated kernel loops and stores).
+extern "C" fn aec_normal(seed: u64, step: u64, salt: u64, i: u64) -> f32 {
+    crate::interp::normal(seed, step, salt as u32, i as usize)
+}
+
 /// A kernel's machine code, before it is placed in the module.
 struct Compiled {
     fid: FuncId,
@@ -398,6 +404,7 @@ impl Program {
             .map_err(|e| e.to_string())?;
         let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
         builder.symbol("aec_logf", aec_logf as *const u8);
+        builder.symbol("aec_normal", aec_normal as *const u8);
         builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
         let mut module = JITModule::new(builder);
 
@@ -406,6 +413,12 @@ impl Program {
         logf_sig.returns.push(AbiParam::new(F32));
         let logf =
             module.declare_function("aec_logf", Linkage::Import, &logf_sig).map_err(|e| e.to_string())?;
+
+        let mut normal_sig = module.make_signature();
+        normal_sig.params.extend([AbiParam::new(I64); 4]);
+        normal_sig.returns.push(AbiParam::new(F32));
+        let normal =
+            module.declare_function("aec_normal", Linkage::Import, &normal_sig).map_err(|e| e.to_string())?;
 
         let mut sig = module.make_signature();
         sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
@@ -501,7 +514,8 @@ impl Program {
                 let params = b.block_params(entry).to_vec();
                 let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
-                let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref) };
+                let normal_ref = module.declare_func_in_func(normal, b.func);
+                let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref), normal: Some(normal_ref) };
                 // The wide core, imported into the kernels of a group that calls it.
                 let core = calls[gi].as_deref().map(|call| {
                     let f = module.declare_func_in_func(gemm, e.b.func);

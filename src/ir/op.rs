@@ -322,6 +322,13 @@ pub enum Op {
         value: f32,
         shape: Vec<usize>,
     },
+    /// Draws from N(0, 1), one per element: Box–Muller over two draws of the counter-based
+    /// generator of (run seed, step, `salt`, element index) — `interp::normal`, the same
+    /// numbers on every backend (a VAE's ε).
+    Normal {
+        shape: Vec<usize>,
+        salt: u32,
+    },
     /// A scalar copied to every element of `shape` (the gradient of `SumAll`).
     BroadcastScalar {
         x: NodeId,
@@ -370,7 +377,7 @@ impl Op {
     pub fn operands(&self) -> Vec<NodeId> {
         use Op::*;
         match self {
-            Input(_) | Param(_) | Fill { .. } => vec![],
+            Input(_) | Param(_) | Fill { .. } | Normal { .. } => vec![],
             MatMul { a, b, .. } | Binary { a, b, .. } => vec![*a, *b],
             BiasAdd { x, bias } => vec![*x, *bias],
             ActGrad { y, dy, .. } | SoftmaxGrad { y, dy } => vec![*y, *dy],
@@ -421,7 +428,7 @@ impl Op {
     pub fn map_operands(&mut self, mut f: impl FnMut(NodeId) -> NodeId) {
         use Op::*;
         match self {
-            Input(_) | Param(_) | Fill { .. } => {}
+            Input(_) | Param(_) | Fill { .. } | Normal { .. } => {}
             MatMul { a, b, .. } | Binary { a, b, .. } => {
                 *a = f(*a);
                 *b = f(*b);
@@ -569,6 +576,7 @@ impl Op {
             PadLast { .. } => "pad_last",
             SumSteps { .. } => "sum_steps",
             Fill { .. } => "fill",
+            Normal { .. } => "normal",
             BroadcastScalar { .. } => "broadcast",
             Dropout { .. } => "dropout",
             DropoutGrad { .. } => "dropout_grad",
@@ -874,7 +882,7 @@ impl Op {
                 *last = *len;
                 Type::f32(s)
             }
-            Fill { shape, .. } => Type::f32(shape.clone()),
+            Fill { shape, .. } | Normal { shape, .. } => Type::f32(shape.clone()),
             BroadcastScalar { x, shape } => {
                 if !f32s(*x)?.is_empty() {
                     return Err("broadcast of a non-scalar".into());

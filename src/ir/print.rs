@@ -126,6 +126,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
         SliceLast { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
         Fill { value, .. } => format!("{m} {value}"),
+        Normal { salt, .. } => format!("{m} salt={salt}"),
         Dropout { x, p, salt } => format!("{m} {} p={p} salt={salt}", name(*x)),
         DropoutGrad { dy, p, salt } => format!("{m} {} p={p} salt={salt}", name(*dy)),
         Loss { f, .. } | LossGrad { f, .. } => {

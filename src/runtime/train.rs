@@ -78,6 +78,9 @@ pub struct EpochMetrics {
     /// the epoch's samples like `train_loss`, which is their sum.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub terms: std::collections::BTreeMap<String, f64>,
+    /// The terms of the validation loss (inference mode: a Gaussian code is its mean).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub val_terms: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
 }
 
@@ -335,7 +338,7 @@ impl Programs<'_> {
         }
     }
 
-    /// The mean loss of one batch in inference mode.
+    /// The mean loss of one batch in inference mode, and its terms.
     fn eval_loss(
         &mut self,
         batch: usize,
@@ -343,12 +346,12 @@ impl Programs<'_> {
         state: &mut State,
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
-    ) -> Result<f64, TrainError> {
+    ) -> Result<(f64, Vec<f64>), TrainError> {
         if self.backend == Backend::Interp {
             let g = self.eval(batch)?;
             let values =
                 interp::run(g, inputs, state, opts).map_err(|e| TrainError::Compile(e.to_string()))?;
-            return Ok(values.output(g, "loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])));
+            return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
         }
         if !self.native_eval.contains_key(&batch) {
             let g = self.eval(batch)?.clone();
@@ -359,13 +362,15 @@ impl Programs<'_> {
         p.set_state(state).map_err(TrainError::Compile)?;
         // An eval graph has no updates: `run` only fails on inputs that do not fit.
         p.run(inputs, opts.seed, opts.step).map_err(|e| TrainError::Data(e.to_string()))?;
-        Ok(p.output("loss").map_or(f64::NAN, |b| f64::from(b.f32()[0])))
+        Ok(loss_and_terms(p.graph(), |name| p.output(name)))
     }
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.eval.contains_key(&batch) {
             let fwd = self.forward(batch, Mode::Infer)?;
-            let g = passes::dce::keep_outputs(&fwd, &["loss"]).map_err(TrainError::Compile)?;
+            let mut keep = vec!["loss"];
+            keep.extend(fwd.outputs.iter().map(|(n, _)| n.as_str()).filter(|n| n.starts_with(TERM_PREFIX)));
+            let g = passes::dce::keep_outputs(&fwd, &keep).map_err(TrainError::Compile)?;
             self.eval.insert(batch, g);
         }
         self.eval.get(&batch).ok_or_else(|| TrainError::Compile("missing eval graph".into()))
@@ -534,7 +539,8 @@ pub fn train(
                 let kept = kept_message(cfg, epoch - 1);
                 return Err(TrainError::NonFinite { epoch, step: state.step, what, span: None, kept });
             }
-            let val_loss = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
+            let val = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
+            let val_loss = val.as_ref().map(|v| v.0);
             let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
                     let (t, s) = decode_accuracy(d, compiled, data, &val_idx, batch, &state.params)?;
@@ -552,6 +558,12 @@ pub fn train(
                     .zip(&term_sums)
                     .map(|(name, sum)| (name, sum / order.len() as f64))
                     .collect(),
+                val_terms: match &val {
+                    Some((_, terms)) => {
+                        term_names(&reference).into_iter().zip(terms.iter().copied()).collect()
+                    }
+                    None => Default::default(),
+                },
                 val_loss,
                 token_accuracy,
                 sequence_accuracy,
@@ -724,7 +736,8 @@ pub fn decode_accuracy(
     Ok(super::decode::accuracy(&got, &want, d.len))
 }
 
-/// The mean validation loss (inference mode: no dropout, no noise).
+/// The mean validation loss and its terms (inference mode: no dropout, no noise), weighted
+/// by batch size like the training loss.
 fn evaluate(
     programs: &mut Programs,
     data: &Dataset,
@@ -733,19 +746,26 @@ fn evaluate(
     cfg: &TrainConfig,
     state: &mut State,
     on: &mut dyn FnMut(Event),
-) -> Result<Option<f64>, TrainError> {
+) -> Result<Option<(f64, Vec<f64>)>, TrainError> {
     if idx.is_empty() {
         return Ok(None);
     }
     let mut sum = 0f64;
+    let mut term_sums: Vec<f64> = Vec::new();
     for chunk in idx.chunks(batch) {
         let g = programs.eval(chunk.len())?;
         let inputs = batch_inputs(g, data, chunk, None, cfg.seed, state.step);
         let opts =
             interp::Options { seed: cfg.seed, step: state.step, threads: cfg.threads, check_finite: false };
-        sum += programs.eval_loss(chunk.len(), &inputs, state, &opts, on)? * chunk.len() as f64;
+        let (loss, terms) = programs.eval_loss(chunk.len(), &inputs, state, &opts, on)?;
+        sum += loss * chunk.len() as f64;
+        term_sums.resize(terms.len(), 0.0);
+        for (s, t) in term_sums.iter_mut().zip(terms) {
+            *s += t * chunk.len() as f64;
+        }
     }
-    Ok(Some(sum / idx.len() as f64))
+    let n = idx.len() as f64;
+    Ok(Some((sum / n, term_sums.into_iter().map(|s| s / n).collect())))
 }
 
 fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -> TrainError {

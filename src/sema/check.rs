@@ -236,7 +236,10 @@ impl Checker<'_> {
         let mut ok = true;
         let known: Vec<&str> = vars.0.iter().chain(&vars.1).map(|v| v.name.as_str()).collect();
         let main = &loss.main;
-        if main.kind == ast::LossKind::L2 || main.arg.name == "weights" || main.arg.name == "code" {
+        if matches!(main.kind, ast::LossKind::L2 | ast::LossKind::Kl)
+            || main.arg.name == "weights"
+            || main.arg.name == "code"
+        {
             self.diags.push(
                 Diagnostic::error("the first loss term compares the output with an input or target")
                     .label(main.span, "not a reconstruction loss")
@@ -253,14 +256,43 @@ impl Checker<'_> {
             self.diags.push(d);
             ok = false;
         }
+        let gaussian = m
+            .encoder
+            .as_ref()
+            .is_some_and(|b| b.layers.iter().any(|l| matches!(l.kind, LayerKind::Gaussian { .. })));
         for t in &loss.extra {
             let penalty = matches!(t.kind, ast::LossKind::L1 | ast::LossKind::L2);
             let target = t.arg.name == "weights" || t.arg.name == "code";
-            if !(penalty && target) {
+            if t.kind == ast::LossKind::Kl {
+                if t.arg.name != "code" {
+                    self.diags.push(
+                        Diagnostic::error(format!("`kl` is taken of the code, not of `{}`", t.arg.name))
+                            .label(t.arg.span, "not `code`")
+                            .help("write `kl(code)`"),
+                    );
+                    ok = false;
+                } else if !gaussian {
+                    self.diags.push(
+                        Diagnostic::error("`kl(code)` needs a Gaussian code, and this encoder has none")
+                            .label(t.span, "KL divergence of what?")
+                            .help("end the encoder with `gaussian N` (N the code size), as a VAE does"),
+                    );
+                    ok = false;
+                }
+            } else if !(penalty && target) {
                 self.diags.push(
-                    Diagnostic::error("an extra loss term is a penalty: `l1` or `l2` of `weights` or `code`")
-                        .label(t.span, "not a penalty")
-                        .help("write e.g. `+ 1e-4 * l2(weights)` or `+ 1e-3 * l1(code)`"),
+                    Diagnostic::error(
+                        "an extra loss term is a penalty (`l1` or `l2` of `weights` or `code`) or `kl(code)`",
+                    )
+                    .label(t.span, "not a penalty")
+                    .help("write e.g. `+ 1e-4 * l2(weights)`, `+ 1e-3 * l1(code)` or `+ kl(code)`"),
+                );
+                ok = false;
+            } else if let (Some((_, at)), "weights") = (t.reduction, t.arg.name.as_str()) {
+                self.diags.push(
+                    Diagnostic::error(format!("`{}(weights)` takes no reduction", t.kind.keyword()))
+                        .label(at, "a penalty on the weights is a sum over them")
+                        .help("remove it; scale the term with its weight instead (`1e-4 * l2(weights)`)"),
                 );
                 ok = false;
             }
@@ -393,6 +425,18 @@ impl Checker<'_> {
         let ctx = Ctx { part, target };
         let mut ty = input;
         for (index, layer) in layers.iter().enumerate() {
+            if matches!(layer.kind, LayerKind::Gaussian { .. })
+                && part == Part::Encoder
+                && index + 1 < layers.len()
+            {
+                self.diags.push(
+                    Diagnostic::error("a `gaussian` code ends the encoder")
+                        .label(layer.span, "more encoder layers follow it")
+                        .help(
+                            "move `gaussian N` to the end of the encoder: the decoder starts from the code",
+                        ),
+                );
+            }
             let first_param = self.params.len();
             let (out, flops) = match self.layer(&ctx, index, layer, &ty) {
                 Ok(r) => r,
@@ -676,6 +720,39 @@ impl Checker<'_> {
                     .help("embed reads an input declared as `seq[N] of token[V]`")),
             },
             LayerKind::Dropout { .. } => Ok((input.clone(), 0)),
+            LayerKind::Gaussian { units } => {
+                let width = match input {
+                    Ty::Tensor(d) if d.len() == 1 => d[0],
+                    Ty::Tensor(d) => {
+                        return Err(shape_err(l, format!("`gaussian` needs a vector, got {input}")).help(
+                            format!(
+                                "add `flatten` before it to make {} a vector",
+                                crate::syntax::ast_dims(d)
+                            ),
+                        ));
+                    }
+                    _ => {
+                        return Err(shape_err(l, format!("`gaussian` needs a vector, got {input}"))
+                            .help("a Gaussian code follows a layer that gives one vector per sample"));
+                    }
+                };
+                if ctx.part != Part::Encoder {
+                    return Err(Diagnostic::error("a `gaussian` code belongs at the end of the encoder")
+                        .label(l.span, "in the decoder")
+                        .help("end the encoder with `gaussian N`; the decoder starts from the code"));
+                }
+                if let Some(a) = l.activations.first() {
+                    return Err(Diagnostic::error("a `gaussian` code takes no activation")
+                        .label(a.span, "applied to the sampled code")
+                        .help("remove it: the code is mu + exp(logvar / 2)·ε, unbounded by design"));
+                }
+                for head in ["mu", "logvar"] {
+                    let (w, b) = (pname(&format!("{head}.weight")), pname(&format!("{head}.bias")));
+                    self.param(l, w, vec![*units, width], ParamRole::Weight, width, *units)?;
+                    self.param(l, b, vec![*units], ParamRole::Bias, width, *units)?;
+                }
+                Ok((Ty::Tensor(vec![*units]), mul3(4, width, *units)))
+            }
             LayerKind::Activation(_) => Ok((input.clone(), 0)),
             LayerKind::Recurrent(r) => self.recurrent(ctx, l, r, input, &pname),
         }
@@ -811,10 +888,12 @@ impl Checker<'_> {
         let mut ok = true;
         for (pos, info) in encoder.iter().enumerate().rev() {
             let acts = || -> Vec<ast::Activation> {
-                let earlier = encoder[..pos]
-                    .iter()
-                    .rev()
-                    .find(|e| matches!(e.layer.kind, LayerKind::Dense { .. } | LayerKind::Conv(_)));
+                let earlier = encoder[..pos].iter().rev().find(|e| {
+                    matches!(
+                        e.layer.kind,
+                        LayerKind::Dense { .. } | LayerKind::Conv(_) | LayerKind::Gaussian { .. }
+                    )
+                });
                 let act = match earlier {
                     Some(e) => e.layer.activations.last().cloned().or_else(|| {
                         encoder.get(e.index + 1).and_then(|n| match &n.layer.kind {
@@ -830,6 +909,11 @@ impl Checker<'_> {
             let kind = match (&info.layer.kind, &info.input) {
                 (LayerKind::Dense { bias, .. }, Ty::Tensor(d)) if d.len() == 1 => {
                     LayerKind::Dense { units: d[0], bias: *bias, tied_to: tie }
+                }
+                // A Gaussian code has two weights (mu's and logvar's): its twin is an untied
+                // dense layer even under `mirror tied`.
+                (LayerKind::Gaussian { .. }, Ty::Tensor(d)) if d.len() == 1 => {
+                    LayerKind::Dense { units: d[0], bias: true, tied_to: None }
                 }
                 (LayerKind::Conv(c), Ty::Tensor(d)) if d.len() == 3 => {
                     // The output padding that gives back the conv's input size, per axis: what
@@ -985,6 +1069,7 @@ impl ast::Layer {
             LayerKind::Recurrent(r) => r.cell.keyword(),
             LayerKind::Embed { .. } => "embed",
             LayerKind::Dropout { .. } => "dropout",
+            LayerKind::Gaussian { .. } => "gaussian",
             LayerKind::Activation(_) => "activation",
         }
     }

@@ -12,7 +12,7 @@
 use super::{LayerInfo, Model, Part, Ty};
 use crate::diag::Span;
 use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, ParamDef, Type, UnaryFn};
-use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind};
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind, Reduction};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -25,6 +25,9 @@ pub enum Mode {
     /// previous token `[B, 1]`, and `state`, the decoder's state `[B, S]`; outputs `recon`,
     /// the step's output `[B, 1, V]`, and `state`, the state after it. No encoder, no loss.
     Decode,
+    /// The decoder alone, from an input `code` (the encoder's output type): generation and
+    /// interpolation. Output `recon`. No encoder, no loss.
+    Generate,
 }
 
 /// The teacher-forced recurrent layer of `m`'s decoder, if any: greedy decoding runs from it.
@@ -69,6 +72,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         salt: 0,
         decode_state: None,
         terms: Vec::new(),
+        gaussian: None,
     };
     for p in &m.params {
         let def = ParamDef {
@@ -82,6 +86,9 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
     }
     if cfg.mode == Mode::Decode {
         return l.decode_step(m, cfg);
+    }
+    if cfg.mode == Mode::Generate {
+        return l.generate(m, cfg);
     }
     let mut vars = Vec::new();
     for v in m.inputs.iter().chain(&m.targets) {
@@ -144,6 +151,8 @@ struct Lower {
     decode_state: Option<NodeId>,
     /// The loss's terms, by name: the reconstruction loss and each weighted penalty.
     terms: Vec<(String, NodeId)>,
+    /// A Gaussian code's `mu` and `logvar`, for `kl(code)`.
+    gaussian: Option<(NodeId, NodeId)>,
 }
 
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
@@ -185,6 +194,33 @@ impl Lower {
         }
         let next = self.decode_state.ok_or("the decode step has no state")?;
         self.g.outputs = vec![("recon".into(), cur.node), ("state".into(), next)];
+        Ok(self.g)
+    }
+
+    /// The decoder on its own (`Mode::Generate`): from an input `code` to `recon`.
+    fn generate(mut self, m: &Model, cfg: &Lowering) -> Result<Graph, String> {
+        if let Some(l) = m.decoder().find(|l| matches!(l.layer.kind, LayerKind::Unpool { .. })) {
+            return Err(format!(
+                "the decoder's `{}` puts values back through the encoder's pool switches: it cannot \
+                 decode a code on its own (a decoder of deconvs or dense layers can)",
+                l.layer
+            ));
+        }
+        if teacher_forced(m).is_some() {
+            return Err("the decoder is teacher-forced (it reads the target's tokens): it cannot decode \
+                        a code on its own"
+                .into());
+        }
+        let Ty::Tensor(_) = m.code else {
+            return Err(format!("the code is {}, not a tensor: nothing to decode from", m.code));
+        };
+        let code = self.g.add_input("code", self.batched(&m.code))?;
+        let vars = vec![("code".to_owned(), code)];
+        let mut cur = Value { node: code, state: None, logits: None };
+        for info in m.decoder() {
+            cur = self.layer(m, info, cur, cfg, &vars)?;
+        }
+        self.g.outputs = vec![("recon".into(), cur.node)];
         Ok(self.g)
     }
 
@@ -305,6 +341,29 @@ impl Lower {
                 _ => x,
             },
             LayerKind::Activation(a) => return self.activation(a, Value { state: None, ..v }),
+            LayerKind::Gaussian { .. } => {
+                // Two affine heads; the code is mu + exp(logvar / 2)·ε in training, else mu.
+                let mut heads = [x; 2];
+                for (k, head) in heads.iter_mut().enumerate() {
+                    let (w, bias) = (self.param(info, 2 * k)?, self.param(info, 2 * k + 1)?);
+                    let y = self.add(Op::MatMul { a: x, b: w, ta: false, tb: true }, span)?;
+                    *head = self.add(Op::BiasAdd { x: y, bias }, span)?;
+                }
+                let [mu, logvar] = heads;
+                self.gaussian = Some((mu, logvar));
+                match cfg.mode {
+                    Mode::Train => {
+                        self.salt += 1;
+                        let shape = self.g.ty(mu).shape.clone();
+                        let eps = self.add(Op::Normal { shape, salt: self.salt }, span)?;
+                        let half = self.add(Op::Scale { x: logvar, c: 0.5 }, span)?;
+                        let sd = self.add(Op::Unary { f: UnaryFn::Exp, x: half }, span)?;
+                        let noise = self.add(Op::Binary { f: BinaryFn::Mul, a: sd, b: eps }, span)?;
+                        self.add(Op::Binary { f: BinaryFn::Add, a: mu, b: noise }, span)?
+                    }
+                    _ => mu,
+                }
+            }
             LayerKind::Recurrent(r) => {
                 let (node, last) = self.recurrent(m, info, r, v, cfg, vars)?;
                 state = Some(last);
@@ -436,44 +495,96 @@ impl Lower {
             LossKind::L1 => (LossFn::L1, out.node),
             LossKind::Bce => (LossFn::Bce, out.node),
             LossKind::CrossEntropy => (LossFn::CrossEntropyLogits, out.logits.unwrap_or(out.node)),
-            LossKind::L2 => return Err("l2 is a penalty, not a reconstruction loss".into()),
+            LossKind::L2 | LossKind::Kl => return Err("the first loss term is a reconstruction loss".into()),
         };
-        let mut total = self.add(Op::Loss { f, pred, target }, span)?;
+        let mean = self.add(Op::Loss { f, pred, target }, span)?;
+        // The loss op is the mean over its terms: one per element, or one per token (the
+        // class axis is summed) for cross-entropy.
+        let ps = &self.g.ty(pred).shape;
+        let count = match f {
+            LossFn::CrossEntropyLogits => ps[..ps.len() - 1].iter().product::<usize>(),
+            _ => ps.iter().product(),
+        } as f64;
+        let factor = match main.reduction() {
+            Reduction::Mean => 1.0,
+            Reduction::Sum => count,
+            Reduction::BatchMean => count / self.b as f64,
+        };
+        let mut total = self.scaled(mean, main.weight * factor, span)?;
         self.terms.push((main.kind.keyword().to_owned(), total));
         for t in &m.loss.extra {
-            let square = t.kind == LossKind::L2;
-            let f = if square { UnaryFn::Square } else { UnaryFn::Abs };
-            let term = if t.arg.name == "weights" {
-                // λ·Σ over every weight (not biases) of w² (or |w|); an embedding table is a
-                // weight, as in a PyTorch sum over the module's weight tensors.
-                let weights: Vec<NodeId> = m
-                    .params
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.role != crate::ir::ParamRole::Bias)
-                    .map(|(i, _)| self.params[i])
-                    .collect();
-                let mut acc: Option<NodeId> = None;
-                for w in weights {
-                    let e = self.add(Op::Unary { f, x: w }, t.span)?;
-                    let s = self.add(Op::SumAll { x: e }, t.span)?;
-                    acc = Some(match acc {
-                        Some(a) => self.add(Op::Binary { f: BinaryFn::Add, a, b: s }, t.span)?,
-                        None => s,
-                    });
+            let term = match (t.kind, t.arg.name.as_str()) {
+                (LossKind::Kl, _) => self.kl(t)?,
+                (_, "weights") => {
+                    // λ·Σ over every weight (not biases) of w² (or |w|); an embedding table is
+                    // a weight, as in a PyTorch sum over the module's weight tensors.
+                    let f = if t.kind == LossKind::L2 { UnaryFn::Square } else { UnaryFn::Abs };
+                    let weights: Vec<NodeId> = m
+                        .params
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.role != crate::ir::ParamRole::Bias)
+                        .map(|(i, _)| self.params[i])
+                        .collect();
+                    let mut acc: Option<NodeId> = None;
+                    for w in weights {
+                        let e = self.add(Op::Unary { f, x: w }, t.span)?;
+                        let s = self.add(Op::SumAll { x: e }, t.span)?;
+                        acc = Some(match acc {
+                            Some(a) => self.add(Op::Binary { f: BinaryFn::Add, a, b: s }, t.span)?,
+                            None => s,
+                        });
+                    }
+                    let Some(acc) = acc else { continue };
+                    self.add(Op::Scale { x: acc, c: t.weight as f32 }, t.span)?
                 }
-                let Some(acc) = acc else { continue };
-                self.add(Op::Scale { x: acc, c: t.weight as f32 }, t.span)?
-            } else {
-                // λ·mean over the code of c² (or |c|).
-                let e = self.add(Op::Unary { f, x: code }, t.span)?;
-                let s = self.add(Op::SumAll { x: e }, t.span)?;
-                let n = self.g.ty(code).numel() as f64;
-                self.add(Op::Scale { x: s, c: (t.weight / n) as f32 }, t.span)?
+                _ => {
+                    // λ·(reduced) c² (or |c|) over the code: by default its mean.
+                    let f = if t.kind == LossKind::L2 { UnaryFn::Square } else { UnaryFn::Abs };
+                    let e = self.add(Op::Unary { f, x: code }, t.span)?;
+                    let s = self.add(Op::SumAll { x: e }, t.span)?;
+                    let div = self.divisor(t.reduction(), self.g.ty(code).numel());
+                    self.add(Op::Scale { x: s, c: (t.weight / div) as f32 }, t.span)?
+                }
             };
-            self.terms.push((format!("{}({})", t.kind.keyword(), t.arg.name), term));
+            let name = match t.kind {
+                LossKind::Kl => "kl".to_owned(),
+                _ => format!("{}({})", t.kind.keyword(), t.arg.name),
+            };
+            self.terms.push((name, term));
             total = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: term }, t.span)?;
         }
         Ok(total)
+    }
+
+    /// `x · c`, or `x` itself when `c` is 1.
+    fn scaled(&mut self, x: NodeId, c: f64, span: Span) -> Result<NodeId, String> {
+        if c == 1.0 { Ok(x) } else { self.add(Op::Scale { x, c: c as f32 }, span) }
+    }
+
+    /// What a sum over `n` elements (a batch of them) is divided by under `r`.
+    fn divisor(&self, r: Reduction, n: usize) -> f64 {
+        match r {
+            Reduction::Mean => n as f64,
+            Reduction::Sum => 1.0,
+            Reduction::BatchMean => self.b as f64,
+        }
+    }
+
+    /// `λ·kl(code)`: −½ Σ (1 + logvar − mu² − e^logvar), reduced (by default ÷ the batch).
+    fn kl(&mut self, t: &ast::LossTerm) -> Result<NodeId, String> {
+        let (mu, logvar) = self.gaussian.ok_or("kl(code) without a Gaussian code")?;
+        let span = t.span;
+        let sq = self.add(Op::Unary { f: UnaryFn::Square, x: mu }, span)?;
+        let d = self.add(Op::Binary { f: BinaryFn::Sub, a: logvar, b: sq }, span)?;
+        let e = self.add(Op::Unary { f: UnaryFn::Exp, x: logvar }, span)?;
+        let d = self.add(Op::Binary { f: BinaryFn::Sub, a: d, b: e }, span)?;
+        let s = self.add(Op::SumAll { x: d }, span)?;
+        // The 1 of every element, n of them, is a constant: −½·λ/div·(n + Σ…).
+        let n = self.g.ty(mu).numel();
+        let c = -0.5 * t.weight / self.divisor(t.reduction(), n);
+        let scaled = self.add(Op::Scale { x: s, c: c as f32 }, span)?;
+        let ones = self.add(Op::Fill { value: (c * n as f64) as f32, shape: vec![] }, span)?;
+        self.add(Op::Binary { f: BinaryFn::Add, a: scaled, b: ones }, span)
     }
 }

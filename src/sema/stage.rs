@@ -127,6 +127,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             weight: 1.0,
             kind: LossKind::Mse,
             arg: ast::Ident { name: String::new(), span },
+            reduction: None,
             span,
         },
         extra: Vec::new(),

@@ -59,6 +59,31 @@ class Tied(nn.Module):
         self.bias = nn.Parameter(torch.zeros(bias_size)) if bias_size else None
 
 
+class Gaussian(nn.Module):
+    """A Gaussian code: heads `mu` and `logvar`; in training the code is
+    mu + exp(logvar / 2) * eps (eps drawn, or fixed by setting `self.eps`), else mu."""
+
+    def __init__(self, in_features, size):
+        super().__init__()
+        self.mu = nn.Linear(in_features, size)
+        self.logvar = nn.Linear(in_features, size)
+        self.eps = None
+
+    def forward(self, x):
+        mu, logvar = self.mu(x), self.logvar(x)
+        self.stats = (mu, logvar)
+        if not self.training:
+            return mu
+        eps = torch.randn_like(mu) if self.eps is None else self.eps
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def kl(self, reduction="batchmean"):
+        """aec's `kl(code)` of the last forward pass."""
+        mu, logvar = self.stats
+        s = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return {"sum": s, "batchmean": s / mu.shape[0], "mean": s / mu.numel()}[reduction]
+
+
 class Reshape(nn.Module):
     def __init__(self, *dims):
         super().__init__()
@@ -204,6 +229,7 @@ fn module(m: &Model, l: &LayerInfo) -> String {
         }
         LayerKind::Embed { dim } => format!("nn.Embedding({}, {dim})", in_features(&l.input)),
         LayerKind::Dropout { p } => format!("nn.Dropout({p})"),
+        LayerKind::Gaussian { units } => format!("Gaussian({}, {units})", in_features(&l.input)),
         LayerKind::Activation(a) => match a.kind {
             ActKind::Relu => "nn.ReLU()".into(),
             ActKind::Sigmoid => "nn.Sigmoid()".into(),

@@ -106,6 +106,11 @@ pub enum LayerKind {
     Dropout {
         p: f64,
     },
+    /// A Gaussian code (a VAE's encoder ends in it): two affine heads, `mu` and `logvar`, and
+    /// the code `mu + exp(logvar / 2)·ε` in training, `mu` otherwise.
+    Gaussian {
+        units: u64,
+    },
     /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
     Activation(Activation),
 }
@@ -217,7 +222,20 @@ pub struct LossTerm {
     pub kind: LossKind,
     /// What the term is taken of: an input/target name, `weights` or `code`.
     pub arg: Ident,
+    /// `reduction: …` as written (each kind has its default: `LossTerm::reduction`).
+    pub reduction: Option<(Reduction, Span)>,
     pub span: Span,
+}
+
+impl LossTerm {
+    /// The reduction in effect: as written, else `batchmean` for `kl` and `mean` for the rest.
+    pub fn reduction(&self) -> Reduction {
+        match (self.reduction, self.kind) {
+            (Some((r, _)), _) => r,
+            (None, LossKind::Kl) => Reduction::BatchMean,
+            (None, _) => Reduction::Mean,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +245,28 @@ pub enum LossKind {
     CrossEntropy,
     L1,
     L2,
+    /// The KL divergence of a Gaussian code from N(0, I).
+    Kl,
+}
+
+/// How a loss term reduces over its elements (PyTorch's `reduction`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// Σ ÷ the number of elements (PyTorch's default; `batchmean` is `kl`'s).
+    Mean,
+    Sum,
+    /// Σ ÷ the batch size.
+    BatchMean,
+}
+
+impl Reduction {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Reduction::Mean => "mean",
+            Reduction::Sum => "sum",
+            Reduction::BatchMean => "batchmean",
+        }
+    }
 }
 
 impl LossKind {
@@ -237,6 +277,7 @@ impl LossKind {
             LossKind::CrossEntropy => "cross_entropy",
             LossKind::L1 => "l1",
             LossKind::L2 => "l2",
+            LossKind::Kl => "kl",
         }
     }
 }

@@ -16,7 +16,7 @@ pub(super) struct Builder {
 
 const LAYER_KINDS: &[&str] = &[
     "dense", "conv", "maxpool", "avgpool", "unpool", "deconv", "flatten", "reshape", "rnn", "gru", "lstm",
-    "embed", "dropout",
+    "embed", "dropout", "gaussian",
 ];
 /// The largest size a spec may write anywhere (2²⁸, aec's per-sample activation budget). With
 /// every size below it, all shape arithmetic fits in `u64` without overflow.
@@ -400,6 +400,7 @@ impl Builder {
             }
             "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
             "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
+            "gaussian" => LayerKind::Gaussian { units: a.count("code size", "gaussian 20") },
             w if ACTIVATIONS.contains(&w) => {
                 let act = match w {
                     "leaky_relu" => ActKind::LeakyRelu(a.opt_number().unwrap_or(0.01)),
@@ -517,35 +518,75 @@ impl Builder {
             "cross_entropy" => LossKind::CrossEntropy,
             "l1" => LossKind::L1,
             "l2" => LossKind::L2,
+            "kl" => LossKind::Kl,
             other => {
-                let names = ["mse", "bce", "cross_entropy", "l1", "l2"];
+                let names = ["mse", "bce", "cross_entropy", "l1", "l2", "kl"];
                 let mut d =
                     Diagnostic::error(format!("unknown loss `{other}`")).label(call.name_span, "not a loss");
                 d = match closest(other, names.iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help("losses are mse, bce, cross_entropy, l1 and l2"),
+                    None => d.help("losses are mse, bce, cross_entropy, l1, l2 and kl"),
                 };
                 self.err(d);
                 return None;
             }
         };
-        let arg = match call.args.as_slice() {
-            [CallArg { name: None, value: Value::Word(w), span }] => Ident { name: w.clone(), span: *span },
-            _ => {
+        let mut arg = None;
+        let mut reduction = None;
+        let mut ok = true;
+        for a in &call.args {
+            match (&a.name, &a.value) {
+                (None, Value::Word(w)) if arg.is_none() => {
+                    arg = Some(Ident { name: w.clone(), span: a.span })
+                }
+                (Some(n), Value::Word(w)) if n.name == "reduction" && reduction.is_none() => {
+                    let r = match w.as_str() {
+                        "mean" => Reduction::Mean,
+                        "sum" => Reduction::Sum,
+                        "batchmean" => Reduction::BatchMean,
+                        _ => {
+                            self.err(
+                                Diagnostic::error(format!("unknown reduction `{w}`"))
+                                    .label(a.span, "not a reduction")
+                                    .help("write `reduction: mean`, `sum` or `batchmean`"),
+                            );
+                            ok = false;
+                            continue;
+                        }
+                    };
+                    reduction = Some((r, a.span));
+                }
+                _ => {
+                    self.err(
+                        Diagnostic::error(format!("`{}` does not take this argument", call.name))
+                            .label(a.span, "not understood here")
+                            .help(format!(
+                                "write e.g. `{}(x)` or `{}(x, reduction: sum)`: one name, then an optional \
+                                 reduction (mean, sum or batchmean)",
+                                call.name, call.name
+                            )),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let Some(arg) = arg else {
+            if ok {
                 self.err(
                     Diagnostic::error(format!("`{}` takes one name", call.name))
                         .label(call.span, "write e.g. `mse(x)`")
                         .help("name an input or target, or `weights` / `code` for a penalty"),
                 );
-                return None;
             }
+            return None;
         };
+        // A bad argument is reported; the term stays, so the next one is not taken for the first.
         if !(weight.is_finite() && weight >= 0.0) {
             self.err(
                 Diagnostic::error("a loss weight must be a finite number ≥ 0").label(span, "this weight"),
             );
         }
-        Some(LossTerm { weight, kind, arg, span })
+        Some(LossTerm { weight, kind, arg, reduction, span })
     }
 
     // ---- train ---------------------------------------------------------------------------------
@@ -1216,6 +1257,7 @@ impl<'a> LayerArgs<'a> {
             "rnn" | "gru" | "lstm" => "`gru H [seq] [teacher_forcing] [nobias]`",
             "embed" => "`embed N`",
             "dropout" => "`dropout P`",
+            "gaussian" => "`gaussian N`",
             _ => "no arguments",
         };
         for (i, (arg, span)) in self.args.iter().enumerate() {

@@ -133,6 +133,7 @@ impl Display for LayerKind {
             }
             LayerKind::Embed { dim } => write!(f, "embed {dim}"),
             LayerKind::Dropout { p } => write!(f, "dropout {p}"),
+            LayerKind::Gaussian { units } => write!(f, "gaussian {units}"),
             LayerKind::Activation(a) => write!(f, "{}", a.kind),
         }
     }
@@ -174,7 +175,11 @@ impl Display for LossTerm {
         if self.weight != 1.0 {
             write!(f, "{} * ", Num(self.weight))?;
         }
-        write!(f, "{}({})", self.kind.keyword(), self.arg.name)
+        write!(f, "{}({}", self.kind.keyword(), self.arg.name)?;
+        if let Some((r, _)) = self.reduction {
+            write!(f, ", reduction: {}", r.keyword())?;
+        }
+        f.write_str(")")
     }
 }
 
