@@ -114,8 +114,13 @@ fn onehot838_finds_a_binary_code_for_almost_every_seed() {
 
 #[test]
 fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
-    // Adam (with validation) and SGD with momentum.
-    for (spec, total, first) in [("specs/digits_mlp.ae", "3", "1"), ("specs/onehot838.ae", "40", "15")] {
+    // Adam (with validation), SGD with momentum, and a VAE (its ε a function of seed and step).
+    let runs = [
+        ("specs/digits_mlp.ae", "3", "1"),
+        ("specs/onehot838.ae", "40", "15"),
+        ("specs/vae_digits.ae", "4", "2"),
+    ];
+    for (spec, total, first) in runs {
         let whole = scratch(&format!("whole-{total}"));
         let parts = scratch(&format!("parts-{total}"));
         let (code, _, err) = aec(&["run", "--train", spec, "--epochs", total, "--out", s(&whole)]);

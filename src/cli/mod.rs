@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod generate;
 mod picture;
 mod plot;
 mod run;
@@ -54,6 +55,11 @@ enum Command {
     Check(run::CheckArgs),
     /// Measure native compile time, training and inference speed.
     Bench(bench::BenchArgs),
+    /// Decode codes drawn from N(0, I) (a trained VAE's prior): new samples, or with --grid the
+    /// decoded plane of a 2-D code.
+    Sample(generate::SampleArgs),
+    /// Encode two or more inputs and decode the straight lines between their codes.
+    Interpolate(generate::InterpolateArgs),
 }
 
 #[derive(clap::Args)]
@@ -125,6 +131,8 @@ pub fn main() -> ExitCode {
         Command::Encode(args) => run::encode(&args),
         Command::Check(args) => run::check(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Sample(args) => generate::sample(&args),
+        Command::Interpolate(args) => generate::interpolate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

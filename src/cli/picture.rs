@@ -78,6 +78,46 @@ pub fn write_grid(
     Ok(format!("{} ({rows} samples: {})", path.display(), titles.join(" | ")))
 }
 
+/// Writes `images` (`[N, …]`) as tiles, `cols` to a row, in order (generated samples, an
+/// interpolation's lines). Values are clamped to [0, 1].
+pub fn write_tiles(
+    path: &Path,
+    images: &Array,
+    (c, h, w): (usize, usize, usize),
+    cols: usize,
+) -> Result<String, String> {
+    let Values::F32(v) = &images.values else {
+        return Err("the samples are not images".into());
+    };
+    let (n, per) = (images.samples(), images.sample_len());
+    if n == 0 || cols == 0 {
+        return Err("no samples to draw".into());
+    }
+    if per != c * h * w {
+        return Err(format!("the samples have {per} values each, not {c}×{h}×{w}"));
+    }
+    let rows = n.div_ceil(cols);
+    let scale = (96 / h.max(w)).max(1);
+    let (cw, ch) = (w * scale, h * scale);
+    let (width, height) = (cols * (cw + GAP) + GAP, rows * (ch + GAP) + GAP);
+    let mut rgb = vec![BACKGROUND; width * height * 3];
+    for (k, img) in v.chunks(per).enumerate() {
+        let (x0, y0) = (GAP + (k % cols) * (cw + GAP), GAP + (k / cols) * (ch + GAP));
+        for y in 0..ch {
+            for x in 0..cw {
+                let px = |plane: usize| {
+                    (img[(plane * h + y / scale) * w + x / scale].clamp(0.0, 1.0) * 255.0).round() as u8
+                };
+                let at = ((y0 + y) * width + x0 + x) * 3;
+                let pixel = if c == 3 { [px(0), px(1), px(2)] } else { [px(0); 3] };
+                rgb[at..at + 3].copy_from_slice(&pixel);
+            }
+        }
+    }
+    write_rgb_png(path, &rgb, (width, height))?;
+    Ok(format!("{} ({n} samples, {cols} to a row)", path.display()))
+}
+
 /// Writes 8-bit RGB pixels as a PNG file, atomically.
 pub fn write_rgb_png(path: &Path, rgb: &[u8], (width, height): (usize, usize)) -> Result<(), String> {
     let mut bytes = Vec::new();

@@ -108,7 +108,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn runtime(self) -> aec::runtime::Backend {
+    pub(super) fn runtime(self) -> aec::runtime::Backend {
         match self {
             Backend::Jit => aec::runtime::Backend::Jit,
             Backend::Interp => aec::runtime::Backend::Interp,
@@ -117,13 +117,13 @@ impl Backend {
 }
 
 /// A spec that compiled, with its text for diagnostics.
-struct Spec {
-    path: PathBuf,
-    src: String,
-    compiled: Compiled,
+pub(super) struct Spec {
+    pub(super) path: PathBuf,
+    pub(super) src: String,
+    pub(super) compiled: Compiled,
 }
 
-fn load_spec(path: &Path, batch: Option<u64>) -> Result<Spec, Failure> {
+pub(super) fn load_spec(path: &Path, batch: Option<u64>) -> Result<Spec, Failure> {
     let src = read_spec(path)?;
     match aec::compile(&src, &Config { batch }) {
         Ok(compiled) => {
@@ -154,7 +154,7 @@ impl Spec {
     }
 }
 
-fn threads(t: Option<u64>) -> usize {
+pub(super) fn threads(t: Option<u64>) -> usize {
     t.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -407,18 +407,37 @@ fn apply(
     how: Apply,
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
-    for (flag, path) in [("--weights", weights), ("--input", input)] {
-        if !path.is_file() {
-            let what = if path.is_dir() { "is a folder" } else { "does not exist" };
-            return Err(Failure::Io(format!("{flag} {} {what}; give a file", path.display())));
-        }
+    let params = load_weights(&spec, weights)?;
+    let x = read_input(&spec, input, how.raw)?;
+    let y = infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, how.backend.runtime())
+        .map_err(Failure::Data)?;
+    data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
+    let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
+    eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
+    Ok(())
+}
+
+/// The parameters of `--weights`, checked against the spec's.
+pub(super) fn load_weights(spec: &Spec, weights: &Path) -> Result<Vec<Vec<f32>>, Failure> {
+    if !weights.is_file() {
+        let what = if weights.is_dir() { "is a folder" } else { "does not exist" };
+        return Err(Failure::Io(format!("--weights {} {what}; give a file", weights.display())));
     }
-    let params = checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)?;
+    checkpoint::load_params(weights, &spec.compiled.forward).map_err(Failure::Data)
+}
+
+/// The samples of `--input` as the network takes them: scaled as the spec's data is (unless
+/// `raw`), checked against the input's type.
+pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
+    if !input.is_file() {
+        let what = if input.is_dir() { "is a folder" } else { "does not exist" };
+        return Err(Failure::Io(format!("--input {} {what}; give a file", input.display())));
+    }
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let mut x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
     // The network was trained on the data as the spec scales it: so is --input, unless asked.
-    match input_scale(&spec).filter(|&s| s != 1.0) {
-        Some(scale) if !how.raw => {
+    match input_scale(spec).filter(|&s| s != 1.0) {
+        Some(scale) if !raw => {
             if let Values::F32(v) = &mut x.values {
                 v.iter_mut().for_each(|a| *a = (f64::from(*a) * scale) as f32);
             }
@@ -430,13 +449,7 @@ fn apply(
         Some(scale) => eprintln!("fed {} as it is (the spec's data is scaled by {scale})", input.display()),
         None => {}
     }
-    let x = data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))?;
-    let y = infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, how.backend.runtime())
-        .map_err(Failure::Data)?;
-    data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
-    let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
-    eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
-    Ok(())
+    data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))
 }
 
 /// Every path a training run writes, checked before it trains: the run folder (made now; with

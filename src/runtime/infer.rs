@@ -1,6 +1,7 @@
 //! Inference: the network's output (`recon`) or the encoder's (`code`) for a whole array of
-//! samples, in batches, with dropout off. A teacher-forced decoder's output is the token ids
-//! of greedy decoding (`decode`).
+//! samples, in batches, with dropout off, or the decoder's output for an array of codes
+//! (`Generated`: sampling and interpolation). A teacher-forced decoder's output is the token
+//! ids of greedy decoding (`decode`).
 
 use super::{Backend, State};
 use crate::codegen;
@@ -14,6 +15,8 @@ use crate::sema::{Compiled, Lowering, Mode, Ty, lower};
 pub enum Output {
     Recon,
     Code,
+    /// The decoder alone, run on codes (`Mode::Generate`).
+    Generated,
 }
 
 /// Runs the model on `input` (samples of the model's input type) with `params`.
@@ -27,9 +30,10 @@ pub fn infer(
     backend: Backend,
 ) -> Result<Array, String> {
     let name = match output {
-        Output::Recon => "recon",
+        Output::Recon | Output::Generated => "recon",
         Output::Code => "code",
     };
+    let mode = if output == Output::Generated { Mode::Generate } else { Mode::Infer };
     let n = input.samples();
     let per = input.sample_len();
     if output == Output::Recon
@@ -56,7 +60,7 @@ pub fn infer(
         let g = match graphs.entry(b) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let lowering = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false };
+                let lowering = Lowering { batch: b as u64, mode, denoise: false };
                 let fwd = lower::lower(&c.model, &lowering)?;
                 e.insert(passes::dce::keep_outputs(&fwd, &[name])?)
             }
@@ -97,7 +101,7 @@ pub fn infer(
         }
     }
     let ty = match output {
-        Output::Recon => &c.model.output,
+        Output::Recon | Output::Generated => &c.model.output,
         Output::Code => &c.model.code,
     };
     let mut shape = vec![n];

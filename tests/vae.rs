@@ -1,0 +1,170 @@
+//! Variational autoencoders end to end: training a Gaussian code, `aec sample` and
+//! `aec interpolate` on both backends, and their errors.
+
+mod common;
+use common::{aec, s, scratch};
+use std::path::Path;
+
+fn f32s(a: &aec::data::Array) -> &[f32] {
+    match &a.values {
+        aec::data::Values::F32(v) => v,
+        aec::data::Values::I32(_) => panic!("not f32"),
+    }
+}
+
+fn read(p: &Path) -> aec::data::Array {
+    aec::data::read_npy(p).expect("npy")
+}
+
+fn train(spec: &str, dir: &Path, epochs: &str) -> String {
+    let (code, _, err) = aec(&["run", "--train", spec, "--epochs", epochs, "--out", s(dir)]);
+    assert_eq!(code, 0, "{err}");
+    dir.join("checkpoint.safetensors").to_str().expect("utf-8").to_owned()
+}
+
+#[test]
+fn a_vae_trains_and_reports_both_terms_for_training_and_validation() {
+    let dir = scratch("vae-train");
+    train("specs/vae_digits.ae", &dir, "30");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let first: serde_json::Value =
+        serde_json::from_str(metrics.lines().next().expect("a line")).expect("json");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("json");
+    for key in ["terms", "val_terms"] {
+        for term in ["bce", "kl"] {
+            assert!(last[key][term].as_f64().is_some_and(f64::is_finite), "{key}.{term} in {last}");
+        }
+    }
+    // The summed BCE of a batch of 64 falls as it learns; the KL term is positive.
+    let bce = |v: &serde_json::Value| v["terms"]["bce"].as_f64().expect("bce");
+    assert!(bce(&last) < 0.8 * bce(&first), "{first} → {last}");
+    assert!(last["terms"]["kl"].as_f64().expect("kl") > 0.0, "{last}");
+    let total = last["terms"]["bce"].as_f64().expect("bce") + last["terms"]["kl"].as_f64().expect("kl");
+    assert!((total - last["train_loss"].as_f64().expect("loss")).abs() < 1e-6 * total, "{last}");
+}
+
+#[test]
+fn sample_draws_from_the_prior_reproducibly_on_both_backends() {
+    let dir = scratch("vae-sample");
+    let w = train("specs/vae_digits.ae", &dir, "5");
+    let out = |name: &str, extra: &[&str]| {
+        let path = dir.join(name);
+        let mut args = vec!["sample", "specs/vae_digits.ae", "--weights", &w, "--output", s(&path)];
+        args.extend_from_slice(extra);
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, 0, "{err}");
+        read(&path)
+    };
+    let a = out("a.npy", &["--count", "7", "--seed", "3"]);
+    let b = out("b.npy", &["--count", "7", "--seed", "3", "--backend", "interp"]);
+    let c = out("c.npy", &["--count", "7", "--seed", "4"]);
+    assert_eq!(a.shape, vec![7, 1, 8, 8]);
+    assert!(f32s(&a).iter().all(|v| (0.0..=1.0).contains(v)), "a sigmoid output");
+    let diff = f32s(&a).iter().zip(f32s(&b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-5, "native and interpreter differ by {diff}");
+    assert_ne!(f32s(&a), f32s(&c), "another seed, other codes");
+    let grid = out("grid.npy", &["--grid", "--count", "5"]);
+    assert_eq!(grid.shape, vec![25, 1, 8, 8]);
+    let png = dir.join("grid.png");
+    let (code, _, err) =
+        aec(&["sample", "specs/vae_digits.ae", "--weights", &w, "--grid", "--count", "4", "--png", s(&png)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(&png).expect("png").starts_with(b"\x89PNG"));
+}
+
+#[test]
+fn interpolation_starts_and_ends_at_the_reconstructions() {
+    // The ends of each line are the codes of the inputs, so decoding them is `aec run`.
+    let dir = scratch("vae-interpolate");
+    let w = train("specs/digits_mlp.ae", &dir, "3");
+    let digits = read(&common::root().join("specs/data/digits-images.npy"));
+    let three = aec::data::Array {
+        shape: vec![3, 8, 8],
+        values: match &digits.values {
+            aec::data::Values::F32(v) => aec::data::Values::F32(v[..192].to_vec()),
+            aec::data::Values::I32(_) => panic!("digits are read as f32"),
+        },
+    };
+    let x = dir.join("x.npy");
+    aec::data::write_npy(&x, &three).expect("write");
+    let (line, recon) = (dir.join("line.npy"), dir.join("recon.npy"));
+    let (code, _, err) = aec(&[
+        "interpolate",
+        "specs/digits_mlp.ae",
+        "--weights",
+        &w,
+        "--input",
+        s(&x),
+        "--steps",
+        "5",
+        "--output",
+        s(&line),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) =
+        aec(&["run", "specs/digits_mlp.ae", "--weights", &w, "--input", s(&x), "--output", s(&recon)]);
+    assert_eq!(code, 0, "{err}");
+    let (line, recon) = (read(&line), read(&recon));
+    assert_eq!(line.shape[0], 10, "two lines of five points");
+    let per = recon.sample_len();
+    let at = |a: &aec::data::Array, i: usize| f32s(a)[i * per..(i + 1) * per].to_vec();
+    for (point, sample) in [(0, 0), (4, 1), (5, 1), (9, 2)] {
+        let d =
+            at(&line, point).iter().zip(at(&recon, sample)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-5, "point {point} is not the reconstruction of sample {sample}: {d}");
+    }
+}
+
+#[test]
+fn generation_errors_say_why() {
+    let dir = scratch("vae-errors");
+    let conv = train("specs/digits_conv.ae", &dir.join("conv"), "1");
+    let mlp = train("specs/digits_mlp.ae", &dir.join("mlp"), "1");
+    let conv_vae = train("specs/vae_conv.ae", &dir.join("vae"), "1");
+    let out = dir.join("o.npy");
+    let x = common::root().join("specs/data/digits-images.npy");
+    let cases: [(Vec<&str>, i32, &str); 5] = [
+        (vec!["sample", "specs/digits_mlp.ae", "--weights", &mlp, "--output", s(&out)], 1, "Gaussian code"),
+        (
+            vec!["sample", "specs/vae_conv.ae", "--weights", &conv_vae, "--grid", "--output", s(&out)],
+            1,
+            "2-D code",
+        ),
+        (vec!["sample", "specs/vae_digits.ae", "--weights", &mlp], 2, "--output"),
+        (
+            vec![
+                "interpolate",
+                "specs/digits_conv.ae",
+                "--weights",
+                &conv,
+                "--input",
+                s(&x),
+                "--output",
+                s(&out),
+            ],
+            1,
+            "switches",
+        ),
+        (
+            vec![
+                "interpolate",
+                "specs/digits_mlp.ae",
+                "--weights",
+                &mlp,
+                "--input",
+                "nowhere.npy",
+                "--png",
+                "a.png",
+            ],
+            2,
+            "does not exist",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
