@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 AEC = ROOT / "target" / "release" / "aec"
-DEFAULT = ["onehot838", "digits_mlp", "digits_conv", "digits_deconv", "mirror", "strokes", "denoise", "coins_seg"]
+DEFAULT = ["onehot838", "digits_mlp", "digits_conv", "digits_deconv", "mirror", "strokes", "denoise", "coins_seg", "vae_digits", "vae_conv", "beta_vae"]
 
 
 def aec(*args):
