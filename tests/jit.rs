@@ -174,6 +174,21 @@ fn convolutions_pools_and_unpooling_on_awkward_sizes() {
 }
 
 #[test]
+fn gaussian_codes_of_odd_sizes_at_odd_batches() {
+    // The native ε, reparameterisation and KL term against the interpreter's, each reduction.
+    for (code, reduction) in [(1, "sum"), (3, "batchmean"), (5, "mean"), (17, "sum")] {
+        let src = format!(
+            "model t {{ input x: [7]\n encoder {{ dense 9 -> relu; gaussian {code} }}\n decoder {{ dense 7 -> sigmoid }}\n \
+             loss bce(x, reduction: {reduction}) + 0.7 * kl(code, reduction: {reduction}) }}"
+        );
+        for batch in [1, 3, 8, 13] {
+            let (g, f) = compile_src(&src, batch);
+            same_training(&format!("{src} batch {batch}"), &g, &f, 3, 1e-4);
+        }
+    }
+}
+
+#[test]
 fn a_diverging_step_leaves_the_state_untouched() {
     let src = "model t { input x: [4]\n encoder { dense 3 }\n decoder { dense 4 }\n loss mse(x) }\ntrain { optimizer sgd(lr: 0.1) }";
     let (g, f) = compile_src(src, 2);

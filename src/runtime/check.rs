@@ -62,7 +62,18 @@ impl Report {
 
 /// Relative difference of `a` and `b`, measured against the tolerance's scale.
 fn relative(a: f64, b: f64) -> f64 {
-    (a - b).abs() / (ABS / REL + a.abs().max(b.abs()))
+    relative_above(a, b, 0.0)
+}
+
+/// `relative` with `floor` added to the absolute tolerance: what a difference cannot resolve.
+fn relative_above(a: f64, b: f64, floor: f64) -> f64 {
+    (a - b).abs() / ((ABS + floor) / REL + a.abs().max(b.abs()))
+}
+
+/// What a central difference at step `eps` of an f32 loss of size `loss` cannot resolve: two
+/// roundings of the loss (an ulp each, 2⁻²³ of it at most) over the step `2·eps`.
+fn resolution(loss: f64, eps: f32) -> f64 {
+    loss.abs() * f64::powi(2.0, -23) / f64::from(eps)
 }
 
 /// Checks the gradients of `forward`'s output `loss` at `params` on `inputs`, sampling at most
@@ -117,7 +128,9 @@ pub fn check(
                 let mut minus = params.to_vec();
                 minus[p][i] -= eps;
                 let numeric = (eval(&plus)? - eval(&minus)?) / (2.0 * f64::from(eps));
-                best = best.min(relative(a, numeric));
+                // A summed loss in the hundreds rounds to a few 1e-5: the difference of two
+                // such values cannot tell gradients apart below that, over the step.
+                best = best.min(relative_above(a, numeric, resolution(loss_value, eps)));
                 if best <= REL {
                     break;
                 }
@@ -164,5 +177,14 @@ mod tests {
         assert!(!ParamCheck { fd_missed: 2, ..good.clone() }.passes());
         assert!(!ParamCheck { native_error: Some(0.1), ..good.clone() }.passes());
         assert!(relative(1.0, 1.01) < REL && relative(1.0, 1.1) > REL);
+    }
+
+    #[test]
+    fn the_floor_grows_with_the_loss_and_shrinks_with_the_step() {
+        // A loss of 100 rounds to about 1e-5: at a step of 1e-3 a difference below 1e-2 is noise.
+        let floor = resolution(100.0, 1e-3);
+        assert!((0.01..0.02).contains(&floor), "{floor}");
+        assert!(resolution(100.0, 1e-4) > floor && resolution(1.0, 1e-3) < floor);
+        assert!(relative_above(0.05, 0.06, floor) < REL && relative(0.05, 0.06) > REL);
     }
 }
