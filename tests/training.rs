@@ -113,6 +113,20 @@ fn onehot838_finds_a_binary_code_for_almost_every_seed() {
 }
 
 #[test]
+fn a_translation_model_trains_and_decodes_its_validation_set_natively() {
+    // Greedy decoding of the validation set runs the encoder alone, whose graph declares the
+    // target but reads none of its ids: such an input takes any id (it once refused them all).
+    let dir = scratch("translate-small");
+    let spec = dir.join("t.ae");
+    let src = std::fs::read_to_string(root().join("specs/translate.ae")).expect("spec");
+    std::fs::write(&spec, src.replace("translation(count: 8192)", "translation(count: 256)")).expect("write");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--epochs", "2", "--out", s(&dir.join("run"))]);
+    assert_eq!(code, 0, "{err}");
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).expect("metrics");
+    assert!(metrics.lines().all(|l| l.contains("\"token_accuracy\"")), "{metrics}");
+}
+
+#[test]
 fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
     // Adam (with validation), SGD with momentum, and a VAE (its ε a function of seed and step).
     let runs = [

@@ -781,8 +781,11 @@ impl Program {
                 Buf::I32(v) if v.len() == n && def.ty.dtype == DType::I32 => {
                     // Kernels index tables and rows by these ids: an id out of range would read
                     // or write outside its buffer, so it stops the step before any kernel runs.
+                    // (An input no table reads is unbounded: `usize::MAX`.)
                     let bound = self.id_bounds[i];
-                    if let Some(&bad) = v.iter().find(|&&x| x < 0 || x as i64 >= bound as i64) {
+                    if let Some(&bad) =
+                        v.iter().find(|&&x| usize::try_from(x).is_ok_and(|x| x >= bound) || x < 0)
+                    {
                         return Err(RunError::Inputs(format!(
                             "`{}` holds the id {bad}, outside 0..{bound}",
                             def.name
