@@ -16,6 +16,7 @@
 pub mod diag;
 pub mod ir;
 pub mod memory;
+pub mod onnx;
 pub mod sema;
 pub mod syntax;
 

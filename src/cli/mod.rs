@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod export;
 mod generate;
 mod picture;
 mod plot;
@@ -60,6 +61,8 @@ enum Command {
     Sample(generate::SampleArgs),
     /// Encode two or more inputs and decode the straight lines between their codes.
     Interpolate(generate::InterpolateArgs),
+    /// Write a trained network, its encoder or its decoder as an ONNX model.
+    Export(export::ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -133,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args),
         Command::Sample(args) => generate::sample(&args),
         Command::Interpolate(args) => generate::interpolate(&args),
+        Command::Export(args) => export::export(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

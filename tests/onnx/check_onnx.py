@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Runs aec's ONNX exports in onnxruntime and compares them with aec itself.
+
+For each spec: train it briefly (`aec run --train --epochs 1`), export the whole model, the
+encoder and (where it can run alone) the decoder with `aec export`, and compare onnxruntime's
+outputs with `aec run` (reconstruction) and `aec encode` (code) on the same inputs, at batch
+1 and 13, to 1e-5. The decoder is fed the codes `aec encode` wrote. Extra specs written here
+cover what the shipped ones do not: max pools with odd sizes and ties (windows of equal
+values), overlapping pools, and GRU, LSTM and RNN encoders and decoders.
+
+    ../torch-venv/bin/python tests/onnx/check_onnx.py [SPEC ...]
+
+Needs the release binary (`cargo build --release`) and onnxruntime. Not part of `cargo test`.
+"""
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[2]
+AEC = ROOT / "target" / "release" / "aec"
+SHIPPED = sorted(p.stem for p in (ROOT / "specs").glob("*.ae"))
+
+# Specs only this check needs (written to a temporary folder; data-less, so trained on random
+# inputs of their shape — `aec run --train` needs data, so these get a `random` data line).
+EXTRA = {
+    "ties_odd": """
+model ties_odd {
+    input x: [2, 7, 9]
+    encoder { conv 3 k3 p1 -> relu; maxpool 2 as p; conv 4 k3x1 p1x0 -> tanh; maxpool 3 s2 as q }
+    decoder { unpool q; deconv 3 k3x1 p1x0 -> relu; unpool p; deconv 2 k3 p1 -> sigmoid }
+    loss mse(x)
+}
+train { data random(count: 64); epochs 1; batch 16 }
+""",
+    "gru_seq": """
+model gru_seq {
+    input s: seq[7] of token[5]
+    encoder { embed 6; gru 9 }
+    decoder { gru 9 seq; dense 5 -> softmax }
+    loss cross_entropy(s)
+}
+train { data copy(len: 7, vocab: 5, count: 64); epochs 1; batch 16 }
+""",
+    "lstm_seq": """
+model lstm_seq {
+    input s: seq[6] of token[4]
+    encoder { embed 5; lstm 7 seq; lstm 3 }
+    decoder { lstm 7 seq; dense 4 -> softmax }
+    loss cross_entropy(s)
+}
+train { data copy(len: 6, vocab: 4, count: 64); epochs 1; batch 16 }
+""",
+    "lstm_forced": """
+model lstm_forced {
+    input s: seq[6] of token[5]
+    encoder { embed 4; lstm 7 }
+    decoder { lstm 7 teacher_forcing; dense 5 -> softmax }
+    loss cross_entropy(s)
+}
+train { data copy(len: 6, vocab: 5, count: 64); epochs 1; batch 16 }
+""",
+    "rnn_seq": """
+model rnn_seq {
+    input s: seq[5] of token[6]
+    encoder { embed 4; rnn 8 nobias }
+    decoder { rnn 8 seq; dense 6 -> softmax }
+    loss cross_entropy(s)
+}
+train { data copy(len: 5, vocab: 6, count: 64); epochs 1; batch 16 }
+""",
+}
+
+
+def aec(*args, check=True):
+    r = subprocess.run([str(AEC), *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"aec {' '.join(map(str, args))}: {r.stderr.strip()}")
+    return r
+
+
+def input_info(spec):
+    """(dims, token vocabulary or None) of the spec's input, from the layer table."""
+    for line in aec("compile", spec).stdout.splitlines():
+        if line.startswith("input "):
+            text = line.split(None, 2)[2]
+            if "token[" in text:
+                length = int(text[text.index("seq[") + 4 : text.index("]")])
+                vocab = int(text[text.index("token[") + 6 : text.index("]", text.index("token["))])
+                return [length], vocab
+            dims = text[text.index("[") + 1 : text.index("]")]
+            return [int(d) for d in dims.split(",")], None
+    raise SystemExit(f"{spec}: no input row")
+
+
+def inputs(spec, batch, rng, ties):
+    dims, vocab = input_info(spec)
+    if vocab is not None:
+        return rng.integers(0, vocab, size=[batch, *dims]).astype(np.int64)
+    x = rng.random([batch, *dims], dtype=np.float32)
+    if ties:
+        x = np.round(x * 3) / 3  # few distinct values: pool windows with equal maxima
+    return x
+
+
+def close(what, a, b):
+    err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+    ok = a.shape == b.shape and err <= 1e-5
+    return ok, f"{what} {err:.1e}" + ("" if a.shape == b.shape else f" shapes {a.shape} vs {b.shape}")
+
+
+def check_seq2seq(spec, work, weights, vocab):
+    """A teacher-forced model: the encoder (code and state) and one decoder step, looped as
+    `aec run` decodes greedily (the start token is the vocabulary size; the next input is the
+    argmax), against `aec run`'s token ids and `aec encode`'s codes."""
+    sessions = {}
+    for part in ["encoder", "step"]:
+        out = work / f"{part}.onnx"
+        aec("export", spec, "--weights", weights, "--onnx", out, "--part", part)
+        sessions[part] = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    results, ok = [], True
+    for batch in [1, 13]:
+        x = inputs(spec, batch, rng, ties=False)
+        np.save(work / "x.npy", x.astype(np.int32))
+        aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--output", work / "y.npy")
+        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--output", work / "z.npy")
+        y, z = np.load(work / "y.npy"), np.load(work / "z.npy")
+        code, state = sessions["encoder"].run(["code", "state"], {sessions["encoder"].get_inputs()[0].name: x})
+        good, text = close(f"b{batch} code", code, z)
+        ok &= good
+        results.append(text)
+        prev = np.full([batch, 1], vocab, dtype=np.int64)
+        ids = []
+        for _ in range(y.shape[1]):
+            out, state = sessions["step"].run(["recon", "state_after"], {"prev": prev, "state": state})
+            prev = out[:, 0].argmax(-1)[:, None].astype(np.int64)
+            ids.append(prev[:, 0])
+        same = bool(np.array_equal(np.stack(ids, 1), y))
+        ok &= same
+        results.append(f"b{batch} greedy ids {'equal' if same else 'DIFFER'}")
+    return ok, results
+
+
+def target_vocab(spec):
+    """The vocabulary of the loss's target, from the layer table (`target` or `input` row)."""
+    rows = [l for l in aec("compile", spec).stdout.splitlines() if l.startswith(("input ", "target "))]
+    text = rows[-1]
+    return int(text[text.index("token[") + 6 : text.index("]", text.index("token["))])
+
+
+def check(name, spec, work):
+    run = work / "run"
+    aec("run", "--train", spec, "--epochs", "1", "--out", run)
+    weights = run / "checkpoint.safetensors"
+    if "teacher_forcing" in Path(spec).read_text():
+        return check_seq2seq(spec, work, weights, target_vocab(spec))
+    sessions = {}
+    for part in ["model", "encoder", "decoder"]:
+        out = work / f"{part}.onnx"
+        r = aec("export", spec, "--weights", weights, "--onnx", out, "--part", part, check=False)
+        if r.returncode == 0:
+            sessions[part] = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        elif part == "model":
+            return False, [f"export failed: {r.stderr.strip()}"]
+        else:
+            sessions[part] = r.stderr.strip().splitlines()[-1]
+    rng = np.random.default_rng(3)
+    results, ok = [], True
+    for batch in [1, 13]:
+        x = inputs(spec, batch, rng, ties=name == "ties_odd")
+        np.save(work / "x.npy", x.astype(np.int32) if x.dtype == np.int64 else x)
+        aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "y.npy")
+        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy")
+        y, z = np.load(work / "y.npy"), np.load(work / "z.npy")
+        feed = {sessions["model"].get_inputs()[0].name: x}
+        recon, code = sessions["model"].run(["recon", "code"], feed)[:2]
+        for what, a, b in [(f"b{batch} recon", recon, y), (f"b{batch} code", code, z)]:
+            good, text = close(what, a, b)
+            ok &= good
+            results.append(text)
+        enc = sessions["encoder"].run(["code"], feed)[0]
+        good, text = close(f"b{batch} encoder", enc, z)
+        ok &= good
+        results.append(text)
+        if isinstance(sessions["decoder"], str):
+            results.append(f"b{batch} decoder not exported ({sessions['decoder'][:60]}…)")
+        else:
+            dec = sessions["decoder"].run(["recon"], {"code": z})[0]
+            good, text = close(f"b{batch} decoder", dec, y)
+            ok &= good
+            results.append(text)
+    return ok, results
+
+
+def main():
+    if not AEC.exists():
+        raise SystemExit("build the release binary first: cargo build --release")
+    names = sys.argv[1:] or SHIPPED + list(EXTRA)
+    all_ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            work = Path(tmp) / name
+            work.mkdir()
+            if name in EXTRA:
+                spec = work / f"{name}.ae"
+                spec.write_text(EXTRA[name])
+            else:
+                spec = ROOT / "specs" / f"{name}.ae"
+                text = spec.read_text()
+                if "\ntrain" not in text:
+                    # A spec without data (a worked example): random data of its inputs' shapes.
+                    names = re.findall(r"(?:input|target)\s+(\w+)\s*:", text)
+                    lines = "".join(f"    data {n}: random(count: 32)\n" for n in names)
+                    spec = work / f"{name}.ae"
+                    spec.write_text(text + f"\ntrain {{\n{lines}    epochs 1\n    batch 8\n}}\n")
+            try:
+                ok, results = check(name, spec, work)
+            except RuntimeError as e:
+                if "has no parameters" in str(e) or "nothing to train" in str(e):
+                    print(f"{name:15} skipped: {str(e).splitlines()[-1][:120]}")
+                    continue
+                ok, results = False, [str(e)]
+            all_ok &= ok
+            print(f"{name:15} {'ok ' if ok else 'MISMATCH'} " + ", ".join(results))
+    sys.exit(0 if all_ok else 1)
+
+
+if __name__ == "__main__":
+    main()
