@@ -7,7 +7,7 @@ use crate::ir::OptimizerFn;
 /// Everything a training run changes: parameter values, the optimizer's per-parameter state
 /// (PyTorch's `momentum_buffer`, or `exp_avg` and `exp_avg_sq`, and `step`), and the number of
 /// steps taken.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct State {
     pub params: Vec<Vec<f32>>,
     /// Per parameter: the optimizer's buffers, empty until its first update.

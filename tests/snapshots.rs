@@ -88,8 +88,12 @@ fn pretraining_stages() {
             return;
         }
         let compiled = aec::compile(&src, &aec::Config::default()).expect("compiles");
-        let lowering =
-            aec::sema::Lowering { batch: compiled.batch, mode: aec::sema::Mode::Train, denoise: false };
+        let lowering = aec::sema::Lowering {
+            batch: compiled.batch,
+            mode: aec::sema::Mode::Train,
+            denoise: false,
+            shard_of: None,
+        };
         let mut text = String::new();
         for k in 1..=aec::sema::stage::stages(&compiled.model) {
             let g = aec::sema::lower::lower_stage(&compiled.model, k, &lowering).expect("stage lowers");

@@ -81,8 +81,11 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     train.set_threads(threads);
     let state = State::new(init::init_params(&c.forward, aec::syntax::ast::Init::Default, 1));
     train.set_state(&state).map_err(Failure::Data)?;
-    let fwd = lower::lower(&c.model, &Lowering { batch: c.batch, mode: Mode::Infer, denoise: false })
-        .map_err(Failure::Data)?;
+    let fwd = lower::lower(
+        &c.model,
+        &Lowering { batch: c.batch, mode: Mode::Infer, denoise: false, shard_of: None },
+    )
+    .map_err(Failure::Data)?;
     let fwd = aec::passes::dce::keep_outputs(&fwd, &["recon"]).map_err(Failure::Data)?;
     let mut infer = Program::compile(&fwd, opts).map_err(Failure::Data)?;
     infer.set_threads(threads);

@@ -108,16 +108,23 @@ pub enum Failure {
     Io(String),
 }
 
+/// How many processes an MPI launcher started, when it started more than one.
+pub fn mpi_processes() -> Option<u64> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<u64>().ok().filter(|&n| n > 1))
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // N copies started by mpirun would each train the same model alone, silently.
-    if let Some(n) = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse::<u64>().ok().filter(|&n| n > 1))
+    if let Some(n) = mpi_processes()
+        && !cfg!(feature = "mpi")
     {
         eprintln!(
             "error: aec was started as {n} MPI processes, but this build cannot train across processes: \
-             each would train the same model alone. Run it as one process (without mpirun)."
+             each would train the same model alone. Run it as one process (without mpirun), or \
+             build aec with MPI: `.ci/install-mpi && cargo build --release --features mpi`."
         );
         return ExitCode::from(2);
     }
@@ -140,21 +147,31 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Spec) => ExitCode::from(1),
-        Err(Failure::Data(msg)) => {
+        Err(f) => ExitCode::from(f.report()),
+    }
+}
+
+impl Failure {
+    /// Prints the message (a spec's diagnostics are already printed); the exit code.
+    pub fn report(self) -> u8 {
+        if let Failure::Data(msg) | Failure::Io(msg) = &self {
             eprintln!("error: {msg}");
-            ExitCode::from(1)
         }
-        Err(Failure::Io(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(2)
+        self.code()
+    }
+
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Spec | Failure::Data(_) => 1,
+            Failure::Io(_) => 2,
         }
     }
 }
 
 /// `--stage K`: a stage of greedy pretraining, as IR or as its training step.
 fn emit_stage(args: &CompileArgs, c: &aec::Compiled, src: &str, k: usize) -> Result<(), Failure> {
-    let lowering = aec::sema::Lowering { batch: c.batch, mode: aec::sema::Mode::Train, denoise: false };
+    let lowering =
+        aec::sema::Lowering { batch: c.batch, mode: aec::sema::Mode::Train, denoise: false, shard_of: None };
     let fwd = aec::sema::lower::lower_stage(&c.model, k, &lowering)
         .map_err(|e| Failure::Data(format!("{}: {e}", args.spec.display())))?;
     let g = match args.emit {

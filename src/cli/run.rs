@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct RunArgs {
     /// The `.ae` spec.
     spec: PathBuf,
@@ -514,7 +514,14 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         cfg.threads,
         if cfg.threads == 1 { "" } else { "s" },
     );
+    let processes = cfg.dist.as_ref().map_or(1, |train::Dist(d)| d.size());
+    let line = if processes > 1 {
+        format!("{line} per process, {processes} processes (MPI; the batch is split between them)")
+    } else {
+        line
+    };
     let json = serde_json::json!({
+        "processes": processes,
         "batch": cfg.batch,
         "epochs": cfg.epochs,
         "optimizer": optimizer,
@@ -604,6 +611,33 @@ fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
 }
 
 fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
+    #[cfg(feature = "mpi")]
+    if super::mpi_processes().is_some() {
+        // Started by mpirun: train with the other processes; one that fails ends them all.
+        let Some(mpi) = aec::runtime::mpi::Mpi::start().map(std::rc::Rc::new) else {
+            return train_with(args, None);
+        };
+        let lead = aec::runtime::dist::Collective::rank(mpi.as_ref()) == 0;
+        let dist = train::Dist(mpi.clone());
+        let threads = args.threads.map_or_else(|| (threads(None) / mpi.local_size()).max(1), |t| t as usize);
+        return match train_with(&RunArgs { threads: Some(threads as u64), ..args.clone() }, Some(dist)) {
+            Ok(()) => Ok(()),
+            Err(f) => {
+                let code = f.code();
+                if lead {
+                    f.report();
+                }
+                mpi.abort(i32::from(code))
+            }
+        };
+    }
+    train_with(args, None)
+}
+
+/// `run --train`; with `dist`, as one process of a data-parallel run (only process 0 prints
+/// and writes).
+fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> {
+    let lead = dist.as_ref().is_none_or(|train::Dist(d)| d.rank() == 0);
     let spec = load_spec(&args.spec, args.batch)?;
     let t = spec.compiled.ast.train.clone().unwrap_or_default();
     if let Some(lr) = args.lr {
@@ -638,13 +672,18 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         backend: args.backend.runtime(),
         out,
         resume,
+        dist,
     };
-    check_paths(&cfg, args.png.as_deref())?;
+    if lead {
+        check_paths(&cfg, args.png.as_deref())?;
+    }
     let data = dataset(&spec, seed)?;
     let (line, json) = resolved_config(&cfg);
-    eprintln!("{line}");
+    if lead {
+        eprintln!("{line}");
+    }
     let cfg = TrainConfig { config_json: Some(json), ..cfg };
-    if cfg.batch > data.n {
+    if cfg.batch > data.n && lead {
         eprintln!(
             "note: batch {} is larger than the data ({} samples): each step takes the whole training set",
             cfg.batch, data.n
@@ -661,6 +700,7 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     // The epochs so far, for the loss curves `--png-every` draws as it goes.
     let mut seen: Vec<train::EpochMetrics> = Vec::new();
     let mut on = |e: Event| match e {
+        _ if !lead => {}
         Event::Params { epoch, params } => {
             if let Some(n) = args.png_every
                 && epoch % n == 0
@@ -705,6 +745,9 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         }
     };
     progress.finish();
+    if !lead {
+        return Ok(());
+    }
     if summary.nothing_to_do {
         outln!(
             "nothing to train: the run in {} already stands at epoch {} of {}; it is left unchanged",
@@ -739,6 +782,15 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
         used_threads,
         if used_threads == 1 { "" } else { "s" }
     );
+    if let (Some(train::Dist(d)), Some(t)) = (&cfg.dist, last.and_then(|m| m.allreduce_s)) {
+        outln!(
+            "{} processes (MPI), {} thread{} each; the sum over the processes took {:.3} ms per step",
+            d.size(),
+            used_threads,
+            if used_threads == 1 { "" } else { "s" },
+            t * 1e3
+        );
+    }
     outln!("checkpoint: {}", cfg.out.join("checkpoint.safetensors").display());
     if summary.stopped_early {
         outln!(

@@ -309,6 +309,9 @@ extern "C" fn aec_normal(seed: u64, step: u64, salt: u64, i: u64) -> f32 {
     crate::interp::normal(seed, step, salt as u32, i as usize)
 }
 
+/// What `Program::run_reduced` calls between the gradients and the updates.
+pub type Reduce<'a> = &'a mut dyn FnMut(&mut [f32]);
+
 /// A kernel's machine code, before it is placed in the module.
 struct Compiled {
     fid: FuncId,
@@ -773,6 +776,21 @@ impl Program {
     /// loss (if the graph has one) is checked to be finite: on NaN or infinity the step stops
     /// with parameters and optimizer state as they were before it, and `Err(loss)` returns.
     pub fn run(&mut self, inputs: &[Buf], seed: u64, step: u64) -> Result<(), RunError> {
+        self.run_reduced(inputs, seed, step, None)
+    }
+
+    /// `run`, with `reduce` called between the gradients and the updates (data-parallel
+    /// training): it gets one flat buffer — every gradient an update reads, in the updates'
+    /// order, then every scalar output (the loss and its terms) — and leaves in it what this
+    /// process should continue with (every process's, averaged). The loss is checked after it,
+    /// so every process stops on the same non-finite total.
+    pub fn run_reduced(
+        &mut self,
+        inputs: &[Buf],
+        seed: u64,
+        step: u64,
+        reduce: Option<Reduce>,
+    ) -> Result<(), RunError> {
         for (i, (def, buf)) in self.graph.inputs.clone().iter().zip(inputs).enumerate() {
             let off = self.plan.input[i];
             let n = def.ty.numel();
@@ -822,6 +840,19 @@ impl Program {
             self.call(k);
         }
         if first_update < self.kernels.len() {
+            if let Some(reduce) = reduce {
+                let slots = self.reduced_slots();
+                let mut flat = Vec::with_capacity(slots.iter().map(|s| s.1).sum());
+                for &(off, n) in &slots {
+                    flat.extend(self.read_f32(off, n));
+                }
+                reduce(&mut flat);
+                let mut at = 0;
+                for (off, n) in slots {
+                    self.write_f32(off, &flat[at..at + n]);
+                    at += n;
+                }
+            }
             if let Some(loss) = self.graph.output("loss") {
                 let l = self.read_f32(self.plan.node[loss.index()], 1)[0];
                 if !l.is_finite() {
@@ -834,6 +865,21 @@ impl Program {
             }
         }
         Ok(())
+    }
+
+    /// Arena (offset, length) of what `run_reduced` hands its `reduce`.
+    fn reduced_slots(&self) -> Vec<(usize, usize)> {
+        let grads = self.graph.ids().filter_map(|id| match self.graph.node(id).op {
+            Op::Update { grad, .. } => Some((self.plan.node[grad.index()], self.graph.ty(grad).numel())),
+            _ => None,
+        });
+        let scalars = self
+            .graph
+            .outputs
+            .iter()
+            .filter(|(_, id)| self.graph.ty(*id).numel() == 1 && self.graph.ty(*id).dtype == DType::F32)
+            .map(|(_, id)| (self.plan.node[id.index()], 1));
+        grads.chain(scalars).collect()
     }
 
     /// The scalars each update reads this step (see `kernels::update`).

@@ -93,7 +93,7 @@ impl<'c> Decoder<'c> {
     pub fn decode(&mut self, params: &[Vec<f32>], inputs: &[Buf], b: usize) -> Result<Vec<i32>, String> {
         if !self.graphs.contains_key(&b) {
             let model = &self.compiled.model;
-            let infer = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false };
+            let infer = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false, shard_of: None };
             let enc = passes::dce::keep_outputs(&lower::lower(model, &infer)?, &["state0"])?;
             let step = lower::lower(model, &Lowering { mode: Mode::Decode, ..infer })?;
             let runners = (

@@ -60,7 +60,7 @@ pub fn infer(
         let g = match graphs.entry(b) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let lowering = Lowering { batch: b as u64, mode, denoise: false };
+                let lowering = Lowering { batch: b as u64, mode, denoise: false, shard_of: None };
                 let fwd = lower::lower(&c.model, &lowering)?;
                 e.insert(passes::dce::keep_outputs(&fwd, &[name])?)
             }

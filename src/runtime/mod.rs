@@ -5,8 +5,11 @@
 pub mod check;
 pub mod checkpoint;
 pub mod decode;
+pub mod dist;
 pub mod infer;
 pub mod init;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod train;
 
 /// The training state lives below the backends, which read and write it ([`crate::state`]).

@@ -17,6 +17,7 @@
 //! epoch (which is trained on, not dropped).
 
 use super::checkpoint::{self, Progress};
+use super::dist::{self, Collective};
 use super::{Backend, State};
 use crate::autodiff;
 use crate::codegen;
@@ -54,6 +55,18 @@ pub struct TrainConfig {
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
     pub config_json: Option<String>,
+    /// Data-parallel training: the processes this one trains with (`runtime::dist`).
+    pub dist: Option<Dist>,
+}
+
+/// The processes of a data-parallel run (see `runtime::dist`).
+#[derive(Clone)]
+pub struct Dist(pub std::rc::Rc<dyn Collective>);
+
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {} of {}", self.0.rank(), self.0.size())
+    }
 }
 
 /// One epoch's numbers, as written to `metrics.jsonl`.
@@ -78,6 +91,10 @@ pub struct EpochMetrics {
     /// the epoch's samples like `train_loss`, which is their sum.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub terms: std::collections::BTreeMap<String, f64>,
+    /// Data-parallel training: the mean time per step in the sum over the processes
+    /// (gradients, loss and terms), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
     /// The terms of the validation loss (inference mode: a Gaussian code is its mean).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub val_terms: std::collections::BTreeMap<String, f64>,
@@ -231,20 +248,23 @@ struct Programs<'c> {
     denoise: bool,
     stage: Option<usize>,
     freeze: bool,
-    train: HashMap<usize, Graph>,
+    /// Training graphs by (rows, the global batch they are a shard of: the rows without
+    /// data-parallel training).
+    train: HashMap<(usize, usize), Graph>,
     eval: HashMap<usize, Graph>,
     backend: Backend,
-    native: HashMap<usize, codegen::Program>,
+    native: HashMap<(usize, usize), codegen::Program>,
     native_eval: HashMap<usize, codegen::Program>,
     /// The native program whose arena holds the current parameters, if any.
-    holder: Option<usize>,
+    holder: Option<(usize, usize)>,
     jit_seconds: f64,
     threads: usize,
 }
 
 impl Programs<'_> {
-    fn forward(&self, batch: usize, mode: Mode) -> Result<Graph, TrainError> {
-        let lowering = Lowering { batch: batch as u64, mode, denoise: self.denoise };
+    fn forward(&self, batch: usize, mode: Mode, shard_of: Option<usize>) -> Result<Graph, TrainError> {
+        let shard_of = shard_of.map(|n| n as u64);
+        let lowering = Lowering { batch: batch as u64, mode, denoise: self.denoise, shard_of };
         let g = match self.stage {
             Some(k) => lower::lower_stage(&self.compiled.model, k, &lowering),
             None => lower::lower(&self.compiled.model, &lowering),
@@ -263,14 +283,15 @@ impl Programs<'_> {
             .collect()
     }
 
-    fn train(&mut self, batch: usize) -> Result<&Graph, TrainError> {
-        if !self.train.contains_key(&batch) {
-            let fwd = self.forward(batch, Mode::Train)?;
+    /// The training step of `key`: (rows, the global batch they are a shard of).
+    fn train(&mut self, key: (usize, usize)) -> Result<&Graph, TrainError> {
+        if !self.train.contains_key(&key) {
+            let fwd = self.forward(key.0, Mode::Train, Some(key.1))?;
             let frozen = self.frozen(&fwd);
             let step = autodiff::training_step(&fwd, self.optimizer, &frozen).map_err(TrainError::Compile)?;
-            self.train.insert(batch, step);
+            self.train.insert(key, step);
         }
-        self.train.get(&batch).ok_or_else(|| TrainError::Compile("missing step graph".into()))
+        self.train.get(&key).ok_or_else(|| TrainError::Compile("missing step graph".into()))
     }
 
     fn compile(&mut self, g: &Graph, on: &mut dyn FnMut(Event)) -> Result<codegen::Program, TrainError> {
@@ -285,16 +306,23 @@ impl Programs<'_> {
     }
 
     /// One training step; returns the loss and its terms (see [`loss_and_terms`]). `state` is
-    /// current unless a native program holds it (see `sync`).
+    /// current unless a native program holds it (see `sync`). `reduce` (data-parallel
+    /// training) combines the processes' gradients and losses before the updates.
     fn step(
         &mut self,
-        batch: usize,
+        batch: (usize, usize),
         inputs: &[Buf],
         state: &mut State,
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
+        reduce: Option<codegen::Reduce>,
     ) -> Result<(f64, Vec<f64>), StepFail> {
         if self.backend == Backend::Interp {
+            if reduce.is_some() {
+                return Err(StepFail::Train(TrainError::Data(
+                    "data-parallel training runs native code: drop --backend interp".into(),
+                )));
+            }
             let g = self.train(batch)?;
             let values = interp::run(g, inputs, state, opts).map_err(StepFail::Run)?;
             return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
@@ -312,7 +340,7 @@ impl Programs<'_> {
             self.holder = Some(batch);
         }
         let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
-        match p.run(inputs, opts.seed, opts.step) {
+        match p.run_reduced(inputs, opts.seed, opts.step, reduce) {
             Ok(()) => Ok(loss_and_terms(p.graph(), |name| p.output(name))),
             Err(codegen::RunError::Inputs(what)) => Err(StepFail::Train(TrainError::Data(what))),
             Err(codegen::RunError::NonFinite(loss)) => {
@@ -367,7 +395,7 @@ impl Programs<'_> {
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.eval.contains_key(&batch) {
-            let fwd = self.forward(batch, Mode::Infer)?;
+            let fwd = self.forward(batch, Mode::Infer, None)?;
             let mut keep = vec!["loss"];
             keep.extend(fwd.outputs.iter().map(|(n, _)| n.as_str()).filter(|n| n.starts_with(TERM_PREFIX)));
             let g = passes::dce::keep_outputs(&fwd, &keep).map_err(TrainError::Compile)?;
@@ -426,8 +454,23 @@ pub fn train(
     for (p, v) in model_graph.params.iter().zip(super::init::init_params(model_graph, cfg.init, cfg.seed)) {
         store.set(&p.name, &p.shape, v);
     }
-    let (mut metrics, first_epoch, mut step) =
-        if cfg.resume { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0) };
+    let lead = cfg.dist.as_ref().is_none_or(|Dist(d)| d.rank() == 0);
+    if cfg.dist.is_some() && cfg.backend == Backend::Interp {
+        return Err(TrainError::Data(
+            "data-parallel training runs native code: drop --backend interp".into(),
+        ));
+    }
+    // The seed of this process's draws (noise, dropout, ε): see `dist::process_seed`.
+    let seed = cfg.dist.as_ref().map_or(cfg.seed, |Dist(d)| dist::process_seed(cfg.seed, d.rank()));
+    // Process 0 alone reads the run folder; the others get what it read.
+    let (mut metrics, mut first_epoch, mut step) =
+        if cfg.resume && lead { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0) };
+    if let Some(Dist(d)) = &cfg.dist {
+        let mut start = (std::mem::take(&mut store.entries), metrics, first_epoch, step);
+        dist::share(d.as_ref(), &mut start).map_err(TrainError::Data)?;
+        (store.entries, metrics, first_epoch, step) = start;
+    }
+    let first_epoch = first_epoch;
 
     let last = cfg.stop_at.unwrap_or(total).min(total);
     if first_epoch >= last {
@@ -483,18 +526,24 @@ pub fn train(
             jit_seconds: 0.0,
             threads: cfg.threads,
         };
-        let reference = programs.train(batch)?.clone();
-        let mut state = if first_epoch > phase_start {
+        let reference = programs.train((batch, batch))?.clone();
+        let mut state = if first_epoch > phase_start && lead {
             // Resuming inside this phase: its optimizer state is in the run folder.
             let (mut state, _) = checkpoint::load_optimizer(&cfg.out, &reference).map_err(TrainError::Io)?;
             state.params = store.params_of(&reference)?;
             state
+        } else if first_epoch > phase_start {
+            State::new(store.params_of(&reference)?)
         } else {
             begin_phase(&mut store, compiled, phase, &reference, cfg)?;
             let mut s = State::new(store.params_of(&reference)?);
             s.step = step;
             s
         };
+        if let Some(Dist(d)) = &cfg.dist {
+            // Every process starts the phase from process 0's state.
+            dist::share(d.as_ref(), &mut state).map_err(TrainError::Data)?;
+        }
         if let Some(label) = &phase.label {
             on(Event::Phase { label, first_epoch: phase_start + 1, last_epoch: phase_end });
         }
@@ -506,18 +555,35 @@ pub fn train(
             let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
             let mut loss_sum = 0f64;
             let mut term_sums: Vec<f64> = Vec::new();
+            let mut allreduce = Duration::ZERO;
             for (s, idx) in order.chunks(batch).enumerate() {
                 state.step += 1;
-                let g = programs.train(idx.len())?;
-                let inputs = batch_inputs(g, data, idx, cfg.noise, cfg.seed, state.step);
-                let opts = interp::Options {
-                    seed: cfg.seed,
-                    step: state.step,
-                    threads: cfg.threads,
-                    check_finite: true,
+                // Data-parallel: this process's shard, weighted by its share of the batch (a
+                // process left without rows runs one with weight 0, to take the same update).
+                let (rows, weight) = match &cfg.dist {
+                    Some(Dist(d)) => {
+                        let r = dist::shard(idx.len(), d.rank(), d.size());
+                        let w = r.len() as f32 / idx.len() as f32;
+                        if r.is_empty() { (&idx[..1], 0.0) } else { (&idx[r], w) }
+                    }
+                    None => (idx, 1.0),
                 };
+                let key = (rows.len(), if cfg.dist.is_some() { idx.len() } else { rows.len() });
+                let g = programs.train(key)?;
+                let inputs = batch_inputs(g, data, rows, cfg.noise, seed, state.step);
+                let opts =
+                    interp::Options { seed, step: state.step, threads: cfg.threads, check_finite: true };
+                let mut sum = |flat: &mut [f32]| {
+                    if let Some(Dist(d)) = &cfg.dist {
+                        flat.iter_mut().for_each(|v| *v *= weight);
+                        let t = Instant::now();
+                        d.sum_f32(flat);
+                        allreduce += t.elapsed();
+                    }
+                };
+                let reduce: Option<codegen::Reduce> = if cfg.dist.is_some() { Some(&mut sum) } else { None };
                 let (loss, terms) = programs
-                    .step(idx.len(), &inputs, &mut state, &opts, on)
+                    .step(key, &inputs, &mut state, &opts, on, reduce)
                     .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
                 loss_sum += loss * idx.len() as f64;
                 term_sums.resize(terms.len(), 0.0);
@@ -539,11 +605,13 @@ pub fn train(
                 let kept = kept_message(cfg, epoch - 1);
                 return Err(TrainError::NonFinite { epoch, step: state.step, what, span: None, kept });
             }
-            let val = evaluate(&mut programs, data, &val_idx, batch, cfg, &mut state, on)?;
+            // Validation and decoding: process 0, which writes the metrics.
+            let val_idx: &[usize] = if lead { &val_idx } else { &[] };
+            let val = evaluate(&mut programs, data, val_idx, batch, cfg, &mut state, on)?;
             let val_loss = val.as_ref().map(|v| v.0);
             let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
-                    let (t, s) = decode_accuracy(d, compiled, data, &val_idx, batch, &state.params)?;
+                    let (t, s) = decode_accuracy(d, compiled, data, val_idx, batch, &state.params)?;
                     (Some(t), Some(s))
                 }
                 _ => (None, None),
@@ -568,6 +636,10 @@ pub fn train(
                 token_accuracy,
                 sequence_accuracy,
                 samples_per_s: rate(order.len(), epoch_train),
+                allreduce_s: cfg
+                    .dist
+                    .is_some()
+                    .then(|| allreduce.as_secs_f64() / order.len().div_ceil(batch).max(1) as f64),
                 seconds: started.elapsed().as_secs_f64(),
             });
             if let Some(m) = metrics.last() {
@@ -577,7 +649,8 @@ pub fn train(
             if phase.stage.is_none() {
                 on(Event::Params { epoch, params: &state.params });
             }
-            if epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2) {
+            if lead && (epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2))
+            {
                 let kept = if epoch == total { model_only(&store, model_graph) } else { store.clone() };
                 save(&cfg.out, &kept, &reference, &state, (epoch, cfg), &metrics)?;
                 last_save = Instant::now();

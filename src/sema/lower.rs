@@ -45,6 +45,10 @@ pub struct Lowering {
     /// The input is corrupted by the runtime: the loss reads a separate clean copy,
     /// `<input>.clean`.
     pub denoise: bool,
+    /// Data-parallel training: the global batch this batch is one process's shard of. The
+    /// processes' losses are averaged weighted by shard size, so a term that sums over the
+    /// batch (`reduction: sum`) is scaled here by global ÷ shard to sum to the global batch's.
+    pub shard_of: Option<u64>,
 }
 
 /// Builds the forward graph of `m`.
@@ -67,6 +71,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
     let mut l = Lower {
         g: Graph::new(format!("{}.forward", m.name)),
         b,
+        sum_scale: cfg.shard_of.map_or(1.0, |n| n as f64 / b as f64),
         params: Vec::new(),
         pools: Vec::new(),
         salt: 0,
@@ -142,6 +147,8 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
 struct Lower {
     g: Graph,
     b: usize,
+    /// What a summed term is scaled by (see `Lowering::shard_of`).
+    sum_scale: f64,
     params: Vec<NodeId>,
     /// Named pools: switches, and the input plane size unpool restores.
     pools: Vec<(String, NodeId, usize, usize)>,
@@ -507,7 +514,7 @@ impl Lower {
         } as f64;
         let factor = match main.reduction() {
             Reduction::Mean => 1.0,
-            Reduction::Sum => count,
+            Reduction::Sum => count * self.sum_scale,
             Reduction::BatchMean => count / self.b as f64,
         };
         let mut total = self.scaled(mean, main.weight * factor, span)?;
@@ -566,7 +573,7 @@ impl Lower {
     fn divisor(&self, r: Reduction, n: usize) -> f64 {
         match r {
             Reduction::Mean => n as f64,
-            Reduction::Sum => 1.0,
+            Reduction::Sum => 1.0 / self.sum_scale,
             Reduction::BatchMean => self.b as f64,
         }
     }

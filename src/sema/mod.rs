@@ -248,8 +248,12 @@ pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> 
         _ => return Err(diags),
     };
     let batch = config.batch.or(ast.train.as_ref().and_then(|t| t.batch)).unwrap_or(1);
-    let lowering =
-        Lowering { batch, mode: Mode::Train, denoise: ast.train.as_ref().is_some_and(|t| t.noise.is_some()) };
+    let lowering = Lowering {
+        batch,
+        mode: Mode::Train,
+        denoise: ast.train.as_ref().is_some_and(|t| t.noise.is_some()),
+        shard_of: None,
+    };
     match lower::lower(&model, &lowering) {
         Ok(forward) => Ok(Compiled { ast, model, forward, batch, warnings: diags }),
         Err(e) => {

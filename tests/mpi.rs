@@ -1,0 +1,157 @@
+//! Data-parallel training under `mpirun` (built with `--features mpi`; `.ci/run` installs Open
+//! MPI and runs these): the same curves and parameters as one process, bit-identical repeats,
+//! one writer, and a run whose process was killed resumes to the same end.
+#![cfg(feature = "mpi")]
+
+mod common;
+use common::{root, s, scratch};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The runs share two cores: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn mpirun_command(n: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string(), "--mca", "btl", "self,vader"])
+        .arg(env!("CARGO_BIN_EXE_aec"))
+        .args(args)
+        .current_dir(root());
+    c
+}
+
+fn run(n: usize, args: &[&str]) -> Output {
+    let out = if n == 1 {
+        Command::new(env!("CARGO_BIN_EXE_aec")).args(args).current_dir(root()).output()
+    } else {
+        mpirun_command(n, args).output()
+    };
+    out.expect("run aec")
+}
+
+/// A small dense autoencoder on 96 digits; `batch` 40 splits unevenly over 2 and 3 processes.
+fn spec(dir: &Path, epochs: u64) -> PathBuf {
+    let digits = aec::data::read_npy(&root().join("specs/data/digits-images.npy")).expect("digits");
+    let aec::data::Values::F32(v) = &digits.values else { panic!("f32") };
+    let first = aec::data::Array {
+        shape: vec![96, 8, 8],
+        values: aec::data::Values::F32(v[..96 * 64].iter().map(|x| x / 16.0).collect()),
+    };
+    aec::data::write_npy(&dir.join("d.npy"), &first).expect("data");
+    let path = dir.join("m.ae");
+    std::fs::write(
+        &path,
+        format!(
+            "model m {{\n input x: [8, 8]\n encoder {{ flatten; dense 32 -> relu; dense 8 -> relu }}\n \
+             decoder {{ dense 32 -> relu; dense 64 -> sigmoid; reshape [8, 8] }}\n loss bce(x) + 1e-4 * l2(weights)\n}}\n\
+             train {{\n data npy(\"d.npy\")\n batch 40\n epochs {epochs}\n optimizer sgd(lr: 0.5, momentum: 0.9)\n seed 3\n}}\n"
+        ),
+    )
+    .expect("spec");
+    path
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"].as_f64().expect("loss")
+        })
+        .collect()
+}
+
+fn params(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut p: Vec<_> = aec::runtime::checkpoint::read_all(&dir.join("checkpoint.safetensors"))
+        .expect("checkpoint")
+        .into_iter()
+        .map(|(n, _, v)| (n, v))
+        .collect();
+    p.sort_by(|a, b| a.0.cmp(&b.0));
+    p
+}
+
+#[test]
+fn two_and_three_processes_train_as_one_does() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-agree");
+    let spec = spec(&dir, 20);
+    let mut runs = Vec::new();
+    for n in [1, 2, 3] {
+        let out = dir.join(format!("n{n}"));
+        let o = run(n, &["run", "--train", s(&spec), "--threads", "1", "--out", s(&out)]);
+        assert!(o.status.success(), "-n {n}: {}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(stdout.matches("trained 20 epochs").count(), 1, "one process reports:\n{stdout}");
+        runs.push(out);
+    }
+    let (one, one_params) = (losses(&runs[0]), params(&runs[0]));
+    assert_eq!(one.len(), 20, "60 steps in 20 epochs");
+    for (n, out) in [(2, &runs[1]), (3, &runs[2])] {
+        let many = losses(out);
+        for (e, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "-n {n} epoch {}: {a} vs {b}", e + 1);
+        }
+        for ((name, a), (_, b)) in one_params.iter().zip(params(out)) {
+            let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5, "-n {n}: {name} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn two_runs_of_two_processes_are_bit_identical() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-repeat");
+    let spec = spec(&dir, 10);
+    for k in ["a", "b"] {
+        let o = run(2, &["run", "--train", s(&spec), "--out", s(&dir.join(k))]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(params(&dir.join("a")), params(&dir.join("b")));
+    assert_eq!(losses(&dir.join("a")), losses(&dir.join("b")));
+}
+
+#[test]
+fn a_killed_process_leaves_a_checkpoint_that_resumes_to_the_same_end() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-kill");
+    let spec = spec(&dir, 20000);
+    let (cut, whole) = (dir.join("cut"), dir.join("whole"));
+    let mut job = mpirun_command(2, &["run", "--train", s(&spec), "--threads", "1", "--out", s(&cut)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mpirun");
+    // Wait for a save (every 2 s), then kill process 1 (a child of mpirun).
+    let started = Instant::now();
+    while !cut.join("checkpoint.safetensors").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint within a minute");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok()?;
+            (ppid == job.id()).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    assert_eq!(children.len(), 2, "mpirun's processes: {children:?}");
+    let killed = Command::new("kill").args(["-9", &children[1]]).status().expect("kill");
+    assert!(killed.success());
+    let status = job.wait().expect("mpirun ends");
+    assert!(!status.success(), "the job must end when a process dies");
+    let saved = losses(&cut).len();
+    assert!(saved > 0 && saved < 20000, "{saved} epochs saved");
+
+    let o = run(2, &["run", "--train", s(&spec), "--threads", "1", "--resume", s(&cut)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(2, &["run", "--train", s(&spec), "--threads", "1", "--out", s(&whole)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(params(&cut), params(&whole), "resumed after epoch {saved}: parameters differ");
+    assert_eq!(losses(&cut), losses(&whole));
+}
