@@ -128,6 +128,16 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // With MPI, only training runs across processes; N copies of anything else would race.
+    if let (Some(n), true) = (mpi_processes(), cfg!(feature = "mpi"))
+        && !matches!(&cli.command, Command::Run(args) if args.trains())
+    {
+        eprintln!(
+            "error: aec was started as {n} MPI processes; only `aec run --train` trains across processes. \
+             Run this command as one process (without mpirun)."
+        );
+        return ExitCode::from(2);
+    }
     if let Some(bytes) = cli.memory_limit {
         aec::memory::set_limit(bytes);
     }

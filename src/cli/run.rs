@@ -158,6 +158,13 @@ pub(super) fn threads(t: Option<u64>) -> usize {
     t.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+impl RunArgs {
+    /// `--train`: the one command that runs across MPI processes.
+    pub fn trains(&self) -> bool {
+        self.train
+    }
+}
+
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if args.train {
         if args.weights.is_some() || args.input.is_some() || args.output.is_some() {
