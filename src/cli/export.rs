@@ -4,7 +4,7 @@ use super::Failure;
 use super::run;
 use aec::onnx::{self, Export};
 use prost::Message;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -35,17 +35,7 @@ enum PartArg {
 }
 
 pub fn export(args: &ExportArgs) -> Result<(), Failure> {
-    let dir = args.onnx.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Failure::Io(format!(
-            "--onnx {}: the folder {} does not exist",
-            args.onnx.display(),
-            dir.display()
-        )));
-    }
-    if args.onnx.is_dir() {
-        return Err(Failure::Io(format!("--onnx {} is a folder; give a file name", args.onnx.display())));
-    }
+    run::check_file_path("--onnx", &args.onnx)?;
     if !onnx::OPSETS.contains(&args.opset) {
         return Err(Failure::Io(format!(
             "--opset {}: aec writes opsets {} to {}",

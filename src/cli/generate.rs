@@ -173,17 +173,8 @@ fn check_outputs(output: Option<&Path>, png: Option<&Path>) -> Result<(), Failur
         return Err(Failure::Io("give --output FILE.npy, --png FILE.png or both".into()));
     }
     for (flag, path) in [("--output", output), ("--png", png)] {
-        let Some(path) = path else { continue };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            return Err(Failure::Io(format!(
-                "{flag} {}: the folder {} does not exist",
-                path.display(),
-                dir.display()
-            )));
-        }
-        if path.is_dir() {
-            return Err(Failure::Io(format!("{flag} {} is a folder; give a file name", path.display())));
+        if let Some(path) = path {
+            run::check_file_path(flag, path)?;
         }
     }
     Ok(())

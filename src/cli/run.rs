@@ -477,17 +477,23 @@ fn check_paths(cfg: &TrainConfig, png: Option<&Path>) -> Result<(), Failure> {
     }
     std::fs::create_dir_all(out).map_err(|e| Failure::Io(format!("cannot create {}: {e}", out.display())))?;
     if let Some(png) = png {
-        let dir = png.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            return Err(Failure::Io(format!(
-                "--png {}: the folder {} does not exist",
-                png.display(),
-                dir.display()
-            )));
-        }
-        if png.is_dir() {
-            return Err(Failure::Io(format!("--png {} is a folder; give a file name", png.display())));
-        }
+        check_file_path("--png", png)?;
+    }
+    Ok(())
+}
+
+/// A file `flag` names can be written: its folder exists and it is not a folder (exit 2).
+pub(super) fn check_file_path(flag: &str, path: &Path) -> Result<(), Failure> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Failure::Io(format!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Failure::Io(format!("{flag} {} is a folder; give a file name", path.display())));
     }
     Ok(())
 }

@@ -297,28 +297,23 @@ impl Builder<'_> {
 
     /// A constant int64 tensor (a `Constant` node: initializers are the parameters alone).
     fn ints_const(&mut self, v: &[i64], hint: &str) -> String {
-        let t = TensorProto {
-            dims: vec![v.len() as i64],
-            data_type: Some(proto::INT64),
-            name: None,
-            raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        };
-        let attr = AttributeProto {
-            name: Some("value".into()),
-            r#type: Some(proto::ATTR_TENSOR),
-            t: Some(t),
-            ..Default::default()
-        };
-        self.node("Constant", &[], vec![attr], hint)
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(proto::INT64, v.len(), bytes, hint)
     }
 
     /// A constant f32 tensor.
     fn floats_const(&mut self, v: &[f32], hint: &str) -> String {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(proto::FLOAT, v.len(), bytes, hint)
+    }
+
+    /// A `Constant` node holding a vector of `len` values of `data_type`, little-endian.
+    fn constant(&mut self, data_type: i32, len: usize, bytes: Vec<u8>, hint: &str) -> String {
         let t = TensorProto {
-            dims: vec![v.len() as i64],
-            data_type: Some(proto::FLOAT),
+            dims: vec![len as i64],
+            data_type: Some(data_type),
             name: None,
-            raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            raw_data: Some(bytes),
         };
         let attr = AttributeProto {
             name: Some("value".into()),
