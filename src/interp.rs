@@ -837,7 +837,7 @@ fn conv2d_weight_grad(
 
 /// The flat index `h·W + w` of each window's first maximum (NaN counts as a maximum, as in
 /// PyTorch).
-fn pool_argmax(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec<i32> {
+fn pool_argmax(x: &[f32], xs: &[usize], os: &[usize], k: Hw, s: Hw) -> Vec<i32> {
     let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
     let mut out = Vec::with_capacity(planes * oh * ow);
@@ -845,10 +845,10 @@ fn pool_argmax(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec
         let plane = &x[pl * h * w..(pl + 1) * h * w];
         for y in 0..oh {
             for xx in 0..ow {
-                let mut best = (y * s) * w + xx * s;
-                for kh in 0..k {
-                    for kw in 0..k {
-                        let i = (y * s + kh) * w + xx * s + kw;
+                let mut best = (y * s[0]) * w + xx * s[1];
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
+                        let i = (y * s[0] + kh) * w + xx * s[1] + kw;
                         if plane[i] > plane[best] || (plane[i].is_nan() && !plane[best].is_nan()) {
                             best = i;
                         }
@@ -861,7 +861,7 @@ fn pool_argmax(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec
     out
 }
 
-fn avgpool(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec<f32> {
+fn avgpool(x: &[f32], xs: &[usize], os: &[usize], k: Hw, s: Hw) -> Vec<f32> {
     let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
     let mut out = Vec::with_capacity(planes * oh * ow);
@@ -869,30 +869,30 @@ fn avgpool(x: &[f32], xs: &[usize], os: &[usize], k: usize, s: usize) -> Vec<f32
         for y in 0..oh {
             for xx in 0..ow {
                 let mut acc = 0f64;
-                for kh in 0..k {
-                    for kw in 0..k {
-                        acc += f64::from(x[pl * h * w + (y * s + kh) * w + xx * s + kw]);
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
+                        acc += f64::from(x[pl * h * w + (y * s[0] + kh) * w + xx * s[1] + kw]);
                     }
                 }
-                out.push((acc / (k * k) as f64) as f32);
+                out.push((acc / (k[0] * k[1]) as f64) as f32);
             }
         }
     }
     out
 }
 
-fn avgpool_grad(dy: &[f32], ds: &[usize], xs: &[usize], k: usize, s: usize) -> Vec<f32> {
+fn avgpool_grad(dy: &[f32], ds: &[usize], xs: &[usize], k: Hw, s: Hw) -> Vec<f32> {
     let (planes, oh, ow) = (ds[0] * ds[1], ds[2], ds[3]);
     let (h, w) = (xs[2], xs[3]);
     let mut out = vec![0.0; planes * h * w];
-    let share = 1.0 / (k * k) as f32;
+    let share = 1.0 / (k[0] * k[1]) as f32;
     for pl in 0..planes {
         for y in 0..oh {
             for xx in 0..ow {
                 let g = dy[(pl * oh + y) * ow + xx] * share;
-                for kh in 0..k {
-                    for kw in 0..k {
-                        out[pl * h * w + (y * s + kh) * w + xx * s + kw] += g;
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
+                        out[pl * h * w + (y * s[0] + kh) * w + xx * s[1] + kw] += g;
                     }
                 }
             }

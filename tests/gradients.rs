@@ -269,30 +269,38 @@ fn conv_transpose2d_on_awkward_sizes() {
 
 #[test]
 fn maxpool_unpool_and_avgpool() {
-    for (h, w, k, s) in [(5, 7, 2, 2), (7, 7, 3, 2), (4, 4, 2, 2), (3, 5, 3, 1)] {
+    let cases = [
+        (5, 7, [2, 2], [2, 2]),
+        (7, 7, [3, 3], [2, 2]),
+        (4, 4, [2, 2], [2, 2]),
+        (3, 5, [3, 3], [1, 1]),
+        (6, 7, [2, 3], [2, 3]),
+        (7, 5, [3, 1], [2, 1]),
+    ];
+    for (h, w, k, s) in cases {
         let mut c = Case::new(12);
         let x = c.param(&[2, 3, h, w]);
         let idx = c.add(Op::PoolArgmax { x, kernel: k, stride: s });
         let y = c.add(Op::Gather { x, idx });
-        c.check(y, &format!("maxpool {h}x{w} k{k} s{s}"));
+        c.check(y, &format!("maxpool {h}x{w} k{k:?} s{s:?}"));
 
         // Unpooling through overlapping windows (k > s) can write two values to one switch;
         // the forward keeps the last and the backward gathers for both, as PyTorch's
         // max_unpool2d does, so finite differences only agree where windows do not overlap.
-        if k <= s {
+        if k[0] <= s[0] && k[1] <= s[1] {
             let mut c = Case::new(13);
             let x = c.input_f32(&[2, 3, h, w], -1.0, 1.0);
             let idx = c.add(Op::PoolArgmax { x, kernel: k, stride: s });
             let shape = c.g.ty(idx).shape.clone();
             let v = c.param(&shape);
             let y = c.add(Op::Scatter { v, idx, height: h, width: w, accumulate: false });
-            c.check(y, &format!("unpool {h}x{w} k{k} s{s}"));
+            c.check(y, &format!("unpool {h}x{w} k{k:?} s{s:?}"));
         }
 
         let mut c = Case::new(14);
         let x = c.param(&[2, 3, h, w]);
         let y = c.add(Op::AvgPool { x, kernel: k, stride: s });
-        c.check(y, &format!("avgpool {h}x{w} k{k} s{s}"));
+        c.check(y, &format!("avgpool {h}x{w} k{k:?} s{s:?}"));
     }
 }
 

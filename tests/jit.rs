@@ -164,6 +164,10 @@ fn convolutions_pools_and_unpooling_on_awkward_sizes() {
         // A non-square kernel next to unpooled switches (the switch-map kernels take square
         // ones, so these stay dense) and a tied mirror of it.
         "model t { input x: [1, 8, 6]\n encoder { conv 2 k1x3 p0x1 -> relu; maxpool 2 as p; conv 3 k3x1 p1x0 }\n decoder mirror tied -> sigmoid\n loss mse(x) }",
+        // Pools per axis: a 2×3 max pool at stride 2×3 unpooled (switch maps, stride ≥ kernel),
+        // and a 3×1 average pool at stride 1×1 (overlapping along the height only).
+        "model t { input x: [2, 7, 9]\n encoder { conv 3 k3 p1 -> relu; maxpool 2x3 s2x3 as p; conv 2 k3 p1 }\n decoder { deconv 3 k3 p1 -> relu; unpool p; deconv 2 k3 p1 -> sigmoid }\n loss mse(x) }",
+        "model t { input x: [1, 7, 5]\n encoder { avgpool 3x1 s1; conv 2 k1 }\n decoder { flatten; dense 35 -> sigmoid; reshape [1, 7, 5] }\n loss mse(x) }",
     ];
     for src in srcs {
         for batch in [1, 3] {
@@ -457,11 +461,19 @@ fn switch_map_convolutions_match_the_dense_ones() {
 
 /// Max-pool switches on the JIT against the interpreter, exactly: rows wide enough for the
 /// four-at-a-time path (2×2, stride 2) and its scalar tail, ties (the first maximum wins), NaN
-/// (a maximum; the first one wins) and infinities; and a 3×3 pool that stays scalar.
+/// (a maximum; the first one wins) and infinities; and 3×3, 2×3 and 3×1 pools that stay scalar.
 #[test]
 fn pool_switches_break_ties_and_nans_as_the_interpreter() {
     use aec::ir::{Op, Type};
-    for (h, w, k, s) in [(6, 11, 2, 2), (8, 8, 2, 2), (5, 19, 2, 2), (7, 10, 3, 3)] {
+    let cases = [
+        (6, 11, [2, 2], [2, 2]),
+        (8, 8, [2, 2], [2, 2]),
+        (5, 19, [2, 2], [2, 2]),
+        (7, 10, [3, 3], [3, 3]),
+        (7, 10, [2, 3], [2, 1]),
+        (9, 5, [3, 1], [3, 1]),
+    ];
+    for (h, w, k, s) in cases {
         let mut g = Graph::new("pool");
         let x = g.add_input("x", Type::f32(vec![2, 3, h, w])).expect("input");
         let sw = g.add(Op::PoolArgmax { x, kernel: k, stride: s }, None).expect("pool");
@@ -483,7 +495,7 @@ fn pool_switches_break_ties_and_nans_as_the_interpreter() {
         let mut program = Program::compile(&g, Options::default()).expect("compiles");
         program.run(&inputs, 1, 1).expect("runs");
         let jit = program.output("sw").expect("output");
-        assert_eq!(values.get(sw).i32(), jit.i32(), "{h}×{w} pool {k} stride {s}");
+        assert_eq!(values.get(sw).i32(), jit.i32(), "{h}×{w} pool {k:?} stride {s:?}");
     }
 }
 

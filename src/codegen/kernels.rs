@@ -491,7 +491,7 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         Op::Gather { x, .. } => (g.ty(*x).shape[0], 8 * g.ty(id).numel()),
         Op::Scatter { v, .. } => (g.ty(*v).shape[0], 8 * g.ty(id).numel()),
         // Images; each output compares k² inputs.
-        Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel * kernel * g.ty(id).numel()),
+        Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel[0] * kernel[1] * g.ty(id).numel()),
         _ => (1, 0),
     }
 }
@@ -570,14 +570,14 @@ fn pool_argmax(
     xs: &[usize],
     os: &[usize],
     (x, out): (usize, usize),
-    (k, s): (usize, usize),
+    (k, s): ([usize; 2], [usize; 2]),
     (lo, hi): (Value, Value),
 ) {
     let (c, h, w) = (xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
     let (first_plane, end_plane) = image_planes(e, xs[0], c, (lo, hi));
     // 2×2 windows at stride 2 take four outputs of a row at a time.
-    let quads = if (k, s) == (2, 2) { ow / 4 } else { 0 };
+    let quads = if (k, s) == ([2, 2], [2, 2]) { ow / 4 } else { 0 };
     e.for_dynamic(first_plane, end_plane, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, quads as i64, 1, |e, quad| {
@@ -586,16 +586,16 @@ fn pool_argmax(
             e.for_range(4 * quads as i64, ow as i64, 1, |e, xx| {
                 let best = e.b.declare_var(I64);
                 let bestv = e.b.declare_var(F32);
-                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
                 let first = e.b.ins().iadd(ys, xs_);
                 let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
                 let fi = e.b.ins().iadd(pbase, first);
                 let fv = e.load(F32, x, fi);
                 e.b.def_var(best, first);
                 e.b.def_var(bestv, fv);
-                for kh in 0..k {
-                    for kw in 0..k {
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
                         let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
                         let gi = e.b.ins().iadd(pbase, i);
                         let v = e.load(F32, x, gi);
@@ -688,21 +688,21 @@ fn pool_argmax_quad(
     e.store(out, o, best_at);
 }
 
-fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: usize, s: usize) {
+fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: [usize; 2], s: [usize; 2]) {
     let (planes, h, w) = (xs[0] * xs[1], xs[2], xs[3]);
     let (oh, ow) = (os[2], os[3]);
-    let share = 1.0 / (k * k) as f32;
+    let share = 1.0 / (k[0] * k[1]) as f32;
     e.for_range(0, planes as i64, 1, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, ow as i64, 1, |e, xx| {
                 let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
                 let first = e.b.ins().iadd(ys, xs_);
                 let first = e.b.ins().iadd(pbase, first);
                 let mut acc = e.fconst(F32, 0.0);
-                for kh in 0..k {
-                    for kw in 0..k {
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
                         let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
                         let v = e.load(F32, x, i);
                         acc = e.b.ins().fadd(acc, v);
@@ -720,10 +720,18 @@ fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: us
     });
 }
 
-fn avgpool_grad(e: &mut Emit, ds: &[usize], xs: &[usize], dy: usize, out: usize, k: usize, s: usize) {
+fn avgpool_grad(
+    e: &mut Emit,
+    ds: &[usize],
+    xs: &[usize],
+    dy: usize,
+    out: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+) {
     let (planes, oh, ow) = (ds[0] * ds[1], ds[2], ds[3]);
     let (h, w) = (xs[2], xs[3]);
-    let share = 1.0 / (k * k) as f32;
+    let share = 1.0 / (k[0] * k[1]) as f32;
     e.elementwise(planes * h * w, |e, ty, i| {
         let z = e.fconst(ty, 0.0);
         e.store(out, i, z);
@@ -739,12 +747,12 @@ fn avgpool_grad(e: &mut Emit, ds: &[usize], xs: &[usize], dy: usize, out: usize,
                 let c = e.fconst(F32, share);
                 let gv = e.b.ins().fmul(gv, c);
                 let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-                let ys = e.b.ins().imul_imm_s(y, (s * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s as i64);
+                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
+                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
                 let first = e.b.ins().iadd(ys, xs_);
                 let first = e.b.ins().iadd(pbase, first);
-                for kh in 0..k {
-                    for kw in 0..k {
+                for kh in 0..k[0] {
+                    for kw in 0..k[1] {
                         let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
                         let old = e.load(F32, out, i);
                         let r = e.b.ins().fadd(old, gv);

@@ -151,8 +151,9 @@ pub enum Op {
     /// the input plane (first maximum on ties).
     PoolArgmax {
         x: NodeId,
-        kernel: usize,
-        stride: usize,
+        /// `[height, width]`, as the pools' sizes below.
+        kernel: [usize; 2],
+        stride: [usize; 2],
     },
     /// `out[b,c,i] = x[b,c, idx[b,c,i]]`: the pooled values through their switches.
     Gather {
@@ -172,8 +173,8 @@ pub enum Op {
     },
     AvgPool {
         x: NodeId,
-        kernel: usize,
-        stride: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
     },
 
     // Convolutions of a switch map: `Scatter` of `v` at switches `idx` that never repeat
@@ -221,8 +222,8 @@ pub enum Op {
     /// The gradient of `AvgPool` back onto an input of `height × width`.
     AvgPoolGrad {
         dy: NodeId,
-        kernel: usize,
-        stride: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
         height: usize,
         width: usize,
     },
@@ -710,8 +711,8 @@ impl Op {
             }
             PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
                 let [b, c, h, w] = four(f32s(*x)?)?;
-                let oh = conv_out(h, *kernel, *stride, 0)?;
-                let ow = conv_out(w, *kernel, *stride, 0)?;
+                let oh = conv_out(h, kernel[0], stride[0], 0)?;
+                let ow = conv_out(w, kernel[1], stride[1], 0)?;
                 let shape = [b, c, oh, ow];
                 if matches!(self, PoolArgmax { .. }) { Type::i32(shape) } else { Type::f32(shape) }
             }
@@ -770,8 +771,8 @@ impl Op {
             }
             AvgPoolGrad { dy, kernel, stride, height, width } => {
                 let [b, c, oh, ow] = four(f32s(*dy)?)?;
-                if conv_out(*height, *kernel, *stride, 0)? != oh
-                    || conv_out(*width, *kernel, *stride, 0)? != ow
+                if conv_out(*height, kernel[0], stride[0], 0)? != oh
+                    || conv_out(*width, kernel[1], stride[1], 0)? != ow
                 {
                     return Err("avgpool_grad: sizes do not match".into());
                 }

@@ -109,10 +109,10 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             format!("{m} {a} kernel={kernel} pad={pad} size={height}x{width}{}", flipped(*flip))
         }
         PoolArgmax { x, kernel, stride } | AvgPool { x, kernel, stride } => {
-            format!("{m} {} kernel={kernel} stride={stride}", name(*x))
+            format!("{m} {} kernel={} stride={}", name(*x), hw(*kernel), hw(*stride))
         }
         AvgPoolGrad { dy, kernel, stride, .. } => {
-            format!("{m} {} kernel={kernel} stride={stride}", name(*dy))
+            format!("{m} {} kernel={} stride={}", name(*dy), hw(*kernel), hw(*stride))
         }
         EmbedGrad { ids, dy, vocab } => format!("{m} {} vocab={vocab}", args(&[*ids, *dy])),
         OneHot { ids, depth } => format!("{m} {} depth={depth}", name(*ids)),

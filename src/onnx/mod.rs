@@ -216,6 +216,11 @@ fn value_info(name: &str, ty: &Ty) -> Result<ValueInfoProto, String> {
     })
 }
 
+/// A size per axis as ONNX's attributes take it.
+fn hw(a: [u64; 2]) -> Vec<i64> {
+    a.iter().map(|&v| v as i64).collect()
+}
+
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -243,14 +248,25 @@ fn float(name: &str, v: f32) -> AttributeProto {
     }
 }
 
+/// A named max pool as its unpool needs it: the values of its indices and of its input's
+/// shape, and its window.
+#[derive(Clone)]
+struct Pooled {
+    name: String,
+    indices: String,
+    shape: String,
+    kernel: Vec<i64>,
+    stride: Vec<i64>,
+}
+
 struct Builder<'a> {
     m: &'a Model,
     params: &'a [Vec<f32>],
     nodes: Vec<NodeProto>,
     /// The parameters the graph reads: its initializers.
     used: BTreeSet<usize>,
-    /// Named max pools: (name, indices, the pool input's shape, kernel, stride).
-    pools: Vec<(String, String, String, u64, u64)>,
+    /// Named max pools, for their unpools.
+    pools: Vec<Pooled>,
     count: usize,
     /// The last recurrent layer's state after it (h, or h and c side by side).
     state: Option<String>,
@@ -390,29 +406,33 @@ impl Builder<'_> {
                 }
             }
             LayerKind::MaxPool(p) => {
-                let attrs =
-                    vec![ints("kernel_shape", &[p.kernel as i64; 2]), ints("strides", &[p.stride as i64; 2])];
+                let attrs = vec![ints("kernel_shape", &hw(p.kernel)), ints("strides", &hw(p.stride))];
                 let out = self.node_n("MaxPool", &[x], attrs, hint, 2);
                 if let Some(name) = &p.name {
                     let shape = self.node("Shape", &[x], vec![], hint);
-                    self.pools.push((name.name.clone(), out[1].clone(), shape, p.kernel, p.stride));
+                    self.pools.push(Pooled {
+                        name: name.name.clone(),
+                        indices: out[1].clone(),
+                        shape,
+                        kernel: hw(p.kernel),
+                        stride: hw(p.stride),
+                    });
                 }
                 out[0].clone()
             }
             LayerKind::AvgPool(p) => {
-                let attrs =
-                    vec![ints("kernel_shape", &[p.kernel as i64; 2]), ints("strides", &[p.stride as i64; 2])];
+                let attrs = vec![ints("kernel_shape", &hw(p.kernel)), ints("strides", &hw(p.stride))];
                 self.node("AveragePool", &[x], attrs, hint)
             }
             LayerKind::Unpool { pool } => {
-                let (_, idx, shape, k, s) = self
+                let p = self
                     .pools
                     .iter()
-                    .find(|p| p.0 == pool.name)
+                    .find(|p| p.name == pool.name)
                     .cloned()
                     .ok_or_else(|| format!("unpool {}: its pool is not in this part", pool.name))?;
-                let attrs = vec![ints("kernel_shape", &[k as i64; 2]), ints("strides", &[s as i64; 2])];
-                self.node("MaxUnpool", &[x, &idx, &shape], attrs, hint)
+                let attrs = vec![ints("kernel_shape", &p.kernel), ints("strides", &p.stride)];
+                self.node("MaxUnpool", &[x, &p.indices, &p.shape], attrs, hint)
             }
             LayerKind::Flatten => self.node("Flatten", &[x], vec![int("axis", 1)], hint),
             LayerKind::Reshape { dims } => {

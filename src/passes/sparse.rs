@@ -141,7 +141,7 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
 /// Whether the switches `idx` never repeat within a plane: those of a pool whose windows do
 /// not overlap.
 fn unique(g: &Graph, idx: NodeId) -> bool {
-    matches!(g.node(idx).op, Op::PoolArgmax { kernel, stride, .. } if stride >= kernel)
+    matches!(g.node(idx).op, Op::PoolArgmax { kernel, stride, .. } if stride[0] >= kernel[0] && stride[1] >= kernel[1])
 }
 
 fn plane(g: &Graph, n: NodeId) -> usize {

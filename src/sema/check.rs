@@ -655,15 +655,15 @@ impl Checker<'_> {
             }
             LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
                 let [ch, h, w] = image(l, input)?;
-                if p.kernel > h || p.kernel > w {
+                let [kh, kw] = p.kernel;
+                if kh > h || kw > w {
                     return Err(Diagnostic::error(format!(
-                        "pool window {k}×{k} is larger than the {h}×{w} input",
-                        k = p.kernel
+                        "pool window {kh}×{kw} is larger than the {h}×{w} input"
                     ))
                     .label(l.span, format!("input is {input}"))
-                    .help(format!("use a window of at most {}", h.min(w))));
+                    .help(format!("use a window of at most {h}×{w}")));
                 }
-                let out = Ty::Tensor(vec![ch, (h - p.kernel) / p.stride + 1, (w - p.kernel) / p.stride + 1]);
+                let out = Ty::Tensor(vec![ch, (h - kh) / p.stride[0] + 1, (w - kw) / p.stride[1] + 1]);
                 if let Some(n) = &p.name {
                     if let Some(first) = self.pool_named(n) {
                         return Err(Diagnostic::error(format!("pool name `{}` is used twice", n.name))

@@ -313,7 +313,7 @@ impl Lower {
                 y
             }
             LayerKind::MaxPool(p) => {
-                let (kernel, stride) = (p.kernel as usize, p.stride as usize);
+                let [kernel, stride] = [p.kernel, p.stride].map(|a| a.map(|n| n as usize));
                 let idx = self.add(Op::PoolArgmax { x, kernel, stride }, span)?;
                 if let Some(n) = &p.name {
                     let s = &self.g.ty(x).shape;
@@ -322,7 +322,8 @@ impl Lower {
                 self.add(Op::Gather { x, idx }, span)?
             }
             LayerKind::AvgPool(p) => {
-                self.add(Op::AvgPool { x, kernel: p.kernel as usize, stride: p.stride as usize }, span)?
+                let [kernel, stride] = [p.kernel, p.stride].map(|a| a.map(|n| n as usize));
+                self.add(Op::AvgPool { x, kernel, stride }, span)?
             }
             LayerKind::Unpool { pool } => {
                 let &(_, idx, height, width) = self

@@ -211,8 +211,10 @@ fn module(m: &Model, l: &LayerInfo) -> String {
                 py_bool(c.bias)
             ),
         },
-        LayerKind::MaxPool(p) => format!("nn.MaxPool2d({}, {}, return_indices=True)", p.kernel, p.stride),
-        LayerKind::AvgPool(p) => format!("nn.AvgPool2d({}, {})", p.kernel, p.stride),
+        LayerKind::MaxPool(p) => {
+            format!("nn.MaxPool2d({}, {}, return_indices=True)", py_hw(p.kernel), py_hw(p.stride))
+        }
+        LayerKind::AvgPool(p) => format!("nn.AvgPool2d({}, {})", py_hw(p.kernel), py_hw(p.stride)),
         LayerKind::Unpool { .. } => "nn.Identity()".into(),
         LayerKind::Flatten => "nn.Flatten()".into(),
         LayerKind::Reshape { dims } => {
@@ -270,11 +272,11 @@ fn body(out: &mut String, m: &Model, part: Part) {
             (LayerKind::Unpool { pool }, _) => {
                 let spec = m.layers.iter().find_map(|o| match &o.layer.kind {
                     LayerKind::MaxPool(p) if p.name.as_ref().is_some_and(|n| n.name == pool.name) => {
-                        Some((p.kernel, p.stride))
+                        Some((py_hw(p.kernel), py_hw(p.stride)))
                     }
                     _ => None,
                 });
-                let (k, s) = spec.unwrap_or((2, 2));
+                let (k, s) = spec.unwrap_or(("2".into(), "2".into()));
                 format!(
                     "idx, size = pools[{:?}]\n        x = F.max_unpool2d(x, idx, {k}, {s}, output_size=size)",
                     pool.name

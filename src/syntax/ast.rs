@@ -145,8 +145,9 @@ impl std::fmt::Display for ShowHw {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolSpec {
-    pub kernel: u64,
-    pub stride: u64,
+    /// `[height, width]`, as a convolution's sizes.
+    pub kernel: Hw,
+    pub stride: Hw,
     pub name: Option<Ident>,
 }
 

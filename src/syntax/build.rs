@@ -354,8 +354,8 @@ impl Builder {
             }
             "maxpool" | "avgpool" => {
                 let example = if word == "maxpool" { "maxpool 2 as p1" } else { "avgpool 2" };
-                let kernel = a.count("kernel size", example);
-                let stride = a.square_option("s", kernel, example);
+                let kernel = a.pool_size(example);
+                let stride = a.option("s", Some(kernel), example);
                 let name = a.as_name();
                 let spec = PoolSpec { kernel, stride, name };
                 if word == "maxpool" {
@@ -1165,19 +1165,40 @@ impl<'a> LayerArgs<'a> {
         }
     }
 
-    /// An option that is one size for both axes (a pool's stride).
-    fn square_option(&mut self, prefix: &str, default: u64, example: &str) -> u64 {
+    /// A pool's kernel size: `2`, or per axis `2x3` (read as the number 2 and, right after
+    /// it, the word `x3`).
+    fn pool_size(&mut self, example: &str) -> Hw {
         let before = self.used.clone();
-        let [h, w] = self.option(prefix, Some([default, default]), example);
-        if h != w {
-            let i = self.used.iter().zip(&before).position(|(now, was)| *now && !was);
-            let span = i.map_or(self.at, |i| self.args[i].1);
-            let d = Diagnostic::error(format!("a `{}` takes one stride for both axes", self.layer))
-                .label(span, "a size per axis")
-                .help(format!("write e.g. `{example}`; a convolution takes sizes per axis"));
-            self.diags.push(d);
+        let h = self.count("kernel size", example);
+        let Some(i) = self.used.iter().zip(&before).position(|(now, was)| *now && !was) else {
+            return [h, h];
+        };
+        let end = self.args[i].1.end;
+        let next = self.args.get(i + 1).filter(|(a, span)| span.start == end && matches!(a, Arg::Word(_)));
+        let Some((Arg::Word(w), span)) = next else {
+            return [h, h];
+        };
+        let span = *span;
+        let Some(digits) =
+            w.strip_prefix('x').filter(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+        else {
+            return [h, h];
+        };
+        self.used[i + 1] = true;
+        match digits.parse::<u64>() {
+            Ok(0) => {
+                let d = Diagnostic::error("a kernel size of 0 is not allowed")
+                    .label(span, "kernel size must be at least 1")
+                    .help(format!("write e.g. `{example}`"));
+                self.diags.push(d);
+                [h, 1]
+            }
+            Ok(w) if w <= MAX_SIZE => [h, w],
+            _ => {
+                self.diags.push(too_large("a kernel size", digits, span));
+                [h, 1]
+            }
         }
-        h
     }
 
     fn flag(&mut self, flag: &str) -> Option<Span> {
@@ -1249,8 +1270,8 @@ impl<'a> LayerArgs<'a> {
             "dense" => "`dense N [nobias]`",
             "conv" => "`conv C kK [sS] [pP] [nobias]` (a size per axis as `k3x5`)",
             "deconv" => "`deconv C kK [sS] [pP] [opO] [nobias]` (a size per axis as `k3x5`)",
-            "maxpool" => "`maxpool K [sS] [as NAME]`",
-            "avgpool" => "`avgpool K [sS]`",
+            "maxpool" => "`maxpool K [sS] [as NAME]` (a size per axis as `2x3`, `s2x3`)",
+            "avgpool" => "`avgpool K [sS]` (a size per axis as `2x3`, `s2x3`)",
             "unpool" => "`unpool NAME`",
             "flatten" => "`flatten`",
             "reshape" => "`reshape [dims]`",

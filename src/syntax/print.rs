@@ -112,7 +112,7 @@ impl Display for LayerKind {
             }
             LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
                 let kw = if matches!(self, LayerKind::MaxPool(_)) { "maxpool" } else { "avgpool" };
-                write!(f, "{kw} {} s{}", p.kernel, p.stride)?;
+                write!(f, "{kw} {} s{}", ShowHw(p.kernel), ShowHw(p.stride))?;
                 if let Some(n) = &p.name {
                     write!(f, " as {}", n.name)?;
                 }
