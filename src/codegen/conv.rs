@@ -73,6 +73,13 @@ impl Geom {
     fn ckk(&self) -> usize {
         self.ci * self.kk()
     }
+    /// Kernel tap `(kh, kw)`: the output rows and columns whose input pixel lies inside the
+    /// image, and the tap's index `kh·KW + kw` among a channel's taps.
+    fn tap(&self, kh: usize, kw: usize) -> ((usize, usize), (usize, usize), usize) {
+        let rows = inside(kh, self.s[0], self.p[0], self.h, self.oh);
+        let cols = inside(kw, self.s[1], self.p[1], self.w, self.ow);
+        (rows, cols, kh * self.k[1] + kw)
+    }
 }
 
 /// What the op computes as a matmul, and its scratch: (M, N, K, packed bytes, temp floats).
@@ -278,10 +285,9 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
         // the image are constant ranges; the rest of each row is padding (zeros).
         for kh in 0..ge.k[0] {
             for kw in 0..ge.k[1] {
-                let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
-                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
                 let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
+                let r = e.b.ins().iadd_imm_s(r, tap as i64);
                 // packed[q/8][r][q%8].
                 let rbase = e.b.ins().ishl_imm_s(r, 3);
                 let put = |e: &mut Emit, q: Value, v: Value| {
@@ -395,10 +401,9 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, acol: usize, img: Value) {
     e.for_range(0, ge.ci as i64, 1, |e, c| {
         for kh in 0..ge.k[0] {
             for kw in 0..ge.k[1] {
-                let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
-                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
                 let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
+                let r = e.b.ins().iadd_imm_s(r, tap as i64);
                 let row = e.b.ins().imul_imm_s(r, n as i64);
                 let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
                     e.for_range(from as i64, to as i64, 1, |e, ox| {
@@ -608,14 +613,13 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
             let obase = e.b.ins().iadd(first, t);
             for kh in 0..ge.k[0] {
                 for kw in 0..ge.k[1] {
-                    let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
-                    let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                    let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
                     if oy0 >= oy1 || ox0 >= ox1 {
                         continue;
                     }
                     // Row r = (c, kh, kw) of cols, at this image's columns.
                     let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                    let r = e.b.ins().iadd_imm_s(r, (kh * ge.k[1] + kw) as i64);
+                    let r = e.b.ins().iadd_imm_s(r, tap as i64);
                     let row = e.b.ins().imul_imm_s(r, n);
                     let row = e.b.ins().iadd(row, col0);
                     e.for_range(oy0 as i64, oy1 as i64, 1, |e, oy| {
