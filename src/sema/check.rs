@@ -916,19 +916,7 @@ impl Checker<'_> {
                     LayerKind::Dense { units: d[0], bias: true, tied_to: None }
                 }
                 (LayerKind::Conv(c), Ty::Tensor(d)) if d.len() == 3 => {
-                    // The output padding that gives back the conv's input size, per axis: what
-                    // the conv's floor dropped, `(in + 2p - k) mod s`, so always below the stride.
-                    let restore =
-                        |a: usize| (d[a + 1] + 2 * c.pad[a]).saturating_sub(c.kernel[a]) % c.stride[a];
-                    LayerKind::Deconv(ast::ConvSpec {
-                        channels: d[0],
-                        kernel: c.kernel,
-                        stride: c.stride,
-                        pad: c.pad,
-                        out_pad: [restore(0), restore(1)],
-                        bias: c.bias,
-                        tied_to: tie,
-                    })
+                    LayerKind::Deconv(ast::ConvSpec { tied_to: tie, ..c.mirror(d) })
                 }
                 (LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }), _) => {
                     LayerKind::Unpool { pool: n.clone() }

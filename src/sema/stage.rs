@@ -10,7 +10,7 @@
 
 use super::{LayerInfo, Model, ParamInfo, Part, Ty};
 use crate::ir::ParamRole;
-use crate::syntax::ast::{self, Activation, ConvSpec, LayerKind, LossKind};
+use crate::syntax::ast::{self, Activation, LayerKind, LossKind};
 
 /// Positions (in `Model::layers`) of the encoder layers that have parameters.
 pub fn param_layers(m: &Model) -> Vec<usize> {
@@ -76,20 +76,9 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             ],
         ),
         (LayerKind::Conv(c), Ty::Tensor(i), Ty::Tensor(o)) if i.len() == 3 => {
-            // The output padding that restores the conv's input size (see `check::mirror`).
-            let restore = |a: usize| (i[a + 1] + 2 * c.pad[a]).saturating_sub(c.kernel[a]) % c.stride[a];
             let k2 = c.kernel[0] * c.kernel[1];
-            let spec = ConvSpec {
-                channels: i[0],
-                kernel: c.kernel,
-                stride: c.stride,
-                pad: c.pad,
-                out_pad: [restore(0), restore(1)],
-                bias: c.bias,
-                tied_to: None,
-            };
             (
-                LayerKind::Deconv(spec),
+                LayerKind::Deconv(c.mirror(i)),
                 vec![
                     (vec![o[0], i[0], c.kernel[0], c.kernel[1]], ParamRole::Weight, i[0] * k2, o[0] * k2),
                     (vec![i[0]], ParamRole::Bias, i[0] * k2, o[0] * k2),

@@ -130,6 +130,18 @@ pub struct ConvSpec {
     pub tied_to: Option<usize>,
 }
 
+impl ConvSpec {
+    /// The `deconv` that undoes this conv on an input `[channels, height, width]`: same kernel,
+    /// stride and padding, back to the input's channels, and per axis the output padding that
+    /// gives back its exact size — what the conv's floor dropped, `(in + 2p − k) mod s`, so
+    /// always below the stride. Untied.
+    pub fn mirror(&self, input: &[u64]) -> ConvSpec {
+        let restore =
+            |a: usize| (input[a + 1] + 2 * self.pad[a]).saturating_sub(self.kernel[a]) % self.stride[a];
+        ConvSpec { channels: input[0], out_pad: [restore(0), restore(1)], tied_to: None, ..self.clone() }
+    }
+}
+
 /// A size per axis, `[height, width]`.
 pub type Hw = [u64; 2];
 
