@@ -79,7 +79,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
     let mut x = match part {
         Export::Model | Export::Encoder => {
             let var = m.inputs.first().ok_or("the model has no input")?;
-            inputs.push(value_info(&var.name, &var.ty)?);
+            inputs.push(value_info(&var.name, &var.ty));
             var.name.clone()
         }
         Export::Step => {
@@ -87,8 +87,8 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
                 Some(Ty::Tokens { vocab, .. }) => *vocab,
                 _ => return Err("a teacher-forced decoder needs token targets".into()),
             };
-            inputs.push(value_info("prev", &Ty::Tokens { len: 1, vocab })?);
-            inputs.push(value_info("state", &Ty::Tensor(vec![state_size(forced)]))?);
+            inputs.push(value_info("prev", &Ty::Tokens { len: 1, vocab }));
+            inputs.push(value_info("state", &Ty::Tensor(vec![state_size(forced)])));
             b.step = Some(("prev".to_owned(), "state".to_owned(), vocab));
             "state".to_owned()
         }
@@ -100,7 +100,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
                     l.layer
                 ));
             }
-            inputs.push(value_info("code", &m.code)?);
+            inputs.push(value_info("code", &m.code));
             "code".to_owned()
         }
     };
@@ -109,15 +109,15 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
             x = b.layer(l, &x, &mut logvar)?;
         }
         let code = b.node("Identity", &[&x], vec![], "code");
-        outputs.push(value_info(&code, &m.code)?);
+        outputs.push(value_info(&code, &m.code));
         if let Some(lv) = &logvar {
             let lv = b.node("Identity", &[lv], vec![], "logvar");
-            outputs.push(value_info(&lv, &m.code)?);
+            outputs.push(value_info(&lv, &m.code));
         }
         // The state a teacher-forced decoder starts from: the encoder's last (h, or h and c).
         if let (Some(_), Some(state)) = (forced, b.state.clone()) {
             let s = b.node("Identity", &[&state], vec![], "state");
-            outputs.push(value_info(&s, &Ty::Tensor(vec![state_size(forced)]))?);
+            outputs.push(value_info(&s, &Ty::Tensor(vec![state_size(forced)])));
         }
         x = code;
     }
@@ -126,7 +126,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
             x = b.layer(l, &x, &mut logvar)?;
         }
         let recon = b.node("Identity", &[&x], vec![], "recon");
-        outputs.insert(0, value_info(&recon, &m.output)?);
+        outputs.insert(0, value_info(&recon, &m.output));
     }
     if part == Export::Step {
         // From the teacher-forced layer on; that layer reads `prev` and `state` itself.
@@ -138,10 +138,10 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         }
         let vocab = b.step.as_ref().map_or(0, |s| s.2);
         let recon = b.node("Identity", &[&x], vec![], "recon");
-        outputs.push(value_info(&recon, &Ty::Seq { len: 1, dim: vocab })?);
+        outputs.push(value_info(&recon, &Ty::Seq { len: 1, dim: vocab }));
         let after = b.state.clone().ok_or("the step has no state")?;
         let s = b.node("Identity", &[&after], vec![], "state_after");
-        outputs.push(value_info(&s, &Ty::Tensor(vec![state_size(forced)]))?);
+        outputs.push(value_info(&s, &Ty::Tensor(vec![state_size(forced)])));
     }
     let initializer = b
         .used
@@ -198,7 +198,7 @@ fn ir_version(opset: i64) -> i64 {
 }
 
 /// A graph input or output: `[batch, …]` of the type's element.
-fn value_info(name: &str, ty: &Ty) -> Result<ValueInfoProto, String> {
+fn value_info(name: &str, ty: &Ty) -> ValueInfoProto {
     use proto::tensor_shape_proto::{Dimension, dimension::Value};
     let (elem, dims): (i32, Vec<u64>) = match ty {
         Ty::Tensor(d) => (proto::FLOAT, d.clone()),
@@ -210,10 +210,10 @@ fn value_info(name: &str, ty: &Ty) -> Result<ValueInfoProto, String> {
     dim.extend(dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d as i64)) }));
     let tensor =
         proto::type_proto::Tensor { elem_type: Some(elem), shape: Some(proto::TensorShapeProto { dim }) };
-    Ok(ValueInfoProto {
+    ValueInfoProto {
         name: Some(name.to_owned()),
         r#type: Some(TypeProto { value: Some(proto::type_proto::Value::TensorType(tensor)) }),
-    })
+    }
 }
 
 /// A size per axis as ONNX's attributes take it.

@@ -317,12 +317,8 @@ impl Programs<'_> {
         on: &mut dyn FnMut(Event),
         reduce: Option<codegen::Reduce>,
     ) -> Result<(f64, Vec<f64>), StepFail> {
+        // (`train` refuses data-parallel training on the interpreter: `reduce` is native only.)
         if self.backend == Backend::Interp {
-            if reduce.is_some() {
-                return Err(StepFail::Train(TrainError::Data(
-                    "data-parallel training runs native code: drop --backend interp".into(),
-                )));
-            }
             let g = self.train(batch)?;
             let values = interp::run(g, inputs, state, opts).map_err(StepFail::Run)?;
             return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
@@ -470,7 +466,6 @@ pub fn train(
         dist::share(d.as_ref(), &mut start).map_err(TrainError::Data)?;
         (store.entries, metrics, first_epoch, step) = start;
     }
-    let first_epoch = first_epoch;
 
     let last = cfg.stop_at.unwrap_or(total).min(total);
     if first_epoch >= last {
