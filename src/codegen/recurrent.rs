@@ -236,26 +236,44 @@ pub fn emit(
                 project(e, &mm);
                 e.for_dynamic(r0, r1, |e, r| {
                     let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
+                    // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh
+                    // (saved, when the backward reads them, at the projection's own index).
+                    let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
+                        let i = e.b.ins().iadd(xrow, j);
+                        let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                        let x = e.load(ty, at(xp), i);
+                        let gi = e.b.ins().iadd(grow, j);
+                        let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                        let y = e.load(ty, gh, gi);
+                        if let Some(saved) = saved {
+                            e.store(saved, i, y);
+                        }
+                        (x, y, gi)
+                    };
+                    // The first pass: the gates that need only their own projections, each
+                    // written over its projection in `gh`.
+                    independent_gates(e, d, |e, ty, j, k| {
+                        let (x, y, gi) = gate(e, ty, j, k);
+                        let a = gate_activation(e, ty, d.cell, k, x, y);
+                        e.store(gh, gi, a);
+                    });
                     e.elementwise(d.h, |e, ty, j| {
-                        let ld = |e: &mut Emit, buf: usize, row: Value, k: usize| {
-                            let i = e.b.ins().iadd(row, j);
-                            let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
-                            e.load(ty, buf, i)
-                        };
-                        let gate = |e: &mut Emit, k: usize| {
-                            let x = ld(e, at(xp), xrow, k);
-                            let y = ld(e, gh, grow, k);
-                            if let Some(saved) = saved {
-                                // Saved at the projection's own index: [B, T, G·H] both.
-                                let i = e.b.ins().iadd(xrow, j);
-                                let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
-                                e.store(saved, i, y);
-                            }
-                            (x, y)
-                        };
                         let hi_ = e.b.ins().iadd(hrow, j);
                         let oi = e.b.ins().iadd(orow, j);
-                        let a = activations(e, ty, d.cell, gate);
+                        let a = activations(
+                            e,
+                            ty,
+                            d.cell,
+                            |e, k| {
+                                let (x, y, _) = gate(e, ty, j, k);
+                                (x, y)
+                            },
+                            |e, k| {
+                                let gi = e.b.ins().iadd(grow, j);
+                                let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                                e.load(ty, gh, gi)
+                            },
+                        );
                         match d.cell {
                             Cell::Rnn => {
                                 e.store(h, hi_, a[0]);
@@ -318,6 +336,18 @@ pub fn emit(
                 let t = e.b.ins().isub(last, back);
                 e.for_dynamic(r0, r1, |e, r| {
                     let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
+                    // The first pass: the gates that need only their own projections, kept
+                    // in this step's `dgh` slots until the second pass overwrites them.
+                    independent_gates(e, d, |e, ty, j, k| {
+                        let i = e.b.ins().iadd(xrow, j);
+                        let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                        let x = e.load(ty, at(xp), i);
+                        let y = e.load(ty, at(gh), i);
+                        let a = gate_activation(e, ty, d.cell, k, x, y);
+                        let gi = e.b.ins().iadd(grow, j);
+                        let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                        e.store(dgh, gi, a);
+                    });
                     e.elementwise(d.h, |e, ty, j| {
                         let idx = |e: &mut Emit, row: Value, k: usize| {
                             let i = e.b.ins().iadd(row, j);
@@ -347,7 +377,7 @@ pub fn emit(
                             let y = e.load(ty, at(gh), xi[k]);
                             (x, y)
                         };
-                        let a = activations(e, ty, d.cell, pre);
+                        let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, dgh, gi[k]));
                         match d.cell {
                             Cell::Rnn => {
                                 let d1 = one_minus_sq(e, ty, a[0]);
@@ -437,13 +467,41 @@ pub fn emit(
     Ok(())
 }
 
-/// The cell's activations from the projections `pre(k) = (x·W_ihᵀ+b_ih, h·W_hhᵀ+b_hh)` of gate
-/// k: rnn `[h]`; gru `[r, z, n, gh_n]` (n = tanh(x_n + r·gh_n)); lstm `[i, f, g, o]`.
+/// How many of a cell's gates need only their own projections and are computed in a first
+/// pass over the hidden units: a GRU's r and z, all four of an LSTM's. The second pass (the
+/// GRU's n = tanh(x_n + r·gh_n), the cell update) then starts from finished values: two short
+/// dependency chains instead of one long one, which the CPU overlaps across vectors.
+fn first_pass(cell: Cell) -> usize {
+    match cell {
+        Cell::Rnn => 0,
+        Cell::Gru => 2,
+        Cell::Lstm => 4,
+    }
+}
+
+/// The first pass of every row: `body(e, ty, j, k)` for each independent gate k of element j.
+fn independent_gates(e: &mut Emit, d: Dims, mut body: impl FnMut(&mut Emit, Type, Value, usize)) {
+    let n = first_pass(d.cell);
+    if n > 0 {
+        e.elementwise(d.h, |e, ty, j| (0..n).for_each(|k| body(e, ty, j, k)));
+    }
+}
+
+/// Independent gate k's activation from its projections: tanh for an LSTM's g, else sigmoid.
+fn gate_activation(e: &mut Emit, ty: Type, cell: Cell, k: usize, x: Value, y: Value) -> Value {
+    let a = e.b.ins().fadd(x, y);
+    if cell == Cell::Lstm && k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
+}
+
+/// The cell's activations: rnn `[h]`; gru `[r, z, n, gh_n]` (n = tanh(x_n + r·gh_n)); lstm
+/// `[i, f, g, o]`. The first-pass gates come from `done(k)`, the others from their
+/// projections `pre(k) = (x·W_ihᵀ+b_ih, h·W_hhᵀ+b_hh)`.
 fn activations(
     e: &mut Emit,
     ty: Type,
     cell: Cell,
     mut pre: impl FnMut(&mut Emit, usize) -> (Value, Value),
+    mut done: impl FnMut(&mut Emit, usize) -> Value,
 ) -> Vec<Value> {
     match cell {
         Cell::Rnn => {
@@ -452,24 +510,14 @@ fn activations(
             vec![e.tanh(ty, a)]
         }
         Cell::Gru => {
-            let (xr, yr) = pre(e, 0);
-            let (xz, yz) = pre(e, 1);
+            let r = done(e, 0);
+            let z = done(e, 1);
             let (xn, yn) = pre(e, 2);
-            let ar = e.b.ins().fadd(xr, yr);
-            let r = e.sigmoid(ty, ar);
-            let az = e.b.ins().fadd(xz, yz);
-            let z = e.sigmoid(ty, az);
             let an = e.b.ins().fma(r, yn, xn);
             let n = e.tanh(ty, an);
             vec![r, z, n, yn]
         }
-        Cell::Lstm => (0..4)
-            .map(|k| {
-                let (x, y) = pre(e, k);
-                let a = e.b.ins().fadd(x, y);
-                if k == 2 { e.tanh(ty, a) } else { e.sigmoid(ty, a) }
-            })
-            .collect(),
+        Cell::Lstm => (0..4).map(|k| done(e, k)).collect(),
     }
 }
 
