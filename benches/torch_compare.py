@@ -6,11 +6,14 @@ For each bench spec: `aec bench SPEC --batch B --json` for aec, then the same ne
 (the same dense layers, or the GRU autoencoder, with optax's Adam or SGD), the same batch, loss,
 optimizer and thread count, timed the same way (median of 5 rounds, after warm-up). JAX is timed
 two ways: one `jax.jit` step per call, and a `lax.scan` of 50 steps per call (its fastest form).
+Each figure is the median of R such measurements taken in turns with the others (--repeat).
 Prints one line per spec: every rate, and aec against the best peer. bench_conv28 (max-pool
 switches and unpooling) has no JAX twin here: its column says `-`.
 
     --threads N   aec, PyTorch and XLA on N threads (default: all cores). Pin a one-thread run
                   with `taskset -c 0`.
+    --repeat R    rounds per spec (default 3): each round times every framework once, in turn,
+                  and each column is the median of its rounds.
 
 Setup (outside the repository, not needed by CI):
     python3 -m venv ../torch-venv && ../torch-venv/bin/pip install torch numpy safetensors jax optax
@@ -253,9 +256,13 @@ def main():
     if argv[:1] == ["--jax-worker"]:
         name, batch, threads, rest = argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4])
         return jax_worker(name, batch, threads, tuple(rest[0]), rest[1])
-    threads_flag = []
-    if argv[:1] == ["--threads"]:
-        threads_flag, argv = ["--threads", argv[1]], argv[2:]
+    threads_flag, repeat = [], 3
+    while argv[:1] in (["--threads"], ["--repeat"]):
+        if argv[0] == "--threads":
+            threads_flag = ["--threads", argv[1]]
+        else:
+            repeat = int(argv[1])
+        argv = argv[2:]
     only = argv
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -266,15 +273,27 @@ def main():
         for name, batch, opt_spec, loss_name in BENCHES:
             if only and name not in only:
                 continue
-            ours = json.loads(aec("bench", ROOT / "specs" / f"{name}.ae", "--batch", batch, "--json", *threads_flag))
-            threads = ours["threads"]
-            theirs = torch_rate(name, batch, opt_spec, threads, tmp, loss_name)
-            jx = jax_rates(name, batch, threads, opt_spec, loss_name)
-            a = ours["train_samples_per_s"]
-            best = max([theirs] + (list(jx.values()) if jx else []))
-            j = f"{jx['jit']:9.0f} {jx['scan']:9.0f}" if jx else f"{'-':>9} {'-':>9}"
-            print(f"{name:14} {batch:5} {threads:7} {a:10.0f} {theirs:9.0f} {j} {a / best:7.2f}x", flush=True)
-
+            # Every framework once per round, the rounds one after another: on a shared machine
+            # each framework then sees the same spells of load, and each figure is a median.
+            rounds = {"aec": [], "torch": [], "jit": [], "scan": []}
+            for _ in range(repeat):
+                ours = json.loads(
+                    aec("bench", ROOT / "specs" / f"{name}.ae", "--batch", batch, "--json", *threads_flag)
+                )
+                threads = ours["threads"]
+                rounds["aec"].append(ours["train_samples_per_s"])
+                rounds["torch"].append(torch_rate(name, batch, opt_spec, threads, tmp, loss_name))
+                jx = jax_rates(name, batch, threads, opt_spec, loss_name)
+                for k, v in (jx or {}).items():
+                    rounds[k].append(v)
+            med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
+            best = max(v for k, v in med.items() if k != "aec")
+            j = f"{med['jit']:9.0f} {med['scan']:9.0f}" if "jit" in med else f"{'-':>9} {'-':>9}"
+            print(
+                f"{name:14} {batch:5} {threads:7} {med['aec']:10.0f} {med['torch']:9.0f} {j}"
+                f" {med['aec'] / best:7.2f}x",
+                flush=True,
+            )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -946,7 +946,7 @@ pub fn loss_pair(e: &mut Emit, g: &Graph, plan: &Plan, loss: NodeId, grad: NodeI
 
 /// The optimizer step of one parameter. Scalars set by the runtime before each step:
 /// [0] SGD's momentum for this step (0 on the parameter's first update, so the buffer starts as
-/// the gradient) or Adam's step size lr/(1-β₁ᵗ); [1] Adam's √(1-β₂ᵗ).
+/// the gradient) or Adam's step size lr/(1-β₁ᵗ); [1] Adam's 1/√(1-β₂ᵗ).
 #[allow(clippy::too_many_arguments)]
 fn update(
     e: &mut Emit,
@@ -1004,10 +1004,13 @@ fn update(
                 let v = e.b.ins().fma(b2v, v, gg);
                 e.store(ms, i, m);
                 e.store(vs, i, v);
+                // √v·(1/√(1-β₂ᵗ)) + ε in one fma: PyTorch divides by √(1-β₂ᵗ) and adds ε,
+                // two roundings this replaces with one (the denominator differs by at most
+                // an ulp); the divider, which bounds this loop, then serves one sqrt and one
+                // division per vector instead of a sqrt and two divisions.
                 let sq = e.b.ins().sqrt(v);
-                let den = e.b.ins().fdiv(sq, s1);
                 let epsv = e.fconst(ty, eps);
-                let den = e.b.ins().fadd(den, epsv);
+                let den = e.b.ins().fma(sq, s1, epsv);
                 let q = e.b.ins().fdiv(m, den);
                 let step = e.b.ins().fmul(s0, q);
                 let np = e.b.ins().fsub(p, step);

@@ -895,7 +895,7 @@ impl Program {
                     let t = t as i32;
                     let bc1 = 1.0 - f64::from(b1).powi(t);
                     let bc2 = (1.0 - f64::from(b2).powi(t)).sqrt();
-                    ((f64::from(lr) / bc1) as f32, bc2 as f32)
+                    ((f64::from(lr) / bc1) as f32, (1.0 / bc2) as f32)
                 }
             };
             self.write_f32(off, &[s0, s1]);
