@@ -184,42 +184,56 @@ impl Emit<'_, '_> {
     /// Past the range the result is what `f32::exp` (the interpreter) gives: +∞ above it, 0
     /// below, so both backends see an overflow at the same step.
     pub fn exp(&mut self, ty: Type, x: Value) -> Value {
-        let hi = self.fconst(ty, 88.376_26);
-        let lo = self.fconst(ty, -87.336_55);
-        // Clamped by compare and select (Cranelift's vector fmin/fmax are long NaN-careful
-        // sequences); a NaN compares false both times and stays NaN.
-        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
-        let x = self.select(ty, above, hi, x);
-        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
-        let x = self.select(ty, below, lo, x);
-        let y = self.exp_in_range(ty, x);
+        let (x, above, below) = self.clamp(ty, x, -87.336_55, 88.376_26);
+        let y = self.exp_in_range(ty, x, false);
         let inf = self.fconst(ty, f32::INFINITY);
         let zero = self.fconst(ty, 0.0);
         let y = self.select(ty, above, inf, y);
         self.select(ty, below, zero, y)
     }
 
-    /// eˣ for x within [-87.34, 88.38] (or NaN).
-    fn exp_in_range(&mut self, ty: Type, x: Value) -> Value {
-        let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
+    /// `x` clamped to `[lo, hi]`, and the comparisons `x > hi`, `x < lo`. By compare and select
+    /// (Cranelift's vector fmin/fmax are long NaN-careful sequences); a NaN compares false both
+    /// times and stays NaN.
+    fn clamp(&mut self, ty: Type, x: Value, lo: f32, hi: f32) -> (Value, Value, Value) {
+        let hi = self.fconst(ty, hi);
+        let lo = self.fconst(ty, lo);
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+        let x = self.select(ty, above, hi, x);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let x = self.select(ty, below, lo, x);
+        (x, above, below)
+    }
+
+    /// eˣ for x within [-87.34, 88.38] (or NaN); with `negated`, e⁻ˣ for x within [-88.38,
+    /// 87.34], bit for bit what eˣ gives at −x, without negating x first: with s = −r the
+    /// reduced argument, 1 + r + r²·P(r) is 1 − s + s²·P(−s), P's odd coefficients negated.
+    fn exp_in_range(&mut self, ty: Type, x: Value, negated: bool) -> Value {
+        let sign = if negated { -1.0 } else { 1.0 };
+        let log2e = self.fconst(ty, sign * std::f32::consts::LOG2_E);
         let magic = self.fconst(ty, 12_582_912.0);
         let shifted = self.b.ins().fma(x, log2e, magic);
         let fx = self.b.ins().fsub(shifted, magic);
-        let c1 = self.fconst(ty, 0.693_359_4);
-        let c2 = self.fconst(ty, -2.121_944_4e-4);
-        let t = self.b.ins().fmul(fx, c1);
-        let x = self.b.ins().fsub(x, t);
-        let t = self.b.ins().fmul(fx, c2);
-        let x = self.b.ins().fsub(x, t);
-        let z = self.b.ins().fmul(x, x);
-        let mut y = self.fconst(ty, 1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        // r = x − n·C1 − n·C2 (or s = x + n·C1 + n·C2 = −r).
+        let mut r = x;
+        for c in [0.693_359_4, -2.121_944_4e-4] {
             let cc = self.fconst(ty, c);
-            y = self.b.ins().fma(y, x, cc);
+            let t = self.b.ins().fmul(fx, cc);
+            r = if negated { self.b.ins().fadd(r, t) } else { self.b.ins().fsub(r, t) };
+        }
+        let z = self.b.ins().fmul(r, r);
+        let coefficients =
+            [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+        // Coefficient of r^k, k = 5 − i; negated for odd k when the argument is −r.
+        let coefficient = |i: usize, c: f32| if negated && (5 - i) % 2 == 1 { -c } else { c };
+        let mut y = self.fconst(ty, coefficient(0, coefficients[0]));
+        for (i, &c) in coefficients.iter().enumerate().skip(1) {
+            let cc = self.fconst(ty, coefficient(i, c));
+            y = self.b.ins().fma(y, r, cc);
         }
         let one = self.fconst(ty, 1.0);
-        let xp1 = self.b.ins().fadd(x, one);
-        let y = self.b.ins().fma(y, z, xp1);
+        let rp1 = if negated { self.b.ins().fsub(one, r) } else { self.b.ins().fadd(r, one) };
+        let y = self.b.ins().fma(y, z, rp1);
         // The sum's bits are 0x4B40_0000 + n; shifted left by 23 only n + 127 survives.
         let ity = if ty == F32X4 { I32X4 } else { I32 };
         let n = self.bitcast(ity, shifted);
@@ -235,13 +249,17 @@ impl Emit<'_, '_> {
         self.b.ins().fmul(y, pow2n)
     }
 
-    /// 1 / (1 + e⁻ˣ).
+    /// 1 / (1 + e⁻ˣ), with e⁻ˣ computed from x directly (no negation). Below −88.38, where e⁻ˣ
+    /// overflows, 0; above 87.34 e⁻ˣ is clamped to about 1e-38, which 1 + e⁻ˣ rounds away: 1,
+    /// as the unclamped formula gives.
     pub fn sigmoid(&mut self, ty: Type, x: Value) -> Value {
-        let nx = self.b.ins().fneg(x);
-        let e = self.exp(ty, nx);
+        let (x, _, overflows) = self.clamp(ty, x, -88.376_26, 87.336_55);
+        let e = self.exp_in_range(ty, x, true);
         let one = self.fconst(ty, 1.0);
         let d = self.b.ins().fadd(one, e);
-        self.b.ins().fdiv(one, d)
+        let s = self.b.ins().fdiv(one, d);
+        let zero = self.fconst(ty, 0.0);
+        self.select(ty, overflows, zero, s)
     }
 
     /// tanh x: for |x| < 0.625 the odd polynomial x + x³·P(x²) (Cephes' `tanhf`, relative
@@ -250,7 +268,9 @@ impl Emit<'_, '_> {
     pub fn tanh(&mut self, ty: Type, x: Value) -> Value {
         let two = self.fconst(ty, 2.0);
         let x2 = self.b.ins().fmul(x, two);
-        let e = self.exp(ty, x2);
+        // e²ˣ clamped: past the range 2 / (e²ˣ + 1) rounds to 0 or 2 either way.
+        let (x2, _, _) = self.clamp(ty, x2, -87.336_55, 88.376_26);
+        let e = self.exp_in_range(ty, x2, false);
         let one = self.fconst(ty, 1.0);
         let d = self.b.ins().fadd(e, one);
         let q = self.b.ins().fdiv(two, d);
