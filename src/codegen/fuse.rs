@@ -9,7 +9,8 @@
 //!   one loop computes the whole chain per element and stores only the last value
 //!   (`relu' ∘ (dy · mask)`, `bias → relu`, a loss gradient's scale, …).
 //! - A loss and its gradient (from the backward pass's constant seed) are one pass over the
-//!   predictions: the gradient is written where the loss runs.
+//!   predictions: the gradient is written where the loss runs, with the elementwise ops that
+//!   follow it (an output activation's derivative: `sigmoid' ∘ mse'`) applied as it stores.
 //! - Every optimizer update is one kernel, its work the concatenated chunks of all parameters.
 //!
 //! A group runs at the position of its first node; the memory plan gives the group's result
@@ -27,10 +28,12 @@ pub enum Group {
     },
     /// An elementwise op (or bias add) and the elementwise ops computed with it, in order.
     Chain(Vec<NodeId>),
-    /// A loss and its gradient, computed together.
+    /// A loss and its gradient, computed together, and the chain of elementwise ops fused
+    /// into the gradient's store.
     LossPair {
         loss: NodeId,
         grad: NodeId,
+        chain: Vec<NodeId>,
     },
     /// All optimizer updates.
     Updates(Vec<NodeId>),
@@ -49,7 +52,7 @@ impl Group {
         match self {
             Group::MatMul { mm, chain } => *chain.last().unwrap_or(mm),
             Group::Chain(v) => *v.last().unwrap_or(&v[0]),
-            Group::LossPair { grad, .. } => *grad,
+            Group::LossPair { grad, chain, .. } => *chain.last().unwrap_or(grad),
             _ => self.head(),
         }
     }
@@ -59,7 +62,9 @@ impl Group {
             Group::Single(n) => vec![*n],
             Group::MatMul { mm, chain } => std::iter::once(*mm).chain(chain.iter().copied()).collect(),
             Group::Chain(v) | Group::Updates(v) => v.clone(),
-            Group::LossPair { loss, grad } => vec![*loss, *grad],
+            Group::LossPair { loss, grad, chain } => {
+                [*loss, *grad].into_iter().chain(chain.iter().copied()).collect()
+            }
         }
     }
 }
@@ -91,7 +96,7 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } | Op::HiddenProj { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
-                let chain = follow(g, id, &uses, &user, &mut taken, true);
+                let chain = follow(g, (id, id), &uses, &user, &mut taken, true);
                 out.push(Group::MatMul { mm: id, chain });
             }
             Op::Unary { .. }
@@ -99,7 +104,7 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             | Op::Binary { .. }
             | Op::Scale { .. }
             | Op::BiasAdd { .. } => {
-                let chain = follow(g, id, &uses, &user, &mut taken, false);
+                let chain = follow(g, (id, id), &uses, &user, &mut taken, false);
                 if chain.is_empty() {
                     out.push(Group::Single(id));
                 } else {
@@ -109,7 +114,12 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             Op::Loss { .. } => match loss_grad_of(g, id) {
                 Some(grad) => {
                     taken[grad.index()] = true;
-                    out.push(Group::LossPair { loss: id, grad });
+                    // Cross-entropy's gradient is stored row by row, not elementwise: no chain.
+                    let chain = match g.node(id).op {
+                        Op::Loss { f: crate::ir::LossFn::CrossEntropyLogits, .. } => Vec::new(),
+                        _ => follow(g, (grad, id), &uses, &user, &mut taken, false),
+                    };
+                    out.push(Group::LossPair { loss: id, grad, chain });
                 }
                 None => out.push(Group::Single(id)),
             },
@@ -140,23 +150,24 @@ fn loss_grad_of(g: &Graph, loss: NodeId) -> Option<NodeId> {
     })
 }
 
-/// The elementwise ops that can follow `head` in its kernel: each the single user of the value
-/// before it, of the same shape, and marked `taken`. A bias add only follows a matmul.
+/// The elementwise ops that can follow `start` in the kernel that runs at node `at` (`start`
+/// itself, or the loss whose gradient `start` is): each the single user of the value before
+/// it, of the same shape, and marked `taken`. A bias add only follows a matmul.
 fn follow(
     g: &Graph,
-    head: NodeId,
+    (start, at): (NodeId, NodeId),
     uses: &[usize],
     user: &[Option<NodeId>],
     taken: &mut [bool],
     bias: bool,
 ) -> Vec<NodeId> {
-    let shape = &g.ty(head).shape;
+    let shape = &g.ty(start).shape;
     let mut chain = Vec::new();
-    let mut cur = head;
+    let mut cur = start;
     while uses[cur.index()] == 1 {
         let Some(u) = user[cur.index()] else { break };
         let is_bias = matches!(g.node(u).op, Op::BiasAdd { .. });
-        if g.ty(u).shape != *shape || (is_bias && !bias) || !fits_epilogue(g, u, cur, head) {
+        if g.ty(u).shape != *shape || (is_bias && !bias) || !fits_epilogue(g, u, cur, at) {
             break;
         }
         chain.push(u);

@@ -2,7 +2,7 @@
 //! Semantics are the interpreter's (and so PyTorch's); `tests/jit.rs` holds every kernel to
 //! them.
 
-use super::emit::{Emit, act_grad, apply_ops, sign, unary};
+use super::emit::{Emit, EpOp, act_grad, apply_ops, sign, unary};
 use super::plan::Plan;
 use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -308,7 +308,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::LossGrad { f, pred, target, dy } => {
             let zero = e.i64(0);
             let k = e.load(F32, at(*dy), zero);
-            loss_kernel(e, *f, &shape(*pred), (at(*pred), at(*target)), None, Some((k, out)))
+            loss_kernel(e, *f, &shape(*pred), (at(*pred), at(*target)), None, Some((k, out, &[])))
         }
         Op::PrevStates { x, first } => {
             let s = shape(*x);
@@ -792,7 +792,7 @@ fn loss_kernel(
     ps: &[usize],
     (p, t): (usize, usize),
     value: Option<usize>,
-    grad: Option<(Value, usize)>,
+    grad: Option<(Value, usize, &[EpOp])>,
 ) {
     let n: usize = ps.iter().product();
     let zero = e.i64(0);
@@ -800,16 +800,16 @@ fn loss_kernel(
         LossFn::Mse | LossFn::L1 | LossFn::Bce => {
             let scale = if f == LossFn::Mse { 2.0 / n as f32 } else { 1.0 / n as f32 };
             let c = e.fconst(F32, scale);
-            let grad = grad.map(|(k, out)| {
+            let grad = grad.map(|(k, out, ops)| {
                 let k = e.b.ins().fmul(k, c);
-                (k, e.b.ins().splat(F32X4, k), out)
+                (k, e.b.ins().splat(F32X4, k), out, ops)
             });
             // Stores the gradient at i; returns the loss term (mse, l1; bce's is scalar only).
             let mut body = |e: &mut Emit, ty: Type, i: Value| {
                 let a = e.load(ty, p, i);
                 let b = e.load(ty, t, i);
                 let diff = e.b.ins().fsub(a, b);
-                if let Some((k, kv, out)) = grad {
+                if let Some((k, kv, out, ops)) = grad {
                     let g = match f {
                         LossFn::Mse => diff,
                         LossFn::L1 => sign(e, ty, diff),
@@ -823,6 +823,7 @@ fn loss_kernel(
                         }
                     };
                     let r = e.b.ins().fmul(g, if ty == F32X4 { kv } else { k });
+                    let r = apply_ops(e, ty, ops, r, i, None, true);
                     e.store(out, i, r);
                 }
                 match f {
@@ -854,7 +855,7 @@ fn loss_kernel(
             let v = *ps.last().unwrap_or(&1);
             let rows = n / v;
             let inv_rows = e.fconst(F32, 1.0 / rows as f32);
-            let k = grad.map(|(k, _)| e.b.ins().fmul(k, inv_rows));
+            let k = grad.map(|(k, _, _)| e.b.ins().fmul(k, inv_rows));
             let acc = e.b.declare_var(F32);
             let z = e.fconst(F32, 0.0);
             e.b.def_var(acc, z);
@@ -872,7 +873,7 @@ fn loss_kernel(
                     let cur = e.b.ins().fadd(cur, term);
                     e.b.def_var(acc, cur);
                 }
-                if let (Some(k), Some((_, out))) = (k, grad) {
+                if let (Some(k), Some((_, out, _))) = (k, grad) {
                     // (softmax − one-hot(target)) · k.
                     let one = e.fconst(F32, 1.0);
                     let inv = e.b.ins().fdiv(one, total);
@@ -930,7 +931,14 @@ fn bce(e: &mut Emit, n: usize, p: usize, t: usize) -> Value {
 
 /// A loss and its gradient in one kernel (`fuse::Group::LossPair`): the gradient's incoming
 /// scalar is the constant `fill` the backward pass starts from.
-pub fn loss_pair(e: &mut Emit, g: &Graph, plan: &Plan, loss: NodeId, grad: NodeId) -> Result<(), String> {
+pub fn loss_pair(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    loss: NodeId,
+    grad: NodeId,
+    chain: &[NodeId],
+) -> Result<(), String> {
     let (Op::Loss { f, pred, target }, Op::LossGrad { dy, .. }) = (&g.node(loss).op, &g.node(grad).op) else {
         return Err("a loss pair without its loss and gradient".into());
     };
@@ -940,7 +948,12 @@ pub fn loss_pair(e: &mut Emit, g: &Graph, plan: &Plan, loss: NodeId, grad: NodeI
     let at = |n: NodeId| plan.node[n.index()];
     let k = e.fconst(F32, value);
     let io = (at(*pred), at(*target));
-    loss_kernel(e, *f, &g.ty(*pred).shape, io, Some(at(loss)), Some((k, at(grad))));
+    let ops = super::matmul::epilogue(g, plan, grad, chain);
+    if ops.len() != chain.len() {
+        return Err(format!("%{}: a loss gradient's chain with an op that is not elementwise", grad.0));
+    }
+    let out = at(*chain.last().unwrap_or(&grad));
+    loss_kernel(e, *f, &g.ty(*pred).shape, io, Some(at(loss)), Some((k, out, &ops)));
     Ok(())
 }
 

@@ -544,8 +544,8 @@ impl Program {
                     }
                     fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
                     fuse::Group::Chain(ids) => kernels::chain(&mut e, g, &plan, ids, (lo, hi))?,
-                    fuse::Group::LossPair { loss, grad } => {
-                        kernels::loss_pair(&mut e, g, &plan, *loss, *grad)?
+                    fuse::Group::LossPair { loss, grad, chain } => {
+                        kernels::loss_pair(&mut e, g, &plan, *loss, *grad, chain)?
                     }
                     fuse::Group::Single(id) => match piece {
                         Piece::Conv(part) => {

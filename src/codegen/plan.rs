@@ -66,9 +66,13 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     }
     for grp in groups {
         let nodes = grp.nodes();
-        if let Group::LossPair { loss, grad } = grp {
-            // The gradient is written when the loss runs; the loss keeps its own buffer.
-            at_head[loss.index()] = Some(*grad);
+        if let Group::LossPair { loss, grad, chain } = grp {
+            // The gradient (after its chain) is written when the loss runs; the loss keeps its
+            // own buffer, the values inside the chain have none.
+            at_head[loss.index()] = Some(grp.result());
+            for c in std::iter::once(grad).chain(chain).filter(|&&c| c != grp.result()) {
+                fused_away[c.index()] = true;
+            }
         } else if matches!(grp, Group::MatMul { .. } | Group::Chain(_)) && nodes.len() > 1 {
             at_head[nodes[0].index()] = Some(grp.result());
             for c in &nodes[..nodes.len() - 1] {
