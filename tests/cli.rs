@@ -127,3 +127,28 @@ fn several_mpi_processes_are_refused_rather_than_training_copies() {
         .expect("run aec");
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn bench_reports_rates_the_matmul_path_and_where_the_time_goes() {
+    // JSON: every field a script reads, with rates that are numbers above zero.
+    let (code, out, err) = aec(&["bench", "specs/digits_mlp.ae", "--steps", "2", "--threads", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    for field in [
+        "\"train_samples_per_s\":",
+        "\"infer_samples_per_s\":",
+        "\"peak_gflops_per_core\":",
+        "\"wide_core\":",
+    ] {
+        assert!(out.contains(field), "{field}: {out}");
+    }
+    let rate = out.split("\"train_samples_per_s\":").nth(1).and_then(|r| r.split(',').next());
+    assert!(rate.and_then(|r| r.parse::<f64>().ok()).is_some_and(|r| r > 0.0), "{out}");
+    // Text with --profile: the rounds' length, the path, and the step's kernels by time.
+    let (code, out, err) =
+        aec(&["bench", "specs/digits_mlp.ae", "--steps", "2", "--threads", "1", "--profile"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("median of 5 rounds of 2 steps"), "{out}");
+    assert!(out.contains("matmuls "), "{out}");
+    assert!(out.contains("training step, per kernel (2 steps;"), "{out}");
+    assert!(out.contains("k_updates"), "{out}");
+}

@@ -17,7 +17,8 @@ pub struct BenchArgs {
     /// Threads large kernels split across (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
-    /// Training steps per measurement round (5 rounds; the median is reported).
+    /// Training steps per measurement round (5 rounds; the median is reported). Default: as
+    /// many as take about 0.3 s
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Print one JSON object instead of text.
@@ -43,12 +44,20 @@ fn inputs(g: &Graph) -> Vec<Buf> {
         .collect()
 }
 
-/// Median samples/s over 5 rounds of `steps` runs of `p`.
-fn measure(p: &mut Program, batch: u64, steps: u64) -> Result<f64, Failure> {
+/// How long a measurement round takes when `--steps` does not fix it: about as long as
+/// `benches/torch_compare.py` times each round of PyTorch and JAX.
+const ROUND: f64 = 0.3;
+
+/// Median samples/s over 5 rounds of `steps` runs of `p` (by default as many as take about
+/// [`ROUND`] seconds, from the warm-up's pace, and at least 10), and the steps per round.
+fn measure(p: &mut Program, batch: u64, steps: Option<u64>) -> Result<(f64, u64), Failure> {
     let x = inputs(p.graph());
+    let warm = Instant::now();
     for s in 0..3 {
         p.run(&x, 1, s + 1).map_err(|l| Failure::Data(format!("the benchmark diverged (loss {l})")))?;
     }
+    let pace = warm.elapsed().as_secs_f64() / 3.0;
+    let steps = steps.unwrap_or_else(|| (ROUND / pace.max(1e-7)).clamp(10.0, 1e6) as u64);
     let mut rates = Vec::new();
     for round in 0..5 {
         let t = Instant::now();
@@ -59,7 +68,7 @@ fn measure(p: &mut Program, batch: u64, steps: u64) -> Result<f64, Failure> {
         rates.push((steps * batch) as f64 / t.elapsed().as_secs_f64());
     }
     rates.sort_by(f64::total_cmp);
-    Ok(rates[2])
+    Ok((rates[2], steps))
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
@@ -96,11 +105,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let flops_train = 3.0 * flops_fwd as f64;
     // What the native code executes (fewer where convolutions of switch maps skip zeros).
     let executed = 2.0 * train.multiply_adds() as f64 / c.batch as f64;
-    let steps = args
-        .steps
-        .unwrap_or_else(|| (2e8 / (flops_train * c.batch as f64).max(1.0)).clamp(10.0, 20_000.0) as u64);
-    let train_rate = measure(&mut train, c.batch, steps)?;
-    let infer_rate = measure(&mut infer, c.batch, steps)?;
+    let (train_rate, steps) = measure(&mut train, c.batch, args.steps)?;
+    let (infer_rate, _) = measure(&mut infer, c.batch, args.steps)?;
     let gflops = flops_train * train_rate / 1e9;
     let executed_gflops = executed * train_rate / 1e9;
     // The share of peak is of the widest FMA the program's kernels run: the wide core's if any
