@@ -18,7 +18,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
     /// Training steps per measurement round (5 rounds; the median is reported). Default: as
-    /// many as take about 0.3 s
+    /// many as take about 0.3 s.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Print one JSON object instead of text.

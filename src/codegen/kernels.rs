@@ -952,6 +952,10 @@ pub fn loss_pair(
     if ops.len() != chain.len() {
         return Err(format!("%{}: a loss gradient's chain with an op that is not elementwise", grad.0));
     }
+    // Cross-entropy stores its gradient row by row, where no chain is applied.
+    if *f == LossFn::CrossEntropyLogits && !ops.is_empty() {
+        return Err(format!("%{}: a chain after cross-entropy's gradient", grad.0));
+    }
     let out = at(*chain.last().unwrap_or(&grad));
     loss_kernel(e, *f, &g.ty(*pred).shape, io, Some(at(loss)), Some((k, out, &ops)));
     Ok(())

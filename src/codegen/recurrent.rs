@@ -239,11 +239,9 @@ pub fn emit(
                     // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh
                     // (saved, when the backward reads them, at the projection's own index).
                     let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
-                        let i = e.b.ins().iadd(xrow, j);
-                        let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                        let i = gate_index(e, d, xrow, j, k);
                         let x = e.load(ty, at(xp), i);
-                        let gi = e.b.ins().iadd(grow, j);
-                        let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                        let gi = gate_index(e, d, grow, j, k);
                         let y = e.load(ty, gh, gi);
                         if let Some(saved) = saved {
                             e.store(saved, i, y);
@@ -269,8 +267,7 @@ pub fn emit(
                                 (x, y)
                             },
                             |e, k| {
-                                let gi = e.b.ins().iadd(grow, j);
-                                let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                                let gi = gate_index(e, d, grow, j, k);
                                 e.load(ty, gh, gi)
                             },
                         );
@@ -339,20 +336,15 @@ pub fn emit(
                     // The first pass: the gates that need only their own projections, kept
                     // in this step's `dgh` slots until the second pass overwrites them.
                     independent_gates(e, d, |e, ty, j, k| {
-                        let i = e.b.ins().iadd(xrow, j);
-                        let i = e.b.ins().iadd_imm_s(i, (k * d.h) as i64);
+                        let i = gate_index(e, d, xrow, j, k);
                         let x = e.load(ty, at(xp), i);
                         let y = e.load(ty, at(gh), i);
                         let a = gate_activation(e, ty, d.cell, k, x, y);
-                        let gi = e.b.ins().iadd(grow, j);
-                        let gi = e.b.ins().iadd_imm_s(gi, (k * d.h) as i64);
+                        let gi = gate_index(e, d, grow, j, k);
                         e.store(dgh, gi, a);
                     });
                     e.elementwise(d.h, |e, ty, j| {
-                        let idx = |e: &mut Emit, row: Value, k: usize| {
-                            let i = e.b.ins().iadd(row, j);
-                            e.b.ins().iadd_imm_s(i, (k * d.h) as i64)
-                        };
+                        let idx = |e: &mut Emit, row: Value, k: usize| gate_index(e, d, row, j, k);
                         let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
                         let gi: Vec<Value> = (0..d.g).map(|k| idx(e, grow, k)).collect();
                         let hi_ = idx(e, hrow, 0);
@@ -477,6 +469,12 @@ fn first_pass(cell: Cell) -> usize {
         Cell::Gru => 2,
         Cell::Lstm => 4,
     }
+}
+
+/// Element `j` of gate `k` in the row of gates that starts at `row` (gates `H` apart).
+fn gate_index(e: &mut Emit, d: Dims, row: Value, j: Value, k: usize) -> Value {
+    let i = e.b.ins().iadd(row, j);
+    e.b.ins().iadd_imm_s(i, (k * d.h) as i64)
 }
 
 /// The first pass of every row: `body(e, ty, j, k)` for each independent gate k of element j.
