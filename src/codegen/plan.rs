@@ -66,11 +66,12 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     }
     for grp in groups {
         let nodes = grp.nodes();
-        if let Group::LossPair { loss, grad, chain } = grp {
+        if let Group::LossPair { loss, .. } = grp {
             // The gradient (after its chain) is written when the loss runs; the loss keeps its
-            // own buffer, the values inside the chain have none.
+            // own buffer, the values between it and the result (`nodes` = loss, gradient,
+            // chain) have none.
             at_head[loss.index()] = Some(grp.result());
-            for c in std::iter::once(grad).chain(chain).filter(|&&c| c != grp.result()) {
+            for c in &nodes[1..nodes.len() - 1] {
                 fused_away[c.index()] = true;
             }
         } else if matches!(grp, Group::MatMul { .. } | Group::Chain(_)) && nodes.len() > 1 {
