@@ -52,9 +52,8 @@ pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
             ad.rule(id, d)?;
         }
     }
-    let param_grads = (0..forward.params.len())
-        .map(|p| forward.param_node(ParamId(p as u32)).and_then(|id| ad.grads[id.index()]))
-        .collect();
+    let param_grads =
+        forward.param_nodes().into_iter().map(|node| node.and_then(|id| ad.grads[id.index()])).collect();
     Ok(Backward { graph: ad.g, param_grads })
 }
 

@@ -42,6 +42,21 @@ impl Span {
     }
 }
 
+/// Where a source's lines start: the line of many spans, each found in log time (counting
+/// newlines per span is quadratic on a long file).
+pub struct Lines(Vec<usize>);
+
+impl Lines {
+    pub fn new(src: &str) -> Lines {
+        Lines(std::iter::once(0).chain(src.match_indices('\n').map(|(i, _)| i + 1)).collect())
+    }
+
+    /// The 1-based line of the span's start.
+    pub fn line(&self, span: Span) -> usize {
+        self.0.partition_point(|&at| at <= span.start as usize)
+    }
+}
+
 fn clamp_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }

@@ -8,44 +8,12 @@
 //! Semantics are PyTorch's: see the op docs in `ir::op` and the losses and optimizers below.
 
 use crate::diag::Span;
-use crate::ir::{BinaryFn, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight};
+use crate::ir::{BinaryFn, Cell, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight};
 use crate::state::State;
-use crate::syntax::ast::Cell;
 use std::fmt;
 
-/// A value: f32 or i32 elements in row-major order.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Buf {
-    F32(Vec<f32>),
-    I32(Vec<i32>),
-}
-
-impl Buf {
-    pub fn f32(&self) -> &[f32] {
-        match self {
-            Buf::F32(v) => v,
-            Buf::I32(_) => &[],
-        }
-    }
-
-    pub fn i32(&self) -> &[i32] {
-        match self {
-            Buf::I32(v) => v,
-            Buf::F32(_) => &[],
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Buf::F32(v) => v.len(),
-            Buf::I32(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use crate::rng::{normal, uniform};
+pub use crate::value::Buf;
 
 /// Options of one evaluation.
 #[derive(Clone, Copy, Debug)]
@@ -899,26 +867,6 @@ fn avgpool_grad(dy: &[f32], ds: &[usize], xs: &[usize], k: Hw, s: Hw) -> Vec<f32
         }
     }
     out
-}
-
-/// A counter-based random draw in [0, 1): the same for every backend and every thread.
-pub fn uniform(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
-    let mut z = seed
-        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (u64::from(salt) << 48)
-        ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 24) as f32
-}
-
-/// A counter-based draw from N(0, 1): Box–Muller over the draws `2i` and `2i + 1` of
-/// `uniform`, in f64 (the JIT calls this same function, so both backends draw the same ε).
-pub fn normal(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
-    let u1 = 1.0 - f64::from(uniform(seed, step, salt, 2 * i)); // in (0, 1]: ln is finite
-    let u2 = f64::from(uniform(seed, step, salt, 2 * i + 1));
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
 fn keep(opts: &Options, salt: u32, i: usize, p: f32) -> bool {

@@ -12,8 +12,13 @@
 //!
 //! Later stages (autodiff, passes, the interpreter, Cranelift code generation, the runtime)
 //! consume `ir::Graph`. Nothing in the library prints; [`diag`] renders diagnostics for the CLI.
+//!
+//! `unsafe` is denied everywhere but [`codegen`], which calls the code it generates.
+
+#![deny(unsafe_code)]
 
 pub mod diag;
+pub mod files;
 pub mod ir;
 pub mod memory;
 pub mod onnx;
@@ -50,9 +55,12 @@ pub fn optimizer_fn(o: Option<&syntax::ast::Optimizer>) -> ir::OptimizerFn {
     }
 }
 pub mod autodiff;
+#[allow(unsafe_code)]
 pub mod codegen;
 pub mod data;
 pub mod interp;
 pub mod passes;
+pub mod rng;
 pub mod runtime;
 pub mod state;
+pub mod value;

@@ -2,12 +2,15 @@
 //! program's arena, the interpreter's values, data sets read or generated) is estimated and
 //! checked here before it is made, so that too big is a message, never an abort.
 //!
-//! The budget is the machine's physical memory less a margin (a tenth, at least 1 GiB), or what
-//! `--memory-limit` sets for the process.
+//! The default budget is the smallest of what the process may really use, each less a margin
+//! (a tenth, at least 1 GiB of physical memory): the machine's physical memory, a container's
+//! memory limit (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`), and the address-space and
+//! data-size limits (`ulimit -v`, `ulimit -d`) less what the process already maps. A message
+//! says which of them set it. `--memory-limit` sets the budget instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The budget in bytes; 0 until set (then [`default_limit`] applies).
+/// The budget in bytes; 0 until set (then [`default_budget`] applies).
 static LIMIT: AtomicU64 = AtomicU64::new(0);
 
 /// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`), if known.
@@ -18,13 +21,89 @@ pub fn physical() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// The budget when none is set: physical memory less a tenth (at least 1 GiB); 8 GiB when the
-/// machine does not say how much it has.
-pub fn default_limit() -> u64 {
-    match physical() {
-        Some(total) => total.saturating_sub((total / 10).max(1 << 30)).max(1 << 28),
-        None => 8 << 30,
+/// The default budget and what set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub bytes: u64,
+    /// E.g. "this machine's memory less a margin".
+    pub source: &'static str,
+}
+
+/// The budget when none is set: the smallest of the limits in the module docs, each less a
+/// margin; 8 GiB when the machine says nothing.
+pub fn default_budget() -> Budget {
+    let less_a_tenth = |b: u64| b - b / 10;
+    let mut candidates = Vec::new();
+    if let Some(total) = physical() {
+        candidates.push(Budget {
+            bytes: total.saturating_sub((total / 10).max(1 << 30)).max(1 << 28),
+            source: "this machine's memory less a margin",
+        });
     }
+    if let Some(max) = cgroup_limit() {
+        candidates.push(Budget {
+            bytes: less_a_tenth(max),
+            source: "this container's memory limit (cgroup) less a margin",
+        });
+    }
+    let mapped = self_status_kib("VmSize:").map_or(0, |k| k.saturating_mul(1024));
+    if let Some(max) = process_limit("Max address space") {
+        candidates.push(Budget {
+            bytes: less_a_tenth(max.saturating_sub(mapped)),
+            source: "the address-space limit (ulimit -v) less what aec maps and a margin",
+        });
+    }
+    let data = self_status_kib("VmData:").map_or(0, |k| k.saturating_mul(1024));
+    if let Some(max) = process_limit("Max data size") {
+        candidates.push(Budget {
+            bytes: less_a_tenth(max.saturating_sub(data)),
+            source: "the data-size limit (ulimit -d) less what aec uses and a margin",
+        });
+    }
+    candidates
+        .into_iter()
+        .min_by_key(|b| b.bytes)
+        .unwrap_or(Budget { bytes: 8 << 30, source: "8 GiB (this machine does not say how much it has)" })
+}
+
+/// The budget when none is set, in bytes.
+pub fn default_limit() -> u64 {
+    default_budget().bytes
+}
+
+/// The memory limit of this process's cgroup, if it has one: v2's `memory.max`, else v1's
+/// `memory.limit_in_bytes` (whose "no limit" is a huge number, left out).
+fn cgroup_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if id == "0" && controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let limit = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok());
+        if let Some(l) = limit.filter(|&l| l < 1 << 60) {
+            return Some(l);
+        }
+    }
+    None
+}
+
+/// A soft limit of `/proc/self/limits` in bytes (`None` when unlimited or unknown).
+fn process_limit(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let rest = text.lines().find_map(|l| l.strip_prefix(name))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// A `kB` figure of `/proc/self/status`.
+fn self_status_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
 }
 
 /// The budget in force.
@@ -51,9 +130,9 @@ pub fn check(what: &str, bytes: Option<u64>, shrink: &str) -> Result<(), String>
             b.map_or("more bytes than a 64-bit size holds".to_owned(), human),
             human(budget),
             if LIMIT.load(Ordering::Relaxed) == 0 {
-                "this machine's memory less a margin; --memory-limit sets another"
+                format!("{}; --memory-limit sets another", default_budget().source)
             } else {
-                "set by --memory-limit"
+                "set by --memory-limit".to_owned()
             }
         )),
     }

@@ -508,7 +508,7 @@ fn recurrent_cells_through_time() {
     // Backpropagation through time for every cell at hidden sizes 1, 3, 5, 17 and lengths
     // 1, 2, 7: gradients of the input projections, the initial state, W_hh and b_hh — and of
     // the last step and a slice of it, as the encoder's code and an LSTM's h are taken.
-    use aec::syntax::ast::Cell;
+    use aec::ir::Cell;
     for cell in [Cell::Rnn, Cell::Gru, Cell::Lstm] {
         for h in [1, 3, 5, 17] {
             for t in [1, 2, 7] {

@@ -61,7 +61,7 @@ pub fn export(args: &ExportArgs) -> Result<(), Failure> {
             problems.join("; ")
         )));
     }
-    aec::runtime::checkpoint::write_atomic(&args.onnx, &model.encode_to_vec())
+    aec::files::write_atomic(&args.onnx, &model.encode_to_vec())
         .map_err(|e| Failure::Io(format!("cannot write {}: {e}", args.onnx.display())))?;
     let g = model.graph.unwrap_or_default();
     let names = |v: &[onnx::proto::ValueInfoProto]| {

@@ -115,6 +115,11 @@ pub fn mpi_processes() -> Option<u64> {
         .find_map(|v| std::env::var(v).ok()?.parse::<u64>().ok().filter(|&n| n > 1))
 }
 
+/// This process's rank among those an MPI launcher started (0 when started alone).
+pub fn mpi_rank() -> u64 {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(0)
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // N copies started by mpirun would each train the same model alone, silently.
@@ -217,7 +222,8 @@ pub fn read_spec(path: &Path) -> Result<String, Failure> {
 
 /// Writes diagnostics to stderr, coloured on a terminal.
 pub fn report(diags: &[Diagnostic], path: &Path, src: &str) {
-    if diags.is_empty() {
+    // Under mpirun every process reads the same spec: the first one speaks for all.
+    if diags.is_empty() || mpi_rank() > 0 {
         return;
     }
     let color = std::io::stderr().is_terminal();

@@ -14,7 +14,7 @@ pub struct Emit<'a, 'b> {
     pub base: Value,
     /// `logf` from the host's libm, for the scalar logarithms of the losses.
     pub logf: Option<FuncRef>,
-    /// `interp::normal` (a draw from N(0, 1) of the counter-based generator), for `Op::Normal`.
+    /// `rng::normal` (a draw from N(0, 1) of the counter-based generator), for `Op::Normal`.
     pub normal: Option<FuncRef>,
 }
 

@@ -764,7 +764,7 @@ fn avgpool_grad(
     });
 }
 
-/// The counter-based uniform draw of `interp::uniform`, in 64-bit integer ops.
+/// The counter-based uniform draw of `rng::uniform`, in 64-bit integer ops.
 fn uniform(e: &mut Emit, seed: Value, step: Value, salt: u32, i: Value) -> Value {
     let s = e.b.ins().imul_imm_s(step, 0x9E37_79B9_7F4A_7C15u64 as i64);
     let z = e.b.ins().bxor(seed, s);

@@ -23,7 +23,7 @@ mod recurrent;
 mod sparse;
 pub mod wide;
 
-use crate::interp::Buf;
+use crate::value::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
 use crate::state::State;
 use cranelift_codegen::ir::types::{F32, I64};
@@ -69,6 +69,8 @@ enum Piece {
 /// compilation (the largest kernel of a shipped spec has under 2,000).
 const MAX_KERNEL_INSTS: usize = 200_000;
 const MAX_PROGRAM_INSTS: usize = 1_000_000;
+/// Kernels a program may have (a shipped spec has under a hundred).
+const MAX_KERNELS: usize = 10_000;
 
 /// Below this many multiply-adds a kernel runs on one thread: starting threads costs more.
 const SPLIT_WORK: usize = 1 << 20;
@@ -240,49 +242,20 @@ impl std::fmt::Display for RunError {
     }
 }
 
-/// For each input, the ids it may hold (`0..bound`): the smallest table, vocabulary or class
-/// count that an op indexes by it (directly or shifted right); `usize::MAX` when none does.
-fn id_bounds(g: &Graph) -> Vec<usize> {
-    let mut bound = vec![usize::MAX; g.inputs.len()];
-    // The input a value of ids comes from, looking through `shift_right`.
-    let source = |mut id: NodeId| loop {
-        match g.node(id).op {
-            Op::Input(i) => return Some(i.0 as usize),
-            Op::ShiftRight { ids, .. } => id = ids,
-            _ => return None,
-        }
-    };
-    for id in g.ids() {
-        let (ids, n) = match g.node(id).op {
-            Op::Embed { table, ids } => (ids, g.ty(table).shape[0]),
-            Op::EmbedGrad { ids, vocab, .. } => (ids, vocab),
-            Op::OneHot { ids, depth } => (ids, depth),
-            Op::Loss { pred, target, .. } | Op::LossGrad { pred, target, .. }
-                if g.ty(target).dtype == DType::I32 =>
-            {
-                (target, g.ty(pred).shape.last().copied().unwrap_or(0))
-            }
-            _ => continue,
-        };
-        if let Some(i) = source(ids) {
-            bound[i] = bound[i].min(n);
-        }
-    }
-    bound
-}
-
 /// A compiled graph with its arena: parameters and optimizer state live here between steps.
 pub struct Program {
     graph: Graph,
     groups: Vec<fuse::Group>,
     plan: plan::Plan,
     kernels: Vec<Kernel>,
-    /// The arena, 8-byte aligned; `base` is its first 64-byte boundary.
+    /// The arena, 8-byte aligned; `base` is its first 64-byte boundary. Allocated (zeroed) when
+    /// first written: a program compiled only to be described (`aec compile`) never holds it.
     arena: Vec<u64>,
     base: usize,
     param_steps: Vec<u64>,
-    /// Per input, the ids it may hold ([`id_bounds`]).
-    id_bounds: Vec<usize>,
+    /// What the graph was proved to be before its code was generated: the ids each input may
+    /// hold ([`crate::ir::bounds`]).
+    facts: crate::ir::bounds::Facts,
     threads: usize,
     pool: Option<Pool>,
     compile_time: Duration,
@@ -295,18 +268,34 @@ pub struct Program {
     wide_isa: Option<&'static str>,
     /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
     profile: Option<Vec<Duration>>,
-    // Keeps the generated code alive; declared last so it is dropped after the kernels.
-    _module: JITModule,
+    // The generated code; declared last, so the worker threads have stopped when it is freed.
+    _code: Code,
+}
+
+/// The module holding a program's machine code, freed when the program drops (Cranelift's JIT
+/// keeps code mapped until asked): programs compiled in a loop take bounded memory.
+struct Code(Option<JITModule>);
+
+impl Drop for Code {
+    fn drop(&mut self) {
+        if let Some(module) = self.0.take() {
+            // SAFETY: the module's functions are called only through `Program`, which owns this
+            // `Code`: when it drops, no kernel runs (the worker pool, an earlier field, has
+            // joined its threads) and no kernel pointer outlives it. A compilation that failed
+            // never handed its pointers out.
+            unsafe { module.free_memory() };
+        }
+    }
 }
 
 extern "C" fn aec_logf(x: f32) -> f32 {
     x.ln()
 }
 
-/// ε of a Gaussian code: the interpreter's draw itself, so both backends use the same numbers
-/// (a few per sample and step; the generated kernel loops and stores).
+/// ε of a Gaussian code: `rng::normal` itself, as the interpreter draws it, so both backends
+/// use the same numbers (a few per sample and step; the generated kernel loops and stores).
 extern "C" fn aec_normal(seed: u64, step: u64, salt: u64, i: u64) -> f32 {
-    crate::interp::normal(seed, step, salt as u32, i as usize)
+    crate::rng::normal(seed, step, salt as u32, i as usize)
 }
 
 /// What `Program::run_reduced` calls between the gradients and the updates.
@@ -369,6 +358,8 @@ fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> R
 impl Program {
     pub fn compile(g: &Graph, opts: Options) -> Result<Program, String> {
         let started = Instant::now();
+        crate::ir::verify(g)
+            .map_err(|e| format!("the graph `{}` cannot be compiled: {}", g.name, e.join("; ")))?;
         let rewritten;
         let g = if opts.dense {
             g
@@ -376,14 +367,24 @@ impl Program {
             rewritten = crate::passes::sparse::rewrite(g)?;
             &rewritten
         };
+        // No code for a graph that does not verify or whose indices are not proved in range:
+        // the kernels trust both.
+        let facts = crate::ir::bounds::check(g)
+            .map_err(|e| format!("the graph `{}` cannot be compiled: {}", g.name, e.join("; ")))?;
         let groups = fuse::groups(g);
         let wide_isa = match opts.matmul {
             wide::MatmulPath::Auto => wide::isa(),
             wide::MatmulPath::Cranelift => None,
         };
+        let mut fused_matmul = vec![false; g.len()];
+        for grp in &groups {
+            if let fuse::Group::MatMul { mm, .. } = grp {
+                fused_matmul[mm.index()] = true;
+            }
+        }
         let is_wide = |id: NodeId| {
             wide_isa.is_some()
-                && groups.iter().any(|grp| matches!(grp, fuse::Group::MatMul { mm, .. } if *mm == id))
+                && fused_matmul[id.index()]
                 && matmul::dims(g, id).is_some_and(|(m, n, k)| wide::worth(m, n, k))
         };
         let plan = plan::plan(g, &groups, &|id| scratch_bytes(g, id, is_wide(id)));
@@ -409,7 +410,8 @@ impl Program {
         builder.symbol("aec_logf", aec_logf as *const u8);
         builder.symbol("aec_normal", aec_normal as *const u8);
         builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
-        let mut module = JITModule::new(builder);
+        let mut code = Code(Some(JITModule::new(builder)));
+        let Some(module) = code.0.as_mut() else { return Err("no JIT module".into()) };
 
         let mut logf_sig = module.make_signature();
         logf_sig.params.push(AbiParam::new(F32));
@@ -483,6 +485,17 @@ impl Program {
                     work.push((gi, Piece::Main))
                 }
             }
+        }
+        // A program of very many kernels is refused before any is emitted, in milliseconds:
+        // each costs a fraction of a millisecond to build and compile, whatever its size.
+        if work.len() > MAX_KERNELS {
+            return Err(format!(
+                "the native code of `{}` would be {} kernels, over the {MAX_KERNELS} that compile in \
+                 seconds: the network has too many layers for native code. Use fewer layers, or \
+                 --backend interp",
+                g.name,
+                work.len()
+            ));
         }
         let mut total_insts = 0usize;
         for &(gi, piece) in &work {
@@ -630,27 +643,23 @@ impl Program {
                 Kernel { group, piece, f, units, work, wide, name }
             })
             .collect();
-        let words = plan.size / 8 + 16;
-        let arena = vec![0u64; words];
-        let addr = arena.as_ptr() as usize;
-        let base = addr.next_multiple_of(64) - addr;
         Ok(Program {
             graph: g.clone(),
             groups,
             param_steps: vec![0; g.params.len()],
-            id_bounds: id_bounds(g),
+            facts,
             threads: 1,
             pool: None,
             plan,
             kernels,
-            arena,
-            base,
+            arena: Vec::new(),
+            base: 0,
             compile_time: started.elapsed(),
             clif,
             wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
             calls,
             profile: None,
-            _module: module,
+            _code: code,
         })
     }
 
@@ -716,6 +725,11 @@ impl Program {
     }
 
     fn bytes(&mut self) -> &mut [u8] {
+        if self.arena.is_empty() {
+            self.arena = vec![0u64; self.plan.size / 8 + 16];
+            let addr = self.arena.as_ptr() as usize;
+            self.base = addr.next_multiple_of(64) - addr;
+        }
         let all: &mut [u8] = bytemuck_bytes(&mut self.arena);
         &mut all[self.base..]
     }
@@ -728,6 +742,10 @@ impl Program {
     }
 
     fn read_f32(&self, off: usize, n: usize) -> Vec<f32> {
+        if self.arena.is_empty() {
+            // Nothing was written or run yet: the arena would be all zeros.
+            return vec![0.0; n];
+        }
         let all: &[u8] = bytemuck_bytes_ref(&self.arena);
         all[self.base + off..self.base + off + n * 4]
             .chunks_exact(4)
@@ -791,6 +809,21 @@ impl Program {
         step: u64,
         reduce: Option<Reduce>,
     ) -> Result<(), RunError> {
+        // Every input, in the graph's order: a missing one would leave the previous step's
+        // values in its slot.
+        if inputs.len() != self.graph.inputs.len() {
+            let names: Vec<String> = self.graph.inputs.iter().map(|d| format!("`{}`", d.name)).collect();
+            let missing = self.graph.inputs.get(inputs.len()).map_or(String::new(), |d| {
+                format!(" (`{}` is missing)", d.name)
+            });
+            return Err(RunError::Inputs(format!(
+                "`{}` takes {} inputs ({}), got {}{missing}",
+                self.graph.name,
+                names.len(),
+                names.join(", "),
+                inputs.len()
+            )));
+        }
         for (i, (def, buf)) in self.graph.inputs.clone().iter().zip(inputs).enumerate() {
             let off = self.plan.input[i];
             let n = def.ty.numel();
@@ -800,7 +833,7 @@ impl Program {
                     // Kernels index tables and rows by these ids: an id out of range would read
                     // or write outside its buffer, so it stops the step before any kernel runs.
                     // (An input no table reads is unbounded: `usize::MAX`.)
-                    let bound = self.id_bounds[i];
+                    let bound = self.facts.input_bound(i);
                     if let Some(&bad) =
                         v.iter().find(|&&x| usize::try_from(x).is_ok_and(|x| x >= bound) || x < 0)
                     {

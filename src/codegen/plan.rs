@@ -9,6 +9,8 @@
 
 use super::fuse::Group;
 use crate::ir::{Graph, NodeId, Op};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 const ALIGN: usize = 64;
 
@@ -91,9 +93,9 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     for def in &g.params {
         p.param.push(take(def.shape.iter().product::<usize>() * 4));
     }
-    for (i, def) in g.params.iter().enumerate() {
+    for (def, count) in g.params.iter().zip(g.optimizer_slots()) {
         let n = def.shape.iter().product::<usize>() * 4;
-        let slots = (0..g.optimizer_slots(i).unwrap_or(0)).map(|_| take(n)).collect();
+        let slots = (0..count.unwrap_or(0)).map(|_| take(n)).collect();
         p.slots.push(slots);
     }
     for i in &g.inputs {
@@ -128,7 +130,13 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
 
     // First-fit reuse of freed blocks among the temporaries.
     let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, bytes)
-    let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (last use, offset, bytes)
+    // Live blocks by last use, then by when they were placed: (last use, order, offset, bytes).
+    let mut live: BinaryHeap<Reverse<(usize, usize, usize, usize)>> = BinaryHeap::new();
+    let mut placed = 0usize;
+    let mut place = |live: &mut BinaryHeap<_>, last: usize, o: usize, bytes: usize| {
+        live.push(Reverse((last, placed, o, bytes)));
+        placed += 1;
+    };
     let mut end = at;
     let alloc = |bytes: usize, free: &mut Vec<(usize, usize)>, end: &mut usize| -> usize {
         let bytes = round(bytes.max(4));
@@ -143,26 +151,31 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
         *end += bytes;
         o
     };
+    // Results of fused groups, placed when their group's head is.
+    let mut placed_at_head = vec![false; n];
     for id in g.ids() {
         // Free what died before this node.
-        live.retain(|&(l, o, b)| {
-            if l < id.index() {
-                free.push((o, b));
-                false
-            } else {
-                true
-            }
-        });
+        // (Freed in the order they were placed, so the plan does not depend on the heap.)
+        let mut dead = Vec::new();
+        while let Some(&Reverse((l, order, o, b))) = live.peek()
+            && l < id.index()
+        {
+            live.pop();
+            dead.push((order, o, b));
+        }
+        dead.sort_unstable();
+        free.extend(dead.into_iter().map(|(_, o, b)| (o, b)));
         let node = g.node(id);
         if let Some(result) = at_head[id.index()] {
             // A fused group: its result lives from here.
             let bytes = round(g.ty(result).numel().max(1) * 4);
             let o = alloc(bytes, &mut free, &mut end);
-            live.push((last[result.index()], o, bytes));
+            place(&mut live, last[result.index()], o, bytes);
             p.temporaries.push((result, o, bytes, id.index(), last[result.index()]));
             p.node[result.index()] = o;
+            placed_at_head[result.index()] = true;
         }
-        let allocated_at_head = p.temporaries.iter().any(|t| t.0 == id);
+        let allocated_at_head = placed_at_head[id.index()];
         p.node[id.index()] = match &node.op {
             Op::Param(q) => p.param[q.index()],
             Op::Input(i) => p.input[i.index()],
@@ -173,7 +186,7 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
             _ => {
                 let bytes = round(node.ty.numel().max(1) * 4);
                 let o = alloc(bytes, &mut free, &mut end);
-                live.push((last[id.index()], o, bytes));
+                place(&mut live, last[id.index()], o, bytes);
                 p.temporaries.push((id, o, bytes, id.index(), last[id.index()]));
                 o
             }
@@ -182,7 +195,7 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
         if scratch > 0 {
             // Scratch is only needed while the node runs.
             let o = alloc(scratch, &mut free, &mut end);
-            live.push((id.index(), o, round(scratch)));
+            place(&mut live, id.index(), o, round(scratch));
             p.scratch.push((id, o, scratch));
         }
     }

@@ -15,7 +15,7 @@ use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::wide::{self, Call};
 use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
-use crate::syntax::ast::Cell;
+use crate::ir::Cell;
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -78,7 +78,7 @@ pub fn read_npy(path: &Path) -> Result<Array, DataError> {
 
 /// Writes a `.npy` file atomically (temporary file, then rename).
 pub fn write_npy(path: &Path, a: &Array) -> Result<(), DataError> {
-    crate::runtime::checkpoint::write_atomic(path, &npy::to_bytes(a))
+    crate::files::write_atomic(path, &npy::to_bytes(a))
         .map_err(|e| err(format!("cannot write {}: {e}", path.display())))
 }
 

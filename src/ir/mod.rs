@@ -13,7 +13,11 @@
 //!   built through it is well typed by construction; `verify` re-checks after every pass.
 //! - Source spans live in a side table (`Graph::span`), not in the ops.
 //! - The printer is deterministic: nodes are numbered in order, no hash maps are iterated.
+//!
+//! The IR depends on nothing but `diag::Span`: it has its own kinds (e.g. [`Cell`]), onto which
+//! `sema` maps the spec's.
 
+pub mod bounds;
 mod op;
 mod print;
 mod verify;
@@ -104,6 +108,39 @@ impl fmt::Display for Type {
             write!(f, "{d}")?;
         }
         f.write_str("]")
+    }
+}
+
+/// A recurrent cell, as PyTorch's `nn.RNN` (tanh), `nn.GRU` and `nn.LSTM`: the IR's own kind,
+/// onto which `sema` maps the spec's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cell {
+    Rnn,
+    Gru,
+    Lstm,
+}
+
+impl Cell {
+    /// Gates per cell: the row blocks of `weight_ih_l0` (PyTorch's layout).
+    pub fn gates(self) -> u64 {
+        match self {
+            Cell::Rnn => 1,
+            Cell::Gru => 3,
+            Cell::Lstm => 4,
+        }
+    }
+
+    /// The size of the state one step passes on: h, or h and c for an LSTM.
+    pub fn state(self, hidden: usize) -> usize {
+        if self == Cell::Lstm { 2 * hidden } else { hidden }
+    }
+
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Cell::Rnn => "rnn",
+            Cell::Gru => "gru",
+            Cell::Lstm => "lstm",
+        }
     }
 }
 
@@ -212,21 +249,43 @@ impl Graph {
         self.ids().find(|&id| self.node(id).op == Op::Param(p))
     }
 
+    /// For every parameter, the node that reads it, if any (one pass over the graph).
+    pub fn param_nodes(&self) -> Vec<Option<NodeId>> {
+        let mut at = vec![None; self.params.len()];
+        for id in self.ids() {
+            if let Op::Param(p) = self.node(id).op
+                && let Some(slot) = at.get_mut(p.index())
+            {
+                *slot = Some(id);
+            }
+        }
+        at
+    }
+
     /// The node that reads input `i`, if any.
     pub fn input_node(&self, i: InputId) -> Option<NodeId> {
         self.ids().find(|&id| self.node(id).op == Op::Input(i))
     }
 
-    /// How many buffers the optimizer keeps for parameter `i`: Adam two, SGD with momentum one,
-    /// plain SGD none; `None` when no `update` node updates it.
-    pub fn optimizer_slots(&self, i: usize) -> Option<usize> {
-        self.nodes.iter().find_map(|n| match n.op {
-            Op::Update { f: OptimizerFn::Adam { .. }, param, .. } if param.index() == i => Some(2),
-            Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } if param.index() == i => {
-                Some(usize::from(momentum != 0.0))
+    /// For every parameter, how many buffers the optimizer keeps for it: Adam two, SGD with
+    /// momentum one, plain SGD none; `None` when no `update` node updates it (one pass).
+    pub fn optimizer_slots(&self) -> Vec<Option<usize>> {
+        let mut slots = vec![None; self.params.len()];
+        for n in &self.nodes {
+            let (count, param) = match n.op {
+                Op::Update { f: OptimizerFn::Adam { .. }, param, .. } => (2, param),
+                Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } => {
+                    (usize::from(momentum != 0.0), param)
+                }
+                _ => continue,
+            };
+            if let Some(s) = slots.get_mut(param.index())
+                && s.is_none()
+            {
+                *s = Some(count);
             }
-            _ => None,
-        })
+        }
+        slots
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {

@@ -5,7 +5,7 @@
 //! transposed conv `[Cin, Cout, K, K]`.
 
 use super::{DType, Graph, InputId, NodeId, ParamId, Type};
-use crate::syntax::ast::Cell;
+use super::Cell;
 
 /// Elementwise functions of one argument. `LeakyRelu` holds its negative slope.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -32,6 +32,7 @@ pub fn print(g: &Graph, src: Option<&str>) -> String {
     }
     out.push_str("{\n");
     let mut lines = Vec::new();
+    let starts = src.map(crate::diag::Lines::new);
     for id in g.ids() {
         let node = g.node(id);
         if matches!(node.op, Op::Input(_) | Op::Param(_)) {
@@ -43,8 +44,8 @@ pub fn print(g: &Graph, src: Option<&str>) -> String {
         } else {
             format!("{text} : {}", node.ty)
         };
-        let line = match (src, g.span(id)) {
-            (Some(src), Some(span)) => Some(span.line_col(src).0),
+        let line = match (&starts, g.span(id)) {
+            (Some(starts), Some(span)) => Some(starts.line(span)),
             _ => None,
         };
         lines.push((text, line));

@@ -15,90 +15,14 @@
 //! byte written is a function of the run (safetensors headers are written with sorted keys).
 
 use super::State;
+use crate::files::{fault, sync_dir, write_atomic, write_synced};
 use crate::ir::Graph;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// A named f32 tensor: name, shape, values.
 pub type Named = (String, Vec<usize>, Vec<f32>);
-
-/// Writes `bytes` to `path` through a temporary file and a rename. A symbolic link is followed
-/// (its target is replaced, beside the target); a device, FIFO or folder is refused, never
-/// replaced by a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let target = regular_target(path)?;
-    let path = target.as_path();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        write_synced(&tmp, bytes)?;
-        fault()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// The file a write to `path` replaces: `path` itself, or the end of its chain of symbolic
-/// links; an error when that is something other than a regular file.
-fn regular_target(path: &Path) -> std::io::Result<PathBuf> {
-    let mut at = path.to_path_buf();
-    for _ in 0..40 {
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let link = std::fs::read_link(&at)?;
-                at = at.parent().map_or(link.clone(), |dir| dir.join(&link));
-            }
-            Ok(m) if !m.is_file() => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "it is not a regular file (a device, FIFO, socket or folder); aec only writes files",
-                ));
-            }
-            _ => return Ok(at),
-        }
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many levels of symbolic links"))
-}
-
-/// Creates `path` with `bytes` and syncs it to disk.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    fault()?;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// Syncs the folder holding `path`, so a rename in it is on disk.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-/// A test-only switch: `AEC_FAULT_SAVE=K` makes the K-th write or rename of this process kill
-/// it on the spot (as `kill -9` would), and `AEC_FAULT_SAVE=K:enospc` makes it fail as a full
-/// disk does. The tests of [`commit`] go through every K.
-fn fault() -> std::io::Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static DONE: AtomicU64 = AtomicU64::new(0);
-    let Ok(spec) = std::env::var("AEC_FAULT_SAVE") else { return Ok(()) };
-    let (k, kind) = spec.split_once(':').unwrap_or((&spec, "kill"));
-    let n = DONE.fetch_add(1, Ordering::SeqCst) + 1;
-    if k.parse::<u64>().ok() != Some(n) {
-        return Ok(());
-    }
-    if kind == "enospc" {
-        return Err(std::io::Error::from_raw_os_error(28));
-    }
-    std::process::abort()
-}
 
 /// The manifest of the last committed save.
 pub const MANIFEST: &str = "save.json";
@@ -326,6 +250,18 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    // A save made inside greedy pretraining (`--stop-at` in a stage) holds the stage's own
+    // decoder, and the model's decoder is not trained yet.
+    if let Some(stage) = st.names().into_iter().filter_map(|n| n.strip_prefix("pretrain.")).find_map(|n| {
+        n.split('.').next().and_then(|k| k.parse::<usize>().ok())
+    }) {
+        return Err(format!(
+            "{} was saved during stage {stage} of greedy pretraining: it holds that stage's own \
+             decoder (`pretrain.{stage}.*`), not the model's, which is not trained yet. Finish the \
+             run (`aec run SPEC --train --resume DIR`) and use the checkpoint it ends with",
+            path.display()
+        ));
+    }
     let mut out = Vec::new();
     for p in &g.params {
         let t = st.tensor(&p.name).map_err(|_| {
@@ -394,10 +330,11 @@ pub fn load_optimizer(dir: &Path, g: &Graph) -> Result<(State, Progress), String
         if steps.len() != g.params.len() {
             return Err(format!("{}: its per-parameter steps do not match the spec", path.display()));
         }
+        let slots = g.optimizer_slots();
         for (i, p) in g.params.iter().enumerate() {
             // A parameter that has been updated has every buffer its optimizer keeps, each of
             // its shape: a missing or misshapen one is an error, never zeros.
-            let names: &[&str] = match g.optimizer_slots(i).unwrap_or(0) {
+            let names: &[&str] = match slots[i].unwrap_or(0) {
                 2 => &["exp_avg", "exp_avg_sq"],
                 1 => &["momentum_buffer"],
                 _ => &[],

@@ -462,7 +462,7 @@ impl Lower {
         }
         let gh = self.g.ty(xp).shape[1];
         let xp = self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?;
-        let hs = self.add(Op::Recurrent { cell: r.cell, xp, h0, w_hh, b_hh }, span)?;
+        let hs = self.add(Op::Recurrent { cell: ir_cell(r.cell), xp, h0, w_hh, b_hh }, span)?;
         let last = self.add(Op::LastStep { x: hs }, span)?;
         if r.teacher_forcing {
             self.decode_state = Some(last);
@@ -594,5 +594,14 @@ impl Lower {
         let scaled = self.add(Op::Scale { x: s, c: c as f32 }, span)?;
         let ones = self.add(Op::Fill { value: (c * n as f64) as f32, shape: vec![] }, span)?;
         self.add(Op::Binary { f: BinaryFn::Add, a: scaled, b: ones }, span)
+    }
+}
+
+/// The IR's cell kind of the spec's.
+fn ir_cell(c: Cell) -> crate::ir::Cell {
+    match c {
+        Cell::Rnn => crate::ir::Cell::Rnn,
+        Cell::Gru => crate::ir::Cell::Gru,
+        Cell::Lstm => crate::ir::Cell::Lstm,
     }
 }

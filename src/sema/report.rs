@@ -7,13 +7,14 @@ use std::fmt::Write;
 pub(super) fn table(m: &Model, src: &str) -> String {
     let mut rows: Vec<[String; 5]> = Vec::new();
     rows.push(["layer".into(), "line".into(), "output".into(), "params".into(), "FLOPs".into()]);
+    let lines = crate::diag::Lines::new(src);
     let vars = m.inputs.iter().map(|v| ("input", v)).chain(m.targets.iter().map(|v| ("target", v)));
     for (kind, v) in vars {
-        let line = v.span.line_col(src).0;
+        let line = lines.line(v.span);
         rows.push([format!("{kind} {}", v.name), line.to_string(), v.ty.to_string(), "-".into(), "-".into()]);
     }
     for l in &m.layers {
-        let line = l.layer.span.line_col(src).0;
+        let line = lines.line(l.layer.span);
         let params: u64 = l.params.iter().map(|&p| m.params[p].numel()).sum();
         let mut name = format!("{}.{} {}", l.part.prefix(), l.index, l.layer);
         if let Some(t) = l.tied_weight {
