@@ -81,4 +81,3 @@ pub fn fault() -> std::io::Result<()> {
     }
     std::process::abort()
 }
-

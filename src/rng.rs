@@ -20,4 +20,3 @@ pub fn normal(seed: u64, step: u64, salt: u32, i: usize) -> f32 {
     let u2 = f64::from(uniform(seed, step, salt, 2 * i + 1));
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
-

@@ -33,4 +33,3 @@ impl Buf {
         self.len() == 0
     }
 }
-

@@ -321,6 +321,47 @@ fn memory_is_estimated_before_it_is_allocated() {
     assert_eq!(code, 2, "{err}");
 }
 
+/// Under `ulimit -v`, the budget is what the process may still map, not the machine's memory:
+/// 8.3 GiB of arena under an 8 GiB limit is the budget's message (it was an abort, "memory
+/// allocation of 8908915712 bytes failed"), and `aec compile` allocates no arena at all.
+#[test]
+fn the_budget_follows_ulimit_and_compile_allocates_nothing() {
+    let run = |limit_kib: u64, args: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v {limit_kib} && exec \"$0\" {args}"))
+            .arg(env!("CARGO_BIN_EXE_aec"))
+            .current_dir(common::root())
+            .output()
+            .expect("sh");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(8 << 20, "compile specs/denoise.ae --batch 100000");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("needs 8.3 GiB, over the memory budget of"), "{err}");
+    assert!(err.contains("(the address-space limit (ulimit -v)"), "{err}");
+    // With the budget set past the limit, only not allocating the arena keeps compile alive.
+    let (code, err) = run(8 << 20, "--memory-limit 20G compile specs/denoise.ae --batch 100000");
+    assert_eq!(code, 0, "{err}");
+}
+
+/// 20,000 layers: refused for the number of its kernels before any is emitted (it took 54 s of
+/// compiling, and five passes over the graph were quadratic).
+#[test]
+fn a_spec_of_twenty_thousand_layers_is_refused_before_emitting() {
+    let dir = scratch("twenty_thousand");
+    let layers = "        dense 8 -> relu\n".repeat(10_000);
+    let src = format!(
+        "model big {{\n    input x: [8]\n    encoder {{\n{layers}    }}\n    decoder {{\n{layers}    }}\n    loss mse(x)\n}}\n"
+    );
+    let path = dir.join("big.ae");
+    std::fs::write(&path, src).expect("write");
+    let (code, out, err) = aec(&["compile", s(&path)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.contains("decoder.9999 dense 8 -> relu  20005"), "{}", &out[out.len().saturating_sub(300)..]);
+    assert!(err.contains("would be 140001 kernels, over the 10000"), "{err}");
+}
+
 #[test]
 fn native_code_does_not_grow_with_the_channels_and_a_huge_kernel_is_refused() {
     // 16,384 channels: the weight gradient's packing was unrolled per 8 channels (476,395

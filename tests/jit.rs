@@ -316,8 +316,8 @@ fn every_cell_at_odd_hidden_sizes_and_lengths() {
 #[test]
 fn recurrent_ops_alone() {
     // Forward and backward of each cell as bare ops, every intermediate compared.
-    use aec::ir::{Op, ParamDef, ParamRole, Type};
     use aec::ir::Cell;
+    use aec::ir::{Op, ParamDef, ParamRole, Type};
     for cell in [Cell::Rnn, Cell::Gru, Cell::Lstm] {
         for h in [1, 3, 5, 17] {
             let (b, t) = (3, 2);

@@ -7,7 +7,8 @@ use aec::ir::{Graph, Op, ParamDef, ParamRole, Type};
 use aec::value::Buf;
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> aec::ir::NodeId {
-    let def = ParamDef { name: name.into(), shape: shape.to_vec(), role: ParamRole::Weight, fan_in: 1, fan_out: 1 };
+    let def =
+        ParamDef { name: name.into(), shape: shape.to_vec(), role: ParamRole::Weight, fan_in: 1, fan_out: 1 };
     g.add_param(def).unwrap()
 }
 

@@ -128,6 +128,5 @@ pub fn write_rgb_png(path: &Path, rgb: &[u8], (width, height): (usize, usize)) -
         let mut writer = enc.write_header().map_err(|e| e.to_string())?;
         writer.write_image_data(rgb).map_err(|e| e.to_string())?;
     }
-    aec::files::write_atomic(path, &bytes)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    aec::files::write_atomic(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

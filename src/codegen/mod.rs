@@ -23,9 +23,9 @@ mod recurrent;
 mod sparse;
 pub mod wide;
 
-use crate::value::Buf;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
 use crate::state::State;
+use crate::value::Buf;
 use cranelift_codegen::ir::types::{F32, I64};
 use cranelift_codegen::ir::{AbiParam, Function, InstBuilder, UserFuncName};
 use cranelift_codegen::isa::TargetIsa;
@@ -813,9 +813,11 @@ impl Program {
         // values in its slot.
         if inputs.len() != self.graph.inputs.len() {
             let names: Vec<String> = self.graph.inputs.iter().map(|d| format!("`{}`", d.name)).collect();
-            let missing = self.graph.inputs.get(inputs.len()).map_or(String::new(), |d| {
-                format!(" (`{}` is missing)", d.name)
-            });
+            let missing = self
+                .graph
+                .inputs
+                .get(inputs.len())
+                .map_or(String::new(), |d| format!(" (`{}` is missing)", d.name));
             return Err(RunError::Inputs(format!(
                 "`{}` takes {} inputs ({}), got {}{missing}",
                 self.graph.name,

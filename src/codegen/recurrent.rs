@@ -14,8 +14,8 @@ use super::emit::{Emit, EpOp};
 use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::wide::{self, Call};
-use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
 use crate::ir::Cell;
+use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

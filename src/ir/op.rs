@@ -4,8 +4,8 @@
 //! `[B, T, F]` for sequences. Convolution weights follow PyTorch: conv `[Cout, Cin, K, K]`,
 //! transposed conv `[Cin, Cout, K, K]`.
 
-use super::{DType, Graph, InputId, NodeId, ParamId, Type};
 use super::Cell;
+use super::{DType, Graph, InputId, NodeId, ParamId, Type};
 
 /// Elementwise functions of one argument. `LeakyRelu` holds its negative slope.
 #[derive(Clone, Copy, Debug, PartialEq)]
