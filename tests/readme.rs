@@ -1,5 +1,6 @@
 //! The README's examples are the binary's real output: each block it shows is checked against
-//! the spec or the command it comes from, so they cannot drift.
+//! the spec or the command it comes from, so they cannot drift; and every command of its tour
+//! runs, in order, on a fresh copy of the examples.
 
 use std::process::Command;
 
@@ -65,4 +66,56 @@ fn the_error_example_is_the_binarys_diagnostic() {
         .expect("the error example");
     let shown = shown.split_once('\n').map_or("", |(_, rest)| rest);
     assert!(err.contains(shown.trim_end()), "README:\n{shown}\nbinary:\n{err}");
+}
+
+/// Copies folder `from` into `to`, recursively.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("folder");
+    for entry in std::fs::read_dir(from).expect("read folder").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// The tour's `sh` blocks, command by command: each `aec …` line runs as written (its comment
+/// dropped) from the root of a fresh copy of `specs/`, after the ones before it. A command on a
+/// spec of `specs/errors/` must fail with exit 1, every other must succeed.
+#[test]
+fn every_command_of_the_tour_runs_on_a_fresh_clone() {
+    let text = readme();
+    let start = text.find("## A tour").expect("the tour");
+    let tour = &text[start..];
+    let tour = &tour[..tour[3..].find("\n## ").map_or(tour.len(), |i| i + 3)];
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme-tour");
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs"), &dir.join("specs"));
+    let commands: Vec<&str> = tour
+        .split("```sh\n")
+        .skip(1)
+        .flat_map(|b| b.split("```").next().unwrap_or("").lines())
+        .filter_map(|l| l.strip_prefix("aec "))
+        .map(|l| l.split(" #").next().unwrap_or(l).trim())
+        .collect();
+    assert!(commands.len() >= 10, "the tour has {} commands", commands.len());
+    for line in commands {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_aec")).args(&args).current_dir(&dir).output().expect("run aec");
+        let want = if line.contains("specs/errors/") { 1 } else { 0 };
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "aec {line}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // What the tour says it writes is there.
+    for file in ["runs/five-recon.png", "runs/five-codes.npy", "runs/digits_mlp.onnx", "runs/vae-grid.png"] {
+        assert!(dir.join(file).is_file(), "{file} was not written");
+    }
 }
