@@ -6,7 +6,10 @@
 //!
 //! It runs for `AEC_FUZZ_SECONDS` (default 15, or 60 under CI) from seed `AEC_FUZZ_SEED`
 //! (default 1); `AEC_FUZZ_SECONDS=3600 cargo test --release --test fuzz` runs it for an hour.
-//! Every input that ever crashed it is kept in `tests/fuzz/` and runs first, every time.
+//! Every input that ever crashed it is kept in `tests/fuzz/` and runs first, every time: a
+//! panic or a stall at once (each input runs under a watchdog thread, and the panic's message
+//! is in the failure); an abort by the next run, which finds it where it was left and runs it
+//! first.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,20 +53,55 @@ fn exercise(src: &str) {
     }
 }
 
-/// Runs one input; a panic or a stall is a failure, and the input is kept for the record.
+/// Where the input being run is written first: an abort (a stack overflow) ends the process
+/// with it on disk, and the next run keeps it in `tests/fuzz/` ([`keep_last_abort`]).
+fn current() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-current.ae")
+}
+
+/// The message of the last panic, which the quiet hook records instead of printing.
+static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Keeps `src` in `tests/fuzz/`, where it runs first from now on.
+fn keep(src: &str) -> PathBuf {
+    let kept = root().join("tests/fuzz").join(format!("crash-{:016x}.ae", hash(src)));
+    let _ = std::fs::create_dir_all(kept.parent().unwrap_or(root()));
+    let _ = std::fs::write(&kept, src);
+    kept
+}
+
+/// Runs one input on a thread of its own; a panic or a stall past [`PER_INPUT`] (the watchdog:
+/// a hang fails the test, it does not block it) is a failure, and the input is kept.
 fn check(src: &str, origin: &str) {
-    // An abort (a stack overflow) would end the process here: the input stays on disk.
-    let current = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-current.ae");
-    let _ = std::fs::write(&current, src);
-    let started = Instant::now();
-    let result = std::panic::catch_unwind(|| exercise(src));
-    let took = started.elapsed();
-    if result.is_err() || took > PER_INPUT {
-        let kept = root().join("tests/fuzz").join(format!("crash-{:016x}.ae", hash(src)));
-        let _ = std::fs::create_dir_all(kept.parent().unwrap_or(root()));
-        let _ = std::fs::write(&kept, src);
-        let why = if result.is_err() { "panicked".to_owned() } else { format!("took {took:?}") };
-        panic!("a mutation of {origin} {why}; the input is kept in {}", kept.display());
+    let _ = std::fs::write(current(), src);
+    let (done, finished) = std::sync::mpsc::channel();
+    let text = src.to_owned();
+    std::thread::spawn(move || {
+        let result = std::panic::catch_unwind(|| exercise(&text));
+        let _ = done.send(result.is_ok());
+    });
+    let why = match finished.recv_timeout(PER_INPUT) {
+        Ok(true) => return,
+        Ok(false) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            format!("panicked: {}", LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => format!("ran past {PER_INPUT:?}"),
+    };
+    let kept = keep(src);
+    let _ = std::fs::remove_file(current());
+    panic!("a mutation of {origin} {why}; the input is kept in {}", kept.display());
+}
+
+/// An input left in [`current`] by a run that did not finish (an abort ends the process
+/// without a panic; so does an interrupted run) is kept in `tests/fuzz/`, and so runs first.
+fn keep_last_abort() {
+    if let Ok(src) = std::fs::read_to_string(current()) {
+        let kept = keep(&src);
+        let _ = std::fs::remove_file(current());
+        eprintln!(
+            "the last fuzzing run ended inside an input; it is kept in {} and runs first",
+            kept.display()
+        );
     }
 }
 
@@ -172,8 +210,13 @@ fn mutate(rng: &mut ChaCha8Rng, src: &str, corpus: &[(PathBuf, String)]) -> Stri
 
 #[test]
 fn mutated_specs_never_panic_abort_or_stall() {
+    keep_last_abort();
     let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = info.to_string();
+        }
+    }));
     // Every input that ever failed, first.
     for (path, src) in specs_in(&root().join("tests/fuzz")) {
         check(&src, &path.display().to_string());
@@ -197,6 +240,7 @@ fn mutated_specs_never_panic_abort_or_stall() {
         inputs += 1;
     }
     std::panic::set_hook(quiet);
+    let _ = std::fs::remove_file(current());
     eprintln!("fuzzed {inputs} inputs in {seconds} s from seed {seed}");
     assert!(inputs > 0);
 }

@@ -1,6 +1,7 @@
 //! ONNX export in CI (Rust only): every shipped spec exports every part it has, the files parse
-//! back, and their structure holds — every node's inputs defined before it, initializers named
-//! and shaped as the checkpoint's tensors, an opset declared. `tests/onnx/check_onnx.py` runs
+//! back, and their structure holds — every node's inputs defined before it, initializers named,
+//! shaped and valued as the parameters exported, an opset declared; and through the binary, a
+//! written file's initializers are the checkpoint file's tensors byte for byte. `tests/onnx/check_onnx.py` runs
 //! them in onnxruntime against aec (outside CI).
 
 mod common;
@@ -94,6 +95,18 @@ fn aec_export_writes_a_file_and_refuses_what_it_cannot_write() {
     assert!(err.contains("inputs x → outputs recon, code"), "{err}");
     let model = proto::ModelProto::decode(std::fs::read(&out).expect("written").as_slice()).expect("parses");
     assert!(onnx::verify(&model).is_empty());
+    // The initializers are the checkpoint file's tensors, byte for byte, and all of them.
+    let checkpoint = std::fs::read(&w).expect("checkpoint");
+    let st = safetensors::SafeTensors::deserialize(&checkpoint).expect("safetensors");
+    let inits = &model.graph.as_ref().expect("graph").initializer;
+    assert_eq!(inits.len(), st.names().len(), "one initializer per checkpoint tensor");
+    for t in inits {
+        let name = t.name.as_deref().expect("a name");
+        let saved = st.tensor(name).unwrap_or_else(|_| panic!("{name} is not in the checkpoint"));
+        let dims: Vec<i64> = saved.shape().iter().map(|&d| d as i64).collect();
+        assert_eq!(t.dims, dims, "{name}");
+        assert_eq!(t.raw_data.as_deref(), Some(saved.data()), "{name}'s bytes");
+    }
     let ops: Vec<&str> =
         model.graph.as_ref().expect("graph").node.iter().filter_map(|n| n.op_type.as_deref()).collect();
     for op in ["Conv", "MaxPool", "MaxUnpool", "ConvTranspose", "Relu", "Sigmoid"] {

@@ -75,9 +75,16 @@ fn sample_draws_from_the_prior_reproducibly_on_both_backends() {
 
 #[test]
 fn interpolation_starts_and_ends_at_the_reconstructions() {
-    // The ends of each line are the codes of the inputs, so decoding them is `aec run`.
-    let dir = scratch("vae-interpolate");
-    let w = train("specs/digits_mlp.ae", &dir, "3");
+    // The ends of each line are the codes of the inputs, so decoding them is `aec run`: for a
+    // VAE (its code is `mu` outside training) and for a plain autoencoder.
+    for spec in ["specs/vae_digits.ae", "specs/digits_mlp.ae"] {
+        interpolation_ends_at_reconstructions(spec);
+    }
+}
+
+fn interpolation_ends_at_reconstructions(spec: &str) {
+    let dir = scratch(&format!("interpolate-{}", spec.trim_start_matches("specs/").trim_end_matches(".ae")));
+    let w = train(spec, &dir, "3");
     let digits = read(&common::root().join("specs/data/digits-images.npy"));
     let three = aec::data::Array {
         shape: vec![3, 8, 8],
@@ -89,21 +96,10 @@ fn interpolation_starts_and_ends_at_the_reconstructions() {
     let x = dir.join("x.npy");
     aec::data::write_npy(&x, &three).expect("write");
     let (line, recon) = (dir.join("line.npy"), dir.join("recon.npy"));
-    let (code, _, err) = aec(&[
-        "interpolate",
-        "specs/digits_mlp.ae",
-        "--weights",
-        &w,
-        "--input",
-        s(&x),
-        "--steps",
-        "5",
-        "--output",
-        s(&line),
-    ]);
-    assert_eq!(code, 0, "{err}");
     let (code, _, err) =
-        aec(&["run", "specs/digits_mlp.ae", "--weights", &w, "--input", s(&x), "--output", s(&recon)]);
+        aec(&["interpolate", spec, "--weights", &w, "--input", s(&x), "--steps", "5", "--output", s(&line)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = aec(&["run", spec, "--weights", &w, "--input", s(&x), "--output", s(&recon)]);
     assert_eq!(code, 0, "{err}");
     let (line, recon) = (read(&line), read(&recon));
     assert_eq!(line.shape[0], 10, "two lines of five points");
@@ -112,7 +108,7 @@ fn interpolation_starts_and_ends_at_the_reconstructions() {
     for (point, sample) in [(0, 0), (4, 1), (5, 1), (9, 2)] {
         let d =
             at(&line, point).iter().zip(at(&recon, sample)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(d < 1e-5, "point {point} is not the reconstruction of sample {sample}: {d}");
+        assert!(d < 1e-5, "{spec}: point {point} is not the reconstruction of sample {sample}: {d}");
     }
 }
 

@@ -125,11 +125,28 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let compile_ms = (train.compile_time() + infer.compile_time()).as_secs_f64() * 1e3;
     let name = &c.model.name;
     if args.json {
-        outln!(
-            "{{\"spec\":\"{name}\",\"batch\":{},\"threads\":{threads},\"jit_compile_ms\":{compile_ms:.3},\"train_samples_per_s\":{train_rate:.1},\"infer_samples_per_s\":{infer_rate:.1},\"train_gflops\":{gflops:.3},\"executed_gflops\":{executed_gflops:.3},\"peak_percent\":{peak:.2},\"peak_width\":\"{width}\",\"peak_gflops_per_core\":{per_core:.1},\"wide_core\":{}}}",
-            c.batch,
-            train.wide_isa().map_or("null".to_owned(), |isa| format!("\"{isa}\""))
-        );
+        // Figures rounded as the text shows them; one that could not be measured (no FMA peak
+        // on this machine) is null, never a bare NaN.
+        let num = |x: f64, places: i32| {
+            let scale = 10f64.powi(places);
+            serde_json::Number::from_f64((x * scale).round() / scale)
+                .map_or(serde_json::Value::Null, Into::into)
+        };
+        let report = serde_json::json!({
+            "spec": name,
+            "batch": c.batch,
+            "threads": threads,
+            "jit_compile_ms": num(compile_ms, 3),
+            "train_samples_per_s": num(train_rate, 1),
+            "infer_samples_per_s": num(infer_rate, 1),
+            "train_gflops": num(gflops, 3),
+            "executed_gflops": num(executed_gflops, 3),
+            "peak_percent": num(peak, 2),
+            "peak_width": width,
+            "peak_gflops_per_core": num(per_core, 1),
+            "wide_core": train.wide_isa(),
+        });
+        outln!("{report}");
     } else {
         let s = if threads == 1 { "" } else { "s" };
         outln!("{name} (batch {}, {threads} thread{s}, median of 5 rounds of {steps} steps)", c.batch);

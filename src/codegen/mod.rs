@@ -1,9 +1,13 @@
-//! Native code for IR graphs, through Cranelift.
+//! Native code for IR graphs, through Cranelift (and the wide matmul core, [`wide`]).
 //!
-//! [`Program::compile`] plans memory ([`plan`]): every value of the graph — parameters, optimizer
-//! buffers, inputs, per-step scalars, temporaries — at a constant offset in one arena the
-//! program owns. Each node then becomes one generated function `fn(base)` whose loops, strides
-//! and offsets are constants ([`kernels`], [`matmul`]). A step is the kernels called in order.
+//! [`Program::compile`] verifies the graph and proves its indices in range
+//! ([`crate::ir::bounds`]), rewrites switch-map convolutions ([`crate::passes::sparse`]),
+//! groups ops that fuse ([`fuse`]) and plans memory ([`plan`]): every value of the graph —
+//! parameters, optimizer buffers, inputs, per-step scalars, temporaries — at a constant offset
+//! in one arena the program owns (allocated when first used). Each group then becomes one or a
+//! few generated functions `fn(base, lo, hi)` whose loops, strides and offsets are constants
+//! (`kernels`, `matmul`, `conv`, `sparse`, `recurrent`); `lo..hi` is the share of work units
+//! a thread takes. A step is the kernels called in order; the code is freed with the program.
 //!
 //! **Safety.** This is the only module with `unsafe`, and [`Program::call`] is the only place
 //! generated code is called. Before the first call, [`Program::compile`] checks every buffer of

@@ -1,6 +1,7 @@
-//! The runtime: parameters and optimizer state, initialisation, the training loop,
-//! checkpoints. It executes graphs through an executor (today the interpreter) and never sees
-//! the AST or pest.
+//! The runtime: initialisation, the training loop, checkpoints and the save transaction,
+//! inference, greedy decoding, the gradient check of `aec check`, and data-parallel training.
+//! It runs graphs on either executor — the native code of `codegen` (the default) or the
+//! reference interpreter — and never sees the AST's text or pest.
 
 pub mod check;
 pub mod checkpoint;
