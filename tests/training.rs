@@ -148,6 +148,7 @@ fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
             let a = std::fs::read(whole.join(file)).expect("whole");
             let b = std::fs::read(parts.join(file)).expect("parts");
             assert_eq!(contents(&a), contents(&b), "{spec}: {file} differs after resuming");
+            assert!(a == b, "{spec}: {file}'s bytes differ after resuming");
         }
         let lines = std::fs::read_to_string(parts.join("metrics.jsonl")).expect("metrics");
         assert_eq!(lines.lines().count(), total.parse::<usize>().expect("n"), "one metrics line per epoch");
@@ -412,6 +413,17 @@ fn resuming_inside_greedy_pretraining_continues_the_right_stage() {
             // Mid-stage, the checkpoint keeps the stage's decoder to resume with.
             let saved = contents(&std::fs::read(parts.join("checkpoint.safetensors")).expect("ckpt")).0;
             assert!(saved.iter().any(|t| t.0 == "pretrain.2.weight"), "the stage decoder was not saved");
+            // It is no model checkpoint yet: using it says what it is and what to do.
+            let w = parts.join("checkpoint.safetensors");
+            let x = parts.join("x.npy");
+            let eye: Vec<f32> = (0..64).map(|i| f32::from(u8::from(i % 9 == 0))).collect();
+            let array = aec::data::Array { shape: vec![8, 8], values: aec::data::Values::F32(eye) };
+            aec::data::write_npy(&x, &array).expect("write");
+            let (code, _, err) =
+                aec(&["run", s(&spec), "--weights", s(&w), "--input", s(&x), "--output", s(&x)]);
+            assert_eq!(code, 1, "{err}");
+            assert!(err.contains("was saved during stage 2 of greedy pretraining"), "{err}");
+            assert!(err.contains("Finish the run"), "{err}");
         }
         let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&parts)]);
         assert_eq!(code, 0, "{err}");
@@ -420,6 +432,7 @@ fn resuming_inside_greedy_pretraining_continues_the_right_stage() {
             let a = std::fs::read(whole.join(file)).expect("whole");
             let b = std::fs::read(parts.join(file)).expect("parts");
             assert_eq!(contents(&a), contents(&b), "stopped at {stop}: {file} differs after resuming");
+            assert!(a == b, "stopped at {stop}: {file}'s bytes differ after resuming");
         }
     }
 }
