@@ -325,25 +325,30 @@ pub fn check(args: &CheckArgs) -> Result<(), Failure> {
         r.native_loss.map_or("—".to_owned(), |l| format!("{l:.6}"))
     );
     outln!(
-        "{:<28} {:>9} {:>7}  {:>14}  {:>14}  verdict",
+        "{:<28} {:>9} {:>7}  {:>14}  {:>14}  {:>16}  verdict",
         "parameter",
         "elements",
         "checked",
         "vs differences",
+        "along gradient",
         "native vs interp"
     );
     for p in &r.params {
         outln!(
-            "{:<28} {:>9} {:>7}  {:>14}  {:>14}  {}",
+            "{:<28} {:>9} {:>7}  {:>14}  {:>14}  {:>16}  {}",
             p.name,
             p.elements,
             p.sampled,
             format!("{:.1e}", p.fd_error),
+            p.dir_error.map_or("—".to_owned(), |e| format!("{e:.1e}")),
             p.native_error.map_or("—".to_owned(), |e| format!("{e:.1e}")),
             if p.passes() { "ok" } else { "FAIL" }
         );
     }
-    outln!("(relative differences; finite differences at steps 1e-3, 3e-4 and 1e-4, the best of them)");
+    outln!(
+        "(relative differences; finite differences per element and along each gradient, at steps 1e-3, \
+         3e-4 and 1e-4, the best of them)"
+    );
     if r.passes() {
         outln!("every gradient agrees");
         Ok(())
