@@ -91,11 +91,16 @@ fn two_and_three_processes_train_as_one_does() {
     assert_eq!(one.len(), 20, "60 steps in 20 epochs");
     for (n, out) in [(2, &runs[1]), (3, &runs[2])] {
         let many = losses(out);
+        assert_eq!(many.len(), one.len(), "-n {n}: epochs in metrics.jsonl");
         for (e, (a, b)) in one.iter().zip(&many).enumerate() {
             assert!((a - b).abs() <= 1e-5 * a.abs(), "-n {n} epoch {}: {a} vs {b}", e + 1);
         }
-        for ((name, a), (_, b)) in one_params.iter().zip(params(out)) {
-            let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let many_params = params(out);
+        let names = |p: &[(String, Vec<f32>)]| p.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&many_params), names(&one_params), "-n {n}: the checkpoint's tensors");
+        for ((name, a), (_, b)) in one_params.iter().zip(&many_params) {
+            assert_eq!(a.len(), b.len(), "-n {n}: {name}'s size");
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(d <= 1e-5, "-n {n}: {name} differs by {d}");
         }
     }
@@ -125,23 +130,33 @@ fn a_killed_process_leaves_a_checkpoint_that_resumes_to_the_same_end() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("mpirun");
-    // Wait for a save (every 2 s), then kill process 1 (a child of mpirun).
+    // Wait for a save (every 2 s), then kill the process of rank 1 (not the writer), found
+    // among mpirun's children by the rank Open MPI gives it in its environment.
     let started = Instant::now();
     while !cut.join("checkpoint.safetensors").exists() {
         assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint within a minute");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let children: Vec<String> = std::fs::read_dir("/proc")
+    let children: Vec<(String, Option<String>)> = std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
         .filter_map(|e| {
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok()?;
-            (ppid == job.id()).then(|| e.file_name().to_string_lossy().into_owned())
+            if ppid != job.id() {
+                return None;
+            }
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let rank = env
+                .split(|&b| b == 0)
+                .find_map(|v| v.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+                .map(|r| String::from_utf8_lossy(r).into_owned());
+            Some((e.file_name().to_string_lossy().into_owned(), rank))
         })
         .collect();
     assert_eq!(children.len(), 2, "mpirun's processes: {children:?}");
-    let killed = Command::new("kill").args(["-9", &children[1]]).status().expect("kill");
+    let second = children.iter().find(|c| c.1.as_deref() == Some("1")).expect("the process of rank 1");
+    let killed = Command::new("kill").args(["-9", &second.0]).status().expect("kill");
     assert!(killed.success());
     let status = job.wait().expect("mpirun ends");
     assert!(!status.success(), "the job must end when a process dies");
@@ -154,4 +169,20 @@ fn a_killed_process_leaves_a_checkpoint_that_resumes_to_the_same_end() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(params(&cut), params(&whole), "resumed after epoch {saved}: parameters differ");
     assert_eq!(losses(&cut), losses(&whole));
+}
+
+#[test]
+fn a_spec_error_is_printed_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-spec-error");
+    let bad = dir.join("bad.ae");
+    std::fs::write(
+        &bad,
+        "model m {\n input x: [8]\n encoder { dense 3 -> sigmoidd }\n decoder { dense 8 }\n loss mse(x)\n}\n",
+    )
+    .expect("spec");
+    let o = run(2, &["run", "--train", s(&bad), "--out", s(&dir.join("run"))]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("bad.ae:3:").count(), 1, "the diagnostic once, not per process:\n{err}");
 }
