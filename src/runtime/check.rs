@@ -292,7 +292,9 @@ mod tests {
         assert!(good.passes());
         assert!(!ParamCheck { fd_missed: 2, ..good.clone() }.passes());
         assert!(!ParamCheck { native_error: Some(0.1), ..good.clone() }.passes());
-        assert!(!ParamCheck { dir_error: Some(1e-2), ..good.clone() }.passes());
+        assert!(!ParamCheck { dir_error: Some(0.5), ..good.clone() }.passes());
+        assert!(ParamCheck { dir_error: Some(0.1), ..good.clone() }.passes());
+        assert!(ParamCheck { dir_error: None, ..good.clone() }.passes());
         assert!(relative(1.0, 1.01) < REL && relative(1.0, 1.1) > REL);
     }
 
