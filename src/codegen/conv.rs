@@ -16,6 +16,7 @@
 //! The large preps and finishes split across threads (by input channel, panel or image).
 
 use super::emit::Emit;
+use super::family::{Family, Parts};
 use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::sparse;
@@ -25,12 +26,70 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
+/// The convolution family: dense convolutions and their gradients (prep: im2col or packing;
+/// compute: the matmul, on the wide core for a large conv2d; finish: col2im, or the permute
+/// into NCHW) and the switch-map convolutions of [`sparse`] (prep, compute).
+pub const FAMILY: Family = Family {
+    parts: family_parts,
+    scratch_bytes,
+    wide_call,
+    units: family_units,
+    emit: family_emit,
+    describe: family_describe,
+};
+
 /// The kernels of one op, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Prep,
     Compute,
     Finish,
+}
+
+/// Parts by their index in [`FAMILY`]'s lists.
+const PARTS: [Part; 3] = [Part::Prep, Part::Compute, Part::Finish];
+
+fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
+    let (parts, _, _) = parts(g, id)?;
+    let names: &'static [&'static str] =
+        if parts.len() == 3 { &["prep", "compute", "finish"] } else { &["prep", "compute"] };
+    Some(Parts { names, main: 1 })
+}
+
+fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize, usize) {
+    match PARTS[k] {
+        Part::Prep => prep_units(g, id, call.is_some()),
+        Part::Compute => {
+            let (units, work) = parts(g, id).map_or((1, 0), |(_, units, work)| (units, work));
+            (call.map_or(units, Call::unit_count), work)
+        }
+        Part::Finish => finish_units(g, id),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn family_emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    k: usize,
+    scratch: usize,
+    range: (Value, Value),
+    core: Option<wide::Core>,
+) -> Result<(), String> {
+    emit(e, g, plan, id, PARTS[k], scratch, range, core)
+}
+
+fn family_describe(g: &Graph, id: NodeId, k: usize, wide: bool) -> String {
+    let op = &g.node(id).op;
+    match PARTS[k] {
+        Part::Finish => format!("finish %{} (into NCHW)", id.0),
+        _ => {
+            let what = if wide { "im2col row-major, for the wide core" } else { prep_text(op) };
+            format!("prepare %{} {} ({what})", id.0, op.mnemonic())
+        }
+    }
 }
 
 /// A convolution's geometry, seen as conv2d: input `[b, ci, h, w]`, kernel, stride and padding
@@ -112,7 +171,7 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
 }
 
 /// Bytes of scratch a conv-family node needs (packed panels, then a temporary).
-pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     match shape(g, id) {
         Some((_, _, n, k, temp)) => packed_round(k, n) + temp * 4,
         None => sparse::scratch_bytes(g, id),
@@ -125,7 +184,7 @@ fn packed_round(k: usize, n: usize) -> usize {
 
 /// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
 /// im2col row-major in the packed region (which is at least as large), `T` in the temporary.
-pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
     let Op::Conv2d { w, .. } = g.node(id).op else { return None };
     let (_, m, n, k, _) = shape(g, id)?;
     if sparse::parts(g, id).is_some() || !wide::worth(m, n, k) {
@@ -137,7 +196,7 @@ pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<C
 
 /// Work units of the prep kernel (input channels of im2col, or images when it writes im2col
 /// row-major for the wide core; 1 when it does not split) and its rough work.
-pub fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
+fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
         (Some((ge, ..)), Op::Conv2d { .. }) if wide => (ge.b, 4 * ge.ckk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
@@ -153,7 +212,7 @@ pub fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
 
 /// Work units of the finish kernel (images: a transposed convolution's col2im, conv2d's
 /// permute into NCHW) and its rough work.
-pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
+fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
         (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.b, 4 * ge.ci * ge.kk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.b, 8 * ge.co * ge.n()),
@@ -162,7 +221,7 @@ pub fn finish_units(g: &Graph, id: NodeId) -> (usize, usize) {
 }
 
 /// The parts this op has, and the work units of its compute kernel.
-pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
+fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     if let Some((units, work)) = sparse::parts(g, id) {
         return Some((vec![Part::Prep, Part::Compute], units, work));
     }
@@ -176,7 +235,7 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
 }
 
 /// What the prep kernel of `op` does, for `--emit fused`.
-pub fn prep_text(op: &Op) -> &'static str {
+fn prep_text(op: &Op) -> &'static str {
     match op {
         Op::SparseConvT { .. } | Op::GatherConv { .. } | Op::SparseWeightGrad { .. } => sparse::prep_text(op),
         _ => "im2col into packed panels",
@@ -186,7 +245,7 @@ pub fn prep_text(op: &Op) -> &'static str {
 /// Emits one part of conv-family node `id`; a dense conv2d's matmul on the wide `core` when
 /// there is one ([`wide_call`]).
 #[allow(clippy::too_many_arguments)]
-pub fn emit(
+fn emit(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,

@@ -19,6 +19,7 @@
 
 mod conv;
 mod emit;
+mod family;
 pub mod fuse;
 mod kernels;
 mod matmul;
@@ -59,14 +60,19 @@ struct Kernel {
     name: String,
 }
 
-/// The kernels a group becomes: a fused matmul packs then computes; a convolution prepares,
-/// computes and (for conv2d and its transpose) finishes; everything else is one kernel.
+/// The kernels a group becomes: a fused matmul packs then computes; a node of a kernel
+/// family ([`family`]) becomes that family's parts; everything else is one kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Piece {
     Pack,
     Main,
-    Conv(conv::Part),
-    Rec(recurrent::Part),
+    /// Part `k` of the node's family (`family`, an index into [`family::FAMILIES`]); `main`
+    /// for the part that computes.
+    Part {
+        family: usize,
+        k: usize,
+        main: bool,
+    },
 }
 
 /// Cranelift IR instructions a kernel, and a whole program, may have: about a second of
@@ -440,13 +446,11 @@ impl Program {
                 && wide_isa.is_some()
                 && scratch_bytes(g, *id, false) > 0
             {
-                // A recurrent loop's per-step projection, or a dense conv2d's matmul.
+                // A family's call into the core (a recurrent loop's per-step projection, a
+                // dense conv2d's matmul).
                 let scratch = plan.scratch_of(*id)?;
-                let call = if recurrent::wide_worth(g, *id) {
-                    recurrent::wide_call(g, &plan, *id, scratch)
-                } else {
-                    conv::wide_call(g, &plan, *id, scratch)
-                };
+                let call = family::of(g, *id)
+                    .and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, &plan, *id, scratch));
                 if let Some(call) = call {
                     if call.extent() > plan.size {
                         return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
@@ -480,10 +484,12 @@ impl Program {
                 // The wide core packs its operands itself.
                 fuse::Group::MatMul { .. } if calls[gi].is_some() => work.push((gi, Piece::Main)),
                 fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
-                fuse::Group::Single(id) => match (conv::parts(g, *id), recurrent::parts(g, *id)) {
-                    (Some((parts, _, _)), _) => work.extend(parts.into_iter().map(|p| (gi, Piece::Conv(p)))),
-                    (_, Some((parts, _, _))) => work.extend(parts.into_iter().map(|p| (gi, Piece::Rec(p)))),
-                    _ => work.push((gi, Piece::Main)),
+                fuse::Group::Single(id) => match family::of(g, *id) {
+                    Some((family, parts)) => work.extend(
+                        (0..parts.names.len())
+                            .map(|k| (gi, Piece::Part { family, k, main: k == parts.main })),
+                    ),
+                    None => work.push((gi, Piece::Main)),
                 },
                 fuse::Group::Chain(_) | fuse::Group::LossPair { .. } | fuse::Group::Updates(_) => {
                     work.push((gi, Piece::Main))
@@ -508,11 +514,9 @@ impl Program {
             let pack = piece == Piece::Pack;
             let name = match (grp, piece) {
                 (_, Piece::Pack) => format!("k{}_pack", head.0),
-                (_, Piece::Conv(p)) => {
-                    format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
-                }
-                (_, Piece::Rec(p)) => {
-                    format!("k{}_{}_{p:?}", head.0, g.node(head).op.mnemonic()).to_lowercase()
+                (_, Piece::Part { k, .. }) => {
+                    let part = family::of(g, head).map_or("", |(_, parts)| parts.names[k]);
+                    format!("k{}_{}_{part}", head.0, g.node(head).op.mnemonic())
                 }
                 (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
                 (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
@@ -565,13 +569,10 @@ impl Program {
                         kernels::loss_pair(&mut e, g, &plan, *loss, *grad, chain)?
                     }
                     fuse::Group::Single(id) => match piece {
-                        Piece::Conv(part) => {
+                        Piece::Part { family, k, .. } => {
                             let scratch = plan.scratch_of(*id)?;
-                            conv::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
-                        }
-                        Piece::Rec(part) => {
-                            let scratch = plan.scratch_of(*id)?;
-                            recurrent::emit(&mut e, g, &plan, *id, part, scratch, (lo, hi), core)?;
+                            let emit = family::FAMILIES[family].emit;
+                            emit(&mut e, g, &plan, *id, k, scratch, (lo, hi), core)?;
                         }
                         _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
                     },
@@ -602,24 +603,12 @@ impl Program {
                     let units = calls[gi].as_ref().map_or(1, |c| c.unit_count());
                     (units, matmul::dims(g, *mm).map_or(0, |(m, n, k)| m * n * k))
                 }
-                (fuse::Group::Single(id), Piece::Conv(conv::Part::Prep)) => {
-                    conv::prep_units(g, *id, calls[gi].is_some())
-                }
                 (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
                     matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
                 }
-                (fuse::Group::Single(id), Piece::Conv(conv::Part::Finish)) => conv::finish_units(g, *id),
-                (_, Piece::Pack) | (_, Piece::Conv(conv::Part::Prep | conv::Part::Finish)) => (1, 0),
-                (fuse::Group::Single(id), Piece::Conv(conv::Part::Compute)) => {
-                    let (units, work) = conv::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work));
-                    (calls[gi].as_ref().map_or(units, |c| c.unit_count()), work)
-                }
-                (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Pack)) => recurrent::pack_units(g, *id),
-                (fuse::Group::Single(id), Piece::Rec(recurrent::Part::Loop)) => {
-                    let (units, work) =
-                        recurrent::parts(g, *id).map_or((1, 0), |(_, units, work)| (units, work));
-                    // With the wide core, units are groups of batch rows.
-                    (calls[gi].as_ref().map_or(units, |c| c.unit_count()), work)
+                (_, Piece::Pack) => (1, 0),
+                (_, Piece::Part { family, k, .. }) => {
+                    (family::FAMILIES[family].units)(g, head, k, calls[gi].as_deref())
                 }
                 (fuse::Group::Updates(ids), _) => {
                     ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
@@ -639,11 +628,8 @@ impl Program {
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-                let wide = calls[group].is_some()
-                    && matches!(
-                        piece,
-                        Piece::Main | Piece::Rec(recurrent::Part::Loop) | Piece::Conv(conv::Part::Compute)
-                    );
+                let wide =
+                    calls[group].is_some() && matches!(piece, Piece::Main | Piece::Part { main: true, .. });
                 Kernel { group, piece, f, units, work, wide, name }
             })
             .collect();
@@ -720,8 +706,7 @@ impl Program {
             .filter(|k| {
                 matches!(
                     (&self.groups[k.group], k.piece),
-                    (fuse::Group::MatMul { .. }, Piece::Main)
-                        | (_, Piece::Conv(conv::Part::Compute) | Piece::Rec(recurrent::Part::Loop))
+                    (fuse::Group::MatMul { .. }, Piece::Main) | (_, Piece::Part { main: true, .. })
                 )
             })
             .map(|k| k.work as u64)
@@ -1014,26 +999,18 @@ impl Program {
     }
 }
 
-/// Bytes of a node's scratch, by op family: matmul keeps its right operand packed in panels of
-/// 8 columns (none on the wide core, which packs its operands itself: `wide`); a convolution its
-/// packed operand and a temporary (`conv`); a recurrent loop its state (`recurrent`).
+/// Bytes of a node's scratch: a fused matmul keeps its right operand packed in panels of 8
+/// columns (none on the wide core, which packs its operands itself: `wide`); a node of a kernel
+/// family what the family says ([`family`]).
 fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
     match &g.node(id).op {
-        Op::Conv2d { .. }
-        | Op::ConvTranspose2d { .. }
-        | Op::Conv2dWeightGrad { .. }
-        | Op::ConvTranspose2dWeightGrad { .. }
-        | Op::SparseConvT { .. }
-        | Op::GatherConv { .. }
-        | Op::SparseWeightGrad { .. } => conv::scratch_bytes(g, id),
-        Op::Recurrent { .. } | Op::RecurrentGrad { .. } => recurrent::scratch_bytes(g, id),
         Op::MatMul { .. } if wide => 0,
         Op::MatMul { b, tb, .. } => {
             let s = &g.ty(*b).shape;
             let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
             k * n.div_ceil(8) * 8 * 4
         }
-        _ => 0,
+        _ => family::of(g, id).map_or(0, |(f, _)| (family::FAMILIES[f].scratch_bytes)(g, id)),
     }
 }
 
@@ -1116,22 +1093,9 @@ pub fn describe(p: &Program) -> String {
                 let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
                 continue;
             }
-            Piece::Conv(conv::Part::Prep) => {
-                let op = &g.node(grp.head()).op;
-                let what = if p.calls[k.group].is_some() {
-                    "im2col row-major, for the wide core"
-                } else {
-                    conv::prep_text(op)
-                };
-                let _ = writeln!(out, "  prepare %{} {} ({what})", grp.head().0, op.mnemonic());
-                continue;
-            }
-            Piece::Conv(conv::Part::Finish) => {
-                let _ = writeln!(out, "  finish %{} (into NCHW)", grp.head().0);
-                continue;
-            }
-            Piece::Rec(recurrent::Part::Pack) => {
-                let _ = writeln!(out, "  pack w_hh of %{} into panels", grp.head().0);
+            Piece::Part { family, k: part, main: false } => {
+                let describe = family::FAMILIES[family].describe;
+                let _ = writeln!(out, "  {}", describe(g, grp.head(), part, p.calls[k.group].is_some()));
                 continue;
             }
             _ => {}

@@ -11,6 +11,7 @@
 //! of `dh` that skips `W_hh` (a GRU's `dh·z`), added in the matmul's store.
 
 use super::emit::{Emit, EpOp};
+use super::family::{Family, Parts};
 use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::wide::{self, Call};
@@ -18,10 +19,58 @@ use crate::ir::Cell;
 use crate::ir::{BinaryFn, Graph, NodeId, Op, recurrent_grad_layout};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
+/// The recurrent family: a layer's time loop and its backpropagation through time (pack:
+/// `W_hh` into panels, or transposed for the wide core; loop: every step's projection — on the
+/// wide core when it is worth it — and gates, rows of the batch split across threads).
+pub const FAMILY: Family = Family {
+    parts: family_parts,
+    scratch_bytes,
+    wide_call: family_wide_call,
+    units: family_units,
+    emit: family_emit,
+    describe: |_, id, _, _| format!("pack w_hh of %{} into panels", id.0),
+};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Pack,
     Loop,
+}
+
+/// Parts by their index in [`FAMILY`]'s lists.
+const PARTS: [Part; 2] = [Part::Pack, Part::Loop];
+
+fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
+    parts(g, id).map(|_| Parts { names: &["pack", "loop"], main: 1 })
+}
+
+fn family_wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+    if wide_worth(g, id) { wide_call(g, plan, id, scratch) } else { None }
+}
+
+fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize, usize) {
+    match PARTS[k] {
+        Part::Pack => pack_units(g, id),
+        Part::Loop => {
+            let (units, work) = parts(g, id).map_or((1, 0), |(_, units, work)| (units, work));
+            // With the wide core, units are groups of batch rows.
+            (call.map_or(units, Call::unit_count), work)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn family_emit(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    k: usize,
+    scratch: usize,
+    range: (Value, Value),
+    core: Option<wide::Core>,
+) -> Result<(), String> {
+    emit(e, g, plan, id, PARTS[k], scratch, range, core)
 }
 
 /// Sizes of a recurrent op: batch, steps, hidden, gates.
@@ -118,14 +167,14 @@ fn layout(d: Dims, scratch: usize) -> [usize; 5] {
     [scratch, s1, s1 + bh, s1 + 2 * bh, s1 + 2 * bh + bg]
 }
 
-pub fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     let Some(d) = dims(g, id) else { return 0 };
     layout(d, 0)[4] + round(d.b * d.gh() * 4)
 }
 
 /// Work units (panels) of the pack kernel and its work: `W_hhᵀ [H, G·H]` forward, `W_hh
 /// [G·H, H]` backward.
-pub fn pack_units(g: &Graph, id: NodeId) -> (usize, usize) {
+fn pack_units(g: &Graph, id: NodeId) -> (usize, usize) {
     match (dims(g, id), &g.node(id).op) {
         (Some(d), Op::Recurrent { .. }) => matmul::pack_units(d.h, d.gh()),
         (Some(d), _) => matmul::pack_units(d.gh(), d.h),
@@ -134,7 +183,7 @@ pub fn pack_units(g: &Graph, id: NodeId) -> (usize, usize) {
 }
 
 /// The parts of a recurrent node, its loop's work units (batch rows) and work.
-pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
+fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
     let d = dims(g, id)?;
     let work =
         d.b * d.t * d.gh() * d.h * if matches!(g.node(id).op, Op::RecurrentGrad { .. }) { 2 } else { 1 };
@@ -142,14 +191,14 @@ pub fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
 }
 
 /// Whether the per-step projection of recurrent node `id` is worth the wide core.
-pub fn wide_worth(g: &Graph, id: NodeId) -> bool {
+fn wide_worth(g: &Graph, id: NodeId) -> bool {
     dims(g, id).is_some_and(|d| wide::worth(d.b.min(wide::ROW_UNIT), d.gh(), d.h))
 }
 
 /// The per-step projection of recurrent node `id` as a call into the wide core, its units
 /// [`wide::ROW_UNIT`] batch rows each: forward `gh = h·W_hhᵀ` with `W_hhᵀ` copied row-major
 /// into the scratch by the pack part, backward `dh = dgh·W_hh` straight from the parameter.
-pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
     let d = dims(g, id)?;
     let [packed, s1, _, s3, s4] = layout(d, scratch);
     match g.node(id).op {
@@ -164,7 +213,7 @@ pub fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<C
 /// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi` (units of
 /// [`wide::ROW_UNIT`] rows with the wide `core`).
 #[allow(clippy::too_many_arguments)]
-pub fn emit(
+fn emit(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,
