@@ -234,11 +234,8 @@ fn emit(
     let r1 = e.b.ins().imul_imm_s(hi, per);
     let bmax = e.i64(d.b as i64);
     let r1 = e.b.ins().smin(r1, bmax);
-    // The per-step projection of rows `r0..r1`, with the fused `ep`.
-    let project = |e: &mut Emit, mm: &Mm| match core {
-        Some((f, call, addr)) => wide::emit_row_units(e, f, (call, addr), (lo, hi), mm.epilogue, false),
-        None => matmul::emit_rows(e, mm, (r0, r1)),
-    };
+    let lp =
+        Loop { g, plan, id, d, out, slots: [packed, s1, s2, s3, s4], rows: (r0, r1), units: (lo, hi), core };
     match (g.node(id).op.clone(), part) {
         // The wide core reads W_hhᵀ row-major [H, G·H]: a transposed copy.
         (Op::Recurrent { w_hh, .. }, Part::Pack) if core.is_some() => {
@@ -254,258 +251,306 @@ fn emit(
         (Op::RecurrentGrad { w_hh, .. }, Part::Pack) => {
             matmul::pack_b(e, at(w_hh), false, d.gh(), d.h, packed, (lo, hi))
         }
-        (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => {
-            let (h, c, gh) = (s1, s2, s3);
-            let saved = saved_projections(g, id).map(at);
-            let s = d.s();
-            // The running state starts at h0.
-            e.for_dynamic(r0, r1, |e, r| {
-                let from = e.b.ins().imul_imm_s(r, s as i64);
-                let to = e.b.ins().imul_imm_s(r, d.h as i64);
-                super::kernels::copy(e, at(h0), from, h, to, d.h);
-                if d.cell == Cell::Lstm {
-                    let from = e.b.ins().iadd_imm_s(from, d.h as i64);
-                    super::kernels::copy(e, at(h0), from, c, to, d.h);
-                }
-            });
-            let ep: Vec<EpOp> = b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect();
-            let mm = Mm {
-                m: d.b,
-                n: d.gh(),
-                k: d.h,
-                a: h,
-                ta: false,
-                packed,
-                c: gh,
-                tc: false,
-                epilogue: &ep,
-                stable: false,
-            };
-            e.for_range(0, d.t as i64, 1, |e, t| {
-                project(e, &mm);
-                e.for_dynamic(r0, r1, |e, r| {
-                    let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
-                    // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh
-                    // (saved, when the backward reads them, at the projection's own index).
-                    let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
-                        let i = gate_index(e, d, xrow, j, k);
-                        let x = e.load(ty, at(xp), i);
-                        let gi = gate_index(e, d, grow, j, k);
-                        let y = e.load(ty, gh, gi);
-                        if let Some(saved) = saved {
-                            e.store(saved, i, y);
-                        }
-                        (x, y, gi)
-                    };
-                    // The first pass: the gates that need only their own projections, each
-                    // written over its projection in `gh`.
-                    independent_gates(e, d, |e, ty, j, k| {
-                        let (x, y, gi) = gate(e, ty, j, k);
-                        let a = gate_activation(e, ty, d.cell, k, x, y);
-                        e.store(gh, gi, a);
-                    });
-                    e.elementwise(d.h, |e, ty, j| {
-                        let hi_ = e.b.ins().iadd(hrow, j);
-                        let oi = e.b.ins().iadd(orow, j);
-                        let a = activations(
-                            e,
-                            ty,
-                            d.cell,
-                            |e, k| {
-                                let (x, y, _) = gate(e, ty, j, k);
-                                (x, y)
-                            },
-                            |e, k| {
-                                let gi = gate_index(e, d, grow, j, k);
-                                e.load(ty, gh, gi)
-                            },
-                        );
-                        match d.cell {
-                            Cell::Rnn => {
-                                e.store(h, hi_, a[0]);
-                                e.store(out, oi, a[0]);
-                            }
-                            Cell::Gru => {
-                                let (z, n) = (a[1], a[2]);
-                                let hp = e.load(ty, h, hi_);
-                                // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
-                                let diff = e.b.ins().fsub(hp, n);
-                                let hn = e.b.ins().fma(z, diff, n);
-                                e.store(h, hi_, hn);
-                                e.store(out, oi, hn);
-                            }
-                            Cell::Lstm => {
-                                let cp = e.load(ty, c, hi_);
-                                let (cn, tc) = lstm_cell(e, ty, &a, cp);
-                                let hn = e.b.ins().fmul(a[3], tc);
-                                e.store(h, hi_, hn);
-                                e.store(c, hi_, cn);
-                                e.store(out, oi, hn);
-                                let oc = e.b.ins().iadd_imm_s(oi, d.h as i64);
-                                e.store(out, oc, cn);
-                            }
-                        }
-                    });
-                });
-            });
-        }
+        (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => forward_loop(e, &lp, (xp, h0, b_hh)),
         (Op::RecurrentGrad { xp, gh, hprev, dhs, .. }, Part::Loop) => {
-            let (dh, dc, direct, dgh) = (s1, s2, s3, s4);
-            let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
-            let s = d.s();
-            e.for_dynamic(r0, r1, |e, r| {
-                let row = e.b.ins().imul_imm_s(r, d.h as i64);
-                e.elementwise(d.h, |e, ty, j| {
-                    let i = e.b.ins().iadd(row, j);
-                    let z = e.fconst(ty, 0.0);
-                    e.store(dh, i, z);
-                    e.store(dc, i, z);
-                    e.store(direct, i, z);
-                });
-            });
-            let ep = [EpOp::Binary(BinaryFn::Add, direct, true)];
-            let ep: &[EpOp] = if d.cell == Cell::Gru { &ep } else { &[] };
-            let mm = Mm {
-                m: d.b,
-                n: d.h,
-                k: d.gh(),
-                a: dgh,
-                ta: false,
-                packed,
-                c: dh,
-                tc: false,
-                epilogue: ep,
-                stable: false,
-            };
-            e.for_range(0, d.t as i64, 1, |e, back| {
-                let last = e.i64(d.t as i64 - 1);
-                let t = e.b.ins().isub(last, back);
-                e.for_dynamic(r0, r1, |e, r| {
-                    let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
-                    // The first pass: the gates that need only their own projections, kept
-                    // in this step's `dgh` slots until the second pass overwrites them.
-                    independent_gates(e, d, |e, ty, j, k| {
-                        let i = gate_index(e, d, xrow, j, k);
-                        let x = e.load(ty, at(xp), i);
-                        let y = e.load(ty, at(gh), i);
-                        let a = gate_activation(e, ty, d.cell, k, x, y);
-                        let gi = gate_index(e, d, grow, j, k);
-                        e.store(dgh, gi, a);
-                    });
-                    e.elementwise(d.h, |e, ty, j| {
-                        let idx = |e: &mut Emit, row: Value, k: usize| gate_index(e, d, row, j, k);
-                        let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
-                        let gi: Vec<Value> = (0..d.g).map(|k| idx(e, grow, k)).collect();
-                        let hi_ = idx(e, hrow, 0);
-                        let si = idx(e, srow, 0);
-                        let dsh = {
-                            let a = e.load(ty, at(dhs), si);
-                            let b = e.load(ty, dh, hi_);
-                            e.b.ins().fadd(a, b)
-                        };
-                        let one = e.fconst(ty, 1.0);
-                        // Stores dgi (into the output) and dgh (into the output and the
-                        // step's contiguous `dgh` scratch, the matmul's left operand).
-                        let put = |e: &mut Emit, k: usize, dgi: Value, dghv: Value| {
-                            let o = e.b.ins().iadd_imm_s(xi[k], lay.dxp as i64);
-                            e.store(out, o, dgi);
-                            let o = e.b.ins().iadd_imm_s(xi[k], lay.dgh as i64);
-                            e.store(out, o, dghv);
-                            e.store(dgh, gi[k], dghv);
-                        };
-                        let pre = |e: &mut Emit, k: usize| {
-                            let x = e.load(ty, at(xp), xi[k]);
-                            let y = e.load(ty, at(gh), xi[k]);
-                            (x, y)
-                        };
-                        let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, dgh, gi[k]));
-                        match d.cell {
-                            Cell::Rnn => {
-                                let d1 = one_minus_sq(e, ty, a[0]);
-                                let da = e.b.ins().fmul(dsh, d1);
-                                put(e, 0, da, da);
-                            }
-                            Cell::Gru => {
-                                let (rr, z, n, yn) = (a[0], a[1], a[2], a[3]);
-                                let hp = e.load(ty, at(hprev), si);
-                                // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
-                                // dr = dn·gh_n·r(1-r); direct = ds·z.
-                                let omz = e.b.ins().fsub(one, z);
-                                let dn = e.b.ins().fmul(dsh, omz);
-                                let t1 = one_minus_sq(e, ty, n);
-                                let dn = e.b.ins().fmul(dn, t1);
-                                let diff = e.b.ins().fsub(hp, n);
-                                let dz = e.b.ins().fmul(dsh, diff);
-                                let zz = e.b.ins().fmul(z, omz);
-                                let dz = e.b.ins().fmul(dz, zz);
-                                let omr = e.b.ins().fsub(one, rr);
-                                let rr1 = e.b.ins().fmul(rr, omr);
-                                let dr = e.b.ins().fmul(dn, yn);
-                                let dr = e.b.ins().fmul(dr, rr1);
-                                put(e, 0, dr, dr);
-                                put(e, 1, dz, dz);
-                                let dnr = e.b.ins().fmul(dn, rr);
-                                put(e, 2, dn, dnr);
-                                let dir = e.b.ins().fmul(dsh, z);
-                                e.store(direct, hi_, dir);
-                            }
-                            Cell::Lstm => {
-                                let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
-                                let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
-                                let cp = e.load(ty, at(hprev), ci);
-                                let (_, tc) = lstm_cell(e, ty, &a, cp);
-                                // dc = ds_c + ds_h·o·(1-tanh²c).
-                                let dsc = {
-                                    let a = e.load(ty, at(dhs), ci);
-                                    let b = e.load(ty, dc, hi_);
-                                    e.b.ins().fadd(a, b)
-                                };
-                                let t1 = one_minus_sq(e, ty, tc);
-                                let t2 = e.b.ins().fmul(dsh, o);
-                                let dcv = e.b.ins().fma(t2, t1, dsc);
-                                let sig_d = |e: &mut Emit, v: Value| {
-                                    let om = e.b.ins().fsub(one, v);
-                                    e.b.ins().fmul(v, om)
-                                };
-                                let di = e.b.ins().fmul(dcv, gg);
-                                let si_ = sig_d(e, i);
-                                let di = e.b.ins().fmul(di, si_);
-                                let df = e.b.ins().fmul(dcv, cp);
-                                let sf = sig_d(e, f);
-                                let df = e.b.ins().fmul(df, sf);
-                                let dg = e.b.ins().fmul(dcv, i);
-                                let tg = one_minus_sq(e, ty, gg);
-                                let dg = e.b.ins().fmul(dg, tg);
-                                let dov = e.b.ins().fmul(dsh, tc);
-                                let so = sig_d(e, o);
-                                let dov = e.b.ins().fmul(dov, so);
-                                for (k, v) in [di, df, dg, dov].into_iter().enumerate() {
-                                    put(e, k, v, v);
-                                }
-                                let dcp = e.b.ins().fmul(dcv, f);
-                                e.store(dc, hi_, dcp);
-                            }
-                        }
-                    });
-                });
-                // dh (carried to the step before) = dgh·W_hh (+ the GRU's direct part).
-                project(e, &mm);
-            });
-            // The initial state's gradient.
-            e.for_dynamic(r0, r1, |e, r| {
-                let from = e.b.ins().imul_imm_s(r, d.h as i64);
-                let to = e.b.ins().imul_imm_s(r, s as i64);
-                let to = e.b.ins().iadd_imm_s(to, lay.dh0 as i64);
-                super::kernels::copy(e, dh, from, out, to, d.h);
-                if d.cell == Cell::Lstm {
-                    let to = e.b.ins().iadd_imm_s(to, d.h as i64);
-                    super::kernels::copy(e, dc, from, out, to, d.h);
-                }
-            });
+            backward_loop(e, &lp, (xp, gh, hprev, dhs))
         }
         _ => return Err("not a recurrent op".into()),
     }
     Ok(())
+}
+
+/// What both time loops share: the node, its sizes and scratch slots (`layout`), the batch rows
+/// `r0..r1` this call covers (`rows`) and its work units (`units`), the wide core.
+struct Loop<'a> {
+    g: &'a Graph,
+    plan: &'a Plan,
+    id: NodeId,
+    d: Dims,
+    out: usize,
+    slots: [usize; 5],
+    rows: (Value, Value),
+    units: (Value, Value),
+    core: Option<wide::Core<'a>>,
+}
+
+impl Loop<'_> {
+    fn at(&self, x: NodeId) -> usize {
+        self.plan.node[x.index()]
+    }
+
+    /// The per-step projection of the rows, with the fused epilogue.
+    fn project(&self, e: &mut Emit, mm: &Mm) {
+        match self.core {
+            Some((f, call, addr)) => wide::emit_row_units(e, f, (call, addr), self.units, mm.epilogue, false),
+            None => matmul::emit_rows(e, mm, self.rows),
+        }
+    }
+}
+
+/// The forward time loop: per step, the state's projection (`h·W_hhᵀ + b_hh`, saved for the
+/// backward pass when it reads it) and the cell's gates, from `h0`.
+fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option<NodeId>)) {
+    let (g, id, d, out) = (lp.g, lp.id, lp.d, lp.out);
+    let at = |x: NodeId| lp.at(x);
+    let project = |e: &mut Emit, mm: &Mm| lp.project(e, mm);
+    let [packed, s1, s2, s3, _] = lp.slots;
+    let (r0, r1) = lp.rows;
+    let (h, c, gh) = (s1, s2, s3);
+    let saved = saved_projections(g, id).map(at);
+    let s = d.s();
+    // The running state starts at h0.
+    e.for_dynamic(r0, r1, |e, r| {
+        let from = e.b.ins().imul_imm_s(r, s as i64);
+        let to = e.b.ins().imul_imm_s(r, d.h as i64);
+        super::kernels::copy(e, at(h0), from, h, to, d.h);
+        if d.cell == Cell::Lstm {
+            let from = e.b.ins().iadd_imm_s(from, d.h as i64);
+            super::kernels::copy(e, at(h0), from, c, to, d.h);
+        }
+    });
+    let ep: Vec<EpOp> = b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect();
+    let mm = Mm {
+        m: d.b,
+        n: d.gh(),
+        k: d.h,
+        a: h,
+        ta: false,
+        packed,
+        c: gh,
+        tc: false,
+        epilogue: &ep,
+        stable: false,
+    };
+    e.for_range(0, d.t as i64, 1, |e, t| {
+        project(e, &mm);
+        e.for_dynamic(r0, r1, |e, r| {
+            let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
+            // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh
+            // (saved, when the backward reads them, at the projection's own index).
+            let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
+                let i = gate_index(e, d, xrow, j, k);
+                let x = e.load(ty, at(xp), i);
+                let gi = gate_index(e, d, grow, j, k);
+                let y = e.load(ty, gh, gi);
+                if let Some(saved) = saved {
+                    e.store(saved, i, y);
+                }
+                (x, y, gi)
+            };
+            // The first pass: the gates that need only their own projections, each
+            // written over its projection in `gh`.
+            independent_gates(e, d, |e, ty, j, k| {
+                let (x, y, gi) = gate(e, ty, j, k);
+                let a = gate_activation(e, ty, d.cell, k, x, y);
+                e.store(gh, gi, a);
+            });
+            e.elementwise(d.h, |e, ty, j| {
+                let hi_ = e.b.ins().iadd(hrow, j);
+                let oi = e.b.ins().iadd(orow, j);
+                let a = activations(
+                    e,
+                    ty,
+                    d.cell,
+                    |e, k| {
+                        let (x, y, _) = gate(e, ty, j, k);
+                        (x, y)
+                    },
+                    |e, k| {
+                        let gi = gate_index(e, d, grow, j, k);
+                        e.load(ty, gh, gi)
+                    },
+                );
+                match d.cell {
+                    Cell::Rnn => {
+                        e.store(h, hi_, a[0]);
+                        e.store(out, oi, a[0]);
+                    }
+                    Cell::Gru => {
+                        let (z, n) = (a[1], a[2]);
+                        let hp = e.load(ty, h, hi_);
+                        // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
+                        let diff = e.b.ins().fsub(hp, n);
+                        let hn = e.b.ins().fma(z, diff, n);
+                        e.store(h, hi_, hn);
+                        e.store(out, oi, hn);
+                    }
+                    Cell::Lstm => {
+                        let cp = e.load(ty, c, hi_);
+                        let (cn, tc) = lstm_cell(e, ty, &a, cp);
+                        let hn = e.b.ins().fmul(a[3], tc);
+                        e.store(h, hi_, hn);
+                        e.store(c, hi_, cn);
+                        e.store(out, oi, hn);
+                        let oc = e.b.ins().iadd_imm_s(oi, d.h as i64);
+                        e.store(out, oc, cn);
+                    }
+                }
+            });
+        });
+    });
+}
+
+/// Backpropagation through time, last step first: the gates' gradients per step, the state's
+/// gradient through `W_hh` (the projection), and the initial state's gradient at the end.
+fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId, NodeId, NodeId)) {
+    let (d, out) = (lp.d, lp.out);
+    let at = |x: NodeId| lp.at(x);
+    let project = |e: &mut Emit, mm: &Mm| lp.project(e, mm);
+    let [packed, s1, s2, s3, s4] = lp.slots;
+    let (r0, r1) = lp.rows;
+    let (dh, dc, direct, dgh) = (s1, s2, s3, s4);
+    let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
+    let s = d.s();
+    e.for_dynamic(r0, r1, |e, r| {
+        let row = e.b.ins().imul_imm_s(r, d.h as i64);
+        e.elementwise(d.h, |e, ty, j| {
+            let i = e.b.ins().iadd(row, j);
+            let z = e.fconst(ty, 0.0);
+            e.store(dh, i, z);
+            e.store(dc, i, z);
+            e.store(direct, i, z);
+        });
+    });
+    let ep = [EpOp::Binary(BinaryFn::Add, direct, true)];
+    let ep: &[EpOp] = if d.cell == Cell::Gru { &ep } else { &[] };
+    let mm = Mm {
+        m: d.b,
+        n: d.h,
+        k: d.gh(),
+        a: dgh,
+        ta: false,
+        packed,
+        c: dh,
+        tc: false,
+        epilogue: ep,
+        stable: false,
+    };
+    e.for_range(0, d.t as i64, 1, |e, back| {
+        let last = e.i64(d.t as i64 - 1);
+        let t = e.b.ins().isub(last, back);
+        e.for_dynamic(r0, r1, |e, r| {
+            let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
+            // The first pass: the gates that need only their own projections, kept
+            // in this step's `dgh` slots until the second pass overwrites them.
+            independent_gates(e, d, |e, ty, j, k| {
+                let i = gate_index(e, d, xrow, j, k);
+                let x = e.load(ty, at(xp), i);
+                let y = e.load(ty, at(gh), i);
+                let a = gate_activation(e, ty, d.cell, k, x, y);
+                let gi = gate_index(e, d, grow, j, k);
+                e.store(dgh, gi, a);
+            });
+            e.elementwise(d.h, |e, ty, j| {
+                let idx = |e: &mut Emit, row: Value, k: usize| gate_index(e, d, row, j, k);
+                let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
+                let gi: Vec<Value> = (0..d.g).map(|k| idx(e, grow, k)).collect();
+                let hi_ = idx(e, hrow, 0);
+                let si = idx(e, srow, 0);
+                let dsh = {
+                    let a = e.load(ty, at(dhs), si);
+                    let b = e.load(ty, dh, hi_);
+                    e.b.ins().fadd(a, b)
+                };
+                let one = e.fconst(ty, 1.0);
+                // Stores dgi (into the output) and dgh (into the output and the
+                // step's contiguous `dgh` scratch, the matmul's left operand).
+                let put = |e: &mut Emit, k: usize, dgi: Value, dghv: Value| {
+                    let o = e.b.ins().iadd_imm_s(xi[k], lay.dxp as i64);
+                    e.store(out, o, dgi);
+                    let o = e.b.ins().iadd_imm_s(xi[k], lay.dgh as i64);
+                    e.store(out, o, dghv);
+                    e.store(dgh, gi[k], dghv);
+                };
+                let pre = |e: &mut Emit, k: usize| {
+                    let x = e.load(ty, at(xp), xi[k]);
+                    let y = e.load(ty, at(gh), xi[k]);
+                    (x, y)
+                };
+                let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, dgh, gi[k]));
+                match d.cell {
+                    Cell::Rnn => {
+                        let d1 = one_minus_sq(e, ty, a[0]);
+                        let da = e.b.ins().fmul(dsh, d1);
+                        put(e, 0, da, da);
+                    }
+                    Cell::Gru => {
+                        let (rr, z, n, yn) = (a[0], a[1], a[2], a[3]);
+                        let hp = e.load(ty, at(hprev), si);
+                        // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
+                        // dr = dn·gh_n·r(1-r); direct = ds·z.
+                        let omz = e.b.ins().fsub(one, z);
+                        let dn = e.b.ins().fmul(dsh, omz);
+                        let t1 = one_minus_sq(e, ty, n);
+                        let dn = e.b.ins().fmul(dn, t1);
+                        let diff = e.b.ins().fsub(hp, n);
+                        let dz = e.b.ins().fmul(dsh, diff);
+                        let zz = e.b.ins().fmul(z, omz);
+                        let dz = e.b.ins().fmul(dz, zz);
+                        let omr = e.b.ins().fsub(one, rr);
+                        let rr1 = e.b.ins().fmul(rr, omr);
+                        let dr = e.b.ins().fmul(dn, yn);
+                        let dr = e.b.ins().fmul(dr, rr1);
+                        put(e, 0, dr, dr);
+                        put(e, 1, dz, dz);
+                        let dnr = e.b.ins().fmul(dn, rr);
+                        put(e, 2, dn, dnr);
+                        let dir = e.b.ins().fmul(dsh, z);
+                        e.store(direct, hi_, dir);
+                    }
+                    Cell::Lstm => {
+                        let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
+                        let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
+                        let cp = e.load(ty, at(hprev), ci);
+                        let (_, tc) = lstm_cell(e, ty, &a, cp);
+                        // dc = ds_c + ds_h·o·(1-tanh²c).
+                        let dsc = {
+                            let a = e.load(ty, at(dhs), ci);
+                            let b = e.load(ty, dc, hi_);
+                            e.b.ins().fadd(a, b)
+                        };
+                        let t1 = one_minus_sq(e, ty, tc);
+                        let t2 = e.b.ins().fmul(dsh, o);
+                        let dcv = e.b.ins().fma(t2, t1, dsc);
+                        let sig_d = |e: &mut Emit, v: Value| {
+                            let om = e.b.ins().fsub(one, v);
+                            e.b.ins().fmul(v, om)
+                        };
+                        let di = e.b.ins().fmul(dcv, gg);
+                        let si_ = sig_d(e, i);
+                        let di = e.b.ins().fmul(di, si_);
+                        let df = e.b.ins().fmul(dcv, cp);
+                        let sf = sig_d(e, f);
+                        let df = e.b.ins().fmul(df, sf);
+                        let dg = e.b.ins().fmul(dcv, i);
+                        let tg = one_minus_sq(e, ty, gg);
+                        let dg = e.b.ins().fmul(dg, tg);
+                        let dov = e.b.ins().fmul(dsh, tc);
+                        let so = sig_d(e, o);
+                        let dov = e.b.ins().fmul(dov, so);
+                        for (k, v) in [di, df, dg, dov].into_iter().enumerate() {
+                            put(e, k, v, v);
+                        }
+                        let dcp = e.b.ins().fmul(dcv, f);
+                        e.store(dc, hi_, dcp);
+                    }
+                }
+            });
+        });
+        // dh (carried to the step before) = dgh·W_hh (+ the GRU's direct part).
+        project(e, &mm);
+    });
+    // The initial state's gradient.
+    e.for_dynamic(r0, r1, |e, r| {
+        let from = e.b.ins().imul_imm_s(r, d.h as i64);
+        let to = e.b.ins().imul_imm_s(r, s as i64);
+        let to = e.b.ins().iadd_imm_s(to, lay.dh0 as i64);
+        super::kernels::copy(e, dh, from, out, to, d.h);
+        if d.cell == Cell::Lstm {
+            let to = e.b.ins().iadd_imm_s(to, d.h as i64);
+            super::kernels::copy(e, dc, from, out, to, d.h);
+        }
+    });
 }
 
 /// How many of a cell's gates need only their own projections and are computed in a first
