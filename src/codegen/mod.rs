@@ -440,62 +440,12 @@ impl Program {
         // `aec_gemm(base, call, unit)` has the kernels' signature.
         let gemm = module.declare_function("aec_gemm", Linkage::Import, &sig).map_err(|e| e.to_string())?;
         // The matmuls that run on the wide core, each with its call (index by group).
-        let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
-        for (gi, grp) in groups.iter().enumerate() {
-            if let fuse::Group::Single(id) = grp
-                && wide_isa.is_some()
-                && scratch_bytes(g, *id, false) > 0
-            {
-                // A family's call into the core (a recurrent loop's per-step projection, a
-                // dense conv2d's matmul).
-                let scratch = plan.scratch_of(*id)?;
-                let call = family::of(g, *id)
-                    .and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, &plan, *id, scratch));
-                if let Some(call) = call {
-                    if call.extent() > plan.size {
-                        return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
-                    }
-                    calls[gi] = Some(Box::new(call));
-                }
-                continue;
-            }
-            let fuse::Group::MatMul { mm, .. } = grp else { continue };
-            let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else { continue };
-            let Some((m, n, k)) = matmul::dims(g, *mm) else { continue };
-            if is_wide(*mm) {
-                let out = plan.node[grp.result().index()];
-                let call =
-                    wide::Call::new((m, n, k), (plan.node[a.index()], ta), (plan.node[rhs.index()], tb), out);
-                if call.extent() > plan.size {
-                    return Err(format!("the wide matmul of %{} reaches past the arena", mm.0));
-                }
-                calls[gi] = Some(Box::new(call));
-            }
-        }
+        let calls = wide_calls(g, &groups, &plan, wide_isa.is_some(), &is_wide)?;
         let mut fctx = FunctionBuilderContext::new();
         let mut funcs = Vec::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
-        // A fused matmul is two kernels: packing B, then the compute kernel that splits by rows
-        // and applies the fused ops as it stores.
-        let mut work: Vec<(usize, Piece)> = Vec::new();
-        for (gi, grp) in groups.iter().enumerate() {
-            match grp {
-                // The wide core packs its operands itself.
-                fuse::Group::MatMul { .. } if calls[gi].is_some() => work.push((gi, Piece::Main)),
-                fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
-                fuse::Group::Single(id) => match family::of(g, *id) {
-                    Some((family, parts)) => work.extend(
-                        (0..parts.names.len())
-                            .map(|k| (gi, Piece::Part { family, k, main: k == parts.main })),
-                    ),
-                    None => work.push((gi, Piece::Main)),
-                },
-                fuse::Group::Chain(_) | fuse::Group::LossPair { .. } | fuse::Group::Updates(_) => {
-                    work.push((gi, Piece::Main))
-                }
-            }
-        }
+        let work = work_list(g, &groups, &calls);
         // A program of very many kernels is refused before any is emitted, in milliseconds:
         // each costs a fraction of a millisecond to build and compile, whatever its size.
         if work.len() > MAX_KERNELS {
@@ -510,23 +460,7 @@ impl Program {
         let mut total_insts = 0usize;
         for &(gi, piece) in &work {
             let grp = &groups[gi];
-            let head = grp.head();
-            let pack = piece == Piece::Pack;
-            let name = match (grp, piece) {
-                (_, Piece::Pack) => format!("k{}_pack", head.0),
-                (_, Piece::Part { k, .. }) => {
-                    let part = family::of(g, head).map_or("", |(_, parts)| parts.names[k]);
-                    format!("k{}_{}_{part}", head.0, g.node(head).op.mnemonic())
-                }
-                (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
-                (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
-                    if grp.nodes().len() > 1 =>
-                {
-                    let ops: Vec<&str> = grp.nodes().iter().map(|n| g.node(*n).op.mnemonic()).collect();
-                    format!("k{}_{}", head.0, ops.join("_"))
-                }
-                _ => format!("k{}_{}", head.0, g.node(head).op.mnemonic()),
-            };
+            let name = kernel_name(g, grp, piece);
             let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
             let mut func = Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
             let frontend = module.target_config();
@@ -545,38 +479,7 @@ impl Program {
                     let f = module.declare_func_in_func(gemm, e.b.func);
                     (f, call, call as *const wide::Call as i64)
                 });
-                match grp {
-                    fuse::Group::MatMul { mm, chain } => {
-                        let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
-                            return Err("a matmul group without a matmul".into());
-                        };
-                        if let Some((f, call, addr)) = core {
-                            let ep = matmul::epilogue(g, &plan, *mm, chain);
-                            wide::emit(&mut e, f, call, addr, (lo, hi), &ep);
-                        } else if pack {
-                            let scratch = plan.scratch_of(*mm)?;
-                            matmul::emit_pack(&mut e, g, &plan, *mm, (rhs, tb), scratch, (lo, hi));
-                        } else {
-                            let scratch = plan.scratch_of(*mm)?;
-                            let ep = matmul::epilogue(g, &plan, *mm, chain);
-                            let out = plan.node[grp.result().index()];
-                            matmul::emit(&mut e, g, &plan, *mm, (a, ta), scratch, (lo, hi), (out, &ep));
-                        }
-                    }
-                    fuse::Group::Updates(ids) => kernels::updates(&mut e, g, &plan, ids, (lo, hi))?,
-                    fuse::Group::Chain(ids) => kernels::chain(&mut e, g, &plan, ids, (lo, hi))?,
-                    fuse::Group::LossPair { loss, grad, chain } => {
-                        kernels::loss_pair(&mut e, g, &plan, *loss, *grad, chain)?
-                    }
-                    fuse::Group::Single(id) => match piece {
-                        Piece::Part { family, k, .. } => {
-                            let scratch = plan.scratch_of(*id)?;
-                            let emit = family::FAMILIES[family].emit;
-                            emit(&mut e, g, &plan, *id, k, scratch, (lo, hi), core)?;
-                        }
-                        _ => kernels::emit(&mut e, g, &plan, *id, (lo, hi))?,
-                    },
-                }
+                emit_kernel(&mut e, g, &plan, grp, piece, core, (lo, hi))?;
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
                 b.finalize(frontend);
@@ -598,23 +501,7 @@ impl Program {
                 ));
             }
             funcs.push((fid, name.clone(), func));
-            let (units, work) = match (grp, piece) {
-                (fuse::Group::MatMul { mm, .. }, Piece::Main) if calls[gi].is_some() => {
-                    let units = calls[gi].as_ref().map_or(1, |c| c.unit_count());
-                    (units, matmul::dims(g, *mm).map_or(0, |(m, n, k)| m * n * k))
-                }
-                (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
-                    matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
-                }
-                (_, Piece::Pack) => (1, 0),
-                (_, Piece::Part { family, k, .. }) => {
-                    (family::FAMILIES[family].units)(g, head, k, calls[gi].as_deref())
-                }
-                (fuse::Group::Updates(ids), _) => {
-                    ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-                }
-                _ => kernels::units(g, head),
-            };
+            let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
             ids.push((gi, piece, fid, units, work, name));
         }
         for Compiled { fid, alignment, bytes, relocs } in compile_all(module.isa(), funcs)? {
@@ -996,6 +883,159 @@ impl Program {
 
     pub fn output(&self, name: &str) -> Option<Buf> {
         self.graph.output(name).map(|id| self.value(id))
+    }
+}
+
+/// The wide core's call of each group that uses it (by group): a large fused matmul, or a
+/// kernel family's (`wide_available`: this machine has the core and the path is not off).
+fn wide_calls(
+    g: &Graph,
+    groups: &[fuse::Group],
+    plan: &plan::Plan,
+    wide_available: bool,
+    is_wide: &dyn Fn(NodeId) -> bool,
+) -> Result<Vec<Option<Box<wide::Call>>>, String> {
+    let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
+    for (gi, grp) in groups.iter().enumerate() {
+        if let fuse::Group::Single(id) = grp
+            && wide_available
+            && scratch_bytes(g, *id, false) > 0
+        {
+            // A family's call into the core (a recurrent loop's per-step projection, a
+            // dense conv2d's matmul).
+            let scratch = plan.scratch_of(*id)?;
+            let call =
+                family::of(g, *id).and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch));
+            if let Some(call) = call {
+                if call.extent() > plan.size {
+                    return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
+                }
+                calls[gi] = Some(Box::new(call));
+            }
+            continue;
+        }
+        let fuse::Group::MatMul { mm, .. } = grp else { continue };
+        let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else { continue };
+        let Some((m, n, k)) = matmul::dims(g, *mm) else { continue };
+        if is_wide(*mm) {
+            let out = plan.node[grp.result().index()];
+            let call =
+                wide::Call::new((m, n, k), (plan.node[a.index()], ta), (plan.node[rhs.index()], tb), out);
+            if call.extent() > plan.size {
+                return Err(format!("the wide matmul of %{} reaches past the arena", mm.0));
+            }
+            calls[gi] = Some(Box::new(call));
+        }
+    }
+    Ok(calls)
+}
+
+/// The kernels of a step in order, by group: a fused matmul is two kernels, packing B and then
+/// the compute kernel that splits by rows and applies the fused ops as it stores (one on the
+/// wide core, which packs its operands itself); a family's node its parts; any other group one.
+fn work_list(g: &Graph, groups: &[fuse::Group], calls: &[Option<Box<wide::Call>>]) -> Vec<(usize, Piece)> {
+    let mut work: Vec<(usize, Piece)> = Vec::new();
+    for (gi, grp) in groups.iter().enumerate() {
+        match grp {
+            // The wide core packs its operands itself.
+            fuse::Group::MatMul { .. } if calls[gi].is_some() => work.push((gi, Piece::Main)),
+            fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
+            fuse::Group::Single(id) => match family::of(g, *id) {
+                Some((family, parts)) => work.extend(
+                    (0..parts.names.len()).map(|k| (gi, Piece::Part { family, k, main: k == parts.main })),
+                ),
+                None => work.push((gi, Piece::Main)),
+            },
+            fuse::Group::Chain(_) | fuse::Group::LossPair { .. } | fuse::Group::Updates(_) => {
+                work.push((gi, Piece::Main))
+            }
+        }
+    }
+    work
+}
+
+/// A kernel's function name (as `--emit clif` and `aec bench --profile` show it).
+fn kernel_name(g: &Graph, grp: &fuse::Group, piece: Piece) -> String {
+    let head = grp.head();
+    match (grp, piece) {
+        (_, Piece::Pack) => format!("k{}_pack", head.0),
+        (_, Piece::Part { k, .. }) => {
+            let part = family::of(g, head).map_or("", |(_, parts)| parts.names[k]);
+            format!("k{}_{}_{part}", head.0, g.node(head).op.mnemonic())
+        }
+        (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
+        (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
+            if grp.nodes().len() > 1 =>
+        {
+            let ops: Vec<&str> = grp.nodes().iter().map(|n| g.node(*n).op.mnemonic()).collect();
+            format!("k{}_{}", head.0, ops.join("_"))
+        }
+        _ => format!("k{}_{}", head.0, g.node(head).op.mnemonic()),
+    }
+}
+
+/// Emits the body of one kernel: part `piece` of group `grp`, over work units `range`, with the
+/// wide core's call imported when the group has one.
+fn emit_kernel(
+    e: &mut emit::Emit,
+    g: &Graph,
+    plan: &plan::Plan,
+    grp: &fuse::Group,
+    piece: Piece,
+    core: Option<wide::Core>,
+    range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
+) -> Result<(), String> {
+    match grp {
+        fuse::Group::MatMul { mm, chain } => {
+            let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else {
+                return Err("a matmul group without a matmul".into());
+            };
+            if let Some((f, call, addr)) = core {
+                let ep = matmul::epilogue(g, plan, *mm, chain);
+                wide::emit(e, f, call, addr, range, &ep);
+            } else if piece == Piece::Pack {
+                let scratch = plan.scratch_of(*mm)?;
+                matmul::emit_pack(e, g, plan, *mm, (rhs, tb), scratch, range);
+            } else {
+                let scratch = plan.scratch_of(*mm)?;
+                let ep = matmul::epilogue(g, plan, *mm, chain);
+                let out = plan.node[grp.result().index()];
+                matmul::emit(e, g, plan, *mm, (a, ta), scratch, range, (out, &ep));
+            }
+        }
+        fuse::Group::Updates(ids) => kernels::updates(e, g, plan, ids, range)?,
+        fuse::Group::Chain(ids) => kernels::chain(e, g, plan, ids, range)?,
+        fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
+        fuse::Group::Single(id) => match piece {
+            Piece::Part { family, k, .. } => {
+                let scratch = plan.scratch_of(*id)?;
+                let emit = family::FAMILIES[family].emit;
+                emit(e, g, plan, *id, k, scratch, range, core)?;
+            }
+            _ => kernels::emit(e, g, plan, *id, range)?,
+        },
+    }
+    Ok(())
+}
+
+/// Work units `lo..hi` of a kernel ranges over, and its rough work (multiply-adds where it
+/// computes a product), deciding whether splitting it across threads pays.
+fn kernel_units(g: &Graph, grp: &fuse::Group, piece: Piece, call: Option<&wide::Call>) -> (usize, usize) {
+    let head = grp.head();
+    match (grp, piece) {
+        (fuse::Group::MatMul { mm, .. }, Piece::Main) if call.is_some() => {
+            let units = call.map_or(1, wide::Call::unit_count);
+            (units, matmul::dims(g, *mm).map_or(0, |(m, n, k)| m * n * k))
+        }
+        (fuse::Group::MatMul { mm, .. }, Piece::Pack) => {
+            matmul::dims(g, *mm).map_or((1, 0), |(_, n, k)| matmul::pack_units(k, n))
+        }
+        (_, Piece::Pack) => (1, 0),
+        (_, Piece::Part { family, k, .. }) => (family::FAMILIES[family].units)(g, head, k, call),
+        (fuse::Group::Updates(ids), _) => {
+            ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        }
+        _ => kernels::units(g, head),
     }
 }
 
