@@ -252,12 +252,13 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
         .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
     // A save made inside greedy pretraining (`--stop-at` in a stage) holds the stage's own
     // decoder, and the model's decoder is not trained yet.
-    if let Some(stage) = st
+    // (It keeps the decoders of the stages before it too: the stage is the last one.)
+    let stage = st
         .names()
         .into_iter()
-        .filter_map(|n| n.strip_prefix("pretrain."))
-        .find_map(|n| n.split('.').next().and_then(|k| k.parse::<usize>().ok()))
-    {
+        .filter_map(|n| n.strip_prefix("pretrain.")?.split('.').next()?.parse::<usize>().ok())
+        .max();
+    if let Some(stage) = stage {
         return Err(format!(
             "{} was saved during stage {stage} of greedy pretraining: it holds that stage's own \
              decoder (`pretrain.{stage}.*`), not the model's, which is not trained yet. Finish the \
