@@ -34,7 +34,7 @@ pub const FAMILY: Family = Family {
     scratch_bytes,
     wide_call,
     units: family_units,
-    emit: family_emit,
+    emit,
     describe: family_describe,
 };
 
@@ -65,20 +65,6 @@ fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize,
         }
         Part::Finish => finish_units(g, id),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn family_emit(
-    e: &mut Emit,
-    g: &Graph,
-    plan: &Plan,
-    id: NodeId,
-    k: usize,
-    scratch: usize,
-    range: (Value, Value),
-    core: Option<wide::Core>,
-) -> Result<(), String> {
-    emit(e, g, plan, id, PARTS[k], scratch, range, core)
 }
 
 fn family_describe(g: &Graph, id: NodeId, k: usize, wide: bool) -> String {
@@ -242,19 +228,20 @@ fn prep_text(op: &Op) -> &'static str {
     }
 }
 
-/// Emits one part of conv-family node `id`; a dense conv2d's matmul on the wide `core` when
-/// there is one ([`wide_call`]).
+/// Emits part `index` (of [`PARTS`]) of conv-family node `id`; a dense conv2d's matmul on the
+/// wide `core` when there is one ([`wide_call`]).
 #[allow(clippy::too_many_arguments)]
 fn emit(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,
     id: NodeId,
-    part: Part,
+    index: usize,
     scratch: usize,
     range: (Value, Value),
     core: Option<wide::Core>,
 ) -> Result<(), String> {
+    let part = PARTS[index];
     if sparse::parts(g, id).is_some() {
         return sparse::emit(e, g, plan, id, part == Part::Compute, scratch, range);
     }

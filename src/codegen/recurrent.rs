@@ -27,7 +27,7 @@ pub const FAMILY: Family = Family {
     scratch_bytes,
     wide_call: family_wide_call,
     units: family_units,
-    emit: family_emit,
+    emit,
     describe: |_, id, _, _| format!("pack w_hh of %{} into panels", id.0),
 };
 
@@ -57,20 +57,6 @@ fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize,
             (call.map_or(units, Call::unit_count), work)
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn family_emit(
-    e: &mut Emit,
-    g: &Graph,
-    plan: &Plan,
-    id: NodeId,
-    k: usize,
-    scratch: usize,
-    range: (Value, Value),
-    core: Option<wide::Core>,
-) -> Result<(), String> {
-    emit(e, g, plan, id, PARTS[k], scratch, range, core)
 }
 
 /// Sizes of a recurrent op: batch, steps, hidden, gates.
@@ -210,19 +196,20 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call>
     }
 }
 
-/// Emits one part of recurrent node `id`; the loop covers batch rows `lo..hi` (units of
-/// [`wide::ROW_UNIT`] rows with the wide `core`).
+/// Emits part `index` (of [`PARTS`]) of recurrent node `id`; the loop covers batch rows
+/// `lo..hi` (units of [`wide::ROW_UNIT`] rows with the wide `core`).
 #[allow(clippy::too_many_arguments)]
 fn emit(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,
     id: NodeId,
-    part: Part,
+    index: usize,
     scratch: usize,
     (lo, hi): (Value, Value),
     core: Option<wide::Core>,
 ) -> Result<(), String> {
+    let part = PARTS[index];
     let d = dims(g, id).ok_or("not a recurrent op")?;
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
