@@ -66,11 +66,6 @@ pub fn default_budget() -> Budget {
         .unwrap_or(Budget { bytes: 8 << 30, source: "8 GiB (this machine does not say how much it has)" })
 }
 
-/// The budget when none is set, in bytes.
-pub fn default_limit() -> u64 {
-    default_budget().bytes
-}
-
 /// The memory limit of this process's cgroup, if it has one: v2's `memory.max`, else v1's
 /// `memory.limit_in_bytes` (whose "no limit" is a huge number, left out).
 fn cgroup_limit() -> Option<u64> {
@@ -108,9 +103,14 @@ fn self_status_kib(key: &str) -> Option<u64> {
 
 /// The budget in force.
 pub fn limit() -> u64 {
+    budget().bytes
+}
+
+/// The budget in force and what set it.
+fn budget() -> Budget {
     match LIMIT.load(Ordering::Relaxed) {
-        0 => default_limit(),
-        n => n,
+        0 => default_budget(),
+        bytes => Budget { bytes, source: "set by --memory-limit" },
     }
 }
 
@@ -122,18 +122,16 @@ pub fn set_limit(bytes: u64) {
 /// `Ok` when `bytes` (`None`: the size overflows) fit in the budget; else a message saying
 /// that `what` needs that much and how to `shrink` it.
 pub fn check(what: &str, bytes: Option<u64>, shrink: &str) -> Result<(), String> {
-    let budget = limit();
+    // Computed once: the address-space limit's share changes as the process maps memory.
+    let budget = budget();
+    let set_by = if LIMIT.load(Ordering::Relaxed) == 0 { "; --memory-limit sets another" } else { "" };
     match bytes {
-        Some(b) if b <= budget => Ok(()),
+        Some(b) if b <= budget.bytes => Ok(()),
         b => Err(format!(
-            "{what} needs {}, over the memory budget of {} ({}); {shrink}",
+            "{what} needs {}, over the memory budget of {} ({}{set_by}); {shrink}",
             b.map_or("more bytes than a 64-bit size holds".to_owned(), human),
-            human(budget),
-            if LIMIT.load(Ordering::Relaxed) == 0 {
-                format!("{}; --memory-limit sets another", default_budget().source)
-            } else {
-                "set by --memory-limit".to_owned()
-            }
+            human(budget.bytes),
+            budget.source
         )),
     }
 }

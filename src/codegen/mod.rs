@@ -66,12 +66,13 @@ struct Kernel {
 enum Piece {
     Pack,
     Main,
-    /// Part `k` of the node's family (`family`, an index into [`family::FAMILIES`]); `main`
-    /// for the part that computes.
+    /// Part `k` of the node's family (`family`, an index into [`family::FAMILIES`]), by its
+    /// `name`; `main` for the part that computes.
     Part {
         family: usize,
         k: usize,
         main: bool,
+        name: &'static str,
     },
 }
 
@@ -942,7 +943,11 @@ fn work_list(g: &Graph, groups: &[fuse::Group], calls: &[Option<Box<wide::Call>>
             fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
             fuse::Group::Single(id) => match family::of(g, *id) {
                 Some((family, parts)) => work.extend(
-                    (0..parts.names.len()).map(|k| (gi, Piece::Part { family, k, main: k == parts.main })),
+                    parts
+                        .names
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &name)| (gi, Piece::Part { family, k, main: k == parts.main, name })),
                 ),
                 None => work.push((gi, Piece::Main)),
             },
@@ -959,10 +964,7 @@ fn kernel_name(g: &Graph, grp: &fuse::Group, piece: Piece) -> String {
     let head = grp.head();
     match (grp, piece) {
         (_, Piece::Pack) => format!("k{}_pack", head.0),
-        (_, Piece::Part { k, .. }) => {
-            let part = family::of(g, head).map_or("", |(_, parts)| parts.names[k]);
-            format!("k{}_{}_{part}", head.0, g.node(head).op.mnemonic())
-        }
+        (_, Piece::Part { name, .. }) => format!("k{}_{}_{name}", head.0, g.node(head).op.mnemonic()),
         (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
         (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
             if grp.nodes().len() > 1 =>
@@ -1133,7 +1135,7 @@ pub fn describe(p: &Program) -> String {
                 let _ = writeln!(out, "  pack B of %{} into panels", grp.head().0);
                 continue;
             }
-            Piece::Part { family, k: part, main: false } => {
+            Piece::Part { family, k: part, main: false, .. } => {
                 let describe = family::FAMILIES[family].describe;
                 let _ = writeln!(out, "  {}", describe(g, grp.head(), part, p.calls[k.group].is_some()));
                 continue;
