@@ -342,6 +342,59 @@ impl Ad {
                 self.acc(x, dx, y)?;
             }
 
+            // y = [a, b] along axis 1  ⇒  da, db = d's channels of each.
+            Op::Concat { a, b } => {
+                let ca = shape_of(&self.g, a)[1];
+                let cb = shape_of(&self.g, b)[1];
+                if self.wants(a) {
+                    let da = self.add(Op::SliceChannels { x: d, start: 0, len: ca }, y)?;
+                    self.acc(a, da, y)?;
+                }
+                if self.wants(b) {
+                    let db = self.add(Op::SliceChannels { x: d, start: ca, len: cb }, y)?;
+                    self.acc(b, db, y)?;
+                }
+            }
+
+            // y = x̂·γ + β, x̂ = (x − mean)/√(var + eps) with the batch's mean and variance
+            //   ⇒  dγ = Σ d·x̂,  dβ = Σ d  (per channel),
+            //      dx = γ/√(var + eps)·(d − Σd/n − x̂·Σ(d·x̂)/n)  (the statistics' own
+            //      gradients folded in, as PyTorch's `batch_norm_backward`).
+            Op::BatchNorm { x, stats, gamma, beta, eps } => {
+                let c = shape_of(&self.g, gamma)[0];
+                let sums = self.add(Op::BnSums { x, stats, dy: d, eps }, y)?;
+                if self.wants(x) {
+                    let dx = self.add(Op::BnGrad { x, stats, gamma, dy: d, sums, eps }, y)?;
+                    self.acc(x, dx, y)?;
+                }
+                if self.wants(gamma) {
+                    let dg = self.add(Op::Part { x: sums, offset: 0, shape: vec![c] }, y)?;
+                    self.acc(gamma, dg, y)?;
+                }
+                if self.wants(beta) {
+                    let db = self.add(Op::Part { x: sums, offset: c, shape: vec![c] }, y)?;
+                    self.acc(beta, db, y)?;
+                }
+            }
+
+            // y = x·scale[c] + shift[c] with fixed coefficients  ⇒  dx = d·scale[c].
+            Op::ChannelAffine { x, coeffs, axis, .. } => {
+                if self.wants(coeffs) {
+                    return Err(
+                        "no gradient rule for the coefficients of `channel_affine` (evaluation only)".into(),
+                    );
+                }
+                let dx = self.add(Op::ChannelAffine { x: d, coeffs, axis, shift: false }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
+            // y = x repeated (nearest) or interpolated (bilinear)  ⇒  dx = each output's
+            // gradient sent back to the inputs it was made of, with the same weights.
+            Op::Upsample { x, scale, bilinear } => {
+                let dx = self.add(Op::UpsampleGrad { dy: d, scale, bilinear }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
             // Integer-valued ops carry no gradient.
             Op::PoolArgmax { .. } | Op::OneHot { .. } | Op::ShiftRight { .. } => {}
 
@@ -365,7 +418,13 @@ impl Ad {
             | Op::HiddenProj { .. }
             | Op::Part { .. }
             | Op::PadLast { .. }
-            | Op::SumSteps { .. } => {
+            | Op::SumSteps { .. }
+            | Op::SliceChannels { .. }
+            | Op::BnStats { .. }
+            | Op::BnSums { .. }
+            | Op::BnGrad { .. }
+            | Op::BnCoeffs { .. }
+            | Op::UpsampleGrad { .. } => {
                 return Err(format!("no gradient rule for `{}` yet", op.mnemonic()));
             }
         }

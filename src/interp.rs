@@ -396,8 +396,179 @@ fn eval(
             update(*func, state, param.index(), f(*grad));
             Buf::F32(Vec::new())
         }
+        Op::Concat { a, b } => Buf::F32(concat(f(*a), sh(*a), f(*b), sh(*b))),
+        Op::SliceChannels { x, start, len } => {
+            let s = sh(*x);
+            let inner: usize = s[2..].iter().product();
+            let src = f(*x);
+            let mut out = Vec::with_capacity(node.ty.numel());
+            for n in 0..s[0] {
+                let row = (n * s[1] + start) * inner;
+                out.extend_from_slice(&src[row..row + len * inner]);
+            }
+            Buf::F32(out)
+        }
+        Op::BnStats { x } => Buf::F32(bn_stats(f(*x), sh(*x))),
+        Op::BatchNorm { x, stats, gamma, beta, eps } => {
+            let (s, c) = (sh(*x), sh(*x)[1]);
+            let st = f(*stats);
+            let coeffs = bn_coeffs(&st[..c], &st[c..], f(*gamma), f(*beta), *eps);
+            Buf::F32(channel_affine(f(*x), s, &coeffs, 1, true))
+        }
+        Op::BnSums { x, stats, dy, eps } => Buf::F32(bn_sums(f(*x), sh(*x), f(*stats), f(*dy), *eps)),
+        Op::BnGrad { x, stats, gamma, dy, sums, eps } => {
+            Buf::F32(bn_grad(f(*x), sh(*x), [f(*stats), f(*gamma), f(*dy), f(*sums)], *eps))
+        }
+        Op::BnCoeffs { mean, var, gamma, beta, eps } => {
+            Buf::F32(bn_coeffs(f(*mean), f(*var), f(*gamma), f(*beta), *eps))
+        }
+        Op::ChannelAffine { x, coeffs, axis, shift } => {
+            Buf::F32(channel_affine(f(*x), sh(*x), f(*coeffs), *axis, *shift))
+        }
+        Op::Upsample { x, scale, bilinear } => Buf::F32(upsample(f(*x), sh(*x), *scale, *bilinear, false)),
+        Op::UpsampleGrad { dy, scale, bilinear } => {
+            Buf::F32(upsample(f(*dy), shape, *scale, *bilinear, true))
+        }
     };
     Ok(out)
+}
+
+// ---- links, batch normalization, upsampling ----------------------------------------------------
+
+/// `[a, b]` along axis 1.
+fn concat(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize]) -> Vec<f32> {
+    let inner: usize = sa[2..].iter().product();
+    let (ra, rb) = (sa[1] * inner, sb[1] * inner);
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    for n in 0..sa[0] {
+        out.extend_from_slice(&a[n * ra..(n + 1) * ra]);
+        out.extend_from_slice(&b[n * rb..(n + 1) * rb]);
+    }
+    out
+}
+
+/// Calls `f(channel, flat index)` for every element of a `[B, C, …]` value.
+fn per_channel(s: &[usize], mut f: impl FnMut(usize, usize)) {
+    let inner: usize = s[2..].iter().product();
+    for n in 0..s[0] {
+        for c in 0..s[1] {
+            let row = (n * s[1] + c) * inner;
+            for i in row..row + inner {
+                f(c, i);
+            }
+        }
+    }
+}
+
+/// Mean and biased variance per channel, `[2, C]` (two passes, f64 sums).
+fn bn_stats(x: &[f32], s: &[usize]) -> Vec<f32> {
+    let c = s[1];
+    let count = (x.len() / c) as f64;
+    let mut sum = vec![0f64; c];
+    per_channel(s, |ch, i| sum[ch] += f64::from(x[i]));
+    let mean: Vec<f32> = sum.iter().map(|v| (v / count) as f32).collect();
+    let mut sq = vec![0f64; c];
+    per_channel(s, |ch, i| sq[ch] += (f64::from(x[i]) - f64::from(mean[ch])).powi(2));
+    mean.iter().copied().chain(sq.iter().map(|v| (v / count) as f32)).collect()
+}
+
+/// `1/√(var + eps)`, as PyTorch computes it.
+fn invstd(var: f32, eps: f32) -> f32 {
+    1.0 / (var + eps).sqrt()
+}
+
+/// Scale `γ/√(var + eps)` and shift `β − mean·scale`, `[2, C]`.
+fn bn_coeffs(mean: &[f32], var: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let scale: Vec<f32> = (0..mean.len()).map(|c| invstd(var[c], eps) * gamma[c]).collect();
+    let shift = (0..mean.len()).map(|c| beta[c] - mean[c] * scale[c]);
+    scale.clone().into_iter().chain(shift).collect()
+}
+
+/// `x · scale[c] (+ shift[c])`, `c` the index along `axis`.
+fn channel_affine(x: &[f32], s: &[usize], coeffs: &[f32], axis: usize, shift: bool) -> Vec<f32> {
+    let c = s[axis];
+    let inner: usize = s[axis + 1..].iter().product();
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / inner) % c;
+            if shift { v * coeffs[ch] + coeffs[c + ch] } else { v * coeffs[ch] }
+        })
+        .collect()
+}
+
+/// `(Σ dy·x̂, Σ dy)` per channel, `[2, C]`.
+fn bn_sums(x: &[f32], s: &[usize], stats: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
+    let c = s[1];
+    let (mut dot, mut sum) = (vec![0f64; c], vec![0f64; c]);
+    per_channel(s, |ch, i| {
+        dot[ch] += f64::from(dy[i]) * (f64::from(x[i]) - f64::from(stats[ch]));
+        sum[ch] += f64::from(dy[i]);
+    });
+    let dot = (0..c).map(|ch| (dot[ch] * f64::from(invstd(stats[c + ch], eps))) as f32);
+    dot.chain(sum.iter().map(|&v| v as f32)).collect()
+}
+
+/// `γ/√(var + eps)·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)`.
+fn bn_grad(x: &[f32], s: &[usize], [stats, gamma, dy, sums]: [&[f32]; 4], eps: f32) -> Vec<f32> {
+    let c = s[1];
+    let n = (x.len() / c) as f32;
+    let mut out = vec![0f32; x.len()];
+    per_channel(s, |ch, i| {
+        let r = invstd(stats[c + ch], eps);
+        let xhat = (x[i] - stats[ch]) * r;
+        out[i] = (dy[i] - sums[c + ch] / n - xhat * sums[ch] / n) * r * gamma[ch];
+    });
+    out
+}
+
+/// The source rows of output row `o` of an upsampling by `s` of `n` rows and their weights:
+/// nearest `(⌊o/s⌋, same, 1, 0)`; bilinear with `align_corners=False` as PyTorch's
+/// `area_pixel_compute_source_index`.
+pub fn upsample_taps(o: usize, s: usize, n: usize, bilinear: bool) -> (usize, usize, f32, f32) {
+    if !bilinear {
+        let i = (o / s).min(n - 1);
+        return (i, i, 1.0, 0.0);
+    }
+    let scale = 1.0 / s as f32;
+    let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+    let i0 = (src as usize).min(n - 1);
+    let i1 = if i0 < n - 1 { i0 + 1 } else { i0 };
+    let l1 = src - i0 as f32;
+    (i0, i1, 1.0 - l1, l1)
+}
+
+/// `nn.Upsample` of `[B, C, H, W]` (`x` and `s` the input's), or with `grad` its gradient
+/// from `x` the output's gradient onto an input of shape `s`.
+fn upsample(x: &[f32], s: &[usize], [sh, sw]: [usize; 2], bilinear: bool, grad: bool) -> Vec<f32> {
+    let (planes, h, w) = (s[0] * s[1], s[2], s[3]);
+    let (oh, ow) = (h * sh, w * sw);
+    let mut out = vec![0f32; if grad { planes * h * w } else { planes * oh * ow }];
+    let rows: Vec<_> = (0..oh).map(|o| upsample_taps(o, sh, h, bilinear)).collect();
+    let cols: Vec<_> = (0..ow).map(|o| upsample_taps(o, sw, w, bilinear)).collect();
+    for p in 0..planes {
+        let (inp, outp) = (p * h * w, p * oh * ow);
+        for (i, &(h0, h1, a0, a1)) in rows.iter().enumerate() {
+            for (j, &(w0, w1, b0, b1)) in cols.iter().enumerate() {
+                let taps = [(h0, w0, a0 * b0), (h0, w1, a0 * b1), (h1, w0, a1 * b0), (h1, w1, a1 * b1)];
+                if grad {
+                    let d = x[outp + i * ow + j];
+                    for &(r, c, wt) in &taps[..if bilinear { 4 } else { 1 }] {
+                        out[inp + r * w + c] += wt * d;
+                    }
+                } else {
+                    let v = if bilinear {
+                        a0 * (b0 * x[inp + h0 * w + w0] + b1 * x[inp + h0 * w + w1])
+                            + a1 * (b0 * x[inp + h1 * w + w0] + b1 * x[inp + h1 * w + w1])
+                    } else {
+                        x[inp + h0 * w + w0]
+                    };
+                    out[outp + i * ow + j] = v;
+                }
+            }
+        }
+    }
+    out
 }
 
 fn sigmoid(x: f32) -> f32 {

@@ -433,7 +433,11 @@ fn spec_case(name: &str) -> SpecCase {
     let g = compiled.forward.clone();
     let loss = g.output("loss").expect("loss");
     let back = autodiff::backward(&g, loss).expect("backward");
-    assert!(back.param_grads.iter().all(Option::is_some), "{name}: a parameter without gradient");
+    let trained = |p: &aec::ir::ParamDef| !matches!(p.role, ParamRole::Buffer { .. });
+    assert!(
+        back.param_grads.iter().zip(&g.params).all(|(grad, p)| grad.is_some() == trained(p)),
+        "{name}: a parameter without gradient (or a running statistic with one)"
+    );
     aec::ir::verify(&back.graph).expect("verified");
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let vars: Vec<_> = compiled.model.inputs.iter().chain(&compiled.model.targets).collect();
@@ -456,8 +460,7 @@ fn spec_case(name: &str) -> SpecCase {
     let opts = interp::Options { check_finite: false, ..interp::Options::default() };
     let values = interp::run(&back.graph, &inputs, &mut State::new(params.clone()), &opts)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let grads =
-        back.param_grads.iter().map(|id| values.get(id.expect("a gradient")).f32().to_vec()).collect();
+    let grads = back.param_grads.iter().flatten().map(|id| values.get(*id).f32().to_vec()).collect();
     SpecCase { g, params, inputs, grads }
 }
 
@@ -573,4 +576,64 @@ fn repeat_and_sequence_views() {
     let r = c.add(Op::Repeat { x, times: 4 });
     let p = c.add(Op::Unary { f: UnaryFn::Square, x: r });
     c.check(p, "repeat");
+}
+
+#[test]
+fn concat_along_channels_and_features() {
+    for (sa, sb) in
+        [(vec![2, 3, 5, 7], vec![2, 2, 5, 7]), (vec![3, 5], vec![3, 1]), (vec![1, 1, 3, 1], vec![1, 4, 3, 1])]
+    {
+        let mut c = Case::new(31);
+        let a = c.param(&sa);
+        let b = c.param(&sb);
+        let y = c.add(Op::Concat { a, b });
+        c.check(y, &format!("concat {sa:?} {sb:?}"));
+    }
+}
+
+#[test]
+fn batch_norm_in_training_over_channels_and_features() {
+    // Batch statistics: every input's gradient goes through the mean and the variance too.
+    for shape in [vec![3, 5, 13, 9], vec![2, 3, 1, 1], vec![5, 7], vec![2, 1], vec![1, 2, 3, 2]] {
+        let mut c = Case::new(32);
+        let x = c.param(&shape);
+        let ch = shape[1];
+        let gamma = c.param(&[ch]);
+        let beta = c.param(&[ch]);
+        let stats = c.add(Op::BnStats { x });
+        let y = c.add(Op::BatchNorm { x, stats, gamma, beta, eps: 1e-5 });
+        c.check(y, &format!("batch_norm {shape:?}"));
+    }
+}
+
+#[test]
+fn fixed_normalization_and_its_folding() {
+    let mut c = Case::new(33);
+    let x = c.param(&[2, 3, 4, 5]);
+    let m = c.input_f32(&[3], -1.0, 1.0);
+    let v = c.input_f32(&[3], 0.5, 2.0);
+    let gamma = c.input_f32(&[3], -1.0, 1.0);
+    let beta = c.input_f32(&[3], -1.0, 1.0);
+    let coeffs = c.add(Op::BnCoeffs { mean: m, var: v, gamma, beta, eps: 1e-5 });
+    let y = c.add(Op::ChannelAffine { x, coeffs, axis: 1, shift: true });
+    c.check(y, "channel_affine axis 1");
+    for axis in [0, 1] {
+        let mut c = Case::new(34);
+        let w = c.param(&[3, 3, 2, 2]);
+        let coeffs = c.input_f32(&[2, 3], -1.0, 1.0);
+        let y = c.add(Op::ChannelAffine { x: w, coeffs, axis, shift: false });
+        c.check(y, &format!("channel_affine axis {axis}"));
+    }
+}
+
+#[test]
+fn upsampling_nearest_and_bilinear_on_odd_sizes() {
+    for (h, w, s) in [(5, 7, [2, 2]), (13, 9, [2, 2]), (3, 4, [3, 2]), (1, 1, [2, 2]), (4, 3, [1, 3])] {
+        for bilinear in [false, true] {
+            let mut c = Case::new(35);
+            let x = c.param(&[2, 3, h, w]);
+            let y = c.add(Op::Upsample { x, scale: s, bilinear });
+            c.check(y, &format!("upsample {h}x{w} {s:?} bilinear {bilinear}"));
+        }
+    }
 }

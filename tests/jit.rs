@@ -686,3 +686,65 @@ fn overlapping_pools_with_ties_match_the_interpreter_closely() {
         assert!(worst <= 1e-6 * largest, "{threads} threads: {worst} of {largest}");
     }
 }
+
+#[test]
+fn links_batch_norm_and_upsampling_on_awkward_sizes() {
+    let srcs = [
+        // 2-D batch norm, bilinear upsampling, a strided conv back and a concatenation, on
+        // 7×5 images of 3 and 5 channels (not multiples of 4).
+        "model t { input x: [3, 7, 5]\n encoder { conv 5 k3 p1 nobias; batchnorm -> relu as e1; upsample 2 bilinear; conv 3 k3 s2 p1 }\n decoder { concat e1; deconv 3 k1 -> sigmoid }\n loss mse(x) }",
+        // 1-D batch norm with its own momentum and eps, and a residual add in the decoder.
+        "model t { input x: [13]\n encoder { dense 7 nobias; batchnorm(momentum: 0.3, eps: 1e-3) -> tanh as h; dense 5 }\n decoder { dense 7 nobias; add h; batchnorm -> relu; dense 13 -> sigmoid }\n loss mse(x) }",
+        // Nearest upsampling per axis (2×3) on 5×3 images, pooled back.
+        "model t { input x: [2, 5, 3]\n encoder { conv 3 k3 p1 -> relu as e; upsample 2x3 nearest; avgpool 2x3 }\n decoder { concat e; conv 2 k1 -> sigmoid }\n loss mse(x) }",
+        // A U-Net of the mirror on 13×9 (odd sizes: the unpools restore them).
+        "model t { input x: [1, 13, 9]\n encoder { conv 3 k3 p1 nobias; batchnorm -> relu; maxpool 2 as p1; conv 5 k3 p1 -> relu }\n decoder mirror skip concat -> sigmoid\n loss mse(x) }",
+    ];
+    for src in srcs {
+        for batch in [1, 3, 8, 13] {
+            if batch == 1 && src.contains("[13]") {
+                continue; // one value per feature: refused, as in PyTorch (tests/cli.rs)
+            }
+            let (g, f) = compile_src(src, batch);
+            same_training(&format!("{src} batch {batch}"), &g, &f, 2, 1e-4);
+        }
+        let (g, f) = compile_src(src, 5);
+        same_training_threads(&format!("{src} 2 threads"), &g, &f, 2, 1e-4, 2);
+    }
+}
+
+#[test]
+fn evaluation_folds_batch_norm_and_matches_the_interpreter() {
+    // The evaluation graph reads the running statistics, folded into the convolution before
+    // each normalization; the same graph without folding (a normalization after an activation
+    // cannot fold) and the interpreter agree with it.
+    use aec::sema::{Lowering, Mode, lower};
+    let src = "model t { input x: [2, 13, 9]\n encoder { conv 3 k3 p1 nobias; batchnorm -> relu; maxpool 2 as p1; conv 5 k3 p1 -> relu; batchnorm }\n decoder mirror skip concat -> sigmoid\n loss mse(x) }";
+    let compiled = aec::compile(src, &aec::Config { batch: Some(3) }).expect("compiles");
+    let cfg = Lowering { batch: 3, mode: Mode::Infer, denoise: false, shard_of: None };
+    let g = lower::lower(&compiled.model, &cfg).expect("lowers");
+    let folded = g
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op, aec::ir::Op::ChannelAffine { axis: 0 | 1, shift: false, .. }))
+        .count();
+    assert!(folded >= 2, "the convolutions before a normalization take it into their weights");
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let params: Vec<Vec<f32>> = g
+        .params
+        .iter()
+        .map(|d| (0..d.shape.iter().product::<usize>()).map(|_| rng.random::<f32>() + 0.1).collect())
+        .collect();
+    let inputs = random_inputs(&g, &mut rng);
+    let mut state = State::new(params);
+    let opts = interp::Options { seed: 1, step: 1, threads: 1, check_finite: true };
+    let values = interp::run(&g, &inputs, &mut state, &opts).expect("interp");
+    let mut program = Program::compile(&g, Options::default()).expect("compiles");
+    program.set_state(&state).expect("state");
+    program.run(&inputs, 1, 1).expect("runs");
+    for (name, id) in &g.outputs {
+        if let Buf::F32(a) = values.get(*id) {
+            close(&format!("evaluation {name}"), a, program.output(name).expect("output").f32(), 1e-5);
+        }
+    }
+}

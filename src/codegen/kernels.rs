@@ -358,6 +358,15 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         }
         Op::Update { .. } => return Err("updates are emitted together".into()),
         Op::Part { .. } | Op::HiddenProj { .. } => {}
+        Op::BnStats { .. }
+        | Op::BatchNorm { .. }
+        | Op::BnSums { .. }
+        | Op::BnGrad { .. }
+        | Op::BnCoeffs { .. }
+        | Op::ChannelAffine { .. } => super::norm::emit(e, g, plan, id)?,
+        Op::Concat { .. } | Op::SliceChannels { .. } | Op::Upsample { .. } | Op::UpsampleGrad { .. } => {
+            super::resample::emit(e, g, plan, id)?
+        }
         Op::Recurrent { .. } | Op::RecurrentGrad { .. } => {
             return Err("recurrent ops are emitted by `codegen::recurrent`".into());
         }
@@ -514,7 +523,7 @@ fn for_rows(e: &mut Emit, rows: usize, n: usize, mut body: impl FnMut(&mut Emit,
 }
 
 /// Σ of `term(ty, i)` over `i < n`, vector lanes then tail, as an F32.
-fn sum(e: &mut Emit, n: usize, mut term: impl FnMut(&mut Emit, Type, Value) -> Value) -> Value {
+pub(super) fn sum(e: &mut Emit, n: usize, mut term: impl FnMut(&mut Emit, Type, Value) -> Value) -> Value {
     let vacc = e.b.declare_var(F32X4);
     let sacc = e.b.declare_var(F32);
     let zv = e.fconst(F32X4, 0.0);

@@ -23,8 +23,10 @@ mod family;
 pub mod fuse;
 mod kernels;
 mod matmul;
+mod norm;
 pub mod plan;
 mod recurrent;
+mod resample;
 mod sparse;
 pub mod wide;
 

@@ -121,6 +121,14 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     for (_, id) in &g.outputs {
         last[id.index()] = n;
     }
+    // The updates run together after every other kernel (`fuse::Group::Updates`), whatever
+    // their place in the graph: a batch norm's running statistics are updated from values of
+    // the forward pass, which must live until then.
+    for id in g.ids() {
+        if let Op::Update { grad, .. } = g.node(id).op {
+            last[grad.index()] = n;
+        }
+    }
     // A reshape's bytes are its input's: the input lives as long as the reshape.
     for id in g.ids().rev() {
         if let Op::Reshape { x, .. } | Op::Part { x, .. } = g.node(id).op {

@@ -151,6 +151,16 @@ pub enum ParamRole {
     Bias,
     /// An embedding table (initialised N(0, 1), as `nn.Embedding`).
     Embedding,
+    /// A normalization's scale (`BatchNorm2d.weight`): initialised to ones, trained, and not
+    /// one of the `weights` a penalty sums over.
+    NormScale,
+    /// A normalization's shift (`BatchNorm2d.bias`): initialised to zeros, trained.
+    NormShift,
+    /// A running statistic (`running_mean`, `running_var`, `num_batches_tracked`): no
+    /// gradient, updated by the training step itself; zeros or ones at the start.
+    Buffer {
+        ones: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -364,6 +364,83 @@ pub enum Op {
         dy: NodeId,
     },
 
+    // Links across the hourglass, batch normalization and upsampling. Axis 1 is the channel
+    // axis of an image `[B, C, H, W]` and the feature axis of a vector `[B, F]`.
+    /// `a` and `b` joined along axis 1 (`torch.cat([a, b], 1)`).
+    Concat {
+        a: NodeId,
+        b: NodeId,
+    },
+    /// Channels `start..start + len` of axis 1 (the gradient of `Concat`).
+    SliceChannels {
+        x: NodeId,
+        start: usize,
+        len: usize,
+    },
+    /// Per channel of axis 1, over every other axis: `[2, C]`, the mean then the biased
+    /// variance (`Σ (x − mean)² / n`), computed in two passes as PyTorch's CPU kernel.
+    BnStats {
+        x: NodeId,
+    },
+    /// Batch normalization in training: `(x − mean)/√(var + eps)·γ + β`, per channel of axis 1,
+    /// with `stats` the batch's `BnStats`.
+    BatchNorm {
+        x: NodeId,
+        stats: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        eps: f32,
+    },
+    /// `[2, C]`: per channel `(Σ dy·x̂, Σ dy)` with `x̂ = (x − mean)/√(var + eps)`: the
+    /// gradients of `BatchNorm`'s γ and β, and what its input gradient needs.
+    BnSums {
+        x: NodeId,
+        stats: NodeId,
+        dy: NodeId,
+        eps: f32,
+    },
+    /// The input gradient of `BatchNorm`: `γ/√(var + eps)·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)`, `sums`
+    /// the `BnSums` and `n` the elements per channel.
+    BnGrad {
+        x: NodeId,
+        stats: NodeId,
+        gamma: NodeId,
+        dy: NodeId,
+        sums: NodeId,
+        eps: f32,
+    },
+    /// `[2, C]`: the scale `γ/√(var + eps)` and shift `β − mean·scale` that batch
+    /// normalization with fixed statistics (the running ones, in evaluation) applies.
+    BnCoeffs {
+        mean: NodeId,
+        var: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        eps: f32,
+    },
+    /// `x · scale[c] (+ shift[c])` with `c` the index along `axis` and `coeffs [2, C]` (scale,
+    /// shift): batch normalization in evaluation (axis 1), and its folding into a
+    /// convolution's weight (axis 0, or 1 for a transposed one; no shift) and bias (axis 0).
+    ChannelAffine {
+        x: NodeId,
+        coeffs: NodeId,
+        axis: usize,
+        shift: bool,
+    },
+    /// `[B, C, H, W] → [B, C, sh·H, sw·W]`, `nn.Upsample(scale_factor=(sh, sw))` in `nearest`
+    /// or `bilinear` mode with `align_corners=False`.
+    Upsample {
+        x: NodeId,
+        scale: [usize; 2],
+        bilinear: bool,
+    },
+    /// The gradient of `Upsample` back onto its `height × width` input.
+    UpsampleGrad {
+        dy: NodeId,
+        scale: [usize; 2],
+        bilinear: bool,
+    },
+
     /// Updates parameter `param` in place from its gradient (and the optimizer state the
     /// runtime keeps for it). Produces nothing: its type is an empty f32 scalar marker.
     Update {
@@ -422,6 +499,14 @@ impl Op {
             Loss { pred, target, .. } => vec![*pred, *target],
             LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
+            Concat { a, b } => vec![*a, *b],
+            SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => vec![*x],
+            UpsampleGrad { dy, .. } => vec![*dy],
+            BatchNorm { x, stats, gamma, beta, .. } => vec![*x, *stats, *gamma, *beta],
+            BnSums { x, stats, dy, .. } => vec![*x, *stats, *dy],
+            BnGrad { x, stats, gamma, dy, sums, .. } => vec![*x, *stats, *gamma, *dy, *sums],
+            BnCoeffs { mean, var, gamma, beta, .. } => vec![*mean, *var, *gamma, *beta],
+            ChannelAffine { x, coeffs, .. } => vec![*x, *coeffs],
         }
     }
 
@@ -527,6 +612,36 @@ impl Op {
                 *dy = f(*dy);
             }
             Update { grad, .. } => *grad = f(*grad),
+            Concat { a, b } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => *x = f(*x),
+            UpsampleGrad { dy, .. } => *dy = f(*dy),
+            BatchNorm { x, stats, gamma, beta, .. } => {
+                for o in [x, stats, gamma, beta] {
+                    *o = f(*o);
+                }
+            }
+            BnSums { x, stats, dy, .. } => {
+                for o in [x, stats, dy] {
+                    *o = f(*o);
+                }
+            }
+            BnGrad { x, stats, gamma, dy, sums, .. } => {
+                for o in [x, stats, gamma, dy, sums] {
+                    *o = f(*o);
+                }
+            }
+            BnCoeffs { mean, var, gamma, beta, .. } => {
+                for o in [mean, var, gamma, beta] {
+                    *o = f(*o);
+                }
+            }
+            ChannelAffine { x, coeffs, .. } => {
+                *x = f(*x);
+                *coeffs = f(*coeffs);
+            }
         }
     }
 
@@ -584,6 +699,18 @@ impl Op {
             Loss { .. } => "loss",
             LossGrad { .. } => "loss_grad",
             Update { .. } => "update",
+            Concat { .. } => "concat",
+            SliceChannels { .. } => "slice_channels",
+            BnStats { .. } => "bn_stats",
+            BatchNorm { .. } => "batch_norm",
+            BnSums { .. } => "bn_sums",
+            BnGrad { .. } => "bn_grad",
+            BnCoeffs { .. } => "bn_coeffs",
+            ChannelAffine { .. } => "channel_affine",
+            Upsample { bilinear: false, .. } => "upsample_nearest",
+            Upsample { bilinear: true, .. } => "upsample_bilinear",
+            UpsampleGrad { bilinear: false, .. } => "upsample_nearest_grad",
+            UpsampleGrad { bilinear: true, .. } => "upsample_bilinear_grad",
         }
     }
 
@@ -909,6 +1036,88 @@ impl Op {
                 }
                 if matches!(self, Loss { .. }) { Type::scalar() } else { Type::f32(sp.clone()) }
             }
+            Concat { a, b } => {
+                let (sa, sb) = (f32s(*a)?, f32s(*b)?);
+                if sa.len() < 2 || sa.len() != sb.len() || sa[0] != sb[0] || sa[2..] != sb[2..] {
+                    return Err(format!("concat: {sa:?} and {sb:?} differ beyond axis 1"));
+                }
+                let mut s = sa.clone();
+                s[1] += sb[1];
+                Type::f32(s)
+            }
+            SliceChannels { x, start, len } => {
+                let mut s = f32s(*x)?.clone();
+                if s.len() < 2 || start + len > s[1] || *len == 0 {
+                    return Err("slice_channels out of range".into());
+                }
+                s[1] = *len;
+                Type::f32(s)
+            }
+            BnStats { x } => {
+                let s = f32s(*x)?;
+                if s.len() < 2 {
+                    return Err("bn_stats needs rank ≥ 2".into());
+                }
+                Type::f32([2, s[1]])
+            }
+            BatchNorm { x, stats, gamma, beta, .. } => {
+                let c = channels(f32s(*x)?)?;
+                for (what, v, want) in
+                    [("stats", stats, vec![2, c]), ("γ", gamma, vec![c]), ("β", beta, vec![c])]
+                {
+                    if *f32s(*v)? != want {
+                        return Err(format!("batch_norm: {what} must be {want:?}"));
+                    }
+                }
+                Type::f32(f32s(*x)?.clone())
+            }
+            BnSums { x, stats, dy, .. } => {
+                let c = channels(f32s(*x)?)?;
+                if f32s(*dy)? != f32s(*x)? || *f32s(*stats)? != [2, c] {
+                    return Err("bn_sums: operands do not match".into());
+                }
+                Type::f32([2, c])
+            }
+            BnGrad { x, stats, gamma, dy, sums, .. } => {
+                let c = channels(f32s(*x)?)?;
+                if f32s(*dy)? != f32s(*x)?
+                    || *f32s(*stats)? != [2, c]
+                    || *f32s(*sums)? != [2, c]
+                    || *f32s(*gamma)? != [c]
+                {
+                    return Err("bn_grad: operands do not match".into());
+                }
+                Type::f32(f32s(*x)?.clone())
+            }
+            BnCoeffs { mean, var, gamma, beta, .. } => {
+                let s = f32s(*mean)?;
+                if s.len() != 1 || [var, gamma, beta].into_iter().any(|o| f32s(*o).ok() != Some(s)) {
+                    return Err("bn_coeffs: operands must be equal vectors".into());
+                }
+                Type::f32([2, s[0]])
+            }
+            ChannelAffine { x, coeffs, axis, .. } => {
+                let s = f32s(*x)?;
+                let c = *s.get(*axis).ok_or("channel_affine: axis out of range")?;
+                if *f32s(*coeffs)? != [2, c] {
+                    return Err(format!("channel_affine: coefficients must be [2, {c}]"));
+                }
+                Type::f32(s.clone())
+            }
+            Upsample { x, scale, .. } => {
+                let [b, c, h, w] = four(f32s(*x)?)?;
+                if scale.contains(&0) {
+                    return Err("upsample by 0".into());
+                }
+                Type::f32([b, c, h * scale[0], w * scale[1]])
+            }
+            UpsampleGrad { dy, scale, .. } => {
+                let [b, c, h, w] = four(f32s(*dy)?)?;
+                if scale.contains(&0) || h % scale[0] != 0 || w % scale[1] != 0 {
+                    return Err("upsample_grad: sizes are not multiples of the scale".into());
+                }
+                Type::f32([b, c, h / scale[0], w / scale[1]])
+            }
             Update { param, grad, .. } => {
                 let p = g.params.get(param.index()).ok_or("update of a missing parameter")?;
                 if f32s(*grad)? != &p.shape {
@@ -983,6 +1192,14 @@ fn two(s: &[usize]) -> Result<[usize; 2], String> {
 
 fn three(s: &[usize]) -> Result<[usize; 3], String> {
     s.try_into().map_err(|_| format!("expected rank 3, got {s:?}"))
+}
+
+/// The size of axis 1 (channels or features) of a batched value.
+fn channels(s: &[usize]) -> Result<usize, String> {
+    if s.len() < 2 {
+        return Err(format!("expected a batched value, got {s:?}"));
+    }
+    Ok(s[1])
 }
 
 fn four(s: &[usize]) -> Result<[usize; 4], String> {

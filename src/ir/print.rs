@@ -127,6 +127,16 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
         SliceLast { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
         Fill { value, .. } => format!("{m} {value}"),
+        SliceChannels { x, start, len } => format!("{m} {} start={start} len={len}", name(*x)),
+        BatchNorm { eps, .. } | BnSums { eps, .. } | BnGrad { eps, .. } | BnCoeffs { eps, .. } => {
+            format!("{m} {} eps={}", args(&op.operands()), num(*eps))
+        }
+        ChannelAffine { x, coeffs, axis, shift } => {
+            let what = if *shift { "scale+shift" } else { "scale" };
+            format!("{m} {} axis={axis} {what}", args(&[*x, *coeffs]))
+        }
+        Upsample { x, scale, .. } => format!("{m} {} scale={}", name(*x), hw(*scale)),
+        UpsampleGrad { dy, scale, .. } => format!("{m} {} scale={}", name(*dy), hw(*scale)),
         Normal { salt, .. } => format!("{m} salt={salt}"),
         Dropout { x, p, salt } => format!("{m} {} p={p} salt={salt}", name(*x)),
         DropoutGrad { dy, p, salt } => format!("{m} {} p={p} salt={salt}", name(*dy)),

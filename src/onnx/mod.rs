@@ -69,6 +69,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         nodes: Vec::new(),
         used: BTreeSet::new(),
         pools: Vec::new(),
+        named: Vec::new(),
         count: 0,
         state: None,
         step: None,
@@ -97,6 +98,17 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
                 return Err(format!(
                     "the decoder's `{}` puts values back through the encoder's pool switches: it \
                      cannot run on a code alone; export the whole model",
+                    l.layer
+                ));
+            }
+            let encoder_names: Vec<&str> =
+                m.encoder().filter_map(|l| l.layer.output_name()).map(|n| n.name.as_str()).collect();
+            if let Some(l) = m.decoder().find(
+                |l| matches!(&l.layer.kind, LayerKind::Link { from, .. } if encoder_names.contains(&from.name.as_str())),
+            ) {
+                return Err(format!(
+                    "the decoder's `{}` reads an encoder layer's output: it cannot run on a code \
+                     alone; export the whole model",
                     l.layer
                 ));
             }
@@ -239,6 +251,15 @@ fn int(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+fn string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(proto::ATTR_STRING),
+        s: Some(v.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 fn float(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -267,6 +288,8 @@ struct Builder<'a> {
     used: BTreeSet<usize>,
     /// Named max pools, for their unpools.
     pools: Vec<Pooled>,
+    /// Named layer outputs, for the links that read them.
+    named: Vec<(String, String)>,
     count: usize,
     /// The last recurrent layer's state after it (h, or h and c side by side).
     state: Option<String>,
@@ -446,14 +469,64 @@ impl Builder<'_> {
                 self.node("Gather", &[&table, x], vec![], hint)
             }
             LayerKind::Dropout { .. } => x.to_owned(),
-            LayerKind::Activation(a) => return Ok(self.activation(a.kind, x, hint)),
+            LayerKind::Link { link, from } => {
+                let other = self
+                    .named
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| *n == from.name)
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| format!("`{}` is not in this part", from.name))?;
+                match link {
+                    crate::syntax::ast::Link::Concat => {
+                        self.node("Concat", &[x, &other], vec![int("axis", 1)], hint)
+                    }
+                    crate::syntax::ast::Link::Add => self.node("Add", &[x, &other], vec![], hint),
+                }
+            }
+            LayerKind::BatchNorm { momentum, eps } => {
+                // Inference: the running statistics (ONNX's `BatchNormalization` in test mode).
+                let [w, b, mean, var] = [0, 1, 2, 3].map(|k| self.own(l, k));
+                let (w, b, mean, var) = (w?, b?, mean?, var?);
+                let attrs = vec![float("epsilon", *eps as f32), float("momentum", 1.0 - *momentum as f32)];
+                self.node("BatchNormalization", &[x, &w, &b, &mean, &var], attrs, hint)
+            }
+            LayerKind::Upsample { scale, bilinear } => {
+                let scales = self.floats_const(&[1.0, 1.0, scale[0] as f32, scale[1] as f32], hint);
+                let attrs = if *bilinear {
+                    vec![
+                        string("mode", "linear"),
+                        string("coordinate_transformation_mode", "pytorch_half_pixel"),
+                    ]
+                } else {
+                    vec![
+                        string("mode", "nearest"),
+                        string("coordinate_transformation_mode", "asymmetric"),
+                        string("nearest_mode", "floor"),
+                    ]
+                };
+                self.node("Resize", &[x, "", &scales], attrs, hint)
+            }
+            LayerKind::Activation(a) => {
+                let y = self.activation(a.kind, x, hint);
+                self.name(l, &y);
+                return Ok(y);
+            }
             LayerKind::Recurrent(r) => self.recurrent(l, r, x, hint)?,
         };
         let mut y = y;
         for a in &l.layer.activations {
             y = self.activation(a.kind, &y, hint);
         }
+        self.name(l, &y);
         Ok(y)
+    }
+
+    /// Records the output of a named layer.
+    fn name(&mut self, l: &LayerInfo, y: &str) {
+        if let Some(n) = l.layer.output_name() {
+            self.named.push((n.name.clone(), y.to_owned()));
+        }
     }
 
     /// `x·Wᵀ + b` (`transposed`: W stored `[out, in]`, else `[in, out]`, a tied weight).

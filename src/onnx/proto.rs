@@ -10,6 +10,7 @@ pub const INT64: i32 = 7;
 /// `AttributeProto.AttributeType`.
 pub const ATTR_FLOAT: i32 = 1;
 pub const ATTR_INT: i32 = 2;
+pub const ATTR_STRING: i32 = 3;
 pub const ATTR_TENSOR: i32 = 4;
 pub const ATTR_INTS: i32 = 7;
 
@@ -77,6 +78,8 @@ pub struct AttributeProto {
     pub f: Option<f32>,
     #[prost(int64, optional, tag = "3")]
     pub i: Option<i64>,
+    #[prost(bytes = "vec", optional, tag = "4")]
+    pub s: Option<Vec<u8>>,
     #[prost(message, optional, tag = "5")]
     pub t: Option<TensorProto>,
     #[prost(int64, repeated, packed = "false", tag = "8")]

@@ -169,6 +169,10 @@ pub fn check_mutated(
     };
     let mut out = Vec::new();
     for (p, grad) in back.param_grads.iter().enumerate() {
+        if matches!(forward.params[p].role, crate::ir::ParamRole::Buffer { .. }) {
+            // A running statistic: no gradient, the training step updates it itself.
+            continue;
+        }
         let n = params[p].len();
         let computed = grad.map_or(vec![0.0; n], |id| values.get(id).f32().to_vec());
         let mut analytic = computed.clone();

@@ -22,6 +22,8 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         pools: Vec::new(),
         trace: Vec::new(),
         declared_pools: declared_pools(m),
+        named: Vec::new(),
+        declared_names: declared_names(m),
     };
     let vars = c.declarations(m);
     let input = vars.0.first().cloned();
@@ -65,6 +67,7 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
     let code = c.block(Part::Encoder, &encoder.layers, input.ty.clone(), None);
 
     // The decoder: written, or mirrored from the encoder's layers and their input types.
+    let mut skip_names = Vec::new();
     let decoder_layers = match &m.decoder {
         None => {
             c.diags.push(
@@ -76,9 +79,11 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         }
         Some(ast::Decoder::Layers(b)) if b.incomplete => return None,
         Some(ast::Decoder::Layers(b)) => b.layers.clone(),
-        Some(ast::Decoder::Mirror { tied, output, span }) => {
+        Some(ast::Decoder::Mirror { tied, skip, output, span }) => {
             code.as_ref()?;
-            c.mirror(*tied, output.clone(), *span)?
+            let (layers, names) = c.mirror(*tied, *skip, output.clone(), *span)?;
+            skip_names = names;
+            layers
         }
     };
     let target = c.loss_target_ty(m, &vars);
@@ -88,6 +93,14 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         let span = m.decoder.as_ref().map_or(Span::default(), decoder_span);
         let block = ast::Block { layers: decoder_layers, span, incomplete: false };
         file.model.decoder = Some(ast::Decoder::Layers(block));
+        // Name the encoder layers the skip links read (shown by `--emit ast`).
+        if let Some(e) = file.model.encoder.as_mut() {
+            for (index, name) in skip_names {
+                if let Some(l) = e.layers.get_mut(index) {
+                    l.name = Some(name);
+                }
+            }
+        }
     }
     let output = output?;
     let m = &file.model;
@@ -134,6 +147,30 @@ struct Checker<'d> {
     trace: Vec<String>,
     /// Every pool name written anywhere in the model, to tell "unknown" from "too early".
     declared_pools: Vec<ast::Ident>,
+    /// Named layer outputs so far (`as NAME`, and named pools), for `concat`/`add` links.
+    named: Vec<Named>,
+    /// Every layer name written anywhere in the model, to tell "unknown" from "too early".
+    declared_names: Vec<ast::Ident>,
+}
+
+/// Names `decoder mirror skip` gives encoder layers, by index in the encoder.
+type SkipNames = Vec<(usize, ast::Ident)>;
+
+/// A named layer output: its type (`None` after a shape error before it).
+#[derive(Clone, Debug)]
+struct Named {
+    name: String,
+    span: Span,
+    ty: Option<Ty>,
+}
+
+fn declared_names(m: &ast::Model) -> Vec<ast::Ident> {
+    let encoder = m.encoder.iter().flat_map(|b| &b.layers);
+    let decoder = match &m.decoder {
+        Some(ast::Decoder::Layers(b)) => b.layers.as_slice(),
+        _ => &[],
+    };
+    encoder.chain(decoder).filter_map(|l| l.output_name().cloned()).collect()
 }
 
 fn declared_pools(m: &ast::Model) -> Vec<ast::Ident> {
@@ -437,6 +474,39 @@ impl Checker<'_> {
                         ),
                 );
             }
+            if let Some(n) = layer.output_name()
+                && !matches!(layer.kind, LayerKind::MaxPool(_))
+                && let Some(first) = self.named.iter().find(|x| x.name == n.name)
+            {
+                self.diags.push(
+                    Diagnostic::error(format!("the name `{}` is used twice", n.name))
+                        .label(n.span, "second layer with this name")
+                        .label(first.span, "first use")
+                        .help("give each named layer its own name"),
+                );
+            }
+            if let (LayerKind::BatchNorm { .. }, Some(prev)) =
+                (&layer.kind, index.checked_sub(1).map(|i| &layers[i]))
+                && prev.activations.is_empty()
+                && matches!(
+                    prev.kind,
+                    LayerKind::Conv(ast::ConvSpec { bias: true, .. })
+                        | LayerKind::Deconv(ast::ConvSpec { bias: true, .. })
+                        | LayerKind::Dense { bias: true, .. }
+                )
+            {
+                self.diags.push(
+                    Diagnostic::warning(
+                        "the bias of the layer before `batchnorm` is removed by the normalization",
+                    )
+                    .label(prev.span, "its bias only shifts the batch mean")
+                    .label(layer.span, "which this subtracts")
+                    .help(format!(
+                        "add `nobias` to `{}`: the bias learns nothing and Adam moves it by noise",
+                        prev.kind
+                    )),
+                );
+            }
             let first_param = self.params.len();
             let (out, flops) = match self.layer(&ctx, index, layer, &ty) {
                 Ok(r) => r,
@@ -460,6 +530,11 @@ impl Checker<'_> {
                 out = ty.clone();
             }
             self.trace.push(format!("{} → {out}", layer));
+            if let Some(n) = layer.output_name()
+                && !self.named.iter().any(|x| x.name == n.name)
+            {
+                self.named.push(Named { name: n.name.clone(), span: n.span, ty: Some(out.clone()) });
+            }
             let tied_weight = match &layer.kind {
                 LayerKind::Deconv(ast::ConvSpec { tied_to: Some(i), .. })
                 | LayerKind::Dense { tied_to: Some(i), .. } => self.encoder_weight(*i),
@@ -483,6 +558,16 @@ impl Checker<'_> {
     /// After a shape error: the rest of the block still gets its name checks.
     fn check_names_only(&mut self, layers: &[ast::Layer]) {
         for l in layers {
+            if let LayerKind::Link { from, .. } = &l.kind
+                && let Err(d) = self.find_named(from, l)
+            {
+                self.diags.push(d);
+            }
+            if let Some(n) = l.output_name()
+                && !self.named.iter().any(|x| x.name == n.name)
+            {
+                self.named.push(Named { name: n.name.clone(), span: n.span, ty: None });
+            }
             match &l.kind {
                 // Record with unknown shapes so later `unpool` lines resolve.
                 LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }) if self.pool_named(n).is_none() => {
@@ -500,6 +585,108 @@ impl Checker<'_> {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// The named output `from` that layer `l` links to, or why there is none.
+    fn find_named(&self, from: &ast::Ident, l: &ast::Layer) -> Result<Named, Diagnostic> {
+        let what = match &l.kind {
+            LayerKind::Link { link, .. } => format!("{} {}", link.keyword(), from.name),
+            _ => from.name.clone(),
+        };
+        if l.output_name().is_some_and(|n| n.name == from.name) {
+            return Err(Diagnostic::error(format!("`{what}` links the layer to itself"))
+                .label(from.span, "this layer's own name")
+                .help("link to an earlier layer's output, e.g. an encoder stage's `as e1`"));
+        }
+        if let Some(n) = self.named.iter().find(|n| n.name == from.name) {
+            return Ok(n.clone());
+        }
+        if let Some(later) = self.declared_names.iter().find(|p| p.name == from.name) {
+            return Err(Diagnostic::error(format!("`{what}` comes before the layer it names"))
+                .label(from.span, "used here")
+                .label(later.span, "named only here, later")
+                .help("a link reads a layer that has already run: name an earlier layer"));
+        }
+        let names: Vec<&str> = self.named.iter().map(|p| p.name.as_str()).collect();
+        let mut d =
+            Diagnostic::error(format!("`{what}` names no earlier layer")).label(from.span, "unknown name");
+        d = match crate::syntax::closest(&from.name, names.iter()) {
+            Some(s) => d.help(format!("did you mean `{s}`?")),
+            None if names.is_empty() => {
+                d.help("name a layer's output with `as NAME` at the end of its line, e.g. `conv 16 k3 p1 -> relu as e1`")
+            }
+            None => d.help(format!("the named layers so far are {}", names.join(", "))),
+        };
+        Err(d)
+    }
+
+    /// `concat NAME` / `add NAME`: the joined type, or a located error naming both shapes.
+    fn link(&self, l: &ast::Layer, link: ast::Link, from: &ast::Ident, input: &Ty) -> Result<Ty, Diagnostic> {
+        let named = self.find_named(from, l)?;
+        let Some(other) = named.ty.clone() else {
+            return Err(shape_err(
+                l,
+                format!("the shape of `{}` is unknown after an earlier error", from.name),
+            ));
+        };
+        let kw = link.keyword();
+        let (Ty::Tensor(a), Ty::Tensor(b)) = (input, &other) else {
+            return Err(shape_err(l, format!("`{kw}` joins tensors, got {input} and {other}"))
+                .label(named.span, format!("`{}` is {other}", from.name)));
+        };
+        let joined = match link {
+            ast::Link::Concat if a.len() == b.len() && a[1..] == b[1..] => {
+                let mut d = a.clone();
+                d[0] += b[0];
+                return Ok(Ty::Tensor(d));
+            }
+            ast::Link::Add if a == b => return Ok(input.clone()),
+            ast::Link::Concat => "its sizes after the channels must equal the current tensor's",
+            ast::Link::Add => "an `add` needs equal shapes",
+        };
+        let mut d = Diagnostic::error(format!(
+            "`{kw} {}` cannot join {other} to the current {input}: {joined}",
+            from.name
+        ))
+        .label(l.span, format!("the current tensor is {input}"))
+        .label(named.span, format!("`{}` is {other}", from.name));
+        if let Some(fix) = self.link_fix(a, b, link) {
+            d = d.help(fix);
+        }
+        Err(d)
+    }
+
+    /// A fix for a link whose sizes differ: an output padding on the deconv before it, or the
+    /// channels a residual `add` needs.
+    fn link_fix(&self, cur: &[u64], named: &[u64], link: ast::Link) -> Option<String> {
+        if cur.len() != named.len() {
+            return None;
+        }
+        if link == ast::Link::Add && cur[1..] == named[1..] {
+            return Some(format!(
+                "make the layer before it give {} channels, or use `concat` to stack them",
+                named[0]
+            ));
+        }
+        let last = self.layers.last()?;
+        let (Some([oh, ow]), Some([nh, nw])) = (cur.get(1..3), named.get(1..3)) else { return None };
+        match &last.layer.kind {
+            LayerKind::Deconv(c) if nh >= oh && nw >= ow => {
+                let need = [c.out_pad[0] + (nh - oh), c.out_pad[1] + (nw - ow)];
+                (need[0] < c.stride[0] && need[1] < c.stride[1]).then(|| {
+                    format!(
+                        "add `op{}` (output padding) to the deconv before it to get {nh}×{nw}",
+                        ShowHw(need)
+                    )
+                })
+            }
+            LayerKind::Upsample { .. } => Some(format!(
+                "upsampling gives {oh}×{ow}, not {nh}×{nw}: unpool through the pool's switches \
+                 (`maxpool 2 as p1` … `unpool p1`) to restore odd sizes exactly, or use an input \
+                 whose sizes the pools divide"
+            )),
+            _ => None,
         }
     }
 
@@ -755,6 +942,31 @@ impl Checker<'_> {
             }
             LayerKind::Activation(_) => Ok((input.clone(), 0)),
             LayerKind::Recurrent(r) => self.recurrent(ctx, l, r, input, &pname),
+            LayerKind::Link { link, from } => Ok((self.link(l, *link, from, input)?, input.numel())),
+            LayerKind::BatchNorm { .. } => {
+                let c = match input {
+                    Ty::Tensor(d) if d.len() == 1 || d.len() == 3 => d[0],
+                    _ => {
+                        return Err(shape_err(
+                            l,
+                            format!("`batchnorm` normalizes an image [C, H, W] or a vector [F], got {input}"),
+                        )
+                        .help("put it after a conv (BatchNorm2d) or a dense layer (BatchNorm1d)"));
+                    }
+                };
+                self.param(l, pname("weight"), vec![c], ParamRole::NormScale, c, c)?;
+                self.param(l, pname("bias"), vec![c], ParamRole::NormShift, c, c)?;
+                self.param(l, pname("running_mean"), vec![c], ParamRole::Buffer { ones: false }, c, c)?;
+                self.param(l, pname("running_var"), vec![c], ParamRole::Buffer { ones: true }, c, c)?;
+                self.param(l, pname("num_batches_tracked"), vec![], ParamRole::Buffer { ones: false }, 1, 1)?;
+                Ok((input.clone(), input.numel().saturating_mul(4)))
+            }
+            LayerKind::Upsample { scale, bilinear } => {
+                let [c, h, w] = image(l, input)?;
+                let out = Ty::Tensor(vec![c, h.saturating_mul(scale[0]), w.saturating_mul(scale[1])]);
+                let per = if *bilinear { 8 } else { 1 };
+                Ok((out.clone(), out.numel().saturating_mul(per)))
+            }
         }
     }
 
@@ -880,32 +1092,69 @@ impl Checker<'_> {
 
     /// Writes the decoder of `decoder mirror`: the encoder's layers in reverse, each undone.
     /// A dense or deconv layer takes the activation that produced its encoder twin's input (the
-    /// nearest earlier dense/conv's), the first encoder layer's twin takes the mirror's `-> act`.
-    fn mirror(&mut self, tied: bool, output: Option<ast::Activation>, span: Span) -> Option<Vec<ast::Layer>> {
+    /// nearest earlier dense/conv's), and its batch normalization if that layer had one; the
+    /// first encoder layer's twin takes the mirror's `-> act`. With `skip`, each encoder layer
+    /// that lowers the resolution (a pool, a strided conv) has the tensor it read linked into
+    /// the decoder right after its twin restores that resolution. Returns the layers and the
+    /// names given to encoder layers that a link reads (by index in the encoder).
+    fn mirror(
+        &mut self,
+        tied: bool,
+        skip: Option<ast::Link>,
+        output: Option<ast::Activation>,
+        span: Span,
+    ) -> Option<(Vec<ast::Layer>, SkipNames)> {
         let encoder: Vec<LayerInfo> =
             self.layers.iter().filter(|l| l.part == Part::Encoder).cloned().collect();
+        if tied && skip == Some(ast::Link::Concat) {
+            self.diags.push(
+                Diagnostic::error(
+                    "`mirror tied skip concat`: a tied deconv cannot read the concatenated channels",
+                )
+                .label(span, "tied and concatenated")
+                .help("drop `tied`, or link with `skip add`"),
+            );
+            return None;
+        }
         let mut out = Vec::new();
+        let mut names = Vec::new();
         let mut ok = true;
+        let is_param = |k: &LayerKind| {
+            matches!(k, LayerKind::Dense { .. } | LayerKind::Conv(_) | LayerKind::Gaussian { .. })
+        };
         for (pos, info) in encoder.iter().enumerate().rev() {
+            // The nearest earlier layer with parameters: the activation and normalization that
+            // followed it apply to this layer's input, so the twin ends in them.
+            let earlier = encoder[..pos].iter().rposition(|e| is_param(&e.layer.kind));
             let acts = || -> Vec<ast::Activation> {
-                let earlier = encoder[..pos].iter().rev().find(|e| {
-                    matches!(
-                        e.layer.kind,
-                        LayerKind::Dense { .. } | LayerKind::Conv(_) | LayerKind::Gaussian { .. }
-                    )
-                });
+                // The last activation applied between that layer and this one (on a line of
+                // its own, or after `->` on any line).
                 let act = match earlier {
-                    Some(e) => e.layer.activations.last().cloned().or_else(|| {
-                        encoder.get(e.index + 1).and_then(|n| match &n.layer.kind {
-                            LayerKind::Activation(a) => Some(a.clone()),
-                            _ => None,
+                    Some(i) => encoder[i..pos]
+                        .iter()
+                        .flat_map(|n| {
+                            let own = match &n.layer.kind {
+                                LayerKind::Activation(a) => Some(a),
+                                _ => None,
+                            };
+                            own.into_iter().chain(&n.layer.activations)
                         })
-                    }),
+                        .last()
+                        .cloned(),
                     None => output.clone(),
                 };
                 act.map(|a| ast::Activation { kind: a.kind, span }).into_iter().collect()
             };
+            let norm = earlier.and_then(|i| {
+                encoder[i + 1..pos].iter().find_map(|n| match n.layer.kind {
+                    LayerKind::BatchNorm { momentum, eps } => Some(LayerKind::BatchNorm { momentum, eps }),
+                    _ => None,
+                })
+            });
             let tie = tied.then_some(info.index);
+            let resize = |k: ast::Hw, s: ast::Hw| {
+                (k == s).then_some(LayerKind::Upsample { scale: k, bilinear: false })
+            };
             let kind = match (&info.layer.kind, &info.input) {
                 (LayerKind::Dense { bias, .. }, Ty::Tensor(d)) if d.len() == 1 => {
                     LayerKind::Dense { units: d[0], bias: *bias, tied_to: tie }
@@ -921,6 +1170,12 @@ impl Checker<'_> {
                 (LayerKind::MaxPool(ast::PoolSpec { name: Some(n), .. }), _) => {
                     LayerKind::Unpool { pool: n.clone() }
                 }
+                // With skip links, a pool without switches is undone by upsampling.
+                (LayerKind::MaxPool(p) | LayerKind::AvgPool(p), _)
+                    if skip.is_some() && resize(p.kernel, p.stride).is_some() =>
+                {
+                    resize(p.kernel, p.stride)?
+                }
                 (LayerKind::MaxPool(_), _) => {
                     self.diags.push(
                         Diagnostic::error("a mirrored maxpool needs a name to unpool through")
@@ -934,13 +1189,16 @@ impl Checker<'_> {
                 (LayerKind::Flatten | LayerKind::Reshape { .. }, Ty::Tensor(d)) => {
                     LayerKind::Reshape { dims: d.clone() }
                 }
-                (LayerKind::Dropout { .. } | LayerKind::Activation(_), _) => continue,
+                (LayerKind::Dropout { .. } | LayerKind::Activation(_) | LayerKind::BatchNorm { .. }, _) => {
+                    continue;
+                }
                 (kind, _) => {
                     let what = match kind {
                         LayerKind::AvgPool(_) => "an avgpool (it keeps no switches; use `maxpool … as NAME`)",
                         LayerKind::Embed { .. } | LayerKind::Recurrent(_) => {
                             "a sequence layer (write the decoder of a sequence model by hand)"
                         }
+                        LayerKind::Link { .. } => "a link (write the decoder of a linked encoder by hand)",
                         _ => "this layer",
                     };
                     self.diags.push(
@@ -954,9 +1212,78 @@ impl Checker<'_> {
             };
             let param_layer = matches!(kind, LayerKind::Dense { .. } | LayerKind::Deconv(_));
             let activations = if param_layer { acts() } else { Vec::new() };
-            out.push(ast::Layer { kind, activations, span, kind_span: span });
+            // An encoder layer left without a bias because a normalization follows it: its
+            // twin has one unless a normalization follows the twin too (below).
+            let normalized = encoder[pos + 1..]
+                .iter()
+                .take_while(|n| !is_param(&n.layer.kind))
+                .any(|n| matches!(n.layer.kind, LayerKind::BatchNorm { .. }));
+            let kind = match kind {
+                LayerKind::Deconv(c) if normalized => LayerKind::Deconv(ast::ConvSpec { bias: true, ..c }),
+                LayerKind::Dense { units, tied_to, .. } if normalized => {
+                    LayerKind::Dense { units, bias: true, tied_to }
+                }
+                other => other,
+            };
+            match norm.filter(|_| param_layer) {
+                Some(bn) => {
+                    // The normalization removes any bias before it (as `nobias` in the encoder).
+                    let kind = match kind {
+                        LayerKind::Deconv(c) => LayerKind::Deconv(ast::ConvSpec { bias: false, ..c }),
+                        LayerKind::Dense { units, tied_to, .. } => {
+                            LayerKind::Dense { units, bias: false, tied_to }
+                        }
+                        other => other,
+                    };
+                    out.push(ast::Layer::new(kind, Vec::new(), span));
+                    out.push(ast::Layer::new(bn, activations, span));
+                }
+                None => out.push(ast::Layer::new(kind, activations, span)),
+            }
+            // The skip link: the tensor this layer read, if it lowered the resolution and an
+            // encoder layer (not the model's input) made that tensor.
+            let lowers = |l: &LayerInfo| match &l.layer.kind {
+                LayerKind::MaxPool(_) | LayerKind::AvgPool(_) => true,
+                LayerKind::Conv(c) => c.stride != [1, 1],
+                _ => false,
+            };
+            let downsamples = lowers(info);
+            // Stages are numbered from the input: the first pool's input is `skip1`.
+            let stage = encoder[..=pos].iter().filter(|l| lowers(l)).count();
+            if let (Some(link), true, Some(src)) =
+                (skip, downsamples, pos.checked_sub(1).map(|p| &encoder[p]))
+            {
+                let name = match src.layer.output_name() {
+                    Some(n) => n.clone(),
+                    None => {
+                        let taken = |n: &str| {
+                            self.named.iter().any(|x| x.name == n)
+                                || names.iter().any(|(_, x): &(usize, ast::Ident)| x.name == n)
+                        };
+                        let name =
+                            (stage..).map(|k| format!("skip{k}")).find(|n| !taken(n)).unwrap_or_default();
+                        let id = ast::Ident { name, span: src.layer.span };
+                        names.push((src.index, id.clone()));
+                        id
+                    }
+                };
+                if !self.named.iter().any(|x| x.name == name.name) {
+                    self.named.push(Named {
+                        name: name.name.clone(),
+                        span: name.span,
+                        ty: Some(src.output.clone()),
+                    });
+                }
+                out.push(ast::Layer::new(LayerKind::Link { link, from: name }, Vec::new(), span));
+            }
         }
-        ok.then_some(out)
+        // The layer infos of the encoder carry the names too (lowering reads them).
+        for (index, name) in &names {
+            if let Some(l) = self.layers.iter_mut().find(|l| l.part == Part::Encoder && l.index == *index) {
+                l.layer.name = Some(name.clone());
+            }
+        }
+        ok.then_some((out, names))
     }
 
     /// The decoder's teacher-forced recurrent layer, if one was checked already.
@@ -1059,6 +1386,9 @@ impl ast::Layer {
             LayerKind::Dropout { .. } => "dropout",
             LayerKind::Gaussian { .. } => "gaussian",
             LayerKind::Activation(_) => "activation",
+            LayerKind::Link { link, .. } => link.keyword(),
+            LayerKind::BatchNorm { .. } => "batchnorm",
+            LayerKind::Upsample { .. } => "upsample",
         }
     }
 }

@@ -11,7 +11,9 @@
 
 use super::{LayerInfo, Model, Part, Ty};
 use crate::diag::Span;
-use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, ParamDef, Type, UnaryFn};
+use crate::ir::{
+    BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, ParamDef, ParamId, ParamRole, Type, UnaryFn,
+};
 use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind, Reduction};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         decode_state: None,
         terms: Vec::new(),
         gaussian: None,
+        named: Vec::new(),
     };
     for p in &m.params {
         let def = ParamDef {
@@ -108,11 +111,13 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
             target = Some(cur.node);
         }
         cur = l.layer(m, info, cur, cfg, &vars)?;
+        l.name(info, cur.node);
     }
     let code = cur.node;
     let state0 = cur.state.unwrap_or(cur.node);
     for info in m.decoder() {
         cur = l.layer(m, info, cur, cfg, &vars)?;
+        l.name(info, cur.node);
     }
     let recon = cur.node;
 
@@ -160,6 +165,8 @@ struct Lower {
     terms: Vec<(String, NodeId)>,
     /// A Gaussian code's `mu` and `logvar`, for `kl(code)`.
     gaussian: Option<(NodeId, NodeId)>,
+    /// Named layer outputs so far, for `concat NAME` and `add NAME`.
+    named: Vec<(String, NodeId)>,
 }
 
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
@@ -225,7 +232,17 @@ impl Lower {
         let vars = vec![("code".to_owned(), code)];
         let mut cur = Value { node: code, state: None, logits: None };
         for info in m.decoder() {
+            if let LayerKind::Link { from, .. } = &info.layer.kind
+                && !self.named.iter().any(|(n, _)| *n == from.name)
+            {
+                return Err(format!(
+                    "the decoder's `{}` reads the encoder's `{}`: it cannot decode a code on its own \
+                     (a decoder without links across the hourglass can)",
+                    info.layer, from.name
+                ));
+            }
             cur = self.layer(m, info, cur, cfg, &vars)?;
+            self.name(info, cur.node);
         }
         self.g.outputs = vec![("recon".into(), cur.node)];
         Ok(self.g)
@@ -252,6 +269,103 @@ impl Lower {
 
     fn add(&mut self, op: Op, span: Span) -> Result<NodeId, String> {
         self.g.add(op, Some(span))
+    }
+
+    /// Records the output of a named layer.
+    fn name(&mut self, info: &LayerInfo, node: NodeId) {
+        if let Some(n) = info.layer.output_name() {
+            self.named.push((n.name.clone(), node));
+        }
+    }
+
+    /// Batch normalization: batch statistics and the running estimates' update in training;
+    /// the running statistics otherwise, folded into the convolution before it when they can.
+    fn batch_norm(
+        &mut self,
+        info: &LayerInfo,
+        x: NodeId,
+        (momentum, eps): (f64, f64),
+        mode: Mode,
+    ) -> Result<NodeId, String> {
+        let span = info.layer.span;
+        let eps = eps as f32;
+        let [gamma, beta, mean, var, count] =
+            [0, 1, 2, 3, 4].map(|k| info.params.get(k).copied().ok_or("batchnorm parameter missing"));
+        let (gamma, beta) = (self.params[gamma?], self.params[beta?]);
+        let (mean, var, count) = (mean?, var?, count?);
+        if mode != Mode::Train {
+            let (rm, rv) = (self.params[mean], self.params[var]);
+            let coeffs = self.add(Op::BnCoeffs { mean: rm, var: rv, gamma, beta, eps }, span)?;
+            if let Some(y) = self.fold(x, coeffs, span)? {
+                return Ok(y);
+            }
+            return self.add(Op::ChannelAffine { x, coeffs, axis: 1, shift: true }, span);
+        }
+        let shape = self.g.ty(x).shape.clone();
+        let c = shape[1];
+        let n = shape.iter().product::<usize>() / c;
+        if n < 2 {
+            return Err(format!(
+                "`{}` needs more than one value per channel in training, and a batch of {} {} has one \
+                 (PyTorch refuses it too): use batches of at least 2",
+                info.layer, self.b, info.input
+            ));
+        }
+        let stats = self.add(Op::BnStats { x }, span)?;
+        let y = self.add(Op::BatchNorm { x, stats, gamma, beta, eps }, span)?;
+        // The running estimates, as PyTorch: r ← (1 − m)·r + m·s with the unbiased variance,
+        // written as the plain-SGD update r ← r − m·(r − s); the batch count by r ← r + 1 (SGD
+        // with a rate of −1 on a gradient of 1).
+        let sgd =
+            |lr: f64| OptimizerFn::Sgd { lr: lr as f32, momentum: 0.0, nesterov: false, weight_decay: 0.0 };
+        let batch_mean = self.add(Op::Part { x: stats, offset: 0, shape: vec![c] }, span)?;
+        let batch_var = self.add(Op::Part { x: stats, offset: c, shape: vec![c] }, span)?;
+        let unbiased = self.add(Op::Scale { x: batch_var, c: (n as f64 / (n - 1) as f64) as f32 }, span)?;
+        for (p, stat) in [(mean, batch_mean), (var, unbiased)] {
+            let grad = self.add(Op::Binary { f: BinaryFn::Sub, a: self.params[p], b: stat }, span)?;
+            self.add(Op::Update { f: sgd(momentum), param: ParamId(p as u32), grad }, span)?;
+        }
+        let one = self.add(Op::Fill { value: 1.0, shape: vec![] }, span)?;
+        self.add(Op::Update { f: sgd(-1.0), param: ParamId(count as u32), grad: one }, span)?;
+        Ok(y)
+    }
+
+    /// Folds fixed normalization coefficients into the convolution (and bias) that computed
+    /// `x`, as `torch.nn.utils.fusion.fuse_conv_bn_eval`: `w' = w·scale` per output channel,
+    /// `b' = b·scale + shift`. `None` when `x` is not a convolution's output used only here.
+    fn fold(&mut self, x: NodeId, coeffs: NodeId, span: Span) -> Result<Option<NodeId>, String> {
+        let (conv, bias) = match self.g.node(x).op {
+            Op::BiasAdd { x: c, bias } => (c, Some(bias)),
+            _ => (x, None),
+        };
+        let (axis, w) = match self.g.node(conv).op {
+            Op::Conv2d { w, .. } => (0, w),
+            Op::ConvTranspose2d { w, .. } => (1, w),
+            _ => return Ok(None),
+        };
+        let used_elsewhere = self.named.iter().any(|(_, id)| *id == x || *id == conv)
+            || self.g.nodes().iter().any(|n| {
+                let ops = n.op.operands();
+                ops.contains(&x)
+                    || (bias.is_some()
+                        && ops.contains(&conv)
+                        && !matches!(n.op, Op::BiasAdd { x: c, .. } if c == conv))
+            });
+        if used_elsewhere {
+            return Ok(None);
+        }
+        let w = self.add(Op::ChannelAffine { x: w, coeffs, axis, shift: false }, span)?;
+        let mut op = self.g.node(conv).op.clone();
+        if let Op::Conv2d { w: ref mut slot, .. } | Op::ConvTranspose2d { w: ref mut slot, .. } = op {
+            *slot = w;
+        }
+        let y = self.add(op, span)?;
+        let c = self.g.ty(y).shape[1];
+        let bias = match bias {
+            Some(b) => self.add(Op::ChannelAffine { x: b, coeffs, axis: 0, shift: true }, span)?,
+            None => self.add(Op::Part { x: coeffs, offset: c, shape: vec![c] }, span)?,
+        };
+        Ok(Some(self.add(Op::BiasAdd { x: y, bias }, span)?))
     }
 
     fn param(&self, info: &LayerInfo, k: usize) -> Result<NodeId, String> {
@@ -376,6 +490,26 @@ impl Lower {
                 let (node, last) = self.recurrent(m, info, r, v, cfg, vars)?;
                 state = Some(last);
                 node
+            }
+            LayerKind::Link { link, from } => {
+                let other = self
+                    .named
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| *n == from.name)
+                    .map(|(_, id)| *id)
+                    .ok_or_else(|| format!("`{}` not lowered", from.name))?;
+                match link {
+                    ast::Link::Concat => self.add(Op::Concat { a: x, b: other }, span)?,
+                    ast::Link::Add => self.add(Op::Binary { f: BinaryFn::Add, a: x, b: other }, span)?,
+                }
+            }
+            LayerKind::BatchNorm { momentum, eps } => {
+                self.batch_norm(info, x, (*momentum, *eps), cfg.mode)?
+            }
+            LayerKind::Upsample { scale, bilinear } => {
+                let scale = scale.map(|s| s as usize);
+                self.add(Op::Upsample { x, scale, bilinear: *bilinear }, span)?
             }
         };
         let mut out = Value { node, state, logits: None };
@@ -531,7 +665,7 @@ impl Lower {
                         .params
                         .iter()
                         .enumerate()
-                        .filter(|(_, p)| p.role != crate::ir::ParamRole::Bias)
+                        .filter(|(_, p)| matches!(p.role, ParamRole::Weight | ParamRole::Embedding))
                         .map(|(i, _)| self.params[i])
                         .collect();
                     let mut acc: Option<NodeId> = None;

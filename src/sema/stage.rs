@@ -104,7 +104,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
     out_layers.push(LayerInfo {
         part: Part::Decoder,
         index: 0,
-        layer: ast::Layer { kind, activations, span, kind_span: span },
+        layer: ast::Layer::new(kind, activations, span),
         input: target.output.clone(),
         output: target.input.clone(),
         params: own,

@@ -232,6 +232,20 @@ fn module(m: &Model, l: &LayerInfo) -> String {
         LayerKind::Embed { dim } => format!("nn.Embedding({}, {dim})", in_features(&l.input)),
         LayerKind::Dropout { p } => format!("nn.Dropout({p})"),
         LayerKind::Gaussian { units } => format!("Gaussian({}, {units})", in_features(&l.input)),
+        LayerKind::Link { .. } => "nn.Identity()".into(),
+        LayerKind::BatchNorm { momentum, eps } => {
+            let dims = if matches!(&l.input, Ty::Tensor(d) if d.len() == 3) { "2d" } else { "1d" };
+            format!("nn.BatchNorm{dims}({}, eps={eps:?}, momentum={momentum:?})", in_features(&l.input))
+        }
+        LayerKind::Upsample { scale, bilinear } => {
+            let [h, w] = *scale;
+            let s = if h == w { format!("{h}.0") } else { format!("({h}.0, {w}.0)") };
+            if *bilinear {
+                format!("nn.Upsample(scale_factor={s}, mode=\"bilinear\", align_corners=False)")
+            } else {
+                format!("nn.Upsample(scale_factor={s}, mode=\"nearest\")")
+            }
+        }
         LayerKind::Activation(a) => match a.kind {
             ActKind::Relu => "nn.ReLU()".into(),
             ActKind::Sigmoid => "nn.Sigmoid()".into(),
@@ -283,6 +297,12 @@ fn body(out: &mut String, m: &Model, part: Part) {
                 )
             }
             (LayerKind::Recurrent(r), _) => recurrent(l, r, &me),
+            (LayerKind::Link { link, from }, _) => match link {
+                crate::syntax::ast::Link::Concat => {
+                    format!("x = torch.cat([x, pools[\"named\"][{:?}]], 1)", from.name)
+                }
+                crate::syntax::ast::Link::Add => format!("x = x + pools[\"named\"][{:?}]", from.name),
+            },
             _ => format!("x = {me}(x)"),
         };
         let _ = writeln!(out, "        {line}");
@@ -296,6 +316,9 @@ fn body(out: &mut String, m: &Model, part: Part) {
                 ActKind::Identity => "x".to_owned(),
             };
             let _ = writeln!(out, "        x = {f}");
+        }
+        if let Some(n) = l.layer.output_name() {
+            let _ = writeln!(out, "        pools.setdefault(\"named\", {{}})[{:?}] = x", n.name);
         }
     }
 }

@@ -63,12 +63,33 @@ pub struct Block {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decoder {
     Layers(Block),
-    /// `decoder mirror [tied] [-> act]`: the compiler writes the decoder.
+    /// `decoder mirror [tied] [skip concat|add] [-> act]`: the compiler writes the decoder.
     Mirror {
         tied: bool,
+        /// `skip concat` / `skip add`: each encoder stage is linked into the mirrored stage of
+        /// the same resolution (a U-Net from its encoder).
+        skip: Option<Link>,
         output: Option<Activation>,
         span: Span,
     },
+}
+
+/// How a link across the hourglass joins a named tensor to the current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Along channels (features), the current tensor first: `torch.cat([x, skip], 1)`.
+    Concat,
+    /// Elementwise sum (a residual link): the shapes must be equal.
+    Add,
+}
+
+impl Link {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Link::Concat => "concat",
+            Link::Add => "add",
+        }
+    }
 }
 
 /// One layer line. `span` covers the whole line; `kind_span` the layer's name.
@@ -76,8 +97,26 @@ pub enum Decoder {
 pub struct Layer {
     pub kind: LayerKind,
     pub activations: Vec<Activation>,
+    /// `as NAME`: the layer's output (after its activations) can be linked to later. A max
+    /// pool's name is its `PoolSpec::name` (it names the switches too); see `Layer::output_name`.
+    pub name: Option<Ident>,
     pub span: Span,
     pub kind_span: Span,
+}
+
+impl Layer {
+    /// A layer without a name, as `decoder mirror` and greedy pretraining write them.
+    pub fn new(kind: LayerKind, activations: Vec<Activation>, span: Span) -> Layer {
+        Layer { kind, activations, name: None, span, kind_span: span }
+    }
+
+    /// The name this layer's output is known by, if any (`as NAME`, or a max pool's).
+    pub fn output_name(&self) -> Option<&Ident> {
+        match &self.kind {
+            LayerKind::MaxPool(PoolSpec { name: Some(n), .. }) => Some(n),
+            _ => self.name.as_ref(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -113,6 +152,24 @@ pub enum LayerKind {
     },
     /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
     Activation(Activation),
+    /// `concat NAME` / `add NAME`: joins the output of the layer named `from` to the current
+    /// tensor.
+    Link {
+        link: Link,
+        from: Ident,
+    },
+    /// Batch normalization over axis 1 (channels of an image, features of a vector), as
+    /// PyTorch's `BatchNorm2d`/`BatchNorm1d` with affine weight and bias and running statistics.
+    BatchNorm {
+        momentum: f64,
+        eps: f64,
+    },
+    /// `upsample S [nearest|bilinear]`: an image `[C, H, W]` to `[C, S·H, S·W]` (a factor per
+    /// axis as `2x3`), as `nn.Upsample(scale_factor=S, mode=…)` with `align_corners=False`.
+    Upsample {
+        scale: Hw,
+        bilinear: bool,
+    },
 }
 
 /// Convolution and transposed convolution. Sizes are per axis, `[height, width]`, as PyTorch

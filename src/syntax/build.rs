@@ -15,8 +15,24 @@ pub(super) struct Builder {
 }
 
 const LAYER_KINDS: &[&str] = &[
-    "dense", "conv", "maxpool", "avgpool", "unpool", "deconv", "flatten", "reshape", "rnn", "gru", "lstm",
-    "embed", "dropout", "gaussian",
+    "dense",
+    "conv",
+    "maxpool",
+    "avgpool",
+    "unpool",
+    "deconv",
+    "flatten",
+    "reshape",
+    "rnn",
+    "gru",
+    "lstm",
+    "embed",
+    "dropout",
+    "gaussian",
+    "concat",
+    "add",
+    "batchnorm",
+    "upsample",
 ];
 /// The largest size a spec may write anywhere (2²⁸, aec's per-sample activation budget). With
 /// every size below it, all shape arithmetic fits in `u64` without overflow.
@@ -262,17 +278,36 @@ impl Builder {
         if inner.peek().map(|m| m.as_rule()) == Some(Rule::mirror) {
             let mirror = inner.next().map(|m| m.into_inner());
             let mut tied = false;
+            let mut skip = None;
             let mut output = None;
             for part in mirror.into_iter().flatten() {
                 match part.as_rule() {
                     Rule::kw_tied => tied = true,
+                    Rule::mirror_skip => skip = self.mirror_skip(part),
                     Rule::activation => output = self.activation(part),
                     _ => {}
                 }
             }
-            return Decoder::Mirror { tied, output, span };
+            return Decoder::Mirror { tied, skip, output, span };
         }
         Decoder::Layers(self.block(inner, span))
+    }
+
+    /// `skip concat` or `skip add` after `decoder mirror`.
+    fn mirror_skip(&mut self, p: P) -> Option<Link> {
+        let word = p.into_inner().find(|w| w.as_rule() == Rule::word)?;
+        match word.as_str() {
+            "concat" => Some(Link::Concat),
+            "add" => Some(Link::Add),
+            other => {
+                self.err(
+                    Diagnostic::error(format!("`skip {other}`: a skip link is `concat` or `add`"))
+                        .label(span_of(&word), "not a link")
+                        .help("write `decoder mirror skip concat` (U-Net) or `decoder mirror skip add`"),
+                );
+                None
+            }
+        }
     }
 
     fn layer(&mut self, p: P) -> Option<Layer> {
@@ -281,19 +316,66 @@ impl Builder {
         let mut call = None;
         let mut args = Vec::new();
         let mut activations = Vec::new();
+        let mut name = None;
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::layer_kind => kind_pair = Some(part),
                 Rule::call_args => call = Some(part),
                 Rule::layer_arg => args.push(layer_arg(part)),
                 Rule::activation => activations.extend(self.activation(part)),
+                Rule::layer_name => {
+                    name = part.into_inner().find(|w| w.as_rule() == Rule::word).map(|w| ident(&w))
+                }
                 _ => {}
             }
         }
         let kind_pair = kind_pair?;
         let kind_span = span_of(&kind_pair);
         let word = kind_pair.as_str();
+        // `as NAME` among the arguments (before any activation) names the layer as well; a max
+        // pool keeps its name in its `PoolSpec` (it names the switches).
+        let mut a = LayerArgs::new(word, kind_span, &args);
+        let arg_name = if word == "maxpool" { None } else { a.as_name() };
+        let taken = a.used.clone();
+        self.diags.append(&mut a.diags);
+        if let (Some(first), Some(second)) = (&arg_name, &name) {
+            self.err(
+                Diagnostic::error(format!(
+                    "the layer is named twice, `{}` and `{}`",
+                    first.name, second.name
+                ))
+                .label(second.span, "second name")
+                .help("give a layer one `as NAME`, at the end of its line"),
+            );
+            return None;
+        }
+        let name = name.or(arg_name);
+        let args: Vec<(Arg, Span)> =
+            args.into_iter().zip(taken).filter(|(_, used)| !used).map(|(a, _)| a).collect();
         let kind = match call {
+            Some(c) if word == "batchnorm" => {
+                let call_span = span_of(&c);
+                let call_args = self.call_args(c);
+                let call = Call {
+                    name: word.to_owned(),
+                    name_span: kind_span,
+                    args: call_args,
+                    span: kind_span.to(call_span),
+                };
+                let mut r = CallReader::new(self, &call, &["momentum", "eps"]);
+                let momentum = r.fraction_01("momentum", 0.1);
+                let eps = r.positive("eps", Some(1e-5));
+                r.finish()?;
+                if let Some((_, s)) = args.first() {
+                    self.err(
+                        Diagnostic::error("`batchnorm` takes its options in parentheses")
+                            .label(*s, "extra")
+                            .help("write e.g. `batchnorm(momentum: 0.1, eps: 1e-5)`"),
+                    );
+                    return None;
+                }
+                LayerKind::BatchNorm { momentum, eps: eps? }
+            }
             // An activation with arguments on a line of its own: `leaky_relu(0.2)`.
             Some(c) if ACTIVATIONS.contains(&word) => {
                 let call_span = span_of(&c);
@@ -318,7 +400,22 @@ impl Builder {
             }
             None => self.layer_kind(word, kind_span, &args)?,
         };
-        Some(Layer { kind, activations, span, kind_span })
+        let (kind, name) = match (kind, name) {
+            // `maxpool 2 -> relu as p1`: the name after the activations names the switches too.
+            (LayerKind::MaxPool(PoolSpec { kernel, stride, name: None }), Some(n)) => {
+                (LayerKind::MaxPool(PoolSpec { kernel, stride, name: Some(n) }), None)
+            }
+            (LayerKind::MaxPool(p), Some(n)) => {
+                self.err(
+                    Diagnostic::error("the pool is named twice")
+                        .label(n.span, "second name")
+                        .help("give a layer one `as NAME`"),
+                );
+                (LayerKind::MaxPool(p), None)
+            }
+            other => other,
+        };
+        Some(Layer { kind, activations, name, span, kind_span })
     }
 
     fn layer_kind(&mut self, word: &str, at: Span, args: &[(Arg, Span)]) -> Option<LayerKind> {
@@ -356,20 +453,9 @@ impl Builder {
                 let example = if word == "maxpool" { "maxpool 2 as p1" } else { "avgpool 2" };
                 let kernel = a.pool_size(example);
                 let stride = a.option("s", Some(kernel), example);
-                let name = a.as_name();
+                let name = if word == "maxpool" { a.as_name() } else { None };
                 let spec = PoolSpec { kernel, stride, name };
-                if word == "maxpool" {
-                    LayerKind::MaxPool(spec)
-                } else {
-                    if let Some(n) = &spec.name {
-                        a.diags.push(
-                            Diagnostic::error("an `avgpool` records no switches to name")
-                                .label(n.span, "unpool needs a maxpool's switches")
-                                .help("use `maxpool` to unpool later, or drop `as …`"),
-                        );
-                    }
-                    LayerKind::AvgPool(spec)
-                }
+                if word == "maxpool" { LayerKind::MaxPool(spec) } else { LayerKind::AvgPool(spec) }
             }
             "unpool" => match a.name_arg() {
                 Some(pool) => LayerKind::Unpool { pool },
@@ -401,6 +487,32 @@ impl Builder {
             "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
             "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
             "gaussian" => LayerKind::Gaussian { units: a.count("code size", "gaussian 20") },
+            "concat" | "add" => match a.name_arg() {
+                Some(from) => {
+                    let link = if word == "concat" { Link::Concat } else { Link::Add };
+                    LayerKind::Link { link, from }
+                }
+                None => {
+                    a.missing("the name of an earlier layer", &format!("{word} e1"));
+                    return self.finish(a, None);
+                }
+            },
+            "batchnorm" => LayerKind::BatchNorm { momentum: 0.1, eps: 1e-5 },
+            "upsample" => {
+                let scale = a.pool_size("upsample 2 bilinear");
+                let bilinear = match (a.flag("nearest"), a.flag("bilinear")) {
+                    (Some(_), Some(s)) => {
+                        a.diags.push(
+                            Diagnostic::error("`upsample` takes one mode")
+                                .label(s, "second mode")
+                                .help("write `nearest` or `bilinear`"),
+                        );
+                        false
+                    }
+                    (_, b) => b.is_some(),
+                };
+                LayerKind::Upsample { scale, bilinear }
+            }
             w if ACTIVATIONS.contains(&w) => {
                 let act = match w {
                     "leaky_relu" => ActKind::LeakyRelu(a.opt_number().unwrap_or(0.01)),
@@ -1221,9 +1333,11 @@ impl<'a> LayerArgs<'a> {
                 Some(Ident { name: w.clone(), span: *span })
             }
             _ => {
-                let d = Diagnostic::error("`as` must be followed by a name for the switches")
+                let example =
+                    if self.layer == "maxpool" { "maxpool 2 as p1" } else { "conv 16 k3 p1 -> relu as e1" };
+                let d = Diagnostic::error("`as` must be followed by a name")
                     .label(i, "name missing")
-                    .help("write e.g. `maxpool 2 as p1`");
+                    .help(format!("write e.g. `{example}`"));
                 self.diags.push(d);
                 None
             }
@@ -1279,6 +1393,9 @@ impl<'a> LayerArgs<'a> {
             "embed" => "`embed N`",
             "dropout" => "`dropout P`",
             "gaussian" => "`gaussian N`",
+            "concat" | "add" => "the name of an earlier layer, e.g. `concat e1`",
+            "batchnorm" => "`batchnorm` or `batchnorm(momentum: 0.1, eps: 1e-5)`",
+            "upsample" => "`upsample S [nearest|bilinear]` (a factor per axis as `2x3`)",
             _ => "no arguments",
         };
         for (i, (arg, span)) in self.args.iter().enumerate() {

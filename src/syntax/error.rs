@@ -79,6 +79,8 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::shape => "a shape such as `[1, 28, 28]`",
         Rule::mirror | Rule::kw_mirror => "`mirror`",
         Rule::kw_tied => "`tied`",
+        Rule::mirror_skip | Rule::kw_skip => "`skip concat` or `skip add`",
+        Rule::layer_name | Rule::kw_as => "`as NAME`",
         Rule::layer | Rule::layer_kind => "a layer (`dense 32`, `conv 16 k3`, …)",
         Rule::layer_block => "`{`",
         Rule::layer_arg => "a layer argument",

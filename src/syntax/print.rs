@@ -28,8 +28,11 @@ impl Display for Model {
         }
         match &self.decoder {
             Some(Decoder::Layers(b)) => write_block(f, "decoder", b)?,
-            Some(Decoder::Mirror { tied, output, .. }) => {
+            Some(Decoder::Mirror { tied, skip, output, .. }) => {
                 write!(f, "    decoder mirror{}", if *tied { " tied" } else { "" })?;
+                if let Some(l) = skip {
+                    write!(f, " skip {}", l.keyword())?;
+                }
                 if let Some(a) = output {
                     write!(f, " -> {}", a.kind)?;
                 }
@@ -85,6 +88,9 @@ impl Display for Layer {
         for a in &self.activations {
             write!(f, " -> {}", a.kind)?;
         }
+        if let Some(n) = &self.name {
+            write!(f, " as {}", n.name)?;
+        }
         Ok(())
     }
 }
@@ -135,6 +141,17 @@ impl Display for LayerKind {
             LayerKind::Dropout { p } => write!(f, "dropout {p}"),
             LayerKind::Gaussian { units } => write!(f, "gaussian {units}"),
             LayerKind::Activation(a) => write!(f, "{}", a.kind),
+            LayerKind::Link { link, from } => write!(f, "{} {}", link.keyword(), from.name),
+            LayerKind::BatchNorm { momentum, eps } => {
+                f.write_str("batchnorm")?;
+                if (*momentum, *eps) != (0.1, 1e-5) {
+                    write!(f, "(momentum: {}, eps: {})", Num(*momentum), Num(*eps))?;
+                }
+                Ok(())
+            }
+            LayerKind::Upsample { scale, bilinear } => {
+                write!(f, "upsample {} {}", ShowHw(*scale), if *bilinear { "bilinear" } else { "nearest" })
+            }
         }
     }
 }
