@@ -94,6 +94,9 @@ enum Emit {
     Torch,
     /// The native kernels of the training step and its memory plan.
     Fused,
+    /// The native kernels of the evaluation graph (`aec run`, `encode`, validation): batch
+    /// normalization folded into the convolution before it.
+    FusedEval,
     /// The Cranelift IR of every kernel of the training step.
     Clif,
 }
@@ -270,6 +273,18 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         }
         Some(Emit::Fused) => {
             let g = aec::training_step(&compiled).map_err(Failure::Data)?;
+            let p = aec::codegen::Program::compile(&g, Default::default()).map_err(Failure::Data)?;
+            out!("{}", aec::codegen::describe(&p));
+        }
+        Some(Emit::FusedEval) => {
+            let lowering = aec::sema::Lowering {
+                batch: compiled.batch,
+                mode: aec::sema::Mode::Infer,
+                denoise: false,
+                shard_of: None,
+            };
+            let g = aec::sema::lower::lower(&compiled.model, &lowering).map_err(Failure::Data)?;
+            let g = aec::passes::dce::keep_outputs(&g, &["recon", "code"]).map_err(Failure::Data)?;
             let p = aec::codegen::Program::compile(&g, Default::default()).map_err(Failure::Data)?;
             out!("{}", aec::codegen::describe(&p));
         }
