@@ -34,6 +34,7 @@ fn every_emit_form_works() {
         ("torch", "class Mirror(nn.Module):"),
         ("fused", "program mirror.train:"),
         ("clif", "; kernel k"),
+        ("fused-eval", "program mirror.forward:"),
     ];
     for (form, line) in forms {
         let (code, out, err) = aec(&["compile", "specs/mirror.ae", "--emit", form]);
@@ -41,7 +42,7 @@ fn every_emit_form_works() {
         assert!(out.contains(line), "--emit {form} lacks `{line}`:\n{out}");
         // No form prints another's mark.
         for (other, mark) in forms.iter().filter(|f| f.0 != form) {
-            if ["ast", "fused", "clif", "torch"].contains(other) {
+            if ["ast", "fused", "clif", "torch", "fused-eval"].contains(other) {
                 assert!(!out.contains(mark), "--emit {form} prints {other}'s `{mark}`");
             }
         }
@@ -151,4 +152,37 @@ fn bench_reports_rates_the_matmul_path_and_where_the_time_goes() {
     assert!(out.contains("matmuls "), "{out}");
     assert!(out.contains("training step, per kernel (2 steps;"), "{out}");
     assert!(out.contains("k_updates"), "{out}");
+}
+
+#[test]
+fn evaluation_folds_each_batch_norm_into_its_convolution() {
+    let (code, out, err) = aec(&["compile", "specs/segnet_coins.ae", "--emit", "fused-eval", "--batch", "2"]);
+    assert_eq!(code, 0, "{err}");
+    // Each normalization is a scale of the weights before the convolution, not a pass over
+    // the activations: no `batch_norm` kernel, and the normalized convolutions' bias adds
+    // take the folded shift.
+    assert!(!out.contains("batch_norm") && !out.contains("bn_stats"), "{out}");
+    // Four normalizations in the encoder, three in the mirrored decoder (none on its output).
+    let weights = out.lines().filter(|l| l.contains("channel_affine -> f32[") && l.contains(",3,3]")).count();
+    assert_eq!(weights, 7, "{out}");
+}
+
+#[test]
+fn a_single_sample_batch_for_a_feature_batch_norm_is_a_located_error() {
+    let dir = std::env::temp_dir().join(format!("aec-bn1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let spec = dir.join("bn.ae");
+    let src = "model t {\n input x: [6]\n encoder { dense 4 nobias; batchnorm -> relu }\n decoder { dense 6 -> sigmoid }\n loss mse(x)\n}\ntrain { data random(count: 9)\n batch 4\n epochs 1 }\n";
+    std::fs::write(&spec, src).expect("spec");
+    let spec = spec.to_str().expect("path");
+    // Nine samples in batches of four leave one: refused before any step, with a batch that works.
+    let out_dir = dir.join("run");
+    let (code, _, err) = aec(&["run", spec, "--train", "--out", out_dir.to_str().expect("path")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bn.ae:3:28") && err.contains("use `batch 5`"), "{err}");
+    assert!(!out_dir.join("checkpoint.safetensors").exists());
+    let (code, _, err) = aec(&["compile", spec, "--batch", "1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bn.ae:3:28") && err.contains("batches of at least 2"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

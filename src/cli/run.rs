@@ -752,6 +752,11 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
             report(&[d], &spec.path, &spec.src);
             return Err(Failure::Spec);
         }
+        Err(TrainError::Located { message, span, label, help }) => {
+            progress.finish();
+            report(&[Diagnostic::error(message).label(span, label).help(help)], &spec.path, &spec.src);
+            return Err(Failure::Spec);
+        }
         // I/O problems (a full disk, a read-only folder, a damaged save) exit 2, as documented.
         Err(e @ TrainError::Io(_)) => {
             progress.finish();

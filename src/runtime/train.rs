@@ -159,6 +159,48 @@ pub enum TrainError {
     Compile(String),
     #[error("{what} at step {step} (epoch {epoch}); {kept}")]
     NonFinite { epoch: u64, step: u64, what: String, span: Option<Span>, kept: String },
+    /// A problem of the spec with this data, at a line of the spec.
+    #[error("{message}")]
+    Located { message: String, span: Span, label: String, help: String },
+}
+
+/// A batch normalization over features (one value per sample and channel) cannot train on a
+/// batch of one sample, and PyTorch refuses it too: the error, before any step, when the
+/// data's last batch (or a process's shard of one) would hold a single sample.
+fn single_sample_batches(compiled: &Compiled, train: usize, batch: usize, processes: usize) -> Result<(), TrainError> {
+    let per_feature = compiled.model.layers.iter().find(|l| {
+        matches!(l.layer.kind, crate::syntax::ast::LayerKind::BatchNorm { .. })
+            && matches!(&l.input, crate::sema::Ty::Tensor(d) if d.iter().skip(1).product::<u64>() == 1)
+    });
+    let Some(layer) = per_feature else { return Ok(()) };
+    let shards = |n: usize| (0..processes).map(move |r| dist::shard(n, r, processes).len());
+    let sizes = |b: usize| {
+        let mut v = vec![b.min(train)];
+        if !train.is_multiple_of(b) {
+            v.push(train % b);
+        }
+        v.into_iter().flat_map(shards).collect::<Vec<_>>()
+    };
+    if !sizes(batch).contains(&1) {
+        return Ok(());
+    }
+    let fix = (1..batch)
+        .flat_map(|d| [batch + d, batch.saturating_sub(d)])
+        .find(|&b| b >= 2 && !sizes(b).contains(&1));
+    let split = if processes > 1 { format!(" over {processes} processes") } else { String::new() };
+    Err(TrainError::Located {
+        message: format!(
+            "{train} training samples in batches of {batch}{split} leave a batch of one sample, and \
+             `{}` needs more than one value per feature in training (PyTorch refuses it too)",
+            layer.layer
+        ),
+        span: layer.layer.span,
+        label: "normalizes over the batch".into(),
+        help: match fix {
+            Some(b) => format!("use `batch {b}`, which leaves no single-sample batch, or change the validation split"),
+            None => "use more training samples".into(),
+        },
+    })
 }
 
 /// Why a step failed.
@@ -441,6 +483,8 @@ pub fn train(
         return Err(TrainError::Data("no training samples are left after the validation split".into()));
     }
     let batch = cfg.batch.min(train_idx.len()).max(1);
+    let processes = cfg.dist.as_ref().map_or(1, |Dist(d)| d.size());
+    single_sample_batches(compiled, train_idx.len(), batch, processes)?;
     let phases = phases(compiled, cfg);
     let total: u64 = phases.iter().map(|p| p.epochs).sum();
     let model_graph = &compiled.forward;

@@ -248,6 +248,23 @@ pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> 
         _ => return Err(diags),
     };
     let batch = config.batch.or(ast.train.as_ref().and_then(|t| t.batch)).unwrap_or(1);
+    // Batch normalization over features in training needs two samples (PyTorch's rule).
+    let per_feature = model.layers.iter().find(|l| {
+        matches!(l.layer.kind, ast::LayerKind::BatchNorm { .. })
+            && matches!(&l.input, Ty::Tensor(d) if d.iter().skip(1).product::<u64>() == 1)
+    });
+    if let (1, Some(l)) = (batch, per_feature) {
+        diags.push(
+            Diagnostic::error(format!(
+                "`{}` needs more than one value per feature in training, and a batch of 1 has one \
+                 (PyTorch refuses it too)",
+                l.layer
+            ))
+            .label(l.layer.span, "normalizes over the batch")
+            .help("train with batches of at least 2 (`batch 2` or `--batch 2`)"),
+        );
+        return Err(diags);
+    }
     let lowering = Lowering {
         batch,
         mode: Mode::Train,
