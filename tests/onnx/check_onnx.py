@@ -29,6 +29,24 @@ SHIPPED = sorted(p.stem for p in (ROOT / "specs").glob("*.ae"))
 # Specs only this check needs (written to a temporary folder; data-less, so trained on random
 # inputs of their shape — `aec run --train` needs data, so these get a `random` data line).
 EXTRA = {
+    "links_nearest": """
+model links_nearest {
+    input x: [2, 7, 5]
+    encoder { conv 3 k3 p1 nobias; batchnorm -> relu as e; upsample 2x3 nearest; avgpool 2x3; conv 3 k1 }
+    decoder { add e; concat e; conv 2 k1 -> sigmoid }
+    loss mse(x)
+}
+train { data random(count: 64); epochs 1; batch 16 }
+""",
+    "features_bn": """
+model features_bn {
+    input x: [12]
+    encoder { dense 6 nobias; batchnorm(momentum: 0.3, eps: 1e-3) -> tanh as h; dense 4 }
+    decoder { dense 6 nobias; add h; batchnorm -> relu; dense 12 -> sigmoid }
+    loss mse(x)
+}
+train { data random(count: 64); epochs 1; batch 16 }
+""",
     "ties_odd": """
 model ties_odd {
     input x: [2, 7, 9]
@@ -201,7 +219,7 @@ def check(name, spec, work):
         ok &= good
         results.append(text)
         if isinstance(sessions["decoder"], str):
-            results.append("no decoder alone (it unpools)")
+            results.append("no decoder alone (it reads the encoder: unpools or links)")
         else:
             dec = sessions["decoder"].run(["recon"], {"code": z})[0]
             good, text = close("decoder", dec, y)
