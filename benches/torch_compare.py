@@ -8,7 +8,8 @@ optimizer and thread count, timed the same way (median of 5 rounds, after warm-u
 two ways: one `jax.jit` step per call, and a `lax.scan` of 50 steps per call (its fastest form).
 Each figure is the median of R such measurements taken in turns with the others (--repeat).
 Prints one line per spec: every rate, and aec against the best peer. bench_conv28 (max-pool
-switches and unpooling) has no JAX twin here: its column says `-`.
+switches and unpooling) has no JAX twin here: its column says `-`. bench_unet's JAX twin is
+written by hand (`unet_jax`); it is timed as jit steps only (see `jax_worker`).
 
     --threads N   aec, PyTorch and XLA on N threads (default: all cores). Pin a one-thread run
                   with `taskset -c 0`.
@@ -43,6 +44,7 @@ BENCHES = [
     ("bench_mlp784", 256, ("adam", 1e-3, 0.0), "mse"),
     ("bench_conv28", 64, ("adam", 1e-3, 0.0), "mse"),
     ("bench_gru", 32, ("adam", 1e-3, 0.0), "cross_entropy"),
+    ("bench_unet", 64, ("adam", 1e-3, 0.0), "mse"),
 ]
 
 
@@ -199,6 +201,8 @@ def jax_worker(name, batch, threads, opt_spec, loss_name):
             logits = ys @ p["out_w"] + p["out_b"]
             return optax.softmax_cross_entropy_with_integer_labels(logits, x).mean()
 
+    elif name == "bench_unet":
+        params, loss_fn, x = unet_jax(key, batch)
     else:
         layers = dense_layers(name)
         params = []
@@ -217,17 +221,24 @@ def jax_worker(name, batch, threads, opt_spec, loss_name):
     opt_name, lr, momentum = opt_spec
     tx = optax.adam(lr) if opt_name == "adam" else optax.sgd(lr, momentum=momentum)
     state = tx.init(params)
+    # bench_unet's batch norms keep running estimates, updated each step as PyTorch's are.
+    running = [(jnp.zeros(b[0].shape), jnp.ones(b[0].shape)) for b in params["bn"]] if name == "bench_unet" else None
 
     def one(carry, _):
-        p, s = carry
-        loss, g = jax.value_and_grad(loss_fn)(p, x)
+        p, s = carry[:2]
+        if running is None:
+            loss, g = jax.value_and_grad(loss_fn)(p, x)
+        else:
+            (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x)
+            r = [(0.9 * rm + 0.1 * m, 0.9 * rv + 0.1 * v) for (rm, rv), (m, v) in zip(carry[2], stats)]
         u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), loss
+        new = (optax.apply_updates(p, u), s)
+        return (new if running is None else new + (r,)), loss
 
-    step = jax.jit(lambda p, s: one((p, s), None))
+    step = jax.jit(lambda *c: one(c, None))
     scan_steps = 50
-    many = jax.jit(lambda p, s: jax.lax.scan(one, (p, s), None, length=scan_steps))
-    carry = (params, state)
+    many = jax.jit(lambda *c: jax.lax.scan(one, c, None, length=scan_steps))
+    carry = (params, state) if running is None else (params, state, running)
 
     def jit_step():
         nonlocal carry
@@ -239,12 +250,62 @@ def jax_worker(name, batch, threads, opt_spec, loss_name):
         carry, losses = many(*carry)
         losses.block_until_ready()
 
-    rates = {"jit": timed(jit_step, batch), "scan": timed(scan_call, batch * scan_steps)}
+    rates = {"jit": timed(jit_step, batch)}
+    # XLA had not compiled bench_unet's 50-step scan after 19 minutes (2-core Zen 5): its
+    # column says `-`.
+    if name != "bench_unet":
+        rates["scan"] = timed(scan_call, batch * scan_steps)
     print(json.dumps(rates))
 
 
+def unet_jax(key, batch):
+    """bench_unet in JAX as one would write it for XLA on a CPU: NHWC, `lax.conv_general_dilated`,
+    batch norm from the batch's statistics with the running estimates updated in the step (as
+    PyTorch's and Flax's do), a 2×2 max pool by `reduce_window`, nearest upsampling by
+    `jnp.repeat`, the skip concatenated along channels."""
+    import jax
+    import jax.numpy as jnp
+
+    convs = [(1, 16), (16, 32), (32, 64), (96, 32), (48, 16), (16, 1)]
+    params = {"conv": [], "bn": []}
+    for i, (ci, co) in enumerate(convs):
+        s = (ci * 9) ** -0.5
+        params["conv"].append(jax.random.uniform(jax.random.fold_in(key, i), (3, 3, ci, co), minval=-s, maxval=s))
+        if i < 5:
+            params["bn"].append((jnp.ones(co), jnp.zeros(co)))
+    params["out_b"] = jnp.zeros(1)
+    x = jax.random.uniform(key, (batch, 28, 28, 1))
+
+    def conv(v, w):
+        return jax.lax.conv_general_dilated(v, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def bn_relu(v, gb):
+        mean = v.mean((0, 1, 2))
+        var = v.var((0, 1, 2))
+        y = (v - mean) / jnp.sqrt(var + 1e-5) * gb[0] + gb[1]
+        return jax.nn.relu(y), (mean, v.var((0, 1, 2), ddof=1))
+
+    def pool(v):
+        return jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    def up(v):
+        return jnp.repeat(jnp.repeat(v, 2, 1), 2, 2)
+
+    def loss_fn(p, x):
+        c, b = p["conv"], p["bn"]
+        e1, s1 = bn_relu(conv(x, c[0]), b[0])
+        e2, s2 = bn_relu(conv(pool(e1), c[1]), b[1])
+        h, s3 = bn_relu(conv(pool(e2), c[2]), b[2])
+        h, s4 = bn_relu(conv(jnp.concatenate([up(h), e2], -1), c[3]), b[3])
+        h, s5 = bn_relu(conv(jnp.concatenate([up(h), e1], -1), c[4]), b[4])
+        y = jax.nn.sigmoid(conv(h, c[5]) + p["out_b"])
+        return jnp.mean((y - x) ** 2), [s1, s2, s3, s4, s5]
+
+    return params, loss_fn, x
+
+
 def jax_rates(name, batch, threads, opt_spec, loss_name):
-    if loss_name != "cross_entropy" and dense_layers(name) is None:
+    if loss_name != "cross_entropy" and name != "bench_unet" and dense_layers(name) is None:
         return None
     args = [sys.executable, __file__, "--jax-worker", name, str(batch), str(threads), json.dumps([opt_spec, loss_name])]
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -288,7 +349,7 @@ def main():
                     rounds[k].append(v)
             med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
             best = max(v for k, v in med.items() if k != "aec")
-            j = f"{med['jit']:9.0f} {med['scan']:9.0f}" if "jit" in med else f"{'-':>9} {'-':>9}"
+            j = " ".join(f"{med[k]:9.0f}" if k in med else f"{'-':>9}" for k in ("jit", "scan"))
             print(
                 f"{name:14} {batch:5} {threads:7} {med['aec']:10.0f} {med['torch']:9.0f} {j}"
                 f" {med['aec'] / best:7.2f}x",

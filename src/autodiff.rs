@@ -424,7 +424,8 @@ impl Ad {
             | Op::BnSums { .. }
             | Op::BnGrad { .. }
             | Op::BnCoeffs { .. }
-            | Op::UpsampleGrad { .. } => {
+            | Op::UpsampleGrad { .. }
+            | Op::FlipKernel { .. } => {
                 return Err(format!("no gradient rule for `{}` yet", op.mnemonic()));
             }
         }

@@ -425,6 +425,22 @@ fn eval(
         Op::ChannelAffine { x, coeffs, axis, shift } => {
             Buf::F32(channel_affine(f(*x), sh(*x), f(*coeffs), *axis, *shift))
         }
+        Op::FlipKernel { w } => {
+            let [a, b, kh, kw] = [0, 1, 2, 3].map(|i| sh(*w)[i]);
+            let src = f(*w);
+            let mut out = vec![0f32; src.len()];
+            for i in 0..a {
+                for j in 0..b {
+                    for y in 0..kh {
+                        for x in 0..kw {
+                            out[((j * a + i) * kh + kh - 1 - y) * kw + kw - 1 - x] =
+                                src[((i * b + j) * kh + y) * kw + x];
+                        }
+                    }
+                }
+            }
+            Buf::F32(out)
+        }
         Op::Upsample { x, scale, bilinear } => Buf::F32(upsample(f(*x), sh(*x), *scale, *bilinear, false)),
         Op::UpsampleGrad { dy, scale, bilinear } => {
             Buf::F32(upsample(f(*dy), shape, *scale, *bilinear, true))

@@ -5,7 +5,8 @@
 //!   must be the single user of the value before it, so the intermediate values are never
 //!   written; the other operands (bias, the activation's output, …) must exist before the
 //!   matmul runs. Forward: `x·Wᵀ + b → relu` is one pass; backward: `dY·W → relu'(y)` is one.
-//! - Any other elementwise op (and a bias add) takes the elementwise ops after it the same way:
+//! - Any other elementwise op (and a bias add, a batch normalization) takes the elementwise ops
+//!   after it the same way (`batch_norm → relu` is one pass):
 //!   one loop computes the whole chain per element and stores only the last value
 //!   (`relu' ∘ (dy · mask)`, `bias → relu`, a loss gradient's scale, …).
 //! - A loss and its gradient (from the backward pass's constant seed) are one pass over the
@@ -103,7 +104,9 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             | Op::ActGrad { .. }
             | Op::Binary { .. }
             | Op::Scale { .. }
-            | Op::BiasAdd { .. } => {
+            | Op::BiasAdd { .. }
+            | Op::BatchNorm { .. }
+            | Op::ChannelAffine { axis: 1, .. } => {
                 let chain = follow(g, (id, id), &uses, &user, &mut taken, false);
                 if chain.is_empty() {
                     out.push(Group::Single(id));

@@ -363,9 +363,28 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         | Op::BnSums { .. }
         | Op::BnGrad { .. }
         | Op::BnCoeffs { .. }
-        | Op::ChannelAffine { .. } => super::norm::emit(e, g, plan, id)?,
+        | Op::ChannelAffine { .. } => super::norm::emit(e, g, plan, id, range)?,
         Op::Concat { .. } | Op::SliceChannels { .. } | Op::Upsample { .. } | Op::UpsampleGrad { .. } => {
-            super::resample::emit(e, g, plan, id)?
+            super::resample::emit(e, g, plan, id, range)?
+        }
+        Op::FlipKernel { w } => {
+            let [a, b, kh, kw] = [0, 1, 2, 3].map(|i| shape(*w)[i]);
+            let (src, kk) = (at(*w), kh * kw);
+            e.for_range(0, (a * b) as i64, 1, |e, ij| {
+                // Kernel (i, j) to (j, i), its taps reversed.
+                let i = e.b.ins().udiv_imm_s(ij, b as i64);
+                let j = e.b.ins().urem_imm_s(ij, b as i64);
+                let to = e.b.ins().imul_imm_s(j, a as i64);
+                let to = e.b.ins().iadd(to, i);
+                let to = e.b.ins().imul_imm_s(to, kk as i64);
+                let from = e.b.ins().imul_imm_s(ij, kk as i64);
+                for t in 0..kk {
+                    let s = e.b.ins().iadd_imm_s(from, t as i64);
+                    let v = e.load(F32, src, s);
+                    let d = e.b.ins().iadd_imm_s(to, (kk - 1 - t) as i64);
+                    e.store(out, d, v);
+                }
+            });
         }
         Op::Recurrent { .. } | Op::RecurrentGrad { .. } => {
             return Err("recurrent ops are emitted by `codegen::recurrent`".into());
@@ -390,6 +409,9 @@ pub fn chain(
     let ops = super::matmul::epilogue(g, plan, head, &ids[1..]);
     if ops.len() + 1 != ids.len() {
         return Err(format!("%{}: a chain with an op that is not elementwise", head.0));
+    }
+    if matches!(g.node(head).op, Op::BatchNorm { .. } | Op::ChannelAffine { .. }) {
+        return super::norm::emit_chain(e, g, plan, (head, out, &ops), range);
     }
     if !matches!(
         g.node(head).op,
@@ -501,6 +523,15 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         Op::Scatter { v, .. } => (g.ty(*v).shape[0], 8 * g.ty(id).numel()),
         // Images; each output compares k² inputs.
         Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel[0] * kernel[1] * g.ty(id).numel()),
+        Op::BnStats { .. }
+        | Op::BatchNorm { .. }
+        | Op::BnSums { .. }
+        | Op::BnGrad { .. }
+        | Op::BnCoeffs { .. }
+        | Op::ChannelAffine { .. } => super::norm::units(g, id),
+        Op::Concat { .. } | Op::SliceChannels { .. } | Op::Upsample { .. } | Op::UpsampleGrad { .. } => {
+            super::resample::units(g, id)
+        }
         _ => (1, 0),
     }
 }

@@ -1,7 +1,8 @@
 //! Native code for IR graphs, through Cranelift (and the wide matmul core, [`wide`]).
 //!
 //! [`Program::compile`] verifies the graph and proves its indices in range
-//! ([`crate::ir::bounds`]), rewrites switch-map convolutions ([`crate::passes::sparse`]),
+//! ([`crate::ir::bounds`]), rewrites switch-map convolutions ([`crate::passes::sparse`]) and
+//! stride-1 transposed convolutions that widen ([`crate::passes::flip`]),
 //! groups ops that fuse ([`fuse`]) and plans memory ([`plan`]): every value of the graph —
 //! parameters, optimizer buffers, inputs, per-step scalars, temporaries — at a constant offset
 //! in one arena the program owns (allocated when first used). Each group then becomes one or a
@@ -373,13 +374,9 @@ impl Program {
         let started = Instant::now();
         crate::ir::verify(g)
             .map_err(|e| format!("the graph `{}` cannot be compiled: {}", g.name, e.join("; ")))?;
-        let rewritten;
-        let g = if opts.dense {
-            g
-        } else {
-            rewritten = crate::passes::sparse::rewrite(g)?;
-            &rewritten
-        };
+        let sparse = if opts.dense { g.clone() } else { crate::passes::sparse::rewrite(g)? };
+        let rewritten = crate::passes::flip::rewrite(&sparse)?;
+        let g = &rewritten;
         // No code for a graph that does not verify or whose indices are not proved in range:
         // the kernels trust both.
         let facts = crate::ir::bounds::check(g)

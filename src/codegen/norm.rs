@@ -8,17 +8,48 @@
 //! contiguous elements. Each run is summed in f32 vectors and the runs are added in f64, so a
 //! channel of many elements keeps its precision.
 
-use super::emit::Emit;
+use super::emit::{Emit, EpOp, apply_ops};
 use super::kernels::sum;
 use super::plan::Plan;
 use crate::ir::{Graph, NodeId, Op};
 use cranelift_codegen::ir::types::{F32, F32X4, F64};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
-/// Emits the kernel of a batch-normalization node.
-pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), String> {
+/// The channels a node's kernel loops over: its work units (each thread takes some channels).
+fn channels(g: &Graph, id: NodeId) -> usize {
+    match g.node(id).op {
+        Op::BnCoeffs { mean, .. } => g.ty(mean).shape[0],
+        Op::ChannelAffine { x, axis, .. } => g.ty(x).shape[axis],
+        Op::BnStats { x } | Op::BatchNorm { x, .. } | Op::BnSums { x, .. } | Op::BnGrad { x, .. } => {
+            g.ty(x).shape[1]
+        }
+        _ => 1,
+    }
+}
+
+/// Work units (channels) and the rough work of a node's kernel.
+pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
+    let reads = g.node(id).op.operands().iter().map(|&o| g.ty(o).numel()).sum::<usize>();
+    (channels(g, id), 2 * reads)
+}
+
+/// Emits the kernel of a batch-normalization node, over the channels of `range`.
+pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Value)) -> Result<(), String> {
+    emit_chain(e, g, plan, (id, plan.node[id.index()], &[]), range)
+}
+
+/// The same, for a normalization that heads a fused chain: `ops` (the chain's elementwise
+/// ops, `fuse`'s) are applied to each value before it is stored at `out`.
+pub fn emit_chain(
+    e: &mut Emit,
+    g: &Graph,
+    plan: &Plan,
+    (id, out, ops): (NodeId, usize, &[EpOp]),
+    range: (Value, Value),
+) -> Result<(), String> {
     let at = |n: NodeId| plan.node[n.index()];
-    let out = at(id);
+    let top = e.i64(channels(g, id) as i64);
+    let (lo, hi) = (range.0, e.b.ins().smin(range.1, top));
     let layout = |n: NodeId| {
         let s = &g.ty(n).shape;
         (s[0], s[1], s[2..].iter().product::<usize>())
@@ -28,7 +59,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
             let (b, c, inner) = layout(x);
             let count = (b * inner) as f64;
             let src = at(x);
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let total = channel_sum(e, (b, c, inner), ch, |e, ty, i| e.load(ty, src, i));
                 let mean = mean_of(e, total, count);
                 e.store(out, ch, mean);
@@ -46,20 +77,20 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         Op::BatchNorm { x, stats, gamma, beta, eps } => {
             let (b, c, inner) = layout(x);
             let (src, st, gm, bt) = (at(x), at(stats), at(gamma), at(beta));
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let mean = e.load(F32, st, ch);
                 let vi = e.b.ins().iadd_imm_s(ch, c as i64);
                 let var = e.load(F32, st, vi);
                 let gamma = e.load(F32, gm, ch);
                 let beta = e.load(F32, bt, ch);
                 let (scale, shift) = coefficients(e, (mean, var, gamma, beta), eps);
-                affine_runs(e, (b, c, inner), ch, (src, out), (scale, Some(shift)));
+                affine_runs(e, (b, c, inner), ch, (src, out), (scale, Some(shift)), ops);
             });
         }
         Op::BnCoeffs { mean, var, gamma, beta, eps } => {
             let c = g.ty(mean).shape[0];
             let (m, v, gm, bt) = (at(mean), at(var), at(gamma), at(beta));
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let vals = [m, v, gm, bt].map(|o| e.load(F32, o, ch));
                 let (scale, shift) = coefficients(e, (vals[0], vals[1], vals[2], vals[3]), eps);
                 e.store(out, ch, scale);
@@ -73,7 +104,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
             let c = s[axis];
             let inner: usize = s[axis + 1..].iter().product();
             let (src, co) = (at(x), at(coeffs));
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let scale = e.load(F32, co, ch);
                 let sh = if shift {
                     let at = e.b.ins().iadd_imm_s(ch, c as i64);
@@ -81,13 +112,13 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
                 } else {
                     None
                 };
-                affine_runs(e, (outer, c, inner), ch, (src, out), (scale, sh));
+                affine_runs(e, (outer, c, inner), ch, (src, out), (scale, sh), ops);
             });
         }
         Op::BnSums { x, stats, dy, eps } => {
             let (b, c, inner) = layout(x);
             let (src, st, ds) = (at(x), at(stats), at(dy));
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let mean = e.load(F32, st, ch);
                 let mv = e.b.ins().splat(F32X4, mean);
                 let dot = channel_sum(e, (b, c, inner), ch, |e, ty, i| {
@@ -112,7 +143,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
             let (b, c, inner) = layout(x);
             let n = (b * inner) as f32;
             let (src, st, gm, ds, sm) = (at(x), at(stats), at(gamma), at(dy), at(sums));
-            e.for_range(0, c as i64, 1, |e, ch| {
+            e.for_dynamic(lo, hi, |e, ch| {
                 let vi = e.b.ins().iadd_imm_s(ch, c as i64);
                 let mean = e.load(F32, st, ch);
                 let var = e.load(F32, st, vi);
@@ -163,13 +194,14 @@ fn runs(
     });
 }
 
-/// `dst = src·scale (+ shift)` over channel `ch`.
+/// `dst = ops(src·scale (+ shift))` over channel `ch`.
 fn affine_runs(
     e: &mut Emit,
     dims: (usize, usize, usize),
     ch: Value,
     (src, dst): (usize, usize),
     (scale, shift): (Value, Option<Value>),
+    ops: &[EpOp],
 ) {
     let sv = e.b.ins().splat(F32X4, scale);
     let hv = shift.map(|h| (h, e.b.ins().splat(F32X4, h)));
@@ -179,6 +211,7 @@ fn affine_runs(
         if let Some((h, hv)) = hv {
             y = e.b.ins().fadd(y, if ty == F32X4 { hv } else { h });
         }
+        let y = apply_ops(e, ty, ops, y, i, None, true);
         e.store(dst, i, y);
     });
 }

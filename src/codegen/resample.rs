@@ -11,18 +11,25 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, I64};
 use cranelift_codegen::ir::{InstBuilder, Value};
 
-/// Emits the kernel of a concatenation, slice or upsampling node.
-pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), String> {
+/// Work units: the images of the batch (every kernel here works image by image).
+pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
+    (g.ty(id).shape[0], 2 * g.ty(id).numel())
+}
+
+/// Emits the kernel of a concatenation, slice or upsampling node, over the images of `range`.
+pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Value)) -> Result<(), String> {
     let at = |n: NodeId| plan.node[n.index()];
     let out = at(id);
     let shape = |n: NodeId| g.ty(n).shape.clone();
+    let top = e.i64(g.ty(id).shape[0] as i64);
+    let (lo, hi) = (range.0, e.b.ins().smin(range.1, top));
     match g.node(id).op {
         Op::Concat { a, b } => {
             let (sa, sb) = (shape(a), shape(b));
             let inner: usize = sa[2..].iter().product();
             let (ra, rb) = (sa[1] * inner, sb[1] * inner);
             let (src_a, src_b) = (at(a), at(b));
-            e.for_range(0, sa[0] as i64, 1, |e, n| {
+            e.for_dynamic(lo, hi, |e, n| {
                 let from_a = e.b.ins().imul_imm_s(n, ra as i64);
                 let to = e.b.ins().imul_imm_s(n, (ra + rb) as i64);
                 copy(e, src_a, from_a, out, to, ra);
@@ -35,7 +42,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
             let s = shape(x);
             let inner: usize = s[2..].iter().product();
             let src = at(x);
-            e.for_range(0, s[0] as i64, 1, |e, n| {
+            e.for_dynamic(lo, hi, |e, n| {
                 let from = e.b.ins().imul_imm_s(n, (s[1] * inner) as i64);
                 let from = e.b.ins().iadd_imm_s(from, (start * inner) as i64);
                 let to = e.b.ins().imul_imm_s(n, (len * inner) as i64);
@@ -44,18 +51,21 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
         }
         Op::Upsample { x, scale, bilinear } => {
             let s = shape(x);
-            let (planes, h, w) = (s[0] * s[1], s[2], s[3]);
+            let (c, h, w) = (s[1], s[2], s[3]);
             let (oh, ow) = (h * scale[0], w * scale[1]);
             let src = at(x);
-            e.for_range(0, planes as i64, 1, |e, p| {
+            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
+            e.for_dynamic(first, end, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
-                e.for_range(0, oh as i64, 1, |e, i| {
+                // Nearest: each input row makes one output row, copied `sh` times.
+                let rows = if bilinear { oh } else { h };
+                e.for_range(0, rows as i64, 1, |e, r| {
+                    let i = if bilinear { r } else { e.b.ins().imul_imm_s(r, scale[0] as i64) };
                     let (h0, h1, a0, a1) = taps(e, i, scale[0], h, bilinear);
                     let r0 = row(e, inp, h0, w);
                     let r1 = row(e, inp, h1, w);
-                    let orow = e.b.ins().imul_imm_s(i, ow as i64);
-                    let orow = e.b.ins().iadd(outp, orow);
+                    let orow = row(e, outp, i, ow);
                     e.for_range(0, ow as i64, 1, |e, j| {
                         let (w0, w1, b0, b1) = taps(e, j, scale[1], w, bilinear);
                         let v = if bilinear {
@@ -74,19 +84,62 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId) -> Result<(), Stri
                         let o = e.b.ins().iadd(orow, j);
                         e.store(out, o, v);
                     });
+                    if !bilinear {
+                        for k in 1..scale[0] {
+                            let to = e.b.ins().iadd_imm_s(orow, (k * ow) as i64);
+                            copy(e, out, orow, out, to, ow);
+                        }
+                    }
+                });
+            });
+        }
+        // Nearest: each input takes the sum of its sh × sw outputs (a gather, no scatter).
+        Op::UpsampleGrad { dy, scale, bilinear: false } => {
+            let s = shape(dy);
+            let (c, oh, ow) = (s[1], s[2], s[3]);
+            let (h, w) = (oh / scale[0], ow / scale[1]);
+            let src = at(dy);
+            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
+            e.for_dynamic(first, end, |e, p| {
+                let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
+                let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
+                e.for_range(0, h as i64, 1, |e, r| {
+                    let drow = row(e, inp, r, w);
+                    let r0 = e.b.ins().imul_imm_s(r, scale[0] as i64);
+                    e.for_range(0, w as i64, 1, |e, q| {
+                        let c0 = e.b.ins().imul_imm_s(q, scale[1] as i64);
+                        let mut acc = e.fconst(F32, 0.0);
+                        for a in 0..scale[0] {
+                            let ra = e.b.ins().iadd_imm_s(r0, a as i64);
+                            let base = row(e, outp, ra, ow);
+                            let base = e.b.ins().iadd(base, c0);
+                            for b in 0..scale[1] {
+                                let i = e.b.ins().iadd_imm_s(base, b as i64);
+                                let v = e.load(F32, src, i);
+                                acc = e.b.ins().fadd(acc, v);
+                            }
+                        }
+                        let o = e.b.ins().iadd(drow, q);
+                        e.store(out, o, acc);
+                    });
                 });
             });
         }
         Op::UpsampleGrad { dy, scale, bilinear } => {
             let s = shape(dy);
-            let (planes, oh, ow) = (s[0] * s[1], s[2], s[3]);
+            let (c, oh, ow) = (s[1], s[2], s[3]);
             let (h, w) = (oh / scale[0], ow / scale[1]);
             let src = at(dy);
-            e.elementwise(planes * h * w, |e, ty, i| {
-                let z = e.fconst(ty, 0.0);
-                e.store(out, i, z);
+            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
+            e.for_dynamic(first, end, |e, p| {
+                let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
+                e.elementwise(h * w, |e, ty, i| {
+                    let z = e.fconst(ty, 0.0);
+                    let at = e.b.ins().iadd(inp, i);
+                    e.store(out, at, z);
+                });
             });
-            e.for_range(0, planes as i64, 1, |e, p| {
+            e.for_dynamic(first, end, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
                 e.for_range(0, oh as i64, 1, |e, i| {

@@ -427,6 +427,11 @@ pub enum Op {
         axis: usize,
         shift: bool,
     },
+    /// A transposed convolution's weight `[A, B, KH, KW]` as the convolution weight that computes
+    /// the same stride-1 map: `[B, A, KH, KW]`, each kernel turned 180°.
+    FlipKernel {
+        w: NodeId,
+    },
     /// `[B, C, H, W] → [B, C, sh·H, sw·W]`, `nn.Upsample(scale_factor=(sh, sw))` in `nearest`
     /// or `bilinear` mode with `align_corners=False`.
     Upsample {
@@ -501,6 +506,7 @@ impl Op {
             Update { grad, .. } => vec![*grad],
             Concat { a, b } => vec![*a, *b],
             SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => vec![*x],
+            FlipKernel { w } => vec![*w],
             UpsampleGrad { dy, .. } => vec![*dy],
             BatchNorm { x, stats, gamma, beta, .. } => vec![*x, *stats, *gamma, *beta],
             BnSums { x, stats, dy, .. } => vec![*x, *stats, *dy],
@@ -617,6 +623,7 @@ impl Op {
                 *b = f(*b);
             }
             SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => *x = f(*x),
+            FlipKernel { w } => *w = f(*w),
             UpsampleGrad { dy, .. } => *dy = f(*dy),
             BatchNorm { x, stats, gamma, beta, .. } => {
                 for o in [x, stats, gamma, beta] {
@@ -707,6 +714,7 @@ impl Op {
             BnGrad { .. } => "bn_grad",
             BnCoeffs { .. } => "bn_coeffs",
             ChannelAffine { .. } => "channel_affine",
+            FlipKernel { .. } => "flip_kernel",
             Upsample { bilinear: false, .. } => "upsample_nearest",
             Upsample { bilinear: true, .. } => "upsample_bilinear",
             UpsampleGrad { bilinear: false, .. } => "upsample_nearest_grad",
@@ -1103,6 +1111,10 @@ impl Op {
                     return Err(format!("channel_affine: coefficients must be [2, {c}]"));
                 }
                 Type::f32(s.clone())
+            }
+            FlipKernel { w } => {
+                let [a, b, kh, kw] = four(f32s(*w)?)?;
+                Type::f32([b, a, kh, kw])
             }
             Upsample { x, scale, .. } => {
                 let [b, c, h, w] = four(f32s(*x)?)?;

@@ -1,4 +1,5 @@
 //! IR-to-IR rewrites, one file each.
 
 pub mod dce;
+pub mod flip;
 pub mod sparse;

@@ -167,7 +167,12 @@ pub enum TrainError {
 /// A batch normalization over features (one value per sample and channel) cannot train on a
 /// batch of one sample, and PyTorch refuses it too: the error, before any step, when the
 /// data's last batch (or a process's shard of one) would hold a single sample.
-fn single_sample_batches(compiled: &Compiled, train: usize, batch: usize, processes: usize) -> Result<(), TrainError> {
+fn single_sample_batches(
+    compiled: &Compiled,
+    train: usize,
+    batch: usize,
+    processes: usize,
+) -> Result<(), TrainError> {
     let per_feature = compiled.model.layers.iter().find(|l| {
         matches!(l.layer.kind, crate::syntax::ast::LayerKind::BatchNorm { .. })
             && matches!(&l.input, crate::sema::Ty::Tensor(d) if d.iter().skip(1).product::<u64>() == 1)
@@ -197,7 +202,9 @@ fn single_sample_batches(compiled: &Compiled, train: usize, batch: usize, proces
         span: layer.layer.span,
         label: "normalizes over the batch".into(),
         help: match fix {
-            Some(b) => format!("use `batch {b}`, which leaves no single-sample batch, or change the validation split"),
+            Some(b) => format!(
+                "use `batch {b}`, which leaves no single-sample batch, or change the validation split"
+            ),
             None => "use more training samples".into(),
         },
     })
