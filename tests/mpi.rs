@@ -186,3 +186,45 @@ fn a_spec_error_is_printed_once() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("bad.ae:3:").count(), 1, "the diagnostic once, not per process:\n{err}");
 }
+
+#[test]
+fn batch_norm_normalizes_each_process_shard_by_itself() {
+    // As DistributedDataParallel without SyncBatchNorm: each process normalizes its shard by the
+    // shard's statistics. With the parameters held still (SGD at lr 1e-30), two processes at
+    // batch 40 see the shards of 20 that one process at batch 20 sees as whole batches, so the
+    // epoch's loss is the same; each process counts its own batches.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-bn");
+    let digits = aec::data::read_npy(&root().join("specs/data/digits-images.npy")).expect("digits");
+    let aec::data::Values::F32(v) = &digits.values else { panic!("f32") };
+    let first = aec::data::Array {
+        shape: vec![80, 8, 8],
+        values: aec::data::Values::F32(v[..80 * 64].iter().map(|x| x / 16.0).collect()),
+    };
+    aec::data::write_npy(&dir.join("d.npy"), &first).expect("data");
+    let spec = |batch: u64| {
+        let path = dir.join(format!("bn{batch}.ae"));
+        std::fs::write(
+            &path,
+            format!(
+                "model m {{\n input x: [1, 8, 8]\n encoder {{ conv 4 k3 p1 nobias; batchnorm -> relu; flatten; dense 8 nobias; batchnorm -> relu }}\n \
+                 decoder {{ dense 64 -> sigmoid; reshape [1, 8, 8] }}\n loss mse(x)\n}}\n\
+                 train {{\n data npy(\"d.npy\")\n batch {batch}\n epochs 1\n optimizer sgd(lr: 1e-30)\n seed 3\n}}\n"
+            ),
+        )
+        .expect("spec");
+        path
+    };
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let out = run(1, &["run", "--train", s(&spec(20)), "--out", s(&one)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(2, &["run", "--train", s(&spec(40)), "--out", s(&two)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (losses(&one)[0], losses(&two)[0]);
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "one process at batch 20: {a}; two at batch 40: {b}");
+    let count = |dir: &Path| {
+        params(dir).into_iter().find(|(n, _)| n == "encoder.1.num_batches_tracked").expect("count").1[0]
+    };
+    assert_eq!(count(&one), 4.0);
+    assert_eq!(count(&two), 2.0, "process 0 counts its own two batches");
+}

@@ -12,7 +12,9 @@ use prost::Message;
 fn parts(m: &aec::sema::Model) -> Vec<Export> {
     use aec::syntax::ast::LayerKind;
     let forced = m.decoder().any(|l| matches!(&l.layer.kind, LayerKind::Recurrent(r) if r.teacher_forcing));
-    let unpools = m.decoder().any(|l| matches!(l.layer.kind, LayerKind::Unpool { .. }));
+    // A decoder that unpools or links to the encoder reads more than the code.
+    let unpools =
+        m.decoder().any(|l| matches!(l.layer.kind, LayerKind::Unpool { .. } | LayerKind::Link { .. }));
     let mut parts = vec![Export::Encoder];
     if forced {
         parts.push(Export::Step);

@@ -128,11 +128,13 @@ fn a_translation_model_trains_and_decodes_its_validation_set_natively() {
 
 #[test]
 fn resuming_ends_bit_identical_to_an_uninterrupted_run() {
-    // Adam (with validation), SGD with momentum, and a VAE (its ε a function of seed and step).
+    // Adam (with validation), SGD with momentum, a VAE (its ε a function of seed and step),
+    // and batch norms (their running statistics and batch counts saved and restored).
     let runs = [
         ("specs/digits_mlp.ae", "3", "1"),
         ("specs/onehot838.ae", "40", "15"),
         ("specs/vae_digits.ae", "4", "2"),
+        ("specs/segnet_coins.ae", "2", "1"),
     ];
     for (spec, total, first) in runs {
         let whole = scratch(&format!("whole-{total}"));
