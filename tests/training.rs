@@ -662,3 +662,37 @@ fn a_run_draws_its_loss_curves() {
     assert_eq!(code, 0, "{err}");
     assert!(every.join("epoch-0001.png").exists() && every.join("loss.png").exists());
 }
+
+#[test]
+fn greedy_pretraining_runs_through_links_and_batch_norms() {
+    // A stage keeps the encoder up to its k-th conv, normalizations and links inside that
+    // prefix included; the fine-tuned U-Net then uses them all.
+    let dir = scratch("pretrain-unet");
+    let spec = dir.join("u.ae");
+    let text = "model u {\n input x: [1, 8, 8]\n encoder { conv 4 k3 p1 nobias; batchnorm -> relu as e1; maxpool 2 as p1; \
+                conv 6 k3 p1 nobias; batchnorm -> relu; add e1x }\n decoder mirror skip concat -> sigmoid\n loss mse(x)\n}\n\
+                train {\n data random(count: 32)\n batch 8\n epochs 2\n optimizer adam(lr: 0.01)\n pretrain greedy(epochs: 1)\n seed 4\n}\n";
+    // `add e1x` names no layer: a located error (and the run writes nothing).
+    std::fs::write(&spec, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir.join("bad"))]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("u.ae:3:") && err.contains("did you mean `e1`?"), "{err}");
+    // A residual link inside the encoder (after a pool, so to the pool's output).
+    let text = text.replace("relu as e1; maxpool 2 as p1;", "relu; maxpool 2 as p1;").replace(
+        "conv 6 k3 p1 nobias; batchnorm -> relu; add e1x",
+        "conv 4 k3 p1 nobias; batchnorm -> relu; add p1",
+    );
+    std::fs::write(&spec, text).expect("spec");
+    let run = dir.join("run");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&run)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("pretrain 1/2") && err.contains("pretrain 2/2") && err.contains("fine-tune"),
+        "{err}"
+    );
+    let tensors =
+        aec::runtime::checkpoint::read_all(&run.join("checkpoint.safetensors")).expect("checkpoint");
+    let count = tensors.iter().find(|t| t.0 == "encoder.1.num_batches_tracked").expect("a batch count");
+    // Stage 1 stops before the normalization; stage 2 (4 steps) and fine-tuning (8) run it.
+    assert_eq!(count.2, vec![12.0]);
+}

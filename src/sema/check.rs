@@ -1189,16 +1189,23 @@ impl Checker<'_> {
                 (LayerKind::Flatten | LayerKind::Reshape { .. }, Ty::Tensor(d)) => {
                     LayerKind::Reshape { dims: d.clone() }
                 }
-                (LayerKind::Dropout { .. } | LayerKind::Activation(_) | LayerKind::BatchNorm { .. }, _) => {
-                    continue;
-                }
+                // A residual `add` keeps the shape: nothing to undo.
+                (
+                    LayerKind::Dropout { .. }
+                    | LayerKind::Activation(_)
+                    | LayerKind::BatchNorm { .. }
+                    | LayerKind::Link { link: ast::Link::Add, .. },
+                    _,
+                ) => continue,
                 (kind, _) => {
                     let what = match kind {
                         LayerKind::AvgPool(_) => "an avgpool (it keeps no switches; use `maxpool … as NAME`)",
                         LayerKind::Embed { .. } | LayerKind::Recurrent(_) => {
                             "a sequence layer (write the decoder of a sequence model by hand)"
                         }
-                        LayerKind::Link { .. } => "a link (write the decoder of a linked encoder by hand)",
+                        LayerKind::Link { .. } => {
+                            "a concatenation (write the decoder of such an encoder by hand)"
+                        }
                         _ => "this layer",
                     };
                     self.diags.push(
