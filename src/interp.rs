@@ -1115,7 +1115,8 @@ fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Resul
     })
 }
 
-/// PyTorch's update rules (`torch.optim.SGD` and `torch.optim.Adam`, single-tensor form).
+/// PyTorch's update rules (`torch.optim.SGD`, `torch.optim.Adam` and `torch.optim.AdamW`,
+/// single-tensor form).
 fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
     let (param, slots, step) = state.begin_update(p, f);
     match f {
@@ -1130,7 +1131,7 @@ fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
                 param[i] -= lr * d;
             }
         }
-        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => {
+        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
             let t = step.max(1) as i32;
             let bc1 = 1.0 - f64::from(b1).powi(t);
             let bc2_sqrt = (1.0 - f64::from(b2).powi(t)).sqrt();
@@ -1138,8 +1139,15 @@ fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
             let bc2_sqrt = bc2_sqrt as f32;
             let (m, v) = slots.split_at_mut(1);
             let (m, v) = (&mut m[0], &mut v[0]);
+            // AdamW: `param.mul_(1 − lr·wd)` (the factor rounded to f32, as PyTorch's scalar).
+            let shrink = (1.0 - f64::from(lr) * f64::from(weight_decay)) as f32;
             for i in 0..param.len() {
-                let g = grad[i] + weight_decay * param[i];
+                let g = if decoupled {
+                    param[i] *= shrink;
+                    grad[i]
+                } else {
+                    grad[i] + weight_decay * param[i]
+                };
                 m[i] += (1.0 - b1) * (g - m[i]);
                 v[i] = b2 * v[i] + (1.0 - b2) * g * g;
                 let denom = v[i].sqrt() / bc2_sqrt + eps;

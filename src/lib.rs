@@ -44,14 +44,22 @@ pub fn optimizer_fn(o: Option<&syntax::ast::Optimizer>) -> ir::OptimizerFn {
             nesterov: *nesterov,
             weight_decay: *weight_decay as f32,
         },
-        Some(Optimizer::Adam { lr, b1, b2, eps, weight_decay }) => ir::OptimizerFn::Adam {
+        Some(Optimizer::Adam { lr, b1, b2, eps, weight_decay, decoupled }) => ir::OptimizerFn::Adam {
             lr: *lr as f32,
             b1: *b1 as f32,
             b2: *b2 as f32,
             eps: *eps as f32,
             weight_decay: *weight_decay as f32,
+            decoupled: *decoupled,
         },
-        None => ir::OptimizerFn::Adam { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        None => ir::OptimizerFn::Adam {
+            lr: 1e-3,
+            b1: 0.9,
+            b2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+        },
     }
 }
 pub mod autodiff;

@@ -124,6 +124,7 @@ fn dense_layers_activations_losses_and_optimizers_at_simd_tails() {
         "sgd(lr: 0.1, momentum: 0.5, nesterov: true, weight_decay: 0.01)",
         "adam(lr: 0.01)",
         "adam(lr: 0.01, weight_decay: 0.1)",
+        "adamw(lr: 0.01, weight_decay: 0.5)",
     ];
     let losses = ["mse(x)", "l1(x) + 1e-3 * l2(weights)", "bce(x) + 0.01 * l1(code)"];
     let mut case = 0;

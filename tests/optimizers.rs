@@ -1,5 +1,6 @@
 //! The interpreter's `update` op against PyTorch's documented update rules, coded here
-//! independently in f64 (torch.optim.SGD and torch.optim.Adam, "Algorithm" sections).
+//! independently in f64 (torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW, "Algorithm"
+//! sections).
 
 use aec::interp::{self, Buf};
 use aec::ir::{Graph, Op, OptimizerFn, ParamDef, ParamId, ParamRole, Type};
@@ -82,6 +83,38 @@ fn adam_with_bias_correction_and_weight_decay() {
             b2: b2 as f32,
             eps: eps as f32,
             weight_decay: wd as f32,
+            decoupled: false,
+        };
+        close(&run(f), &theta);
+    }
+}
+
+#[test]
+fn adamw_decays_the_parameter_not_the_gradient() {
+    // AdamW: θ ← θ·(1 − lr·λ), then Adam's step on the gradient as it is. A large λ makes
+    // the difference from Adam's L2 decay (the gradient's) show.
+    for wd in [0.0, 0.01, 0.5] {
+        let (lr, b1, b2, eps) = (0.01, 0.9, 0.999, 1e-8);
+        let (mut theta, mut m, mut v) = (START, [0.0; 4], [0.0; 4]);
+        for (t, grads) in GRADS.iter().enumerate() {
+            let t = t as i32 + 1;
+            for i in 0..4 {
+                theta[i] *= 1.0 - lr * wd;
+                let g = grads[i];
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let m_hat = m[i] / (1.0 - f64::powi(b1, t));
+                let v_hat = v[i] / (1.0 - f64::powi(b2, t));
+                theta[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+            }
+        }
+        let f = OptimizerFn::Adam {
+            lr: lr as f32,
+            b1: b1 as f32,
+            b2: b2 as f32,
+            eps: eps as f32,
+            weight_decay: wd as f32,
+            decoupled: true,
         };
         close(&run(f), &theta);
     }

@@ -510,8 +510,9 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
             format!("sgd(lr: {lr}, momentum: {momentum}, nesterov: {nesterov}, weight_decay: {weight_decay})")
         }
-        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => {
-            format!("adam(lr: {lr}, b1: {b1}, b2: {b2}, eps: {eps}, weight_decay: {weight_decay})")
+        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
+            let name = if decoupled { "adamw" } else { "adam" };
+            format!("{name}(lr: {lr}, b1: {b1}, b2: {b2}, eps: {eps}, weight_decay: {weight_decay})")
         }
     };
     let noise = cfg.noise.map(|n| format!("{n:?}"));

@@ -1045,9 +1045,15 @@ fn update(
                 let np = e.b.ins().fsub(p, step);
                 e.store(param, i, np);
             }
-            OptimizerFn::Adam { b1, b2, eps, weight_decay, .. } => {
-                let wd = e.fconst(ty, weight_decay);
-                let g = e.b.ins().fma(wd, p, g);
+            OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
+                let (p, g) = if decoupled {
+                    let shrink = (1.0 - f64::from(lr) * f64::from(weight_decay)) as f32;
+                    let k = e.fconst(ty, shrink);
+                    (e.b.ins().fmul(p, k), g)
+                } else {
+                    let wd = e.fconst(ty, weight_decay);
+                    (p, e.b.ins().fma(wd, p, g))
+                };
                 let (ms, vs) = (slots[0], slots[1]);
                 let m = e.load(ty, ms, i);
                 let v = e.load(ty, vs, i);

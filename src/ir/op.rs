@@ -49,9 +49,10 @@ pub enum OptimizerFn {
     /// PyTorch's SGD: g += wd·p; v = μ·v + g (v = g on the first step); p -= lr·(g + μ·v if
     /// nesterov else v). State: the velocity.
     Sgd { lr: f32, momentum: f32, nesterov: bool, weight_decay: f32 },
-    /// PyTorch's Adam (L2 weight decay added to the gradient). State: m, v; `step` is the
-    /// 1-based step count read from the runtime.
-    Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32 },
+    /// PyTorch's Adam (L2 weight decay added to the gradient), or with `decoupled` AdamW (the
+    /// parameter first scaled by `1 − lr·wd`, the gradient left as it is). State: m, v; `step`
+    /// is the 1-based step count read from the runtime.
+    Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32, decoupled: bool },
 }
 
 #[derive(Clone, Debug, PartialEq)]

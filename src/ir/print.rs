@@ -151,8 +151,9 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
                     num(*lr),
                     num(*weight_decay)
                 ),
-                OptimizerFn::Adam { lr, b1, b2, eps, weight_decay } => format!(
-                    "adam lr={} b1={b1} b2={b2} eps={} weight_decay={}",
+                OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => format!(
+                    "{} lr={} b1={b1} b2={b2} eps={} weight_decay={}",
+                    if *decoupled { "adamw" } else { "adam" },
                     num(*lr),
                     num(*eps),
                     num(*weight_decay)

@@ -292,12 +292,20 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
     Ok(out)
 }
 
+/// A tensor's values as f32: F32 as stored; F64 rounded; I64 (a batch norm's
+/// `num_batches_tracked` in a PyTorch `state_dict`) converted, exact up to 2²⁴.
 fn f32s(path: &Path, name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, String> {
-    if t.dtype() != Dtype::F32 {
-        return Err(format!("{}: `{name}` is {:?}, aec reads F32", path.display(), t.dtype()));
-    }
-    let v: Vec<f32> =
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let bytes8 = |c: &[u8]| <[u8; 8]>::try_from(c).unwrap_or([0; 8]);
+    let v: Vec<f32> = match t.dtype() {
+        Dtype::F32 => {
+            t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+        Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(bytes8(c)) as f32).collect(),
+        Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(bytes8(c)) as f32).collect(),
+        other => {
+            return Err(format!("{}: `{name}` is {other:?}; aec reads F32 (and F64, I64)", path.display()));
+        }
+    };
     // Non-finite weights give all-NaN outputs (or a run that diverges at once): refuse them.
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(format!(

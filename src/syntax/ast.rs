@@ -433,8 +433,22 @@ pub enum SeqTask {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Optimizer {
-    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64 },
-    Adam { lr: f64, b1: f64, b2: f64, eps: f64, weight_decay: f64 },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
+    /// `adam(…)`, or with `decoupled` `adamw(…)`: PyTorch's AdamW, the weight decay applied to
+    /// the parameter (`p ← p·(1 − lr·wd)`) instead of added to the gradient.
+    Adam {
+        lr: f64,
+        b1: f64,
+        b2: f64,
+        eps: f64,
+        weight_decay: f64,
+        decoupled: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -840,7 +840,7 @@ impl Builder {
     fn optimizer(&mut self, v: &Value, vs: Span) -> Option<Optimizer> {
         let Value::Call(c) = v else {
             self.err(
-                Diagnostic::error("`optimizer` takes `sgd(…)` or `adam(…)`")
+                Diagnostic::error("`optimizer` takes `sgd(…)`, `adam(…)` or `adamw(…)`")
                     .label(vs, "not an optimizer call")
                     .help("write e.g. `optimizer adam(lr: 1e-3)`"),
             );
@@ -863,22 +863,24 @@ impl Builder {
                 }
                 Some(Optimizer::Sgd { lr: lr?, momentum, nesterov, weight_decay })
             }
-            "adam" => {
+            "adam" | "adamw" => {
+                // PyTorch's defaults: AdamW decays by 1e-2 unless told, Adam not at all.
+                let decoupled = c.name == "adamw";
                 let mut a = CallReader::new(self, c, &["lr", "b1", "b2", "eps", "weight_decay"]);
                 let lr = a.positive("lr", Some(1e-3));
                 let b1 = a.fraction_01("b1", 0.9);
                 let b2 = a.fraction_01("b2", 0.999);
                 let eps = a.positive("eps", Some(1e-8));
-                let weight_decay = a.non_negative("weight_decay", 0.0);
+                let weight_decay = a.non_negative("weight_decay", if decoupled { 1e-2 } else { 0.0 });
                 a.finish()?;
-                Some(Optimizer::Adam { lr: lr?, b1, b2, eps: eps?, weight_decay })
+                Some(Optimizer::Adam { lr: lr?, b1, b2, eps: eps?, weight_decay, decoupled })
             }
             other => {
                 let mut d = Diagnostic::error(format!("unknown optimizer `{other}`"))
                     .label(c.name_span, "not an optimizer");
-                d = match closest(other, ["sgd", "adam"].iter()) {
+                d = match closest(other, ["sgd", "adam", "adamw"].iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help("optimizers are `sgd(…)` and `adam(…)`"),
+                    None => d.help("optimizers are `sgd(…)`, `adam(…)` and `adamw(…)`"),
                 };
                 self.err(d);
                 None

@@ -295,9 +295,10 @@ impl Display for Optimizer {
                 Num(*lr),
                 Num(*weight_decay)
             ),
-            Optimizer::Adam { lr, b1, b2, eps, weight_decay } => write!(
+            Optimizer::Adam { lr, b1, b2, eps, weight_decay, decoupled } => write!(
                 f,
-                "adam(lr: {}, b1: {b1}, b2: {b2}, eps: {}, weight_decay: {})",
+                "{}(lr: {}, b1: {b1}, b2: {b2}, eps: {}, weight_decay: {})",
+                if *decoupled { "adamw" } else { "adam" },
                 Num(*lr),
                 Num(*eps),
                 Num(*weight_decay)

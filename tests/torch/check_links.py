@@ -9,7 +9,8 @@ module `aec compile --emit torch` writes. For each spec, on one batch of eight r
   its gradient), against `loss.backward()` in training mode (batch statistics);
 - the loss of each of STEPS Adam steps, the parameters after them, the running statistics
   (`running_mean`, unbiased `running_var` with momentum, `num_batches_tracked`);
-- the evaluation output (running statistics; aec folds them into the convolutions).
+- the evaluation output (running statistics; aec folds them into the convolutions), and the
+  same from PyTorch's own `state_dict` (its batch counts int64) run by `aec run --weights`.
 
 Every epoch is the one batch, so aec's shuffling only permutes it (batch statistics and the
 mean loss do not depend on the order, up to rounding).
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 AEC = ROOT / "target" / "release" / "aec"
@@ -133,6 +134,12 @@ def check(name, work):
     with torch.no_grad():
         recon, _ = model(xt)
     worst["evaluation output"] = np.abs(np.load(work / "y.npy") - recon.numpy()).max()
+    # The other way: PyTorch's own state_dict (its batch counts int64) read by aec.
+    ours_in_torch = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(ours_in_torch, str(work / "torch.safetensors"))
+    aec("run", work / "adam.ae", "--weights", work / "torch.safetensors", "--input", work / "x.npy",
+        "--raw-input", "--output", work / "y_torch.npy")
+    worst["torch's state_dict run by aec"] = np.abs(np.load(work / "y_torch.npy") - recon.numpy()).max()
     ok = all(v < 1e-4 for v in worst.values())
     print(f"{name:13} " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
     return ok
