@@ -696,3 +696,90 @@ fn greedy_pretraining_runs_through_links_and_batch_norms() {
     // Stage 1 stops before the normalization; stage 2 (4 steps) and fine-tuning (8) run it.
     assert_eq!(count.2, vec![12.0]);
 }
+
+#[test]
+fn a_run_starts_from_given_weights_with_init() {
+    let dir = scratch("init");
+    let (first, warm, fresh) = (dir.join("first"), dir.join("warm"), dir.join("fresh"));
+    let spec = "specs/digits_mlp.ae";
+    let (code, _, err) = aec(&["run", "--train", spec, "--epochs", "3", "--out", s(&first)]);
+    assert_eq!(code, 0, "{err}");
+    let weights = first.join("checkpoint.safetensors");
+    // Rewritten as a PyTorch `state_dict` might be saved: an F64 tensor among the F32 ones.
+    let mut tensors = aec::runtime::checkpoint::read_all(&weights).expect("checkpoint");
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (n, shape, v))| {
+            if i == 0 {
+                (
+                    n.clone(),
+                    shape.clone(),
+                    v.iter().flat_map(|x| f64::from(*x).to_le_bytes()).collect(),
+                    safetensors::Dtype::F64,
+                )
+            } else {
+                (
+                    n.clone(),
+                    shape.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    safetensors::Dtype::F32,
+                )
+            }
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b, dt)| {
+            (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), b).expect("view"))
+        })
+        .collect();
+    let edited = dir.join("edited.safetensors");
+    std::fs::write(&edited, safetensors::serialize(views, None).expect("serialize")).expect("write");
+
+    let (code, out, err) =
+        aec(&["run", "--train", spec, "--epochs", "1", "--init", s(&edited), "--out", s(&warm)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("init from") || out.contains("init from"), "{out}{err}");
+    let (code, _, err) = aec(&["run", "--train", spec, "--epochs", "1", "--out", s(&fresh)]);
+    assert_eq!(code, 0, "{err}");
+    let (warm_loss, fresh_loss, third) = (losses(&warm)[0], losses(&fresh)[0], losses(&first)[2]);
+    assert!(
+        warm_loss < fresh_loss && warm_loss < third * 1.05,
+        "warm {warm_loss}, fresh {fresh_loss}, third epoch {third}"
+    );
+    // The optimizer starts fresh: its step count is the new run's.
+    let (_, meta) = safetensors::SafeTensors::read_metadata(
+        &std::fs::read(warm.join("optimizer.safetensors")).expect("opt"),
+    )
+    .expect("metadata");
+    let meta = meta.metadata().clone().unwrap_or_default();
+    assert_eq!(meta.get("step").map(String::as_str), Some("26"), "{meta:?}");
+
+    // Another model's weights: every problem listed, nothing written.
+    let other = dir.join("other");
+    let (code, _, err) =
+        aec(&["run", "--train", "specs/digits_conv.ae", "--init", s(&weights), "--out", s(&other)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("does not fit the spec")
+            && err.contains("which the spec does not declare")
+            && err.contains("which the spec needs"),
+        "{err}"
+    );
+    assert!(!other.join("checkpoint.safetensors").exists());
+    // --init starts a run, --resume continues one.
+    let (code, _, _) = aec(&["run", "--train", spec, "--init", s(&weights), "--resume", s(&first)]);
+    assert_eq!(code, 2);
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"].as_f64().expect("loss")
+        })
+        .collect()
+}

@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// Continue training from the last checkpoint in this run folder.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start training from these weights (an aec checkpoint, or a PyTorch `state_dict` saved
+    /// as safetensors: names and shapes must match the spec's), with a fresh optimizer.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
     /// Stop after this epoch (counting pretraining's) with a checkpoint; continue later with
     /// --resume.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -516,18 +520,22 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         }
     };
     let noise = cfg.noise.map(|n| format!("{n:?}"));
+    let init = match &cfg.init_from {
+        Some(path) => format!("from {}", path.display()),
+        None => format!("{:?}", cfg.init),
+    };
     let pretrain = cfg.pretrain.map(|p| format!("greedy(epochs: {}, freeze: {})", p.epochs, p.freeze));
     let backend = match cfg.backend {
         aec::runtime::Backend::Jit => "jit",
         aec::runtime::Backend::Interp => "interp",
     };
     let line = format!(
-        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {:?}{}{}, {} thread{}, backend {backend}",
+        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {}{}{}, {} thread{}, backend {backend}",
         cfg.batch,
         cfg.epochs,
         cfg.seed,
         cfg.validation,
-        cfg.init,
+        init,
         noise.as_ref().map_or(String::new(), |n| format!(", noise {n}")),
         pretrain.as_ref().map_or(String::new(), |p| format!(", pretrain {p}")),
         cfg.threads,
@@ -546,7 +554,7 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         "optimizer": optimizer,
         "seed": cfg.seed,
         "validation": cfg.validation,
-        "init": format!("{:?}", cfg.init),
+        "init": init,
         "noise": noise,
         "pretrain": pretrain,
         "threads": cfg.threads,
@@ -691,6 +699,7 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         backend: args.backend.runtime(),
         out,
         resume,
+        init_from: args.init.clone(),
         dist,
     };
     if lead {

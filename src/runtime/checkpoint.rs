@@ -132,7 +132,7 @@ pub fn recover(dir: &Path) -> Result<bool, String> {
         let staged = dir.join(&f.staged);
         if !matches(&staged, f) {
             return Err(format!(
-                "the save in {} is damaged: {} is missing or differs from what {MANIFEST} records (step {}); restore the folder from a copy, or start the run again",
+                "the save in {} is damaged: {} is missing or differs from what {MANIFEST} records (step {}); restore the folder from a copy, or start the run again (from edited weights: `aec run SPEC --train --init FILE`)",
                 dir.display(),
                 f.name,
                 manifest.step
@@ -266,34 +266,40 @@ pub fn load_params(path: &Path, g: &Graph) -> Result<Vec<Vec<f32>>, String> {
             path.display()
         ));
     }
+    // Every problem at once: what is missing, what has another shape, what is extra.
+    let mut problems = Vec::new();
     let mut out = Vec::new();
     for p in &g.params {
-        let t = st.tensor(&p.name).map_err(|_| {
-            format!("{} has no `{}` (shape {:?}), which the spec needs", path.display(), p.name, p.shape)
-        })?;
-        if t.shape() != p.shape.as_slice() {
-            return Err(format!(
-                "{}: `{}` has shape {:?}, the spec needs {:?}",
-                path.display(),
-                p.name,
-                t.shape(),
-                p.shape
-            ));
+        match st.tensor(&p.name) {
+            Err(_) => problems.push(format!("no `{}` (shape {:?}), which the spec needs", p.name, p.shape)),
+            Ok(t) if t.shape() != p.shape.as_slice() => {
+                problems.push(format!("`{}` has shape {:?}, the spec needs {:?}", p.name, t.shape(), p.shape))
+            }
+            Ok(t) => out.push(f32s(path, &p.name, &t)?),
         }
-        out.push(f32s(path, &p.name, &t)?);
     }
     let known: Vec<&str> = g.params.iter().map(|p| p.name.as_str()).collect();
     let mut extra: Vec<String> =
         st.names().into_iter().filter(|n| !known.contains(n)).map(str::to_owned).collect();
     extra.sort();
-    if let Some(name) = extra.first() {
-        return Err(format!("{} has `{name}`, which the spec does not declare", path.display()));
+    problems.extend(extra.iter().map(|name| format!("`{name}`, which the spec does not declare")));
+    match problems.as_slice() {
+        [] => Ok(out),
+        [one] => Err(format!("{}: {one}", path.display())),
+        many => {
+            let shown: Vec<String> = many.iter().take(12).map(|p| format!("\n  - {p}")).collect();
+            let more = many.len().saturating_sub(12);
+            let more = if more > 0 { format!("\n  - and {more} more") } else { String::new() };
+            Err(format!(
+                "{} does not fit the spec ({} problems):{}{more}",
+                path.display(),
+                many.len(),
+                shown.concat()
+            ))
+        }
     }
-    Ok(out)
 }
 
-/// A tensor's values as f32: F32 as stored; F64 rounded; I64 (a batch norm's
-/// `num_batches_tracked` in a PyTorch `state_dict`) converted, exact up to 2²⁴.
 fn f32s(path: &Path, name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, String> {
     let bytes8 = |c: &[u8]| <[u8; 8]>::try_from(c).unwrap_or([0; 8]);
     let v: Vec<f32> = match t.dtype() {

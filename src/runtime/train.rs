@@ -51,6 +51,8 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Continue from the checkpoint in `out`.
     pub resume: bool,
+    /// Weights to start from instead of the initialisation (`--init`), with a fresh optimizer.
+    pub init_from: Option<PathBuf>,
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
@@ -500,6 +502,12 @@ pub fn train(
     let mut store = Store::default();
     for (p, v) in model_graph.params.iter().zip(super::init::init_params(model_graph, cfg.init, cfg.seed)) {
         store.set(&p.name, &p.shape, v);
+    }
+    if let Some(path) = cfg.init_from.as_ref().filter(|_| !cfg.resume) {
+        let values = checkpoint::load_params(path, model_graph).map_err(TrainError::Data)?;
+        for (p, v) in model_graph.params.iter().zip(values) {
+            store.set(&p.name, &p.shape, v);
+        }
     }
     let lead = cfg.dist.as_ref().is_none_or(|Dist(d)| d.rank() == 0);
     if cfg.dist.is_some() && cfg.backend == Backend::Interp {
