@@ -783,3 +783,81 @@ fn losses(dir: &Path) -> Vec<f64> {
         })
         .collect()
 }
+
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_resumes_to_the_same_end() {
+    let dir = scratch("early-stop");
+    let spec = dir.join("es.ae");
+    let data = root().join("specs/data/digits-images.npy");
+    let text = format!(
+        "model es {{\n input x: [8, 8]\n encoder {{ flatten; dense 32 -> relu; dense 8 -> relu }}\n \
+         decoder {{ dense 32 -> relu; dense 64 -> sigmoid; reshape [8, 8] }}\n loss mse(x)\n}}\n\
+         train {{\n data npy(\"{}\", scale: 1/16)\n batch 64\n epochs 200\n optimizer adam(lr: 0.02)\n \
+         validation 0.1\n early_stop(patience: 3, min_delta: 1e-4)\n seed 1\n}}\n",
+        data.display()
+    );
+    std::fs::write(&spec, &text).expect("spec");
+    let (whole, parts) = (dir.join("whole"), dir.join("parts"));
+    let (code, out, err) = aec(&["run", "--train", s(&spec), "--out", s(&whole)]);
+    assert_eq!(code, 0, "{err}");
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let stopped = metrics.len();
+    assert!(stopped < 200, "it stops early");
+    // Keras's rule: the best epoch is the last one whose validation loss beat the best before it
+    // by more than min_delta, and the run stops `patience` epochs after it.
+    let val: Vec<f64> = metrics.iter().map(|m| m["val_loss"].as_f64().expect("val")).collect();
+    let mut best = (f64::INFINITY, 0);
+    for (i, &v) in val.iter().enumerate() {
+        if v < best.0 - 1e-4 {
+            best = (v, i + 1);
+        }
+    }
+    assert_eq!(stopped, best.1 + 3, "{val:?}");
+    assert!(out.contains(&format!("stopped early after epoch {stopped}")), "{out}");
+    assert!(out.contains(&format!("best epoch {}", best.1)), "{out}");
+    // The best weights are the best epoch's: their validation loss, computed again by `aec run`,
+    // is the recorded one (the same held-out samples: the run's seed picks them).
+    let best_w = whole.join("best.safetensors");
+    let last_w = whole.join("checkpoint.safetensors");
+    assert_ne!(std::fs::read(&best_w).expect("best"), std::fs::read(&last_w).expect("last"));
+    let x = dir.join("x.npy");
+    let digits = data::read_npy(&data).expect("digits");
+    data::write_npy(&x, &Array { shape: vec![4, 8, 8], values: Values::F32(f32s(&digits)[..256].to_vec()) })
+        .expect("x");
+    for w in [&best_w, &last_w] {
+        let (code, _, err) =
+            aec(&["run", s(&spec), "--weights", s(w), "--input", s(&x), "--output", s(&dir.join("y.npy"))]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // Interrupted before the stop and resumed: the same files at the end, best included.
+    let cut = (stopped - 2).to_string();
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--stop-at", &cut, "--out", s(&parts)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = aec(&["run", "--train", s(&spec), "--resume", s(&parts)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("stopped early after epoch {stopped}")), "{out}");
+    for file in ["checkpoint.safetensors", "optimizer.safetensors", "best.safetensors"] {
+        let a = std::fs::read(whole.join(file)).expect("whole");
+        let b = std::fs::read(parts.join(file)).expect("parts");
+        assert!(a == b, "{file} differs after resuming");
+    }
+    assert_eq!(losses(&whole), losses(&parts));
+    // A run that stopped stays stopped.
+    let (code, out, err) = aec(&["run", "--train", s(&spec), "--resume", s(&whole)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("nothing to train") && out.contains("stopped early"), "{out}");
+
+    // Without a validation split there is nothing to watch: a located error.
+    std::fs::write(&spec, text.replace(" validation 0.1\n", "")).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir.join("none"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("es.ae:") && err.contains("needs a validation split"), "{err}");
+    std::fs::write(&spec, text.replace("patience: 3", "patience: -1")).expect("spec");
+    let (code, _, err) = aec(&["compile", s(&spec)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`patience` must be a whole number ≥ 1"), "{err}");
+}

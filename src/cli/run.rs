@@ -700,6 +700,7 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         out,
         resume,
         init_from: args.init.clone(),
+        early_stop: t.early_stop.map(|(e, _)| e),
         dist,
     };
     if lead {
@@ -781,6 +782,23 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
     if !lead {
         return Ok(());
     }
+    // Early stopping: why the run ended, and where the best weights are.
+    let early = summary.early.map(|(e, stopped)| {
+        let best = format!(
+            "best epoch {} (validation loss {:.6}): {}",
+            e.best_epoch,
+            e.best,
+            cfg.out.join("best.safetensors").display()
+        );
+        match (stopped, cfg.early_stop) {
+            (Some(at), Some(rule)) => format!(
+                "stopped early after epoch {at}: the validation loss has not improved by more than {} for {} \
+                 epochs; {best}",
+                rule.min_delta, rule.patience
+            ),
+            _ => best,
+        }
+    });
     if summary.nothing_to_do {
         outln!(
             "nothing to train: the run in {} already stands at epoch {} of {}; it is left unchanged",
@@ -788,6 +806,9 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
             summary.metrics.last().map_or(0, |m| m.epoch),
             summary.total_epochs
         );
+        if let Some(e) = &early {
+            outln!("{e}");
+        }
         return Ok(());
     }
     let used_threads = cfg.threads;
@@ -815,6 +836,9 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         used_threads,
         if used_threads == 1 { "" } else { "s" }
     );
+    if let Some(e) = &early {
+        outln!("{e}");
+    }
     if let (Some(train::Dist(d)), Some(t)) = (&cfg.dist, last.and_then(|m| m.allreduce_s)) {
         outln!(
             "{} processes (MPI), {} thread{} each; the sum over the processes took {:.3} ms per step",

@@ -155,6 +155,16 @@ pub fn recover(dir: &Path) -> Result<bool, String> {
 pub struct Progress {
     pub epoch: u64,
     pub seed: u64,
+    /// Early stopping's state, when the run has it.
+    pub early: Option<EarlyState>,
+}
+
+/// Where early stopping stands: the best validation loss, its epoch, and the epochs since.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EarlyState {
+    pub best: f64,
+    pub best_epoch: u64,
+    pub wait: u64,
 }
 
 fn to_bytes(v: &[f32]) -> Vec<u8> {
@@ -205,9 +215,7 @@ pub fn save_files(
     state: &State,
     progress: &Progress,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, String> {
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
-        params.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), to_bytes(v))).collect();
-    let checkpoint = serialize(&tensors, None)?;
+    let checkpoint = weights_file(params)?;
 
     let mut slots = Vec::new();
     for (p, s) in g.params.iter().zip(&state.slots) {
@@ -221,15 +229,26 @@ pub fn save_files(
         }
     }
     let steps: Vec<String> = state.param_steps.iter().map(u64::to_string).collect();
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("epoch".to_owned(), progress.epoch.to_string()),
         ("step".to_owned(), state.step.to_string()),
         ("seed".to_owned(), progress.seed.to_string()),
         ("param_steps".to_owned(), steps.join(",")),
         ("graph".to_owned(), g.name.clone()),
     ]);
+    if let Some(e) = progress.early {
+        // f64's shortest round-trip text: the same bits after a resume.
+        meta.insert("early_stop".to_owned(), serde_json::to_string(&e).map_err(|e| e.to_string())?);
+    }
     let optimizer = serialize(&slots, Some(meta))?;
     Ok(vec![("checkpoint.safetensors", checkpoint), ("optimizer.safetensors", optimizer)])
+}
+
+/// A weights file (`best.safetensors`): the named tensors alone, as `checkpoint.safetensors`.
+pub fn weights_file(params: &[Named]) -> Result<Vec<u8>, String> {
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        params.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), to_bytes(v))).collect();
+    serialize(&tensors, None)
 }
 
 /// Every f32 tensor of a safetensors file, in the file's order.
@@ -383,5 +402,12 @@ pub fn load_optimizer(dir: &Path, g: &Graph) -> Result<(State, Progress), String
         }
         state.param_steps = steps;
     }
-    Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")? }))
+    let early = match info.get("early_stop") {
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| format!("{}: its early-stopping state is damaged: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")?, early }))
 }

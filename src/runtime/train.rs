@@ -53,6 +53,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Weights to start from instead of the initialisation (`--init`), with a fresh optimizer.
     pub init_from: Option<PathBuf>,
+    /// Stop when the validation loss stops improving; keep the best epoch's weights.
+    pub early_stop: Option<crate::syntax::ast::EarlyStop>,
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
@@ -149,6 +151,8 @@ pub struct Summary {
     pub samples_per_s: Option<f64>,
     /// Time spent generating native code, in all.
     pub jit_seconds: f64,
+    /// With early stopping: the best epoch so far, and the epoch it stopped after, if it did.
+    pub early: Option<(checkpoint::EarlyState, Option<u64>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -518,16 +522,33 @@ pub fn train(
     // The seed of this process's draws (noise, dropout, ε): see `dist::process_seed`.
     let seed = cfg.dist.as_ref().map_or(cfg.seed, |Dist(d)| dist::process_seed(cfg.seed, d.rank()));
     // Process 0 alone reads the run folder; the others get what it read.
-    let (mut metrics, mut first_epoch, mut step) =
-        if cfg.resume && lead { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0) };
+    let (mut metrics, mut first_epoch, mut step, mut early) =
+        if cfg.resume && lead { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0, None) };
     if let Some(Dist(d)) = &cfg.dist {
-        let mut start = (std::mem::take(&mut store.entries), metrics, first_epoch, step);
+        let mut start = (std::mem::take(&mut store.entries), metrics, first_epoch, step, early);
         dist::share(d.as_ref(), &mut start).map_err(TrainError::Data)?;
-        (store.entries, metrics, first_epoch, step) = start;
+        (store.entries, metrics, first_epoch, step, early) = start;
     }
+    // The best epoch's weights, saved as `best.safetensors` with every save after it.
+    let mut best: Option<Store> = match (&early, cfg.resume && lead) {
+        (Some(_), true) => {
+            let path = cfg.out.join("best.safetensors");
+            let saved = checkpoint::read_all(&path).map_err(TrainError::Io)?;
+            let mut s = Store::default();
+            for (name, shape, v) in saved {
+                s.set(&name, &shape, v);
+            }
+            Some(s)
+        }
+        _ => None,
+    };
+    let stopped = |e: &Option<checkpoint::EarlyState>| match (e, cfg.early_stop) {
+        (Some(e), Some(rule)) => e.wait >= rule.patience,
+        _ => false,
+    };
 
     let last = cfg.stop_at.unwrap_or(total).min(total);
-    if first_epoch >= last {
+    if first_epoch >= last || stopped(&early) {
         // A resumed run that already stands at its last epoch: nothing is trained and nothing
         // written, so its saved state stays exactly as it was.
         return Ok(Summary {
@@ -539,6 +560,7 @@ pub fn train(
             seconds: 0.0,
             samples_per_s: None,
             jit_seconds: 0.0,
+            early: early.map(|e| (e, stopped(&Some(e)).then_some(e.best_epoch + e.wait))),
         });
     }
     let steps_per_epoch = train_idx.len().div_ceil(batch) as u64;
@@ -556,6 +578,7 @@ pub fn train(
     let mut jit_seconds = 0.0;
     let mut phase_start = 0u64;
     let mut decoder = super::decode::Decoder::new(compiled, cfg.backend, cfg.threads);
+    let mut stopped_after = None;
     for phase in &phases {
         if phase_start >= last {
             break;
@@ -703,16 +726,50 @@ pub fn train(
             if phase.stage.is_none() {
                 on(Event::Params { epoch, params: &state.params });
             }
-            if lead && (epoch == last || epoch == phase_end || last_save.elapsed() >= Duration::from_secs(2))
+            // Early stopping, on the whole network's validation loss (not during pretraining):
+            // decided by process 0, which alone validates, and shared.
+            let mut stop = false;
+            if let (Some(rule), None) = (cfg.early_stop, phase.stage) {
+                if let Some(v) = val_loss {
+                    let improved = early.is_none_or(|e| v < e.best - rule.min_delta);
+                    early = Some(match early {
+                        Some(e) if !improved => checkpoint::EarlyState { wait: e.wait + 1, ..e },
+                        _ => checkpoint::EarlyState { best: v, best_epoch: epoch, wait: 0 },
+                    });
+                    if improved {
+                        best = Some(model_only(&store, model_graph));
+                    }
+                }
+                stop = stopped(&early);
+                if let Some(Dist(d)) = &cfg.dist {
+                    let mut shared = (stop, early);
+                    dist::share(d.as_ref(), &mut shared).map_err(TrainError::Data)?;
+                    (stop, early) = shared;
+                }
+            }
+            if lead
+                && (stop
+                    || epoch == last
+                    || epoch == phase_end
+                    || last_save.elapsed() >= Duration::from_secs(2))
             {
-                let kept = if epoch == total { model_only(&store, model_graph) } else { store.clone() };
-                save(&cfg.out, &kept, &reference, &state, (epoch, cfg), &metrics)?;
+                let kept =
+                    if epoch == total || stop { model_only(&store, model_graph) } else { store.clone() };
+                let at = Saved { epoch, early, best: best.as_ref() };
+                save(&cfg.out, &kept, &reference, &state, (at, cfg), &metrics)?;
                 last_save = Instant::now();
+            }
+            if stop {
+                stopped_after = Some(epoch);
+                break;
             }
         }
         step = state.step;
         jit_seconds += programs.jit_seconds;
         phase_start = phase_end;
+        if stopped_after.is_some() {
+            break;
+        }
     }
     let params = store.params_of(model_graph)?;
     Ok(Summary {
@@ -724,6 +781,7 @@ pub fn train(
         seconds: started.elapsed().as_secs_f64(),
         samples_per_s: rate(trained_samples, train_time),
         jit_seconds,
+        early: early.map(|e| (e, stopped_after)),
     })
 }
 
@@ -789,7 +847,7 @@ fn resume(
     store: &mut Store,
     model: &Graph,
     cfg: &TrainConfig,
-) -> Result<(Vec<EpochMetrics>, u64, u64), TrainError> {
+) -> Result<(Vec<EpochMetrics>, u64, u64, Option<checkpoint::EarlyState>), TrainError> {
     // The last committed save, with any interrupted one finished or cleared away.
     checkpoint::recover(&cfg.out).map_err(TrainError::Io)?;
     let path = cfg.out.join("checkpoint.safetensors");
@@ -828,7 +886,7 @@ fn resume(
         )));
     }
     let metrics = read_metrics(&cfg.out.join("metrics.jsonl"), progress.epoch);
-    Ok((metrics, progress.epoch, state.step))
+    Ok((metrics, progress.epoch, state.step, progress.early.filter(|_| cfg.early_stop.is_some())))
 }
 
 /// Greedy decoding of the samples `idx`: token and whole-sequence accuracy against the loss
@@ -953,16 +1011,27 @@ fn non_finite_state(g: &Graph, state: &State) -> Option<String> {
 }
 
 /// Saves the run as one transaction: checkpoint, optimizer state, metrics and configuration.
+/// What a save records besides the parameters: its epoch, early stopping's state and the best
+/// epoch's weights.
+struct Saved<'a> {
+    epoch: u64,
+    early: Option<checkpoint::EarlyState>,
+    best: Option<&'a Store>,
+}
+
 fn save(
     dir: &Path,
     store: &Store,
     g: &Graph,
     state: &State,
-    (epoch, cfg): (u64, &TrainConfig),
+    (at, cfg): (Saved, &TrainConfig),
     metrics: &[EpochMetrics],
 ) -> Result<(), TrainError> {
-    let progress = Progress { epoch, seed: cfg.seed };
+    let progress = Progress { epoch: at.epoch, seed: cfg.seed, early: at.early };
     let mut files = checkpoint::save_files(&store.entries, g, state, &progress).map_err(TrainError::Io)?;
+    if let Some(best) = at.best {
+        files.push(("best.safetensors", checkpoint::weights_file(&best.entries).map_err(TrainError::Io)?));
+    }
     if let Some(config) = &cfg.config_json {
         files.push(("config.json", config.clone().into_bytes()));
     }

@@ -196,6 +196,15 @@ pub struct Compiled {
 /// and a task whose target differs from its input (`reverse`, `translation`) has a target to
 /// train on — without one the loss would compare the input with itself, a copy task.
 fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
+    if let Some((_, span)) = t.early_stop
+        && t.validation.unwrap_or(0.0) == 0.0
+    {
+        diags.push(
+            Diagnostic::error("`early_stop` watches the validation loss, and this run holds out no samples")
+                .label(span, "needs a validation split")
+                .help("add e.g. `validation 0.1` to the train block"),
+        );
+    }
     for b in &t.data {
         if let Some(name) = &b.binding
             && !m.inputs.iter().chain(&m.targets).any(|v| v.name == name.name)

@@ -366,7 +366,17 @@ pub struct Train {
     pub noise: Option<Noise>,
     pub pretrain: Option<Pretrain>,
     pub init: Option<Init>,
+    /// `early_stop(patience: P, min_delta: D)`, with the field's span.
+    pub early_stop: Option<(EarlyStop, Span)>,
     pub span: Span,
+}
+
+/// Stop when the validation loss has not improved by more than `min_delta` for `patience`
+/// epochs in a row (Keras's `EarlyStopping(monitor="val_loss")`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EarlyStop {
+    pub patience: u64,
+    pub min_delta: f64,
 }
 
 /// `data npy("x.npy")` binds the model's (only) input; `data mask: npy("m.npy")` binds a name.

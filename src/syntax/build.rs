@@ -716,6 +716,17 @@ impl Builder {
                     Rule::field_name => name = Some(ident(&part)),
                     Rule::binding => binding = Some(ident(&part)),
                     Rule::value => value = Some((self.value(part.clone()), span_of(&part))),
+                    // `early_stop(patience: 5)`: the field is its own call.
+                    Rule::call_args => {
+                        let at = span_of(&part);
+                        let args = self.call_args(part);
+                        if let Some(n) = &name {
+                            let n: &Ident = n;
+                            let call =
+                                Call { name: n.name.clone(), name_span: n.span, args, span: n.span.to(at) };
+                            value = Some((Value::Call(call), n.span.to(at)));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -777,6 +788,7 @@ impl Builder {
             "optimizer" => t.optimizer = self.optimizer(&v, vs),
             "noise" => t.noise = self.noise(&v, vs),
             "pretrain" => t.pretrain = self.pretrain(&v, vs),
+            "early_stop" => t.early_stop = self.early_stop(&v, vs).map(|e| (e, span)),
             "init" => {
                 t.init = match &v {
                     Value::Word(w) if w == "default" => Some(Init::Default),
@@ -802,6 +814,7 @@ impl Builder {
                     "noise",
                     "pretrain",
                     "init",
+                    "early_stop",
                 ];
                 let mut d = Diagnostic::error(format!("unknown train field `{other}`"))
                     .label(name.span, "not a train field");
@@ -886,6 +899,22 @@ impl Builder {
                 None
             }
         }
+    }
+
+    fn early_stop(&mut self, v: &Value, vs: Span) -> Option<EarlyStop> {
+        let Value::Call(c) = v else {
+            self.err(
+                Diagnostic::error("`early_stop` takes its settings in parentheses")
+                    .label(vs, "not `early_stop(…)`")
+                    .help("write e.g. `early_stop(patience: 5, min_delta: 1e-4)`"),
+            );
+            return None;
+        };
+        let mut a = CallReader::new(self, c, &["patience", "min_delta"]);
+        let patience = a.count_or("patience", 5);
+        let min_delta = a.non_negative("min_delta", 0.0);
+        a.finish()?;
+        Some(EarlyStop { patience, min_delta })
     }
 
     fn noise(&mut self, v: &Value, vs: Span) -> Option<Noise> {

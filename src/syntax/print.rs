@@ -234,6 +234,9 @@ impl Display for Train {
         if let Some(p) = &self.pretrain {
             writeln!(f, "    pretrain greedy(epochs: {}, freeze: {})", p.epochs, p.freeze)?;
         }
+        if let Some((e, _)) = &self.early_stop {
+            writeln!(f, "    early_stop(patience: {}, min_delta: {})", e.patience, Num(e.min_delta))?;
+        }
         if let Some(i) = self.init {
             let name = match i {
                 Init::Default => "default",
