@@ -174,7 +174,8 @@ impl Model {
 /// Options of a compilation.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
-    /// Batch size of the lowered graph; default: the train block's, else 1.
+    /// Batch size of the lowered graph; default: the train block's, else 1 (2 for a model that
+    /// normalizes over features, which a batch of 1 cannot train).
     pub batch: Option<u64>,
 }
 
@@ -256,12 +257,16 @@ pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> 
         Some(m) if !errors => m,
         _ => return Err(diags),
     };
-    let batch = config.batch.or(ast.train.as_ref().and_then(|t| t.batch)).unwrap_or(1);
-    // Batch normalization over features in training needs two samples (PyTorch's rule).
+    // Batch normalization over features in training needs two samples (PyTorch's rule): a
+    // batch of 1 written is an error, and the batch left unsaid is 2 for such a model.
     let per_feature = model.layers.iter().find(|l| {
         matches!(l.layer.kind, ast::LayerKind::BatchNorm { .. })
             && matches!(&l.input, Ty::Tensor(d) if d.iter().skip(1).product::<u64>() == 1)
     });
+    let batch = config
+        .batch
+        .or(ast.train.as_ref().and_then(|t| t.batch))
+        .unwrap_or(if per_feature.is_some() { 2 } else { 1 });
     if let (1, Some(l)) = (batch, per_feature) {
         diags.push(
             Diagnostic::error(format!(
