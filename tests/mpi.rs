@@ -228,3 +228,26 @@ fn batch_norm_normalizes_each_process_shard_by_itself() {
     assert_eq!(count(&one), 4.0);
     assert_eq!(count(&two), 2.0, "process 0 counts its own two batches");
 }
+
+#[test]
+fn early_stopping_is_decided_once_for_every_process() {
+    // Process 0 alone validates; it decides to stop and the others stop with it, at the epoch
+    // one process stops at (the curves are the same).
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-early");
+    let path = spec(&dir, 400);
+    let text = std::fs::read_to_string(&path).expect("spec")
+        .replace(" seed 3\n", " seed 3\n validation 0.2\n early_stop(patience: 2, min_delta: 1e-3)\n");
+    std::fs::write(&path, text).expect("spec");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let out = run(1, &["run", "--train", s(&path), "--out", s(&one)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(2, &["run", "--train", s(&path), "--out", s(&two)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (a, b) = (losses(&one).len(), losses(&two).len());
+    assert!(a < 400, "one process stops early ({a} epochs)");
+    assert_eq!(a, b, "{stdout}");
+    assert!(stdout.contains(&format!("stopped early after epoch {b}")), "{stdout}");
+    assert!(two.join("best.safetensors").exists());
+}
