@@ -236,7 +236,8 @@ fn early_stopping_is_decided_once_for_every_process() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("mpi-early");
     let path = spec(&dir, 400);
-    let text = std::fs::read_to_string(&path).expect("spec")
+    let text = std::fs::read_to_string(&path)
+        .expect("spec")
         .replace(" seed 3\n", " seed 3\n validation 0.2\n early_stop(patience: 2, min_delta: 1e-3)\n");
     std::fs::write(&path, text).expect("spec");
     let (one, two) = (dir.join("one"), dir.join("two"));

@@ -861,3 +861,39 @@ fn early_stopping_keeps_the_best_epoch_and_resumes_to_the_same_end() {
     assert_eq!(code, 1);
     assert!(err.contains("`patience` must be a whole number ≥ 1"), "{err}");
 }
+
+#[test]
+fn the_event_file_holds_every_epoch_and_grows_by_appending() {
+    use aec::runtime::tensorboard::{self, Event, Payload, What};
+    use prost::Message;
+    let dir = scratch("tensorboard");
+    let run = dir.join("run");
+    let events = |dir: &Path| -> Vec<Vec<u8>> {
+        let bytes = std::fs::read(dir.join(tensorboard::FILE)).expect("event file");
+        tensorboard::records(&bytes).expect("records")
+    };
+    let (code, _, err) =
+        aec(&["run", "--train", "specs/digits_mlp.ae", "--epochs", "4", "--stop-at", "2", "--out", s(&run)]);
+    assert_eq!(code, 0, "{err}");
+    let before = events(&run);
+    let (code, _, err) =
+        aec(&["run", "--train", "specs/digits_mlp.ae", "--epochs", "4", "--resume", s(&run)]);
+    assert_eq!(code, 0, "{err}");
+    let after = events(&run);
+    // The file-version record, then one per epoch; the resumed file begins with the first's.
+    assert_eq!((before.len(), after.len()), (3, 5));
+    assert_eq!(&after[..3], &before[..]);
+    let first = Event::decode(after[0].as_slice()).expect("event");
+    assert_eq!(first.what, Some(What::FileVersion("brain.Event:2".into())));
+    let losses = losses(&run);
+    for (k, r) in after[1..].iter().enumerate() {
+        let e = Event::decode(r.as_slice()).expect("event");
+        assert_eq!(e.step, k as i64 + 1);
+        let Some(What::Summary(sum)) = e.what else { panic!("a summary") };
+        let train = sum.value.iter().find(|v| v.tag == "loss/train").expect("loss/train");
+        assert_eq!(train.payload, Some(Payload::SimpleValue(losses[k] as f32)));
+        for tag in ["loss/validation", "loss/train/mse", "learning_rate"] {
+            assert!(sum.value.iter().any(|v| v.tag == tag), "epoch {}: no {tag}", k + 1);
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod infer;
 pub mod init;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod tensorboard;
 pub mod train;
 
 /// The training state lives below the backends, which read and write it ([`crate::state`]).

@@ -103,6 +103,9 @@ pub struct EpochMetrics {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub val_terms: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
+    /// When the epoch ended (seconds since 1970): the wall time TensorBoard's events show.
+    #[serde(default)]
+    pub wall_time: f64,
 }
 
 /// What the loop reports as it goes; the CLI turns it into a progress bar.
@@ -718,6 +721,9 @@ pub fn train(
                     .is_some()
                     .then(|| allreduce.as_secs_f64() / order.len().div_ceil(batch).max(1) as f64),
                 seconds: started.elapsed().as_secs_f64(),
+                wall_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
             });
             if let Some(m) = metrics.last() {
                 on(Event::Epoch(m));
@@ -1035,6 +1041,12 @@ fn save(
     if let Some(config) = &cfg.config_json {
         files.push(("config.json", config.clone().into_bytes()));
     }
+    // TensorBoard's events: a function of the metrics and the pictures, so in the transaction.
+    let lr = match cfg.optimizer {
+        OptimizerFn::Sgd { lr, .. } | OptimizerFn::Adam { lr, .. } => f64::from(lr),
+    };
+    let picture = |epoch: u64| std::fs::read(dir.join(format!("epoch-{epoch:04}.png"))).ok();
+    files.push((super::tensorboard::FILE, super::tensorboard::events(metrics, lr, &picture)));
     let mut text = String::new();
     for m in metrics {
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?);
