@@ -4,7 +4,7 @@
 #![cfg(feature = "mpi")]
 
 mod common;
-use common::{root, s, scratch};
+use common::{losses, root, s, scratch};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -51,16 +51,6 @@ fn spec(dir: &Path, epochs: u64) -> PathBuf {
     )
     .expect("spec");
     path
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"].as_f64().expect("loss")
-        })
-        .collect()
 }
 
 fn params(dir: &Path) -> Vec<(String, Vec<f32>)> {

@@ -61,61 +61,46 @@ fn sgd_with_momentum_nesterov_and_weight_decay() {
     }
 }
 
+/// PyTorch's Adam (or with `decoupled` AdamW) over the three gradients, in f64: lr 0.01,
+/// β 0.9 and 0.999, ε 1e-8, weight decay `wd`.
+fn adam_reference(wd: f64, decoupled: bool) -> [f64; 4] {
+    let (lr, b1, b2, eps) = (0.01, 0.9, 0.999, 1e-8);
+    let (mut theta, mut m, mut v) = (START, [0.0; 4], [0.0; 4]);
+    for (t, grads) in GRADS.iter().enumerate() {
+        let t = t as i32 + 1;
+        for i in 0..4 {
+            let g = if decoupled {
+                // AdamW: θ ← θ·(1 − lr·λ), then Adam's step on the gradient as it is.
+                theta[i] *= 1.0 - lr * wd;
+                grads[i]
+            } else {
+                grads[i] + wd * theta[i]
+            };
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let m_hat = m[i] / (1.0 - f64::powi(b1, t));
+            let v_hat = v[i] / (1.0 - f64::powi(b2, t));
+            theta[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+        }
+    }
+    theta
+}
+
+fn adam(wd: f64, decoupled: bool) -> OptimizerFn {
+    OptimizerFn::Adam { lr: 0.01, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: wd as f32, decoupled }
+}
+
 #[test]
 fn adam_with_bias_correction_and_weight_decay() {
     for wd in [0.0, 0.01] {
-        let (lr, b1, b2, eps) = (0.01, 0.9, 0.999, 1e-8);
-        let (mut theta, mut m, mut v) = (START, [0.0; 4], [0.0; 4]);
-        for (t, grads) in GRADS.iter().enumerate() {
-            let t = t as i32 + 1;
-            for i in 0..4 {
-                let g = grads[i] + wd * theta[i];
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let m_hat = m[i] / (1.0 - f64::powi(b1, t));
-                let v_hat = v[i] / (1.0 - f64::powi(b2, t));
-                theta[i] -= lr * m_hat / (v_hat.sqrt() + eps);
-            }
-        }
-        let f = OptimizerFn::Adam {
-            lr: lr as f32,
-            b1: b1 as f32,
-            b2: b2 as f32,
-            eps: eps as f32,
-            weight_decay: wd as f32,
-            decoupled: false,
-        };
-        close(&run(f), &theta);
+        close(&run(adam(wd, false)), &adam_reference(wd, false));
     }
 }
 
 #[test]
 fn adamw_decays_the_parameter_not_the_gradient() {
-    // AdamW: θ ← θ·(1 − lr·λ), then Adam's step on the gradient as it is. A large λ makes
-    // the difference from Adam's L2 decay (the gradient's) show.
+    // A large λ makes the difference from Adam's L2 decay (the gradient's) show.
     for wd in [0.0, 0.01, 0.5] {
-        let (lr, b1, b2, eps) = (0.01, 0.9, 0.999, 1e-8);
-        let (mut theta, mut m, mut v) = (START, [0.0; 4], [0.0; 4]);
-        for (t, grads) in GRADS.iter().enumerate() {
-            let t = t as i32 + 1;
-            for i in 0..4 {
-                theta[i] *= 1.0 - lr * wd;
-                let g = grads[i];
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let m_hat = m[i] / (1.0 - f64::powi(b1, t));
-                let v_hat = v[i] / (1.0 - f64::powi(b2, t));
-                theta[i] -= lr * m_hat / (v_hat.sqrt() + eps);
-            }
-        }
-        let f = OptimizerFn::Adam {
-            lr: lr as f32,
-            b1: b1 as f32,
-            b2: b2 as f32,
-            eps: eps as f32,
-            weight_decay: wd as f32,
-            decoupled: true,
-        };
-        close(&run(f), &theta);
+        close(&run(adam(wd, true)), &adam_reference(wd, true));
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use aec::data::{self, Array, Values};
-use common::{aec, root, s, scratch};
+use common::{aec, losses, root, s, scratch};
 use std::path::Path;
 
 fn f32s(a: &Array) -> &[f32] {
@@ -772,16 +772,6 @@ fn a_run_starts_from_given_weights_with_init() {
     // --init starts a run, --resume continues one.
     let (code, _, _) = aec(&["run", "--train", spec, "--init", s(&weights), "--resume", s(&first)]);
     assert_eq!(code, 2);
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"].as_f64().expect("loss")
-        })
-        .collect()
 }
 
 #[test]

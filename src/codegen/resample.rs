@@ -54,8 +54,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (c, h, w) = (s[1], s[2], s[3]);
             let (oh, ow) = (h * scale[0], w * scale[1]);
             let src = at(x);
-            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
-            e.for_dynamic(first, end, |e, p| {
+            for_planes(e, (lo, hi), c, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
                 // Nearest: each input row makes one output row, copied `sh` times.
@@ -99,8 +98,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (c, oh, ow) = (s[1], s[2], s[3]);
             let (h, w) = (oh / scale[0], ow / scale[1]);
             let src = at(dy);
-            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
-            e.for_dynamic(first, end, |e, p| {
+            for_planes(e, (lo, hi), c, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
                 e.for_range(0, h as i64, 1, |e, r| {
@@ -130,8 +128,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (c, oh, ow) = (s[1], s[2], s[3]);
             let (h, w) = (oh / scale[0], ow / scale[1]);
             let src = at(dy);
-            let (first, end) = (e.b.ins().imul_imm_s(lo, c as i64), e.b.ins().imul_imm_s(hi, c as i64));
-            e.for_dynamic(first, end, |e, p| {
+            for_planes(e, (lo, hi), c, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 e.elementwise(h * w, |e, ty, i| {
                     let z = e.fconst(ty, 0.0);
@@ -139,7 +136,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                     e.store(out, at, z);
                 });
             });
-            e.for_dynamic(first, end, |e, p| {
+            for_planes(e, (lo, hi), c, |e, p| {
                 let inp = e.b.ins().imul_imm_s(p, (h * w) as i64);
                 let outp = e.b.ins().imul_imm_s(p, (oh * ow) as i64);
                 e.for_range(0, oh as i64, 1, |e, i| {
@@ -172,6 +169,13 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         ref op => return Err(format!("`{}` is not a resampling op", op.mnemonic())),
     }
     Ok(())
+}
+
+/// `body(p)` for the planes `lo·c..hi·c` of images `lo..hi` (of `c` planes each).
+fn for_planes(e: &mut Emit, (lo, hi): (Value, Value), c: usize, body: impl FnMut(&mut Emit, Value)) {
+    let first = e.b.ins().imul_imm_s(lo, c as i64);
+    let end = e.b.ins().imul_imm_s(hi, c as i64);
+    e.for_dynamic(first, end, body);
 }
 
 /// The flat index of row `r` of the plane starting at `base`, `w` wide.

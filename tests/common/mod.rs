@@ -28,6 +28,17 @@ pub fn aec(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The training loss of each epoch in a run folder's `metrics.jsonl`.
+pub fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"].as_f64().expect("loss")
+        })
+        .collect()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
