@@ -636,7 +636,7 @@ impl Checker<'_> {
                 .label(named.span, format!("`{}` is {other}", from.name)));
         };
         let joined = match link {
-            ast::Link::Concat if a.len() == b.len() && a[1..] == b[1..] => {
+            ast::Link::Concat if !a.is_empty() && a.len() == b.len() && a[1..] == b[1..] => {
                 let mut d = a.clone();
                 d[0] += b[0];
                 return Ok(Ty::Tensor(d));
@@ -660,7 +660,7 @@ impl Checker<'_> {
     /// A fix for a link whose sizes differ: an output padding on the deconv before it, or the
     /// channels a residual `add` needs.
     fn link_fix(&self, cur: &[u64], named: &[u64], link: ast::Link) -> Option<String> {
-        if cur.len() != named.len() {
+        if cur.len() != named.len() || cur.is_empty() {
             return None;
         }
         if link == ast::Link::Add && cur[1..] == named[1..] {
