@@ -10,7 +10,7 @@
 //! Each op's rule is one arm of [`Ad::rule`], its math in the comment above it. `d` is the
 //! gradient arriving at the node's output, `y` the node's own value.
 
-use crate::ir::{BinaryFn, Graph, NodeId, Op, OptimizerFn, ParamId, UnaryFn};
+use crate::ir::{BinaryFn, Clip, Graph, NodeId, Op, OptimizerFn, ParamId, UnaryFn};
 
 /// A forward graph with its gradient nodes.
 pub struct Backward {
@@ -57,16 +57,21 @@ pub fn backward(forward: &Graph, loss: NodeId) -> Result<Backward, String> {
     Ok(Backward { graph: ad.g, param_grads })
 }
 
-/// The whole training step: forward, loss, backward, and `opt`'s update of every parameter
-/// not `frozen`. Outputs: the forward graph's outputs.
-pub fn training_step(forward: &Graph, opt: OptimizerFn, frozen: &[bool]) -> Result<Graph, String> {
+/// The whole training step: forward, loss, backward, and `opt`'s update (after `clip`) of
+/// every parameter not `frozen`. Outputs: the forward graph's outputs.
+pub fn training_step(
+    forward: &Graph,
+    opt: OptimizerFn,
+    clip: Clip,
+    frozen: &[bool],
+) -> Result<Graph, String> {
     let loss = forward.output("loss").ok_or("the graph has no `loss` output")?;
     let Backward { mut graph, param_grads } = backward(forward, loss)?;
     for (p, grad) in param_grads.into_iter().enumerate() {
         if let Some(grad) = grad
             && !frozen.get(p).copied().unwrap_or(false)
         {
-            graph.add(Op::Update { f: opt, param: ParamId(p as u32), grad }, None)?;
+            graph.add(Op::Update { f: opt, clip, param: ParamId(p as u32), grad }, None)?;
         }
     }
     Ok(graph)

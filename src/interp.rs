@@ -8,7 +8,9 @@
 //! Semantics are PyTorch's: see the op docs in `ir::op` and the losses and optimizers below.
 
 use crate::diag::Span;
-use crate::ir::{BinaryFn, Cell, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight};
+use crate::ir::{
+    BinaryFn, Cell, Clip, DType, Graph, LossFn, NodeId, Op, OptimizerFn, UnaryFn, switch_weight,
+};
 use crate::state::State;
 use std::fmt;
 
@@ -24,11 +26,13 @@ pub struct Options {
     pub threads: usize,
     /// Stop at the first op that produces NaN or ±inf.
     pub check_finite: bool,
+    /// The learning rate of this step (a schedule's), instead of the optimizer's own.
+    pub lr: Option<f64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { seed: 0, step: 1, threads: 1, check_finite: true }
+        Options { seed: 0, step: 1, threads: 1, check_finite: true, lr: None }
     }
 }
 
@@ -97,9 +101,16 @@ pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Resu
     crate::memory::check(&format!("interpreting `{}`", g.name), bytes, "use a smaller --batch")
         .map_err(Error::Memory)?;
     let mut bufs: Vec<Buf> = Vec::with_capacity(g.len());
+    // `clip norm`'s scale, found once every gradient exists (at the first clipped update).
+    let mut scale = None;
     for id in g.ids() {
         let node = g.node(id);
-        let out = eval(g, id, &bufs, inputs, state, opts)?;
+        if let Op::Update { clip: Clip::Norm(_), .. } = node.op
+            && scale.is_none()
+        {
+            scale = Some(clip_scale(g, &bufs));
+        }
+        let out = eval(g, id, &bufs, inputs, state, (opts, scale.unwrap_or(1.0)))?;
         if opts.check_finite
             && let Buf::F32(v) = &out
             && v.iter().any(|x| !x.is_finite())
@@ -117,7 +128,7 @@ fn eval(
     bufs: &[Buf],
     inputs: &[Buf],
     state: &mut State,
-    opts: &Options,
+    (opts, clip_scale): (&Options, f32),
 ) -> Result<Buf, Error> {
     let node = g.node(id);
     let shape = &node.ty.shape;
@@ -392,8 +403,10 @@ fn eval(
         Op::LossGrad { f: func, pred, target, dy } => {
             Buf::F32(loss_grad(*func, f(*pred), sh(*pred), &bufs[target.index()], f(*dy)[0])?)
         }
-        Op::Update { f: func, param, grad } => {
-            update(*func, state, param.index(), f(*grad));
+        Op::Update { f: func, clip, param, grad } => {
+            let lr = if func.is_optimizer() { opts.lr } else { None };
+            let lr = lr.unwrap_or(f64::from(func.lr()));
+            update(*func, *clip, state, param.index(), f(*grad), lr, clip_scale);
             Buf::F32(Vec::new())
         }
         Op::Concat { a, b } => Buf::F32(concat(f(*a), sh(*a), f(*b), sh(*b))),
@@ -1115,12 +1128,19 @@ fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Resul
     })
 }
 
-/// PyTorch's update rules (`torch.optim.SGD`, `torch.optim.Adam` and `torch.optim.AdamW`,
-/// single-tensor form).
-fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
+/// PyTorch's update rules (`torch.optim.SGD`, `Adam`, `AdamW` and `RMSprop`, single-tensor
+/// form), at the learning rate `lr`, after clipping (`clip_grad_value_`, or the scale
+/// `norm_scale` that `clip_grad_norm_` found).
+fn update(f: OptimizerFn, clip: Clip, state: &mut State, p: usize, grad: &[f32], lr: f64, norm_scale: f32) {
+    let grad: Vec<f32> = match clip {
+        Clip::None => grad.to_vec(),
+        Clip::Value(c) => grad.iter().map(|g| g.clamp(-c, c)).collect(),
+        Clip::Norm(_) => grad.iter().map(|g| g * norm_scale).collect(),
+    };
     let (param, slots, step) = state.begin_update(p, f);
     match f {
-        OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
+        OptimizerFn::Sgd { momentum, nesterov, weight_decay, .. } => {
+            let lr = lr as f32;
             for i in 0..param.len() {
                 let mut d = grad[i] + weight_decay * param[i];
                 if momentum != 0.0 {
@@ -1131,16 +1151,16 @@ fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
                 param[i] -= lr * d;
             }
         }
-        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
+        OptimizerFn::Adam { b1, b2, eps, weight_decay, decoupled, .. } => {
             let t = step.max(1) as i32;
             let bc1 = 1.0 - f64::from(b1).powi(t);
             let bc2_sqrt = (1.0 - f64::from(b2).powi(t)).sqrt();
-            let step_size = (f64::from(lr) / bc1) as f32;
+            let step_size = (lr / bc1) as f32;
             let bc2_sqrt = bc2_sqrt as f32;
             let (m, v) = slots.split_at_mut(1);
             let (m, v) = (&mut m[0], &mut v[0]);
             // AdamW: `param.mul_(1 − lr·wd)` (the factor rounded to f32, as PyTorch's scalar).
-            let shrink = (1.0 - f64::from(lr) * f64::from(weight_decay)) as f32;
+            let shrink = (1.0 - lr * f64::from(weight_decay)) as f32;
             for i in 0..param.len() {
                 let g = if decoupled {
                     param[i] *= shrink;
@@ -1154,5 +1174,51 @@ fn update(f: OptimizerFn, state: &mut State, p: usize, grad: &[f32]) {
                 param[i] -= step_size * m[i] / denom;
             }
         }
+        OptimizerFn::RmsProp { alpha, eps, weight_decay, momentum, centered, .. } => {
+            let lr = lr as f32;
+            let buf = usize::from(momentum != 0.0);
+            for i in 0..param.len() {
+                let g = grad[i] + weight_decay * param[i];
+                slots[0][i] = slots[0][i] * alpha + (1.0 - alpha) * g * g;
+                let avg = if centered {
+                    let a = &mut slots[1 + buf][i];
+                    *a += (1.0 - alpha) * (g - *a);
+                    (slots[0][i] - slots[1 + buf][i] * slots[1 + buf][i]).sqrt()
+                } else {
+                    slots[0][i].sqrt()
+                } + eps;
+                let d = if buf == 1 {
+                    slots[1][i] = momentum * slots[1][i] + g / avg;
+                    slots[1][i]
+                } else {
+                    g / avg
+                };
+                param[i] -= lr * d;
+            }
+        }
+        OptimizerFn::Running { rate } => {
+            for (p, g) in param.iter_mut().zip(&grad) {
+                *p -= rate * g;
+            }
+        }
     }
+}
+
+/// `clip_grad_norm_`'s scale: min(1, c / (‖g‖ + 1e-6)) over the gradients of every update
+/// clipped by norm; 1 when there are none.
+pub fn clip_scale(g: &Graph, bufs: &[Buf]) -> f32 {
+    let mut sum = 0f64;
+    let mut limit = None;
+    for id in g.ids() {
+        if let Op::Update { clip: Clip::Norm(c), grad, .. } = g.node(id).op {
+            limit = Some(c);
+            sum += bufs[grad.index()].f32().iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        }
+    }
+    limit.map_or(1.0, |c| norm_scale(f64::from(c), sum.sqrt()))
+}
+
+/// min(1, c / (norm + 1e-6)), rounded to f32 as PyTorch's `clip_coef_clamped`.
+pub fn norm_scale(c: f64, norm: f64) -> f32 {
+    (c / (norm + 1e-6)).min(1.0) as f32
 }

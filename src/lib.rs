@@ -28,10 +28,20 @@ pub mod syntax;
 pub use sema::{Compiled, Config, compile};
 
 /// The training-step graph of a compiled spec with its `train` block's optimizer (Adam with
-/// PyTorch's defaults if it names none).
+/// PyTorch's defaults if it names none) and gradient clipping.
 pub fn training_step(c: &Compiled) -> Result<ir::Graph, String> {
-    let opt = c.ast.train.as_ref().and_then(|t| t.optimizer.as_ref());
-    autodiff::training_step(&c.forward, optimizer_fn(opt), &[])
+    let train = c.ast.train.as_ref();
+    let opt = train.and_then(|t| t.optimizer.as_ref());
+    autodiff::training_step(&c.forward, optimizer_fn(opt), clip_of(train), &[])
+}
+
+/// The IR form of a `train` block's `clip`.
+pub fn clip_of(t: Option<&syntax::ast::Train>) -> ir::Clip {
+    match t.and_then(|t| t.clip) {
+        Some(syntax::ast::ClipRule::Norm(c)) => ir::Clip::Norm(c as f32),
+        Some(syntax::ast::ClipRule::Value(c)) => ir::Clip::Value(c as f32),
+        None => ir::Clip::None,
+    }
 }
 
 /// The IR form of an optimizer setting.
@@ -52,6 +62,16 @@ pub fn optimizer_fn(o: Option<&syntax::ast::Optimizer>) -> ir::OptimizerFn {
             weight_decay: *weight_decay as f32,
             decoupled: *decoupled,
         },
+        Some(Optimizer::RmsProp { lr, alpha, eps, weight_decay, momentum, centered }) => {
+            ir::OptimizerFn::RmsProp {
+                lr: *lr as f32,
+                alpha: *alpha as f32,
+                eps: *eps as f32,
+                weight_decay: *weight_decay as f32,
+                momentum: *momentum as f32,
+                centered: *centered,
+            }
+        }
         None => ir::OptimizerFn::Adam {
             lr: 1e-3,
             b1: 0.9,

@@ -28,10 +28,7 @@ impl State {
     /// on its first update) and the 1-based count of this update.
     pub fn begin_update(&mut self, p: usize, f: OptimizerFn) -> (&mut Vec<f32>, &mut Vec<Vec<f32>>, u64) {
         let n = self.params[p].len();
-        let want = match f {
-            OptimizerFn::Sgd { momentum, .. } => usize::from(momentum != 0.0),
-            OptimizerFn::Adam { .. } => 2,
-        };
+        let want = f.slot_count();
         if self.slots[p].len() != want {
             self.slots[p] = vec![vec![0.0; n]; want];
         }

@@ -242,3 +242,35 @@ fn early_stopping_is_decided_once_for_every_process() {
     assert!(stdout.contains(&format!("stopped early after epoch {b}")), "{stdout}");
     assert!(two.join("best.safetensors").exists());
 }
+
+#[test]
+fn clipping_and_a_plateau_schedule_see_the_whole_batch() {
+    // `clip norm` scales by the norm of the gradient summed over the processes, and the plateau
+    // schedule moves on process 0's validation loss for all: two processes train as one does.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("mpi-controls");
+    let path = spec(&dir, 30);
+    let text = std::fs::read_to_string(&path).expect("spec").replace(
+        " seed 3\n",
+        " seed 3\n validation 0.2\n clip norm(0.05)\n schedule plateau(factor: 0.5, patience: 1)\n",
+    );
+    std::fs::write(&path, text).expect("spec");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    for (n, out) in [(1, &one), (2, &two)] {
+        let o = run(n, &["run", "--train", s(&path), "--threads", "1", "--out", s(out)]);
+        assert!(o.status.success(), "-n {n}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let lrs = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["lr"].as_f64().expect("lr"))
+            .collect()
+    };
+    assert_eq!(lrs(&one), lrs(&two));
+    assert!(lrs(&one).windows(2).any(|w| w[1] < w[0]), "the rate is reduced: {:?}", lrs(&one));
+    for ((name, a), (_, b)) in params(&one).iter().zip(&params(&two)) {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{name} differs by {d}");
+    }
+}

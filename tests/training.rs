@@ -849,7 +849,88 @@ fn early_stopping_keeps_the_best_epoch_and_resumes_to_the_same_end() {
     std::fs::write(&spec, text.replace("patience: 3", "patience: -1")).expect("spec");
     let (code, _, err) = aec(&["compile", s(&spec)]);
     assert_eq!(code, 1);
-    assert!(err.contains("`patience` must be a whole number ≥ 1"), "{err}");
+    assert!(err.contains("`patience` must be a whole number ≥ 0"), "{err}");
+}
+
+#[test]
+fn schedules_clipping_and_loss_weights_resume_bit_identically_mid_schedule() {
+    let dir = scratch("schedules");
+    let data = root().join("specs/data/digits-images.npy");
+    let cases = [
+        (
+            "plateau",
+            "adam(lr: 0.02)",
+            "plateau(factor: 0.5, patience: 0, threshold: 0.05)",
+            "norm(0.5)",
+            "cyclical(epochs: 12, cycles: 3)",
+        ),
+        (
+            "onecycle",
+            "rmsprop(lr: 1e-3, momentum: 0.5)",
+            "onecycle(max_lr: 0.01)",
+            "value(1.0)",
+            "linear(from: 0, to: 1, epochs: 5)",
+        ),
+    ];
+    for (name, opt, schedule, clip, weight) in cases {
+        let spec = dir.join(format!("{name}.ae"));
+        std::fs::write(
+            &spec,
+            format!(
+                "model m {{\n input x: [8, 8]\n encoder {{ flatten; dense 32 -> relu; gaussian 4 }}\n \
+                 decoder {{ dense 32 -> relu; dense 64 -> sigmoid; reshape [8, 8] }}\n \
+                 loss bce(x, reduction: sum) + {weight} * kl(code)\n}}\n\
+                 train {{\n data npy(\"{}\", scale: 1/16)\n batch 128\n epochs 12\n optimizer {opt}\n \
+                 validation 0.1\n schedule {schedule}\n clip {clip}\n seed 3\n}}\n",
+                data.display()
+            ),
+        )
+        .expect("spec");
+        let (whole, parts) = (dir.join(format!("{name}-whole")), dir.join(format!("{name}-parts")));
+        let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&whole)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains(" lr ") && err.contains("weight(kl)"), "the progress line shows them: {err}");
+        let (code, _, err) = aec(&["run", "--train", s(&spec), "--stop-at", "5", "--out", s(&parts)]);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&parts)]);
+        assert_eq!(code, 0, "{err}");
+        for file in ["checkpoint.safetensors", "optimizer.safetensors"] {
+            let read = |d: &Path| std::fs::read(d.join(file)).expect("file");
+            assert!(read(&whole) == read(&parts), "{name}: {file} differs after resuming mid-schedule");
+        }
+        assert_eq!(losses(&whole), losses(&parts), "{name}");
+        let metrics: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let lrs: Vec<f64> = metrics.iter().map(|m| m["lr"].as_f64().expect("lr")).collect();
+        let resumed: Vec<f64> = std::fs::read_to_string(parts.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["lr"].as_f64().expect("lr"))
+            .collect();
+        assert_eq!(lrs, resumed, "{name}");
+        assert!(lrs.windows(2).any(|w| w[0] != w[1]), "{name}: the rate moves: {lrs:?}");
+        let kl: Vec<f64> = metrics.iter().map(|m| m["weights"]["kl"].as_f64().expect("weight")).collect();
+        assert!(kl[0] < kl[kl.len() - 1] || name == "plateau", "{name}: {kl:?}");
+        // The schedule `aec compile --emit schedule` shows is the one trained with: each epoch's
+        // rate is its last step's.
+        if name == "onecycle" {
+            let (code, table, err) = aec(&["compile", s(&spec), "--emit", "schedule"]);
+            assert_eq!(code, 0, "{err}");
+            let steps: Vec<Vec<f64>> = table
+                .lines()
+                .skip(2)
+                .map(|l| l.split('\t').map(|x| x.parse().expect("number")).collect())
+                .collect();
+            for (e, m) in metrics.iter().enumerate() {
+                let last = steps.iter().rfind(|r| r[1] as usize == e + 1).expect("epoch");
+                assert_eq!(m["lr"].as_f64(), Some(last[2]), "epoch {}", e + 1);
+                assert_eq!(m["weights"]["kl"].as_f64(), Some(last[3]), "epoch {}", e + 1);
+            }
+        }
+    }
 }
 
 #[test]

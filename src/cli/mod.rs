@@ -78,6 +78,9 @@ struct CompileArgs {
     /// With `--emit ir` or `grad`: the graph of greedy pretraining's stage K (1 = first layer).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     stage: Option<u64>,
+    /// With `--emit schedule`: steps per epoch (default: from the spec's data and batch).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    steps_per_epoch: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,6 +102,8 @@ enum Emit {
     FusedEval,
     /// The Cranelift IR of every kernel of the training step.
     Clif,
+    /// The learning rate (and every scheduled loss weight) of every training step.
+    Schedule,
 }
 
 /// An error the CLI reports and turns into an exit code.
@@ -210,7 +215,8 @@ fn emit_stage(args: &CompileArgs, c: &aec::Compiled, src: &str, k: usize) -> Res
                         && own.as_ref().is_none_or(|o| !p.name.starts_with(o))
                 })
                 .collect();
-            aec::autodiff::training_step(&fwd, aec::optimizer_fn(opt), &frozen).map_err(Failure::Data)?
+            aec::autodiff::training_step(&fwd, aec::optimizer_fn(opt), aec::clip_of(train), &frozen)
+                .map_err(Failure::Data)?
         }
         _ => return Err(Failure::Io("--stage goes with --emit ir or --emit grad".into())),
     };
@@ -293,6 +299,9 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
             for (name, text) in aec::codegen::clif_of(&g).map_err(Failure::Data)? {
                 outln!("; kernel {name}\n{text}");
             }
+        }
+        Some(Emit::Schedule) => {
+            out!("{}", run::schedule_table(&args.spec, args.batch, args.steps_per_epoch)?)
         }
         Some(Emit::Ast) => out!("{}", compiled.ast),
         Some(Emit::Ir) => out!("{}", aec::ir::print(&compiled.forward, Some(&src))),

@@ -35,6 +35,10 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
     else {
         return Ok(());
     };
+    // The learning rate, on its own axis at the right, when a schedule moved it.
+    let lrs = points(|m| m.lr);
+    let lr_range = lrs.iter().map(|p| p.1).fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let moves = lr_range.0 < lr_range.1;
     font()?;
     let (first, last) = (metrics.first().map_or(1, |m| m.epoch), metrics.last().map_or(1, |m| m.epoch));
     let mut rgb = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
@@ -47,7 +51,12 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d(first.saturating_sub(1)..last.max(first + 1), (lo..hi).log_scale())?;
+            .right_y_label_area_size(if moves { 64 } else { 0 })
+            .build_cartesian_2d(first.saturating_sub(1)..last.max(first + 1), (lo..hi).log_scale())?
+            .set_secondary_coord(
+                first.saturating_sub(1)..last.max(first + 1),
+                (lr_range.0 / 1.5..lr_range.1 * 1.5).log_scale(),
+            );
         chart
             .configure_mesh()
             .x_desc("epoch")
@@ -104,6 +113,18 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
                 .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?
                 .label("validation")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+        }
+        if moves {
+            let grey = RGBColor(120, 120, 120);
+            chart
+                .configure_secondary_axes()
+                .y_desc("learning rate (log scale)")
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            chart
+                .draw_secondary_series(LineSeries::new(lrs.iter().copied(), grey.stroke_width(1)))?
+                .label("learning rate (right)")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(1)));
         }
         chart
             .configure_series_labels()

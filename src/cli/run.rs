@@ -313,7 +313,16 @@ pub fn check(args: &CheckArgs) -> Result<(), Failure> {
         let data = dataset(&spec, args.seed)?;
         let idx: Vec<usize> = (0..data.n).cycle().take(args.batch as usize).collect();
         let noise = spec.compiled.ast.train.as_ref().and_then(|t| t.noise);
-        aec::runtime::train::batch_inputs(g, &data, &idx, noise, args.seed, 1)
+        // Scheduled loss weights at their final value.
+        let weights: Vec<(String, f64)> = spec
+            .compiled
+            .model
+            .loss
+            .extra
+            .iter()
+            .filter_map(|t| Some((t.name(), t.schedule?.0.at(u64::MAX, 1))))
+            .collect();
+        aec::runtime::train::batch_inputs(g, &data, &idx, (noise, args.seed, 1), &weights)
     } else {
         random_inputs(&spec, args.seed)
     };
@@ -518,6 +527,16 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
             let name = if decoupled { "adamw" } else { "adam" };
             format!("{name}(lr: {lr}, b1: {b1}, b2: {b2}, eps: {eps}, weight_decay: {weight_decay})")
         }
+        OptimizerFn::RmsProp { lr, alpha, eps, weight_decay, momentum, centered } => format!(
+            "rmsprop(lr: {lr}, alpha: {alpha}, eps: {eps}, weight_decay: {weight_decay}, momentum: {momentum}, centered: {centered})"
+        ),
+        OptimizerFn::Running { rate } => format!("running({rate})"),
+    };
+    let schedule = cfg.schedule.as_ref().map(ToString::to_string);
+    let clip = match cfg.clip {
+        aec::ir::Clip::None => None,
+        aec::ir::Clip::Norm(c) => Some(format!("norm({c})")),
+        aec::ir::Clip::Value(c) => Some(format!("value({c})")),
     };
     let noise = cfg.noise.map(|n| format!("{n:?}"));
     let init = match &cfg.init_from {
@@ -530,7 +549,7 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         aec::runtime::Backend::Interp => "interp",
     };
     let line = format!(
-        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {}{}{}, {} thread{}, backend {backend}",
+        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {}{}{}{}, {} thread{}, backend {backend}",
         cfg.batch,
         cfg.epochs,
         cfg.seed,
@@ -538,6 +557,8 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         init,
         noise.as_ref().map_or(String::new(), |n| format!(", noise {n}")),
         pretrain.as_ref().map_or(String::new(), |p| format!(", pretrain {p}")),
+        schedule.as_ref().map_or(String::new(), |s| format!(", schedule {s}"))
+            + &clip.as_ref().map_or(String::new(), |c| format!(", clip {c}")),
         cfg.threads,
         if cfg.threads == 1 { "" } else { "s" },
     );
@@ -557,6 +578,8 @@ fn resolved_config(cfg: &TrainConfig) -> (String, String) {
         "init": init,
         "noise": noise,
         "pretrain": pretrain,
+        "schedule": schedule,
+        "clip": clip,
         "threads": cfg.threads,
         "backend": backend,
         "stop_at": cfg.stop_at,
@@ -626,12 +649,60 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
     Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n })
 }
 
+/// `aec compile --emit schedule`: the learning rate and scheduled loss weights of every step
+/// of the spec's training (the whole network's; pretraining stages keep the optimizer's rate).
+pub(super) fn schedule_table(path: &Path, batch: Option<u64>, steps: Option<u64>) -> Result<String, Failure> {
+    let spec = load_spec(path, batch)?;
+    let t = spec.compiled.ast.train.clone().unwrap_or_default();
+    let steps = match steps {
+        Some(s) => s,
+        None => {
+            let data = dataset(&spec, t.seed.unwrap_or(0))?;
+            let train = data.split(t.validation.unwrap_or(0.0), t.seed.unwrap_or(0)).0.len();
+            train.div_ceil((spec.compiled.batch as usize).max(1)).max(1) as u64
+        }
+    };
+    let epochs = t.epochs.unwrap_or(10);
+    let base = t.optimizer.as_ref().map_or(1e-3, Optimizer::lr);
+    let terms: Vec<_> =
+        spec.compiled.model.loss.extra.iter().filter_map(|l| Some((l.name(), l.schedule?.0))).collect();
+    let schedule = t.schedule.as_ref().map(|(s, _)| s);
+    let mut out = format!(
+        "# {} from lr {base}, {epochs} epochs of {steps} steps{}\nstep\tepoch\tlr",
+        schedule.map_or("no schedule".to_owned(), ToString::to_string),
+        if matches!(schedule, Some(aec::syntax::ast::Schedule::Plateau { .. })) {
+            " (plateau moves with the validation loss: shown where it starts)"
+        } else {
+            ""
+        }
+    );
+    for (name, _) in &terms {
+        out += &format!("\tweight({name})");
+    }
+    out.push('\n');
+    let plateau = aec::runtime::schedule::PlateauState::new(base);
+    for t in 0..epochs * steps {
+        let lr = schedule.map_or(base, |s| {
+            aec::runtime::schedule::lr(s, base, (t / steps, t, epochs * steps), Some(&plateau))
+        });
+        out += &format!("{}\t{}\t{lr:e}", t + 1, t / steps + 1);
+        for (_, s) in &terms {
+            out += &format!("\t{}", s.at(t, steps));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// The spec's optimizer with `--lr` applied.
 fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
     let mut f = aec::optimizer_fn(o);
     if let Some(lr) = lr {
         match &mut f {
-            OptimizerFn::Sgd { lr: l, .. } | OptimizerFn::Adam { lr: l, .. } => *l = lr as f32,
+            OptimizerFn::Sgd { lr: l, .. }
+            | OptimizerFn::Adam { lr: l, .. }
+            | OptimizerFn::RmsProp { lr: l, .. }
+            | OptimizerFn::Running { rate: l } => *l = lr as f32,
         }
     }
     f
@@ -701,6 +772,9 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         resume,
         init_from: args.init.clone(),
         early_stop: t.early_stop.map(|(e, _)| e),
+        schedule: t.schedule.as_ref().map(|(s, _)| s.clone()),
+        clip: aec::clip_of(Some(&t)),
+        base_lr: args.lr.or(t.optimizer.as_ref().map(Optimizer::lr)).unwrap_or(1e-3),
         dist,
     };
     if lead {
@@ -724,7 +798,7 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
     {
         return Err(Failure::Io(not_images(ty)));
     }
-    let progress = Progress::new();
+    let progress = Progress::new(cfg.schedule.is_some());
     let mut pictures = Vec::new();
     // The epochs so far, for the loss curves `--png-every` draws as it goes.
     let mut seen: Vec<train::EpochMetrics> = Vec::new();
@@ -971,10 +1045,12 @@ struct Progress {
     bar: Option<ProgressBar>,
     every: std::cell::Cell<u64>,
     steps: std::cell::Cell<u64>,
+    /// Show each epoch's learning rate (the run has a schedule).
+    schedule: bool,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    fn new(schedule: bool) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             let style = ProgressStyle::with_template(
@@ -985,7 +1061,7 @@ impl Progress {
             bar.set_style(style);
             bar
         });
-        Progress { bar, every: std::cell::Cell::new(1), steps: std::cell::Cell::new(1) }
+        Progress { bar, every: std::cell::Cell::new(1), steps: std::cell::Cell::new(1), schedule }
     }
 
     fn event(&self, e: Event) {
@@ -1041,7 +1117,14 @@ impl Progress {
                 } else {
                     String::new()
                 };
-                let line = format!("loss {:.5}{terms}{val}{rate}", m.train_loss);
+                // A schedule's learning rate and loss weights, as they stood at the epoch's end.
+                let mut moved: Vec<String> =
+                    m.weights.iter().map(|(n, w)| format!("weight({n}) {w:.3}")).collect();
+                if self.schedule {
+                    moved.insert(0, format!("lr {:.3e}", m.lr.unwrap_or(f64::NAN)));
+                }
+                let moved = if moved.is_empty() { String::new() } else { format!(" · {}", moved.join(" ")) };
+                let line = format!("loss {:.5}{terms}{val}{moved}{rate}", m.train_loss);
                 match &self.bar {
                     Some(bar) => {
                         bar.set_position(m.epoch);

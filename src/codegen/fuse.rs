@@ -12,7 +12,8 @@
 //! - A loss and its gradient (from the backward pass's constant seed) are one pass over the
 //!   predictions: the gradient is written where the loss runs, with the elementwise ops that
 //!   follow it (an output activation's derivative: `sigmoid' ∘ mse'`) applied as it stores.
-//! - Every optimizer update is one kernel, its work the concatenated chunks of all parameters.
+//! - Every optimizer update is one kernel, its work the concatenated chunks of all parameters;
+//!   with `clip norm`, a kernel before it sums the squares of the clipped gradients.
 //!
 //! A group runs at the position of its first node; the memory plan gives the group's result
 //! its buffer there (see `plan`).
@@ -36,6 +37,9 @@ pub enum Group {
         grad: NodeId,
         chain: Vec<NodeId>,
     },
+    /// The sum of squares of the gradients of these updates (`clip norm`), run after the
+    /// gradients are complete (and summed over the processes) and before the updates.
+    GradNorm(Vec<NodeId>),
     /// All optimizer updates.
     Updates(Vec<NodeId>),
 }
@@ -44,7 +48,7 @@ impl Group {
     pub fn head(&self) -> NodeId {
         match self {
             Group::Single(n) | Group::MatMul { mm: n, .. } | Group::LossPair { loss: n, .. } => *n,
-            Group::Chain(v) | Group::Updates(v) => v[0],
+            Group::Chain(v) | Group::Updates(v) | Group::GradNorm(v) => v[0],
         }
     }
 
@@ -62,7 +66,7 @@ impl Group {
         match self {
             Group::Single(n) => vec![*n],
             Group::MatMul { mm, chain } => std::iter::once(*mm).chain(chain.iter().copied()).collect(),
-            Group::Chain(v) | Group::Updates(v) => v.clone(),
+            Group::Chain(v) | Group::Updates(v) | Group::GradNorm(v) => v.clone(),
             Group::LossPair { loss, grad, chain } => {
                 [*loss, *grad].into_iter().chain(chain.iter().copied()).collect()
             }
@@ -128,6 +132,14 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             },
             _ => out.push(Group::Single(id)),
         }
+    }
+    let clipped: Vec<NodeId> = updates
+        .iter()
+        .copied()
+        .filter(|&u| matches!(g.node(u).op, Op::Update { clip: crate::ir::Clip::Norm(_), .. }))
+        .collect();
+    if !clipped.is_empty() {
+        out.push(Group::GradNorm(clipped));
     }
     if !updates.is_empty() {
         out.push(Group::Updates(updates));

@@ -4,7 +4,7 @@
 
 use super::emit::{Emit, EpOp, act_grad, apply_ops, sign, unary};
 use super::plan::Plan;
-use crate::ir::{BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn};
+use crate::ir::{BinaryFn, Clip, Graph, LossFn, NodeId, Op, OptimizerFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
 use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
@@ -1001,13 +1001,15 @@ pub fn loss_pair(
     Ok(())
 }
 
-/// The optimizer step of one parameter. Scalars set by the runtime before each step:
-/// [0] SGD's momentum for this step (0 on the parameter's first update, so the buffer starts as
-/// the gradient) or Adam's step size lr/(1-β₁ᵗ); [1] Adam's 1/√(1-β₂ᵗ).
+/// The optimizer step of one parameter. Scalars set by the runtime before each step
+/// (`Program::set_update_scalars`): [0] SGD's momentum for this step (0 on the parameter's
+/// first update, so the buffer starts as the gradient) or Adam's step size lr/(1-β₁ᵗ); [1]
+/// Adam's 1/√(1-β₂ᵗ); [2] the learning rate of this step; [3] AdamW's factor 1 − lr·wd; [4]
+/// the gradient's scale under `clip norm`.
 #[allow(clippy::too_many_arguments)]
 fn update(
     e: &mut Emit,
-    f: OptimizerFn,
+    (f, clip): (OptimizerFn, Clip),
     n: usize,
     param: usize,
     slots: &[usize],
@@ -1015,23 +1017,51 @@ fn update(
     scalars: usize,
     (lo, hi): (Value, Value),
 ) {
-    let zero = e.i64(0);
-    let one = e.i64(1);
-    let s0 = e.load(F32, scalars, zero);
-    let s1 = e.load(F32, scalars, one);
-    let s0v = e.b.ins().splat(F32X4, s0);
-    let s1v = e.b.ins().splat(F32X4, s1);
+    let mut s = [None; 5];
+    let mut scalar = |e: &mut Emit, k: usize, ty: Type| {
+        let v = *s[k].get_or_insert_with(|| {
+            let i = e.i64(k as i64);
+            let x = e.load(F32, scalars, i);
+            let v = e.b.ins().splat(F32X4, x);
+            (x, v)
+        });
+        if ty == F32X4 { v.1 } else { v.0 }
+    };
+    // Loaded once, before the loop.
+    let used: &[usize] = match f {
+        OptimizerFn::Sgd { .. } => &[0, 2],
+        OptimizerFn::Adam { decoupled: true, .. } => &[0, 1, 3],
+        OptimizerFn::Adam { .. } => &[0, 1],
+        OptimizerFn::RmsProp { .. } => &[2],
+        OptimizerFn::Running { .. } => &[],
+    };
+    for &k in used.iter().chain(if matches!(clip, Clip::Norm(_)) { &[4][..] } else { &[] }) {
+        scalar(e, k, F32);
+    }
     e.elementwise_chunks(n, CHUNK, lo, hi, |e, ty, i| {
-        let (s0, s1) = if ty == F32X4 { (s0v, s1v) } else { (s0, s1) };
         let p = e.load(ty, param, i);
         let g = e.load(ty, grad, i);
+        let g = match clip {
+            Clip::None => g,
+            Clip::Value(c) => {
+                let hi = e.fconst(ty, c);
+                let lo = e.fconst(ty, -c);
+                let g = e.b.ins().fmax(g, lo);
+                e.b.ins().fmin(g, hi)
+            }
+            Clip::Norm(_) => {
+                let k = scalar(e, 4, ty);
+                e.b.ins().fmul(g, k)
+            }
+        };
         match f {
-            OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
+            OptimizerFn::Sgd { momentum, nesterov, weight_decay, .. } => {
                 let wd = e.fconst(ty, weight_decay);
                 let mut d = e.b.ins().fma(wd, p, g);
                 if let Some(&buf) = slots.first() {
                     let b = e.load(ty, buf, i);
-                    let nb = e.b.ins().fma(s0, b, d);
+                    let mu_t = scalar(e, 0, ty);
+                    let nb = e.b.ins().fma(mu_t, b, d);
                     e.store(buf, i, nb);
                     d = if nesterov {
                         let mu = e.fconst(ty, momentum);
@@ -1040,15 +1070,14 @@ fn update(
                         nb
                     };
                 }
-                let lrv = e.fconst(ty, lr);
+                let lrv = scalar(e, 2, ty);
                 let step = e.b.ins().fmul(lrv, d);
                 let np = e.b.ins().fsub(p, step);
                 e.store(param, i, np);
             }
-            OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
+            OptimizerFn::Adam { b1, b2, eps, weight_decay, decoupled, .. } => {
                 let (p, g) = if decoupled {
-                    let shrink = (1.0 - f64::from(lr) * f64::from(weight_decay)) as f32;
-                    let k = e.fconst(ty, shrink);
+                    let k = scalar(e, 3, ty);
                     (e.b.ins().fmul(p, k), g)
                 } else {
                     let wd = e.fconst(ty, weight_decay);
@@ -1073,9 +1102,67 @@ fn update(
                 // division per vector instead of a sqrt and two divisions.
                 let sq = e.b.ins().sqrt(v);
                 let epsv = e.fconst(ty, eps);
+                let s1 = scalar(e, 1, ty);
                 let den = e.b.ins().fma(sq, s1, epsv);
                 let q = e.b.ins().fdiv(m, den);
+                let s0 = scalar(e, 0, ty);
                 let step = e.b.ins().fmul(s0, q);
+                let np = e.b.ins().fsub(p, step);
+                e.store(param, i, np);
+            }
+            OptimizerFn::RmsProp { alpha, eps, weight_decay, momentum, centered, .. } => {
+                let g = if weight_decay != 0.0 {
+                    let wd = e.fconst(ty, weight_decay);
+                    e.b.ins().fma(wd, p, g)
+                } else {
+                    g
+                };
+                // s = α·s + (1−α)·g·g, rounded as PyTorch's `mul_(α).addcmul_(g, g, value=1−α)`
+                // (and the interpreter) round it: the centered variance s − a² can cancel, and
+                // then an ulp here is a visible difference.
+                let sa = e.load(ty, slots[0], i);
+                let a = e.fconst(ty, alpha);
+                let sa = e.b.ins().fmul(sa, a);
+                let c = e.fconst(ty, 1.0 - alpha);
+                let cg = e.b.ins().fmul(c, g);
+                let cgg = e.b.ins().fmul(cg, g);
+                let sa = e.b.ins().fadd(sa, cgg);
+                e.store(slots[0], i, sa);
+                let avg = if centered {
+                    // a = a + (1−α)·(g − a) (`lerp_`), d = √(s − a·a).
+                    let at = slots[1 + usize::from(momentum != 0.0)];
+                    let ga = e.load(ty, at, i);
+                    let diff = e.b.ins().fsub(g, ga);
+                    let step = e.b.ins().fmul(c, diff);
+                    let ga = e.b.ins().fadd(ga, step);
+                    e.store(at, i, ga);
+                    let aa = e.b.ins().fmul(ga, ga);
+                    let var = e.b.ins().fsub(sa, aa);
+                    e.b.ins().sqrt(var)
+                } else {
+                    e.b.ins().sqrt(sa)
+                };
+                let epsv = e.fconst(ty, eps);
+                let avg = e.b.ins().fadd(avg, epsv);
+                let q = e.b.ins().fdiv(g, avg);
+                let d = if momentum != 0.0 {
+                    let b = e.load(ty, slots[1], i);
+                    let mu = e.fconst(ty, momentum);
+                    let mb = e.b.ins().fmul(mu, b);
+                    let nb = e.b.ins().fadd(mb, q);
+                    e.store(slots[1], i, nb);
+                    nb
+                } else {
+                    q
+                };
+                let lrv = scalar(e, 2, ty);
+                let step = e.b.ins().fmul(lrv, d);
+                let np = e.b.ins().fsub(p, step);
+                e.store(param, i, np);
+            }
+            OptimizerFn::Running { rate } => {
+                let r = e.fconst(ty, rate);
+                let step = e.b.ins().fmul(r, g);
                 let np = e.b.ins().fsub(p, step);
                 e.store(param, i, np);
             }
@@ -1094,7 +1181,7 @@ pub fn updates(
 ) -> Result<(), String> {
     let mut first = 0usize;
     for &id in ids {
-        let Op::Update { f, param, grad } = g.node(id).op else { return Err("not an update".into()) };
+        let Op::Update { f, clip, param, grad } = g.node(id).op else { return Err("not an update".into()) };
         let scalars =
             plan.update_scalars.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("update without scalars")?;
         let n: usize = g.params[param.index()].shape.iter().product();
@@ -1107,7 +1194,7 @@ pub fn updates(
         let h = e.b.ins().iadd_imm_s(hi, -(first as i64));
         let h = e.b.ins().smin(h, top);
         let slots = plan.slots[param.index()].clone();
-        update(e, f, n, plan.param[param.index()], &slots, plan.node[grad.index()], scalars, (l, h));
+        update(e, (f, clip), n, plan.param[param.index()], &slots, plan.node[grad.index()], scalars, (l, h));
         first += chunks as usize;
     }
     Ok(())

@@ -18,6 +18,7 @@
 //!
 //! Nothing falls back to the interpreter: an op without a kernel is a compile error.
 
+mod clip;
 mod conv;
 mod emit;
 mod family;
@@ -267,6 +268,10 @@ pub struct Program {
     arena: Vec<u64>,
     base: usize,
     param_steps: Vec<u64>,
+    /// The learning rate of the next steps (a schedule's), instead of the optimizer's own.
+    lr: Option<f64>,
+    /// `clip norm`'s last scale (1 when nothing was clipped), for the tests and `aec check`.
+    clip_scale: f32,
     /// What the graph was proved to be before its code was generated: the ids each input may
     /// hold ([`crate::ir::bounds`]).
     facts: crate::ir::bounds::Facts,
@@ -524,6 +529,8 @@ impl Program {
             graph: g.clone(),
             groups,
             param_steps: vec![0; g.params.len()],
+            lr: None,
+            clip_scale: 1.0,
             facts,
             threads: 1,
             pool: None,
@@ -544,6 +551,16 @@ impl Program {
     /// it (`None`: every matmul is Cranelift's 128-bit kernel).
     pub fn wide_isa(&self) -> Option<&'static str> {
         self.wide_isa
+    }
+
+    /// Sets the learning rate of the steps to come (`None`: the optimizer's own).
+    pub fn set_learning_rate(&mut self, lr: Option<f64>) {
+        self.lr = lr;
+    }
+
+    /// The gradient scale `clip norm` applied in the last step (1 without clipping).
+    pub fn clip_scale(&self) -> f32 {
+        self.clip_scale
     }
 
     pub fn compile_time(&self) -> Duration {
@@ -745,7 +762,7 @@ impl Program {
         let first_update = self
             .kernels
             .iter()
-            .position(|k| matches!(self.groups[k.group], fuse::Group::Updates(_)))
+            .position(|k| matches!(self.groups[k.group], fuse::Group::Updates(_) | fuse::Group::GradNorm(_)))
             .unwrap_or(self.kernels.len());
         for k in 0..first_update {
             self.call(k);
@@ -770,12 +787,30 @@ impl Program {
                     return Err(RunError::NonFinite(l));
                 }
             }
+            let mut k = first_update;
+            // `clip norm`: the sum of squares of the clipped gradients, then their scale.
+            if matches!(self.groups[self.kernels[k].group], fuse::Group::GradNorm(_)) {
+                self.call(k);
+                k += 1;
+                self.clip_scale = self.norm_scale();
+            }
             self.set_update_scalars();
-            for k in first_update..self.kernels.len() {
+            for k in k..self.kernels.len() {
                 self.call(k);
             }
         }
         Ok(())
+    }
+
+    /// `clip norm`'s scale from the norm kernel's partial sums (added in f64).
+    fn norm_scale(&self) -> f32 {
+        let Some((off, n)) = self.plan.norm_partials else { return 1.0 };
+        let limit = self.graph.nodes().iter().find_map(|n| match n.op {
+            Op::Update { clip: crate::ir::Clip::Norm(c), .. } => Some(c),
+            _ => None,
+        });
+        let sum: f64 = self.read_f32(off, n).iter().map(|&x| f64::from(x)).sum();
+        limit.map_or(1.0, |c| crate::interp::norm_scale(f64::from(c), sum.sqrt()))
     }
 
     /// Arena (offset, length) of what `run_reduced` hands its `reduce`.
@@ -800,16 +835,18 @@ impl Program {
             let p = param.index();
             self.param_steps[p] += 1;
             let t = self.param_steps[p];
-            let (s0, s1) = match f {
-                OptimizerFn::Sgd { momentum, .. } => (if t == 1 { 0.0 } else { momentum }, 0.0),
-                OptimizerFn::Adam { lr, b1, b2, .. } => {
+            let lr = self.lr.filter(|_| f.is_optimizer()).unwrap_or(f64::from(f.lr()));
+            let (s0, s1, shrink) = match f {
+                OptimizerFn::Sgd { momentum, .. } => (if t == 1 { 0.0 } else { momentum }, 0.0, 1.0),
+                OptimizerFn::Adam { b1, b2, weight_decay, .. } => {
                     let t = t as i32;
                     let bc1 = 1.0 - f64::from(b1).powi(t);
                     let bc2 = (1.0 - f64::from(b2).powi(t)).sqrt();
-                    ((f64::from(lr) / bc1) as f32, (1.0 / bc2) as f32)
+                    ((lr / bc1) as f32, (1.0 / bc2) as f32, (1.0 - lr * f64::from(weight_decay)) as f32)
                 }
+                OptimizerFn::RmsProp { .. } | OptimizerFn::Running { .. } => (0.0, 0.0, 1.0),
             };
-            self.write_f32(off, &[s0, s1]);
+            self.write_f32(off, &[s0, s1, lr as f32, shrink, self.clip_scale, 0.0, 0.0, 0.0]);
         }
     }
 
@@ -950,9 +987,10 @@ fn work_list(g: &Graph, groups: &[fuse::Group], calls: &[Option<Box<wide::Call>>
                 ),
                 None => work.push((gi, Piece::Main)),
             },
-            fuse::Group::Chain(_) | fuse::Group::LossPair { .. } | fuse::Group::Updates(_) => {
-                work.push((gi, Piece::Main))
-            }
+            fuse::Group::Chain(_)
+            | fuse::Group::LossPair { .. }
+            | fuse::Group::Updates(_)
+            | fuse::Group::GradNorm(_) => work.push((gi, Piece::Main)),
         }
     }
     work
@@ -965,6 +1003,7 @@ fn kernel_name(g: &Graph, grp: &fuse::Group, piece: Piece) -> String {
         (_, Piece::Pack) => format!("k{}_pack", head.0),
         (_, Piece::Part { name, .. }) => format!("k{}_{}_{name}", head.0, g.node(head).op.mnemonic()),
         (fuse::Group::Updates(_), _) => "k_updates".to_owned(),
+        (fuse::Group::GradNorm(_), _) => "k_grad_norm".to_owned(),
         (fuse::Group::MatMul { .. } | fuse::Group::Chain(_) | fuse::Group::LossPair { .. }, _)
             if grp.nodes().len() > 1 =>
         {
@@ -1005,6 +1044,7 @@ fn emit_kernel(
             }
         }
         fuse::Group::Updates(ids) => kernels::updates(e, g, plan, ids, range)?,
+        fuse::Group::GradNorm(_) => clip::emit(e, g, plan, range)?,
         fuse::Group::Chain(ids) => kernels::chain(e, g, plan, ids, range)?,
         fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
         fuse::Group::Single(id) => match piece {
@@ -1036,6 +1076,7 @@ fn kernel_units(g: &Graph, grp: &fuse::Group, piece: Piece, call: Option<&wide::
         (fuse::Group::Updates(ids), _) => {
             ids.iter().map(|&id| kernels::units(g, id)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
         }
+        (fuse::Group::GradNorm(_), _) => (clip::chunks(g), 2 * clip::chunks(g) * kernels::CHUNK),
         _ => kernels::units(g, head),
     }
 }
@@ -1144,6 +1185,11 @@ pub fn describe(p: &Program) -> String {
         match grp {
             fuse::Group::Updates(ids) => {
                 let _ = writeln!(out, "  update {} parameters{split}", ids.len());
+            }
+            fuse::Group::GradNorm(ids) => {
+                let at = plan.norm_partials.map_or(0, |p| p.0);
+                let _ =
+                    writeln!(out, "  sum of squares of {} gradients (clip norm) @ {at}{split}", ids.len());
             }
             _ => {
                 let ops: Vec<String> =

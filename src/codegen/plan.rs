@@ -29,8 +29,11 @@ pub struct Plan {
     pub input: Vec<usize>,
     /// Dropout's seed and step (two u64).
     pub rng: usize,
-    /// Per `update` node: 4 f32 the runtime sets before each step.
+    /// Per `update` node: 8 f32 the runtime sets before each step (`kernels::update`).
     pub update_scalars: Vec<(NodeId, usize)>,
+    /// With `clip norm`: one f32 per chunk of the clipped gradients, where the norm kernel
+    /// writes each chunk's sum of squares (`clip`): offset and count.
+    pub norm_partials: Option<(usize, usize)>,
     /// Per node with scratch (packed operands, im2col, a recurrent state): offset and bytes.
     pub scratch: Vec<(NodeId, usize, usize)>,
     /// Bytes of the persistent part (everything before the temporaries) and in all.
@@ -104,8 +107,12 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     p.rng = take(16);
     for id in g.ids() {
         if matches!(g.node(id).op, Op::Update { .. }) {
-            p.update_scalars.push((id, take(16)));
+            p.update_scalars.push((id, take(32)));
         }
+    }
+    let chunks = super::clip::chunks(g);
+    if chunks > 0 {
+        p.norm_partials = Some((take(chunks * 4), chunks));
     }
     p.persistent = at;
 

@@ -23,7 +23,8 @@ mod print;
 mod verify;
 
 pub use op::{
-    BinaryFn, LossFn, Op, OptimizerFn, RecurrentGradLayout, UnaryFn, recurrent_grad_layout, switch_weight,
+    BinaryFn, Clip, LossFn, Op, OptimizerFn, RecurrentGradLayout, UnaryFn, recurrent_grad_layout,
+    switch_weight,
 };
 pub use print::print;
 pub use verify::verify;
@@ -277,18 +278,13 @@ impl Graph {
         self.ids().find(|&id| self.node(id).op == Op::Input(i))
     }
 
-    /// For every parameter, how many buffers the optimizer keeps for it: Adam two, SGD with
-    /// momentum one, plain SGD none; `None` when no `update` node updates it (one pass).
+    /// For every parameter, how many buffers its update keeps (`OptimizerFn::slot_count`);
+    /// `None` when no `update` node updates it (one pass).
     pub fn optimizer_slots(&self) -> Vec<Option<usize>> {
         let mut slots = vec![None; self.params.len()];
         for n in &self.nodes {
-            let (count, param) = match n.op {
-                Op::Update { f: OptimizerFn::Adam { .. }, param, .. } => (2, param),
-                Op::Update { f: OptimizerFn::Sgd { momentum, .. }, param, .. } => {
-                    (usize::from(momentum != 0.0), param)
-                }
-                _ => continue,
-            };
+            let Op::Update { f, param, .. } = n.op else { continue };
+            let count = f.slot_count();
             if let Some(s) = slots.get_mut(param.index())
                 && s.is_none()
             {

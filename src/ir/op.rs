@@ -43,7 +43,8 @@ pub enum LossFn {
     CrossEntropyLogits,
 }
 
-/// In-place optimizer updates of one parameter. Hyper-parameters are constants of the step.
+/// In-place optimizer updates of one parameter. Hyper-parameters are constants of the step,
+/// except the learning rate, which the runtime sets before each step (a schedule moves it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerFn {
     /// PyTorch's SGD: g += wd·p; v = μ·v + g (v = g on the first step); p -= lr·(g + μ·v if
@@ -53,6 +54,55 @@ pub enum OptimizerFn {
     /// parameter first scaled by `1 − lr·wd`, the gradient left as it is). State: m, v; `step`
     /// is the 1-based step count read from the runtime.
     Adam { lr: f32, b1: f32, b2: f32, eps: f32, weight_decay: f32, decoupled: bool },
+    /// PyTorch's RMSprop: g += wd·p; s = α·s + (1−α)·g²; with `centered` a = lerp(a, g, 1−α)
+    /// and d = √(s − a²) + ε, else d = √s + ε; with momentum b = μ·b + g/d, p -= lr·b, else
+    /// p -= lr·g/d. State: s, then b (with momentum), then a (centered).
+    RmsProp { lr: f32, alpha: f32, eps: f32, weight_decay: f32, momentum: f32, centered: bool },
+    /// Moves a buffer toward a value: p -= rate·g (batch normalization's running estimates and
+    /// its batch count). Not an optimizer: no schedule or clipping touches it, and it keeps no
+    /// state.
+    Running { rate: f32 },
+}
+
+impl OptimizerFn {
+    /// The learning rate as written (a `Running` update's rate).
+    pub fn lr(self) -> f32 {
+        match self {
+            OptimizerFn::Sgd { lr, .. } | OptimizerFn::Adam { lr, .. } | OptimizerFn::RmsProp { lr, .. } => {
+                lr
+            }
+            OptimizerFn::Running { rate } => rate,
+        }
+    }
+
+    /// How many buffers of a parameter's size the rule keeps.
+    pub fn slot_count(self) -> usize {
+        match self {
+            OptimizerFn::Sgd { momentum, .. } => usize::from(momentum != 0.0),
+            OptimizerFn::Adam { .. } => 2,
+            OptimizerFn::RmsProp { momentum, centered, .. } => {
+                1 + usize::from(momentum != 0.0) + usize::from(centered)
+            }
+            OptimizerFn::Running { .. } => 0,
+        }
+    }
+
+    /// Whether the run's learning-rate schedule and gradient clipping apply (not to `Running`).
+    pub fn is_optimizer(self) -> bool {
+        !matches!(self, OptimizerFn::Running { .. })
+    }
+}
+
+/// Gradient clipping before an update (PyTorch's `clip_grad_value_` and `clip_grad_norm_`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Clip {
+    #[default]
+    None,
+    /// Each gradient element clamped to [−c, c].
+    Value(f32),
+    /// Every gradient scaled by min(1, c / (‖g‖ + 1e-6)), ‖g‖ the 2-norm over all the clipped
+    /// updates' gradients together.
+    Norm(f32),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -451,6 +501,7 @@ pub enum Op {
     /// runtime keeps for it). Produces nothing: its type is an empty f32 scalar marker.
     Update {
         f: OptimizerFn,
+        clip: Clip,
         param: ParamId,
         grad: NodeId,
     },

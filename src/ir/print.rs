@@ -4,7 +4,7 @@
 //! other node gets `%n`, numbered in order of appearance. With the source text at hand, each
 //! line ends with the spec line it came from.
 
-use super::{Graph, NodeId, Op, OptimizerFn, UnaryFn};
+use super::{Clip, Graph, NodeId, Op, OptimizerFn, UnaryFn};
 use std::fmt::Write;
 
 pub fn print(g: &Graph, src: Option<&str>) -> String {
@@ -143,7 +143,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Loss { f, .. } | LossGrad { f, .. } => {
             format!("{m}[{}] {}", f.name(), args(&op.operands()))
         }
-        Update { f, param, grad } => {
+        Update { f, clip, param, grad } => {
             let p = &g.params[param.index()].name;
             let f = match f {
                 OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => format!(
@@ -158,6 +158,18 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
                     num(*eps),
                     num(*weight_decay)
                 ),
+                OptimizerFn::RmsProp { lr, alpha, eps, weight_decay, momentum, centered } => format!(
+                    "rmsprop lr={} alpha={alpha} eps={} weight_decay={} momentum={momentum} centered={centered}",
+                    num(*lr),
+                    num(*eps),
+                    num(*weight_decay)
+                ),
+                OptimizerFn::Running { rate } => format!("running rate={}", num(*rate)),
+            };
+            let f = match clip {
+                Clip::None => f,
+                Clip::Value(c) => format!("{f} clip_value={}", num(*c)),
+                Clip::Norm(c) => format!("{f} clip_norm={}", num(*c)),
             };
             format!("{m}[{f}] {p}, {}", name(*grad))
         }

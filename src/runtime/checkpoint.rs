@@ -157,6 +157,8 @@ pub struct Progress {
     pub seed: u64,
     /// Early stopping's state, when the run has it.
     pub early: Option<EarlyState>,
+    /// The plateau schedule's state, when the run has it.
+    pub plateau: Option<super::schedule::PlateauState>,
 }
 
 /// Where early stopping stands: the best validation loss, its epoch, and the epochs since.
@@ -239,6 +241,9 @@ pub fn save_files(
     if let Some(e) = progress.early {
         // f64's shortest round-trip text: the same bits after a resume.
         meta.insert("early_stop".to_owned(), serde_json::to_string(&e).map_err(|e| e.to_string())?);
+    }
+    if let Some(p) = progress.plateau {
+        meta.insert("plateau".to_owned(), serde_json::to_string(&p).map_err(|e| e.to_string())?);
     }
     let optimizer = serialize(&slots, Some(meta))?;
     Ok(vec![("checkpoint.safetensors", checkpoint), ("optimizer.safetensors", optimizer)])
@@ -409,5 +414,11 @@ pub fn load_optimizer(dir: &Path, g: &Graph) -> Result<(State, Progress), String
         ),
         None => None,
     };
-    Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")?, early }))
+    let plateau = match info.get("plateau") {
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+            format!("{}: its learning-rate schedule's state is damaged: {e}", path.display())
+        })?),
+        None => None,
+    };
+    Ok((state, Progress { epoch: num("epoch")?, seed: num("seed")?, early, plateau }))
 }

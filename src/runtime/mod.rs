@@ -11,6 +11,7 @@ pub mod infer;
 pub mod init;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod schedule;
 pub mod tensorboard;
 pub mod train;
 

@@ -73,11 +73,7 @@ pub struct Image {
 
 /// The event file of a run: one record per epoch (scalars, and the epoch's picture when
 /// `picture(epoch)` has one), after the file-version record.
-pub fn events(
-    metrics: &[EpochMetrics],
-    learning_rate: f64,
-    picture: &dyn Fn(u64) -> Option<Vec<u8>>,
-) -> Vec<u8> {
+pub fn events(metrics: &[EpochMetrics], picture: &dyn Fn(u64) -> Option<Vec<u8>>) -> Vec<u8> {
     use prost::Message;
     let start = metrics.first().map_or(0.0, |m| m.wall_time);
     let mut out = Vec::new();
@@ -92,7 +88,8 @@ pub fn events(
         values.extend(m.token_accuracy.map(|v| scalar("accuracy/tokens".into(), v)));
         values.extend(m.sequence_accuracy.map(|v| scalar("accuracy/sequences".into(), v)));
         values.extend(m.samples_per_s.map(|v| scalar("samples_per_s".into(), v)));
-        values.push(scalar("learning_rate".into(), learning_rate));
+        values.extend(m.lr.map(|v| scalar("learning_rate".into(), v)));
+        values.extend(m.weights.iter().map(|(k, v)| scalar(format!("loss_weight/{k}"), *v)));
         if let Some(png) = picture(m.epoch)
             && let Some((width, height)) = png_size(&png)
         {

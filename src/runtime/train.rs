@@ -18,17 +18,18 @@
 
 use super::checkpoint::{self, Progress};
 use super::dist::{self, Collective};
+use super::schedule::{self as lr_schedule, PlateauState};
 use super::{Backend, State};
 use crate::autodiff;
 use crate::codegen;
 use crate::data::{self, Dataset, Values};
 use crate::diag::Span;
 use crate::interp::{self, Buf};
-use crate::ir::{Graph, OptimizerFn};
+use crate::ir::{Clip, Graph, OptimizerFn};
 use crate::passes;
-use crate::sema::lower::TERM_PREFIX;
+use crate::sema::lower::{TERM_PREFIX, WEIGHT_PREFIX};
 use crate::sema::{Compiled, Lowering, Mode, Part, lower, stage};
-use crate::syntax::ast::{Init, Noise, Pretrain};
+use crate::syntax::ast::{Init, Noise, Pretrain, Schedule, TermSchedule};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -55,6 +56,12 @@ pub struct TrainConfig {
     pub init_from: Option<PathBuf>,
     /// Stop when the validation loss stops improving; keep the best epoch's weights.
     pub early_stop: Option<crate::syntax::ast::EarlyStop>,
+    /// How the learning rate moves over the whole network's epochs, from `base_lr` (the
+    /// optimizer's rate before it is rounded to f32, as PyTorch's schedulers compute in f64).
+    pub schedule: Option<Schedule>,
+    pub base_lr: f64,
+    /// Gradient clipping before each update.
+    pub clip: Clip,
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
@@ -102,6 +109,12 @@ pub struct EpochMetrics {
     /// The terms of the validation loss (inference mode: a Gaussian code is its mean).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub val_terms: std::collections::BTreeMap<String, f64>,
+    /// The learning rate of the epoch's last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Scheduled loss weights at the epoch's last step, by term (`kl`, …).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub weights: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
     /// When the epoch ended (seconds since 1970): the wall time TensorBoard's events show.
     #[serde(default)]
@@ -219,6 +232,33 @@ fn single_sample_batches(
     })
 }
 
+/// What a step of the whole network's phase is told besides its batch: the learning rate
+/// (`None`: the optimizer's own) and the scheduled loss weights.
+#[derive(Default)]
+struct Controls {
+    lr: Option<f64>,
+    weights: Vec<(String, f64)>,
+}
+
+impl Controls {
+    /// At epoch `epoch` and step `t` of the phase (both from 0), `steps` steps per epoch and
+    /// `epochs` in the phase.
+    fn at(
+        cfg: &TrainConfig,
+        terms: &[(String, TermSchedule)],
+        (epoch, (t, steps)): (u64, (u64, u64)),
+        epochs: u64,
+        plateau: Option<&PlateauState>,
+    ) -> Controls {
+        let lr = cfg
+            .schedule
+            .as_ref()
+            .map(|s| lr_schedule::lr(s, cfg.base_lr, (epoch, t, epochs * steps), plateau));
+        let weights = terms.iter().map(|(name, s)| (name.clone(), s.at(t, steps))).collect();
+        Controls { lr, weights }
+    }
+}
+
 /// Why a step failed.
 enum StepFail {
     /// The step ran and went wrong (NaN, a bad token id): said by the interpreter.
@@ -303,6 +343,7 @@ impl Store {
 struct Programs<'c> {
     compiled: &'c Compiled,
     optimizer: OptimizerFn,
+    clip: Clip,
     denoise: bool,
     stage: Option<usize>,
     freeze: bool,
@@ -346,7 +387,8 @@ impl Programs<'_> {
         if !self.train.contains_key(&key) {
             let fwd = self.forward(key.0, Mode::Train, Some(key.1))?;
             let frozen = self.frozen(&fwd);
-            let step = autodiff::training_step(&fwd, self.optimizer, &frozen).map_err(TrainError::Compile)?;
+            let step = autodiff::training_step(&fwd, self.optimizer, self.clip, &frozen)
+                .map_err(TrainError::Compile)?;
             self.train.insert(key, step);
         }
         self.train.get(&key).ok_or_else(|| TrainError::Compile("missing step graph".into()))
@@ -394,6 +436,7 @@ impl Programs<'_> {
             self.holder = Some(batch);
         }
         let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
+        p.set_learning_rate(opts.lr);
         match p.run_reduced(inputs, opts.seed, opts.step, reduce) {
             Ok(()) => Ok(loss_and_terms(p.graph(), |name| p.output(name))),
             Err(codegen::RunError::Inputs(what)) => Err(StepFail::Train(TrainError::Data(what))),
@@ -459,18 +502,22 @@ impl Programs<'_> {
     }
 }
 
-/// The graph inputs of a batch: model variables by name, `<input>.clean` for denoising.
+/// The graph inputs of a batch: model variables by name, `<input>.clean` for denoising,
+/// `weight.<term>` from `weights` (scheduled loss weights).
 pub fn batch_inputs(
     g: &Graph,
     data: &Dataset,
     idx: &[usize],
-    noise: Option<Noise>,
-    seed: u64,
-    step: u64,
+    (noise, seed, step): (Option<Noise>, u64, u64),
+    weights: &[(String, f64)],
 ) -> Vec<Buf> {
     g.inputs
         .iter()
         .map(|input| {
+            if let Some(term) = input.name.strip_prefix(WEIGHT_PREFIX) {
+                let w = weights.iter().find(|(n, _)| n == term).map_or(1.0, |w| w.1);
+                return Buf::F32(vec![w as f32]);
+            }
             let clean = input.name.ends_with(".clean");
             let name = input.name.trim_end_matches(".clean");
             let Some(k) = data.names.iter().position(|n| n == name) else { return Buf::F32(Vec::new()) };
@@ -504,6 +551,8 @@ pub fn train(
     let phases = phases(compiled, cfg);
     let total: u64 = phases.iter().map(|p| p.epochs).sum();
     let model_graph = &compiled.forward;
+    let term_schedules: Vec<(String, TermSchedule)> =
+        compiled.model.loss.extra.iter().filter_map(|t| Some((t.name(), t.schedule?.0))).collect();
 
     // A fresh start, or the state of the last checkpoint.
     let mut store = Store::default();
@@ -525,13 +574,22 @@ pub fn train(
     // The seed of this process's draws (noise, dropout, ε): see `dist::process_seed`.
     let seed = cfg.dist.as_ref().map_or(cfg.seed, |Dist(d)| dist::process_seed(cfg.seed, d.rank()));
     // Process 0 alone reads the run folder; the others get what it read.
-    let (mut metrics, mut first_epoch, mut step, mut early) =
-        if cfg.resume && lead { resume(&mut store, model_graph, cfg)? } else { (Vec::new(), 0, 0, None) };
+    let fresh_plateau = match &cfg.schedule {
+        Some(Schedule::Plateau { .. }) => Some(PlateauState::new(cfg.base_lr)),
+        _ => None,
+    };
+    let (mut metrics, mut first_epoch, mut step, mut early, mut plateau) = if cfg.resume && lead {
+        resume(&mut store, model_graph, cfg)?
+    } else {
+        (Vec::new(), 0, 0, None, None)
+    };
     if let Some(Dist(d)) = &cfg.dist {
-        let mut start = (std::mem::take(&mut store.entries), metrics, first_epoch, step, early);
+        let mut start = (std::mem::take(&mut store.entries), metrics, first_epoch, step, (early, plateau));
         dist::share(d.as_ref(), &mut start).map_err(TrainError::Data)?;
-        (store.entries, metrics, first_epoch, step, early) = start;
+        (store.entries, metrics, first_epoch, step, (early, plateau)) = start;
     }
+    // A plateau schedule starts at the optimizer's rate (or where the checkpoint left it).
+    plateau = plateau.or(fresh_plateau).filter(|_| fresh_plateau.is_some());
     // The best epoch's weights, saved as `best.safetensors` with every save after it.
     let mut best: Option<Store> = match (&early, cfg.resume && lead) {
         (Some(_), true) => {
@@ -594,6 +652,7 @@ pub fn train(
         let mut programs = Programs {
             compiled,
             optimizer: cfg.optimizer,
+            clip: cfg.clip,
             denoise: cfg.noise.is_some(),
             stage: phase.stage,
             freeze: phase.freeze,
@@ -636,8 +695,20 @@ pub fn train(
             let mut loss_sum = 0f64;
             let mut term_sums: Vec<f64> = Vec::new();
             let mut allreduce = Duration::ZERO;
+            let mut controls = Controls::default();
             for (s, idx) in order.chunks(batch).enumerate() {
                 state.step += 1;
+                // The learning rate and loss weights of this step (the whole network's phase).
+                if phase.stage.is_none() {
+                    let at = ((epoch - phase_start - 1) * steps_per_epoch + s as u64, steps_per_epoch);
+                    controls = Controls::at(
+                        cfg,
+                        &term_schedules,
+                        (epoch - phase_start - 1, at),
+                        phase.epochs,
+                        plateau.as_ref(),
+                    );
+                }
                 // Data-parallel: this process's shard, weighted by its share of the batch (a
                 // process left without rows runs one with weight 0, to take the same update).
                 let (rows, weight) = match &cfg.dist {
@@ -650,9 +721,14 @@ pub fn train(
                 };
                 let key = (rows.len(), if cfg.dist.is_some() { idx.len() } else { rows.len() });
                 let g = programs.train(key)?;
-                let inputs = batch_inputs(g, data, rows, cfg.noise, seed, state.step);
-                let opts =
-                    interp::Options { seed, step: state.step, threads: cfg.threads, check_finite: true };
+                let inputs = batch_inputs(g, data, rows, (cfg.noise, seed, state.step), &controls.weights);
+                let opts = interp::Options {
+                    seed,
+                    step: state.step,
+                    threads: cfg.threads,
+                    check_finite: true,
+                    lr: controls.lr,
+                };
                 let mut sum = |flat: &mut [f32]| {
                     if let Some(Dist(d)) = &cfg.dist {
                         flat.iter_mut().for_each(|v| *v *= weight);
@@ -687,7 +763,8 @@ pub fn train(
             }
             // Validation and decoding: process 0, which writes the metrics.
             let val_idx: &[usize] = if lead { &val_idx } else { &[] };
-            let val = evaluate(&mut programs, data, val_idx, batch, cfg, &mut state, on)?;
+            let val =
+                evaluate(&mut programs, data, val_idx, (batch, &controls.weights), cfg, &mut state, on)?;
             let val_loss = val.as_ref().map(|v| v.0);
             let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
@@ -720,6 +797,11 @@ pub fn train(
                     .dist
                     .is_some()
                     .then(|| allreduce.as_secs_f64() / order.len().div_ceil(batch).max(1) as f64),
+                lr: Some(controls.lr.unwrap_or(match phase.stage {
+                    None => cfg.base_lr,
+                    Some(_) => f64::from(cfg.optimizer.lr()),
+                })),
+                weights: controls.weights.iter().cloned().collect(),
                 seconds: started.elapsed().as_secs_f64(),
                 wall_time: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -753,6 +835,18 @@ pub fn train(
                     (stop, early) = shared;
                 }
             }
+            // The plateau schedule moves on the whole network's validation loss, decided by
+            // process 0 and shared like early stopping.
+            if let (Some(rule @ Schedule::Plateau { .. }), None, Some(p)) =
+                (&cfg.schedule, phase.stage, plateau.as_mut())
+            {
+                if let Some(v) = val_loss {
+                    p.observe(v, rule);
+                }
+                if let Some(Dist(d)) = &cfg.dist {
+                    dist::share(d.as_ref(), p).map_err(TrainError::Data)?;
+                }
+            }
             if lead
                 && (stop
                     || epoch == last
@@ -761,7 +855,7 @@ pub fn train(
             {
                 let kept =
                     if epoch == total || stop { model_only(&store, model_graph) } else { store.clone() };
-                let at = Saved { epoch, early, best: best.as_ref() };
+                let at = Saved { epoch, early, plateau, best: best.as_ref() };
                 save(&cfg.out, &kept, &reference, &state, (at, cfg), &metrics)?;
                 last_save = Instant::now();
             }
@@ -848,12 +942,12 @@ fn model_only(store: &Store, g: &Graph) -> Store {
     Store { entries }
 }
 
+/// Where a resumed run stands: its metrics, epoch and step, early stopping's and the plateau
+/// schedule's state.
+type Resumed = (Vec<EpochMetrics>, u64, u64, Option<checkpoint::EarlyState>, Option<PlateauState>);
+
 /// Loads the run folder into the store: where the run stands and its metrics so far.
-fn resume(
-    store: &mut Store,
-    model: &Graph,
-    cfg: &TrainConfig,
-) -> Result<(Vec<EpochMetrics>, u64, u64, Option<checkpoint::EarlyState>), TrainError> {
+fn resume(store: &mut Store, model: &Graph, cfg: &TrainConfig) -> Result<Resumed, TrainError> {
     // The last committed save, with any interrupted one finished or cleared away.
     checkpoint::recover(&cfg.out).map_err(TrainError::Io)?;
     let path = cfg.out.join("checkpoint.safetensors");
@@ -892,7 +986,8 @@ fn resume(
         )));
     }
     let metrics = read_metrics(&cfg.out.join("metrics.jsonl"), progress.epoch);
-    Ok((metrics, progress.epoch, state.step, progress.early.filter(|_| cfg.early_stop.is_some())))
+    let early = progress.early.filter(|_| cfg.early_stop.is_some());
+    Ok((metrics, progress.epoch, state.step, early, progress.plateau))
 }
 
 /// Greedy decoding of the samples `idx`: token and whole-sequence accuracy against the loss
@@ -933,7 +1028,7 @@ fn evaluate(
     programs: &mut Programs,
     data: &Dataset,
     idx: &[usize],
-    batch: usize,
+    (batch, weights): (usize, &[(String, f64)]),
     cfg: &TrainConfig,
     state: &mut State,
     on: &mut dyn FnMut(Event),
@@ -945,9 +1040,14 @@ fn evaluate(
     let mut term_sums: Vec<f64> = Vec::new();
     for chunk in idx.chunks(batch) {
         let g = programs.eval(chunk.len())?;
-        let inputs = batch_inputs(g, data, chunk, None, cfg.seed, state.step);
-        let opts =
-            interp::Options { seed: cfg.seed, step: state.step, threads: cfg.threads, check_finite: false };
+        let inputs = batch_inputs(g, data, chunk, (None, cfg.seed, state.step), weights);
+        let opts = interp::Options {
+            seed: cfg.seed,
+            step: state.step,
+            threads: cfg.threads,
+            check_finite: false,
+            lr: None,
+        };
         let (loss, terms) = programs.eval_loss(chunk.len(), &inputs, state, &opts, on)?;
         sum += loss * chunk.len() as f64;
         term_sums.resize(terms.len(), 0.0);
@@ -1022,6 +1122,7 @@ fn non_finite_state(g: &Graph, state: &State) -> Option<String> {
 struct Saved<'a> {
     epoch: u64,
     early: Option<checkpoint::EarlyState>,
+    plateau: Option<PlateauState>,
     best: Option<&'a Store>,
 }
 
@@ -1033,7 +1134,7 @@ fn save(
     (at, cfg): (Saved, &TrainConfig),
     metrics: &[EpochMetrics],
 ) -> Result<(), TrainError> {
-    let progress = Progress { epoch: at.epoch, seed: cfg.seed, early: at.early };
+    let progress = Progress { epoch: at.epoch, seed: cfg.seed, early: at.early, plateau: at.plateau };
     let mut files = checkpoint::save_files(&store.entries, g, state, &progress).map_err(TrainError::Io)?;
     if let Some(best) = at.best {
         files.push(("best.safetensors", checkpoint::weights_file(&best.entries).map_err(TrainError::Io)?));
@@ -1042,11 +1143,8 @@ fn save(
         files.push(("config.json", config.clone().into_bytes()));
     }
     // TensorBoard's events: a function of the metrics and the pictures, so in the transaction.
-    let lr = match cfg.optimizer {
-        OptimizerFn::Sgd { lr, .. } | OptimizerFn::Adam { lr, .. } => f64::from(lr),
-    };
     let picture = |epoch: u64| std::fs::read(dir.join(format!("epoch-{epoch:04}.png"))).ok();
-    files.push((super::tensorboard::FILE, super::tensorboard::events(metrics, lr, &picture)));
+    files.push((super::tensorboard::FILE, super::tensorboard::events(metrics, &picture)));
     let mut text = String::new();
     for m in metrics {
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?);

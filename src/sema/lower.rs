@@ -12,7 +12,7 @@
 use super::{LayerInfo, Model, Part, Ty};
 use crate::diag::Span;
 use crate::ir::{
-    BinaryFn, Graph, LossFn, NodeId, Op, OptimizerFn, ParamDef, ParamId, ParamRole, Type, UnaryFn,
+    BinaryFn, Clip, Graph, LossFn, NodeId, Op, OptimizerFn, ParamDef, ParamId, ParamRole, Type, UnaryFn,
 };
 use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind, Reduction};
 
@@ -172,6 +172,9 @@ struct Lower {
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
 pub const TERM_PREFIX: &str = "term.";
 
+/// The graph input holding a scheduled term's weight is named `weight.<the term>`.
+pub const WEIGHT_PREFIX: &str = "weight.";
+
 /// The value flowing between layers.
 #[derive(Clone, Copy)]
 struct Value {
@@ -314,19 +317,24 @@ impl Lower {
         let stats = self.add(Op::BnStats { x }, span)?;
         let y = self.add(Op::BatchNorm { x, stats, gamma, beta, eps }, span)?;
         // The running estimates, as PyTorch: r ← (1 − m)·r + m·s with the unbiased variance,
-        // written as the plain-SGD update r ← r − m·(r − s); the batch count by r ← r + 1 (SGD
-        // with a rate of −1 on a gradient of 1).
-        let sgd =
-            |lr: f64| OptimizerFn::Sgd { lr: lr as f32, momentum: 0.0, nesterov: false, weight_decay: 0.0 };
+        // written as the running update r ← r − m·(r − s); the batch count by r ← r + 1 (a rate
+        // of −1 on a gradient of 1).
+        let running = |rate: f64| OptimizerFn::Running { rate: rate as f32 };
         let batch_mean = self.add(Op::Part { x: stats, offset: 0, shape: vec![c] }, span)?;
         let batch_var = self.add(Op::Part { x: stats, offset: c, shape: vec![c] }, span)?;
         let unbiased = self.add(Op::Scale { x: batch_var, c: (n as f64 / (n - 1) as f64) as f32 }, span)?;
         for (p, stat) in [(mean, batch_mean), (var, unbiased)] {
             let grad = self.add(Op::Binary { f: BinaryFn::Sub, a: self.params[p], b: stat }, span)?;
-            self.add(Op::Update { f: sgd(momentum), param: ParamId(p as u32), grad }, span)?;
+            self.add(
+                Op::Update { f: running(momentum), clip: Clip::None, param: ParamId(p as u32), grad },
+                span,
+            )?;
         }
         let one = self.add(Op::Fill { value: 1.0, shape: vec![] }, span)?;
-        self.add(Op::Update { f: sgd(-1.0), param: ParamId(count as u32), grad: one }, span)?;
+        self.add(
+            Op::Update { f: running(-1.0), clip: Clip::None, param: ParamId(count as u32), grad: one },
+            span,
+        )?;
         Ok(y)
     }
 
@@ -689,9 +697,13 @@ impl Lower {
                     self.add(Op::Scale { x: s, c: (t.weight / div) as f32 }, t.span)?
                 }
             };
-            let name = match t.kind {
-                LossKind::Kl => "kl".to_owned(),
-                _ => format!("{}({})", t.kind.keyword(), t.arg.name),
+            let name = t.name();
+            // A scheduled weight is an input the runtime sets before each step.
+            let term = if t.schedule.is_some() {
+                let w = self.g.add_input(format!("{WEIGHT_PREFIX}{name}"), Type::f32(Vec::<usize>::new()))?;
+                self.add(Op::Binary { f: BinaryFn::Mul, a: term, b: w }, t.span)?
+            } else {
+                term
             };
             self.terms.push((name, term));
             total = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: term }, t.span)?;

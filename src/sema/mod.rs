@@ -192,7 +192,6 @@ pub struct Compiled {
     pub warnings: Vec<Diagnostic>,
 }
 
-/// Parses, checks and lowers a spec. On failure, every diagnostic found.
 /// The train block's `data` lines against the model: every bound name is an input or a target,
 /// and a task whose target differs from its input (`reverse`, `translation`) has a target to
 /// train on — without one the loss would compare the input with itself, a copy task.
@@ -204,6 +203,24 @@ fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
             Diagnostic::error("`early_stop` watches the validation loss, and this run holds out no samples")
                 .label(span, "needs a validation split")
                 .help("add e.g. `validation 0.1` to the train block"),
+        );
+    }
+    if let Some((ast::Schedule::Plateau { .. }, span)) = &t.schedule
+        && t.validation.unwrap_or(0.0) == 0.0
+    {
+        diags.push(
+            Diagnostic::error("`plateau` follows the validation loss, and this run holds out no samples")
+                .label(*span, "needs a validation split")
+                .help("add e.g. `validation 0.1` to the train block"),
+        );
+    }
+    if let (Some((ast::Schedule::OneCycle { .. }, span)), Some(o)) = (&t.schedule, &t.optimizer) {
+        diags.push(
+            Diagnostic::warning(format!(
+                "`onecycle` sets every step's learning rate from its `max_lr`: the optimizer's lr ({}) is not used",
+                o.lr()
+            ))
+            .label(*span, "sets the learning rate"),
         );
     }
     for b in &t.data {
@@ -243,6 +260,7 @@ fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
     }
 }
 
+/// Parses, checks and lowers a spec. On failure, every diagnostic found.
 pub fn compile(src: &str, config: &Config) -> Result<Compiled, Vec<Diagnostic>> {
     let (ast, mut diags) = syntax::parse(src);
     let Some(mut ast) = ast else {

@@ -117,6 +117,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             kind: LossKind::Mse,
             arg: ast::Ident { name: String::new(), span },
             reduction: None,
+            schedule: None,
             span,
         },
         extra: Vec::new(),

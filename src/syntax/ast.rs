@@ -294,10 +294,53 @@ pub struct LossTerm {
     pub arg: Ident,
     /// `reduction: …` as written (each kind has its default: `LossTerm::reduction`).
     pub reduction: Option<(Reduction, Span)>,
+    /// A weight that moves during training (`linear(…) * kl(code)`); `weight` is then 1.
+    pub schedule: Option<(TermSchedule, Span)>,
     pub span: Span,
 }
 
+/// A loss term's weight as a function of the training step (KL warm-up and annealing). With
+/// T = epochs × steps per epoch and t the steps taken before this one:
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TermSchedule {
+    /// from + (to − from)·min(1, t/T).
+    Linear { from: f64, to: f64, epochs: u64 },
+    /// Fu et al. 2019's cyclical annealing: T split into `cycles` periods of P steps; in each
+    /// the weight rises linearly from `from` to `to` over the first `ratio`·P steps and stays
+    /// at `to` for the rest. After T steps it stays at `to`.
+    Cyclical { from: f64, to: f64, epochs: u64, cycles: u64, ratio: f64 },
+}
+
+impl TermSchedule {
+    /// The weight before step `t` (0-based), with `steps` steps per epoch.
+    pub fn at(&self, t: u64, steps: u64) -> f64 {
+        match *self {
+            TermSchedule::Linear { from, to, epochs } => {
+                let total = (epochs * steps).max(1) as f64;
+                from + (to - from) * (t as f64 / total).min(1.0)
+            }
+            TermSchedule::Cyclical { from, to, epochs, cycles, ratio } => {
+                let total = epochs * steps;
+                if t >= total {
+                    return to;
+                }
+                let period = total as f64 / cycles as f64;
+                let tau = (t as f64 % period) / period;
+                from + (to - from) * (tau / ratio).min(1.0)
+            }
+        }
+    }
+}
+
 impl LossTerm {
+    /// The term's name in metrics and graph outputs: `kl`, `l2(weights)`, `mse(x)`, ….
+    pub fn name(&self) -> String {
+        match self.kind {
+            LossKind::Kl => "kl".to_owned(),
+            _ => format!("{}({})", self.kind.keyword(), self.arg.name),
+        }
+    }
+
     /// The reduction in effect: as written, else `batchmean` for `kl` and `mean` for the rest.
     pub fn reduction(&self) -> Reduction {
         match (self.reduction, self.kind) {
@@ -368,7 +411,53 @@ pub struct Train {
     pub init: Option<Init>,
     /// `early_stop(patience: P, min_delta: D)`, with the field's span.
     pub early_stop: Option<(EarlyStop, Span)>,
+    /// `schedule …`: how the learning rate moves, with the field's span.
+    pub schedule: Option<(Schedule, Span)>,
+    /// `clip norm(c)` or `clip value(c)`.
+    pub clip: Option<ClipRule>,
     pub span: Span,
+}
+
+/// A learning-rate schedule, each as PyTorch's `torch.optim.lr_scheduler` of the same name.
+/// Every one but `onecycle` moves once per epoch (PyTorch's `scheduler.step()` after each
+/// epoch); `onecycle` moves every step, as `OneCycleLR` is meant to be stepped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    /// `StepLR`: lr·γ^⌊e / every⌋ in epoch e (from 0).
+    Step { every: u64, gamma: f64 },
+    /// `MultiStepLR`: lr·γ^(milestones ≤ e).
+    MultiStep { at: Vec<u64>, gamma: f64 },
+    /// `ExponentialLR`: lr·γ^e.
+    Exponential { gamma: f64 },
+    /// `CosineAnnealingLR` after `warmup` epochs of `LinearLR` rising from lr/(warmup+1) (as
+    /// `SequentialLR` joins them): min_lr + (lr − min_lr)·(1 + cos(π·e′/t_max))/2, e′ counted
+    /// from the end of the warm-up.
+    Cosine { t_max: u64, min_lr: f64, warmup: u64 },
+    /// `OneCycleLR` (cosine annealing, two phases, momentum not cycled) over the run's steps.
+    OneCycle { max_lr: f64, pct_start: f64, div_factor: f64, final_div_factor: f64 },
+    /// `ReduceLROnPlateau(mode="min", threshold_mode="rel")` on the validation loss.
+    Plateau { factor: f64, patience: u64, min_lr: f64, threshold: f64, cooldown: u64 },
+}
+
+impl Schedule {
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Schedule::Step { .. } => "step",
+            Schedule::MultiStep { .. } => "multistep",
+            Schedule::Exponential { .. } => "exponential",
+            Schedule::Cosine { .. } => "cosine",
+            Schedule::OneCycle { .. } => "onecycle",
+            Schedule::Plateau { .. } => "plateau",
+        }
+    }
+}
+
+/// Gradient clipping before each update: PyTorch's `clip_grad_norm_` (the norm over all
+/// parameters' gradients together) or `clip_grad_value_`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ClipRule {
+    Norm(f64),
+    Value(f64),
 }
 
 /// Stop when the validation loss has not improved by more than `min_delta` for `patience`
@@ -459,6 +548,24 @@ pub enum Optimizer {
         weight_decay: f64,
         decoupled: bool,
     },
+    /// `rmsprop(…)`: PyTorch's RMSprop.
+    RmsProp {
+        lr: f64,
+        alpha: f64,
+        eps: f64,
+        weight_decay: f64,
+        momentum: f64,
+        centered: bool,
+    },
+}
+
+impl Optimizer {
+    /// The learning rate as written.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } | Optimizer::RmsProp { lr, .. } => *lr,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

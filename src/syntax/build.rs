@@ -80,6 +80,8 @@ enum Value {
     Str(String),
     Num(f64),
     Word(String),
+    /// `[a, b, …]`, each item with its span.
+    List(Vec<(Value, Span)>),
 }
 
 #[derive(Clone, Debug)]
@@ -609,21 +611,34 @@ impl Builder {
             .collect();
         let mut terms = terms.into_iter();
         let main = terms.next()?;
+        if let Some((_, at)) = main.schedule {
+            self.err(
+                Diagnostic::error("the reconstruction loss keeps a fixed weight")
+                    .label(at, "a schedule on the first term")
+                    .help(
+                        "schedule a penalty after it, e.g. `+ linear(from: 0, to: 1, epochs: 10) * kl(code)`",
+                    ),
+            );
+        }
         Some(Loss { main, extra: terms.collect(), span })
     }
 
     fn loss_term(&mut self, p: P) -> Option<LossTerm> {
         let span = span_of(&p);
         let mut weight: f64 = 1.0;
-        let mut call = None;
+        let mut calls = Vec::new();
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::number => weight = part.as_str().parse().unwrap_or(1.0),
-                Rule::call => call = Some(self.call(part)),
+                Rule::call => calls.push(self.call(part)),
                 _ => {}
             }
         }
-        let call = call?;
+        let call = calls.pop()?;
+        let schedule = match calls.pop() {
+            Some(c) => Some((self.term_schedule(&c)?, c.span)),
+            None => None,
+        };
         let kind = match call.name.as_str() {
             "mse" => LossKind::Mse,
             "bce" => LossKind::Bce,
@@ -698,7 +713,7 @@ impl Builder {
                 Diagnostic::error("a loss weight must be a finite number ≥ 0").label(span, "this weight"),
             );
         }
-        Some(LossTerm { weight, kind, arg, reduction, span })
+        Some(LossTerm { weight, kind, arg, reduction, schedule, span })
     }
 
     // ---- train ---------------------------------------------------------------------------------
@@ -789,6 +804,8 @@ impl Builder {
             "noise" => t.noise = self.noise(&v, vs),
             "pretrain" => t.pretrain = self.pretrain(&v, vs),
             "early_stop" => t.early_stop = self.early_stop(&v, vs).map(|e| (e, span)),
+            "schedule" => t.schedule = self.schedule(&v, vs).map(|s| (s, span)),
+            "clip" => t.clip = self.clip(&v, vs),
             "init" => {
                 t.init = match &v {
                     Value::Word(w) if w == "default" => Some(Init::Default),
@@ -815,6 +832,8 @@ impl Builder {
                     "pretrain",
                     "init",
                     "early_stop",
+                    "schedule",
+                    "clip",
                 ];
                 let mut d = Diagnostic::error(format!("unknown train field `{other}`"))
                     .label(name.span, "not a train field");
@@ -853,7 +872,7 @@ impl Builder {
     fn optimizer(&mut self, v: &Value, vs: Span) -> Option<Optimizer> {
         let Value::Call(c) = v else {
             self.err(
-                Diagnostic::error("`optimizer` takes `sgd(…)`, `adam(…)` or `adamw(…)`")
+                Diagnostic::error("`optimizer` takes `sgd(…)`, `adam(…)`, `adamw(…)` or `rmsprop(…)`")
                     .label(vs, "not an optimizer call")
                     .help("write e.g. `optimizer adam(lr: 1e-3)`"),
             );
@@ -888,17 +907,176 @@ impl Builder {
                 a.finish()?;
                 Some(Optimizer::Adam { lr: lr?, b1, b2, eps: eps?, weight_decay, decoupled })
             }
+            "rmsprop" => {
+                let mut a =
+                    CallReader::new(self, c, &["lr", "alpha", "eps", "weight_decay", "momentum", "centered"]);
+                let lr = a.positive("lr", Some(1e-2));
+                let alpha = a.fraction_01("alpha", 0.99);
+                let eps = a.positive("eps", Some(1e-8));
+                let weight_decay = a.non_negative("weight_decay", 0.0);
+                let momentum = a.fraction_01("momentum", 0.0);
+                let centered = a.boolean("centered", false);
+                a.finish()?;
+                Some(Optimizer::RmsProp { lr: lr?, alpha, eps: eps?, weight_decay, momentum, centered })
+            }
             other => {
                 let mut d = Diagnostic::error(format!("unknown optimizer `{other}`"))
                     .label(c.name_span, "not an optimizer");
-                d = match closest(other, ["sgd", "adam", "adamw"].iter()) {
+                d = match closest(other, ["sgd", "adam", "adamw", "rmsprop"].iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help("optimizers are `sgd(…)`, `adam(…)` and `adamw(…)`"),
+                    None => d.help("optimizers are `sgd(…)`, `adam(…)`, `adamw(…)` and `rmsprop(…)`"),
                 };
                 self.err(d);
                 None
             }
         }
+    }
+
+    /// `linear(from:, to:, epochs:)` (also written `warmup(from, to, epochs)`) or
+    /// `cyclical(from:, to:, epochs:, cycles:, ratio:)`.
+    fn term_schedule(&mut self, c: &Call) -> Option<TermSchedule> {
+        match c.name.as_str() {
+            "linear" | "warmup" => {
+                let mut a = CallReader::new(self, c, &["from", "to", "epochs"]);
+                let from = a.non_negative("from", 0.0);
+                let to = a.non_negative("to", 1.0);
+                let epochs = a.count("epochs");
+                a.finish()?;
+                Some(TermSchedule::Linear { from, to, epochs: epochs? })
+            }
+            "cyclical" => {
+                let mut a = CallReader::new(self, c, &["from", "to", "epochs", "cycles", "ratio"]);
+                let from = a.non_negative("from", 0.0);
+                let to = a.non_negative("to", 1.0);
+                let epochs = a.count("epochs");
+                let cycles = a.count_or("cycles", 4);
+                let ratio = a.positive("ratio", Some(0.5));
+                a.finish()?;
+                let ratio = ratio?;
+                if ratio > 1.0 {
+                    self.err(
+                        Diagnostic::error("`ratio` is the share of each cycle spent rising, at most 1")
+                            .label(c.span, "ratio above 1"),
+                    );
+                    return None;
+                }
+                Some(TermSchedule::Cyclical { from, to, epochs: epochs?, cycles, ratio })
+            }
+            other => {
+                let mut d = Diagnostic::error(format!("unknown weight schedule `{other}`"))
+                    .label(c.name_span, "not a weight schedule");
+                d = match closest(other, ["linear", "warmup", "cyclical"].iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help("a weight is a number, `linear(from:, to:, epochs:)` or `cyclical(…)`"),
+                };
+                self.err(d);
+                None
+            }
+        }
+    }
+
+    fn schedule(&mut self, v: &Value, vs: Span) -> Option<Schedule> {
+        const KINDS: [&str; 6] = ["step", "multistep", "exponential", "cosine", "onecycle", "plateau"];
+        let Value::Call(c) = v else {
+            self.err(
+                Diagnostic::error("`schedule` takes a schedule call").label(vs, "not a schedule").help(
+                    "write e.g. `schedule cosine(t_max: 50)` or `schedule step(every: 10, gamma: 0.5)`",
+                ),
+            );
+            return None;
+        };
+        let schedule = match c.name.as_str() {
+            "step" => {
+                let mut a = CallReader::new(self, c, &["every", "gamma"]);
+                let every = a.count("every");
+                let gamma = a.positive("gamma", Some(0.1));
+                a.finish()?;
+                Schedule::Step { every: every?, gamma: gamma? }
+            }
+            "multistep" => {
+                let mut a = CallReader::new(self, c, &["at", "gamma"]);
+                let at = a.counts("at");
+                let gamma = a.positive("gamma", Some(0.1));
+                a.finish()?;
+                Schedule::MultiStep { at: at?, gamma: gamma? }
+            }
+            "exponential" => {
+                let mut a = CallReader::new(self, c, &["gamma"]);
+                let gamma = a.positive("gamma", None);
+                a.finish()?;
+                Schedule::Exponential { gamma: gamma? }
+            }
+            "cosine" => {
+                let mut a = CallReader::new(self, c, &["t_max", "min_lr", "warmup"]);
+                let t_max = a.count("t_max");
+                let min_lr = a.non_negative("min_lr", 0.0);
+                let warmup = a.whole_or("warmup", 0);
+                a.finish()?;
+                Schedule::Cosine { t_max: t_max?, min_lr, warmup }
+            }
+            "onecycle" => {
+                let mut a =
+                    CallReader::new(self, c, &["max_lr", "pct_start", "div_factor", "final_div_factor"]);
+                let max_lr = a.positive("max_lr", None);
+                let pct_start = a.fraction_01("pct_start", 0.3);
+                let div_factor = a.positive("div_factor", Some(25.0));
+                let final_div_factor = a.positive("final_div_factor", Some(1e4));
+                a.finish()?;
+                Schedule::OneCycle {
+                    max_lr: max_lr?,
+                    pct_start,
+                    div_factor: div_factor?,
+                    final_div_factor: final_div_factor?,
+                }
+            }
+            "plateau" => {
+                let mut a =
+                    CallReader::new(self, c, &["factor", "patience", "min_lr", "threshold", "cooldown"]);
+                let factor = a.fraction_01("factor", 0.1);
+                let patience = a.whole_or("patience", 10);
+                let min_lr = a.non_negative("min_lr", 0.0);
+                let threshold = a.non_negative("threshold", 1e-4);
+                let cooldown = a.whole_or("cooldown", 0);
+                a.finish()?;
+                if factor == 0.0 {
+                    self.err(
+                        Diagnostic::error("`factor` must be above 0: the learning rate is multiplied by it")
+                            .label(c.span, "factor 0")
+                            .help("write e.g. `plateau(factor: 0.5)`"),
+                    );
+                    return None;
+                }
+                Schedule::Plateau { factor, patience, min_lr, threshold, cooldown }
+            }
+            other => {
+                let mut d = Diagnostic::error(format!("unknown schedule `{other}`"))
+                    .label(c.name_span, "not a schedule");
+                d = match closest(other, KINDS.iter()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help(format!("schedules are {}", KINDS.join(", "))),
+                };
+                self.err(d);
+                return None;
+            }
+        };
+        Some(schedule)
+    }
+
+    fn clip(&mut self, v: &Value, vs: Span) -> Option<ClipRule> {
+        let (Value::Call(c), true) =
+            (v, matches!(v, Value::Call(c) if c.name == "norm" || c.name == "value"))
+        else {
+            self.err(
+                Diagnostic::error("`clip` takes `norm(C)` or `value(C)`")
+                    .label(vs, "not a clipping rule")
+                    .help("write e.g. `clip norm(1.0)` (as clip_grad_norm_) or `clip value(0.5)`"),
+            );
+            return None;
+        };
+        let mut a = CallReader::new(self, c, &["max"]);
+        let max = a.positive("max", None);
+        a.finish()?;
+        Some(if c.name == "norm" { ClipRule::Norm(max?) } else { ClipRule::Value(max?) })
     }
 
     fn early_stop(&mut self, v: &Value, vs: Span) -> Option<EarlyStop> {
@@ -911,7 +1089,7 @@ impl Builder {
             return None;
         };
         let mut a = CallReader::new(self, c, &["patience", "min_delta"]);
-        let patience = a.count_or("patience", 5);
+        let patience = a.whole_or("patience", 5);
         let min_delta = a.non_negative("min_delta", 0.0);
         a.finish()?;
         Some(EarlyStop { patience, min_delta })
@@ -1073,6 +1251,15 @@ impl Builder {
                 Value::Num(a / b)
             }
             Rule::number => Value::Num(v.as_str().parse().unwrap_or(f64::NAN)),
+            Rule::list => Value::List(
+                v.into_inner()
+                    .filter(|i| i.as_rule() == Rule::value)
+                    .map(|i| {
+                        let span = span_of(&i);
+                        (self.value(i), span)
+                    })
+                    .collect(),
+            ),
             _ => Value::Word(v.as_str().to_owned()),
         }
     }
@@ -1616,6 +1803,64 @@ impl<'b, 'c> CallReader<'b, 'c> {
                 None
             }
         }
+    }
+
+    /// A whole number ≥ 0 (a patience, a warm-up), `default` when not given.
+    fn whole_or(&mut self, name: &str, default: u64) -> u64 {
+        match self.number(name) {
+            Some((x, _)) if x >= 0.0 && x.fract() == 0.0 && x <= MAX_SIZE as f64 => x as u64,
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` must be a whole number ≥ 0"))
+                    .label(span, "not a whole number ≥ 0");
+                self.error(d);
+                default
+            }
+            None => default,
+        }
+    }
+
+    /// A list of whole numbers ≥ 1 in increasing order (`at: [30, 60]`).
+    fn counts(&mut self, name: &str) -> Option<Vec<u64>> {
+        let Some((v, span)) = self.find(name) else {
+            let d = Diagnostic::error(format!("`{}` needs `{name}`", self.call.name))
+                .label(self.call.span, format!("`{name}` missing"))
+                .help(format!("write e.g. `{}({name}: [30, 60])`", self.call.name));
+            self.error(d);
+            return None;
+        };
+        let Value::List(items) = v else {
+            let d = Diagnostic::error(format!("`{name}` is a list of epochs"))
+                .label(span, "not a list")
+                .help(format!("write e.g. `{name}: [30, 60]`"));
+            self.error(d);
+            return None;
+        };
+        let mut out = Vec::new();
+        for (item, at) in items {
+            match item {
+                Value::Num(x) if x >= 1.0 && x.fract() == 0.0 && x <= MAX_SIZE as f64 => {
+                    if out.last().is_some_and(|&l| l >= x as u64) {
+                        let d = Diagnostic::error(format!("`{name}` must increase"))
+                            .label(at, "not after the one before");
+                        self.error(d);
+                        return None;
+                    }
+                    out.push(x as u64);
+                }
+                _ => {
+                    let d = Diagnostic::error(format!("each of `{name}` is a whole number ≥ 1"))
+                        .label(at, "not a whole number ≥ 1");
+                    self.error(d);
+                    return None;
+                }
+            }
+        }
+        if out.is_empty() {
+            let d = Diagnostic::error(format!("`{name}` is empty")).label(span, "no epochs");
+            self.error(d);
+            return None;
+        }
+        Some(out)
     }
 
     fn count_or(&mut self, name: &str, default: u64) -> u64 {

@@ -93,6 +93,7 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::arg | Rule::arg_name => "an argument",
         Rule::value => "a value",
         Rule::fraction => "a fraction",
+        Rule::list => "a list such as `[30, 60]`",
         Rule::name | Rule::word => "a name",
         Rule::int => "a whole number",
         Rule::number => "a number",

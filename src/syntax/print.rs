@@ -189,8 +189,10 @@ impl Display for Loss {
 
 impl Display for LossTerm {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        if self.weight != 1.0 {
-            write!(f, "{} * ", Num(self.weight))?;
+        match &self.schedule {
+            Some((s, _)) => write!(f, "{s} * ")?,
+            None if self.weight != 1.0 => write!(f, "{} * ", Num(self.weight))?,
+            None => {}
         }
         write!(f, "{}({}", self.kind.keyword(), self.arg.name)?;
         if let Some((r, _)) = self.reduction {
@@ -236,6 +238,14 @@ impl Display for Train {
         }
         if let Some((e, _)) = &self.early_stop {
             writeln!(f, "    early_stop(patience: {}, min_delta: {})", e.patience, Num(e.min_delta))?;
+        }
+        if let Some((s, _)) = &self.schedule {
+            writeln!(f, "    schedule {s}")?;
+        }
+        match self.clip {
+            Some(ClipRule::Norm(c)) => writeln!(f, "    clip norm({})", Num(c))?,
+            Some(ClipRule::Value(c)) => writeln!(f, "    clip value({})", Num(c))?,
+            None => {}
         }
         if let Some(i) = self.init {
             let name = match i {
@@ -305,6 +315,56 @@ impl Display for Optimizer {
                 Num(*lr),
                 Num(*eps),
                 Num(*weight_decay)
+            ),
+            Optimizer::RmsProp { lr, alpha, eps, weight_decay, momentum, centered } => write!(
+                f,
+                "rmsprop(lr: {}, alpha: {alpha}, eps: {}, weight_decay: {}, momentum: {momentum}, centered: {centered})",
+                Num(*lr),
+                Num(*eps),
+                Num(*weight_decay)
+            ),
+        }
+    }
+}
+
+impl Display for Schedule {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let k = self.keyword();
+        match self {
+            Schedule::Step { every, gamma } => write!(f, "{k}(every: {every}, gamma: {gamma})"),
+            Schedule::MultiStep { at, gamma } => {
+                let at: Vec<String> = at.iter().map(u64::to_string).collect();
+                write!(f, "{k}(at: [{}], gamma: {gamma})", at.join(", "))
+            }
+            Schedule::Exponential { gamma } => write!(f, "{k}(gamma: {gamma})"),
+            Schedule::Cosine { t_max, min_lr, warmup } => {
+                write!(f, "{k}(t_max: {t_max}, min_lr: {}, warmup: {warmup})", Num(*min_lr))
+            }
+            Schedule::OneCycle { max_lr, pct_start, div_factor, final_div_factor } => write!(
+                f,
+                "{k}(max_lr: {}, pct_start: {pct_start}, div_factor: {div_factor}, final_div_factor: {})",
+                Num(*max_lr),
+                Num(*final_div_factor)
+            ),
+            Schedule::Plateau { factor, patience, min_lr, threshold, cooldown } => write!(
+                f,
+                "{k}(factor: {factor}, patience: {patience}, min_lr: {}, threshold: {}, cooldown: {cooldown})",
+                Num(*min_lr),
+                Num(*threshold)
+            ),
+        }
+    }
+}
+
+impl Display for TermSchedule {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            TermSchedule::Linear { from, to, epochs } => {
+                write!(f, "linear(from: {from}, to: {to}, epochs: {epochs})")
+            }
+            TermSchedule::Cyclical { from, to, epochs, cycles, ratio } => write!(
+                f,
+                "cyclical(from: {from}, to: {to}, epochs: {epochs}, cycles: {cycles}, ratio: {ratio})"
             ),
         }
     }
