@@ -1087,19 +1087,27 @@ fn loss(f: LossFn, p: &[f32], ps: &[usize], target: &Buf) -> Result<f64, Error> 
             };
             p.iter().zip(target.f32()).map(|(&p, &t)| term(p, t)).sum::<f64>() / n
         }
-        LossFn::CrossEntropyLogits => {
+        LossFn::CrossEntropyLogits { pad } => {
             let v = *ps.last().unwrap_or(&1);
             let ids = target.i32();
             let mut total = 0f64;
             for (row, &id) in p.chunks(v).zip(ids) {
                 let t = check_id(id, v)?;
+                if pad && id == 0 {
+                    continue;
+                }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let lse = f64::from(max) + row.iter().map(|&z| f64::from(z - max).exp()).sum::<f64>().ln();
                 total += lse - f64::from(row[t]);
             }
-            total / ids.len() as f64
+            total / real_rows(ids, pad)
         }
     })
+}
+
+/// What cross-entropy's mean divides by: every id, or (padded) those that are not 0.
+fn real_rows(ids: &[i32], pad: bool) -> f64 {
+    if pad { ids.iter().filter(|&&id| id != 0).count().max(1) as f64 } else { ids.len() as f64 }
 }
 
 /// `dy · ∂(mean loss)/∂pred`, as PyTorch's backward of each loss.
@@ -1112,15 +1120,16 @@ fn loss_grad(f: LossFn, p: &[f32], ps: &[usize], target: &Buf, dy: f32) -> Resul
         LossFn::Bce => {
             p.iter().zip(t).map(|(&p, &t)| (p - t) / ((1.0 - p) * p).max(1e-12) / n * dy).collect()
         }
-        LossFn::CrossEntropyLogits => {
+        LossFn::CrossEntropyLogits { pad } => {
             let v = *ps.last().unwrap_or(&1);
             let ids = target.i32();
-            let rows = ids.len() as f32;
+            let rows = real_rows(ids, pad) as f32;
             let mut out = softmax(p, v);
             for (row, &id) in out.chunks_mut(v).zip(ids) {
                 row[check_id(id, v)?] -= 1.0;
+                let k = if pad && id == 0 { 0.0 } else { 1.0 / rows * dy };
                 for g in row.iter_mut() {
-                    *g = *g / rows * dy;
+                    *g *= k;
                 }
             }
             out

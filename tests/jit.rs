@@ -197,6 +197,18 @@ fn softmax_and_cross_entropy() {
             same_training(&format!("{src} batch {batch}"), &g, &f, 3, 1e-4);
         }
     }
+    // Padded sentences (`seq[<= N]`): ids 0 are left out of the mean (one in `v` of the random
+    // ids), a batch of padding only included (batch 1, length 1, two tokens: half the steps).
+    for (v, len) in [(2usize, 1usize), (3, 4), (7, 5), (13, 3)] {
+        let src = format!(
+            "model t {{ input s: seq[<= {len}] of token[{v}]\n encoder {{ embed 3; gru 5 }}\n \
+             decoder {{ gru 5 teacher_forcing; dense {v} -> softmax }}\n loss cross_entropy(s) }}"
+        );
+        for batch in [1, 3, 13] {
+            let (g, f) = compile_src(&src, batch);
+            same_training(&format!("{src} batch {batch}"), &g, &f, 4, 1e-4);
+        }
+    }
 }
 
 #[test]

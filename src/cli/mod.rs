@@ -25,6 +25,7 @@ mod generate;
 mod picture;
 mod plot;
 mod run;
+mod translate;
 
 use aec::diag::{self, Diagnostic};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -63,6 +64,9 @@ enum Command {
     Interpolate(generate::InterpolateArgs),
     /// Write a trained network, its encoder or its decoder as an ONNX model.
     Export(export::ExportArgs),
+    /// Translate sentences with a trained text model (`seq[<= N]` input and target) and the
+    /// vocabularies saved with its run.
+    Translate(translate::TranslateArgs),
 }
 
 #[derive(clap::Args)]
@@ -167,6 +171,7 @@ pub fn main() -> ExitCode {
         Command::Sample(args) => generate::sample(&args),
         Command::Interpolate(args) => generate::interpolate(&args),
         Command::Export(args) => export::export(&args),
+        Command::Translate(args) => translate::translate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

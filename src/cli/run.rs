@@ -594,6 +594,7 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
     let bindings = train.map(|t| t.data.as_slice()).unwrap_or(&[]);
     let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
     let mut arrays = Vec::new();
+    let mut text: Option<(Vec<Array>, data::text::TextVocab)> = None;
     for (k, var) in vars.iter().enumerate() {
         // An unnamed binding feeds the first input; a sequence task's also feeds a target
         // (the copy, the reversal or the translation of its sentences).
@@ -614,6 +615,41 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
                 &format!("add `{what}` to the train block"),
             ));
         };
+        if let DataSource::Text { path, tokens, min_count } = &binding.source {
+            // Every variable the text feeds, its column and size: the vocabularies are built
+            // once, from the training split.
+            let columns: Vec<(usize, (usize, usize))> = vars
+                .iter()
+                .enumerate()
+                .filter_map(|(k, v)| match v.ty {
+                    aec::sema::Ty::Tokens { len, vocab } if v.padded => {
+                        Some((usize::from(k > 0), (len as usize, vocab as usize)))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !matches!(var.ty, aec::sema::Ty::Tokens { .. }) || !var.padded {
+                return Err(spec.fail(
+                    format!("`text` gives sentences of token ids, and `{}` is {}", var.name, var.ty),
+                    var.span,
+                    &format!("declare `{}: seq[<= N] of token[V]`: up to N tokens, padded", var.name),
+                ));
+            }
+            if text.is_none() {
+                let fraction = train.and_then(|t| t.validation).unwrap_or(0.0);
+                let loaded =
+                    data::text::load(&spec.dir().join(path), *tokens, *min_count, &columns, (fraction, seed))
+                        .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
+                text = Some(loaded);
+            }
+            let at = columns.iter().position(|c| c.0 == usize::from(k > 0)).unwrap_or(0);
+            arrays.push(
+                text.as_ref()
+                    .map(|t| t.0[at].clone())
+                    .unwrap_or_else(|| Array { shape: vec![0], values: Values::I32(Vec::new()) }),
+            );
+            continue;
+        }
         let origin = binding.source.to_string();
         if let DataSource::Csv { path, .. } = &binding.source
             && let Some(header) = data::csv_header(&spec.dir().join(path))
@@ -646,7 +682,8 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
             "no sample would be left for training or for validation",
         ));
     }
-    Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n })
+    let vocab = text.map(|t| t.1);
+    Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n, vocab })
 }
 
 /// `aec compile --emit schedule`: the learning rate and scheduled loss weights of every step
@@ -982,16 +1019,24 @@ fn decoded_examples(
     let target = data.arrays.len() - 1;
     let (src, want) = (ints(0), ints(target));
     let (sl, tl) = (data.arrays[0].sample_len(), d.len);
-    let words = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(" ");
+    // Text: sentences through their vocabularies; otherwise the ids.
+    let words = |v: &[i32], column: usize| match &data.vocab {
+        Some(t) => {
+            let tokens = t.tokenizer().unwrap_or(aec::data::text::Tokens::Word);
+            let column = t.columns.get(column).or(t.columns.first());
+            column.map_or(String::new(), |c| tokens.join(&c.decode(v)))
+        }
+        None => v.iter().map(i32::to_string).collect::<Vec<_>>().join(" "),
+    };
     let mut s = String::from("held-out examples (input → greedy decoding | target):\n");
     for i in 0..idx.len() {
         let (g, w) = (&got[i * tl..(i + 1) * tl], &want[i * tl..(i + 1) * tl]);
-        let mark = if g == w { "✓" } else { "✗" };
+        let mark = if words(g, 1) == words(w, 1) { "✓" } else { "✗" };
         s.push_str(&format!(
             "  {} → {} | {} {mark}\n",
-            words(&src[i * sl..(i + 1) * sl]),
-            words(g),
-            words(w)
+            words(&src[i * sl..(i + 1) * sl], 0),
+            words(g, 1),
+            words(w, 1)
         ));
     }
     Ok(s)
@@ -1109,6 +1154,9 @@ impl Progress {
                 let mut val = m.val_loss.map_or(String::new(), |v| format!(" val {v:.5}"));
                 if let (Some(t), Some(q)) = (m.token_accuracy, m.sequence_accuracy) {
                     val += &format!(" tokens {:.1}% sequences {:.1}%", t * 100.0, q * 100.0);
+                }
+                if let Some(b) = m.bleu {
+                    val += &format!(" BLEU {b:.2}");
                 }
                 let rate = m.samples_per_s.map_or(String::new(), |r| format!(" · {r:.0} samples/s"));
                 let terms = if m.terms.len() > 1 {

@@ -123,7 +123,7 @@ pub fn groups(g: &Graph) -> Vec<Group> {
                     taken[grad.index()] = true;
                     // Cross-entropy's gradient is stored row by row, not elementwise: no chain.
                     let chain = match g.node(id).op {
-                        Op::Loss { f: crate::ir::LossFn::CrossEntropyLogits, .. } => Vec::new(),
+                        Op::Loss { f: crate::ir::LossFn::CrossEntropyLogits { .. }, .. } => Vec::new(),
                         _ => follow(g, (grad, id), &uses, &user, &mut taken, false),
                     };
                     out.push(Group::LossPair { loss: id, grad, chain });

@@ -891,28 +891,64 @@ fn loss_kernel(
                 }
             }
         }
-        LossFn::CrossEntropyLogits => {
+        LossFn::CrossEntropyLogits { pad } => {
             let v = *ps.last().unwrap_or(&1);
             let rows = n / v;
-            let inv_rows = e.fconst(F32, 1.0 / rows as f32);
+            let zero_f = e.fconst(F32, 0.0);
+            // The mean's divisor: every row, or (padded) the rows whose id is not 0.
+            let inv_rows = if pad {
+                let count = e.b.declare_var(F32);
+                e.b.def_var(count, zero_f);
+                e.for_range(0, rows as i64, 1, |e, r| {
+                    let id = load_index(e, t, r);
+                    let real = e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0);
+                    let one = e.fconst(F32, 1.0);
+                    let zero = e.fconst(F32, 0.0);
+                    let add = e.b.ins().select(real, one, zero);
+                    let c = e.b.use_var(count);
+                    let c = e.b.ins().fadd(c, add);
+                    e.b.def_var(count, c);
+                });
+                let c = e.b.use_var(count);
+                let one = e.fconst(F32, 1.0);
+                let c = e.b.ins().fmax(c, one);
+                e.b.ins().fdiv(one, c)
+            } else {
+                e.fconst(F32, 1.0 / rows as f32)
+            };
             let k = grad.map(|(k, _, _)| e.b.ins().fmul(k, inv_rows));
             let acc = e.b.declare_var(F32);
-            let z = e.fconst(F32, 0.0);
-            e.b.def_var(acc, z);
+            e.b.def_var(acc, zero_f);
             e.for_range(0, rows as i64, 1, |e, r| {
                 let r0 = e.b.ins().imul_imm_s(r, v as i64);
                 let (max, total) = row_max_sumexp(e, p, r0, v, None);
                 let id = load_index(e, t, r);
+                let real = pad.then(|| e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0));
                 if value.is_some() {
                     let l = e.ln(total);
                     let lse = e.b.ins().fadd(max, l);
                     let at = e.b.ins().iadd(r0, id);
                     let zt = e.load(F32, p, at);
                     let term = e.b.ins().fsub(lse, zt);
+                    let term = match real {
+                        Some(real) => {
+                            let zero = e.fconst(F32, 0.0);
+                            e.b.ins().select(real, term, zero)
+                        }
+                        None => term,
+                    };
                     let cur = e.b.use_var(acc);
                     let cur = e.b.ins().fadd(cur, term);
                     e.b.def_var(acc, cur);
                 }
+                // A padding row's gradient is 0: its scale k is.
+                let k = match (k, real) {
+                    (Some(k), Some(real)) => {
+                        let zero = e.fconst(F32, 0.0);
+                        Some(e.b.ins().select(real, k, zero))
+                    }
+                    (k, _) => k,
+                };
                 if let (Some(k), Some((_, out, _))) = (k, grad) {
                     // (softmax − one-hot(target)) · k.
                     let one = e.fconst(F32, 1.0);
@@ -993,7 +1029,7 @@ pub fn loss_pair(
         return Err(format!("%{}: a loss gradient's chain with an op that is not elementwise", grad.0));
     }
     // Cross-entropy stores its gradient row by row, where no chain is applied.
-    if *f == LossFn::CrossEntropyLogits && !ops.is_empty() {
+    if matches!(f, LossFn::CrossEntropyLogits { .. }) && !ops.is_empty() {
         return Err(format!("%{}: a chain after cross-entropy's gradient", grad.0));
     }
     let out = at(*chain.last().unwrap_or(&grad));

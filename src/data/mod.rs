@@ -3,6 +3,7 @@
 //! its layers.
 
 pub mod npy;
+pub mod text;
 
 use crate::sema::{Ty, Var};
 use crate::syntax::ast::{DataSource, Noise, SeqTask};
@@ -53,7 +54,7 @@ pub struct DataError {
     pub what: String,
 }
 
-fn err(what: impl Into<String>) -> DataError {
+pub(crate) fn err(what: impl Into<String>) -> DataError {
     DataError { what: what.into() }
 }
 
@@ -146,6 +147,10 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64, part: usize) 
                 (_, SeqTask::Reverse) => src.chunks(len).flat_map(|s| s.iter().rev().copied()).collect(),
             };
             Array { shape: vec![n, len], values: Values::I32(ids) }
+        }
+        // Its vocabularies come from the training split: `text::load`, given the split.
+        DataSource::Text { .. } => {
+            return Err(err("a text source is read with its split (data::text::load)"));
         }
         DataSource::Translation { count } => {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7A57_DA7A);
@@ -332,6 +337,8 @@ pub struct Dataset {
     pub arrays: Vec<Array>,
     pub names: Vec<String>,
     pub n: usize,
+    /// A text source's vocabularies (saved as `vocab.json` with the run).
+    pub vocab: Option<text::TextVocab>,
 }
 
 /// Checks that `a` holds samples of type `ty` and converts it to the model's dtype: a sample
@@ -405,16 +412,22 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
+/// The training and validation samples of `n`: the last `fraction` of a seeded permutation
+/// is held out.
+pub fn split(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let order = permutation(n, seed ^ 0x0005_EED5_9117);
+    let val = ((n as f64) * fraction).round() as usize;
+    // At least one sample on each side when there are two; `aec run` refuses a split of
+    // fewer (`min_samples_for`).
+    let val = if fraction > 0.0 { val.max(1).min(n.saturating_sub(1)) } else { 0 };
+    let (train, valid) = order.split_at(n - val);
+    (train.to_vec(), valid.to_vec())
+}
+
 impl Dataset {
     /// Splits off the last `fraction` of a seeded permutation as validation data.
     pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-        let order = permutation(self.n, seed ^ 0x0005_EED5_9117);
-        let val = ((self.n as f64) * fraction).round() as usize;
-        // At least one sample on each side when there are two; `aec run` refuses a split of
-        // fewer (`min_samples_for`).
-        let val = if fraction > 0.0 { val.max(1).min(self.n.saturating_sub(1)) } else { 0 };
-        let (train, valid) = order.split_at(self.n - val);
-        (train.to_vec(), valid.to_vec())
+        split(self.n, fraction, seed)
     }
 
     /// The samples `idx` of array `k`, as one batch.

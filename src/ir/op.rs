@@ -39,8 +39,9 @@ pub enum LossFn {
     /// -mean(t·log p + (1-t)·log(1-p)), each log clamped at -100 as PyTorch's `BCELoss`.
     Bce,
     /// Cross-entropy of logits `[N, V]` (or `[B, T, V]`) against i32 class ids, mean over ids:
-    /// PyTorch's `CrossEntropyLoss` on the pre-softmax values.
-    CrossEntropyLogits,
+    /// PyTorch's `CrossEntropyLoss` on the pre-softmax values. With `pad`, ids 0 are padding:
+    /// left out, the mean taken over the others (`ignore_index=0`; over at least one).
+    CrossEntropyLogits { pad: bool },
 }
 
 /// In-place optimizer updates of one parameter. Hyper-parameters are constants of the step,
@@ -1086,7 +1087,7 @@ impl Op {
                     return Err("loss_grad: dy must be a scalar".into());
                 }
                 let sp = f32s(*pred)?;
-                if *f == LossFn::CrossEntropyLogits {
+                if let LossFn::CrossEntropyLogits { .. } = f {
                     let st = i32s(*target)?;
                     if sp.len() != st.len() + 1 || sp[..st.len()] != st[..] {
                         return Err(format!("cross-entropy: logits {sp:?} vs ids {st:?}"));
@@ -1215,7 +1216,8 @@ impl LossFn {
             LossFn::Mse => "mse",
             LossFn::L1 => "l1",
             LossFn::Bce => "bce",
-            LossFn::CrossEntropyLogits => "cross_entropy_logits",
+            LossFn::CrossEntropyLogits { pad: false } => "cross_entropy_logits",
+            LossFn::CrossEntropyLogits { pad: true } => "cross_entropy_logits_pad0",
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use super::{Backend, State};
 use crate::codegen;
+use crate::data::text::{END, PAD, UNK};
 use crate::interp::{self, Buf};
 use crate::ir::Graph;
 use crate::passes;
@@ -69,6 +70,9 @@ pub struct Decoder<'c> {
     /// The sequence decoded: its length and vocabulary (the loss target's).
     pub len: usize,
     pub vocab: usize,
+    /// The target is padded (`seq[<= N]`): a sentence ends at its end token, and decoding
+    /// stops when every sentence of the batch has written one.
+    pub padded: bool,
     graphs: HashMap<usize, (Runner, Runner)>,
 }
 
@@ -77,13 +81,15 @@ impl<'c> Decoder<'c> {
     /// output in one pass, like any other network).
     pub fn new(c: &'c Compiled, backend: Backend, threads: usize) -> Option<Decoder<'c>> {
         lower::teacher_forced(&c.model)?;
-        let Ty::Tokens { len, vocab } = c.model.loss_target()?.ty else { return None };
+        let target = c.model.loss_target()?;
+        let Ty::Tokens { len, vocab } = target.ty else { return None };
         Some(Decoder {
             compiled: c,
             backend,
             threads,
             len: len as usize,
             vocab: vocab as usize,
+            padded: target.padded,
             graphs: HashMap::new(),
         })
     }
@@ -107,7 +113,11 @@ impl<'c> Decoder<'c> {
         let mut h = enc.run(&state, inputs, &["state0"], self.threads)?.remove(0);
         let mut prev = vec![self.vocab as i32; b];
         let mut out = vec![0i32; b * self.len];
+        let mut ended = vec![false; b];
         for t in 0..self.len {
+            if self.padded && ended.iter().all(|&e| e) {
+                break;
+            }
             let mut outs =
                 step.run(&state, &[Buf::I32(prev.clone()), h], &["recon", "state"], self.threads)?;
             h = outs.pop().ok_or("no state")?;
@@ -115,7 +125,9 @@ impl<'c> Decoder<'c> {
             for (i, row) in probs.f32().chunks(self.vocab).enumerate().take(b) {
                 let best = argmax(row) as i32;
                 prev[i] = best;
-                out[i * self.len + t] = best;
+                // After its end token a padded sentence is padding.
+                out[i * self.len + t] = if ended[i] { PAD } else { best };
+                ended[i] |= best == END;
             }
         }
         Ok(out)
@@ -130,13 +142,39 @@ pub fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-/// Token accuracy and whole-sequence accuracy of `got` against `want` (`[N, len]` each).
-pub fn accuracy(got: &[i32], want: &[i32], len: usize) -> (f64, f64) {
+/// Token accuracy and whole-sequence accuracy of `got` against `want` (`[N, len]` each); with
+/// `padded`, over the real tokens of `want` (its padding left out).
+pub fn accuracy(got: &[i32], want: &[i32], len: usize, padded: bool) -> (f64, f64) {
     let n = want.len() / len.max(1);
     if n == 0 {
         return (0.0, 0.0);
     }
-    let tokens = got.iter().zip(want).filter(|(a, b)| a == b).count();
-    let seqs = got.chunks(len).zip(want.chunks(len)).filter(|(a, b)| a == b).count();
-    (tokens as f64 / want.len() as f64, seqs as f64 / n as f64)
+    let real = |w: &i32| !padded || *w != PAD;
+    let tokens = got.iter().zip(want).filter(|(a, b)| real(b) && a == b).count();
+    let count = want.iter().filter(|w| real(w)).count().max(1);
+    let seqs = got
+        .chunks(len)
+        .zip(want.chunks(len))
+        .filter(|(a, b)| a.iter().zip(*b).all(|(x, y)| !real(y) || x == y))
+        .count();
+    (tokens as f64 / count as f64, seqs as f64 / n as f64)
+}
+
+/// Corpus BLEU-4 of padded sentences: each up to its end token; an unknown word of a
+/// reference (`<unk>`) matches nothing, as the word it stands for would not match `<unk>`.
+pub fn bleu(got: &[i32], want: &[i32], len: usize) -> f64 {
+    let cut =
+        |s: &[i32]| -> Vec<i64> { s.iter().take_while(|&&id| id != END).map(|&id| i64::from(id)).collect() };
+    let hyps: Vec<Vec<i64>> = got.chunks(len).map(cut).collect();
+    let refs: Vec<Vec<i64>> = want
+        .chunks(len)
+        .map(|s| {
+            cut(s)
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| if id == i64::from(UNK) { -1 - i as i64 } else { id })
+                .collect()
+        })
+        .collect();
+    super::bleu::corpus_bleu(&hyps, &refs)
 }

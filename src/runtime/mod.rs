@@ -3,6 +3,7 @@
 //! It runs graphs on either executor — the native code of `codegen` (the default) or the
 //! reference interpreter — and never sees the AST's text or pest.
 
+pub mod bleu;
 pub mod check;
 pub mod checkpoint;
 pub mod decode;

@@ -96,6 +96,9 @@ pub struct EpochMetrics {
     pub token_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence_accuracy: Option<f64>,
+    /// Text targets: corpus BLEU-4 (×100) of greedy decoding against the validation sentences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bleu: Option<f64>,
     /// `None` when the epoch's training took under a millisecond: too short to time.
     pub samples_per_s: Option<f64>,
     /// Each term of the loss (the reconstruction loss and each weighted penalty), averaged over
@@ -551,6 +554,7 @@ pub fn train(
     let phases = phases(compiled, cfg);
     let total: u64 = phases.iter().map(|p| p.epochs).sum();
     let model_graph = &compiled.forward;
+    let vocab_json = data.vocab.as_ref().map(crate::data::text::TextVocab::to_json);
     let term_schedules: Vec<(String, TermSchedule)> =
         compiled.model.loss.extra.iter().filter_map(|t| Some((t.name(), t.schedule?.0))).collect();
 
@@ -766,12 +770,12 @@ pub fn train(
             let val =
                 evaluate(&mut programs, data, val_idx, (batch, &controls.weights), cfg, &mut state, on)?;
             let val_loss = val.as_ref().map(|v| v.0);
-            let (token_accuracy, sequence_accuracy) = match decoder.as_mut() {
+            let (token_accuracy, sequence_accuracy, bleu) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
-                    let (t, s) = decode_accuracy(d, compiled, data, val_idx, batch, &state.params)?;
-                    (Some(t), Some(s))
+                    let (t, s, b) = decode_accuracy(d, compiled, data, val_idx, batch, &state.params)?;
+                    (Some(t), Some(s), b)
                 }
-                _ => (None, None),
+                _ => (None, None, None),
             };
             metrics.push(EpochMetrics {
                 epoch,
@@ -792,6 +796,7 @@ pub fn train(
                 val_loss,
                 token_accuracy,
                 sequence_accuracy,
+                bleu,
                 samples_per_s: rate(order.len(), epoch_train),
                 allreduce_s: cfg
                     .dist
@@ -855,7 +860,7 @@ pub fn train(
             {
                 let kept =
                     if epoch == total || stop { model_only(&store, model_graph) } else { store.clone() };
-                let at = Saved { epoch, early, plateau, best: best.as_ref() };
+                let at = Saved { epoch, vocab: vocab_json.as_deref(), early, plateau, best: best.as_ref() };
                 save(&cfg.out, &kept, &reference, &state, (at, cfg), &metrics)?;
                 last_save = Instant::now();
             }
@@ -991,7 +996,7 @@ fn resume(store: &mut Store, model: &Graph, cfg: &TrainConfig) -> Result<Resumed
 }
 
 /// Greedy decoding of the samples `idx`: token and whole-sequence accuracy against the loss
-/// target.
+/// target, and for padded sentences (text) their corpus BLEU.
 pub fn decode_accuracy(
     d: &mut super::decode::Decoder,
     compiled: &Compiled,
@@ -999,7 +1004,7 @@ pub fn decode_accuracy(
     idx: &[usize],
     batch: usize,
     params: &[Vec<f32>],
-) -> Result<(f64, f64), TrainError> {
+) -> Result<(f64, f64, Option<f64>), TrainError> {
     let target = compiled.model.loss_target().map(|v| v.name.as_str()).unwrap_or_default();
     let k = data
         .names
@@ -1019,7 +1024,9 @@ pub fn decode_accuracy(
             want.extend(v);
         }
     }
-    Ok(super::decode::accuracy(&got, &want, d.len))
+    let (tokens, sequences) = super::decode::accuracy(&got, &want, d.len, d.padded);
+    let bleu = d.padded.then(|| super::decode::bleu(&got, &want, d.len));
+    Ok((tokens, sequences, bleu))
 }
 
 /// The mean validation loss and its terms (inference mode: no dropout, no noise), weighted
@@ -1121,6 +1128,8 @@ fn non_finite_state(g: &Graph, state: &State) -> Option<String> {
 /// epoch's weights.
 struct Saved<'a> {
     epoch: u64,
+    /// A text source's vocabularies, as `vocab.json`.
+    vocab: Option<&'a str>,
     early: Option<checkpoint::EarlyState>,
     plateau: Option<PlateauState>,
     best: Option<&'a Store>,
@@ -1141,6 +1150,9 @@ fn save(
     }
     if let Some(config) = &cfg.config_json {
         files.push(("config.json", config.clone().into_bytes()));
+    }
+    if let Some(vocab) = at.vocab {
+        files.push((crate::data::text::VOCAB_FILE, vocab.as_bytes().to_vec()));
     }
     // TensorBoard's events: a function of the metrics and the pictures, so in the transaction.
     let picture = |epoch: u64| std::fs::read(dir.join(format!("epoch-{epoch:04}.png"))).ok();

@@ -106,7 +106,10 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
     let m = &file.model;
     let loss = m.loss.clone()?;
     if loss_ok {
-        c.check_loss(&loss, &output, target.as_ref());
+        let padded = m.inputs.iter().chain(&m.targets).any(|d| {
+            d.name.name == loss.main.arg.name && matches!(d.ty, ast::TypeExpr::SeqTokens { padded: true, .. })
+        });
+        c.check_loss(&loss, &output, (target.as_ref(), padded));
     }
     let total: u64 = c.params.iter().map(ParamInfo::numel).sum();
     if total > MAX_PARAMS {
@@ -227,7 +230,8 @@ impl Checker<'_> {
                 );
             }
             c.budget(&ty, d.span);
-            Var { name: d.name.name.clone(), ty, span: d.name.span }
+            let padded = matches!(d.ty, ast::TypeExpr::SeqTokens { padded: true, .. });
+            Var { name: d.name.name.clone(), ty, span: d.name.span, padded }
         };
         let inputs = m.inputs.iter().map(|d| var(self, d)).collect();
         let targets = m.targets.iter().map(|d| var(self, d)).collect();
@@ -342,10 +346,22 @@ impl Checker<'_> {
         vars.0.iter().chain(&vars.1).find(|v| &v.name == name).map(|v| v.ty.clone())
     }
 
-    fn check_loss(&mut self, loss: &ast::Loss, output: &Ty, target: Option<&Ty>) {
+    fn check_loss(&mut self, loss: &ast::Loss, output: &Ty, (target, padded): (Option<&Ty>, bool)) {
         let Some(target) = target else { return };
         let main = &loss.main;
         let name = &main.arg.name;
+        // A padded target's cross-entropy is a mean over its real tokens, which vary per batch.
+        if let (true, Some((r, at))) = (padded, main.reduction)
+            && r != ast::Reduction::Mean
+        {
+            self.diags.push(
+                Diagnostic::error(format!(
+                    "`{name}` is padded (`seq[<= N]`): its cross-entropy is the mean over its real tokens"
+                ))
+                .label(at, "not `mean`")
+                .help("drop the reduction (PyTorch's CrossEntropyLoss(ignore_index=0) is a mean too)"),
+            );
+        }
         let expected = match (main.kind, target) {
             (ast::LossKind::CrossEntropy, Ty::Tokens { len, vocab }) => Ty::Seq { len: *len, dim: *vocab },
             (ast::LossKind::CrossEntropy, Ty::Token { vocab }) => Ty::Tensor(vec![*vocab]),

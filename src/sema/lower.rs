@@ -644,7 +644,9 @@ impl Lower {
             LossKind::Mse => (LossFn::Mse, out.node),
             LossKind::L1 => (LossFn::L1, out.node),
             LossKind::Bce => (LossFn::Bce, out.node),
-            LossKind::CrossEntropy => (LossFn::CrossEntropyLogits, out.logits.unwrap_or(out.node)),
+            LossKind::CrossEntropy => {
+                (LossFn::CrossEntropyLogits { pad: target_var.padded }, out.logits.unwrap_or(out.node))
+            }
             LossKind::L2 | LossKind::Kl => return Err("the first loss term is a reconstruction loss".into()),
         };
         let mean = self.add(Op::Loss { f, pred, target }, span)?;
@@ -652,7 +654,7 @@ impl Lower {
         // class axis is summed) for cross-entropy.
         let ps = &self.g.ty(pred).shape;
         let count = match f {
-            LossFn::CrossEntropyLogits => ps[..ps.len() - 1].iter().product::<usize>(),
+            LossFn::CrossEntropyLogits { .. } => ps[..ps.len() - 1].iter().product::<usize>(),
             _ => ps.iter().product(),
         } as f64;
         let factor = match main.reduction() {

@@ -55,7 +55,7 @@ impl Ty {
         match t {
             ast::TypeExpr::Tensor(d) => Ty::Tensor(d.clone()),
             ast::TypeExpr::Token { vocab } => Ty::Token { vocab: *vocab },
-            ast::TypeExpr::SeqTokens { len, vocab } => Ty::Tokens { len: *len, vocab: *vocab },
+            ast::TypeExpr::SeqTokens { len, vocab, .. } => Ty::Tokens { len: *len, vocab: *vocab },
             ast::TypeExpr::SeqTensor { len, dims } => Ty::Seq { len: *len, dim: dims.iter().product() },
         }
     }
@@ -125,6 +125,8 @@ pub struct Var {
     pub name: String,
     pub ty: Ty,
     pub span: Span,
+    /// `seq[<= N]`: padded with id 0 after the end token (`data::text`).
+    pub padded: bool,
 }
 
 /// The checked model: everything later stages need, nothing they would have to re-check.

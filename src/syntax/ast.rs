@@ -45,8 +45,9 @@ pub enum TypeExpr {
     Tensor(Vec<u64>),
     /// A token id in `0..vocab`.
     Token { vocab: u64 },
-    /// `seq[len] of token[vocab]`.
-    SeqTokens { len: u64, vocab: u64 },
+    /// `seq[len] of token[vocab]`; with `padded`, `seq[<= len]`: shorter sentences padded with
+    /// id 0 after their end token (3), which losses and metrics leave out.
+    SeqTokens { len: u64, vocab: u64, padded: bool },
     /// `seq[len] of [dims]`.
     SeqTensor { len: u64, dims: Vec<u64> },
 }
@@ -468,6 +469,22 @@ pub struct EarlyStop {
     pub min_delta: f64,
 }
 
+/// How the `text` source cuts sentences into tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokens {
+    Word,
+    Char,
+}
+
+impl Tokens {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Tokens::Word => "word",
+            Tokens::Char => "char",
+        }
+    }
+}
+
 /// `data npy("x.npy")` binds the model's (only) input; `data mask: npy("m.npy")` binds a name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataBinding {
@@ -506,6 +523,12 @@ pub enum DataSource {
         vocab: u64,
         count: u64,
     },
+    /// A text file of sentences, or of sentence pairs separated by a tab (`data::text`).
+    Text {
+        path: String,
+        tokens: Tokens,
+        min_count: u64,
+    },
     /// The toy translation task: source and target languages with their own vocabularies.
     Translation {
         count: u64,
@@ -520,7 +543,7 @@ impl DataSource {
     /// Whether this source gives sentences with their targets (a copy, a reversal, a
     /// translation) rather than one array.
     pub fn is_sequence_task(&self) -> bool {
-        matches!(self, DataSource::SeqTask { .. } | DataSource::Translation { .. })
+        matches!(self, DataSource::SeqTask { .. } | DataSource::Translation { .. } | DataSource::Text { .. })
     }
 }
 

@@ -213,12 +213,13 @@ impl Builder {
             Rule::shape => TypeExpr::Tensor(self.shape(t)),
             Rule::token_type => TypeExpr::Token { vocab: self.token_vocab(t) },
             Rule::seq_type => {
-                let mut inner = t.into_inner().skip(1);
+                let padded = t.clone().into_inner().any(|e| e.as_rule() == Rule::at_most);
+                let mut inner = t.into_inner().skip(1).filter(|e| e.as_rule() != Rule::at_most);
                 let len = inner.next().map(|n| self.int(&n, "a sequence length")).unwrap_or(1);
                 let elem = inner.find(|e| e.as_rule() != Rule::kw_of);
                 match elem {
                     Some(e) if e.as_rule() == Rule::token_type => {
-                        TypeExpr::SeqTokens { len, vocab: self.token_vocab(e) }
+                        TypeExpr::SeqTokens { len, vocab: self.token_vocab(e), padded }
                     }
                     Some(e) => TypeExpr::SeqTensor { len, dims: self.shape(e) },
                     None => TypeExpr::SeqTensor { len, dims: vec![] },
@@ -1213,9 +1214,28 @@ impl Builder {
                     DataSource::Translation { count }
                 })
             }
+            "text" => {
+                let mut a = CallReader::new(self, c, &["path", "tokens", "min_count"]);
+                let path = a.string("path");
+                let tokens = a.word("tokens", &["word", "char"]);
+                let min_count = a.count_or("min_count", 1);
+                a.finish()?;
+                let tokens = if tokens.as_deref() == Some("char") { Tokens::Char } else { Tokens::Word };
+                Some(DataSource::Text { path: path?, tokens, min_count })
+            }
             other => {
-                let names =
-                    ["onehot", "npy", "csv", "idx", "patches", "copy", "reverse", "translation", "random"];
+                let names = [
+                    "onehot",
+                    "npy",
+                    "csv",
+                    "idx",
+                    "patches",
+                    "copy",
+                    "reverse",
+                    "translation",
+                    "random",
+                    "text",
+                ];
                 let mut d = Diagnostic::error(format!("unknown data source `{other}`"))
                     .label(c.name_span, "not a data source");
                 d = match closest(other, names.iter()) {
@@ -1887,6 +1907,20 @@ impl<'b, 'c> CallReader<'b, 'c> {
                 default
             }
             None => default,
+        }
+    }
+
+    /// One of `choices` written as a bare word; `None` (the first choice) when not given.
+    fn word(&mut self, name: &str, choices: &[&str]) -> Option<String> {
+        match self.find(name) {
+            Some((Value::Word(w), _)) if choices.contains(&w.as_str()) => Some(w),
+            Some((_, span)) => {
+                let d = Diagnostic::error(format!("`{name}` is one of {}", choices.join(", ")))
+                    .label(span, "not one of them");
+                self.error(d);
+                None
+            }
+            None => None,
         }
     }
 

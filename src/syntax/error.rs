@@ -74,6 +74,7 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::train | Rule::kw_train => "`train { … }`",
         Rule::type_expr => "a type (`[8]`, `[1, 28, 28]` or `seq[20] of token[16]`)",
         Rule::seq_type | Rule::kw_seq => "`seq[N] of …`",
+        Rule::at_most => "`<=`",
         Rule::kw_of => "`of`",
         Rule::token_type | Rule::kw_token => "`token[V]`",
         Rule::shape => "a shape such as `[1, 28, 28]`",

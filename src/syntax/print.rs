@@ -60,7 +60,9 @@ impl Display for TypeExpr {
         match self {
             TypeExpr::Tensor(dims) => write!(f, "{}", Dims(dims)),
             TypeExpr::Token { vocab } => write!(f, "token[{vocab}]"),
-            TypeExpr::SeqTokens { len, vocab } => write!(f, "seq[{len}] of token[{vocab}]"),
+            TypeExpr::SeqTokens { len, vocab, padded } => {
+                write!(f, "seq[{}{len}] of token[{vocab}]", if *padded { "<= " } else { "" })
+            }
             TypeExpr::SeqTensor { len, dims } => write!(f, "seq[{len}] of {}", Dims(dims)),
         }
     }
@@ -284,6 +286,9 @@ impl Display for DataSource {
                 write!(f, "{name}(len: {len}, vocab: {vocab}, count: {count})")
             }
             DataSource::Translation { count } => write!(f, "translation(count: {count})"),
+            DataSource::Text { path, tokens, min_count } => {
+                write!(f, "text({path:?}, tokens: {}, min_count: {min_count})", tokens.keyword())
+            }
             DataSource::Random { count } => write!(f, "random(count: {count})"),
         }
     }

@@ -1,0 +1,157 @@
+//! Text in, text out: the `text` source (tokenizers, vocabularies from the training split,
+//! padding), the padded cross-entropy, BLEU in the metrics, `vocab.json` in the run's save and
+//! `aec translate`; and the errors of bad text files, each naming its line.
+
+mod common;
+
+use common::{aec, losses, s, scratch};
+use std::path::Path;
+
+/// A toy "language": each English word has one Spanish word, and the order is kept, so a small
+/// model learns it in a few epochs.
+fn corpus(dir: &Path, lines: usize) -> std::path::PathBuf {
+    let en = ["the", "cat", "dog", "eats", "sees", "a", "red", "big", "fish", "bird"];
+    let es = ["el", "gato", "perro", "come", "ve", "un", "rojo", "grande", "pez", "pájaro"];
+    let mut text = String::new();
+    let mut x = 7u64;
+    for _ in 0..lines {
+        let n = 2 + (x % 4) as usize;
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..n {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let w = ((x >> 33) % 10) as usize;
+            a.push(en[w]);
+            b.push(es[w]);
+        }
+        text.push_str(&format!("{}.\t{}.\n", a.join(" "), b.join(" ")));
+    }
+    let path = dir.join("pairs.tsv");
+    std::fs::write(&path, text).expect("corpus");
+    path
+}
+
+fn spec(dir: &Path, data: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("t.ae");
+    std::fs::write(
+        &path,
+        format!(
+            "model t {{\n input src: seq[<= 8] of token[20]\n target tgt: seq[<= 8] of token[20]\n \
+             encoder {{ embed 16; gru 48 }}\n decoder {{ gru 48 teacher_forcing; dense 20 -> softmax }}\n \
+             loss cross_entropy(tgt)\n}}\ntrain {{\n data text(\"{}\", tokens: word)\n batch 32\n epochs 40\n \
+             optimizer adam(lr: 0.01)\n validation 0.1\n seed 2\n{extra}}}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    path
+}
+
+#[test]
+fn a_text_model_trains_saves_its_vocabularies_and_translates() {
+    let dir = scratch("text-train");
+    let data = corpus(&dir, 600);
+    let spec = spec(&dir, &data, "");
+    let run = dir.join("run");
+    let (code, out, err) = aec(&["run", "--train", s(&spec), "--out", s(&run)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("BLEU"), "the progress line shows BLEU: {err}");
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let last = metrics.last().expect("epochs");
+    let bleu = last["bleu"].as_f64().expect("bleu");
+    assert!(bleu > 80.0, "the toy language is learnt: BLEU {bleu}\n{out}");
+    assert!(last["token_accuracy"].as_f64().expect("acc") > 0.9, "{last}");
+    // The vocabularies: the specials, then the words (ten, and the full stop).
+    let vocab: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("vocab.json")).expect("vocab")).expect("json");
+    assert_eq!(vocab["tokens"], "word");
+    let target: Vec<&str> = vocab["columns"][1]["tokens"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|t| t.as_str().expect("str"))
+        .collect();
+    assert_eq!(&target[..4], ["<pad>", "<unk>", "<s>", "</s>"]);
+    assert_eq!(target.len(), 15, "{target:?}");
+    assert!(target.contains(&"pájaro") && target.contains(&"."));
+    // Held-out examples are printed as sentences.
+    assert!(out.contains(" → ") && out.contains('.'), "{out}");
+
+    // A sentence on the command line (capitalized: the tokenizer lowercases), then the first 60
+    // of the file with a blank line among them: translations one per line, mostly exact.
+    let text = std::fs::read_to_string(&data).expect("corpus");
+    let pairs: Vec<(&str, &str)> = text.lines().take(60).filter_map(|l| l.split_once('\t')).collect();
+    let mut input_text: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    input_text.insert(30, "");
+    let input = dir.join("in.txt");
+    std::fs::write(&input, input_text.join("\n") + "\n").expect("input");
+    let w = run.join("checkpoint.safetensors");
+    let (code, out, err) =
+        aec(&["translate", s(&spec), "--weights", s(&w), "--input", s(&input), "The Cat."]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 62, "{out}");
+    assert!(lines[0].starts_with("el gato"), "{out}");
+    assert_eq!(lines[31], "", "a blank line stays blank");
+    let exact = lines[1..].iter().filter(|l| !l.is_empty()).zip(&pairs).filter(|(l, p)| **l == p.1).count();
+    assert!(exact >= 40, "{exact} of 60 exact:\n{out}");
+    // An unknown word is <unk>; a sentence too long for seq[<= 8] is an error naming it.
+    let (code, _, err) = aec(&["translate", s(&spec), "--weights", s(&w), "the cat the cat the cat the cat"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sentence 1 has 8 tokens; the model reads at most 7"), "{err}");
+    // Weights without their vocabularies: said.
+    let lone = dir.join("lone");
+    std::fs::create_dir_all(&lone).expect("dir");
+    std::fs::copy(&w, lone.join("w.safetensors")).expect("copy");
+    let (code, _, err) =
+        aec(&["translate", s(&spec), "--weights", s(&lone.join("w.safetensors")), "the cat."]);
+    assert_eq!(code, 1);
+    assert!(err.contains("vocab.json") && err.contains("the vocabularies of the run"), "{err}");
+
+    // Resumed mid-run: the same end, vocabularies included; and the interpreter agrees.
+    let parts = dir.join("parts");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--stop-at", "15", "--out", s(&parts)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = aec(&["run", "--train", s(&spec), "--resume", s(&parts)]);
+    assert_eq!(code, 0, "{err}");
+    for f in ["checkpoint.safetensors", "vocab.json"] {
+        assert!(std::fs::read(run.join(f)).ok() == std::fs::read(parts.join(f)).ok(), "{f} differs");
+    }
+    assert_eq!(losses(&run), losses(&parts));
+}
+
+#[test]
+fn bad_text_files_are_named_with_their_line() {
+    let dir = scratch("text-bad");
+    for (text, want) in [
+        ("a cat.\tun gato.\n\nthe dog.\tel perro.\n", "pairs.tsv:2: an empty line"),
+        ("a cat.\tun gato.\nthe dog.\n", "pairs.tsv:2: no tab"),
+        ("a cat.\tun gato.\ta third\n", "pairs.tsv:1: more than one tab"),
+        ("a cat.\t\n", "pairs.tsv:1: an empty sentence"),
+        (
+            "a cat.\tun gato.\nthe big red cat sees a big red dog.\tel gato.\n",
+            "pairs.tsv:2: the first sentence has 10 tokens",
+        ),
+    ] {
+        let data = dir.join("pairs.tsv");
+        std::fs::write(&data, text).expect("data");
+        let spec = spec(&dir, &data, "");
+        let (code, _, err) = aec(&["run", "--train", s(&spec), "--out", s(&dir.join("run"))]);
+        assert_eq!(code, 1, "{text:?}: {err}");
+        assert!(err.contains(want) && err.contains("t.ae:"), "{text:?}: {err}");
+    }
+    // Text feeds padded token sequences only: a located error at the declaration otherwise.
+    let data = corpus(&dir, 20);
+    let path = spec(&dir, &data, "");
+    let text = std::fs::read_to_string(&path)
+        .expect("spec")
+        .replace("seq[<= 8] of token[20]\n target", "seq[8] of token[20]\n target");
+    std::fs::write(&path, text).expect("spec");
+    let (code, _, err) = aec(&["run", "--train", s(&path), "--out", s(&dir.join("run"))]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("declare `src: seq[<= N] of token[V]`"), "{err}");
+}
