@@ -415,6 +415,8 @@ impl Ad {
             | Op::SparseWeightGrad { .. }
             | Op::AvgPoolGrad { .. }
             | Op::EmbedGrad { .. }
+            | Op::GatherColumns { .. }
+            | Op::ScatterColumns { .. }
             | Op::DropoutGrad { .. }
             | Op::LossGrad { .. }
             | Op::Update { .. }

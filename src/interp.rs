@@ -297,6 +297,27 @@ fn eval(
             }
             Buf::F32(out)
         }
+        Op::GatherColumns { w, ids } => {
+            let (n, d) = (sh(*w)[0], sh(*w)[1]);
+            let w = f(*w);
+            let mut out = Vec::with_capacity(node.ty.numel());
+            for &id in ints(*ids) {
+                let col = check_id(id, d)?;
+                out.extend((0..n).map(|k| w[k * d + col]));
+            }
+            Buf::F32(out)
+        }
+        Op::ScatterColumns { dy, ids, depth } => {
+            let n = shape[0];
+            let mut out = vec![0.0; n * depth];
+            for (r, &id) in ints(*ids).iter().enumerate() {
+                let col = check_id(id, *depth)?;
+                for k in 0..n {
+                    out[k * depth + col] += f(*dy)[r * n + k];
+                }
+            }
+            Buf::F32(out)
+        }
         Op::OneHot { ids, depth } => {
             let mut out = vec![0.0; node.ty.numel()];
             for (i, &id) in ints(*ids).iter().enumerate() {

@@ -201,6 +201,42 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 copy(e, ts, src, out, dst, dim);
             });
         }
+        Op::GatherColumns { w, ids } => {
+            let [n, d] = [shape(*w)[0], shape(*w)[1]];
+            let (ws, is) = (at(*w), at(*ids));
+            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, r| {
+                let id = load_index(e, is, r);
+                let row = e.b.ins().imul_imm_s(r, n as i64);
+                e.for_range(0, n as i64, 1, |e, k| {
+                    let src = e.b.ins().imul_imm_s(k, d as i64);
+                    let src = e.b.ins().iadd(src, id);
+                    let v = e.load(F32, ws, src);
+                    let dst = e.b.ins().iadd(row, k);
+                    e.store(out, dst, v);
+                });
+            });
+        }
+        Op::ScatterColumns { dy, ids, depth } => {
+            let n = node.ty.shape[0];
+            let (ds, is) = (at(*dy), at(*ids));
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, r| {
+                let id = load_index(e, is, r);
+                let row = e.b.ins().imul_imm_s(r, n as i64);
+                e.for_range(0, n as i64, 1, |e, k| {
+                    let dst = e.b.ins().imul_imm_s(k, *depth as i64);
+                    let dst = e.b.ins().iadd(dst, id);
+                    let src = e.b.ins().iadd(row, k);
+                    let v = e.load(F32, ds, src);
+                    let old = e.load(F32, out, dst);
+                    let new = e.b.ins().fadd(old, v);
+                    e.store(out, dst, new);
+                });
+            });
+        }
         Op::EmbedGrad { ids, dy, .. } => {
             let dim = node.ty.shape[1];
             let (is, ds) = (at(*ids), at(*dy));

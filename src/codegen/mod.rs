@@ -380,7 +380,8 @@ impl Program {
         crate::ir::verify(g)
             .map_err(|e| format!("the graph `{}` cannot be compiled: {}", g.name, e.join("; ")))?;
         let sparse = if opts.dense { g.clone() } else { crate::passes::sparse::rewrite(g)? };
-        let rewritten = crate::passes::flip::rewrite(&sparse)?;
+        let flipped = crate::passes::flip::rewrite(&sparse)?;
+        let rewritten = if opts.dense { flipped } else { crate::passes::onehot::rewrite(&flipped)? };
         let g = &rewritten;
         // No code for a graph that does not verify or whose indices are not proved in range:
         // the kernels trust both.

@@ -100,6 +100,8 @@ fn indexed(g: &Graph, id: NodeId) -> Vec<(NodeId, usize)> {
     match g.node(id).op {
         Op::Embed { table, ids } => vec![(ids, g.ty(table).shape[0])],
         Op::EmbedGrad { ids, vocab, .. } => vec![(ids, vocab)],
+        Op::GatherColumns { w, ids } => vec![(ids, g.ty(w).shape[1])],
+        Op::ScatterColumns { ids, depth, .. } => vec![(ids, depth)],
         Op::OneHot { ids, depth } => vec![(ids, depth)],
         Op::Loss { pred, target, .. } | Op::LossGrad { pred, target, .. }
             if g.ty(target).dtype == DType::I32 =>

@@ -291,6 +291,19 @@ pub enum Op {
         dy: NodeId,
         vocab: usize,
     },
+    /// `one_hot(ids, D) · wᵀ` without the one-hot (`passes::onehot`): column `ids[r]` of
+    /// `w [N, D]` for each of the R ids, `[R, N]`.
+    GatherColumns {
+        w: NodeId,
+        ids: NodeId,
+    },
+    /// `dyᵀ · one_hot(ids, depth)` without the one-hot: `[N, depth]`, each row `r` of
+    /// `dy [R, N]` added into column `ids[r]`.
+    ScatterColumns {
+        dy: NodeId,
+        ids: NodeId,
+        depth: usize,
+    },
     /// One-hot f32 vectors of i32 ids: `[B, T] → [B, T, depth]`.
     OneHot {
         ids: NodeId,
@@ -545,6 +558,8 @@ impl Op {
             AvgPoolGrad { dy, .. } | DropoutGrad { dy, .. } => vec![*dy],
             Embed { table, ids } => vec![*table, *ids],
             EmbedGrad { ids, dy, .. } => vec![*ids, *dy],
+            GatherColumns { w, ids } => vec![*w, *ids],
+            ScatterColumns { dy, ids, .. } => vec![*dy, *ids],
             OneHot { ids, .. } | ShiftRight { ids, .. } => vec![*ids],
             Recurrent { xp, h0, w_hh, b_hh, .. } => {
                 let mut v = vec![*xp, *h0, *w_hh];
@@ -638,9 +653,13 @@ impl Op {
                 *table = f(*table);
                 *ids = f(*ids);
             }
-            EmbedGrad { ids, dy, .. } => {
+            EmbedGrad { ids, dy, .. } | ScatterColumns { ids, dy, .. } => {
                 *ids = f(*ids);
                 *dy = f(*dy);
+            }
+            GatherColumns { w, ids } => {
+                *w = f(*w);
+                *ids = f(*ids);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
             Recurrent { xp, h0, w_hh, b_hh, .. } => {
@@ -739,6 +758,8 @@ impl Op {
             AvgPoolGrad { .. } => "avgpool_grad",
             Embed { .. } => "embed",
             EmbedGrad { .. } => "embed_grad",
+            GatherColumns { .. } => "gather_columns",
+            ScatterColumns { .. } => "scatter_columns",
             OneHot { .. } => "one_hot",
             ShiftRight { .. } => "shift_right",
             Recurrent { .. } => "recurrent",
@@ -984,6 +1005,17 @@ impl Op {
                 let mut s = i32s(*ids)?.clone();
                 s.push(*depth);
                 Type::f32(s)
+            }
+            GatherColumns { w, ids } => {
+                let [n, _] = two(f32s(*w)?)?;
+                Type::f32([i32s(*ids)?.iter().product::<usize>(), n])
+            }
+            ScatterColumns { dy, ids, depth } => {
+                let [r, n] = two(f32s(*dy)?)?;
+                if i32s(*ids)?.iter().product::<usize>() != r {
+                    return Err("scatter_columns: dy's rows differ from the ids".into());
+                }
+                Type::f32([n, *depth])
             }
             ShiftRight { ids, .. } => {
                 let s = i32s(*ids)?;

@@ -2,4 +2,5 @@
 
 pub mod dce;
 pub mod flip;
+pub mod onehot;
 pub mod sparse;
