@@ -135,6 +135,34 @@ impl Ad {
                 }
             }
 
+            // The same rule per batch element.
+            Op::BatchMatMul { a, b, ta, tb } => {
+                if self.wants(a) {
+                    let op = if ta {
+                        Op::BatchMatMul { a: b, b: d, ta: tb, tb: true }
+                    } else {
+                        Op::BatchMatMul { a: d, b, ta: false, tb: !tb }
+                    };
+                    let da = self.add(op, y)?;
+                    self.acc(a, da, y)?;
+                }
+                if self.wants(b) {
+                    let op = if tb {
+                        Op::BatchMatMul { a: d, b: a, ta: true, tb: ta }
+                    } else {
+                        Op::BatchMatMul { a, b: d, ta: !ta, tb: false }
+                    };
+                    let db = self.add(op, y)?;
+                    self.acc(b, db, y)?;
+                }
+            }
+
+            // Masked places are constants: no gradient reaches x there.
+            Op::MaskFill { x, ids, .. } => {
+                let dx = self.add(Op::MaskFill { x: d, ids, value: 0.0 }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
             // y = x + b[axis 1]  ⇒  dx = d,  db = Σ over all axes but 1 of d.
             Op::BiasAdd { x, bias } => {
                 self.acc(x, d, y)?;

@@ -297,6 +297,38 @@ fn eval(
             }
             Buf::F32(out)
         }
+        Op::BatchMatMul { a, b, ta, tb } => {
+            let (sa, sb) = (sh(*a), sh(*b));
+            let (m, n) = (shape[1], shape[2]);
+            let k = if *ta { sa[1] } else { sa[2] };
+            let (av, bv) = (f(*a), f(*b));
+            let mut out = vec![0f32; node.ty.numel()];
+            for bi in 0..shape[0] {
+                let (ao, bo) = (bi * sa[1] * sa[2], bi * sb[1] * sb[2]);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut acc = 0f32;
+                        for q in 0..k {
+                            let x = if *ta { av[ao + q * sa[2] + i] } else { av[ao + i * sa[2] + q] };
+                            let y = if *tb { bv[bo + j * sb[2] + q] } else { bv[bo + q * sb[2] + j] };
+                            acc += x * y;
+                        }
+                        out[(bi * m + i) * n + j] = acc;
+                    }
+                }
+            }
+            Buf::F32(out)
+        }
+        Op::MaskFill { x, ids, value } => {
+            let (t, s) = (shape[1], shape[2]);
+            let ids = ints(*ids);
+            let out = f(*x)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if ids[i / (t * s) * s + i % s] == 0 { *value } else { v })
+                .collect();
+            Buf::F32(out)
+        }
         Op::GatherColumns { w, ids } => {
             let (n, d) = (sh(*w)[0], sh(*w)[1]);
             let w = f(*w);

@@ -149,6 +149,31 @@ fn matmul_in_every_transposition() {
 }
 
 #[test]
+fn batch_matmul_in_every_transposition_and_the_attention_mask() {
+    for (bs, m, k, n) in [(2, 3, 5, 4), (1, 1, 7, 1), (3, 4, 1, 2)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let mut c = Case::new(2);
+                let a = c.param(&if ta { [bs, k, m] } else { [bs, m, k] });
+                let b = c.param(&if tb { [bs, n, k] } else { [bs, k, n] });
+                let y = c.add(Op::BatchMatMul { a, b, ta, tb });
+                c.check(y, &format!("batch_matmul {bs}x{m}x{k}x{n} ta={ta} tb={tb}"));
+            }
+        }
+    }
+    // Masked scores then a softmax: padding (id 0, about one source position in three) gets no
+    // weight and no gradient.
+    for (b, t, s) in [(2, 3, 5), (1, 2, 6), (3, 2, 4)] {
+        let mut c = Case::new(3);
+        let x = c.param(&[b, t, s]);
+        let ids = c.input_ids(&[b, s], 3);
+        let m = c.add(Op::MaskFill { x, ids, value: f32::MIN });
+        let y = c.add(Op::Softmax { x: m });
+        c.check(y, &format!("mask_fill + softmax {b}x{t}x{s}"));
+    }
+}
+
+#[test]
 fn a_weight_used_twice_sums_both_gradients() {
     // Tied weights: y = (x·Wᵀ)·W.
     let mut c = Case::new(2);

@@ -187,6 +187,35 @@ fn clipping_rmsprop_and_a_scheduled_rate_at_simd_tails_and_across_chunks() {
 }
 
 #[test]
+fn attention_at_odd_sizes_lengths_and_batches_on_two_threads() {
+    // Dot and general scores, GRU and LSTM, padded sources (their padding masked: one id in
+    // `v` is 0, whole sources of padding included at length 1) and fixed ones, an encoder
+    // wider than the decoder for `general`.
+    let cases = [
+        ("gru", 5, 5, "attention dot", 1, 2, true),
+        ("gru", 7, 3, "attention general", 4, 3, true),
+        ("lstm", 6, 6, "attention general", 3, 5, true),
+        ("lstm", 3, 3, "attention dot", 5, 7, false),
+        ("gru", 17, 9, "attention general", 2, 13, false),
+    ];
+    for (cell, he, h, att, len, v, padded) in cases {
+        let seq = if padded { format!("seq[<= {len}]") } else { format!("seq[{len}]") };
+        let src = format!(
+            "model t {{ input s: {seq} of token[{v}]\n encoder {{ embed 4; {cell} {he}; dense {h} -> tanh }}\n \
+             decoder {{ {cell} {h} teacher_forcing; {att}; dense {v} -> softmax }}\n loss cross_entropy(s) }}"
+        );
+        // (An lstm decoder starts from an lstm state: the dense code feeds gru decoders only.)
+        let src = if cell == "lstm" { src.replace(&format!("; dense {h} -> tanh"), "") } else { src };
+        let src =
+            if cell == "lstm" { src.replace(&format!("{cell} {he};"), &format!("{cell} {h};")) } else { src };
+        for batch in [1, 3, 13] {
+            let (g, f) = compile_src(&src, batch);
+            same_training_threads(&format!("{src} batch {batch}"), &g, &f, 3, 1e-4, 2);
+        }
+    }
+}
+
+#[test]
 fn softmax_and_cross_entropy() {
     for v in [2usize, 3, 5, 7, 13] {
         let src = format!(

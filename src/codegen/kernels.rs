@@ -201,6 +201,71 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 copy(e, ts, src, out, dst, dim);
             });
         }
+        Op::BatchMatMul { a, b, ta, tb } => {
+            let (sa, sb) = (shape(*a), shape(*b));
+            let (m, n) = (node.ty.shape[1], node.ty.shape[2]);
+            let k = if *ta { sa[1] } else { sa[2] };
+            let (a_s, b_s) = (at(*a), at(*b));
+            let (pa, pb) = (sa[1] * sa[2], sb[1] * sb[2]);
+            let (ra, rb) = (sa[2] as i64, sb[2] as i64);
+            let (ta, tb) = (*ta, *tb);
+            e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
+                let ao = e.b.ins().imul_imm_s(bi, pa as i64);
+                let bo = e.b.ins().imul_imm_s(bi, pb as i64);
+                let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                e.for_range(0, m as i64, 1, |e, i| {
+                    e.for_range(0, n as i64, 1, |e, j| {
+                        let acc = e.b.declare_var(F32);
+                        let z = e.fconst(F32, 0.0);
+                        e.b.def_var(acc, z);
+                        e.for_range(0, k as i64, 1, |e, q| {
+                            // a[i, q] (or a[q, i]) and b[q, j] (or b[j, q]).
+                            let (r, c) = if ta { (q, i) } else { (i, q) };
+                            let x = e.b.ins().imul_imm_s(r, ra);
+                            let x = e.b.ins().iadd(x, c);
+                            let x = e.b.ins().iadd(x, ao);
+                            let (r, c) = if tb { (j, q) } else { (q, j) };
+                            let y = e.b.ins().imul_imm_s(r, rb);
+                            let y = e.b.ins().iadd(y, c);
+                            let y = e.b.ins().iadd(y, bo);
+                            let xv = e.load(F32, a_s, x);
+                            let yv = e.load(F32, b_s, y);
+                            let cur = e.b.use_var(acc);
+                            let cur = e.b.ins().fma(xv, yv, cur);
+                            e.b.def_var(acc, cur);
+                        });
+                        let o = e.b.ins().imul_imm_s(i, n as i64);
+                        let o = e.b.ins().iadd(o, j);
+                        let o = e.b.ins().iadd(o, oo);
+                        let v = e.b.use_var(acc);
+                        e.store(out, o, v);
+                    });
+                });
+            });
+        }
+        Op::MaskFill { x, ids, value } => {
+            let (t, s) = (node.ty.shape[1], node.ty.shape[2]);
+            let (xs, is) = (at(*x), at(*ids));
+            let fill = *value;
+            e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
+                e.for_range(0, s as i64, 1, |e, j| {
+                    let at_id = e.b.ins().imul_imm_s(bi, s as i64);
+                    let at_id = e.b.ins().iadd(at_id, j);
+                    let id = load_index(e, is, at_id);
+                    let pad = e.b.ins().icmp_imm_s(IntCC::Equal, id, 0);
+                    let v = e.fconst(F32, fill);
+                    e.for_range(0, t as i64, 1, |e, r| {
+                        let o = e.b.ins().imul_imm_s(bi, (t * s) as i64);
+                        let row = e.b.ins().imul_imm_s(r, s as i64);
+                        let o = e.b.ins().iadd(o, row);
+                        let o = e.b.ins().iadd(o, j);
+                        let xv = e.load(F32, xs, o);
+                        let y = e.b.ins().select(pad, v, xv);
+                        e.store(out, o, y);
+                    });
+                });
+            });
+        }
         Op::GatherColumns { w, ids } => {
             let [n, d] = [shape(*w)[0], shape(*w)[1]];
             let (ws, is) = (at(*w), at(*ids));

@@ -118,6 +118,21 @@ pub enum Op {
         ta: bool,
         tb: bool,
     },
+    /// A matmul per batch element: `a[B, M, K] · b[B, K, N]`, either side transposed first
+    /// (attention's scores and context).
+    BatchMatMul {
+        a: NodeId,
+        b: NodeId,
+        ta: bool,
+        tb: bool,
+    },
+    /// `x [B, T, S]` with `value` where the ids `[B, S]` are padding (0): attention's mask
+    /// (`value` −∞) and its gradient (`value` 0).
+    MaskFill {
+        x: NodeId,
+        ids: NodeId,
+        value: f32,
+    },
     /// `x + bias` along axis 1 (features or channels).
     BiasAdd {
         x: NodeId,
@@ -573,6 +588,8 @@ impl Op {
             LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
             Concat { a, b } => vec![*a, *b],
+            BatchMatMul { a, b, .. } => vec![*a, *b],
+            MaskFill { x, ids, .. } => vec![*x, *ids],
             SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => vec![*x],
             FlipKernel { w } => vec![*w],
             UpsampleGrad { dy, .. } => vec![*dy],
@@ -659,6 +676,14 @@ impl Op {
             }
             GatherColumns { w, ids } => {
                 *w = f(*w);
+                *ids = f(*ids);
+            }
+            BatchMatMul { a, b, .. } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            MaskFill { x, ids, .. } => {
+                *x = f(*x);
                 *ids = f(*ids);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
@@ -759,6 +784,8 @@ impl Op {
             Embed { .. } => "embed",
             EmbedGrad { .. } => "embed_grad",
             GatherColumns { .. } => "gather_columns",
+            BatchMatMul { .. } => "batch_matmul",
+            MaskFill { .. } => "mask_fill",
             ScatterColumns { .. } => "scatter_columns",
             OneHot { .. } => "one_hot",
             ShiftRight { .. } => "shift_right",
@@ -1005,6 +1032,23 @@ impl Op {
                 let mut s = i32s(*ids)?.clone();
                 s.push(*depth);
                 Type::f32(s)
+            }
+            BatchMatMul { a, b, ta, tb } => {
+                let [ba, r0, c0] = three(f32s(*a)?)?;
+                let [bb, r1, c1] = three(f32s(*b)?)?;
+                let (m, k) = if *ta { (c0, r0) } else { (r0, c0) };
+                let (k2, n) = if *tb { (c1, r1) } else { (r1, c1) };
+                if ba != bb || k != k2 {
+                    return Err(format!("batch_matmul: {:?} by {:?}", f32s(*a)?, f32s(*b)?));
+                }
+                Type::f32([ba, m, n])
+            }
+            MaskFill { x, ids, .. } => {
+                let [b, _, s] = three(f32s(*x)?)?;
+                if i32s(*ids)?.as_slice() != [b, s] {
+                    return Err("mask_fill: the ids are not [B, S] of the scores".into());
+                }
+                Type::f32(f32s(*x)?.clone())
             }
             GatherColumns { w, ids } => {
                 let [n, _] = two(f32s(*w)?)?;

@@ -116,6 +116,11 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             format!("{m} {} kernel={} stride={}", name(*dy), hw(*kernel), hw(*stride))
         }
         EmbedGrad { ids, dy, vocab } => format!("{m} {} vocab={vocab}", args(&[*ids, *dy])),
+        BatchMatMul { a, b, ta, tb } => {
+            let t = |x: bool| if x { "ᵀ" } else { "" };
+            format!("{m} {}{}, {}{}", name(*a), t(*ta), name(*b), t(*tb))
+        }
+        MaskFill { x, ids, value } => format!("{m} {}, {} value={value}", name(*x), name(*ids)),
         ScatterColumns { dy, ids, depth } => format!("{m} {} depth={depth}", args(&[*dy, *ids])),
         OneHot { ids, depth } => format!("{m} {} depth={depth}", name(*ids)),
         ShiftRight { ids, start } => format!("{m} {} start={start}", name(*ids)),

@@ -381,6 +381,12 @@ impl Builder<'_> {
         let hint = format!("{}.{}", l.part.prefix(), l.index);
         let hint = hint.as_str();
         let y = match &l.layer.kind {
+            LayerKind::Attention { .. } => {
+                return Err(format!(
+                    "{}: `attention` does not export to ONNX yet (`--emit torch` has it)",
+                    l.layer
+                ));
+            }
             LayerKind::Dense { bias, .. } => {
                 let (w, k) = match l.tied_weight {
                     Some(p) => (self.param(p)?, 0),

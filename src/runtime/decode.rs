@@ -100,7 +100,8 @@ impl<'c> Decoder<'c> {
         if !self.graphs.contains_key(&b) {
             let model = &self.compiled.model;
             let infer = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false, shard_of: None };
-            let enc = passes::dce::keep_outputs(&lower::lower(model, &infer)?, &["state0"])?;
+            let outputs: &[&str] = if lower::attends(model) { &["state0", "memory"] } else { &["state0"] };
+            let enc = passes::dce::keep_outputs(&lower::lower(model, &infer)?, outputs)?;
             let step = lower::lower(model, &Lowering { mode: Mode::Decode, ..infer })?;
             let runners = (
                 Runner::new(enc, self.backend, self.threads)?,
@@ -110,7 +111,23 @@ impl<'c> Decoder<'c> {
         }
         let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
         let state = State::new(params.to_vec());
-        let mut h = enc.run(&state, inputs, &["state0"], self.threads)?.remove(0);
+        let attends = lower::attends(&self.compiled.model);
+        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
+        let mut encoded = enc.run(&state, inputs, names, self.threads)?;
+        let memory = if attends { encoded.pop() } else { None };
+        let mut h = encoded.remove(0);
+        // The step's inputs besides `prev` and `state`: the encoder's states and the source.
+        let extra: Vec<Buf> = step
+            .graph
+            .inputs
+            .iter()
+            .skip(2)
+            .filter_map(|i| match i.name.as_str() {
+                "memory" => memory.clone(),
+                "source" => inputs.first().cloned(),
+                _ => None,
+            })
+            .collect();
         let mut prev = vec![self.vocab as i32; b];
         let mut out = vec![0i32; b * self.len];
         let mut ended = vec![false; b];
@@ -118,8 +135,9 @@ impl<'c> Decoder<'c> {
             if self.padded && ended.iter().all(|&e| e) {
                 break;
             }
-            let mut outs =
-                step.run(&state, &[Buf::I32(prev.clone()), h], &["recon", "state"], self.threads)?;
+            let mut step_inputs = vec![Buf::I32(prev.clone()), h];
+            step_inputs.extend(extra.iter().cloned());
+            let mut outs = step.run(&state, &step_inputs, &["recon", "state"], self.threads)?;
             h = outs.pop().ok_or("no state")?;
             let probs = outs.pop().ok_or("no output")?;
             for (i, row) in probs.f32().chunks(self.vocab).enumerate().take(b) {

@@ -977,6 +977,46 @@ impl Checker<'_> {
                 self.param(l, pname("num_batches_tracked"), vec![], ParamRole::Buffer { ones: false }, 1, 1)?;
                 Ok((input.clone(), input.numel().saturating_mul(4)))
             }
+            LayerKind::Attention { general } => {
+                let (Ty::Seq { len, dim: h }, Part::Decoder, Some(_)) =
+                    (input, ctx.part, self.teacher_forced_layer())
+                else {
+                    return Err(shape_err(
+                        l,
+                        format!("`attention` reads a teacher-forced decoder's states, got {input}"),
+                    )
+                    .help("put it right after the decoder's `gru H teacher_forcing` (or lstm, rnn)"));
+                };
+                let enc = self
+                    .layers
+                    .iter()
+                    .rev()
+                    .find(|x| x.part == Part::Encoder && matches!(x.layer.kind, LayerKind::Recurrent(_)));
+                let (Some(enc), Some(enc_len)) =
+                    (enc, enc.and_then(|e| if let Ty::Seq { len, .. } = e.input { Some(len) } else { None }))
+                else {
+                    return Err(shape_err(l, "`attention` reads the encoder's states, and the encoder has no recurrent layer".into())
+                        .help("end the encoder in `gru H` (or lstm, rnn): attention looks at its state after every source token"));
+                };
+                let LayerKind::Recurrent(er) = &enc.layer.kind else { unreachable!("found as recurrent") };
+                let he = er.hidden;
+                if !general && he != *h {
+                    return Err(shape_err(
+                        l,
+                        format!("`attention dot` scores the decoder's {h}-wide states against the encoder's {he}-wide ones"),
+                    )
+                    .label(enc.layer.span, format!("{he} wide"))
+                    .help("make them the same width, or write `attention general` (a learnt map between them)"));
+                }
+                let role = ParamRole::Weight;
+                if *general {
+                    self.param(l, pname("attn.weight"), vec![*h, he], role, he, *h)?;
+                }
+                self.param(l, pname("concat.weight"), vec![*h, he + h], role, he + h, *h)?;
+                self.param(l, pname("concat.bias"), vec![*h], ParamRole::Bias, he + h, *h)?;
+                let flops = mul3(2 * len, enc_len, 2 * he) + mul3(2 * len, he + h, *h);
+                Ok((Ty::Seq { len: *len, dim: *h }, flops))
+            }
             LayerKind::Upsample { scale, bilinear } => {
                 let [c, h, w] = image(l, input)?;
                 let out = Ty::Tensor(vec![c, h.saturating_mul(scale[0]), w.saturating_mul(scale[1])]);
@@ -1412,6 +1452,7 @@ impl ast::Layer {
             LayerKind::Link { link, .. } => link.keyword(),
             LayerKind::BatchNorm { .. } => "batchnorm",
             LayerKind::Upsample { .. } => "upsample",
+            LayerKind::Attention { .. } => "attention",
         }
     }
 }

@@ -32,6 +32,11 @@ pub enum Mode {
     Generate,
 }
 
+/// Whether `m`'s decoder attends to the encoder's states (an `attention` layer).
+pub fn attends(m: &Model) -> bool {
+    m.layers.iter().any(|l| matches!(l.layer.kind, LayerKind::Attention { .. }))
+}
+
 /// The teacher-forced recurrent layer of `m`'s decoder, if any: greedy decoding runs from it.
 pub fn teacher_forced(m: &Model) -> Option<&ast::RecurrentSpec> {
     m.decoder().find_map(|l| match &l.layer.kind {
@@ -81,6 +86,8 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         terms: Vec::new(),
         gaussian: None,
         named: Vec::new(),
+        memory: None,
+        source_ids: None,
     };
     for p in &m.params {
         let def = ParamDef {
@@ -103,6 +110,9 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         vars.push((v.name.clone(), l.g.add_input(v.name.clone(), l.batched(&v.ty))?));
     }
     let input = vars.first().map(|v| v.1).ok_or("model without input")?;
+    if m.inputs.first().is_some_and(|v| v.padded) {
+        l.source_ids = Some(input);
+    }
 
     let mut cur = Value { node: input, state: None, logits: None };
     let mut target = None;
@@ -145,6 +155,9 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
     }
     if cfg.mode == Mode::Infer && teacher_forced(m).is_some() {
         l.g.outputs.push(("state0".into(), state0));
+        if let (true, Some(memory)) = (attends(m), l.memory) {
+            l.g.outputs.push(("memory".into(), memory));
+        }
     }
     Ok(l.g)
 }
@@ -167,6 +180,10 @@ struct Lower {
     gaussian: Option<(NodeId, NodeId)>,
     /// Named layer outputs so far, for `concat NAME` and `add NAME`.
     named: Vec<(String, NodeId)>,
+    /// The encoder's last recurrent layer's state after every step, `[B, S, H]` (h of an
+    /// LSTM), and the source ids whose padding attention masks out: what `attention` reads.
+    memory: Option<NodeId>,
+    source_ids: Option<NodeId>,
 }
 
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
@@ -196,6 +213,23 @@ impl Lower {
         let s = r.cell.state(r.hidden as usize);
         let prev = self.g.add_input("prev", Type::i32(vec![self.b, 1]))?;
         let state = self.g.add_input("state", Type::f32(vec![self.b, s]))?;
+        // Attention reads the encoder's states (and the source, for its padding): inputs here.
+        if attends(m) {
+            let enc = m
+                .layers
+                .iter()
+                .rev()
+                .find(|l| l.part == Part::Encoder && matches!(l.layer.kind, LayerKind::Recurrent(_)))
+                .ok_or("attention without an encoder recurrent layer")?;
+            let (Ty::Seq { len, .. }, LayerKind::Recurrent(er)) = (&enc.input, &enc.layer.kind) else {
+                return Err("attention's encoder layer reads no sequence".into());
+            };
+            let shape = vec![self.b, *len as usize, er.hidden as usize];
+            self.memory = Some(self.g.add_input("memory", Type::f32(shape))?);
+            if m.inputs.first().is_some_and(|v| v.padded) {
+                self.source_ids = Some(self.g.add_input("source", Type::i32(vec![self.b, *len as usize]))?);
+            }
+        }
         let vars = vec![("prev".to_owned(), prev)];
         let mut cur = Value { node: state, state: Some(state), logits: None };
         if let Some(first) = layers.next() {
@@ -499,6 +533,10 @@ impl Lower {
                 state = Some(last);
                 node
             }
+            LayerKind::Attention { general } => {
+                state = v.state;
+                self.attention(info, *general, x)?
+            }
             LayerKind::Link { link, from } => {
                 let other = self
                     .named
@@ -609,6 +647,12 @@ impl Lower {
         if r.teacher_forcing {
             self.decode_state = Some(last);
         }
+        if info.part == Part::Encoder {
+            self.memory = Some(match r.cell {
+                Cell::Lstm => self.add(Op::SliceLast { x: hs, start: 0, len: h }, span)?,
+                _ => hs,
+            });
+        }
         let seq_out = matches!(info.output, Ty::Seq { .. });
         let out = match (seq_out, r.cell) {
             (true, Cell::Lstm) => self.add(Op::SliceLast { x: hs, start: 0, len: h }, span)?,
@@ -617,6 +661,42 @@ impl Lower {
             (false, _) => last,
         };
         Ok((out, last))
+    }
+
+    /// Luong's global attention of the decoder's states `d [B, T, H]` over the encoder's
+    /// (`memory`), as `kind::Attention` says.
+    fn attention(&mut self, info: &LayerInfo, general: bool, d: NodeId) -> Result<NodeId, String> {
+        let span = info.layer.span;
+        let memory = self.memory.ok_or("attention without the encoder's states")?;
+        let [b, s, he] =
+            <[usize; 3]>::try_from(self.g.ty(memory).shape.as_slice()).map_err(|_| "memory shape")?;
+        let [_, t, h] =
+            <[usize; 3]>::try_from(self.g.ty(d).shape.as_slice()).map_err(|_| "attention input shape")?;
+        let keys = if general {
+            let w = self.param(info, 0)?;
+            let flat = self.add(Op::Reshape { x: memory, shape: vec![b * s, he] }, span)?;
+            let k = self.add(Op::MatMul { a: flat, b: w, ta: false, tb: true }, span)?;
+            self.add(Op::Reshape { x: k, shape: vec![b, s, h] }, span)?
+        } else {
+            memory
+        };
+        let scores = self.add(Op::BatchMatMul { a: d, b: keys, ta: false, tb: true }, span)?;
+        // Padding scores the lowest f32: a weight of exactly 0 after the softmax.
+        let scores = match self.source_ids {
+            Some(ids) => self.add(Op::MaskFill { x: scores, ids, value: f32::MIN }, span)?,
+            None => scores,
+        };
+        let alpha = self.add(Op::Softmax { x: scores }, span)?;
+        let context = self.add(Op::BatchMatMul { a: alpha, b: memory, ta: false, tb: false }, span)?;
+        let c = self.add(Op::Reshape { x: context, shape: vec![b * t, he] }, span)?;
+        let hd = self.add(Op::Reshape { x: d, shape: vec![b * t, h] }, span)?;
+        let cat = self.add(Op::Concat { a: c, b: hd }, span)?;
+        let k = usize::from(general);
+        let (wc, bc) = (self.param(info, k)?, self.param(info, k + 1)?);
+        let y = self.add(Op::MatMul { a: cat, b: wc, ta: false, tb: true }, span)?;
+        let y = self.add(Op::BiasAdd { x: y, bias: bc }, span)?;
+        let y = self.add(Op::Unary { f: UnaryFn::Tanh, x: y }, span)?;
+        self.add(Op::Reshape { x: y, shape: vec![b, t, h] }, span)
     }
 
     fn loss(

@@ -29,6 +29,10 @@ pub fn emit(m: &Model) -> String {
     }
     let _ = writeln!(out, "\n    def encode(self, x):");
     let _ = writeln!(out, "        pools = {{}}");
+    if m.inputs.first().is_some_and(|v| v.padded) {
+        // A padded source: attention leaves its padding (id 0) out.
+        let _ = writeln!(out, "        pools[\"mask\"] = x == 0");
+    }
     body(&mut out, m, Part::Encoder);
     let _ = writeln!(out, "        return x, pools");
     match (super::lower::teacher_forced(m), m.loss_target().map(|t| &t.ty)) {
@@ -84,6 +88,26 @@ class Gaussian(nn.Module):
         return {"sum": s, "batchmean": s / mu.shape[0], "mean": s / mu.numel()}[reduction]
 
 
+class LuongAttention(nn.Module):
+    """Luong's global attention: scores h·e (dot) or h·(W e) (general) over the encoder's
+    states `memory`, padding (`mask`) at -inf, the context c = Σ softmax·e, and
+    tanh(W_c [c; h] + b_c). The last weights are kept in `self.weights` ([B, T, S])."""
+
+    def __init__(self, enc, dec, general):
+        super().__init__()
+        self.attn = nn.Linear(enc, dec, bias=False) if general else None
+        self.concat = nn.Linear(enc + dec, dec)
+
+    def forward(self, h, memory, mask=None):
+        keys = memory if self.attn is None else self.attn(memory)
+        scores = h @ keys.transpose(1, 2)
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, None, :], float("-inf"))
+        self.weights = F.softmax(scores, dim=-1)
+        context = self.weights @ memory
+        return torch.tanh(self.concat(torch.cat([context, h], -1)))
+
+
 class Reshape(nn.Module):
     def __init__(self, *dims):
         super().__init__()
@@ -106,7 +130,10 @@ fn greedy(out: &mut String, m: &Model, len: u64, vocab: u64) {
     let _ = writeln!(out, "        x, pools = self.encode(x)");
     let _ = writeln!(out, "        code = x");
     let _ = writeln!(out, "        if target is None:");
-    let _ = writeln!(out, "            return self.greedy(pools[\"state\"], {len}), code");
+    let _ = writeln!(
+        out,
+        "            return self.greedy(pools[\"state\"], {len}, pools.get(\"memory\"), pools.get(\"mask\")), code"
+    );
     let _ = writeln!(out, "        start = torch.full_like(target[:, :1], {vocab})");
     let _ = writeln!(
         out,
@@ -115,16 +142,16 @@ fn greedy(out: &mut String, m: &Model, len: u64, vocab: u64) {
     );
     body(out, m, Part::Decoder);
     let _ = writeln!(out, "        return x, code");
-    let _ = writeln!(out, "\n    def step(self, prev, state):");
-    let _ = writeln!(out, "        pools = {{\"state\": state}}");
+    let _ = writeln!(out, "\n    def step(self, prev, state, memory=None, mask=None):");
+    let _ = writeln!(out, "        pools = {{\"state\": state, \"memory\": memory, \"mask\": mask}}");
     let _ = writeln!(out, "        x = F.one_hot(prev[:, None].long(), {}).float()", vocab + 1);
     body(out, m, Part::Decoder);
     let _ = writeln!(out, "        return x, pools[\"state\"]");
-    let _ = writeln!(out, "\n    def greedy(self, state, n):");
+    let _ = writeln!(out, "\n    def greedy(self, state, n, memory=None, mask=None):");
     let _ = writeln!(out, "        prev = torch.full((state.shape[0],), {vocab}, dtype=torch.long)");
     let _ = writeln!(out, "        out = []");
     let _ = writeln!(out, "        for _ in range(n):");
-    let _ = writeln!(out, "            y, state = self.step(prev, state)");
+    let _ = writeln!(out, "            y, state = self.step(prev, state, memory, mask)");
     let _ = writeln!(out, "            prev = y[:, 0].argmax(-1)");
     let _ = writeln!(out, "            out.append(prev)");
     let _ = writeln!(out, "        return torch.stack(out, 1)");
@@ -133,7 +160,7 @@ fn greedy(out: &mut String, m: &Model, len: u64, vocab: u64) {
 /// The lines of a recurrent layer: its initial state (the carried state for a teacher-forced
 /// decoder, zeros otherwise), the run, the state kept in aec's layout, and the output (every
 /// step's h, or the last state's h).
-fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str) -> String {
+fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str, attends: bool) -> String {
     let h = r.hidden;
     let lstm = r.cell == Cell::Lstm;
     let mut lines = Vec::new();
@@ -158,6 +185,10 @@ fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str) -> 
     } else {
         "pools[\"state\"] = st[0]".to_owned()
     });
+    if l.part == Part::Encoder && attends {
+        // Every step's state, for attention.
+        lines.push("pools[\"memory\"] = x".to_owned());
+    }
     if !matches!(l.output, Ty::Seq { .. }) {
         lines.push("x = x[:, -1]".to_owned());
     }
@@ -181,8 +212,23 @@ fn py_bool(b: bool) -> &'static str {
 }
 
 fn module(m: &Model, l: &LayerInfo) -> String {
-    let _ = m;
     match &l.layer.kind {
+        LayerKind::Attention { general } => {
+            let enc = m
+                .layers
+                .iter()
+                .rev()
+                .find_map(|x| match (&x.part, &x.layer.kind) {
+                    (Part::Encoder, LayerKind::Recurrent(r)) => Some(r.hidden),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            format!(
+                "LuongAttention({enc}, {}, {})",
+                in_features(&l.input),
+                if *general { "True" } else { "False" }
+            )
+        }
         LayerKind::Dense { units, bias, .. } => match l.tied_weight {
             Some(_) => format!("Tied({})", if *bias { units.to_string() } else { "0".into() }),
             None => format!("nn.Linear({}, {units}, bias={})", in_features(&l.input), py_bool(*bias)),
@@ -296,7 +342,10 @@ fn body(out: &mut String, m: &Model, part: Part) {
                     pool.name
                 )
             }
-            (LayerKind::Recurrent(r), _) => recurrent(l, r, &me),
+            (LayerKind::Recurrent(r), _) => recurrent(l, r, &me, super::lower::attends(m)),
+            (LayerKind::Attention { .. }, _) => {
+                format!("x = {me}(x, pools[\"memory\"], pools.get(\"mask\"))")
+            }
             (LayerKind::Link { link, from }, _) => match link {
                 crate::syntax::ast::Link::Concat => {
                     format!("x = torch.cat([x, pools[\"named\"][{:?}]], 1)", from.name)

@@ -171,6 +171,13 @@ pub enum LayerKind {
         scale: Hw,
         bilinear: bool,
     },
+    /// `attention [dot|general]` after a teacher-forced decoder layer: Luong's global attention
+    /// over the encoder's last recurrent layer's states — scores h·e (`dot`) or h·W e
+    /// (`general`), a softmax over the source (its padding masked out), the context c = Σ α e,
+    /// and tanh(W_c [c; h] + b_c).
+    Attention {
+        general: bool,
+    },
 }
 
 /// Convolution and transposed convolution. Sizes are per axis, `[height, width]`, as PyTorch

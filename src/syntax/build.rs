@@ -33,6 +33,7 @@ const LAYER_KINDS: &[&str] = &[
     "add",
     "batchnorm",
     "upsample",
+    "attention",
 ];
 /// The largest size a spec may write anywhere (2²⁸, aec's per-sample activation budget). With
 /// every size below it, all shape arithmetic fits in `u64` without overflow.
@@ -501,6 +502,21 @@ impl Builder {
                 }
             },
             "batchnorm" => LayerKind::BatchNorm { momentum: 0.1, eps: 1e-5 },
+            "attention" => {
+                let general = match (a.flag("dot"), a.flag("general")) {
+                    (Some(_), Some(s)) => {
+                        a.diags.push(
+                            Diagnostic::error("`attention` takes one score")
+                                .label(s, "second score")
+                                .help("write `dot` or `general`"),
+                        );
+                        false
+                    }
+                    (Some(_), None) => false,
+                    _ => true,
+                };
+                LayerKind::Attention { general }
+            }
             "upsample" => {
                 let scale = a.pool_size("upsample 2 bilinear");
                 let bilinear = match (a.flag("nearest"), a.flag("bilinear")) {
@@ -1634,6 +1650,7 @@ impl<'a> LayerArgs<'a> {
             "concat" | "add" => "the name of an earlier layer, e.g. `concat e1`",
             "batchnorm" => "`batchnorm` or `batchnorm(momentum: 0.1, eps: 1e-5)`",
             "upsample" => "`upsample S [nearest|bilinear]` (a factor per axis as `2x3`)",
+            "attention" => "`attention [dot|general]`",
             _ => "no arguments",
         };
         for (i, (arg, span)) in self.args.iter().enumerate() {

@@ -151,6 +151,9 @@ impl Display for LayerKind {
                 }
                 Ok(())
             }
+            LayerKind::Attention { general } => {
+                write!(f, "attention {}", if *general { "general" } else { "dot" })
+            }
             LayerKind::Upsample { scale, bilinear } => {
                 write!(f, "upsample {} {}", ShowHw(*scale), if *bilinear { "bilinear" } else { "nearest" })
             }

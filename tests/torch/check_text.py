@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-"""A text model in aec against its PyTorch twin: `CrossEntropyLoss(ignore_index=0)` over padded
-sentences, teacher forcing; 15 steps of SGD with momentum (losses and parameters to 1e-5) and
+"""Text models in aec against their PyTorch twins — without attention, and with Luong's `dot`
+and `general` attention (the `LuongAttention` module `--emit torch` writes, padding masked with
+`masked_fill(-inf)`): `CrossEntropyLoss(ignore_index=0)` over padded sentences, teacher
+forcing; greedy decoding of the trained model token for token against the twin's
+(`aec translate` against `model(src)`); 15 steps of SGD with momentum (losses and parameters
+to 1e-5) and
 of Adam (losses to 1e-5, parameters to 1e-4: Adam divides each gradient by its own size, so
 the last-bit differences of two libraries' sums in the many tiny gradients of rare words come
 out at lr scale — 8.7e-5 of the largest weight here, in the encoder's GRU).
@@ -46,7 +50,7 @@ SPEC = """model t {{
     input  src: seq[<= 16] of token[300]
     target tgt: seq[<= 18] of token[300]
     encoder {{ embed 16; gru 32 }}
-    decoder {{ gru 32 teacher_forcing; dense 300 -> softmax }}
+    decoder {{ gru 32 teacher_forcing; {attention} dense 300 -> softmax }}
     loss cross_entropy(tgt)
 }}
 train {{
@@ -66,15 +70,23 @@ def main():
         lines = (ROOT / "specs/data/eng-spa/eng-spa.tsv").read_text().splitlines()[:N]
         (work / "pairs.tsv").write_text("\n".join(lines) + "\n")
 
+        ok = True
+        for attention in ["", "attention dot;", "attention general;"]:
+            ok &= check(work, lines, attention)
+    sys.exit(0 if ok else 1)
+
+
+def check(work, lines, attention):
         def run(tag, opt, epochs):
+            tag = f"{tag}{len(attention)}"
             spec = work / f"{tag}.ae"
-            spec.write_text(SPEC.format(data=work / "pairs.tsv", n=N, epochs=epochs, opt=opt))
+            spec.write_text(SPEC.format(data=work / "pairs.tsv", n=N, epochs=epochs, opt=opt, attention=attention))
             aec("run", "--train", spec, "--out", work / tag)
             losses = [json.loads(l)["train_loss"] for l in (work / tag / "metrics.jsonl").read_text().splitlines()]
             return spec, losses, load_file(work / tag / "checkpoint.safetensors")
 
         spec, _, init = run("init", "sgd(lr: 1e-30)", 1)
-        vocab = json.loads((work / "init" / "vocab.json").read_text())["columns"]
+        vocab = json.loads((work / f"init{len(attention)}" / "vocab.json").read_text())["columns"]
         index = [{t: i for i, t in enumerate(c["tokens"])} for c in vocab]
 
         def ids(col, sentence, length):
@@ -90,6 +102,7 @@ def main():
         loader.loader.exec_module(mod)
         pads = (tgt == 0).float().mean().item()
         ok = True
+        name = attention.rstrip(";") or "no attention"
         for tag, opt_text, make, tol in [
             ("sgd", "sgd(lr: 0.5, momentum: 0.9)", lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), 1e-5),
             ("adam", f"adam(lr: {LR})", lambda ps: torch.optim.Adam(ps, lr=LR), 1e-4),
@@ -108,9 +121,30 @@ def main():
                 theirs.append(loss.item())
             loss_err = max(abs(a - b) / abs(b) for a, b in zip(ours, theirs))
             param_err = max((after[k] - v).abs().max().item() / v.abs().max().item() for k, v in model.state_dict().items())
-            print(f"text model ({pads:.0%} of target positions padding), {STEPS} {tag} steps: losses {loss_err:.1e}, parameters {param_err:.1e}")
+            print(f"{name}: ({pads:.0%} of target positions padding), {STEPS} {tag} steps: losses {loss_err:.1e}, parameters {param_err:.1e}")
             ok &= loss_err < 1e-5 and param_err < tol
-    sys.exit(0 if ok else 1)
+        # Greedy decoding of the SGD-trained model: aec's against the twin's, token for token.
+        model = mod.Model().eval()
+        model.load_state_dict(load_file(work / f"sgd{len(attention)}" / "checkpoint.safetensors"), strict=True)
+        with torch.no_grad():
+            ids, _ = model(src)
+        target_vocab = vocab[1]["tokens"]
+
+        def words(row):
+            out = []
+            for i in row.tolist():
+                if i == 3:
+                    break
+                out.append(target_vocab[i])
+            return out
+
+        theirs = [words(r) for r in ids]
+        spec = work / f"sgd{len(attention)}.ae"
+        out = aec("translate", spec, "--weights", work / f"sgd{len(attention)}" / "checkpoint.safetensors", *[a for a, _ in pairs])
+        ours = [tokens(l) for l in out.splitlines()]
+        same = sum(a == b for a, b in zip(ours, theirs))
+        print(f"{name}: greedy decoding of {len(pairs)} sentences, {same} the same as PyTorch's")
+        return ok and same == len(pairs)
 
 
 if __name__ == "__main__":
