@@ -205,6 +205,20 @@ fn attention_learns_a_reordering_and_decodes_the_same_on_both_backends() {
             assert_eq!(jit, interp);
             let exact = jit.lines().zip(&pairs).filter(|(l, p)| *l == p.1).count();
             assert!(exact >= 27, "{att}: {exact} of 30 exact:\n{jit}");
+            // The weights: [sentences, target length, source length], each written row a
+            // distribution over the source with nothing on its padding; and their heat maps.
+            let (npy, png) = (dir.join("a.npy"), dir.join("a.png"));
+            let (code, _, err) = aec(&[&args[..], &["--attention", s(&npy), "--png", s(&png)]].concat());
+            assert_eq!(code, 0, "{err}");
+            let a = aec::data::read_npy(&npy).expect("weights");
+            assert_eq!(a.shape, [30, 8, 8]);
+            let aec::data::Values::F32(w) = &a.values else { panic!("f32") };
+            let first = &pairs[0].0;
+            let real = first.split(' ').count() + 2; // its words, the full stop, </s>
+            let row = &w[..8];
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
+            assert!(row[real..].iter().all(|&x| x == 0.0), "padding gets no weight: {row:?}");
+            assert!(std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000));
         }
     }
     assert!(bleu[1] > 95.0 && bleu[2] > 95.0, "attention reverses the sentences: BLEU {bleu:?}");

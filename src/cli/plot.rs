@@ -138,3 +138,52 @@ pub fn loss_png(path: &Path, metrics: &[EpochMetrics]) -> Result<(), String> {
     draw(&mut rgb).map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
     write_rgb_png(path, &rgb, (SIZE.0 as usize, SIZE.1 as usize))
 }
+
+/// One heat map: a weight per (down, across) pair of labels.
+pub struct Heat {
+    pub across: Vec<String>,
+    pub down: Vec<String>,
+    pub rows: Vec<Vec<f32>>,
+}
+
+/// Attention's weights, one heat map per sentence side by side (white 0, dark blue 1), the
+/// source words across the top, the translation's down the left.
+pub fn attention_png(path: &Path, maps: &[Heat]) -> Result<(), String> {
+    font()?;
+    let cell = 26u32;
+    let margin = 90u32;
+    let widths: Vec<u32> = maps.iter().map(|m| margin + cell * m.across.len() as u32 + 20).collect();
+    let height = maps.iter().map(|m| margin + cell * m.down.len() as u32 + 20).max().unwrap_or(100);
+    let size = (widths.iter().sum::<u32>().max(100), height);
+    let mut rgb = vec![255u8; (size.0 * size.1 * 3) as usize];
+    let draw = |rgb: &mut [u8]| -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut x0 = 0i32;
+        for (m, w) in maps.iter().zip(&widths) {
+            let (ox, oy) = (x0 + margin as i32, margin as i32);
+            for (i, word) in m.across.iter().enumerate() {
+                let style = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270).color(&BLACK);
+                root.draw(&Text::new(word.clone(), (ox + i as i32 * cell as i32 + 8, oy - 6), style))?;
+            }
+            for (t, word) in m.down.iter().enumerate() {
+                let style = ("sans-serif", 13).into_font().color(&BLACK);
+                root.draw(&Text::new(word.clone(), (x0 + 6, oy + t as i32 * cell as i32 + 7), style))?;
+                for (s, &a) in m.rows.get(t).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+                    let v = (255.0 * (1.0 - a.clamp(0.0, 1.0))) as u8;
+                    let color = RGBColor(v, v, 255 - (255 - v) / 3);
+                    let (x, y) = (ox + s as i32 * cell as i32, oy + t as i32 * cell as i32);
+                    root.draw(&Rectangle::new(
+                        [(x, y), (x + cell as i32 - 1, y + cell as i32 - 1)],
+                        color.filled(),
+                    ))?;
+                }
+            }
+            x0 += *w as i32;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw(&mut rgb).map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
+    write_rgb_png(path, &rgb, (size.0 as usize, size.1 as usize))
+}

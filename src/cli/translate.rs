@@ -26,6 +26,14 @@ pub struct TranslateArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
+    /// With an `attention` layer: write its weights, `[sentences, target length, source
+    /// length]` f32 (0 past a sentence's end), to this .npy file.
+    #[arg(long)]
+    attention: Option<PathBuf>,
+    /// With an `attention` layer: draw the weights of the first four sentences as heat maps
+    /// (source words across, translated words down) into this PNG.
+    #[arg(long)]
+    png: Option<PathBuf>,
 }
 
 pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
@@ -83,24 +91,70 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
             args.spec.display()
         ))
     })?;
+    let record = args.attention.is_some() || args.png.is_some();
+    if record && !aec::sema::lower::attends(model) {
+        return Err(Failure::Io(format!(
+            "--attention and --png draw an `attention` layer's weights, and {} has none",
+            args.spec.display()
+        )));
+    }
+    for (flag, path) in [("--attention", &args.attention), ("--png", &args.png)] {
+        if let Some(p) = path {
+            super::run::check_file_path(flag, p)?;
+        }
+    }
     let batch = 64;
     let mut out = String::new();
+    let mut weights: Vec<f32> = Vec::new();
+    // Each translation's tokens, for the heat maps' labels.
+    let mut written: Vec<Vec<String>> = Vec::new();
     for (chunk, text) in ids.chunks(batch * len).zip(sentences.chunks(batch)) {
         let b = text.len();
         // The encoder reads the input alone; the other variables (the target) stay empty.
         let mut inputs = vec![Buf::I32(chunk.to_vec())];
         inputs.extend((1..model.inputs.len() + model.targets.len()).map(|_| Buf::I32(Vec::new())));
+        if record {
+            d.weights = Some(Vec::new());
+        }
         let got = d.decode(&params, &inputs, b).map_err(Failure::Data)?;
+        weights.extend(d.weights.take().unwrap_or_default());
         for (row, s) in got.chunks(d.len).zip(text) {
             // A blank line stays blank.
             if s.trim().is_empty() {
                 out.push('\n');
+                written.push(Vec::new());
                 continue;
             }
-            out.push_str(&tokens.join(&target.decode(row)));
+            let words = target.decode(row);
+            out.push_str(&tokens.join(&words));
             out.push('\n');
+            written.push(words.into_iter().map(str::to_owned).collect());
         }
     }
     print!("{out}");
+    let n = sentences.len();
+    let per = weights.len() / n.max(1);
+    if let Some(path) = &args.attention {
+        let shape = vec![n, d.len, per / d.len.max(1)];
+        let a = aec::data::Array { shape, values: aec::data::Values::F32(weights.clone()) };
+        aec::data::write_npy(path, &a).map_err(|e| Failure::Io(e.to_string()))?;
+        eprintln!("attention weights: {} ({n} × {} × {})", path.display(), d.len, per / d.len.max(1));
+    }
+    if let Some(path) = &args.png {
+        let maps: Vec<super::plot::Heat> = (0..n.min(4))
+            .map(|i| {
+                let source: Vec<String> =
+                    tokens.split(&sentences[i]).into_iter().chain(["</s>".to_owned()]).collect();
+                let target: Vec<String> = written[i].iter().cloned().chain(["</s>".to_owned()]).collect();
+                let s = per / d.len.max(1);
+                let rows = (0..target.len().min(d.len))
+                    .map(|t| weights[i * per + t * s..][..source.len().min(s)].to_vec())
+                    .collect();
+                super::plot::Heat { across: source, down: target, rows }
+            })
+            .collect();
+        super::plot::attention_png(path, &maps).map_err(Failure::Io)?;
+        eprintln!("attention heat maps: {}", path.display());
+    }
     Ok(())
 }

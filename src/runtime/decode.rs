@@ -73,6 +73,8 @@ pub struct Decoder<'c> {
     /// The target is padded (`seq[<= N]`): a sentence ends at its end token, and decoding
     /// stops when every sentence of the batch has written one.
     pub padded: bool,
+    /// With `attention`: set to record the weights of the last `decode`, `[B, len, S]`.
+    pub weights: Option<Vec<f32>>,
     graphs: HashMap<usize, (Runner, Runner)>,
 }
 
@@ -90,6 +92,7 @@ impl<'c> Decoder<'c> {
             len: len as usize,
             vocab: vocab as usize,
             padded: target.padded,
+            weights: None,
             graphs: HashMap::new(),
         })
     }
@@ -109,6 +112,7 @@ impl<'c> Decoder<'c> {
             );
             self.graphs.insert(b, runners);
         }
+        let width = self.memory_width();
         let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
         let state = State::new(params.to_vec());
         let attends = lower::attends(&self.compiled.model);
@@ -131,13 +135,25 @@ impl<'c> Decoder<'c> {
         let mut prev = vec![self.vocab as i32; b];
         let mut out = vec![0i32; b * self.len];
         let mut ended = vec![false; b];
+        let source = memory.as_ref().map_or(0, |m| m.len() / b.max(1) / width.max(1));
+        let record = attends && self.weights.is_some();
+        let mut weights = vec![0f32; if record { b * self.len * source } else { 0 }];
         for t in 0..self.len {
             if self.padded && ended.iter().all(|&e| e) {
                 break;
             }
             let mut step_inputs = vec![Buf::I32(prev.clone()), h];
             step_inputs.extend(extra.iter().cloned());
-            let mut outs = step.run(&state, &step_inputs, &["recon", "state"], self.threads)?;
+            let names: &[&str] = if record { &["recon", "state", "attention"] } else { &["recon", "state"] };
+            let mut outs = step.run(&state, &step_inputs, names, self.threads)?;
+            if record {
+                let alpha = outs.pop().ok_or("no attention weights")?;
+                for (i, row) in alpha.f32().chunks(source).enumerate().take(b) {
+                    if !ended[i] {
+                        weights[(i * self.len + t) * source..][..source].copy_from_slice(row);
+                    }
+                }
+            }
             h = outs.pop().ok_or("no state")?;
             let probs = outs.pop().ok_or("no output")?;
             for (i, row) in probs.f32().chunks(self.vocab).enumerate().take(b) {
@@ -148,7 +164,26 @@ impl<'c> Decoder<'c> {
                 ended[i] |= best == END;
             }
         }
+        if record {
+            self.weights = Some(weights);
+        }
         Ok(out)
+    }
+
+    /// The width of the encoder's states that attention reads.
+    fn memory_width(&self) -> usize {
+        self.compiled
+            .model
+            .layers
+            .iter()
+            .rev()
+            .find_map(|l| match (&l.part, &l.layer.kind) {
+                (crate::sema::Part::Encoder, crate::syntax::ast::LayerKind::Recurrent(r)) => {
+                    Some(r.hidden as usize)
+                }
+                _ => None,
+            })
+            .unwrap_or(1)
     }
 }
 

@@ -88,6 +88,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         named: Vec::new(),
         memory: None,
         source_ids: None,
+        attention: None,
     };
     for p in &m.params {
         let def = ParamDef {
@@ -184,6 +185,8 @@ struct Lower {
     /// LSTM), and the source ids whose padding attention masks out: what `attention` reads.
     memory: Option<NodeId>,
     source_ids: Option<NodeId>,
+    /// Attention's weights `[B, T, S]`, an output of the decode step.
+    attention: Option<NodeId>,
 }
 
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
@@ -245,6 +248,9 @@ impl Lower {
         }
         let next = self.decode_state.ok_or("the decode step has no state")?;
         self.g.outputs = vec![("recon".into(), cur.node), ("state".into(), next)];
+        if let Some(alpha) = self.attention {
+            self.g.outputs.push(("attention".into(), alpha));
+        }
         Ok(self.g)
     }
 
@@ -687,6 +693,7 @@ impl Lower {
             None => scores,
         };
         let alpha = self.add(Op::Softmax { x: scores }, span)?;
+        self.attention = Some(alpha);
         let context = self.add(Op::BatchMatMul { a: alpha, b: memory, ta: false, tb: false }, span)?;
         let c = self.add(Op::Reshape { x: context, shape: vec![b * t, he] }, span)?;
         let hd = self.add(Op::Reshape { x: d, shape: vec![b * t, h] }, span)?;
