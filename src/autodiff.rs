@@ -362,6 +362,12 @@ impl Ad {
                 self.acc(x, dx, y)?;
             }
 
+            // y = x[:, last real step]  ⇒  dx = d there, zeros elsewhere.
+            Op::LastReal { x, ids } => {
+                let dx = self.add(Op::LastRealGrad { dy: d, ids }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
             // y[:, t] = x for every t  ⇒  dx = Σ_t d[:, t].
             Op::Repeat { x, .. } => {
                 let dx = self.add(Op::SumSteps { x: d }, y)?;
@@ -444,6 +450,7 @@ impl Ad {
             | Op::AvgPoolGrad { .. }
             | Op::EmbedGrad { .. }
             | Op::GatherColumns { .. }
+            | Op::LastRealGrad { .. }
             | Op::ScatterColumns { .. }
             | Op::DropoutGrad { .. }
             | Op::LossGrad { .. }

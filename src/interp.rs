@@ -422,6 +422,25 @@ fn eval(
                 (0..shape[0]).flat_map(|b| xv[(b * t + t - 1) * feat..(b * t + t) * feat].to_vec()).collect(),
             )
         }
+        Op::LastReal { x, ids } => {
+            let (t, feat) = (sh(*x)[1], sh(*x)[2]);
+            let xv = f(*x);
+            let last = last_real(ints(*ids), t);
+            Buf::F32(
+                last.iter()
+                    .enumerate()
+                    .flat_map(|(b, &s)| xv[(b * t + s) * feat..][..feat].to_vec())
+                    .collect(),
+            )
+        }
+        Op::LastRealGrad { dy, ids } => {
+            let (t, feat) = (shape[1], shape[2]);
+            let mut out = vec![0.0; node.ty.numel()];
+            for (b, &s) in last_real(ints(*ids), t).iter().enumerate() {
+                out[(b * t + s) * feat..][..feat].copy_from_slice(&f(*dy)[b * feat..][..feat]);
+            }
+            Buf::F32(out)
+        }
         Op::Repeat { x, times } => {
             let feat = sh(*x)[1];
             Buf::F32(f(*x).chunks(feat).flat_map(|row| row.repeat(*times)).collect())
@@ -1156,6 +1175,12 @@ fn loss(f: LossFn, p: &[f32], ps: &[usize], target: &Buf) -> Result<f64, Error> 
             total / real_rows(ids, pad)
         }
     })
+}
+
+/// Each sample's last real step of `ids [B, T]`: the one before its padding (ids 0 at the
+/// end), the first step for a sample of padding only.
+fn last_real(ids: &[i32], t: usize) -> Vec<usize> {
+    ids.chunks(t).map(|row| row.iter().filter(|&&id| id != 0).count().max(1) - 1).collect()
 }
 
 /// What cross-entropy's mean divides by: every id, or (padded) those that are not 0.

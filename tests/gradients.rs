@@ -71,6 +71,12 @@ impl Case {
         self.g.add_input(name, Type::i32(shape.to_vec())).expect("input")
     }
 
+    fn add_ids(&mut self, shape: &[usize], ids: Vec<i32>) -> NodeId {
+        self.inputs.push(Buf::I32(ids));
+        let name = format!("in{}", self.inputs.len());
+        self.g.add_input(name, Type::i32(shape.to_vec())).expect("input")
+    }
+
     fn add(&mut self, op: Op) -> NodeId {
         match self.g.add(op, None) {
             Ok(id) => id,
@@ -171,6 +177,12 @@ fn batch_matmul_in_every_transposition_and_the_attention_mask() {
         let y = c.add(Op::Softmax { x: m });
         c.check(y, &format!("mask_fill + softmax {b}x{t}x{s}"));
     }
+    // A padded sequence's last real state (ids of sentences then padding, one of padding only).
+    let mut c = Case::new(4);
+    let x = c.param(&[3, 4, 5]);
+    let ids = c.add_ids(&[3, 4], vec![5, 2, 0, 0, 7, 1, 3, 9, 0, 0, 0, 0]);
+    let y = c.add(Op::LastReal { x, ids });
+    c.check(y, "last_real");
 }
 
 #[test]

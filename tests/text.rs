@@ -112,6 +112,21 @@ fn a_text_model_trains_saves_its_vocabularies_and_translates() {
     assert_eq!(code, 1);
     assert!(err.contains("vocab.json") && err.contains("the vocabularies of the run"), "{err}");
 
+    // `aec run` decodes ids too (a model with a target reads its input alone), up to each
+    // sentence's end token, then padding.
+    let ids = dir.join("ids.npy");
+    let v: Vec<i32> = vec![5, 6, 3, 0, 0, 0, 0, 0, 7, 5, 8, 6, 3, 0, 0, 0];
+    aec::data::write_npy(&ids, &aec::data::Array { shape: vec![2, 8], values: aec::data::Values::I32(v) })
+        .expect("ids");
+    let y = dir.join("y.npy");
+    let (code, _, err) = aec(&["run", s(&spec), "--weights", s(&w), "--input", s(&ids), "--output", s(&y)]);
+    assert_eq!(code, 0, "{err}");
+    let aec::data::Values::I32(out) = aec::data::read_npy(&y).expect("y").values else { panic!("ids") };
+    for row in out.chunks(8) {
+        let end = row.iter().position(|&t| t == 3).expect("an end token");
+        assert!(row[end + 1..].iter().all(|&t| t == 0), "{row:?}");
+    }
+
     // Resumed mid-run: the same end, vocabularies included; and the interpreter agrees.
     let parts = dir.join("parts");
     let (code, _, err) = aec(&["run", "--train", s(&spec), "--stop-at", "15", "--out", s(&parts)]);
@@ -223,4 +238,47 @@ fn attention_learns_a_reordering_and_decodes_the_same_on_both_backends() {
     }
     assert!(bleu[1] > 95.0 && bleu[2] > 95.0, "attention reverses the sentences: BLEU {bleu:?}");
     assert!(bleu[0] < bleu[1], "{bleu:?}");
+}
+
+#[test]
+fn beam_search_scores_at_least_greedy_and_width_one_is_greedy() {
+    let dir = scratch("text-beam");
+    let data = corpus(&dir, 400);
+    let path = spec(&dir, &data, "");
+    let src = std::fs::read_to_string(&path).expect("spec").replace("epochs 40", "epochs 6");
+    std::fs::write(&path, &src).expect("spec");
+    let run = dir.join("run");
+    let (code, _, err) = aec(&["run", "--train", s(&path), "--out", s(&run), "--beam", "3"]);
+    assert_eq!(code, 0, "{err}");
+    // In-process: the trained model, the first 40 sentences as ids, greedy and beam decoding.
+    let compiled = aec::compile(&src, &aec::Config { batch: Some(8) }).expect("compiles");
+    let params =
+        aec::runtime::checkpoint::load_params(&run.join("checkpoint.safetensors"), &compiled.forward)
+            .expect("weights");
+    let (arrays, _) = aec::data::text::load(
+        &data,
+        aec::data::text::Tokens::Word,
+        1,
+        &[(0, (8, 20)), (1, (8, 20))],
+        (0.1, 2),
+    )
+    .expect("text");
+    let aec::data::Values::I32(ids) = &arrays[0].values else { panic!("ids") };
+    let inputs = [aec::interp::Buf::I32(ids[..40 * 8].to_vec()), aec::interp::Buf::I32(Vec::new())];
+    let mut d =
+        aec::runtime::decode::Decoder::new(&compiled, aec::runtime::Backend::Jit, 2).expect("decoder");
+    let greedy = d.decode(&params, &inputs, 40).expect("greedy");
+    assert_eq!(d.decode_beam(&params, &inputs, 40, (1, 0.6)).expect("beam 1"), greedy);
+    let beam = d.decode_beam(&params, &inputs, 40, (4, 0.0)).expect("beam 4");
+    let (g, b) = (
+        d.score(&params, &inputs, 40, &greedy).expect("score"),
+        d.score(&params, &inputs, 40, &beam).expect("score"),
+    );
+    for (i, (g, b)) in g.iter().zip(&b).enumerate() {
+        assert!(b >= &(g - 1e-9), "sentence {i}: beam {b} below greedy {g}");
+    }
+    assert!(
+        g.iter().zip(&b).any(|(g, b)| b > g),
+        "beam search finds something better somewhere: {g:?} {b:?}"
+    );
 }

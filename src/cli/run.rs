@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// Epochs of training (replaces the train block's `epochs`; default 10).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
+    /// Sequence models: each epoch's validation decodes with beam search of this width
+    /// (1: greedy decoding).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    beam: u64,
     /// Samples per step (replaces the train block's `batch`; default 1).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     batch: Option<u64>,
@@ -810,6 +814,7 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         init_from: args.init.clone(),
         early_stop: t.early_stop.map(|(e, _)| e),
         schedule: t.schedule.as_ref().map(|(s, _)| s.clone()),
+        beam: args.beam as usize,
         clip: aec::clip_of(Some(&t)),
         base_lr: args.lr.or(t.optimizer.as_ref().map(Optimizer::lr)).unwrap_or(1e-3),
         dist,

@@ -26,6 +26,12 @@ pub struct TranslateArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
+    /// Beam search with K hypotheses per sentence (1: greedy decoding).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    beam: u64,
+    /// The length penalty's exponent α of beam search (GNMT's ((5 + |Y|) / 6)^α; 0: none).
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f64,
     /// With an `attention` layer: write its weights, `[sentences, target length, source
     /// length]` f32 (0 past a sentence's end), to this .npy file.
     #[arg(long)]
@@ -92,6 +98,12 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
         ))
     })?;
     let record = args.attention.is_some() || args.png.is_some();
+    if record && args.beam > 1 {
+        return Err(Failure::Io("--attention and --png draw greedy decoding's weights: drop --beam".into()));
+    }
+    if !(args.alpha.is_finite() && (0.0..=5.0).contains(&args.alpha)) {
+        return Err(Failure::Io(format!("--alpha must be in [0, 5], got {}", args.alpha)));
+    }
     if record && !aec::sema::lower::attends(model) {
         return Err(Failure::Io(format!(
             "--attention and --png draw an `attention` layer's weights, and {} has none",
@@ -116,7 +128,8 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
         if record {
             d.weights = Some(Vec::new());
         }
-        let got = d.decode(&params, &inputs, b).map_err(Failure::Data)?;
+        let got =
+            d.decode_beam(&params, &inputs, b, (args.beam as usize, args.alpha)).map_err(Failure::Data)?;
         weights.extend(d.weights.take().unwrap_or_default());
         for (row, s) in got.chunks(d.len).zip(text) {
             // A blank line stays blank.

@@ -350,6 +350,34 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 e.store(out, i, v);
             });
         }
+        Op::LastReal { x, ids } => {
+            let s = shape(*x);
+            let (t, f, src, is) = (s[1], s[2], at(*x), at(*ids));
+            e.for_range(0, s[0] as i64, 1, |e, b| {
+                let step = last_real_step(e, is, b, t);
+                let from = e.b.ins().imul_imm_s(b, t as i64);
+                let from = e.b.ins().iadd(from, step);
+                let from = e.b.ins().imul_imm_s(from, f as i64);
+                let to = e.b.ins().imul_imm_s(b, f as i64);
+                copy(e, src, from, out, to, f);
+            });
+        }
+        Op::LastRealGrad { dy, ids } => {
+            let (t, f) = (node.ty.shape[1], node.ty.shape[2]);
+            let (ds, is) = (at(*dy), at(*ids));
+            e.elementwise(numel, |e, ty, i| {
+                let z = e.fconst(ty, 0.0);
+                e.store(out, i, z);
+            });
+            e.for_range(0, node.ty.shape[0] as i64, 1, |e, b| {
+                let step = last_real_step(e, is, b, t);
+                let to = e.b.ins().imul_imm_s(b, t as i64);
+                let to = e.b.ins().iadd(to, step);
+                let to = e.b.ins().imul_imm_s(to, f as i64);
+                let from = e.b.ins().imul_imm_s(b, f as i64);
+                copy(e, ds, from, out, to, f);
+            });
+        }
         Op::LastStep { x } => {
             let s = shape(*x);
             let (t, f, src) = (s[1], s[2], at(*x));
@@ -673,6 +701,30 @@ pub(super) fn sum(e: &mut Emit, n: usize, mut term: impl FnMut(&mut Emit, Type, 
     let h = e.hsum(v);
     let s = e.b.use_var(sacc);
     e.b.ins().fadd(h, s)
+}
+
+/// Sample `b`'s last real step of the ids `[B, t]` at `is`: its count of nonzero ids less one
+/// (0 for a sample of padding only), as an I64.
+fn last_real_step(e: &mut Emit, is: usize, b: Value, t: usize) -> Value {
+    let count = e.b.declare_var(I64);
+    let zero = e.i64(0);
+    e.b.def_var(count, zero);
+    let row = e.b.ins().imul_imm_s(b, t as i64);
+    e.for_range(0, t as i64, 1, |e, j| {
+        let at = e.b.ins().iadd(row, j);
+        let id = load_index(e, is, at);
+        let real = e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0);
+        let one = e.i64(1);
+        let zero = e.i64(0);
+        let add = e.b.ins().select(real, one, zero);
+        let c = e.b.use_var(count);
+        let c = e.b.ins().iadd(c, add);
+        e.b.def_var(count, c);
+    });
+    let c = e.b.use_var(count);
+    let one = e.i64(1);
+    let c = e.b.ins().smax(c, one);
+    e.b.ins().iadd_imm_s(c, -1)
 }
 
 /// Copies `n` elements from `src[from..]` to `dst[to..]`.

@@ -102,7 +102,7 @@ fn indexed(g: &Graph, id: NodeId) -> Vec<(NodeId, usize)> {
         Op::EmbedGrad { ids, vocab, .. } => vec![(ids, vocab)],
         Op::GatherColumns { w, ids } => vec![(ids, g.ty(w).shape[1])],
         // Read as values (0 or not), never as an index.
-        Op::MaskFill { .. } => vec![],
+        Op::MaskFill { .. } | Op::LastReal { .. } | Op::LastRealGrad { .. } => vec![],
         Op::ScatterColumns { ids, depth, .. } => vec![(ids, depth)],
         Op::OneHot { ids, depth } => vec![(ids, depth)],
         Op::Loss { pred, target, .. } | Op::LossGrad { pred, target, .. }

@@ -376,6 +376,18 @@ pub enum Op {
     LastStep {
         x: NodeId,
     },
+    /// `[B, T, F] → [B, F]`: each sample's last real step, the one before its padding (ids
+    /// `[B, T]` equal to 0) — the final state of PyTorch's packed sequences.
+    LastReal {
+        x: NodeId,
+        ids: NodeId,
+    },
+    /// The gradient of `LastReal`: `dy [B, F]` at each sample's last real step of `[B, T, F]`,
+    /// zeros elsewhere.
+    LastRealGrad {
+        dy: NodeId,
+        ids: NodeId,
+    },
     /// `[B, F] → [B, T, F]`: the same vector at every step.
     Repeat {
         x: NodeId,
@@ -589,7 +601,8 @@ impl Op {
             Update { grad, .. } => vec![*grad],
             Concat { a, b } => vec![*a, *b],
             BatchMatMul { a, b, .. } => vec![*a, *b],
-            MaskFill { x, ids, .. } => vec![*x, *ids],
+            MaskFill { x, ids, .. } | LastReal { x, ids } => vec![*x, *ids],
+            LastRealGrad { dy, ids } => vec![*dy, *ids],
             SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => vec![*x],
             FlipKernel { w } => vec![*w],
             UpsampleGrad { dy, .. } => vec![*dy],
@@ -682,8 +695,12 @@ impl Op {
                 *a = f(*a);
                 *b = f(*b);
             }
-            MaskFill { x, ids, .. } => {
+            MaskFill { x, ids, .. } | LastReal { x, ids } => {
                 *x = f(*x);
+                *ids = f(*ids);
+            }
+            LastRealGrad { dy, ids } => {
+                *dy = f(*dy);
                 *ids = f(*ids);
             }
             OneHot { ids, .. } | ShiftRight { ids, .. } => *ids = f(*ids),
@@ -786,6 +803,8 @@ impl Op {
             GatherColumns { .. } => "gather_columns",
             BatchMatMul { .. } => "batch_matmul",
             MaskFill { .. } => "mask_fill",
+            LastReal { .. } => "last_real",
+            LastRealGrad { .. } => "last_real_grad",
             ScatterColumns { .. } => "scatter_columns",
             OneHot { .. } => "one_hot",
             ShiftRight { .. } => "shift_right",
@@ -1133,6 +1152,21 @@ impl Op {
             LastStep { x } => {
                 let [b, _, f] = three(f32s(*x)?)?;
                 Type::f32([b, f])
+            }
+            LastReal { x, ids } => {
+                let [b, t, f] = three(f32s(*x)?)?;
+                if i32s(*ids)?.as_slice() != [b, t] {
+                    return Err("last_real: the ids are not [B, T] of the steps".into());
+                }
+                Type::f32([b, f])
+            }
+            LastRealGrad { dy, ids } => {
+                let [b, f] = two(f32s(*dy)?)?;
+                let [bi, t] = two(i32s(*ids)?)?;
+                if bi != b {
+                    return Err("last_real_grad: batch sizes differ".into());
+                }
+                Type::f32([b, t, f])
             }
             Repeat { x, times } => {
                 let [b, f] = two(f32s(*x)?)?;

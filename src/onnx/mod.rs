@@ -15,7 +15,7 @@
 
 pub mod proto;
 
-use crate::sema::{LayerInfo, Model, Ty};
+use crate::sema::{LayerInfo, Model, Part, Ty};
 use crate::syntax::ast::{ActKind, Cell, LayerKind};
 use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto};
 use std::collections::BTreeSet;
@@ -73,6 +73,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         count: 0,
         state: None,
         step: None,
+        source: None,
     };
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
@@ -81,6 +82,9 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         Export::Model | Export::Encoder => {
             let var = m.inputs.first().ok_or("the model has no input")?;
             inputs.push(value_info(&var.name, &var.ty));
+            if let (true, Ty::Tokens { len, .. }) = (var.padded, &var.ty) {
+                b.source = Some((var.name.clone(), *len));
+            }
             var.name.clone()
         }
         Export::Step => {
@@ -295,6 +299,9 @@ struct Builder<'a> {
     state: Option<String>,
     /// Exporting a decoder step: the inputs `prev` and `state`, and the vocabulary.
     step: Option<(String, String, u64)>,
+    /// A padded source (`seq[<= N]`): its input's name and length, whose sentences' lengths
+    /// the encoder's recurrent layers take as `sequence_lens` (PyTorch's packed sequences).
+    source: Option<(String, u64)>,
 }
 
 impl Builder<'_> {
@@ -639,6 +646,21 @@ impl Builder<'_> {
         // sequence is transposed in, and Y [T, 1, B, H] or Y_h [1, B, H] back out.
         let xt = self.node("Transpose", &[&xs], vec![ints("perm", &[1, 0, 2])], hint);
         let mut inputs = vec![xt, w, rr, bias.unwrap_or_default()];
+        // Over a padded source, each sentence's length: its ids that are not 0 (at least 1).
+        if let (Part::Encoder, Some((src, n)), Ty::Seq { len, .. }) = (l.part, self.source.clone(), &l.input)
+            && *len == n
+        {
+            let ids = self.node("Cast", &[&src], vec![int("to", 7)], hint);
+            let zero = self.ints_const(&[0], hint);
+            let pad = self.node("Equal", &[&ids, &zero], vec![], hint);
+            let real = self.node("Not", &[&pad], vec![], hint);
+            let real = self.node("Cast", &[&real], vec![int("to", 6)], hint);
+            let axes = self.ints_const(&[1], hint);
+            let count = self.node("ReduceSum", &[&real, &axes], vec![int("keepdims", 0)], hint);
+            let one = self.ints_const(&[1], hint);
+            let one = self.node("Cast", &[&one], vec![int("to", 6)], hint);
+            inputs.push(self.node("Max", &[&count, &one], vec![], hint));
+        }
         // A step starts from the carried state: h, or h and c side by side for an LSTM.
         if r.teacher_forcing {
             let (_, state, _) = self.step.clone().ok_or("a teacher-forced layer outside a step")?;

@@ -75,6 +75,8 @@ pub struct Decoder<'c> {
     pub padded: bool,
     /// With `attention`: set to record the weights of the last `decode`, `[B, len, S]`.
     pub weights: Option<Vec<f32>>,
+    /// The decoder's output is logits (no final softmax): beam search takes their log-softmax.
+    logits: bool,
     graphs: HashMap<usize, (Runner, Runner)>,
 }
 
@@ -93,13 +95,17 @@ impl<'c> Decoder<'c> {
             vocab: vocab as usize,
             padded: target.padded,
             weights: None,
+            logits: !c.model.layers.iter().rev().find(|l| l.part == crate::sema::Part::Decoder).is_some_and(
+                |l| {
+                    l.layer.activations.last().is_some_and(|a| a.kind == crate::syntax::ast::ActKind::Softmax)
+                },
+            ),
             graphs: HashMap::new(),
         })
     }
 
-    /// Decodes a batch: `inputs` are the model's inputs (`[B, …]` each); returns `[B, len]`
-    /// token ids.
-    pub fn decode(&mut self, params: &[Vec<f32>], inputs: &[Buf], b: usize) -> Result<Vec<i32>, String> {
+    /// The encoder and step graphs of batch `b`, compiled once.
+    fn ensure(&mut self, b: usize) -> Result<(), String> {
         if !self.graphs.contains_key(&b) {
             let model = &self.compiled.model;
             let infer = Lowering { batch: b as u64, mode: Mode::Infer, denoise: false, shard_of: None };
@@ -112,12 +118,19 @@ impl<'c> Decoder<'c> {
             );
             self.graphs.insert(b, runners);
         }
+        Ok(())
+    }
+
+    /// Decodes a batch: `inputs` are the model's inputs (`[B, …]` each); returns `[B, len]`
+    /// token ids.
+    pub fn decode(&mut self, params: &[Vec<f32>], inputs: &[Buf], b: usize) -> Result<Vec<i32>, String> {
+        self.ensure(b)?;
         let width = self.memory_width();
         let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
         let state = State::new(params.to_vec());
         let attends = lower::attends(&self.compiled.model);
         let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
-        let mut encoded = enc.run(&state, inputs, names, self.threads)?;
+        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
         let memory = if attends { encoded.pop() } else { None };
         let mut h = encoded.remove(0);
         // The step's inputs besides `prev` and `state`: the encoder's states and the source.
@@ -161,13 +174,201 @@ impl<'c> Decoder<'c> {
                 prev[i] = best;
                 // After its end token a padded sentence is padding.
                 out[i * self.len + t] = if ended[i] { PAD } else { best };
-                ended[i] |= best == END;
+                ended[i] |= self.padded && best == END;
             }
         }
         if record {
             self.weights = Some(weights);
         }
         Ok(out)
+    }
+
+    /// Beam search with `k` hypotheses per sentence (`k` = 1 is `decode`, token for token):
+    /// each step extends every live hypothesis by every token, keeps the `k` best by their
+    /// sum of log-probabilities, and moves a hypothesis that writes the end token (padded
+    /// targets) to the finished ones; a sentence is done when it has `k` finished. The answer
+    /// is the finished (or, at the length limit, live) hypothesis of the best score divided by
+    /// GNMT's length penalty ((5 + |Y|) / 6)^α.
+    pub fn decode_beam(
+        &mut self,
+        params: &[Vec<f32>],
+        inputs: &[Buf],
+        b: usize,
+        (k, alpha): (usize, f64),
+    ) -> Result<Vec<i32>, String> {
+        if k <= 1 {
+            return self.decode(params, inputs, b);
+        }
+        let bk = b * k;
+        self.ensure(b)?;
+        self.ensure(bk)?;
+        let attends = lower::attends(&self.compiled.model);
+        let state = State::new(params.to_vec());
+        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
+        let (enc, _) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
+        let memory = if attends { encoded.pop() } else { None };
+        let h0 = encoded.remove(0);
+        // Every sentence's values repeated for its k hypotheses.
+        let repeat_f = |v: &[f32]| -> Vec<f32> {
+            let per = v.len() / b.max(1);
+            (0..bk).flat_map(|r| v[(r / k) * per..][..per].to_vec()).collect()
+        };
+        let repeat_i = |v: &[i32]| -> Vec<i32> {
+            let per = v.len() / b.max(1);
+            (0..bk).flat_map(|r| v[(r / k) * per..][..per].to_vec()).collect()
+        };
+        let (_, step) = self.graphs.get_mut(&bk).ok_or("no decoder graphs")?;
+        let extra: Vec<Buf> = step
+            .graph
+            .inputs
+            .iter()
+            .skip(2)
+            .filter_map(|i| match i.name.as_str() {
+                "memory" => memory.as_ref().map(|m| Buf::F32(repeat_f(m.f32()))),
+                "source" => inputs.first().map(|s| Buf::I32(repeat_i(s.i32()))),
+                _ => None,
+            })
+            .collect();
+        let mut h = Buf::F32(repeat_f(h0.f32()));
+        let s = h.len() / bk.max(1);
+        let (len, vocab) = (self.len, self.vocab);
+        let lp = |n: usize| ((5.0 + n as f64) / 6.0).powf(alpha);
+        // Per sentence: live hypotheses (score, tokens), at first one (the others start at −∞
+        // so that the first step's k best come from one distribution), and finished ones.
+        let mut live: Vec<Vec<(f64, Vec<i32>)>> = (0..b)
+            .map(|_| (0..k).map(|j| (if j == 0 { 0.0 } else { f64::NEG_INFINITY }, Vec::new())).collect())
+            .collect();
+        let mut finished: Vec<Vec<(f64, Vec<i32>)>> = vec![Vec::new(); b];
+        let mut prev = vec![vocab as i32; bk];
+        for t in 0..len {
+            if (0..b).all(|i| finished[i].len() >= k) {
+                break;
+            }
+            let mut step_inputs = vec![Buf::I32(prev.clone()), h];
+            step_inputs.extend(extra.iter().cloned());
+            let mut outs = step.run(&state, &step_inputs, &["recon", "state"], self.threads)?;
+            let next = outs.pop().ok_or("no state")?;
+            let probs = outs.pop().ok_or("no output")?;
+            let probs = probs.f32();
+            let mut new_h = vec![0f32; bk * s];
+            for i in 0..b {
+                if finished[i].len() >= k {
+                    continue;
+                }
+                // The best 2k extensions of the live hypotheses (ties: the lower beam, then
+                // the lower token, as argmax takes the first).
+                let mut cands: Vec<(f64, usize, usize)> = Vec::with_capacity(k * vocab);
+                for j in 0..k {
+                    let (score, _) = &live[i][j];
+                    if !score.is_finite() {
+                        continue;
+                    }
+                    let row = log_probs(&probs[(i * k + j) * vocab..][..vocab], self.logits);
+                    for (v, lp) in row.into_iter().enumerate() {
+                        cands.push((score + lp, j, v));
+                    }
+                }
+                cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+                let mut kept = Vec::with_capacity(k);
+                for (score, j, v) in cands {
+                    if kept.len() >= k || finished[i].len() >= k {
+                        break;
+                    }
+                    let mut tokens = live[i][j].1.clone();
+                    tokens.push(v as i32);
+                    if self.padded && v as i32 == END {
+                        finished[i].push((score / lp(tokens.len()), tokens));
+                    } else {
+                        kept.push((score, tokens, j));
+                    }
+                }
+                while kept.len() < k {
+                    kept.push((f64::NEG_INFINITY, Vec::new(), 0));
+                }
+                for (slot, (score, tokens, parent)) in kept.into_iter().enumerate() {
+                    let r = i * k + slot;
+                    new_h[r * s..][..s].copy_from_slice(&next.f32()[(i * k + parent) * s..][..s]);
+                    prev[r] = tokens.last().copied().unwrap_or(vocab as i32);
+                    live[i][slot] = (score, tokens);
+                }
+            }
+            h = Buf::F32(new_h);
+            let _ = t;
+        }
+        let mut out = vec![PAD; b * len];
+        for i in 0..b {
+            let mut all = std::mem::take(&mut finished[i]);
+            if all.len() < k {
+                all.extend(
+                    live[i]
+                        .iter()
+                        .filter(|l| l.0.is_finite())
+                        .map(|(sc, tk)| (sc / lp(tk.len()), tk.clone())),
+                );
+            }
+            let best = all.iter().fold(None::<&(f64, Vec<i32>)>, |best, c| match best {
+                Some(b) if b.0 >= c.0 => Some(b),
+                _ => Some(c),
+            });
+            if let Some((_, tokens)) = best {
+                for (t, &v) in tokens.iter().take(len).enumerate() {
+                    out[i * len + t] = v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The log-probability the model gives each of `sequences` (`[B, len]`, each up to and
+    /// including its end token when the target is padded) of the inputs: what beam search
+    /// maximizes, before the length penalty.
+    pub fn score(
+        &mut self,
+        params: &[Vec<f32>],
+        inputs: &[Buf],
+        b: usize,
+        sequences: &[i32],
+    ) -> Result<Vec<f64>, String> {
+        self.ensure(b)?;
+        let attends = lower::attends(&self.compiled.model);
+        let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let state = State::new(params.to_vec());
+        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
+        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
+        let memory = if attends { encoded.pop() } else { None };
+        let mut h = encoded.remove(0);
+        let extra: Vec<Buf> = step
+            .graph
+            .inputs
+            .iter()
+            .skip(2)
+            .filter_map(|i| match i.name.as_str() {
+                "memory" => memory.clone(),
+                "source" => inputs.first().cloned(),
+                _ => None,
+            })
+            .collect();
+        let mut prev = vec![self.vocab as i32; b];
+        let mut total = vec![0f64; b];
+        let mut ended = vec![false; b];
+        for t in 0..self.len {
+            let mut step_inputs = vec![Buf::I32(prev.clone()), h];
+            step_inputs.extend(extra.iter().cloned());
+            let mut outs = step.run(&state, &step_inputs, &["recon", "state"], self.threads)?;
+            h = outs.pop().ok_or("no state")?;
+            let probs = outs.pop().ok_or("no output")?;
+            for i in 0..b {
+                let v = sequences[i * self.len + t];
+                if !ended[i] {
+                    let row = log_probs(&probs.f32()[i * self.vocab..][..self.vocab], self.logits);
+                    total[i] += row.get(v as usize).copied().unwrap_or(f64::NEG_INFINITY);
+                }
+                ended[i] |= self.padded && v == END;
+                prev[i] = v;
+            }
+        }
+        Ok(total)
     }
 
     /// The width of the encoder's states that attention reads.
@@ -184,6 +385,28 @@ impl<'c> Decoder<'c> {
                 _ => None,
             })
             .unwrap_or(1)
+    }
+}
+
+/// `inputs` and, for each graph input after them (a target the encoder does not read), an
+/// empty buffer.
+fn all_inputs(g: &Graph, inputs: &[Buf]) -> Vec<Buf> {
+    let mut all = inputs.to_vec();
+    all.extend(g.inputs.iter().skip(inputs.len()).map(|i| match i.ty.dtype {
+        crate::ir::DType::I32 => Buf::I32(Vec::new()),
+        crate::ir::DType::F32 => Buf::F32(Vec::new()),
+    }));
+    all
+}
+
+/// The log-probabilities of a row of probabilities (or, with `logits`, of logits).
+fn log_probs(row: &[f32], logits: bool) -> Vec<f64> {
+    if logits {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(max) + row.iter().map(|&z| f64::from(z - max).exp()).sum::<f64>().ln();
+        row.iter().map(|&z| f64::from(z) - lse).collect()
+    } else {
+        row.iter().map(|&p| f64::from(p.max(f32::MIN_POSITIVE)).ln()).collect()
     }
 }
 

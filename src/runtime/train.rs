@@ -62,6 +62,8 @@ pub struct TrainConfig {
     pub base_lr: f64,
     /// Gradient clipping before each update.
     pub clip: Clip,
+    /// Validation decodes sequences with beam search of this width (1: greedy).
+    pub beam: usize,
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
@@ -772,7 +774,8 @@ pub fn train(
             let val_loss = val.as_ref().map(|v| v.0);
             let (token_accuracy, sequence_accuracy, bleu) = match decoder.as_mut() {
                 Some(d) if phase.stage.is_none() && !val_idx.is_empty() => {
-                    let (t, s, b) = decode_accuracy(d, compiled, data, val_idx, batch, &state.params)?;
+                    let (t, s, b) =
+                        decode_accuracy(d, (compiled, cfg.beam), data, val_idx, batch, &state.params)?;
                     (Some(t), Some(s), b)
                 }
                 _ => (None, None, None),
@@ -999,7 +1002,7 @@ fn resume(store: &mut Store, model: &Graph, cfg: &TrainConfig) -> Result<Resumed
 /// target, and for padded sentences (text) their corpus BLEU.
 pub fn decode_accuracy(
     d: &mut super::decode::Decoder,
-    compiled: &Compiled,
+    (compiled, beam): (&Compiled, usize),
     data: &Dataset,
     idx: &[usize],
     batch: usize,
@@ -1019,7 +1022,7 @@ pub fn decode_accuracy(
                 Values::I32(v) => Buf::I32(v),
             })
             .collect();
-        got.extend(d.decode(params, &inputs, chunk.len()).map_err(TrainError::Compile)?);
+        got.extend(d.decode_beam(params, &inputs, chunk.len(), (beam, 0.6)).map_err(TrainError::Compile)?);
         if let Values::I32(v) = data.gather(k, chunk) {
             want.extend(v);
         }

@@ -649,7 +649,14 @@ impl Lower {
         let gh = self.g.ty(xp).shape[1];
         let xp = self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?;
         let hs = self.add(Op::Recurrent { cell: ir_cell(r.cell), xp, h0, w_hh, b_hh }, span)?;
-        let last = self.add(Op::LastStep { x: hs }, span)?;
+        // A padded source's sentences end before their padding: the state there, as PyTorch's
+        // packed sequences give it (the steps before it never see the padding).
+        let padded =
+            self.source_ids.filter(|&ids| info.part == Part::Encoder && self.g.ty(ids).shape == [b, t]);
+        let last = match padded {
+            Some(ids) => self.add(Op::LastReal { x: hs, ids }, span)?,
+            None => self.add(Op::LastStep { x: hs }, span)?,
+        };
         if r.teacher_forcing {
             self.decode_state = Some(last);
         }

@@ -160,7 +160,14 @@ fn greedy(out: &mut String, m: &Model, len: u64, vocab: u64) {
 /// The lines of a recurrent layer: its initial state (the carried state for a teacher-forced
 /// decoder, zeros otherwise), the run, the state kept in aec's layout, and the output (every
 /// step's h, or the last state's h).
-fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str, attends: bool) -> String {
+/// With `packed`, the layer reads a padded source: PyTorch's packed sequences, so each state
+/// stops at its sentence's end (`pools["mask"]` marks the padding).
+fn recurrent(
+    l: &LayerInfo,
+    r: &crate::syntax::ast::RecurrentSpec,
+    me: &str,
+    (attends, packed): (bool, bool),
+) -> String {
     let h = r.hidden;
     let lstm = r.cell == Cell::Lstm;
     let mut lines = Vec::new();
@@ -179,7 +186,20 @@ fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str, att
             ", (pools[\"state\"][None, :, :{h}].contiguous(), pools[\"state\"][None, :, {h}:].contiguous())"
         ),
     };
-    lines.push(format!("x, st = {me}(x{h0})"));
+    if packed {
+        let Ty::Seq { len, .. } = l.input else { unreachable!("checked by the caller") };
+        lines.push("lengths = (~pools[\"mask\"]).sum(1).clamp(min=1).cpu()".to_owned());
+        lines.push(
+            "x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)"
+                .to_owned(),
+        );
+        lines.push(format!("x, st = {me}(x{h0})"));
+        lines.push(format!(
+            "x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length={len})"
+        ));
+    } else {
+        lines.push(format!("x, st = {me}(x{h0})"));
+    }
     lines.push(if lstm {
         "pools[\"state\"] = torch.cat([st[0][0], st[1][0]], -1)".to_owned()
     } else {
@@ -190,7 +210,12 @@ fn recurrent(l: &LayerInfo, r: &crate::syntax::ast::RecurrentSpec, me: &str, att
         lines.push("pools[\"memory\"] = x".to_owned());
     }
     if !matches!(l.output, Ty::Seq { .. }) {
-        lines.push("x = x[:, -1]".to_owned());
+        // The last state's h: a packed sequence's ends where its sentence does.
+        lines.push(if packed {
+            if lstm { "x = st[0][0]" } else { "x = st[0]" }.to_owned()
+        } else {
+            "x = x[:, -1]".to_owned()
+        });
     }
     lines.join("\n        ")
 }
@@ -342,7 +367,12 @@ fn body(out: &mut String, m: &Model, part: Part) {
                     pool.name
                 )
             }
-            (LayerKind::Recurrent(r), _) => recurrent(l, r, &me, super::lower::attends(m)),
+            (LayerKind::Recurrent(r), _) => {
+                let packed = l.part == Part::Encoder
+                    && m.inputs.first().is_some_and(|v| v.padded)
+                    && matches!((&l.input, &m.inputs[0].ty), (Ty::Seq { len, .. }, Ty::Tokens { len: n, .. }) if len == n);
+                recurrent(l, r, &me, (super::lower::attends(m), packed))
+            }
             (LayerKind::Attention { .. }, _) => {
                 format!("x = {me}(x, pools[\"memory\"], pools.get(\"mask\"))")
             }

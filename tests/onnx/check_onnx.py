@@ -171,7 +171,14 @@ def check_seq2seq(spec, work, weights, vocab):
             out, state = sessions["step"].run(["recon", "state_after"], {"prev": prev, "state": state})
             prev = out[:, 0].argmax(-1)[:, None].astype(np.int64)
             ids.append(prev[:, 0])
-        same = bool(np.array_equal(np.stack(ids, 1), y))
+        got = np.stack(ids, 1)
+        if "seq[<=" in Path(spec).read_text():
+            # Padded sentences end at their end token (id 3); aec pads after it.
+            for row in got:
+                ends = np.flatnonzero(row == 3)
+                if ends.size:
+                    row[ends[0] + 1 :] = 0
+        same = bool(np.array_equal(got, y))
         ok &= same
         results.append(f"greedy ids {'equal' if same else 'DIFFER'} (batch {batch})")
     return ok, results
@@ -188,6 +195,8 @@ def check(name, spec, work):
     run = work / "run"
     aec("run", "--train", spec, "--epochs", "1", "--out", run)
     weights = run / "checkpoint.safetensors"
+    if "attention" in Path(spec).read_text():
+        raise RuntimeError("nothing to train: an attention step does not export to ONNX yet")
     if "teacher_forcing" in Path(spec).read_text():
         return check_seq2seq(spec, work, weights, target_vocab(spec))
     sessions = {}

@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
 """Text models in aec against their PyTorch twins — without attention, and with Luong's `dot`
 and `general` attention (the `LuongAttention` module `--emit torch` writes, padding masked with
-`masked_fill(-inf)`): `CrossEntropyLoss(ignore_index=0)` over padded sentences, teacher
-forcing; greedy decoding of the trained model token for token against the twin's
-(`aec translate` against `model(src)`); 15 steps of SGD with momentum (losses and parameters
-to 1e-5) and
-of Adam (losses to 1e-5, parameters to 1e-4: Adam divides each gradient by its own size, so
-the last-bit differences of two libraries' sums in the many tiny gradients of rare words come
-out at lr scale — 8.7e-5 of the largest weight here, in the encoder's GRU).
+`masked_fill(-inf)`), the encoder reading the padded source as packed sequences
+(`pack_padded_sequence`): `CrossEntropyLoss(ignore_index=0)` over padded sentences, teacher
+forcing; 15 steps of SGD with momentum (losses and parameters to 1e-5) and of Adam (losses to
+1e-5, parameters to 3e-4: Adam divides each gradient by its own size, so the last-bit
+differences of two libraries' sums in the many tiny gradients of rare words come out at the
+learning rate's scale — up to 1.2e-4 of the largest weight here); and greedy decoding of the
+SGD-trained model token for token against the twin's (`aec translate` against `model(src)`).
 
 48 real pairs from specs/data/eng-spa/eng-spa.tsv, one batch of all of them per epoch (so both
 see the same data in the same order); aec's run gives the ids (its `vocab.json`, with the
 sentences tokenized here the way aec documents: lowercase, punctuation split off) and the
-initial parameters (a run at SGD lr 1e-30 keeps them); PyTorch takes the same Adam steps with
-the module `aec compile --emit torch` writes.
+initial parameters (a run at SGD lr 1e-30 keeps them); PyTorch takes the same steps with the
+module `aec compile --emit torch` writes.
 
     cargo build --release && ../torch-venv/bin/python tests/torch/check_text.py
 """
@@ -105,7 +105,7 @@ def check(work, lines, attention):
         name = attention.rstrip(";") or "no attention"
         for tag, opt_text, make, tol in [
             ("sgd", "sgd(lr: 0.5, momentum: 0.9)", lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), 1e-5),
-            ("adam", f"adam(lr: {LR})", lambda ps: torch.optim.Adam(ps, lr=LR), 1e-4),
+            ("adam", f"adam(lr: {LR})", lambda ps: torch.optim.Adam(ps, lr=LR), 3e-4),
         ]:
             _, ours, after = run(tag, opt_text, STEPS)
             model = mod.Model()
