@@ -1028,7 +1028,7 @@ fn decoded_examples(
     let words = |v: &[i32], column: usize| match &data.vocab {
         Some(t) => {
             let tokens = t.tokenizer().unwrap_or(aec::data::text::Tokens::Word);
-            let column = t.columns.get(column).or(t.columns.first());
+            let column = if column == 0 { t.columns.first() } else { t.target() };
             column.map_or(String::new(), |c| tokens.join(&c.decode(v)))
         }
         None => v.iter().map(i32::to_string).collect::<Vec<_>>().join(" "),

@@ -62,10 +62,8 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
     let tokens = vocab
         .tokenizer()
         .ok_or_else(|| Failure::Data(format!("{}: unknown tokenizer", vocab_path.display())))?;
-    let (source, target) = match vocab.columns.as_slice() {
-        [s, t, ..] if !t.tokens.is_empty() => (s, t),
-        [s, ..] => (s, s),
-        [] => return Err(Failure::Data(format!("{}: no vocabulary", vocab_path.display()))),
+    let (Some(source), Some(target)) = (vocab.columns.first(), vocab.target()) else {
+        return Err(Failure::Data(format!("{}: no vocabulary", vocab_path.display())));
     };
     let mut sentences = args.sentences.clone();
     if let Some(path) = &args.input {

@@ -209,39 +209,103 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (pa, pb) = (sa[1] * sa[2], sb[1] * sb[2]);
             let (ra, rb) = (sa[2] as i64, sb[2] as i64);
             let (ta, tb) = (*ta, *tb);
-            e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
-                let ao = e.b.ins().imul_imm_s(bi, pa as i64);
-                let bo = e.b.ins().imul_imm_s(bi, pb as i64);
-                let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
-                e.for_range(0, m as i64, 1, |e, i| {
-                    e.for_range(0, n as i64, 1, |e, j| {
-                        let acc = e.b.declare_var(F32);
-                        let z = e.fconst(F32, 0.0);
-                        e.b.def_var(acc, z);
+            if !tb {
+                // out[i, :] = Σ_q a[i, q] · b[q, :]: rows of b (contiguous) scaled and added,
+                // four lanes at a time.
+                e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
+                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
+                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
+                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    e.for_range(0, m as i64, 1, |e, i| {
+                        let row = e.b.ins().imul_imm_s(i, n as i64);
+                        let row = e.b.ins().iadd(row, oo);
+                        e.elementwise(n, |e, ty, j| {
+                            let z = e.fconst(ty, 0.0);
+                            let o = e.b.ins().iadd(row, j);
+                            e.store(out, o, z);
+                        });
                         e.for_range(0, k as i64, 1, |e, q| {
-                            // a[i, q] (or a[q, i]) and b[q, j] (or b[j, q]).
                             let (r, c) = if ta { (q, i) } else { (i, q) };
                             let x = e.b.ins().imul_imm_s(r, ra);
                             let x = e.b.ins().iadd(x, c);
                             let x = e.b.ins().iadd(x, ao);
-                            let (r, c) = if tb { (j, q) } else { (q, j) };
-                            let y = e.b.ins().imul_imm_s(r, rb);
-                            let y = e.b.ins().iadd(y, c);
-                            let y = e.b.ins().iadd(y, bo);
-                            let xv = e.load(F32, a_s, x);
-                            let yv = e.load(F32, b_s, y);
-                            let cur = e.b.use_var(acc);
-                            let cur = e.b.ins().fma(xv, yv, cur);
-                            e.b.def_var(acc, cur);
+                            let xs = e.load(F32, a_s, x);
+                            let xv = e.b.ins().splat(F32X4, xs);
+                            let brow = e.b.ins().imul_imm_s(q, rb);
+                            let brow = e.b.ins().iadd(brow, bo);
+                            e.elementwise(n, |e, ty, j| {
+                                let y = e.b.ins().iadd(brow, j);
+                                let yv = e.load(ty, b_s, y);
+                                let o = e.b.ins().iadd(row, j);
+                                let acc = e.load(ty, out, o);
+                                let x = if ty == F32X4 { xv } else { xs };
+                                let acc = e.b.ins().fma(x, yv, acc);
+                                e.store(out, o, acc);
+                            });
                         });
-                        let o = e.b.ins().imul_imm_s(i, n as i64);
-                        let o = e.b.ins().iadd(o, j);
-                        let o = e.b.ins().iadd(o, oo);
-                        let v = e.b.use_var(acc);
-                        e.store(out, o, v);
                     });
                 });
-            });
+            } else if !ta {
+                // out[i, j] = a[i, :] · b[j, :]: both rows contiguous, a four-lane dot product.
+                e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
+                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
+                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
+                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    e.for_range(0, m as i64, 1, |e, i| {
+                        let arow = e.b.ins().imul_imm_s(i, ra);
+                        let arow = e.b.ins().iadd(arow, ao);
+                        e.for_range(0, n as i64, 1, |e, j| {
+                            let brow = e.b.ins().imul_imm_s(j, rb);
+                            let brow = e.b.ins().iadd(brow, bo);
+                            let v = sum(e, k, |e, ty, q| {
+                                let x = e.b.ins().iadd(arow, q);
+                                let y = e.b.ins().iadd(brow, q);
+                                let xv = e.load(ty, a_s, x);
+                                let yv = e.load(ty, b_s, y);
+                                e.b.ins().fmul(xv, yv)
+                            });
+                            let o = e.b.ins().imul_imm_s(i, n as i64);
+                            let o = e.b.ins().iadd(o, j);
+                            let o = e.b.ins().iadd(o, oo);
+                            e.store(out, o, v);
+                        });
+                    });
+                });
+            } else {
+                e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
+                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
+                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
+                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    e.for_range(0, m as i64, 1, |e, i| {
+                        e.for_range(0, n as i64, 1, |e, j| {
+                            let acc = e.b.declare_var(F32);
+                            let z = e.fconst(F32, 0.0);
+                            e.b.def_var(acc, z);
+                            e.for_range(0, k as i64, 1, |e, q| {
+                                // a[i, q] (or a[q, i]) and b[q, j] (or b[j, q]).
+                                let (r, c) = if ta { (q, i) } else { (i, q) };
+                                let x = e.b.ins().imul_imm_s(r, ra);
+                                let x = e.b.ins().iadd(x, c);
+                                let x = e.b.ins().iadd(x, ao);
+                                let (r, c) = if tb { (j, q) } else { (q, j) };
+                                let y = e.b.ins().imul_imm_s(r, rb);
+                                let y = e.b.ins().iadd(y, c);
+                                let y = e.b.ins().iadd(y, bo);
+                                let xv = e.load(F32, a_s, x);
+                                let yv = e.load(F32, b_s, y);
+                                let cur = e.b.use_var(acc);
+                                let cur = e.b.ins().fma(xv, yv, cur);
+                                e.b.def_var(acc, cur);
+                            });
+                            let o = e.b.ins().imul_imm_s(i, n as i64);
+                            let o = e.b.ins().iadd(o, j);
+                            let o = e.b.ins().iadd(o, oo);
+                            let v = e.b.use_var(acc);
+                            e.store(out, o, v);
+                        });
+                    });
+                });
+            }
         }
         Op::MaskFill { x, ids, value } => {
             let (t, s) = (node.ty.shape[1], node.ty.shape[2]);

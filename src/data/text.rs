@@ -144,6 +144,12 @@ impl TextVocab {
         Ok(v)
     }
 
+    /// The vocabulary of the sentences a model writes: the second column's, or the first's
+    /// for a model that reads one (a sentence autoencoder).
+    pub fn target(&self) -> Option<&Vocab> {
+        self.columns.get(1).filter(|v| !v.tokens.is_empty()).or(self.columns.first())
+    }
+
     pub fn tokenizer(&self) -> Option<Tokens> {
         match self.tokens.as_str() {
             "word" => Some(Tokens::Word),
