@@ -16,11 +16,8 @@ fn parts(m: &aec::sema::Model) -> Vec<Export> {
     let unpools =
         m.decoder().any(|l| matches!(l.layer.kind, LayerKind::Unpool { .. } | LayerKind::Link { .. }));
     let mut parts = vec![Export::Encoder];
-    // (An attention step is not exported yet: `attention_steps_are_refused_with_a_reason`.)
     if forced {
-        if !aec::sema::lower::attends(m) {
-            parts.push(Export::Step);
-        }
+        parts.push(Export::Step);
     } else {
         parts.push(Export::Model);
         if !unpools {
@@ -133,13 +130,4 @@ fn aec_export_writes_a_file_and_refuses_what_it_cannot_write() {
         assert_eq!(code, want, "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
     }
-}
-
-#[test]
-fn attention_steps_are_refused_with_a_reason() {
-    let src = std::fs::read_to_string(common::root().join("specs/translate_attention.ae")).expect("spec");
-    let compiled = aec::compile(&src, &aec::Config { batch: Some(1) }).expect("compiles");
-    let params = aec::runtime::init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 1);
-    let e = onnx::export(&compiled.model, &params, Export::Step, onnx::DEFAULT_OPSET).expect_err("refused");
-    assert!(e.contains("`attention` does not export to ONNX yet"), "{e}");
 }

@@ -74,6 +74,8 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         state: None,
         step: None,
         source: None,
+        memory: None,
+        mask_ids: None,
     };
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
@@ -95,6 +97,16 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
             inputs.push(value_info("prev", &Ty::Tokens { len: 1, vocab }));
             inputs.push(value_info("state", &Ty::Tensor(vec![state_size(forced)])));
             b.step = Some(("prev".to_owned(), "state".to_owned(), vocab));
+            // Attention reads the encoder's states (`--part encoder`'s `memory`) and the source.
+            if crate::sema::lower::attends(m) {
+                let (len, width) = memory_shape(m).ok_or("attention without an encoder recurrent layer")?;
+                inputs.push(value_info("memory", &Ty::Seq { len, dim: width }));
+                b.memory = Some("memory".to_owned());
+                if let Some(var) = m.inputs.first().filter(|v| v.padded) {
+                    inputs.push(value_info("source", &var.ty));
+                    b.mask_ids = Some("source".to_owned());
+                }
+            }
             "state".to_owned()
         }
         Export::Decoder => {
@@ -134,6 +146,13 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         if let (Some(_), Some(state)) = (forced, b.state.clone()) {
             let s = b.node("Identity", &[&state], vec![], "state");
             outputs.push(value_info(&s, &Ty::Tensor(vec![state_size(forced)])));
+        }
+        // And what its attention reads.
+        if let (true, Some(memory), Some((len, width))) =
+            (crate::sema::lower::attends(m), b.memory.clone(), memory_shape(m))
+        {
+            let y = b.node("Identity", &[&memory], vec![], "memory");
+            outputs.push(value_info(&y, &Ty::Seq { len, dim: width }));
         }
         x = code;
     }
@@ -302,6 +321,10 @@ struct Builder<'a> {
     /// A padded source (`seq[<= N]`): its input's name and length, whose sentences' lengths
     /// the encoder's recurrent layers take as `sequence_lens` (PyTorch's packed sequences).
     source: Option<(String, u64)>,
+    /// Attention: the encoder's states after every source token (`[B, S, H]`) and, for a
+    /// padded source, the source ids whose padding it masks.
+    memory: Option<String>,
+    mask_ids: Option<String>,
 }
 
 impl Builder<'_> {
@@ -323,7 +346,7 @@ impl Builder<'_> {
         // The graph's outputs keep their names (`code`, `recon`); inner values are numbered.
         let outputs: Vec<String> = (0..n)
             .map(|k| match (hint, k) {
-                ("code" | "recon" | "logvar" | "state" | "state_after", 0) => hint.to_owned(),
+                ("code" | "recon" | "logvar" | "state" | "state_after" | "memory", 0) => hint.to_owned(),
                 _ => format!(
                     "{hint}/{op}_{}{}",
                     self.count,
@@ -388,12 +411,7 @@ impl Builder<'_> {
         let hint = format!("{}.{}", l.part.prefix(), l.index);
         let hint = hint.as_str();
         let y = match &l.layer.kind {
-            LayerKind::Attention { .. } => {
-                return Err(format!(
-                    "{}: `attention` does not export to ONNX yet (`--emit torch` has it)",
-                    l.layer
-                ));
-            }
+            LayerKind::Attention { general } => self.attention(l, *general, x, hint)?,
             LayerKind::Dense { bias, .. } => {
                 let (w, k) = match l.tied_weight {
                     Some(p) => (self.param(p)?, 0),
@@ -687,13 +705,59 @@ impl Builder<'_> {
         } else {
             last_h.clone()
         });
-        Ok(if matches!(l.output, Ty::Seq { .. }) {
-            let axes = self.ints_const(&[1], hint);
-            let y = self.node("Squeeze", &[&outs[0], &axes], vec![], hint);
-            self.node("Transpose", &[&y], vec![ints("perm", &[1, 0, 2])], hint)
+        let every = |b: &mut Self| {
+            let axes = b.ints_const(&[1], hint);
+            let y = b.node("Squeeze", &[&outs[0], &axes], vec![], hint);
+            b.node("Transpose", &[&y], vec![ints("perm", &[1, 0, 2])], hint)
+        };
+        // Attention reads the encoder's state after every step.
+        if l.part == Part::Encoder && crate::sema::lower::attends(self.m) {
+            let y = every(self);
+            self.memory = Some(y);
+        }
+        Ok(if matches!(l.output, Ty::Seq { .. }) { every(self) } else { last_h })
+    }
+
+    /// Luong's attention of the step's state `x [B, 1, H]` over `memory`, as the IR has it.
+    fn attention(&mut self, l: &LayerInfo, general: bool, x: &str, hint: &str) -> Result<String, String> {
+        let memory = self.memory.clone().ok_or("attention without the encoder's states")?;
+        let keys = if general {
+            let w = self.own(l, 0)?;
+            self.affine(&memory, &w, None, true, true, hint)
         } else {
-            last_h
-        })
+            memory.clone()
+        };
+        let kt = self.node("Transpose", &[&keys], vec![ints("perm", &[0, 2, 1])], hint);
+        let scores = self.node("MatMul", &[x, &kt], vec![], hint);
+        let scores = match self.mask_ids.clone() {
+            Some(ids) => {
+                let ids = self.node("Cast", &[&ids], vec![int("to", 7)], hint);
+                let axes = self.ints_const(&[1], hint);
+                let ids = self.node("Unsqueeze", &[&ids, &axes], vec![], hint);
+                let zero = self.ints_const(&[0], hint);
+                let pad = self.node("Equal", &[&ids, &zero], vec![], hint);
+                let low = self.floats_const(&[f32::MIN], hint);
+                self.node("Where", &[&pad, &low, &scores], vec![], hint)
+            }
+            None => scores,
+        };
+        let alpha = self.node("Softmax", &[&scores], vec![int("axis", -1)], hint);
+        let context = self.node("MatMul", &[&alpha, &memory], vec![], hint);
+        let cat = self.node("Concat", &[&context, x], vec![int("axis", -1)], hint);
+        let k = usize::from(general);
+        let (wc, bc) = (self.own(l, k)?, self.own(l, k + 1)?);
+        let y = self.affine(&cat, &wc, Some(&bc), true, true, hint);
+        Ok(self.node("Tanh", &[&y], vec![], hint))
+    }
+}
+
+/// The encoder states attention reads: (source steps, width) of the encoder's last recurrent
+/// layer.
+fn memory_shape(m: &Model) -> Option<(u64, u64)> {
+    let l = m.encoder().filter(|l| matches!(l.layer.kind, LayerKind::Recurrent(_))).last()?;
+    match (&l.input, &l.layer.kind) {
+        (Ty::Seq { len, .. }, LayerKind::Recurrent(r)) => Some((*len, r.hidden)),
+        _ => None,
     }
 }
 
