@@ -121,30 +121,27 @@ impl<'c> Decoder<'c> {
         Ok(())
     }
 
+    /// The encoder of batch `b` on `inputs`: the state the decoder starts from and, with
+    /// attention, the encoder's states.
+    fn encode(&mut self, state: &State, inputs: &[Buf], b: usize) -> Result<(Buf, Option<Buf>), String> {
+        self.ensure(b)?;
+        let attends = lower::attends(&self.compiled.model);
+        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
+        let (enc, _) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let mut encoded = enc.run(state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
+        let memory = if attends { encoded.pop() } else { None };
+        Ok((encoded.remove(0), memory))
+    }
+
     /// Decodes a batch: `inputs` are the model's inputs (`[B, …]` each); returns `[B, len]`
     /// token ids.
     pub fn decode(&mut self, params: &[Vec<f32>], inputs: &[Buf], b: usize) -> Result<Vec<i32>, String> {
-        self.ensure(b)?;
         let width = self.memory_width();
-        let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
-        let state = State::new(params.to_vec());
         let attends = lower::attends(&self.compiled.model);
-        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
-        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
-        let memory = if attends { encoded.pop() } else { None };
-        let mut h = encoded.remove(0);
-        // The step's inputs besides `prev` and `state`: the encoder's states and the source.
-        let extra: Vec<Buf> = step
-            .graph
-            .inputs
-            .iter()
-            .skip(2)
-            .filter_map(|i| match i.name.as_str() {
-                "memory" => memory.clone(),
-                "source" => inputs.first().cloned(),
-                _ => None,
-            })
-            .collect();
+        let state = State::new(params.to_vec());
+        let (mut h, memory) = self.encode(&state, inputs, b)?;
+        let (_, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let extra = step_extra(&step.graph, memory.clone(), inputs.first().cloned());
         let mut prev = vec![self.vocab as i32; b];
         let mut out = vec![0i32; b * self.len];
         let mut ended = vec![false; b];
@@ -200,15 +197,9 @@ impl<'c> Decoder<'c> {
             return self.decode(params, inputs, b);
         }
         let bk = b * k;
-        self.ensure(b)?;
         self.ensure(bk)?;
-        let attends = lower::attends(&self.compiled.model);
         let state = State::new(params.to_vec());
-        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
-        let (enc, _) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
-        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
-        let memory = if attends { encoded.pop() } else { None };
-        let h0 = encoded.remove(0);
+        let (h0, memory) = self.encode(&state, inputs, b)?;
         // Every sentence's values repeated for its k hypotheses.
         let repeat_f = |v: &[f32]| -> Vec<f32> {
             let per = v.len() / b.max(1);
@@ -219,17 +210,11 @@ impl<'c> Decoder<'c> {
             (0..bk).flat_map(|r| v[(r / k) * per..][..per].to_vec()).collect()
         };
         let (_, step) = self.graphs.get_mut(&bk).ok_or("no decoder graphs")?;
-        let extra: Vec<Buf> = step
-            .graph
-            .inputs
-            .iter()
-            .skip(2)
-            .filter_map(|i| match i.name.as_str() {
-                "memory" => memory.as_ref().map(|m| Buf::F32(repeat_f(m.f32()))),
-                "source" => inputs.first().map(|s| Buf::I32(repeat_i(s.i32()))),
-                _ => None,
-            })
-            .collect();
+        let extra = step_extra(
+            &step.graph,
+            memory.as_ref().map(|m| Buf::F32(repeat_f(m.f32()))),
+            inputs.first().map(|s| Buf::I32(repeat_i(s.i32()))),
+        );
         let mut h = Buf::F32(repeat_f(h0.f32()));
         let s = h.len() / bk.max(1);
         let (len, vocab) = (self.len, self.vocab);
@@ -330,25 +315,10 @@ impl<'c> Decoder<'c> {
         b: usize,
         sequences: &[i32],
     ) -> Result<Vec<f64>, String> {
-        self.ensure(b)?;
-        let attends = lower::attends(&self.compiled.model);
-        let (enc, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
         let state = State::new(params.to_vec());
-        let names: &[&str] = if attends { &["state0", "memory"] } else { &["state0"] };
-        let mut encoded = enc.run(&state, &all_inputs(&enc.graph, inputs), names, self.threads)?;
-        let memory = if attends { encoded.pop() } else { None };
-        let mut h = encoded.remove(0);
-        let extra: Vec<Buf> = step
-            .graph
-            .inputs
-            .iter()
-            .skip(2)
-            .filter_map(|i| match i.name.as_str() {
-                "memory" => memory.clone(),
-                "source" => inputs.first().cloned(),
-                _ => None,
-            })
-            .collect();
+        let (mut h, memory) = self.encode(&state, inputs, b)?;
+        let (_, step) = self.graphs.get_mut(&b).ok_or("no decoder graphs")?;
+        let extra = step_extra(&step.graph, memory, inputs.first().cloned());
         let mut prev = vec![self.vocab as i32; b];
         let mut total = vec![0f64; b];
         let mut ended = vec![false; b];
@@ -386,6 +356,20 @@ impl<'c> Decoder<'c> {
             })
             .unwrap_or(1)
     }
+}
+
+/// A decoder step's inputs besides `prev` and `state`, in its order: the encoder's states and
+/// the source (attention's).
+fn step_extra(step: &Graph, memory: Option<Buf>, source: Option<Buf>) -> Vec<Buf> {
+    step.inputs
+        .iter()
+        .skip(2)
+        .filter_map(|i| match i.name.as_str() {
+            "memory" => memory.clone(),
+            "source" => source.clone(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `inputs` and, for each graph input after them (a target the encoder does not read), an
