@@ -89,6 +89,27 @@ impl Ad {
         self.g.add(op, span)
     }
 
+    /// The gradients of `op(a)·op(b)` (made by `mm`) for the operands that want one.
+    fn matmul_grads(
+        &mut self,
+        (a, b, ta, tb): (NodeId, NodeId, bool, bool),
+        d: NodeId,
+        y: NodeId,
+        mm: impl Fn(NodeId, NodeId, bool, bool) -> Op,
+    ) -> Result<(), String> {
+        if self.wants(a) {
+            let op = if ta { mm(b, d, tb, true) } else { mm(d, b, false, !tb) };
+            let da = self.add(op, y)?;
+            self.acc(a, da, y)?;
+        }
+        if self.wants(b) {
+            let op = if tb { mm(d, a, true, ta) } else { mm(a, d, !ta, false) };
+            let db = self.add(op, y)?;
+            self.acc(b, db, y)?;
+        }
+        Ok(())
+    }
+
     /// Adds `g` to the gradient of `o`, if `o` needs one.
     fn acc(&mut self, o: NodeId, g: NodeId, at: NodeId) -> Result<(), String> {
         if !self.needs[o.index()] {
@@ -114,47 +135,14 @@ impl Ad {
 
             // C = op(A)·op(B)  ⇒  d op(A) = dC·op(B)ᵀ,  d op(B) = op(A)ᵀ·dC;
             // a stored-transposed operand takes the transpose of its gradient.
+            // (`BatchMatMul`: the same rule per batch element.)
             Op::MatMul { a, b, ta, tb } => {
-                if self.wants(a) {
-                    let op = if ta {
-                        Op::MatMul { a: b, b: d, ta: tb, tb: true }
-                    } else {
-                        Op::MatMul { a: d, b, ta: false, tb: !tb }
-                    };
-                    let da = self.add(op, y)?;
-                    self.acc(a, da, y)?;
-                }
-                if self.wants(b) {
-                    let op = if tb {
-                        Op::MatMul { a: d, b: a, ta: true, tb: ta }
-                    } else {
-                        Op::MatMul { a, b: d, ta: !ta, tb: false }
-                    };
-                    let db = self.add(op, y)?;
-                    self.acc(b, db, y)?;
-                }
+                let mm = |a, b, ta, tb| Op::MatMul { a, b, ta, tb };
+                self.matmul_grads((a, b, ta, tb), d, y, mm)?;
             }
-
-            // The same rule per batch element.
             Op::BatchMatMul { a, b, ta, tb } => {
-                if self.wants(a) {
-                    let op = if ta {
-                        Op::BatchMatMul { a: b, b: d, ta: tb, tb: true }
-                    } else {
-                        Op::BatchMatMul { a: d, b, ta: false, tb: !tb }
-                    };
-                    let da = self.add(op, y)?;
-                    self.acc(a, da, y)?;
-                }
-                if self.wants(b) {
-                    let op = if tb {
-                        Op::BatchMatMul { a: d, b: a, ta: true, tb: ta }
-                    } else {
-                        Op::BatchMatMul { a, b: d, ta: !ta, tb: false }
-                    };
-                    let db = self.add(op, y)?;
-                    self.acc(b, db, y)?;
-                }
+                let mm = |a, b, ta, tb| Op::BatchMatMul { a, b, ta, tb };
+                self.matmul_grads((a, b, ta, tb), d, y, mm)?;
             }
 
             // Masked places are constants: no gradient reaches x there.
