@@ -76,9 +76,10 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
     }
     let params = load_weights(&spec, &args.weights)?;
     let mut ids = Vec::with_capacity(sentences.len() * len);
+    let encoder = source.encoder();
     for (i, s) in sentences.iter().enumerate() {
         let t = tokens.split(s);
-        let encoded = source.encode(&t, len).ok_or_else(|| {
+        let encoded = encoder.encode(&t, len).ok_or_else(|| {
             Failure::Data(format!(
                 "sentence {} has {} tokens; the model reads at most {} (seq[<= {len}] with its end token)",
                 i + 1,

@@ -97,22 +97,9 @@ impl Vocab {
         Vocab { tokens }
     }
 
-    fn index(&self) -> HashMap<&str, i32> {
-        self.tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as i32)).collect()
-    }
-
-    /// A sentence's ids: its tokens (`<unk>` for those not in the vocabulary) and `</s>`,
-    /// padded to `len`; `None` when they do not fit.
-    pub fn encode(&self, tokens: &[String], len: usize) -> Option<Vec<i32>> {
-        let index = self.index();
-        if tokens.len() + 1 > len {
-            return None;
-        }
-        let mut ids: Vec<i32> =
-            tokens.iter().map(|t| index.get(t.as_str()).copied().unwrap_or(UNK)).collect();
-        ids.push(END);
-        ids.resize(len, PAD);
-        Some(ids)
+    /// The id of each token, made once to encode many sentences.
+    pub fn encoder(&self) -> Encoder<'_> {
+        Encoder(self.tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as i32)).collect())
     }
 
     /// The tokens of `ids` up to the first `</s>` (padding and `<s>` left out).
@@ -122,6 +109,24 @@ impl Vocab {
             .filter(|&&id| id != PAD && id != START)
             .map(|&id| self.tokens.get(id as usize).map_or("<unk>", String::as_str))
             .collect()
+    }
+}
+
+/// A vocabulary's ids by token.
+pub struct Encoder<'a>(HashMap<&'a str, i32>);
+
+impl Encoder<'_> {
+    /// A sentence's ids: its tokens (`<unk>` for those not in the vocabulary) and `</s>`,
+    /// padded to `len`; `None` when they do not fit.
+    pub fn encode(&self, tokens: &[String], len: usize) -> Option<Vec<i32>> {
+        if tokens.len() + 1 > len {
+            return None;
+        }
+        let mut ids: Vec<i32> =
+            tokens.iter().map(|t| self.0.get(t.as_str()).copied().unwrap_or(UNK)).collect();
+        ids.push(END);
+        ids.resize(len, PAD);
+        Some(ids)
     }
 }
 
@@ -208,17 +213,17 @@ pub fn load(
     let (train, _) = super::split(pairs.len(), fraction, seed);
     let split: Vec<(Vec<String>, Vec<String>)> =
         pairs.iter().map(|(a, b)| (tokens.split(a), tokens.split(b))).collect();
-    let side = |c: usize, p: &(Vec<String>, Vec<String>)| if c == 0 { p.0.clone() } else { p.1.clone() };
     let mut arrays = Vec::new();
     let mut vocabs = vec![Vocab { tokens: Vec::new() }; 2];
     for &(column, (len, cap)) in columns {
-        let sentences: Vec<Vec<String>> = split.iter().map(|p| side(column, p)).collect();
-        let vocab =
-            Vocab::build(train.iter().filter_map(|&i| sentences.get(i)).map(Vec::as_slice), cap, min_count);
+        let sentences: Vec<&[String]> =
+            split.iter().map(|p| if column == 0 { p.0.as_slice() } else { p.1.as_slice() }).collect();
+        let vocab = Vocab::build(train.iter().filter_map(|&i| sentences.get(i).copied()), cap, min_count);
         let mut ids = Vec::with_capacity(sentences.len() * len);
-        let longest = sentences.iter().map(Vec::len).max().unwrap_or(0);
+        let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let encoder = vocab.encoder();
         for (i, s) in sentences.iter().enumerate() {
-            let Some(v) = vocab.encode(s, len) else {
+            let Some(v) = encoder.encode(s, len) else {
                 let many = match sentences.iter().filter(|s| s.len() + 1 > len).count() {
                     1 => "it is the only one".to_owned(),
                     k => format!("{k} sentences do not fit; the longest has {longest} tokens"),
@@ -261,9 +266,9 @@ mod tests {
             .collect();
         let v = Vocab::build(s.iter().map(Vec::as_slice), 6, 1);
         assert_eq!(v.tokens, ["<pad>", "<unk>", "<s>", "</s>", "b", "a"]);
-        let ids = v.encode(&["a".into(), "z".into()], 4).expect("fits");
+        let ids = v.encoder().encode(&["a".into(), "z".into()], 4).expect("fits");
         assert_eq!(ids, [5, UNK, END, PAD]);
-        assert_eq!(v.encode(&vec!["a".to_owned(); 4], 4), None);
+        assert_eq!(v.encoder().encode(&vec!["a".to_owned(); 4], 4), None);
         assert_eq!(v.decode(&[5, 4, END, 5]), ["a", "b"]);
         let v = Vocab::build(s.iter().map(Vec::as_slice), 100, 2);
         assert_eq!(v.tokens.len(), 6, "tokens seen once are left out");
