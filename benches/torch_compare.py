@@ -3,7 +3,8 @@
 
 For each bench spec: `aec bench SPEC --batch B --json` for aec, then the same network in PyTorch
 (the module `aec compile --emit torch` writes, so shapes and layers are the same) and in JAX
-(the same dense layers, or the GRU autoencoder, with optax's Adam or SGD), the same batch, loss,
+(the same dense layers, or the GRU autoencoder with or without attention, with optax's Adam
+or SGD), the same batch, loss,
 optimizer and thread count, timed the same way (median of 5 rounds, after warm-up). JAX is timed
 two ways: one `jax.jit` step per call, and a `lax.scan` of 50 steps per call (its fastest form).
 Each figure is the median of R such measurements taken in turns with the others (--repeat).
@@ -44,6 +45,7 @@ BENCHES = [
     ("bench_mlp784", 256, ("adam", 1e-3, 0.0), "mse"),
     ("bench_conv28", 64, ("adam", 1e-3, 0.0), "mse"),
     ("bench_gru", 32, ("adam", 1e-3, 0.0), "cross_entropy"),
+    ("bench_attention", 32, ("adam", 1e-3, 0.0), "cross_entropy"),
     ("bench_unet", 64, ("adam", 1e-3, 0.0), "mse"),
 ]
 
@@ -57,21 +59,27 @@ def torch_opt(params, opt):
 
 class GruSeqAe(torch.nn.Module):
     """bench_gru written as one would in PyTorch: the same layers and shapes as the spec, the
-    decoder teacher-forced on one-hot previous tokens, cross-entropy on the logits."""
+    decoder teacher-forced on one-hot previous tokens, cross-entropy on the logits; with
+    `attention`, bench_attention's Luong attention (general scores) after the decoder's GRU."""
 
-    def __init__(self, vocab=16, embed=16, hidden=64):
+    def __init__(self, vocab=16, embed=16, hidden=64, attention=False):
         super().__init__()
         self.vocab = vocab
         self.embed = torch.nn.Embedding(vocab, embed)
         self.enc = torch.nn.GRU(embed, hidden, batch_first=True)
         self.dec = torch.nn.GRU(vocab + 1, hidden, batch_first=True)
+        self.attn = torch.nn.Linear(hidden, hidden, bias=False) if attention else None
+        self.concat = torch.nn.Linear(2 * hidden, hidden) if attention else None
         self.out = torch.nn.Linear(hidden, vocab)
 
     def forward(self, x):
-        _, h = self.enc(self.embed(x))
+        memory, h = self.enc(self.embed(x))
         start = torch.full_like(x[:, :1], self.vocab)
         prev = torch.nn.functional.one_hot(torch.cat([start, x[:, :-1]], 1), self.vocab + 1).float()
         y, _ = self.dec(prev, h)
+        if self.attn is not None:
+            weights = torch.softmax(y @ self.attn(memory).transpose(1, 2), -1)
+            y = torch.tanh(self.concat(torch.cat([weights @ memory, y], -1)))
         return self.out(y)
 
 
@@ -82,7 +90,7 @@ def aec(*args):
 def torch_rate(name, batch, opt_spec, threads, tmp, loss_name):
     torch.set_num_threads(threads)
     if loss_name == "cross_entropy":
-        model = GruSeqAe()
+        model = GruSeqAe(attention=name == "bench_attention")
         opt = torch_opt(model.parameters(), opt_spec)
         x = torch.randint(0, model.vocab, (batch, 20))
 
@@ -183,7 +191,8 @@ def jax_worker(name, batch, threads, opt_spec, loss_name):
             h, ys = jax.lax.scan(cell, h, jnp.swapaxes(xp, 0, 1))
             return h, jnp.swapaxes(ys, 0, 1)
 
-        ks = jax.random.split(key, 5)
+        ks = jax.random.split(key, 7)
+        s = hidden**-0.5
         params = {
             "embed": jax.random.normal(ks[0], (vocab, embed)),
             "enc": gru_params(ks[1], embed),
@@ -191,13 +200,22 @@ def jax_worker(name, batch, threads, opt_spec, loss_name):
             "out_w": jax.random.uniform(ks[3], (hidden, vocab), minval=-0.125, maxval=0.125),
             "out_b": jnp.zeros(vocab),
         }
+        attends = name == "bench_attention"
+        if attends:
+            params["attn"] = jax.random.uniform(ks[5], (hidden, hidden), minval=-s, maxval=s)
+            params["concat_w"] = jax.random.uniform(ks[6], (2 * hidden, hidden), minval=-s, maxval=s)
+            params["concat_b"] = jnp.zeros(hidden)
         x = jax.random.randint(ks[4], (batch, length), 0, vocab)
 
         def loss_fn(p, x):
             h0 = jnp.zeros((x.shape[0], hidden))
-            h, _ = gru(p["enc"], p["embed"][x], h0)
+            h, memory = gru(p["enc"], p["embed"][x], h0)
             prev = jnp.concatenate([jnp.full((x.shape[0], 1), vocab), x[:, :-1]], 1)
             _, ys = gru(p["dec"], jax.nn.one_hot(prev, vocab + 1), h)
+            if attends:
+                scores = jnp.einsum("bth,bsh->bts", ys, memory @ p["attn"])
+                context = jnp.einsum("bts,bsh->bth", jax.nn.softmax(scores, -1), memory)
+                ys = jnp.tanh(jnp.concatenate([context, ys], -1) @ p["concat_w"] + p["concat_b"])
             logits = ys @ p["out_w"] + p["out_b"]
             return optax.softmax_cross_entropy_with_integer_labels(logits, x).mean()
 

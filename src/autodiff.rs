@@ -145,6 +145,18 @@ impl Ad {
                 self.matmul_grads((a, b, ta, tb), d, y, mm)?;
             }
 
+            // y[b, t, s] = q[b, t] + k[b, s]  ⇒  dq = Σ_s d,  dk = Σ_t d.
+            Op::AddPairs { q, k } => {
+                if self.wants(q) {
+                    let dq = self.add(Op::SumAxis { x: d, axis: 2 }, y)?;
+                    self.acc(q, dq, y)?;
+                }
+                if self.wants(k) {
+                    let dk = self.add(Op::SumAxis { x: d, axis: 1 }, y)?;
+                    self.acc(k, dk, y)?;
+                }
+            }
+
             // Masked places are constants: no gradient reaches x there.
             Op::MaskFill { x, ids, .. } => {
                 let dx = self.add(Op::MaskFill { x: d, ids, value: 0.0 }, y)?;
@@ -429,6 +441,7 @@ impl Ad {
             Op::ActGrad { .. }
             | Op::SoftmaxGrad { .. }
             | Op::SumToAxis1 { .. }
+            | Op::SumAxis { .. }
             | Op::BroadcastScalar { .. }
             | Op::Conv2dWeightGrad { .. }
             | Op::ConvTranspose2dWeightGrad { .. }

@@ -194,6 +194,27 @@ fn eval(
             }
             Buf::F32(acc.into_iter().map(|v| v as f32).collect())
         }
+        Op::SumAxis { x, axis } => {
+            let xs = sh(*x);
+            let (n, inner) = (xs[*axis], xs[axis + 1..].iter().product::<usize>());
+            let mut acc = vec![0f64; node.ty.numel()];
+            for (i, &v) in f(*x).iter().enumerate() {
+                acc[i / (n * inner) * inner + i % inner] += f64::from(v);
+            }
+            Buf::F32(acc.into_iter().map(|v| v as f32).collect())
+        }
+        Op::AddPairs { q, k } => {
+            let [t, s, a] = [shape[1], shape[2], shape[3]];
+            let (q, k) = (f(*q), f(*k));
+            let out = (0..node.ty.numel())
+                .map(|i| {
+                    let (row, c) = (i / a, i % a);
+                    let (bt, si) = (row / s, row % s);
+                    q[bt * a + c] + k[(bt / t * s + si) * a + c]
+                })
+                .collect();
+            Buf::F32(out)
+        }
         Op::Fill { value, .. } => Buf::F32(vec![*value; node.ty.numel()]),
         Op::Normal { salt, .. } => {
             Buf::F32((0..node.ty.numel()).map(|i| normal(opts.seed, opts.step, *salt, i)).collect())

@@ -177,6 +177,16 @@ fn batch_matmul_in_every_transposition_and_the_attention_mask() {
         let y = c.add(Op::Softmax { x: m });
         c.check(y, &format!("mask_fill + softmax {b}x{t}x{s}"));
     }
+    // Additive attention's pairs: every q row plus every k row, through a tanh (its gradients
+    // are sums over the other side's axis).
+    for (b, t, s, a) in [(2, 3, 5, 4), (1, 1, 1, 7), (3, 2, 4, 5)] {
+        let mut c = Case::new(5);
+        let q = c.param(&[b, t, a]);
+        let k = c.param(&[b, s, a]);
+        let p = c.add(Op::AddPairs { q, k });
+        let y = c.add(Op::Unary { f: UnaryFn::Tanh, x: p });
+        c.check(y, &format!("add_pairs + tanh {b}x{t}x{s}x{a}"));
+    }
     // A padded sequence's last real state (ids of sentences then padding, one of padding only).
     let mut c = Case::new(4);
     let x = c.param(&[3, 4, 5]);

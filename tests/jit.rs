@@ -188,15 +188,18 @@ fn clipping_rmsprop_and_a_scheduled_rate_at_simd_tails_and_across_chunks() {
 
 #[test]
 fn attention_at_odd_sizes_lengths_and_batches_on_two_threads() {
-    // Dot and general scores, GRU and LSTM, padded sources (their padding masked: one id in
+    // Dot, general and additive scores, GRU and LSTM, padded sources (their padding masked: one id in
     // `v` is 0, whole sources of padding included at length 1) and fixed ones, an encoder
-    // wider than the decoder for `general`.
+    // wider or narrower than the decoder for `general` and `additive`.
     let cases = [
         ("gru", 5, 5, "attention dot", 1, 2, true),
         ("gru", 7, 3, "attention general", 4, 3, true),
         ("lstm", 6, 6, "attention general", 3, 5, true),
         ("lstm", 3, 3, "attention dot", 5, 7, false),
         ("gru", 17, 9, "attention general", 2, 13, false),
+        ("gru", 5, 7, "attention additive", 3, 5, true),
+        ("lstm", 4, 4, "attention additive", 6, 3, false),
+        ("gru", 9, 17, "attention additive", 1, 4, true),
     ];
     for (cell, he, h, att, len, v, padded) in cases {
         let seq = if padded { format!("seq[<= {len}]") } else { format!("seq[{len}]") };

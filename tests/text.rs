@@ -188,7 +188,7 @@ fn attention_learns_a_reordering_and_decodes_the_same_on_both_backends() {
         .collect();
     std::fs::write(&data, reversed).expect("reversed");
     let mut bleu = Vec::new();
-    for att in ["", "attention general", "attention dot"] {
+    for att in ["", "attention general", "attention dot", "attention additive"] {
         let path = spec(&dir, &data, "");
         let src = std::fs::read_to_string(&path)
             .expect("spec")
@@ -234,9 +234,26 @@ fn attention_learns_a_reordering_and_decodes_the_same_on_both_backends() {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
             assert!(row[real..].iter().all(|&x| x == 0.0), "padding gets no weight: {row:?}");
             assert!(std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000));
+            // `aec run --attention` on ids: the same rows, a sentence of 3 ids then padding
+            // and one of 7 (the longest a source with its `</s>` may be).
+            let ids: Vec<i32> = [vec![5, 9, 3, 0, 0, 0, 0, 0], vec![4, 6, 8, 10, 12, 14, 3, 0]].concat();
+            let (x, y, a) = (dir.join("ids.npy"), dir.join("y.npy"), dir.join("a2.npy"));
+            let array = aec::data::Array { shape: vec![2, 8], values: aec::data::Values::I32(ids) };
+            aec::data::write_npy(&x, &array).expect("ids");
+            let ckpt = run.join("checkpoint.safetensors");
+            let run_args = ["run", s(&path), "--weights", s(&ckpt), "--input", s(&x), "--output", s(&y)];
+            let (code, _, err) = aec(&[&run_args[..], &["--attention", s(&a)]].concat());
+            assert_eq!(code, 0, "{err}");
+            let a = aec::data::read_npy(&a).expect("weights");
+            assert_eq!(a.shape, [2, 8, 8]);
+            let aec::data::Values::F32(w) = &a.values else { panic!("f32") };
+            for (row, real) in [(&w[..8], 3), (&w[64..72], 7)] {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
+                assert!(row[real..].iter().all(|&x| x == 0.0), "padding gets no weight: {row:?}");
+            }
         }
     }
-    assert!(bleu[1] > 95.0 && bleu[2] > 95.0, "attention reverses the sentences: BLEU {bleu:?}");
+    assert!(bleu[1..].iter().all(|&b| b > 95.0), "attention reverses the sentences: BLEU {bleu:?}");
     assert!(bleu[0] < bleu[1], "{bleu:?}");
 }
 
@@ -281,4 +298,17 @@ fn beam_search_scores_at_least_greedy_and_width_one_is_greedy() {
         g.iter().zip(&b).any(|(g, b)| b > g),
         "beam search finds something better somewhere: {g:?} {b:?}"
     );
+    // The same search from the command line, on the ids as an array.
+    let (x, y) = (dir.join("ids.npy"), dir.join("y.npy"));
+    let array =
+        aec::data::Array { shape: vec![40, 8], values: aec::data::Values::I32(ids[..40 * 8].to_vec()) };
+    aec::data::write_npy(&x, &array).expect("ids");
+    let w = run.join("checkpoint.safetensors");
+    let args = ["run", s(&path), "--weights", s(&w), "--input", s(&x), "--output", s(&y)];
+    let (code, _, err) = aec(&[&args[..], &["--beam", "4", "--alpha", "0"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(aec::data::read_npy(&y).expect("ids").values, aec::data::Values::I32(beam));
+    let (code, _, err) = aec(&[&args[..], &["--attention", s(&dir.join("a.npy"))]].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("writes an `attention` layer's weights, and") && err.contains("has none"), "{err}");
 }

@@ -26,10 +26,17 @@ pub struct RunArgs {
     /// Epochs of training (replaces the train block's `epochs`; default 10).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
-    /// Sequence models: each epoch's validation decodes with beam search of this width
-    /// (1: greedy decoding).
+    /// Sequence models: decode with beam search of this width (1: greedy decoding) — each
+    /// epoch's validation when training, the outputs with --weights.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     beam: u64,
+    /// The length penalty's exponent α of beam search (GNMT's ((5 + |Y|) / 6)^α; 0: none).
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f64,
+    /// With --weights and an `attention` layer: write its weights of greedy decoding,
+    /// `[samples, target length, source length]` f32, to this .npy file.
+    #[arg(long)]
+    attention: Option<PathBuf>,
     /// Samples per step (replaces the train block's `batch`; default 1).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     batch: Option<u64>,
@@ -175,9 +182,10 @@ impl RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if args.train {
-        if args.weights.is_some() || args.input.is_some() || args.output.is_some() {
+        if args.weights.is_some() || args.input.is_some() || args.output.is_some() || args.attention.is_some()
+        {
             return Err(Failure::Io(
-                "--train takes its data from the spec; drop --weights/--input/--output".into(),
+                "--train takes its data from the spec; drop --weights/--input/--output/--attention".into(),
             ));
         }
         return train_cmd(args);
@@ -187,8 +195,28 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    let how = Apply { threads: threads(args.threads), backend: args.backend, raw: args.raw_input };
+    if !(args.alpha.is_finite() && (0.0..=5.0).contains(&args.alpha)) {
+        return Err(Failure::Io(format!("--alpha must be in [0, 5], got {}", args.alpha)));
+    }
+    if args.attention.is_some() && args.beam > 1 {
+        return Err(Failure::Io("--attention writes greedy decoding's weights: drop --beam".into()));
+    }
+    if let Some(p) = &args.attention {
+        check_file_path("--attention", p)?;
+    }
+    let search =
+        infer::Search { beam: args.beam as usize, alpha: args.alpha, record: args.attention.is_some() };
+    let how = Apply {
+        threads: threads(args.threads),
+        backend: args.backend,
+        raw: args.raw_input,
+        search,
+        attention_file: args.attention.clone(),
+    };
     apply(&args.spec, weights, input, output, Output::Recon, how)?;
+    if let Some(path) = &args.attention {
+        eprintln!("attention weights: {}", path.display());
+    }
     if let Some(png) = &args.png {
         let spec = load_spec(&args.spec, None)?;
         let ty = &spec.compiled.model.inputs.first().ok_or(Failure::Spec)?.ty;
@@ -399,15 +427,24 @@ fn random_inputs(spec: &Spec, seed: u64) -> Vec<Buf> {
 }
 
 pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
-    let how = Apply { threads: threads(args.threads), backend: args.backend, raw: args.raw_input };
+    let how = Apply {
+        threads: threads(args.threads),
+        backend: args.backend,
+        raw: args.raw_input,
+        search: infer::Search::GREEDY,
+        attention_file: None,
+    };
     apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)
 }
 
-/// How `apply` runs: threads, backend, and whether `--input` skips the data's `scale`.
+/// How `apply` runs: threads, backend, whether `--input` skips the data's `scale`, and how a
+/// teacher-forced decoder searches (its attention weights written beside the output).
 struct Apply {
     threads: usize,
     backend: Backend,
     raw: bool,
+    search: infer::Search,
+    attention_file: Option<PathBuf>,
 }
 
 /// The `scale` the spec's `data` line applies to the first input's data (through `patches`).
@@ -438,8 +475,32 @@ fn apply(
     let spec = load_spec(spec, None)?;
     let params = load_weights(&spec, weights)?;
     let x = read_input(&spec, input, how.raw)?;
-    let y = infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, how.backend.runtime())
-        .map_err(Failure::Data)?;
+    let backend = how.backend.runtime();
+    let decoder = aec::runtime::decode::Decoder::new(&spec.compiled, backend, how.threads);
+    let searched = how.search.beam > 1 || how.search.record;
+    if how.search.record && !aec::sema::lower::attends(&spec.compiled.model) {
+        return Err(Failure::Io(format!(
+            "--attention writes an `attention` layer's weights, and {} has none",
+            spec.path.display()
+        )));
+    }
+    let y = match decoder {
+        Some(mut d) if what == Output::Recon => {
+            let (y, weights) = infer::decode(&mut d, &params, &x, 256, how.search).map_err(Failure::Data)?;
+            if let (Some(w), Some(path)) = (weights, &how.attention_file) {
+                data::write_npy(path, &w).map_err(|e| Failure::Io(e.to_string()))?;
+            }
+            y
+        }
+        _ if searched => {
+            return Err(Failure::Io(format!(
+                "--beam and --attention decode a teacher-forced decoder's sentences, and {} has none",
+                spec.path.display()
+            )));
+        }
+        _ => infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, backend)
+            .map_err(Failure::Data)?,
+    };
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
     let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
     eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);

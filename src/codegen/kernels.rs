@@ -307,6 +307,57 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 });
             }
         }
+        Op::AddPairs { q, k } => {
+            let [t, s, a] = [node.ty.shape[1], node.ty.shape[2], node.ty.shape[3]];
+            let (qs, ks) = (at(*q), at(*k));
+            // Rows (b, t) of q, each added to every row (b, s) of k.
+            e.for_range(0, (node.ty.shape[0] * t) as i64, 1, |e, bt| {
+                let q0 = e.b.ins().imul_imm_s(bt, a as i64);
+                let bi = e.b.ins().sdiv_imm_s(bt, t as i64);
+                let k_base = e.b.ins().imul_imm_s(bi, (s * a) as i64);
+                let o_base = e.b.ins().imul_imm_s(bt, (s * a) as i64);
+                e.for_range(0, s as i64, 1, |e, si| {
+                    let off = e.b.ins().imul_imm_s(si, a as i64);
+                    let k0 = e.b.ins().iadd(k_base, off);
+                    let o0 = e.b.ins().iadd(o_base, off);
+                    e.elementwise(a, |e, ty, c| {
+                        let qi = e.b.ins().iadd(q0, c);
+                        let ki = e.b.ins().iadd(k0, c);
+                        let oi = e.b.ins().iadd(o0, c);
+                        let (qv, kv) = (e.load(ty, qs, qi), e.load(ty, ks, ki));
+                        let v = e.b.ins().fadd(qv, kv);
+                        e.store(out, oi, v);
+                    });
+                });
+            });
+        }
+        Op::SumAxis { x, axis } => {
+            let xs = shape(*x);
+            let (outer, n) = (xs[..*axis].iter().product::<usize>(), xs[*axis]);
+            let inner = xs[axis + 1..].iter().product::<usize>();
+            let src = at(*x);
+            // Each output row is the sum of the n rows of its block, added in order.
+            e.for_range(0, outer as i64, 1, |e, o| {
+                let o0 = e.b.ins().imul_imm_s(o, inner as i64);
+                e.elementwise(inner, |e, ty, c| {
+                    let i = e.b.ins().iadd(o0, c);
+                    let z = e.fconst(ty, 0.0);
+                    e.store(out, i, z);
+                });
+                e.for_range(0, n as i64, 1, |e, j| {
+                    let row = e.b.ins().imul_imm_s(o, n as i64);
+                    let row = e.b.ins().iadd(row, j);
+                    let x0 = e.b.ins().imul_imm_s(row, inner as i64);
+                    e.elementwise(inner, |e, ty, c| {
+                        let xi = e.b.ins().iadd(x0, c);
+                        let oi = e.b.ins().iadd(o0, c);
+                        let (xv, acc) = (e.load(ty, src, xi), e.load(ty, out, oi));
+                        let v = e.b.ins().fadd(acc, xv);
+                        e.store(out, oi, v);
+                    });
+                });
+            });
+        }
         Op::MaskFill { x, ids, value } => {
             let (t, s) = (node.ty.shape[1], node.ty.shape[2]);
             let (xs, is) = (at(*x), at(*ids));

@@ -133,6 +133,17 @@ pub enum Op {
         ids: NodeId,
         value: f32,
     },
+    /// `q [B, T, A] + k [B, S, A]` for every pair `(t, s)`: `[B, T, S, A]`, additive
+    /// attention's scores before their tanh.
+    AddPairs {
+        q: NodeId,
+        k: NodeId,
+    },
+    /// The sum of `x` over one of its axes, which disappears (`AddPairs`' gradients).
+    SumAxis {
+        x: NodeId,
+        axis: usize,
+    },
     /// `x + bias` along axis 1 (features or channels).
     BiasAdd {
         x: NodeId,
@@ -601,6 +612,8 @@ impl Op {
             Update { grad, .. } => vec![*grad],
             Concat { a, b } => vec![*a, *b],
             BatchMatMul { a, b, .. } => vec![*a, *b],
+            AddPairs { q, k } => vec![*q, *k],
+            SumAxis { x, .. } => vec![*x],
             MaskFill { x, ids, .. } | LastReal { x, ids } => vec![*x, *ids],
             LastRealGrad { dy, ids } => vec![*dy, *ids],
             SliceChannels { x, .. } | BnStats { x } | Upsample { x, .. } => vec![*x],
@@ -695,6 +708,11 @@ impl Op {
                 *a = f(*a);
                 *b = f(*b);
             }
+            AddPairs { q, k } => {
+                *q = f(*q);
+                *k = f(*k);
+            }
+            SumAxis { x, .. } => *x = f(*x),
             MaskFill { x, ids, .. } | LastReal { x, ids } => {
                 *x = f(*x);
                 *ids = f(*ids);
@@ -802,6 +820,8 @@ impl Op {
             EmbedGrad { .. } => "embed_grad",
             GatherColumns { .. } => "gather_columns",
             BatchMatMul { .. } => "batch_matmul",
+            AddPairs { .. } => "add_pairs",
+            SumAxis { .. } => "sum_axis",
             MaskFill { .. } => "mask_fill",
             LastReal { .. } => "last_real",
             LastRealGrad { .. } => "last_real_grad",
@@ -1061,6 +1081,22 @@ impl Op {
                     return Err(format!("batch_matmul: {:?} by {:?}", f32s(*a)?, f32s(*b)?));
                 }
                 Type::f32([ba, m, n])
+            }
+            AddPairs { q, k } => {
+                let [b, t, a] = three(f32s(*q)?)?;
+                let [b2, s, a2] = three(f32s(*k)?)?;
+                if b != b2 || a != a2 {
+                    return Err(format!("add_pairs: {:?} and {:?}", f32s(*q)?, f32s(*k)?));
+                }
+                Type::f32([b, t, s, a])
+            }
+            SumAxis { x, axis } => {
+                let mut s = f32s(*x)?.clone();
+                if *axis >= s.len() {
+                    return Err(format!("sum_axis: no axis {axis} in {s:?}"));
+                }
+                s.remove(*axis);
+                Type::f32(s)
             }
             MaskFill { x, ids, .. } => {
                 let [b, _, s] = three(f32s(*x)?)?;

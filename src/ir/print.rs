@@ -120,6 +120,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             let t = |x: bool| if x { "ᵀ" } else { "" };
             format!("{m} {}{}, {}{}", name(*a), t(*ta), name(*b), t(*tb))
         }
+        SumAxis { x, axis } => format!("{m} {} axis={axis}", name(*x)),
         MaskFill { x, ids, value } => format!("{m} {}, {} value={value}", name(*x), name(*ids)),
         ScatterColumns { dy, ids, depth } => format!("{m} {} depth={depth}", args(&[*dy, *ids])),
         OneHot { ids, depth } => format!("{m} {} depth={depth}", name(*ids)),

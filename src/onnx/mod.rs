@@ -16,7 +16,7 @@
 pub mod proto;
 
 use crate::sema::{LayerInfo, Model, Part, Ty};
-use crate::syntax::ast::{ActKind, Cell, LayerKind};
+use crate::syntax::ast::{ActKind, Cell, LayerKind, Score};
 use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto};
 use std::collections::BTreeSet;
 
@@ -411,7 +411,7 @@ impl Builder<'_> {
         let hint = format!("{}.{}", l.part.prefix(), l.index);
         let hint = hint.as_str();
         let y = match &l.layer.kind {
-            LayerKind::Attention { general } => self.attention(l, *general, x, hint)?,
+            LayerKind::Attention { score } => self.attention(l, *score, x, hint)?,
             LayerKind::Dense { bias, .. } => {
                 let (w, k) = match l.tied_weight {
                     Some(p) => (self.param(p)?, 0),
@@ -719,16 +719,33 @@ impl Builder<'_> {
     }
 
     /// Luong's attention of the step's state `x [B, 1, H]` over `memory`, as the IR has it.
-    fn attention(&mut self, l: &LayerInfo, general: bool, x: &str, hint: &str) -> Result<String, String> {
+    fn attention(&mut self, l: &LayerInfo, score: Score, x: &str, hint: &str) -> Result<String, String> {
         let memory = self.memory.clone().ok_or("attention without the encoder's states")?;
-        let keys = if general {
-            let w = self.own(l, 0)?;
-            self.affine(&memory, &w, None, true, true, hint)
-        } else {
-            memory.clone()
+        let scores = match score {
+            Score::Dot | Score::General => {
+                let keys = if score == Score::General {
+                    let w = self.own(l, 0)?;
+                    self.affine(&memory, &w, None, true, true, hint)
+                } else {
+                    memory.clone()
+                };
+                let kt = self.node("Transpose", &[&keys], vec![ints("perm", &[0, 2, 1])], hint);
+                self.node("MatMul", &[x, &kt], vec![], hint)
+            }
+            Score::Additive => {
+                let (wq, wk, v) = (self.own(l, 0)?, self.own(l, 1)?, self.own(l, 2)?);
+                let q = self.affine(x, &wq, None, true, true, hint);
+                let k = self.affine(&memory, &wk, None, true, true, hint);
+                let (two, one) = (self.ints_const(&[2], hint), self.ints_const(&[1], hint));
+                let q = self.node("Unsqueeze", &[&q, &two], vec![], hint);
+                let k = self.node("Unsqueeze", &[&k, &one], vec![], hint);
+                let pairs = self.node("Add", &[&q, &k], vec![], hint);
+                let e = self.node("Tanh", &[&pairs], vec![], hint);
+                let e = self.affine(&e, &v, None, true, true, hint);
+                let last = self.ints_const(&[3], hint);
+                self.node("Squeeze", &[&e, &last], vec![], hint)
+            }
         };
-        let kt = self.node("Transpose", &[&keys], vec![ints("perm", &[0, 2, 1])], hint);
-        let scores = self.node("MatMul", &[x, &kt], vec![], hint);
         let scores = match self.mask_ids.clone() {
             Some(ids) => {
                 let ids = self.node("Cast", &[&ids], vec![int("to", 7)], hint);
@@ -744,7 +761,7 @@ impl Builder<'_> {
         let alpha = self.node("Softmax", &[&scores], vec![int("axis", -1)], hint);
         let context = self.node("MatMul", &[&alpha, &memory], vec![], hint);
         let cat = self.node("Concat", &[&context, x], vec![int("axis", -1)], hint);
-        let k = usize::from(general);
+        let k = score.params();
         let (wc, bc) = (self.own(l, k)?, self.own(l, k + 1)?);
         let y = self.affine(&cat, &wc, Some(&bc), true, true, hint);
         Ok(self.node("Tanh", &[&y], vec![], hint))

@@ -40,16 +40,7 @@ pub fn infer(
         && let Some(mut d) = super::decode::Decoder::new(c, backend, threads)
     {
         // A teacher-forced decoder writes its sequence by greedy decoding: token ids out.
-        let mut ids = Vec::with_capacity(n * d.len);
-        for start in (0..n).step_by(batch.max(1)) {
-            let b = batch.min(n - start);
-            let x = match &input.values {
-                Values::F32(v) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
-                Values::I32(v) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
-            };
-            ids.extend(d.decode(params, &[x], b)?);
-        }
-        return Ok(Array { shape: vec![n, d.len], values: Values::I32(ids) });
+        return Ok(decode(&mut d, params, input, batch, Search::GREEDY)?.0);
     }
     let mut state = State::new(params.to_vec());
     let mut out: Vec<f32> = Vec::new();
@@ -112,4 +103,49 @@ pub fn infer(
         Ty::Token { .. } => {}
     }
     Ok(Array { shape, values: Values::F32(out) })
+}
+
+/// How a teacher-forced decoder searches: beam width (1: greedy) and GNMT's length-penalty
+/// exponent; `record` keeps attention's weights (greedy decoding only).
+#[derive(Clone, Copy, Debug)]
+pub struct Search {
+    pub beam: usize,
+    pub alpha: f64,
+    pub record: bool,
+}
+
+impl Search {
+    pub const GREEDY: Search = Search { beam: 1, alpha: 0.0, record: false };
+}
+
+/// Decodes every sample of `input` in batches: token ids `[N, len]` and, if `search.record`,
+/// attention's weights `[N, len, S]`.
+pub fn decode(
+    d: &mut super::decode::Decoder,
+    params: &[Vec<f32>],
+    input: &Array,
+    batch: usize,
+    search: Search,
+) -> Result<(Array, Option<Array>), String> {
+    let (n, per) = (input.samples(), input.sample_len());
+    let mut ids = Vec::with_capacity(n * d.len);
+    let mut weights = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let b = batch.min(n - start);
+        let x = match &input.values {
+            Values::F32(v) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
+            Values::I32(v) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
+        };
+        if search.record {
+            d.weights = Some(Vec::new());
+        }
+        ids.extend(d.decode_beam(params, &[x], b, (search.beam, search.alpha))?);
+        weights.extend(d.weights.take().unwrap_or_default());
+    }
+    let ids = Array { shape: vec![n, d.len], values: Values::I32(ids) };
+    let weights = search.record.then(|| {
+        let s = weights.len() / (n * d.len).max(1);
+        Array { shape: vec![n, d.len, s], values: Values::F32(weights) }
+    });
+    Ok((ids, weights))
 }

@@ -9,7 +9,7 @@
 use super::{LayerInfo, MAX_ACTIVATION, MAX_PARAMS, Model, ParamInfo, Part, Ty, Var};
 use crate::diag::{Diagnostic, Span};
 use crate::ir::ParamRole;
-use crate::syntax::ast::{self, ActKind, Cell, LayerKind, ShowHw};
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind, Score, ShowHw};
 
 /// Checks the model, writes out a mirrored decoder into `file`, and returns the model if its
 /// shapes could be resolved (diagnostics may still hold errors).
@@ -977,7 +977,7 @@ impl Checker<'_> {
                 self.param(l, pname("num_batches_tracked"), vec![], ParamRole::Buffer { ones: false }, 1, 1)?;
                 Ok((input.clone(), input.numel().saturating_mul(4)))
             }
-            LayerKind::Attention { general } => {
+            LayerKind::Attention { score } => {
                 let (Ty::Seq { len, dim: h }, Part::Decoder, Some(_)) =
                     (input, ctx.part, self.teacher_forced_layer())
                 else {
@@ -1000,7 +1000,7 @@ impl Checker<'_> {
                 };
                 let LayerKind::Recurrent(er) = &enc.layer.kind else { unreachable!("found as recurrent") };
                 let he = er.hidden;
-                if !general && he != *h {
+                if *score == Score::Dot && he != *h {
                     return Err(shape_err(
                         l,
                         format!("`attention dot` scores the decoder's {h}-wide states against the encoder's {he}-wide ones"),
@@ -1009,12 +1009,23 @@ impl Checker<'_> {
                     .help("make them the same width, or write `attention general` (a learnt map between them)"));
                 }
                 let role = ParamRole::Weight;
-                if *general {
-                    self.param(l, pname("attn.weight"), vec![*h, he], role, he, *h)?;
+                let mut flops = mul3(2 * len, enc_len, 2 * he) + mul3(2 * len, he + h, *h);
+                match score {
+                    Score::Dot => {}
+                    Score::General => {
+                        self.param(l, pname("attn.weight"), vec![*h, he], role, he, *h)?;
+                        flops += mul3(2 * enc_len, he, *h);
+                    }
+                    Score::Additive => {
+                        self.param(l, pname("query.weight"), vec![*h, *h], role, *h, *h)?;
+                        self.param(l, pname("key.weight"), vec![*h, he], role, he, *h)?;
+                        self.param(l, pname("v.weight"), vec![1, *h], role, *h, 1)?;
+                        flops +=
+                            mul3(2 * len, *h, *h) + mul3(2 * enc_len, he, *h) + mul3(4 * len, enc_len, *h);
+                    }
                 }
                 self.param(l, pname("concat.weight"), vec![*h, he + h], role, he + h, *h)?;
                 self.param(l, pname("concat.bias"), vec![*h], ParamRole::Bias, he + h, *h)?;
-                let flops = mul3(2 * len, enc_len, 2 * he) + mul3(2 * len, he + h, *h);
                 Ok((Ty::Seq { len: *len, dim: *h }, flops))
             }
             LayerKind::Upsample { scale, bilinear } => {

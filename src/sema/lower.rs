@@ -14,7 +14,7 @@ use crate::diag::Span;
 use crate::ir::{
     BinaryFn, Clip, Graph, LossFn, NodeId, Op, OptimizerFn, ParamDef, ParamId, ParamRole, Type, UnaryFn,
 };
-use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind, Reduction};
+use crate::syntax::ast::{self, ActKind, Cell, LayerKind, LossKind, Reduction, Score};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -539,9 +539,9 @@ impl Lower {
                 state = Some(last);
                 node
             }
-            LayerKind::Attention { general } => {
+            LayerKind::Attention { score } => {
                 state = v.state;
-                self.attention(info, *general, x)?
+                self.attention(info, *score, x)?
             }
             LayerKind::Link { link, from } => {
                 let other = self
@@ -676,24 +676,39 @@ impl Lower {
         Ok((out, last))
     }
 
-    /// Luong's global attention of the decoder's states `d [B, T, H]` over the encoder's
-    /// (`memory`), as `kind::Attention` says.
-    fn attention(&mut self, info: &LayerInfo, general: bool, d: NodeId) -> Result<NodeId, String> {
+    /// Global attention of the decoder's states `d [B, T, H]` over the encoder's (`memory`), as
+    /// `kind::Attention` says.
+    fn attention(&mut self, info: &LayerInfo, score: Score, d: NodeId) -> Result<NodeId, String> {
         let span = info.layer.span;
         let memory = self.memory.ok_or("attention without the encoder's states")?;
         let [b, s, he] =
             <[usize; 3]>::try_from(self.g.ty(memory).shape.as_slice()).map_err(|_| "memory shape")?;
         let [_, t, h] =
             <[usize; 3]>::try_from(self.g.ty(d).shape.as_slice()).map_err(|_| "attention input shape")?;
-        let keys = if general {
-            let w = self.param(info, 0)?;
-            let flat = self.add(Op::Reshape { x: memory, shape: vec![b * s, he] }, span)?;
-            let k = self.add(Op::MatMul { a: flat, b: w, ta: false, tb: true }, span)?;
-            self.add(Op::Reshape { x: k, shape: vec![b, s, h] }, span)?
-        } else {
-            memory
+        // x [rows, k] · wᵀ, as [B, n, width].
+        let project = |lw: &mut Self, x: NodeId, rows: usize, k: usize, w: NodeId| {
+            let width = lw.g.ty(w).shape[0];
+            let flat = lw.add(Op::Reshape { x, shape: vec![b * rows, k] }, span)?;
+            let y = lw.add(Op::MatMul { a: flat, b: w, ta: false, tb: true }, span)?;
+            lw.add(Op::Reshape { x: y, shape: vec![b, rows, width] }, span)
         };
-        let scores = self.add(Op::BatchMatMul { a: d, b: keys, ta: false, tb: true }, span)?;
+        let scores = match score {
+            Score::Dot => self.add(Op::BatchMatMul { a: d, b: memory, ta: false, tb: true }, span)?,
+            Score::General => {
+                let w = self.param(info, 0)?;
+                let keys = project(self, memory, s, he, w)?;
+                self.add(Op::BatchMatMul { a: d, b: keys, ta: false, tb: true }, span)?
+            }
+            Score::Additive => {
+                let (wq, wk, v) = (self.param(info, 0)?, self.param(info, 1)?, self.param(info, 2)?);
+                let q = project(self, d, t, h, wq)?;
+                let k = project(self, memory, s, he, wk)?;
+                let pairs = self.add(Op::AddPairs { q, k }, span)?;
+                let e = self.add(Op::Unary { f: UnaryFn::Tanh, x: pairs }, span)?;
+                let e = project(self, e, t * s, h, v)?;
+                self.add(Op::Reshape { x: e, shape: vec![b, t, s] }, span)?
+            }
+        };
         // Padding scores the lowest f32: a weight of exactly 0 after the softmax.
         let scores = match self.source_ids {
             Some(ids) => self.add(Op::MaskFill { x: scores, ids, value: f32::MIN }, span)?,
@@ -705,7 +720,7 @@ impl Lower {
         let c = self.add(Op::Reshape { x: context, shape: vec![b * t, he] }, span)?;
         let hd = self.add(Op::Reshape { x: d, shape: vec![b * t, h] }, span)?;
         let cat = self.add(Op::Concat { a: c, b: hd }, span)?;
-        let k = usize::from(general);
+        let k = score.params();
         let (wc, bc) = (self.param(info, k)?, self.param(info, k + 1)?);
         let y = self.add(Op::MatMul { a: cat, b: wc, ta: false, tb: true }, span)?;
         let y = self.add(Op::BiasAdd { x: y, bias: bc }, span)?;

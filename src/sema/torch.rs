@@ -88,19 +88,30 @@ class Gaussian(nn.Module):
         return {"sum": s, "batchmean": s / mu.shape[0], "mean": s / mu.numel()}[reduction]
 
 
-class LuongAttention(nn.Module):
-    """Luong's global attention: scores h·e (dot) or h·(W e) (general) over the encoder's
-    states `memory`, padding (`mask`) at -inf, the context c = Σ softmax·e, and
-    tanh(W_c [c; h] + b_c). The last weights are kept in `self.weights` ([B, T, S])."""
+class Attention(nn.Module):
+    """Global attention (Luong et al. 2015) over the encoder's states `memory`: scores h·e
+    (dot), h·(W e) (general) or vᵀ tanh(W_q h + W_k e) (additive, Bahdanau et al. 2015),
+    padding (`mask`) at -inf, the context c = Σ softmax·e, and tanh(W_c [c; h] + b_c). The
+    last weights are kept in `self.weights` ([B, T, S])."""
 
-    def __init__(self, enc, dec, general):
+    def __init__(self, enc, dec, score):
         super().__init__()
-        self.attn = nn.Linear(enc, dec, bias=False) if general else None
+        self.score = score
+        if score == "general":
+            self.attn = nn.Linear(enc, dec, bias=False)
+        if score == "additive":
+            self.query = nn.Linear(dec, dec, bias=False)
+            self.key = nn.Linear(enc, dec, bias=False)
+            self.v = nn.Linear(dec, 1, bias=False)
         self.concat = nn.Linear(enc + dec, dec)
 
     def forward(self, h, memory, mask=None):
-        keys = memory if self.attn is None else self.attn(memory)
-        scores = h @ keys.transpose(1, 2)
+        if self.score == "additive":
+            pairs = self.query(h)[:, :, None, :] + self.key(memory)[:, None, :, :]
+            scores = self.v(torch.tanh(pairs)).squeeze(-1)
+        else:
+            keys = memory if self.score == "dot" else self.attn(memory)
+            scores = h @ keys.transpose(1, 2)
         if mask is not None:
             scores = scores.masked_fill(mask[:, None, :], float("-inf"))
         self.weights = F.softmax(scores, dim=-1)
@@ -238,7 +249,7 @@ fn py_bool(b: bool) -> &'static str {
 
 fn module(m: &Model, l: &LayerInfo) -> String {
     match &l.layer.kind {
-        LayerKind::Attention { general } => {
+        LayerKind::Attention { score } => {
             let enc = m
                 .layers
                 .iter()
@@ -248,11 +259,7 @@ fn module(m: &Model, l: &LayerInfo) -> String {
                     _ => None,
                 })
                 .unwrap_or(0);
-            format!(
-                "LuongAttention({enc}, {}, {})",
-                in_features(&l.input),
-                if *general { "True" } else { "False" }
-            )
+            format!("Attention({enc}, {}, {:?})", in_features(&l.input), score.keyword())
         }
         LayerKind::Dense { units, bias, .. } => match l.tied_weight {
             Some(_) => format!("Tied({})", if *bias { units.to_string() } else { "0".into() }),

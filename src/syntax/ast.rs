@@ -171,13 +171,43 @@ pub enum LayerKind {
         scale: Hw,
         bilinear: bool,
     },
-    /// `attention [dot|general]` after a teacher-forced decoder layer: Luong's global attention
-    /// over the encoder's last recurrent layer's states — scores h·e (`dot`) or h·W e
-    /// (`general`), a softmax over the source (its padding masked out), the context c = Σ α e,
-    /// and tanh(W_c [c; h] + b_c).
+    /// `attention [dot|general|additive]` after a teacher-forced decoder layer: global
+    /// attention over the encoder's last recurrent layer's states — scores as `Score` says, a
+    /// softmax over the source (its padding masked out), the context c = Σ α e, and
+    /// tanh(W_c [c; h] + b_c) (Luong et al. 2015).
     Attention {
-        general: bool,
+        score: Score,
     },
+}
+
+/// How attention scores a decoder state h against an encoder state e.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Score {
+    /// h·e (Luong's `dot`).
+    Dot,
+    /// h·W e (Luong's `general`).
+    General,
+    /// vᵀ tanh(W_q h + W_k e) (Bahdanau et al. 2015's additive score, Luong's `concat`).
+    Additive,
+}
+
+impl Score {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Score::Dot => "dot",
+            Score::General => "general",
+            Score::Additive => "additive",
+        }
+    }
+
+    /// How many of the layer's parameters the score has (they come before W_c and b_c).
+    pub fn params(self) -> usize {
+        match self {
+            Score::Dot => 0,
+            Score::General => 1,
+            Score::Additive => 3,
+        }
+    }
 }
 
 /// Convolution and transposed convolution. Sizes are per axis, `[height, width]`, as PyTorch

@@ -503,19 +503,17 @@ impl Builder {
             },
             "batchnorm" => LayerKind::BatchNorm { momentum: 0.1, eps: 1e-5 },
             "attention" => {
-                let general = match (a.flag("dot"), a.flag("general")) {
-                    (Some(_), Some(s)) => {
-                        a.diags.push(
-                            Diagnostic::error("`attention` takes one score")
-                                .label(s, "second score")
-                                .help("write `dot` or `general`"),
-                        );
-                        false
-                    }
-                    (Some(_), None) => false,
-                    _ => true,
-                };
-                LayerKind::Attention { general }
+                let scores = [Score::Dot, Score::General, Score::Additive];
+                let given: Vec<_> =
+                    scores.iter().filter_map(|s| a.flag(s.keyword()).map(|at| (*s, at))).collect();
+                if let Some((_, second)) = given.get(1) {
+                    a.diags.push(
+                        Diagnostic::error("`attention` takes one score")
+                            .label(*second, "second score")
+                            .help("write one of `dot`, `general` and `additive`"),
+                    );
+                }
+                LayerKind::Attention { score: given.first().map_or(Score::General, |g| g.0) }
             }
             "upsample" => {
                 let scale = a.pool_size("upsample 2 bilinear");
@@ -1650,7 +1648,7 @@ impl<'a> LayerArgs<'a> {
             "concat" | "add" => "the name of an earlier layer, e.g. `concat e1`",
             "batchnorm" => "`batchnorm` or `batchnorm(momentum: 0.1, eps: 1e-5)`",
             "upsample" => "`upsample S [nearest|bilinear]` (a factor per axis as `2x3`)",
-            "attention" => "`attention [dot|general]`",
+            "attention" => "`attention [dot|general|additive]`",
             _ => "no arguments",
         };
         for (i, (arg, span)) in self.args.iter().enumerate() {

@@ -151,9 +151,7 @@ impl Display for LayerKind {
                 }
                 Ok(())
             }
-            LayerKind::Attention { general } => {
-                write!(f, "attention {}", if *general { "general" } else { "dot" })
-            }
+            LayerKind::Attention { score } => write!(f, "attention {}", score.keyword()),
             LayerKind::Upsample { scale, bilinear } => {
                 write!(f, "upsample {} {}", ShowHw(*scale), if *bilinear { "bilinear" } else { "nearest" })
             }

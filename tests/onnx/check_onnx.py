@@ -4,7 +4,8 @@
 For each spec: train it briefly (`aec run --train --epochs 1`), export the whole model, the
 encoder and (where it can run alone) the decoder with `aec export`, and compare onnxruntime's
 outputs with `aec run` (reconstruction) and `aec encode` (code) on the same inputs, at batch
-1 and 13, to 1e-5. The decoder is fed the codes `aec encode` wrote. Extra specs written here
+1 and 13, to 1e-5. The decoder is fed the codes `aec encode` wrote. A teacher-forced decoder's
+step is looped in Python: greedy decoding and beam search (width 3) against `aec run`'s ids. Extra specs written here
 cover what the shipped ones do not: max pools with odd sizes and ties (windows of equal
 values), overlapping pools, and GRU, LSTM and RNN encoders and decoders.
 
@@ -200,7 +201,80 @@ def check_seq2seq(spec, work, weights, vocab):
         same = bool(np.array_equal(got, y))
         ok &= same
         results.append(f"greedy ids {'equal' if same else 'DIFFER'} (batch {batch})")
+        # Beam search (width 3, GNMT's length penalty α = 0.6) over the ONNX step against
+        # `aec run --beam 3`.
+        aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--output", work / "b.npy", "--beam", 3)
+        want = np.load(work / "b.npy")
+        got = beam_search(sessions["step"], named, x, extra, vocab, want.shape[1], spec)
+        same = bool(np.array_equal(got, want))
+        ok &= same
+        results.append(f"beam-3 ids {'equal' if same else 'DIFFER'} (batch {batch})")
     return ok, results
+
+
+def beam_search(step, named, x, extra, vocab, length, spec, k=3, alpha=0.6):
+    """aec's beam search (`runtime/decode.rs`) over the ONNX step: each sentence's k live
+    hypotheses extended by every token, the best k kept (ties: the lower hypothesis, then the
+    lower token), a hypothesis ending at the end token (id 3, padded targets) finished with its
+    score divided by ((5 + |Y|) / 6)^α; at the end the best finished one (or live, if fewer
+    than k finished)."""
+    text = Path(spec).read_text()
+    padded = "seq[<=" in text
+    logits = not re.search(r"decoder\s*\{[^}]*->\s*softmax\s*\}", text)
+    batch = x.shape[0]
+    rep = lambda a: np.repeat(a, k, axis=0)
+    state = rep(named["state"])
+    extra = {name: rep(v) for name, v in extra.items()}
+    penalty = lambda n: ((5 + n) / 6) ** alpha
+    live = [[(0.0 if j == 0 else -np.inf, []) for j in range(k)] for _ in range(batch)]
+    finished = [[] for _ in range(batch)]
+    prev = np.full([batch * k, 1], vocab, dtype=np.int64)
+    for _ in range(length):
+        if all(len(f) >= k for f in finished):
+            break
+        out, after = step.run(["recon", "state_after"], {"prev": prev, "state": state, **extra})
+        rows = out[:, 0].astype(np.float64)
+        if logits:
+            m = rows.max(-1, keepdims=True)
+            rows = rows - (m + np.log(np.exp(rows - m).sum(-1, keepdims=True)))
+        else:
+            rows = np.log(np.maximum(rows, np.finfo(np.float32).tiny))
+        new_state = np.zeros_like(after)
+        for i in range(batch):
+            if len(finished[i]) >= k:
+                continue
+            scores = np.array([live[i][j][0] for j in range(k)])[:, None] + rows[i * k : (i + 1) * k]
+            j_of, v_of = np.meshgrid(np.arange(k), np.arange(vocab), indexing="ij")
+            real = np.isfinite(np.array([live[i][j][0] for j in range(k)]))[:, None].repeat(vocab, 1)
+            order = np.lexsort((v_of[real], j_of[real], -scores[real]))
+            kept = []
+            for c in order:
+                if len(kept) >= k or len(finished[i]) >= k:
+                    break
+                score, j, v = scores[real][c], j_of[real][c], v_of[real][c]
+                tokens = live[i][j][1] + [int(v)]
+                if padded and v == 3:
+                    finished[i].append((score / penalty(len(tokens)), tokens))
+                else:
+                    kept.append((score, tokens, j))
+            kept += [(-np.inf, [], 0)] * (k - len(kept))
+            for slot, (score, tokens, parent) in enumerate(kept):
+                new_state[i * k + slot] = after[i * k + parent]
+                prev[i * k + slot, 0] = tokens[-1] if tokens else vocab
+                live[i][slot] = (score, tokens)
+        state = new_state
+    ids = np.zeros([batch, length], dtype=np.int32)
+    for i in range(batch):
+        every = list(finished[i])
+        if len(every) < k:
+            every += [(sc / penalty(len(tk)), tk) for sc, tk in live[i] if np.isfinite(sc)]
+        best = None
+        for c in every:
+            if best is None or c[0] > best[0]:
+                best = c
+        if best is not None:
+            ids[i, : len(best[1][:length])] = best[1][:length]
+    return ids
 
 
 def target_vocab(spec):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Text models in aec against their PyTorch twins — without attention, and with Luong's `dot`
-and `general` attention (the `LuongAttention` module `--emit torch` writes, padding masked with
+"""Text models in aec against their PyTorch twins — without attention, with Luong's `dot` and
+`general` attention and with Bahdanau's `additive` score (the `Attention` module `--emit torch` writes, padding masked with
 `masked_fill(-inf)`), the encoder reading the padded source as packed sequences
 (`pack_padded_sequence`): `CrossEntropyLoss(ignore_index=0)` over padded sentences, teacher
 forcing; 15 steps of SGD with momentum (losses and parameters to 1e-5) and of Adam (losses to
@@ -71,7 +71,7 @@ def main():
         (work / "pairs.tsv").write_text("\n".join(lines) + "\n")
 
         ok = True
-        for attention in ["", "attention dot;", "attention general;"]:
+        for attention in ["", "attention dot;", "attention general;", "attention additive;"]:
             ok &= check(work, lines, attention)
     sys.exit(0 if ok else 1)
 
