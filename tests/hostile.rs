@@ -189,6 +189,7 @@ fn metrics_without_times(path: &Path) -> Vec<serde_json::Value> {
                 m.remove("seconds");
                 m.remove("samples_per_s");
                 m.remove("wall_time");
+                m.remove("data_wait_s");
             }
             v
         })

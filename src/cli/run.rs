@@ -253,11 +253,13 @@ fn training_picture(
     let dims = picture::image_dims(&var.ty).ok_or_else(|| Failure::Io(not_images(&var.ty)))?;
     let (train_idx, val) = data.split(cfg.validation, cfg.seed);
     let idx: Vec<usize> = if val.is_empty() { train_idx } else { val }.into_iter().take(8).collect();
-    let sample = |k: usize| Array {
-        shape: std::iter::once(idx.len()).chain(data.arrays[k].shape[1..].iter().copied()).collect(),
-        values: data.gather(k, &idx),
+    let sample = |k: usize| -> Result<Array, Failure> {
+        Ok(Array {
+            shape: std::iter::once(idx.len()).chain(data.arrays[k].shape()[1..].iter().copied()).collect(),
+            values: data.gather(k, &idx).map_err(|e| Failure::Data(e.to_string()))?,
+        })
     };
-    let x = sample(0);
+    let x = sample(0)?;
     let noisy = cfg.noise.map(|noise| {
         let mut a = x.clone();
         if let Values::F32(v) = &mut a.values {
@@ -273,7 +275,7 @@ fn training_picture(
         cols.push(Column { title: "noisy inputs", images: n });
     }
     cols.push(Column { title: "outputs", images: &y });
-    let target = mask_target(c, data).map(sample);
+    let target = mask_target(c, data).map(sample).transpose()?;
     if let Some(t) = &target {
         cols.push(Column { title: "target masks", images: t });
     }
@@ -301,13 +303,15 @@ fn mask_metrics(
     if idx.is_empty() {
         return Ok(None);
     }
-    let take = |k: usize| Array {
-        shape: std::iter::once(idx.len()).chain(data.arrays[k].shape[1..].iter().copied()).collect(),
-        values: data.gather(k, &idx),
+    let take = |k: usize| -> Result<Array, Failure> {
+        Ok(Array {
+            shape: std::iter::once(idx.len()).chain(data.arrays[k].shape()[1..].iter().copied()).collect(),
+            values: data.gather(k, &idx).map_err(|e| Failure::Data(e.to_string()))?,
+        })
     };
-    let y = infer::infer(c, params, &take(0), Output::Recon, 64, cfg.threads, cfg.backend)
+    let y = infer::infer(c, params, &take(0)?, Output::Recon, 64, cfg.threads, cfg.backend)
         .map_err(Failure::Data)?;
-    let (Values::F32(p), Values::F32(t)) = (&y.values, &take(k).values) else { return Ok(None) };
+    let (Values::F32(p), Values::F32(t)) = (&y.values, &take(k)?.values) else { return Ok(None) };
     let (mut right, mut inter, mut union) = (0usize, 0usize, 0usize);
     for (&p, &t) in p.iter().zip(t) {
         let (p, t) = (p >= 0.5, t >= 0.5);
@@ -354,7 +358,8 @@ pub fn check(args: &CheckArgs) -> Result<(), Failure> {
             .iter()
             .filter_map(|t| Some((t.name(), t.schedule?.0.at(u64::MAX, 1))))
             .collect();
-        aec::runtime::train::batch_inputs(g, &data, &idx, (noise, args.seed, 1), &weights)
+        aec::runtime::train::batch_inputs(&g.inputs, &data, &idx, (noise, args.seed, 1), &weights)
+            .map_err(|e| Failure::Data(e.to_string()))?
     } else {
         random_inputs(&spec, args.seed)
     };
@@ -434,7 +439,11 @@ pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
         search: infer::Search::GREEDY,
         attention_file: None,
     };
-    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)
+    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)?;
+    if args.input.is_dir() {
+        write_labels(&args.spec, &args.input, &args.output)?;
+    }
+    Ok(())
 }
 
 /// How `apply` runs: threads, backend, whether `--input` skips the data's `scale`, and how a
@@ -519,11 +528,18 @@ pub(super) fn load_weights(spec: &Spec, weights: &Path) -> Result<Vec<Vec<f32>>,
 /// The samples of `--input` as the network takes them: scaled as the spec's data is (unless
 /// `raw`), checked against the input's type.
 pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
+    let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
+    if input.is_dir() && matches!(&var.ty, aec::sema::Ty::Tensor(d) if d.len() == 3) {
+        return Ok(read_folder(spec, input, raw)?.0);
+    }
     if !input.is_file() {
-        let what = if input.is_dir() { "is a folder" } else { "does not exist" };
+        let what = if input.is_dir() {
+            "is a folder (of images only for [C, H, W] inputs)"
+        } else {
+            "does not exist"
+        };
         return Err(Failure::Io(format!("--input {} {what}; give a file", input.display())));
     }
-    let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let mut x = data::read_npy(input).map_err(|e| Failure::Data(e.to_string()))?;
     // The network was trained on the data as the spec scales it: so is --input, unless asked.
     match input_scale(spec).filter(|&s| s != 1.0) {
@@ -540,6 +556,66 @@ pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::A
         None => {}
     }
     data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))
+}
+
+/// A folder of images as `--input`: decoded (or found in the cache) as the spec's `images`
+/// source decodes its folder — its fit and scale, or `crop` and 1/255 —, with the listing.
+fn read_folder(
+    spec: &Spec,
+    input: &Path,
+    raw: bool,
+) -> Result<(data::Array, data::images::Listing), Failure> {
+    let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
+    let bindings = spec.compiled.ast.train.as_ref().map(|t| t.data.as_slice()).unwrap_or(&[]);
+    let (fit, scale) = bindings
+        .iter()
+        .find_map(|b| match b.source {
+            DataSource::Images { fit, scale, .. } => Some((fit, scale)),
+            _ => None,
+        })
+        .unwrap_or((aec::syntax::ast::ImageFit::Crop, 1.0 / 255.0));
+    let source =
+        DataSource::Images { path: input.display().to_string(), fit, scale: if raw { 1.0 } else { scale } };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let column = data::load_column(&source, Path::new(""), var, (0, 0, threads))
+        .map_err(|e| Failure::Data(e.to_string()))?;
+    let n = column.samples();
+    aec::memory::check(
+        "the images of --input",
+        (n * column.sample_len()).checked_mul(4).map(|b| b as u64),
+        "give a smaller folder",
+    )
+    .map_err(Failure::Data)?;
+    let values = column.gather(&(0..n).collect::<Vec<_>>()).map_err(|e| Failure::Data(e.to_string()))?;
+    let [c, h, w] = [column.shape()[1], column.shape()[2], column.shape()[3]];
+    let cache = data::images::cache_dir();
+    let listing = match &var.ty {
+        aec::sema::Ty::Tensor(_) => {
+            let fit = match fit {
+                aec::syntax::ast::ImageFit::Crop => data::images::Fit::Crop,
+                aec::syntax::ast::ImageFit::Stretch => data::images::Fit::Stretch,
+            };
+            data::images::load(input, [c, h, w], fit, (&cache, threads))
+                .map_err(|e| Failure::Data(e.to_string()))?
+                .listing
+        }
+        _ => Default::default(),
+    };
+    Ok((data::Array { shape: vec![n, c, h, w], values }, listing))
+}
+
+/// `aec encode --input FOLDER`: the images' files, labels and label names beside the codes
+/// (`Z.labels.json`).
+fn write_labels(spec: &Path, input: &Path, output: &Path) -> Result<(), Failure> {
+    let spec = load_spec(spec, None)?;
+    let (_, listing) = read_folder(&spec, input, false)?;
+    let path = output.with_extension("labels.json");
+    let json =
+        serde_json::json!({ "files": listing.files, "labels": listing.labels, "classes": listing.classes });
+    aec::files::write_atomic(&path, format!("{json}\n").as_bytes())
+        .map_err(|e| Failure::Io(format!("cannot write {}: {e}", path.display())))?;
+    eprintln!("wrote {} (the sub-folder of each image, as labels)", path.display());
+    Ok(())
 }
 
 /// Every path a training run writes, checked before it trains: the run folder (made now; with
@@ -708,27 +784,26 @@ fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
                 text = Some(loaded);
             }
             let at = columns.iter().position(|c| c.0 == usize::from(k > 0)).unwrap_or(0);
-            arrays.push(
+            arrays.push(data::Column::Memory(
                 text.as_ref()
                     .map(|t| t.0[at].clone())
                     .unwrap_or_else(|| Array { shape: vec![0], values: Values::I32(Vec::new()) }),
-            );
+            ));
             continue;
         }
-        let origin = binding.source.to_string();
         if let DataSource::Csv { path, .. } = &binding.source
             && let Some(header) = data::csv_header(&spec.dir().join(path))
         {
             eprintln!("skipped the header line of {path}: {header}");
         }
         let part = usize::from(k > 0);
-        let array = data::load(&binding.source, &spec.dir(), &var.ty, seed, part)
-            .and_then(|a| data::conform(a, var, &origin))
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let column = data::load_column(&binding.source, &spec.dir(), var, (seed, part, threads))
             .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
-        arrays.push(array);
+        arrays.push(column);
     }
     // A binding of an unknown name never gets here: `aec::compile` refuses it (`check_data`).
-    let n = arrays.first().map_or(0, Array::samples);
+    let n = arrays.first().map_or(0, data::Column::samples);
     if let Some((k, a)) = arrays.iter().enumerate().find(|(_, a)| a.samples() != n) {
         let span = bindings.get(k).map_or(Span::default(), |b| b.span);
         return Err(spec.fail(
@@ -1076,8 +1151,8 @@ fn decoded_examples(
         return Ok(String::new());
     }
     let ints = |k: usize| match data.gather(k, &idx) {
-        Values::I32(v) => v,
-        Values::F32(_) => Vec::new(),
+        Ok(Values::I32(v)) => v,
+        _ => Vec::new(),
     };
     let inputs: Vec<aec::interp::Buf> =
         (0..data.arrays.len()).map(|k| aec::interp::Buf::I32(ints(k))).collect();
@@ -1116,7 +1191,7 @@ fn code_table(
     threads: usize,
     backend: aec::runtime::Backend,
 ) -> Result<String, Failure> {
-    let x = &data.arrays[0];
+    let data::Column::Memory(x) = &data.arrays[0] else { return Ok(String::new()) };
     let codes =
         infer::infer(c, params, x, Output::Code, x.samples(), threads, backend).map_err(Failure::Data)?;
     let recon =

@@ -2,7 +2,9 @@
 //! shape check, batching, shuffling and input noise. It knows the model's declared types, not
 //! its layers.
 
+pub mod images;
 pub mod npy;
+pub mod stored;
 pub mod text;
 
 use crate::sema::{Ty, Var};
@@ -147,6 +149,10 @@ pub fn load(src: &DataSource, base: &Path, sample: &Ty, seed: u64, part: usize) 
                 (_, SeqTask::Reverse) => src.chunks(len).flat_map(|s| s.iter().rev().copied()).collect(),
             };
             Array { shape: vec![n, len], values: Values::I32(ids) }
+        }
+        // Decoded into a cache and read a batch at a time: `load_column`.
+        DataSource::Images { .. } => {
+            return Err(err("an image folder is read with its variable's size (data::load_column)"));
         }
         // Its vocabularies come from the training split: `text::load`, given the split.
         DataSource::Text { .. } => {
@@ -330,11 +336,137 @@ fn patches(a: &Array, size: usize, stride: usize) -> Result<Array, DataError> {
     Ok(Array { shape: vec![count, size, size], values: Values::F32(out) })
 }
 
-/// The data of a run: one array per model variable (inputs, then targets), all with the same
+/// One variable's samples: in memory, or read from their file a batch at a time (`stored`).
+#[derive(Clone, Debug)]
+pub enum Column {
+    Memory(Array),
+    Stored(std::sync::Arc<stored::Stored>),
+}
+
+impl Column {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Column::Memory(a) => &a.shape,
+            Column::Stored(s) => &s.shape,
+        }
+    }
+
+    pub fn samples(&self) -> usize {
+        self.shape().first().copied().unwrap_or(0)
+    }
+
+    /// Values per sample.
+    pub fn sample_len(&self) -> usize {
+        self.shape().iter().skip(1).product()
+    }
+
+    /// The samples `idx`, as one batch.
+    pub fn gather(&self, idx: &[usize]) -> Result<Values, DataError> {
+        match self {
+            Column::Memory(a) => {
+                let per = a.sample_len();
+                Ok(match &a.values {
+                    Values::F32(v) => Values::F32(
+                        idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect(),
+                    ),
+                    Values::I32(v) => Values::I32(
+                        idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect(),
+                    ),
+                })
+            }
+            Column::Stored(s) => s.gather(idx),
+        }
+    }
+}
+
+/// Loads a source for the variable `var`: a `.npy` file of `u8`, `u16`, `f16` or `f32` (and a
+/// decoded image folder) as a `Stored` column read a batch at a time — unless
+/// `AEC_DATA=memory` asks for every source in memory —, any other source in memory, checked
+/// against `var` (`conform`). `threads` decode images.
+pub fn load_column(
+    src: &DataSource,
+    base: &Path,
+    var: &Var,
+    (seed, part, threads): (u64, usize, usize),
+) -> Result<Column, DataError> {
+    let origin = src.to_string();
+    let in_memory = std::env::var("AEC_DATA").is_ok_and(|v| v == "memory");
+    let stored = match src {
+        DataSource::Npy { path, scale } if matches!(var.ty, Ty::Tensor(_)) && !in_memory => {
+            stored::Stored::open(&base.join(path), *scale)?
+        }
+        DataSource::Images { path, fit, scale } => {
+            let Ty::Tensor(d) = &var.ty else {
+                return Err(err(format!("`images` gives pictures, and `{}` is {}", var.name, var.ty)));
+            };
+            let [c, h, w] = <[u64; 3]>::try_from(d.as_slice()).map_err(|_| {
+                err(format!("`images` gives [C, H, W] pictures, and `{}` is {}", var.name, var.ty))
+            })?;
+            let fit = match fit {
+                crate::syntax::ast::ImageFit::Crop => images::Fit::Crop,
+                crate::syntax::ast::ImageFit::Stretch => images::Fit::Stretch,
+            };
+            let root = base.join(path);
+            let t = std::time::Instant::now();
+            let cache = images::cache_dir();
+            let decoded = images::load(&root, [c as usize, h as usize, w as usize], fit, (&cache, threads))?;
+            let l = &decoded.listing;
+            if decoded.decoded {
+                let secs = t.elapsed().as_secs_f64();
+                eprintln!(
+                    "decoded {} images of {} in {secs:.2} s ({:.0} images/s), cached as {}",
+                    l.files.len(),
+                    root.display(),
+                    l.files.len() as f64 / secs.max(1e-9),
+                    decoded.cache.display()
+                );
+            }
+            for (file, why) in &l.skipped {
+                eprintln!("warning: skipped {}: {why}", root.join(file).display());
+            }
+            if !l.skipped.is_empty() {
+                eprintln!(
+                    "warning: {} of {} image files could not be read",
+                    l.skipped.len(),
+                    l.skipped.len() + l.files.len()
+                );
+            }
+            let s = stored::Stored::open(&decoded.cache, *scale)?.ok_or_else(|| {
+                err(format!("the image cache {} is not a u8 array", decoded.cache.display()))
+            })?;
+            if in_memory {
+                return conform(
+                    Array {
+                        shape: s.shape.clone(),
+                        values: s.gather(&(0..s.samples()).collect::<Vec<_>>())?,
+                    },
+                    var,
+                    &origin,
+                )
+                .map(Column::Memory);
+            }
+            Some(s)
+        }
+        _ => None,
+    };
+    match stored {
+        Some(s) => {
+            check_shape(&s.shape, var, &origin)?;
+            if s.samples() == 0 {
+                return Err(err(format!("{origin} has no samples")));
+            }
+            s.check_finite()?;
+            Ok(Column::Stored(std::sync::Arc::new(s)))
+        }
+        None => conform(load(src, base, &var.ty, seed, part)?, var, &origin).map(Column::Memory),
+    }
+}
+
+/// The data of a run: one column per model variable (inputs, then targets), all with the same
 /// number of samples.
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    pub arrays: Vec<Array>,
+    pub arrays: Vec<Column>,
     pub names: Vec<String>,
     pub n: usize,
     /// A text source's vocabularies (saved as `vocab.json` with the run).
@@ -346,19 +478,7 @@ pub struct Dataset {
 /// `[N, 8, 8]` data feeds an input `[1, 8, 8]`).
 pub fn conform(a: Array, var: &Var, origin: &str) -> Result<Array, DataError> {
     let sample: Vec<usize> = a.shape.iter().skip(1).copied().collect();
-    let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
-    let (declared, tokens) = match &var.ty {
-        Ty::Tensor(d) => (d.iter().map(|&x| x as usize).collect::<Vec<_>>(), None),
-        Ty::Token { vocab } => (vec![], Some(*vocab)),
-        Ty::Tokens { len, vocab } => (vec![*len as usize], Some(*vocab)),
-        Ty::Seq { len, dim } => (vec![*len as usize, *dim as usize], None),
-    };
-    if squeeze(&sample) != squeeze(&declared) {
-        return Err(err(format!(
-            "{origin} has samples of shape {sample:?}, but `{}` is declared {}",
-            var.name, var.ty
-        )));
-    }
+    let tokens = check_shape(&a.shape, var, origin)?;
     if a.samples() == 0 {
         return Err(err(format!("{origin} has no samples")));
     }
@@ -401,6 +521,26 @@ pub fn conform(a: Array, var: &Var, origin: &str) -> Result<Array, DataError> {
     Ok(Array { shape, values })
 }
 
+/// Checks that an array of `shape` holds samples of `var`'s type (axes of size 1 aside); the
+/// vocabulary, for token ids.
+fn check_shape(shape: &[usize], var: &Var, origin: &str) -> Result<Option<u64>, DataError> {
+    let sample: Vec<usize> = shape.iter().skip(1).copied().collect();
+    let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
+    let (declared, tokens) = match &var.ty {
+        Ty::Tensor(d) => (d.iter().map(|&x| x as usize).collect::<Vec<_>>(), None),
+        Ty::Token { vocab } => (vec![], Some(*vocab)),
+        Ty::Tokens { len, vocab } => (vec![*len as usize], Some(*vocab)),
+        Ty::Seq { len, dim } => (vec![*len as usize, *dim as usize], None),
+    };
+    if squeeze(&sample) != squeeze(&declared) {
+        return Err(err(format!(
+            "{origin} has samples of shape {sample:?}, but `{}` is declared {}",
+            var.name, var.ty
+        )));
+    }
+    Ok(tokens)
+}
+
 /// A seeded permutation of `0..n`: the order of one epoch.
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -430,18 +570,9 @@ impl Dataset {
         split(self.n, fraction, seed)
     }
 
-    /// The samples `idx` of array `k`, as one batch.
-    pub fn gather(&self, k: usize, idx: &[usize]) -> Values {
-        let a = &self.arrays[k];
-        let per = a.sample_len();
-        match &a.values {
-            Values::F32(v) => {
-                Values::F32(idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
-            }
-            Values::I32(v) => {
-                Values::I32(idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
-            }
-        }
+    /// The samples `idx` of column `k`, as one batch.
+    pub fn gather(&self, k: usize, idx: &[usize]) -> Result<Values, DataError> {
+        self.arrays[k].gather(idx)
     }
 }
 

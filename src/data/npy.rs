@@ -1,10 +1,18 @@
-//! NumPy `.npy` files (format versions 1–3, C order, little-endian): read u8/i8/i32/i64/f32/f64,
+//! NumPy `.npy` files (format versions 1–3, C order, little-endian): read u8/i8/u16/i32/i64/f16/f32/f64,
 //! write f32 and i32. Every malformed file gets a message saying what is wrong with it.
 
 use super::{Array, Values};
 
-/// Parses an `.npy` file's bytes.
-pub fn parse(bytes: &[u8]) -> Result<Array, String> {
+/// What a `.npy` header says: the dtype's descr, the shape, and where the values start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Header {
+    pub descr: String,
+    pub shape: Vec<usize>,
+    pub data_start: usize,
+}
+
+/// Parses the header at the start of `bytes` (which may hold only the header's part).
+pub fn header(bytes: &[u8]) -> Result<Header, String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (it does not start with \\x93NUMPY)".into());
@@ -26,13 +34,26 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
         return Err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into());
     }
     let shape = parse_shape(shape)?;
-    let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"');
+    let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"').to_owned();
+    Ok(Header { descr, shape, data_start: start + header_len })
+}
+
+/// Parses an `.npy` file's bytes.
+pub fn parse(bytes: &[u8]) -> Result<Array, String> {
+    let Header { descr, shape, data_start } = header(bytes)?;
+    let descr = descr.as_str();
     let count =
         shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or("the .npy shape is too large")?;
-    let data = &bytes[start + header_len..];
+    let data = &bytes[data_start..];
     let (size, values): (usize, fn(&[u8]) -> Values) = match descr {
         "|u1" | "u1" => (1, |d| Values::F32(d.iter().map(|&b| f32::from(b)).collect())),
         "|i1" | "i1" => (1, |d| Values::F32(d.iter().map(|&b| f32::from(b as i8)).collect())),
+        "<u2" => (2, |d| {
+            Values::F32(d.chunks_exact(2).map(|c| f32::from(u16::from_le_bytes([c[0], c[1]]))).collect())
+        }),
+        "<f2" => (2, |d| {
+            Values::F32(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        }),
         "<f4" => (4, |d| {
             Values::F32(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         }),
@@ -58,7 +79,7 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
         }),
         other => {
             return Err(format!(
-                "unsupported dtype '{other}': aec reads uint8, int8, int32, int64, float32 and float64 (little-endian)"
+                "unsupported dtype '{other}': aec reads uint8, int8, uint16, int32, int64, float16, float32 and float64 (little-endian)"
             ));
         }
     };
@@ -80,22 +101,31 @@ pub fn to_bytes(a: &Array) -> Vec<u8> {
         Values::F32(_) => "<f4",
         Values::I32(_) => "<i4",
     };
-    let dims: Vec<String> = a.shape.iter().map(usize::to_string).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    // Pad so the data starts on a 64-byte boundary, the header ending in a newline.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + a.len() * 4);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
+    let mut out = header_bytes(descr, &a.shape, 0);
+    out.reserve(a.len() * 4);
     match &a.values {
         Values::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         Values::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
     }
+    out
+}
+
+/// The bytes before a `.npy` version 1.0 file's values: at least `min_len` of them, padded so
+/// that the values start on a 64-byte boundary (a header written again with another shape
+/// keeps its length when `min_len` leaves room).
+pub fn header_bytes(descr: &str, shape: &[usize], min_len: usize) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // The header ends in a newline.
+    while !(10 + header.len() + 1).is_multiple_of(64) || 10 + header.len() + 1 < min_len {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
     out
 }
 

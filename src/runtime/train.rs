@@ -121,6 +121,10 @@ pub struct EpochMetrics {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub weights: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
+    /// The time the training steps waited for their batches (gathered by a second thread
+    /// while the step before ran), in seconds over the epoch.
+    #[serde(default)]
+    pub data_wait_s: f64,
     /// When the epoch ended (seconds since 1970): the wall time TensorBoard's events show.
     #[serde(default)]
     pub wall_time: f64,
@@ -239,7 +243,7 @@ fn single_sample_batches(
 
 /// What a step of the whole network's phase is told besides its batch: the learning rate
 /// (`None`: the optimizer's own) and the scheduled loss weights.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Controls {
     lr: Option<f64>,
     weights: Vec<(String, f64)>,
@@ -262,6 +266,19 @@ impl Controls {
         let weights = terms.iter().map(|(name, s)| (name.clone(), s.at(t, steps))).collect();
         Controls { lr, weights }
     }
+}
+
+/// One training step, planned before its epoch starts: the batch's samples (`rows` of them
+/// on this process), the weight of this process's share, the program's batch key, the step
+/// number, its controls and the graph inputs its batch fills.
+struct StepPlan<'a> {
+    idx: &'a [usize],
+    rows: &'a [usize],
+    weight: f32,
+    key: (usize, usize),
+    step: u64,
+    controls: Controls,
+    inputs: Vec<crate::ir::InputDef>,
 }
 
 /// Why a step failed.
@@ -510,23 +527,23 @@ impl Programs<'_> {
 /// The graph inputs of a batch: model variables by name, `<input>.clean` for denoising,
 /// `weight.<term>` from `weights` (scheduled loss weights).
 pub fn batch_inputs(
-    g: &Graph,
+    inputs: &[crate::ir::InputDef],
     data: &Dataset,
     idx: &[usize],
     (noise, seed, step): (Option<Noise>, u64, u64),
     weights: &[(String, f64)],
-) -> Vec<Buf> {
-    g.inputs
+) -> Result<Vec<Buf>, data::DataError> {
+    inputs
         .iter()
         .map(|input| {
             if let Some(term) = input.name.strip_prefix(WEIGHT_PREFIX) {
                 let w = weights.iter().find(|(n, _)| n == term).map_or(1.0, |w| w.1);
-                return Buf::F32(vec![w as f32]);
+                return Ok(Buf::F32(vec![w as f32]));
             }
             let clean = input.name.ends_with(".clean");
             let name = input.name.trim_end_matches(".clean");
-            let Some(k) = data.names.iter().position(|n| n == name) else { return Buf::F32(Vec::new()) };
-            match data.gather(k, idx) {
+            let Some(k) = data.names.iter().position(|n| n == name) else { return Ok(Buf::F32(Vec::new())) };
+            Ok(match data.gather(k, idx)? {
                 Values::F32(mut v) => {
                     if let (Some(noise), false, 0) = (noise, clean, k) {
                         data::corrupt(&mut v, noise, seed, step);
@@ -534,7 +551,7 @@ pub fn batch_inputs(
                     Buf::F32(v)
                 }
                 Values::I32(v) => Buf::I32(v),
-            }
+            })
         })
         .collect()
 }
@@ -701,20 +718,25 @@ pub fn train(
             let mut loss_sum = 0f64;
             let mut term_sums: Vec<f64> = Vec::new();
             let mut allreduce = Duration::ZERO;
-            let mut controls = Controls::default();
+            // Every step's plan is known before the epoch starts: its rows, learning rate and
+            // loss weights. A second thread gathers each step's batch (and corrupts it) while
+            // the step before runs; the step waits only if the data is slower.
+            let mut plans = Vec::with_capacity(order.len().div_ceil(batch));
             for (s, idx) in order.chunks(batch).enumerate() {
-                state.step += 1;
+                let step = state.step + s as u64 + 1;
                 // The learning rate and loss weights of this step (the whole network's phase).
-                if phase.stage.is_none() {
+                let controls = if phase.stage.is_none() {
                     let at = ((epoch - phase_start - 1) * steps_per_epoch + s as u64, steps_per_epoch);
-                    controls = Controls::at(
+                    Controls::at(
                         cfg,
                         &term_schedules,
                         (epoch - phase_start - 1, at),
                         phase.epochs,
                         plateau.as_ref(),
-                    );
-                }
+                    )
+                } else {
+                    Controls::default()
+                };
                 // Data-parallel: this process's shard, weighted by its share of the batch (a
                 // process left without rows runs one with weight 0, to take the same update).
                 let (rows, weight) = match &cfg.dist {
@@ -726,34 +748,61 @@ pub fn train(
                     None => (idx, 1.0),
                 };
                 let key = (rows.len(), if cfg.dist.is_some() { idx.len() } else { rows.len() });
-                let g = programs.train(key)?;
-                let inputs = batch_inputs(g, data, rows, (cfg.noise, seed, state.step), &controls.weights);
-                let opts = interp::Options {
-                    seed,
-                    step: state.step,
-                    threads: cfg.threads,
-                    check_finite: true,
-                    lr: controls.lr,
-                };
-                let mut sum = |flat: &mut [f32]| {
-                    if let Some(Dist(d)) = &cfg.dist {
-                        flat.iter_mut().for_each(|v| *v *= weight);
-                        let t = Instant::now();
-                        d.sum_f32(flat);
-                        allreduce += t.elapsed();
-                    }
-                };
-                let reduce: Option<codegen::Reduce> = if cfg.dist.is_some() { Some(&mut sum) } else { None };
-                let (loss, terms) = programs
-                    .step(key, &inputs, &mut state, &opts, on, reduce)
-                    .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
-                loss_sum += loss * idx.len() as f64;
-                term_sums.resize(terms.len(), 0.0);
-                for (sum, t) in term_sums.iter_mut().zip(terms) {
-                    *sum += t * idx.len() as f64;
-                }
-                on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
+                let inputs = programs.train(key)?.inputs.clone();
+                plans.push(StepPlan { idx, rows, weight, key, step, controls, inputs });
             }
+            let mut data_wait = Duration::ZERO;
+            std::thread::scope(|scope| -> Result<(), TrainError> {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let (plans, noise) = (&plans, cfg.noise);
+                scope.spawn(move || {
+                    for p in plans {
+                        let batch =
+                            batch_inputs(&p.inputs, data, p.rows, (noise, seed, p.step), &p.controls.weights);
+                        if tx.send(batch).is_err() {
+                            break;
+                        }
+                    }
+                });
+                for (s, p) in plans.iter().enumerate() {
+                    let waited = Instant::now();
+                    let inputs = rx
+                        .recv()
+                        .map_err(|_| TrainError::Data("the data thread stopped".into()))?
+                        .map_err(|e| TrainError::Data(e.to_string()))?;
+                    data_wait += waited.elapsed();
+                    state.step = p.step;
+                    let opts = interp::Options {
+                        seed,
+                        step: state.step,
+                        threads: cfg.threads,
+                        check_finite: true,
+                        lr: p.controls.lr,
+                    };
+                    let weight = p.weight;
+                    let mut sum = |flat: &mut [f32]| {
+                        if let Some(Dist(d)) = &cfg.dist {
+                            flat.iter_mut().for_each(|v| *v *= weight);
+                            let t = Instant::now();
+                            d.sum_f32(flat);
+                            allreduce += t.elapsed();
+                        }
+                    };
+                    let reduce: Option<codegen::Reduce> =
+                        if cfg.dist.is_some() { Some(&mut sum) } else { None };
+                    let (loss, terms) = programs
+                        .step(p.key, &inputs, &mut state, &opts, on, reduce)
+                        .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
+                    loss_sum += loss * p.idx.len() as f64;
+                    term_sums.resize(terms.len(), 0.0);
+                    for (sum, t) in term_sums.iter_mut().zip(terms) {
+                        *sum += t * p.idx.len() as f64;
+                    }
+                    on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
+                }
+                Ok(())
+            })?;
+            let controls = plans.last().map(|p| p.controls.clone()).unwrap_or_default();
             // Code generation happens inside the first steps; it is reported apart.
             let compiled_now = programs.jit_seconds - jit_before;
             let epoch_train = epoch_start.elapsed().saturating_sub(Duration::from_secs_f64(compiled_now));
@@ -811,6 +860,7 @@ pub fn train(
                 })),
                 weights: controls.weights.iter().cloned().collect(),
                 seconds: started.elapsed().as_secs_f64(),
+                data_wait_s: data_wait.as_secs_f64(),
                 wall_time: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64()),
@@ -1017,13 +1067,16 @@ pub fn decode_accuracy(
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(batch) {
         let inputs: Vec<Buf> = (0..data.arrays.len())
-            .map(|a| match data.gather(a, chunk) {
-                Values::F32(v) => Buf::F32(v),
-                Values::I32(v) => Buf::I32(v),
+            .map(|a| {
+                Ok(match data.gather(a, chunk)? {
+                    Values::F32(v) => Buf::F32(v),
+                    Values::I32(v) => Buf::I32(v),
+                })
             })
-            .collect();
+            .collect::<Result<_, data::DataError>>()
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         got.extend(d.decode_beam(params, &inputs, chunk.len(), (beam, 0.6)).map_err(TrainError::Compile)?);
-        if let Values::I32(v) = data.gather(k, chunk) {
+        if let Values::I32(v) = data.gather(k, chunk).map_err(|e| TrainError::Data(e.to_string()))? {
             want.extend(v);
         }
     }
@@ -1050,7 +1103,8 @@ fn evaluate(
     let mut term_sums: Vec<f64> = Vec::new();
     for chunk in idx.chunks(batch) {
         let g = programs.eval(chunk.len())?;
-        let inputs = batch_inputs(g, data, chunk, (None, cfg.seed, state.step), weights);
+        let inputs = batch_inputs(&g.inputs, data, chunk, (None, cfg.seed, state.step), weights)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         let opts = interp::Options {
             seed: cfg.seed,
             step: state.step,

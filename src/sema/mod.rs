@@ -236,6 +236,25 @@ fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
                     .help(format!("the model's inputs and targets are {}", names.join(", "))),
             );
         }
+        if let ast::DataSource::Images { .. } = b.source {
+            let var = match &b.binding {
+                Some(name) => m.inputs.iter().chain(&m.targets).find(|v| v.name == name.name),
+                None => m.inputs.first(),
+            };
+            if let Some(v) = var
+                && !matches!(&v.ty, Ty::Tensor(d) if d.len() == 3 && (d[0] == 1 || d[0] == 3))
+            {
+                diags.push(
+                    Diagnostic::error(format!(
+                        "`images` gives pictures of [channels, height, width], and `{}` is {}",
+                        v.name, v.ty
+                    ))
+                    .label(b.span, "pictures")
+                    .label(v.span, "declared here")
+                    .help(format!("declare `{}: [3, 64, 64]` (RGB) or `[1, 64, 64]` (grey)", v.name)),
+                );
+            }
+        }
         let distinct_target = matches!(
             b.source,
             ast::DataSource::SeqTask { task: ast::SeqTask::Reverse, .. }

@@ -574,6 +574,29 @@ pub enum DataSource {
     Random {
         count: u64,
     },
+    /// A folder of PNG and JPEG files, decoded to the input's `[C, H, W]` (`data::images`).
+    Images {
+        path: String,
+        fit: ImageFit,
+        scale: f64,
+    },
+}
+
+/// How `images` brings a picture to the declared size: cover it and cut the centre, or scale
+/// each axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFit {
+    Crop,
+    Stretch,
+}
+
+impl ImageFit {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            ImageFit::Crop => "crop",
+            ImageFit::Stretch => "stretch",
+        }
+    }
 }
 
 impl DataSource {

@@ -1237,6 +1237,15 @@ impl Builder {
                 let tokens = if tokens.as_deref() == Some("char") { Tokens::Char } else { Tokens::Word };
                 Some(DataSource::Text { path: path?, tokens, min_count })
             }
+            "images" => {
+                let mut a = CallReader::new(self, c, &["path", "fit", "scale"]);
+                let path = a.string("path");
+                let fit = a.word("fit", &["crop", "stretch"]);
+                let scale = a.positive("scale", Some(1.0 / 255.0));
+                a.finish()?;
+                let fit = if fit.as_deref() == Some("stretch") { ImageFit::Stretch } else { ImageFit::Crop };
+                Some(DataSource::Images { path: path?, fit, scale: scale? })
+            }
             other => {
                 let names = [
                     "onehot",
@@ -1249,6 +1258,7 @@ impl Builder {
                     "translation",
                     "random",
                     "text",
+                    "images",
                 ];
                 let mut d = Diagnostic::error(format!("unknown data source `{other}`"))
                     .label(c.name_span, "not a data source");

@@ -291,6 +291,9 @@ impl Display for DataSource {
                 write!(f, "text({path:?}, tokens: {}, min_count: {min_count})", tokens.keyword())
             }
             DataSource::Random { count } => write!(f, "random(count: {count})"),
+            DataSource::Images { path, fit, scale } => {
+                write!(f, "images({path:?}, fit: {}, scale: {})", fit.keyword(), Num(*scale))
+            }
         }
     }
 }
