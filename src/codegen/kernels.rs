@@ -52,12 +52,12 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::Softmax { x } => {
             let n = *node.ty.shape.last().unwrap_or(&1);
             let src = at(*x);
-            for_rows(e, numel / n, n, |e, r0| softmax_row(e, src, out, r0, n));
+            for_rows(e, numel / n, n, range, |e, r0| softmax_row(e, src, out, r0, n));
         }
         Op::SoftmaxGrad { y, dy } => {
             let n = *node.ty.shape.last().unwrap_or(&1);
             let (ys, ds) = (at(*y), at(*dy));
-            for_rows(e, numel / n, n, |e, r0| {
+            for_rows(e, numel / n, n, range, |e, r0| {
                 let acc = sum(e, n, |e, ty, j| {
                     let idx = e.b.ins().iadd(r0, j);
                     let y = e.load(ty, ys, idx);
@@ -762,6 +762,11 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
             let s = &g.ty(id).shape;
             (s[0], 4 * g.ty(id).numel())
         }
+        // Rows of the last axis, each a softmax (and its gradient) of its own.
+        Op::Softmax { .. } | Op::SoftmaxGrad { .. } => {
+            let numel = g.ty(id).numel();
+            (numel / g.ty(id).shape.last().copied().unwrap_or(1).max(1), 16 * numel)
+        }
         // Images (of the input: the gathered or scattered values' planes follow them).
         Op::Gather { x, .. } => (g.ty(*x).shape[0], 8 * g.ty(id).numel()),
         Op::Scatter { v, .. } => (g.ty(*v).shape[0], 8 * g.ty(id).numel()),
@@ -790,8 +795,17 @@ fn image_planes(e: &mut Emit, b: usize, c: usize, (lo, hi): (Value, Value)) -> (
 }
 
 /// `for r in 0..rows { body(r·n) }`.
-fn for_rows(e: &mut Emit, rows: usize, n: usize, mut body: impl FnMut(&mut Emit, Value)) {
-    e.for_range(0, rows as i64, 1, |e, r| {
+/// `body(first element)` of each row `lo..hi` (the rows one thread takes) of `rows` rows of `n`.
+fn for_rows(
+    e: &mut Emit,
+    rows: usize,
+    n: usize,
+    (lo, hi): (Value, Value),
+    mut body: impl FnMut(&mut Emit, Value),
+) {
+    let top = e.i64(rows as i64);
+    let hi = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, hi, |e, r| {
         let r0 = e.b.ins().imul_imm_s(r, n as i64);
         body(e, r0);
     });
@@ -1189,14 +1203,16 @@ fn loss_kernel(
             e.b.def_var(acc, zero_f);
             e.for_range(0, rows as i64, 1, |e, r| {
                 let r0 = e.b.ins().imul_imm_s(r, v as i64);
-                let (max, total) = row_max_sumexp(e, p, r0, v, None);
                 let id = load_index(e, t, r);
+                let at = e.b.ins().iadd(r0, id);
+                // The target's logit, read before the row's exponentials are stored (the
+                // gradient may take the logits' place).
+                let zt = e.load(F32, p, at);
+                let (max, total) = row_max_sumexp(e, p, r0, v, grad.map(|g| g.1));
                 let real = pad.then(|| e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0));
                 if value.is_some() {
                     let l = e.ln(total);
                     let lse = e.b.ins().fadd(max, l);
-                    let at = e.b.ins().iadd(r0, id);
-                    let zt = e.load(F32, p, at);
                     let term = e.b.ins().fsub(lse, zt);
                     let term = match real {
                         Some(real) => {
@@ -1218,21 +1234,21 @@ fn loss_kernel(
                     (k, _) => k,
                 };
                 if let (Some(k), Some((_, out, _))) = (k, grad) {
-                    // (softmax − one-hot(target)) · k.
+                    // (softmax − one-hot(target)) · k: the stored exponentials scaled, four at a
+                    // time, then k taken off the target's.
                     let one = e.fconst(F32, 1.0);
                     let inv = e.b.ins().fdiv(one, total);
                     let scale = e.b.ins().fmul(inv, k);
-                    e.for_range(0, v as i64, 1, |e, j| {
+                    let scale4 = e.b.ins().splat(F32X4, scale);
+                    e.elementwise(v, |e, ty, j| {
                         let idx = e.b.ins().iadd(r0, j);
-                        let z = e.load(F32, p, idx);
-                        let sh = e.b.ins().fsub(z, max);
-                        let ex = e.exp(F32, sh);
-                        let pr = e.b.ins().fmul(ex, scale);
-                        let hit = e.b.ins().icmp(IntCC::Equal, j, id);
-                        let minus = e.b.ins().fsub(pr, k);
-                        let g = e.b.ins().select(hit, minus, pr);
-                        e.store(out, idx, g);
+                        let ex = e.load(ty, out, idx);
+                        let pr = e.b.ins().fmul(ex, if ty == F32X4 { scale4 } else { scale });
+                        e.store(out, idx, pr);
                     });
+                    let pr = e.load(F32, out, at);
+                    let minus = e.b.ins().fsub(pr, k);
+                    e.store(out, at, minus);
                 }
             });
             if let Some(out) = value {
@@ -1506,10 +1522,30 @@ pub fn updates(
 
 /// The maximum of a row and Σ e^(z - max); with `store`, each e^(z - max) is also written there.
 fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<usize>) -> (Value, Value) {
-    let m = e.b.declare_var(F32);
+    // The maximum four lanes at a time, then across the lanes and the tail (a maximum is the
+    // same in any order).
     let ninf = e.fconst(F32, f32::NEG_INFINITY);
-    e.b.def_var(m, ninf);
-    e.for_range(0, n as i64, 1, |e, j| {
+    let mv = e.b.declare_var(F32X4);
+    let ninf4 = e.b.ins().splat(F32X4, ninf);
+    e.b.def_var(mv, ninf4);
+    e.for_range(0, (n / 4 * 4) as i64, 4, |e, j| {
+        let idx = e.b.ins().iadd(r0, j);
+        let v = e.load(F32X4, src, idx);
+        let cur = e.b.use_var(mv);
+        let mx = e.b.ins().fmax(cur, v);
+        e.b.def_var(mv, mx);
+    });
+    let lanes = e.b.use_var(mv);
+    let m = e.b.declare_var(F32);
+    let first = e.b.ins().extractlane(lanes, 0);
+    e.b.def_var(m, first);
+    for lane in 1..4u8 {
+        let x = e.b.ins().extractlane(lanes, lane);
+        let cur = e.b.use_var(m);
+        let mx = e.b.ins().fmax(cur, x);
+        e.b.def_var(m, mx);
+    }
+    e.for_range((n / 4 * 4) as i64, n as i64, 1, |e, j| {
         let idx = e.b.ins().iadd(r0, j);
         let v = e.load(F32, src, idx);
         let cur = e.b.use_var(m);
