@@ -224,6 +224,22 @@ fn stored_npy_files_train_exactly_as_in_memory_in_every_dtype() {
             std::fs::read_to_string(dir.join(format!("{name}-stored/metrics.jsonl"))).expect("metrics");
         assert!(metrics.contains("\"data_wait_s\":"), "{metrics}");
     }
+    // Patches of a stored file's images, cut as they are read: the same training as the
+    // patches of the file read whole.
+    let pixels: Vec<u8> = (0..2 * 20 * 23).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(dir.join("images.npy"), npy_u8(&[2, 20, 23], &pixels)).expect("npy");
+    let path = spec(
+        &dir,
+        "patches(npy(\"images.npy\", scale: 1/255), size: 8, stride: 5)",
+        "[1, 8, 8]",
+        "validation 0.25\n",
+    );
+    let (code, err, stored) = train(&dir, &path, "patches-stored", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("training on 18 samples (6 for validation)"), "2 images × 3 × 4 patches: {err}");
+    let (code, err, memory) = train(&dir, &path, "patches-memory", &[("AEC_DATA", "memory")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stored == memory, "patches: stored and in-memory training differ");
     // A NaN in a stored float file: named with its sample before training.
     let mut b = npy::header_bytes("<f4", &[3, 12], 0);
     (0..36).for_each(|i| b.extend_from_slice(&(if i == 29 { f32::NAN } else { 0.5f32 }).to_le_bytes()));

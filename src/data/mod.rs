@@ -336,11 +336,56 @@ fn patches(a: &Array, size: usize, stride: usize) -> Result<Array, DataError> {
     Ok(Array { shape: vec![count, size, size], values: Values::F32(out) })
 }
 
-/// One variable's samples: in memory, or read from their file a batch at a time (`stored`).
+/// One variable's samples: in memory, or read from their file a batch at a time (`stored`):
+/// whole samples, or the patches of its images.
 #[derive(Clone, Debug)]
 pub enum Column {
     Memory(Array),
     Stored(std::sync::Arc<stored::Stored>),
+    Patches(std::sync::Arc<StoredPatches>),
+}
+
+/// `patches(npy(…))` of a stored file: patch `i` is read (a row at a time) when a batch needs it.
+#[derive(Debug)]
+pub struct StoredPatches {
+    source: stored::Stored,
+    /// Patch side, stride, image height and width, patches per image row and per image.
+    size: usize,
+    stride: usize,
+    hw: (usize, usize),
+    across: usize,
+    per_image: usize,
+    shape: Vec<usize>,
+}
+
+impl StoredPatches {
+    fn new(source: stored::Stored, size: usize, stride: usize) -> Result<StoredPatches, DataError> {
+        let (n, h, w) = match source.shape.as_slice() {
+            [h, w] => (1, *h, *w),
+            [n, h, w] | [n, 1, h, w] => (*n, *h, *w),
+            s => return Err(err(format!("patches need [H, W] or [N, H, W] images, got {s:?}"))),
+        };
+        if size > h || size > w || size == 0 || stride == 0 {
+            return Err(err(format!("patches of {size}×{size} do not fit images of {h}×{w}")));
+        }
+        let (down, across) = ((h - size) / stride + 1, (w - size) / stride + 1);
+        let shape = vec![n * down * across, size, size];
+        Ok(StoredPatches { source, size, stride, hw: (h, w), across, per_image: down * across, shape })
+    }
+
+    fn gather(&self, idx: &[usize]) -> Result<Values, DataError> {
+        self.source.check_length()?;
+        let (h, w) = self.hw;
+        let mut out = Vec::with_capacity(idx.len() * self.size * self.size);
+        for &p in idx {
+            let (img, at) = (p / self.per_image, p % self.per_image);
+            let (y, x) = (at / self.across * self.stride, at % self.across * self.stride);
+            for r in 0..self.size {
+                self.source.read_run(img * h * w + (y + r) * w + x, self.size, &mut out)?;
+            }
+        }
+        Ok(Values::F32(out))
+    }
 }
 
 impl Column {
@@ -348,6 +393,7 @@ impl Column {
         match self {
             Column::Memory(a) => &a.shape,
             Column::Stored(s) => &s.shape,
+            Column::Patches(p) => &p.shape,
         }
     }
 
@@ -375,6 +421,7 @@ impl Column {
                 })
             }
             Column::Stored(s) => s.gather(idx),
+            Column::Patches(p) => p.gather(idx),
         }
     }
 }
@@ -446,6 +493,18 @@ pub fn load_column(
                 .map(Column::Memory);
             }
             Some(s)
+        }
+        DataSource::Patches { source, size, stride } if !in_memory && matches!(var.ty, Ty::Tensor(_)) => {
+            let DataSource::Npy { path, scale } = source.as_ref() else {
+                return conform(load(src, base, &var.ty, seed, part)?, var, &origin).map(Column::Memory);
+            };
+            let Some(file) = stored::Stored::open(&base.join(path), *scale)? else {
+                return conform(load(src, base, &var.ty, seed, part)?, var, &origin).map(Column::Memory);
+            };
+            file.check_finite()?;
+            let p = StoredPatches::new(file, *size as usize, *stride as usize)?;
+            check_shape(&p.shape, var, &origin)?;
+            return Ok(Column::Patches(std::sync::Arc::new(p)));
         }
         _ => None,
     };

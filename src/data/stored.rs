@@ -131,14 +131,7 @@ impl Stored {
     /// The samples `idx` as one batch of f32, scaled.
     pub fn gather(&self, idx: &[usize]) -> Result<Values, DataError> {
         // A file cut short since it was opened is an error, not a short read.
-        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if now < self.len {
-            return Err(err(format!(
-                "{} was truncated while training read it ({} bytes, {now} now)",
-                self.path.display(),
-                self.len
-            )));
-        }
+        self.check_length()?;
         let per = self.sample_len() * self.dtype.size();
         let mut bytes = vec![0u8; per];
         let mut out = Vec::with_capacity(idx.len() * self.sample_len());
@@ -148,6 +141,30 @@ impl Stored {
             self.dtype.convert(&bytes, self.scale, &mut out);
         }
         Ok(Values::F32(out))
+    }
+
+    /// Values `start..start + len` (counting from the first sample's first value), scaled,
+    /// appended to `out`.
+    pub fn read_run(&self, start: usize, len: usize, out: &mut Vec<f32>) -> Result<(), DataError> {
+        let size = self.dtype.size();
+        let mut bytes = vec![0u8; len * size];
+        read_at(&self.file, &mut bytes, self.offset + (start * size) as u64)
+            .map_err(|e| err(format!("cannot read {}: {e}", self.path.display())))?;
+        self.dtype.convert(&bytes, self.scale, out);
+        Ok(())
+    }
+
+    /// Fails if the file is shorter than when it was opened.
+    pub fn check_length(&self) -> Result<(), DataError> {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now < self.len {
+            return Err(err(format!(
+                "{} was truncated while training read it ({} bytes, {now} now)",
+                self.path.display(),
+                self.len
+            )));
+        }
+        Ok(())
     }
 
     /// Checks every value is finite (float files), reading the file in pieces: the first
