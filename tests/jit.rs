@@ -200,6 +200,9 @@ fn attention_at_odd_sizes_lengths_and_batches_on_two_threads() {
         ("gru", 5, 7, "attention additive", 3, 5, true),
         ("lstm", 4, 4, "attention additive", 6, 3, false),
         ("gru", 9, 17, "attention additive", 1, 4, true),
+        // Products of 17 × 17 × 16 and more: attention's batch_matmuls on the wide core.
+        ("gru", 16, 16, "attention dot", 17, 6, true),
+        ("lstm", 16, 16, "attention general", 19, 5, false),
     ];
     for (cell, he, h, att, len, v, padded) in cases {
         let seq = if padded { format!("seq[<= {len}]") } else { format!("seq[{len}]") };

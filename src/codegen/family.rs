@@ -1,5 +1,5 @@
 //! Kernel families: the ops that compile to more than one kernel, need scratch, or may call the
-//! wide matmul core (convolutions, recurrent loops; batch norm and attention are next). Each
+//! wide matmul core (convolutions, recurrent loops, attention's batched products). Each
 //! family lives in its own file, which says in one [`Family`] value what its nodes compile to:
 //! their kernels (parts) and each part's work units, their scratch, their call into the wide
 //! core, how each part is emitted and what `--emit fused` says of it. `Program::compile`, the
@@ -9,12 +9,12 @@
 use super::emit::Emit;
 use super::plan::Plan;
 use super::wide;
-use super::{conv, recurrent};
+use super::{batched, conv, recurrent};
 use crate::ir::{Graph, NodeId};
 use cranelift_codegen::ir::Value;
 
 /// Every family, asked in order; the first whose `parts` answers compiles the node.
-pub const FAMILIES: &[Family] = &[conv::FAMILY, recurrent::FAMILY];
+pub const FAMILIES: &[Family] = &[conv::FAMILY, recurrent::FAMILY, batched::FAMILY];
 
 /// What a family's node compiles to.
 pub struct Parts {

@@ -18,6 +18,7 @@
 //!
 //! Nothing falls back to the interpreter: an op without a kernel is a compile error.
 
+mod batched;
 mod clip;
 mod conv;
 mod emit;
@@ -937,11 +938,11 @@ fn wide_calls(
     for (gi, grp) in groups.iter().enumerate() {
         if let fuse::Group::Single(id) = grp
             && wide_available
-            && scratch_bytes(g, *id, false) > 0
+            && family::of(g, *id).is_some()
         {
             // A family's call into the core (a recurrent loop's per-step projection, a
-            // dense conv2d's matmul).
-            let scratch = plan.scratch_of(*id)?;
+            // dense conv2d's matmul, a batch of products).
+            let scratch = family_scratch(g, plan, *id)?;
             let call =
                 family::of(g, *id).and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch));
             if let Some(call) = call {
@@ -1050,7 +1051,7 @@ fn emit_kernel(
         fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
         fuse::Group::Single(id) => match piece {
             Piece::Part { family, k, .. } => {
-                let scratch = plan.scratch_of(*id)?;
+                let scratch = family_scratch(g, plan, *id)?;
                 let emit = family::FAMILIES[family].emit;
                 emit(e, g, plan, *id, k, scratch, range, core)?;
             }
@@ -1085,6 +1086,11 @@ fn kernel_units(g: &Graph, grp: &fuse::Group, piece: Piece, call: Option<&wide::
 /// Bytes of a node's scratch: a fused matmul keeps its right operand packed in panels of 8
 /// columns (none on the wide core, which packs its operands itself: `wide`); a node of a kernel
 /// family what the family says ([`family`]).
+/// Where a family's node has its scratch (0 when it needs none).
+fn family_scratch(g: &Graph, plan: &plan::Plan, id: NodeId) -> Result<usize, String> {
+    if scratch_bytes(g, id, false) > 0 { plan.scratch_of(id) } else { Ok(0) }
+}
+
 fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
     match &g.node(id).op {
         Op::MatMul { .. } if wide => 0,

@@ -93,6 +93,10 @@ pub struct Call {
     /// Units are groups of C's columns (else of its rows), `unit` of them each but the last.
     pub by_cols: bool,
     pub unit: usize,
+    /// A batch of `batch` such products (`batch_matmul`), A, B and C of each this many bytes
+    /// after the one before: then each unit is one whole product.
+    pub batch: usize,
+    pub batch_bytes: [usize; 3],
 }
 
 impl Call {
@@ -113,7 +117,21 @@ impl Call {
         // An even number of units, so that two threads get the same share.
         let units = side.div_ceil(UNIT).next_multiple_of(2);
         let unit = side.div_ceil(units).next_multiple_of(8).min(side);
-        Call { m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, by_cols, unit }
+        Call { m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, by_cols, unit, batch: 1, batch_bytes: [0; 3] }
+    }
+
+    /// `batch` products of the sizes `Call::new` takes, the operands of each stored after the
+    /// one before; one unit per product.
+    pub fn batched(
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, ta): (usize, bool),
+        (b, tb): (usize, bool),
+        c: usize,
+    ) -> Call {
+        let one = Call::new((m, n, k), (a, ta), (b, tb), c);
+        let side = one.side();
+        Call { batch, batch_bytes: [4 * m * k, 4 * k * n, 4 * m * n], unit: side, ..one }
     }
 
     fn side(&self) -> usize {
@@ -133,11 +151,17 @@ impl Call {
 
     /// Whole units, and the size of the partial last one (0 when there is none).
     pub fn units(&self) -> (usize, usize) {
+        if self.batch > 1 {
+            return (self.batch, 0);
+        }
         (self.side() / self.unit, self.side() % self.unit)
     }
 
     /// Work units in all.
     pub fn unit_count(&self) -> usize {
+        if self.batch > 1 {
+            return self.batch;
+        }
         self.side().div_ceil(self.unit)
     }
 
@@ -146,14 +170,19 @@ impl Call {
         let last = |off: usize, rows: usize, rs: isize, cols: usize, cs: isize| {
             off + 4 * ((rows - 1) * rs.unsigned_abs() + (cols - 1) * cs.unsigned_abs() + 1)
         };
-        let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs);
-        let b = last(self.b, self.k, self.b_rs, self.n, self.b_cs);
-        let c = last(self.c, self.m, self.n as isize, self.n, 1);
+        let later = |i: usize| self.batch.saturating_sub(1) * self.batch_bytes[i];
+        let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
+        let b = last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1);
+        let c = last(self.c, self.m, self.n as isize, self.n, 1) + later(2);
         a.max(b).max(c)
     }
 
-    /// Rows `r0..r0 + rows` and columns `c0..c0 + cols` of C that unit `u` computes.
+    /// Rows `r0..r0 + rows` and columns `c0..c0 + cols` of C that unit `u` computes (the whole
+    /// product of a batch's unit).
     fn block(&self, u: usize) -> (usize, usize, usize, usize) {
+        if self.batch > 1 {
+            return if u < self.batch { (0, self.m, 0, self.n) } else { (0, 0, 0, 0) };
+        }
         let start = u * self.unit;
         let len = self.unit.min(self.side().saturating_sub(start));
         if self.by_cols { (0, self.m, start, len) } else { (start, len, 0, self.n) }
@@ -169,18 +198,21 @@ pub(super) unsafe extern "C" fn aec_gemm(base: *mut u8, call: *const Call, unit:
     // SAFETY: `call` is the address of a `Call` that the program owns, boxed, for as long as
     // its generated code exists; the kernels only read it.
     let c = unsafe { &*call };
-    let (r0, rows, c0, cols) = c.block(unit.max(0) as usize);
+    let unit = unit.max(0) as usize;
+    let (r0, rows, c0, cols) = c.block(unit);
     if rows == 0 || cols == 0 {
         return;
     }
+    // A batch's unit is its product: the operands one product on per unit.
+    let [da, db, dc] = if c.batch > 1 { c.batch_bytes.map(|bytes| bytes * unit) } else { [0; 3] };
     // SAFETY: `Program::compile` checked `c.extent()` against the arena, so every element of
     // A, B and C that these sizes and strides reach lies inside it; units cover disjoint
     // blocks of C, so threads running different units never write the same element, and
     // nothing else runs while a kernel does. The element offsets are within those bounds.
     unsafe {
-        let a = (base.add(c.a) as *const f32).offset(r0 as isize * c.a_rs);
-        let b = (base.add(c.b) as *const f32).offset(c0 as isize * c.b_cs);
-        let dst = (base.add(c.c) as *mut f32).add(r0 * c.n + c0);
+        let a = (base.add(c.a + da) as *const f32).offset(r0 as isize * c.a_rs);
+        let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
+        let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
         let kernel = gemm_f32::gemm::f32::get_gemm_fn();
         // The kernels want a column-major destination: C = A·B with C row-major is computed as
         // Cᵀ = Bᵀ·Aᵀ, column-major (what the `gemm` facade does).
