@@ -530,7 +530,7 @@ pub(super) fn load_weights(spec: &Spec, weights: &Path) -> Result<Vec<Vec<f32>>,
 pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     if input.is_dir() && matches!(&var.ty, aec::sema::Ty::Tensor(d) if d.len() == 3) {
-        return Ok(read_folder(spec, input, raw)?.0);
+        return read_folder(spec, input, raw);
     }
     if !input.is_file() {
         let what = if input.is_dir() {
@@ -560,11 +560,22 @@ pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::A
 
 /// A folder of images as `--input`: decoded (or found in the cache) as the spec's `images`
 /// source decodes its folder — its fit and scale, or `crop` and 1/255 —, with the listing.
-fn read_folder(
+fn read_folder(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
+    let (stored, _) = open_folder(spec, input, raw)?;
+    let n = stored.samples();
+    let bytes = (n * stored.sample_len()).checked_mul(4).map(|b| b as u64);
+    aec::memory::check("the images of --input", bytes, "give a smaller folder").map_err(Failure::Data)?;
+    let values = stored.gather(&(0..n).collect::<Vec<_>>()).map_err(|e| Failure::Data(e.to_string()))?;
+    Ok(data::Array { shape: stored.shape.clone(), values })
+}
+
+/// A folder of images opened as the spec's `images` source opens its folder (its fit and
+/// scale, or `crop` and 1/255), and its listing.
+fn open_folder(
     spec: &Spec,
     input: &Path,
     raw: bool,
-) -> Result<(data::Array, data::images::Listing), Failure> {
+) -> Result<(data::stored::Stored, data::images::Listing), Failure> {
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let bindings = spec.compiled.ast.train.as_ref().map(|t| t.data.as_slice()).unwrap_or(&[]);
     let (fit, scale) = bindings
@@ -574,41 +585,16 @@ fn read_folder(
             _ => None,
         })
         .unwrap_or((aec::syntax::ast::ImageFit::Crop, 1.0 / 255.0));
-    let source =
-        DataSource::Images { path: input.display().to_string(), fit, scale: if raw { 1.0 } else { scale } };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let column = data::load_column(&source, Path::new(""), var, (0, 0, threads))
-        .map_err(|e| Failure::Data(e.to_string()))?;
-    let n = column.samples();
-    aec::memory::check(
-        "the images of --input",
-        (n * column.sample_len()).checked_mul(4).map(|b| b as u64),
-        "give a smaller folder",
-    )
-    .map_err(Failure::Data)?;
-    let values = column.gather(&(0..n).collect::<Vec<_>>()).map_err(|e| Failure::Data(e.to_string()))?;
-    let [c, h, w] = [column.shape()[1], column.shape()[2], column.shape()[3]];
-    let cache = data::images::cache_dir();
-    let listing = match &var.ty {
-        aec::sema::Ty::Tensor(_) => {
-            let fit = match fit {
-                aec::syntax::ast::ImageFit::Crop => data::images::Fit::Crop,
-                aec::syntax::ast::ImageFit::Stretch => data::images::Fit::Stretch,
-            };
-            data::images::load(input, [c, h, w], fit, (&cache, threads))
-                .map_err(|e| Failure::Data(e.to_string()))?
-                .listing
-        }
-        _ => Default::default(),
-    };
-    Ok((data::Array { shape: vec![n, c, h, w], values }, listing))
+    data::open_images(input, var, (fit, if raw { 1.0 } else { scale }), threads)
+        .map_err(|e| Failure::Data(e.to_string()))
 }
 
 /// `aec encode --input FOLDER`: the images' files, labels and label names beside the codes
 /// (`Z.labels.json`).
 fn write_labels(spec: &Path, input: &Path, output: &Path) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
-    let (_, listing) = read_folder(&spec, input, false)?;
+    let (_, listing) = open_folder(&spec, input, false)?;
     let path = output.with_extension("labels.json");
     let json =
         serde_json::json!({ "files": listing.files, "labels": listing.labels, "classes": listing.classes });

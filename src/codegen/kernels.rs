@@ -8,6 +8,7 @@ use crate::ir::{BinaryFn, Clip, Graph, LossFn, NodeId, Op, OptimizerFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
 use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
+use cranelift_frontend::Variable;
 
 /// Emits node `id`'s kernel body; `range` is the (lo, hi) work range of kernels that split
 /// across threads. Errors name ops without a kernel (nothing falls back).
@@ -1524,34 +1525,30 @@ pub fn updates(
 fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<usize>) -> (Value, Value) {
     // The maximum four lanes at a time, then across the lanes and the tail (a maximum is the
     // same in any order).
+    let fold = |e: &mut Emit, var: Variable, x: Value| {
+        let cur = e.b.use_var(var);
+        let mx = e.b.ins().fmax(cur, x);
+        e.b.def_var(var, mx);
+    };
     let ninf = e.fconst(F32, f32::NEG_INFINITY);
     let mv = e.b.declare_var(F32X4);
     let ninf4 = e.b.ins().splat(F32X4, ninf);
     e.b.def_var(mv, ninf4);
-    e.for_range(0, (n / 4 * 4) as i64, 4, |e, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(F32X4, src, idx);
-        let cur = e.b.use_var(mv);
-        let mx = e.b.ins().fmax(cur, v);
-        e.b.def_var(mv, mx);
-    });
-    let lanes = e.b.use_var(mv);
     let m = e.b.declare_var(F32);
-    let first = e.b.ins().extractlane(lanes, 0);
-    e.b.def_var(m, first);
-    for lane in 1..4u8 {
-        let x = e.b.ins().extractlane(lanes, lane);
-        let cur = e.b.use_var(m);
-        let mx = e.b.ins().fmax(cur, x);
-        e.b.def_var(m, mx);
+    e.b.def_var(m, ninf);
+    let vec_end = (n / 4 * 4) as i64;
+    for (ty, var, from, to, step) in [(F32X4, mv, 0, vec_end, 4), (F32, m, vec_end, n as i64, 1)] {
+        e.for_range(from, to, step, |e, j| {
+            let idx = e.b.ins().iadd(r0, j);
+            let v = e.load(ty, src, idx);
+            fold(e, var, v);
+        });
     }
-    e.for_range((n / 4 * 4) as i64, n as i64, 1, |e, j| {
-        let idx = e.b.ins().iadd(r0, j);
-        let v = e.load(F32, src, idx);
-        let cur = e.b.use_var(m);
-        let mx = e.b.ins().fmax(cur, v);
-        e.b.def_var(m, mx);
-    });
+    let lanes = e.b.use_var(mv);
+    for lane in 0..4u8 {
+        let x = e.b.ins().extractlane(lanes, lane);
+        fold(e, m, x);
+    }
     let max = e.b.use_var(m);
     let maxv = e.b.ins().splat(F32X4, max);
     let total = sum(e, n, |e, ty, j| {

@@ -443,44 +443,7 @@ pub fn load_column(
             stored::Stored::open(&base.join(path), *scale)?
         }
         DataSource::Images { path, fit, scale } => {
-            let Ty::Tensor(d) = &var.ty else {
-                return Err(err(format!("`images` gives pictures, and `{}` is {}", var.name, var.ty)));
-            };
-            let [c, h, w] = <[u64; 3]>::try_from(d.as_slice()).map_err(|_| {
-                err(format!("`images` gives [C, H, W] pictures, and `{}` is {}", var.name, var.ty))
-            })?;
-            let fit = match fit {
-                crate::syntax::ast::ImageFit::Crop => images::Fit::Crop,
-                crate::syntax::ast::ImageFit::Stretch => images::Fit::Stretch,
-            };
-            let root = base.join(path);
-            let t = std::time::Instant::now();
-            let cache = images::cache_dir();
-            let decoded = images::load(&root, [c as usize, h as usize, w as usize], fit, (&cache, threads))?;
-            let l = &decoded.listing;
-            if decoded.decoded {
-                let secs = t.elapsed().as_secs_f64();
-                eprintln!(
-                    "decoded {} images of {} in {secs:.2} s ({:.0} images/s), cached as {}",
-                    l.files.len(),
-                    root.display(),
-                    l.files.len() as f64 / secs.max(1e-9),
-                    decoded.cache.display()
-                );
-            }
-            for (file, why) in &l.skipped {
-                eprintln!("warning: skipped {}: {why}", root.join(file).display());
-            }
-            if !l.skipped.is_empty() {
-                eprintln!(
-                    "warning: {} of {} image files could not be read",
-                    l.skipped.len(),
-                    l.skipped.len() + l.files.len()
-                );
-            }
-            let s = stored::Stored::open(&decoded.cache, *scale)?.ok_or_else(|| {
-                err(format!("the image cache {} is not a u8 array", decoded.cache.display()))
-            })?;
+            let (s, _) = open_images(&base.join(path), var, (*fit, *scale), threads)?;
             if in_memory {
                 return conform(
                     Array {
@@ -519,6 +482,55 @@ pub fn load_column(
         }
         None => conform(load(src, base, &var.ty, seed, part)?, var, &origin).map(Column::Memory),
     }
+}
+
+/// The images under `root` at `var`'s `[C, H, W]`, decoded (or found in the cache, with the
+/// run told when it decodes and warned of each file it skips) and opened a batch at a time
+/// with `scale`; and the folder's listing (files, labels).
+pub fn open_images(
+    root: &Path,
+    var: &Var,
+    (fit, scale): (crate::syntax::ast::ImageFit, f64),
+    threads: usize,
+) -> Result<(stored::Stored, images::Listing), DataError> {
+    let dims = match &var.ty {
+        Ty::Tensor(d) => <[u64; 3]>::try_from(d.as_slice()).ok(),
+        _ => None,
+    };
+    let Some([c, h, w]) = dims else {
+        return Err(err(format!("`images` gives [C, H, W] pictures, and `{}` is {}", var.name, var.ty)));
+    };
+    let fit = match fit {
+        crate::syntax::ast::ImageFit::Crop => images::Fit::Crop,
+        crate::syntax::ast::ImageFit::Stretch => images::Fit::Stretch,
+    };
+    let t = std::time::Instant::now();
+    let cache = images::cache_dir();
+    let decoded = images::load(root, [c as usize, h as usize, w as usize], fit, (&cache, threads))?;
+    let l = &decoded.listing;
+    if decoded.decoded {
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "decoded {} images of {} in {secs:.2} s ({:.0} images/s), cached as {}",
+            l.files.len(),
+            root.display(),
+            l.files.len() as f64 / secs.max(1e-9),
+            decoded.cache.display()
+        );
+    }
+    for (file, why) in &l.skipped {
+        eprintln!("warning: skipped {}: {why}", root.join(file).display());
+    }
+    if !l.skipped.is_empty() {
+        eprintln!(
+            "warning: {} of {} image files could not be read",
+            l.skipped.len(),
+            l.skipped.len() + l.files.len()
+        );
+    }
+    let s = stored::Stored::open(&decoded.cache, scale)?
+        .ok_or_else(|| err(format!("the image cache {} is not a u8 array", decoded.cache.display())))?;
+    Ok((s, decoded.listing))
 }
 
 /// The data of a run: one column per model variable (inputs, then targets), all with the same
