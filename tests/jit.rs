@@ -847,3 +847,44 @@ fn evaluation_folds_batch_norm_and_matches_the_interpreter() {
         }
     }
 }
+
+#[test]
+fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
+    // Adam, AdamW and Adam clipped by norm, with weight decay; parameters of 1 to 7 elements
+    // past a multiple of 8 and one of two chunks (9,797 elements); one and two threads.
+    use aec::codegen::elementwise::ElementwisePath;
+    if ElementwisePath::Auto.isa().is_none() {
+        return; // No AVX2 here: there is only the Cranelift kernel.
+    }
+    for (opt, clip) in [
+        ("adam(lr: 0.01, weight_decay: 0.1)", ""),
+        ("adamw(lr: 0.01)", ""),
+        ("adam(lr: 0.003)", "clip norm(0.001)"),
+    ] {
+        let src = format!(
+            "model t {{ input x: [101]\n encoder {{ dense 97 -> tanh; dense 3 -> sigmoid }}\n \
+             decoder {{ dense 101 -> sigmoid }}\n loss mse(x) }}\n train {{ optimizer {opt}\n {clip} }}"
+        );
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(5) }).expect("compiles");
+        let g = aec::training_step(&compiled).expect("step");
+        let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
+        let mut ends = Vec::new();
+        for (path, threads) in
+            [(ElementwisePath::Cranelift, 1), (ElementwisePath::Auto, 1), (ElementwisePath::Auto, 2)]
+        {
+            let options = Options { elementwise: path, ..Options::default() };
+            let mut program = Program::compile(&g, options).expect("compiles");
+            program.set_threads(threads);
+            program.set_state(&start).expect("state");
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            for step in 1..=4 {
+                program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
+            }
+            let mut end = State::new(Vec::new());
+            program.get_state(&mut end);
+            ends.push((end.params, end.slots));
+        }
+        assert!(ends[0] == ends[1], "{opt} {clip}: the full-width update differs from Cranelift's");
+        assert!(ends[1] == ends[2], "{opt} {clip}: two threads differ from one");
+    }
+}

@@ -177,20 +177,20 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
 }
 
 /// The kernels of a step by the time they took, most first, with their share of the step.
-fn print_profile(times: &[(&str, std::time::Duration)], steps: u64) {
-    let total: f64 = times.iter().map(|t| t.1.as_secs_f64()).sum();
+fn print_profile(times: &[(&str, &str, std::time::Duration)], steps: u64) {
+    let total: f64 = times.iter().map(|t| t.2.as_secs_f64()).sum();
     let mut by_time: Vec<_> = times.iter().enumerate().collect();
-    by_time.sort_by_key(|t| std::cmp::Reverse(t.1.1));
+    by_time.sort_by_key(|t| std::cmp::Reverse(t.1.2));
     outln!(
         "\ntraining step, per kernel ({steps} steps; {:.3} ms per step in kernels):",
         1e3 * total / steps as f64
     );
     let mut cumulative = 0.0;
-    for (i, (name, t)) in by_time {
+    for (i, (name, width, t)) in by_time {
         let share = 100.0 * t.as_secs_f64() / total.max(f64::MIN_POSITIVE);
         cumulative += share;
         outln!(
-            "  {:>6.1}%  {:>6.1}%  {:>9.1} µs  #{i:<3} {name}",
+            "  {:>6.1}%  {:>6.1}%  {:>9.1} µs  {width:>7}  #{i:<3} {name}",
             share,
             cumulative,
             1e6 * t.as_secs_f64() / steps as f64

@@ -7,7 +7,7 @@ use super::plan::Plan;
 use crate::ir::{BinaryFn, Clip, Graph, LossFn, NodeId, Op, OptimizerFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64};
-use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
+use cranelift_codegen::ir::{ConstantData, FuncRef, InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 
 /// Emits node `id`'s kernel body; `range` is the (lo, hi) work range of kernels that split
@@ -1493,12 +1493,17 @@ fn update(
 
 /// Every optimizer update in one kernel: its work units are the chunks of all parameters one
 /// after another, and `lo..hi` picks some of them.
+/// The full-width Adam update (`elementwise::aec_adam`) as the updates kernel imports it, and
+/// its calls by update node.
+pub type AdamPrimitive<'a> = (FuncRef, &'a [(NodeId, Box<super::elementwise::AdamCall>)]);
+
 pub fn updates(
     e: &mut Emit,
     g: &Graph,
     plan: &Plan,
     ids: &[NodeId],
     (lo, hi): (Value, Value),
+    adam: Option<AdamPrimitive>,
 ) -> Result<(), String> {
     let mut first = 0usize;
     for &id in ids {
@@ -1514,8 +1519,27 @@ pub fn updates(
         let l = e.b.ins().smax(l, zero);
         let h = e.b.ins().iadd_imm_s(hi, -(first as i64));
         let h = e.b.ins().smin(h, top);
-        let slots = plan.slots[param.index()].clone();
-        update(e, (f, clip), n, plan.param[param.index()], &slots, plan.node[grad.index()], scalars, (l, h));
+        let call = adam.and_then(|(f, calls)| calls.iter().find(|c| c.0 == id).map(|c| (f, c.1.as_ref())));
+        if let Some((f, call)) = call {
+            // One call per chunk: the primitive updates the chunk at full width.
+            let addr = call as *const super::elementwise::AdamCall as i64;
+            e.for_dynamic(l, h, |e, c| {
+                let a = e.i64(addr);
+                e.b.ins().call(f, &[e.base, a, c]);
+            });
+        } else {
+            let slots = plan.slots[param.index()].clone();
+            update(
+                e,
+                (f, clip),
+                n,
+                plan.param[param.index()],
+                &slots,
+                plan.node[grad.index()],
+                scalars,
+                (l, h),
+            );
+        }
         first += chunks as usize;
     }
     Ok(())

@@ -21,6 +21,7 @@
 mod batched;
 mod clip;
 mod conv;
+pub mod elementwise;
 mod emit;
 mod family;
 pub mod fuse;
@@ -61,6 +62,8 @@ struct Kernel {
     work: usize,
     /// A matmul computed on the wide core ([`wide`]).
     wide: bool,
+    /// The vector width its main work runs at (`aec bench --profile` shows it).
+    width: &'static str,
     /// The generated function's name (as in `--emit clif`).
     name: String,
 }
@@ -232,11 +235,18 @@ pub struct Options {
     pub dense: bool,
     /// Which kernels the matmuls run on.
     pub matmul: wide::MatmulPath,
+    /// Whether elementwise work may run on the full-width primitives (`elementwise`).
+    pub elementwise: elementwise::ElementwisePath,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { keep_clif: false, dense: false, matmul: wide::MatmulPath::from_env().unwrap_or_default() }
+        Options {
+            keep_clif: false,
+            dense: false,
+            matmul: wide::MatmulPath::from_env().unwrap_or_default(),
+            elementwise: elementwise::ElementwisePath::from_env().unwrap_or_default(),
+        }
     }
 }
 
@@ -284,6 +294,8 @@ pub struct Program {
     /// and alive as long as the code.
     /// (Per group; boxed, so moving the vector moves no call.)
     calls: Vec<Option<Box<wide::Call>>>,
+    /// The full-width Adam updates' calls (by update node), held at stable addresses as `calls`.
+    _adam_calls: Vec<(NodeId, Box<elementwise::AdamCall>)>,
     /// The instruction set of the wide core, when any matmul uses it.
     wide_isa: Option<&'static str>,
     /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
@@ -427,6 +439,7 @@ impl Program {
         builder.symbol("aec_logf", aec_logf as *const u8);
         builder.symbol("aec_normal", aec_normal as *const u8);
         builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
+        builder.symbol("aec_adam", elementwise::aec_adam as *const u8);
         let mut code = Code(Some(JITModule::new(builder)));
         let Some(module) = code.0.as_mut() else { return Err("no JIT module".into()) };
 
@@ -446,6 +459,10 @@ impl Program {
         sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
         // `aec_gemm(base, call, unit)` has the kernels' signature.
         let gemm = module.declare_function("aec_gemm", Linkage::Import, &sig).map_err(|e| e.to_string())?;
+        // `aec_adam(base, call, chunk)` too.
+        let adam = module.declare_function("aec_adam", Linkage::Import, &sig).map_err(|e| e.to_string())?;
+        let ew_isa = opts.elementwise.isa();
+        let adam_calls = if ew_isa.is_some() { adam_calls(g, &plan)? } else { Vec::new() };
         // The matmuls that run on the wide core, each with its call (index by group).
         let calls = wide_calls(g, &groups, &plan, wide_isa.is_some(), &is_wide)?;
         let mut fctx = FunctionBuilderContext::new();
@@ -486,7 +503,16 @@ impl Program {
                     let f = module.declare_func_in_func(gemm, e.b.func);
                     (f, call, call as *const wide::Call as i64)
                 });
-                emit_kernel(&mut e, g, &plan, grp, piece, core, (lo, hi))?;
+                // The full-width Adam update, imported into the updates kernel when it calls it.
+                let adam_ref = match grp {
+                    fuse::Group::Updates(ids)
+                        if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
+                    {
+                        Some((module.declare_func_in_func(adam, e.b.func), adam_calls.as_slice()))
+                    }
+                    _ => None,
+                };
+                emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
                 b.finalize(frontend);
@@ -524,7 +550,18 @@ impl Program {
                 let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
                 let wide =
                     calls[group].is_some() && matches!(piece, Piece::Main | Piece::Part { main: true, .. });
-                Kernel { group, piece, f, units, work, wide, name }
+                // The wide core runs at its ISA's width; the elementwise primitives at AVX2's.
+                let width = match &groups[group] {
+                    fuse::Group::Updates(ids)
+                        if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
+                    {
+                        "256-bit"
+                    }
+                    _ if wide && wide_isa == Some("AVX-512") => "512-bit",
+                    _ if wide => "256-bit",
+                    _ => "128-bit",
+                };
+                Kernel { group, piece, f, units, work, wide, width, name }
             })
             .collect();
         Ok(Program {
@@ -544,6 +581,7 @@ impl Program {
             clif,
             wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
             calls,
+            _adam_calls: adam_calls,
             profile: None,
             _code: code,
         })
@@ -595,9 +633,10 @@ impl Program {
     }
 
     /// Each kernel's name and the time spent in it since `start_profile`, in step order.
-    pub fn profile(&self) -> Vec<(&str, Duration)> {
+    /// Each kernel's name, the vector width its main work ran at, and its time.
+    pub fn profile(&self) -> Vec<(&str, &'static str, Duration)> {
         let times = self.profile.as_deref().unwrap_or_default();
-        self.kernels.iter().zip(times).map(|(k, t)| (k.name.as_str(), *t)).collect()
+        self.kernels.iter().zip(times).map(|(k, t)| (k.name.as_str(), k.width, *t)).collect()
     }
 
     pub fn kernel_count(&self) -> usize {
@@ -1024,7 +1063,7 @@ fn emit_kernel(
     plan: &plan::Plan,
     grp: &fuse::Group,
     piece: Piece,
-    core: Option<wide::Core>,
+    (core, adam): (Option<wide::Core>, Option<kernels::AdamPrimitive>),
     range: (cranelift_codegen::ir::Value, cranelift_codegen::ir::Value),
 ) -> Result<(), String> {
     match grp {
@@ -1045,7 +1084,7 @@ fn emit_kernel(
                 matmul::emit(e, g, plan, *mm, (a, ta), scratch, range, (out, &ep));
             }
         }
-        fuse::Group::Updates(ids) => kernels::updates(e, g, plan, ids, range)?,
+        fuse::Group::Updates(ids) => kernels::updates(e, g, plan, ids, range, adam)?,
         fuse::Group::GradNorm(_) => clip::emit(e, g, plan, range)?,
         fuse::Group::Chain(ids) => kernels::chain(e, g, plan, ids, range)?,
         fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
@@ -1059,6 +1098,43 @@ fn emit_kernel(
         },
     }
     Ok(())
+}
+
+/// The full-width Adam update's call of every update node that can take it: Adam or AdamW,
+/// unclipped or clipped by norm.
+fn adam_calls(g: &Graph, plan: &plan::Plan) -> Result<Vec<(NodeId, Box<elementwise::AdamCall>)>, String> {
+    let mut out = Vec::new();
+    for id in g.ids() {
+        let Op::Update { f, clip, param, grad } = g.node(id).op else { continue };
+        let OptimizerFn::Adam { b1, b2, eps, weight_decay, decoupled, .. } = f else { continue };
+        if matches!(clip, crate::ir::Clip::Value(_)) {
+            continue;
+        }
+        let slots = &plan.slots[param.index()];
+        let scalars =
+            plan.update_scalars.iter().find(|s| s.0 == id).map(|s| s.1).ok_or("update without scalars")?;
+        let (Some(&m), Some(&v)) = (slots.first(), slots.get(1)) else { continue };
+        let call = elementwise::AdamCall {
+            n: g.params[param.index()].shape.iter().product(),
+            param: plan.param[param.index()],
+            grad: plan.node[grad.index()],
+            m,
+            v,
+            scalars,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            decoupled,
+            clip_norm: matches!(clip, crate::ir::Clip::Norm(_)),
+        };
+        // Offsets are bytes; the scalars are f32 at `scalars`, as the kernels read them.
+        if call.extent() > plan.size {
+            return Err(format!("the Adam update of %{} reaches past the arena", id.0));
+        }
+        out.push((id, Box::new(call)));
+    }
+    Ok(out)
 }
 
 /// Work units `lo..hi` of a kernel ranges over, and its rough work (multiply-adds where it
@@ -1191,7 +1267,9 @@ pub fn describe(p: &Program) -> String {
         }
         match grp {
             fuse::Group::Updates(ids) => {
-                let _ = writeln!(out, "  update {} parameters{split}", ids.len());
+                let full =
+                    if k.width == "128-bit" { String::new() } else { format!(" [Adam at {}]", k.width) };
+                let _ = writeln!(out, "  update {} parameters{split}{full}", ids.len());
             }
             fuse::Group::GradNorm(ids) => {
                 let at = plan.norm_partials.map_or(0, |p| p.0);
