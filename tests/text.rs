@@ -308,6 +308,9 @@ fn beam_search_scores_at_least_greedy_and_width_one_is_greedy() {
     let (code, _, err) = aec(&[&args[..], &["--beam", "4", "--alpha", "0"]].concat());
     assert_eq!(code, 0, "{err}");
     assert_eq!(aec::data::read_npy(&y).expect("ids").values, aec::data::Values::I32(beam));
+    let (code, _, err) = aec(&[&args[..], &["--beam", "4", "--alpha", "9"]].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`9` is not a number from 0 to 5"), "{err}");
     let (code, _, err) = aec(&[&args[..], &["--attention", s(&dir.join("a.npy"))]].concat());
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("writes an `attention` layer's weights, and") && err.contains("has none"), "{err}");

@@ -26,13 +26,8 @@ pub struct RunArgs {
     /// Epochs of training (replaces the train block's `epochs`; default 10).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
-    /// Sequence models: decode with beam search of this width (1: greedy decoding) — each
-    /// epoch's validation when training, the outputs with --weights.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
-    beam: u64,
-    /// The length penalty's exponent α of beam search (GNMT's ((5 + |Y|) / 6)^α; 0: none).
-    #[arg(long, default_value_t = 0.6)]
-    alpha: f64,
+    #[command(flatten)]
+    search: super::translate::SearchArgs,
     /// With --weights and an `attention` layer: write its weights of greedy decoding,
     /// `[samples, target length, source length]` f32, to this .npy file.
     #[arg(long)]
@@ -195,17 +190,17 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             "say what to do: `aec run SPEC --train`, or `aec run SPEC --weights W --input X.npy --output Y.npy`".into(),
         ));
     };
-    if !(args.alpha.is_finite() && (0.0..=5.0).contains(&args.alpha)) {
-        return Err(Failure::Io(format!("--alpha must be in [0, 5], got {}", args.alpha)));
-    }
-    if args.attention.is_some() && args.beam > 1 {
+    if args.attention.is_some() && args.search.beam > 1 {
         return Err(Failure::Io("--attention writes greedy decoding's weights: drop --beam".into()));
     }
     if let Some(p) = &args.attention {
         check_file_path("--attention", p)?;
     }
-    let search =
-        infer::Search { beam: args.beam as usize, alpha: args.alpha, record: args.attention.is_some() };
+    let search = infer::Search {
+        beam: args.search.beam as usize,
+        alpha: args.search.alpha,
+        record: args.attention.is_some(),
+    };
     let how = Apply {
         threads: threads(args.threads),
         backend: args.backend,
@@ -936,7 +931,7 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         init_from: args.init.clone(),
         early_stop: t.early_stop.map(|(e, _)| e),
         schedule: t.schedule.as_ref().map(|(s, _)| s.clone()),
-        beam: args.beam as usize,
+        beam: (args.search.beam as usize, args.search.alpha),
         clip: aec::clip_of(Some(&t)),
         base_lr: args.lr.or(t.optimizer.as_ref().map(Optimizer::lr)).unwrap_or(1e-3),
         dist,

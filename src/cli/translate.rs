@@ -26,12 +26,8 @@ pub struct TranslateArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
-    /// Beam search with K hypotheses per sentence (1: greedy decoding).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
-    beam: u64,
-    /// The length penalty's exponent α of beam search (GNMT's ((5 + |Y|) / 6)^α; 0: none).
-    #[arg(long, default_value_t = 0.6)]
-    alpha: f64,
+    #[command(flatten)]
+    search: SearchArgs,
     /// With an `attention` layer: write its weights, `[sentences, target length, source
     /// length]` f32 (0 past a sentence's end), to this .npy file.
     #[arg(long)]
@@ -40,6 +36,26 @@ pub struct TranslateArgs {
     /// (source words across, translated words down) into this PNG.
     #[arg(long)]
     png: Option<PathBuf>,
+}
+
+/// How a sequence model decodes: `aec translate`'s and `aec run`'s `--beam` and `--alpha`.
+#[derive(clap::Args, Clone)]
+pub struct SearchArgs {
+    /// Beam search with K hypotheses per sentence (1: greedy decoding); `aec run --train`
+    /// decodes each epoch's validation so.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub beam: u64,
+    /// The length penalty's exponent α of beam search (GNMT's ((5 + |Y|) / 6)^α; 0: none),
+    /// from 0 to 5.
+    #[arg(long, default_value_t = 0.6, value_parser = alpha)]
+    pub alpha: f64,
+}
+
+fn alpha(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(a) if (0.0..=5.0).contains(&a) => Ok(a),
+        _ => Err(format!("`{s}` is not a number from 0 to 5")),
+    }
 }
 
 pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
@@ -97,11 +113,8 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
         ))
     })?;
     let record = args.attention.is_some() || args.png.is_some();
-    if record && args.beam > 1 {
+    if record && args.search.beam > 1 {
         return Err(Failure::Io("--attention and --png draw greedy decoding's weights: drop --beam".into()));
-    }
-    if !(args.alpha.is_finite() && (0.0..=5.0).contains(&args.alpha)) {
-        return Err(Failure::Io(format!("--alpha must be in [0, 5], got {}", args.alpha)));
     }
     if record && !aec::sema::lower::attends(model) {
         return Err(Failure::Io(format!(
@@ -127,8 +140,9 @@ pub fn translate(args: &TranslateArgs) -> Result<(), Failure> {
         if record {
             d.weights = Some(Vec::new());
         }
-        let got =
-            d.decode_beam(&params, &inputs, b, (args.beam as usize, args.alpha)).map_err(Failure::Data)?;
+        let got = d
+            .decode_beam(&params, &inputs, b, (args.search.beam as usize, args.search.alpha))
+            .map_err(Failure::Data)?;
         weights.extend(d.weights.take().unwrap_or_default());
         for (row, s) in got.chunks(d.len).zip(text) {
             // A blank line stays blank.

@@ -62,8 +62,9 @@ pub struct TrainConfig {
     pub base_lr: f64,
     /// Gradient clipping before each update.
     pub clip: Clip,
-    /// Validation decodes sequences with beam search of this width (1: greedy).
-    pub beam: usize,
+    /// Validation decodes sequences with beam search of this width (1: greedy) and GNMT's
+    /// length-penalty exponent.
+    pub beam: (usize, f64),
     /// Stop after this epoch (counted over all phases), with a checkpoint to resume from.
     pub stop_at: Option<u64>,
     /// The run's resolved configuration, saved as `config.json` with every save.
@@ -1052,7 +1053,7 @@ fn resume(store: &mut Store, model: &Graph, cfg: &TrainConfig) -> Result<Resumed
 /// target, and for padded sentences (text) their corpus BLEU.
 pub fn decode_accuracy(
     d: &mut super::decode::Decoder,
-    (compiled, beam): (&Compiled, usize),
+    (compiled, beam): (&Compiled, (usize, f64)),
     data: &Dataset,
     idx: &[usize],
     batch: usize,
@@ -1075,7 +1076,7 @@ pub fn decode_accuracy(
             })
             .collect::<Result<_, data::DataError>>()
             .map_err(|e| TrainError::Data(e.to_string()))?;
-        got.extend(d.decode_beam(params, &inputs, chunk.len(), (beam, 0.6)).map_err(TrainError::Compile)?);
+        got.extend(d.decode_beam(params, &inputs, chunk.len(), beam).map_err(TrainError::Compile)?);
         if let Values::I32(v) = data.gather(k, chunk).map_err(|e| TrainError::Data(e.to_string()))? {
             want.extend(v);
         }
