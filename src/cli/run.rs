@@ -434,11 +434,7 @@ pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
         search: infer::Search::GREEDY,
         attention_file: None,
     };
-    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)?;
-    if args.input.is_dir() {
-        write_labels(&args.spec, &args.input, &args.output)?;
-    }
-    Ok(())
+    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)
 }
 
 /// How `apply` runs: threads, backend, whether `--input` skips the data's `scale`, and how a
@@ -478,7 +474,7 @@ fn apply(
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
     let params = load_weights(&spec, weights)?;
-    let x = read_input(&spec, input, how.raw)?;
+    let (x, listing) = read_input_listed(&spec, input, how.raw)?;
     let backend = how.backend.runtime();
     let decoder = aec::runtime::decode::Decoder::new(&spec.compiled, backend, how.threads);
     let searched = how.search.beam > 1 || how.search.record;
@@ -506,6 +502,10 @@ fn apply(
             .map_err(Failure::Data)?,
     };
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
+    // Codes of a folder of images: their labels beside them.
+    if let (Output::Code, Some(listing)) = (what, &listing) {
+        write_labels(listing, output)?;
+    }
     let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
     eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
     Ok(())
@@ -523,9 +523,18 @@ pub(super) fn load_weights(spec: &Spec, weights: &Path) -> Result<Vec<Vec<f32>>,
 /// The samples of `--input` as the network takes them: scaled as the spec's data is (unless
 /// `raw`), checked against the input's type.
 pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
+    read_input_listed(spec, input, raw).map(|(x, _)| x)
+}
+
+/// `read_input`, and for a folder of images its listing (files, labels).
+fn read_input_listed(
+    spec: &Spec,
+    input: &Path,
+    raw: bool,
+) -> Result<(data::Array, Option<data::images::Listing>), Failure> {
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     if input.is_dir() && matches!(&var.ty, aec::sema::Ty::Tensor(d) if d.len() == 3) {
-        return read_folder(spec, input, raw);
+        return read_folder(spec, input, raw).map(|(x, listing)| (x, Some(listing)));
     }
     if !input.is_file() {
         let what = if input.is_dir() {
@@ -550,27 +559,17 @@ pub(super) fn read_input(spec: &Spec, input: &Path, raw: bool) -> Result<data::A
         Some(scale) => eprintln!("fed {} as it is (the spec's data is scaled by {scale})", input.display()),
         None => {}
     }
-    data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))
+    let x = data::conform(x, var, &input.display().to_string()).map_err(|e| Failure::Data(e.to_string()))?;
+    Ok((x, None))
 }
 
 /// A folder of images as `--input`: decoded (or found in the cache) as the spec's `images`
 /// source decodes its folder — its fit and scale, or `crop` and 1/255 —, with the listing.
-fn read_folder(spec: &Spec, input: &Path, raw: bool) -> Result<data::Array, Failure> {
-    let (stored, _) = open_folder(spec, input, raw)?;
-    let n = stored.samples();
-    let bytes = (n * stored.sample_len()).checked_mul(4).map(|b| b as u64);
-    aec::memory::check("the images of --input", bytes, "give a smaller folder").map_err(Failure::Data)?;
-    let values = stored.gather(&(0..n).collect::<Vec<_>>()).map_err(|e| Failure::Data(e.to_string()))?;
-    Ok(data::Array { shape: stored.shape.clone(), values })
-}
-
-/// A folder of images opened as the spec's `images` source opens its folder (its fit and
-/// scale, or `crop` and 1/255), and its listing.
-fn open_folder(
+fn read_folder(
     spec: &Spec,
     input: &Path,
     raw: bool,
-) -> Result<(data::stored::Stored, data::images::Listing), Failure> {
+) -> Result<(data::Array, data::images::Listing), Failure> {
     let var = spec.compiled.model.inputs.first().ok_or(Failure::Spec)?;
     let bindings = spec.compiled.ast.train.as_ref().map(|t| t.data.as_slice()).unwrap_or(&[]);
     let (fit, scale) = bindings
@@ -581,15 +580,19 @@ fn open_folder(
         })
         .unwrap_or((aec::syntax::ast::ImageFit::Crop, 1.0 / 255.0));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    data::open_images(input, var, (fit, if raw { 1.0 } else { scale }), threads)
-        .map_err(|e| Failure::Data(e.to_string()))
+    let fail = |e: data::DataError| Failure::Data(e.to_string());
+    let (stored, listing) =
+        data::open_images(input, var, (fit, if raw { 1.0 } else { scale }), threads).map_err(fail)?;
+    let n = stored.samples();
+    let bytes = (n * stored.sample_len()).checked_mul(4).map(|b| b as u64);
+    aec::memory::check("the images of --input", bytes, "give a smaller folder").map_err(Failure::Data)?;
+    let values = stored.gather(&(0..n).collect::<Vec<_>>()).map_err(fail)?;
+    Ok((data::Array { shape: stored.shape.clone(), values }, listing))
 }
 
 /// `aec encode --input FOLDER`: the images' files, labels and label names beside the codes
 /// (`Z.labels.json`).
-fn write_labels(spec: &Path, input: &Path, output: &Path) -> Result<(), Failure> {
-    let spec = load_spec(spec, None)?;
-    let (_, listing) = open_folder(&spec, input, false)?;
+fn write_labels(listing: &data::images::Listing, output: &Path) -> Result<(), Failure> {
     let path = output.with_extension("labels.json");
     let json =
         serde_json::json!({ "files": listing.files, "labels": listing.labels, "classes": listing.classes });
