@@ -4,10 +4,10 @@ use super::picture::{self, Column};
 use super::plot;
 use super::{Failure, read_spec, report};
 use aec::data::{self, Array, Dataset, Values};
-use aec::diag::{Diagnostic, Span};
+use aec::diag::Diagnostic;
 use aec::interp::Buf;
-use aec::ir::OptimizerFn;
 use aec::runtime::checkpoint;
+use aec::runtime::config::Overrides;
 use aec::runtime::infer::{self, Output};
 use aec::runtime::train::{self, Event, TrainConfig, TrainError};
 use aec::syntax::ast::{DataSource, Init, Optimizer};
@@ -148,13 +148,6 @@ pub(super) fn load_spec(path: &Path, batch: Option<u64>) -> Result<Spec, Failure
 }
 
 impl Spec {
-    /// Reports a problem located in the spec (exit 1).
-    fn fail(&self, message: impl Into<String>, span: Span, label: &str) -> Failure {
-        let d = Diagnostic::error(message).label(span, label);
-        report(&[d], &self.path, &self.src);
-        Failure::Spec
-    }
-
     fn dir(&self) -> PathBuf {
         self.path.parent().map(Path::to_path_buf).unwrap_or_default()
     }
@@ -641,173 +634,20 @@ pub(super) fn check_file_path(flag: &str, path: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The run's whole configuration, defaults included: one line for the terminal, and the JSON
-/// of `config.json` in the run folder.
-fn resolved_config(cfg: &TrainConfig) -> (String, String) {
-    let optimizer = match cfg.optimizer {
-        OptimizerFn::Sgd { lr, momentum, nesterov, weight_decay } => {
-            format!("sgd(lr: {lr}, momentum: {momentum}, nesterov: {nesterov}, weight_decay: {weight_decay})")
-        }
-        OptimizerFn::Adam { lr, b1, b2, eps, weight_decay, decoupled } => {
-            let name = if decoupled { "adamw" } else { "adam" };
-            format!("{name}(lr: {lr}, b1: {b1}, b2: {b2}, eps: {eps}, weight_decay: {weight_decay})")
-        }
-        OptimizerFn::RmsProp { lr, alpha, eps, weight_decay, momentum, centered } => format!(
-            "rmsprop(lr: {lr}, alpha: {alpha}, eps: {eps}, weight_decay: {weight_decay}, momentum: {momentum}, centered: {centered})"
-        ),
-        OptimizerFn::Running { rate } => format!("running({rate})"),
-    };
-    let schedule = cfg.schedule.as_ref().map(ToString::to_string);
-    let clip = match cfg.clip {
-        aec::ir::Clip::None => None,
-        aec::ir::Clip::Norm(c) => Some(format!("norm({c})")),
-        aec::ir::Clip::Value(c) => Some(format!("value({c})")),
-    };
-    let noise = cfg.noise.map(|n| format!("{n:?}"));
-    let init = match &cfg.init_from {
-        Some(path) => format!("from {}", path.display()),
-        None => format!("{:?}", cfg.init),
-    };
-    let pretrain = cfg.pretrain.map(|p| format!("greedy(epochs: {}, freeze: {})", p.epochs, p.freeze));
-    let backend = match cfg.backend {
-        aec::runtime::Backend::Jit => "jit",
-        aec::runtime::Backend::Interp => "interp",
-    };
-    let line = format!(
-        "config: batch {}, epochs {}, optimizer {optimizer}, seed {}, validation {}, init {}{}{}{}, {} thread{}, backend {backend}",
-        cfg.batch,
-        cfg.epochs,
-        cfg.seed,
-        cfg.validation,
-        init,
-        noise.as_ref().map_or(String::new(), |n| format!(", noise {n}")),
-        pretrain.as_ref().map_or(String::new(), |p| format!(", pretrain {p}")),
-        schedule.as_ref().map_or(String::new(), |s| format!(", schedule {s}"))
-            + &clip.as_ref().map_or(String::new(), |c| format!(", clip {c}")),
-        cfg.threads,
-        if cfg.threads == 1 { "" } else { "s" },
-    );
-    let processes = cfg.dist.as_ref().map_or(1, |train::Dist(d)| d.size());
-    let line = if processes > 1 {
-        format!("{line} per process, {processes} processes (MPI; the batch is split between them)")
-    } else {
-        line
-    };
-    let json = serde_json::json!({
-        "processes": processes,
-        "batch": cfg.batch,
-        "epochs": cfg.epochs,
-        "optimizer": optimizer,
-        "seed": cfg.seed,
-        "validation": cfg.validation,
-        "init": init,
-        "noise": noise,
-        "pretrain": pretrain,
-        "schedule": schedule,
-        "clip": clip,
-        "threads": cfg.threads,
-        "backend": backend,
-        "stop_at": cfg.stop_at,
-    });
-    (line, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n")
-}
-
 /// Loads every model variable's data, each located at its `data` line on failure.
 fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
-    let model = &spec.compiled.model;
-    let train = spec.compiled.ast.train.as_ref();
-    let bindings = train.map(|t| t.data.as_slice()).unwrap_or(&[]);
-    let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
-    let mut arrays = Vec::new();
-    let mut text: Option<(Vec<Array>, data::text::TextVocab)> = None;
-    for (k, var) in vars.iter().enumerate() {
-        // An unnamed binding feeds the first input; a sequence task's also feeds a target
-        // (the copy, the reversal or the translation of its sentences).
-        let binding = bindings.iter().find(|b| match &b.binding {
-            Some(name) => name.name == var.name,
-            None => k == 0 || b.source.is_sequence_task(),
-        });
-        let Some(binding) = binding else {
-            let at = train.map_or(var.span, |t| t.span);
-            let what = if k == 0 {
-                "data npy(\"x.npy\")".to_owned()
-            } else {
-                format!("data {}: npy(\"….npy\")", var.name)
-            };
-            return Err(spec.fail(
-                format!("no data for `{}`", var.name),
-                at,
-                &format!("add `{what}` to the train block"),
-            ));
-        };
-        if let DataSource::Text { path, tokens, min_count } = &binding.source {
-            // Every variable the text feeds, its column and size: the vocabularies are built
-            // once, from the training split.
-            let columns: Vec<(usize, (usize, usize))> = vars
-                .iter()
-                .enumerate()
-                .filter_map(|(k, v)| match v.ty {
-                    aec::sema::Ty::Tokens { len, vocab } if v.padded => {
-                        Some((usize::from(k > 0), (len as usize, vocab as usize)))
-                    }
-                    _ => None,
-                })
-                .collect();
-            if !matches!(var.ty, aec::sema::Ty::Tokens { .. }) || !var.padded {
-                return Err(spec.fail(
-                    format!("`text` gives sentences of token ids, and `{}` is {}", var.name, var.ty),
-                    var.span,
-                    &format!("declare `{}: seq[<= N] of token[V]`: up to N tokens, padded", var.name),
-                ));
+    match aec::runtime::dataset::load(&spec.compiled, &spec.dir(), seed) {
+        Ok(loaded) => {
+            for note in &loaded.notes {
+                eprintln!("{note}");
             }
-            if text.is_none() {
-                let fraction = train.and_then(|t| t.validation).unwrap_or(0.0);
-                let loaded =
-                    data::text::load(&spec.dir().join(path), *tokens, *min_count, &columns, (fraction, seed))
-                        .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
-                text = Some(loaded);
-            }
-            let at = columns.iter().position(|c| c.0 == usize::from(k > 0)).unwrap_or(0);
-            arrays.push(data::Column::Memory(
-                text.as_ref()
-                    .map(|t| t.0[at].clone())
-                    .unwrap_or_else(|| Array { shape: vec![0], values: Values::I32(Vec::new()) }),
-            ));
-            continue;
+            Ok(loaded.data)
         }
-        if let DataSource::Csv { path, .. } = &binding.source
-            && let Some(header) = data::csv_header(&spec.dir().join(path))
-        {
-            eprintln!("skipped the header line of {path}: {header}");
+        Err(d) => {
+            report(&[d], &spec.path, &spec.src);
+            Err(Failure::Spec)
         }
-        let part = usize::from(k > 0);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let column = data::load_column(&binding.source, &spec.dir(), var, (seed, part, threads))
-            .map_err(|e| spec.fail(e.to_string(), binding.span, "this data"))?;
-        arrays.push(column);
     }
-    // A binding of an unknown name never gets here: `aec::compile` refuses it (`check_data`).
-    let n = arrays.first().map_or(0, data::Column::samples);
-    if let Some((k, a)) = arrays.iter().enumerate().find(|(_, a)| a.samples() != n) {
-        let span = bindings.get(k).map_or(Span::default(), |b| b.span);
-        return Err(spec.fail(
-            format!("`{}` has {} samples, `{}` has {n}", vars[k].name, a.samples(), vars[0].name),
-            span,
-            "sample counts differ",
-        ));
-    }
-    if let Some(t) = train
-        && t.validation.is_some_and(|v| v > 0.0)
-        && n < 2
-    {
-        return Err(spec.fail(
-            format!("a validation split needs at least 2 samples, and the data has {n}"),
-            t.validation_span,
-            "no sample would be left for training or for validation",
-        ));
-    }
-    let vocab = text.map(|t| t.1);
-    Ok(Dataset { arrays, names: vars.iter().map(|v| v.name.clone()).collect(), n, vocab })
 }
 
 /// `aec compile --emit schedule`: the learning rate and scheduled loss weights of every step
@@ -855,20 +695,6 @@ pub(super) fn schedule_table(path: &Path, batch: Option<u64>, steps: Option<u64>
     Ok(out)
 }
 
-/// The spec's optimizer with `--lr` applied.
-fn optimizer(o: Option<&Optimizer>, lr: Option<f64>) -> OptimizerFn {
-    let mut f = aec::optimizer_fn(o);
-    if let Some(lr) = lr {
-        match &mut f {
-            OptimizerFn::Sgd { lr: l, .. }
-            | OptimizerFn::Adam { lr: l, .. }
-            | OptimizerFn::RmsProp { lr: l, .. }
-            | OptimizerFn::Running { rate: l } => *l = lr as f32,
-        }
-    }
-    f
-}
-
 fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
     #[cfg(feature = "mpi")]
     if super::mpi_processes().is_some() {
@@ -898,15 +724,6 @@ fn train_cmd(args: &RunArgs) -> Result<(), Failure> {
 fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> {
     let lead = dist.as_ref().is_none_or(|train::Dist(d)| d.rank() == 0);
     let spec = load_spec(&args.spec, args.batch)?;
-    let t = spec.compiled.ast.train.clone().unwrap_or_default();
-    if let Some(lr) = args.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(Failure::Io(format!("--lr must be a positive number, got {lr}")));
-        }
-        if let Some(why) = aec::syntax::f32_problem(lr) {
-            return Err(Failure::Io(format!("--lr {lr} {why}; aec trains in 32-bit floats")));
-        }
-    }
     let (out, resume) = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             return Err(Failure::Io("--resume continues in its own folder; drop --out".into()));
@@ -915,35 +732,29 @@ fn train_with(args: &RunArgs, dist: Option<train::Dist>) -> Result<(), Failure> 
         (None, Some(o)) => (o.clone(), false),
         (None, None) => (PathBuf::from("runs").join(spec.name()), false),
     };
-    let seed = args.seed.or(t.seed).unwrap_or(0);
-    let cfg = TrainConfig {
-        epochs: args.epochs.or(t.epochs).unwrap_or(10),
-        batch: spec.compiled.batch as usize,
-        optimizer: optimizer(t.optimizer.as_ref(), args.lr),
-        seed,
-        validation: t.validation.unwrap_or(0.0),
-        noise: t.noise,
-        init: t.init.unwrap_or(Init::Default),
-        pretrain: t.pretrain,
-        stop_at: args.stop_at,
-        config_json: None,
+    let overrides = Overrides {
+        epochs: args.epochs,
+        lr: args.lr,
+        seed: args.seed,
+        validation: None,
         threads: threads(args.threads),
         backend: args.backend.runtime(),
         out,
         resume,
         init_from: args.init.clone(),
-        early_stop: t.early_stop.map(|(e, _)| e),
-        schedule: t.schedule.as_ref().map(|(s, _)| s.clone()),
+        stop_at: args.stop_at,
         beam: (args.search.beam as usize, args.search.alpha),
-        clip: aec::clip_of(Some(&t)),
-        base_lr: args.lr.or(t.optimizer.as_ref().map(Optimizer::lr)).unwrap_or(1e-3),
         dist,
     };
+    let cfg = TrainConfig::of(&spec.compiled, overrides)
+        .map_err(|e| Failure::Io(e.replace("the learning rate", "--lr")))?;
+    let seed = cfg.seed;
+    let t = spec.compiled.ast.train.clone().unwrap_or_default();
     if lead {
         check_paths(&cfg, args.png.as_deref())?;
     }
     let data = dataset(&spec, seed)?;
-    let (line, json) = resolved_config(&cfg);
+    let (line, json) = aec::runtime::config::describe(&cfg);
     if lead {
         eprintln!("{line}");
     }

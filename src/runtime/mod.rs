@@ -6,8 +6,11 @@
 pub mod bleu;
 pub mod check;
 pub mod checkpoint;
+pub mod config;
+pub mod dataset;
 pub mod decode;
 pub mod dist;
+pub mod generate;
 pub mod infer;
 pub mod init;
 #[cfg(feature = "mpi")]

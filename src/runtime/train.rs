@@ -54,6 +54,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Weights to start from instead of the initialisation (`--init`), with a fresh optimizer.
     pub init_from: Option<PathBuf>,
+    /// Or the values themselves, in `Compiled::forward`'s order (a Python model's weights when
+    /// it trains again: Keras's `fit` goes on from where the model stands).
+    pub init_values: Option<std::sync::Arc<Vec<Vec<f32>>>>,
     /// Stop when the validation loss stops improving; keep the best epoch's weights.
     pub early_stop: Option<crate::syntax::ast::EarlyStop>,
     /// How the learning rate moves over the whole network's epochs, from `base_lr` (the
@@ -71,6 +74,15 @@ pub struct TrainConfig {
     pub config_json: Option<String>,
     /// Data-parallel training: the processes this one trains with (`runtime::dist`).
     pub dist: Option<Dist>,
+    /// Set from elsewhere (a Ctrl-C), it ends the run after the step under way: the epoch it
+    /// cut short is dropped, and the run folder keeps its last committed save.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl TrainConfig {
+    fn interrupted(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// The processes of a data-parallel run (see `runtime::dist`).
@@ -179,6 +191,11 @@ pub struct Summary {
     pub jit_seconds: f64,
     /// With early stopping: the best epoch so far, and the epoch it stopped after, if it did.
     pub early: Option<(checkpoint::EarlyState, Option<u64>)>,
+    /// The run was interrupted (`TrainConfig::interrupt`): `params` are the last finished
+    /// epoch's, and `saved_epoch` says where `--resume` continues from.
+    pub interrupted: bool,
+    /// The epoch of the run folder's last committed save (this run's or the one it resumed).
+    pub saved_epoch: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -589,6 +606,19 @@ pub fn train(
             store.set(&p.name, &p.shape, v);
         }
     }
+    if let Some(values) = cfg.init_values.as_ref().filter(|_| !cfg.resume) {
+        let fits = values.len() == model_graph.params.len()
+            && values
+                .iter()
+                .zip(&model_graph.params)
+                .all(|(v, p)| v.len() == p.shape.iter().product::<usize>());
+        if !fits {
+            return Err(TrainError::Data("the starting weights do not match the model's parameters".into()));
+        }
+        for (p, v) in model_graph.params.iter().zip(values.iter()) {
+            store.set(&p.name, &p.shape, v.clone());
+        }
+    }
     let lead = cfg.dist.as_ref().is_none_or(|Dist(d)| d.rank() == 0);
     if cfg.dist.is_some() && cfg.backend == Backend::Interp {
         return Err(TrainError::Data(
@@ -646,6 +676,8 @@ pub fn train(
             samples_per_s: None,
             jit_seconds: 0.0,
             early: early.map(|e| (e, stopped(&Some(e)).then_some(e.best_epoch + e.wait))),
+            interrupted: false,
+            saved_epoch: Some(first_epoch),
         });
     }
     let steps_per_epoch = train_idx.len().div_ceil(batch) as u64;
@@ -664,6 +696,8 @@ pub fn train(
     let mut phase_start = 0u64;
     let mut decoder = super::decode::Decoder::new(compiled, cfg.backend, cfg.threads);
     let mut stopped_after = None;
+    let mut saved_epoch = (first_epoch > 0).then_some(first_epoch);
+    let mut interrupted = false;
     for phase in &phases {
         if phase_start >= last {
             break;
@@ -800,9 +834,16 @@ pub fn train(
                         *sum += t * p.idx.len() as f64;
                     }
                     on(Event::Step { epoch, step_in_epoch: s as u64 + 1, loss });
+                    if cfg.interrupted() {
+                        interrupted = true;
+                        break;
+                    }
                 }
                 Ok(())
             })?;
+            if interrupted {
+                break;
+            }
             let controls = plans.last().map(|p| p.controls.clone()).unwrap_or_default();
             // Code generation happens inside the first steps; it is reported apart.
             let compiled_now = programs.jit_seconds - jit_before;
@@ -917,6 +958,7 @@ pub fn train(
                 let at = Saved { epoch, vocab: vocab_json.as_deref(), early, plateau, best: best.as_ref() };
                 save(&cfg.out, &kept, &reference, &state, (at, cfg), &metrics)?;
                 last_save = Instant::now();
+                saved_epoch = Some(epoch);
             }
             if stop {
                 stopped_after = Some(epoch);
@@ -926,7 +968,7 @@ pub fn train(
         step = state.step;
         jit_seconds += programs.jit_seconds;
         phase_start = phase_end;
-        if stopped_after.is_some() {
+        if stopped_after.is_some() || interrupted {
             break;
         }
     }
@@ -941,6 +983,8 @@ pub fn train(
         samples_per_s: rate(trained_samples, train_time),
         jit_seconds,
         early: early.map(|e| (e, stopped_after)),
+        interrupted,
+        saved_epoch,
     })
 }
 
