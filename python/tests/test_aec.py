@@ -1,0 +1,279 @@
+"""The Python package against the `aec` command: the same spec and seed give the same bits.
+
+Run from the repository: `pytest python/tests`. The command is `$AEC_BIN`, else the one
+`cargo build` or `cargo test` left in target/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import aec
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = ROOT / "specs"
+DIGITS = SPECS / "digits_mlp.ae"
+
+
+def aec_bin() -> str:
+    if os.environ.get("AEC_BIN"):
+        return os.environ["AEC_BIN"]
+    for profile in ("release", "debug"):
+        p = ROOT / "target" / profile / "aec"
+        if p.is_file():
+            return str(p)
+    pytest.skip("no aec binary: run `cargo build` first (or set AEC_BIN)")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([aec_bin(), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def metrics(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_on_the_digits_is_the_command_line_run_bit_for_bit(tmp_path):
+    m = aec.compile(str(DIGITS))
+    hist = m.fit(epochs=4, out=tmp_path / "py", progress=False)
+    cli("run", str(DIGITS), "--train", "--epochs", "4", "--out", str(tmp_path / "cli"))
+    assert (tmp_path / "py" / "checkpoint.safetensors").read_bytes() == (
+        tmp_path / "cli" / "checkpoint.safetensors"
+    ).read_bytes()
+    ran = metrics(tmp_path / "cli")
+    assert hist["epoch"] == [1, 2, 3, 4]
+    assert hist["train_loss"] == [r["train_loss"] for r in ran]
+    assert hist["val_loss"] == [r["val_loss"] for r in ran]
+    # And the parameters the model holds are the checkpoint's.
+    again = aec.load(str(DIGITS), tmp_path / "cli")
+    for name, value in m.params.items():
+        assert np.array_equal(value, again.params[name]), name
+
+
+def test_fit_on_arrays_equals_fit_on_the_spec_data(tmp_path):
+    m = aec.compile(DIGITS)
+    x = m.data()["x"]
+    assert x.dtype == np.float32 and x.shape == (1797, 8, 8) and x.max() <= 1.0
+    m.fit(epochs=2, out=tmp_path / "spec", progress=False)
+    n = aec.compile(DIGITS)
+    n.fit(x, epochs=2, out=tmp_path / "arrays", progress=False)
+    assert (tmp_path / "spec" / "checkpoint.safetensors").read_bytes() == (
+        tmp_path / "arrays" / "checkpoint.safetensors"
+    ).read_bytes()
+
+
+def test_a_second_fit_goes_on_from_the_trained_weights(tmp_path):
+    m = aec.compile(DIGITS)
+    first = m.fit(epochs=3, out=tmp_path / "a", progress=False)
+    second = m.fit(epochs=3, out=tmp_path / "b", progress=False)
+    assert second["train_loss"][0] < first["train_loss"][0]
+
+
+def test_encode_and_reconstruct_equal_the_command_line(tmp_path):
+    m = aec.compile(DIGITS)
+    m.fit(epochs=2, out=tmp_path / "run", progress=False)
+    x = m.data()["x"][:37]
+    np.save(tmp_path / "x.npy", x)
+    weights = str(tmp_path / "run" / "checkpoint.safetensors")
+    cli("encode", str(DIGITS), "--weights", weights, "--input", str(tmp_path / "x.npy"),
+        "--output", str(tmp_path / "z.npy"), "--raw-input")
+    cli("run", str(DIGITS), "--weights", weights, "--input", str(tmp_path / "x.npy"),
+        "--output", str(tmp_path / "y.npy"), "--raw-input")
+    z = m.encode(x)
+    assert z.dtype == np.float32 and z.flags.c_contiguous and z.shape == (37, 16)
+    assert np.array_equal(z, np.load(tmp_path / "z.npy"))
+    assert np.array_equal(m.reconstruct(x), np.load(tmp_path / "y.npy"))
+    # Not contiguous: still right.
+    assert np.array_equal(m.encode(np.asfortranarray(x)), z)
+    # The interpreter agrees with the native code.
+    assert np.allclose(m.encode(x, backend="interp"), z, atol=1e-5)
+
+
+def test_a_vae_samples_what_aec_sample_draws(tmp_path):
+    spec = SPECS / "vae_digits.ae"
+    m = aec.compile(spec)
+    m.fit(epochs=1, out=tmp_path / "run", progress=False)
+    cli("sample", str(spec), "--weights", str(tmp_path / "run" / "checkpoint.safetensors"),
+        "--count", "5", "--seed", "7", "--output", str(tmp_path / "s.npy"))
+    assert np.array_equal(m.sample(5, seed=7), np.load(tmp_path / "s.npy"))
+    x = m.data()["x"]
+    line = m.interpolate(x[0], x[1], steps=5)
+    assert line.shape == (5,) + x.shape[1:]
+    ends = m.reconstruct(x[:2])
+    assert np.allclose(line[0], ends[0], atol=1e-6) and np.allclose(line[-1], ends[1], atol=1e-6)
+    z = np.zeros((2,) + m.code_shape, np.float32)
+    assert m.decode(z).shape == (2,) + x.shape[1:]
+
+
+def test_save_and_load_give_the_same_model(tmp_path):
+    m = aec.compile(DIGITS)
+    m.fit(epochs=1, out=tmp_path / "run", progress=False)
+    saved = m.save(tmp_path / "saved")
+    assert saved.name == "checkpoint.safetensors" and (tmp_path / "saved" / "model.ae").is_file()
+    again = aec.load(tmp_path / "saved" / "model.ae", tmp_path / "saved")
+    x = m.data()["x"][:5]
+    assert np.array_equal(m.encode(x), again.encode(x))
+
+
+def test_summary_and_params():
+    m = aec.compile(DIGITS)
+    assert m.summary() == cli("compile", str(DIGITS)).stdout.split("native training step")[0]
+    p = m.params
+    assert p["encoder.1.weight"].shape == (48, 64) and p["encoder.1.weight"].dtype == np.float32
+    assert sum(v.size for v in p.values()) == 7856
+
+
+def test_spec_errors_are_exceptions_with_the_located_diagnostics():
+    bad = "model a {\n    input x: [4]\n    encoder { dense 2 -> relx }\n    decoder mirror\n    loss mse(x)\n}\n"
+    with pytest.raises(aec.SpecError) as e:
+        aec.compile(bad)
+    assert "unknown activation `relx`" in str(e.value) and "<string>:3:" in str(e.value)
+    d = e.value.diagnostics[0]
+    assert (d["line"], d["column"], d["help"]) == (3, 26, "did you mean `relu`?")
+    assert isinstance(e.value, ValueError)
+    # Every error of a file at once, as the command prints them.
+    worse = bad.replace("dense 2", "dense 0").replace("mse(x)", "mse(y)")
+    with pytest.raises(aec.SpecError) as e:
+        aec.compile(worse)
+    assert len([d for d in e.value.diagnostics if d["severity"] == "error"]) >= 3
+
+
+def test_bad_arrays_are_type_and_value_errors():
+    m = aec.compile(DIGITS)
+    x = m.data()["x"]
+    with pytest.raises(TypeError, match=r"\[n, 8, 8\] float32; got float64"):
+        m.encode(x.astype(np.float64))
+    with pytest.raises(TypeError, match="got str"):
+        m.encode("digits")
+    with pytest.raises(ValueError, match=r"declared \[8, 8\]"):
+        m.encode(np.zeros((3, 7), np.float32))
+    nan = x[:4].copy()
+    nan[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        m.fit(nan, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        m.encode(nan)
+    with pytest.raises(ValueError, match="declares no target"):
+        m.fit(x, x, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="learning rate"):
+        m.fit(x, epochs=1, lr=-1.0, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        m.fit(x, epochs=0, progress=False)
+    with pytest.raises(ValueError, match=r"\[n, 16\]"):
+        m.decode(np.zeros((2, 15), np.float32))
+
+
+def test_missing_files_are_os_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        aec.compile(tmp_path / "nowhere.ae")
+    with pytest.raises(FileNotFoundError):
+        aec.load(DIGITS, tmp_path / "no-run")
+    m = aec.compile(DIGITS)
+    with pytest.raises(OSError, match="nothing to resume"):
+        m.fit(out=tmp_path / "empty", resume=True, progress=False)
+    spec = tmp_path / "lost.ae"
+    spec.write_text(DIGITS.read_text().replace("data/digits-images.npy", "data/missing.npy"))
+    with pytest.raises(aec.SpecError, match="missing.npy"):
+        aec.compile(spec).fit(epochs=1, out=tmp_path / "run", progress=False)
+
+
+def test_the_gil_is_released_while_it_trains(tmp_path):
+    m = aec.compile(DIGITS)
+    ticks = []
+    running = threading.Event()
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            if running.is_set():
+                ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    running.set()
+    start = time.monotonic()
+    m.fit(epochs=400, out=tmp_path / "run", progress=False)
+    end = time.monotonic()
+    done.set()
+    t.join()
+    inside = [s for s in ticks if start < s < end]
+    # The thread ran all through the training, not only in its gaps: ticks in every tenth of it.
+    assert end - start > 0.2
+    tenths = {int(10 * (s - start) / (end - start)) for s in inside}
+    assert len(tenths) >= 8, (len(inside), sorted(tenths), end - start)
+
+
+def test_ctrl_c_leaves_a_run_that_resumes_to_the_same_bits(tmp_path):
+    run = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import aec, sys, warnings
+        m = aec.compile({str(DIGITS)!r})
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            h = m.fit(epochs=3000, out={str(run)!r}, progress=False)
+        print(len(h["epoch"]), w[0].message if w else "no warning")
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint.safetensors").is_file():
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    epochs, message = out.split(" ", 1)
+    assert "training interrupted" in message and "resume=True" in message, out
+    assert int(epochs) < 3000
+    saved = json.loads((run / "save.json").read_text()) if (run / "save.json").exists() else None
+    done = metrics(run)[-1]["epoch"]
+    assert 1 <= done <= int(epochs), (done, epochs, saved)
+    # Resumed to a few epochs further, it is the uninterrupted run at that epoch, bit for bit.
+    m = aec.compile(DIGITS)
+    m.fit(out=run, resume=True, epochs=3000, stop_at=done + 3, progress=False)
+    straight = aec.compile(DIGITS)
+    straight.fit(out=tmp_path / "straight", epochs=3000, stop_at=done + 3, progress=False)
+    assert (run / "checkpoint.safetensors").read_bytes() == (tmp_path / "straight" / "checkpoint.safetensors").read_bytes()
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    m = aec.compile(DIGITS)
+    m.fit(epochs=1, out=tmp_path / "run", progress=False)
+    path = m.export_onnx(tmp_path / "encoder.onnx", part="encoder")
+    x = m.data()["x"][:6]
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (z,) = s.run(None, {s.get_inputs()[0].name: x})
+    assert np.allclose(z, m.encode(x), atol=1e-5)
+    with pytest.raises(ValueError, match="part must be"):
+        m.export_onnx(tmp_path / "x.onnx", part="middle")
+
+
+def test_to_torch_gives_the_same_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    m = aec.compile(DIGITS)
+    m.fit(epochs=1, out=tmp_path / "run", progress=False)
+    module = m.to_torch()
+    x = m.data()["x"][:6]
+    with torch.no_grad():
+        y = module(torch.from_numpy(x))
+    y = y[0] if isinstance(y, tuple) else y
+    assert np.allclose(y.numpy(), m.reconstruct(x), atol=1e-5)
