@@ -462,6 +462,31 @@ fn a_vae_loss_with_every_reduction_against_finite_differences() {
     }
 }
 
+#[test]
+fn sparsity_and_contractive_penalties_against_finite_differences() {
+    // Each penalty alone would do; with the reconstruction loss, as it trains: sparsity at two
+    // rates (one the units are far from), contractive with a sigmoid and a tanh code, at odd
+    // sizes and a batch of 3.
+    for (code, act, term) in [
+        (5, "sigmoid", "0.3 * sparsity(code, rho: 0.05)"),
+        (3, "sigmoid", "2 * sparsity(code, rho: 0.7)"),
+        (5, "sigmoid", "0.5 * contractive(code)"),
+        (7, "tanh", "0.5 * contractive(code, reduction: sum)"),
+    ] {
+        let src = format!(
+            "model p {{ input x: [6]\n encoder {{ dense {code} -> {act} }}\n decoder {{ dense 6 -> sigmoid }}\n \
+             loss mse(x) + {term} }}"
+        );
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(3) }).expect("compiles");
+        let mut c = Case::new(29);
+        c.g = compiled.forward.clone();
+        c.params = aec::runtime::init::init_params(&c.g, aec::syntax::ast::Init::Default, 5);
+        c.inputs = vec![Buf::F32((0..18).map(|i| (i as f32 * 0.61).fract()).collect())];
+        let loss = c.g.output("loss").expect("loss");
+        c.check(loss, &format!("{act} code of {code}: {term}"));
+    }
+}
+
 /// A shipped spec lowered at a batch of 2, as it trains, with random inputs (ids within their
 /// vocabulary), its initial parameters, and its gradients as autodiff computes them.
 struct SpecCase {

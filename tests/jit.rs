@@ -159,6 +159,28 @@ fn dense_layers_activations_losses_and_optimizers_at_simd_tails() {
 }
 
 #[test]
+fn sparsity_and_contractive_penalties_at_simd_tails() {
+    let mut case = 0;
+    for f in [1usize, 3, 5, 7, 13] {
+        for h in [1usize, 3, 5, 7, 13, 17] {
+            let (act, term) = [
+                ("sigmoid", "0.3 * sparsity(code, rho: 0.1)"),
+                ("sigmoid", "0.5 * contractive(code)"),
+                ("tanh", "0.5 * contractive(code, reduction: mean)"),
+            ][case % 3];
+            case += 1;
+            let src = format!(
+                "model t {{ input x: [{f}]\n encoder {{ dense {h} -> {act} }}\n decoder {{ dense {f} -> sigmoid }}\n loss mse(x) + {term} }}\ntrain {{ optimizer adam(lr: 0.01) }}"
+            );
+            for batch in [1, 3, 13] {
+                let (g, fwd) = compile_src(&src, batch);
+                same_training(&format!("{src} batch {batch}"), &g, &fwd, 3, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
 fn clipping_rmsprop_and_a_scheduled_rate_at_simd_tails_and_across_chunks() {
     // 97·91 weights span two chunks of the norm kernel (8192 elements), split across threads.
     let opts = [

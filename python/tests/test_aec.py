@@ -277,3 +277,14 @@ def test_to_torch_gives_the_same_outputs(tmp_path):
         y = module(torch.from_numpy(x))
     y = y[0] if isinstance(y, tuple) else y
     assert np.allclose(y.numpy(), m.reconstruct(x), atol=1e-5)
+
+
+def test_the_readme_example_prints_what_the_readme_shows(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("\nprints", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(SPECS, tmp_path / "specs")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == shown

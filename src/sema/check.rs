@@ -277,8 +277,10 @@ impl Checker<'_> {
         let mut ok = true;
         let known: Vec<&str> = vars.0.iter().chain(&vars.1).map(|v| v.name.as_str()).collect();
         let main = &loss.main;
-        if matches!(main.kind, ast::LossKind::L2 | ast::LossKind::Kl)
-            || main.arg.name == "weights"
+        if matches!(
+            main.kind,
+            ast::LossKind::L2 | ast::LossKind::Kl | ast::LossKind::Sparsity | ast::LossKind::Contractive
+        ) || main.arg.name == "weights"
             || main.arg.name == "code"
         {
             self.diags.push(
@@ -320,10 +322,13 @@ impl Checker<'_> {
                     );
                     ok = false;
                 }
+            } else if matches!(t.kind, ast::LossKind::Sparsity | ast::LossKind::Contractive) {
+                ok &= self.check_code_penalty(m, t);
             } else if !(penalty && target) {
                 self.diags.push(
                     Diagnostic::error(
-                        "an extra loss term is a penalty (`l1` or `l2` of `weights` or `code`) or `kl(code)`",
+                        "an extra loss term is a penalty (`l1` or `l2` of `weights` or `code`, `sparsity(code)`, \
+                         `contractive(code)`) or `kl(code)`",
                     )
                     .label(t.span, "not a penalty")
                     .help("write e.g. `+ 1e-4 * l2(weights)`, `+ 1e-3 * l1(code)` or `+ kl(code)`"),
@@ -339,6 +344,68 @@ impl Checker<'_> {
             }
         }
         ok
+    }
+
+    /// `sparsity(code)` needs a code in (0, 1) (a sigmoid ends the encoder); `contractive(code)`
+    /// an encoder of one dense sigmoid or tanh layer, whose Jacobian has a closed form.
+    fn check_code_penalty(&mut self, m: &ast::Model, t: &ast::LossTerm) -> bool {
+        let name = t.kind.keyword();
+        if t.arg.name != "code" {
+            self.diags.push(
+                Diagnostic::error(format!("`{name}` is taken of the code, not of `{}`", t.arg.name))
+                    .label(t.arg.span, "not `code`")
+                    .help(format!("write `{name}(code)`")),
+            );
+            return false;
+        }
+        let layers = m.encoder.as_ref().map(|b| b.layers.as_slice()).unwrap_or(&[]);
+        let last_act = |l: &ast::Layer| l.activations.last().map(|a| a.kind);
+        if t.kind == ast::LossKind::Sparsity {
+            if let Some((_, at)) = t.reduction {
+                self.diags.push(
+                    Diagnostic::error("`sparsity(code)` takes no reduction")
+                        .label(at, "it is a sum over the code's units of each one's divergence")
+                        .help("remove it; scale the term with its weight instead (`0.1 * sparsity(code)`)"),
+                );
+                return false;
+            }
+            let Some(last) = layers.last() else { return true };
+            if last_act(last) != Some(ActKind::Sigmoid) {
+                self.diags.push(
+                    Diagnostic::error("`sparsity(code)` compares mean activations with a rate in (0, 1), and this code is not a sigmoid's")
+                        .label(last.span, "the code comes from here")
+                        .label(t.span, "needs activations in (0, 1)")
+                        .help("end the encoder with `-> sigmoid`, as Ng's sparse autoencoder does"),
+                );
+                return false;
+            }
+            return true;
+        }
+        // Contractive: one dense layer (a flatten or reshape before it changes nothing).
+        let shaping = |l: &&ast::Layer| matches!(l.kind, LayerKind::Flatten | LayerKind::Reshape { .. });
+        let real: Vec<&ast::Layer> = layers.iter().filter(|l| !shaping(l)).collect();
+        let fits = match real.as_slice() {
+            [l] => {
+                matches!(l.kind, LayerKind::Dense { .. })
+                    && matches!(last_act(l), Some(ActKind::Sigmoid | ActKind::Tanh))
+                    && l.activations.len() == 1
+            }
+            _ => false,
+        };
+        if !fits {
+            let at = real.last().map_or(t.span, |l| l.span);
+            self.diags.push(
+                Diagnostic::error(
+                    "`contractive(code)` is the encoder's Jacobian in closed form, which aec knows for an \
+                     encoder of one dense layer with a sigmoid or tanh",
+                )
+                .label(at, "this encoder is not one")
+                .label(t.span, "the penalty")
+                .help("write the encoder as `dense N -> sigmoid` (Rifai et al. 2011), or use `l1(code)` or `sparsity(code)`"),
+            );
+            return false;
+        }
+        true
     }
 
     fn loss_target_ty(&self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> Option<Ty> {

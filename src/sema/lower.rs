@@ -756,7 +756,9 @@ impl Lower {
             LossKind::CrossEntropy => {
                 (LossFn::CrossEntropyLogits { pad: target_var.padded }, out.logits.unwrap_or(out.node))
             }
-            LossKind::L2 | LossKind::Kl => return Err("the first loss term is a reconstruction loss".into()),
+            LossKind::L2 | LossKind::Kl | LossKind::Sparsity | LossKind::Contractive => {
+                return Err("the first loss term is a reconstruction loss".into());
+            }
         };
         let mean = self.add(Op::Loss { f, pred, target }, span)?;
         // The loss op is the mean over its terms: one per element, or one per token (the
@@ -776,6 +778,8 @@ impl Lower {
         for t in &m.loss.extra {
             let term = match (t.kind, t.arg.name.as_str()) {
                 (LossKind::Kl, _) => self.kl(t)?,
+                (LossKind::Sparsity, _) => self.sparsity(t, code)?,
+                (LossKind::Contractive, _) => self.contractive(m, t, code)?,
                 (_, "weights") => {
                     // λ·Σ over every weight (not biases) of w² (or |w|); an embedding table is
                     // a weight, as in a PyTorch sum over the module's weight tensors.
@@ -834,6 +838,71 @@ impl Lower {
             Reduction::Sum => 1.0 / self.sum_scale,
             Reduction::BatchMean => self.b as f64,
         }
+    }
+
+    /// The code as `[B, n]` and `ones[1, B]`, whose product with it sums over the batch.
+    fn batch_sums(&mut self, code: NodeId, span: Span) -> Result<(NodeId, NodeId), String> {
+        let b = self.g.ty(code).shape[0];
+        let n = self.g.ty(code).numel() / b.max(1);
+        let flat = self.add(Op::Reshape { x: code, shape: vec![b, n] }, span)?;
+        let ones = self.add(Op::Fill { value: 1.0, shape: vec![1, b] }, span)?;
+        Ok((flat, ones))
+    }
+
+    /// `λ·sparsity(code, rho: ρ)`: Σⱼ KL(ρ ‖ ρ̂ⱼ) over the code's n units, ρ̂ⱼ the unit's mean
+    /// over the batch. KL(ρ ‖ p) = BCE(p, ρ) − H(ρ), so it is n·(the mean BCE of ρ̂ against ρ,
+    /// each log clamped at −100 as PyTorch's) − n·H(ρ).
+    fn sparsity(&mut self, t: &ast::LossTerm, code: NodeId) -> Result<NodeId, String> {
+        let span = t.span;
+        let (flat, ones) = self.batch_sums(code, span)?;
+        let [b, n] = [self.g.ty(flat).shape[0], self.g.ty(flat).shape[1]];
+        let sums = self.add(Op::MatMul { a: ones, b: flat, ta: false, tb: false }, span)?;
+        let rate = self.add(Op::Scale { x: sums, c: 1.0 / b as f32 }, span)?;
+        let rho = t.rho();
+        let target = self.add(Op::Fill { value: rho as f32, shape: vec![1, n] }, span)?;
+        let bce = self.add(Op::Loss { f: LossFn::Bce, pred: rate, target }, span)?;
+        let entropy = -(rho * rho.ln() + (1.0 - rho) * (1.0 - rho).ln());
+        let scaled = self.add(Op::Scale { x: bce, c: (t.weight * n as f64) as f32 }, span)?;
+        let constant =
+            self.add(Op::Fill { value: (-t.weight * n as f64 * entropy) as f32, shape: vec![] }, span)?;
+        self.add(Op::Binary { f: BinaryFn::Add, a: scaled, b: constant }, span)
+    }
+
+    /// `λ·contractive(code)` of an encoder h = f(W x + b), f a sigmoid or tanh: ‖∂h/∂x‖²_F =
+    /// Σᵢ f′ᵢ² Σⱼ Wᵢⱼ², with f′ = h(1 − h) or 1 − h²; summed over the batch, reduced (by
+    /// default ÷ the batch).
+    fn contractive(&mut self, m: &Model, t: &ast::LossTerm, code: NodeId) -> Result<NodeId, String> {
+        let span = t.span;
+        let layer = m
+            .encoder()
+            .find(|l| matches!(l.layer.kind, LayerKind::Dense { .. }))
+            .ok_or("contractive(code) without a dense encoder layer")?;
+        let tanh = layer.layer.activations.last().is_some_and(|a| a.kind == ActKind::Tanh);
+        let w = m
+            .params
+            .iter()
+            .position(|p| p.role == ParamRole::Weight && p.name == format!("encoder.{}.weight", layer.index))
+            .map(|i| self.params[i])
+            .ok_or("contractive(code) without the encoder's weight")?;
+        let (flat, ones) = self.batch_sums(code, span)?;
+        let sq = self.add(Op::Unary { f: UnaryFn::Square, x: flat }, span)?;
+        let slope = if tanh {
+            let shape = self.g.ty(flat).shape.clone();
+            let one = self.add(Op::Fill { value: 1.0, shape }, span)?;
+            self.add(Op::Binary { f: BinaryFn::Sub, a: one, b: sq }, span)?
+        } else {
+            self.add(Op::Binary { f: BinaryFn::Sub, a: flat, b: sq }, span)?
+        };
+        let slope2 = self.add(Op::Unary { f: UnaryFn::Square, x: slope }, span)?;
+        let per_unit = self.add(Op::MatMul { a: ones, b: slope2, ta: false, tb: false }, span)?;
+        let w2 = self.add(Op::Unary { f: UnaryFn::Square, x: w }, span)?;
+        let inputs = self.g.ty(w).shape[1];
+        let column = self.add(Op::Fill { value: 1.0, shape: vec![inputs, 1] }, span)?;
+        let rows = self.add(Op::MatMul { a: w2, b: column, ta: false, tb: false }, span)?;
+        let total = self.add(Op::MatMul { a: per_unit, b: rows, ta: false, tb: false }, span)?;
+        let total = self.add(Op::SumAll { x: total }, span)?;
+        let div = self.divisor(t.reduction(), self.g.ty(code).numel());
+        self.add(Op::Scale { x: total, c: (t.weight / div) as f32 }, span)
     }
 
     /// `λ·kl(code)`: −½ Σ (1 + logvar − mu² − e^logvar), reduced (by default ÷ the batch).

@@ -118,6 +118,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             arg: ast::Ident { name: String::new(), span },
             reduction: None,
             schedule: None,
+            rho: None,
             span,
         },
         extra: Vec::new(),

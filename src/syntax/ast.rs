@@ -334,6 +334,8 @@ pub struct LossTerm {
     pub reduction: Option<(Reduction, Span)>,
     /// A weight that moves during training (`linear(…) * kl(code)`); `weight` is then 1.
     pub schedule: Option<(TermSchedule, Span)>,
+    /// `sparsity(code, rho: ρ)`: the target activation rate, as written.
+    pub rho: Option<(f64, Span)>,
     pub span: Span,
 }
 
@@ -375,15 +377,23 @@ impl LossTerm {
     pub fn name(&self) -> String {
         match self.kind {
             LossKind::Kl => "kl".to_owned(),
+            LossKind::Sparsity | LossKind::Contractive => self.kind.keyword().to_owned(),
             _ => format!("{}({})", self.kind.keyword(), self.arg.name),
         }
     }
 
-    /// The reduction in effect: as written, else `batchmean` for `kl` and `mean` for the rest.
+    /// `sparsity`'s target activation rate ρ (0.05 unless written).
+    pub fn rho(&self) -> f64 {
+        self.rho.map_or(0.05, |r| r.0)
+    }
+
+    /// The reduction in effect: as written, else `batchmean` for `kl` and `contractive` and
+    /// `mean` for the rest (`sparsity` is a sum over the code's units, as Ng's notes write it).
     pub fn reduction(&self) -> Reduction {
         match (self.reduction, self.kind) {
             (Some((r, _)), _) => r,
-            (None, LossKind::Kl) => Reduction::BatchMean,
+            (None, LossKind::Kl | LossKind::Contractive) => Reduction::BatchMean,
+            (None, LossKind::Sparsity) => Reduction::Sum,
             (None, _) => Reduction::Mean,
         }
     }
@@ -398,6 +408,12 @@ pub enum LossKind {
     L2,
     /// The KL divergence of a Gaussian code from N(0, I).
     Kl,
+    /// Σ over the code's units of KL(ρ ‖ ρ̂ⱼ), ρ̂ⱼ the unit's mean activation over the batch
+    /// (Ng's sparse autoencoder).
+    Sparsity,
+    /// The squared Frobenius norm of the encoder's Jacobian (Rifai et al. 2011's contractive
+    /// autoencoder), in closed form for one dense sigmoid or tanh layer.
+    Contractive,
 }
 
 /// How a loss term reduces over its elements (PyTorch's `reduction`).
@@ -429,6 +445,8 @@ impl LossKind {
             LossKind::L1 => "l1",
             LossKind::L2 => "l2",
             LossKind::Kl => "kl",
+            LossKind::Sparsity => "sparsity",
+            LossKind::Contractive => "contractive",
         }
     }
 }

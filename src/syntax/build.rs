@@ -661,13 +661,17 @@ impl Builder {
             "l1" => LossKind::L1,
             "l2" => LossKind::L2,
             "kl" => LossKind::Kl,
+            "sparsity" => LossKind::Sparsity,
+            "contractive" => LossKind::Contractive,
             other => {
-                let names = ["mse", "bce", "cross_entropy", "l1", "l2", "kl"];
+                let names = ["mse", "bce", "cross_entropy", "l1", "l2", "kl", "sparsity", "contractive"];
                 let mut d =
                     Diagnostic::error(format!("unknown loss `{other}`")).label(call.name_span, "not a loss");
                 d = match closest(other, names.iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help("losses are mse, bce, cross_entropy, l1, l2 and kl"),
+                    None => {
+                        d.help("losses are mse, bce, cross_entropy, l1, l2, kl, sparsity and contractive")
+                    }
                 };
                 self.err(d);
                 return None;
@@ -675,9 +679,26 @@ impl Builder {
         };
         let mut arg = None;
         let mut reduction = None;
+        let mut rho = None;
         let mut ok = true;
         for a in &call.args {
             match (&a.name, &a.value) {
+                (Some(n), Value::Num(r))
+                    if n.name == "rho" && kind == LossKind::Sparsity && rho.is_none() =>
+                {
+                    if !(*r > 0.0 && *r < 1.0) {
+                        self.err(
+                            Diagnostic::error(format!(
+                                "a target activation rate is between 0 and 1, not {r}"
+                            ))
+                            .label(a.span, "out of (0, 1)")
+                            .help("Ng's notes use `rho: 0.05`"),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    rho = Some((*r, a.span));
+                }
                 (None, Value::Word(w)) if arg.is_none() => {
                     arg = Some(Ident { name: w.clone(), span: a.span })
                 }
@@ -728,7 +749,7 @@ impl Builder {
                 Diagnostic::error("a loss weight must be a finite number ≥ 0").label(span, "this weight"),
             );
         }
-        Some(LossTerm { weight, kind, arg, reduction, schedule, span })
+        Some(LossTerm { weight, kind, arg, reduction, schedule, rho, span })
     }
 
     // ---- train ---------------------------------------------------------------------------------

@@ -198,6 +198,9 @@ impl Display for LossTerm {
             None => {}
         }
         write!(f, "{}({}", self.kind.keyword(), self.arg.name)?;
+        if let Some((rho, _)) = self.rho {
+            write!(f, ", rho: {}", Num(rho))?;
+        }
         if let Some((r, _)) = self.reduction {
             write!(f, ", reduction: {}", r.keyword())?;
         }

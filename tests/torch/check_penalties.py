@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Checks aec's `sparsity(code, rho: ρ)` and `contractive(code)` against hand-written PyTorch.
+
+For each spec, aec trains one step on a batch of eight different digits from the same initial
+parameters three times: SGD with lr 1e-30 (the loss at the initial parameters), SGD with lr 1
+(the parameters move by minus the gradient) and the spec's Adam. PyTorch runs the module
+`aec compile --emit torch` writes and computes the penalties as the papers write them:
+
+    sparsity:    Σⱼ ρ log(ρ / ρ̂ⱼ) + (1 − ρ) log((1 − ρ) / (1 − ρ̂ⱼ)),  ρ̂ = code.mean(0)  (Ng)
+    contractive: mean over the batch of Σᵢ (hᵢ(1 − hᵢ))² Σⱼ Wᵢⱼ²  (Rifai et al. 2011; tanh: 1 − hᵢ²)
+
+Loss, gradients and the parameters after one Adam step must agree to 1e-5. The loss and the
+gradients are compared in float64 on the PyTorch side (aec computes in float32).
+
+    ../torch-venv/bin/python tests/torch/check_penalties.py [SPEC ...]
+
+Needs the release binary (`cargo build --release`). Not part of `cargo test`: CI has no torch.
+"""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+AEC = ROOT / "target" / "release" / "aec"
+DEFAULT = ["sparse_digits", "contractive_digits"]
+BATCH = 8
+
+
+def aec(*args):
+    return subprocess.run([str(AEC), *map(str, args)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def one_step(spec_text, optimizer, work, tag):
+    text = re.sub(r"optimizer\s+[^\n]*", f"optimizer {optimizer}", spec_text)
+    path = work / f"{tag}.ae"
+    path.write_text(text)
+    run = work / tag
+    aec("run", "--train", path, "--out", run)
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return line["train_loss"], load_file(run / "checkpoint.safetensors")
+
+
+def penalties(terms, x, recon, code, model):
+    total = 0.0
+    for term in re.split(r"\s\+\s", terms):
+        m = re.match(r"(?:([\d.e-]+)\s*\*\s*)?(\w+)\((\w+)(.*)\)", term.strip())
+        weight, kind, _, rest = m.groups()
+        weight = float(weight or 1.0)
+        args = dict(re.findall(r"(\w+):\s*([\w.e-]+)", rest))
+        if kind == "mse":
+            total = total + weight * ((recon - x) ** 2).mean()
+        elif kind == "sparsity":
+            rho = float(args.get("rho", 0.05))
+            rate = code.mean(0)
+            kl = rho * torch.log(rho / rate) + (1 - rho) * torch.log((1 - rho) / (1 - rate))
+            total = total + weight * kl.sum()
+        elif kind == "contractive":
+            linear = next(m for m in model.encoder if isinstance(m, nn.Linear))
+            slope = code * (1 - code) if args.get("act", "sigmoid") == "sigmoid" else 1 - code**2
+            norm = (slope**2 * (linear.weight**2).sum(1)).sum()
+            reduction = args.get("reduction", "batchmean")
+            total = total + weight * {"sum": norm, "batchmean": norm / code.shape[0], "mean": norm / code.numel()}[reduction]
+        else:
+            raise SystemExit(f"no PyTorch twin for `{term}` in this check")
+    return total
+
+
+def check(name, work):
+    spec_text = (ROOT / "specs" / f"{name}.ae").read_text()
+    digits = np.load(ROOT / "specs" / "data" / "digits-images.npy")[:BATCH].astype(np.float32) / 16.0
+    np.save(work / "x.npy", digits)
+    spec_text = re.sub(r"data\s+npy\([^\n]*", 'data npy("x.npy")', spec_text)
+    for field, value in [("batch", BATCH), ("epochs", 1), ("validation", 0)]:
+        spec_text = re.sub(rf"\n(\s*){field}\s+[^\n]*", rf"\n\g<1>{field} {value}", spec_text)
+    adam = re.search(r"optimizer\s+([^\n]*)", spec_text).group(1)
+    _, init = one_step(spec_text, "sgd(lr: 1e-30)", work, "init")
+    loss_sgd, after_sgd = one_step(spec_text, "sgd(lr: 1)", work, "sgd")
+    loss_adam, after_adam = one_step(spec_text, adam, work, "adam")
+
+    (work / "model.py").write_text(aec("compile", work / "init.ae", "--emit", "torch"))
+    mod_spec = importlib.util.spec_from_file_location(f"m_{name}", work / "model.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    terms = re.search(r"loss\s+([^\n]*)", spec_text).group(1)
+    if "tanh" in spec_text.split("encoder", 1)[1].split("}", 1)[0]:
+        terms = terms.replace("contractive(code", "contractive(code, act: tanh")
+    x = torch.from_numpy(digits)
+
+    def loss_of(model):
+        recon, code = model(x)
+        return penalties(terms, x, recon, code, model)
+
+    # float64: the reference gradients.
+    ref = mod.Model().double()
+    ref.load_state_dict({k: v.double() for k, v in init.items()}, strict=True)
+    x = x.double()
+    loss64 = loss_of(ref)
+    ref.zero_grad()
+    loss64.backward()
+    grads = {k: p.grad.float() for k, p in ref.named_parameters()}
+    # float32: one Adam step, as aec takes it.
+    x = x.float()
+    model = mod.Model()
+    model.load_state_dict(init, strict=True)
+    opt = torch.optim.Adam(model.parameters(), **adam_args(adam))
+    loss = loss_of(model)
+    model.zero_grad()
+    loss.backward()
+    opt.step()
+    state = model.state_dict()
+    worst = {
+        "loss": abs(loss64.item() - loss_sgd) / abs(loss64.item()),
+        "loss (adam run)": abs(loss_adam - loss_sgd) / abs(loss_sgd),
+    }
+    grad_err, adam_err = 0.0, 0.0
+    for k, g in grads.items():
+        aec_grad = init[k] - after_sgd[k]
+        grad_err = max(grad_err, ((aec_grad - g).abs().max() / g.abs().max().clamp(min=1e-6)).item())
+        adam_err = max(adam_err, (after_adam[k] - state[k]).abs().max().item())
+    worst["gradients (relative to each tensor's largest)"] = grad_err
+    worst["parameters after one Adam step"] = adam_err
+    ok = all(v < 1e-5 for v in worst.values())
+    print(f"{name:20} loss {loss64.item():.6f} aec {loss_sgd:.6f}; " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
+    return ok
+
+
+def adam_args(text):
+    args = dict(re.findall(r"(\w+):\s*([\d.e-]+)", text))
+    out = {"lr": float(args.get("lr", 1e-3))}
+    out["betas"] = (float(args.get("b1", 0.9)), float(args.get("b2", 0.999)))
+    out["eps"] = float(args.get("eps", 1e-8))
+    return out
+
+
+def main():
+    if not AEC.exists():
+        raise SystemExit("build the release binary first: cargo build --release")
+    names = sys.argv[1:] or DEFAULT
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for n in names:
+            work = Path(tmp) / n
+            work.mkdir()
+            results.append(check(n, work))
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
