@@ -232,10 +232,27 @@ class Model:
         """The decoder's outputs for the codes ``z`` (``[n, *code_shape]`` float32)."""
         return self._m.run(_as_codes(z, self.code_shape), "generated", threads=threads, backend=backend)
 
-    def sample(self, n: int, seed: int = 0, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
-        """``n`` samples of a variational autoencoder: codes drawn from N(0, I) with ``seed``,
-        decoded (``aec sample``'s draws for the same seed)."""
-        z = self._m.prior_codes(_count(n, "n"), int(seed))
+    def sample(
+        self,
+        n: int,
+        seed: int = 0,
+        *,
+        gmm: Optional[int] = None,
+        x: Optional[ArrayLike] = None,
+        threads: Optional[int] = None,
+        backend: str = "jit",
+    ) -> np.ndarray:
+        """``n`` generated samples: codes drawn from N(0, I), the prior of a variational
+        autoencoder's Gaussian code (``aec sample``'s draws for the same seed); or, with
+        ``gmm=K``, from a mixture of K Gaussians fitted to the codes of ``x`` (default: the
+        spec's training data, as ``aec sample --gmm K``), which any autoencoder can sample."""
+        if gmm is None:
+            if x is not None:
+                raise TypeError("x gives the codes a mixture is fitted to: pass gmm=K too")
+            z = self._m.prior_codes(_count(n, "n"), int(seed))
+        else:
+            data = None if x is None else _as_array(x, self._vars[0])
+            z, _, _ = self._m.mixture_codes(_count(gmm, "gmm"), _count(n, "n"), int(seed), data, threads, backend)
         return self._m.run(z, "generated", threads=threads, backend=backend)
 
     def interpolate(

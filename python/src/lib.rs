@@ -492,6 +492,54 @@ impl Model {
         array_out(py, Array { shape: [vec![n], dims].concat(), values: Values::F32(z) })
     }
 
+    /// `n` draws from a mixture of `k` Gaussians fitted to the codes of `x` (None: of the spec's
+    /// training data, as `aec sample --gmm` fits it); returns (codes, mean log-likelihood, EM
+    /// iterations).
+    #[pyo3(signature = (k, n, seed, x=None, threads=None, backend="jit"))]
+    #[allow(clippy::too_many_arguments)]
+    fn mixture_codes<'py>(
+        &self,
+        py: Python<'py>,
+        k: usize,
+        n: usize,
+        seed: u64,
+        x: Option<&Bound<'py, PyAny>>,
+        threads: Option<usize>,
+        backend: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, f64, usize)> {
+        let how = (self::threads(threads), self::backend(backend)?);
+        let dims = generate::code_dims(&self.compiled).map_err(value_error)?;
+        let size: usize = dims.iter().product();
+        let c = &self.compiled;
+        let z = match x {
+            Some(x) => {
+                let var = c.model.inputs.first().ok_or_else(|| value_error("the model has no input"))?;
+                let x = aec::data::conform(array_in(x, "x")?, var, "x").map_err(value_error)?;
+                let z = py.detach(|| infer::infer(c, &self.params, &x, Output::Code, 256, how.0, how.1));
+                match z.map_err(value_error)?.values {
+                    Values::F32(v) => v,
+                    Values::I32(_) => return Err(value_error("the codes are not real numbers")),
+                }
+            }
+            None => {
+                let t = c.ast.train.clone().unwrap_or_default();
+                let seed = t.seed.unwrap_or(0);
+                let data = py
+                    .detach(|| dataset::load(c, &self.dir, seed))
+                    .map_err(|d| spec_error(py, &[d], &self.file, &self.src))?
+                    .data;
+                let split = (t.validation.unwrap_or(0.0), seed);
+                py.detach(|| generate::training_codes(c, &self.params, &data, split, how))
+                    .map_err(value_error)?
+                    .0
+            }
+        };
+        let fit = py.detach(|| aec::runtime::gmm::fit(&z, size, k, seed)).map_err(value_error)?;
+        let draws = fit.gmm.sample(n, seed);
+        let codes = array_out(py, Array { shape: [vec![n], dims].concat(), values: Values::F32(draws) })?;
+        Ok((codes, fit.history.last().copied().unwrap_or(f64::NAN), fit.history.len()))
+    }
+
     /// The straight line of `steps` codes between each consecutive pair of codes `z`.
     fn lines<'py>(
         &self,

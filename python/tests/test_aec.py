@@ -288,3 +288,18 @@ def test_the_readme_example_prints_what_the_readme_shows(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == shown
+
+
+def test_any_autoencoder_samples_from_a_mixture_fitted_to_its_codes(tmp_path):
+    m = aec.compile(DIGITS)
+    m.fit(epochs=3, out=tmp_path / "run", progress=False)
+    cli("sample", str(DIGITS), "--weights", str(tmp_path / "run" / "checkpoint.safetensors"), "--gmm", "3",
+        "--count", "6", "--seed", "2", "--output", str(tmp_path / "s.npy"))
+    s = m.sample(6, seed=2, gmm=3)
+    assert s.shape == (6, 8, 8) and np.array_equal(s, np.load(tmp_path / "s.npy"))
+    x = m.data()["x"][:200]
+    assert m.sample(4, seed=1, gmm=2, x=x).shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="N\\(0, I\\)"):
+        m.sample(3)
+    with pytest.raises(ValueError, match="cannot fit 5 components"):
+        m.sample(3, gmm=5, x=x[:4])

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct SampleArgs {
-    /// The `.ae` spec (its encoder ends in `gaussian N`).
+    /// The `.ae` spec (its encoder ends in `gaussian N`, unless --gmm).
     spec: PathBuf,
     /// Trained parameters (a checkpoint.safetensors).
     #[arg(long)]
@@ -25,8 +25,13 @@ pub struct SampleArgs {
     seed: u64,
     /// A 2-D code only: decode a grid over the code plane instead of random draws, at the
     /// quantiles (i + ½) / count of N(0, 1) on each axis — the decoded manifold.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gmm")]
     grid: bool,
+    /// Any autoencoder: fit a mixture of K Gaussians (full covariances, by EM) to the codes of
+    /// the spec's training data and decode draws from it (Ghosh et al. 2020), instead of the
+    /// prior of a Gaussian code.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    gmm: Option<u64>,
     /// Where to write the decoded samples (.npy, f32).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -78,7 +83,9 @@ pub fn sample(args: &SampleArgs) -> Result<(), Failure> {
     let dims = generate::code_dims(&spec.compiled).map_err(located)?;
     let size: usize = dims.iter().product();
     let count = args.count as usize;
-    let (codes, n, cols) = if args.grid {
+    let (codes, n, cols) = if let Some(k) = args.gmm {
+        (mixture_codes(&spec, args, k as usize)?, count, (count as f64).sqrt().ceil() as usize)
+    } else if args.grid {
         // Checked first: a grid needs no Gaussian code to be drawn from.
         generate::prior_codes(&spec.compiled, 0, 0).map_err(located)?;
         if size != 2 {
@@ -96,6 +103,30 @@ pub fn sample(args: &SampleArgs) -> Result<(), Failure> {
     let threads = run::threads(args.threads);
     let y = decode(&spec, &params, &codes, threads, args.backend)?;
     finish(&spec, &y, cols, args.output.as_deref(), args.png.as_deref())
+}
+
+/// `--gmm K`: a mixture fitted to the training codes, and `--count` draws from it.
+fn mixture_codes(spec: &Spec, args: &SampleArgs, k: usize) -> Result<Vec<f32>, Failure> {
+    let t = spec.compiled.ast.train.clone().unwrap_or_default();
+    let seed = t.seed.unwrap_or(0);
+    let data = run::dataset(spec, seed)?;
+    let params = run::load_weights(spec, &args.weights)?;
+    let how = (run::threads(args.threads), args.backend.runtime());
+    let (z, size) =
+        generate::training_codes(&spec.compiled, &params, &data, (t.validation.unwrap_or(0.0), seed), how)
+            .map_err(Failure::Data)?;
+    let fit = aec::runtime::gmm::fit(&z, size, k, args.seed)
+        .map_err(|e| Failure::Data(format!("--gmm {k}: {e}")))?;
+    eprintln!(
+        "fitted {k} Gaussian{} (full covariances) to {} training codes of {size} values: mean log-likelihood \
+         {:.3} after {} EM iterations{}",
+        if k == 1 { "" } else { "s" },
+        z.len() / size.max(1),
+        fit.history.last().copied().unwrap_or(f64::NAN),
+        fit.history.len(),
+        if fit.converged { "" } else { " (not converged)" }
+    );
+    Ok(fit.gmm.sample(args.count as usize, args.seed))
 }
 
 pub fn interpolate(args: &InterpolateArgs) -> Result<(), Failure> {

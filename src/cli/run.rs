@@ -635,7 +635,7 @@ pub(super) fn check_file_path(flag: &str, path: &Path) -> Result<(), Failure> {
 }
 
 /// Loads every model variable's data, each located at its `data` line on failure.
-fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
+pub(super) fn dataset(spec: &Spec, seed: u64) -> Result<Dataset, Failure> {
     match aec::runtime::dataset::load(&spec.compiled, &spec.dir(), seed) {
         Ok(loaded) => {
             for note in &loaded.notes {

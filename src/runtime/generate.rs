@@ -1,6 +1,9 @@
 //! Codes for the decoder alone (`Mode::Generate`): draws from the prior N(0, I) of a Gaussian
 //! code, a grid over a 2-D code plane, and straight lines between codes.
 
+use super::Backend;
+use super::infer::{self, Output};
+use crate::data::{Array, Dataset, Values};
 use crate::interp;
 use crate::sema::{Compiled, Ty};
 use crate::syntax::ast::LayerKind;
@@ -19,12 +22,35 @@ pub fn prior_codes(c: &Compiled, count: usize, seed: u64) -> Result<Vec<f32>, St
     let gaussian = c.model.encoder().any(|l| matches!(l.layer.kind, LayerKind::Gaussian { .. }));
     if !gaussian {
         return Err("sampling decodes codes drawn from N(0, I), the prior of a Gaussian code, and this \
-                    encoder does not end in `gaussian N`; a plain autoencoder's codes follow no known law \
-                    (interpolation works for it)"
+                    encoder does not end in `gaussian N`; a plain autoencoder's codes follow no known law, \
+                    but a mixture fitted to its training codes can be sampled (`--gmm K`)"
             .into());
     }
     let size: usize = code_dims(c)?.iter().product();
     Ok((0..count * size).map(|i| interp::normal(seed, 0, u32::MAX, i)).collect())
+}
+
+/// The codes of the samples training learned from (the split `validation` and `seed` make),
+/// `[n, size]`: what a mixture is fitted to.
+pub fn training_codes(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    data: &Dataset,
+    (validation, seed): (f64, u64),
+    (threads, backend): (usize, Backend),
+) -> Result<(Vec<f32>, usize), String> {
+    let (idx, _) = data.split(validation, seed);
+    let shape: Vec<usize> =
+        std::iter::once(idx.len()).chain(data.arrays[0].shape()[1..].iter().copied()).collect();
+    let bytes = idx.len().checked_mul(data.arrays[0].sample_len()).and_then(|v| v.checked_mul(4));
+    crate::memory::check("the training samples", bytes.map(|b| b as u64), "use a smaller data set")?;
+    let values = data.gather(0, &idx).map_err(|e| e.to_string())?;
+    let z = infer::infer(c, params, &Array { shape, values }, Output::Code, 256, threads, backend)?;
+    let size = code_dims(c)?.iter().product();
+    match z.values {
+        Values::F32(v) => Ok((v, size)),
+        Values::I32(_) => Err("the codes are not real numbers".into()),
+    }
 }
 
 /// A `count` × `count` grid over the plane of a 2-D code, at the quantiles (i + ½) / count of

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod decode;
 pub mod dist;
 pub mod generate;
+pub mod gmm;
 pub mod infer;
 pub mod init;
 #[cfg(feature = "mpi")]
