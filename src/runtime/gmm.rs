@@ -32,7 +32,7 @@ const MAX_ITER: usize = 300;
 
 /// Fits `k` components to the `n = x.len() / dim` points of `x`.
 pub fn fit(x: &[f32], dim: usize, k: usize, seed: u64) -> Result<Fit, String> {
-    let n = if dim == 0 { 0 } else { x.len() / dim };
+    let n = x.len().checked_div(dim).unwrap_or(0);
     if k == 0 {
         return Err("a mixture needs at least one component".into());
     }
@@ -225,7 +225,7 @@ fn cholesky(a: &[f64], d: usize) -> Option<Vec<f64>> {
             let s: f64 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
             if i == j {
                 let v = a[i * d + i] - s;
-                if !(v > 0.0) {
+                if v.is_nan() || v <= 0.0 {
                     return None;
                 }
                 l[i * d + i] = v.sqrt();
