@@ -46,11 +46,14 @@ pub fn emit(m: &Model) -> String {
             let _ = writeln!(out, "        return x, code");
         }
     }
+    penalties(&mut out, m);
     let _ = writeln!(out, "\n\nModel = {class}");
     out
 }
 
-const PRELUDE: &str = r#"import torch
+const PRELUDE: &str = r#"import math
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -127,6 +130,65 @@ class Reshape(nn.Module):
     def forward(self, x):
         return x.reshape(x.shape[0], *self.dims)
 "#;
+
+/// `penalties(code)`: the spec's `sparsity` and `contractive` terms as aec adds them to the
+/// loss (the reconstruction loss, `l1`/`l2` and `kl` are PyTorch's own), for training on in
+/// PyTorch.
+fn penalties(out: &mut String, m: &Model) {
+    use crate::syntax::ast::LossKind;
+    let terms: Vec<_> = m
+        .loss
+        .extra
+        .iter()
+        .filter(|t| matches!(t.kind, LossKind::Sparsity | LossKind::Contractive))
+        .collect();
+    if terms.is_empty() {
+        return;
+    }
+    let written: Vec<String> = terms.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "\n    def penalties(self, code):");
+    let _ = writeln!(out, "        \"\"\"aec's `{}` of a batch's code.\"\"\"", written.join(" + "));
+    let _ = writeln!(out, "        total = 0.0");
+    for t in terms {
+        let weight = if t.schedule.is_some() { 1.0 } else { t.weight };
+        match t.kind {
+            LossKind::Sparsity => {
+                // KL(ρ ‖ ρ̂) summed over the units, through the BCE (logs clamped at −100 as aec's).
+                let rho = t.rho();
+                let _ = writeln!(out, "        rate = code.flatten(1).mean(0)");
+                let _ = writeln!(out, "        rho, n = {rho:?}, rate.numel()");
+                let _ =
+                    writeln!(out, "        entropy = -(rho * math.log(rho) + (1 - rho) * math.log(1 - rho))");
+                let _ = writeln!(
+                    out,
+                    "        total = total + {weight:?} * n * (F.binary_cross_entropy(rate, torch.full_like(rate, rho)) - entropy)"
+                );
+            }
+            LossKind::Contractive => {
+                let Some(layer) = m.encoder().find(|l| matches!(l.layer.kind, LayerKind::Dense { .. }))
+                else {
+                    continue;
+                };
+                let tanh = layer.layer.activations.last().is_some_and(|a| a.kind == ActKind::Tanh);
+                let slope = if tanh { "1 - h**2" } else { "h * (1 - h)" };
+                let _ = writeln!(out, "        h = code.flatten(1)");
+                let _ = writeln!(
+                    out,
+                    "        norm = (({slope}) ** 2 * (self.encoder[{}].weight ** 2).sum(1)).sum()",
+                    layer.index
+                );
+                let div = match t.reduction() {
+                    crate::syntax::ast::Reduction::Sum => "1",
+                    crate::syntax::ast::Reduction::Mean => "h.numel()",
+                    crate::syntax::ast::Reduction::BatchMean => "h.shape[0]",
+                };
+                let _ = writeln!(out, "        total = total + {weight:?} * norm / {div}");
+            }
+            _ => {}
+        }
+    }
+    let _ = writeln!(out, "        return total");
+}
 
 /// `forward`, `step` and `greedy` of a model with a teacher-forced decoder: with a target,
 /// the decoder reads the target shifted right after a start token (id `vocab`), as aec trains;

@@ -118,7 +118,14 @@ def check(name, work):
     loss.backward()
     opt.step()
     state = model.state_dict()
+    # The module's own `penalties(code)` (what `--emit torch` writes) is the hand-written sum.
+    with torch.no_grad():
+        recon, code = ref(x.double())
+        mine = penalties(re.sub(r"^[^+]*\+\s*", "", terms), x.double(), recon, code, ref)
+        emitted = ref.penalties(code)
+    x = x.float()
     worst = {
+        "emitted penalties": abs(emitted.item() - mine.item()) / abs(mine.item()),
         "loss": abs(loss64.item() - loss_sgd) / abs(loss64.item()),
         "loss (adam run)": abs(loss_adam - loss_sgd) / abs(loss_sgd),
     }
