@@ -119,6 +119,11 @@ pub fn set_limit(bytes: u64) {
     LIMIT.store(bytes.max(1), Ordering::Relaxed);
 }
 
+/// Goes back to the default budget (what this process may use, less a margin).
+pub fn clear_limit() {
+    LIMIT.store(0, Ordering::Relaxed);
+}
+
 /// `Ok` when `bytes` (`None`: the size overflows) fit in the budget; else a message saying
 /// that `what` needs that much and how to `shrink` it.
 pub fn check(what: &str, bytes: Option<u64>, shrink: &str) -> Result<(), String> {

@@ -31,8 +31,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 ArrayLike = Any
 
 
-def set_memory_limit(limit: Union[int, str]) -> None:
-    """aec's memory budget (``--memory-limit``): bytes, or a size such as ``"2G"``."""
+def set_memory_limit(limit: Union[int, str, None]) -> None:
+    """aec's memory budget (``--memory-limit``): bytes, or a size such as ``"2G"``; ``None``
+    restores the default (what this process may use, less a margin)."""
+    if limit is None:
+        _aec.set_memory_limit(None)
+        return
     if isinstance(limit, str):
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
         text = limit.strip().upper().rstrip("B").rstrip("I")

@@ -611,10 +611,14 @@ impl Model {
     }
 }
 
-/// Sets aec's memory budget (as `--memory-limit`), in bytes.
+/// Sets aec's memory budget (as `--memory-limit`), in bytes; `None` restores the default.
 #[pyfunction]
-fn set_memory_limit(bytes: u64) {
-    aec::memory::set_limit(bytes);
+#[pyo3(signature = (bytes=None))]
+fn set_memory_limit(bytes: Option<u64>) {
+    match bytes {
+        Some(b) => aec::memory::set_limit(b),
+        None => aec::memory::clear_limit(),
+    }
 }
 
 #[pymodule]

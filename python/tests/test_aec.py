@@ -303,3 +303,20 @@ def test_any_autoencoder_samples_from_a_mixture_fitted_to_its_codes(tmp_path):
         m.sample(3)
     with pytest.raises(ValueError, match="cannot fit 5 components"):
         m.sample(3, gmm=5, x=x[:4])
+
+
+def test_fit_at_another_batch_size_and_the_memory_budget(tmp_path):
+    m = aec.compile(DIGITS)
+    assert m.batch == 64
+    h = m.fit(epochs=1, batch=17, out=tmp_path / "b17", progress=False)
+    assert m.batch == 17 and h["step"] == [96]  # ⌈1617 / 17⌉ steps
+    cfg = json.loads((tmp_path / "b17" / "config.json").read_text())
+    assert cfg["batch"] == 17
+    aec.set_memory_limit("1K")
+    try:
+        with pytest.raises(ValueError, match="memory"):
+            m.fit(epochs=1, out=tmp_path / "small", progress=False)
+    finally:
+        aec.set_memory_limit(None)
+    with pytest.raises(ValueError, match="a size such as"):
+        aec.set_memory_limit("lots")
