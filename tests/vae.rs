@@ -170,28 +170,20 @@ fn any_autoencoder_samples_from_a_mixture_fitted_to_its_training_codes() {
     // A plain autoencoder has no prior; `--gmm K` fits one to its training codes.
     let dir = scratch("gmm-sample");
     let w = train("specs/digits_mlp.ae", &dir, "20");
+    let run = |extra: &[&str]| {
+        let x = dir.join("x.npy");
+        aec(&[&["sample", "specs/digits_mlp.ae", "--weights", &w, "--output", s(&x)], extra].concat())
+    };
     let sample = |seed: &str, name: &str| {
-        let out = dir.join(name);
-        let (code, _, err) = aec(&[
-            "sample",
-            "specs/digits_mlp.ae",
-            "--weights",
-            &w,
-            "--gmm",
-            "4",
-            "--count",
-            "9",
-            "--seed",
-            seed,
-            "--output",
-            s(&out),
-        ]);
+        let (code, _, err) = run(&["--gmm", "4", "--count", "9", "--seed", seed]);
         assert_eq!(code, 0, "{err}");
         assert!(
             err.contains("fitted 4 Gaussians (full covariances) to 1617 training codes of 16 values"),
             "{err}"
         );
-        read(&out)
+        let kept = dir.join(name);
+        std::fs::rename(dir.join("x.npy"), &kept).expect("rename");
+        read(&kept)
     };
     let (a, b, c) = (sample("1", "a.npy"), sample("1", "b.npy"), sample("2", "c.npy"));
     assert_eq!(a.shape, vec![9, 8, 8]);
@@ -199,20 +191,9 @@ fn any_autoencoder_samples_from_a_mixture_fitted_to_its_training_codes() {
     assert_ne!(f32s(&a), f32s(&c));
     assert!(f32s(&a).iter().all(|v| (0.0..=1.0).contains(v)), "a sigmoid's outputs");
     // Without --gmm the plain autoencoder is refused, with the way out; --grid is the prior's.
-    let (code, _, err) =
-        aec(&["sample", "specs/digits_mlp.ae", "--weights", &w, "--output", s(&dir.join("x.npy"))]);
+    let (code, _, err) = run(&[]);
     assert_eq!(code, 1);
     assert!(err.contains("`--gmm K`"), "{err}");
-    let (code, _, err) = aec(&[
-        "sample",
-        "specs/digits_mlp.ae",
-        "--weights",
-        &w,
-        "--gmm",
-        "3",
-        "--grid",
-        "--output",
-        s(&dir.join("x.npy")),
-    ]);
+    let (code, _, err) = run(&["--gmm", "3", "--grid"]);
     assert_eq!(code, 2, "{err}");
 }

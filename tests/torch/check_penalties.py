@@ -18,9 +18,7 @@ Needs the release binary (`cargo build --release`). Not part of `cargo test`: CI
 """
 
 import importlib.util
-import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,26 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
-AEC = ROOT / "target" / "release" / "aec"
+# The one-step runs and the optimizer's arguments, as the VAE check takes them.
+from check_vae import AEC, ROOT, adam_args, aec, one_step
+
 DEFAULT = ["sparse_digits", "contractive_digits"]
 BATCH = 8
-
-
-def aec(*args):
-    return subprocess.run([str(AEC), *map(str, args)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-
-
-def one_step(spec_text, optimizer, work, tag):
-    text = re.sub(r"optimizer\s+[^\n]*", f"optimizer {optimizer}", spec_text)
-    path = work / f"{tag}.ae"
-    path.write_text(text)
-    run = work / tag
-    aec("run", "--train", path, "--out", run)
-    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    return line["train_loss"], load_file(run / "checkpoint.safetensors")
 
 
 def penalties(terms, x, recon, code, model):
@@ -139,14 +123,6 @@ def check(name, work):
     ok = all(v < 1e-5 for v in worst.values())
     print(f"{name:20} loss {loss64.item():.6f} aec {loss_sgd:.6f}; " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
     return ok
-
-
-def adam_args(text):
-    args = dict(re.findall(r"(\w+):\s*([\d.e-]+)", text))
-    out = {"lr": float(args.get("lr", 1e-3))}
-    out["betas"] = (float(args.get("b1", 0.9)), float(args.get("b2", 0.999)))
-    out["eps"] = float(args.get("eps", 1e-8))
-    return out
 
 
 def main():
