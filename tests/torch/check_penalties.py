@@ -19,16 +19,14 @@ Needs the release binary (`cargo build --release`). Not part of `cargo test`: CI
 
 import importlib.util
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-# The one-step runs and the optimizer's arguments, as the VAE check takes them.
-from check_vae import AEC, ROOT, adam_args, aec, one_step
+# The one-step runs, the optimizer's arguments and the loop over specs, as the VAE check has them.
+from check_vae import ROOT, adam_args, aec, one_step, run_all
 
 DEFAULT = ["sparse_digits", "contractive_digits"]
 BATCH = 8
@@ -125,18 +123,5 @@ def check(name, work):
     return ok
 
 
-def main():
-    if not AEC.exists():
-        raise SystemExit("build the release binary first: cargo build --release")
-    names = sys.argv[1:] or DEFAULT
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for n in names:
-            work = Path(tmp) / n
-            work.mkdir()
-            results.append(check(n, work))
-    sys.exit(0 if all(results) else 1)
-
-
 if __name__ == "__main__":
-    main()
+    run_all(DEFAULT, check)

@@ -138,10 +138,12 @@ def adam_args(text):
     return out
 
 
-def main():
+def run_all(default, check):
+    """Runs `check(name, work)` for each spec named on the command line (else `default`), each
+    in a folder of its own; exits 1 if one disagrees."""
     if not AEC.exists():
         raise SystemExit("build the release binary first: cargo build --release")
-    names = sys.argv[1:] or DEFAULT
+    names = sys.argv[1:] or default
     torch.set_default_dtype(torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         results = []
@@ -153,4 +155,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_all(DEFAULT, check)
