@@ -84,6 +84,12 @@ fn threads(t: Option<usize>) -> usize {
 /// A NumPy array (float32, or int32/int64 token ids) as aec's array: the one copy into aec's
 /// buffers. The wrapper has checked the dtype; `what` names it in errors.
 fn array_in(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Array> {
+    // The copy is checked against the memory budget before it is made.
+    if let Ok(a) = x.cast::<numpy::PyUntypedArray>() {
+        let bytes = (a.len() as u64).checked_mul(4);
+        aec::memory::check(&format!("the copy of {what}"), bytes, "pass fewer samples at a time")
+            .map_err(value_error)?;
+    }
     if let Ok(a) = x.cast::<PyArrayDyn<f32>>() {
         let a = a.readonly();
         let shape = a.shape().to_vec();

@@ -316,6 +316,8 @@ def test_fit_at_another_batch_size_and_the_memory_budget(tmp_path):
     try:
         with pytest.raises(ValueError, match="memory"):
             m.fit(epochs=1, out=tmp_path / "small", progress=False)
+        with pytest.raises(ValueError, match="the copy of x"):
+            m.encode(np.zeros((1000, 8, 8), np.float32))
     finally:
         aec.set_memory_limit(None)
     with pytest.raises(ValueError, match="a size such as"):
