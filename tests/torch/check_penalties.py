@@ -17,16 +17,15 @@ gradients are compared in float64 on the PyTorch side (aec computes in float32).
 Needs the release binary (`cargo build --release`). Not part of `cargo test`: CI has no torch.
 """
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-# The one-step runs, the optimizer's arguments and the loop over specs, as the VAE check has them.
-from check_vae import ROOT, adam_args, aec, one_step, run_all
+# The three one-step runs, the optimizer's arguments and the loop over specs, as the VAE check
+# has them.
+from check_vae import ROOT, adam_args, run_all, three_steps, verdict
 
 DEFAULT = ["sparse_digits", "contractive_digits"]
 BATCH = 8
@@ -60,19 +59,9 @@ def penalties(terms, x, recon, code, model):
 def check(name, work):
     spec_text = (ROOT / "specs" / f"{name}.ae").read_text()
     digits = np.load(ROOT / "specs" / "data" / "digits-images.npy")[:BATCH].astype(np.float32) / 16.0
-    np.save(work / "x.npy", digits)
-    spec_text = re.sub(r"data\s+npy\([^\n]*", 'data npy("x.npy")', spec_text)
-    for field, value in [("batch", BATCH), ("epochs", 1), ("validation", 0)]:
-        spec_text = re.sub(rf"\n(\s*){field}\s+[^\n]*", rf"\n\g<1>{field} {value}", spec_text)
-    adam = re.search(r"optimizer\s+([^\n]*)", spec_text).group(1)
-    _, init = one_step(spec_text, "sgd(lr: 1e-30)", work, "init")
-    loss_sgd, after_sgd = one_step(spec_text, "sgd(lr: 1)", work, "sgd")
-    loss_adam, after_adam = one_step(spec_text, adam, work, "adam")
-
-    (work / "model.py").write_text(aec("compile", work / "init.ae", "--emit", "torch"))
-    mod_spec = importlib.util.spec_from_file_location(f"m_{name}", work / "model.py")
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    spec_text, adam, (init, (loss_sgd, after_sgd), (loss_adam, after_adam)), mod = three_steps(
+        name, spec_text, digits, [], work
+    )
     terms = re.search(r"loss\s+([^\n]*)", spec_text).group(1)
     if "tanh" in spec_text.split("encoder", 1)[1].split("}", 1)[0]:
         terms = terms.replace("contractive(code", "contractive(code, act: tanh")
@@ -111,16 +100,8 @@ def check(name, work):
         "loss": abs(loss64.item() - loss_sgd) / abs(loss64.item()),
         "loss (adam run)": abs(loss_adam - loss_sgd) / abs(loss_sgd),
     }
-    grad_err, adam_err = 0.0, 0.0
-    for k, g in grads.items():
-        aec_grad = init[k] - after_sgd[k]
-        grad_err = max(grad_err, ((aec_grad - g).abs().max() / g.abs().max().clamp(min=1e-6)).item())
-        adam_err = max(adam_err, (after_adam[k] - state[k]).abs().max().item())
-    worst["gradients (relative to each tensor's largest)"] = grad_err
-    worst["parameters after one Adam step"] = adam_err
-    ok = all(v < 1e-5 for v in worst.values())
-    print(f"{name:20} loss {loss64.item():.6f} aec {loss_sgd:.6f}; " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
-    return ok
+    head = f"{name:20} loss {loss64.item():.6f} aec {loss_sgd:.6f}"
+    return verdict(head, worst, grads, init, (after_sgd, after_adam), state)
 
 
 if __name__ == "__main__":

@@ -65,23 +65,33 @@ def one_step(spec_text, optimizer, work, tag):
     return line["train_loss"], load_file(run / "checkpoint.safetensors")
 
 
-def check(name, work):
-    spec_text = (ROOT / "specs" / f"{name}.ae").read_text()
-    digit = np.load(ROOT / "specs" / "data" / "digits-images.npy")[7].astype(np.float32) / 16.0
-    np.save(work / "x.npy", np.repeat(digit[None], BATCH, 0))
+def three_steps(name, spec_text, x, fields, work):
+    """`spec_text` on the samples `x` (one epoch, one batch of all of them, no validation, and
+    `fields` replaced), trained one step three times from the same initial parameters: SGD with
+    lr 1e-30, SGD with lr 1 and the spec's Adam. Returns the spec as run, Adam's arguments,
+    (initial parameters, (loss, parameters after) of each run) and the module `--emit torch`
+    writes for it."""
+    np.save(work / "x.npy", x)
     spec_text = re.sub(r"data\s+npy\([^\n]*", 'data npy("x.npy")', spec_text)
-    for field, value in [("batch", BATCH), ("epochs", 1), ("validation", 0), ("seed", SEED)]:
+    for field, value in [("batch", len(x)), ("epochs", 1), ("validation", 0), *fields]:
         spec_text = re.sub(rf"\n(\s*){field}\s+[^\n]*", rf"\n\g<1>{field} {value}", spec_text)
     adam = re.search(r"optimizer\s+([^\n]*)", spec_text).group(1)
-
     _, init = one_step(spec_text, "sgd(lr: 1e-30)", work, "init")
-    loss_sgd, after_sgd = one_step(spec_text, "sgd(lr: 1)", work, "sgd")
-    loss_adam, after_adam = one_step(spec_text, adam, work, "adam")
-
+    sgd = one_step(spec_text, "sgd(lr: 1)", work, "sgd")
+    adam_run = one_step(spec_text, adam, work, "adam")
     (work / "model.py").write_text(aec("compile", work / "init.ae", "--emit", "torch"))
     mod_spec = importlib.util.spec_from_file_location(f"m_{name}", work / "model.py")
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
+    return spec_text, adam, (init, sgd, adam_run), mod
+
+
+def check(name, work):
+    spec_text = (ROOT / "specs" / f"{name}.ae").read_text()
+    digit = np.load(ROOT / "specs" / "data" / "digits-images.npy")[7].astype(np.float32) / 16.0
+    spec_text, adam, (init, (loss_sgd, after_sgd), (loss_adam, after_adam)), mod = three_steps(
+        name, spec_text, np.repeat(digit[None], BATCH, 0), [("seed", SEED)], work
+    )
     model = mod.Model()
     model.load_state_dict(init, strict=True)
     model.train()
@@ -97,11 +107,19 @@ def check(name, work):
     model.zero_grad()
     loss.backward()
     worst = {"loss": abs(loss.item() - loss_sgd) / abs(loss_sgd), "loss (adam run)": abs(loss_adam - loss_sgd) / abs(loss_sgd)}
-    grad_err, adam_err = 0.0, 0.0
     opt = torch.optim.Adam(model.parameters(), **adam_args(adam))
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     opt.step()
     state = model.state_dict()
+    return verdict(f"{name:12} loss {loss.item():.6f} aec {loss_sgd:.6f}", worst, grads, init, (after_sgd, after_adam), state)
+
+
+def verdict(head, worst, grads, init, aec_after, state):
+    """Adds to `worst` how far aec's gradients (initial minus after SGD at lr 1) are from
+    PyTorch's `grads`, and aec's parameters after one Adam step from PyTorch's `state`; prints
+    the line; true when every difference is under 1e-5."""
+    after_sgd, after_adam = aec_after
+    grad_err, adam_err = 0.0, 0.0
     for k, g in grads.items():
         aec_grad = init[k] - after_sgd[k]
         grad_err = max(grad_err, ((aec_grad - g).abs().max() / g.abs().max().clamp(min=1e-6)).item())
@@ -109,7 +127,7 @@ def check(name, work):
     worst["gradients (relative to each tensor's largest)"] = grad_err
     worst["parameters after one Adam step"] = adam_err
     ok = all(v < 1e-5 for v in worst.values())
-    print(f"{name:12} loss {loss.item():.6f} aec {loss_sgd:.6f}; " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
+    print(f"{head}; " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + ("  ok" if ok else "  MISMATCH"))
     return ok
 
 
