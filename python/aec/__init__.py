@@ -34,21 +34,9 @@ ArrayLike = Any
 def set_memory_limit(limit: Union[int, str, None]) -> None:
     """aec's memory budget (``--memory-limit``): bytes, or a size such as ``"2G"``; ``None``
     restores the default (what this process may use, less a margin)."""
-    if limit is None:
-        _aec.set_memory_limit(None)
-        return
-    if isinstance(limit, str):
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-        text = limit.strip().upper().rstrip("B").rstrip("I")
-        scale = units.get(text[-1:], 1)
-        number = text[:-1] if text[-1:] in units else text
-        try:
-            limit = int(float(number) * scale)
-        except ValueError:
-            raise ValueError(f"a memory limit is a size such as 512M or 2G, got {limit!r}") from None
-    if limit <= 0:
-        raise ValueError("the memory limit must be positive")
-    _aec.set_memory_limit(int(limit))
+    if isinstance(limit, bool) or not isinstance(limit, (int, str, type(None))):
+        raise TypeError(f"a memory limit is a size such as '2G' or a number of bytes, got {limit!r}")
+    _aec.set_memory_limit(None if limit is None else str(limit))
 
 
 def _read_spec(spec: PathLike) -> "tuple[str, str, str]":

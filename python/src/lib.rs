@@ -617,14 +617,16 @@ impl Model {
     }
 }
 
-/// Sets aec's memory budget (as `--memory-limit`), in bytes; `None` restores the default.
+/// Sets aec's memory budget as `--memory-limit` does (a size such as "2G", parsed by the
+/// same function); `None` restores the default.
 #[pyfunction]
-#[pyo3(signature = (bytes=None))]
-fn set_memory_limit(bytes: Option<u64>) {
-    match bytes {
-        Some(b) => aec::memory::set_limit(b),
+#[pyo3(signature = (size=None))]
+fn set_memory_limit(size: Option<&str>) -> PyResult<()> {
+    match size {
+        Some(text) => aec::memory::set_limit(aec::memory::parse_size(text).map_err(value_error)?),
         None => aec::memory::clear_limit(),
     }
+    Ok(())
 }
 
 #[pymodule]

@@ -320,5 +320,9 @@ def test_fit_at_another_batch_size_and_the_memory_budget(tmp_path):
             m.encode(np.zeros((1000, 8, 8), np.float32))
     finally:
         aec.set_memory_limit(None)
-    with pytest.raises(ValueError, match="a size such as"):
+    with pytest.raises(ValueError, match="is not a size: write e.g. 512M"):
         aec.set_memory_limit("lots")
+    with pytest.raises(ValueError, match="not a usable memory limit"):
+        aec.set_memory_limit(0)
+    aec.set_memory_limit(1 << 40)
+    aec.set_memory_limit(None)
