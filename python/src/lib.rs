@@ -515,29 +515,21 @@ impl Model {
     ) -> PyResult<(Bound<'py, PyAny>, f64, usize)> {
         let how = (self::threads(threads), self::backend(backend)?);
         let dims = generate::code_dims(&self.compiled).map_err(value_error)?;
-        let size: usize = dims.iter().product();
         let c = &self.compiled;
-        let z = match x {
+        let (z, size) = match x {
             Some(x) => {
                 let var = c.model.inputs.first().ok_or_else(|| value_error("the model has no input"))?;
                 let x = aec::data::conform(array_in(x, "x")?, var, "x").map_err(value_error)?;
-                let z = py.detach(|| infer::infer(c, &self.params, &x, Output::Code, 256, how.0, how.1));
-                match z.map_err(value_error)?.values {
-                    Values::F32(v) => v,
-                    Values::I32(_) => return Err(value_error("the codes are not real numbers")),
-                }
+                py.detach(|| generate::codes_of(c, &self.params, &x, how)).map_err(value_error)?
             }
             None => {
-                let t = c.ast.train.clone().unwrap_or_default();
-                let seed = t.seed.unwrap_or(0);
+                let split = generate::spec_split(c);
                 let data = py
-                    .detach(|| dataset::load(c, &self.dir, seed))
+                    .detach(|| dataset::load(c, &self.dir, split.1))
                     .map_err(|d| spec_error(py, &[d], &self.file, &self.src))?
                     .data;
-                let split = (t.validation.unwrap_or(0.0), seed);
                 py.detach(|| generate::training_codes(c, &self.params, &data, split, how))
                     .map_err(value_error)?
-                    .0
             }
         };
         let fit = py.detach(|| aec::runtime::gmm::fit(&z, size, k, seed)).map_err(value_error)?;

@@ -86,8 +86,7 @@ pub fn sample(args: &SampleArgs) -> Result<(), Failure> {
     let (codes, n, cols) = if let Some(k) = args.gmm {
         (mixture_codes(&spec, args, k as usize)?, count, (count as f64).sqrt().ceil() as usize)
     } else if args.grid {
-        // Checked first: a grid needs no Gaussian code to be drawn from.
-        generate::prior_codes(&spec.compiled, 0, 0).map_err(located)?;
+        generate::has_prior(&spec.compiled).map_err(located)?;
         if size != 2 {
             return Err(Failure::Data(format!(
                 "--grid draws the plane of a 2-D code; this code has {size} dimensions"
@@ -107,14 +106,12 @@ pub fn sample(args: &SampleArgs) -> Result<(), Failure> {
 
 /// `--gmm K`: a mixture fitted to the training codes, and `--count` draws from it.
 fn mixture_codes(spec: &Spec, args: &SampleArgs, k: usize) -> Result<Vec<f32>, Failure> {
-    let t = spec.compiled.ast.train.clone().unwrap_or_default();
-    let seed = t.seed.unwrap_or(0);
-    let data = run::dataset(spec, seed)?;
+    let split = generate::spec_split(&spec.compiled);
+    let data = run::dataset(spec, split.1)?;
     let params = run::load_weights(spec, &args.weights)?;
     let how = (run::threads(args.threads), args.backend.runtime());
     let (z, size) =
-        generate::training_codes(&spec.compiled, &params, &data, (t.validation.unwrap_or(0.0), seed), how)
-            .map_err(Failure::Data)?;
+        generate::training_codes(&spec.compiled, &params, &data, split, how).map_err(Failure::Data)?;
     let fit = aec::runtime::gmm::fit(&z, size, k, args.seed)
         .map_err(|e| Failure::Data(format!("--gmm {k}: {e}")))?;
     eprintln!(
@@ -144,14 +141,10 @@ pub fn interpolate(args: &InterpolateArgs) -> Result<(), Failure> {
         )));
     }
     let threads = run::threads(args.threads);
-    let codes = infer::infer(&spec.compiled, &params, &x, Output::Code, 256, threads, args.backend.runtime())
+    let (z, size) = generate::codes_of(&spec.compiled, &params, &x, (threads, args.backend.runtime()))
         .map_err(Failure::Data)?;
-    let Values::F32(z) = &codes.values else {
-        return Err(Failure::Data("the codes are not real numbers".into()));
-    };
-    let size: usize = dims.iter().product();
     let steps = args.steps as usize;
-    let line = generate::lines(z, size, steps);
+    let line = generate::lines(&z, size, steps);
     let n = line.len() / size;
     let codes = Array { shape: [vec![n], dims].concat(), values: Values::F32(line) };
     let y = decode(&spec, &params, &codes, threads, args.backend)?;

@@ -16,28 +16,56 @@ pub fn code_dims(c: &Compiled) -> Result<Vec<usize>, String> {
     }
 }
 
+/// Whether the codes can be drawn from a prior: the encoder ends in a Gaussian code, whose
+/// prior N(0, I) is (`aec sample` and its `--grid`).
+pub fn has_prior(c: &Compiled) -> Result<(), String> {
+    if c.model.encoder().any(|l| matches!(l.layer.kind, LayerKind::Gaussian { .. })) {
+        return Ok(());
+    }
+    Err("sampling decodes codes drawn from N(0, I), the prior of a Gaussian code, and this \
+         encoder does not end in `gaussian N`; a plain autoencoder's codes follow no known law, \
+         but a mixture fitted to its training codes can be sampled (`--gmm K`)"
+        .into())
+}
+
 /// `count` codes of `size` values drawn from N(0, I) with `seed` (the same seed, the same
 /// codes); refused unless the encoder ends in a Gaussian code, whose prior that is.
 pub fn prior_codes(c: &Compiled, count: usize, seed: u64) -> Result<Vec<f32>, String> {
-    let gaussian = c.model.encoder().any(|l| matches!(l.layer.kind, LayerKind::Gaussian { .. }));
-    if !gaussian {
-        return Err("sampling decodes codes drawn from N(0, I), the prior of a Gaussian code, and this \
-                    encoder does not end in `gaussian N`; a plain autoencoder's codes follow no known law, \
-                    but a mixture fitted to its training codes can be sampled (`--gmm K`)"
-            .into());
-    }
+    has_prior(c)?;
     let size: usize = code_dims(c)?.iter().product();
     Ok((0..count * size).map(|i| interp::normal(seed, 0, u32::MAX, i)).collect())
 }
 
-/// The codes of the samples training learned from (the split `validation` and `seed` make),
-/// `[n, size]`: what a mixture is fitted to.
+/// The spec's validation fraction and seed: the split training made, and the seed its data
+/// was loaded with.
+pub fn spec_split(c: &Compiled) -> (f64, u64) {
+    let t = c.ast.train.as_ref();
+    (t.and_then(|t| t.validation).unwrap_or(0.0), t.and_then(|t| t.seed).unwrap_or(0))
+}
+
+/// The codes of the samples `x`, `[n, size]` flat, and `size`.
+pub fn codes_of(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    x: &Array,
+    (threads, backend): (usize, Backend),
+) -> Result<(Vec<f32>, usize), String> {
+    let z = infer::infer(c, params, x, Output::Code, 256, threads, backend)?;
+    let size = code_dims(c)?.iter().product();
+    match z.values {
+        Values::F32(v) => Ok((v, size)),
+        Values::I32(_) => Err("the codes are not real numbers".into()),
+    }
+}
+
+/// The codes of the samples training learned from (the split `validation` and `seed` make):
+/// what a mixture is fitted to.
 pub fn training_codes(
     c: &Compiled,
     params: &[Vec<f32>],
     data: &Dataset,
     (validation, seed): (f64, u64),
-    (threads, backend): (usize, Backend),
+    how: (usize, Backend),
 ) -> Result<(Vec<f32>, usize), String> {
     let (idx, _) = data.split(validation, seed);
     let shape: Vec<usize> =
@@ -45,12 +73,7 @@ pub fn training_codes(
     let bytes = idx.len().checked_mul(data.arrays[0].sample_len()).and_then(|v| v.checked_mul(4));
     crate::memory::check("the training samples", bytes.map(|b| b as u64), "use a smaller data set")?;
     let values = data.gather(0, &idx).map_err(|e| e.to_string())?;
-    let z = infer::infer(c, params, &Array { shape, values }, Output::Code, 256, threads, backend)?;
-    let size = code_dims(c)?.iter().product();
-    match z.values {
-        Values::F32(v) => Ok((v, size)),
-        Values::I32(_) => Err("the codes are not real numbers".into()),
-    }
+    codes_of(c, params, &Array { shape, values }, how)
 }
 
 /// A `count` × `count` grid over the plane of a 2-D code, at the quantiles (i + ½) / count of
