@@ -232,6 +232,12 @@ impl Ad {
                 self.acc(x, dx, y)?;
             }
 
+            // y[b] = x[b]ᵀ  ⇒  dx[b] = d[b]ᵀ.
+            Op::Transpose { x } => {
+                let dx = self.add(Op::Transpose { x: d }, y)?;
+                self.acc(x, dx, y)?;
+            }
+
             // y = Σ x  ⇒  dx = d everywhere.
             Op::SumAll { x } => {
                 let shape = shape_of(&self.g, x);
@@ -435,7 +441,12 @@ impl Ad {
             }
 
             // Integer-valued ops carry no gradient.
-            Op::PoolArgmax { .. } | Op::OneHot { .. } | Op::ShiftRight { .. } => {}
+            // Ids, and a value detached from the gradient: nothing flows back.
+            Op::PoolArgmax { .. }
+            | Op::OneHot { .. }
+            | Op::ShiftRight { .. }
+            | Op::Nearest { .. }
+            | Op::StopGrad { .. } => {}
 
             // Ops that only appear in backward graphs.
             Op::ActGrad { .. }

@@ -96,6 +96,19 @@ impl Values {
 /// Evaluates `g`. `inputs` are in `g.inputs` order; parameters and optimizer state are read
 /// from, and `Update` ops write into, `state`.
 pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Result<Values, Error> {
+    run_frozen(g, inputs, state, opts, None)
+}
+
+/// [`run`] with what the gradient does not see held at `frozen`'s values: the detached values
+/// (`stop_grad`) and a quantizer's ids. The loss is then the surrogate whose exact gradient
+/// the straight-through estimator is, so finite differences can check it (`aec check`).
+pub fn run_frozen(
+    g: &Graph,
+    inputs: &[Buf],
+    state: &mut State,
+    opts: &Options,
+    frozen: Option<&Values>,
+) -> Result<Values, Error> {
     // The interpreter keeps every value of the step: estimated before the first is made.
     let bytes = g.nodes().iter().try_fold(0u64, |a, n| a.checked_add(4 * n.ty.numel() as u64));
     crate::memory::check(&format!("interpreting `{}`", g.name), bytes, "use a smaller --batch")
@@ -110,7 +123,10 @@ pub fn run(g: &Graph, inputs: &[Buf], state: &mut State, opts: &Options) -> Resu
         {
             scale = Some(clip_scale(g, &bufs));
         }
-        let out = eval(g, id, &bufs, inputs, state, (opts, scale.unwrap_or(1.0)))?;
+        let out = match (frozen, &node.op) {
+            (Some(f), Op::StopGrad { .. } | Op::Nearest { .. }) => f.get(id).clone(),
+            _ => eval(g, id, &bufs, inputs, state, (opts, scale.unwrap_or(1.0)))?,
+        };
         if opts.check_finite
             && let Buf::F32(v) = &out
             && v.iter().any(|x| !x.is_finite())
@@ -183,7 +199,21 @@ fn eval(
             }
             Buf::F32(out)
         }
-        Op::Reshape { x, .. } => bufs[x.index()].clone(),
+        Op::Reshape { x, .. } | Op::StopGrad { x } => bufs[x.index()].clone(),
+        Op::Transpose { x } => {
+            let [b, m, n] = [sh(*x)[0], sh(*x)[1], sh(*x)[2]];
+            let xs = f(*x);
+            let mut out = vec![0.0; b * m * n];
+            for (bi, o) in out.chunks_mut(m * n).enumerate() {
+                for i in 0..m {
+                    for j in 0..n {
+                        o[j * m + i] = xs[bi * m * n + i * n + j];
+                    }
+                }
+            }
+            Buf::F32(out)
+        }
+        Op::Nearest { x, codebook } => Buf::I32(nearest(f(*x), f(*codebook), sh(*codebook)[1])),
         Op::SumAll { x } => Buf::F32(vec![f(*x).iter().map(|&v| f64::from(v)).sum::<f64>() as f32]),
         Op::SumToAxis1 { x } => {
             let xs = sh(*x);
@@ -844,6 +874,23 @@ fn recurrent_grad(cell: Cell, xs: &[usize], [xp, gh, hprev, dhs, w_hh]: [&[f32];
         out[layout.dh0 + bi * s..][..s].copy_from_slice(&carry);
     }
     out
+}
+
+/// For each vector of `x` (rows of `d`), the index of the nearest row of `codebook`: squared
+/// distances summed in order, the first on ties.
+fn nearest(x: &[f32], codebook: &[f32], d: usize) -> Vec<i32> {
+    x.chunks(d)
+        .map(|v| {
+            let mut best = (f32::INFINITY, 0);
+            for (k, e) in codebook.chunks(d).enumerate() {
+                let dist = v.iter().zip(e).fold(0.0f32, |acc, (&a, &b)| acc + (a - b) * (a - b));
+                if dist < best.0 {
+                    best = (dist, k as i32);
+                }
+            }
+            best.1
+        })
+        .collect()
 }
 
 fn check_id(id: i32, vocab: usize) -> Result<usize, Error> {

@@ -266,6 +266,12 @@ fn softmax_reshape_and_sums() {
     let x = c.param(&[2, 3, 5]);
     let y = c.add(Op::Reshape { x, shape: vec![6, 5] });
     c.check(y, "reshape");
+    for shape in [[1, 1, 1], [2, 3, 5], [3, 7, 1]] {
+        let mut c = Case::new(10);
+        let x = c.param(&shape);
+        let y = c.add(Op::Transpose { x });
+        c.check(y, &format!("transpose {shape:?}"));
+    }
     let mut c = Case::new(9);
     let x = c.param(&[3, 5]);
     let s = c.add(Op::Unary { f: UnaryFn::Square, x });
@@ -720,5 +726,58 @@ fn upsampling_nearest_and_bilinear_on_odd_sizes() {
             let y = c.add(Op::Upsample { x, scale: s, bilinear });
             c.check(y, &format!("upsample {h}x{w} {s:?} bilinear {bilinear}"));
         }
+    }
+}
+
+#[test]
+fn a_quantized_code_against_its_definition() {
+    // The straight-through estimator has no derivative to difference: the loss's true gradient
+    // through the codebook lookup is zero almost everywhere. `aec check` holds the detached
+    // values and the ids at their values at the parameters, so its differences are of the
+    // surrogate loss that defines the estimator (van den Oord et al. 2017, eq. 3):
+    // mse(dec(z + sg(z_q − z)), x) + λ(mse(z_q, sg(z)) + β·mse(z, sg(z_q))). Every parameter's
+    // gradient must match them — the encoder's through the decoder, the codebook's from its
+    // loss alone — on both backends; and the ids are the nearest codebook vectors.
+    for (code, layers) in [("[5]", "dense 5"), ("[3, 3, 5]", "conv 3 k3 p1")] {
+        let input = if code == "[5]" { "[7]" } else { "[2, 3, 5]" };
+        let src = format!(
+            "model q {{ input x: {input}\n encoder {{ {} -> tanh\n {layers}\n quantize 6 }}\n \
+             decoder {{ {} -> sigmoid }}\n loss mse(x) + 0.7 * vq(code, beta: 0.3) }}",
+            if code == "[5]" { "dense 9" } else { "conv 4 k3 p1" },
+            if code == "[5]" { "dense 7" } else { "conv 2 k1" },
+        );
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(3) }).expect("compiles");
+        let g = compiled.forward.clone();
+        let mut params = aec::runtime::init::init_params(&g, aec::syntax::ast::Init::Default, 5);
+        // Codebook vectors as far apart as the encoder's outputs, so that several are picked.
+        let cb = g.params.iter().position(|p| p.role == ParamRole::Codebook).expect("codebook");
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        params[cb].iter_mut().for_each(|v| *v = rng.random::<f32>() * 2.0 - 1.0);
+        let n = g.inputs[0].ty.numel();
+        let inputs = vec![Buf::F32((0..n).map(|_| rng.random::<f32>()).collect())];
+        let report = aec::runtime::check::check(&g, &params, &inputs, 8, true).expect("checks");
+        assert!(
+            report.passes(),
+            "{src}: {:#?}",
+            report.params.iter().filter(|p| !p.passes()).collect::<Vec<_>>()
+        );
+
+        let opts = interp::Options { check_finite: false, ..interp::Options::default() };
+        let values = interp::run(&g, &inputs, &mut State::new(params.clone()), &opts).expect("runs");
+        let nearest = g.ids().find(|&id| matches!(g.node(id).op, Op::Nearest { .. })).expect("a quantizer");
+        let Op::Nearest { x, .. } = g.node(nearest).op else { unreachable!() };
+        let d = *g.ty(x).shape.last().expect("rows");
+        let ids = values.output(&g, "code_ids").expect("ids").i32().to_vec();
+        let rows: Vec<&[f32]> = values.get(x).f32().chunks(d).collect();
+        let book: Vec<&[f32]> = params[cb].chunks(d).collect();
+        let dist = |r: &[f32], e: &[f32]| r.iter().zip(e).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+        assert_eq!(ids.len(), rows.len());
+        let mut picked = std::collections::BTreeSet::new();
+        for (r, &id) in rows.iter().zip(&ids) {
+            let best = book.iter().map(|e| dist(r, e)).fold(f64::INFINITY, f64::min);
+            assert!(dist(r, book[id as usize]) <= best + 1e-6, "{src}: id {id} is not the nearest");
+            picked.insert(id);
+        }
+        assert!(picked.len() > 1, "{src}: one codebook vector for every row proves little");
     }
 }

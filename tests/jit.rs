@@ -59,8 +59,10 @@ fn same_training_at(
         let values = interp::run(g, &inputs, &mut state, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         program.run(&inputs, 5, step).unwrap_or_else(|l| panic!("{name}: JIT loss {l}"));
         for (out, id) in &g.outputs {
-            if let (Buf::F32(a), Buf::F32(b)) = (values.get(*id), program.output(out).expect("output")) {
-                close(&format!("{name} step {step} {out}"), a, &b, tol);
+            match (values.get(*id), program.output(out).expect("output")) {
+                (Buf::F32(a), Buf::F32(b)) => close(&format!("{name} step {step} {out}"), a, &b, tol),
+                (Buf::I32(a), Buf::I32(b)) => assert_eq!(a, &b, "{name} step {step} {out}"),
+                _ => panic!("{name} step {step} {out}: the backends' outputs differ in type"),
             }
         }
     }
@@ -175,6 +177,37 @@ fn sparsity_and_contractive_penalties_at_simd_tails() {
             for batch in [1, 3, 13] {
                 let (g, fwd) = compile_src(&src, batch);
                 same_training(&format!("{src} batch {batch}"), &g, &fwd, 3, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_codes_at_odd_sizes_batches_and_two_threads() {
+    // A vector code (the quantizer's rows are the batch) and an image code (one row per
+    // position, its channels moved last and back), codebooks of 1 to 17 vectors of 1 to 13
+    // lanes: the ids (an output) equal, the losses and every parameter close.
+    let mut case = 0;
+    for d in [1usize, 3, 5, 8, 13] {
+        for k in [1usize, 3, 17] {
+            case += 1;
+            let beta = [0.25, 0.4, 1.0][case % 3];
+            let (h, w) = [(1, 1), (3, 5), (7, 2)][case % 3];
+            let dense = format!(
+                "model q {{ input x: [7]\n encoder {{ dense 9 -> relu\n dense {d}\n quantize {k} }}\n \
+                 decoder {{ dense 7 -> sigmoid }}\n loss mse(x) + 0.5 * vq(code, beta: {beta}) }}\n\
+                 train {{ optimizer adam(lr: 0.01) }}"
+            );
+            let conv = format!(
+                "model q {{ input x: [2, {h}, {w}]\n encoder {{ conv 3 k3 p1 -> relu\n conv {d} k1\n \
+                 quantize {k} }}\n decoder {{ conv 2 k1 -> sigmoid }}\n loss mse(x) + vq(code, beta: {beta}) }}\n\
+                 train {{ optimizer adam(lr: 0.01) }}"
+            );
+            for src in [dense, conv] {
+                for (batch, threads) in [(1, 1), (3, 2), (13, 2)] {
+                    let (g, fwd) = compile_src(&src, batch);
+                    same_training_threads(&format!("{src} batch {batch}"), &g, &fwd, 3, 1e-4, threads);
+                }
             }
         }
     }

@@ -98,7 +98,8 @@ pub struct EncodeArgs {
     /// Input samples (.npy), scaled as the spec's `data` line scales its data.
     #[arg(long)]
     input: PathBuf,
-    /// Where to write the codes (.npy, f32).
+    /// Where to write the codes (.npy, f32; a quantized code's ids as i32: `[N]`, or
+    /// `[N, H, W]` for one id per position of an image code).
     #[arg(long)]
     output: PathBuf,
     /// Worker threads (default: all cores).
@@ -107,6 +108,10 @@ pub struct EncodeArgs {
     /// Feed --input as it is, without the `scale` of the spec's data.
     #[arg(long)]
     raw_input: bool,
+    /// A quantized code: write its codebook vectors (f32, the code's shape) instead of their
+    /// ids.
+    #[arg(long)]
+    vectors: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -200,6 +205,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         raw: args.raw_input,
         search,
         attention_file: args.attention.clone(),
+        vectors: false,
     };
     apply(&args.spec, weights, input, output, Output::Recon, how)?;
     if let Some(path) = &args.attention {
@@ -426,8 +432,10 @@ pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
         raw: args.raw_input,
         search: infer::Search::GREEDY,
         attention_file: None,
+        vectors: args.vectors,
     };
-    apply(&args.spec, &args.weights, &args.input, &args.output, Output::Code, how)
+    let what = if args.vectors { Output::Code } else { Output::CodeIds };
+    apply(&args.spec, &args.weights, &args.input, &args.output, what, how)
 }
 
 /// How `apply` runs: threads, backend, whether `--input` skips the data's `scale`, and how a
@@ -438,6 +446,8 @@ struct Apply {
     raw: bool,
     search: infer::Search,
     attention_file: Option<PathBuf>,
+    /// `encode --vectors`: asked for a quantized code's vectors.
+    vectors: bool,
 }
 
 /// The `scale` the spec's `data` line applies to the first input's data (through `patches`).
@@ -466,6 +476,19 @@ fn apply(
     how: Apply,
 ) -> Result<(), Failure> {
     let spec = load_spec(spec, None)?;
+    // `encode` asks for a quantized code's ids (unless `--vectors`); other codes are vectors.
+    let quantized = aec::sema::lower::quantizes(&spec.compiled.model);
+    let what = match what {
+        Output::CodeIds if !quantized => Output::Code,
+        Output::Code if !quantized && how.vectors => {
+            return Err(Failure::Io(format!(
+                "--vectors writes a quantized code's codebook vectors, and {} has no quantizer \
+                 (its codes are vectors already)",
+                spec.path.display()
+            )));
+        }
+        other => other,
+    };
     let params = load_weights(&spec, weights)?;
     let (x, listing) = read_input_listed(&spec, input, how.raw)?;
     let backend = how.backend.runtime();
@@ -496,10 +519,14 @@ fn apply(
     };
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
     // Codes of a folder of images: their labels beside them.
-    if let (Output::Code, Some(listing)) = (what, &listing) {
+    if let (Output::Code | Output::CodeIds, Some(listing)) = (what, &listing) {
         write_labels(listing, output)?;
     }
-    let dtype = if matches!(y.values, Values::I32(_)) { "i32 token ids" } else { "f32" };
+    let dtype = match (&y.values, what) {
+        (Values::I32(_), Output::CodeIds) => "i32 codebook ids",
+        (Values::I32(_), _) => "i32 token ids",
+        _ => "f32",
+    };
     eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
     Ok(())
 }
@@ -1093,6 +1120,9 @@ impl Progress {
                 }
                 if let Some(b) = m.bleu {
                     val += &format!(" BLEU {b:.2}");
+                }
+                if let (Some(p), Some(u)) = (m.codebook_perplexity, m.codebook_usage) {
+                    val += &format!(" · codebook perplexity {p:.1}, {:.0}% used", u * 100.0);
                 }
                 let rate = m.samples_per_s.map_or(String::new(), |r| format!(" · {r:.0} samples/s"));
                 let terms = if m.terms.len() > 1 {

@@ -98,7 +98,12 @@ pub fn groups(g: &Graph) -> Vec<Group> {
         }
         match g.node(id).op {
             // A recurrent loop writes its hidden projections as it runs.
-            Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::Part { .. } | Op::HiddenProj { .. } => {}
+            Op::Input(_)
+            | Op::Param(_)
+            | Op::Reshape { .. }
+            | Op::StopGrad { .. }
+            | Op::Part { .. }
+            | Op::HiddenProj { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
                 let chain = follow(g, (id, id), &uses, &user, &mut taken, true);

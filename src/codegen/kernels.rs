@@ -19,7 +19,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
     let shape = |n: NodeId| g.ty(n).shape.clone();
     let numel = node.ty.numel();
     match &node.op {
-        Op::Input(_) | Op::Param(_) | Op::Reshape { .. } => {}
+        Op::Input(_) | Op::Param(_) | Op::Reshape { .. } | Op::StopGrad { .. } => {}
         Op::Fill { value, .. } => {
             let v = *value;
             e.elementwise(numel, |e, ty, i| {
@@ -200,6 +200,67 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 let src = e.b.ins().imul_imm_s(id, dim as i64);
                 let dst = e.b.ins().imul_imm_s(t, dim as i64);
                 copy(e, ts, src, out, dst, dim);
+            });
+        }
+        // Each row's squared distance to every codebook row, summed in order of the
+        // coordinates as the interpreter does; the first of equal minima wins.
+        Op::Nearest { x, codebook } => {
+            let [k, d] = [shape(*codebook)[0], shape(*codebook)[1]];
+            let (xs, cs) = (at(*x), at(*codebook));
+            for_rows(e, numel, 1, range, |e, r| {
+                let best = e.b.declare_var(I64);
+                let best_d = e.b.declare_var(F32);
+                let zero = e.i64(0);
+                let inf = e.fconst(F32, f32::INFINITY);
+                e.b.def_var(best, zero);
+                e.b.def_var(best_d, inf);
+                let row = e.b.ins().imul_imm_s(r, d as i64);
+                e.for_range(0, k as i64, 1, |e, c| {
+                    let acc = e.b.declare_var(F32);
+                    let z = e.fconst(F32, 0.0);
+                    e.b.def_var(acc, z);
+                    let crow = e.b.ins().imul_imm_s(c, d as i64);
+                    e.for_range(0, d as i64, 1, |e, j| {
+                        let xi = e.b.ins().iadd(row, j);
+                        let ci = e.b.ins().iadd(crow, j);
+                        let (a, b) = (e.load(F32, xs, xi), e.load(F32, cs, ci));
+                        let diff = e.b.ins().fsub(a, b);
+                        let sq = e.b.ins().fmul(diff, diff);
+                        let old = e.b.use_var(acc);
+                        let new = e.b.ins().fadd(old, sq);
+                        e.b.def_var(acc, new);
+                    });
+                    let dist = e.b.use_var(acc);
+                    let bd = e.b.use_var(best_d);
+                    let closer = e.b.ins().fcmp(FloatCC::LessThan, dist, bd);
+                    let bi = e.b.use_var(best);
+                    let nb = e.b.ins().select(closer, c, bi);
+                    let nd = e.b.ins().select(closer, dist, bd);
+                    e.b.def_var(best, nb);
+                    e.b.def_var(best_d, nd);
+                });
+                let bi = e.b.use_var(best);
+                let b32 = e.b.ins().ireduce(I32, bi);
+                e.store(out, r, b32);
+            });
+        }
+        // Batch elements `lo..hi`, each matrix written column by column.
+        Op::Transpose { x } => {
+            let [b, m, n] = [shape(*x)[0], shape(*x)[1], shape(*x)[2]];
+            let src = at(*x);
+            for_rows(e, b, m * n, range, |e, base| {
+                e.for_range(0, m as i64, 1, |e, i| {
+                    let row = e.b.ins().imul_imm_s(i, n as i64);
+                    let row = e.b.ins().iadd(base, row);
+                    e.for_range(0, n as i64, 1, |e, j| {
+                        let si = e.b.ins().iadd(row, j);
+                        let v = e.load(F32, src, si);
+                        let oi = e.b.ins().imul_imm_s(j, m as i64);
+                        let oi = e.b.ins().iadd(oi, i);
+                        let oi = e.b.ins().iadd(oi, base);
+                        e.store(out, oi, v);
+                    });
+                });
             });
         }
         Op::BatchMatMul { a, b, ta, tb } => {
@@ -771,6 +832,12 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
         // Images (of the input: the gathered or scattered values' planes follow them).
         Op::Gather { x, .. } => (g.ty(*x).shape[0], 8 * g.ty(id).numel()),
         Op::Scatter { v, .. } => (g.ty(*v).shape[0], 8 * g.ty(id).numel()),
+        // Rows, each compared with every codebook row; batch elements.
+        Op::Nearest { codebook, .. } => {
+            let rows = g.ty(id).numel();
+            (rows, 3 * rows * g.ty(*codebook).numel())
+        }
+        Op::Transpose { .. } => (g.ty(id).shape[0], 2 * g.ty(id).numel()),
         // Images; each output compares k² inputs.
         Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel[0] * kernel[1] * g.ty(id).numel()),
         Op::BnStats { .. }

@@ -138,7 +138,7 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     }
     // A reshape's bytes are its input's: the input lives as long as the reshape.
     for id in g.ids().rev() {
-        if let Op::Reshape { x, .. } | Op::Part { x, .. } = g.node(id).op {
+        if let Op::Reshape { x, .. } | Op::StopGrad { x } | Op::Part { x, .. } = g.node(id).op {
             last[x.index()] = last[x.index()].max(last[id.index()]);
         }
     }
@@ -194,7 +194,7 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
         p.node[id.index()] = match &node.op {
             Op::Param(q) => p.param[q.index()],
             Op::Input(i) => p.input[i.index()],
-            Op::Reshape { x, .. } => p.node[x.index()],
+            Op::Reshape { x, .. } | Op::StopGrad { x } => p.node[x.index()],
             Op::Part { x, offset, .. } => p.node[x.index()] + offset * 4,
             Op::Update { .. } => 0,
             _ if fused_away[id.index()] || allocated_at_head => p.node[id.index()],

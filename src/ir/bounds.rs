@@ -10,6 +10,7 @@
 //! - a graph input is bounded by a run-time check: [`Facts::input_bound`] is the smallest size
 //!   any op indexes by it, and the executor refuses an input holding an id outside it before any
 //!   kernel runs;
+//! - a quantizer's ids (`nearest`) are below its codebook's size, a static fact too;
 //! - `reshape` keeps values, and `shift_right` adds its start id, which must be in range too.
 //!
 //! Any other source of an index is refused: a graph whose bounds cannot be proved gets no code.
@@ -54,6 +55,8 @@ pub fn check(g: &Graph) -> Result<Facts, Vec<String>> {
                         break Some(Source::Static(s[2] * s[3]));
                     }
                     Op::Reshape { x, .. } => at = *x,
+                    // The nearest codebook row: below the codebook's size.
+                    Op::Nearest { codebook, .. } => break Some(Source::Static(g.ty(*codebook).shape[0])),
                     Op::ShiftRight { ids, start } => {
                         if usize::try_from(*start).map_or(true, |s| s >= size) {
                             errors.push(format!(

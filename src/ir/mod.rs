@@ -157,6 +157,9 @@ pub enum ParamRole {
     NormScale,
     /// A normalization's shift (`BatchNorm2d.bias`): initialised to zeros, trained.
     NormShift,
+    /// A quantizer's codebook `[K, D]`: trained, initialised U(±1/K) as the common PyTorch
+    /// VQ-VAEs do (`fan_in` holds K), and not one of the `weights` a penalty sums over.
+    Codebook,
     /// A running statistic (`running_mean`, `running_var`, `num_batches_tracked`): no
     /// gradient, updated by the training step itself; zeros or ones at the start.
     Buffer {

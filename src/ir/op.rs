@@ -184,6 +184,23 @@ pub enum Op {
         x: NodeId,
         shape: Vec<usize>,
     },
+    /// `x` itself, through which no gradient flows (PyTorch's `detach`): the straight-through
+    /// estimator's `z + sg(z_q − z)`.
+    StopGrad {
+        x: NodeId,
+    },
+    /// `[B, M, N] → [B, N, M]`: each batch element's matrix transposed (a conv code's
+    /// channels to the last axis and back, for its quantizer).
+    Transpose {
+        x: NodeId,
+    },
+    /// The nearest codebook row to each vector of `x [.., D]`: i32 ids `[..]` into
+    /// `codebook [K, D]` by squared Euclidean distance Σ_d (x_d − e_d)², summed in order of d,
+    /// the first on ties (`argmin`) — a VQ-VAE's quantizer.
+    Nearest {
+        x: NodeId,
+        codebook: NodeId,
+    },
     /// Σ of all elements: a scalar.
     SumAll {
         x: NodeId,
@@ -572,6 +589,8 @@ impl Op {
             | Scale { x, .. }
             | Softmax { x }
             | Reshape { x, .. }
+            | StopGrad { x }
+            | Transpose { x }
             | SumAll { x }
             | SumToAxis1 { x }
             | PoolArgmax { x, .. }
@@ -584,6 +603,7 @@ impl Op {
             | Part { x, .. }
             | BroadcastScalar { x, .. }
             | Dropout { x, .. } => vec![*x],
+            Nearest { x, codebook } => vec![*x, *codebook],
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => vec![*x, *w],
             Conv2dWeightGrad { x, dy, .. } | ConvTranspose2dWeightGrad { x, dy, .. } => {
                 vec![*x, *dy]
@@ -648,6 +668,8 @@ impl Op {
             | Scale { x, .. }
             | Softmax { x }
             | Reshape { x, .. }
+            | StopGrad { x }
+            | Transpose { x }
             | SumAll { x }
             | SumToAxis1 { x }
             | PoolArgmax { x, .. }
@@ -660,6 +682,10 @@ impl Op {
             | Part { x, .. }
             | BroadcastScalar { x, .. }
             | Dropout { x, .. } => *x = f(*x),
+            Nearest { x, codebook } => {
+                *x = f(*x);
+                *codebook = f(*codebook);
+            }
             Conv2d { x, w, .. } | ConvTranspose2d { x, w, .. } => {
                 *x = f(*x);
                 *w = f(*w);
@@ -801,6 +827,9 @@ impl Op {
             Softmax { .. } => "softmax",
             SoftmaxGrad { .. } => "softmax_grad",
             Reshape { .. } => "reshape",
+            StopGrad { .. } => "stop_grad",
+            Transpose { .. } => "transpose",
+            Nearest { .. } => "nearest",
             SumAll { .. } => "sum_all",
             SumToAxis1 { .. } => "sum_to_axis1",
             Conv2d { .. } => "conv2d",
@@ -937,6 +966,19 @@ impl Op {
                     return Err(format!("cannot reshape {t} to {shape:?}"));
                 }
                 Type { dtype: t.dtype, shape: shape.clone() }
+            }
+            StopGrad { x } => Type::f32(f32s(*x)?.clone()),
+            Transpose { x } => {
+                let [b, m, n] = three(f32s(*x)?)?;
+                Type::f32([b, n, m])
+            }
+            Nearest { x, codebook } => {
+                let (sx, sc) = (f32s(*x)?, f32s(*codebook)?);
+                let [k, d] = two(sc)?;
+                if k == 0 || sx.last() != Some(&d) {
+                    return Err(format!("nearest: vectors {sx:?} do not match codebook [{k}, {d}]"));
+                }
+                Type::i32(sx[..sx.len() - 1].to_vec())
             }
             SumAll { x } => {
                 f32s(*x)?;

@@ -88,7 +88,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
             format!("{m}[{f}] {}", args(&[*y, *dy]))
         }
         Scale { x, c } => format!("{m} {}, {c}", name(*x)),
-        Reshape { x, .. } => format!("{m} {}", name(*x)),
+        Reshape { x, .. } | StopGrad { x } | Transpose { x } => format!("{m} {}", name(*x)),
         Conv2d { x, w, stride, pad } => {
             format!("{m} {} stride={} pad={}", args(&[*x, *w]), hw(*stride), hw(*pad))
         }

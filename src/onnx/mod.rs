@@ -76,6 +76,7 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         source: None,
         memory: None,
         mask_ids: None,
+        code_ids: None,
     };
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
@@ -141,6 +142,10 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
         if let Some(lv) = &logvar {
             let lv = b.node("Identity", &[lv], vec![], "logvar");
             outputs.push(value_info(&lv, &m.code));
+        }
+        if let Some((ids, dims)) = b.code_ids.clone() {
+            let ids = b.node("Identity", &[&ids], vec![], "code_ids");
+            outputs.push(ids_info(&ids, &dims));
         }
         // The state a teacher-forced decoder starts from: the encoder's last (h, or h and c).
         if let (Some(_), Some(state)) = (forced, b.state.clone()) {
@@ -251,6 +256,15 @@ fn value_info(name: &str, ty: &Ty) -> ValueInfoProto {
     }
 }
 
+/// An int64 graph output `[batch, …dims]` (a quantized code's ids).
+fn ids_info(name: &str, dims: &[u64]) -> ValueInfoProto {
+    let mut v = value_info(name, &Ty::Tensor(dims.to_vec()));
+    if let Some(proto::type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        t.elem_type = Some(proto::INT64);
+    }
+    v
+}
+
 /// A size per axis as ONNX's attributes take it.
 fn hw(a: [u64; 2]) -> Vec<i64> {
     a.iter().map(|&v| v as i64).collect()
@@ -325,6 +339,9 @@ struct Builder<'a> {
     /// padded source, the source ids whose padding it masks.
     memory: Option<String>,
     mask_ids: Option<String>,
+    /// A quantized code's ids (int64 `[batch]`, or `[batch, H, W]` for an image) and their
+    /// shape after the batch.
+    code_ids: Option<(String, Vec<u64>)>,
 }
 
 impl Builder<'_> {
@@ -346,7 +363,9 @@ impl Builder<'_> {
         // The graph's outputs keep their names (`code`, `recon`); inner values are numbered.
         let outputs: Vec<String> = (0..n)
             .map(|k| match (hint, k) {
-                ("code" | "recon" | "logvar" | "state" | "state_after" | "memory", 0) => hint.to_owned(),
+                ("code" | "recon" | "logvar" | "code_ids" | "state" | "state_after" | "memory", 0) => {
+                    hint.to_owned()
+                }
                 _ => format!(
                     "{hint}/{op}_{}{}",
                     self.count,
@@ -362,6 +381,34 @@ impl Builder<'_> {
             attribute: attrs,
         });
         outputs
+    }
+
+    /// A quantizer: each vector (an image's channels at each position, moved last) against
+    /// every codebook row, `ArgMin` of the squared distances (the first on ties, as aec), and
+    /// `Gather` of the rows it picks; the ids become the output `code_ids`.
+    fn quantize(&mut self, l: &LayerInfo, x: &str, hint: &str) -> Result<String, String> {
+        let codebook = self.own(l, 0)?;
+        let Ty::Tensor(dims) = &l.input else { return Err("a quantizer of a sequence".into()) };
+        let image = dims.len() == 3;
+        let rows = if image {
+            self.node("Transpose", &[x], vec![ints("perm", &[0, 2, 3, 1])], hint)
+        } else {
+            x.to_owned()
+        };
+        let axis = self.ints_const(&[-2], hint);
+        let rows1 = self.node("Unsqueeze", &[&rows, &axis], vec![], hint);
+        let diff = self.node("Sub", &[&rows1, &codebook], vec![], hint);
+        let sq = self.node("Mul", &[&diff, &diff], vec![], hint);
+        let last = self.ints_const(&[-1], hint);
+        let dist = self.node("ReduceSum", &[&sq, &last], vec![int("keepdims", 0)], hint);
+        let ids = self.node("ArgMin", &[&dist], vec![int("axis", -1), int("keepdims", 0)], hint);
+        let picked = self.node("Gather", &[&codebook, &ids], vec![int("axis", 0)], hint);
+        self.code_ids = Some((ids, if image { dims[1..].to_vec() } else { Vec::new() }));
+        Ok(if image {
+            self.node("Transpose", &[&picked], vec![ints("perm", &[0, 3, 1, 2])], hint)
+        } else {
+            picked
+        })
     }
 
     /// A constant int64 tensor (a `Constant` node: initializers are the parameters alone).
@@ -435,6 +482,7 @@ impl Builder<'_> {
                 *logvar = Some(self.affine(x, &w, Some(&b), true, false, &format!("{hint}.logvar")));
                 mu
             }
+            LayerKind::Quantize { .. } => self.quantize(l, x, hint)?,
             LayerKind::Conv(c) | LayerKind::Deconv(c) => {
                 let (w, k) = match l.tied_weight {
                     Some(p) => (self.param(p)?, 0),

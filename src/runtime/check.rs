@@ -16,6 +16,11 @@
 //!
 //! A difference whose two evaluations see other max-pool switches than the parameters do is
 //! skipped: the loss jumps there (unpooling moves values with their switches).
+//!
+//! Detached values (`stop_grad`: a quantized code's straight-through estimator and its losses'
+//! targets) and a quantizer's ids are held at their values at the parameters while the
+//! differences are taken: the check is then of the surrogate loss the estimator defines, whose
+//! exact gradient autodiff must give.
 
 use super::State;
 use crate::autodiff;
@@ -143,9 +148,11 @@ pub fn check_mutated(
     let switches =
         |v: &interp::Values| -> Vec<i32> { pools.iter().flat_map(|&id| v.get(id).i32()).copied().collect() };
     let base = switches(&values);
+    // Detached values and a quantizer's ids stay as they are at `params` (the straight-through
+    // estimator's surrogate loss, whose gradient autodiff computes).
     let eval = |ps: &[Vec<f32>]| -> Result<Option<f64>, String> {
-        let v =
-            interp::run(forward, inputs, &mut State::new(ps.to_vec()), &opts).map_err(|e| e.to_string())?;
+        let v = interp::run_frozen(forward, inputs, &mut State::new(ps.to_vec()), &opts, Some(&values))
+            .map_err(|e| e.to_string())?;
         Ok((switches(&v) == base).then(|| f64::from(v.get(loss).f32()[0])))
     };
     let loss_value = f64::from(values.get(loss).f32()[0]);

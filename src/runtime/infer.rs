@@ -15,6 +15,8 @@ use crate::sema::{Compiled, Lowering, Mode, Ty, lower};
 pub enum Output {
     Recon,
     Code,
+    /// A quantized code's ids: `[N]`, or `[N, H, W]` for an image code (i32).
+    CodeIds,
     /// The decoder alone, run on codes (`Mode::Generate`).
     Generated,
 }
@@ -32,6 +34,7 @@ pub fn infer(
     let name = match output {
         Output::Recon | Output::Generated => "recon",
         Output::Code => "code",
+        Output::CodeIds => lower::CODE_IDS,
     };
     let mode = if output == Output::Generated { Mode::Generate } else { Mode::Infer };
     let n = input.samples();
@@ -44,6 +47,7 @@ pub fn infer(
     }
     let mut state = State::new(params.to_vec());
     let mut out: Vec<f32> = Vec::new();
+    let mut ids: Vec<i32> = Vec::new();
     let mut graphs = std::collections::HashMap::new();
     let mut native: std::collections::HashMap<usize, codegen::Program> = std::collections::HashMap::new();
     for start in (0..n).step_by(batch.max(1)) {
@@ -71,7 +75,11 @@ pub fn infer(
             Backend::Interp => {
                 let opts = interp::Options { threads, check_finite: false, ..interp::Options::default() };
                 let values = interp::run(g, &inputs, &mut state, &opts).map_err(|e| e.to_string())?;
-                out.extend_from_slice(values.output(g, name).map(|b| b.f32()).unwrap_or(&[]));
+                match values.output(g, name) {
+                    Some(Buf::I32(v)) => ids.extend_from_slice(v),
+                    Some(Buf::F32(v)) => out.extend_from_slice(v),
+                    None => return Err(format!("no `{name}` output")),
+                }
             }
             Backend::Jit => {
                 let p = match native.entry(b) {
@@ -86,7 +94,8 @@ pub fn infer(
                 p.run(&inputs, 0, 1).map_err(|e| format!("the inputs do not fit the network: {e}"))?;
                 match p.output(name) {
                     Some(Buf::F32(v)) => out.extend_from_slice(&v),
-                    _ => return Err(format!("no `{name}` output")),
+                    Some(Buf::I32(v)) => ids.extend_from_slice(&v),
+                    None => return Err(format!("no `{name}` output")),
                 }
             }
         }
@@ -94,6 +103,14 @@ pub fn infer(
     let ty = match output {
         Output::Recon | Output::Generated => &c.model.output,
         Output::Code => &c.model.code,
+        Output::CodeIds => {
+            // One id per position: the code's shape without its channels.
+            let mut shape = vec![n];
+            if let Ty::Tensor(d) = &c.model.code {
+                shape.extend(d.iter().skip(1).map(|&x| x as usize));
+            }
+            return Ok(Array { shape, values: Values::I32(ids) });
+        }
     };
     let mut shape = vec![n];
     match ty {

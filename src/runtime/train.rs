@@ -27,7 +27,7 @@ use crate::diag::Span;
 use crate::interp::{self, Buf};
 use crate::ir::{Clip, Graph, OptimizerFn};
 use crate::passes;
-use crate::sema::lower::{TERM_PREFIX, WEIGHT_PREFIX};
+use crate::sema::lower::{CODE_IDS, TERM_PREFIX, WEIGHT_PREFIX};
 use crate::sema::{Compiled, Lowering, Mode, Part, lower, stage};
 use crate::syntax::ast::{Init, Noise, Pretrain, Schedule, TermSchedule};
 use std::collections::HashMap;
@@ -114,6 +114,13 @@ pub struct EpochMetrics {
     /// Text targets: corpus BLEU-4 (×100) of greedy decoding against the validation sentences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bleu: Option<f64>,
+    /// A quantized code: the perplexity of the codebook vectors the epoch's training batches
+    /// picked (exp of their entropy: K when all K are picked equally, 1 when one is), and the
+    /// share of the codebook they picked at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook_perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook_usage: Option<f64>,
     /// `None` when the epoch's training took under a millisecond: too short to time.
     pub samples_per_s: Option<f64>,
     /// Each term of the loss (the reconstruction loss and each weighted penalty), averaged over
@@ -456,12 +463,12 @@ impl Programs<'_> {
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
         reduce: Option<codegen::Reduce>,
-    ) -> Result<(f64, Vec<f64>), StepFail> {
+    ) -> Result<Outcome, StepFail> {
         // (`train` refuses data-parallel training on the interpreter: `reduce` is native only.)
         if self.backend == Backend::Interp {
             let g = self.train(batch)?;
             let values = interp::run(g, inputs, state, opts).map_err(StepFail::Run)?;
-            return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
+            return Ok(outcome(g, |name| values.output(g, name).cloned()));
         }
         if !self.native.contains_key(&batch) {
             let g = self.train(batch)?.clone();
@@ -478,7 +485,7 @@ impl Programs<'_> {
         let p = self.native.get_mut(&batch).ok_or_else(|| TrainError::Compile("no program".into()))?;
         p.set_learning_rate(opts.lr);
         match p.run_reduced(inputs, opts.seed, opts.step, reduce) {
-            Ok(()) => Ok(loss_and_terms(p.graph(), |name| p.output(name))),
+            Ok(()) => Ok(outcome(p.graph(), |name| p.output(name))),
             Err(codegen::RunError::Inputs(what)) => Err(StepFail::Train(TrainError::Data(what))),
             Err(codegen::RunError::NonFinite(loss)) => {
                 // The step stopped before its updates: replay it on the interpreter from the same
@@ -511,12 +518,12 @@ impl Programs<'_> {
         state: &mut State,
         opts: &interp::Options,
         on: &mut dyn FnMut(Event),
-    ) -> Result<(f64, Vec<f64>), TrainError> {
+    ) -> Result<Outcome, TrainError> {
         if self.backend == Backend::Interp {
             let g = self.eval(batch)?;
             let values =
                 interp::run(g, inputs, state, opts).map_err(|e| TrainError::Compile(e.to_string()))?;
-            return Ok(loss_and_terms(g, |name| values.output(g, name).cloned()));
+            return Ok(outcome(g, |name| values.output(g, name).cloned()));
         }
         if !self.native_eval.contains_key(&batch) {
             let g = self.eval(batch)?.clone();
@@ -527,7 +534,7 @@ impl Programs<'_> {
         p.set_state(state).map_err(TrainError::Compile)?;
         // An eval graph has no updates: `run` only fails on inputs that do not fit.
         p.run(inputs, opts.seed, opts.step).map_err(|e| TrainError::Data(e.to_string()))?;
-        Ok(loss_and_terms(p.graph(), |name| p.output(name)))
+        Ok(outcome(p.graph(), |name| p.output(name)))
     }
 
     fn eval(&mut self, batch: usize) -> Result<&Graph, TrainError> {
@@ -752,6 +759,8 @@ pub fn train(
             let order: Vec<usize> = perm.iter().map(|&i| train_idx[i]).collect();
             let mut loss_sum = 0f64;
             let mut term_sums: Vec<f64> = Vec::new();
+            // How often each codebook vector was picked over the epoch (a quantized code).
+            let mut codebook = codebook_size(&reference).map(|k| vec![0u64; k]);
             let mut allreduce = Duration::ZERO;
             // Every step's plan is known before the epoch starts: its rows, learning rate and
             // loss weights. A second thread gathers each step's batch (and corrupts it) while
@@ -825,9 +834,16 @@ pub fn train(
                     };
                     let reduce: Option<codegen::Reduce> =
                         if cfg.dist.is_some() { Some(&mut sum) } else { None };
-                    let (loss, terms) = programs
+                    let Outcome { loss, terms, code_ids } = programs
                         .step(p.key, &inputs, &mut state, &opts, on, reduce)
                         .map_err(|e| stop(e, epoch, state.step, cfg, epoch - 1))?;
+                    if let (Some(ids), Some(counts)) = (code_ids, codebook.as_mut()) {
+                        for &i in ids.i32() {
+                            if let Some(c) = usize::try_from(i).ok().and_then(|i| counts.get_mut(i)) {
+                                *c += 1;
+                            }
+                        }
+                    }
                     loss_sum += loss * p.idx.len() as f64;
                     term_sums.resize(terms.len(), 0.0);
                     for (sum, t) in term_sums.iter_mut().zip(terms) {
@@ -891,6 +907,8 @@ pub fn train(
                 token_accuracy,
                 sequence_accuracy,
                 bleu,
+                codebook_perplexity: codebook.as_deref().map(|c| codebook_usage(c).0),
+                codebook_usage: codebook.as_deref().map(|c| codebook_usage(c).1),
                 samples_per_s: rate(order.len(), epoch_train),
                 allreduce_s: cfg
                     .dist
@@ -1157,7 +1175,7 @@ fn evaluate(
             check_finite: false,
             lr: None,
         };
-        let (loss, terms) = programs.eval_loss(chunk.len(), &inputs, state, &opts, on)?;
+        let Outcome { loss, terms, .. } = programs.eval_loss(chunk.len(), &inputs, state, &opts, on)?;
         sum += loss * chunk.len() as f64;
         term_sums.resize(terms.len(), 0.0);
         for (s, t) in term_sums.iter_mut().zip(terms) {
@@ -1183,13 +1201,42 @@ fn stop(e: StepFail, epoch: u64, step: u64, cfg: &TrainConfig, last_good: u64) -
     }
 }
 
+/// What a step gives back: its loss, each of its terms and, with a quantized code, the ids
+/// its quantizer picked.
+struct Outcome {
+    loss: f64,
+    terms: Vec<f64>,
+    code_ids: Option<Buf>,
+}
+
 /// The loss of a step and each of its terms (the `term.*` outputs, in order), read by name.
-fn loss_and_terms(g: &Graph, read: impl Fn(&str) -> Option<Buf>) -> (f64, Vec<f64>) {
+fn outcome(g: &Graph, read: impl Fn(&str) -> Option<Buf>) -> Outcome {
     let scalar =
         |name: &str| read(name).map_or(f64::NAN, |b| f64::from(b.f32().first().copied().unwrap_or(f32::NAN)));
     let terms =
         g.outputs.iter().filter(|(n, _)| n.starts_with(TERM_PREFIX)).map(|(n, _)| scalar(n)).collect();
-    (scalar("loss"), terms)
+    Outcome { loss: scalar("loss"), terms, code_ids: read(CODE_IDS) }
+}
+
+/// The size of a quantized code's codebook, if the model has one.
+fn codebook_size(g: &Graph) -> Option<usize> {
+    g.params.iter().find(|p| p.role == crate::ir::ParamRole::Codebook).map(|p| p.shape[0])
+}
+
+/// A codebook's perplexity exp(−Σ p log p) over how often each vector was picked, and the
+/// share of its vectors picked at all.
+pub fn codebook_usage(counts: &[u64]) -> (f64, f64) {
+    let total = counts.iter().sum::<u64>().max(1) as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total;
+            -p * p.ln()
+        })
+        .sum();
+    let used = counts.iter().filter(|&&c| c > 0).count() as f64 / counts.len().max(1) as f64;
+    (entropy.exp(), used)
 }
 
 /// The names of a graph's loss terms (`mse`, `l2(weights)`, …), in order.

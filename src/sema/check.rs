@@ -279,7 +279,11 @@ impl Checker<'_> {
         let main = &loss.main;
         if matches!(
             main.kind,
-            ast::LossKind::L2 | ast::LossKind::Kl | ast::LossKind::Sparsity | ast::LossKind::Contractive
+            ast::LossKind::L2
+                | ast::LossKind::Kl
+                | ast::LossKind::Sparsity
+                | ast::LossKind::Contractive
+                | ast::LossKind::Vq
         ) || main.arg.name == "weights"
             || main.arg.name == "code"
         {
@@ -299,10 +303,22 @@ impl Checker<'_> {
             self.diags.push(d);
             ok = false;
         }
-        let gaussian = m
-            .encoder
-            .as_ref()
-            .is_some_and(|b| b.layers.iter().any(|l| matches!(l.kind, LayerKind::Gaussian { .. })));
+        let encoder_has =
+            |f: fn(&LayerKind) -> bool| m.encoder.as_ref().and_then(|b| b.layers.iter().find(|l| f(&l.kind)));
+        let gaussian = encoder_has(|k| matches!(k, LayerKind::Gaussian { .. })).is_some();
+        let quantizer = encoder_has(|k| matches!(k, LayerKind::Quantize { .. }));
+        if let Some(q) = quantizer
+            && !loss.extra.iter().any(|t| t.kind == ast::LossKind::Vq)
+        {
+            self.diags.push(
+                Diagnostic::error("a quantized code needs `vq(code)` in the loss")
+                    .label(q.span, "its codebook would never move")
+                    .help(
+                        "add `+ vq(code)` (the codebook and commitment losses, β = 0.25 unless `beta:` says)",
+                    ),
+            );
+            ok = false;
+        }
         for t in &loss.extra {
             let penalty = matches!(t.kind, ast::LossKind::L1 | ast::LossKind::L2);
             let target = t.arg.name == "weights" || t.arg.name == "code";
@@ -319,6 +335,31 @@ impl Checker<'_> {
                         Diagnostic::error("`kl(code)` needs a Gaussian code, and this encoder has none")
                             .label(t.span, "KL divergence of what?")
                             .help("end the encoder with `gaussian N` (N the code size), as a VAE does"),
+                    );
+                    ok = false;
+                }
+            } else if t.kind == ast::LossKind::Vq {
+                if t.arg.name != "code" {
+                    self.diags.push(
+                        Diagnostic::error(format!("`vq` is taken of the code, not of `{}`", t.arg.name))
+                            .label(t.arg.span, "not `code`")
+                            .help("write `vq(code)`"),
+                    );
+                    ok = false;
+                } else if quantizer.is_none() {
+                    self.diags.push(
+                        Diagnostic::error("`vq(code)` needs a quantized code, and this encoder has none")
+                            .label(t.span, "quantized by what?")
+                            .help(
+                                "end the encoder with `quantize K` (K the codebook's size), as a VQ-VAE does",
+                            ),
+                    );
+                    ok = false;
+                } else if let Some((_, at)) = t.reduction {
+                    self.diags.push(
+                        Diagnostic::error("`vq(code)` takes no reduction")
+                            .label(at, "its two losses are means over the code, as van den Oord et al.'s")
+                            .help("remove it; scale the term with its weight instead (`0.5 * vq(code)`)"),
                     );
                     ok = false;
                 }
@@ -545,16 +586,17 @@ impl Checker<'_> {
         let ctx = Ctx { part, target };
         let mut ty = input;
         for (index, layer) in layers.iter().enumerate() {
-            if matches!(layer.kind, LayerKind::Gaussian { .. })
+            if matches!(layer.kind, LayerKind::Gaussian { .. } | LayerKind::Quantize { .. })
                 && part == Part::Encoder
                 && index + 1 < layers.len()
             {
                 self.diags.push(
-                    Diagnostic::error("a `gaussian` code ends the encoder")
+                    Diagnostic::error(format!("a `{}` code ends the encoder", layer.layer_keyword()))
                         .label(layer.span, "more encoder layers follow it")
-                        .help(
-                            "move `gaussian N` to the end of the encoder: the decoder starts from the code",
-                        ),
+                        .help(format!(
+                            "move `{}` to the end of the encoder: the decoder starts from the code",
+                            layer.kind
+                        )),
                 );
             }
             if let Some(n) = layer.output_name()
@@ -1023,6 +1065,32 @@ impl Checker<'_> {
                 }
                 Ok((Ty::Tensor(vec![*units]), mul3(4, width, *units)))
             }
+            LayerKind::Quantize { size } => {
+                // One codebook vector per position: the channels of an image, a vector whole.
+                let d = match input {
+                    Ty::Tensor(d) if d.len() == 1 || d.len() == 3 => d.clone(),
+                    _ => {
+                        return Err(shape_err(
+                            l,
+                            format!("`quantize` needs a vector [D] or an image [C, H, W], got {input}"),
+                        )
+                        .help("a quantized code follows a dense or conv layer"));
+                    }
+                };
+                if ctx.part != Part::Encoder {
+                    return Err(Diagnostic::error("a `quantize` code belongs at the end of the encoder")
+                        .label(l.span, "in the decoder")
+                        .help("end the encoder with `quantize K`; the decoder starts from the code"));
+                }
+                if let Some(a) = l.activations.first() {
+                    return Err(Diagnostic::error("a `quantize` code takes no activation")
+                        .label(a.span, "applied to codebook vectors")
+                        .help("put the activation on the layer before it, or remove it"));
+                }
+                let width = d[0];
+                self.param(l, pname("codebook"), vec![*size, width], ParamRole::Codebook, *size, width)?;
+                Ok((input.clone(), mul3(3, *size, input.numel())))
+            }
             LayerKind::Activation(_) => Ok((input.clone(), 0)),
             LayerKind::Recurrent(r) => self.recurrent(ctx, l, r, input, &pname),
             LayerKind::Link { link, from } => Ok((self.link(l, *link, from, input)?, input.numel())),
@@ -1323,9 +1391,10 @@ impl Checker<'_> {
                 (LayerKind::Flatten | LayerKind::Reshape { .. }, Ty::Tensor(d)) => {
                     LayerKind::Reshape { dims: d.clone() }
                 }
-                // A residual `add` keeps the shape: nothing to undo.
+                // A residual `add` and a quantizer keep the shape: nothing to undo.
                 (
                     LayerKind::Dropout { .. }
+                    | LayerKind::Quantize { .. }
                     | LayerKind::Activation(_)
                     | LayerKind::BatchNorm { .. }
                     | LayerKind::Link { link: ast::Link::Add, .. },
@@ -1526,6 +1595,7 @@ impl ast::Layer {
             LayerKind::Embed { .. } => "embed",
             LayerKind::Dropout { .. } => "dropout",
             LayerKind::Gaussian { .. } => "gaussian",
+            LayerKind::Quantize { .. } => "quantize",
             LayerKind::Activation(_) => "activation",
             LayerKind::Link { link, .. } => link.keyword(),
             LayerKind::BatchNorm { .. } => "batchnorm",

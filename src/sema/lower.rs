@@ -37,6 +37,11 @@ pub fn attends(m: &Model) -> bool {
     m.layers.iter().any(|l| matches!(l.layer.kind, LayerKind::Attention { .. }))
 }
 
+/// Whether `m`'s code is quantized (its encoder ends in `quantize K`).
+pub fn quantizes(m: &Model) -> bool {
+    m.encoder().any(|l| matches!(l.layer.kind, LayerKind::Quantize { .. }))
+}
+
 /// The teacher-forced recurrent layer of `m`'s decoder, if any: greedy decoding runs from it.
 pub fn teacher_forced(m: &Model) -> Option<&ast::RecurrentSpec> {
     m.decoder().find_map(|l| match &l.layer.kind {
@@ -85,6 +90,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         decode_state: None,
         terms: Vec::new(),
         gaussian: None,
+        quantized: None,
         named: Vec::new(),
         memory: None,
         source_ids: None,
@@ -149,6 +155,10 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
         None => l.loss(m, &cur, code, cfg, &mut vars)?,
     };
     l.g.outputs = vec![("recon".into(), recon), ("code".into(), code), ("loss".into(), loss)];
+    // A quantized code's ids, for `aec encode` and the codebook's usage.
+    if let Some(q) = l.quantized {
+        l.g.outputs.push((CODE_IDS.into(), q.ids));
+    }
     // Every term of the loss as an output of its own (`term.mse`, `term.l2(weights)`, …), for
     // the metrics.
     if target.is_none() {
@@ -179,6 +189,8 @@ struct Lower {
     terms: Vec<(String, NodeId)>,
     /// A Gaussian code's `mu` and `logvar`, for `kl(code)`.
     gaussian: Option<(NodeId, NodeId)>,
+    /// A quantized code, for `vq(code)`.
+    quantized: Option<Quantized>,
     /// Named layer outputs so far, for `concat NAME` and `add NAME`.
     named: Vec<(String, NodeId)>,
     /// The encoder's last recurrent layer's state after every step, `[B, S, H]` (h of an
@@ -188,6 +200,19 @@ struct Lower {
     /// Attention's weights `[B, T, S]`, an output of the decode step.
     attention: Option<NodeId>,
 }
+
+/// A quantized code: the encoder's output `z`, its nearest codebook vectors `z_q` (the same
+/// shape) and their ids.
+#[derive(Clone, Copy)]
+struct Quantized {
+    z: NodeId,
+    zq: NodeId,
+    ids: NodeId,
+}
+
+/// The graph output holding a quantized code's ids: `[B]` for a vector code, `[B, H·W]` for
+/// an image's positions.
+pub const CODE_IDS: &str = "code_ids";
 
 /// Graph outputs that hold one term of the loss are named `term.<the term>`.
 pub const TERM_PREFIX: &str = "term.";
@@ -534,6 +559,7 @@ impl Lower {
                     _ => mu,
                 }
             }
+            LayerKind::Quantize { .. } => self.quantize(info, x, cfg.mode)?,
             LayerKind::Recurrent(r) => {
                 let (node, last) = self.recurrent(m, info, r, v, cfg, vars)?;
                 state = Some(last);
@@ -756,7 +782,7 @@ impl Lower {
             LossKind::CrossEntropy => {
                 (LossFn::CrossEntropyLogits { pad: target_var.padded }, out.logits.unwrap_or(out.node))
             }
-            LossKind::L2 | LossKind::Kl | LossKind::Sparsity | LossKind::Contractive => {
+            LossKind::L2 | LossKind::Kl | LossKind::Sparsity | LossKind::Contractive | LossKind::Vq => {
                 return Err("the first loss term is a reconstruction loss".into());
             }
         };
@@ -780,6 +806,7 @@ impl Lower {
                 (LossKind::Kl, _) => self.kl(t)?,
                 (LossKind::Sparsity, _) => self.sparsity(t, code)?,
                 (LossKind::Contractive, _) => self.contractive(m, t, code)?,
+                (LossKind::Vq, _) => self.vq(t)?,
                 (_, "weights") => {
                     // λ·Σ over every weight (not biases) of w² (or |w|); an embedding table is
                     // a weight, as in a PyTorch sum over the module's weight tensors.
@@ -903,6 +930,54 @@ impl Lower {
         let total = self.add(Op::SumAll { x: total }, span)?;
         let div = self.divisor(t.reduction(), self.g.ty(code).numel());
         self.add(Op::Scale { x: total, c: (t.weight / div) as f32 }, span)
+    }
+
+    /// A VQ-VAE's quantizer: each vector of `z` (an image's channels at each position) replaced
+    /// by its nearest codebook row. In training the code is `z + sg(z_q − z)`: `z_q`'s value,
+    /// with the decoder's gradient passed straight through to `z` and none to the codebook.
+    fn quantize(&mut self, info: &LayerInfo, z: NodeId, mode: Mode) -> Result<NodeId, String> {
+        let span = info.layer.span;
+        let codebook = self.param(info, 0)?;
+        let shape = self.g.ty(z).shape.clone();
+        let (b, d) = (shape[0], shape[1]);
+        let positions = shape[2..].iter().product::<usize>();
+        // Channels last: `[B, P, D]`.
+        let rows = if positions == 1 {
+            self.add(Op::Reshape { x: z, shape: vec![b, 1, d] }, span)?
+        } else {
+            let planes = self.add(Op::Reshape { x: z, shape: vec![b, d, positions] }, span)?;
+            self.add(Op::Transpose { x: planes }, span)?
+        };
+        let ids = self.add(Op::Nearest { x: rows, codebook }, span)?;
+        let picked = self.add(Op::Embed { table: codebook, ids }, span)?;
+        let zq = if positions == 1 {
+            self.add(Op::Reshape { x: picked, shape: shape.clone() }, span)?
+        } else {
+            let planes = self.add(Op::Transpose { x: picked }, span)?;
+            self.add(Op::Reshape { x: planes, shape: shape.clone() }, span)?
+        };
+        let ids = if positions == 1 { self.add(Op::Reshape { x: ids, shape: vec![b] }, span)? } else { ids };
+        self.quantized = Some(Quantized { z, zq, ids });
+        if mode != Mode::Train {
+            return Ok(zq);
+        }
+        let step = self.add(Op::Binary { f: BinaryFn::Sub, a: zq, b: z }, span)?;
+        let step = self.add(Op::StopGrad { x: step }, span)?;
+        self.add(Op::Binary { f: BinaryFn::Add, a: z, b: step }, span)
+    }
+
+    /// `λ·vq(code, beta: β)`: the codebook loss mean((z_q − sg(z))²), which moves the codebook
+    /// toward the encoder's outputs, plus β·mean((z − sg(z_q))²), the commitment loss, which
+    /// keeps the encoder near its codebook vectors.
+    fn vq(&mut self, t: &ast::LossTerm) -> Result<NodeId, String> {
+        let Quantized { z, zq, .. } = self.quantized.ok_or("vq(code) without a quantized code")?;
+        let span = t.span;
+        let (z_sg, zq_sg) = (self.add(Op::StopGrad { x: z }, span)?, self.add(Op::StopGrad { x: zq }, span)?);
+        let codebook = self.add(Op::Loss { f: LossFn::Mse, pred: zq, target: z_sg }, span)?;
+        let commitment = self.add(Op::Loss { f: LossFn::Mse, pred: z, target: zq_sg }, span)?;
+        let commitment = self.scaled(commitment, t.beta(), span)?;
+        let sum = self.add(Op::Binary { f: BinaryFn::Add, a: codebook, b: commitment }, span)?;
+        self.scaled(sum, t.weight, span)
     }
 
     /// `λ·kl(code)`: −½ Σ (1 + logvar − mu² − e^logvar), reduced (by default ÷ the batch).

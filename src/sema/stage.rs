@@ -119,6 +119,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
             reduction: None,
             schedule: None,
             rho: None,
+            beta: None,
             span,
         },
         extra: Vec::new(),

@@ -91,6 +91,33 @@ class Gaussian(nn.Module):
         return {"sum": s, "batchmean": s / mu.shape[0], "mean": s / mu.numel()}[reduction]
 
 
+class Quantize(nn.Module):
+    """A quantized code (van den Oord et al. 2017): each vector (an image's channels at each
+    position) replaced by its nearest codebook row, by squared distance, the first on ties. In
+    training the code is z + (z_q - z).detach(): the gradient passes straight through to z.
+    `self.ids` holds the last ids ([B], or [B, H*W] for an image)."""
+
+    def __init__(self, size, width):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(size, width).uniform_(-1 / size, 1 / size))
+
+    def forward(self, z):
+        rows = z.flatten(2).transpose(1, 2) if z.dim() > 2 else z[:, None, :]
+        dist = ((rows[:, :, None, :] - self.codebook) ** 2).sum(-1)
+        ids = dist.argmin(-1)
+        picked = self.codebook[ids]
+        zq = picked.transpose(1, 2).reshape(z.shape) if z.dim() > 2 else picked[:, 0]
+        self.ids = ids if z.dim() > 2 else ids[:, 0]
+        self.stats = (z, zq)
+        return z + (zq - z).detach() if self.training else zq
+
+    def vq(self, beta=0.25):
+        """aec's `vq(code, beta: β)` of the last forward pass: the codebook loss and β times
+        the commitment loss."""
+        z, zq = self.stats
+        return F.mse_loss(zq, z.detach()) + beta * F.mse_loss(z, zq.detach())
+
+
 class Attention(nn.Module):
     """Global attention (Luong et al. 2015) over the encoder's states `memory`: scores h·e
     (dot), h·(W e) (general) or vᵀ tanh(W_q h + W_k e) (additive, Bahdanau et al. 2015),
@@ -140,7 +167,7 @@ fn penalties(out: &mut String, m: &Model) {
         .loss
         .extra
         .iter()
-        .filter(|t| matches!(t.kind, LossKind::Sparsity | LossKind::Contractive))
+        .filter(|t| matches!(t.kind, LossKind::Sparsity | LossKind::Contractive | LossKind::Vq))
         .collect();
     if terms.is_empty() {
         return;
@@ -183,6 +210,17 @@ fn penalties(out: &mut String, m: &Model) {
                     crate::syntax::ast::Reduction::BatchMean => "h.shape[0]",
                 };
                 let _ = writeln!(out, "        total = total + {weight:?} * norm / {div}");
+            }
+            LossKind::Vq => {
+                let Some(q) = m.encoder().find(|l| matches!(l.layer.kind, LayerKind::Quantize { .. })) else {
+                    continue;
+                };
+                let beta = t.beta();
+                let _ = writeln!(
+                    out,
+                    "        total = total + {weight:?} * self.encoder[{}].vq({beta:?})",
+                    q.index
+                );
             }
             _ => {}
         }
@@ -323,6 +361,7 @@ fn module(m: &Model, l: &LayerInfo) -> String {
                 .unwrap_or(0);
             format!("Attention({enc}, {}, {:?})", in_features(&l.input), score.keyword())
         }
+        LayerKind::Quantize { size } => format!("Quantize({size}, {})", in_features(&l.input)),
         LayerKind::Dense { units, bias, .. } => match l.tied_weight {
             Some(_) => format!("Tied({})", if *bias { units.to_string() } else { "0".into() }),
             None => format!("nn.Linear({}, {units}, bias={})", in_features(&l.input), py_bool(*bias)),

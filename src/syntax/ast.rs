@@ -151,6 +151,12 @@ pub enum LayerKind {
     Gaussian {
         units: u64,
     },
+    /// A quantized code (a VQ-VAE's encoder ends in it): a codebook of `size` vectors of the
+    /// code's width (its channels, for a conv code: one vector per position), each vector
+    /// replaced by its nearest, the gradient passed straight through to the encoder.
+    Quantize {
+        size: u64,
+    },
     /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
     Activation(Activation),
     /// `concat NAME` / `add NAME`: joins the output of the layer named `from` to the current
@@ -336,6 +342,8 @@ pub struct LossTerm {
     pub schedule: Option<(TermSchedule, Span)>,
     /// `sparsity(code, rho: ρ)`: the target activation rate, as written.
     pub rho: Option<(f64, Span)>,
+    /// `vq(code, beta: β)`: the commitment loss's weight, as written.
+    pub beta: Option<(f64, Span)>,
     pub span: Span,
 }
 
@@ -377,7 +385,7 @@ impl LossTerm {
     pub fn name(&self) -> String {
         match self.kind {
             LossKind::Kl => "kl".to_owned(),
-            LossKind::Sparsity | LossKind::Contractive => self.kind.keyword().to_owned(),
+            LossKind::Sparsity | LossKind::Contractive | LossKind::Vq => self.kind.keyword().to_owned(),
             _ => format!("{}({})", self.kind.keyword(), self.arg.name),
         }
     }
@@ -385,6 +393,11 @@ impl LossTerm {
     /// `sparsity`'s target activation rate ρ (0.05 unless written).
     pub fn rho(&self) -> f64 {
         self.rho.map_or(0.05, |r| r.0)
+    }
+
+    /// `vq`'s commitment weight β (0.25 unless written, van den Oord et al.'s).
+    pub fn beta(&self) -> f64 {
+        self.beta.map_or(0.25, |b| b.0)
     }
 
     /// The reduction in effect: as written, else `batchmean` for `kl` and `contractive` and
@@ -414,6 +427,9 @@ pub enum LossKind {
     /// The squared Frobenius norm of the encoder's Jacobian (Rifai et al. 2011's contractive
     /// autoencoder), in closed form for one dense sigmoid or tanh layer.
     Contractive,
+    /// A quantized code's codebook loss ‖sg(z) − z_q‖² and commitment loss β‖z − sg(z_q)‖²,
+    /// each the mean over the code's elements (van den Oord et al. 2017).
+    Vq,
 }
 
 /// How a loss term reduces over its elements (PyTorch's `reduction`).
@@ -447,6 +463,7 @@ impl LossKind {
             LossKind::Kl => "kl",
             LossKind::Sparsity => "sparsity",
             LossKind::Contractive => "contractive",
+            LossKind::Vq => "vq",
         }
     }
 }

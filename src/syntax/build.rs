@@ -29,6 +29,7 @@ const LAYER_KINDS: &[&str] = &[
     "embed",
     "dropout",
     "gaussian",
+    "quantize",
     "concat",
     "add",
     "batchnorm",
@@ -491,6 +492,7 @@ impl Builder {
             "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
             "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
             "gaussian" => LayerKind::Gaussian { units: a.count("code size", "gaussian 20") },
+            "quantize" => LayerKind::Quantize { size: a.count("codebook size", "quantize 64") },
             "concat" | "add" => match a.name_arg() {
                 Some(from) => {
                     let link = if word == "concat" { Link::Concat } else { Link::Add };
@@ -663,14 +665,16 @@ impl Builder {
             "kl" => LossKind::Kl,
             "sparsity" => LossKind::Sparsity,
             "contractive" => LossKind::Contractive,
+            "vq" => LossKind::Vq,
             other => {
-                let names = ["mse", "bce", "cross_entropy", "l1", "l2", "kl", "sparsity", "contractive"];
+                let names =
+                    ["mse", "bce", "cross_entropy", "l1", "l2", "kl", "sparsity", "contractive", "vq"];
                 let mut d =
                     Diagnostic::error(format!("unknown loss `{other}`")).label(call.name_span, "not a loss");
                 d = match closest(other, names.iter()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => {
-                        d.help("losses are mse, bce, cross_entropy, l1, l2, kl, sparsity and contractive")
+                        d.help("losses are mse, bce, cross_entropy, l1, l2, kl, sparsity, contractive and vq")
                     }
                 };
                 self.err(d);
@@ -680,6 +684,7 @@ impl Builder {
         let mut arg = None;
         let mut reduction = None;
         let mut rho = None;
+        let mut beta = None;
         let mut ok = true;
         for a in &call.args {
             match (&a.name, &a.value) {
@@ -698,6 +703,18 @@ impl Builder {
                         continue;
                     }
                     rho = Some((*r, a.span));
+                }
+                (Some(n), Value::Num(b)) if n.name == "beta" && kind == LossKind::Vq && beta.is_none() => {
+                    if !(b.is_finite() && *b >= 0.0) {
+                        self.err(
+                            Diagnostic::error(format!("a commitment weight is a finite number ≥ 0, not {b}"))
+                                .label(a.span, "not a weight")
+                                .help("van den Oord et al. use `beta: 0.25`"),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    beta = Some((*b, a.span));
                 }
                 (None, Value::Word(w)) if arg.is_none() => {
                     arg = Some(Ident { name: w.clone(), span: a.span })
@@ -749,7 +766,7 @@ impl Builder {
                 Diagnostic::error("a loss weight must be a finite number ≥ 0").label(span, "this weight"),
             );
         }
-        Some(LossTerm { weight, kind, arg, reduction, schedule, rho, span })
+        Some(LossTerm { weight, kind, arg, reduction, schedule, rho, beta, span })
     }
 
     // ---- train ---------------------------------------------------------------------------------
@@ -1676,6 +1693,7 @@ impl<'a> LayerArgs<'a> {
             "embed" => "`embed N`",
             "dropout" => "`dropout P`",
             "gaussian" => "`gaussian N`",
+            "quantize" => "`quantize K` (K codebook vectors)",
             "concat" | "add" => "the name of an earlier layer, e.g. `concat e1`",
             "batchnorm" => "`batchnorm` or `batchnorm(momentum: 0.1, eps: 1e-5)`",
             "upsample" => "`upsample S [nearest|bilinear]` (a factor per axis as `2x3`)",

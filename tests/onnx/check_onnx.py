@@ -306,7 +306,10 @@ def check(name, spec, work):
         x = inputs(spec, batch, rng, ties=name == "ties_odd")
         np.save(work / "x.npy", x.astype(np.int32) if x.dtype == np.int64 else x)
         aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "y.npy")
-        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy")
+        # A quantized code: `aec encode` writes its ids, `--vectors` its codebook vectors.
+        quantized = "quantize" in Path(spec).read_text()
+        vectors = ["--vectors"] if quantized else []
+        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy", *vectors)
         y, z = np.load(work / "y.npy"), np.load(work / "z.npy")
         feed = {sessions["model"].get_inputs()[0].name: x}
         recon, code = sessions["model"].run(["recon", "code"], feed)[:2]
@@ -314,6 +317,12 @@ def check(name, spec, work):
             good, text = close(what, a, b)
             ok &= good
             results.append(text)
+        if quantized:
+            aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "ids.npy")
+            ids = sessions["encoder"].run(["code_ids"], feed)[0]
+            same = np.array_equal(ids, np.load(work / "ids.npy"))
+            ok &= same
+            results.append(f"code_ids {'equal' if same else 'DIFFER'}")
         enc = sessions["encoder"].run(["code"], feed)[0]
         good, text = close("encoder", enc, z)
         ok &= good
