@@ -199,7 +199,8 @@ impl Ad {
                 self.acc(x, dx, y)?;
             }
 
-            // y = a ± b  ⇒  da = d,  db = ±d;   y = a·b  ⇒  da = d·b,  db = d·a.
+            // y = a ± b  ⇒  da = d,  db = ±d;   y = a·b  ⇒  da = d·b,  db = d·a;
+            // y = a/b  ⇒  da = d/b,  db = −d·y/b.
             Op::Binary { f, a, b } => {
                 let (da, db) = match f {
                     BinaryFn::Add => (d, d),
@@ -208,6 +209,11 @@ impl Ad {
                         self.add(Op::Binary { f: BinaryFn::Mul, a: d, b }, y)?,
                         self.add(Op::Binary { f: BinaryFn::Mul, a: d, b: a }, y)?,
                     ),
+                    BinaryFn::Div => {
+                        let da = self.add(Op::Binary { f: BinaryFn::Div, a: d, b }, y)?;
+                        let dy = self.add(Op::Binary { f: BinaryFn::Mul, a: da, b: y }, y)?;
+                        (da, self.add(Op::Scale { x: dy, c: -1.0 }, y)?)
+                    }
                 };
                 self.acc(a, da, y)?;
                 self.acc(b, db, y)?;

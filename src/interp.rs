@@ -183,6 +183,7 @@ fn eval(
                     BinaryFn::Add => a + b,
                     BinaryFn::Sub => a - b,
                     BinaryFn::Mul => a * b,
+                    BinaryFn::Div => a / b,
                 })
                 .collect(),
         ),

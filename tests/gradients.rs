@@ -524,7 +524,7 @@ fn spec_case(name: &str) -> SpecCase {
     let g = compiled.forward.clone();
     let loss = g.output("loss").expect("loss");
     let back = autodiff::backward(&g, loss).expect("backward");
-    let trained = |p: &aec::ir::ParamDef| !matches!(p.role, ParamRole::Buffer { .. });
+    let trained = |p: &aec::ir::ParamDef| p.role.trained();
     assert!(
         back.param_grads.iter().zip(&g.params).all(|(grad, p)| grad.is_some() == trained(p)),
         "{name}: a parameter without gradient (or a running statistic with one)"
@@ -737,11 +737,16 @@ fn a_quantized_code_against_its_definition() {
     // surrogate loss that defines the estimator (van den Oord et al. 2017, eq. 3):
     // mse(dec(z + sg(z_q − z)), x) + λ(mse(z_q, sg(z)) + β·mse(z, sg(z_q))). Every parameter's
     // gradient must match them — the encoder's through the decoder, the codebook's from its
-    // loss alone — on both backends; and the ids are the nearest codebook vectors.
-    for (code, layers) in [("[5]", "dense 5"), ("[3, 3, 5]", "conv 3 k3 p1")] {
+    // loss alone (a moving-average codebook has none) — on both backends; and the ids are the
+    // nearest codebook vectors.
+    for (code, layers, quantize) in [
+        ("[5]", "dense 5", "quantize 6"),
+        ("[3, 3, 5]", "conv 3 k3 p1", "quantize 6"),
+        ("[5]", "dense 5", "quantize(ema: 0.8) 6"),
+    ] {
         let input = if code == "[5]" { "[7]" } else { "[2, 3, 5]" };
         let src = format!(
-            "model q {{ input x: {input}\n encoder {{ {} -> tanh\n {layers}\n quantize 6 }}\n \
+            "model q {{ input x: {input}\n encoder {{ {} -> tanh\n {layers}\n {quantize} }}\n \
              decoder {{ {} -> sigmoid }}\n loss mse(x) + 0.7 * vq(code, beta: 0.3) }}",
             if code == "[5]" { "dense 9" } else { "conv 4 k3 p1" },
             if code == "[5]" { "dense 7" } else { "conv 2 k1" },
@@ -750,7 +755,8 @@ fn a_quantized_code_against_its_definition() {
         let g = compiled.forward.clone();
         let mut params = aec::runtime::init::init_params(&g, aec::syntax::ast::Init::Default, 5);
         // Codebook vectors as far apart as the encoder's outputs, so that several are picked.
-        let cb = g.params.iter().position(|p| p.role == ParamRole::Codebook).expect("codebook");
+        let cb =
+            g.params.iter().position(|p| matches!(p.role, ParamRole::Codebook { .. })).expect("codebook");
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         params[cb].iter_mut().for_each(|v| *v = rng.random::<f32>() * 2.0 - 1.0);
         let n = g.inputs[0].ty.numel();

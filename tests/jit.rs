@@ -186,21 +186,25 @@ fn sparsity_and_contractive_penalties_at_simd_tails() {
 fn quantized_codes_at_odd_sizes_batches_and_two_threads() {
     // A vector code (the quantizer's rows are the batch) and an image code (one row per
     // position, its channels moved last and back), codebooks of 1 to 17 vectors of 1 to 13
-    // lanes: the ids (an output) equal, the losses and every parameter close.
+    // lanes, trained by their loss or by moving averages: the ids (an output) equal, the
+    // losses and every parameter and buffer close.
     let mut case = 0;
     for d in [1usize, 3, 5, 8, 13] {
         for k in [1usize, 3, 17] {
             case += 1;
             let beta = [0.25, 0.4, 1.0][case % 3];
             let (h, w) = [(1, 1), (3, 5), (7, 2)][case % 3];
+            // Every other case keeps a moving-average codebook (the step updates it itself).
+            let quantize =
+                if case % 2 == 0 { format!("quantize {k}") } else { format!("quantize(ema: 0.9) {k}") };
             let dense = format!(
-                "model q {{ input x: [7]\n encoder {{ dense 9 -> relu\n dense {d}\n quantize {k} }}\n \
+                "model q {{ input x: [7]\n encoder {{ dense 9 -> relu\n dense {d}\n {quantize} }}\n \
                  decoder {{ dense 7 -> sigmoid }}\n loss mse(x) + 0.5 * vq(code, beta: {beta}) }}\n\
                  train {{ optimizer adam(lr: 0.01) }}"
             );
             let conv = format!(
                 "model q {{ input x: [2, {h}, {w}]\n encoder {{ conv 3 k3 p1 -> relu\n conv {d} k1\n \
-                 quantize {k} }}\n decoder {{ conv 2 k1 -> sigmoid }}\n loss mse(x) + vq(code, beta: {beta}) }}\n\
+                 {quantize} }}\n decoder {{ conv 2 k1 -> sigmoid }}\n loss mse(x) + vq(code, beta: {beta}) }}\n\
                  train {{ optimizer adam(lr: 0.01) }}"
             );
             for src in [dense, conv] {

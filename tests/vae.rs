@@ -197,3 +197,61 @@ fn any_autoencoder_samples_from_a_mixture_fitted_to_its_training_codes() {
     let (code, _, err) = run(&["--gmm", "3", "--grid"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_vq_vae_reports_its_codebook_encodes_ids_and_resumes_with_its_averages() {
+    let dir = scratch("vq");
+    let w = train("specs/vqvae_digits.ae", &dir, "3");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).expect("json");
+        let (p, u) = (m["codebook_perplexity"].as_f64(), m["codebook_usage"].as_f64());
+        assert!(p.is_some_and(|p| (1.0..=32.0).contains(&p)), "{m}");
+        assert!(u.is_some_and(|u| u > 0.0 && u <= 1.0), "{m}");
+        assert!(m["terms"]["vq"].as_f64().is_some_and(|v| v > 0.0), "{m}");
+    }
+    // `aec encode`: one id per position of the 4×4 code (i32), and with --vectors the
+    // codebook vectors those ids pick.
+    let input = common::root().join("specs/data/five.npy");
+    let (ids_path, vec_path) = (dir.join("ids.npy"), dir.join("vectors.npy"));
+    for (path, extra) in [(&ids_path, None), (&vec_path, Some("--vectors"))] {
+        let mut args = vec!["encode", "specs/vqvae_digits.ae", "--weights", &w, "--input", s(&input)];
+        args.extend(["--output", s(path)]);
+        args.extend(extra);
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (ids, vectors) = (read(&ids_path), read(&vec_path));
+    assert_eq!(ids.shape, [5, 4, 4]);
+    assert_eq!(vectors.shape, [5, 8, 4, 4]);
+    let aec::data::Values::I32(ids) = &ids.values else { panic!("ids are not i32") };
+    let ckpt = aec::runtime::checkpoint::read_all(Path::new(&w)).expect("checkpoint");
+    let book = &ckpt.iter().find(|t| t.0 == "encoder.3.codebook").expect("a codebook").2;
+    let v = f32s(&vectors);
+    for (i, &id) in ids.iter().enumerate() {
+        let (sample, pos) = (i / 16, i % 16);
+        for c in 0..8 {
+            assert_eq!(v[sample * 128 + c * 16 + pos], book[id as usize * 8 + c], "position {i}");
+        }
+    }
+    // A codebook kept by moving averages: an interrupted run resumes to the same bytes.
+    let spec = std::fs::read_to_string(common::root().join("specs/vqvae_digits.ae")).expect("spec");
+    let data = common::root().join("specs/data/digits-images.npy");
+    let spec =
+        spec.replace("quantize 32", "quantize(ema: 0.9) 32").replace("data/digits-images.npy", s(&data));
+    let ema = dir.join("ema.ae");
+    std::fs::write(&ema, spec).expect("write");
+    let (whole, part) = (dir.join("whole"), dir.join("part"));
+    for args in [
+        vec!["run", "--train", s(&ema), "--epochs", "3", "--out", s(&whole)],
+        vec!["run", "--train", s(&ema), "--epochs", "3", "--stop-at", "1", "--out", s(&part)],
+        vec!["run", "--train", s(&ema), "--epochs", "3", "--resume", s(&part)],
+    ] {
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, 0, "{err}");
+    }
+    let bytes = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).expect("checkpoint");
+    assert_eq!(bytes(&whole), bytes(&part), "the resumed run differs");
+    let ema_ckpt = aec::runtime::checkpoint::read_all(&whole.join("checkpoint.safetensors")).expect("read");
+    assert!(ema_ckpt.iter().any(|t| t.0 == "encoder.3.ema_count" && t.2.iter().any(|&c| c > 0.0)));
+}

@@ -212,16 +212,31 @@ class Model:
 
     # -- running ---------------------------------------------------------------------------
 
-    def encode(self, x: ArrayLike, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
-        """The codes of the samples ``x`` (as ``aec encode --raw-input``)."""
-        return self._m.run(_as_array(x, self._vars[0]), "code", threads=threads, backend=backend)
+    @property
+    def quantized(self) -> bool:
+        """Whether the code is quantized (a VQ-VAE: the encoder ends in ``quantize K``)."""
+        return self._m.quantized
+
+    def encode(
+        self, x: ArrayLike, *, vectors: bool = False, threads: Optional[int] = None, backend: str = "jit"
+    ) -> np.ndarray:
+        """The codes of the samples ``x`` (as ``aec encode --raw-input``): a quantized code's
+        int32 ids (``[n]``, or ``[n, H, W]``, one per position of an image code), or with
+        ``vectors=True`` the codebook vectors they pick."""
+        if vectors and not self.quantized:
+            raise ValueError("vectors=True asks for a quantized code's codebook vectors; this code has no quantizer")
+        what = "code_ids" if self.quantized and not vectors else "code"
+        return self._m.run(_as_array(x, self._vars[0]), what, threads=threads, backend=backend)
 
     def reconstruct(self, x: ArrayLike, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
         """The network's outputs for ``x`` (greedy decoding for a sequence decoder)."""
         return self._m.run(_as_array(x, self._vars[0]), "recon", threads=threads, backend=backend)
 
     def decode(self, z: ArrayLike, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
-        """The decoder's outputs for the codes ``z`` (``[n, *code_shape]`` float32)."""
+        """The decoder's outputs for the codes ``z`` (``[n, *code_shape]`` float32), or for a
+        quantized code's ids (int32, as ``encode`` gives them)."""
+        if self.quantized and np.asarray(z).dtype.kind in "iu":
+            z = self._m.codebook_vectors(np.ascontiguousarray(z, dtype=np.int32))
         return self._m.run(_as_codes(z, self.code_shape), "generated", threads=threads, backend=backend)
 
     def sample(

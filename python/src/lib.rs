@@ -232,6 +232,18 @@ impl Model {
         self.compiled.batch
     }
 
+    /// Whether the code is quantized (the encoder ends in `quantize K`).
+    #[getter]
+    fn quantized(&self) -> bool {
+        aec::sema::lower::quantizes(&self.compiled.model)
+    }
+
+    /// The codebook vectors of a quantized code's ids (`[n]` or `[n, H, W]` int32).
+    fn codebook_vectors<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let ids = array_in(ids, "ids")?;
+        array_out(py, generate::codebook_vectors(&self.compiled, &self.params, &ids).map_err(value_error)?)
+    }
+
     /// The `aec compile` table: every layer, its output shape and parameters.
     fn summary(&self) -> String {
         self.compiled.model.table(&self.src)
@@ -467,6 +479,7 @@ impl Model {
         let x = array_in(x, if what == "generated" { "z" } else { "x" })?;
         let output = match what {
             "code" => Output::Code,
+            "code_ids" => Output::CodeIds,
             "recon" => Output::Recon,
             "generated" => Output::Generated,
             other => return Err(PyValueError::new_err(format!("unknown output {other:?}"))),

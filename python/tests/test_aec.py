@@ -103,6 +103,33 @@ def test_encode_and_reconstruct_equal_the_command_line(tmp_path):
     assert np.allclose(m.encode(x, backend="interp"), z, atol=1e-5)
 
 
+def test_a_vq_vae_encodes_ids_as_aec_encode_and_decodes_them(tmp_path):
+    spec = SPECS / "vqvae_digits.ae"
+    m = aec.compile(spec)
+    assert m.quantized and not aec.compile(DIGITS).quantized
+    history = m.fit(epochs=2, out=tmp_path / "run", progress=False)
+    assert all(1 <= p <= 32 for p in history["codebook_perplexity"])
+    x = m.data()["x"][:11]
+    np.save(tmp_path / "x.npy", x)
+    weights = str(tmp_path / "run" / "checkpoint.safetensors")
+    cli("encode", str(spec), "--weights", weights, "--input", str(tmp_path / "x.npy"),
+        "--output", str(tmp_path / "ids.npy"), "--raw-input")
+    ids = m.encode(x)
+    assert ids.dtype == np.int32 and ids.shape == (11, 4, 4)
+    assert np.array_equal(ids, np.load(tmp_path / "ids.npy"))
+    # The ids decode as the vectors they pick: the reconstruction itself.
+    vectors = m.encode(x, vectors=True)
+    assert vectors.shape == (11, 8, 4, 4)
+    assert np.array_equal(m.decode(ids), m.decode(vectors))
+    assert np.array_equal(m.decode(ids), m.reconstruct(x))
+    with pytest.raises(ValueError, match="outside the codebook of 32"):
+        m.decode(np.full((1, 4, 4), 32, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"\[n, 4, 4\]"):
+        m.decode(np.zeros((1, 4), dtype=np.int32))
+    with pytest.raises(ValueError, match="no quantizer"):
+        aec.compile(DIGITS).encode(x.reshape(11, 8, 8), vectors=True)
+
+
 def test_a_vae_samples_what_aec_sample_draws(tmp_path):
     spec = SPECS / "vae_digits.ae"
     m = aec.compile(spec)

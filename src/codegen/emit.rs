@@ -378,6 +378,7 @@ pub fn apply_ops(
                     BinaryFn::Add => e.b.ins().fadd(a, b),
                     BinaryFn::Sub => e.b.ins().fsub(a, b),
                     BinaryFn::Mul => e.b.ins().fmul(a, b),
+                    BinaryFn::Div => e.b.ins().fdiv(a, b),
                 }
             }
             EpOp::Scale(c) => {

@@ -785,6 +785,7 @@ pub fn chain(
                             BinaryFn::Add => e.b.ins().fadd(a, b),
                             BinaryFn::Sub => e.b.ins().fsub(a, b),
                             BinaryFn::Mul => e.b.ins().fmul(a, b),
+                            BinaryFn::Div => e.b.ins().fdiv(a, b),
                         }
                     }
                     Op::Scale { x, c } => {

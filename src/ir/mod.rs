@@ -157,14 +157,26 @@ pub enum ParamRole {
     NormScale,
     /// A normalization's shift (`BatchNorm2d.bias`): initialised to zeros, trained.
     NormShift,
-    /// A quantizer's codebook `[K, D]`: trained, initialised U(±1/K) as the common PyTorch
-    /// VQ-VAEs do (`fan_in` holds K), and not one of the `weights` a penalty sums over.
-    Codebook,
+    /// A quantizer's codebook `[K, D]`: initialised U(±1/K) as the common PyTorch VQ-VAEs do
+    /// (`fan_in` holds K), and not one of the `weights` a penalty sums over. Trained by the
+    /// optimizer, or with `ema` moved by the training step itself toward the means of the
+    /// vectors it is picked for (no gradient).
+    Codebook {
+        ema: bool,
+    },
     /// A running statistic (`running_mean`, `running_var`, `num_batches_tracked`): no
     /// gradient, updated by the training step itself; zeros or ones at the start.
     Buffer {
         ones: bool,
     },
+}
+
+impl ParamRole {
+    /// Whether the optimizer trains it from a gradient (else the training step updates it
+    /// itself, or nothing does).
+    pub fn trained(self) -> bool {
+        !matches!(self, ParamRole::Buffer { .. } | ParamRole::Codebook { ema: true })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

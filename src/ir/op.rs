@@ -27,6 +27,7 @@ pub enum BinaryFn {
     Add,
     Sub,
     Mul,
+    Div,
 }
 
 /// Reconstruction losses, each the mean over all elements (PyTorch's `reduction='mean'`).
@@ -823,6 +824,7 @@ impl Op {
             Binary { f: BinaryFn::Add, .. } => "add",
             Binary { f: BinaryFn::Sub, .. } => "sub",
             Binary { f: BinaryFn::Mul, .. } => "mul",
+            Binary { f: BinaryFn::Div, .. } => "div",
             Scale { .. } => "scale",
             Softmax { .. } => "softmax",
             SoftmaxGrad { .. } => "softmax_grad",

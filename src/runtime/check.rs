@@ -176,8 +176,9 @@ pub fn check_mutated(
     };
     let mut out = Vec::new();
     for (p, grad) in back.param_grads.iter().enumerate() {
-        if matches!(forward.params[p].role, crate::ir::ParamRole::Buffer { .. }) {
-            // A running statistic: no gradient, the training step updates it itself.
+        if !forward.params[p].role.trained() {
+            // A running statistic or an EMA codebook: no gradient, the training step updates
+            // it itself.
             continue;
         }
         let n = params[p].len();

@@ -36,6 +36,44 @@ pub fn prior_codes(c: &Compiled, count: usize, seed: u64) -> Result<Vec<f32>, St
     Ok((0..count * size).map(|i| interp::normal(seed, 0, u32::MAX, i)).collect())
 }
 
+/// The codebook vectors a quantized code's ids pick, as the decoder reads them: ids `[n]`
+/// give `[n, D]`, ids `[n, H, W]` (one per position) give `[n, D, H, W]`. Each id must be in
+/// the codebook.
+pub fn codebook_vectors(c: &Compiled, params: &[Vec<f32>], ids: &Array) -> Result<Array, String> {
+    let dims = code_dims(c)?;
+    let index = c
+        .model
+        .params
+        .iter()
+        .position(|p| matches!(p.role, crate::ir::ParamRole::Codebook { .. }))
+        .ok_or("the code is not quantized: its codes are vectors, not ids")?;
+    let book = params.get(index).ok_or("the codebook is missing")?;
+    let (width, positions) = (dims[0], dims[1..].iter().product::<usize>());
+    let size = book.len() / width.max(1);
+    let Values::I32(v) = &ids.values else { return Err("codebook ids are integers".into()) };
+    if ids.shape.len() != dims.len() || ids.shape[1..] != dims[1..] {
+        let want: Vec<String> = dims[1..].iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "this code's ids are [n{}] arrays, got shape {:?}",
+            want.iter().map(|d| format!(", {d}")).collect::<String>(),
+            ids.shape
+        ));
+    }
+    let n = ids.shape[0];
+    let mut out = vec![0f32; n * width * positions];
+    for (i, &id) in v.iter().enumerate() {
+        let k = usize::try_from(id)
+            .ok()
+            .filter(|&k| k < size)
+            .ok_or_else(|| format!("id {id} at position {i} is outside the codebook of {size}"))?;
+        let (sample, pos) = (i / positions, i % positions);
+        for d in 0..width {
+            out[(sample * width + d) * positions + pos] = book[k * width + d];
+        }
+    }
+    Ok(Array { shape: [vec![n], dims].concat(), values: Values::F32(out) })
+}
+
 /// The spec's validation fraction and seed: the split training made, and the seed its data
 /// was loaded with.
 pub fn spec_split(c: &Compiled) -> (f64, u64) {

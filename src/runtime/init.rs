@@ -29,7 +29,7 @@ pub fn init_params(g: &Graph, init: Init, seed: u64) -> Vec<Vec<f32>> {
                 (ParamRole::Weight, Init::Xavier) => (6.0 / (fan_in + fan_out)).sqrt(),
                 (ParamRole::Weight, Init::He) => (6.0 / fan_in).sqrt(),
                 (ParamRole::Bias, _) => 0.0,
-                (ParamRole::Codebook, _) => 1.0 / fan_in,
+                (ParamRole::Codebook { .. }, _) => 1.0 / fan_in,
                 // PyTorch's `reset_parameters` of a batch norm: γ = 1, β = 0, the running mean
                 // 0, variance 1, no batches tracked.
                 (ParamRole::NormScale | ParamRole::Buffer { ones: true }, _) => return vec![1.0; n],

@@ -1220,7 +1220,7 @@ fn outcome(g: &Graph, read: impl Fn(&str) -> Option<Buf>) -> Outcome {
 
 /// The size of a quantized code's codebook, if the model has one.
 fn codebook_size(g: &Graph) -> Option<usize> {
-    g.params.iter().find(|p| p.role == crate::ir::ParamRole::Codebook).map(|p| p.shape[0])
+    g.params.iter().find(|p| matches!(p.role, crate::ir::ParamRole::Codebook { .. })).map(|p| p.shape[0])
 }
 
 /// A codebook's perplexity exp(−Σ p log p) over how often each vector was picked, and the

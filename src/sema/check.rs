@@ -310,12 +310,16 @@ impl Checker<'_> {
         if let Some(q) = quantizer
             && !loss.extra.iter().any(|t| t.kind == ast::LossKind::Vq)
         {
+            let why = match q.kind {
+                LayerKind::Quantize { ema: Some(_), .. } => {
+                    "nothing would keep the encoder near its codebook"
+                }
+                _ => "its codebook would never move",
+            };
             self.diags.push(
-                Diagnostic::error("a quantized code needs `vq(code)` in the loss")
-                    .label(q.span, "its codebook would never move")
-                    .help(
-                        "add `+ vq(code)` (the codebook and commitment losses, β = 0.25 unless `beta:` says)",
-                    ),
+                Diagnostic::error("a quantized code needs `vq(code)` in the loss").label(q.span, why).help(
+                    "add `+ vq(code)` (the codebook and commitment losses, β = 0.25 unless `beta:` says)",
+                ),
             );
             ok = false;
         }
@@ -1065,7 +1069,7 @@ impl Checker<'_> {
                 }
                 Ok((Ty::Tensor(vec![*units]), mul3(4, width, *units)))
             }
-            LayerKind::Quantize { size } => {
+            LayerKind::Quantize { size, ema } => {
                 // One codebook vector per position: the channels of an image, a vector whole.
                 let d = match input {
                     Ty::Tensor(d) if d.len() == 1 || d.len() == 3 => d.clone(),
@@ -1088,7 +1092,15 @@ impl Checker<'_> {
                         .help("put the activation on the layer before it, or remove it"));
                 }
                 let width = d[0];
-                self.param(l, pname("codebook"), vec![*size, width], ParamRole::Codebook, *size, width)?;
+                let role = ParamRole::Codebook { ema: ema.is_some() };
+                self.param(l, pname("codebook"), vec![*size, width], role, *size, width)?;
+                if ema.is_some() {
+                    // The moving averages: how often each entry is picked, and the sum of the
+                    // vectors it is picked for.
+                    let buffer = ParamRole::Buffer { ones: false };
+                    self.param(l, pname("ema_count"), vec![*size], buffer, *size, width)?;
+                    self.param(l, pname("ema_sum"), vec![*size, width], buffer, *size, width)?;
+                }
                 Ok((input.clone(), mul3(3, *size, input.numel())))
             }
             LayerKind::Activation(_) => Ok((input.clone(), 0)),

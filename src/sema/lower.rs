@@ -208,6 +208,8 @@ struct Quantized {
     z: NodeId,
     zq: NodeId,
     ids: NodeId,
+    /// The codebook follows moving averages (no codebook loss).
+    ema: bool,
 }
 
 /// The graph output holding a quantized code's ids: `[B]` for a vector code, `[B, H·W]` for
@@ -559,7 +561,7 @@ impl Lower {
                     _ => mu,
                 }
             }
-            LayerKind::Quantize { .. } => self.quantize(info, x, cfg.mode)?,
+            LayerKind::Quantize { ema, .. } => self.quantize(info, x, *ema, cfg.mode)?,
             LayerKind::Recurrent(r) => {
                 let (node, last) = self.recurrent(m, info, r, v, cfg, vars)?;
                 state = Some(last);
@@ -935,7 +937,13 @@ impl Lower {
     /// A VQ-VAE's quantizer: each vector of `z` (an image's channels at each position) replaced
     /// by its nearest codebook row. In training the code is `z + sg(z_q − z)`: `z_q`'s value,
     /// with the decoder's gradient passed straight through to `z` and none to the codebook.
-    fn quantize(&mut self, info: &LayerInfo, z: NodeId, mode: Mode) -> Result<NodeId, String> {
+    fn quantize(
+        &mut self,
+        info: &LayerInfo,
+        z: NodeId,
+        ema: Option<f64>,
+        mode: Mode,
+    ) -> Result<NodeId, String> {
         let span = info.layer.span;
         let codebook = self.param(info, 0)?;
         let shape = self.g.ty(z).shape.clone();
@@ -956,26 +964,87 @@ impl Lower {
             let planes = self.add(Op::Transpose { x: picked }, span)?;
             self.add(Op::Reshape { x: planes, shape: shape.clone() }, span)?
         };
-        let ids = if positions == 1 { self.add(Op::Reshape { x: ids, shape: vec![b] }, span)? } else { ids };
-        self.quantized = Some(Quantized { z, zq, ids });
+        let ids_out =
+            if positions == 1 { self.add(Op::Reshape { x: ids, shape: vec![b] }, span)? } else { ids };
+        self.quantized = Some(Quantized { z, zq, ids: ids_out, ema: ema.is_some() });
         if mode != Mode::Train {
             return Ok(zq);
+        }
+        if let Some(decay) = ema {
+            self.ema_codebook(info, (rows, ids), decay)?;
         }
         let step = self.add(Op::Binary { f: BinaryFn::Sub, a: zq, b: z }, span)?;
         let step = self.add(Op::StopGrad { x: step }, span)?;
         self.add(Op::Binary { f: BinaryFn::Add, a: z, b: step }, span)
     }
 
+    /// The moving-average codebook (van den Oord et al. 2017, appendix A.1), as the training
+    /// step's own updates: with n_k the rows that picked entry k and s_k their sum,
+    /// count ← count − (1−γ)(count − n), sum ← sum − (1−γ)(sum − s), and each entry the mean
+    /// sum_k / count̃_k, with count̃ = (count + ε)/(Σcount + Kε)·Σcount (Laplace smoothing,
+    /// ε = 1e-5, so an entry never picked sits at the origin rather than at 0/0).
+    fn ema_codebook(
+        &mut self,
+        info: &LayerInfo,
+        (rows, ids): (NodeId, NodeId),
+        decay: f64,
+    ) -> Result<(), String> {
+        const EPS: f32 = 1e-5;
+        let span = info.layer.span;
+        let ids_of = |k: usize| info.params.get(k).copied().ok_or("quantizer buffer missing");
+        let (book, count, sum) = (ids_of(0)?, ids_of(1)?, ids_of(2)?);
+        let [k, d] = [self.g.params[book].shape[0], self.g.params[book].shape[1]];
+        let rate = (1.0 - decay) as f32;
+        let shape = self.g.ty(rows).shape.clone();
+        let ones = self.add(Op::Fill { value: 1.0, shape: vec![shape[0], shape[1], 1] }, span)?;
+        let picked = self.add(Op::EmbedGrad { ids, dy: ones, vocab: k }, span)?;
+        let picked = self.add(Op::Reshape { x: picked, shape: vec![k] }, span)?;
+        let sums = self.add(Op::EmbedGrad { ids, dy: rows, vocab: k }, span)?;
+        // Each average's update, and its value after it (the same arithmetic as the update's).
+        let mut moved = [picked; 2];
+        for (slot, (p, batch)) in moved.iter_mut().zip([(count, picked), (sum, sums)]) {
+            let old = self.params[p];
+            let grad = self.add(Op::Binary { f: BinaryFn::Sub, a: old, b: batch }, span)?;
+            let f = OptimizerFn::Running { rate };
+            self.add(Op::Update { f, clip: Clip::None, param: ParamId(p as u32), grad }, span)?;
+            let step = self.add(Op::Scale { x: grad, c: rate }, span)?;
+            *slot = self.add(Op::Binary { f: BinaryFn::Sub, a: old, b: step }, span)?;
+        }
+        let [count_now, sum_now] = moved;
+        let total = self.add(Op::SumAll { x: count_now }, span)?;
+        let eps = self.add(Op::Fill { value: EPS, shape: vec![k] }, span)?;
+        let num = self.add(Op::Binary { f: BinaryFn::Add, a: count_now, b: eps }, span)?;
+        let k_eps = self.add(Op::Fill { value: EPS * k as f32, shape: vec![] }, span)?;
+        let den = self.add(Op::Binary { f: BinaryFn::Add, a: total, b: k_eps }, span)?;
+        let ratio = self.add(Op::Binary { f: BinaryFn::Div, a: total, b: den }, span)?;
+        let ratio = self.add(Op::BroadcastScalar { x: ratio, shape: vec![k] }, span)?;
+        let smoothed = self.add(Op::Binary { f: BinaryFn::Mul, a: num, b: ratio }, span)?;
+        // Each entry's count along its row: [K, 1]·ones[1, D] (one product per element: exact).
+        let column = self.add(Op::Reshape { x: smoothed, shape: vec![k, 1] }, span)?;
+        let across = self.add(Op::Fill { value: 1.0, shape: vec![1, d] }, span)?;
+        let wide = self.add(Op::MatMul { a: column, b: across, ta: false, tb: false }, span)?;
+        let means = self.add(Op::Binary { f: BinaryFn::Div, a: sum_now, b: wide }, span)?;
+        let grad = self.add(Op::Binary { f: BinaryFn::Sub, a: self.params[book], b: means }, span)?;
+        let f = OptimizerFn::Running { rate: 1.0 };
+        self.add(Op::Update { f, clip: Clip::None, param: ParamId(book as u32), grad }, span)?;
+        Ok(())
+    }
+
     /// `λ·vq(code, beta: β)`: the codebook loss mean((z_q − sg(z))²), which moves the codebook
     /// toward the encoder's outputs, plus β·mean((z − sg(z_q))²), the commitment loss, which
     /// keeps the encoder near its codebook vectors.
     fn vq(&mut self, t: &ast::LossTerm) -> Result<NodeId, String> {
-        let Quantized { z, zq, .. } = self.quantized.ok_or("vq(code) without a quantized code")?;
+        let Quantized { z, zq, ema, .. } = self.quantized.ok_or("vq(code) without a quantized code")?;
         let span = t.span;
-        let (z_sg, zq_sg) = (self.add(Op::StopGrad { x: z }, span)?, self.add(Op::StopGrad { x: zq }, span)?);
-        let codebook = self.add(Op::Loss { f: LossFn::Mse, pred: zq, target: z_sg }, span)?;
+        let zq_sg = self.add(Op::StopGrad { x: zq }, span)?;
         let commitment = self.add(Op::Loss { f: LossFn::Mse, pred: z, target: zq_sg }, span)?;
         let commitment = self.scaled(commitment, t.beta(), span)?;
+        // A moving-average codebook has no loss of its own.
+        if ema {
+            return self.scaled(commitment, t.weight, span);
+        }
+        let z_sg = self.add(Op::StopGrad { x: z }, span)?;
+        let codebook = self.add(Op::Loss { f: LossFn::Mse, pred: zq, target: z_sg }, span)?;
         let sum = self.add(Op::Binary { f: BinaryFn::Add, a: codebook, b: commitment }, span)?;
         self.scaled(sum, t.weight, span)
     }

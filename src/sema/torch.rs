@@ -95,11 +95,20 @@ class Quantize(nn.Module):
     """A quantized code (van den Oord et al. 2017): each vector (an image's channels at each
     position) replaced by its nearest codebook row, by squared distance, the first on ties. In
     training the code is z + (z_q - z).detach(): the gradient passes straight through to z.
-    `self.ids` holds the last ids ([B], or [B, H*W] for an image)."""
+    `self.ids` holds the last ids ([B], or [B, H*W] for an image). With `ema` (a decay) the
+    codebook is a buffer that each training pass moves toward the means of the vectors each
+    entry was picked for, through moving averages of the counts and sums (Laplace-smoothed)."""
 
-    def __init__(self, size, width):
+    def __init__(self, size, width, ema=None):
         super().__init__()
-        self.codebook = nn.Parameter(torch.empty(size, width).uniform_(-1 / size, 1 / size))
+        book = torch.empty(size, width).uniform_(-1 / size, 1 / size)
+        self.ema = ema
+        if ema is None:
+            self.codebook = nn.Parameter(book)
+        else:
+            self.register_buffer("codebook", book)
+            self.register_buffer("ema_count", torch.zeros(size))
+            self.register_buffer("ema_sum", torch.zeros(size, width))
 
     def forward(self, z):
         rows = z.flatten(2).transpose(1, 2) if z.dim() > 2 else z[:, None, :]
@@ -109,13 +118,26 @@ class Quantize(nn.Module):
         zq = picked.transpose(1, 2).reshape(z.shape) if z.dim() > 2 else picked[:, 0]
         self.ids = ids if z.dim() > 2 else ids[:, 0]
         self.stats = (z, zq)
-        return z + (zq - z).detach() if self.training else zq
+        if not self.training:
+            return zq
+        if self.ema is not None:
+            with torch.no_grad():
+                size, flat = self.codebook.shape[0], ids.flatten()
+                picked_n = torch.bincount(flat, minlength=size).to(z.dtype)
+                sums = torch.zeros_like(self.ema_sum).index_add_(0, flat, rows.reshape(-1, rows.shape[-1]))
+                self.ema_count -= (1 - self.ema) * (self.ema_count - picked_n)
+                self.ema_sum -= (1 - self.ema) * (self.ema_sum - sums)
+                n = self.ema_count.sum()
+                smoothed = (self.ema_count + 1e-5) / (n + size * 1e-5) * n
+                self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        return z + (zq - z).detach()
 
     def vq(self, beta=0.25):
-        """aec's `vq(code, beta: β)` of the last forward pass: the codebook loss and β times
-        the commitment loss."""
+        """aec's `vq(code, beta: β)` of the last forward pass: the codebook loss (none with
+        `ema`) and β times the commitment loss."""
         z, zq = self.stats
-        return F.mse_loss(zq, z.detach()) + beta * F.mse_loss(z, zq.detach())
+        commitment = beta * F.mse_loss(z, zq.detach())
+        return commitment if self.ema is not None else F.mse_loss(zq, z.detach()) + commitment
 
 
 class Attention(nn.Module):
@@ -361,7 +383,10 @@ fn module(m: &Model, l: &LayerInfo) -> String {
                 .unwrap_or(0);
             format!("Attention({enc}, {}, {:?})", in_features(&l.input), score.keyword())
         }
-        LayerKind::Quantize { size } => format!("Quantize({size}, {})", in_features(&l.input)),
+        LayerKind::Quantize { size, ema } => match ema {
+            None => format!("Quantize({size}, {})", in_features(&l.input)),
+            Some(g) => format!("Quantize({size}, {}, ema={g:?})", in_features(&l.input)),
+        },
         LayerKind::Dense { units, bias, .. } => match l.tied_weight {
             Some(_) => format!("Tied({})", if *bias { units.to_string() } else { "0".into() }),
             None => format!("nn.Linear({}, {units}, bias={})", in_features(&l.input), py_bool(*bias)),

@@ -156,6 +156,9 @@ pub enum LayerKind {
     /// replaced by its nearest, the gradient passed straight through to the encoder.
     Quantize {
         size: u64,
+        /// `quantize(ema: γ) K`: the codebook follows exponential moving averages of the
+        /// vectors each entry is picked for, with decay γ, instead of a loss.
+        ema: Option<f64>,
     },
     /// An activation written on a line of its own (it counts as a layer, like `nn.ReLU()`).
     Activation(Activation),

@@ -381,6 +381,24 @@ impl Builder {
                 }
                 LayerKind::BatchNorm { momentum, eps: eps? }
             }
+            // `quantize(ema: 0.99) 64`: the codebook moved by moving averages.
+            Some(c) if word == "quantize" => {
+                let call_span = span_of(&c);
+                let call_args = self.call_args(c);
+                let call = Call {
+                    name: word.to_owned(),
+                    name_span: kind_span,
+                    args: call_args,
+                    span: kind_span.to(call_span),
+                };
+                let mut r = CallReader::new(self, &call, &["ema"]);
+                let ema = r.fraction_01("ema", 0.99);
+                r.finish()?;
+                match self.layer_kind(word, kind_span, &args)? {
+                    LayerKind::Quantize { size, .. } => LayerKind::Quantize { size, ema: Some(ema) },
+                    other => other,
+                }
+            }
             // An activation with arguments on a line of its own: `leaky_relu(0.2)`.
             Some(c) if ACTIVATIONS.contains(&word) => {
                 let call_span = span_of(&c);
@@ -492,7 +510,7 @@ impl Builder {
             "embed" => LayerKind::Embed { dim: a.count("embedding size", "embed 32") },
             "dropout" => LayerKind::Dropout { p: a.probability("dropout 0.2") },
             "gaussian" => LayerKind::Gaussian { units: a.count("code size", "gaussian 20") },
-            "quantize" => LayerKind::Quantize { size: a.count("codebook size", "quantize 64") },
+            "quantize" => LayerKind::Quantize { size: a.count("codebook size", "quantize 64"), ema: None },
             "concat" | "add" => match a.name_arg() {
                 Some(from) => {
                     let link = if word == "concat" { Link::Concat } else { Link::Add };
@@ -1693,7 +1711,7 @@ impl<'a> LayerArgs<'a> {
             "embed" => "`embed N`",
             "dropout" => "`dropout P`",
             "gaussian" => "`gaussian N`",
-            "quantize" => "`quantize K` (K codebook vectors)",
+            "quantize" => "`quantize K` (K codebook vectors) or `quantize(ema: 0.99) K`",
             "concat" | "add" => "the name of an earlier layer, e.g. `concat e1`",
             "batchnorm" => "`batchnorm` or `batchnorm(momentum: 0.1, eps: 1e-5)`",
             "upsample" => "`upsample S [nearest|bilinear]` (a factor per axis as `2x3`)",

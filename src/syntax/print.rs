@@ -142,7 +142,8 @@ impl Display for LayerKind {
             LayerKind::Embed { dim } => write!(f, "embed {dim}"),
             LayerKind::Dropout { p } => write!(f, "dropout {p}"),
             LayerKind::Gaussian { units } => write!(f, "gaussian {units}"),
-            LayerKind::Quantize { size } => write!(f, "quantize {size}"),
+            LayerKind::Quantize { size, ema: None } => write!(f, "quantize {size}"),
+            LayerKind::Quantize { size, ema: Some(g) } => write!(f, "quantize(ema: {g}) {size}"),
             LayerKind::Activation(a) => write!(f, "{}", a.kind),
             LayerKind::Link { link, from } => write!(f, "{} {}", link.keyword(), from.name),
             LayerKind::BatchNorm { momentum, eps } => {

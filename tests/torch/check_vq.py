@@ -18,7 +18,9 @@ loss, gradients (the codebook's from its loss, the encoder's straight through th
 the parameters after one Adam step must agree to 1e-5 (the gradients read from an SGD step of
 lr 1000, since the decoder's first weights see codebook vectors of about 1/K). The loss and the gradients are compared
 in float64 on the PyTorch side (aec computes in float32). Besides the shipped conv spec, a
-dense one checks a vector code.
+dense one checks a vector code, and a third the moving-average codebook: its buffers after the
+step (counts, sums and the codebook) against the hand-written averages, in aec and in the
+emitted module.
 
     ../torch-venv/bin/python tests/torch/check_vq.py [SPEC ...]
 
@@ -31,7 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from check_vae import ROOT, adam_args, one_step, run_all, three_steps, verdict
+import json
+
+from safetensors.torch import load_file, save_file
+
+from check_vae import ROOT, adam_args, aec, run_all, three_steps, verdict
 
 BATCH = 8
 
@@ -60,6 +66,9 @@ train {
 }
 """
 
+# The same with a moving-average codebook (no codebook loss; the step moves it itself).
+EMA = DENSE.replace("vq_dense", "vq_ema").replace("quantize 16", "quantize(ema: 0.9) 16")
+
 
 def hand_quantize(z, codebook):
     """The nearest codebook vector of each of z's vectors (channels at each position)."""
@@ -71,32 +80,63 @@ def hand_quantize(z, codebook):
     return zq, ids if z.dim() > 2 else ids[:, 0]
 
 
+def hand_ema(init, prefix, rows, ids, decay):
+    """The moving averages after one step (count, sum) and the codebook they give: the
+    smoothed count (c + ε)/(Σc + Kε)·Σc, ε = 1e-5, and each entry the sum over it."""
+    count, sums = init[prefix + "ema_count"].double(), init[prefix + "ema_sum"].double()
+    size, width = sums.shape
+    flat = ids.flatten()
+    picked = torch.bincount(flat, minlength=size).double()
+    batch = torch.zeros(size, width, dtype=torch.float64).index_add_(0, flat, rows.reshape(-1, width).double())
+    count = count - (1 - decay) * (count - picked)
+    sums = sums - (1 - decay) * (sums - batch)
+    n = count.sum()
+    smoothed = (count + 1e-5) / (n + size * 1e-5) * n
+    return {"ema_count": count, "ema_sum": sums, "codebook": sums / smoothed[:, None]}
+
+
 def check(name, work):
-    spec_text = DENSE if name == "vq_dense" else (ROOT / "specs" / f"{name}.ae").read_text()
+    spec_text = {"vq_dense": DENSE, "vq_ema": EMA}.get(name) or (ROOT / "specs" / f"{name}.ae").read_text()
     digits = np.load(ROOT / "specs" / "data" / "digits-images.npy")[:BATCH].astype(np.float32) / 16.0
     if "[1, 8, 8]" in spec_text:
         digits = digits[:, None]
-    spec_text, adam, (init, (loss_sgd, _), (loss_adam, after_adam)), mod = three_steps(
-        name, spec_text, digits, [], work
-    )
+    spec_text, adam, (first, _, _), mod = three_steps(name, spec_text, digits, [], work)
+    # A step moves a moving-average codebook whatever the learning rate, so the runs start from
+    # a saved state (`--init`): the parameters after a step of lr 1e-30, the averages at zero.
+    init = {k: torch.zeros_like(v) if "ema_" in k else v for k, v in first.items()}
+    save_file(init, str(work / "start.safetensors"))
+
+    def step(optimizer, tag):
+        text = re.sub(r"optimizer\s+[^\n]*", f"optimizer {optimizer}", spec_text)
+        (work / f"{tag}.ae").write_text(text)
+        aec("run", "--train", work / f"{tag}.ae", "--out", work / tag, "--init", work / "start.safetensors")
+        line = json.loads((work / tag / "metrics.jsonl").read_text().splitlines()[-1])
+        return line["train_loss"], load_file(work / tag / "checkpoint.safetensors")
+
+    loss_sgd, _ = step("sgd(lr: 1e-30)", "at_init")
+    loss_adam, after_adam = step(adam, "adam_init")
     # The decoder's first weights see codebook vectors of about 1/K: their gradients are small
     # beside the weights, so an SGD step of lr 1 would leave them under float32's resolution.
     # A step of lr 1000 measures them; `verdict` reads it as the step of lr 1 it stands for.
-    _, after = one_step(spec_text, "sgd(lr: 1000)", work, "sgd1000")
+    _, after = step("sgd(lr: 1000)", "sgd1000")
     after_sgd = {k: init[k].double() - (init[k].double() - after[k].double()) / 1000 for k in init}
     terms = re.search(r"loss\s+([^\n]*)", spec_text).group(1)
     m = re.search(r"(?:([\d.e-]+)\s*\*\s*)?vq\(code(?:,\s*beta:\s*([\d.e-]+))?\)", terms)
     weight, beta = float(m.group(1) or 1.0), float(m.group(2) or 0.25)
+    ema = re.search(r"quantize\(ema:\s*([\d.e-]+)\)", spec_text)
     ids_match = [True]
 
     def loss_of(model, x):
         quantizer = next(q for q in model.encoder if isinstance(q, mod.Quantize))
         seen = {}
 
+        # The codebook as it was (an EMA module replaces it in its forward).
+        before = quantizer.codebook.detach().clone() if ema else quantizer.codebook
+
         def replace(module, inputs, output):
             z = inputs[0]
-            zq, ids = hand_quantize(z, module.codebook)
-            seen.update(z=z, zq=zq)
+            zq, ids = hand_quantize(z, before)
+            seen.update(z=z, zq=zq, ids=ids)
             ids_match[0] = ids_match[0] and torch.equal(ids, module.ids)
             return z + (zq - z).detach()
 
@@ -104,7 +144,10 @@ def check(name, work):
         recon, code = model(x)
         hook.remove()
         z, zq = seen["z"], seen["zq"]
-        vq = F.mse_loss(zq, z.detach()) + beta * F.mse_loss(z, zq.detach())
+        vq = beta * F.mse_loss(z, zq.detach())
+        if not ema:
+            vq = vq + F.mse_loss(zq, z.detach())
+        model.seen = seen
         return F.mse_loss(recon, x) + weight * vq, vq, code
 
     x = torch.from_numpy(digits)
@@ -132,9 +175,21 @@ def check(name, work):
         "loss (adam run)": abs(loss_adam - loss_sgd) / abs(loss_sgd),
         "ids differ": 0.0 if ids_match[0] else 1.0,
     }
+    if ema:
+        # The buffers after the step: the hand-written averages against aec's and against the
+        # emitted module's own update in its forward.
+        index = next(i for i, q in enumerate(ref.encoder) if isinstance(q, mod.Quantize))
+        prefix = f"encoder.{index}."
+        seen = ref.seen
+        rows = seen["z"].flatten(2).transpose(1, 2) if seen["z"].dim() > 2 else seen["z"][:, None, :]
+        want = hand_ema(init, prefix, rows.detach(), seen["ids"], float(ema.group(1)))
+        for key, value in want.items():
+            scale = value.abs().max().clamp(min=1e-6)
+            worst[f"{key} (aec)"] = ((after_adam[prefix + key].double() - value).abs().max() / scale).item()
+            worst[f"{key} (module)"] = ((getattr(ref.encoder[index], key) - value).abs().max() / scale).item()
     head = f"{name:14} loss {loss64.item():.6f} aec {loss_sgd:.6f}"
     return verdict(head, worst, grads, init, (after_sgd, after_adam), model.state_dict())
 
 
 if __name__ == "__main__":
-    run_all(["vqvae_digits", "vq_dense"], check)
+    run_all(["vqvae_digits", "vq_dense", "vq_ema"], check)
