@@ -531,7 +531,7 @@ fn spec_case(name: &str) -> SpecCase {
     );
     aec::ir::verify(&back.graph).expect("verified");
     let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let vars: Vec<_> = compiled.model.inputs.iter().chain(&compiled.model.targets).collect();
+    let vars: Vec<_> = compiled.model.variables().collect();
     let inputs: Vec<Buf> = g
         .inputs
         .iter()

@@ -218,6 +218,26 @@ fn quantized_codes_at_odd_sizes_batches_and_two_threads() {
 }
 
 #[test]
+fn conditions_joined_at_odd_sizes_and_batches() {
+    // A class joined one-hot (the one-hot op and its concatenation) and a vector joined as it
+    // is, at the encoder's first dense layer and the decoder's, widths 1 to 13.
+    // (The random ids are 0 and 1: every class count is at least 2.)
+    for (f, v) in [(1usize, 2usize), (3, 5), (7, 2), (13, 9)] {
+        let src = format!(
+            "model c {{ input x: [{f}]\n condition y: token[{v}]\n condition s: [{}]\n \
+             encoder {{ concat y\n concat s\n dense 5 -> tanh\n gaussian 3 }}\n \
+             decoder {{ concat y\n dense {f} -> sigmoid }}\n loss bce(x) + kl(code) }}\n\
+             train {{ optimizer adam(lr: 0.01) }}",
+            v + 2
+        );
+        for batch in [1, 3, 13] {
+            let (g, fwd) = compile_src(&src, batch);
+            same_training_threads(&format!("{src} batch {batch}"), &g, &fwd, 3, 1e-4, 2);
+        }
+    }
+}
+
+#[test]
 fn clipping_rmsprop_and_a_scheduled_rate_at_simd_tails_and_across_chunks() {
     // 97·91 weights span two chunks of the norm kernel (8192 elements), split across threads.
     let opts = [

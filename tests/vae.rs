@@ -255,3 +255,92 @@ fn a_vq_vae_reports_its_codebook_encodes_ids_and_resumes_with_its_averages() {
     let ema_ckpt = aec::runtime::checkpoint::read_all(&whole.join("checkpoint.safetensors")).expect("read");
     assert!(ema_ckpt.iter().any(|t| t.0 == "encoder.3.ema_count" && t.2.iter().any(|&c| c > 0.0)));
 }
+
+#[test]
+fn a_conditional_vae_draws_the_class_asked_for_and_says_what_is_missing() {
+    let dir = scratch("cvae");
+    let w = train("specs/cvae_digits.ae", &dir, "40");
+    let sample = |name: &str, extra: &[&str]| {
+        let path = dir.join(name);
+        let mut args = vec!["sample", "specs/cvae_digits.ae", "--weights", &w, "--output", s(&path)];
+        args.extend_from_slice(extra);
+        let (code, _, err) = aec(&args);
+        assert_eq!(code, 0, "{err}");
+        read(&path)
+    };
+    let all = sample("all.npy", &["--condition", "all", "--count", "20", "--seed", "4"]);
+    assert_eq!(all.shape, [200, 8, 8]);
+    // The same codes under one class: that class's row of `all`, on either backend.
+    let three =
+        sample("three.npy", &["--condition", "3", "--count", "20", "--seed", "4", "--backend", "interp"]);
+    let row = &f32s(&all)[3 * 20 * 64..4 * 20 * 64];
+    assert!(f32s(&three).iter().zip(row).all(|(a, b)| (a - b).abs() < 1e-5));
+    // Each drawn digit is nearest the mean image of the class it was drawn for (a nearest-mean
+    // classifier of the real digits, which the network never saw): the condition steers it.
+    let images = read(&common::root().join("specs/data/digits-images.npy"));
+    let labels = read(&common::root().join("specs/data/digits-labels.npy"));
+    let labels: Vec<usize> = match &labels.values {
+        aec::data::Values::I32(v) => v.iter().map(|&l| l as usize).collect(),
+        aec::data::Values::F32(v) => v.iter().map(|&l| l as usize).collect(),
+    };
+    let mut means = vec![[0f64; 64]; 10];
+    let mut counts = [0f64; 10];
+    for (img, &l) in f32s(&images).chunks(64).zip(&labels) {
+        counts[l] += 1.0;
+        for (m, &v) in means[l].iter_mut().zip(img) {
+            *m += f64::from(v) / 16.0;
+        }
+    }
+    for (m, c) in means.iter_mut().zip(counts) {
+        m.iter_mut().for_each(|v| *v /= c);
+    }
+    let nearest = |img: &[f32]| {
+        let d = |m: &[f64; 64]| img.iter().zip(m).map(|(&a, b)| (f64::from(a) - b).powi(2)).sum::<f64>();
+        (0..10).min_by(|&a, &b| d(&means[a]).total_cmp(&d(&means[b]))).unwrap_or(0)
+    };
+    let right = f32s(&all).chunks(64).enumerate().filter(|(i, img)| nearest(img) == i / 20).count();
+    assert!(right >= 150, "{right} of 200 drawn digits are nearest their class's mean");
+    // What is missing or wrong is said, not guessed.
+    for (args, says) in [
+        (vec!["sample", "specs/cvae_digits.ae", "--weights", &w, "--output", "x.npy"], "give the class"),
+        (
+            vec!["sample", "specs/cvae_digits.ae", "--weights", &w, "--output", "x.npy", "--condition", "10"],
+            "classes are 0 to 9",
+        ),
+        (
+            vec!["sample", "specs/vae_digits.ae", "--weights", &w, "--output", "x.npy", "--condition", "1"],
+            "has no condition",
+        ),
+        (
+            vec![
+                "encode",
+                "specs/cvae_digits.ae",
+                "--weights",
+                &w,
+                "--input",
+                "specs/data/five.npy",
+                "--output",
+                "z.npy",
+            ],
+            "give --condition FILE.npy",
+        ),
+        (
+            vec![
+                "interpolate",
+                "specs/cvae_digits.ae",
+                "--weights",
+                &w,
+                "--input",
+                "specs/data/five.npy",
+                "--output",
+                "z.npy",
+            ],
+            "`y` is a condition of this model",
+        ),
+    ] {
+        let (code, _, err) = aec(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

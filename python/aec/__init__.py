@@ -217,27 +217,78 @@ class Model:
         """Whether the code is quantized (a VQ-VAE: the encoder ends in ``quantize K``)."""
         return self._m.quantized
 
+    @property
+    def conditions(self) -> List[str]:
+        """The names of the model's conditions (``condition y: token[10]``), in order."""
+        return list(self._m.conditions)
+
+    def _conditions(self, condition: Any, n: int) -> Optional[List[np.ndarray]]:
+        """``condition=`` as one array per condition: an array (one condition), a dict by name,
+        or a class id for every sample (a ``token[N]`` condition)."""
+        names = self.conditions
+        if condition is None:
+            return None
+        if not names:
+            raise ValueError(f"condition= is for a conditioned model, and {self.name} has none")
+        given = condition if isinstance(condition, dict) else {names[0]: condition}
+        if len(names) > 1 and not isinstance(condition, dict):
+            raise ValueError(f"{self.name} has conditions {names}: pass a dict by name")
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise ValueError(f"{self.name} has no condition {unknown[0]!r}; its conditions are {names}")
+        out = []
+        for name in names:
+            if name not in given:
+                raise ValueError(f"no value for the condition {name!r}")
+            value = given[name]
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                value = np.full(n, int(value), dtype=np.int32)
+            value = np.asarray(value)
+            if value.dtype.kind in "iu":
+                value = value.astype(np.int32)
+            out.append(np.ascontiguousarray(value))
+        return out
+
     def encode(
-        self, x: ArrayLike, *, vectors: bool = False, threads: Optional[int] = None, backend: str = "jit"
+        self,
+        x: ArrayLike,
+        *,
+        vectors: bool = False,
+        condition: Any = None,
+        threads: Optional[int] = None,
+        backend: str = "jit",
     ) -> np.ndarray:
         """The codes of the samples ``x`` (as ``aec encode --raw-input``): a quantized code's
         int32 ids (``[n]``, or ``[n, H, W]``, one per position of an image code), or with
-        ``vectors=True`` the codebook vectors they pick."""
+        ``vectors=True`` the codebook vectors they pick. A conditioned model takes its
+        ``condition`` (an array with a value per sample, a class id, or a dict by name)."""
         if vectors and not self.quantized:
             raise ValueError("vectors=True asks for a quantized code's codebook vectors; this code has no quantizer")
         what = "code_ids" if self.quantized and not vectors else "code"
-        return self._m.run(_as_array(x, self._vars[0]), what, threads=threads, backend=backend)
+        x = _as_array(x, self._vars[0])
+        c = self._conditions(condition, len(x))
+        return self._m.run(x, what, threads=threads, backend=backend, conditions=c)
 
-    def reconstruct(self, x: ArrayLike, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
-        """The network's outputs for ``x`` (greedy decoding for a sequence decoder)."""
-        return self._m.run(_as_array(x, self._vars[0]), "recon", threads=threads, backend=backend)
+    def reconstruct(
+        self, x: ArrayLike, *, condition: Any = None, threads: Optional[int] = None, backend: str = "jit"
+    ) -> np.ndarray:
+        """The network's outputs for ``x`` (greedy decoding for a sequence decoder), under a
+        conditioned model's ``condition``."""
+        x = _as_array(x, self._vars[0])
+        c = self._conditions(condition, len(x))
+        return self._m.run(x, "recon", threads=threads, backend=backend, conditions=c)
 
-    def decode(self, z: ArrayLike, *, threads: Optional[int] = None, backend: str = "jit") -> np.ndarray:
+    def decode(
+        self, z: ArrayLike, *, condition: Any = None, threads: Optional[int] = None, backend: str = "jit"
+    ) -> np.ndarray:
         """The decoder's outputs for the codes ``z`` (``[n, *code_shape]`` float32), or for a
-        quantized code's ids (int32, as ``encode`` gives them)."""
+        quantized code's ids (int32, as ``encode`` gives them), under a conditioned model's
+        ``condition``."""
         if self.quantized and np.asarray(z).dtype.kind in "iu":
             z = self._m.codebook_vectors(np.ascontiguousarray(z, dtype=np.int32))
-        return self._m.run(_as_codes(z, self.code_shape), "generated", threads=threads, backend=backend)
+        z = _as_codes(z, self.code_shape)
+        c = self._conditions(condition, len(z))
+        return self._m.run(z, "generated", threads=threads, backend=backend, conditions=c)
 
     def sample(
         self,
@@ -246,13 +297,16 @@ class Model:
         *,
         gmm: Optional[int] = None,
         x: Optional[ArrayLike] = None,
+        condition: Any = None,
         threads: Optional[int] = None,
         backend: str = "jit",
     ) -> np.ndarray:
         """``n`` generated samples: codes drawn from N(0, I), the prior of a variational
         autoencoder's Gaussian code (``aec sample``'s draws for the same seed); or, with
         ``gmm=K``, from a mixture of K Gaussians fitted to the codes of ``x`` (default: the
-        spec's training data, as ``aec sample --gmm K``), which any autoencoder can sample."""
+        spec's training data, as ``aec sample --gmm K``), which any autoencoder can sample.
+        A conditioned model draws under ``condition``: a class id (``aec sample --condition
+        3``), an array with a value per sample, or a dict by name."""
         if gmm is None:
             if x is not None:
                 raise TypeError("x gives the codes a mixture is fitted to: pass gmm=K too")
@@ -260,7 +314,8 @@ class Model:
         else:
             data = None if x is None else _as_array(x, self._vars[0])
             z, _, _ = self._m.mixture_codes(_count(gmm, "gmm"), _count(n, "n"), int(seed), data, threads, backend)
-        return self._m.run(z, "generated", threads=threads, backend=backend)
+        c = self._conditions(condition, len(z))
+        return self._m.run(z, "generated", threads=threads, backend=backend, conditions=c)
 
     def interpolate(
         self, a: ArrayLike, b: ArrayLike, steps: int = 8, *, threads: Optional[int] = None, backend: str = "jit"

@@ -232,6 +232,12 @@ impl Model {
         self.compiled.batch
     }
 
+    /// The names of the model's conditions (`condition y: …`), in order.
+    #[getter]
+    fn conditions(&self) -> Vec<String> {
+        self.compiled.model.conditions.iter().map(|v| v.name.clone()).collect()
+    }
+
     /// Whether the code is quantized (the encoder ends in `quantize K`).
     #[getter]
     fn quantized(&self) -> bool {
@@ -249,12 +255,10 @@ impl Model {
         self.compiled.model.table(&self.src)
     }
 
-    /// The names, in order, of the model's inputs then targets (what `fit` takes).
+    /// The names, in order, of the model's inputs, targets and conditions (what `fit` takes).
     fn variables(&self) -> Vec<(String, Vec<u64>, bool)> {
         let m = &self.compiled.model;
-        m.inputs
-            .iter()
-            .chain(&m.targets)
+        m.variables()
             .map(|v| {
                 let (dims, tokens) = match &v.ty {
                     aec::sema::Ty::Tensor(d) => (d.clone(), false),
@@ -466,7 +470,9 @@ impl Model {
 
     /// Runs the network on `x`: `what` is "code", "recon" (greedy decoding for a teacher-forced
     /// decoder) or "generated" (the decoder alone, from codes).
-    #[pyo3(signature = (x, what, batch=256, threads=None, backend="jit"))]
+    /// `conditions`: a conditioned model's condition values, one array per condition.
+    #[pyo3(signature = (x, what, batch=256, threads=None, backend="jit", conditions=None))]
+    #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
         py: Python<'py>,
@@ -475,7 +481,25 @@ impl Model {
         batch: usize,
         threads: Option<usize>,
         backend: &str,
+        conditions: Option<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let vars = &self.compiled.model.conditions;
+        let given = conditions.unwrap_or_default();
+        if given.len() != vars.len() {
+            let names: Vec<String> = vars.iter().map(|v| format!("`{}` ({})", v.name, v.ty)).collect();
+            return Err(PyValueError::new_err(match vars.len() {
+                0 => "condition= is for a conditioned model, and this one has no condition".to_owned(),
+                _ => format!("this model is conditioned on {}: pass condition=", names.join(", ")),
+            }));
+        }
+        let conditions = given
+            .iter()
+            .zip(vars)
+            .map(|(a, v)| {
+                let a = array_in(a, &v.name)?;
+                aec::data::conform(a, v, &format!("condition `{}`", v.name)).map_err(value_error)
+            })
+            .collect::<PyResult<Vec<Array>>>()?;
         let x = array_in(x, if what == "generated" { "z" } else { "x" })?;
         let output = match what {
             "code" => Output::Code,
@@ -499,7 +523,7 @@ impl Model {
             Some(mut d) if output == Output::Recon => {
                 infer::decode(&mut d, params, &x, batch, infer::Search::GREEDY).map(|(y, _)| y)
             }
-            _ => infer::infer(c, params, &x, output, batch.max(1), threads, backend),
+            _ => infer::infer_with(c, params, (&x, &conditions), output, batch.max(1), threads, backend),
         });
         array_out(py, y.map_err(value_error)?)
     }

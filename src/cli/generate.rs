@@ -32,6 +32,10 @@ pub struct SampleArgs {
     /// prior of a Gaussian code.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     gmm: Option<u64>,
+    /// A model conditioned on a class (`condition y: token[N]`): the class to generate, several
+    /// (`0,3,7`) or `all` — the same codes decoded under each class, one row per class.
+    #[arg(long)]
+    condition: Option<String>,
     /// Where to write the decoded samples (.npy, f32).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -97,11 +101,77 @@ pub fn sample(args: &SampleArgs) -> Result<(), Failure> {
         let codes = generate::prior_codes(&spec.compiled, count, args.seed).map_err(located)?;
         (codes, count, (count as f64).sqrt().ceil() as usize)
     };
+    // Under each class asked for, the same codes: one row per class.
+    let classes = classes(&spec, args.condition.as_deref())?;
+    let (codes, conditions, n, cols) = match &classes {
+        None => (codes, Vec::new(), n, cols),
+        Some(list) => {
+            let all: Vec<f32> = list.iter().flat_map(|_| codes.iter().copied()).collect();
+            let ids: Vec<i32> = list.iter().flat_map(|&c| std::iter::repeat_n(c, n)).collect();
+            let cols = if list.len() > 1 { n } else { cols };
+            (all, vec![Array { shape: vec![ids.len()], values: Values::I32(ids) }], n * list.len(), cols)
+        }
+    };
     let codes = Array { shape: [vec![n], dims].concat(), values: Values::F32(codes) };
     let params = run::load_weights(&spec, &args.weights)?;
     let threads = run::threads(args.threads);
-    let y = decode(&spec, &params, &codes, threads, args.backend)?;
+    let y = decode(&spec, &params, (&codes, &conditions), threads, args.backend)?;
     finish(&spec, &y, cols, args.output.as_deref(), args.png.as_deref())
+}
+
+/// `--condition`'s classes (`3`, `0,3,7` or `all`) for a model conditioned on one class;
+/// `None` for a model without conditions.
+fn classes(spec: &Spec, given: Option<&str>) -> Result<Option<Vec<i32>>, Failure> {
+    let vars = &spec.compiled.model.conditions;
+    let path = spec.path.display();
+    let vocab = match (vars.as_slice(), given) {
+        ([], None) => return Ok(None),
+        ([], Some(_)) => {
+            return Err(Failure::Io(format!(
+                "--condition picks a conditioned model's class, and {path} has no condition"
+            )));
+        }
+        ([v], _) if !matches!(v.ty, aec::sema::Ty::Token { .. }) => {
+            return Err(Failure::Io(format!(
+                "{path} is conditioned on `{}` ({}), and `aec sample` draws for a class (`token[N]`); \
+                 decode codes with a vector condition from Python (`m.decode(z, condition=c)`)",
+                v.name, v.ty
+            )));
+        }
+        ([v], None) => {
+            return Err(Failure::Io(format!(
+                "{path} is conditioned on `{}` ({}): give the class to generate, e.g. --condition 3 (or 0,3,7, or all)",
+                v.name, v.ty
+            )));
+        }
+        ([v], Some(_)) => match v.ty {
+            aec::sema::Ty::Token { vocab } => vocab,
+            _ => 0,
+        },
+        _ => {
+            return Err(Failure::Io(format!(
+                "{path} has {} conditions; `aec sample` draws for a model conditioned on one class",
+                vars.len()
+            )));
+        }
+    };
+    let text = given.unwrap_or_default().trim();
+    if text == "all" {
+        return Ok(Some((0..vocab as i32).collect()));
+    }
+    text.split(',')
+        .map(|c| {
+            c.trim().parse::<i32>().ok().filter(|&k| k >= 0 && (k as u64) < vocab).ok_or_else(|| {
+                Failure::Io(format!(
+                    "--condition {text}: `{}` is not a class of {}: classes are 0 to {}",
+                    c.trim(),
+                    spec.compiled.model.conditions[0].ty,
+                    vocab - 1
+                ))
+            })
+        })
+        .collect::<Result<Vec<i32>, Failure>>()
+        .map(Some)
 }
 
 /// `--gmm K`: a mixture fitted to the training codes, and `--count` draws from it.
@@ -147,19 +217,19 @@ pub fn interpolate(args: &InterpolateArgs) -> Result<(), Failure> {
     let line = generate::lines(&z, size, steps);
     let n = line.len() / size;
     let codes = Array { shape: [vec![n], dims].concat(), values: Values::F32(line) };
-    let y = decode(&spec, &params, &codes, threads, args.backend)?;
+    let y = decode(&spec, &params, (&codes, &[]), threads, args.backend)?;
     finish(&spec, &y, steps, args.output.as_deref(), args.png.as_deref())
 }
 
-/// The decoder's outputs for `codes`.
+/// The decoder's outputs for `codes` (under `conditions`, a conditioned model's).
 fn decode(
     spec: &Spec,
     params: &[Vec<f32>],
-    codes: &Array,
+    codes: (&Array, &[Array]),
     threads: usize,
     backend: Backend,
 ) -> Result<Array, Failure> {
-    infer::infer(&spec.compiled, params, codes, Output::Generated, 256, threads, backend.runtime())
+    infer::infer_with(&spec.compiled, params, codes, Output::Generated, 256, threads, backend.runtime())
         .map_err(|e| Failure::Data(format!("{}: {e}", spec.path.display())))
 }
 

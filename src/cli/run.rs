@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// With --input: feed it as it is, without the `scale` of the spec's data.
     #[arg(long)]
     raw_input: bool,
+    /// A conditioned model (`condition y: …`): each condition's values for the inputs (.npy,
+    /// one per sample: class ids as integers, or vectors), in the order the spec declares them.
+    #[arg(long = "condition")]
+    conditions: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +116,10 @@ pub struct EncodeArgs {
     /// ids.
     #[arg(long)]
     vectors: bool,
+    /// A conditioned model (`condition y: …`): each condition's values for the inputs (.npy,
+    /// one per sample: class ids as integers, or vectors), in the order the spec declares them.
+    #[arg(long = "condition")]
+    conditions: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -206,6 +214,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         search,
         attention_file: args.attention.clone(),
         vectors: false,
+        conditions: args.conditions.clone(),
     };
     apply(&args.spec, weights, input, output, Output::Recon, how)?;
     if let Some(path) = &args.attention {
@@ -262,8 +271,15 @@ fn training_picture(
         a
     });
     let fed = noisy.as_ref().unwrap_or(&x);
-    let y = infer::infer(c, params, fed, Output::Recon, idx.len(), cfg.threads, cfg.backend)
-        .map_err(Failure::Data)?;
+    // A conditioned model's conditions for the same samples.
+    let conditions = model
+        .conditions
+        .iter()
+        .map(|v| data.names.iter().position(|n| *n == v.name).ok_or(Failure::Spec).and_then(sample))
+        .collect::<Result<Vec<_>, _>>()?;
+    let y =
+        infer::infer_with(c, params, (fed, &conditions), Output::Recon, idx.len(), cfg.threads, cfg.backend)
+            .map_err(Failure::Data)?;
     let mut cols = vec![Column { title: "inputs", images: &x }];
     if let Some(n) = &noisy {
         cols.push(Column { title: "noisy inputs", images: n });
@@ -412,8 +428,7 @@ fn random_inputs(spec: &Spec, seed: u64) -> Vec<Buf> {
         .iter()
         .map(|i| {
             let n = i.ty.numel();
-            let vocab =
-                model.inputs.iter().chain(&model.targets).find(|v| i.name.starts_with(v.name.as_str()));
+            let vocab = model.variables().find(|v| i.name.starts_with(v.name.as_str()));
             match vocab.map(|v| &v.ty) {
                 Some(aec::sema::Ty::Tokens { vocab, .. } | aec::sema::Ty::Token { vocab }) => {
                     let v = *vocab as i32;
@@ -433,6 +448,7 @@ pub fn encode(args: &EncodeArgs) -> Result<(), Failure> {
         search: infer::Search::GREEDY,
         attention_file: None,
         vectors: args.vectors,
+        conditions: args.conditions.clone(),
     };
     let what = if args.vectors { Output::Code } else { Output::CodeIds };
     apply(&args.spec, &args.weights, &args.input, &args.output, what, how)
@@ -448,6 +464,8 @@ struct Apply {
     attention_file: Option<PathBuf>,
     /// `encode --vectors`: asked for a quantized code's vectors.
     vectors: bool,
+    /// `--condition` files, one per condition of the model.
+    conditions: Vec<PathBuf>,
 }
 
 /// The `scale` the spec's `data` line applies to the first input's data (through `patches`).
@@ -491,6 +509,7 @@ fn apply(
     };
     let params = load_weights(&spec, weights)?;
     let (x, listing) = read_input_listed(&spec, input, how.raw)?;
+    let conditions = read_conditions(&spec, &how.conditions)?;
     let backend = how.backend.runtime();
     let decoder = aec::runtime::decode::Decoder::new(&spec.compiled, backend, how.threads);
     let searched = how.search.beam > 1 || how.search.record;
@@ -514,7 +533,7 @@ fn apply(
                 spec.path.display()
             )));
         }
-        _ => infer::infer(&spec.compiled, &params, &x, what, 256, how.threads, backend)
+        _ => infer::infer_with(&spec.compiled, &params, (&x, &conditions), what, 256, how.threads, backend)
             .map_err(Failure::Data)?,
     };
     data::write_npy(output, &y).map_err(|e| Failure::Io(e.to_string()))?;
@@ -529,6 +548,38 @@ fn apply(
     };
     eprintln!("wrote {} ({:?}, {dtype})", output.display(), y.shape);
     Ok(())
+}
+
+/// The `--condition` files of a conditioned model, each checked against its condition's type.
+pub(super) fn read_conditions(spec: &Spec, files: &[PathBuf]) -> Result<Vec<data::Array>, Failure> {
+    let vars = &spec.compiled.model.conditions;
+    if files.len() != vars.len() {
+        let names: Vec<String> = vars.iter().map(|v| format!("`{}` ({})", v.name, v.ty)).collect();
+        return Err(Failure::Io(match vars.len() {
+            0 => format!(
+                "--condition gives a conditioned model its conditions, and {} has none",
+                spec.path.display()
+            ),
+            _ => format!(
+                "{} is conditioned on {}: give --condition FILE.npy for each, in that order ({} given)",
+                spec.path.display(),
+                names.join(", "),
+                files.len()
+            ),
+        }));
+    }
+    files
+        .iter()
+        .zip(vars)
+        .map(|(f, var)| {
+            if !f.is_file() {
+                return Err(Failure::Io(format!("--condition {} does not exist; give a file", f.display())));
+            }
+            let a = data::read_npy(f).map_err(|e| Failure::Data(e.to_string()))?;
+            data::conform(a, var, &format!("--condition {}", f.display()))
+                .map_err(|e| Failure::Data(e.to_string()))
+        })
+        .collect()
 }
 
 /// The parameters of `--weights`, checked against the spec's.

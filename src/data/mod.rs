@@ -580,9 +580,12 @@ pub fn conform(a: Array, var: &Var, origin: &str) -> Result<Array, DataError> {
                     v.into_iter().map(|x| x as i32).collect()
                 }
             };
-            if let Some(bad) = ids.iter().find(|&&i| i < 0 || i64::from(i) >= vocab as i64) {
+            if let Some(at) = ids.iter().position(|&i| i < 0 || i64::from(i) >= vocab as i64) {
+                let per = sample.iter().product::<usize>().max(1);
                 return Err(err(format!(
-                    "{origin} holds token id {bad}, outside `{}`'s vocabulary 0..{vocab}",
+                    "{origin} holds token id {} (sample {}), outside `{}`'s vocabulary 0..{vocab}",
+                    ids[at],
+                    at / per,
                     var.name
                 )));
             }

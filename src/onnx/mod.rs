@@ -133,6 +133,22 @@ pub fn export(m: &Model, params: &[Vec<f32>], part: Export, opset: i64) -> Resul
             "code".to_owned()
         }
     };
+    // A conditioned model's conditions: inputs after the first (a class as int64 ids, joined
+    // one-hot), each named for the `concat` that reads it.
+    if part != Export::Step {
+        for v in &m.conditions {
+            inputs.push(value_info(&v.name, &v.ty));
+            let joined = match v.ty {
+                Ty::Token { vocab } => {
+                    let depth = b.ints_const(&[vocab as i64], &v.name);
+                    let values = b.floats_const(&[0.0, 1.0], &v.name);
+                    b.node("OneHot", &[&v.name, &depth, &values], vec![int("axis", -1)], &v.name)
+                }
+                _ => v.name.clone(),
+            };
+            b.named.push((v.name.clone(), joined));
+        }
+    }
     if matches!(part, Export::Model | Export::Encoder) {
         for l in m.encoder() {
             x = b.layer(l, &x, &mut logvar)?;

@@ -20,7 +20,7 @@ pub fn load(c: &Compiled, dir: &Path, seed: u64) -> Result<Loaded, Diagnostic> {
     let model = &c.model;
     let train = c.ast.train.as_ref();
     let bindings = train.map(|t| t.data.as_slice()).unwrap_or(&[]);
-    let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
+    let vars: Vec<_> = model.variables().collect();
     let fail = |message: String, span: Span, label: &str| Diagnostic::error(message).label(span, label);
     let mut arrays = Vec::new();
     let mut notes = Vec::new();
@@ -116,7 +116,7 @@ pub fn from_arrays(
     origin: &dyn Fn(usize) -> String,
 ) -> Result<Dataset, String> {
     let model = &c.model;
-    let vars: Vec<_> = model.inputs.iter().chain(&model.targets).collect();
+    let vars: Vec<_> = model.variables().collect();
     if arrays.len() != vars.len() {
         let names: Vec<String> = vars.iter().map(|v| format!("`{}`", v.name)).collect();
         let s = if vars.len() == 1 { "" } else { "s" };

@@ -31,6 +31,30 @@ pub fn infer(
     threads: usize,
     backend: Backend,
 ) -> Result<Array, String> {
+    infer_with(c, params, (input, &[]), output, batch, threads, backend)
+}
+
+/// [`infer`] of a conditioned model: `conditions` holds one array per condition, in the
+/// model's order, with a value for every sample of `input` (already checked against the
+/// conditions' types).
+pub fn infer_with(
+    c: &Compiled,
+    params: &[Vec<f32>],
+    (input, conditions): (&Array, &[Array]),
+    output: Output,
+    batch: usize,
+    threads: usize,
+    backend: Backend,
+) -> Result<Array, String> {
+    if let Some(v) = c.model.conditions.get(conditions.len()) {
+        return Err(format!(
+            "`{}` is a condition of this model ({}): give its value for every sample",
+            v.name, v.ty
+        ));
+    }
+    if let Some(a) = conditions.iter().find(|a| a.samples() != input.samples()) {
+        return Err(format!("{} samples but {} condition values", input.samples(), a.samples()));
+    }
     let name = match output {
         Output::Recon | Output::Generated => "recon",
         Output::Code => "code",
@@ -38,7 +62,6 @@ pub fn infer(
     };
     let mode = if output == Output::Generated { Mode::Generate } else { Mode::Infer };
     let n = input.samples();
-    let per = input.sample_len();
     if output == Output::Recon
         && let Some(mut d) = super::decode::Decoder::new(c, backend, threads)
     {
@@ -61,14 +84,24 @@ pub fn infer(
             }
         };
         let g: &crate::ir::Graph = g;
+        let slice = |a: &Array| {
+            let per = a.sample_len();
+            match &a.values {
+                Values::F32(v) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
+                Values::I32(v) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
+            }
+        };
         let inputs: Vec<Buf> = g
             .inputs
             .iter()
             .enumerate()
-            .map(|(k, _)| match (&input.values, k) {
-                (Values::F32(v), 0) => Buf::F32(v[start * per..(start + b) * per].to_vec()),
-                (Values::I32(v), 0) => Buf::I32(v[start * per..(start + b) * per].to_vec()),
-                _ => Buf::F32(Vec::new()),
+            .map(|(k, i)| {
+                let condition = c.model.conditions.iter().position(|v| v.name == i.name);
+                match (k, condition) {
+                    (0, _) => slice(input),
+                    (_, Some(j)) => slice(&conditions[j]),
+                    _ => Buf::F32(Vec::new()),
+                }
             })
             .collect();
         match backend {

@@ -23,9 +23,11 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         trace: Vec::new(),
         declared_pools: declared_pools(m),
         named: Vec::new(),
+        conditions: m.conditions.iter().map(|d| d.name.name.clone()).collect(),
         declared_names: declared_names(m),
     };
     let vars = c.declarations(m);
+    c.conditions_used(m);
     let input = vars.0.first().cloned();
     let Some(input) = input else {
         c.diags.push(
@@ -50,7 +52,7 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         );
         return None;
     };
-    if encoder.incomplete || m.inputs.iter().chain(&m.targets).any(|d| d.broken) {
+    if encoder.incomplete || m.inputs.iter().chain(&m.targets).chain(&m.conditions).any(|d| d.broken) {
         // The builder reported why; a shape check now would only report consequences.
         c.loss_names(m, &vars);
         return None;
@@ -126,6 +128,7 @@ pub(super) fn check(file: &mut ast::File, diags: &mut Vec<Diagnostic>) -> Option
         name: m.name.name.clone(),
         inputs: vars.0,
         targets: vars.1,
+        conditions: vars.2,
         layers: c.layers,
         params: c.params,
         loss,
@@ -152,6 +155,8 @@ struct Checker<'d> {
     declared_pools: Vec<ast::Ident>,
     /// Named layer outputs so far (`as NAME`, and named pools), for `concat`/`add` links.
     named: Vec<Named>,
+    /// The conditions' names (`condition y: …`), which `concat` joins to vectors.
+    conditions: Vec<String>,
     /// Every layer name written anywhere in the model, to tell "unknown" from "too early".
     declared_names: Vec<ast::Ident>,
 }
@@ -208,7 +213,7 @@ struct Ctx<'a> {
 }
 
 impl Checker<'_> {
-    fn declarations(&mut self, m: &ast::Model) -> (Vec<Var>, Vec<Var>) {
+    fn declarations(&mut self, m: &ast::Model) -> (Vec<Var>, Vec<Var>, Vec<Var>) {
         let mut seen: Vec<(String, Span)> = Vec::new();
         let mut var = |c: &mut Self, d: &ast::Decl| {
             if let Some((_, first)) = seen.iter().find(|(n, _)| *n == d.name.name) {
@@ -216,7 +221,7 @@ impl Checker<'_> {
                     Diagnostic::error(format!("`{}` is declared twice", d.name.name))
                         .label(d.name.span, "second declaration")
                         .label(*first, "first declaration")
-                        .help("give each input and target its own name"),
+                        .help("give each input, target and condition its own name"),
                 );
             }
             seen.push((d.name.name.clone(), d.name.span));
@@ -235,7 +240,55 @@ impl Checker<'_> {
         };
         let inputs = m.inputs.iter().map(|d| var(self, d)).collect();
         let targets = m.targets.iter().map(|d| var(self, d)).collect();
-        (inputs, targets)
+        let conditions: Vec<Var> = m.conditions.iter().map(|d| var(self, d)).collect();
+        // A condition is joined to vectors: a class as its one-hot vector, or a vector itself.
+        for (v, d) in conditions.iter().zip(&m.conditions) {
+            let joined = match &v.ty {
+                Ty::Token { vocab } => Some(Ty::Tensor(vec![*vocab])),
+                Ty::Tensor(dims) if dims.len() == 1 => Some(v.ty.clone()),
+                _ => None,
+            };
+            match joined {
+                Some(ty) => self.named.push(Named { name: v.name.clone(), span: v.span, ty: Some(ty) }),
+                None => self.diags.push(
+                    Diagnostic::error(format!("a condition is a class or a vector, and `{}` is {}", v.name, v.ty))
+                        .label(d.span, "not `token[N]` or `[F]`")
+                        .help("declare a class as `condition y: token[10]` (joined one-hot) or a vector as `condition c: [4]`"),
+                ),
+            }
+        }
+        (inputs, targets, conditions)
+    }
+
+    /// Every condition must be joined somewhere (`concat NAME`), or it would change nothing.
+    fn conditions_used(&mut self, m: &ast::Model) {
+        let encoder = m.encoder.iter().flat_map(|b| &b.layers);
+        let decoder: &[ast::Layer] = match &m.decoder {
+            Some(ast::Decoder::Layers(b)) => &b.layers,
+            _ => &[],
+        };
+        let layers: Vec<&ast::Layer> = encoder.chain(decoder).collect();
+        // (A condition of another type has its error already.)
+        let joinable = |d: &&ast::Decl| match &d.ty {
+            ast::TypeExpr::Token { .. } => true,
+            ast::TypeExpr::Tensor(dims) => dims.len() == 1,
+            _ => false,
+        };
+        for d in m.conditions.iter().filter(joinable) {
+            let used = layers
+                .iter()
+                .any(|l| matches!(&l.kind, LayerKind::Link { from, .. } if from.name == d.name.name));
+            if !used {
+                self.diags.push(
+                    Diagnostic::error(format!("the condition `{}` is never joined to the network", d.name.name))
+                        .label(d.name.span, "declared here")
+                        .help(format!(
+                            "add `concat {}` where it joins: for a conditional VAE, before the encoder's first dense layer and at the start of the decoder",
+                            d.name.name
+                        )),
+                );
+            }
+        }
     }
 
     /// Checks that a per-sample size fits the activation budget (with checked arithmetic).
@@ -262,7 +315,7 @@ impl Checker<'_> {
     }
 
     /// Checks the names the loss uses; true when they resolve.
-    fn loss_names(&mut self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> bool {
+    fn loss_names(&mut self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>, Vec<Var>)) -> bool {
         let Some(loss) = &m.loss else {
             self.diags.push(
                 Diagnostic::error(format!("model `{}` has no loss", m.name.name))
@@ -453,7 +506,7 @@ impl Checker<'_> {
         true
     }
 
-    fn loss_target_ty(&self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>)) -> Option<Ty> {
+    fn loss_target_ty(&self, m: &ast::Model, vars: &(Vec<Var>, Vec<Var>, Vec<Var>)) -> Option<Ty> {
         let name = &m.loss.as_ref()?.main.arg.name;
         vars.0.iter().chain(&vars.1).find(|v| &v.name == name).map(|v| v.ty.clone())
     }
@@ -760,6 +813,23 @@ impl Checker<'_> {
             ));
         };
         let kw = link.keyword();
+        let condition = self.conditions.contains(&from.name);
+        if let (true, Ty::Tensor(a)) = (condition, input)
+            && a.len() != 1
+        {
+            return Err(shape_err(
+                l,
+                format!(
+                    "`{kw} {}` joins a condition to a vector, and the current tensor is {input}",
+                    from.name
+                ),
+            )
+            .label(named.span, format!("`{}` is {other}", from.name))
+            .help(format!(
+                "join it after `flatten` (or a dense layer): `flatten` then `{kw} {}`",
+                from.name
+            )));
+        }
         let (Ty::Tensor(a), Ty::Tensor(b)) = (input, &other) else {
             return Err(shape_err(l, format!("`{kw}` joins tensors, got {input} and {other}"))
                 .label(named.span, format!("`{}` is {other}", from.name)));

@@ -116,6 +116,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
     for v in m.inputs.iter().chain(&m.targets) {
         vars.push((v.name.clone(), l.g.add_input(v.name.clone(), l.batched(&v.ty))?));
     }
+    l.conditions(m)?;
     let input = vars.first().map(|v| v.1).ok_or("model without input")?;
     if m.inputs.first().is_some_and(|v| v.padded) {
         l.source_ids = Some(input);
@@ -299,6 +300,7 @@ impl Lower {
             return Err(format!("the code is {}, not a tensor: nothing to decode from", m.code));
         };
         let code = self.g.add_input("code", self.batched(&m.code))?;
+        self.conditions(m)?;
         let vars = vec![("code".to_owned(), code)];
         let mut cur = Value { node: code, state: None, logits: None };
         for info in m.decoder() {
@@ -316,6 +318,22 @@ impl Lower {
         }
         self.g.outputs = vec![("recon".into(), cur.node)];
         Ok(self.g)
+    }
+
+    /// The conditions as graph inputs (after the others), each named for the layers that join
+    /// it: a class as its one-hot vector, a vector as it is.
+    fn conditions(&mut self, m: &Model) -> Result<(), String> {
+        for v in &m.conditions {
+            let input = self.g.add_input(v.name.clone(), self.batched(&v.ty))?;
+            let joined = match v.ty {
+                Ty::Token { vocab } => {
+                    self.g.add(Op::OneHot { ids: input, depth: vocab as usize }, Some(v.span))?
+                }
+                _ => input,
+            };
+            self.named.push((v.name.clone(), joined));
+        }
+        Ok(())
     }
 
     fn batched(&self, ty: &Ty) -> Type {

@@ -135,6 +135,8 @@ pub struct Model {
     pub name: String,
     pub inputs: Vec<Var>,
     pub targets: Vec<Var>,
+    /// Conditions: a token (joined one-hot) or a vector, given with every sample.
+    pub conditions: Vec<Var>,
     pub layers: Vec<LayerInfo>,
     pub params: Vec<ParamInfo>,
     pub loss: ast::Loss,
@@ -155,6 +157,11 @@ impl Model {
 
     pub fn param_count(&self) -> u64 {
         self.params.iter().map(ParamInfo::numel).sum()
+    }
+
+    /// Every declared variable: inputs, targets, then conditions (the graph's input order).
+    pub fn variables(&self) -> impl Iterator<Item = &Var> {
+        self.inputs.iter().chain(&self.targets).chain(&self.conditions)
     }
 
     /// The variable the main loss compares the output with.
@@ -227,18 +234,21 @@ fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
     }
     for b in &t.data {
         if let Some(name) = &b.binding
-            && !m.inputs.iter().chain(&m.targets).any(|v| v.name == name.name)
+            && !m.variables().any(|v| v.name == name.name)
         {
-            let names: Vec<&str> = m.inputs.iter().chain(&m.targets).map(|v| v.name.as_str()).collect();
+            let names: Vec<&str> = m.variables().map(|v| v.name.as_str()).collect();
             diags.push(
-                Diagnostic::error(format!("`{}` is not an input or target of the model", name.name))
-                    .label(name.span, "unknown name")
-                    .help(format!("the model's inputs and targets are {}", names.join(", "))),
+                Diagnostic::error(format!(
+                    "`{}` is not an input, target or condition of the model",
+                    name.name
+                ))
+                .label(name.span, "unknown name")
+                .help(format!("the model declares {}", names.join(", "))),
             );
         }
         if let ast::DataSource::Images { .. } = b.source {
             let var = match &b.binding {
-                Some(name) => m.inputs.iter().chain(&m.targets).find(|v| v.name == name.name),
+                Some(name) => m.variables().find(|v| v.name == name.name),
                 None => m.inputs.first(),
             };
             if let Some(v) = var

@@ -9,6 +9,7 @@ pub(super) fn table(m: &Model, src: &str) -> String {
     rows.push(["layer".into(), "line".into(), "output".into(), "params".into(), "FLOPs".into()]);
     let lines = crate::diag::Lines::new(src);
     let vars = m.inputs.iter().map(|v| ("input", v)).chain(m.targets.iter().map(|v| ("target", v)));
+    let vars = vars.chain(m.conditions.iter().map(|v| ("condition", v)));
     for (kind, v) in vars {
         let line = lines.line(v.span);
         rows.push([format!("{kind} {}", v.name), line.to_string(), v.ty.to_string(), "-".into(), "-".into()]);

@@ -129,6 +129,7 @@ pub fn stage_model(m: &Model, k: usize) -> Result<(Model, usize), String> {
         name: format!("{}.stage{k}", m.name),
         inputs: m.inputs.clone(),
         targets: Vec::new(),
+        conditions: Vec::new(),
         layers: out_layers,
         params,
         loss,

@@ -27,8 +27,21 @@ pub fn emit(m: &Model) -> String {
         }
         let _ = writeln!(out, "        ])");
     }
-    let _ = writeln!(out, "\n    def encode(self, x):");
-    let _ = writeln!(out, "        pools = {{}}");
+    // A conditioned model takes its conditions after the input, joined as `concat` reads them
+    // (a class one-hot).
+    let params: String = m.conditions.iter().map(|v| format!(", {}", v.name)).collect();
+    let joined: Vec<String> = m
+        .conditions
+        .iter()
+        .map(|v| match v.ty {
+            Ty::Token { vocab } => format!("{:?}: F.one_hot({}.long(), {vocab}).to(x.dtype)", v.name, v.name),
+            _ => format!("{:?}: {}", v.name, v.name),
+        })
+        .collect();
+    let pools =
+        if joined.is_empty() { "{}".to_owned() } else { format!("{{\"named\": {{{}}}}}", joined.join(", ")) };
+    let _ = writeln!(out, "\n    def encode(self, x{params}):");
+    let _ = writeln!(out, "        pools = {pools}");
     if m.inputs.first().is_some_and(|v| v.padded) {
         // A padded source: attention leaves its padding (id 0) out.
         let _ = writeln!(out, "        pools[\"mask\"] = x == 0");
@@ -38,12 +51,20 @@ pub fn emit(m: &Model) -> String {
     match (super::lower::teacher_forced(m), m.loss_target().map(|t| &t.ty)) {
         (Some(_), Some(Ty::Tokens { len, vocab })) => greedy(&mut out, m, *len, *vocab),
         _ => {
-            let _ = writeln!(out, "\n    def forward(self, x):");
+            let _ = writeln!(out, "\n    def forward(self, x{params}):");
             let _ = writeln!(out, "        \"\"\"Returns (reconstruction, code).\"\"\"");
-            let _ = writeln!(out, "        x, pools = self.encode(x)");
+            let _ = writeln!(out, "        x, pools = self.encode(x{params})");
             let _ = writeln!(out, "        code = x");
             body(&mut out, m, Part::Decoder);
             let _ = writeln!(out, "        return x, code");
+            if !m.conditions.is_empty() {
+                // What generation runs: the decoder from a code, under the conditions.
+                let _ = writeln!(out, "\n    def decode(self, x{params}):");
+                let _ = writeln!(out, "        \"\"\"The decoder's output for the code `x`.\"\"\"");
+                let _ = writeln!(out, "        pools = {pools}");
+                body(&mut out, m, Part::Decoder);
+                let _ = writeln!(out, "        return x");
+            }
         }
     }
     penalties(&mut out, m);

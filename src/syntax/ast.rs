@@ -23,6 +23,9 @@ pub struct Model {
     pub name: Ident,
     pub inputs: Vec<Decl>,
     pub targets: Vec<Decl>,
+    /// `condition y: token[10]`: data given with every sample (training and generation alike)
+    /// that layers join with `concat y` (a conditional VAE's label).
+    pub conditions: Vec<Decl>,
     pub encoder: Option<Block>,
     pub decoder: Option<Decoder>,
     pub loss: Option<Loss>,

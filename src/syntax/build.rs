@@ -120,6 +120,7 @@ impl Builder {
             name: Ident { name: String::new(), span: Span::default() },
             inputs: Vec::new(),
             targets: Vec::new(),
+            conditions: Vec::new(),
             encoder: None,
             decoder: None,
             loss: None,
@@ -140,6 +141,7 @@ impl Builder {
             name,
             inputs: Vec::new(),
             targets: Vec::new(),
+            conditions: Vec::new(),
             encoder: None,
             decoder: None,
             loss: None,
@@ -150,6 +152,7 @@ impl Builder {
             match item.as_rule() {
                 Rule::input_decl => m.inputs.push(self.decl(item)),
                 Rule::target_decl => m.targets.push(self.decl(item)),
+                Rule::condition_decl => m.conditions.push(self.decl(item)),
                 Rule::encoder => {
                     let block = self.encoder(item);
                     if let Some(first) = &m.encoder {

@@ -68,6 +68,7 @@ fn rule_words(rule: Rule) -> &'static str {
         Rule::model_item => "a model item (`input`, `target`, `encoder`, `decoder` or `loss`)",
         Rule::input_decl | Rule::kw_input => "`input`",
         Rule::target_decl | Rule::kw_target => "`target`",
+        Rule::condition_decl | Rule::kw_condition => "`condition`",
         Rule::encoder | Rule::kw_encoder => "`encoder`",
         Rule::decoder | Rule::kw_decoder => "`decoder`",
         Rule::loss_decl | Rule::kw_loss => "`loss`",

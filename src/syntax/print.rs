@@ -23,6 +23,9 @@ impl Display for Model {
         for d in &self.targets {
             writeln!(f, "    target {}: {}", d.name.name, d.ty)?;
         }
+        for d in &self.conditions {
+            writeln!(f, "    condition {}: {}", d.name.name, d.ty)?;
+        }
         if let Some(e) = &self.encoder {
             write_block(f, "encoder", e)?;
         }

@@ -136,6 +136,17 @@ def inputs(spec, batch, rng, ties):
     return x
 
 
+def conditions(spec, batch, rng):
+    """A conditioned model's condition values ({name: array}): random classes or vectors."""
+    out = {}
+    for name, vocab, width in re.findall(r"condition\s+(\w+):\s*(?:token\[(\d+)\]|\[(\d+)\])", Path(spec).read_text()):
+        if vocab:
+            out[name] = rng.integers(0, int(vocab), size=[batch]).astype(np.int64)
+        else:
+            out[name] = rng.random([batch, int(width)], dtype=np.float32)
+    return out
+
+
 def close(what, a, b):
     err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
     ok = a.shape == b.shape and err <= 1e-5
@@ -305,13 +316,19 @@ def check(name, spec, work):
     for batch in [1, 13]:
         x = inputs(spec, batch, rng, ties=name == "ties_odd")
         np.save(work / "x.npy", x.astype(np.int32) if x.dtype == np.int64 else x)
-        aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "y.npy")
+        # A conditioned model: its conditions beside the input, to aec and to every session.
+        given = conditions(spec, batch, rng)
+        flags = []
+        for c, values in given.items():
+            np.save(work / f"condition_{c}.npy", values.astype(np.int32) if values.dtype == np.int64 else values)
+            flags += ["--condition", work / f"condition_{c}.npy"]
+        aec("run", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "y.npy", *flags)
         # A quantized code: `aec encode` writes its ids, `--vectors` its codebook vectors.
         quantized = "quantize" in Path(spec).read_text()
         vectors = ["--vectors"] if quantized else []
-        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy", *vectors)
+        aec("encode", spec, "--weights", weights, "--input", work / "x.npy", "--raw-input", "--output", work / "z.npy", *vectors, *flags)
         y, z = np.load(work / "y.npy"), np.load(work / "z.npy")
-        feed = {sessions["model"].get_inputs()[0].name: x}
+        feed = {sessions["model"].get_inputs()[0].name: x, **given}
         recon, code = sessions["model"].run(["recon", "code"], feed)[:2]
         for what, a, b in [("recon", recon, y), ("code", code, z)]:
             good, text = close(what, a, b)
@@ -330,7 +347,7 @@ def check(name, spec, work):
         if isinstance(sessions["decoder"], str):
             results.append("no decoder alone (it reads the encoder: unpools or links)")
         else:
-            dec = sessions["decoder"].run(["recon"], {"code": z})[0]
+            dec = sessions["decoder"].run(["recon"], {"code": z, **given})[0]
             good, text = close("decoder", dec, y)
             ok &= good
             results.append(text)
