@@ -16,6 +16,15 @@ fn read(p: &Path) -> aec::data::Array {
     aec::data::read_npy(p).expect("npy")
 }
 
+/// `aec sample SPEC --weights W --output DIR/NAME EXTRA…`, which must succeed; what it wrote.
+fn sample_to(spec: &str, w: &str, path: &Path, extra: &[&str]) -> aec::data::Array {
+    let mut args = vec!["sample", spec, "--weights", w, "--output", s(path)];
+    args.extend_from_slice(extra);
+    let (code, _, err) = aec(&args);
+    assert_eq!(code, 0, "{err}");
+    read(path)
+}
+
 fn train(spec: &str, dir: &Path, epochs: &str) -> String {
     let (code, _, err) = aec(&["run", "--train", spec, "--epochs", epochs, "--out", s(dir)]);
     assert_eq!(code, 0, "{err}");
@@ -48,14 +57,7 @@ fn a_vae_trains_and_reports_both_terms_for_training_and_validation() {
 fn sample_draws_from_the_prior_reproducibly_on_both_backends() {
     let dir = scratch("vae-sample");
     let w = train("specs/vae_digits.ae", &dir, "5");
-    let out = |name: &str, extra: &[&str]| {
-        let path = dir.join(name);
-        let mut args = vec!["sample", "specs/vae_digits.ae", "--weights", &w, "--output", s(&path)];
-        args.extend_from_slice(extra);
-        let (code, _, err) = aec(&args);
-        assert_eq!(code, 0, "{err}");
-        read(&path)
-    };
+    let out = |name: &str, extra: &[&str]| sample_to("specs/vae_digits.ae", &w, &dir.join(name), extra);
     let a = out("a.npy", &["--count", "7", "--seed", "3"]);
     let b = out("b.npy", &["--count", "7", "--seed", "3", "--backend", "interp"]);
     let c = out("c.npy", &["--count", "7", "--seed", "4"]);
@@ -260,14 +262,7 @@ fn a_vq_vae_reports_its_codebook_encodes_ids_and_resumes_with_its_averages() {
 fn a_conditional_vae_draws_the_class_asked_for_and_says_what_is_missing() {
     let dir = scratch("cvae");
     let w = train("specs/cvae_digits.ae", &dir, "40");
-    let sample = |name: &str, extra: &[&str]| {
-        let path = dir.join(name);
-        let mut args = vec!["sample", "specs/cvae_digits.ae", "--weights", &w, "--output", s(&path)];
-        args.extend_from_slice(extra);
-        let (code, _, err) = aec(&args);
-        assert_eq!(code, 0, "{err}");
-        read(&path)
-    };
+    let sample = |name: &str, extra: &[&str]| sample_to("specs/cvae_digits.ae", &w, &dir.join(name), extra);
     let all = sample("all.npy", &["--condition", "all", "--count", "20", "--seed", "4"]);
     assert_eq!(all.shape, [200, 8, 8]);
     // The same codes under one class: that class's row of `all`, on either backend.
@@ -301,6 +296,18 @@ fn a_conditional_vae_draws_the_class_asked_for_and_says_what_is_missing() {
     let right = f32s(&all).chunks(64).enumerate().filter(|(i, img)| nearest(img) == i / 20).count();
     assert!(right >= 150, "{right} of 200 drawn digits are nearest their class's mean");
     // What is missing or wrong is said, not guessed.
+    let on_five = |command| {
+        vec![
+            command,
+            "specs/cvae_digits.ae",
+            "--weights",
+            &w,
+            "--input",
+            "specs/data/five.npy",
+            "--output",
+            "z.npy",
+        ]
+    };
     for (args, says) in [
         (vec!["sample", "specs/cvae_digits.ae", "--weights", &w, "--output", "x.npy"], "give the class"),
         (
@@ -311,32 +318,8 @@ fn a_conditional_vae_draws_the_class_asked_for_and_says_what_is_missing() {
             vec!["sample", "specs/vae_digits.ae", "--weights", &w, "--output", "x.npy", "--condition", "1"],
             "has no condition",
         ),
-        (
-            vec![
-                "encode",
-                "specs/cvae_digits.ae",
-                "--weights",
-                &w,
-                "--input",
-                "specs/data/five.npy",
-                "--output",
-                "z.npy",
-            ],
-            "give --condition FILE.npy",
-        ),
-        (
-            vec![
-                "interpolate",
-                "specs/cvae_digits.ae",
-                "--weights",
-                &w,
-                "--input",
-                "specs/data/five.npy",
-                "--output",
-                "z.npy",
-            ],
-            "`y` is a condition of this model",
-        ),
+        (on_five("encode"), "give --condition FILE.npy"),
+        (on_five("interpolate"), "`y` is a condition of this model"),
     ] {
         let (code, _, err) = aec(&args);
         assert_ne!(code, 0, "{args:?}");

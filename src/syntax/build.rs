@@ -362,14 +362,7 @@ impl Builder {
             args.into_iter().zip(taken).filter(|(_, used)| !used).map(|(a, _)| a).collect();
         let kind = match call {
             Some(c) if word == "batchnorm" => {
-                let call_span = span_of(&c);
-                let call_args = self.call_args(c);
-                let call = Call {
-                    name: word.to_owned(),
-                    name_span: kind_span,
-                    args: call_args,
-                    span: kind_span.to(call_span),
-                };
+                let call = self.layer_call(word, kind_span, c);
                 let mut r = CallReader::new(self, &call, &["momentum", "eps"]);
                 let momentum = r.fraction_01("momentum", 0.1);
                 let eps = r.positive("eps", Some(1e-5));
@@ -386,14 +379,7 @@ impl Builder {
             }
             // `quantize(ema: 0.99) 64`: the codebook moved by moving averages.
             Some(c) if word == "quantize" => {
-                let call_span = span_of(&c);
-                let call_args = self.call_args(c);
-                let call = Call {
-                    name: word.to_owned(),
-                    name_span: kind_span,
-                    args: call_args,
-                    span: kind_span.to(call_span),
-                };
+                let call = self.layer_call(word, kind_span, c);
                 let mut r = CallReader::new(self, &call, &["ema"]);
                 let ema = r.fraction_01("ema", 0.99);
                 r.finish()?;
@@ -442,6 +428,13 @@ impl Builder {
             other => other,
         };
         Some(Layer { kind, activations, name, span, kind_span })
+    }
+
+    /// A layer word with options in parentheses (`batchnorm(momentum: 0.1)`) as a call.
+    fn layer_call(&mut self, word: &str, kind_span: Span, c: P) -> Call {
+        let call_span = span_of(&c);
+        let args = self.call_args(c);
+        Call { name: word.to_owned(), name_span: kind_span, args, span: kind_span.to(call_span) }
     }
 
     fn layer_kind(&mut self, word: &str, at: Span, args: &[(Arg, Span)]) -> Option<LayerKind> {
