@@ -88,6 +88,8 @@ pub fn events(metrics: &[EpochMetrics], picture: &dyn Fn(u64) -> Option<Vec<u8>>
         values.extend(m.token_accuracy.map(|v| scalar("accuracy/tokens".into(), v)));
         values.extend(m.sequence_accuracy.map(|v| scalar("accuracy/sequences".into(), v)));
         values.extend(m.bleu.map(|v| scalar("bleu".into(), v)));
+        values.extend(m.codebook_perplexity.map(|v| scalar("codebook/perplexity".into(), v)));
+        values.extend(m.codebook_usage.map(|v| scalar("codebook/usage".into(), v)));
         values.extend(m.samples_per_s.map(|v| scalar("samples_per_s".into(), v)));
         values.extend(m.lr.map(|v| scalar("learning_rate".into(), v)));
         values.extend(m.weights.iter().map(|(k, v)| scalar(format!("loss_weight/{k}"), *v)));

@@ -632,6 +632,18 @@ pub fn train(
             "data-parallel training runs native code: drop --backend interp".into(),
         ));
     }
+    // Each process would move its moving-average codebook by its own shard, and the codebooks
+    // the processes quantize with would drift apart: the sums are not shared (yet).
+    if cfg.dist.is_some()
+        && compiled.forward.params.iter().any(|p| p.role == crate::ir::ParamRole::Codebook { ema: true })
+    {
+        return Err(TrainError::Data(
+            "a moving-average codebook (`quantize(ema: …)`) trains on one process: each would move \
+             its own codebook by its own shard; train with `quantize K` (a codebook loss, whose \
+             gradients are summed) or on one process"
+                .into(),
+        ));
+    }
     // The seed of this process's draws (noise, dropout, ε): see `dist::process_seed`.
     let seed = cfg.dist.as_ref().map_or(cfg.seed, |Dist(d)| dist::process_seed(cfg.seed, d.rank()));
     // Process 0 alone reads the run folder; the others get what it read.

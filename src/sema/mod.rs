@@ -205,6 +205,18 @@ pub struct Compiled {
 /// and a task whose target differs from its input (`reverse`, `translation`) has a target to
 /// train on — without one the loss would compare the input with itself, a copy task.
 fn check_data(m: &Model, t: &ast::Train, diags: &mut Vec<Diagnostic>) {
+    if let (Some(_), Some(c)) = (t.pretrain, m.conditions.first()) {
+        diags.push(
+            Diagnostic::error(format!(
+                "greedy pretraining trains each layer as an autoencoder of its input alone, and this \
+                 model's layers also read the condition `{}`",
+                c.name
+            ))
+            .label(t.span, "`pretrain` in this train block")
+            .label(c.span, "the condition")
+            .help("drop `pretrain`: a conditioned model trains end to end"),
+        );
+    }
     if let Some((_, span)) = t.early_stop
         && t.validation.unwrap_or(0.0) == 0.0
     {
