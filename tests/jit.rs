@@ -742,6 +742,30 @@ fn transcendentals_keep_their_relative_accuracy_at_every_magnitude() {
 }
 
 #[test]
+fn full_width_transcendentals_give_the_128_bit_kernels_bits_at_every_magnitude() {
+    // exp, sigmoid and tanh (and the cheap activations) at 256 bits against the 128-bit
+    // kernels, bit for bit, over the magnitudes from 1e-30 to past the overflow, NaN and ±∞,
+    // a length that leaves a tail of lanes.
+    use aec::ir::{Op, Type, UnaryFn};
+    let x = magnitudes(7);
+    for f in
+        [UnaryFn::Exp, UnaryFn::Sigmoid, UnaryFn::Tanh, UnaryFn::Relu, UnaryFn::LeakyRelu(0.2), UnaryFn::Sign]
+    {
+        let Some(wide) = aec::codegen::elementwise::unary_full_width(f, &x) else { return };
+        let mut g = Graph::new("unary");
+        let input = g.add_input("x", Type::f32(vec![x.len()])).expect("input");
+        let y = g.add(Op::Unary { f, x: input }, None).expect("op");
+        g.outputs = vec![("y".into(), y)];
+        let mut program = Program::compile(&g, Options::default()).expect("compiles");
+        program.run(&[Buf::F32(x.clone())], 1, 1).expect("runs");
+        let narrow = program.output("y").expect("output");
+        for (i, (a, b)) in narrow.f32().iter().zip(&wide).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{f:?}({}): 128-bit {a}, 256-bit {b}", x[i]);
+        }
+    }
+}
+
+#[test]
 fn l2_of_the_weights_includes_the_embedding_table() {
     // PyTorch's Σ over every weight tensor (not biases) of a module with an `nn.Embedding`.
     let model = |loss: &str| {
@@ -924,6 +948,50 @@ fn evaluation_folds_batch_norm_and_matches_the_interpreter() {
         if let Buf::F32(a) = values.get(*id) {
             close(&format!("evaluation {name}"), a, program.output(name).expect("output").f32(), 1e-5);
         }
+    }
+}
+
+#[test]
+fn full_width_matmul_epilogues_give_the_cranelift_kernels_bits() {
+    // Every activation after a bias (forward) and every derivative (backward) in the epilogue
+    // of a matmul on the wide core, on layers whose widths leave 1 to 7 lanes past a multiple
+    // of 8, with a scaled and a summed term; the whole state after three SGD steps must be the
+    // Cranelift epilogue's, bit for bit, on one and two threads.
+    use aec::codegen::elementwise::ElementwisePath;
+    if ElementwisePath::Auto.isa().is_none() || aec::codegen::wide::isa().is_none() {
+        return; // No AVX2 here: there is only the Cranelift epilogue.
+    }
+    let acts = ["relu", "sigmoid", "tanh", "leaky_relu(0.1)", "identity"];
+    for (i, (w, h)) in [(17usize, 33usize), (41, 23), (64, 31), (9, 130)].into_iter().enumerate() {
+        let (a, b) = (acts[i % acts.len()], acts[(i + 2) % acts.len()]);
+        let src = format!(
+            "model t {{ input x: [{w}]\n encoder {{ dense {h} -> {a}; dense 12 -> {b} }}\n \
+             decoder {{ dense {h} -> tanh; dense {w} -> sigmoid }}\n loss mse(x) + 0.01 * l1(code) }}\n \
+             train {{ optimizer sgd(lr: 0.1) }}"
+        );
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(29) }).expect("compiles");
+        let g = aec::training_step(&compiled).expect("step");
+        let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
+        let mut ends = Vec::new();
+        for (path, threads) in
+            [(ElementwisePath::Cranelift, 1), (ElementwisePath::Auto, 1), (ElementwisePath::Auto, 2)]
+        {
+            let options = Options { elementwise: path, ..Options::default() };
+            let mut program = Program::compile(&g, options).expect("compiles");
+            program.set_threads(threads);
+            program.set_state(&start).expect("state");
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            for step in 1..=3 {
+                program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
+            }
+            let mut end = State::new(Vec::new());
+            program.get_state(&mut end);
+            let bits: Vec<Vec<u32>> =
+                end.params.iter().map(|p| p.iter().map(|v| v.to_bits()).collect()).collect();
+            ends.push(bits);
+        }
+        assert!(ends[0] == ends[1], "{src}: the full-width epilogue differs from Cranelift's");
+        assert!(ends[1] == ends[2], "{src}: two threads differ from one");
     }
 }
 

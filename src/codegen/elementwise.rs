@@ -160,3 +160,274 @@ unsafe fn adam_avx2(base: *mut u8, c: &AdamCall, start: usize, end: usize) {
         }
     }
 }
+
+/// `f` over `xs` with the full-width epilogue code (eight lanes, the last ones padded), or
+/// `None` on a CPU without AVX2 and FMA: for the tests that hold it to the 128-bit kernels.
+pub fn unary_full_width(f: crate::ir::UnaryFn, xs: &[f32]) -> Option<Vec<f32>> {
+    ElementwisePath::Auto.isa()?;
+    let mut out = xs.to_vec();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX2 and FMA (`isa` above); the block is `out` itself, one row of
+    // its length, and the op reads no other buffer.
+    unsafe {
+        epilogue_avx2(
+            out.as_mut_ptr() as *mut u8,
+            (0, out.len()),
+            (0, 1, 0, out.len()),
+            &[super::emit::EpOp::Unary(f)],
+        );
+    }
+    Some(out)
+}
+
+/// Applies a wide matmul's epilogue `ops` in place to rows `r0..r0 + rows`, columns
+/// `c0..c0 + cols` of the row-major `[_, n]` result at byte offset `out`: op by op over each
+/// row (a row of the block stays in L1 between them), eight lanes at a time, the last columns
+/// through the same eight-lane code on a padded copy. The operations are the Cranelift
+/// kernels' (`emit::apply_ops`) in the same order — fused multiply-adds, IEEE division,
+/// compares and selects — so each element gets the same bits.
+///
+/// # Safety
+/// Every buffer `ops` names, and the block of C, lie inside the arena at `base` (the call's
+/// `extent` covers them); no other thread writes this block meanwhile; the CPU has AVX2 and
+/// FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn epilogue_avx2(
+    base: *mut u8,
+    (out, n): (usize, usize),
+    (r0, rows, c0, cols): (usize, usize, usize, usize),
+    ops: &[super::emit::EpOp],
+) {
+    use super::emit::EpOp;
+    use crate::ir::BinaryFn;
+    use std::arch::x86_64::*;
+    use wide_math::{act_grad, unary};
+    // SAFETY (the whole body): offsets and indices stay in the block and the buffers `extent`
+    // checked.
+    unsafe {
+        let at = |off: usize| base.add(off) as *mut f32;
+        for row in r0..r0 + rows {
+            let first = row * n + c0;
+            let dst = at(out).add(first);
+            for op in ops {
+                match *op {
+                    EpOp::Bias(off) => {
+                        let b = at(off).add(c0);
+                        each8(dst, cols, |v, j| _mm256_add_ps(v, load8(b.add(j), cols - j)));
+                    }
+                    EpOp::Unary(f) => each8(dst, cols, |v, _| unary(f, v)),
+                    EpOp::ActGrad(f, y) => {
+                        let y = at(y).add(first);
+                        each8(dst, cols, |v, j| act_grad(f, load8(y.add(j), cols - j), v));
+                    }
+                    EpOp::Binary(f, other, c_left) => {
+                        let o = at(other).add(first);
+                        each8(dst, cols, |v, j| {
+                            let w = load8(o.add(j), cols - j);
+                            let (a, b) = if c_left { (v, w) } else { (w, v) };
+                            match f {
+                                BinaryFn::Add => _mm256_add_ps(a, b),
+                                BinaryFn::Sub => _mm256_sub_ps(a, b),
+                                BinaryFn::Mul => _mm256_mul_ps(a, b),
+                                BinaryFn::Div => _mm256_div_ps(a, b),
+                            }
+                        });
+                    }
+                    EpOp::Scale(c) => {
+                        let k = _mm256_set1_ps(c);
+                        each8(dst, cols, |v, _| _mm256_mul_ps(v, k));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Eight floats from `p`, of which the first `left` (when under eight) are read, the rest 0.
+///
+/// # Safety
+/// `min(left, 8)` floats at `p` are readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load8(p: *const f32, left: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 {
+            _mm256_loadu_ps(p)
+        } else {
+            let mut pad = [0f32; 8];
+            std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), left);
+            _mm256_loadu_ps(pad.as_ptr())
+        }
+    }
+}
+
+/// `dst[j..j + 8] = f(dst[j..j + 8], j)` for `j` in steps of 8 below `len`, the last, partial
+/// one on a padded copy.
+///
+/// # Safety
+/// `len` floats at `dst` are readable and writable, and whatever `f` reads at `j` is too.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn each8(
+    dst: *mut f32,
+    len: usize,
+    mut f: impl FnMut(std::arch::x86_64::__m256, usize) -> std::arch::x86_64::__m256,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promises; the tail goes through a local array of eight.
+    unsafe {
+        let mut j = 0;
+        while j + 8 <= len {
+            let v = _mm256_loadu_ps(dst.add(j));
+            _mm256_storeu_ps(dst.add(j), f(v, j));
+            j += 8;
+        }
+        if j < len {
+            let mut pad = [0f32; 8];
+            std::ptr::copy_nonoverlapping(dst.add(j), pad.as_mut_ptr(), len - j);
+            let v = f(_mm256_loadu_ps(pad.as_ptr()), j);
+            _mm256_storeu_ps(pad.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(pad.as_ptr(), dst.add(j), len - j);
+        }
+    }
+}
+
+/// The activations and their derivatives on eight lanes, operation for operation as
+/// `emit::unary`, `emit::act_grad` and `Emit::{exp, sigmoid, tanh}` write them at 128 bits.
+#[cfg(target_arch = "x86_64")]
+mod wide_math {
+    use crate::ir::UnaryFn;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    fn splat(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+
+    /// `cond ? a : b` lane by lane (a compare's all-ones or all-zeros mask).
+    #[target_feature(enable = "avx2,fma")]
+    fn select(cond: __m256, a: __m256, b: __m256) -> __m256 {
+        _mm256_blendv_ps(b, a, cond)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn gt(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_GT_OQ>(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn lt(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
+    }
+
+    /// `Emit::clamp`: x within [lo, hi] by compare and select, and the two compares.
+    #[target_feature(enable = "avx2,fma")]
+    fn clamp(x: __m256, lo: f32, hi: f32) -> (__m256, __m256, __m256) {
+        let above = gt(x, splat(hi));
+        let x = select(above, splat(hi), x);
+        let below = lt(x, splat(lo));
+        (select(below, splat(lo), x), above, below)
+    }
+
+    /// `Emit::exp_in_range`.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_in_range(x: __m256, negated: bool) -> __m256 {
+        let sign = if negated { -1.0 } else { 1.0 };
+        let magic = splat(12_582_912.0);
+        let shifted = _mm256_fmadd_ps(x, splat(sign * std::f32::consts::LOG2_E), magic);
+        let fx = _mm256_sub_ps(shifted, magic);
+        let mut r = x;
+        for c in [0.693_359_4, -2.121_944_4e-4] {
+            let t = _mm256_mul_ps(fx, splat(c));
+            r = if negated { _mm256_add_ps(r, t) } else { _mm256_sub_ps(r, t) };
+        }
+        let z = _mm256_mul_ps(r, r);
+        let coefficients =
+            [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+        let coefficient = |i: usize, c: f32| if negated && (5 - i) % 2 == 1 { -c } else { c };
+        let mut y = splat(coefficient(0, coefficients[0]));
+        for (i, &c) in coefficients.iter().enumerate().skip(1) {
+            y = _mm256_fmadd_ps(y, r, splat(coefficient(i, c)));
+        }
+        let one = splat(1.0);
+        let rp1 = if negated { _mm256_sub_ps(one, r) } else { _mm256_add_ps(r, one) };
+        let y = _mm256_fmadd_ps(y, z, rp1);
+        let n = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n));
+        _mm256_mul_ps(y, pow2n)
+    }
+
+    /// `Emit::exp`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp(x: __m256) -> __m256 {
+        let (x, above, below) = clamp(x, -87.336_55, 88.376_26);
+        let y = exp_in_range(x, false);
+        let y = select(above, splat(f32::INFINITY), y);
+        select(below, splat(0.0), y)
+    }
+
+    /// `Emit::sigmoid`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sigmoid(x: __m256) -> __m256 {
+        let (x, _, overflows) = clamp(x, -88.376_26, 87.336_55);
+        let e = exp_in_range(x, true);
+        let one = splat(1.0);
+        let s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        select(overflows, splat(0.0), s)
+    }
+
+    /// `Emit::tanh`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tanh(x: __m256) -> __m256 {
+        let two = splat(2.0);
+        let (x2, _, _) = clamp(_mm256_mul_ps(x, two), -87.336_55, 88.376_26);
+        let e = exp_in_range(x2, false);
+        let one = splat(1.0);
+        let far = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+        let z = _mm256_mul_ps(x, x);
+        let mut p = splat(-5.704_988_7e-3);
+        for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
+            p = _mm256_fmadd_ps(p, z, splat(c));
+        }
+        let near = _mm256_fmadd_ps(p, _mm256_mul_ps(x, z), x);
+        let ax = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
+        select(lt(ax, splat(0.625)), near, far)
+    }
+
+    /// `emit::unary`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn unary(f: UnaryFn, x: __m256) -> __m256 {
+        let zero = splat(0.0);
+        match f {
+            UnaryFn::Relu => select(gt(x, zero), x, zero),
+            UnaryFn::LeakyRelu(a) => select(gt(x, zero), x, _mm256_mul_ps(x, splat(a))),
+            UnaryFn::Sigmoid => sigmoid(x),
+            UnaryFn::Tanh => tanh(x),
+            UnaryFn::Abs => _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff))),
+            UnaryFn::Square => _mm256_mul_ps(x, x),
+            UnaryFn::Neg => _mm256_xor_ps(x, splat(-0.0)),
+            UnaryFn::Exp => exp(x),
+            UnaryFn::Sign => {
+                let n = select(lt(x, zero), splat(-1.0), zero);
+                select(gt(x, zero), splat(1.0), n)
+            }
+        }
+    }
+
+    /// `emit::act_grad`: `d · f′` from the activation's output `y`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn act_grad(f: UnaryFn, y: __m256, d: __m256) -> __m256 {
+        let zero = splat(0.0);
+        let one = splat(1.0);
+        match f {
+            UnaryFn::Relu => select(gt(y, zero), d, zero),
+            UnaryFn::LeakyRelu(a) => select(gt(y, zero), d, _mm256_mul_ps(d, splat(a))),
+            UnaryFn::Sigmoid => _mm256_mul_ps(d, _mm256_mul_ps(y, _mm256_sub_ps(one, y))),
+            UnaryFn::Tanh => _mm256_mul_ps(d, _mm256_sub_ps(one, _mm256_mul_ps(y, y))),
+            _ => d,
+        }
+    }
+}

@@ -332,7 +332,7 @@ impl Emit<'_, '_> {
 // ---- the elementwise math every kernel family shares -------------------------------------
 
 /// An elementwise op applied to C in the store (see `fuse`); offsets are arena buffers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum EpOp {
     /// `+ bias[j]`.
     Bias(usize),

@@ -464,7 +464,7 @@ impl Program {
         let ew_isa = opts.elementwise.isa();
         let adam_calls = if ew_isa.is_some() { adam_calls(g, &plan)? } else { Vec::new() };
         // The matmuls that run on the wide core, each with its call (index by group).
-        let calls = wide_calls(g, &groups, &plan, wide_isa.is_some(), &is_wide)?;
+        let calls = wide_calls(g, &groups, &plan, (wide_isa.is_some(), ew_isa.is_some()), &is_wide)?;
         let mut fctx = FunctionBuilderContext::new();
         let mut funcs = Vec::new();
         let mut ids = Vec::new();
@@ -970,7 +970,7 @@ fn wide_calls(
     g: &Graph,
     groups: &[fuse::Group],
     plan: &plan::Plan,
-    wide_available: bool,
+    (wide_available, full_width_epilogue): (bool, bool),
     is_wide: &dyn Fn(NodeId) -> bool,
 ) -> Result<Vec<Option<Box<wide::Call>>>, String> {
     let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
@@ -992,13 +992,17 @@ fn wide_calls(
             }
             continue;
         }
-        let fuse::Group::MatMul { mm, .. } = grp else { continue };
+        let fuse::Group::MatMul { mm, chain } = grp else { continue };
         let Op::MatMul { a, b: rhs, ta, tb } = g.node(*mm).op else { continue };
         let Some((m, n, k)) = matmul::dims(g, *mm) else { continue };
         if is_wide(*mm) {
             let out = plan.node[grp.result().index()];
-            let call =
+            let mut call =
                 wide::Call::new((m, n, k), (plan.node[a.index()], ta), (plan.node[rhs.index()], tb), out);
+            // With the full-width primitives, the core applies the epilogue itself.
+            if full_width_epilogue {
+                call.epilogue = matmul::epilogue(g, plan, *mm, chain);
+            }
             if call.extent() > plan.size {
                 return Err(format!("the wide matmul of %{} reaches past the arena", mm.0));
             }
@@ -1072,7 +1076,9 @@ fn emit_kernel(
                 return Err("a matmul group without a matmul".into());
             };
             if let Some((f, call, addr)) = core {
-                let ep = matmul::epilogue(g, plan, *mm, chain);
+                // (An epilogue the core applies itself at full width is not emitted again.)
+                let ep =
+                    if call.epilogue.is_empty() { matmul::epilogue(g, plan, *mm, chain) } else { Vec::new() };
                 wide::emit(e, f, call, addr, range, &ep);
             } else if piece == Piece::Pack {
                 let scratch = plan.scratch_of(*mm)?;
@@ -1280,7 +1286,12 @@ pub fn describe(p: &Program) -> String {
                 let ops: Vec<String> =
                     grp.nodes().iter().map(|n| format!("%{} {}", n.0, g.node(*n).op.mnemonic())).collect();
                 let r = grp.result();
-                let core = if k.wide { " [matmul on the wide core]" } else { "" };
+                let full = p.calls[k.group].as_ref().is_some_and(|c| !c.epilogue.is_empty());
+                let core = match (k.wide, full) {
+                    (true, true) => " [matmul on the wide core, epilogue at 256 bits]",
+                    (true, false) => " [matmul on the wide core]",
+                    _ => "",
+                };
                 let _ = writeln!(
                     out,
                     "  {} -> {} @ {}{split}{core}",

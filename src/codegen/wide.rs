@@ -97,6 +97,10 @@ pub struct Call {
     /// after the one before: then each unit is one whole product.
     pub batch: usize,
     pub batch_bytes: [usize; 3],
+    /// The fused epilogue when the core applies it itself, at full width
+    /// (`elementwise::epilogue_avx2`) right after each unit; empty when the generated kernel
+    /// applies it at 128 bits (or there is none).
+    pub epilogue: Vec<EpOp>,
 }
 
 impl Call {
@@ -117,7 +121,23 @@ impl Call {
         // An even number of units, so that two threads get the same share.
         let units = side.div_ceil(UNIT).next_multiple_of(2);
         let unit = side.div_ceil(units).next_multiple_of(8).min(side);
-        Call { m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, by_cols, unit, batch: 1, batch_bytes: [0; 3] }
+        Call {
+            m,
+            n,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+            c,
+            by_cols,
+            unit,
+            batch: 1,
+            batch_bytes: [0; 3],
+            epilogue: Vec::new(),
+        }
     }
 
     /// `batch` products of the sizes `Call::new` takes, the operands of each stored after the
@@ -174,7 +194,13 @@ impl Call {
         let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
         let b = last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1);
         let c = last(self.c, self.m, self.n as isize, self.n, 1) + later(2);
-        a.max(b).max(c)
+        // The epilogue's operands: a bias along C's columns, other buffers of C's shape.
+        let ep = self.epilogue.iter().map(|op| match *op {
+            EpOp::Bias(off) => off + 4 * self.n,
+            EpOp::ActGrad(_, off) | EpOp::Binary(_, off, _) => off + 4 * self.m * self.n,
+            EpOp::Unary(_) | EpOp::Scale(_) => 0,
+        });
+        ep.fold(a.max(b).max(c), usize::max)
     }
 
     /// Rows `r0..r0 + rows` and columns `c0..c0 + cols` of C that unit `u` computes (the whole
@@ -260,6 +286,13 @@ pub(super) unsafe extern "C" fn aec_gemm(base: *mut u8, call: *const Call, unit:
                 false,
                 Parallelism::None,
             );
+        }
+        // The fused epilogue on the unit's block while it is in cache, at full width: its
+        // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
+        // CPU has AVX2 and FMA (`ElementwisePath::isa`).
+        #[cfg(target_arch = "x86_64")]
+        if !c.epilogue.is_empty() {
+            super::elementwise::epilogue_avx2(base, (c.c + dc, c.n), (r0, rows, c0, cols), &c.epilogue);
         }
     }
 }
