@@ -236,26 +236,29 @@ fn a_vq_vae_reports_its_codebook_encodes_ids_and_resumes_with_its_averages() {
             assert_eq!(v[sample * 128 + c * 16 + pos], book[id as usize * 8 + c], "position {i}");
         }
     }
-    // A codebook kept by moving averages: an interrupted run resumes to the same bytes.
+    // A codebook trained by its loss (Adam's moments with it) and one kept by moving averages:
+    // an interrupted run resumes to the same bytes.
     let spec = std::fs::read_to_string(common::root().join("specs/vqvae_digits.ae")).expect("spec");
     let data = common::root().join("specs/data/digits-images.npy");
-    let spec =
-        spec.replace("quantize 32", "quantize(ema: 0.9) 32").replace("data/digits-images.npy", s(&data));
-    let ema = dir.join("ema.ae");
-    std::fs::write(&ema, spec).expect("write");
-    let (whole, part) = (dir.join("whole"), dir.join("part"));
-    for args in [
-        vec!["run", "--train", s(&ema), "--epochs", "3", "--out", s(&whole)],
-        vec!["run", "--train", s(&ema), "--epochs", "3", "--stop-at", "1", "--out", s(&part)],
-        vec!["run", "--train", s(&ema), "--epochs", "3", "--resume", s(&part)],
-    ] {
-        let (code, _, err) = aec(&args);
-        assert_eq!(code, 0, "{err}");
+    let spec = spec.replace("data/digits-images.npy", s(&data));
+    for (name, quantize) in [("loss", "quantize 32"), ("ema", "quantize(ema: 0.9) 32")] {
+        let path = dir.join(format!("{name}.ae"));
+        std::fs::write(&path, spec.replace("quantize 32", quantize)).expect("write");
+        let (whole, part) = (dir.join(format!("{name}-whole")), dir.join(format!("{name}-part")));
+        for args in [
+            vec!["run", "--train", s(&path), "--epochs", "3", "--out", s(&whole)],
+            vec!["run", "--train", s(&path), "--epochs", "3", "--stop-at", "1", "--out", s(&part)],
+            vec!["run", "--train", s(&path), "--epochs", "3", "--resume", s(&part)],
+        ] {
+            let (code, _, err) = aec(&args);
+            assert_eq!(code, 0, "{err}");
+        }
+        let bytes = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).expect("checkpoint");
+        assert_eq!(bytes(&whole), bytes(&part), "{quantize}: the resumed run differs");
+        let saved = aec::runtime::checkpoint::read_all(&whole.join("checkpoint.safetensors")).expect("read");
+        let counted = saved.iter().any(|t| t.0 == "encoder.3.ema_count" && t.2.iter().any(|&c| c > 0.0));
+        assert_eq!(counted, name == "ema", "{quantize}: the moving averages");
     }
-    let bytes = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).expect("checkpoint");
-    assert_eq!(bytes(&whole), bytes(&part), "the resumed run differs");
-    let ema_ckpt = aec::runtime::checkpoint::read_all(&whole.join("checkpoint.safetensors")).expect("read");
-    assert!(ema_ckpt.iter().any(|t| t.0 == "encoder.3.ema_count" && t.2.iter().any(|&c| c > 0.0)));
 }
 
 #[test]
