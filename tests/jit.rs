@@ -951,6 +951,34 @@ fn evaluation_folds_batch_norm_and_matches_the_interpreter() {
     }
 }
 
+/// `src` trained `steps` steps at `batch` from the same start three ways — the Cranelift
+/// elementwise kernels, the full-width primitives on one thread, on two — and each run's
+/// parameters and optimizer state as bits.
+fn states_on_each_elementwise_path(src: &str, batch: u64, steps: u64) -> Vec<Vec<Vec<u32>>> {
+    use aec::codegen::elementwise::ElementwisePath;
+    let compiled = aec::compile(src, &aec::Config { batch: Some(batch) }).expect("compiles");
+    let g = aec::training_step(&compiled).expect("step");
+    let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
+    let mut ends = Vec::new();
+    for (path, threads) in
+        [(ElementwisePath::Cranelift, 1), (ElementwisePath::Auto, 1), (ElementwisePath::Auto, 2)]
+    {
+        let options = Options { elementwise: path, ..Options::default() };
+        let mut program = Program::compile(&g, options).expect("compiles");
+        program.set_threads(threads);
+        program.set_state(&start).expect("state");
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for step in 1..=steps {
+            program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
+        }
+        let mut end = State::new(Vec::new());
+        program.get_state(&mut end);
+        let slots = end.slots.iter().flatten();
+        ends.push(end.params.iter().chain(slots).map(|p| p.iter().map(|v| v.to_bits()).collect()).collect());
+    }
+    ends
+}
+
 #[test]
 fn full_width_matmul_epilogues_give_the_cranelift_kernels_bits() {
     // Every activation after a bias (forward) and every derivative (backward) in the epilogue
@@ -969,27 +997,7 @@ fn full_width_matmul_epilogues_give_the_cranelift_kernels_bits() {
              decoder {{ dense {h} -> tanh; dense {w} -> sigmoid }}\n loss mse(x) + 0.01 * l1(code) }}\n \
              train {{ optimizer sgd(lr: 0.1) }}"
         );
-        let compiled = aec::compile(&src, &aec::Config { batch: Some(29) }).expect("compiles");
-        let g = aec::training_step(&compiled).expect("step");
-        let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
-        let mut ends = Vec::new();
-        for (path, threads) in
-            [(ElementwisePath::Cranelift, 1), (ElementwisePath::Auto, 1), (ElementwisePath::Auto, 2)]
-        {
-            let options = Options { elementwise: path, ..Options::default() };
-            let mut program = Program::compile(&g, options).expect("compiles");
-            program.set_threads(threads);
-            program.set_state(&start).expect("state");
-            let mut rng = ChaCha8Rng::seed_from_u64(12);
-            for step in 1..=3 {
-                program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
-            }
-            let mut end = State::new(Vec::new());
-            program.get_state(&mut end);
-            let bits: Vec<Vec<u32>> =
-                end.params.iter().map(|p| p.iter().map(|v| v.to_bits()).collect()).collect();
-            ends.push(bits);
-        }
+        let ends = states_on_each_elementwise_path(&src, 29, 3);
         assert!(ends[0] == ends[1], "{src}: the full-width epilogue differs from Cranelift's");
         assert!(ends[1] == ends[2], "{src}: two threads differ from one");
     }
@@ -1012,25 +1020,7 @@ fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
             "model t {{ input x: [101]\n encoder {{ dense 97 -> tanh; dense 3 -> sigmoid }}\n \
              decoder {{ dense 101 -> sigmoid }}\n loss mse(x) }}\n train {{ optimizer {opt}\n {clip} }}"
         );
-        let compiled = aec::compile(&src, &aec::Config { batch: Some(5) }).expect("compiles");
-        let g = aec::training_step(&compiled).expect("step");
-        let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
-        let mut ends = Vec::new();
-        for (path, threads) in
-            [(ElementwisePath::Cranelift, 1), (ElementwisePath::Auto, 1), (ElementwisePath::Auto, 2)]
-        {
-            let options = Options { elementwise: path, ..Options::default() };
-            let mut program = Program::compile(&g, options).expect("compiles");
-            program.set_threads(threads);
-            program.set_state(&start).expect("state");
-            let mut rng = ChaCha8Rng::seed_from_u64(12);
-            for step in 1..=4 {
-                program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
-            }
-            let mut end = State::new(Vec::new());
-            program.get_state(&mut end);
-            ends.push((end.params, end.slots));
-        }
+        let ends = states_on_each_elementwise_path(&src, 5, 4);
         assert!(ends[0] == ends[1], "{opt} {clip}: the full-width update differs from Cranelift's");
         assert!(ends[1] == ends[2], "{opt} {clip}: two threads differ from one");
     }
