@@ -899,6 +899,7 @@ pub fn train(
                 }
                 _ => (None, None, None),
             };
+            let usage = codebook.as_deref().map(codebook_usage);
             metrics.push(EpochMetrics {
                 epoch,
                 stage: phase.label.clone(),
@@ -919,8 +920,8 @@ pub fn train(
                 token_accuracy,
                 sequence_accuracy,
                 bleu,
-                codebook_perplexity: codebook.as_deref().map(|c| codebook_usage(c).0),
-                codebook_usage: codebook.as_deref().map(|c| codebook_usage(c).1),
+                codebook_perplexity: usage.map(|u| u.0),
+                codebook_usage: usage.map(|u| u.1),
                 samples_per_s: rate(order.len(), epoch_train),
                 allreduce_s: cfg
                     .dist

@@ -1122,16 +1122,8 @@ impl Checker<'_> {
                             .help("a Gaussian code follows a layer that gives one vector per sample"));
                     }
                 };
-                if ctx.part != Part::Encoder {
-                    return Err(Diagnostic::error("a `gaussian` code belongs at the end of the encoder")
-                        .label(l.span, "in the decoder")
-                        .help("end the encoder with `gaussian N`; the decoder starts from the code"));
-                }
-                if let Some(a) = l.activations.first() {
-                    return Err(Diagnostic::error("a `gaussian` code takes no activation")
-                        .label(a.span, "applied to the sampled code")
-                        .help("remove it: the code is mu + exp(logvar / 2)·ε, unbounded by design"));
-                }
+                let fix = "remove it: the code is mu + exp(logvar / 2)·ε, unbounded by design";
+                code_layer(ctx, l, ("gaussian N", "applied to the sampled code", fix))?;
                 for head in ["mu", "logvar"] {
                     let (w, b) = (pname(&format!("{head}.weight")), pname(&format!("{head}.bias")));
                     self.param(l, w, vec![*units, width], ParamRole::Weight, width, *units)?;
@@ -1151,16 +1143,8 @@ impl Checker<'_> {
                         .help("a quantized code follows a dense or conv layer"));
                     }
                 };
-                if ctx.part != Part::Encoder {
-                    return Err(Diagnostic::error("a `quantize` code belongs at the end of the encoder")
-                        .label(l.span, "in the decoder")
-                        .help("end the encoder with `quantize K`; the decoder starts from the code"));
-                }
-                if let Some(a) = l.activations.first() {
-                    return Err(Diagnostic::error("a `quantize` code takes no activation")
-                        .label(a.span, "applied to codebook vectors")
-                        .help("put the activation on the layer before it, or remove it"));
-                }
+                let fix = "put the activation on the layer before it, or remove it";
+                code_layer(ctx, l, ("quantize K", "applied to codebook vectors", fix))?;
                 let width = d[0];
                 let role = ParamRole::Codebook { ema: ema.is_some() };
                 self.param(l, pname("codebook"), vec![*size, width], role, *size, width)?;
@@ -1620,6 +1604,23 @@ impl Checker<'_> {
 
 fn shape_err(l: &ast::Layer, message: String) -> Diagnostic {
     Diagnostic::error(message).label(l.span, "here")
+}
+
+/// What a code layer (`gaussian N`, `quantize K`: written as `form`) needs: to be in the
+/// encoder, and no activation (`applied` says what one would apply to, `fix` what to do).
+fn code_layer(ctx: &Ctx, l: &ast::Layer, (form, applied, fix): (&str, &str, &str)) -> Result<(), Diagnostic> {
+    let kw = l.layer_keyword();
+    if ctx.part != Part::Encoder {
+        return Err(Diagnostic::error(format!("a `{kw}` code belongs at the end of the encoder"))
+            .label(l.span, "in the decoder")
+            .help(format!("end the encoder with `{form}`; the decoder starts from the code")));
+    }
+    match l.activations.first() {
+        Some(a) => Err(Diagnostic::error(format!("a `{kw}` code takes no activation"))
+            .label(a.span, applied)
+            .help(fix)),
+        None => Ok(()),
+    }
 }
 
 fn mul3(a: u64, b: u64, c: u64) -> u64 {
