@@ -1004,6 +1004,43 @@ fn full_width_matmul_epilogues_give_the_cranelift_kernels_bits() {
 }
 
 #[test]
+fn full_width_recurrent_gates_give_the_cranelift_kernels_bits() {
+    // Each cell's gates forward and backward, computed by the wide core with each step's
+    // projection: hidden sizes leaving 1 to 7 lanes past a multiple of 8, batches that leave a
+    // partial unit of rows (and batch 1); the whole state after three SGD steps must be the
+    // Cranelift loop's, bit for bit, on one and two threads.
+    use aec::codegen::elementwise::ElementwisePath;
+    if ElementwisePath::Auto.isa().is_none() || aec::codegen::wide::isa().is_none() {
+        return; // No AVX2 here: the gates stay in the Cranelift loop.
+    }
+    for (cell, h, batch) in [
+        ("gru", 15, 13),
+        ("gru", 17, 9),
+        ("gru", 22, 3),
+        ("gru", 37, 1),
+        ("lstm", 13, 13),
+        ("lstm", 19, 3),
+        ("rnn", 23, 8),
+        ("rnn", 38, 3),
+    ] {
+        let src = format!(
+            "model t {{ input s: seq[6] of token[5]\n encoder {{ embed 4; {cell} {h} }}\n \
+             decoder {{ {cell} {h} teacher_forcing; dense 5 -> softmax }}\n loss cross_entropy(s) }}\n \
+             train {{ optimizer sgd(lr: 0.5) }}"
+        );
+        // The wide core must be computing the gates here, or the test proves nothing.
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(batch) }).expect("compiles");
+        let g = aec::training_step(&compiled).expect("step");
+        let program = Program::compile(&g, Options::default()).expect("compiles");
+        let fused = aec::codegen::describe(&program).matches("gates at 256 bits").count();
+        assert_eq!(fused, 4, "{src}: two loops forward and two backward on the wide core");
+        let ends = states_on_each_elementwise_path(&src, batch, 3);
+        assert!(ends[0] == ends[1], "{src} at batch {batch}: the full-width gates differ from Cranelift's");
+        assert!(ends[1] == ends[2], "{src} at batch {batch}: two threads differ from one");
+    }
+}
+
+#[test]
 fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
     // Adam, AdamW and Adam clipped by norm, with weight decay; parameters of 1 to 7 elements
     // past a multiple of 8 and one of two chunks (9,797 elements); one and two threads.

@@ -170,7 +170,7 @@ fn packed_round(k: usize, n: usize) -> usize {
 
 /// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
 /// im2col row-major in the packed region (which is at least as large), `T` in the temporary.
-fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _full_width: bool) -> Option<Call> {
     let Op::Conv2d { w, .. } = g.node(id).op else { return None };
     let (_, m, n, k, _) = shape(g, id)?;
     if sparse::parts(g, id).is_some() || !wide::worth(m, n, k) {

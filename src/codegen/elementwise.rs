@@ -250,7 +250,7 @@ pub(super) unsafe fn epilogue_avx2(
 /// `min(left, 8)` floats at `p` are readable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load8(p: *const f32, left: usize) -> std::arch::x86_64::__m256 {
+pub(super) unsafe fn load8(p: *const f32, left: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     // SAFETY: as the caller promises.
     unsafe {
@@ -298,7 +298,7 @@ unsafe fn each8(
 /// The activations and their derivatives on eight lanes, operation for operation as
 /// `emit::unary`, `emit::act_grad` and `Emit::{exp, sigmoid, tanh}` write them at 128 bits.
 #[cfg(target_arch = "x86_64")]
-mod wide_math {
+pub(super) mod wide_math {
     use crate::ir::UnaryFn;
     use std::arch::x86_64::*;
 
@@ -362,7 +362,7 @@ mod wide_math {
 
     /// `Emit::exp`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp(x: __m256) -> __m256 {
+    pub(in crate::codegen) fn exp(x: __m256) -> __m256 {
         let (x, above, below) = clamp(x, -87.336_55, 88.376_26);
         let y = exp_in_range(x, false);
         let y = select(above, splat(f32::INFINITY), y);
@@ -371,7 +371,7 @@ mod wide_math {
 
     /// `Emit::sigmoid`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn sigmoid(x: __m256) -> __m256 {
+    pub(in crate::codegen) fn sigmoid(x: __m256) -> __m256 {
         let (x, _, overflows) = clamp(x, -88.376_26, 87.336_55);
         let e = exp_in_range(x, true);
         let one = splat(1.0);
@@ -381,7 +381,7 @@ mod wide_math {
 
     /// `Emit::tanh`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tanh(x: __m256) -> __m256 {
+    pub(in crate::codegen) fn tanh(x: __m256) -> __m256 {
         let two = splat(2.0);
         let (x2, _, _) = clamp(_mm256_mul_ps(x, two), -87.336_55, 88.376_26);
         let e = exp_in_range(x2, false);
@@ -399,7 +399,7 @@ mod wide_math {
 
     /// `emit::unary`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn unary(f: UnaryFn, x: __m256) -> __m256 {
+    pub(in crate::codegen) fn unary(f: UnaryFn, x: __m256) -> __m256 {
         let zero = splat(0.0);
         match f {
             UnaryFn::Relu => select(gt(x, zero), x, zero),
@@ -419,7 +419,7 @@ mod wide_math {
 
     /// `emit::act_grad`: `d · f′` from the activation's output `y`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn act_grad(f: UnaryFn, y: __m256, d: __m256) -> __m256 {
+    pub(in crate::codegen) fn act_grad(f: UnaryFn, y: __m256, d: __m256) -> __m256 {
         let zero = splat(0.0);
         let one = splat(1.0);
         match f {

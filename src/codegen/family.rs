@@ -30,8 +30,9 @@ pub struct Family {
     pub parts: fn(&Graph, NodeId) -> Option<Parts>,
     /// Bytes of scratch node `id` needs while it runs.
     pub scratch_bytes: fn(&Graph, NodeId) -> usize,
-    /// The wide core's call for node `id` at `scratch`, when it uses the core.
-    pub wide_call: fn(&Graph, &Plan, NodeId, usize) -> Option<wide::Call>,
+    /// The wide core's call for node `id` at `scratch`, when it uses the core; the last
+    /// argument says whether the core may do elementwise work at full width as well.
+    pub wide_call: fn(&Graph, &Plan, NodeId, usize, bool) -> Option<wide::Call>,
     /// Work units `lo..hi` ranges over in part `k`, and its rough work (multiply-adds for the
     /// main part), given the wide core's call if there is one.
     pub units: fn(&Graph, NodeId, usize, Option<&wide::Call>) -> (usize, usize),

@@ -25,6 +25,7 @@ pub mod elementwise;
 mod emit;
 mod family;
 pub mod fuse;
+mod gates;
 mod kernels;
 mod matmul;
 mod norm;
@@ -982,8 +983,9 @@ fn wide_calls(
             // A family's call into the core (a recurrent loop's per-step projection, a
             // dense conv2d's matmul, a batch of products).
             let scratch = family_scratch(g, plan, *id)?;
-            let call =
-                family::of(g, *id).and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch));
+            let call = family::of(g, *id).and_then(|(f, _)| {
+                (family::FAMILIES[f].wide_call)(g, plan, *id, scratch, full_width_epilogue)
+            });
             if let Some(call) = call {
                 if call.extent() > plan.size {
                     return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
@@ -1287,9 +1289,11 @@ pub fn describe(p: &Program) -> String {
                     grp.nodes().iter().map(|n| format!("%{} {}", n.0, g.node(*n).op.mnemonic())).collect();
                 let r = grp.result();
                 let full = p.calls[k.group].as_ref().is_some_and(|c| !c.epilogue.is_empty());
-                let core = match (k.wide, full) {
-                    (true, true) => " [matmul on the wide core, epilogue at 256 bits]",
-                    (true, false) => " [matmul on the wide core]",
+                let gates = p.calls[k.group].as_ref().is_some_and(|c| c.gates.is_some());
+                let core = match (k.wide, full, gates) {
+                    (true, _, true) => " [matmul and gates on the wide core, gates at 256 bits]",
+                    (true, true, false) => " [matmul on the wide core, epilogue at 256 bits]",
+                    (true, false, false) => " [matmul on the wide core]",
                     _ => "",
                 };
                 let _ = writeln!(

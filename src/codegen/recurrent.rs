@@ -12,6 +12,7 @@
 
 use super::emit::{Emit, EpOp};
 use super::family::{Family, Parts};
+use super::gates::{Gates, Pass};
 use super::matmul::{self, Mm};
 use super::plan::Plan;
 use super::wide::{self, Call};
@@ -44,8 +45,16 @@ fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
     parts(g, id).map(|_| Parts { names: &["pack", "loop"], main: 1 })
 }
 
-fn family_wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
-    if wide_worth(g, id) { wide_call(g, plan, id, scratch) } else { None }
+fn family_wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, full_width: bool) -> Option<Call> {
+    let mut call = if wide_worth(g, id) { wide_call(g, plan, id, scratch)? } else { return None };
+    // With the full-width primitives, the core computes the gates too (`gates`), and the
+    // projection's epilogue before them.
+    if full_width && cfg!(target_arch = "x86_64") {
+        let (gates, epilogue) = full_width_gates(g, plan, id, scratch)?;
+        call.gates = Some(gates);
+        call.epilogue = epilogue;
+    }
+    Some(call)
 }
 
 fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize, usize) {
@@ -178,11 +187,11 @@ fn parts(g: &Graph, id: NodeId) -> Option<(Vec<Part>, usize, usize)> {
 
 /// Whether the per-step projection of recurrent node `id` is worth the wide core.
 fn wide_worth(g: &Graph, id: NodeId) -> bool {
-    dims(g, id).is_some_and(|d| wide::worth(d.b.min(wide::ROW_UNIT), d.gh(), d.h))
+    dims(g, id).is_some_and(|d| wide::worth(d.b.min(wide::row_unit(d.b)), d.gh(), d.h))
 }
 
 /// The per-step projection of recurrent node `id` as a call into the wide core, its units
-/// [`wide::ROW_UNIT`] batch rows each: forward `gh = h·W_hhᵀ` with `W_hhᵀ` copied row-major
+/// [`wide::row_unit`] batch rows each: forward `gh = h·W_hhᵀ` with `W_hhᵀ` copied row-major
 /// into the scratch by the pack part, backward `dh = dgh·W_hh` straight from the parameter.
 fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call> {
     let d = dims(g, id)?;
@@ -196,8 +205,46 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<Call>
     }
 }
 
+/// The gates of recurrent node `id` for the wide core to compute, and the epilogue of its
+/// projection (`b_hh` forward, the GRU's `dh·z` backward).
+fn full_width_gates(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Option<(Gates, Vec<EpOp>)> {
+    let d = dims(g, id)?;
+    let at = |x: NodeId| plan.node[x.index()];
+    let [_, s1, s2, s3, s4] = layout(d, scratch);
+    let (pass, epilogue) = match g.node(id).op {
+        Op::Recurrent { b_hh, .. } => (
+            Pass::Forward { gh: s3, h: s1, c: s2, saved: saved_projections(g, id).map(at) },
+            b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect(),
+        ),
+        Op::RecurrentGrad { gh, hprev, dhs, .. } => {
+            let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
+            let pass = Pass::Backward {
+                gh: at(gh),
+                hprev: at(hprev),
+                dhs: at(dhs),
+                dh: s1,
+                dc: s2,
+                direct: s3,
+                dgh: s4,
+                dxp_at: lay.dxp,
+                dgh_at: lay.dgh,
+                total: lay.total,
+            };
+            let direct = [EpOp::Binary(BinaryFn::Add, s3, true)];
+            (pass, if d.cell == Cell::Gru { direct.to_vec() } else { Vec::new() })
+        }
+        _ => return None,
+    };
+    let xp = match g.node(id).op {
+        Op::Recurrent { xp, .. } | Op::RecurrentGrad { xp, .. } => xp,
+        _ => return None,
+    };
+    let gates = Gates { cell: d.cell, b: d.b, t: d.t, h: d.h, xp: at(xp), out: at(id), pass };
+    Some((gates, epilogue))
+}
+
 /// Emits part `index` (of [`PARTS`]) of recurrent node `id`; the loop covers batch rows
-/// `lo..hi` (units of [`wide::ROW_UNIT`] rows with the wide `core`).
+/// `lo..hi` (units of [`wide::row_unit`] rows with the wide `core`).
 #[allow(clippy::too_many_arguments)]
 fn emit(
     e: &mut Emit,
@@ -216,7 +263,10 @@ fn emit(
     let [packed, s1, s2, s3, s4] = layout(d, scratch);
     // The loop's work units are batch rows (sequences), or groups of them for the wide core,
     // split evenly between threads.
-    let per = if core.is_some() && part == Part::Loop { wide::ROW_UNIT as i64 } else { 1 };
+    let per = match core {
+        Some((_, call, _)) if part == Part::Loop => call.unit as i64,
+        _ => 1,
+    };
     let r0 = e.b.ins().imul_imm_s(lo, per);
     let r1 = e.b.ins().imul_imm_s(hi, per);
     let bmax = e.i64(d.b as i64);
@@ -266,6 +316,27 @@ impl Loop<'_> {
         self.plan.node[x.index()]
     }
 
+    /// Whether the wide core computes the gates with each step's projection.
+    fn fused_gates(&self) -> bool {
+        self.core.is_some_and(|(_, call, _)| call.gates.is_some())
+    }
+
+    /// Step `t` of the units, gates and projection, on the wide core (`fused_gates`): one
+    /// call per unit, its argument `t · units + unit`.
+    fn fused_step(&self, e: &mut Emit, t: Value) {
+        let Some((f, call, addr)) = self.core else { return };
+        let count = call.unit_count() as i64;
+        let (lo, hi) = self.units;
+        let units = e.i64(count);
+        let end = e.b.ins().smin(hi, units);
+        let first = e.b.ins().imul_imm_s(t, count);
+        e.for_dynamic(lo, end, |e, u| {
+            let arg = e.b.ins().iadd(first, u);
+            let addr = e.i64(addr);
+            e.b.ins().call(f, &[e.base, addr, arg]);
+        });
+    }
+
     /// The per-step projection of the rows, with the fused epilogue.
     fn project(&self, e: &mut Emit, mm: &Mm) {
         match self.core {
@@ -309,6 +380,10 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
         epilogue: &ep,
         stable: false,
     };
+    if lp.fused_gates() {
+        e.for_range(0, d.t as i64, 1, |e, t| lp.fused_step(e, t));
+        return;
+    }
     e.for_range(0, d.t as i64, 1, |e, t| {
         project(e, &mm);
         e.for_dynamic(r0, r1, |e, r| {
@@ -416,6 +491,10 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
     e.for_range(0, d.t as i64, 1, |e, back| {
         let last = e.i64(d.t as i64 - 1);
         let t = e.b.ins().isub(last, back);
+        if lp.fused_gates() {
+            lp.fused_step(e, t);
+            return;
+        }
         e.for_dynamic(r0, r1, |e, r| {
             let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
             // The first pass: the gates that need only their own projections, kept
