@@ -1031,7 +1031,12 @@ fn full_width_recurrent_gates_give_the_cranelift_kernels_bits() {
         // The wide core must be computing the gates here, or the test proves nothing.
         let compiled = aec::compile(&src, &aec::Config { batch: Some(batch) }).expect("compiles");
         let g = aec::training_step(&compiled).expect("step");
-        let program = Program::compile(&g, Options::default()).expect("compiles");
+        let on = Options {
+            matmul: aec::codegen::wide::MatmulPath::Auto,
+            elementwise: ElementwisePath::Auto,
+            ..Options::default()
+        };
+        let program = Program::compile(&g, on).expect("compiles");
         let fused = aec::codegen::describe(&program).matches("gates at 256 bits").count();
         assert_eq!(fused, 4, "{src}: two loops forward and two backward on the wide core");
         let ends = states_on_each_elementwise_path(&src, batch, 3);
