@@ -142,15 +142,16 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
             let kk = ge.kk();
             Some((ge, ge.ci * kk, ge.n(), ge.co, ge.ci * kk * ge.n()))
         }
-        // dWᵀ [CKK, Cout] = im2col(x) [CKK, N] · dy'ᵀ [N, Cout]; temp holds im2col row-major.
+        // dWᵀ [CKK, Cout] = im2col(x) [CKK, N] · dy'ᵀ [N, Cout]; temp holds im2col row-major (at
+        // `row_stride` on the wide core).
         Op::Conv2dWeightGrad { x, dy, kernel, stride, pad } => {
             let ge = Geom::of(&sh(x), &sh(dy), kernel, stride, pad);
-            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * ge.n()))
+            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * row_stride(ge.n())))
         }
         Op::ConvTranspose2dWeightGrad { x, dy, kernel, stride, pad } => {
             // conv2d's weight gradient with dy as the input and x as the output gradient.
             let ge = Geom::of(&sh(dy), &sh(x), kernel, stride, pad);
-            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * ge.n()))
+            Some((ge, ge.ckk(), ge.co, ge.n(), ge.ckk() * row_stride(ge.n())))
         }
         _ => None,
     }
@@ -159,7 +160,7 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
 /// Bytes of scratch a conv-family node needs (packed panels, then a temporary).
 fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
     match shape(g, id) {
-        Some((_, _, n, k, temp)) => packed_round(k, n) + temp * 4,
+        Some((_, _, n, k, temp)) => packed_region(&g.node(id).op, k, n) + temp * 4,
         None => sparse::scratch_bytes(g, id),
     }
 }
@@ -168,16 +169,53 @@ fn packed_round(k: usize, n: usize) -> usize {
     matmul::packed_bytes(k, n).div_ceil(64) * 64
 }
 
+/// Bytes of `op`'s first scratch region: the packed panels, or for a conv2d on the wide core
+/// im2col row-major `[K, N]` at [`row_stride`], whichever is larger. (A weight gradient's
+/// output gradient as `[Cout, N]` fits the panels.)
+fn packed_region(op: &Op, k: usize, n: usize) -> usize {
+    let packed = packed_round(k, n);
+    match op {
+        Op::Conv2d { .. } => packed.max((4 * k * row_stride(n)).next_multiple_of(64)),
+        _ => packed,
+    }
+}
+
+/// The row stride, in floats, of im2col written row-major for the wide core: `n` rounded up to
+/// 16 and then to an odd multiple of 16, so that rows start in different sets of the L1 cache.
+/// With a stride of a whole number of 4 KiB, as `[_, 64·28·28]` is, every row the core reads
+/// at once lands in the same set and a weight gradient ran at half its speed.
+fn row_stride(n: usize) -> usize {
+    let s = n.next_multiple_of(16);
+    if (s / 16).is_multiple_of(2) { s + 16 } else { s }
+}
+
 /// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
 /// im2col row-major in the packed region (which is at least as large), `T` in the temporary.
+///
+/// A weight gradient's: `dW[Cout, CKK] = dy'[Cout, N] · im2col(x)ᵀ`, the output gradient
+/// row-major `[Cout, N]` in the packed region and im2col `[CKK, N]` in the temporary, read
+/// transposed.
 fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _full_width: bool) -> Option<Call> {
-    let Op::Conv2d { w, .. } = g.node(id).op else { return None };
-    let (_, m, n, k, _) = shape(g, id)?;
-    if sparse::parts(g, id).is_some() || !wide::worth(m, n, k) {
+    if sparse::parts(g, id).is_some() {
         return None;
     }
-    let temp = scratch + packed_round(k, n);
-    Some(Call::new((m, n, k), (plan.node[w.index()], false), (scratch, false), temp))
+    let (ge, m, n, k, _) = shape(g, id)?;
+    let temp = scratch + packed_region(&g.node(id).op, k, n);
+    let stride = row_stride(ge.n()) as isize;
+    match g.node(id).op {
+        Op::Conv2d { w, .. } if wide::worth(m, n, k) => {
+            let call = Call::new((m, n, k), (plan.node[w.index()], false), (scratch, false), temp);
+            Some(Call { b_rs: stride, ..call })
+        }
+        Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }
+            if wide::worth(ge.co, ge.ckk(), ge.n()) =>
+        {
+            let out = plan.node[id.index()];
+            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (temp, true), out);
+            Some(Call { b_cs: stride, ..call })
+        }
+        _ => None,
+    }
 }
 
 /// Work units of the prep kernel (input channels of im2col, or images when it writes im2col
@@ -247,7 +285,7 @@ fn emit(
     }
     let (ge, m, n, k, _) = shape(g, id).ok_or("not a convolution")?;
     let packed = scratch;
-    let temp = scratch + packed_round(k, n);
+    let temp = scratch + packed_region(&g.node(id).op, k, n);
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
@@ -255,7 +293,7 @@ fn emit(
             let (lo, hi) = range;
             let top = e.i64(ge.b as i64);
             let hi = e.b.ins().smin(hi, top);
-            e.for_dynamic(lo, hi, |e, img| im2col_rows(e, ge, at(x), packed, img));
+            e.for_dynamic(lo, hi, |e, img| im2col_rows(e, ge, at(x), (packed, row_stride(ge.n())), img));
         }
         (Op::Conv2d { .. }, Part::Compute) if core.is_some() => {
             if let Some((f, call, addr)) = core {
@@ -281,6 +319,19 @@ fn emit(
             matmul::emit_mm(e, &mm, range);
         }
         (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out, range),
+        (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) if core.is_some() => {
+            weight_grad_rows(e, ge, (at(x), at(dy)), (packed, temp), range);
+        }
+        (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) if core.is_some() => {
+            weight_grad_rows(e, ge, (at(dy), at(x)), (packed, temp), range);
+        }
+        (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute)
+            if core.is_some() =>
+        {
+            if let Some((f, call, addr)) = core {
+                wide::emit(e, f, call, addr, range, &[]);
+            }
+        }
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
             weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range);
         }
@@ -436,21 +487,47 @@ fn weight_grad_prep(
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, img| {
         pack_channels(e, dy, (ge.b, ge.co, ge.oh * ge.ow), packed, img);
-        im2col_rows(e, ge, input, acol, img);
+        im2col_rows(e, ge, input, (acol, ge.n()), img);
     });
 }
 
-/// Image `img`'s columns of im2col(input), row-major `[CKK, N]` at `acol`: contiguous copies
-/// of input rows, zeros in the padding.
-fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, acol: usize, img: Value) {
-    let n = ge.n();
+/// The weight gradient's operands for the wide core, for the images `lo..hi`: their columns
+/// of im2col of `input`, row-major `[CKK, N]`, into `acol`, and their rows of the output
+/// gradient `dy [B, Cout, HW]` as `[Cout, N]` row-major into `rows` (a plane a copy).
+fn weight_grad_rows(
+    e: &mut Emit,
+    ge: Geom,
+    (input, dy): (usize, usize),
+    (rows, acol): (usize, usize),
+    (lo, hi): (Value, Value),
+) {
+    let (hw, n) = (ge.oh * ge.ow, ge.n());
+    let top = e.i64(ge.b as i64);
+    let hi = e.b.ins().smin(hi, top);
+    e.for_dynamic(lo, hi, |e, img| {
+        let from = e.b.ins().imul_imm_s(img, (ge.co * hw) as i64);
+        let to = e.b.ins().imul_imm_s(img, hw as i64);
+        e.for_range(0, ge.co as i64, 1, |e, c| {
+            let src = e.b.ins().imul_imm_s(c, hw as i64);
+            let src = e.b.ins().iadd(from, src);
+            let dst = e.b.ins().imul_imm_s(c, n as i64);
+            let dst = e.b.ins().iadd(to, dst);
+            super::kernels::copy(e, dy, src, rows, dst, hw);
+        });
+        im2col_rows(e, ge, input, (acol, row_stride(n)), img);
+    });
+}
+
+/// Image `img`'s columns of im2col(input), row-major `[CKK, N]` at `acol` with rows `stride`
+/// floats apart: contiguous copies of input rows, zeros in the padding.
+fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usize), img: Value) {
     e.for_range(0, ge.ci as i64, 1, |e, c| {
         for kh in 0..ge.k[0] {
             for kw in 0..ge.k[1] {
                 let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
                 let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
                 let r = e.b.ins().iadd_imm_s(r, tap as i64);
-                let row = e.b.ins().imul_imm_s(r, n as i64);
+                let row = e.b.ins().imul_imm_s(r, stride as i64);
                 let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
                     e.for_range(from as i64, to as i64, 1, |e, ox| {
                         let i = e.b.ins().iadd(at, ox);
