@@ -319,12 +319,6 @@ fn emit(
             matmul::emit_mm(e, &mm, range);
         }
         (Op::ConvTranspose2d { .. }, Part::Finish) => col2im(e, ge, temp, out, range),
-        (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) if core.is_some() => {
-            weight_grad_rows(e, ge, (at(x), at(dy)), (packed, temp), range);
-        }
-        (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) if core.is_some() => {
-            weight_grad_rows(e, ge, (at(dy), at(x)), (packed, temp), range);
-        }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute)
             if core.is_some() =>
         {
@@ -333,10 +327,10 @@ fn emit(
             }
         }
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range);
+            weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range, core.is_some());
         }
         (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            weight_grad_prep(e, ge, (at(dy), at(x)), (packed, temp), range);
+            weight_grad_prep(e, ge, (at(dy), at(x)), (packed, temp), range, core.is_some());
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
             // dWᵀ [CKK, Cout], stored transposed: dW [Cout, CKK].
@@ -475,36 +469,26 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
 
 /// The weight gradient's operands for the images `lo..hi` (the work one thread takes): their
 /// columns of im2col of `input`, row-major `[CKK, N]`, into `acol`, and their rows of the output
-/// gradient `dy [B, Cout, HW]` packed as the right operand `[N, Cout]`.
+/// gradient `dy [B, Cout, HW]` into `packed` — as the right operand `[N, Cout]` in panels for
+/// Cranelift's kernel, or for the `wide` core as `[Cout, N]` row-major (a plane a copy), with
+/// im2col's rows [`row_stride`] apart.
 fn weight_grad_prep(
     e: &mut Emit,
     ge: Geom,
     (input, dy): (usize, usize),
     (packed, acol): (usize, usize),
     (lo, hi): (Value, Value),
-) {
-    let top = e.i64(ge.b as i64);
-    let hi = e.b.ins().smin(hi, top);
-    e.for_dynamic(lo, hi, |e, img| {
-        pack_channels(e, dy, (ge.b, ge.co, ge.oh * ge.ow), packed, img);
-        im2col_rows(e, ge, input, (acol, ge.n()), img);
-    });
-}
-
-/// The weight gradient's operands for the wide core, for the images `lo..hi`: their columns
-/// of im2col of `input`, row-major `[CKK, N]`, into `acol`, and their rows of the output
-/// gradient `dy [B, Cout, HW]` as `[Cout, N]` row-major into `rows` (a plane a copy).
-fn weight_grad_rows(
-    e: &mut Emit,
-    ge: Geom,
-    (input, dy): (usize, usize),
-    (rows, acol): (usize, usize),
-    (lo, hi): (Value, Value),
+    wide: bool,
 ) {
     let (hw, n) = (ge.oh * ge.ow, ge.n());
     let top = e.i64(ge.b as i64);
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, img| {
+        if !wide {
+            pack_channels(e, dy, (ge.b, ge.co, hw), packed, img);
+            im2col_rows(e, ge, input, (acol, n), img);
+            return;
+        }
         let from = e.b.ins().imul_imm_s(img, (ge.co * hw) as i64);
         let to = e.b.ins().imul_imm_s(img, hw as i64);
         e.for_range(0, ge.co as i64, 1, |e, c| {
@@ -512,7 +496,7 @@ fn weight_grad_rows(
             let src = e.b.ins().iadd(from, src);
             let dst = e.b.ins().imul_imm_s(c, n as i64);
             let dst = e.b.ins().iadd(to, dst);
-            super::kernels::copy(e, dy, src, rows, dst, hw);
+            super::kernels::copy(e, dy, src, packed, dst, hw);
         });
         im2col_rows(e, ge, input, (acol, row_stride(n)), img);
     });

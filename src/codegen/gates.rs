@@ -185,6 +185,28 @@ fn sig_d(v: __m256) -> __m256 {
     _mm256_mul_ps(v, _mm256_sub_ps(_mm256_set1_ps(1.0), v))
 }
 
+/// A row's first pass (`recurrent::independent_gates`): each gate that needs only its own
+/// projections, from `pre(k, j, n)`, into the row's gate slots at `dst` (gates `hs` apart).
+///
+/// # Safety
+/// The row's `G·H` floats at `dst` are writable, and `pre` reads only what its caller may.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn independent_gates(
+    cell: Cell,
+    hs: usize,
+    dst: *mut f32,
+    pre: impl Fn(usize, usize, usize) -> (__m256, __m256),
+) {
+    runs(hs, |j, n| {
+        for k in 0..first_pass(cell) {
+            let (x, y) = pre(k, j, n);
+            // SAFETY: gate k's lanes `j..j + n` of the row, as the caller promises.
+            unsafe { store8(dst.add(k * hs + j), gate_activation(cell, k, x, y), n) };
+        }
+    });
+}
+
 /// How many gates the first pass computes (`recurrent::first_pass`).
 fn first_pass(cell: Cell) -> usize {
     match cell {
@@ -219,12 +241,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
             (x, y)
         };
         let done = |k: usize, j: usize, n: usize| load8(at(gh, grow + k * hs + j), n);
-        runs(hs, |j, n| {
-            for k in 0..first_pass(g.cell) {
-                let (x, y) = pre(k, j, n);
-                store8(at(gh, grow + k * hs + j), gate_activation(g.cell, k, x, y), n);
-            }
-        });
+        independent_gates(g.cell, hs, at(gh, grow), pre);
         runs(hs, |j, n| {
             let (hi, oi) = (hrow + j, orow + j);
             match g.cell {
@@ -279,12 +296,7 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
         let pre = |k: usize, j: usize, n: usize| {
             (load8(at(g.xp, xrow + k * hs + j), n), load8(at(gh, xrow + k * hs + j), n))
         };
-        runs(hs, |j, n| {
-            for k in 0..first_pass(g.cell) {
-                let (x, y) = pre(k, j, n);
-                store8(at(dgh, grow + k * hs + j), gate_activation(g.cell, k, x, y), n);
-            }
-        });
+        independent_gates(g.cell, hs, at(dgh, grow), pre);
         runs(hs, |j, n| {
             let (hi, si) = (hrow + j, srow + j);
             let done = |k: usize| load8(at(dgh, grow + k * hs + j), n);
