@@ -4,7 +4,7 @@
 //! diagnostics rendered, `--emit ir`, `grad` and `fused`), and must come back without a panic,
 //! an abort or a long stall.
 //!
-//! It runs for `AEC_FUZZ_SECONDS` (default 15, or 60 under CI) from seed `AEC_FUZZ_SEED`
+//! It runs for `AEC_FUZZ_SECONDS` (default 15, or 20 under CI) from seed `AEC_FUZZ_SEED`
 //! (default 1); `AEC_FUZZ_SECONDS=3600 cargo test --release --test fuzz` runs it for an hour.
 //! Every input that ever crashed it is kept in `tests/fuzz/` and runs first, every time: a
 //! panic or a stall at once (each input runs under a watchdog thread, and the panic's message
@@ -224,7 +224,7 @@ fn mutated_specs_never_panic_abort_or_stall() {
     let mut corpus = specs_in(&root().join("specs"));
     corpus.extend(specs_in(&root().join("specs/errors")));
     assert!(corpus.len() > 40, "the corpus is the shipped specs");
-    let default = if std::env::var_os("CI").is_some() { 60 } else { 15 };
+    let default = if std::env::var_os("CI").is_some() { 20 } else { 15 };
     let seconds = std::env::var("AEC_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
     let seed = std::env::var("AEC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
