@@ -1067,3 +1067,49 @@ fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
         assert!(ends[1] == ends[2], "{opt} {clip}: two threads differ from one");
     }
 }
+
+#[test]
+fn full_width_rows_and_losses_give_the_cranelift_kernels_bits() {
+    // Softmax rows and cross-entropy's (the exponentials and their sum at full width): widths
+    // of 8 to 31 leaving 0 to 3 floats past a whole vector of four, and an even or odd count of
+    // vectors; attention's softmax over 9 and 12 source positions. The whole state after three
+    // steps must be the Cranelift kernels', bit for bit, on one and two threads.
+    use aec::codegen::elementwise::ElementwisePath;
+    if ElementwisePath::Auto.isa().is_none() {
+        return; // No AVX2 here: there are only the Cranelift kernels.
+    }
+    let mut specs: Vec<(String, u64)> = [8, 9, 13, 14, 15, 23, 31]
+        .iter()
+        .zip([3, 13, 1, 5, 8, 2, 7])
+        .map(|(v, batch)| {
+            let src = format!(
+                "model t {{ input s: seq[5] of token[{v}]\n encoder {{ embed 4; gru 7 }}\n \
+                 decoder {{ gru 7 teacher_forcing; dense {v} -> softmax }}\n loss cross_entropy(s) }}\n \
+                 train {{ optimizer sgd(lr: 0.5) }}"
+            );
+            (src, batch)
+        })
+        .collect();
+    for (len, score, batch) in [(9, "dot", 3), (12, "general", 5)] {
+        specs.push((
+            format!(
+                "model t {{ input s: seq[{len}] of token[6]\n encoder {{ embed 4; gru 5 }}\n \
+                 decoder {{ gru 5 teacher_forcing; attention {score}; dense 6 -> softmax }}\n \
+                 loss cross_entropy(s) }}\n train {{ optimizer sgd(lr: 0.5) }}"
+            ),
+            batch,
+        ));
+    }
+    for (src, batch) in &specs {
+        // Some kernel must run at full width here, or the test proves nothing.
+        let compiled = aec::compile(src, &aec::Config { batch: Some(*batch) }).expect("compiles");
+        let g = aec::training_step(&compiled).expect("step");
+        let on = Options { elementwise: ElementwisePath::Auto, ..Options::default() };
+        let program = Program::compile(&g, on).expect("compiles");
+        let wide = aec::codegen::describe(&program).matches("[elementwise at 256 bits]").count();
+        assert!(wide >= 1, "{src}: no kernel at full width");
+        let ends = states_on_each_elementwise_path(src, *batch, 3);
+        assert!(ends[0] == ends[1], "{src} at batch {batch}: the full-width kernels differ from Cranelift's");
+        assert!(ends[1] == ends[2], "{src} at batch {batch}: two threads differ from one");
+    }
+}

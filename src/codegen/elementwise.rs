@@ -161,6 +161,80 @@ unsafe fn adam_avx2(base: *mut u8, c: &AdamCall, start: usize, end: usize) {
     }
 }
 
+/// `Σ exp(x − max)` over the `n` floats at byte offset `src` of the arena at `base`, each
+/// exponential also stored at byte offset `dst` unless it is negative (it may be `src`): a
+/// softmax row's or cross-entropy's denominator. The sum is `kernels::sum`'s at 128 bits, term
+/// for term: four lane sums over the whole vectors of four (each eight-lane exponential added
+/// as its two halves, in order), then `(a₀ + a₁) + (a₂ + a₃)` plus the sum of the last `n mod
+/// 4` terms. The exponentials are `wide_math::exp`, the 128-bit code's lane for lane, so the
+/// total and every stored value have the Cranelift kernel's bits. Called by generated code
+/// only.
+///
+/// # Safety
+/// `n` floats at `src` (and at `dst`, when stored) lie inside the arena at `base`, no other
+/// thread touches them meanwhile, and the CPU has AVX2 and FMA.
+pub(super) unsafe extern "C" fn aec_sum_exp(base: *mut u8, src: i64, dst: i64, n: i64, max: f32) -> f32 {
+    let n = n.max(0) as usize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller promises; `Program::compile` imports this primitive only where
+    // `ElementwisePath::isa` found AVX2 and FMA.
+    unsafe {
+        let x = base.add(src.max(0) as usize) as *const f32;
+        let out = (dst >= 0).then(|| base.add(dst as usize) as *mut f32);
+        sum_exp_avx2(x, out, n, max)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (base, src, dst, max);
+        0.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_avx2(x: *const f32, out: Option<*mut f32>, n: usize, max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY (the whole body): every index is below `n`; the last, partial vector goes through
+    // a local array.
+    unsafe {
+        let m = _mm256_set1_ps(max);
+        let whole = n / 4 * 4;
+        let mut acc = _mm_setzero_ps();
+        let mut j = 0;
+        while j + 8 <= whole {
+            let t = wide_math::exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(j)), m));
+            if let Some(o) = out {
+                _mm256_storeu_ps(o.add(j), t);
+            }
+            acc = _mm_add_ps(acc, _mm256_castps256_ps128(t));
+            acc = _mm_add_ps(acc, _mm256_extractf128_ps::<1>(t));
+            j += 8;
+        }
+        // At most one vector of four and the tail of up to three, in one padded eight.
+        let mut tail = 0.0f32;
+        if j < n {
+            let left = n - j;
+            let t = wide_math::exp(_mm256_sub_ps(load8(x.add(j), left), m));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), t);
+            if let Some(o) = out {
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), o.add(j), left);
+            }
+            let mut k = 0;
+            if whole > j {
+                acc = _mm_add_ps(acc, _mm256_castps256_ps128(t));
+                k = 4;
+            }
+            for &v in &lanes[k..left] {
+                tail += v;
+            }
+        }
+        let mut a = [0f32; 4];
+        _mm_storeu_ps(a.as_mut_ptr(), acc);
+        ((a[0] + a[1]) + (a[2] + a[3])) + tail
+    }
+}
+
 /// `f` over `xs` with the full-width epilogue code (eight lanes, the last ones padded), or
 /// `None` on a CPU without AVX2 and FMA: for the tests that hold it to the 128-bit kernels.
 pub fn unary_full_width(f: crate::ir::UnaryFn, xs: &[f32]) -> Option<Vec<f32>> {

@@ -16,6 +16,11 @@ pub struct Emit<'a, 'b> {
     pub logf: Option<FuncRef>,
     /// `rng::normal` (a draw from N(0, 1) of the counter-based generator), for `Op::Normal`.
     pub normal: Option<FuncRef>,
+    /// `elementwise::aec_sum_exp` (a row's exponentials at full width), where the machine and
+    /// the path allow the full-width primitives.
+    pub sum_exp: Option<FuncRef>,
+    /// Set once the kernel calls a full-width primitive: it runs at 256 bits.
+    pub full_width: bool,
 }
 
 /// Loads and stores of arena memory: aligned for scalars, trusted (no traps; the plan checked

@@ -9,12 +9,12 @@
 use super::emit::Emit;
 use super::plan::Plan;
 use super::wide;
-use super::{batched, conv, recurrent};
+use super::{batched, columns, conv, recurrent};
 use crate::ir::{Graph, NodeId};
 use cranelift_codegen::ir::Value;
 
 /// Every family, asked in order; the first whose `parts` answers compiles the node.
-pub const FAMILIES: &[Family] = &[conv::FAMILY, recurrent::FAMILY, batched::FAMILY];
+pub const FAMILIES: &[Family] = &[conv::FAMILY, recurrent::FAMILY, batched::FAMILY, columns::FAMILY];
 
 /// What a family's node compiles to.
 pub struct Parts {

@@ -443,42 +443,6 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 });
             });
         }
-        Op::GatherColumns { w, ids } => {
-            let [n, d] = [shape(*w)[0], shape(*w)[1]];
-            let (ws, is) = (at(*w), at(*ids));
-            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, r| {
-                let id = load_index(e, is, r);
-                let row = e.b.ins().imul_imm_s(r, n as i64);
-                e.for_range(0, n as i64, 1, |e, k| {
-                    let src = e.b.ins().imul_imm_s(k, d as i64);
-                    let src = e.b.ins().iadd(src, id);
-                    let v = e.load(F32, ws, src);
-                    let dst = e.b.ins().iadd(row, k);
-                    e.store(out, dst, v);
-                });
-            });
-        }
-        Op::ScatterColumns { dy, ids, depth } => {
-            let n = node.ty.shape[0];
-            let (ds, is) = (at(*dy), at(*ids));
-            e.elementwise(numel, |e, ty, i| {
-                let z = e.fconst(ty, 0.0);
-                e.store(out, i, z);
-            });
-            e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, r| {
-                let id = load_index(e, is, r);
-                let row = e.b.ins().imul_imm_s(r, n as i64);
-                e.for_range(0, n as i64, 1, |e, k| {
-                    let dst = e.b.ins().imul_imm_s(k, *depth as i64);
-                    let dst = e.b.ins().iadd(dst, id);
-                    let src = e.b.ins().iadd(row, k);
-                    let v = e.load(F32, ds, src);
-                    let old = e.load(F32, out, dst);
-                    let new = e.b.ins().fadd(old, v);
-                    e.store(out, dst, new);
-                });
-            });
-        }
         Op::EmbedGrad { ids, dy, .. } => {
             let dim = node.ty.shape[1];
             let (is, ds) = (at(*ids), at(*dy));
@@ -694,6 +658,9 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         }
         Op::Recurrent { .. } | Op::RecurrentGrad { .. } => {
             return Err("recurrent ops are emitted by `codegen::recurrent`".into());
+        }
+        Op::GatherColumns { .. } | Op::ScatterColumns { .. } => {
+            return Err("one-hot products are emitted by `codegen::columns`".into());
         }
     }
     Ok(())
@@ -936,7 +903,7 @@ pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value,
 }
 
 /// An i32 index at element `i` of buffer `off`, as an I64.
-fn load_index(e: &mut Emit, off: usize, i: Value) -> Value {
+pub(super) fn load_index(e: &mut Emit, off: usize, i: Value) -> Value {
     let v = e.load(I32, off, i);
     e.b.ins().sextend(I64, v)
 }
@@ -1642,6 +1609,22 @@ fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<u
         fold(e, m, x);
     }
     let max = e.b.use_var(m);
+    if let Some(f) = e.sum_exp.filter(|_| n >= 8) {
+        // The exponentials and their sum at full width, with these bits.
+        let at = |e: &mut Emit, off: usize| {
+            let r = e.b.ins().imul_imm_s(r0, 4);
+            e.b.ins().iadd_imm_s(r, off as i64)
+        };
+        let s = at(e, src);
+        let d = match store {
+            Some(out) => at(e, out),
+            None => e.i64(-1),
+        };
+        let count = e.i64(n as i64);
+        let call = e.b.ins().call(f, &[e.base, s, d, count, max]);
+        e.full_width = true;
+        return (max, e.b.inst_results(call)[0]);
+    }
     let maxv = e.b.ins().splat(F32X4, max);
     let total = sum(e, n, |e, ty, j| {
         let idx = e.b.ins().iadd(r0, j);

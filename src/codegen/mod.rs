@@ -20,6 +20,7 @@
 
 mod batched;
 mod clip;
+mod columns;
 mod conv;
 pub mod elementwise;
 mod emit;
@@ -441,6 +442,7 @@ impl Program {
         builder.symbol("aec_normal", aec_normal as *const u8);
         builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
         builder.symbol("aec_adam", elementwise::aec_adam as *const u8);
+        builder.symbol("aec_sum_exp", elementwise::aec_sum_exp as *const u8);
         let mut code = Code(Some(JITModule::new(builder)));
         let Some(module) = code.0.as_mut() else { return Err("no JIT module".into()) };
 
@@ -455,6 +457,20 @@ impl Program {
         normal_sig.returns.push(AbiParam::new(F32));
         let normal =
             module.declare_function("aec_normal", Linkage::Import, &normal_sig).map_err(|e| e.to_string())?;
+
+        // `aec_sum_exp(base, src, dst, n, max) -> total`.
+        let mut sum_exp_sig = module.make_signature();
+        sum_exp_sig.params.extend([
+            AbiParam::new(I64),
+            AbiParam::new(I64),
+            AbiParam::new(I64),
+            AbiParam::new(I64),
+        ]);
+        sum_exp_sig.params.push(AbiParam::new(F32));
+        sum_exp_sig.returns.push(AbiParam::new(F32));
+        let sum_exp = module
+            .declare_function("aec_sum_exp", Linkage::Import, &sum_exp_sig)
+            .map_err(|e| e.to_string())?;
 
         let mut sig = module.make_signature();
         sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
@@ -487,6 +503,7 @@ impl Program {
             let grp = &groups[gi];
             let name = kernel_name(g, grp, piece);
             let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+            let full_width;
             let mut func = Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
             let frontend = module.target_config();
             {
@@ -498,7 +515,15 @@ impl Program {
                 let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
                 let normal_ref = module.declare_func_in_func(normal, b.func);
-                let mut e = emit::Emit { b: &mut b, base, logf: Some(logf_ref), normal: Some(normal_ref) };
+                let sum_exp_ref = ew_isa.map(|_| module.declare_func_in_func(sum_exp, b.func));
+                let mut e = emit::Emit {
+                    b: &mut b,
+                    base,
+                    logf: Some(logf_ref),
+                    normal: Some(normal_ref),
+                    sum_exp: sum_exp_ref,
+                    full_width: false,
+                };
                 // The wide core, imported into the kernels of a group that calls it.
                 let core = calls[gi].as_deref().map(|call| {
                     let f = module.declare_func_in_func(gemm, e.b.func);
@@ -514,6 +539,7 @@ impl Program {
                     _ => None,
                 };
                 emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
+                full_width = e.full_width;
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
                 b.finalize(frontend);
@@ -536,7 +562,7 @@ impl Program {
             }
             funcs.push((fid, name.clone(), func));
             let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
-            ids.push((gi, piece, fid, units, work, name));
+            ids.push((gi, piece, fid, units, work, name, full_width));
         }
         for Compiled { fid, alignment, bytes, relocs } in compile_all(module.isa(), funcs)? {
             module.define_function_bytes(fid, alignment, &bytes, &relocs).map_err(|e| e.to_string())?;
@@ -544,7 +570,7 @@ impl Program {
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(group, piece, fid, units, work, name)| {
+            .map(|(group, piece, fid, units, work, name, full_width)| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
@@ -559,7 +585,7 @@ impl Program {
                         "256-bit"
                     }
                     _ if wide && wide_isa == Some("AVX-512") => "512-bit",
-                    _ if wide => "256-bit",
+                    _ if wide || full_width => "256-bit",
                     _ => "128-bit",
                 };
                 Kernel { group, piece, f, units, work, wide, width, name }
@@ -1294,6 +1320,7 @@ pub fn describe(p: &Program) -> String {
                     (true, _, true) => " [matmul and gates on the wide core, gates at 256 bits]",
                     (true, true, false) => " [matmul on the wide core, epilogue at 256 bits]",
                     (true, false, false) => " [matmul on the wide core]",
+                    _ if k.width != "128-bit" => " [elementwise at 256 bits]",
                     _ => "",
                 };
                 let _ = writeln!(
