@@ -968,13 +968,19 @@ fn states_on_each_elementwise_path(src: &str, batch: u64, steps: u64) -> Vec<Vec
         program.set_threads(threads);
         program.set_state(&start).expect("state");
         let mut rng = ChaCha8Rng::seed_from_u64(12);
+        // Each step's loss, then the state after the last.
+        let mut losses = Vec::new();
         for step in 1..=steps {
             program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
+            if let Some(Buf::F32(l)) = program.output("loss") {
+                losses.extend(l.iter().map(|v| v.to_bits()));
+            }
         }
         let mut end = State::new(Vec::new());
         program.get_state(&mut end);
         let slots = end.slots.iter().flatten();
-        ends.push(end.params.iter().chain(slots).map(|p| p.iter().map(|v| v.to_bits()).collect()).collect());
+        let state = end.params.iter().chain(slots).map(|p| p.iter().map(|v| v.to_bits()).collect());
+        ends.push(std::iter::once(losses).chain(state).collect());
     }
     ends
 }
@@ -1069,7 +1075,7 @@ fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
 }
 
 #[test]
-fn full_width_rows_and_losses_give_the_cranelift_kernels_bits() {
+fn full_width_rows_and_chains_give_the_cranelift_kernels_bits() {
     // Softmax rows and cross-entropy's (the exponentials and their sum at full width): widths
     // of 8 to 31 leaving 0 to 3 floats past a whole vector of four, and an even or odd count of
     // vectors; attention's softmax over 9 and 12 source positions. The whole state after three
@@ -1099,6 +1105,25 @@ fn full_width_rows_and_losses_give_the_cranelift_kernels_bits() {
             ),
             batch,
         ));
+    }
+    // A VAE's exponentials (the sample's standard deviation forward, the KL term's gradient
+    // backward) over codes of batch × latent floats: every count of floats past a whole vector
+    // of eight, and more than one block of the primitive's.
+    for (w, latent, batch) in [(9, 13, 5), (12, 9, 8), (7, 17, 13), (10, 100, 11)] {
+        specs.push((
+            format!(
+                "model t {{ input x: [{w}]\n encoder {{ dense 6 -> tanh; gaussian {latent} }}\n \
+                 decoder {{ dense {w} -> sigmoid }}\n loss mse(x) + kl(code) }}\n \
+                 train {{ optimizer sgd(lr: 0.1) }}"
+            ),
+            batch,
+        ));
+    }
+    // Shipped specs whose fused chains (a VAE's exponentials, additive attention's tanh) run at
+    // full width, at odd batches.
+    for (name, batch) in [("vae_digits", 37), ("translate_additive", 5), ("vae_conv", 17)] {
+        let path = format!("{}/specs/{name}.ae", env!("CARGO_MANIFEST_DIR"));
+        specs.push((std::fs::read_to_string(&path).expect("a shipped spec"), batch));
     }
     for (src, batch) in &specs {
         // Some kernel must run at full width here, or the test proves nothing.

@@ -194,44 +194,162 @@ pub(super) unsafe extern "C" fn aec_sum_exp(base: *mut u8, src: i64, dst: i64, n
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_avx2(x: *const f32, out: Option<*mut f32>, n: usize, max: f32) -> f32 {
     use std::arch::x86_64::*;
-    // SAFETY (the whole body): every index is below `n`; the last, partial vector goes through
-    // a local array.
+    // SAFETY (the whole body): every index is below `n`; the last, partial vector is read and
+    // written through local arrays.
     unsafe {
         let m = _mm256_set1_ps(max);
-        let whole = n / 4 * 4;
-        let mut acc = _mm_setzero_ps();
+        let mut sum = Sum128::new(n);
         let mut j = 0;
-        while j + 8 <= whole {
-            let t = wide_math::exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(j)), m));
-            if let Some(o) = out {
-                _mm256_storeu_ps(o.add(j), t);
-            }
-            acc = _mm_add_ps(acc, _mm256_castps256_ps128(t));
-            acc = _mm_add_ps(acc, _mm256_extractf128_ps::<1>(t));
-            j += 8;
-        }
-        // At most one vector of four and the tail of up to three, in one padded eight.
-        let mut tail = 0.0f32;
-        if j < n {
+        while j < n {
             let left = n - j;
             let t = wide_math::exp(_mm256_sub_ps(load8(x.add(j), left), m));
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), t);
             if let Some(o) = out {
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), o.add(j), left);
+                store8(o.add(j), t, left);
             }
-            let mut k = 0;
-            if whole > j {
-                acc = _mm_add_ps(acc, _mm256_castps256_ps128(t));
-                k = 4;
-            }
-            for &v in &lanes[k..left] {
-                tail += v;
-            }
+            sum.add(t, j);
+            j += 8;
         }
+        sum.total()
+    }
+}
+
+/// A sum of `n` terms taken eight at a time, in the order `kernels::sum` takes them four at a
+/// time at 128 bits: four lane sums over the whole vectors of four (each eight terms added as
+/// their two halves), then `(a₀ + a₁) + (a₂ + a₃)` plus the sum of the last `n mod 4` terms,
+/// one by one. So the total has the 128-bit kernel's bits.
+#[cfg(target_arch = "x86_64")]
+struct Sum128 {
+    n: usize,
+    lanes: std::arch::x86_64::__m128,
+    tail: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Sum128 {
+    #[target_feature(enable = "avx2,fma")]
+    fn new(n: usize) -> Sum128 {
+        Sum128 { n, lanes: std::arch::x86_64::_mm_setzero_ps(), tail: 0.0 }
+    }
+
+    /// Adds the terms `j..j + 8` (those below `n`), `j` a multiple of eight.
+    #[target_feature(enable = "avx2,fma")]
+    fn add(&mut self, terms: std::arch::x86_64::__m256, j: usize) {
+        use std::arch::x86_64::*;
+        if j + 8 <= self.n / 4 * 4 {
+            self.lanes = _mm_add_ps(self.lanes, _mm256_castps256_ps128(terms));
+            self.lanes = _mm_add_ps(self.lanes, _mm256_extractf128_ps::<1>(terms));
+            return;
+        }
+        let fours = ((self.n / 4 * 4).saturating_sub(j) / 4).min(2);
+        if fours > 0 {
+            self.lanes = _mm_add_ps(self.lanes, _mm256_castps256_ps128(terms));
+        }
+        if fours > 1 {
+            self.lanes = _mm_add_ps(self.lanes, _mm256_extractf128_ps::<1>(terms));
+        }
+        let mut each = [0f32; 8];
+        // SAFETY: `each` holds eight floats.
+        unsafe { _mm256_storeu_ps(each.as_mut_ptr(), terms) };
+        for &v in &each[4 * fours..(self.n - j).min(8)] {
+            self.tail += v;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn total(&self) -> f32 {
         let mut a = [0f32; 4];
-        _mm_storeu_ps(a.as_mut_ptr(), acc);
-        ((a[0] + a[1]) + (a[2] + a[3])) + tail
+        // SAFETY: `a` holds four floats.
+        unsafe { std::arch::x86_64::_mm_storeu_ps(a.as_mut_ptr(), self.lanes) };
+        ((a[0] + a[1]) + (a[2] + a[3])) + self.tail
+    }
+}
+
+/// A fused chain of elementwise ops (`fuse::Group::Chain`) as the full-width primitive runs
+/// it: each element is loaded from `src`, put through `ops` in order and stored at `out`
+/// (arena byte offsets). The chain's first op is the first of `ops`, its first operand `src`
+/// (a bias add's `x`, with the bias as an `EpOp::Bias`). Work unit `u` is the elements
+/// `u·len .. min((u + 1)·len, n)`; a bias is indexed by the element's place in its unit (so a
+/// bias add's unit is one row of `len` columns).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainCall {
+    pub n: usize,
+    pub len: usize,
+    pub src: usize,
+    pub ops: Vec<super::emit::EpOp>,
+    pub out: usize,
+}
+
+impl ChainCall {
+    /// One past the last byte of the arena the call reads or writes.
+    pub fn extent(&self) -> usize {
+        use super::emit::EpOp;
+        let buffers = self.ops.iter().map(|op| match *op {
+            EpOp::ActGrad(_, o) | EpOp::Binary(_, o, _) => o + 4 * self.n,
+            EpOp::Bias(b) => b + 4 * self.len,
+            _ => 0,
+        });
+        [self.src, self.out].into_iter().map(|o| o + 4 * self.n).chain(buffers).fold(0, usize::max)
+    }
+
+    /// Its work units.
+    pub fn units(&self) -> usize {
+        self.n.div_ceil(self.len.max(1))
+    }
+}
+
+/// Runs unit `unit` of `*call`'s chain, op by op over blocks of its elements, each element
+/// through the 128-bit loop's operations in the same order (`op_over`), so with its bits. Called by generated code
+/// only.
+///
+/// # Safety
+/// `call` points at a live [`ChainCall`] whose [`ChainCall::extent`] fits in the arena at
+/// `base`, no other thread touches this unit's elements meanwhile, and the CPU has AVX2 and
+/// FMA.
+pub(super) unsafe extern "C" fn aec_chain(base: *mut u8, call: *const ChainCall, unit: i64) {
+    // SAFETY: the program owns `*call`, boxed, for as long as its code exists; kernels only
+    // read it.
+    let c = unsafe { &*call };
+    let start = (unit.max(0) as usize) * c.len;
+    let end = (start + c.len).min(c.n);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `Program::compile` checked `c.extent()` against the arena and imports this
+    // primitive only where `ElementwisePath::isa` found AVX2 and FMA; units are disjoint.
+    unsafe {
+        let (src, out) = (base.add(c.src) as *const f32, base.add(c.out) as *mut f32);
+        // Block by block through a buffer, so that `out` may be any operand's place.
+        let mut buf = [0f32; BLOCK];
+        let mut i = start;
+        while i < end {
+            let len = (end - i).min(BLOCK);
+            std::ptr::copy_nonoverlapping(src.add(i), buf.as_mut_ptr(), len);
+            for &op in &c.ops {
+                op_over(base, op, buf.as_mut_ptr(), len, (i, i - start));
+            }
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), len);
+            i += len;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, start, end);
+}
+
+/// Stores the first `left` (when under eight) of the eight floats `v` at `p`.
+///
+/// # Safety
+/// `min(left, 8)` floats at `p` are writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store8(p: *mut f32, v: std::arch::x86_64::__m256, left: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 {
+            _mm256_storeu_ps(p, v);
+        } else {
+            let mut pad = [0f32; 8];
+            _mm256_storeu_ps(pad.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(pad.as_ptr(), p, left);
+        }
     }
 }
 
@@ -273,50 +391,76 @@ pub(super) unsafe fn epilogue_avx2(
     (r0, rows, c0, cols): (usize, usize, usize, usize),
     ops: &[super::emit::EpOp],
 ) {
-    use super::emit::EpOp;
-    use crate::ir::BinaryFn;
-    use std::arch::x86_64::*;
-    use wide_math::{act_grad, unary};
     // SAFETY (the whole body): offsets and indices stay in the block and the buffers `extent`
     // checked.
     unsafe {
-        let at = |off: usize| base.add(off) as *mut f32;
+        let dst = base.add(out) as *mut f32;
         for row in r0..r0 + rows {
             let first = row * n + c0;
-            let dst = at(out).add(first);
-            for op in ops {
-                match *op {
-                    EpOp::Bias(off) => {
-                        let b = at(off).add(c0);
-                        each8(dst, cols, |v, j| _mm256_add_ps(v, load8(b.add(j), cols - j)));
-                    }
-                    EpOp::Unary(f) => each8(dst, cols, |v, _| unary(f, v)),
-                    EpOp::ActGrad(f, y) => {
-                        let y = at(y).add(first);
-                        each8(dst, cols, |v, j| act_grad(f, load8(y.add(j), cols - j), v));
-                    }
-                    EpOp::Binary(f, other, c_left) => {
-                        let o = at(other).add(first);
-                        each8(dst, cols, |v, j| {
-                            let w = load8(o.add(j), cols - j);
-                            let (a, b) = if c_left { (v, w) } else { (w, v) };
-                            match f {
-                                BinaryFn::Add => _mm256_add_ps(a, b),
-                                BinaryFn::Sub => _mm256_sub_ps(a, b),
-                                BinaryFn::Mul => _mm256_mul_ps(a, b),
-                                BinaryFn::Div => _mm256_div_ps(a, b),
-                            }
-                        });
-                    }
-                    EpOp::Scale(c) => {
-                        let k = _mm256_set1_ps(c);
-                        each8(dst, cols, |v, _| _mm256_mul_ps(v, k));
-                    }
-                }
+            for &op in ops {
+                op_over(base, op, dst.add(first), cols, (first, c0));
             }
         }
     }
 }
+
+/// Epilogue op `op` applied in place to the `len` floats at `dst`, which stand for the
+/// elements of flat index `flat..` and columns `col..` (a bias's index): `emit::apply_ops`'s
+/// operations for one op, eight lanes at a time, the last ones through a padded copy.
+///
+/// # Safety
+/// `len` floats at `dst` are readable and writable, and the buffer `op` names holds them at
+/// `flat` (a bias at `col`) inside the arena at `base`; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn op_over(
+    base: *mut u8,
+    op: super::emit::EpOp,
+    dst: *mut f32,
+    len: usize,
+    (flat, col): (usize, usize),
+) {
+    use super::emit::EpOp;
+    use crate::ir::BinaryFn;
+    use std::arch::x86_64::*;
+    use wide_math::{act_grad, unary};
+    // SAFETY: as the caller promises.
+    unsafe {
+        let at = |off: usize| base.add(off) as *const f32;
+        match op {
+            EpOp::Bias(off) => {
+                let b = at(off).add(col);
+                each8(dst, len, |v, j| _mm256_add_ps(v, load8(b.add(j), len - j)));
+            }
+            EpOp::Unary(f) => each8(dst, len, |v, _| unary(f, v)),
+            EpOp::ActGrad(f, y) => {
+                let y = at(y).add(flat);
+                each8(dst, len, |v, j| act_grad(f, load8(y.add(j), len - j), v));
+            }
+            EpOp::Binary(f, other, c_left) => {
+                let o = at(other).add(flat);
+                each8(dst, len, |v, j| {
+                    let w = load8(o.add(j), len - j);
+                    let (a, b) = if c_left { (v, w) } else { (w, v) };
+                    match f {
+                        BinaryFn::Add => _mm256_add_ps(a, b),
+                        BinaryFn::Sub => _mm256_sub_ps(a, b),
+                        BinaryFn::Mul => _mm256_mul_ps(a, b),
+                        BinaryFn::Div => _mm256_div_ps(a, b),
+                    }
+                });
+            }
+            EpOp::Scale(c) => {
+                let k = _mm256_set1_ps(c);
+                each8(dst, len, |v, _| _mm256_mul_ps(v, k));
+            }
+        }
+    }
+}
+
+/// Floats a full-width primitive keeps on its stack while it applies ops one by one: a block
+/// small enough to stay in L1 between them.
+const BLOCK: usize = 512;
 
 /// Eight floats from `p`, of which the first `left` (when under eight) are read, the rest 0.
 ///

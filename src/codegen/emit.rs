@@ -16,11 +16,35 @@ pub struct Emit<'a, 'b> {
     pub logf: Option<FuncRef>,
     /// `rng::normal` (a draw from N(0, 1) of the counter-based generator), for `Op::Normal`.
     pub normal: Option<FuncRef>,
-    /// `elementwise::aec_sum_exp` (a row's exponentials at full width), where the machine and
-    /// the path allow the full-width primitives.
-    pub sum_exp: Option<FuncRef>,
+    /// The full-width elementwise primitives, where the machine and the path allow them.
+    pub wide: Option<Primitives>,
     /// Set once the kernel calls a full-width primitive: it runs at 256 bits.
     pub full_width: bool,
+    /// What the kernel's primitive calls point at, for the program to keep while its code
+    /// lives.
+    /// Boxed: generated code holds their addresses while the vector grows.
+    #[allow(clippy::vec_box)]
+    pub held: Vec<Box<super::elementwise::ChainCall>>,
+}
+
+/// The full-width elementwise primitives (`elementwise`) as a kernel imports them.
+#[derive(Clone, Copy)]
+pub struct Primitives {
+    /// `aec_sum_exp(base, src, dst, n, max) -> Σ`: a row's exponentials.
+    pub sum_exp: FuncRef,
+    /// `aec_chain(base, call, unit)`: a unit of a fused elementwise chain.
+    pub chain: FuncRef,
+}
+
+impl Emit<'_, '_> {
+    /// Keeps `call` for the program and returns the address its primitive takes.
+    pub fn hold(&mut self, call: super::elementwise::ChainCall) -> Value {
+        let call = Box::new(call);
+        let addr = call.as_ref() as *const super::elementwise::ChainCall as i64;
+        self.held.push(call);
+        self.full_width = true;
+        self.i64(addr)
+    }
 }
 
 /// Loads and stores of arena memory: aligned for scalars, trusted (no traps; the plan checked

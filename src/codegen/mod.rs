@@ -298,6 +298,9 @@ pub struct Program {
     calls: Vec<Option<Box<wide::Call>>>,
     /// The full-width Adam updates' calls (by update node), held at stable addresses as `calls`.
     _adam_calls: Vec<(NodeId, Box<elementwise::AdamCall>)>,
+    /// The other full-width primitives' calls the kernels point at (`Emit::held`).
+    #[allow(clippy::vec_box)] // Boxed: the code holds their addresses.
+    _held: Vec<Box<elementwise::ChainCall>>,
     /// The instruction set of the wide core, when any matmul uses it.
     wide_isa: Option<&'static str>,
     /// Time spent in each kernel since profiling was switched on (`aec bench --profile`).
@@ -443,6 +446,7 @@ impl Program {
         builder.symbol("aec_gemm", wide::aec_gemm as *const u8);
         builder.symbol("aec_adam", elementwise::aec_adam as *const u8);
         builder.symbol("aec_sum_exp", elementwise::aec_sum_exp as *const u8);
+        builder.symbol("aec_chain", elementwise::aec_chain as *const u8);
         let mut code = Code(Some(JITModule::new(builder)));
         let Some(module) = code.0.as_mut() else { return Err("no JIT module".into()) };
 
@@ -476,7 +480,8 @@ impl Program {
         sig.params.extend([AbiParam::new(I64), AbiParam::new(I64), AbiParam::new(I64)]);
         // `aec_gemm(base, call, unit)` has the kernels' signature.
         let gemm = module.declare_function("aec_gemm", Linkage::Import, &sig).map_err(|e| e.to_string())?;
-        // `aec_adam(base, call, chunk)` too.
+        // `aec_chain(base, call, unit)` and `aec_adam(base, call, chunk)` too.
+        let chain = module.declare_function("aec_chain", Linkage::Import, &sig).map_err(|e| e.to_string())?;
         let adam = module.declare_function("aec_adam", Linkage::Import, &sig).map_err(|e| e.to_string())?;
         let ew_isa = opts.elementwise.isa();
         let adam_calls = if ew_isa.is_some() { adam_calls(g, &plan)? } else { Vec::new() };
@@ -499,6 +504,7 @@ impl Program {
             ));
         }
         let mut total_insts = 0usize;
+        let mut held = Vec::new();
         for &(gi, piece) in &work {
             let grp = &groups[gi];
             let name = kernel_name(g, grp, piece);
@@ -515,14 +521,18 @@ impl Program {
                 let (base, lo, hi) = (params[0], params[1], params[2]);
                 let logf_ref = module.declare_func_in_func(logf, b.func);
                 let normal_ref = module.declare_func_in_func(normal, b.func);
-                let sum_exp_ref = ew_isa.map(|_| module.declare_func_in_func(sum_exp, b.func));
+                let primitives = ew_isa.map(|_| emit::Primitives {
+                    sum_exp: module.declare_func_in_func(sum_exp, b.func),
+                    chain: module.declare_func_in_func(chain, b.func),
+                });
                 let mut e = emit::Emit {
                     b: &mut b,
                     base,
                     logf: Some(logf_ref),
                     normal: Some(normal_ref),
-                    sum_exp: sum_exp_ref,
+                    wide: primitives,
                     full_width: false,
+                    held: Vec::new(),
                 };
                 // The wide core, imported into the kernels of a group that calls it.
                 let core = calls[gi].as_deref().map(|call| {
@@ -540,6 +550,12 @@ impl Program {
                 };
                 emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
                 full_width = e.full_width;
+                for call in e.held.drain(..) {
+                    if call.extent() > plan.size {
+                        return Err(format!("{name}: a full-width call reaches past the arena"));
+                    }
+                    held.push(call);
+                }
                 b.ins().return_(&[]);
                 b.seal_all_blocks();
                 b.finalize(frontend);
@@ -609,6 +625,7 @@ impl Program {
             wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
             calls,
             _adam_calls: adam_calls,
+            _held: held,
             profile: None,
             _code: code,
         })
