@@ -339,7 +339,7 @@ pub(super) unsafe extern "C" fn aec_chain(base: *mut u8, call: *const ChainCall,
 /// `min(left, 8)` floats at `p` are writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn store8(p: *mut f32, v: std::arch::x86_64::__m256, left: usize) {
+pub(super) unsafe fn store8(p: *mut f32, v: std::arch::x86_64::__m256, left: usize) {
     use std::arch::x86_64::*;
     // SAFETY: as the caller promises.
     unsafe {

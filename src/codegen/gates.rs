@@ -125,6 +125,8 @@ fn rows(g: &Gates, r: usize, t: usize) -> (usize, usize, usize, usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
+use super::elementwise::store8;
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_sub_ps,
 };
@@ -138,26 +140,6 @@ fn runs(len: usize, mut f: impl FnMut(usize, usize)) {
     while j < len {
         f(j, (len - j).min(8));
         j += 8;
-    }
-}
-
-/// `n` lanes of `v` stored at `p` (eight when `n >= 8`).
-///
-/// # Safety
-/// `min(n, 8)` floats at `p` are writable.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store8(p: *mut f32, v: __m256, n: usize) {
-    use std::arch::x86_64::_mm256_storeu_ps;
-    // SAFETY: as the caller promises; a partial run goes through a local array of eight.
-    unsafe {
-        if n >= 8 {
-            _mm256_storeu_ps(p, v);
-        } else {
-            let mut pad = [0f32; 8];
-            _mm256_storeu_ps(pad.as_mut_ptr(), v);
-            std::ptr::copy_nonoverlapping(pad.as_ptr(), p, n);
-        }
     }
 }
 
