@@ -21,8 +21,7 @@ pub struct Emit<'a, 'b> {
     /// Set once the kernel calls a full-width primitive: it runs at 256 bits.
     pub full_width: bool,
     /// What the kernel's primitive calls point at, for the program to keep while its code
-    /// lives.
-    /// Boxed: generated code holds their addresses while the vector grows.
+    /// lives; boxed, so that their addresses hold while the vector grows.
     #[allow(clippy::vec_box)]
     pub held: Vec<Box<super::elementwise::ChainCall>>,
 }

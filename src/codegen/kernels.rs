@@ -782,9 +782,10 @@ pub fn chain(
     Ok(())
 }
 
-/// Chain `head`, `ops` (storing at `out`) as the full-width primitive takes it, when its first
-/// op is one it takes (any elementwise op, or a bias add over rows, not over channels of
-/// planes) and it has 64 elements or more. Its units are the loop kernel's: chunks of [`CHUNK`] elements, or rows.
+/// The fused chain `chain` (its ops after the first as `ops`, storing at `out`) as the
+/// full-width primitive takes it, when it pays (below) and its first op is one the primitive
+/// takes: any elementwise op, or a bias add over rows (not over channels of planes). Its units
+/// are the loop kernel's: chunks of [`CHUNK`] elements, or rows.
 fn full_width_chain(
     g: &Graph,
     plan: &Plan,
