@@ -8,12 +8,12 @@
 
 use super::emit::Emit;
 use super::family::{Family, Parts};
-use super::kernels::load_index;
+use super::kernels::{load_index, transpose};
 use super::plan::Plan;
 use super::wide;
 use crate::ir::{Graph, NodeId, Op};
 use cranelift_codegen::ir::types::{F32, F32X4};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 
 pub const FAMILY: Family = Family {
     parts: |g, id| match g.node(id).op {
@@ -82,7 +82,10 @@ fn emit(
     let (out, ids, t) = (at(id), at(d.ids), scratch);
     match (g.node(id).op.clone(), part) {
         // wᵀ: t[c, k] = w[k, c].
-        (Op::GatherColumns { w, .. }, 0) => transpose(e, (at(w), d.n, d.depth), t),
+        (Op::GatherColumns { w, .. }, 0) => {
+            let zero = e.i64(0);
+            transpose(e, (at(w), d.n, d.depth), t, zero);
+        }
         // out[r, :] = t[ids[r], :].
         (Op::GatherColumns { .. }, _) => {
             let top = e.i64(d.rows as i64);
@@ -103,25 +106,31 @@ fn emit(
         (Op::ScatterColumns { dy, .. }, 0) => {
             let dy = at(dy);
             let block = |e: &mut Emit, k0: Value, width: usize| {
-                let vectors = width / 4;
-                let (zero4, zero1) = (e.fconst(F32X4, 0.0), e.fconst(F32, 0.0));
-                for c in 0..d.depth {
-                    let row = e.b.ins().iadd_imm_s(k0, (c * d.n) as i64);
-                    for j in (0..vectors * 4).step_by(4).chain(vectors * 4..width) {
-                        let at = e.b.ins().iadd_imm_s(row, j as i64);
-                        e.store(t, at, if j < vectors * 4 { zero4 } else { zero1 });
+                // The block's columns: vectors of four, then single floats.
+                let whole = width / 4 * 4;
+                let places: Vec<(i64, Type)> = (0..whole)
+                    .step_by(4)
+                    .map(|j| (j as i64, F32X4))
+                    .chain((whole..width).map(|j| (j as i64, F32)))
+                    .collect();
+                // A loop over the rows of t, not unrolled: a vocabulary may have thousands.
+                e.for_range(0, d.depth as i64, 1, |e, c| {
+                    let row = e.b.ins().imul_imm_s(c, d.n as i64);
+                    let row = e.b.ins().iadd(row, k0);
+                    for &(j, ty) in &places {
+                        let at = e.b.ins().iadd_imm_s(row, j);
+                        let zero = e.fconst(ty, 0.0);
+                        e.store(t, at, zero);
                     }
-                }
+                });
                 e.for_range(0, d.rows as i64, 1, |e, r| {
                     let id = load_index(e, ids, r);
                     let dst = e.b.ins().imul_imm_s(id, d.n as i64);
                     let dst = e.b.ins().iadd(dst, k0);
                     let src = e.b.ins().imul_imm_s(r, d.n as i64);
                     let src = e.b.ins().iadd(src, k0);
-                    for j in (0..vectors * 4).step_by(4).chain(vectors * 4..width) {
-                        let ty = if j < vectors * 4 { F32X4 } else { F32 };
-                        let (s, o) =
-                            (e.b.ins().iadd_imm_s(src, j as i64), e.b.ins().iadd_imm_s(dst, j as i64));
+                    for &(j, ty) in &places {
+                        let (s, o) = (e.b.ins().iadd_imm_s(src, j), e.b.ins().iadd_imm_s(dst, j));
                         let v = e.load(ty, dy, s);
                         let acc = e.load(ty, t, o);
                         let sum = e.b.ins().fadd(acc, v);
@@ -141,21 +150,10 @@ fn emit(
             e.units((lo, hi), full, !d.n.is_multiple_of(BLOCK), &mut whole, &mut tail);
         }
         // out[k, c] = t[c, k].
-        _ => transpose(e, (t, d.depth, d.n), out),
+        _ => {
+            let zero = e.i64(0);
+            transpose(e, (t, d.depth, d.n), out, zero);
+        }
     }
     Ok(())
-}
-
-/// `dst[c, r] = src[r, c]` for the row-major `[rows, cols]` matrix at `src`.
-fn transpose(e: &mut Emit, (src, rows, cols): (usize, usize, usize), dst: usize) {
-    e.for_range(0, rows as i64, 1, |e, r| {
-        let row = e.b.ins().imul_imm_s(r, cols as i64);
-        e.for_range(0, cols as i64, 1, |e, c| {
-            let from = e.b.ins().iadd(row, c);
-            let v = e.load(F32, src, from);
-            let to = e.b.ins().imul_imm_s(c, rows as i64);
-            let to = e.b.ins().iadd(to, r);
-            e.store(dst, to, v);
-        });
-    });
 }

@@ -248,20 +248,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::Transpose { x } => {
             let [b, m, n] = [shape(*x)[0], shape(*x)[1], shape(*x)[2]];
             let src = at(*x);
-            for_rows(e, b, m * n, range, |e, base| {
-                e.for_range(0, m as i64, 1, |e, i| {
-                    let row = e.b.ins().imul_imm_s(i, n as i64);
-                    let row = e.b.ins().iadd(base, row);
-                    e.for_range(0, n as i64, 1, |e, j| {
-                        let si = e.b.ins().iadd(row, j);
-                        let v = e.load(F32, src, si);
-                        let oi = e.b.ins().imul_imm_s(j, m as i64);
-                        let oi = e.b.ins().iadd(oi, i);
-                        let oi = e.b.ins().iadd(oi, base);
-                        e.store(out, oi, v);
-                    });
-                });
-            });
+            for_rows(e, b, m * n, range, |e, base| transpose(e, (src, m, n), out, base));
         }
         Op::BatchMatMul { a, b, ta, tb } => {
             let (sa, sb) = (shape(*a), shape(*b));
@@ -954,6 +941,23 @@ pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value,
         let v = e.load(ty, src, s);
         let d = e.b.ins().iadd(to, j);
         e.store(dst, d, v);
+    });
+}
+
+/// The row-major `[rows, cols]` matrix at element `base` of buffer `src`, transposed into
+/// `[cols, rows]` at element `base` of `dst`.
+pub(super) fn transpose(e: &mut Emit, (src, rows, cols): (usize, usize, usize), dst: usize, base: Value) {
+    e.for_range(0, rows as i64, 1, |e, i| {
+        let row = e.b.ins().imul_imm_s(i, cols as i64);
+        let row = e.b.ins().iadd(base, row);
+        e.for_range(0, cols as i64, 1, |e, j| {
+            let si = e.b.ins().iadd(row, j);
+            let v = e.load(F32, src, si);
+            let oi = e.b.ins().imul_imm_s(j, rows as i64);
+            let oi = e.b.ins().iadd(oi, i);
+            let oi = e.b.ins().iadd(oi, base);
+            e.store(dst, oi, v);
+        });
     });
 }
 
