@@ -328,9 +328,10 @@ impl Ad {
                 self.acc(pred, dp, y)?;
             }
 
-            // Backpropagation through time, from the states before each step and their hidden
-            // projections gh = h_prev·W_hhᵀ + b_hh, which the forward loop saved
-            // (`hidden_proj`). The loop runs backwards from the last step, giving the
+            // Backpropagation through time, from the states before each step and what the
+            // forward loop saved of each step's gates (`gate_saves`: activations, and the
+            // hidden projections the backward reads). The loop runs backwards from the last
+            // step, giving the
             // gradients of the projections and of the initial state. Then
             // dW_hh = Σ_t dghᵀ·h_prev,  db_hh = Σ dgh, and xp's own rule takes dxp on.
             Op::Recurrent { cell, xp, h0, w_hh, b_hh } => {
@@ -344,7 +345,7 @@ impl Ad {
                     self.add(Op::SliceLast { x: hprev, start: 0, len: h }, y)?
                 };
                 let hp = self.add(Op::Reshape { x: hp, shape: vec![b * t, h] }, y)?;
-                let gh = self.add(Op::HiddenProj { rec: y }, y)?;
+                let gh = self.add(Op::GateSaves { rec: y }, y)?;
                 let grad = self.add(Op::RecurrentGrad { cell, xp, gh, hprev, dhs: d, w_hh }, y)?;
                 let layout = crate::ir::recurrent_grad_layout(cell, b, t, h);
                 let dxp = self.add(Op::Part { x: grad, offset: layout.dxp, shape: vec![b, t, g] }, y)?;
@@ -475,7 +476,7 @@ impl Ad {
             | Op::Update { .. }
             | Op::RecurrentGrad { .. }
             | Op::PrevStates { .. }
-            | Op::HiddenProj { .. }
+            | Op::GateSaves { .. }
             | Op::Part { .. }
             | Op::PadLast { .. }
             | Op::SumSteps { .. }

@@ -431,18 +431,19 @@ fn eval(
             }
             Buf::F32(out)
         }
-        Op::HiddenProj { rec } => {
-            let Op::Recurrent { xp, h0, w_hh, b_hh, .. } = g.node(*rec).op else {
-                return Err(Error::Unsupported("hidden_proj of a node that is not recurrent"));
+        Op::GateSaves { rec } => {
+            let Op::Recurrent { cell, xp, h0, w_hh, b_hh } = g.node(*rec).op else {
+                return Err(Error::Unsupported("gate_saves of a node that is not recurrent"));
             };
-            let [b, t, _] = [sh(xp)[0], sh(xp)[1], sh(xp)[2]];
+            let [b, t, gs] = [sh(xp)[0], sh(xp)[1], sh(xp)[2]];
             let (states, h0, s) = (f(*rec), f(h0), sh(h0)[1]);
             let h = sh(w_hh)[1];
             let mut out = Vec::with_capacity(node.ty.numel());
             for bi in 0..b {
                 for ti in 0..t {
                     let prev = if ti == 0 { &h0[bi * s..] } else { &states[(bi * t + ti - 1) * s..] };
-                    out.extend(hidden_projection(&prev[..h], f(w_hh), b_hh.map(f)));
+                    let gh = hidden_projection(&prev[..h], f(w_hh), b_hh.map(f));
+                    out.extend(gate_saves(cell, &f(xp)[(bi * t + ti) * gs..][..gs], &gh));
                 }
             }
             Buf::F32(out)
@@ -755,6 +756,32 @@ fn activations(cell: Cell, gi: &[f32], gh: &[f32], j: usize) -> [f32; 4] {
     }
 }
 
+/// What a step saves of its gates for the backward (`Op::GateSaves`): the independent gates'
+/// activations, the other gates' hidden projections `gh`.
+fn gate_saves(cell: Cell, gi: &[f32], gh: &[f32]) -> Vec<f32> {
+    let h = gh.len() / cell.gates() as usize;
+    let mut out = gh.to_vec();
+    for j in 0..h {
+        let a = activations(cell, gi, gh, j);
+        for (k, &v) in a.iter().enumerate().take(cell.independent_gates()) {
+            out[k * h + j] = v;
+        }
+    }
+    out
+}
+
+/// The activations of hidden unit `j` as [`activations`] gives them, from what the step
+/// saved (`saved`, [`gate_saves`]) and the input projections `gi`.
+fn saved_activations(cell: Cell, gi: &[f32], saved: &[f32], j: usize) -> [f32; 4] {
+    let h = saved.len() / cell.gates() as usize;
+    let sv = |k: usize| saved[k * h + j];
+    match cell {
+        Cell::Rnn => [(gi[j] + sv(0)).tanh(), 0.0, 0.0, 0.0],
+        Cell::Gru => [sv(0), sv(1), (gi[2 * h + j] + sv(0) * sv(2)).tanh(), 0.0],
+        Cell::Lstm => [sv(0), sv(1), sv(2), sv(3)],
+    }
+}
+
 /// One step of a cell: from the projections and the previous state, the new state (h, then c
 /// for an LSTM).
 fn cell_step(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32], out: &mut [f32]) {
@@ -774,17 +801,17 @@ fn cell_step(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32], out: &mut [f32]) 
 
 /// The gradient of one step: given the new state's gradient `ds`, writes the gradients of
 /// the projections (`dgi`, `dgh`) and the direct part of the previous state's gradient (the
-/// part that does not go through `W_hh`).
+/// part that does not go through `W_hh`), from what the step saved of its gates (`saved`).
 fn cell_step_grad(
     cell: Cell,
-    [gi, gh, prev, ds]: [&[f32]; 4],
+    [gi, saved, prev, ds]: [&[f32]; 4],
     dgi: &mut [f32],
     dgh: &mut [f32],
     dprev: &mut [f32],
 ) {
-    let h = gh.len() / cell.gates() as usize;
+    let h = saved.len() / cell.gates() as usize;
     for j in 0..h {
-        match (cell, activations(cell, gi, gh, j)) {
+        match (cell, saved_activations(cell, gi, saved, j)) {
             (Cell::Rnn, [y, ..]) => {
                 dgi[j] = ds[j] * (1.0 - y * y);
                 dgh[j] = dgi[j];
@@ -793,7 +820,7 @@ fn cell_step_grad(
             (Cell::Gru, [r, z, n, _]) => {
                 let dn = ds[j] * (1.0 - z) * (1.0 - n * n);
                 let dz = ds[j] * (prev[j] - n) * z * (1.0 - z);
-                let dr = dn * gh[2 * h + j] * r * (1.0 - r);
+                let dr = dn * saved[2 * h + j] * r * (1.0 - r);
                 dgi[j] = dr;
                 dgh[j] = dr;
                 dgi[h + j] = dz;
@@ -849,7 +876,7 @@ fn recurrent(
 }
 
 /// Backpropagation through time (`Op::RecurrentGrad`), from the last step to the first.
-fn recurrent_grad(cell: Cell, xs: &[usize], [xp, gh, hprev, dhs, w_hh]: [&[f32]; 5]) -> Vec<f32> {
+fn recurrent_grad(cell: Cell, xs: &[usize], [xp, saved, hprev, dhs, w_hh]: [&[f32]; 5]) -> Vec<f32> {
     let (b, t, g) = (xs[0], xs[1], xs[2]);
     let h = g / cell.gates() as usize;
     let s = cell.state(h);
@@ -861,7 +888,7 @@ fn recurrent_grad(cell: Cell, xs: &[usize], [xp, gh, hprev, dhs, w_hh]: [&[f32];
         for ti in (0..t).rev() {
             let at = bi * t + ti;
             let ds: Vec<f32> = dhs[at * s..][..s].iter().zip(&carry).map(|(a, c)| a + c).collect();
-            let ins = [&xp[at * g..][..g], &gh[at * g..][..g], &hprev[at * s..][..s], &ds[..]];
+            let ins = [&xp[at * g..][..g], &saved[at * g..][..g], &hprev[at * s..][..s], &ds[..]];
             cell_step_grad(cell, ins, &mut dgi, &mut dgh, &mut direct);
             out[layout.dxp + at * g..][..g].copy_from_slice(&dgi);
             out[layout.dgh + at * g..][..g].copy_from_slice(&dgh);

@@ -103,7 +103,7 @@ pub fn groups(g: &Graph) -> Vec<Group> {
             | Op::Reshape { .. }
             | Op::StopGrad { .. }
             | Op::Part { .. }
-            | Op::HiddenProj { .. } => {}
+            | Op::GateSaves { .. } => {}
             Op::Update { .. } => updates.push(id),
             Op::MatMul { .. } => {
                 let chain = follow(g, (id, id), &uses, &user, &mut taken, true);

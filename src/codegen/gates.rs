@@ -36,12 +36,12 @@ pub enum Pass {
         /// The running `h` and (LSTM) `c`, `[B, H]` each.
         h: usize,
         c: usize,
-        /// Where the projections are kept for the backward pass, `[B, T, G·H]`, if anywhere.
+        /// Where the gates are saved for the backward pass, `[B, T, G·H]`, if anywhere.
         saved: Option<usize>,
     },
     Backward {
-        /// The saved projections `[B, T, G·H]`, the states before each step and the states'
-        /// gradients `[B, T, S]`.
+        /// What the forward saved of its gates `[B, T, G·H]` (`Op::GateSaves`), the states
+        /// before each step and the states' gradients `[B, T, S]`.
         gh: usize,
         hprev: usize,
         dhs: usize,
@@ -167,11 +167,13 @@ fn sig_d(v: __m256) -> __m256 {
     _mm256_mul_ps(v, _mm256_sub_ps(_mm256_set1_ps(1.0), v))
 }
 
-/// A row's first pass (`recurrent::independent_gates`): each gate that needs only its own
-/// projections, from `pre(k, j, n)`, into the row's gate slots at `dst` (gates `hs` apart).
+/// A row's first pass in the forward (`recurrent::independent_gates`): each gate that needs
+/// only its own projections, from `pre(k, j, n)`, into the row's gate slots at `dst` (gates
+/// `hs` apart), and to `keep(k, j, n, activation)`.
 ///
 /// # Safety
-/// The row's `G·H` floats at `dst` are writable, and `pre` reads only what its caller may.
+/// The row's `G·H` floats at `dst` are writable, and `pre` and `keep` touch only what their
+/// caller may.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn independent_gates(
@@ -179,23 +181,17 @@ unsafe fn independent_gates(
     hs: usize,
     dst: *mut f32,
     pre: impl Fn(usize, usize, usize) -> (__m256, __m256),
+    keep: impl Fn(usize, usize, usize, __m256),
 ) {
     runs(hs, |j, n| {
-        for k in 0..first_pass(cell) {
+        for k in 0..cell.independent_gates() {
             let (x, y) = pre(k, j, n);
+            let a = gate_activation(cell, k, x, y);
             // SAFETY: gate k's lanes `j..j + n` of the row, as the caller promises.
-            unsafe { store8(dst.add(k * hs + j), gate_activation(cell, k, x, y), n) };
+            unsafe { store8(dst.add(k * hs + j), a, n) };
+            keep(k, j, n, a);
         }
     });
-}
-
-/// How many gates the first pass computes (`recurrent::first_pass`).
-fn first_pass(cell: Cell) -> usize {
-    match cell {
-        Cell::Rnn => 0,
-        Cell::Gru => 2,
-        Cell::Lstm => 4,
-    }
 }
 
 /// One row's forward step: `recurrent::forward_loop`'s two passes over the hidden units.
@@ -213,22 +209,24 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
         let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
-        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (saved when asked).
+        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh; `keep` saves a
+        // gate's value for the backward, when it reads the saves.
         let pre = |k: usize, j: usize, n: usize| -> (__m256, __m256) {
-            let x = load8(at(g.xp, xrow + k * hs + j), n);
-            let y = load8(at(gh, grow + k * hs + j), n);
+            (load8(at(g.xp, xrow + k * hs + j), n), load8(at(gh, grow + k * hs + j), n))
+        };
+        let keep = |k: usize, j: usize, n: usize, v: __m256| {
             if let Some(s) = saved {
-                store8(at(s, xrow + k * hs + j), y, n);
+                store8(at(s, xrow + k * hs + j), v, n);
             }
-            (x, y)
         };
         let done = |k: usize, j: usize, n: usize| load8(at(gh, grow + k * hs + j), n);
-        independent_gates(g.cell, hs, at(gh, grow), pre);
+        independent_gates(g.cell, hs, at(gh, grow), pre, keep);
         runs(hs, |j, n| {
             let (hi, oi) = (hrow + j, orow + j);
             match g.cell {
                 Cell::Rnn => {
                     let (x, y) = pre(0, j, n);
+                    keep(0, j, n, y);
                     let a = tanh(_mm256_add_ps(x, y));
                     store8(at(h, hi), a, n);
                     store8(at(g.out, oi), a, n);
@@ -236,6 +234,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                 Cell::Gru => {
                     let (rr, z) = (done(0, j, n), done(1, j, n));
                     let (xn, yn) = pre(2, j, n);
+                    keep(2, j, n, yn);
                     let nn = tanh(_mm256_fmadd_ps(rr, yn, xn));
                     let hp = load8(at(h, hi), n);
                     // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
@@ -275,13 +274,14 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
         let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
+        // What the forward saved of gate k: the independent gates' activations, the others'
+        // projections h·W_hhᵀ + b_hh.
         let pre = |k: usize, j: usize, n: usize| {
             (load8(at(g.xp, xrow + k * hs + j), n), load8(at(gh, xrow + k * hs + j), n))
         };
-        independent_gates(g.cell, hs, at(dgh, grow), pre);
         runs(hs, |j, n| {
             let (hi, si) = (hrow + j, srow + j);
-            let done = |k: usize| load8(at(dgh, grow + k * hs + j), n);
+            let done = |k: usize| load8(at(gh, xrow + k * hs + j), n);
             // dgi into the output, dgh into the output and the step's `dgh` scratch.
             let put = |k: usize, dgi: __m256, dghv: __m256| {
                 let xi = xrow + k * hs + j;

@@ -614,7 +614,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             });
         }
         Op::Update { .. } => return Err("updates are emitted together".into()),
-        Op::Part { .. } | Op::HiddenProj { .. } => {}
+        Op::Part { .. } | Op::GateSaves { .. } => {}
         Op::BnStats { .. }
         | Op::BatchNorm { .. }
         | Op::BnSums { .. }

@@ -64,9 +64,9 @@ pub fn plan(g: &Graph, groups: &[Group], scratch: &dyn Fn(NodeId) -> usize) -> P
     // group's head, the result to allocate there.
     let mut at_head: Vec<Option<NodeId>> = vec![None; g.len()];
     let mut fused_away = vec![false; g.len()];
-    // A recurrent loop writes the hidden projections it saves as it runs.
+    // A recurrent loop writes what it saves of its gates as it runs.
     for id in g.ids() {
-        if let Op::HiddenProj { rec } = g.node(id).op {
+        if let Op::GateSaves { rec } = g.node(id).op {
             at_head[rec.index()] = Some(id);
         }
     }

@@ -117,10 +117,11 @@ fn rows(e: &mut Emit, d: Dims, r: Value, t: Value) -> Rows {
     }
 }
 
-/// The node that reads the hidden projections recurrent node `rec` saves (`hidden_proj`), if
-/// any: the loop then stores each step's `h·W_hhᵀ + b_hh` there as well.
-pub fn saved_projections(g: &Graph, rec: NodeId) -> Option<NodeId> {
-    g.ids().find(|&id| g.node(id).op == Op::HiddenProj { rec })
+/// The node that reads what recurrent node `rec` saves of its gates (`gate_saves`), if any:
+/// the loop then stores there each step's independent gates after activation and the other
+/// gates' `h·W_hhᵀ + b_hh`.
+pub fn saved_gates(g: &Graph, rec: NodeId) -> Option<NodeId> {
+    g.ids().find(|&id| g.node(id).op == Op::GateSaves { rec })
 }
 
 /// `dst[k·rows + i] = src[i·cols + k]`: the `[rows, cols]` matrix at `src` transposed, for the
@@ -213,7 +214,7 @@ fn full_width_gates(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Optio
     let [_, s1, s2, s3, s4] = layout(d, scratch);
     let (pass, epilogue) = match g.node(id).op {
         Op::Recurrent { b_hh, .. } => (
-            Pass::Forward { gh: s3, h: s1, c: s2, saved: saved_projections(g, id).map(at) },
+            Pass::Forward { gh: s3, h: s1, c: s2, saved: saved_gates(g, id).map(at) },
             b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect(),
         ),
         Op::RecurrentGrad { gh, hprev, dhs, .. } => {
@@ -355,7 +356,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
     let [packed, s1, s2, s3, _] = lp.slots;
     let (r0, r1) = lp.rows;
     let (h, c, gh) = (s1, s2, s3);
-    let saved = saved_projections(g, id).map(at);
+    let saved = saved_gates(g, id).map(at);
     let s = d.s();
     // The running state starts at h0.
     e.for_dynamic(r0, r1, |e, r| {
@@ -388,24 +389,28 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
         project(e, &mm);
         e.for_dynamic(r0, r1, |e, r| {
             let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
-            // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh
-            // (saved, when the backward reads them, at the projection's own index).
+            // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh, and
+            // `keep(v)`, which saves v for the backward (when it reads the saves) at the
+            // projection's own index.
             let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
                 let i = gate_index(e, d, xrow, j, k);
                 let x = e.load(ty, at(xp), i);
                 let gi = gate_index(e, d, grow, j, k);
                 let y = e.load(ty, gh, gi);
-                if let Some(saved) = saved {
-                    e.store(saved, i, y);
-                }
-                (x, y, gi)
+                let keep = move |e: &mut Emit, v: Value| {
+                    if let Some(saved) = saved {
+                        e.store(saved, i, v);
+                    }
+                };
+                (x, y, gi, keep)
             };
             // The first pass: the gates that need only their own projections, each
-            // written over its projection in `gh`.
+            // written over its projection in `gh` and saved.
             independent_gates(e, d, |e, ty, j, k| {
-                let (x, y, gi) = gate(e, ty, j, k);
+                let (x, y, gi, keep) = gate(e, ty, j, k);
                 let a = gate_activation(e, ty, d.cell, k, x, y);
                 e.store(gh, gi, a);
+                keep(e, a);
             });
             e.elementwise(d.h, |e, ty, j| {
                 let hi_ = e.b.ins().iadd(hrow, j);
@@ -415,7 +420,8 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                     ty,
                     d.cell,
                     |e, k| {
-                        let (x, y, _) = gate(e, ty, j, k);
+                        let (x, y, _, keep) = gate(e, ty, j, k);
+                        keep(e, y);
                         (x, y)
                     },
                     |e, k| {
@@ -497,16 +503,6 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
         }
         e.for_dynamic(r0, r1, |e, r| {
             let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
-            // The first pass: the gates that need only their own projections, kept
-            // in this step's `dgh` slots until the second pass overwrites them.
-            independent_gates(e, d, |e, ty, j, k| {
-                let i = gate_index(e, d, xrow, j, k);
-                let x = e.load(ty, at(xp), i);
-                let y = e.load(ty, at(gh), i);
-                let a = gate_activation(e, ty, d.cell, k, x, y);
-                let gi = gate_index(e, d, grow, j, k);
-                e.store(dgh, gi, a);
-            });
             e.elementwise(d.h, |e, ty, j| {
                 let idx = |e: &mut Emit, row: Value, k: usize| gate_index(e, d, row, j, k);
                 let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
@@ -528,12 +524,14 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
                     e.store(out, o, dghv);
                     e.store(dgh, gi[k], dghv);
                 };
+                // What the forward saved of each gate: the independent gates' activations,
+                // the others' projections h·W_hhᵀ + b_hh.
                 let pre = |e: &mut Emit, k: usize| {
                     let x = e.load(ty, at(xp), xi[k]);
                     let y = e.load(ty, at(gh), xi[k]);
                     (x, y)
                 };
-                let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, dgh, gi[k]));
+                let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, at(gh), xi[k]));
                 match d.cell {
                     Cell::Rnn => {
                         let d1 = one_minus_sq(e, ty, a[0]);
@@ -619,27 +617,18 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
     });
 }
 
-/// How many of a cell's gates need only their own projections and are computed in a first
-/// pass over the hidden units: a GRU's r and z, all four of an LSTM's. The second pass (the
-/// GRU's n = tanh(x_n + r·gh_n), the cell update) then starts from finished values: two short
-/// dependency chains instead of one long one, which the CPU overlaps across vectors.
-fn first_pass(cell: Cell) -> usize {
-    match cell {
-        Cell::Rnn => 0,
-        Cell::Gru => 2,
-        Cell::Lstm => 4,
-    }
-}
-
 /// Element `j` of gate `k` in the row of gates that starts at `row` (gates `H` apart).
 fn gate_index(e: &mut Emit, d: Dims, row: Value, j: Value, k: usize) -> Value {
     let i = e.b.ins().iadd(row, j);
     e.b.ins().iadd_imm_s(i, (k * d.h) as i64)
 }
 
-/// The first pass of every row: `body(e, ty, j, k)` for each independent gate k of element j.
+/// The forward's first pass over a row: `body(e, ty, j, k)` for each independent gate k
+/// (`Cell::independent_gates`) of element j. The second pass (a GRU's n = tanh(x_n + r·gh_n),
+/// the cell update) then starts from finished values: two short dependency chains instead of
+/// one long one, which the CPU overlaps across vectors.
 fn independent_gates(e: &mut Emit, d: Dims, mut body: impl FnMut(&mut Emit, Type, Value, usize)) {
-    let n = first_pass(d.cell);
+    let n = d.cell.independent_gates();
     if n > 0 {
         e.elementwise(d.h, |e, ty, j| (0..n).for_each(|k| body(e, ty, j, k)));
     }

@@ -131,6 +131,17 @@ impl Cell {
         }
     }
 
+    /// How many gates need only their own projections: a GRU's r and z, an LSTM's four (PyTorch's
+    /// order puts them first). Each step computes them before the rest, and saves them after
+    /// their activation for the backward (`Op::GateSaves`).
+    pub fn independent_gates(self) -> usize {
+        match self {
+            Cell::Rnn => 0,
+            Cell::Gru => 2,
+            Cell::Lstm => 4,
+        }
+    }
+
     /// The size of the state one step passes on: h, or h and c for an LSTM.
     pub fn state(self, hidden: usize) -> usize {
         if self == Cell::Lstm { 2 * hidden } else { hidden }

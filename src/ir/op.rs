@@ -370,8 +370,8 @@ pub enum Op {
         w_hh: NodeId,
         b_hh: Option<NodeId>,
     },
-    /// Backpropagation through time of `Recurrent`: from the projections `xp`, the recomputed
-    /// `gh = h_prev·W_hhᵀ + b_hh` of every step `[B, T, G·H]`, the previous states `hprev`
+    /// Backpropagation through time of `Recurrent`: from the projections `xp`, what each step
+    /// saved of its gates (`gh`, from `GateSaves`), the previous states `hprev`
     /// `[B, T, S]` and the states' gradient `dhs [B, T, S]`, a flat buffer holding the
     /// gradient of `xp`, then (gru only: r and z share it, n does not) of `gh`, then of the
     /// initial state — see [`recurrent_grad_layout`]; `Part` views pick them out.
@@ -383,10 +383,13 @@ pub enum Op {
         dhs: NodeId,
         w_hh: NodeId,
     },
-    /// The hidden projections `h_{t-1}·W_hhᵀ + b_hh` that recurrent node `rec` added at each
-    /// step, `[B, T, G·H]`, for its backward: the native forward loop saves them as it runs;
-    /// the interpreter recomputes them from `rec`'s states.
-    HiddenProj {
+    /// What each step of recurrent node `rec` keeps of its gates for the backward, `[B, T,
+    /// G·H]`: the [independent gates](Cell::independent_gates) after their activation (a
+    /// GRU's r and z, an LSTM's four), the others as their hidden projection `h_{t-1}·W_hhᵀ +
+    /// b_hh` (a GRU's n, an RNN's one gate). The native forward loop saves them as it runs,
+    /// so the backward computes no sigmoid again; the interpreter recomputes them from
+    /// `rec`'s states.
+    GateSaves {
         rec: NodeId,
     },
     /// The state before each step: `first [B, S]` at step 0, then `x [B, T, S]` shifted one
@@ -627,7 +630,7 @@ impl Op {
             }
             RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => vec![*xp, *gh, *hprev, *dhs, *w_hh],
             PrevStates { x, first } => vec![*x, *first],
-            HiddenProj { rec } => vec![*rec],
+            GateSaves { rec } => vec![*rec],
             Loss { pred, target, .. } => vec![*pred, *target],
             LossGrad { pred, target, dy, .. } => vec![*pred, *target, *dy],
             Update { grad, .. } => vec![*grad],
@@ -766,7 +769,7 @@ impl Op {
                 *x = f(*x);
                 *first = f(*first);
             }
-            HiddenProj { rec } => *rec = f(*rec),
+            GateSaves { rec } => *rec = f(*rec),
             Loss { pred, target, .. } => {
                 *pred = f(*pred);
                 *target = f(*target);
@@ -865,7 +868,7 @@ impl Op {
             SliceLast { .. } => "slice_last",
             RecurrentGrad { .. } => "recurrent_grad",
             PrevStates { .. } => "prev_states",
-            HiddenProj { .. } => "hidden_proj",
+            GateSaves { .. } => "gate_saves",
             Part { .. } => "part",
             PadLast { .. } => "pad_last",
             SumSteps { .. } => "sum_steps",
@@ -1205,9 +1208,9 @@ impl Op {
                 }
                 Type::f32(f32s(*x)?.clone())
             }
-            HiddenProj { rec } => match g.node(*rec).op {
+            GateSaves { rec } => match g.node(*rec).op {
                 Recurrent { xp, .. } => Type::f32(f32s(xp)?.clone()),
-                _ => return Err("hidden_proj of a node that is not recurrent".into()),
+                _ => return Err("gate_saves of a node that is not recurrent".into()),
             },
             Part { x, offset, shape } => {
                 let n = f32s(*x)?.iter().product::<usize>();

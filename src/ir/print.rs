@@ -128,7 +128,7 @@ fn op_text<'a>(g: &Graph, op: &Op, name: &impl Fn(NodeId) -> &'a str) -> String 
         Recurrent { cell, .. } | RecurrentGrad { cell, .. } => {
             format!("{m}[{}] {}", cell.keyword(), args(&op.operands()))
         }
-        HiddenProj { rec } => format!("{m} {}", name(*rec)),
+        GateSaves { rec } => format!("{m} {}", name(*rec)),
         Part { x, offset, .. } => format!("{m} {} offset={offset}", name(*x)),
         PadLast { x, start, total } => format!("{m} {} start={start} total={total}", name(*x)),
         Repeat { x, times } => format!("{m} {} times={times}", name(*x)),
