@@ -2,8 +2,9 @@
 //! projection.
 //!
 //! A recurrent loop on the wide core calls it once per step and unit of batch rows
-//! (`wide::Call::gates`): the forward computes the unit's `h·W_hhᵀ + b_hh` and then its gates
-//! and new state, the backward the gates' gradients and then the unit's `dgh·W_hh`. The
+//! (`wide::Call::gates`): the forward computes the unit's `h·W_hhᵀ` and then its gates (adding
+//! `b_hh` as they read it) and new state, the backward the gates' gradients and then the
+//! unit's `dgh·W_hh`. The
 //! operations are the Cranelift loop's (`recurrent::forward_loop`, `backward_loop`) in the same
 //! order — the same fused multiply-adds, IEEE divisions, compares and selects, through
 //! [`super::elementwise::wide_math`] — so each element gets the same bits at either width
@@ -31,8 +32,11 @@ pub struct Gates {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pass {
     Forward {
-        /// This step's projections `[B, G·H]` (the core's result), then the gates over them.
+        /// This step's `h·W_hhᵀ` `[B, G·H]` (the core's result), then the gates over them.
         gh: usize,
+        /// `b_hh` `[G·H]`, added as the gates read the projections (not in a pass of its own
+        /// after the product), if the layer has it.
+        bias: Option<usize>,
         /// The running `h` and (LSTM) `c`, `[B, H]` each.
         h: usize,
         c: usize,
@@ -72,9 +76,10 @@ impl Gates {
     pub fn extent(&self) -> usize {
         let (b, t, h, gh, s) = (self.b, self.t, self.h, self.gh(), self.s());
         let ends: Vec<(usize, usize)> = match self.pass {
-            Pass::Forward { gh: g, h: hh, c, saved } => {
+            Pass::Forward { gh: g, bias, h: hh, c, saved } => {
                 let mut v = vec![(self.out, b * t * s), (g, b * gh), (hh, b * h), (c, b * h)];
                 v.extend(saved.map(|o| (o, b * t * gh)));
+                v.extend(bias.map(|o| (o, gh)));
                 v
             }
             Pass::Backward { gh: g, hprev, dhs, dh, dc, direct, dgh, total, .. } => vec![
@@ -203,16 +208,22 @@ unsafe fn independent_gates(
 unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     use super::elementwise::load8;
     use super::elementwise::wide_math::tanh;
-    let Pass::Forward { gh, h, c, saved } = g.pass else { return };
+    let Pass::Forward { gh, bias, h, c, saved } = g.pass else { return };
     let (xrow, orow, grow, hrow) = rows(g, r, t);
     let hs = g.h;
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
         let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
-        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh; `keep` saves a
-        // gate's value for the backward, when it reads the saves.
+        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (the matmul
+        // epilogue's addition); `keep` saves a gate's value for the backward, when it reads
+        // the saves.
         let pre = |k: usize, j: usize, n: usize| -> (__m256, __m256) {
-            (load8(at(g.xp, xrow + k * hs + j), n), load8(at(gh, grow + k * hs + j), n))
+            let y = load8(at(gh, grow + k * hs + j), n);
+            let y = match bias {
+                Some(b) => _mm256_add_ps(y, load8(at(b, k * hs + j), n)),
+                None => y,
+            };
+            (load8(at(g.xp, xrow + k * hs + j), n), y)
         };
         let keep = |k: usize, j: usize, n: usize, v: __m256| {
             if let Some(s) = saved {

@@ -48,7 +48,8 @@ fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
 fn family_wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, full_width: bool) -> Option<Call> {
     let mut call = if wide_worth(g, id) { wide_call(g, plan, id, scratch)? } else { return None };
     // With the full-width primitives, the core computes the gates too (`gates`), and the
-    // projection's epilogue before them.
+    // projection's epilogue before them (the backward's; the forward's bias goes into the
+    // gates).
     if full_width && cfg!(target_arch = "x86_64") {
         let (gates, epilogue) = full_width_gates(g, plan, id, scratch)?;
         call.gates = Some(gates);
@@ -213,10 +214,10 @@ fn full_width_gates(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Optio
     let at = |x: NodeId| plan.node[x.index()];
     let [_, s1, s2, s3, s4] = layout(d, scratch);
     let (pass, epilogue) = match g.node(id).op {
-        Op::Recurrent { b_hh, .. } => (
-            Pass::Forward { gh: s3, h: s1, c: s2, saved: saved_gates(g, id).map(at) },
-            b_hh.map(|b| EpOp::Bias(at(b))).into_iter().collect(),
-        ),
+        Op::Recurrent { b_hh, .. } => {
+            let saved = saved_gates(g, id).map(at);
+            (Pass::Forward { gh: s3, bias: b_hh.map(at), h: s1, c: s2, saved }, Vec::new())
+        }
         Op::RecurrentGrad { gh, hprev, dhs, .. } => {
             let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
             let pass = Pass::Backward {
