@@ -435,6 +435,23 @@ fn splitting_convolutions_across_threads_changes_nothing() {
 }
 
 #[test]
+fn bias_sums_across_column_blocks_and_threads() {
+    // A bias's gradient sums a [B, C] gradient down its rows in blocks of 32 columns, split
+    // across threads: widths under, at and over one block, leaving 1..3 lanes of a vector.
+    for h in [31usize, 32, 33, 67] {
+        let src = format!(
+            "model t {{ input x: [5]\n encoder {{ dense {h} -> tanh }}\n decoder {{ dense 5 -> sigmoid }}\n loss mse(x) }}\ntrain {{ optimizer sgd(lr: 0.1) }}"
+        );
+        for batch in [3, 13] {
+            let (g, f) = compile_src(&src, batch);
+            same_training_threads(&format!("{src} batch {batch}, 2 threads"), &g, &f, 3, 1e-4, 2);
+            let results: Vec<_> = [1, 2].map(|threads| params_after_one_step(&g, &f, threads)).into();
+            assert!(results[0] == results[1], "{h} columns, batch {batch}: 2 threads differ from 1");
+        }
+    }
+}
+
+#[test]
 fn splitting_matmuls_across_threads_changes_nothing() {
     // 784-256 matmuls at batch 13 and 64 are above the split threshold; 13 leaves a partial
     // block of rows for the last thread.

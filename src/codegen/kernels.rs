@@ -87,21 +87,18 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (b, c, inner) = (s[0], s[1], s[2..].iter().product::<usize>());
             let src = at(*x);
             if inner == 1 {
-                // [B, C]: add the rows, each a contiguous vector pass (no strided column reads).
-                e.elementwise(c, |e, ty, j| {
-                    let z = e.fconst(ty, 0.0);
-                    e.store(out, j, z);
-                });
-                e.for_range(0, b as i64, 1, |e, n| {
-                    let row = e.b.ins().imul_imm_s(n, c as i64);
-                    e.elementwise(c, |e, ty, j| {
-                        let idx = e.b.ins().iadd(row, j);
-                        let v = e.load(ty, src, idx);
-                        let acc = e.load(ty, out, j);
-                        let r = e.b.ins().fadd(acc, v);
-                        e.store(out, j, r);
-                    });
-                });
+                // [B, C]: blocks of columns (the work units), each summed down the rows in
+                // registers and stored once.
+                let (full, rest) = (c / COLUMN_BLOCK, c % COLUMN_BLOCK);
+                let mut whole = |e: &mut Emit, u: Value| {
+                    let col = e.b.ins().imul_imm_s(u, COLUMN_BLOCK as i64);
+                    column_sums(e, (src, out), (b, c), col, COLUMN_BLOCK);
+                };
+                let mut tail = |e: &mut Emit| {
+                    let col = e.i64((full * COLUMN_BLOCK) as i64);
+                    column_sums(e, (src, out), (b, c), col, rest);
+                };
+                e.units(range, full, rest > 0, &mut whole, &mut tail);
             } else {
                 e.for_range(0, c as i64, 1, |e, ch| {
                     let acc = e.b.declare_var(F32);
@@ -848,6 +845,10 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
             (rows, 3 * rows * g.ty(*codebook).numel())
         }
         Op::Transpose { .. } => (g.ty(id).shape[0], 2 * g.ty(id).numel()),
+        // Blocks of columns of a [B, C] sum (`[B, C, 1, …]` too).
+        Op::SumToAxis1 { x } if g.ty(*x).shape[2..].iter().product::<usize>() == 1 => {
+            (g.ty(id).numel().div_ceil(COLUMN_BLOCK), g.ty(*x).numel())
+        }
         // Images; each output compares k² inputs.
         Op::PoolArgmax { x, kernel, .. } => (g.ty(*x).shape[0], 4 * kernel[0] * kernel[1] * g.ty(id).numel()),
         Op::BnStats { .. }
@@ -860,6 +861,48 @@ pub fn units(g: &Graph, id: NodeId) -> (usize, usize) {
             super::resample::units(g, id)
         }
         _ => (1, 0),
+    }
+}
+
+/// Columns per work unit of a `[B, C]` sum over rows: eight 4-lane sums kept in registers.
+const COLUMN_BLOCK: usize = 32;
+
+/// `out[j] = Σ_r src[r·c + j]` for the `width` columns from `col` of a `[rows, c]` matrix,
+/// added down the rows in order from 0 (each column's sum in a register: 4-lane vectors, the
+/// last `width mod 4` columns one by one).
+fn column_sums(
+    e: &mut Emit,
+    (src, out): (usize, usize),
+    (rows, c): (usize, usize),
+    col: Value,
+    width: usize,
+) {
+    let lanes: Vec<(Type, usize)> =
+        (0..width / 4).map(|v| (F32X4, 4 * v)).chain((width / 4 * 4..width).map(|j| (F32, j))).collect();
+    let accs: Vec<Variable> = lanes
+        .iter()
+        .map(|&(ty, _)| {
+            let var = e.b.declare_var(ty);
+            let z = e.fconst(ty, 0.0);
+            e.b.def_var(var, z);
+            var
+        })
+        .collect();
+    e.for_range(0, rows as i64, 1, |e, r| {
+        let row = e.b.ins().imul_imm_s(r, c as i64);
+        let first = e.b.ins().iadd(row, col);
+        for (&(ty, j), &var) in lanes.iter().zip(&accs) {
+            let idx = e.b.ins().iadd_imm_s(first, j as i64);
+            let v = e.load(ty, src, idx);
+            let a = e.b.use_var(var);
+            let a = e.b.ins().fadd(a, v);
+            e.b.def_var(var, a);
+        }
+    });
+    for (&(_, j), &var) in lanes.iter().zip(&accs) {
+        let idx = e.b.ins().iadd_imm_s(col, j as i64);
+        let a = e.b.use_var(var);
+        e.store(out, idx, a);
     }
 }
 
