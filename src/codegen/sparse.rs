@@ -461,17 +461,19 @@ fn weight_grad(
     });
     // out[c][ch][i][j] from its slot of the sums.
     let kk = ge.k * ge.k;
+    // The channels are a loop at run time, the taps unrolled: channel `ch`'s slot is
+    // `slot(0, ..) + ch`, or `slot(0, ..)` for tap rows, which hold no channels.
     e.for_dynamic(lo, hi, |e, c| {
         let row = e.b.ins().imul_imm_s(c, per);
-        for ch in 0..ge.e {
-            let chv = e.i64(ch as i64);
-            let orow = ge.weight_at(e, c, chv);
+        e.for_range(0, ge.e as i64, 1, |e, ch| {
+            let orow = ge.weight_at(e, c, ch);
+            let lanes = if ge.rows { row } else { e.b.ins().iadd(row, ch) };
             for t in 0..kk {
-                let i = e.b.ins().iadd_imm_s(row, ge.slot(ch, t / ge.k, t % ge.k) as i64);
+                let i = e.b.ins().iadd_imm_s(lanes, ge.slot(0, t / ge.k, t % ge.k) as i64);
                 let x = e.load(F32, sums, i);
                 let i = e.b.ins().iadd_imm_s(orow, ge.tap_at(t));
                 e.store(out, i, x);
             }
-        }
+        });
     });
 }
