@@ -39,6 +39,7 @@ pub mod wide;
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
 use crate::state::State;
 use crate::value::Buf;
+use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::{F32, I64};
 use cranelift_codegen::ir::{AbiParam, Function, InstBuilder, UserFuncName};
 use cranelift_codegen::isa::TargetIsa;
@@ -349,8 +350,12 @@ struct Compiled {
 /// Compiles the kernels' functions to machine code on every core (Cranelift compiles each
 /// function on its own; only placing the code in the module is serial), in their order.
 fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> Result<Vec<Compiled>, String> {
-    let one = |(fid, name, func): (FuncId, String, Function)| -> Result<Compiled, String> {
-        let mut ctx = cranelift_codegen::Context::for_function(func);
+    // A thread's functions share one context, which keeps its allocations between them.
+    let one = |ctx: &mut Context,
+               (fid, name, func): (FuncId, String, Function)|
+     -> Result<Compiled, String> {
+        ctx.clear();
+        ctx.func = func;
         ctx.compile(isa, &mut Default::default()).map_err(|e| format!("{name}: {:?}", e.inner))?;
         let code = ctx.compiled_code().ok_or_else(|| format!("{name}: no code"))?;
         let alignment = code.buffer.alignment as u64;
@@ -361,7 +366,8 @@ fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> R
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(funcs.len());
     if threads <= 1 {
-        return funcs.into_iter().map(one).collect();
+        let mut ctx = Context::new();
+        return funcs.into_iter().map(|f| one(&mut ctx, f)).collect();
     }
     // Each thread takes the next function from a shared queue; the largest go first, so no
     // thread is left with a big one at the end.
@@ -374,10 +380,11 @@ fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> R
             .map(|_| {
                 scope.spawn(|| {
                     let mut out = Vec::new();
+                    let mut ctx = Context::new();
                     loop {
                         let next = queue.lock().map_or(None, |mut q| q.pop());
                         let Some((i, f)) = next else { break };
-                        out.push((i, one(f)));
+                        out.push((i, one(&mut ctx, f)));
                     }
                     out
                 })
