@@ -419,7 +419,7 @@ fn eval(
             Buf::F32(recurrent(*cell, f(*xp), sh(*xp), f(*h0), f(*w_hh), bias))
         }
         Op::RecurrentGrad { cell, xp, gh, hprev, dhs, w_hh } => {
-            Buf::F32(recurrent_grad(*cell, sh(*xp), [f(*xp), f(*gh), f(*hprev), f(*dhs), f(*w_hh)]))
+            Buf::F32(recurrent_grad(*cell, sh(*xp), [f(*gh), f(*hprev), f(*dhs), f(*w_hh)]))
         }
         Op::PrevStates { x, first } => {
             let [_, t, s] = [sh(*x)[0], sh(*x)[1], sh(*x)[2]];
@@ -443,7 +443,7 @@ fn eval(
                 for ti in 0..t {
                     let prev = if ti == 0 { &h0[bi * s..] } else { &states[(bi * t + ti - 1) * s..] };
                     let gh = hidden_projection(&prev[..h], f(w_hh), b_hh.map(f));
-                    out.extend(gate_saves(cell, &f(xp)[(bi * t + ti) * gs..][..gs], &gh));
+                    out.extend(gate_saves(cell, &f(xp)[(bi * t + ti) * gs..][..gs], &gh, &prev[..s]));
                 }
             }
             Buf::F32(out)
@@ -756,14 +756,20 @@ fn activations(cell: Cell, gi: &[f32], gh: &[f32], j: usize) -> [f32; 4] {
     }
 }
 
-/// What a step saves of its gates for the backward (`Op::GateSaves`): the independent gates'
-/// activations, the other gates' hidden projections `gh`.
-fn gate_saves(cell: Cell, gi: &[f32], gh: &[f32]) -> Vec<f32> {
+/// What a step saves for the backward (`Op::GateSaves`, in its slots), from its projections
+/// and the state before it: an RNN's tanh; a GRU's r, z, n's hidden projection and n; an
+/// LSTM's i, f, g, o and tanh c.
+fn gate_saves(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32]) -> Vec<f32> {
     let h = gh.len() / cell.gates() as usize;
-    let mut out = gh.to_vec();
+    let mut out = vec![0.0; cell.saves() * h];
     for j in 0..h {
         let a = activations(cell, gi, gh, j);
-        for (k, &v) in a.iter().enumerate().take(cell.independent_gates()) {
+        let slots = match cell {
+            Cell::Rnn => vec![a[0]],
+            Cell::Gru => vec![a[0], a[1], gh[2 * h + j], a[2]],
+            Cell::Lstm => vec![a[0], a[1], a[2], a[3], (a[1] * prev[h + j] + a[0] * a[2]).tanh()],
+        };
+        for (k, v) in slots.into_iter().enumerate() {
             out[k * h + j] = v;
         }
     }
@@ -771,13 +777,13 @@ fn gate_saves(cell: Cell, gi: &[f32], gh: &[f32]) -> Vec<f32> {
 }
 
 /// The activations of hidden unit `j` as [`activations`] gives them, from what the step
-/// saved (`saved`, [`gate_saves`]) and the input projections `gi`.
-fn saved_activations(cell: Cell, gi: &[f32], saved: &[f32], j: usize) -> [f32; 4] {
-    let h = saved.len() / cell.gates() as usize;
+/// saved (`saved`, [`gate_saves`]).
+fn saved_activations(cell: Cell, saved: &[f32], j: usize) -> [f32; 4] {
+    let h = saved.len() / cell.saves();
     let sv = |k: usize| saved[k * h + j];
     match cell {
-        Cell::Rnn => [(gi[j] + sv(0)).tanh(), 0.0, 0.0, 0.0],
-        Cell::Gru => [sv(0), sv(1), (gi[2 * h + j] + sv(0) * sv(2)).tanh(), 0.0],
+        Cell::Rnn => [sv(0), 0.0, 0.0, 0.0],
+        Cell::Gru => [sv(0), sv(1), sv(3), 0.0],
         Cell::Lstm => [sv(0), sv(1), sv(2), sv(3)],
     }
 }
@@ -804,14 +810,14 @@ fn cell_step(cell: Cell, gi: &[f32], gh: &[f32], prev: &[f32], out: &mut [f32]) 
 /// part that does not go through `W_hh`), from what the step saved of its gates (`saved`).
 fn cell_step_grad(
     cell: Cell,
-    [gi, saved, prev, ds]: [&[f32]; 4],
+    [saved, prev, ds]: [&[f32]; 3],
     dgi: &mut [f32],
     dgh: &mut [f32],
     dprev: &mut [f32],
 ) {
-    let h = saved.len() / cell.gates() as usize;
+    let h = saved.len() / cell.saves();
     for j in 0..h {
-        match (cell, saved_activations(cell, gi, saved, j)) {
+        match (cell, saved_activations(cell, saved, j)) {
             (Cell::Rnn, [y, ..]) => {
                 dgi[j] = ds[j] * (1.0 - y * y);
                 dgh[j] = dgi[j];
@@ -830,8 +836,7 @@ fn cell_step_grad(
                 dprev[j] = ds[j] * z;
             }
             (Cell::Lstm, [i, fg, g, o]) => {
-                let c = fg * prev[h + j] + i * g;
-                let tc = c.tanh();
+                let tc = saved[4 * h + j];
                 let dc = ds[h + j] + ds[j] * o * (1.0 - tc * tc);
                 let d = [
                     dc * g * i * (1.0 - i),
@@ -876,7 +881,7 @@ fn recurrent(
 }
 
 /// Backpropagation through time (`Op::RecurrentGrad`), from the last step to the first.
-fn recurrent_grad(cell: Cell, xs: &[usize], [xp, saved, hprev, dhs, w_hh]: [&[f32]; 5]) -> Vec<f32> {
+fn recurrent_grad(cell: Cell, xs: &[usize], [saved, hprev, dhs, w_hh]: [&[f32]; 4]) -> Vec<f32> {
     let (b, t, g) = (xs[0], xs[1], xs[2]);
     let h = g / cell.gates() as usize;
     let s = cell.state(h);
@@ -888,7 +893,8 @@ fn recurrent_grad(cell: Cell, xs: &[usize], [xp, saved, hprev, dhs, w_hh]: [&[f3
         for ti in (0..t).rev() {
             let at = bi * t + ti;
             let ds: Vec<f32> = dhs[at * s..][..s].iter().zip(&carry).map(|(a, c)| a + c).collect();
-            let ins = [&xp[at * g..][..g], &saved[at * g..][..g], &hprev[at * s..][..s], &ds[..]];
+            let sv = cell.saves() * h;
+            let ins = [&saved[at * sv..][..sv], &hprev[at * s..][..s], &ds[..]];
             cell_step_grad(cell, ins, &mut dgi, &mut dgh, &mut direct);
             out[layout.dxp + at * g..][..g].copy_from_slice(&dgi);
             out[layout.dgh + at * g..][..g].copy_from_slice(&dgh);

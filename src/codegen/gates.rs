@@ -40,11 +40,12 @@ pub enum Pass {
         /// The running `h` and (LSTM) `c`, `[B, H]` each.
         h: usize,
         c: usize,
-        /// Where the gates are saved for the backward pass, `[B, T, G·H]`, if anywhere.
+        /// Where the gates are saved for the backward pass, `[B, T, V·H]` (`Cell::saves`),
+        /// if anywhere.
         saved: Option<usize>,
     },
     Backward {
-        /// What the forward saved of its gates `[B, T, G·H]` (`Op::GateSaves`), the states
+        /// What the forward saved of its gates `[B, T, V·H]` (`Op::GateSaves`), the states
         /// before each step and the states' gradients `[B, T, S]`.
         gh: usize,
         hprev: usize,
@@ -72,19 +73,23 @@ impl Gates {
         self.cell.state(self.h)
     }
 
+    fn sv(&self) -> usize {
+        self.cell.saves() * self.h
+    }
+
     /// One past the last byte of the arena the gates read or write.
     pub fn extent(&self) -> usize {
-        let (b, t, h, gh, s) = (self.b, self.t, self.h, self.gh(), self.s());
+        let (b, t, h, gh, s, sv) = (self.b, self.t, self.h, self.gh(), self.s(), self.sv());
         let ends: Vec<(usize, usize)> = match self.pass {
             Pass::Forward { gh: g, bias, h: hh, c, saved } => {
                 let mut v = vec![(self.out, b * t * s), (g, b * gh), (hh, b * h), (c, b * h)];
-                v.extend(saved.map(|o| (o, b * t * gh)));
+                v.extend(saved.map(|o| (o, b * t * sv)));
                 v.extend(bias.map(|o| (o, gh)));
                 v
             }
             Pass::Backward { gh: g, hprev, dhs, dh, dc, direct, dgh, total, .. } => vec![
                 (self.out, total),
-                (g, b * t * gh),
+                (g, b * t * sv),
                 (hprev, b * t * s),
                 (dhs, b * t * s),
                 (dh, b * h),
@@ -123,10 +128,11 @@ pub(super) unsafe fn step_avx2(base: *mut u8, g: &Gates, (r0, rows): (usize, usi
 }
 
 /// Element offsets of row `r` at step `t`: its projections (`[B, T, G·H]`), its states
-/// (`[B, T, S]`), its rows of `[B, G·H]` and `[B, H]` buffers (as `recurrent::rows`).
-fn rows(g: &Gates, r: usize, t: usize) -> (usize, usize, usize, usize) {
+/// (`[B, T, S]`), its gate saves (`[B, T, V·H]`), its rows of `[B, G·H]` and `[B, H]`
+/// buffers (as `recurrent::rows`).
+fn rows(g: &Gates, r: usize, t: usize) -> (usize, usize, usize, usize, usize) {
     let bt = r * g.t + t;
-    (bt * g.gh(), bt * g.s(), r * g.gh(), r * g.h)
+    (bt * g.gh(), bt * g.s(), bt * g.sv(), r * g.gh(), r * g.h)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -209,7 +215,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     use super::elementwise::load8;
     use super::elementwise::wide_math::tanh;
     let Pass::Forward { gh, bias, h, c, saved } = g.pass else { return };
-    let (xrow, orow, grow, hrow) = rows(g, r, t);
+    let (xrow, orow, vrow, grow, hrow) = rows(g, r, t);
     let hs = g.h;
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
@@ -227,7 +233,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
         };
         let keep = |k: usize, j: usize, n: usize, v: __m256| {
             if let Some(s) = saved {
-                store8(at(s, xrow + k * hs + j), v, n);
+                store8(at(s, vrow + k * hs + j), v, n);
             }
         };
         let done = |k: usize, j: usize, n: usize| load8(at(gh, grow + k * hs + j), n);
@@ -237,8 +243,8 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
             match g.cell {
                 Cell::Rnn => {
                     let (x, y) = pre(0, j, n);
-                    keep(0, j, n, y);
                     let a = tanh(_mm256_add_ps(x, y));
+                    keep(0, j, n, a);
                     store8(at(h, hi), a, n);
                     store8(at(g.out, oi), a, n);
                 }
@@ -247,6 +253,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                     let (xn, yn) = pre(2, j, n);
                     keep(2, j, n, yn);
                     let nn = tanh(_mm256_fmadd_ps(rr, yn, xn));
+                    keep(3, j, n, nn);
                     let hp = load8(at(h, hi), n);
                     // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
                     let hn = _mm256_fmadd_ps(z, _mm256_sub_ps(hp, nn), nn);
@@ -257,7 +264,9 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                     let a = [0, 1, 2, 3].map(|k| done(k, j, n));
                     let cp = load8(at(c, hi), n);
                     let cn = _mm256_fmadd_ps(a[1], cp, _mm256_mul_ps(a[0], a[2]));
-                    let hn = _mm256_mul_ps(a[3], tanh(cn));
+                    let tc = tanh(cn);
+                    keep(4, j, n, tc);
+                    let hn = _mm256_mul_ps(a[3], tc);
                     store8(at(h, hi), hn, n);
                     store8(at(c, hi), cn, n);
                     store8(at(g.out, oi), hn, n);
@@ -276,23 +285,18 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     use super::elementwise::load8;
-    use super::elementwise::wide_math::tanh;
     let Pass::Backward { gh, hprev, dhs, dh, dc, direct, dgh, dxp_at, dgh_at, .. } = g.pass else {
         return;
     };
-    let (xrow, srow, grow, hrow) = rows(g, r, t);
+    let (xrow, srow, vrow, grow, hrow) = rows(g, r, t);
     let hs = g.h;
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
         let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
-        // What the forward saved of gate k: the independent gates' activations, the others'
-        // projections h·W_hhᵀ + b_hh.
-        let pre = |k: usize, j: usize, n: usize| {
-            (load8(at(g.xp, xrow + k * hs + j), n), load8(at(gh, xrow + k * hs + j), n))
-        };
         runs(hs, |j, n| {
             let (hi, si) = (hrow + j, srow + j);
-            let done = |k: usize| load8(at(gh, xrow + k * hs + j), n);
+            // What the forward saved in slot k (`Cell::saves`).
+            let done = |k: usize| load8(at(gh, vrow + k * hs + j), n);
             // dgi into the output, dgh into the output and the step's `dgh` scratch.
             let put = |k: usize, dgi: __m256, dghv: __m256| {
                 let xi = xrow + k * hs + j;
@@ -304,15 +308,11 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
             let one = _mm256_set1_ps(1.0);
             match g.cell {
                 Cell::Rnn => {
-                    let (x, y) = pre(0, j, n);
-                    let a = tanh(_mm256_add_ps(x, y));
-                    let da = _mm256_mul_ps(dsh, one_minus_sq(a));
+                    let da = _mm256_mul_ps(dsh, one_minus_sq(done(0)));
                     put(0, da, da);
                 }
                 Cell::Gru => {
-                    let (rr, z) = (done(0), done(1));
-                    let (xn, yn) = pre(2, j, n);
-                    let nn = tanh(_mm256_fmadd_ps(rr, yn, xn));
+                    let (rr, z, yn, nn) = (done(0), done(1), done(2), done(3));
                     let hp = load8(at(hprev, si), n);
                     // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
                     // dr = dn·gh_n·r(1-r); direct = ds·z.
@@ -330,7 +330,7 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                 Cell::Lstm => {
                     let [i, f, gg, o] = [0, 1, 2, 3].map(done);
                     let cp = load8(at(hprev, si + hs), n);
-                    let tc = tanh(_mm256_fmadd_ps(f, cp, _mm256_mul_ps(i, gg)));
+                    let tc = done(4);
                     // dc = ds_c + ds_h·o·(1-tanh²c).
                     let dsc = _mm256_add_ps(load8(at(dhs, si + hs), n), load8(at(dc, hi), n));
                     let dcv = _mm256_fmadd_ps(_mm256_mul_ps(dsh, o), one_minus_sq(tc), dsc);

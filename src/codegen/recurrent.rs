@@ -86,6 +86,10 @@ impl Dims {
     fn s(&self) -> usize {
         self.cell.state(self.h)
     }
+    /// The floats a step saves of its gates (`Cell::saves`).
+    fn sv(&self) -> usize {
+        self.cell.saves() * self.h
+    }
 }
 
 fn dims(g: &Graph, id: NodeId) -> Option<Dims> {
@@ -98,11 +102,13 @@ fn dims(g: &Graph, id: NodeId) -> Option<Dims> {
     Some(Dims { b: s[0], t: s[1], h: s[2] / gates, g: gates, cell })
 }
 
-/// Element offsets of batch row `r` at step `t`: its projections (`[B, T, G·H]`) and states
-/// (`[B, T, S]`), and its rows of the `[B, G·H]` and `[B, H]` scratch buffers.
+/// Element offsets of batch row `r` at step `t`: its projections (`[B, T, G·H]`), states
+/// (`[B, T, S]`) and gate saves (`[B, T, V·H]`), and its rows of the `[B, G·H]` and `[B, H]`
+/// scratch buffers.
 struct Rows {
     xrow: Value,
     srow: Value,
+    vrow: Value,
     grow: Value,
     hrow: Value,
 }
@@ -113,14 +119,15 @@ fn rows(e: &mut Emit, d: Dims, r: Value, t: Value) -> Rows {
     Rows {
         xrow: e.b.ins().imul_imm_s(bt, d.gh() as i64),
         srow: e.b.ins().imul_imm_s(bt, d.s() as i64),
+        vrow: e.b.ins().imul_imm_s(bt, d.sv() as i64),
         grow: e.b.ins().imul_imm_s(r, d.gh() as i64),
         hrow: e.b.ins().imul_imm_s(r, d.h as i64),
     }
 }
 
 /// The node that reads what recurrent node `rec` saves of its gates (`gate_saves`), if any:
-/// the loop then stores there each step's independent gates after activation and the other
-/// gates' `h·W_hhᵀ + b_hh`.
+/// the loop then stores there each step's independent gates after activation, the other
+/// gates' `h·W_hhᵀ + b_hh` and a GRU's n.
 pub fn saved_gates(g: &Graph, rec: NodeId) -> Option<NodeId> {
     g.ids().find(|&id| g.node(id).op == Op::GateSaves { rec })
 }
@@ -291,9 +298,7 @@ fn emit(
             matmul::pack_b(e, at(w_hh), false, d.gh(), d.h, packed, (lo, hi))
         }
         (Op::Recurrent { xp, h0, b_hh, .. }, Part::Loop) => forward_loop(e, &lp, (xp, h0, b_hh)),
-        (Op::RecurrentGrad { xp, gh, hprev, dhs, .. }, Part::Loop) => {
-            backward_loop(e, &lp, (xp, gh, hprev, dhs))
-        }
+        (Op::RecurrentGrad { gh, hprev, dhs, .. }, Part::Loop) => backward_loop(e, &lp, (gh, hprev, dhs)),
         _ => return Err("not a recurrent op".into()),
     }
     Ok(())
@@ -389,21 +394,22 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
     e.for_range(0, d.t as i64, 1, |e, t| {
         project(e, &mm);
         e.for_dynamic(r0, r1, |e, r| {
-            let Rows { xrow, srow: orow, grow, hrow } = rows(e, d, r, t);
-            // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh, and
-            // `keep(v)`, which saves v for the backward (when it reads the saves) at the
-            // projection's own index.
+            let Rows { xrow, srow: orow, vrow, grow, hrow } = rows(e, d, r, t);
+            // `keep(j, k, v)` saves v for the backward (when it reads the saves) in slot k.
+            let keep = |e: &mut Emit, j: Value, k: usize, v: Value| {
+                if let Some(saved) = saved {
+                    let i = gate_index(e, d, vrow, j, k);
+                    e.store(saved, i, v);
+                }
+            };
+            // Gate k's projections at element j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh, and its
+            // `keep`.
             let gate = |e: &mut Emit, ty: Type, j: Value, k: usize| {
                 let i = gate_index(e, d, xrow, j, k);
                 let x = e.load(ty, at(xp), i);
                 let gi = gate_index(e, d, grow, j, k);
                 let y = e.load(ty, gh, gi);
-                let keep = move |e: &mut Emit, v: Value| {
-                    if let Some(saved) = saved {
-                        e.store(saved, i, v);
-                    }
-                };
-                (x, y, gi, keep)
+                (x, y, gi, move |e: &mut Emit, v: Value| keep(e, j, k, v))
             };
             // The first pass: the gates that need only their own projections, each
             // written over its projection in `gh` and saved.
@@ -421,8 +427,11 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                     ty,
                     d.cell,
                     |e, k| {
+                        // A GRU's n: its hidden projection is saved (an RNN saves its tanh).
                         let (x, y, _, keep) = gate(e, ty, j, k);
-                        keep(e, y);
+                        if d.cell == Cell::Gru {
+                            keep(e, y);
+                        }
                         (x, y)
                     },
                     |e, k| {
@@ -432,11 +441,13 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                 );
                 match d.cell {
                     Cell::Rnn => {
+                        keep(e, j, 0, a[0]);
                         e.store(h, hi_, a[0]);
                         e.store(out, oi, a[0]);
                     }
                     Cell::Gru => {
                         let (z, n) = (a[1], a[2]);
+                        keep(e, j, 3, n);
                         let hp = e.load(ty, h, hi_);
                         // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
                         let diff = e.b.ins().fsub(hp, n);
@@ -447,6 +458,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                     Cell::Lstm => {
                         let cp = e.load(ty, c, hi_);
                         let (cn, tc) = lstm_cell(e, ty, &a, cp);
+                        keep(e, j, 4, tc);
                         let hn = e.b.ins().fmul(a[3], tc);
                         e.store(h, hi_, hn);
                         e.store(c, hi_, cn);
@@ -462,7 +474,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
 
 /// Backpropagation through time, last step first: the gates' gradients per step, the state's
 /// gradient through `W_hh` (the projection), and the initial state's gradient at the end.
-fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId, NodeId, NodeId)) {
+fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, NodeId)) {
     let (d, out) = (lp.d, lp.out);
     let at = |x: NodeId| lp.at(x);
     let project = |e: &mut Emit, mm: &Mm| lp.project(e, mm);
@@ -503,10 +515,11 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
             return;
         }
         e.for_dynamic(r0, r1, |e, r| {
-            let Rows { xrow, srow, grow, hrow } = rows(e, d, r, t);
+            let Rows { xrow, srow, vrow, grow, hrow } = rows(e, d, r, t);
             e.elementwise(d.h, |e, ty, j| {
                 let idx = |e: &mut Emit, row: Value, k: usize| gate_index(e, d, row, j, k);
                 let xi: Vec<Value> = (0..d.g).map(|k| idx(e, xrow, k)).collect();
+                let vi: Vec<Value> = (0..d.cell.saves()).map(|k| idx(e, vrow, k)).collect();
                 let gi: Vec<Value> = (0..d.g).map(|k| idx(e, grow, k)).collect();
                 let hi_ = idx(e, hrow, 0);
                 let si = idx(e, srow, 0);
@@ -525,14 +538,14 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
                     e.store(out, o, dghv);
                     e.store(dgh, gi[k], dghv);
                 };
-                // What the forward saved of each gate: the independent gates' activations,
-                // the others' projections h·W_hhᵀ + b_hh.
-                let pre = |e: &mut Emit, k: usize| {
-                    let x = e.load(ty, at(xp), xi[k]);
-                    let y = e.load(ty, at(gh), xi[k]);
-                    (x, y)
+                // The activations the forward saved (`Cell::saves`), as `activations` gives
+                // them: rnn [h]; gru [r, z, n, gh_n]; lstm [i, f, g, o].
+                let saved = |e: &mut Emit, k: usize| e.load(ty, at(gh), vi[k]);
+                let a: Vec<Value> = match d.cell {
+                    Cell::Rnn => vec![saved(e, 0)],
+                    Cell::Gru => [0, 1, 3, 2].map(|k| saved(e, k)).to_vec(),
+                    Cell::Lstm => (0..4).map(|k| saved(e, k)).collect(),
                 };
-                let a = activations(e, ty, d.cell, pre, |e, k| e.load(ty, at(gh), xi[k]));
                 match d.cell {
                     Cell::Rnn => {
                         let d1 = one_minus_sq(e, ty, a[0]);
@@ -567,7 +580,7 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (xp, gh, hprev, dhs): (NodeId, NodeId,
                         let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
                         let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
                         let cp = e.load(ty, at(hprev), ci);
-                        let (_, tc) = lstm_cell(e, ty, &a, cp);
+                        let tc = saved(e, 4);
                         // dc = ds_c + ds_h·o·(1-tanh²c).
                         let dsc = {
                             let a = e.load(ty, at(dhs), ci);

@@ -142,6 +142,17 @@ impl Cell {
         }
     }
 
+    /// How many `H`-wide slots a step keeps for the backward (`Op::GateSaves`): everything
+    /// the gradient reads that an activation computed — an RNN's new state, a GRU's r, z,
+    /// n's hidden projection and n, an LSTM's i, f, g, o and tanh c.
+    pub fn saves(self) -> usize {
+        match self {
+            Cell::Rnn => 1,
+            Cell::Gru => 4,
+            Cell::Lstm => 5,
+        }
+    }
+
     /// The size of the state one step passes on: h, or h and c for an LSTM.
     pub fn state(self, hidden: usize) -> usize {
         if self == Cell::Lstm { 2 * hidden } else { hidden }

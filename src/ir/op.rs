@@ -383,12 +383,11 @@ pub enum Op {
         dhs: NodeId,
         w_hh: NodeId,
     },
-    /// What each step of recurrent node `rec` keeps of its gates for the backward, `[B, T,
-    /// G·H]`: the [independent gates](Cell::independent_gates) after their activation (a
-    /// GRU's r and z, an LSTM's four), the others as their hidden projection `h_{t-1}·W_hhᵀ +
-    /// b_hh` (a GRU's n, an RNN's one gate). The native forward loop saves them as it runs,
-    /// so the backward computes no sigmoid again; the interpreter recomputes them from
-    /// `rec`'s states.
+    /// What each step of recurrent node `rec` keeps for the backward, `[B, T, V·H]` with V
+    /// [`Cell::saves`]: an RNN's tanh; a GRU's r and z, n's hidden projection `h_{t-1}·W_hhᵀ
+    /// + b_hh` and n; an LSTM's i, f, g, o and tanh c. The native forward loop saves them as
+    /// it runs, so the backward computes no activation again; the interpreter recomputes
+    /// them from `rec`'s states.
     GateSaves {
         rec: NodeId,
     },
@@ -1191,8 +1190,11 @@ impl Op {
                 let [b, t, g_] = three(f32s(*xp)?)?;
                 let [_, h] = two(f32s(*w_hh)?)?;
                 let s = cell.state(h);
-                if f32s(*gh)?.as_slice() != [b, t, g_] {
-                    return Err("recurrent_grad: gh does not match xp".into());
+                if g_ != cell.gates() as usize * h {
+                    return Err("recurrent_grad: xp must be [B, T, G·H]".into());
+                }
+                if f32s(*gh)?.as_slice() != [b, t, cell.saves() * h] {
+                    return Err("recurrent_grad: gh is not the gate saves of xp".into());
                 }
                 for x in [hprev, dhs] {
                     if f32s(*x)?.as_slice() != [b, t, s] {
@@ -1209,7 +1211,10 @@ impl Op {
                 Type::f32(f32s(*x)?.clone())
             }
             GateSaves { rec } => match g.node(*rec).op {
-                Recurrent { xp, .. } => Type::f32(f32s(xp)?.clone()),
+                Recurrent { cell, xp, .. } => {
+                    let [b, t, gh] = three(f32s(xp)?)?;
+                    Type::f32(vec![b, t, gh / cell.gates() as usize * cell.saves()])
+                }
                 _ => return Err("gate_saves of a node that is not recurrent".into()),
             },
             Part { x, offset, shape } => {
