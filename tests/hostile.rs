@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{aec, aec_env, s};
+use common::{aec, s};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -374,18 +374,12 @@ fn native_code_does_not_grow_with_the_channels_and_a_huge_kernel_is_refused() {
     let clif = aec::codegen::clif_of(&g).expect("native code");
     let largest = clif.iter().map(|(_, text)| text.lines().count()).max().unwrap_or(0);
     assert!(largest < 5_000, "a kernel of {largest} lines");
-    // A 61×61 kernel: the wide core's im2col and col2im loop over the taps at run time, so it
-    // compiles where the CPU has the wide core; the 128-bit kernel's packing unrolls them, and
-    // is refused with the reason before Cranelift compiles it.
+    // A 61×61 kernel unrolls its taps: refused with the reason, before Cranelift compiles it.
     let dir = scratch("huge_kernel");
     let spec = dir.join("k.ae");
     let text = "model m {\n input x: [1, 64, 64]\n encoder { conv 2 k61 p0 -> relu }\n decoder { deconv 1 k61 p0 -> sigmoid }\n loss mse(x)\n}\ntrain { batch 1 }\n";
     std::fs::write(&spec, text).expect("spec");
-    if aec::codegen::wide::isa().is_some() {
-        let (code, _, err) = aec(&["compile", s(&spec)]);
-        assert_eq!(code, 0, "{err}");
-    }
-    let (code, _, err) = aec_env(&["compile", s(&spec)], &[("AEC_MATMUL", "cranelift")]);
+    let (code, _, err) = aec(&["compile", s(&spec)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("would be too large to compile in seconds"), "{err}");
 }
