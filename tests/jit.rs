@@ -346,9 +346,6 @@ fn convolutions_pools_and_unpooling_on_awkward_sizes() {
         // and a 3×1 average pool at stride 1×1 (overlapping along the height only).
         "model t { input x: [2, 7, 9]\n encoder { conv 3 k3 p1 -> relu; maxpool 2x3 s2x3 as p; conv 2 k3 p1 }\n decoder { deconv 3 k3 p1 -> relu; unpool p; deconv 2 k3 p1 -> sigmoid }\n loss mse(x) }",
         "model t { input x: [1, 7, 5]\n encoder { avgpool 3x1 s1; conv 2 k1 }\n decoder { flatten; dense 35 -> sigmoid; reshape [1, 7, 5] }\n loss mse(x) }",
-        // Strides, paddings and kernels per axis on convolutions large enough for the wide
-        // core, whose im2col loops over the taps at run time.
-        "model t { input x: [3, 13, 11]\n encoder { conv 8 k5 s3 p2 -> relu; conv 6 k3x5 s2x1 p1x2 -> tanh }\n decoder { flatten; dense 429 -> sigmoid; reshape [3, 13, 11] }\n loss mse(x) }",
     ];
     for src in srcs {
         for batch in [1, 3] {

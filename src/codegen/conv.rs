@@ -503,80 +503,62 @@ fn weight_grad_prep(
 }
 
 /// Image `img`'s columns of im2col(input), row-major `[CKK, N]` at `acol` with rows `stride`
-/// floats apart: contiguous copies of input rows, zeros in the padding. The taps are a loop
-/// at run time, each computing its range of output rows and columns inside the image
-/// ([`inside_at`]), so the code is one tap's whatever the kernel's size.
+/// floats apart: contiguous copies of input rows, zeros in the padding.
 fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usize), img: Value) {
-    let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
     e.for_range(0, ge.ci as i64, 1, |e, c| {
-        let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
-        let plane = e.b.ins().iadd(plane, c);
-        let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
-        e.for_range(0, ge.kk() as i64, 1, |e, tap| {
-            let kh = e.b.ins().udiv_imm_s(tap, ge.k[1] as i64);
-            let kw = e.b.ins().imul_imm_s(kh, ge.k[1] as i64);
-            let kw = e.b.ins().isub(tap, kw);
-            let (oy0, oy1) = inside_at(e, kh, ge.s[0], ge.p[0], ge.h, ge.oh);
-            let (ox0, ox1) = inside_at(e, kw, ge.s[1], ge.p[1], ge.w, ge.ow);
-            let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-            let r = e.b.ins().iadd(r, tap);
-            let row = e.b.ins().imul_imm_s(r, stride as i64);
-            let q = e.b.ins().iadd(row, q);
-            // Row `oy`'s image row and the tap's column offset: `oy·s + kh − p`, `kw − p`.
-            let src0 = e.b.ins().iadd_imm_s(kw, -(ge.p[1] as i64));
-            let src0 = e.b.ins().iadd(plane, src0);
-            let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
-            let zeros = |e: &mut Emit, ty: Type, i: Value| {
-                let z = e.fconst(ty, 0.0);
-                e.store(acol, i, z);
-            };
-            let ow = e.i64(ge.ow as i64);
-            e.for_range(0, ge.oh as i64, 1, |e, oy| {
-                let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                let dst = e.b.ins().iadd(q, t);
-                let at = |e: &mut Emit, ox: Value| e.b.ins().iadd(dst, ox);
-                let a = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy0);
-                let b = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy1);
-                let inside_row = e.b.ins().band(a, b);
-                let a = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy0);
-                let b = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy1);
-                let outside_row = e.b.ins().bor(a, b);
-                e.when(outside_row, |e| {
-                    e.elementwise_in(0, ge.ow, |e, ty, ox| {
-                        let i = at(e, ox);
-                        zeros(e, ty, i)
-                    })
-                });
-                e.when(inside_row, |e| {
-                    let zero = e.i64(0);
-                    e.elementwise_dynamic(zero, ox0, |e, ty, ox| {
-                        let i = at(e, ox);
-                        zeros(e, ty, i)
+        for kh in 0..ge.k[0] {
+            for kw in 0..ge.k[1] {
+                let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
+                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
+                let r = e.b.ins().iadd_imm_s(r, tap as i64);
+                let row = e.b.ins().imul_imm_s(r, stride as i64);
+                let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
+                    e.for_range(from as i64, to as i64, 1, |e, ox| {
+                        let i = e.b.ins().iadd(at, ox);
+                        let z = e.fconst(F32, 0.0);
+                        e.store(acol, i, z);
                     });
-                    // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
-                    let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-                    let iy = e.b.ins().iadd(iy, kh_p);
-                    let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                    let src = e.b.ins().iadd(src0, t);
-                    let copy = |e: &mut Emit, ty: Type, ox: Value| {
-                        let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
-                        let si = e.b.ins().iadd(src, t);
-                        let v = e.load_ro(ty, input, si);
-                        let di = at(e, ox);
-                        e.store(acol, di, v);
-                    };
-                    if ge.s[1] == 1 {
-                        e.elementwise_dynamic(ox0, ox1, copy);
-                    } else {
-                        e.for_dynamic(ox0, ox1, |e, ox| copy(e, F32, ox));
-                    }
-                    e.elementwise_dynamic(ox1, ow, |e, ty, ox| {
-                        let i = at(e, ox);
-                        zeros(e, ty, i)
+                };
+                let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
+                let plane = e.b.ins().iadd(plane, c);
+                let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
+                let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+                let q = e.b.ins().iadd(row, q);
+                e.for_range(0, ge.oh as i64, 1, |e, oy| {
+                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                    let dst = e.b.ins().iadd(q, t);
+                    let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
+                    let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
+                    let inside_row = e.b.ins().band(a, b);
+                    let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
+                    let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
+                    let outside_row = e.b.ins().bor(a, b);
+                    e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
+                    e.when(inside_row, |e| {
+                        fill(e, dst, 0, ox0);
+                        // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
+                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                        let src = e.b.ins().iadd(plane, t);
+                        let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p[1] as i64);
+                        let copy = |e: &mut Emit, ty: Type, ox: Value| {
+                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
+                            let si = e.b.ins().iadd(src, t);
+                            let v = e.load_ro(ty, input, si);
+                            let di = e.b.ins().iadd(dst, ox);
+                            e.store(acol, di, v);
+                        };
+                        if ge.s[1] == 1 {
+                            e.elementwise_in(ox0, ox1, copy);
+                        } else {
+                            e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                        }
+                        fill(e, dst, ox1, ge.ow);
                     });
                 });
-            });
-        });
+            }
+        }
     });
 }
 
@@ -736,72 +718,45 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
         e.for_range(0, ge.ci as i64, 1, |e, c| {
             let t = e.b.ins().imul_imm_s(c, plane as i64);
             let obase = e.b.ins().iadd(first, t);
-            // The taps in order (each output sums them in the same order at any size), a loop
-            // at run time as in `im2col_rows`.
-            e.for_range(0, ge.kk() as i64, 1, |e, tap| {
-                let kh = e.b.ins().udiv_imm_s(tap, ge.k[1] as i64);
-                let kw = e.b.ins().imul_imm_s(kh, ge.k[1] as i64);
-                let kw = e.b.ins().isub(tap, kw);
-                let (oy0, oy1) = inside_at(e, kh, ge.s[0], ge.p[0], ge.h, ge.oh);
-                let (ox0, ox1) = inside_at(e, kw, ge.s[1], ge.p[1], ge.w, ge.ow);
-                // Row r = (c, kh, kw) of cols, at this image's columns.
-                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                let r = e.b.ins().iadd(r, tap);
-                let row = e.b.ins().imul_imm_s(r, n);
-                let row = e.b.ins().iadd(row, col0);
-                let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
-                let kw_p = e.b.ins().iadd_imm_s(kw, -(ge.p[1] as i64));
-                let obase = e.b.ins().iadd(obase, kw_p);
-                e.for_dynamic(oy0, oy1, |e, oy| {
-                    // iy = oy·s + kh − p, ix = ox·s + kw − p.
-                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                    let src = e.b.ins().iadd(row, t);
-                    let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-                    let iy = e.b.ins().iadd(iy, kh_p);
-                    let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                    let dst = e.b.ins().iadd(obase, t);
-                    let add = |e: &mut Emit, ty: Type, ox: Value| {
-                        let si = e.b.ins().iadd(src, ox);
-                        let v = e.load(ty, cols, si);
-                        let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
-                        let di = e.b.ins().iadd(dst, t);
-                        let old = e.load(ty, out, di);
-                        let sum = e.b.ins().fadd(old, v);
-                        e.store(out, di, sum);
-                    };
-                    if ge.s[1] == 1 {
-                        e.elementwise_dynamic(ox0, ox1, add);
-                    } else {
-                        e.for_dynamic(ox0, ox1, |e, ox| add(e, F32, ox));
+            for kh in 0..ge.k[0] {
+                for kw in 0..ge.k[1] {
+                    let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
+                    if oy0 >= oy1 || ox0 >= ox1 {
+                        continue;
                     }
-                });
-            });
+                    // Row r = (c, kh, kw) of cols, at this image's columns.
+                    let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
+                    let r = e.b.ins().iadd_imm_s(r, tap as i64);
+                    let row = e.b.ins().imul_imm_s(r, n);
+                    let row = e.b.ins().iadd(row, col0);
+                    e.for_range(oy0 as i64, oy1 as i64, 1, |e, oy| {
+                        // iy = oy·s + kh − p, ix = ox·s + kw − p.
+                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
+                        let src = e.b.ins().iadd(row, t);
+                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
+                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+                        let dst = e.b.ins().iadd(obase, t);
+                        let dst = e.b.ins().iadd_imm_s(dst, kw as i64 - ge.p[1] as i64);
+                        let add = |e: &mut Emit, ty: Type, ox: Value| {
+                            let si = e.b.ins().iadd(src, ox);
+                            let v = e.load(ty, cols, si);
+                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
+                            let di = e.b.ins().iadd(dst, t);
+                            let old = e.load(ty, out, di);
+                            let sum = e.b.ins().fadd(old, v);
+                            e.store(out, di, sum);
+                        };
+                        if ge.s[1] == 1 {
+                            e.elementwise_in(ox0, ox1, add);
+                        } else {
+                            e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| add(e, F32, ox));
+                        }
+                    });
+                }
+            }
         });
     });
-}
-
-/// [`inside`] for a tap known only at run time.
-fn inside_at(e: &mut Emit, tap: Value, s: usize, p: usize, size: usize, out: usize) -> (Value, Value) {
-    let zero = e.i64(0);
-    let out_ = e.i64(out as i64);
-    // lo = ⌈max(p − tap, 0) / s⌉, at most `out`.
-    let p_ = e.i64(p as i64);
-    let before = e.b.ins().isub(p_, tap);
-    let before = e.b.ins().smax(before, zero);
-    let before = e.b.ins().iadd_imm_s(before, s as i64 - 1);
-    let lo = e.b.ins().udiv_imm_s(before, s as i64);
-    let lo = e.b.ins().smin(lo, out_);
-    // hi = ⌊(size + p − tap − 1) / s⌋ + 1 when that top is not negative, at most `out`; else 0.
-    let top_ = e.i64((size + p) as i64 - 1);
-    let top = e.b.ins().isub(top_, tap);
-    let top_pos = e.b.ins().smax(top, zero);
-    let hi = e.b.ins().udiv_imm_s(top_pos, s as i64);
-    let hi = e.b.ins().iadd_imm_s(hi, 1);
-    let hi = e.b.ins().smin(hi, out_);
-    let reached = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, top, 0);
-    let hi = e.b.ins().select(reached, hi, zero);
-    let hi = e.b.ins().smax(hi, lo);
-    (lo, hi)
 }
 
 /// The output positions `o` in `0..out` whose input position `o·s + tap − p` lies in `0..size`.

@@ -115,18 +115,7 @@ impl Emit<'_, '_> {
     }
 
     /// `for i in lo..hi { body(i) }` with bounds known only at run time.
-    pub fn for_dynamic(&mut self, lo: Value, hi: Value, body: impl FnMut(&mut Self, Value)) {
-        self.for_dynamic_step(lo, hi, 1, body);
-    }
-
-    /// `for i in (lo..hi).step_by(step) { body(i) }` with bounds known only at run time.
-    pub fn for_dynamic_step(
-        &mut self,
-        lo: Value,
-        hi: Value,
-        step: i64,
-        mut body: impl FnMut(&mut Self, Value),
-    ) {
+    pub fn for_dynamic(&mut self, lo: Value, hi: Value, mut body: impl FnMut(&mut Self, Value)) {
         let header = self.b.create_block();
         let body_block = self.b.create_block();
         let exit = self.b.create_block();
@@ -138,7 +127,7 @@ impl Emit<'_, '_> {
         self.b.ins().brif(more, body_block, &[], exit, &[]);
         self.b.switch_to_block(body_block);
         body(self, i);
-        let next = self.b.ins().iadd_imm_s(i, step);
+        let next = self.b.ins().iadd_imm_s(i, 1);
         self.b.ins().jump(header, &[BlockArg::Value(next)]);
         self.b.switch_to_block(exit);
     }
@@ -154,23 +143,6 @@ impl Emit<'_, '_> {
         let vec_end = (from + to.saturating_sub(from) / 4 * 4) as i64;
         self.for_range(from as i64, vec_end, 4, |e, i| body(e, F32X4, i));
         self.for_range(vec_end, to as i64, 1, |e, i| body(e, F32, i));
-    }
-
-    /// `elementwise_in` with bounds known only at run time: F32X4 while four elements are
-    /// left, then F32.
-    pub fn elementwise_dynamic(
-        &mut self,
-        from: Value,
-        to: Value,
-        mut body: impl FnMut(&mut Self, Type, Value),
-    ) {
-        let n = self.b.ins().isub(to, from);
-        let zero = self.i64(0);
-        let n = self.b.ins().smax(n, zero);
-        let whole = self.b.ins().band_imm_s(n, -4);
-        let vec_end = self.b.ins().iadd(from, whole);
-        self.for_dynamic_step(from, vec_end, 4, |e, i| body(e, F32X4, i));
-        self.for_dynamic(vec_end, to, |e, i| body(e, F32, i));
     }
 
     /// `elementwise` over the chunks `lo..hi` of `chunk` elements (`chunk` a multiple of 4):
