@@ -4,8 +4,7 @@
 //! A recurrent loop on the wide core calls it once per step and unit of batch rows
 //! (`wide::Call::gates`): the forward computes the unit's `h·W_hhᵀ` and then its gates (adding
 //! `b_hh` as they read it) and new state, the backward the gates' gradients and then the
-//! unit's `dgh·W_hh`. The
-//! operations are the Cranelift loop's (`recurrent::forward_loop`, `backward_loop`) in the same
+//! unit's `dgh·W_hh`. The operations are the Cranelift loop's (`recurrent::forward_loop`, `backward_loop`) in the same
 //! order — the same fused multiply-adds, IEEE divisions, compares and selects, through
 //! [`super::elementwise::wide_math`] — so each element gets the same bits at either width
 //! (tested). `AEC_ELEMENTWISE=cranelift` keeps the gates in the generated 128-bit code.
@@ -220,9 +219,8 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
         let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
-        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (the matmul
-        // epilogue's addition); `keep` saves a gate's value for the backward, when it reads
-        // the saves.
+        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (b_hh added here);
+        // `keep` saves a value in slot k for the backward, when it reads the saves.
         let pre = |k: usize, j: usize, n: usize| -> (__m256, __m256) {
             let y = load8(at(gh, grow + k * hs + j), n);
             let y = match bias {
