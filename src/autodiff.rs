@@ -329,10 +329,9 @@ impl Ad {
             }
 
             // Backpropagation through time, from the states before each step and what the
-            // forward loop saved of each step's gates (`gate_saves`: activations, and the
-            // hidden projections the backward reads). The loop runs backwards from the last
-            // step, giving the
-            // gradients of the projections and of the initial state. Then
+            // forward loop saved of each step (`gate_saves`: every activation the backward
+            // reads, and a GRU's hidden projection of n). The loop runs backwards from the
+            // last step, giving the gradients of the projections and of the initial state. Then
             // dW_hh = Σ_t dghᵀ·h_prev,  db_hh = Σ dgh, and xp's own rule takes dxp on.
             Op::Recurrent { cell, xp, h0, w_hh, b_hh } => {
                 let [b, t, g] = <[usize; 3]>::try_from(shape_of(&self.g, xp))
