@@ -563,11 +563,11 @@ fn every_shipped_spec_against_finite_differences() {
     // and along each gradient — and a spec whose every gradient is ~0 fails.
     let names = common::shipped_specs();
     assert!(names.len() >= 16, "{names:?}");
-    for name in names {
-        let c = spec_case(&name);
+    common::each_in_parallel(&names, |name| {
+        let c = spec_case(name);
         if c.g.params.is_empty() {
             // pool_odd, pool_roundtrip: a pool and its unpooling, nothing to differentiate.
-            continue;
+            return;
         }
         let report = aec::runtime::check::check(&c.g, &c.params, &c.inputs, 5, false)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -578,7 +578,7 @@ fn every_shipped_spec_against_finite_differences() {
         );
         let largest = c.grads.iter().flatten().fold(0f32, |m, g| m.max(g.abs()));
         assert!(largest > 1e-4, "{name}: every gradient is ~0 ({largest})");
-    }
+    });
 }
 
 /// The check can fail: a gradient off by half everywhere, or with the sign of its largest

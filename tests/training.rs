@@ -73,8 +73,9 @@ fn onehot838_finds_a_binary_code_for_almost_every_seed() {
     (0..8).for_each(|i| eye[i * 9] = 1.0);
     let x = dir.join("eye.npy");
     data::write_npy(&x, &Array { shape: vec![8, 8], values: Values::F32(eye) }).expect("write");
-    let mut found = Vec::new();
-    for seed in 0..32 {
+    let found = std::sync::Mutex::new(Vec::new());
+    let seeds: Vec<u32> = (0..32).collect();
+    common::each_in_parallel(&seeds, |&seed| {
         let run = dir.join(format!("seed-{seed}"));
         let (code, _, err) =
             aec(&["run", "--train", "specs/onehot838.ae", "--seed", &seed.to_string(), "--out", s(&run)]);
@@ -106,9 +107,11 @@ fn onehot838_finds_a_binary_code_for_almost_every_seed() {
             .enumerate()
             .all(|(i, row)| row.iter().enumerate().fold(0, |b, (j, &v)| if v > row[b] { j } else { b }) == i);
         if near && bits.len() == 8 && all {
-            found.push(seed);
+            found.lock().expect("no other seed panicked").push(seed);
         }
-    }
+    });
+    let mut found = found.into_inner().expect("no seed panicked");
+    found.sort();
     assert!(found.len() >= 29, "a binary code for {} of 32 seeds: {found:?}", found.len());
 }
 

@@ -69,3 +69,21 @@ pub fn shipped_specs() -> Vec<String> {
     names.sort();
     names
 }
+
+/// Calls `f` on every item, on as many threads as the machine has cores. The long data-driven
+/// tests (every shipped spec, every seed) would otherwise keep one core busy for a minute after
+/// the short tests beside them are done. A panic in any call fails the test with its message.
+pub fn each_in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, items.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    f(item);
+                }
+            });
+        }
+    });
+}
