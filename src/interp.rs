@@ -783,7 +783,7 @@ fn saved_activations(cell: Cell, saved: &[f32], j: usize) -> [f32; 4] {
     let sv = |k: usize| saved[k * h + j];
     match cell {
         Cell::Rnn => [sv(0), 0.0, 0.0, 0.0],
-        Cell::Gru => [sv(0), sv(1), sv(3), 0.0],
+        Cell::Gru => [sv(0), sv(1), sv(Cell::GRU_N_SLOT), 0.0],
         Cell::Lstm => [sv(0), sv(1), sv(2), sv(3)],
     }
 }

@@ -251,7 +251,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                     let (xn, yn) = pre(2, j, n);
                     keep(2, j, n, yn);
                     let nn = tanh(_mm256_fmadd_ps(rr, yn, xn));
-                    keep(3, j, n, nn);
+                    keep(Cell::GRU_N_SLOT, j, n, nn);
                     let hp = load8(at(h, hi), n);
                     // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
                     let hn = _mm256_fmadd_ps(z, _mm256_sub_ps(hp, nn), nn);
@@ -263,7 +263,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                     let cp = load8(at(c, hi), n);
                     let cn = _mm256_fmadd_ps(a[1], cp, _mm256_mul_ps(a[0], a[2]));
                     let tc = tanh(cn);
-                    keep(4, j, n, tc);
+                    keep(Cell::LSTM_TANH_C_SLOT, j, n, tc);
                     let hn = _mm256_mul_ps(a[3], tc);
                     store8(at(h, hi), hn, n);
                     store8(at(c, hi), cn, n);
@@ -310,7 +310,7 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                     put(0, da, da);
                 }
                 Cell::Gru => {
-                    let (rr, z, yn, nn) = (done(0), done(1), done(2), done(3));
+                    let (rr, z, yn, nn) = (done(0), done(1), done(2), done(Cell::GRU_N_SLOT));
                     let hp = load8(at(hprev, si), n);
                     // dn = ds·(1-z)·(1-n²); dz = ds·(h_prev-n)·z(1-z);
                     // dr = dn·gh_n·r(1-r); direct = ds·z.
@@ -328,7 +328,7 @@ unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                 Cell::Lstm => {
                     let [i, f, gg, o] = [0, 1, 2, 3].map(done);
                     let cp = load8(at(hprev, si + hs), n);
-                    let tc = done(4);
+                    let tc = done(Cell::LSTM_TANH_C_SLOT);
                     // dc = ds_c + ds_h·o·(1-tanh²c).
                     let dsc = _mm256_add_ps(load8(at(dhs, si + hs), n), load8(at(dc, hi), n));
                     let dcv = _mm256_fmadd_ps(_mm256_mul_ps(dsh, o), one_minus_sq(tc), dsc);

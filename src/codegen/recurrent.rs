@@ -447,7 +447,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                     }
                     Cell::Gru => {
                         let (z, n) = (a[1], a[2]);
-                        keep(e, j, 3, n);
+                        keep(e, j, Cell::GRU_N_SLOT, n);
                         let hp = e.load(ty, h, hi_);
                         // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
                         let diff = e.b.ins().fsub(hp, n);
@@ -458,7 +458,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                     Cell::Lstm => {
                         let cp = e.load(ty, c, hi_);
                         let (cn, tc) = lstm_cell(e, ty, &a, cp);
-                        keep(e, j, 4, tc);
+                        keep(e, j, Cell::LSTM_TANH_C_SLOT, tc);
                         let hn = e.b.ins().fmul(a[3], tc);
                         e.store(h, hi_, hn);
                         e.store(c, hi_, cn);
@@ -543,7 +543,7 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
                 let saved = |e: &mut Emit, k: usize| e.load(ty, at(gh), vi[k]);
                 let a: Vec<Value> = match d.cell {
                     Cell::Rnn => vec![saved(e, 0)],
-                    Cell::Gru => [0, 1, 3, 2].map(|k| saved(e, k)).to_vec(),
+                    Cell::Gru => [0, 1, Cell::GRU_N_SLOT, 2].map(|k| saved(e, k)).to_vec(),
                     Cell::Lstm => (0..4).map(|k| saved(e, k)).collect(),
                 };
                 match d.cell {
@@ -580,7 +580,7 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
                         let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
                         let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
                         let cp = e.load(ty, at(hprev), ci);
-                        let tc = saved(e, 4);
+                        let tc = saved(e, Cell::LSTM_TANH_C_SLOT);
                         // dc = ds_c + ds_h·o·(1-tanh²c).
                         let dsc = {
                             let a = e.load(ty, at(dhs), ci);

@@ -153,6 +153,12 @@ impl Cell {
         }
     }
 
+    /// The save slot of a GRU's n (`saves`): its slots 0–2 are r, z and n's hidden
+    /// projection, each in its own gate's slot.
+    pub const GRU_N_SLOT: usize = 3;
+    /// The save slot of an LSTM's tanh c (`saves`), after i, f, g and o in their gates' slots.
+    pub const LSTM_TANH_C_SLOT: usize = 4;
+
     /// The size of the state one step passes on: h, or h and c for an LSTM.
     pub fn state(self, hidden: usize) -> usize {
         if self == Cell::Lstm { 2 * hidden } else { hidden }
