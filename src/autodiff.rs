@@ -345,7 +345,7 @@ impl Ad {
                 };
                 let hp = self.add(Op::Reshape { x: hp, shape: vec![b * t, h] }, y)?;
                 let gh = self.add(Op::GateSaves { rec: y }, y)?;
-                let grad = self.add(Op::RecurrentGrad { cell, xp, gh, hprev, dhs: d, w_hh }, y)?;
+                let grad = self.add(Op::RecurrentGrad { cell, gh, hprev, dhs: d, w_hh }, y)?;
                 let layout = crate::ir::recurrent_grad_layout(cell, b, t, h);
                 let dxp = self.add(Op::Part { x: grad, offset: layout.dxp, shape: vec![b, t, g] }, y)?;
                 self.acc(xp, dxp, y)?;

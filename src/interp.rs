@@ -418,8 +418,9 @@ fn eval(
             let bias = b_hh.map(f);
             Buf::F32(recurrent(*cell, f(*xp), sh(*xp), f(*h0), f(*w_hh), bias))
         }
-        Op::RecurrentGrad { cell, xp, gh, hprev, dhs, w_hh } => {
-            Buf::F32(recurrent_grad(*cell, sh(*xp), [f(*gh), f(*hprev), f(*dhs), f(*w_hh)]))
+        Op::RecurrentGrad { cell, gh, hprev, dhs, w_hh } => {
+            let xs = [sh(*dhs)[0], sh(*dhs)[1], sh(*w_hh)[0]];
+            Buf::F32(recurrent_grad(*cell, &xs, [f(*gh), f(*hprev), f(*dhs), f(*w_hh)]))
         }
         Op::PrevStates { x, first } => {
             let [_, t, s] = [sh(*x)[0], sh(*x)[1], sh(*x)[2]];

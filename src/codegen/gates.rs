@@ -20,8 +20,6 @@ pub struct Gates {
     pub b: usize,
     pub t: usize,
     pub h: usize,
-    /// The input projections `x·W_ihᵀ + b_ih`, `[B, T, G·H]`.
-    pub xp: usize,
     /// The output: the states `[B, T, S]` forward, the gradients' layout backward.
     pub out: usize,
     pub pass: Pass,
@@ -31,6 +29,8 @@ pub struct Gates {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pass {
     Forward {
+        /// The input projections `x·W_ihᵀ + b_ih`, `[B, T, G·H]`.
+        xp: usize,
         /// This step's `h·W_hhᵀ` `[B, G·H]` (the core's result), then the gates over them.
         gh: usize,
         /// `b_hh` `[G·H]`, added as the gates read the projections (not in a pass of its own
@@ -80,8 +80,9 @@ impl Gates {
     pub fn extent(&self) -> usize {
         let (b, t, h, gh, s, sv) = (self.b, self.t, self.h, self.gh(), self.s(), self.sv());
         let ends: Vec<(usize, usize)> = match self.pass {
-            Pass::Forward { gh: g, bias, h: hh, c, saved } => {
-                let mut v = vec![(self.out, b * t * s), (g, b * gh), (hh, b * h), (c, b * h)];
+            Pass::Forward { xp, gh: g, bias, h: hh, c, saved } => {
+                let mut v =
+                    vec![(self.out, b * t * s), (xp, b * t * gh), (g, b * gh), (hh, b * h), (c, b * h)];
                 v.extend(saved.map(|o| (o, b * t * sv)));
                 v.extend(bias.map(|o| (o, gh)));
                 v
@@ -97,7 +98,7 @@ impl Gates {
                 (dgh, b * gh),
             ],
         };
-        ends.into_iter().chain([(self.xp, b * t * gh)]).map(|(o, n)| o + 4 * n).fold(0, usize::max)
+        ends.into_iter().map(|(o, n)| o + 4 * n).fold(0, usize::max)
     }
 
     /// Whether the gates run before the unit's projection (backward) or after it.
@@ -213,7 +214,7 @@ unsafe fn independent_gates(
 unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
     use super::elementwise::load8;
     use super::elementwise::wide_math::tanh;
-    let Pass::Forward { gh, bias, h, c, saved } = g.pass else { return };
+    let Pass::Forward { xp, gh, bias, h, c, saved } = g.pass else { return };
     let (xrow, orow, vrow, grow, hrow) = rows(g, r, t);
     let hs = g.h;
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
@@ -227,7 +228,7 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
                 Some(b) => _mm256_add_ps(y, load8(at(b, k * hs + j), n)),
                 None => y,
             };
-            (load8(at(g.xp, xrow + k * hs + j), n), y)
+            (load8(at(xp, xrow + k * hs + j), n), y)
         };
         let keep = |k: usize, j: usize, n: usize, v: __m256| {
             if let Some(s) = saved {

@@ -93,13 +93,16 @@ impl Dims {
 }
 
 fn dims(g: &Graph, id: NodeId) -> Option<Dims> {
-    let (cell, xp) = match g.node(id).op {
-        Op::Recurrent { cell, xp, .. } | Op::RecurrentGrad { cell, xp, .. } => (cell, xp),
+    // The batch and steps from the projections `[B, T, G·H]` or the states' gradient
+    // `[B, T, S]`, G·H from either's `W_hh [G·H, H]`.
+    let (cell, bt, w_hh) = match g.node(id).op {
+        Op::Recurrent { cell, xp, w_hh, .. } => (cell, xp, w_hh),
+        Op::RecurrentGrad { cell, dhs, w_hh, .. } => (cell, dhs, w_hh),
         _ => return None,
     };
-    let s = &g.ty(xp).shape;
+    let (s, gh) = (&g.ty(bt).shape, g.ty(w_hh).shape[0]);
     let gates = cell.gates() as usize;
-    Some(Dims { b: s[0], t: s[1], h: s[2] / gates, g: gates, cell })
+    Some(Dims { b: s[0], t: s[1], h: gh / gates, g: gates, cell })
 }
 
 /// Element offsets of batch row `r` at step `t`: its projections (`[B, T, G·H]`), states
@@ -221,9 +224,9 @@ fn full_width_gates(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Optio
     let at = |x: NodeId| plan.node[x.index()];
     let [_, s1, s2, s3, s4] = layout(d, scratch);
     let (pass, epilogue) = match g.node(id).op {
-        Op::Recurrent { b_hh, .. } => {
+        Op::Recurrent { xp, b_hh, .. } => {
             let saved = saved_gates(g, id).map(at);
-            (Pass::Forward { gh: s3, bias: b_hh.map(at), h: s1, c: s2, saved }, Vec::new())
+            (Pass::Forward { xp: at(xp), gh: s3, bias: b_hh.map(at), h: s1, c: s2, saved }, Vec::new())
         }
         Op::RecurrentGrad { gh, hprev, dhs, .. } => {
             let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
@@ -244,11 +247,7 @@ fn full_width_gates(g: &Graph, plan: &Plan, id: NodeId, scratch: usize) -> Optio
         }
         _ => return None,
     };
-    let xp = match g.node(id).op {
-        Op::Recurrent { xp, .. } | Op::RecurrentGrad { xp, .. } => xp,
-        _ => return None,
-    };
-    let gates = Gates { cell: d.cell, b: d.b, t: d.t, h: d.h, xp: at(xp), out: at(id), pass };
+    let gates = Gates { cell: d.cell, b: d.b, t: d.t, h: d.h, out: at(id), pass };
     Some((gates, epilogue))
 }
 

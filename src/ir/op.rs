@@ -370,14 +370,14 @@ pub enum Op {
         w_hh: NodeId,
         b_hh: Option<NodeId>,
     },
-    /// Backpropagation through time of `Recurrent`: from the projections `xp`, what each step
-    /// saved of its gates (`gh`, from `GateSaves`), the previous states `hprev`
+    /// Backpropagation through time of `Recurrent`: from what each step saved of its gates
+    /// (`gh`, from `GateSaves`: every activation the gradient reads, so not the projections
+    /// `xp`, which the planner can free after the forward), the previous states `hprev`
     /// `[B, T, S]` and the states' gradient `dhs [B, T, S]`, a flat buffer holding the
     /// gradient of `xp`, then (gru only: r and z share it, n does not) of `gh`, then of the
     /// initial state — see [`recurrent_grad_layout`]; `Part` views pick them out.
     RecurrentGrad {
         cell: Cell,
-        xp: NodeId,
         gh: NodeId,
         hprev: NodeId,
         dhs: NodeId,
@@ -627,7 +627,7 @@ impl Op {
                 v.extend(b_hh.iter().copied());
                 v
             }
-            RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => vec![*xp, *gh, *hprev, *dhs, *w_hh],
+            RecurrentGrad { gh, hprev, dhs, w_hh, .. } => vec![*gh, *hprev, *dhs, *w_hh],
             PrevStates { x, first } => vec![*x, *first],
             GateSaves { rec } => vec![*rec],
             Loss { pred, target, .. } => vec![*pred, *target],
@@ -759,8 +759,8 @@ impl Op {
                     *b = f(*b);
                 }
             }
-            RecurrentGrad { xp, gh, hprev, dhs, w_hh, .. } => {
-                for v in [xp, gh, hprev, dhs, w_hh] {
+            RecurrentGrad { gh, hprev, dhs, w_hh, .. } => {
+                for v in [gh, hprev, dhs, w_hh] {
                     *v = f(*v);
                 }
             }
@@ -1186,15 +1186,15 @@ impl Op {
                 }
                 Type::f32([b, t, s])
             }
-            RecurrentGrad { cell, xp, gh, hprev, dhs, w_hh } => {
-                let [b, t, g_] = three(f32s(*xp)?)?;
-                let [_, h] = two(f32s(*w_hh)?)?;
+            RecurrentGrad { cell, gh, hprev, dhs, w_hh } => {
+                let [g_, h] = two(f32s(*w_hh)?)?;
+                let [b, t, _] = three(f32s(*dhs)?)?;
                 let s = cell.state(h);
                 if g_ != cell.gates() as usize * h {
-                    return Err("recurrent_grad: xp must be [B, T, G·H]".into());
+                    return Err("recurrent_grad: w_hh must be [G·H, H]".into());
                 }
                 if f32s(*gh)?.as_slice() != [b, t, cell.saves() * h] {
-                    return Err("recurrent_grad: gh is not the gate saves of xp".into());
+                    return Err("recurrent_grad: gh is not the gate saves of the states".into());
                 }
                 for x in [hprev, dhs] {
                     if f32s(*x)?.as_slice() != [b, t, s] {
