@@ -374,7 +374,7 @@ fn native_code_does_not_grow_with_the_channels_and_a_huge_kernel_is_refused() {
     let clif = aec::codegen::clif_of(&g).expect("native code");
     let largest = clif.iter().map(|(_, text)| text.lines().count()).max().unwrap_or(0);
     assert!(largest < 5_000, "a kernel of {largest} lines");
-    // A 61×61 kernel unrolls its taps: refused with the reason, before Cranelift compiles it.
+    // A 61×61 kernel over a 4×4 output unrolls its taps: refused with the reason, before Cranelift compiles it.
     let dir = scratch("huge_kernel");
     let spec = dir.join("k.ae");
     let text = "model m {\n input x: [1, 64, 64]\n encoder { conv 2 k61 p0 -> relu }\n decoder { deconv 1 k61 p0 -> sigmoid }\n loss mse(x)\n}\ntrain { batch 1 }\n";

@@ -341,6 +341,10 @@ fn convolutions_pools_and_unpooling_on_awkward_sizes() {
         "model t { input x: [1, 6, 6]\n encoder { conv 2 k2 s2 -> leaky_relu(0.2); flatten; dense 3 }\n decoder mirror tied -> sigmoid\n loss mse(x) }",
         // Sizes per axis: kernel, stride, padding and output padding differ between the axes.
         "model t { input x: [2, 7, 9]\n encoder { conv 3 k3x5 s2x1 p1x2 -> tanh }\n decoder { deconv 2 k3x5 s2x1 p1x2 op0x0 -> sigmoid }\n loss mse(x) }",
+        // The same at sizes where the kernel's rows are a loop at run time (at least 100 output
+        // positions: 11×11), and a stride-2 conv without padding and its mirror.
+        "model t { input x: [2, 21, 11]\n encoder { conv 3 k3x5 s2x1 p1x2 -> tanh }\n decoder { deconv 2 k3x5 s2x1 p1x2 op0x0 -> sigmoid }\n loss mse(x) }",
+        "model t { input x: [1, 23, 23]\n encoder { conv 4 k3 s2 -> relu }\n decoder mirror -> sigmoid\n loss mse(x) }",
         // The mirror of a square conv that needs a different output padding per axis (op1x0).
         "model t { input x: [3, 11, 7]\n encoder { conv 5 k5 s3 p2 -> relu }\n decoder mirror -> sigmoid\n loss mse(x) }",
         // A non-square kernel next to unpooled switches (the switch-map kernels take square

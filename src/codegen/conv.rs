@@ -118,13 +118,6 @@ impl Geom {
     fn ckk(&self) -> usize {
         self.ci * self.kk()
     }
-    /// Kernel tap `(kh, kw)`: the output rows and columns whose input pixel lies inside the
-    /// image, and the tap's index `kh·KW + kw` among a channel's taps.
-    fn tap(&self, kh: usize, kw: usize) -> ((usize, usize), (usize, usize), usize) {
-        let rows = inside(kh, self.s[0], self.p[0], self.h, self.oh);
-        let cols = inside(kw, self.s[1], self.p[1], self.w, self.ow);
-        (rows, cols, kh * self.k[1] + kw)
-    }
 }
 
 /// What the op computes as a matmul, and its scratch: (M, N, K, packed bytes, temp floats).
@@ -372,13 +365,14 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
         e.b.ins().smin(hi, top)
     };
     e.for_dynamic(lo, hi, |e, c| {
-        // The taps are unrolled, so the output rows and columns whose input pixel is inside
-        // the image are constant ranges; the rest of each row is padding (zeros).
-        for kh in 0..ge.k[0] {
+        // The kernel's rows are a loop, its columns unrolled: the output columns whose input
+        // pixel is inside the image are constant ranges, the rows computed once per kernel
+        // row; the rest of each row is padding (zeros).
+        for_kernel_rows(e, ge, ge.b * ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
+            let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
             for kw in 0..ge.k[1] {
-                let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
-                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                let r = e.b.ins().iadd_imm_s(r, tap as i64);
+                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let r = tap_row(e, ge, c, kh, kw);
                 // packed[q/8][r][q%8].
                 let rbase = e.b.ins().ishl_imm_s(r, 3);
                 let put = |e: &mut Emit, q: Value, v: Value| {
@@ -404,25 +398,12 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
                     e.for_range(0, ge.oh as i64, 1, |e, oy| {
                         let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
                         let q0 = e.b.ins().iadd(qimg, t);
-                        let row_inside = {
-                            let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
-                            let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
-                            e.b.ins().band(a, b)
-                        };
-                        let row_outside = {
-                            let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
-                            let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
-                            e.b.ins().bor(a, b)
-                        };
+                        let (row_inside, row_outside) = row_tests(e, oy, (oy0, oy1));
                         e.when(row_outside, |e| zeros(e, q0, 0, ge.ow));
                         e.when(row_inside, |e| {
                             zeros(e, q0, 0, ox0);
                             // x[img, c, oy·s + kh − p, ox·s + kw − p].
-                            let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-                            let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
-                            let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                            let src = e.b.ins().iadd(plane, t);
-                            let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p[1] as i64);
+                            let src = input_row(e, ge, plane, oy, kh_p, kw);
                             let one = |e: &mut Emit, ox: Value| {
                                 let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
                                 let si = e.b.ins().iadd(src, t);
@@ -463,7 +444,7 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
                     });
                 });
             }
-        }
+        });
     });
 }
 
@@ -506,11 +487,12 @@ fn weight_grad_prep(
 /// floats apart: contiguous copies of input rows, zeros in the padding.
 fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usize), img: Value) {
     e.for_range(0, ge.ci as i64, 1, |e, c| {
-        for kh in 0..ge.k[0] {
+        // Kernel rows a loop, kernel columns unrolled, as in `im2col_pack`.
+        for_kernel_rows(e, ge, ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
+            let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
             for kw in 0..ge.k[1] {
-                let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
-                let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                let r = e.b.ins().iadd_imm_s(r, tap as i64);
+                let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                let r = tap_row(e, ge, c, kh, kw);
                 let row = e.b.ins().imul_imm_s(r, stride as i64);
                 let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
                     e.for_range(from as i64, to as i64, 1, |e, ox| {
@@ -527,21 +509,12 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usi
                 e.for_range(0, ge.oh as i64, 1, |e, oy| {
                     let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
                     let dst = e.b.ins().iadd(q, t);
-                    let a = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy0 as i64);
-                    let b = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy1 as i64);
-                    let inside_row = e.b.ins().band(a, b);
-                    let a = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, oy, oy0 as i64);
-                    let b = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, oy, oy1 as i64);
-                    let outside_row = e.b.ins().bor(a, b);
+                    let (inside_row, outside_row) = row_tests(e, oy, (oy0, oy1));
                     e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
                     e.when(inside_row, |e| {
                         fill(e, dst, 0, ox0);
                         // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
-                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
-                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                        let src = e.b.ins().iadd(plane, t);
-                        let src = e.b.ins().iadd_imm_s(src, kw as i64 - ge.p[1] as i64);
+                        let src = input_row(e, ge, plane, oy, kh_p, kw);
                         let copy = |e: &mut Emit, ty: Type, ox: Value| {
                             let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
                             let si = e.b.ins().iadd(src, t);
@@ -558,7 +531,7 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usi
                     });
                 });
             }
-        }
+        });
     });
 }
 
@@ -718,26 +691,24 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
         e.for_range(0, ge.ci as i64, 1, |e, c| {
             let t = e.b.ins().imul_imm_s(c, plane as i64);
             let obase = e.b.ins().iadd(first, t);
-            for kh in 0..ge.k[0] {
+            // The taps in order (each output sums them in the same order at any size): the
+            // kernel's rows a loop, its columns unrolled.
+            for_kernel_rows(e, ge, ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
+                let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
                 for kw in 0..ge.k[1] {
-                    let ((oy0, oy1), (ox0, ox1), tap) = ge.tap(kh, kw);
-                    if oy0 >= oy1 || ox0 >= ox1 {
+                    let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
+                    if ox0 >= ox1 {
                         continue;
                     }
                     // Row r = (c, kh, kw) of cols, at this image's columns.
-                    let r = e.b.ins().imul_imm_s(c, ge.kk() as i64);
-                    let r = e.b.ins().iadd_imm_s(r, tap as i64);
+                    let r = tap_row(e, ge, c, kh, kw);
                     let row = e.b.ins().imul_imm_s(r, n);
                     let row = e.b.ins().iadd(row, col0);
-                    e.for_range(oy0 as i64, oy1 as i64, 1, |e, oy| {
+                    e.for_dynamic(oy0, oy1, |e, oy| {
                         // iy = oy·s + kh − p, ix = ox·s + kw − p.
                         let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
                         let src = e.b.ins().iadd(row, t);
-                        let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-                        let iy = e.b.ins().iadd_imm_s(iy, kh as i64 - ge.p[0] as i64);
-                        let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-                        let dst = e.b.ins().iadd(obase, t);
-                        let dst = e.b.ins().iadd_imm_s(dst, kw as i64 - ge.p[1] as i64);
+                        let dst = input_row(e, ge, obase, oy, kh_p, kw);
                         let add = |e: &mut Emit, ty: Type, ox: Value| {
                             let si = e.b.ins().iadd(src, ox);
                             let v = e.load(ty, cols, si);
@@ -754,9 +725,91 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
                         }
                     });
                 }
-            }
+            });
         });
     });
+}
+
+/// Output positions per kernel row from which the kernel's rows are a loop at run time; under
+/// it they are unrolled. The loop computes each row's range of output rows inside the image, a
+/// few dozen instructions that count next to the work of a small image (its prep and col2im
+/// ran 15% slower at 4×4), not next to a large one's — whose code it makes a kernel-height
+/// times smaller, and so its compile time.
+const LOOP_ROWS_FROM: usize = 100;
+
+/// Runs `body` for every kernel row `kh` with the output rows `oy0..oy1` whose input row lies
+/// inside the image: a loop at run time when a kernel row's work (`work` output positions) is
+/// at least [`LOOP_ROWS_FROM`], else unrolled (constants).
+fn for_kernel_rows(
+    e: &mut Emit,
+    ge: Geom,
+    work: usize,
+    mut body: impl FnMut(&mut Emit, Value, (Value, Value)),
+) {
+    if work >= LOOP_ROWS_FROM {
+        e.for_range(0, ge.k[0] as i64, 1, |e, kh| {
+            let rows = inside_at(e, kh, ge.s[0], ge.p[0], ge.h, ge.oh);
+            body(e, kh, rows);
+        });
+    } else {
+        for kh in 0..ge.k[0] {
+            let (oy0, oy1) = inside(kh, ge.s[0], ge.p[0], ge.h, ge.oh);
+            let (kh, oy0, oy1) = (e.i64(kh as i64), e.i64(oy0 as i64), e.i64(oy1 as i64));
+            body(e, kh, (oy0, oy1));
+        }
+    }
+}
+
+/// Row `(c, kh, kw)` of im2col, with the kernel row `kh` known at run time.
+fn tap_row(e: &mut Emit, ge: Geom, c: Value, kh: Value, kw: usize) -> Value {
+    let r = e.b.ins().imul_imm_s(c, ge.k[0] as i64);
+    let r = e.b.ins().iadd(r, kh);
+    let r = e.b.ins().imul_imm_s(r, ge.k[1] as i64);
+    e.b.ins().iadd_imm_s(r, kw as i64)
+}
+
+/// Where input row `oy·s + kh − p` of the plane at `plane` starts, shifted by the kernel
+/// column's `kw − p` (`kh_p` is `kh − p`).
+fn input_row(e: &mut Emit, ge: Geom, plane: Value, oy: Value, kh_p: Value, kw: usize) -> Value {
+    let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
+    let iy = e.b.ins().iadd(iy, kh_p);
+    let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
+    let at = e.b.ins().iadd(plane, t);
+    e.b.ins().iadd_imm_s(at, kw as i64 - ge.p[1] as i64)
+}
+
+/// Whether output row `oy` is inside `oy0..oy1`, and whether it is outside.
+fn row_tests(e: &mut Emit, oy: Value, (oy0, oy1): (Value, Value)) -> (Value, Value) {
+    let a = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy0);
+    let b = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy1);
+    let inside = e.b.ins().band(a, b);
+    let a = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy0);
+    let b = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy1);
+    (inside, e.b.ins().bor(a, b))
+}
+
+/// [`inside`] for a kernel row or column `tap` known only at run time.
+fn inside_at(e: &mut Emit, tap: Value, s: usize, p: usize, size: usize, out: usize) -> (Value, Value) {
+    let zero = e.i64(0);
+    let out_ = e.i64(out as i64);
+    // lo = ⌈max(p − tap, 0) / s⌉, at most `out`.
+    let p_ = e.i64(p as i64);
+    let before = e.b.ins().isub(p_, tap);
+    let before = e.b.ins().smax(before, zero);
+    let before = e.b.ins().iadd_imm_s(before, s as i64 - 1);
+    let lo = e.b.ins().udiv_imm_s(before, s as i64);
+    let lo = e.b.ins().smin(lo, out_);
+    // hi = ⌊(size + p − tap − 1) / s⌋ + 1 when that top is not negative, at most `out`; else 0.
+    let top_ = e.i64((size + p) as i64 - 1);
+    let top = e.b.ins().isub(top_, tap);
+    let top_pos = e.b.ins().smax(top, zero);
+    let hi = e.b.ins().udiv_imm_s(top_pos, s as i64);
+    let hi = e.b.ins().iadd_imm_s(hi, 1);
+    let hi = e.b.ins().smin(hi, out_);
+    let reached = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, top, 0);
+    let hi = e.b.ins().select(reached, hi, zero);
+    let hi = e.b.ins().smax(hi, lo);
+    (lo, hi)
 }
 
 /// The output positions `o` in `0..out` whose input position `o·s + tap − p` lies in `0..size`.

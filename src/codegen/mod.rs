@@ -292,6 +292,8 @@ pub struct Program {
     threads: usize,
     pool: Option<Pool>,
     compile_time: Duration,
+    /// Cranelift instructions in all the kernels (compile time grows with them).
+    insts: usize,
     clif: Vec<(String, String)>,
     /// The wide core's calls: the generated code holds their addresses, so they stay boxed
     /// and alive as long as the code.
@@ -628,6 +630,7 @@ impl Program {
             arena: Vec::new(),
             base: 0,
             compile_time: started.elapsed(),
+            insts: total_insts,
             clif,
             wide_isa: wide_isa.filter(|_| calls.iter().any(Option::is_some)),
             calls,
@@ -1286,9 +1289,10 @@ pub fn describe(p: &Program) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "program {}: {} kernels, compiled in {:.2} ms{}",
+        "program {}: {} kernels of {} Cranelift instructions, compiled in {:.2} ms{}",
         g.name,
         p.kernels.len(),
+        p.insts,
         p.compile_time.as_secs_f64() * 1e3,
         p.wide_isa.map_or(String::new(), |isa| format!("; the wide matmul core runs {isa}"))
     );
