@@ -365,9 +365,10 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
         e.b.ins().smin(hi, top)
     };
     e.for_dynamic(lo, hi, |e, c| {
-        // The kernel's rows are a loop, its columns unrolled: the output columns whose input
-        // pixel is inside the image are constant ranges, the rows computed once per kernel
-        // row; the rest of each row is padding (zeros).
+        // The kernel's rows are a loop (over every image's rows: unrolled only when they are
+        // few), its columns unrolled: the output columns whose input pixel is inside the image
+        // are constant ranges, the rows computed once per kernel row; the rest of each row is
+        // padding (zeros).
         for_kernel_rows(e, ge, ge.b * ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
             let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
             for kw in 0..ge.k[1] {
@@ -732,9 +733,9 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
 
 /// Output positions per kernel row from which the kernel's rows are a loop at run time; under
 /// it they are unrolled. The loop computes each row's range of output rows inside the image, a
-/// few dozen instructions that count next to the work of a small image (its prep and col2im
-/// ran 15% slower at 4×4), not next to a large one's — whose code it makes a kernel-height
-/// times smaller, and so its compile time.
+/// few dozen instructions that count next to the work of a small image (digits_deconv, at 2×2
+/// and 4×4, trained at 0.83× with the loop), not next to a large one's — whose code it makes a
+/// kernel-height times smaller, and so its compile time.
 const LOOP_ROWS_FROM: usize = 100;
 
 /// Runs `body` for every kernel row `kh` with the output rows `oy0..oy1` whose input row lies
