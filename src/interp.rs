@@ -837,7 +837,7 @@ fn cell_step_grad(
                 dprev[j] = ds[j] * z;
             }
             (Cell::Lstm, [i, fg, g, o]) => {
-                let tc = saved[4 * h + j];
+                let tc = saved[Cell::LSTM_TANH_C_SLOT * h + j];
                 let dc = ds[h + j] + ds[j] * o * (1.0 - tc * tc);
                 let d = [
                     dc * g * i * (1.0 - i),
