@@ -488,6 +488,11 @@ fn weight_grad_prep(
 /// floats apart: contiguous copies of input rows, zeros in the padding.
 fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usize), img: Value) {
     e.for_range(0, ge.ci as i64, 1, |e, c| {
+        // Channel c's input plane and this image's first column, the same for every tap.
+        let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
+        let plane = e.b.ins().iadd(plane, c);
+        let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
+        let q0 = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
         // Kernel rows a loop, kernel columns unrolled, as in `im2col_pack`.
         for_kernel_rows(e, ge, ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
             let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
@@ -502,11 +507,7 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usi
                         e.store(acol, i, z);
                     });
                 };
-                let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                let plane = e.b.ins().iadd(plane, c);
-                let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
-                let q = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
-                let q = e.b.ins().iadd(row, q);
+                let q = e.b.ins().iadd(row, q0);
                 e.for_range(0, ge.oh as i64, 1, |e, oy| {
                     let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
                     let dst = e.b.ins().iadd(q, t);
