@@ -34,16 +34,16 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, (lo, hi): (Value, Value)) -> R
         let count = n.div_ceil(CHUNK);
         let zero = e.i64(0);
         let top = e.i64(count as i64);
-        let l = e.b.ins().iadd_imm_s(lo, -(first as i64));
+        let l = e.iadd_imm(lo, -(first as i64));
         let l = e.b.ins().smax(l, zero);
-        let h = e.b.ins().iadd_imm_s(hi, -(first as i64));
+        let h = e.iadd_imm(hi, -(first as i64));
         let h = e.b.ins().smin(h, top);
         let full = n / CHUNK;
         let at = first;
         let mut whole = |e: &mut Emit, c: Value| {
-            let start = e.b.ins().imul_imm_s(c, CHUNK as i64);
+            let start = e.imul_imm(c, CHUNK as i64);
             let s = sum_squares(e, src, start, CHUNK);
-            let slot = e.b.ins().iadd_imm_s(c, at as i64);
+            let slot = e.iadd_imm(c, at as i64);
             e.store(out, slot, s);
         };
         let mut tail = |e: &mut Emit| {
@@ -61,7 +61,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, (lo, hi): (Value, Value)) -> R
 /// Σ x² over `n` elements of `src` from `start`.
 fn sum_squares(e: &mut Emit, src: usize, start: Value, n: usize) -> Value {
     super::kernels::sum(e, n, |e, ty, j| {
-        let i = e.b.ins().iadd(start, j);
+        let i = e.iadd(start, j);
         let x = e.load(ty, src, i);
         e.b.ins().fmul(x, x)
     })

@@ -92,12 +92,12 @@ fn emit(
             let hi = e.b.ins().smin(hi, top);
             e.for_dynamic(lo, hi, |e, r| {
                 let id = load_index(e, ids, r);
-                let src = e.b.ins().imul_imm_s(id, d.n as i64);
-                let dst = e.b.ins().imul_imm_s(r, d.n as i64);
+                let src = e.imul_imm(id, d.n as i64);
+                let dst = e.imul_imm(r, d.n as i64);
                 e.elementwise(d.n, |e, ty, k| {
-                    let from = e.b.ins().iadd(src, k);
+                    let from = e.iadd(src, k);
                     let v = e.load(ty, t, from);
-                    let to = e.b.ins().iadd(dst, k);
+                    let to = e.iadd(dst, k);
                     e.store(out, to, v);
                 });
             });
@@ -115,22 +115,22 @@ fn emit(
                     .collect();
                 // A loop over the rows of t, not unrolled: a vocabulary may have thousands.
                 e.for_range(0, d.depth as i64, 1, |e, c| {
-                    let row = e.b.ins().imul_imm_s(c, d.n as i64);
-                    let row = e.b.ins().iadd(row, k0);
+                    let row = e.imul_imm(c, d.n as i64);
+                    let row = e.iadd(row, k0);
                     for &(j, ty) in &places {
-                        let at = e.b.ins().iadd_imm_s(row, j);
+                        let at = e.iadd_imm(row, j);
                         let zero = e.fconst(ty, 0.0);
                         e.store(t, at, zero);
                     }
                 });
                 e.for_range(0, d.rows as i64, 1, |e, r| {
                     let id = load_index(e, ids, r);
-                    let dst = e.b.ins().imul_imm_s(id, d.n as i64);
-                    let dst = e.b.ins().iadd(dst, k0);
-                    let src = e.b.ins().imul_imm_s(r, d.n as i64);
-                    let src = e.b.ins().iadd(src, k0);
+                    let dst = e.imul_imm(id, d.n as i64);
+                    let dst = e.iadd(dst, k0);
+                    let src = e.imul_imm(r, d.n as i64);
+                    let src = e.iadd(src, k0);
                     for &(j, ty) in &places {
-                        let (s, o) = (e.b.ins().iadd_imm_s(src, j), e.b.ins().iadd_imm_s(dst, j));
+                        let (s, o) = (e.iadd_imm(src, j), e.iadd_imm(dst, j));
                         let v = e.load(ty, dy, s);
                         let acc = e.load(ty, t, o);
                         let sum = e.b.ins().fadd(acc, v);
@@ -140,7 +140,7 @@ fn emit(
             };
             let full = d.n / BLOCK;
             let mut whole = |e: &mut Emit, u: Value| {
-                let k0 = e.b.ins().imul_imm_s(u, BLOCK as i64);
+                let k0 = e.imul_imm(u, BLOCK as i64);
                 block(e, k0, BLOCK);
             };
             let mut tail = |e: &mut Emit| {

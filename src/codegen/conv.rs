@@ -345,15 +345,15 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
     // The packed matrix is [K][N] in panels of 8 along N.
     let (pk, pn) = (ge.ckk(), ge.n());
     if !pn.is_multiple_of(8) {
-        let first = e.b.ins().icmp_imm_s(IntCC::Equal, lo, 0);
+        let first = e.icmp_imm(IntCC::Equal, lo, 0);
         e.when(first, |e| {
             let last = (pn / 8 * pk * 8) as i64;
             let lanes = (pn % 8) as i64;
             e.for_range(0, pk as i64, 1, |e, kr| {
-                let base = e.b.ins().ishl_imm_s(kr, 3);
-                let base = e.b.ins().iadd_imm_s(base, last);
+                let base = e.ishl_imm(kr, 3);
+                let base = e.iadd_imm(base, last);
                 e.for_range(lanes, 8, 1, |e, l| {
-                    let at = e.b.ins().iadd(base, l);
+                    let at = e.iadd(base, l);
                     let z = e.fconst(F32, 0.0);
                     e.store(packed, at, z);
                 });
@@ -370,78 +370,85 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
         // are constant ranges, the rows computed once per kernel row; the rest of each row is
         // padding (zeros).
         for_kernel_rows(e, ge, ge.b * ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
-            let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
+            let kh_p = e.iadd_imm(kh, -(ge.p[0] as i64));
             for kw in 0..ge.k[1] {
                 let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
                 let r = tap_row(e, ge, c, kh, kw);
                 // packed[q/8][r][q%8].
-                let rbase = e.b.ins().ishl_imm_s(r, 3);
+                let rbase = e.ishl_imm(r, 3);
                 let put = |e: &mut Emit, q: Value, v: Value| {
-                    let jp = e.b.ins().ushr_imm_s(q, 3);
-                    let jl = e.b.ins().band_imm_s(q, 7);
-                    let t = e.b.ins().imul_imm_s(jp, (pk * 8) as i64);
-                    let t = e.b.ins().iadd(t, jl);
-                    let dst = e.b.ins().iadd(t, rbase);
+                    let jp = e.with_imm(q, 3, |ins, x, c| ins.ushr(x, c));
+                    let jl = e.with_imm(q, 7, |ins, x, c| ins.band(x, c));
+                    let t = e.imul_imm(jp, (pk * 8) as i64);
+                    let t = e.iadd(t, jl);
+                    let dst = e.iadd(t, rbase);
                     e.store(packed, dst, v);
                 };
                 let zeros = |e: &mut Emit, q0: Value, from: usize, to: usize| {
                     e.for_range(from as i64, to as i64, 1, |e, ox| {
-                        let q = e.b.ins().iadd(q0, ox);
+                        let q = e.iadd(q0, ox);
                         let z = e.fconst(F32, 0.0);
                         put(e, q, z);
                     });
                 };
                 e.for_range(0, ge.b as i64, 1, |e, img| {
-                    let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
-                    let plane = e.b.ins().iadd(plane, c);
-                    let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
-                    let qimg = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
-                    e.for_range(0, ge.oh as i64, 1, |e, oy| {
-                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                        let q0 = e.b.ins().iadd(qimg, t);
-                        let (row_inside, row_outside) = row_tests(e, oy, (oy0, oy1));
-                        e.when(row_outside, |e| zeros(e, q0, 0, ge.ow));
-                        e.when(row_inside, |e| {
-                            zeros(e, q0, 0, ox0);
-                            // x[img, c, oy·s + kh − p, ox·s + kw − p].
-                            let src = input_row(e, ge, plane, oy, kh_p, kw);
-                            let one = |e: &mut Emit, ox: Value| {
-                                let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
-                                let si = e.b.ins().iadd(src, t);
-                                let v = e.load_ro(F32, x, si);
-                                let q = e.b.ins().iadd(q0, ox);
-                                put(e, q, v);
-                            };
-                            if ge.s[1] != 1 || ox1 - ox0 < 4 {
-                                e.for_range(ox0 as i64, ox1 as i64, 1, one);
-                            } else {
-                                // Four columns q..q+4 with q a multiple of 4 are four lanes of
-                                // one panel row: one vector load and store. Single columns
-                                // before the first such q and after the last.
-                                let start = e.i64(ox0 as i64);
-                                let qs = e.b.ins().iadd_imm_s(q0, ox0 as i64);
-                                let neg = e.b.ins().ineg(qs);
-                                let head = e.b.ins().band_imm_s(neg, 3);
-                                let mid = e.b.ins().iadd(start, head);
-                                e.for_dynamic(start, mid, one);
-                                let end = e.i64(ox1 as i64);
-                                let left = e.b.ins().isub(end, mid);
-                                let quads = e.b.ins().ushr_imm_s(left, 2);
-                                let zero = e.i64(0);
-                                e.for_dynamic(zero, quads, |e, v| {
-                                    let t = e.b.ins().ishl_imm_s(v, 2);
-                                    let ox = e.b.ins().iadd(mid, t);
-                                    let si = e.b.ins().iadd(src, ox);
-                                    let v = e.load_ro(F32X4, x, si);
-                                    let q = e.b.ins().iadd(q0, ox);
-                                    put(e, q, v);
-                                });
-                                let t = e.b.ins().ishl_imm_s(quads, 2);
-                                let tail = e.b.ins().iadd(mid, t);
-                                e.for_dynamic(tail, end, one);
-                            }
-                            zeros(e, q0, ox1, ge.ow);
+                    let plane = e.imul_imm(img, ge.ci as i64);
+                    let plane = e.iadd(plane, c);
+                    let plane = e.imul_imm(plane, (ge.h * ge.w) as i64);
+                    let qimg = e.imul_imm(img, (ge.oh * ge.ow) as i64);
+                    let row_at = |e: &mut Emit, oy: Value| {
+                        let t = e.imul_imm(oy, ge.ow as i64);
+                        e.iadd(qimg, t)
+                    };
+                    // Rows above and below the image: zeros.
+                    let (zero, oh) = (e.i64(0), e.i64(ge.oh as i64));
+                    for (from, to) in [(zero, oy0), (oy1, oh)] {
+                        e.for_between(from, to, |e, oy| {
+                            let q0 = row_at(e, oy);
+                            zeros(e, q0, 0, ge.ow);
                         });
+                    }
+                    e.for_between(oy0, oy1, |e, oy| {
+                        let q0 = row_at(e, oy);
+                        zeros(e, q0, 0, ox0);
+                        // x[img, c, oy·s + kh − p, ox·s + kw − p].
+                        let src = input_row(e, ge, plane, oy, kh_p, kw);
+                        let one = |e: &mut Emit, ox: Value| {
+                            let t = e.imul_imm(ox, ge.s[1] as i64);
+                            let si = e.iadd(src, t);
+                            let v = e.load_ro(F32, x, si);
+                            let q = e.iadd(q0, ox);
+                            put(e, q, v);
+                        };
+                        if ge.s[1] != 1 || ox1 - ox0 < 4 {
+                            e.for_range(ox0 as i64, ox1 as i64, 1, one);
+                        } else {
+                            // Four columns q..q+4 with q a multiple of 4 are four lanes of
+                            // one panel row: one vector load and store. Single columns
+                            // before the first such q and after the last.
+                            let start = e.i64(ox0 as i64);
+                            let qs = e.iadd_imm(q0, ox0 as i64);
+                            let neg = e.b.ins().ineg(qs);
+                            let head = e.with_imm(neg, 3, |ins, x, c| ins.band(x, c));
+                            let mid = e.iadd(start, head);
+                            e.for_dynamic(start, mid, one);
+                            let end = e.i64(ox1 as i64);
+                            let left = e.b.ins().isub(end, mid);
+                            let quads = e.with_imm(left, 2, |ins, x, c| ins.ushr(x, c));
+                            let zero = e.i64(0);
+                            e.for_dynamic(zero, quads, |e, v| {
+                                let t = e.ishl_imm(v, 2);
+                                let ox = e.iadd(mid, t);
+                                let si = e.iadd(src, ox);
+                                let v = e.load_ro(F32X4, x, si);
+                                let q = e.iadd(q0, ox);
+                                put(e, q, v);
+                            });
+                            let t = e.ishl_imm(quads, 2);
+                            let tail = e.iadd(mid, t);
+                            e.for_dynamic(tail, end, one);
+                        }
+                        zeros(e, q0, ox1, ge.ow);
                     });
                 });
             }
@@ -471,13 +478,13 @@ fn weight_grad_prep(
             im2col_rows(e, ge, input, (acol, n), img);
             return;
         }
-        let from = e.b.ins().imul_imm_s(img, (ge.co * hw) as i64);
-        let to = e.b.ins().imul_imm_s(img, hw as i64);
+        let from = e.imul_imm(img, (ge.co * hw) as i64);
+        let to = e.imul_imm(img, hw as i64);
         e.for_range(0, ge.co as i64, 1, |e, c| {
-            let src = e.b.ins().imul_imm_s(c, hw as i64);
-            let src = e.b.ins().iadd(from, src);
-            let dst = e.b.ins().imul_imm_s(c, n as i64);
-            let dst = e.b.ins().iadd(to, dst);
+            let src = e.imul_imm(c, hw as i64);
+            let src = e.iadd(from, src);
+            let dst = e.imul_imm(c, n as i64);
+            let dst = e.iadd(to, dst);
             super::kernels::copy(e, dy, src, packed, dst, hw);
         });
         im2col_rows(e, ge, input, (acol, row_stride(n)), img);
@@ -489,48 +496,56 @@ fn weight_grad_prep(
 fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usize), img: Value) {
     e.for_range(0, ge.ci as i64, 1, |e, c| {
         // Channel c's input plane and this image's first column, the same for every tap.
-        let plane = e.b.ins().imul_imm_s(img, ge.ci as i64);
-        let plane = e.b.ins().iadd(plane, c);
-        let plane = e.b.ins().imul_imm_s(plane, (ge.h * ge.w) as i64);
-        let q0 = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+        let plane = e.imul_imm(img, ge.ci as i64);
+        let plane = e.iadd(plane, c);
+        let plane = e.imul_imm(plane, (ge.h * ge.w) as i64);
+        let q0 = e.imul_imm(img, (ge.oh * ge.ow) as i64);
         // Kernel rows a loop, kernel columns unrolled, as in `im2col_pack`.
         for_kernel_rows(e, ge, ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
-            let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
+            let kh_p = e.iadd_imm(kh, -(ge.p[0] as i64));
             for kw in 0..ge.k[1] {
                 let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
                 let r = tap_row(e, ge, c, kh, kw);
-                let row = e.b.ins().imul_imm_s(r, stride as i64);
+                let row = e.imul_imm(r, stride as i64);
                 let fill = |e: &mut Emit, at: Value, from: usize, to: usize| {
-                    e.for_range(from as i64, to as i64, 1, |e, ox| {
-                        let i = e.b.ins().iadd(at, ox);
-                        let z = e.fconst(F32, 0.0);
+                    e.elementwise_in(from, to, |e, ty, ox| {
+                        let i = e.iadd(at, ox);
+                        let z = e.fconst(ty, 0.0);
                         e.store(acol, i, z);
                     });
                 };
-                let q = e.b.ins().iadd(row, q0);
-                e.for_range(0, ge.oh as i64, 1, |e, oy| {
-                    let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                    let dst = e.b.ins().iadd(q, t);
-                    let (inside_row, outside_row) = row_tests(e, oy, (oy0, oy1));
-                    e.when(outside_row, |e| fill(e, dst, 0, ge.ow));
-                    e.when(inside_row, |e| {
-                        fill(e, dst, 0, ox0);
-                        // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
-                        let src = input_row(e, ge, plane, oy, kh_p, kw);
-                        let copy = |e: &mut Emit, ty: Type, ox: Value| {
-                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
-                            let si = e.b.ins().iadd(src, t);
-                            let v = e.load_ro(ty, input, si);
-                            let di = e.b.ins().iadd(dst, ox);
-                            e.store(acol, di, v);
-                        };
-                        if ge.s[1] == 1 {
-                            e.elementwise_in(ox0, ox1, copy);
-                        } else {
-                            e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
-                        }
-                        fill(e, dst, ox1, ge.ow);
+                let q = e.iadd(row, q0);
+                let row_at = |e: &mut Emit, oy: Value| {
+                    let t = e.imul_imm(oy, ge.ow as i64);
+                    e.iadd(q, t)
+                };
+                // The output rows above and below the image are zeros; in between, each row is
+                // its padding columns (zeros) around a copy.
+                let (zero, oh) = (e.i64(0), e.i64(ge.oh as i64));
+                for (from, to) in [(zero, oy0), (oy1, oh)] {
+                    e.for_between(from, to, |e, oy| {
+                        let dst = row_at(e, oy);
+                        fill(e, dst, 0, ge.ow);
                     });
+                }
+                e.for_between(oy0, oy1, |e, oy| {
+                    let dst = row_at(e, oy);
+                    fill(e, dst, 0, ox0);
+                    // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
+                    let src = input_row(e, ge, plane, oy, kh_p, kw);
+                    let copy = |e: &mut Emit, ty: Type, ox: Value| {
+                        let t = e.imul_imm(ox, ge.s[1] as i64);
+                        let si = e.iadd(src, t);
+                        let v = e.load_ro(ty, input, si);
+                        let di = e.iadd(dst, ox);
+                        e.store(acol, di, v);
+                    };
+                    if ge.s[1] == 1 {
+                        e.elementwise_in(ox0, ox1, copy);
+                    } else {
+                        e.for_range(ox0 as i64, ox1 as i64, 1, |e, ox| copy(e, F32, ox));
+                    }
+                    fill(e, dst, ox1, ge.ow);
                 });
             }
         });
@@ -541,24 +556,24 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usi
 /// (panels of 8 channels, zero past channel C).
 fn pack_channels(e: &mut Emit, dy: usize, (b, c, hw): (usize, usize, usize), packed: usize, img: Value) {
     let n = b * hw;
-    let q0 = e.b.ins().imul_imm_s(img, hw as i64);
-    let src0 = e.b.ins().imul_imm_s(img, (c * hw) as i64);
+    let q0 = e.imul_imm(img, hw as i64);
+    let src0 = e.imul_imm(img, (c * hw) as i64);
     // A loop over the whole panels (its code does not grow with the channels), then the last,
     // partial one with its zero lanes.
     let lanes = |e: &mut Emit, jp: Value, l: usize, real: bool| {
         // Channel jp·8 + l: its plane starts at src0 + (jp·8 + l)·HW, its lane at jp·N·8 + l.
-        let ch = e.b.ins().imul_imm_s(jp, 8);
-        let src = e.b.ins().iadd_imm_s(ch, l as i64);
-        let src = e.b.ins().imul_imm_s(src, hw as i64);
-        let src = e.b.ins().iadd(src0, src);
-        let dst0 = e.b.ins().imul_imm_s(jp, (n * 8) as i64);
-        let dst0 = e.b.ins().iadd_imm_s(dst0, l as i64);
+        let ch = e.imul_imm(jp, 8);
+        let src = e.iadd_imm(ch, l as i64);
+        let src = e.imul_imm(src, hw as i64);
+        let src = e.iadd(src0, src);
+        let dst0 = e.imul_imm(jp, (n * 8) as i64);
+        let dst0 = e.iadd_imm(dst0, l as i64);
         e.for_range(0, hw as i64, 1, |e, pos| {
-            let q = e.b.ins().iadd(q0, pos);
-            let d = e.b.ins().ishl_imm_s(q, 3);
-            let d = e.b.ins().iadd(d, dst0);
+            let q = e.iadd(q0, pos);
+            let d = e.ishl_imm(q, 3);
+            let d = e.iadd(d, dst0);
             let v = if real {
-                let s = e.b.ins().iadd(src, pos);
+                let s = e.iadd(src, pos);
                 e.load_ro(F32, dy, s)
             } else {
                 e.fconst(F32, 0.0)
@@ -592,33 +607,33 @@ fn pack_planes(
     let n = b * hw;
     // Lane `l` of the panel starting at column j0: x[img, kk, pos] for every channel kk.
     let lane = |e: &mut Emit, dst0: Value, j0: Value, l: usize| {
-        let j = e.b.ins().iadd_imm_s(j0, l as i64);
-        let img = e.b.ins().udiv_imm_s(j, hw as i64);
-        let t = e.b.ins().imul_imm_s(img, (c * hw) as i64);
-        let t2 = e.b.ins().imul_imm_s(img, hw as i64);
+        let j = e.iadd_imm(j0, l as i64);
+        let img = e.with_imm(j, hw as i64, |ins, x, c| ins.udiv(x, c));
+        let t = e.imul_imm(img, (c * hw) as i64);
+        let t2 = e.imul_imm(img, hw as i64);
         let pos = e.b.ins().isub(j, t2);
-        let base = e.b.ins().iadd(t, pos);
+        let base = e.iadd(t, pos);
         e.for_range(0, c as i64, 1, |e, kk| {
-            let t = e.b.ins().imul_imm_s(kk, hw as i64);
-            let src = e.b.ins().iadd(base, t);
+            let t = e.imul_imm(kk, hw as i64);
+            let src = e.iadd(base, t);
             let v = e.load_ro(F32, x, src);
-            let d = e.b.ins().ishl_imm_s(kk, 3);
-            let d = e.b.ins().iadd(dst0, d);
+            let d = e.ishl_imm(kk, 3);
+            let d = e.iadd(dst0, d);
             e.store(packed + 4 * l, d, v);
         });
     };
     let mut whole = |e: &mut Emit, jp: Value| {
-        let dst0 = e.b.ins().imul_imm_s(jp, (c * 8) as i64);
-        let j0 = e.b.ins().imul_imm_s(jp, 8);
-        let img = e.b.ins().udiv_imm_s(j0, hw as i64);
-        let t = e.b.ins().imul_imm_s(img, hw as i64);
+        let dst0 = e.imul_imm(jp, (c * 8) as i64);
+        let j0 = e.imul_imm(jp, 8);
+        let img = e.with_imm(j0, hw as i64, |ins, x, c| ins.udiv(x, c));
+        let t = e.imul_imm(img, hw as i64);
         let pos = e.b.ins().isub(j0, t);
-        let end = e.b.ins().iadd_imm_s(pos, 8);
-        let fits = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, hw as i64);
-        let straddles = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, end, hw as i64);
+        let end = e.iadd_imm(pos, 8);
+        let fits = e.icmp_imm(IntCC::SignedLessThanOrEqual, end, hw as i64);
+        let straddles = e.icmp_imm(IntCC::SignedGreaterThan, end, hw as i64);
         e.when(fits, |e| {
-            let t = e.b.ins().imul_imm_s(img, (c * hw) as i64);
-            let base = e.b.ins().iadd(t, pos);
+            let t = e.imul_imm(img, (c * hw) as i64);
+            let base = e.iadd(t, pos);
             matmul::panel_rows(e, (x, base, hw), c, (packed, dst0));
         });
         e.when(straddles, |e| {
@@ -636,8 +651,8 @@ fn pack_planes(
                 lane(e, dst0, j0, l);
             } else {
                 e.for_range(0, c as i64, 1, |e, kk| {
-                    let d = e.b.ins().ishl_imm_s(kk, 3);
-                    let d = e.b.ins().iadd(dst0, d);
+                    let d = e.ishl_imm(kk, 3);
+                    let d = e.iadd(dst0, d);
                     let z = e.fconst(F32, 0.0);
                     e.store(packed + 4 * l, d, z);
                 });
@@ -660,12 +675,12 @@ fn swap_outer_range(
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, j| {
         e.for_range(0, a as i64, 1, |e, i| {
-            let s = e.b.ins().imul_imm_s(i, b as i64);
-            let s = e.b.ins().iadd(s, j);
-            let s = e.b.ins().imul_imm_s(s, hw as i64);
-            let d = e.b.ins().imul_imm_s(j, a as i64);
-            let d = e.b.ins().iadd(d, i);
-            let d = e.b.ins().imul_imm_s(d, hw as i64);
+            let s = e.imul_imm(i, b as i64);
+            let s = e.iadd(s, j);
+            let s = e.imul_imm(s, hw as i64);
+            let d = e.imul_imm(j, a as i64);
+            let d = e.iadd(d, i);
+            let d = e.imul_imm(d, hw as i64);
             super::kernels::copy(e, src, s, dst, d, hw);
         });
     });
@@ -683,20 +698,20 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
     let top = e.i64(ge.b as i64);
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, img| {
-        let first = e.b.ins().imul_imm_s(img, (ge.ci * plane) as i64);
+        let first = e.imul_imm(img, (ge.ci * plane) as i64);
         e.elementwise(ge.ci * plane, |e, ty, j| {
-            let i = e.b.ins().iadd(first, j);
+            let i = e.iadd(first, j);
             let z = e.fconst(ty, 0.0);
             e.store(out, i, z);
         });
-        let col0 = e.b.ins().imul_imm_s(img, (ge.oh * ge.ow) as i64);
+        let col0 = e.imul_imm(img, (ge.oh * ge.ow) as i64);
         e.for_range(0, ge.ci as i64, 1, |e, c| {
-            let t = e.b.ins().imul_imm_s(c, plane as i64);
-            let obase = e.b.ins().iadd(first, t);
+            let t = e.imul_imm(c, plane as i64);
+            let obase = e.iadd(first, t);
             // The taps in order (each output sums them in the same order at any size): the
             // kernel's rows a loop, its columns unrolled.
             for_kernel_rows(e, ge, ge.oh * ge.ow, |e, kh, (oy0, oy1)| {
-                let kh_p = e.b.ins().iadd_imm_s(kh, -(ge.p[0] as i64));
+                let kh_p = e.iadd_imm(kh, -(ge.p[0] as i64));
                 for kw in 0..ge.k[1] {
                     let (ox0, ox1) = inside(kw, ge.s[1], ge.p[1], ge.w, ge.ow);
                     if ox0 >= ox1 {
@@ -704,18 +719,18 @@ fn col2im(e: &mut Emit, ge: Geom, cols: usize, out: usize, (lo, hi): (Value, Val
                     }
                     // Row r = (c, kh, kw) of cols, at this image's columns.
                     let r = tap_row(e, ge, c, kh, kw);
-                    let row = e.b.ins().imul_imm_s(r, n);
-                    let row = e.b.ins().iadd(row, col0);
-                    e.for_dynamic(oy0, oy1, |e, oy| {
+                    let row = e.imul_imm(r, n);
+                    let row = e.iadd(row, col0);
+                    e.for_between(oy0, oy1, |e, oy| {
                         // iy = oy·s + kh − p, ix = ox·s + kw − p.
-                        let t = e.b.ins().imul_imm_s(oy, ge.ow as i64);
-                        let src = e.b.ins().iadd(row, t);
+                        let t = e.imul_imm(oy, ge.ow as i64);
+                        let src = e.iadd(row, t);
                         let dst = input_row(e, ge, obase, oy, kh_p, kw);
                         let add = |e: &mut Emit, ty: Type, ox: Value| {
-                            let si = e.b.ins().iadd(src, ox);
+                            let si = e.iadd(src, ox);
                             let v = e.load(ty, cols, si);
-                            let t = e.b.ins().imul_imm_s(ox, ge.s[1] as i64);
-                            let di = e.b.ins().iadd(dst, t);
+                            let t = e.imul_imm(ox, ge.s[1] as i64);
+                            let di = e.iadd(dst, t);
                             let old = e.load(ty, out, di);
                             let sum = e.b.ins().fadd(old, v);
                             e.store(out, di, sum);
@@ -764,30 +779,20 @@ fn for_kernel_rows(
 
 /// Row `(c, kh, kw)` of im2col, with the kernel row `kh` known at run time.
 fn tap_row(e: &mut Emit, ge: Geom, c: Value, kh: Value, kw: usize) -> Value {
-    let r = e.b.ins().imul_imm_s(c, ge.k[0] as i64);
-    let r = e.b.ins().iadd(r, kh);
-    let r = e.b.ins().imul_imm_s(r, ge.k[1] as i64);
-    e.b.ins().iadd_imm_s(r, kw as i64)
+    let r = e.imul_imm(c, ge.k[0] as i64);
+    let r = e.iadd(r, kh);
+    let r = e.imul_imm(r, ge.k[1] as i64);
+    e.iadd_imm(r, kw as i64)
 }
 
 /// Where input row `oy·s + kh − p` of the plane at `plane` starts, shifted by the kernel
 /// column's `kw − p` (`kh_p` is `kh − p`).
 fn input_row(e: &mut Emit, ge: Geom, plane: Value, oy: Value, kh_p: Value, kw: usize) -> Value {
-    let iy = e.b.ins().imul_imm_s(oy, ge.s[0] as i64);
-    let iy = e.b.ins().iadd(iy, kh_p);
-    let t = e.b.ins().imul_imm_s(iy, ge.w as i64);
-    let at = e.b.ins().iadd(plane, t);
-    e.b.ins().iadd_imm_s(at, kw as i64 - ge.p[1] as i64)
-}
-
-/// Whether output row `oy` is inside `oy0..oy1`, and whether it is outside.
-fn row_tests(e: &mut Emit, oy: Value, (oy0, oy1): (Value, Value)) -> (Value, Value) {
-    let a = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy0);
-    let b = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy1);
-    let inside = e.b.ins().band(a, b);
-    let a = e.b.ins().icmp(IntCC::SignedLessThan, oy, oy0);
-    let b = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oy, oy1);
-    (inside, e.b.ins().bor(a, b))
+    let iy = e.imul_imm(oy, ge.s[0] as i64);
+    let iy = e.iadd(iy, kh_p);
+    let t = e.imul_imm(iy, ge.w as i64);
+    let at = e.iadd(plane, t);
+    e.iadd_imm(at, kw as i64 - ge.p[1] as i64)
 }
 
 /// [`inside`] for a kernel row or column `tap` known only at run time.
@@ -798,17 +803,17 @@ fn inside_at(e: &mut Emit, tap: Value, s: usize, p: usize, size: usize, out: usi
     let p_ = e.i64(p as i64);
     let before = e.b.ins().isub(p_, tap);
     let before = e.b.ins().smax(before, zero);
-    let before = e.b.ins().iadd_imm_s(before, s as i64 - 1);
-    let lo = e.b.ins().udiv_imm_s(before, s as i64);
+    let before = e.iadd_imm(before, s as i64 - 1);
+    let lo = e.with_imm(before, s as i64, |ins, x, c| ins.udiv(x, c));
     let lo = e.b.ins().smin(lo, out_);
     // hi = ⌊(size + p − tap − 1) / s⌋ + 1 when that top is not negative, at most `out`; else 0.
     let top_ = e.i64((size + p) as i64 - 1);
     let top = e.b.ins().isub(top_, tap);
     let top_pos = e.b.ins().smax(top, zero);
-    let hi = e.b.ins().udiv_imm_s(top_pos, s as i64);
-    let hi = e.b.ins().iadd_imm_s(hi, 1);
+    let hi = e.with_imm(top_pos, s as i64, |ins, x, c| ins.udiv(x, c));
+    let hi = e.iadd_imm(hi, 1);
     let hi = e.b.ins().smin(hi, out_);
-    let reached = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, top, 0);
+    let reached = e.icmp_imm(IntCC::SignedGreaterThanOrEqual, top, 0);
     let hi = e.b.ins().select(reached, hi, zero);
     let hi = e.b.ins().smax(hi, lo);
     (lo, hi)

@@ -3,11 +3,14 @@
 //! instruction for (a vectorisable `exp` in the style of Cephes' `expf`).
 
 use crate::ir::{BinaryFn, UnaryFn};
+use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::Endianness;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
-use cranelift_codegen::ir::{BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
-use cranelift_frontend::FunctionBuilder;
+use cranelift_codegen::ir::{
+    BlockArg, FuncRef, InstBuilder, InstructionData, MemFlagsData, Opcode, Type, Value, ValueDef,
+};
+use cranelift_frontend::{FuncInstBuilder, FunctionBuilder};
 
 pub struct Emit<'a, 'b> {
     pub b: &'a mut FunctionBuilder<'b>,
@@ -24,6 +27,10 @@ pub struct Emit<'a, 'b> {
     /// lives; boxed, so that their addresses hold while the vector grows.
     #[allow(clippy::vec_box)]
     pub held: Vec<Box<super::elementwise::ChainCall>>,
+    /// The kernel's integer constants, each defined once at the top of the entry block (start
+    /// empty). Cranelift rematerialises a constant in each block that uses it, so sharing one
+    /// value costs no register; it spares Cranelift's e-graph pass the copies it would merge.
+    pub consts: std::collections::HashMap<(Type, i64), Value>,
 }
 
 /// The full-width elementwise primitives (`elementwise`) as a kernel imports them.
@@ -59,7 +66,112 @@ pub fn vmem() -> MemFlagsData {
 
 impl Emit<'_, '_> {
     pub fn i64(&mut self, v: i64) -> Value {
-        self.b.ins().iconst(I64, v)
+        self.iconst(I64, v)
+    }
+
+    /// The integer constant `v` of type `ty` (a scalar integer type; `v` sign-extended, kept to
+    /// the type's width as Cranelift's `_imm_s` builders do): the kernel's one value for it.
+    pub fn iconst(&mut self, ty: Type, v: i64) -> Value {
+        let v = if ty.bits() < 64 { v & ((1i64 << ty.bits()) - 1) } else { v };
+        if let Some(&c) = self.consts.get(&(ty, v)) {
+            return c;
+        }
+        let Some(entry) = self.b.func.layout.entry_block() else {
+            // Nothing emitted yet: the current block is the entry, but it is not laid out.
+            return self.b.ins().iconst(ty, v);
+        };
+        let mut pos = FuncCursor::new(self.b.func).at_first_insertion_point(entry);
+        let c = pos.ins().iconst(ty, v);
+        self.consts.insert((ty, v), c);
+        c
+    }
+
+    /// The value of `v` when it is a 64-bit integer constant.
+    fn known(&self, v: Value) -> Option<i64> {
+        let dfg = &self.b.func.dfg;
+        if dfg.value_type(v) != I64 {
+            return None;
+        }
+        match dfg.value_def(v) {
+            ValueDef::Result(inst, 0) => match dfg.insts[inst] {
+                InstructionData::UnaryImm { opcode: Opcode::Iconst, imm } => Some(imm.bits()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// `x + c`: `x` itself when `c` is 0, a constant when `x` is one.
+    pub fn iadd_imm(&mut self, x: Value, c: i64) -> Value {
+        if c == 0 {
+            return x;
+        }
+        if let Some(k) = self.known(x) {
+            return self.i64(k.wrapping_add(c));
+        }
+        let ty = self.b.func.dfg.value_type(x).lane_type();
+        let c = self.iconst(ty, c);
+        self.b.ins().iadd(x, c)
+    }
+
+    /// `x · c`: `x` itself when `c` is 1, a constant when `c` is 0 or `x` is a constant.
+    pub fn imul_imm(&mut self, x: Value, c: i64) -> Value {
+        if c == 1 {
+            return x;
+        }
+        let ty = self.b.func.dfg.value_type(x).lane_type();
+        if c == 0 && ty == I64 {
+            return self.i64(0);
+        }
+        if let Some(k) = self.known(x) {
+            return self.i64(k.wrapping_mul(c));
+        }
+        let c = self.iconst(ty, c);
+        self.b.ins().imul(x, c)
+    }
+
+    /// `x + y`, folded when either is the constant 0 or both are constants.
+    pub fn iadd(&mut self, x: Value, y: Value) -> Value {
+        match (self.known(x), self.known(y)) {
+            (Some(a), Some(b)) => self.i64(a.wrapping_add(b)),
+            (Some(0), _) => y,
+            (_, Some(0)) => x,
+            _ => self.b.ins().iadd(x, y),
+        }
+    }
+
+    /// `x · y`, folded when either is the constant 0 or 1 or both are constants.
+    pub fn imul(&mut self, x: Value, y: Value) -> Value {
+        match (self.known(x), self.known(y)) {
+            (Some(a), Some(b)) => self.i64(a.wrapping_mul(b)),
+            (Some(0), _) | (_, Some(0)) => self.i64(0),
+            (Some(1), _) => y,
+            (_, Some(1)) => x,
+            _ => self.b.ins().imul(x, y),
+        }
+    }
+
+    /// `op(x, c)` for an operation with a constant right operand (shifts, divisions,
+    /// comparisons' operands, masks): the constant shared, as [`Emit::iconst`] does.
+    pub fn with_imm(
+        &mut self,
+        x: Value,
+        c: i64,
+        op: impl FnOnce(FuncInstBuilder, Value, Value) -> Value,
+    ) -> Value {
+        let ty = self.b.func.dfg.value_type(x).lane_type();
+        let c = self.iconst(ty, c);
+        op(self.b.ins(), x, c)
+    }
+
+    /// `x << c`.
+    pub fn ishl_imm(&mut self, x: Value, c: i64) -> Value {
+        self.with_imm(x, c, |ins, x, c| ins.ishl(x, c))
+    }
+
+    /// `x cc c`, an I8 truth value.
+    pub fn icmp_imm(&mut self, cc: IntCC, x: Value, c: i64) -> Value {
+        self.with_imm(x, c, |ins, x, c| ins.icmp(cc, x, c))
     }
 
     /// A float constant of type `ty` (`F32` or `F32X4`).
@@ -70,34 +182,54 @@ impl Emit<'_, '_> {
 
     /// The address of element `idx` (an I64 count of 4-byte elements) of the buffer at `off`.
     pub fn addr(&mut self, off: usize, idx: Value) -> Value {
-        let bytes = self.b.ins().ishl_imm_s(idx, 2);
-        let p = self.b.ins().iadd(self.base, bytes);
-        self.b.ins().iadd_imm_s(p, off as i64)
+        let bytes = self.ishl_imm(idx, 2);
+        let p = self.iadd(self.base, bytes);
+        self.iadd_imm(p, off as i64)
+    }
+
+    /// The address of element `idx` of the buffer at `off` as a base and an immediate offset
+    /// for a load or store: the offset in the instruction (when it fits in 32 bits) spares
+    /// Cranelift an addition to fold.
+    fn place(&mut self, off: usize, idx: Value) -> (Value, i32) {
+        match i32::try_from(off) {
+            Ok(imm) => {
+                let bytes = self.ishl_imm(idx, 2);
+                (self.iadd(self.base, bytes), imm)
+            }
+            Err(_) => (self.addr(off, idx), 0),
+        }
     }
 
     pub fn load(&mut self, ty: Type, off: usize, idx: Value) -> Value {
-        let a = self.addr(off, idx);
+        let (a, imm) = self.place(off, idx);
         let flags = if ty.is_vector() { vmem() } else { mem() };
-        self.b.ins().load(ty, flags, a, 0)
+        self.b.ins().load(ty, flags, a, imm)
     }
 
     /// A load from a buffer the kernel never writes: read-only and movable, so Cranelift may
     /// schedule it freely (and rematerialise it instead of spilling).
     pub fn load_ro(&mut self, ty: Type, off: usize, idx: Value) -> Value {
-        let a = self.addr(off, idx);
+        let (a, imm) = self.place(off, idx);
         let flags = if ty.is_vector() { vmem() } else { mem() }.with_readonly().with_can_move();
-        self.b.ins().load(ty, flags, a, 0)
+        self.b.ins().load(ty, flags, a, imm)
     }
 
     pub fn store(&mut self, off: usize, idx: Value, v: Value) {
-        let a = self.addr(off, idx);
+        let (a, imm) = self.place(off, idx);
         let flags = if self.b.func.dfg.value_type(v).is_vector() { vmem() } else { mem() };
-        self.b.ins().store(flags, v, a, 0);
+        self.b.ins().store(flags, v, a, imm);
     }
 
     /// `for i in (lo..hi).step_by(step) { body(i) }`, with `i` an I64; nothing when empty.
     pub fn for_range(&mut self, lo: i64, hi: i64, step: i64, mut body: impl FnMut(&mut Self, Value)) {
         if lo >= hi {
+            return;
+        }
+        // One round is straight code: a loop costs Cranelift two blocks and a few live ranges
+        // (unrolling two or four rounds cost more than it saved: more code for the e-graph).
+        if hi - lo <= step {
+            let i = self.i64(lo);
+            body(self, i);
             return;
         }
         let header = self.b.create_block();
@@ -108,10 +240,19 @@ impl Emit<'_, '_> {
         self.b.switch_to_block(header);
         let i = self.b.block_params(header)[0];
         body(self, i);
-        let next = self.b.ins().iadd_imm_s(i, step);
-        let more = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, next, hi);
+        let next = self.iadd_imm(i, step);
+        let more = self.icmp_imm(IntCC::SignedLessThan, next, hi);
         self.b.ins().brif(more, header, &[BlockArg::Value(next)], exit, &[]);
         self.b.switch_to_block(exit);
+    }
+
+    /// `for i in lo..hi { body(i) }`: a counted loop when both bounds are constants, else one
+    /// with bounds known only at run time.
+    pub fn for_between(&mut self, lo: Value, hi: Value, body: impl FnMut(&mut Self, Value)) {
+        match (self.known(lo), self.known(hi)) {
+            (Some(lo), Some(hi)) => self.for_range(lo, hi, 1, body),
+            _ => self.for_dynamic(lo, hi, body),
+        }
     }
 
     /// `for i in lo..hi { body(i) }` with bounds known only at run time.
@@ -127,7 +268,7 @@ impl Emit<'_, '_> {
         self.b.ins().brif(more, body_block, &[], exit, &[]);
         self.b.switch_to_block(body_block);
         body(self, i);
-        let next = self.b.ins().iadd_imm_s(i, 1);
+        let next = self.iadd_imm(i, 1);
         self.b.ins().jump(header, &[BlockArg::Value(next)]);
         self.b.switch_to_block(exit);
     }
@@ -159,9 +300,9 @@ impl Emit<'_, '_> {
         // Both parts call `body`; one runs after the other.
         let body = std::cell::RefCell::new(body);
         let mut whole = |e: &mut Self, c: Value| {
-            let start = e.b.ins().imul_imm_s(c, chunk as i64);
+            let start = e.imul_imm(c, chunk as i64);
             e.for_range(0, chunk as i64, 4, |e, i| {
-                let idx = e.b.ins().iadd(start, i);
+                let idx = e.iadd(start, i);
                 (body.borrow_mut())(e, F32X4, idx);
             });
         };
@@ -186,8 +327,8 @@ impl Emit<'_, '_> {
         let cap = self.b.ins().smin(hi, top);
         self.for_dynamic(lo, cap, |e, u| whole(e, u));
         if partial {
-            let reaches = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, full as i64);
-            let starts = self.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, full as i64);
+            let reaches = self.icmp_imm(IntCC::SignedGreaterThan, hi, full as i64);
+            let starts = self.icmp_imm(IntCC::SignedLessThanOrEqual, lo, full as i64);
             let holds = self.b.ins().band(reaches, starts);
             self.when(holds, |e| partial_unit(e));
         }
@@ -271,8 +412,8 @@ impl Emit<'_, '_> {
         } else {
             self.b.ins().iconst(I32, 127)
         };
-        let n = self.b.ins().iadd(n, bias);
-        let n = self.b.ins().ishl_imm_s(n, 23);
+        let n = self.iadd(n, bias);
+        let n = self.ishl_imm(n, 23);
         let pow2n = self.bitcast(ty, n);
         self.b.ins().fmul(y, pow2n)
     }

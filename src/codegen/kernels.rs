@@ -60,14 +60,14 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (ys, ds) = (at(*y), at(*dy));
             for_rows(e, numel / n, n, range, |e, r0| {
                 let acc = sum(e, n, |e, ty, j| {
-                    let idx = e.b.ins().iadd(r0, j);
+                    let idx = e.iadd(r0, j);
                     let y = e.load(ty, ys, idx);
                     let d = e.load(ty, ds, idx);
                     e.b.ins().fmul(y, d)
                 });
                 let dotv = e.b.ins().splat(F32X4, acc);
                 e.elementwise(n, |e, ty, j| {
-                    let idx = e.b.ins().iadd(r0, j);
+                    let idx = e.iadd(r0, j);
                     let y = e.load(ty, ys, idx);
                     let d = e.load(ty, ds, idx);
                     let t = e.b.ins().fsub(d, if ty == F32X4 { dotv } else { acc });
@@ -91,7 +91,7 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 // registers and stored once.
                 let (full, rest) = (c / COLUMN_BLOCK, c % COLUMN_BLOCK);
                 let mut whole = |e: &mut Emit, u: Value| {
-                    let col = e.b.ins().imul_imm_s(u, COLUMN_BLOCK as i64);
+                    let col = e.imul_imm(u, COLUMN_BLOCK as i64);
                     column_sums(e, (src, out), (b, c), col, COLUMN_BLOCK);
                 };
                 let mut tail = |e: &mut Emit| {
@@ -105,11 +105,11 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                     let z = e.fconst(F32, 0.0);
                     e.b.def_var(acc, z);
                     e.for_range(0, b as i64, 1, |e, n| {
-                        let row = e.b.ins().imul_imm_s(n, c as i64);
-                        let row = e.b.ins().iadd(row, ch);
-                        let start = e.b.ins().imul_imm_s(row, inner as i64);
+                        let row = e.imul_imm(n, c as i64);
+                        let row = e.iadd(row, ch);
+                        let start = e.imul_imm(row, inner as i64);
                         let part = sum(e, inner, |e, ty, j| {
-                            let idx = e.b.ins().iadd(start, j);
+                            let idx = e.iadd(start, j);
                             e.load(ty, src, idx)
                         });
                         let a = e.b.use_var(acc);
@@ -142,11 +142,11 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (first, end) = image_planes(e, xs[0], xs[1], range);
             e.for_dynamic(first, end, |e, pl| {
                 e.for_range(0, plane_out as i64, 1, |e, i| {
-                    let o = e.b.ins().imul_imm_s(pl, plane_out as i64);
-                    let o = e.b.ins().iadd(o, i);
+                    let o = e.imul_imm(pl, plane_out as i64);
+                    let o = e.iadd(o, i);
                     let sw = load_index(e, is, o);
-                    let base = e.b.ins().imul_imm_s(pl, plane_in as i64);
-                    let s = e.b.ins().iadd(base, sw);
+                    let base = e.imul_imm(pl, plane_in as i64);
+                    let s = e.iadd(base, sw);
                     let v = e.load(F32, src, s);
                     e.store(out, o, v);
                 });
@@ -158,20 +158,20 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (src, is, acc) = (at(*v), at(*idx), *accumulate);
             let (first, end) = image_planes(e, vs[0], vs[1], range);
             e.for_dynamic(first, end, |e, pl| {
-                let base = e.b.ins().imul_imm_s(pl, plane_out as i64);
+                let base = e.imul_imm(pl, plane_out as i64);
                 e.elementwise(plane_out, |e, ty, i| {
-                    let at = e.b.ins().iadd(base, i);
+                    let at = e.iadd(base, i);
                     let z = e.fconst(ty, 0.0);
                     e.store(out, at, z);
                 });
             });
             e.for_dynamic(first, end, |e, pl| {
                 e.for_range(0, plane_in as i64, 1, |e, i| {
-                    let o = e.b.ins().imul_imm_s(pl, plane_in as i64);
-                    let o = e.b.ins().iadd(o, i);
+                    let o = e.imul_imm(pl, plane_in as i64);
+                    let o = e.iadd(o, i);
                     let sw = load_index(e, is, o);
-                    let base = e.b.ins().imul_imm_s(pl, plane_out as i64);
-                    let t = e.b.ins().iadd(base, sw);
+                    let base = e.imul_imm(pl, plane_out as i64);
+                    let t = e.iadd(base, sw);
                     let val = e.load(F32, src, o);
                     let val = if acc {
                         let old = e.load(F32, out, t);
@@ -194,8 +194,8 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (ts, is) = (at(*table), at(*ids));
             e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
                 let id = load_index(e, is, t);
-                let src = e.b.ins().imul_imm_s(id, dim as i64);
-                let dst = e.b.ins().imul_imm_s(t, dim as i64);
+                let src = e.imul_imm(id, dim as i64);
+                let dst = e.imul_imm(t, dim as i64);
                 copy(e, ts, src, out, dst, dim);
             });
         }
@@ -211,15 +211,15 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 let inf = e.fconst(F32, f32::INFINITY);
                 e.b.def_var(best, zero);
                 e.b.def_var(best_d, inf);
-                let row = e.b.ins().imul_imm_s(r, d as i64);
+                let row = e.imul_imm(r, d as i64);
                 e.for_range(0, k as i64, 1, |e, c| {
                     let acc = e.b.declare_var(F32);
                     let z = e.fconst(F32, 0.0);
                     e.b.def_var(acc, z);
-                    let crow = e.b.ins().imul_imm_s(c, d as i64);
+                    let crow = e.imul_imm(c, d as i64);
                     e.for_range(0, d as i64, 1, |e, j| {
-                        let xi = e.b.ins().iadd(row, j);
-                        let ci = e.b.ins().iadd(crow, j);
+                        let xi = e.iadd(row, j);
+                        let ci = e.iadd(crow, j);
                         let (a, b) = (e.load(F32, xs, xi), e.load(F32, cs, ci));
                         let diff = e.b.ins().fsub(a, b);
                         let sq = e.b.ins().fmul(diff, diff);
@@ -259,30 +259,30 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 // out[i, :] = Σ_q a[i, q] · b[q, :]: rows of b (contiguous) scaled and added,
                 // four lanes at a time.
                 e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
-                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
-                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
-                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    let ao = e.imul_imm(bi, pa as i64);
+                    let bo = e.imul_imm(bi, pb as i64);
+                    let oo = e.imul_imm(bi, (m * n) as i64);
                     e.for_range(0, m as i64, 1, |e, i| {
-                        let row = e.b.ins().imul_imm_s(i, n as i64);
-                        let row = e.b.ins().iadd(row, oo);
+                        let row = e.imul_imm(i, n as i64);
+                        let row = e.iadd(row, oo);
                         e.elementwise(n, |e, ty, j| {
                             let z = e.fconst(ty, 0.0);
-                            let o = e.b.ins().iadd(row, j);
+                            let o = e.iadd(row, j);
                             e.store(out, o, z);
                         });
                         e.for_range(0, k as i64, 1, |e, q| {
                             let (r, c) = if ta { (q, i) } else { (i, q) };
-                            let x = e.b.ins().imul_imm_s(r, ra);
-                            let x = e.b.ins().iadd(x, c);
-                            let x = e.b.ins().iadd(x, ao);
+                            let x = e.imul_imm(r, ra);
+                            let x = e.iadd(x, c);
+                            let x = e.iadd(x, ao);
                             let xs = e.load(F32, a_s, x);
                             let xv = e.b.ins().splat(F32X4, xs);
-                            let brow = e.b.ins().imul_imm_s(q, rb);
-                            let brow = e.b.ins().iadd(brow, bo);
+                            let brow = e.imul_imm(q, rb);
+                            let brow = e.iadd(brow, bo);
                             e.elementwise(n, |e, ty, j| {
-                                let y = e.b.ins().iadd(brow, j);
+                                let y = e.iadd(brow, j);
                                 let yv = e.load(ty, b_s, y);
-                                let o = e.b.ins().iadd(row, j);
+                                let o = e.iadd(row, j);
                                 let acc = e.load(ty, out, o);
                                 let x = if ty == F32X4 { xv } else { xs };
                                 let acc = e.b.ins().fma(x, yv, acc);
@@ -294,34 +294,34 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             } else if !ta {
                 // out[i, j] = a[i, :] · b[j, :]: both rows contiguous, a four-lane dot product.
                 e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
-                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
-                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
-                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    let ao = e.imul_imm(bi, pa as i64);
+                    let bo = e.imul_imm(bi, pb as i64);
+                    let oo = e.imul_imm(bi, (m * n) as i64);
                     e.for_range(0, m as i64, 1, |e, i| {
-                        let arow = e.b.ins().imul_imm_s(i, ra);
-                        let arow = e.b.ins().iadd(arow, ao);
+                        let arow = e.imul_imm(i, ra);
+                        let arow = e.iadd(arow, ao);
                         e.for_range(0, n as i64, 1, |e, j| {
-                            let brow = e.b.ins().imul_imm_s(j, rb);
-                            let brow = e.b.ins().iadd(brow, bo);
+                            let brow = e.imul_imm(j, rb);
+                            let brow = e.iadd(brow, bo);
                             let v = sum(e, k, |e, ty, q| {
-                                let x = e.b.ins().iadd(arow, q);
-                                let y = e.b.ins().iadd(brow, q);
+                                let x = e.iadd(arow, q);
+                                let y = e.iadd(brow, q);
                                 let xv = e.load(ty, a_s, x);
                                 let yv = e.load(ty, b_s, y);
                                 e.b.ins().fmul(xv, yv)
                             });
-                            let o = e.b.ins().imul_imm_s(i, n as i64);
-                            let o = e.b.ins().iadd(o, j);
-                            let o = e.b.ins().iadd(o, oo);
+                            let o = e.imul_imm(i, n as i64);
+                            let o = e.iadd(o, j);
+                            let o = e.iadd(o, oo);
                             e.store(out, o, v);
                         });
                     });
                 });
             } else {
                 e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
-                    let ao = e.b.ins().imul_imm_s(bi, pa as i64);
-                    let bo = e.b.ins().imul_imm_s(bi, pb as i64);
-                    let oo = e.b.ins().imul_imm_s(bi, (m * n) as i64);
+                    let ao = e.imul_imm(bi, pa as i64);
+                    let bo = e.imul_imm(bi, pb as i64);
+                    let oo = e.imul_imm(bi, (m * n) as i64);
                     e.for_range(0, m as i64, 1, |e, i| {
                         e.for_range(0, n as i64, 1, |e, j| {
                             let acc = e.b.declare_var(F32);
@@ -330,22 +330,22 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                             e.for_range(0, k as i64, 1, |e, q| {
                                 // a[i, q] (or a[q, i]) and b[q, j] (or b[j, q]).
                                 let (r, c) = if ta { (q, i) } else { (i, q) };
-                                let x = e.b.ins().imul_imm_s(r, ra);
-                                let x = e.b.ins().iadd(x, c);
-                                let x = e.b.ins().iadd(x, ao);
+                                let x = e.imul_imm(r, ra);
+                                let x = e.iadd(x, c);
+                                let x = e.iadd(x, ao);
                                 let (r, c) = if tb { (j, q) } else { (q, j) };
-                                let y = e.b.ins().imul_imm_s(r, rb);
-                                let y = e.b.ins().iadd(y, c);
-                                let y = e.b.ins().iadd(y, bo);
+                                let y = e.imul_imm(r, rb);
+                                let y = e.iadd(y, c);
+                                let y = e.iadd(y, bo);
                                 let xv = e.load(F32, a_s, x);
                                 let yv = e.load(F32, b_s, y);
                                 let cur = e.b.use_var(acc);
                                 let cur = e.b.ins().fma(xv, yv, cur);
                                 e.b.def_var(acc, cur);
                             });
-                            let o = e.b.ins().imul_imm_s(i, n as i64);
-                            let o = e.b.ins().iadd(o, j);
-                            let o = e.b.ins().iadd(o, oo);
+                            let o = e.imul_imm(i, n as i64);
+                            let o = e.iadd(o, j);
+                            let o = e.iadd(o, oo);
                             let v = e.b.use_var(acc);
                             e.store(out, o, v);
                         });
@@ -358,18 +358,18 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (qs, ks) = (at(*q), at(*k));
             // Rows (b, t) of q, each added to every row (b, s) of k.
             e.for_range(0, (node.ty.shape[0] * t) as i64, 1, |e, bt| {
-                let q0 = e.b.ins().imul_imm_s(bt, a as i64);
-                let bi = e.b.ins().sdiv_imm_s(bt, t as i64);
-                let k_base = e.b.ins().imul_imm_s(bi, (s * a) as i64);
-                let o_base = e.b.ins().imul_imm_s(bt, (s * a) as i64);
+                let q0 = e.imul_imm(bt, a as i64);
+                let bi = e.with_imm(bt, t as i64, |ins, x, c| ins.sdiv(x, c));
+                let k_base = e.imul_imm(bi, (s * a) as i64);
+                let o_base = e.imul_imm(bt, (s * a) as i64);
                 e.for_range(0, s as i64, 1, |e, si| {
-                    let off = e.b.ins().imul_imm_s(si, a as i64);
-                    let k0 = e.b.ins().iadd(k_base, off);
-                    let o0 = e.b.ins().iadd(o_base, off);
+                    let off = e.imul_imm(si, a as i64);
+                    let k0 = e.iadd(k_base, off);
+                    let o0 = e.iadd(o_base, off);
                     e.elementwise(a, |e, ty, c| {
-                        let qi = e.b.ins().iadd(q0, c);
-                        let ki = e.b.ins().iadd(k0, c);
-                        let oi = e.b.ins().iadd(o0, c);
+                        let qi = e.iadd(q0, c);
+                        let ki = e.iadd(k0, c);
+                        let oi = e.iadd(o0, c);
                         let (qv, kv) = (e.load(ty, qs, qi), e.load(ty, ks, ki));
                         let v = e.b.ins().fadd(qv, kv);
                         e.store(out, oi, v);
@@ -384,19 +384,19 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let src = at(*x);
             // Each output row is the sum of the n rows of its block, added in order.
             e.for_range(0, outer as i64, 1, |e, o| {
-                let o0 = e.b.ins().imul_imm_s(o, inner as i64);
+                let o0 = e.imul_imm(o, inner as i64);
                 e.elementwise(inner, |e, ty, c| {
-                    let i = e.b.ins().iadd(o0, c);
+                    let i = e.iadd(o0, c);
                     let z = e.fconst(ty, 0.0);
                     e.store(out, i, z);
                 });
                 e.for_range(0, n as i64, 1, |e, j| {
-                    let row = e.b.ins().imul_imm_s(o, n as i64);
-                    let row = e.b.ins().iadd(row, j);
-                    let x0 = e.b.ins().imul_imm_s(row, inner as i64);
+                    let row = e.imul_imm(o, n as i64);
+                    let row = e.iadd(row, j);
+                    let x0 = e.imul_imm(row, inner as i64);
                     e.elementwise(inner, |e, ty, c| {
-                        let xi = e.b.ins().iadd(x0, c);
-                        let oi = e.b.ins().iadd(o0, c);
+                        let xi = e.iadd(x0, c);
+                        let oi = e.iadd(o0, c);
                         let (xv, acc) = (e.load(ty, src, xi), e.load(ty, out, oi));
                         let v = e.b.ins().fadd(acc, xv);
                         e.store(out, oi, v);
@@ -410,16 +410,16 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let fill = *value;
             e.for_range(0, node.ty.shape[0] as i64, 1, |e, bi| {
                 e.for_range(0, s as i64, 1, |e, j| {
-                    let at_id = e.b.ins().imul_imm_s(bi, s as i64);
-                    let at_id = e.b.ins().iadd(at_id, j);
+                    let at_id = e.imul_imm(bi, s as i64);
+                    let at_id = e.iadd(at_id, j);
                     let id = load_index(e, is, at_id);
-                    let pad = e.b.ins().icmp_imm_s(IntCC::Equal, id, 0);
+                    let pad = e.icmp_imm(IntCC::Equal, id, 0);
                     let v = e.fconst(F32, fill);
                     e.for_range(0, t as i64, 1, |e, r| {
-                        let o = e.b.ins().imul_imm_s(bi, (t * s) as i64);
-                        let row = e.b.ins().imul_imm_s(r, s as i64);
-                        let o = e.b.ins().iadd(o, row);
-                        let o = e.b.ins().iadd(o, j);
+                        let o = e.imul_imm(bi, (t * s) as i64);
+                        let row = e.imul_imm(r, s as i64);
+                        let o = e.iadd(o, row);
+                        let o = e.iadd(o, j);
                         let xv = e.load(F32, xs, o);
                         let y = e.b.ins().select(pad, v, xv);
                         e.store(out, o, y);
@@ -436,11 +436,11 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             });
             e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
                 let id = load_index(e, is, t);
-                let dst = e.b.ins().imul_imm_s(id, dim as i64);
-                let src = e.b.ins().imul_imm_s(t, dim as i64);
+                let dst = e.imul_imm(id, dim as i64);
+                let src = e.imul_imm(t, dim as i64);
                 e.elementwise(dim, |e, ty, j| {
-                    let d = e.b.ins().iadd(dst, j);
-                    let s = e.b.ins().iadd(src, j);
+                    let d = e.iadd(dst, j);
+                    let s = e.iadd(src, j);
                     let old = e.load(ty, out, d);
                     let g = e.load(ty, ds, s);
                     let r = e.b.ins().fadd(old, g);
@@ -456,8 +456,8 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             });
             e.for_range(0, g.ty(*ids).numel() as i64, 1, |e, t| {
                 let id = load_index(e, is, t);
-                let row = e.b.ins().imul_imm_s(t, depth as i64);
-                let at = e.b.ins().iadd(row, id);
+                let row = e.imul_imm(t, depth as i64);
+                let at = e.iadd(row, id);
                 let one = e.fconst(F32, 1.0);
                 e.store(out, at, one);
             });
@@ -465,9 +465,9 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
         Op::ShiftRight { ids, start } => {
             let (is, t, start) = (at(*ids), node.ty.shape[1], *start);
             e.for_range(0, numel as i64, 1, |e, i| {
-                let pos = e.b.ins().urem_imm_s(i, t as i64);
-                let first = e.b.ins().icmp_imm_s(IntCC::Equal, pos, 0);
-                let prev = e.b.ins().iadd_imm_s(i, -1);
+                let pos = e.with_imm(i, t as i64, |ins, x, c| ins.urem(x, c));
+                let first = e.icmp_imm(IntCC::Equal, pos, 0);
+                let prev = e.iadd_imm(i, -1);
                 let prev = e.b.ins().select(first, i, prev);
                 let v = e.load(I32, is, prev);
                 let s = e.b.ins().iconst(I32, i64::from(start));
@@ -480,10 +480,10 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (t, f, src, is) = (s[1], s[2], at(*x), at(*ids));
             e.for_range(0, s[0] as i64, 1, |e, b| {
                 let step = last_real_step(e, is, b, t);
-                let from = e.b.ins().imul_imm_s(b, t as i64);
-                let from = e.b.ins().iadd(from, step);
-                let from = e.b.ins().imul_imm_s(from, f as i64);
-                let to = e.b.ins().imul_imm_s(b, f as i64);
+                let from = e.imul_imm(b, t as i64);
+                let from = e.iadd(from, step);
+                let from = e.imul_imm(from, f as i64);
+                let to = e.imul_imm(b, f as i64);
                 copy(e, src, from, out, to, f);
             });
         }
@@ -496,10 +496,10 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             });
             e.for_range(0, node.ty.shape[0] as i64, 1, |e, b| {
                 let step = last_real_step(e, is, b, t);
-                let to = e.b.ins().imul_imm_s(b, t as i64);
-                let to = e.b.ins().iadd(to, step);
-                let to = e.b.ins().imul_imm_s(to, f as i64);
-                let from = e.b.ins().imul_imm_s(b, f as i64);
+                let to = e.imul_imm(b, t as i64);
+                let to = e.iadd(to, step);
+                let to = e.imul_imm(to, f as i64);
+                let from = e.imul_imm(b, f as i64);
                 copy(e, ds, from, out, to, f);
             });
         }
@@ -507,9 +507,9 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let s = shape(*x);
             let (t, f, src) = (s[1], s[2], at(*x));
             e.for_range(0, s[0] as i64, 1, |e, b| {
-                let from = e.b.ins().imul_imm_s(b, (t * f) as i64);
-                let from = e.b.ins().iadd_imm_s(from, ((t - 1) * f) as i64);
-                let to = e.b.ins().imul_imm_s(b, f as i64);
+                let from = e.imul_imm(b, (t * f) as i64);
+                let from = e.iadd_imm(from, ((t - 1) * f) as i64);
+                let to = e.imul_imm(b, f as i64);
                 copy(e, src, from, out, to, f);
             });
         }
@@ -517,11 +517,11 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let f = shape(*x)[1];
             let (src, times) = (at(*x), *times);
             e.for_range(0, shape(*x)[0] as i64, 1, |e, b| {
-                let from = e.b.ins().imul_imm_s(b, f as i64);
+                let from = e.imul_imm(b, f as i64);
                 e.for_range(0, times as i64, 1, |e, t| {
-                    let to = e.b.ins().imul_imm_s(b, (times * f) as i64);
-                    let tt = e.b.ins().imul_imm_s(t, f as i64);
-                    let to = e.b.ins().iadd(to, tt);
+                    let to = e.imul_imm(b, (times * f) as i64);
+                    let tt = e.imul_imm(t, f as i64);
+                    let to = e.iadd(to, tt);
                     copy(e, src, from, out, to, f);
                 });
             });
@@ -530,9 +530,9 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let n = *shape(*x).last().unwrap_or(&1);
             let (src, start, len) = (at(*x), *start, *len);
             e.for_range(0, (numel / len) as i64, 1, |e, r| {
-                let from = e.b.ins().imul_imm_s(r, n as i64);
-                let from = e.b.ins().iadd_imm_s(from, start as i64);
-                let to = e.b.ins().imul_imm_s(r, len as i64);
+                let from = e.imul_imm(r, n as i64);
+                let from = e.iadd_imm(from, start as i64);
+                let to = e.imul_imm(r, len as i64);
                 copy(e, src, from, out, to, len);
             });
         }
@@ -568,10 +568,10 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let s = shape(*x);
             let (t, f, src, first) = (s[1], s[2], at(*x), at(*first));
             e.for_range(0, s[0] as i64, 1, |e, b| {
-                let row = e.b.ins().imul_imm_s(b, (t * f) as i64);
-                let from = e.b.ins().imul_imm_s(b, f as i64);
+                let row = e.imul_imm(b, (t * f) as i64);
+                let from = e.imul_imm(b, f as i64);
                 copy(e, first, from, out, row, f);
-                let to = e.b.ins().iadd_imm_s(row, f as i64);
+                let to = e.iadd_imm(row, f as i64);
                 copy(e, src, row, out, to, (t - 1) * f);
             });
         }
@@ -583,9 +583,9 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
                 e.store(out, i, z);
             });
             e.for_range(0, (numel / total) as i64, 1, |e, r| {
-                let from = e.b.ins().imul_imm_s(r, n as i64);
-                let to = e.b.ins().imul_imm_s(r, total as i64);
-                let to = e.b.ins().iadd_imm_s(to, start as i64);
+                let from = e.imul_imm(r, n as i64);
+                let to = e.imul_imm(r, total as i64);
+                let to = e.iadd_imm(to, start as i64);
                 copy(e, src, from, out, to, n);
             });
         }
@@ -593,16 +593,16 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let s = shape(*x);
             let (t, f, src) = (s[1], s[2], at(*x));
             e.for_range(0, s[0] as i64, 1, |e, b| {
-                let row = e.b.ins().imul_imm_s(b, f as i64);
-                let first = e.b.ins().imul_imm_s(b, (t * f) as i64);
+                let row = e.imul_imm(b, f as i64);
+                let first = e.imul_imm(b, (t * f) as i64);
                 copy(e, src, first, out, row, f);
                 e.for_range(1, t as i64, 1, |e, k| {
-                    let step = e.b.ins().imul_imm_s(k, f as i64);
-                    let from = e.b.ins().iadd(first, step);
+                    let step = e.imul_imm(k, f as i64);
+                    let from = e.iadd(first, step);
                     e.elementwise(f, |e, ty, j| {
-                        let si = e.b.ins().iadd(from, j);
+                        let si = e.iadd(from, j);
                         let v = e.load(ty, src, si);
-                        let di = e.b.ins().iadd(row, j);
+                        let di = e.iadd(row, j);
                         let acc = e.load(ty, out, di);
                         let r = e.b.ins().fadd(acc, v);
                         e.store(out, di, r);
@@ -626,16 +626,16 @@ pub fn emit(e: &mut Emit, g: &Graph, plan: &Plan, id: NodeId, range: (Value, Val
             let (src, kk) = (at(*w), kh * kw);
             e.for_range(0, (a * b) as i64, 1, |e, ij| {
                 // Kernel (i, j) to (j, i), its taps reversed.
-                let i = e.b.ins().udiv_imm_s(ij, b as i64);
-                let j = e.b.ins().urem_imm_s(ij, b as i64);
-                let to = e.b.ins().imul_imm_s(j, a as i64);
-                let to = e.b.ins().iadd(to, i);
-                let to = e.b.ins().imul_imm_s(to, kk as i64);
-                let from = e.b.ins().imul_imm_s(ij, kk as i64);
+                let i = e.with_imm(ij, b as i64, |ins, x, c| ins.udiv(x, c));
+                let j = e.with_imm(ij, b as i64, |ins, x, c| ins.urem(x, c));
+                let to = e.imul_imm(j, a as i64);
+                let to = e.iadd(to, i);
+                let to = e.imul_imm(to, kk as i64);
+                let from = e.imul_imm(ij, kk as i64);
                 for t in 0..kk {
-                    let s = e.b.ins().iadd_imm_s(from, t as i64);
+                    let s = e.iadd_imm(from, t as i64);
                     let v = e.load(F32, src, s);
-                    let d = e.b.ins().iadd_imm_s(to, (kk - 1 - t) as i64);
+                    let d = e.iadd_imm(to, (kk - 1 - t) as i64);
                     e.store(out, d, v);
                 }
             });
@@ -703,9 +703,9 @@ pub fn chain(
             let hi = e.b.ins().smin(range.1, top);
             e.for_dynamic(range.0, hi, |e, r| {
                 if inner == 1 {
-                    let row0 = e.b.ins().imul_imm_s(r, c as i64);
+                    let row0 = e.imul_imm(r, c as i64);
                     e.elementwise(c, |e, ty, j| {
-                        let idx = e.b.ins().iadd(row0, j);
+                        let idx = e.iadd(row0, j);
                         let v = e.load(ty, xs, idx);
                         let b = e.load(ty, bs, j);
                         let r = e.b.ins().fadd(v, b);
@@ -715,11 +715,11 @@ pub fn chain(
                     e.for_range(0, c as i64, 1, |e, ch| {
                         let b = e.load(F32, bs, ch);
                         let bv = e.b.ins().splat(F32X4, b);
-                        let rc = e.b.ins().imul_imm_s(r, c as i64);
-                        let rc = e.b.ins().iadd(rc, ch);
-                        let start = e.b.ins().imul_imm_s(rc, inner as i64);
+                        let rc = e.imul_imm(r, c as i64);
+                        let rc = e.iadd(rc, ch);
+                        let start = e.imul_imm(rc, inner as i64);
                         e.elementwise(inner, |e, ty, j| {
-                            let idx = e.b.ins().iadd(start, j);
+                            let idx = e.iadd(start, j);
                             let v = e.load(ty, xs, idx);
                             let r = e.b.ins().fadd(v, if ty == F32X4 { bv } else { b });
                             finish(e, ty, r, idx);
@@ -889,10 +889,10 @@ fn column_sums(
         })
         .collect();
     e.for_range(0, rows as i64, 1, |e, r| {
-        let row = e.b.ins().imul_imm_s(r, c as i64);
-        let first = e.b.ins().iadd(row, col);
+        let row = e.imul_imm(r, c as i64);
+        let first = e.iadd(row, col);
         for (&(ty, j), &var) in lanes.iter().zip(&accs) {
-            let idx = e.b.ins().iadd_imm_s(first, j as i64);
+            let idx = e.iadd_imm(first, j as i64);
             let v = e.load(ty, src, idx);
             let a = e.b.use_var(var);
             let a = e.b.ins().fadd(a, v);
@@ -900,7 +900,7 @@ fn column_sums(
         }
     });
     for (&(_, j), &var) in lanes.iter().zip(&accs) {
-        let idx = e.b.ins().iadd_imm_s(col, j as i64);
+        let idx = e.iadd_imm(col, j as i64);
         let a = e.b.use_var(var);
         e.store(out, idx, a);
     }
@@ -910,8 +910,8 @@ fn column_sums(
 fn image_planes(e: &mut Emit, b: usize, c: usize, (lo, hi): (Value, Value)) -> (Value, Value) {
     let top = e.i64(b as i64);
     let hi = e.b.ins().smin(hi, top);
-    let first = e.b.ins().imul_imm_s(lo, c as i64);
-    let end = e.b.ins().imul_imm_s(hi, c as i64);
+    let first = e.imul_imm(lo, c as i64);
+    let end = e.imul_imm(hi, c as i64);
     (first, end)
 }
 
@@ -927,7 +927,7 @@ fn for_rows(
     let top = e.i64(rows as i64);
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, r| {
-        let r0 = e.b.ins().imul_imm_s(r, n as i64);
+        let r0 = e.imul_imm(r, n as i64);
         body(e, r0);
     });
 }
@@ -959,30 +959,30 @@ fn last_real_step(e: &mut Emit, is: usize, b: Value, t: usize) -> Value {
     let count = e.b.declare_var(I64);
     let zero = e.i64(0);
     e.b.def_var(count, zero);
-    let row = e.b.ins().imul_imm_s(b, t as i64);
+    let row = e.imul_imm(b, t as i64);
     e.for_range(0, t as i64, 1, |e, j| {
-        let at = e.b.ins().iadd(row, j);
+        let at = e.iadd(row, j);
         let id = load_index(e, is, at);
-        let real = e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0);
+        let real = e.icmp_imm(IntCC::NotEqual, id, 0);
         let one = e.i64(1);
         let zero = e.i64(0);
         let add = e.b.ins().select(real, one, zero);
         let c = e.b.use_var(count);
-        let c = e.b.ins().iadd(c, add);
+        let c = e.iadd(c, add);
         e.b.def_var(count, c);
     });
     let c = e.b.use_var(count);
     let one = e.i64(1);
     let c = e.b.ins().smax(c, one);
-    e.b.ins().iadd_imm_s(c, -1)
+    e.iadd_imm(c, -1)
 }
 
 /// Copies `n` elements from `src[from..]` to `dst[to..]`.
 pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value, n: usize) {
     e.elementwise(n, |e, ty, j| {
-        let s = e.b.ins().iadd(from, j);
+        let s = e.iadd(from, j);
         let v = e.load(ty, src, s);
-        let d = e.b.ins().iadd(to, j);
+        let d = e.iadd(to, j);
         e.store(dst, d, v);
     });
 }
@@ -991,14 +991,14 @@ pub(super) fn copy(e: &mut Emit, src: usize, from: Value, dst: usize, to: Value,
 /// `[cols, rows]` at element `base` of `dst`.
 pub(super) fn transpose(e: &mut Emit, (src, rows, cols): (usize, usize, usize), dst: usize, base: Value) {
     e.for_range(0, rows as i64, 1, |e, i| {
-        let row = e.b.ins().imul_imm_s(i, cols as i64);
-        let row = e.b.ins().iadd(base, row);
+        let row = e.imul_imm(i, cols as i64);
+        let row = e.iadd(base, row);
         e.for_range(0, cols as i64, 1, |e, j| {
-            let si = e.b.ins().iadd(row, j);
+            let si = e.iadd(row, j);
             let v = e.load(F32, src, si);
-            let oi = e.b.ins().imul_imm_s(j, rows as i64);
-            let oi = e.b.ins().iadd(oi, i);
-            let oi = e.b.ins().iadd(oi, base);
+            let oi = e.imul_imm(j, rows as i64);
+            let oi = e.iadd(oi, i);
+            let oi = e.iadd(oi, base);
             e.store(dst, oi, v);
         });
     });
@@ -1017,7 +1017,7 @@ fn softmax_row(e: &mut Emit, src: usize, out: usize, r0: Value, n: usize) {
     let inv = e.b.ins().fdiv(one, total);
     let invv = e.b.ins().splat(F32X4, inv);
     e.elementwise(n, |e, ty, j| {
-        let idx = e.b.ins().iadd(r0, j);
+        let idx = e.iadd(r0, j);
         let v = e.load(ty, out, idx);
         let r = e.b.ins().fmul(v, if ty == F32X4 { invv } else { inv });
         e.store(out, idx, r);
@@ -1046,18 +1046,18 @@ fn pool_argmax(
             e.for_range(4 * quads as i64, ow as i64, 1, |e, xx| {
                 let best = e.b.declare_var(I64);
                 let bestv = e.b.declare_var(F32);
-                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
-                let first = e.b.ins().iadd(ys, xs_);
-                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-                let fi = e.b.ins().iadd(pbase, first);
+                let ys = e.imul_imm(y, (s[0] * w) as i64);
+                let xs_ = e.imul_imm(xx, s[1] as i64);
+                let first = e.iadd(ys, xs_);
+                let pbase = e.imul_imm(pl, (h * w) as i64);
+                let fi = e.iadd(pbase, first);
                 let fv = e.load(F32, x, fi);
                 e.b.def_var(best, first);
                 e.b.def_var(bestv, fv);
                 for kh in 0..k[0] {
                     for kw in 0..k[1] {
-                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
-                        let gi = e.b.ins().iadd(pbase, i);
+                        let i = e.iadd_imm(first, (kh * w + kw) as i64);
+                        let gi = e.iadd(pbase, i);
                         let v = e.load(F32, x, gi);
                         let bv = e.b.use_var(bestv);
                         let take = pool_takes(e, v, bv);
@@ -1068,10 +1068,10 @@ fn pool_argmax(
                         e.b.def_var(bestv, nv);
                     }
                 }
-                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
-                let r = e.b.ins().imul_imm_s(y, ow as i64);
-                let o = e.b.ins().iadd(o, r);
-                let o = e.b.ins().iadd(o, xx);
+                let o = e.imul_imm(pl, (oh * ow) as i64);
+                let r = e.imul_imm(y, ow as i64);
+                let o = e.iadd(o, r);
+                let o = e.iadd(o, xx);
                 let bi = e.b.use_var(best);
                 let b32 = e.b.ins().ireduce(I32, bi);
                 e.store(out, o, b32);
@@ -1103,16 +1103,16 @@ fn pool_argmax_quad(
     // Lanes 0, 2 of the first vector, then of the second: the even columns; 1, 3: the odd ones.
     let evens: Vec<u8> = [0u8, 2, 4, 6].iter().flat_map(|&l| (0..4).map(move |b| l * 4 + b)).collect();
     let odds: Vec<u8> = evens.iter().map(|b| b + 4).collect();
-    let plane = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-    let row = e.b.ins().imul_imm_s(y, (2 * w) as i64);
-    let col = e.b.ins().imul_imm_s(quad, 8);
-    let first = e.b.ins().iadd(row, col);
-    let at = e.b.ins().iadd(plane, first);
+    let plane = e.imul_imm(pl, (h * w) as i64);
+    let row = e.imul_imm(y, (2 * w) as i64);
+    let col = e.imul_imm(quad, 8);
+    let first = e.iadd(row, col);
+    let at = e.iadd(plane, first);
     let mut candidates = Vec::new();
     for r in 0..2 {
-        let i = e.b.ins().iadd_imm_s(at, (r * w) as i64);
+        let i = e.iadd_imm(at, (r * w) as i64);
         let lo = e.load(F32X4, x, i);
-        let i = e.b.ins().iadd_imm_s(i, 4);
+        let i = e.iadd_imm(i, 4);
         let hi = e.load(F32X4, x, i);
         let lo = e.bitcast(I8X16, lo);
         let hi = e.bitcast(I8X16, hi);
@@ -1129,21 +1129,21 @@ fn pool_argmax_quad(
     let lanes = e.b.ins().vconst(I32X4, lanes);
     let first32 = e.b.ins().ireduce(I32, first);
     let base = e.b.ins().splat(I32X4, first32);
-    let base = e.b.ins().iadd(base, lanes);
+    let base = e.iadd(base, lanes);
     let (mut best, mut best_at) = (candidates[0], base);
     for (n, &v) in candidates.iter().enumerate().skip(1) {
         let offset = e.b.ins().iconst(I32, ((n / 2) * w + n % 2) as i64);
         let offset = e.b.ins().splat(I32X4, offset);
-        let at = e.b.ins().iadd(base, offset);
+        let at = e.iadd(base, offset);
         let take = pool_takes(e, v, best);
         best = e.select(F32X4, take, v, best);
         best_at = e.b.ins().bitselect(take, at, best_at);
     }
-    let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
-    let r = e.b.ins().imul_imm_s(y, ow as i64);
-    let o = e.b.ins().iadd(o, r);
-    let q = e.b.ins().imul_imm_s(quad, 4);
-    let o = e.b.ins().iadd(o, q);
+    let o = e.imul_imm(pl, (oh * ow) as i64);
+    let r = e.imul_imm(y, ow as i64);
+    let o = e.iadd(o, r);
+    let q = e.imul_imm(quad, 4);
+    let o = e.iadd(o, q);
     let best_at = e.bitcast(F32X4, best_at);
     e.store(out, o, best_at);
 }
@@ -1155,25 +1155,25 @@ fn avgpool(e: &mut Emit, xs: &[usize], os: &[usize], x: usize, out: usize, k: [u
     e.for_range(0, planes as i64, 1, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, ow as i64, 1, |e, xx| {
-                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
-                let first = e.b.ins().iadd(ys, xs_);
-                let first = e.b.ins().iadd(pbase, first);
+                let pbase = e.imul_imm(pl, (h * w) as i64);
+                let ys = e.imul_imm(y, (s[0] * w) as i64);
+                let xs_ = e.imul_imm(xx, s[1] as i64);
+                let first = e.iadd(ys, xs_);
+                let first = e.iadd(pbase, first);
                 let mut acc = e.fconst(F32, 0.0);
                 for kh in 0..k[0] {
                     for kw in 0..k[1] {
-                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
+                        let i = e.iadd_imm(first, (kh * w + kw) as i64);
                         let v = e.load(F32, x, i);
                         acc = e.b.ins().fadd(acc, v);
                     }
                 }
                 let c = e.fconst(F32, share);
                 let r = e.b.ins().fmul(acc, c);
-                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
-                let rr = e.b.ins().imul_imm_s(y, ow as i64);
-                let o = e.b.ins().iadd(o, rr);
-                let o = e.b.ins().iadd(o, xx);
+                let o = e.imul_imm(pl, (oh * ow) as i64);
+                let rr = e.imul_imm(y, ow as i64);
+                let o = e.iadd(o, rr);
+                let o = e.iadd(o, xx);
                 e.store(out, o, r);
             });
         });
@@ -1199,21 +1199,21 @@ fn avgpool_grad(
     e.for_range(0, planes as i64, 1, |e, pl| {
         e.for_range(0, oh as i64, 1, |e, y| {
             e.for_range(0, ow as i64, 1, |e, xx| {
-                let o = e.b.ins().imul_imm_s(pl, (oh * ow) as i64);
-                let rr = e.b.ins().imul_imm_s(y, ow as i64);
-                let o = e.b.ins().iadd(o, rr);
-                let o = e.b.ins().iadd(o, xx);
+                let o = e.imul_imm(pl, (oh * ow) as i64);
+                let rr = e.imul_imm(y, ow as i64);
+                let o = e.iadd(o, rr);
+                let o = e.iadd(o, xx);
                 let gv = e.load(F32, dy, o);
                 let c = e.fconst(F32, share);
                 let gv = e.b.ins().fmul(gv, c);
-                let pbase = e.b.ins().imul_imm_s(pl, (h * w) as i64);
-                let ys = e.b.ins().imul_imm_s(y, (s[0] * w) as i64);
-                let xs_ = e.b.ins().imul_imm_s(xx, s[1] as i64);
-                let first = e.b.ins().iadd(ys, xs_);
-                let first = e.b.ins().iadd(pbase, first);
+                let pbase = e.imul_imm(pl, (h * w) as i64);
+                let ys = e.imul_imm(y, (s[0] * w) as i64);
+                let xs_ = e.imul_imm(xx, s[1] as i64);
+                let first = e.iadd(ys, xs_);
+                let first = e.iadd(pbase, first);
                 for kh in 0..k[0] {
                     for kw in 0..k[1] {
-                        let i = e.b.ins().iadd_imm_s(first, (kh * w + kw) as i64);
+                        let i = e.iadd_imm(first, (kh * w + kw) as i64);
                         let old = e.load(F32, out, i);
                         let r = e.b.ins().fadd(old, gv);
                         e.store(out, i, r);
@@ -1226,19 +1226,19 @@ fn avgpool_grad(
 
 /// The counter-based uniform draw of `rng::uniform`, in 64-bit integer ops.
 fn uniform(e: &mut Emit, seed: Value, step: Value, salt: u32, i: Value) -> Value {
-    let s = e.b.ins().imul_imm_s(step, 0x9E37_79B9_7F4A_7C15u64 as i64);
+    let s = e.imul_imm(step, 0x9E37_79B9_7F4A_7C15u64 as i64);
     let z = e.b.ins().bxor(seed, s);
-    let z = e.b.ins().bxor_imm_s(z, (u64::from(salt) << 48) as i64);
-    let t = e.b.ins().imul_imm_s(i, 0xD1B5_4A32_D192_ED03u64 as i64);
+    let z = e.with_imm(z, (u64::from(salt) << 48) as i64, |ins, x, c| ins.bxor(x, c));
+    let t = e.imul_imm(i, 0xD1B5_4A32_D192_ED03u64 as i64);
     let mut z = e.b.ins().bxor(z, t);
     for (shift, mul) in [(30, 0xBF58_476D_1CE4_E5B9u64), (27, 0x94D0_49BB_1331_11EBu64)] {
-        let sh = e.b.ins().ushr_imm_s(z, shift);
+        let sh = e.with_imm(z, shift, |ins, x, c| ins.ushr(x, c));
         let x = e.b.ins().bxor(z, sh);
-        z = e.b.ins().imul_imm_s(x, mul as i64);
+        z = e.imul_imm(x, mul as i64);
     }
-    let sh = e.b.ins().ushr_imm_s(z, 31);
+    let sh = e.with_imm(z, 31, |ins, x, c| ins.ushr(x, c));
     let z = e.b.ins().bxor(z, sh);
-    let top = e.b.ins().ushr_imm_s(z, 40);
+    let top = e.with_imm(z, 40, |ins, x, c| ins.ushr(x, c));
     let f = e.b.ins().fcvt_from_uint(F32, top);
     let c = e.fconst(F32, 1.0 / (1u64 << 24) as f32);
     e.b.ins().fmul(f, c)
@@ -1321,7 +1321,7 @@ fn loss_kernel(
                 e.b.def_var(count, zero_f);
                 e.for_range(0, rows as i64, 1, |e, r| {
                     let id = load_index(e, t, r);
-                    let real = e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0);
+                    let real = e.icmp_imm(IntCC::NotEqual, id, 0);
                     let one = e.fconst(F32, 1.0);
                     let zero = e.fconst(F32, 0.0);
                     let add = e.b.ins().select(real, one, zero);
@@ -1340,14 +1340,14 @@ fn loss_kernel(
             let acc = e.b.declare_var(F32);
             e.b.def_var(acc, zero_f);
             e.for_range(0, rows as i64, 1, |e, r| {
-                let r0 = e.b.ins().imul_imm_s(r, v as i64);
+                let r0 = e.imul_imm(r, v as i64);
                 let id = load_index(e, t, r);
-                let at = e.b.ins().iadd(r0, id);
+                let at = e.iadd(r0, id);
                 // The target's logit, read before the row's exponentials are stored (the
                 // gradient may take the logits' place).
                 let zt = e.load(F32, p, at);
                 let (max, total) = row_max_sumexp(e, p, r0, v, grad.map(|g| g.1));
-                let real = pad.then(|| e.b.ins().icmp_imm_s(IntCC::NotEqual, id, 0));
+                let real = pad.then(|| e.icmp_imm(IntCC::NotEqual, id, 0));
                 if value.is_some() {
                     let l = e.ln(total);
                     let lse = e.b.ins().fadd(max, l);
@@ -1379,7 +1379,7 @@ fn loss_kernel(
                     let scale = e.b.ins().fmul(inv, k);
                     let scale4 = e.b.ins().splat(F32X4, scale);
                     e.elementwise(v, |e, ty, j| {
-                        let idx = e.b.ins().iadd(r0, j);
+                        let idx = e.iadd(r0, j);
                         let ex = e.load(ty, out, idx);
                         let pr = e.b.ins().fmul(ex, if ty == F32X4 { scale4 } else { scale });
                         e.store(out, idx, pr);
@@ -1652,9 +1652,9 @@ pub fn updates(
         // This parameter's part of lo..hi, in its own chunk numbers.
         let zero = e.i64(0);
         let top = e.i64(chunks);
-        let l = e.b.ins().iadd_imm_s(lo, -(first as i64));
+        let l = e.iadd_imm(lo, -(first as i64));
         let l = e.b.ins().smax(l, zero);
-        let h = e.b.ins().iadd_imm_s(hi, -(first as i64));
+        let h = e.iadd_imm(hi, -(first as i64));
         let h = e.b.ins().smin(h, top);
         let call = adam.and_then(|(f, calls)| calls.iter().find(|c| c.0 == id).map(|c| (f, c.1.as_ref())));
         if let Some((f, call)) = call {
@@ -1700,7 +1700,7 @@ fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<u
     let vec_end = (n / 4 * 4) as i64;
     for (ty, var, from, to, step) in [(F32X4, mv, 0, vec_end, 4), (F32, m, vec_end, n as i64, 1)] {
         e.for_range(from, to, step, |e, j| {
-            let idx = e.b.ins().iadd(r0, j);
+            let idx = e.iadd(r0, j);
             let v = e.load(ty, src, idx);
             fold(e, var, v);
         });
@@ -1714,8 +1714,8 @@ fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<u
     if let Some(f) = e.wide.map(|w| w.sum_exp).filter(|_| n >= 8) {
         // The exponentials and their sum at full width, with these bits.
         let at = |e: &mut Emit, off: usize| {
-            let r = e.b.ins().imul_imm_s(r0, 4);
-            e.b.ins().iadd_imm_s(r, off as i64)
+            let r = e.imul_imm(r0, 4);
+            e.iadd_imm(r, off as i64)
         };
         let s = at(e, src);
         let d = match store {
@@ -1729,7 +1729,7 @@ fn row_max_sumexp(e: &mut Emit, src: usize, r0: Value, n: usize, store: Option<u
     }
     let maxv = e.b.ins().splat(F32X4, max);
     let total = sum(e, n, |e, ty, j| {
-        let idx = e.b.ins().iadd(r0, j);
+        let idx = e.iadd(r0, j);
         let v = e.load(ty, src, idx);
         let t = e.b.ins().fsub(v, if ty == F32X4 { maxv } else { max });
         let x = e.exp(ty, t);

@@ -157,15 +157,15 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
         let top = e.i64(count);
         let end = e.b.ins().smin(hi, top);
         e.for_dynamic(lo, end, |e, u| {
-            let p0 = e.b.ins().imul_imm_s(u, PANELS_PER_UNIT as i64);
-            let p1 = e.b.ins().iadd_imm_s(p0, PANELS_PER_UNIT as i64);
+            let p0 = e.imul_imm(u, PANELS_PER_UNIT as i64);
+            let p1 = e.iadd_imm(p0, PANELS_PER_UNIT as i64);
             let last = e.i64(full_panels as i64);
             let p1 = e.b.ins().smin(p1, last);
             rows_over_panels(e, mm, (p0, p1), NR);
         });
         if !n.is_multiple_of(NR) {
-            let reaches = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, hi, count);
-            let starts = e.b.ins().icmp_imm_s(IntCC::SignedLessThan, lo, count);
+            let reaches = e.icmp_imm(IntCC::SignedGreaterThanOrEqual, hi, count);
+            let starts = e.icmp_imm(IntCC::SignedLessThan, lo, count);
             let holds = e.b.ins().band(reaches, starts);
             e.when(holds, |e| {
                 let jp = e.i64(full_panels as i64);
@@ -177,7 +177,7 @@ pub fn emit_mm(e: &mut Emit, mm: &Mm, (lo, hi): (Value, Value)) {
     }
     // Blocks of MR rows; the partial last block is a unit of its own.
     let mut whole = |e: &mut Emit, ib: Value| {
-        let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
+        let i0 = e.imul_imm(ib, MR as i64);
         panels(e, mm, i0, MR, full_panels);
     };
     let mut partial = |e: &mut Emit| {
@@ -194,17 +194,17 @@ pub fn emit_rows(e: &mut Emit, mm: &Mm, (r0, r1): (Value, Value)) {
     let count = e.b.ins().isub(r1, r0);
     let zero = e.i64(0);
     let count = e.b.ins().smax(count, zero);
-    let blocks = e.b.ins().udiv_imm_s(count, MR as i64);
+    let blocks = e.with_imm(count, MR as i64, |ins, x, c| ins.udiv(x, c));
     e.for_dynamic(zero, blocks, |e, ib| {
-        let t = e.b.ins().imul_imm_s(ib, MR as i64);
-        let i0 = e.b.ins().iadd(r0, t);
+        let t = e.imul_imm(ib, MR as i64);
+        let i0 = e.iadd(r0, t);
         panels(e, mm, i0, MR, full_panels);
     });
-    let t = e.b.ins().imul_imm_s(blocks, MR as i64);
-    let rest = e.b.ins().iadd(r0, t);
-    let left = e.b.ins().urem_imm_s(count, MR as i64);
+    let t = e.imul_imm(blocks, MR as i64);
+    let rest = e.iadd(r0, t);
+    let left = e.with_imm(count, MR as i64, |ins, x, c| ins.urem(x, c));
     for rows in 1..MR {
-        let is = e.b.ins().icmp_imm_s(IntCC::Equal, left, rows as i64);
+        let is = e.icmp_imm(IntCC::Equal, left, rows as i64);
         e.when(is, |e| panels(e, mm, rest, rows, full_panels));
     }
 }
@@ -213,7 +213,7 @@ pub fn emit_rows(e: &mut Emit, mm: &Mm, (r0, r1): (Value, Value)) {
 /// in cache while every block passes over them.
 fn rows_over_panels(e: &mut Emit, mm: &Mm, (p0, p1): (Value, Value), cols: usize) {
     e.for_range(0, (mm.m / MR) as i64, 1, |e, ib| {
-        let i0 = e.b.ins().imul_imm_s(ib, MR as i64);
+        let i0 = e.imul_imm(ib, MR as i64);
         e.for_dynamic(p0, p1, |e, jp| block(e, mm, i0, MR, jp, cols));
     });
     if !mm.m.is_multiple_of(MR) {
@@ -243,17 +243,17 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
             [v0, v1]
         })
         .collect();
-    let panel = e.b.ins().imul_imm_s(jp, (mm.k * NR) as i64);
+    let panel = e.imul_imm(jp, (mm.k * NR) as i64);
     // A(i0 + r, k) = a[a0 + k·sk + r·sr]; the row's part is a constant, folded into the
     // load's displacement like the panel's second half.
-    let (a0, sk, sr) = if mm.ta { (i0, mm.m, 1) } else { (e.b.ins().imul_imm_s(i0, mm.k as i64), 1, mm.k) };
+    let (a0, sk, sr) = if mm.ta { (i0, mm.m, 1) } else { (e.imul_imm(i0, mm.k as i64), 1, mm.k) };
     let step = |e: &mut Emit, kk: Value, pure: bool| {
-        let row = e.b.ins().imul_imm_s(kk, NR as i64);
-        let at = e.b.ins().iadd(panel, row);
+        let row = e.imul_imm(kk, NR as i64);
+        let at = e.iadd(panel, row);
         let b0 = e.load_ro(F32X4, mm.packed, at);
         let b1 = e.load_ro(F32X4, mm.packed + 16, at);
-        let t = e.b.ins().imul_imm_s(kk, sk as i64);
-        let ak = e.b.ins().iadd(a0, t);
+        let t = e.imul_imm(kk, sk as i64);
+        let ak = e.iadd(a0, t);
         for (r, acc) in acc.iter().enumerate() {
             // Movable even when A changes between calls (`!mm.stable`) if the address depends
             // on the k loop's counter: the load cannot leave the loop, and nothing inside it
@@ -273,7 +273,7 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
     let pairs = (mm.k / 2 * 2) as i64;
     e.for_range(0, pairs, 2, |e, kk| {
         step(e, kk, true);
-        let k1 = e.b.ins().iadd_imm_s(kk, 1);
+        let k1 = e.iadd_imm(kk, 1);
         step(e, k1, true);
     });
     if mm.k % 2 == 1 {
@@ -282,15 +282,15 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
         let last = e.i64(pairs);
         step(e, last, mm.stable);
     }
-    let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
+    let col0 = e.imul_imm(jp, NR as i64);
     for (r, acc) in acc.iter().enumerate() {
-        let i = e.b.ins().iadd_imm_s(i0, r as i64);
-        let row = e.b.ins().imul_imm_s(i, mm.n as i64);
-        let at = e.b.ins().iadd(row, col0);
+        let i = e.iadd_imm(i0, r as i64);
+        let row = e.imul_imm(i, mm.n as i64);
+        let at = e.iadd(row, col0);
         let v0 = e.b.use_var(acc[0]);
         let v1 = e.b.use_var(acc[1]);
-        let at4 = e.b.ins().iadd_imm_s(at, 4);
-        let col4 = e.b.ins().iadd_imm_s(col0, 4);
+        let at4 = e.iadd_imm(at, 4);
+        let col4 = e.iadd_imm(col0, 4);
         let v0 = apply(e, mm, v0, at, col0);
         let v1 = apply(e, mm, v1, at4, col4);
         if mm.tc {
@@ -298,9 +298,9 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
             for j in 0..cols {
                 let v = if j < 4 { v0 } else { v1 };
                 let lane = e.b.ins().extractlane(v, (j % 4) as u8);
-                let t = e.b.ins().iadd_imm_s(col0, j as i64);
-                let t = e.b.ins().imul_imm_s(t, mm.m as i64);
-                let aj = e.b.ins().iadd(t, i);
+                let t = e.iadd_imm(col0, j as i64);
+                let t = e.imul_imm(t, mm.m as i64);
+                let aj = e.iadd(t, i);
                 e.store(mm.c, aj, lane);
             }
         } else if cols == NR {
@@ -310,7 +310,7 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
             for j in 0..cols {
                 let v = if j < 4 { v0 } else { v1 };
                 let lane = e.b.ins().extractlane(v, (j % 4) as u8);
-                let aj = e.b.ins().iadd_imm_s(at, j as i64);
+                let aj = e.iadd_imm(at, j as i64);
                 e.store(mm.c, aj, lane);
             }
         }
@@ -323,17 +323,17 @@ fn block(e: &mut Emit, mm: &Mm, i0: Value, rows: usize, jp: Value, cols: usize) 
 pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usize, (lo, hi): (Value, Value)) {
     let full = n / NR;
     let mut whole = |e: &mut Emit, jp: Value| {
-        let dst0 = e.b.ins().imul_imm_s(jp, (k * NR) as i64);
-        let col0 = e.b.ins().imul_imm_s(jp, NR as i64);
+        let dst0 = e.imul_imm(jp, (k * NR) as i64);
+        let col0 = e.imul_imm(jp, NR as i64);
         if tb {
             for j in 0..NR {
                 // B(kk, col0 + j) = b[(col0 + j)·K + kk].
-                let src = e.b.ins().imul_imm_s(col0, k as i64);
+                let src = e.imul_imm(col0, k as i64);
                 e.for_range(0, k as i64, 1, |e, kk| {
-                    let s = e.b.ins().iadd(src, kk);
+                    let s = e.iadd(src, kk);
                     let v = e.load_ro(F32, b + 4 * j * k, s);
-                    let d = e.b.ins().ishl_imm_s(kk, 3);
-                    let d = e.b.ins().iadd(dst0, d);
+                    let d = e.ishl_imm(kk, 3);
+                    let d = e.iadd(dst0, d);
                     e.store(packed + 4 * j, d, v);
                 });
             }
@@ -348,16 +348,16 @@ pub fn pack_b(e: &mut Emit, b: usize, tb: bool, k: usize, n: usize, packed: usiz
             e.for_range(0, k as i64, 1, |e, kk| {
                 let v = if col < n {
                     let src = if tb {
-                        e.b.ins().iadd_imm_s(kk, (col * k) as i64)
+                        e.iadd_imm(kk, (col * k) as i64)
                     } else {
-                        let t = e.b.ins().imul_imm_s(kk, n as i64);
-                        e.b.ins().iadd_imm_s(t, col as i64)
+                        let t = e.imul_imm(kk, n as i64);
+                        e.iadd_imm(t, col as i64)
                     };
                     e.load_ro(F32, b, src)
                 } else {
                     e.fconst(F32, 0.0)
                 };
-                let d = e.b.ins().ishl_imm_s(kk, 3);
+                let d = e.ishl_imm(kk, 3);
                 e.store(packed + 4 * (full * k * NR + j), d, v);
             });
         }
@@ -374,10 +374,10 @@ pub fn panel_rows(
     (packed, dst0): (usize, Value),
 ) {
     e.for_range(0, k as i64, 1, |e, kk| {
-        let t = e.b.ins().imul_imm_s(kk, stride as i64);
-        let s = e.b.ins().iadd(first, t);
-        let d = e.b.ins().ishl_imm_s(kk, 3);
-        let d = e.b.ins().iadd(dst0, d);
+        let t = e.imul_imm(kk, stride as i64);
+        let s = e.iadd(first, t);
+        let d = e.ishl_imm(kk, 3);
+        let d = e.iadd(dst0, d);
         for half in 0..2 {
             let v = e.load_ro(F32X4, src + 16 * half, s);
             e.store(packed + 16 * half, d, v);

@@ -70,7 +70,7 @@ pub fn emit_chain(
                     e.b.ins().fmul(d, d)
                 });
                 let var = mean_of(e, sq, count);
-                let at = e.b.ins().iadd_imm_s(ch, c as i64);
+                let at = e.iadd_imm(ch, c as i64);
                 e.store(out, at, var);
             });
         }
@@ -79,7 +79,7 @@ pub fn emit_chain(
             let (src, st, gm, bt) = (at(x), at(stats), at(gamma), at(beta));
             e.for_dynamic(lo, hi, |e, ch| {
                 let mean = e.load(F32, st, ch);
-                let vi = e.b.ins().iadd_imm_s(ch, c as i64);
+                let vi = e.iadd_imm(ch, c as i64);
                 let var = e.load(F32, st, vi);
                 let gamma = e.load(F32, gm, ch);
                 let beta = e.load(F32, bt, ch);
@@ -94,7 +94,7 @@ pub fn emit_chain(
                 let vals = [m, v, gm, bt].map(|o| e.load(F32, o, ch));
                 let (scale, shift) = coefficients(e, (vals[0], vals[1], vals[2], vals[3]), eps);
                 e.store(out, ch, scale);
-                let at = e.b.ins().iadd_imm_s(ch, c as i64);
+                let at = e.iadd_imm(ch, c as i64);
                 e.store(out, at, shift);
             });
         }
@@ -107,7 +107,7 @@ pub fn emit_chain(
             e.for_dynamic(lo, hi, |e, ch| {
                 let scale = e.load(F32, co, ch);
                 let sh = if shift {
-                    let at = e.b.ins().iadd_imm_s(ch, c as i64);
+                    let at = e.iadd_imm(ch, c as i64);
                     Some(e.load(F32, co, at))
                 } else {
                     None
@@ -128,7 +128,7 @@ pub fn emit_chain(
                     e.b.ins().fmul(d, centred)
                 });
                 let total = channel_sum(e, (b, c, inner), ch, |e, ty, i| e.load(ty, ds, i));
-                let vi = e.b.ins().iadd_imm_s(ch, c as i64);
+                let vi = e.iadd_imm(ch, c as i64);
                 let var = e.load(F32, st, vi);
                 let r = invstd(e, var, eps);
                 let r = e.b.ins().fpromote(F64, r);
@@ -144,7 +144,7 @@ pub fn emit_chain(
             let n = (b * inner) as f32;
             let (src, st, gm, ds, sm) = (at(x), at(stats), at(gamma), at(dy), at(sums));
             e.for_dynamic(lo, hi, |e, ch| {
-                let vi = e.b.ins().iadd_imm_s(ch, c as i64);
+                let vi = e.iadd_imm(ch, c as i64);
                 let mean = e.load(F32, st, ch);
                 let var = e.load(F32, st, vi);
                 let r = invstd(e, var, eps);
@@ -184,11 +184,11 @@ fn runs(
     mut body: impl FnMut(&mut Emit, Type, Value),
 ) {
     e.for_range(0, b as i64, 1, |e, n| {
-        let row = e.b.ins().imul_imm_s(n, c as i64);
-        let row = e.b.ins().iadd(row, ch);
-        let start = e.b.ins().imul_imm_s(row, inner as i64);
+        let row = e.imul_imm(n, c as i64);
+        let row = e.iadd(row, ch);
+        let start = e.imul_imm(row, inner as i64);
         e.elementwise(inner, |e, ty, j| {
-            let i = e.b.ins().iadd(start, j);
+            let i = e.iadd(start, j);
             body(e, ty, i);
         });
     });
@@ -227,11 +227,11 @@ fn channel_sum(
     let zero = e.b.ins().f64const(0.0);
     e.b.def_var(acc, zero);
     e.for_range(0, b as i64, 1, |e, n| {
-        let row = e.b.ins().imul_imm_s(n, c as i64);
-        let row = e.b.ins().iadd(row, ch);
-        let start = e.b.ins().imul_imm_s(row, inner as i64);
+        let row = e.imul_imm(n, c as i64);
+        let row = e.iadd(row, ch);
+        let start = e.imul_imm(row, inner as i64);
         let part = sum(e, inner, |e, ty, j| {
-            let i = e.b.ins().iadd(start, j);
+            let i = e.iadd(start, j);
             term(e, ty, i)
         });
         let part = e.b.ins().fpromote(F64, part);

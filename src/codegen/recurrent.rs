@@ -117,14 +117,14 @@ struct Rows {
 }
 
 fn rows(e: &mut Emit, d: Dims, r: Value, t: Value) -> Rows {
-    let bt = e.b.ins().imul_imm_s(r, d.t as i64);
-    let bt = e.b.ins().iadd(bt, t);
+    let bt = e.imul_imm(r, d.t as i64);
+    let bt = e.iadd(bt, t);
     Rows {
-        xrow: e.b.ins().imul_imm_s(bt, d.gh() as i64),
-        srow: e.b.ins().imul_imm_s(bt, d.s() as i64),
-        vrow: e.b.ins().imul_imm_s(bt, d.sv() as i64),
-        grow: e.b.ins().imul_imm_s(r, d.gh() as i64),
-        hrow: e.b.ins().imul_imm_s(r, d.h as i64),
+        xrow: e.imul_imm(bt, d.gh() as i64),
+        srow: e.imul_imm(bt, d.s() as i64),
+        vrow: e.imul_imm(bt, d.sv() as i64),
+        grow: e.imul_imm(r, d.gh() as i64),
+        hrow: e.imul_imm(r, d.h as i64),
     }
 }
 
@@ -144,17 +144,17 @@ fn transpose_panels(
     dst: usize,
     (lo, hi): (Value, Value),
 ) {
-    let i0 = e.b.ins().imul_imm_s(lo, 8);
-    let i1 = e.b.ins().imul_imm_s(hi, 8);
+    let i0 = e.imul_imm(lo, 8);
+    let i1 = e.imul_imm(hi, 8);
     let top = e.i64(rows as i64);
     let i1 = e.b.ins().smin(i1, top);
     e.for_dynamic(i0, i1, |e, i| {
-        let from = e.b.ins().imul_imm_s(i, cols as i64);
+        let from = e.imul_imm(i, cols as i64);
         e.for_range(0, cols as i64, 1, |e, k| {
-            let s = e.b.ins().iadd(from, k);
+            let s = e.iadd(from, k);
             let v = e.load_ro(cranelift_codegen::ir::types::F32, src, s);
-            let t = e.b.ins().imul_imm_s(k, rows as i64);
-            let t = e.b.ins().iadd(t, i);
+            let t = e.imul_imm(k, rows as i64);
+            let t = e.iadd(t, i);
             e.store(dst, t, v);
         });
     });
@@ -275,8 +275,8 @@ fn emit(
         Some((_, call, _)) if part == Part::Loop => call.unit as i64,
         _ => 1,
     };
-    let r0 = e.b.ins().imul_imm_s(lo, per);
-    let r1 = e.b.ins().imul_imm_s(hi, per);
+    let r0 = e.imul_imm(lo, per);
+    let r1 = e.imul_imm(hi, per);
     let bmax = e.i64(d.b as i64);
     let r1 = e.b.ins().smin(r1, bmax);
     let lp =
@@ -335,9 +335,9 @@ impl Loop<'_> {
         let (lo, hi) = self.units;
         let units = e.i64(count);
         let end = e.b.ins().smin(hi, units);
-        let first = e.b.ins().imul_imm_s(t, count);
+        let first = e.imul_imm(t, count);
         e.for_dynamic(lo, end, |e, u| {
-            let arg = e.b.ins().iadd(first, u);
+            let arg = e.iadd(first, u);
             let addr = e.i64(addr);
             e.b.ins().call(f, &[e.base, addr, arg]);
         });
@@ -365,11 +365,11 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
     let s = d.s();
     // The running state starts at h0.
     e.for_dynamic(r0, r1, |e, r| {
-        let from = e.b.ins().imul_imm_s(r, s as i64);
-        let to = e.b.ins().imul_imm_s(r, d.h as i64);
+        let from = e.imul_imm(r, s as i64);
+        let to = e.imul_imm(r, d.h as i64);
         super::kernels::copy(e, at(h0), from, h, to, d.h);
         if d.cell == Cell::Lstm {
-            let from = e.b.ins().iadd_imm_s(from, d.h as i64);
+            let from = e.iadd_imm(from, d.h as i64);
             super::kernels::copy(e, at(h0), from, c, to, d.h);
         }
     });
@@ -419,8 +419,8 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                 keep(e, a);
             });
             e.elementwise(d.h, |e, ty, j| {
-                let hi_ = e.b.ins().iadd(hrow, j);
-                let oi = e.b.ins().iadd(orow, j);
+                let hi_ = e.iadd(hrow, j);
+                let oi = e.iadd(orow, j);
                 let a = activations(
                     e,
                     ty,
@@ -462,7 +462,7 @@ fn forward_loop(e: &mut Emit, lp: &Loop, (xp, h0, b_hh): (NodeId, NodeId, Option
                         e.store(h, hi_, hn);
                         e.store(c, hi_, cn);
                         e.store(out, oi, hn);
-                        let oc = e.b.ins().iadd_imm_s(oi, d.h as i64);
+                        let oc = e.iadd_imm(oi, d.h as i64);
                         e.store(out, oc, cn);
                     }
                 }
@@ -483,9 +483,9 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
     let lay = recurrent_grad_layout(d.cell, d.b, d.t, d.h);
     let s = d.s();
     e.for_dynamic(r0, r1, |e, r| {
-        let row = e.b.ins().imul_imm_s(r, d.h as i64);
+        let row = e.imul_imm(r, d.h as i64);
         e.elementwise(d.h, |e, ty, j| {
-            let i = e.b.ins().iadd(row, j);
+            let i = e.iadd(row, j);
             let z = e.fconst(ty, 0.0);
             e.store(dh, i, z);
             e.store(dc, i, z);
@@ -531,9 +531,9 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
                 // Stores dgi (into the output) and dgh (into the output and the
                 // step's contiguous `dgh` scratch, the matmul's left operand).
                 let put = |e: &mut Emit, k: usize, dgi: Value, dghv: Value| {
-                    let o = e.b.ins().iadd_imm_s(xi[k], lay.dxp as i64);
+                    let o = e.iadd_imm(xi[k], lay.dxp as i64);
                     e.store(out, o, dgi);
-                    let o = e.b.ins().iadd_imm_s(xi[k], lay.dgh as i64);
+                    let o = e.iadd_imm(xi[k], lay.dgh as i64);
                     e.store(out, o, dghv);
                     e.store(dgh, gi[k], dghv);
                 };
@@ -577,7 +577,7 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
                     }
                     Cell::Lstm => {
                         let (i, f, gg, o) = (a[0], a[1], a[2], a[3]);
-                        let ci = e.b.ins().iadd_imm_s(si, d.h as i64);
+                        let ci = e.iadd_imm(si, d.h as i64);
                         let cp = e.load(ty, at(hprev), ci);
                         let tc = saved(e, Cell::LSTM_TANH_C_SLOT);
                         // dc = ds_c + ds_h·o·(1-tanh²c).
@@ -619,12 +619,12 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
     });
     // The initial state's gradient.
     e.for_dynamic(r0, r1, |e, r| {
-        let from = e.b.ins().imul_imm_s(r, d.h as i64);
-        let to = e.b.ins().imul_imm_s(r, s as i64);
-        let to = e.b.ins().iadd_imm_s(to, lay.dh0 as i64);
+        let from = e.imul_imm(r, d.h as i64);
+        let to = e.imul_imm(r, s as i64);
+        let to = e.iadd_imm(to, lay.dh0 as i64);
         super::kernels::copy(e, dh, from, out, to, d.h);
         if d.cell == Cell::Lstm {
-            let to = e.b.ins().iadd_imm_s(to, d.h as i64);
+            let to = e.iadd_imm(to, d.h as i64);
             super::kernels::copy(e, dc, from, out, to, d.h);
         }
     });
@@ -632,8 +632,8 @@ fn backward_loop(e: &mut Emit, lp: &Loop, (gh, hprev, dhs): (NodeId, NodeId, Nod
 
 /// Element `j` of gate `k` in the row of gates that starts at `row` (gates `H` apart).
 fn gate_index(e: &mut Emit, d: Dims, row: Value, j: Value, k: usize) -> Value {
-    let i = e.b.ins().iadd(row, j);
-    e.b.ins().iadd_imm_s(i, (k * d.h) as i64)
+    let i = e.iadd(row, j);
+    e.iadd_imm(i, (k * d.h) as i64)
 }
 
 /// The forward's first pass over a row: `body(e, ty, j, k)` for each independent gate k

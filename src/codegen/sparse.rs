@@ -139,9 +139,9 @@ impl Geo {
     /// `[E][C][K·K]` (see `ir::switch_weight`); `tap_at(t)` is tap `t`'s distance from there.
     fn weight_at(&self, e: &mut Emit, c: Value, ch: Value) -> Value {
         let (outer, inner, n) = if self.flip { (ch, c, self.c) } else { (c, ch, self.e) };
-        let at = e.b.ins().imul_imm_s(outer, n as i64);
-        let at = e.b.ins().iadd(at, inner);
-        e.b.ins().imul_imm_s(at, (self.k * self.k) as i64)
+        let at = e.imul_imm(outer, n as i64);
+        let at = e.iadd(at, inner);
+        e.imul_imm(at, (self.k * self.k) as i64)
     }
 
     fn tap_at(&self, t: usize) -> i64 {
@@ -207,11 +207,11 @@ pub fn emit(
         (Op::SparseConvT { w, .. }, false) => pack_weights(e, ge, at(w), packed),
         (Op::GatherConv { x, w, .. }, false) => {
             images(e, &mut |e, b| channels_last(e, ge, at(x), planes, b));
-            let first = e.b.ins().icmp_imm_s(IntCC::Equal, lo, 0);
+            let first = e.icmp_imm(IntCC::Equal, lo, 0);
             e.when(first, |e| pack_weights(e, ge, at(w), packed));
         }
         (Op::SparseConvT { v, idx, .. }, true) => images(e, &mut |e, b| {
-            let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+            let img = e.imul_imm(b, ge.img() as i64);
             zero(e, planes, img, ge.img());
             scatter(e, ge, (at(v), at(idx)), (planes, packed), b);
             channels_first(e, ge, planes, out, b);
@@ -240,12 +240,12 @@ fn pack_weights(e: &mut Emit, ge: Geo, w: usize, packed: usize) {
     e.for_range(0, ge.c as i64, 1, |e, c| {
         e.for_range(0, ge.e as i64, 1, |e, ch| {
             let src = ge.weight_at(e, c, ch);
-            let dst = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
-            let dst = e.b.ins().iadd(dst, ch);
+            let dst = e.imul_imm(c, ge.per_channel() as i64);
+            let dst = e.iadd(dst, ch);
             for t in 0..kk {
-                let s = e.b.ins().iadd_imm_s(src, ge.tap_at(t));
+                let s = e.iadd_imm(src, ge.tap_at(t));
                 let val = e.load(F32, w, s);
-                let d = e.b.ins().iadd_imm_s(dst, ge.slot(0, t / ge.k, t % ge.k) as i64);
+                let d = e.iadd_imm(dst, ge.slot(0, t / ge.k, t % ge.k) as i64);
                 e.store(packed, d, val);
             }
         });
@@ -256,14 +256,14 @@ fn pack_weights(e: &mut Emit, ge: Geo, w: usize, packed: usize) {
 fn zero(e: &mut Emit, buf: usize, from: Value, n: usize) {
     let z = e.fconst(F32X4, 0.0);
     e.for_range(0, n as i64, 4, |e, i| {
-        let at = e.b.ins().iadd(from, i);
+        let at = e.iadd(from, i);
         e.store(buf, at, z);
     });
 }
 
 /// Image `b` of `src` (NCHW) into its padded channel-last plane (zeros around it).
 fn channels_last(e: &mut Emit, ge: Geo, src: usize, planes: usize, b: Value) {
-    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let img = e.imul_imm(b, ge.img() as i64);
     zero(e, planes, img, ge.img());
     for_dense(e, ge, b, img, |e, from, to| {
         let v = e.load(F32, src, from);
@@ -273,7 +273,7 @@ fn channels_last(e: &mut Emit, ge: Geo, src: usize, planes: usize, b: Value) {
 
 /// The inside of image `b`'s padded plane out to `dst` (NCHW).
 fn channels_first(e: &mut Emit, ge: Geo, planes: usize, dst: usize, b: Value) {
-    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let img = e.imul_imm(b, ge.img() as i64);
     for_dense(e, ge, b, img, |e, to, from| {
         let v = e.load(F32, planes, from);
         e.store(dst, to, v);
@@ -284,21 +284,21 @@ fn channels_first(e: &mut Emit, ge: Geo, planes: usize, dst: usize, b: Value) {
 /// and in the padded channel-last planes (whose image starts at `img`).
 fn for_dense(e: &mut Emit, ge: Geo, b: Value, img: Value, mut body: impl FnMut(&mut Emit, Value, Value)) {
     e.for_range(0, ge.e as i64, 1, |e, ch| {
-        let plane = e.b.ins().imul_imm_s(b, ge.e as i64);
-        let plane = e.b.ins().iadd(plane, ch);
-        let nchw = e.b.ins().imul_imm_s(plane, (ge.hd * ge.wd) as i64);
-        let padded = e.b.ins().iadd(img, ch);
+        let plane = e.imul_imm(b, ge.e as i64);
+        let plane = e.iadd(plane, ch);
+        let nchw = e.imul_imm(plane, (ge.hd * ge.wd) as i64);
+        let padded = e.iadd(img, ch);
         e.for_range(0, ge.hd as i64, 1, |e, y| {
-            let row = e.b.ins().imul_imm_s(y, ge.wd as i64);
-            let row = e.b.ins().iadd(nchw, row);
-            let prow = e.b.ins().imul_imm_s(y, (ge.wp * ge.ep) as i64);
+            let row = e.imul_imm(y, ge.wd as i64);
+            let row = e.iadd(nchw, row);
+            let prow = e.imul_imm(y, (ge.wp * ge.ep) as i64);
             let first = ((ge.pad * ge.wp + ge.pad) * ge.ep) as i64;
-            let prow = e.b.ins().iadd_imm_s(prow, first);
-            let prow = e.b.ins().iadd(padded, prow);
+            let prow = e.iadd_imm(prow, first);
+            let prow = e.iadd(padded, prow);
             e.for_range(0, ge.wd as i64, 1, |e, x| {
-                let a = e.b.ins().iadd(row, x);
-                let p = e.b.ins().imul_imm_s(x, ge.ep as i64);
-                let p = e.b.ins().iadd(prow, p);
+                let a = e.iadd(row, x);
+                let p = e.imul_imm(x, ge.ep as i64);
+                let p = e.iadd(prow, p);
                 body(e, a, p);
             });
         });
@@ -307,9 +307,9 @@ fn for_dense(e: &mut Emit, ge: Geo, b: Value, img: Value, mut body: impl FnMut(&
 
 /// The map's element index of the first switch of image `b`, channel `c`.
 fn first_switch(e: &mut Emit, ge: Geo, b: Value, c: Value) -> Value {
-    let plane = e.b.ins().imul_imm_s(b, ge.c as i64);
-    let plane = e.b.ins().iadd(plane, c);
-    e.b.ins().imul_imm_s(plane, ge.q as i64)
+    let plane = e.imul_imm(b, ge.c as i64);
+    let plane = e.iadd(plane, c);
+    e.imul_imm(plane, ge.q as i64)
 }
 
 /// The byte address of switch `n`'s place (`n` an element index of the map) in the padded
@@ -318,12 +318,12 @@ fn switch(e: &mut Emit, ge: Geo, idx: usize, planes: usize, img: Value, n: Value
     let s = e.load(I32, idx, n);
     let s = e.b.ins().uextend(I64, s);
     // s / W as (s · ⌊2³²/W + 1⌋) >> 32: exact while s · W < 2³² (`passes::sparse`).
-    let row = e.b.ins().imul_imm_s(s, ((1u64 << 32) / ge.ws as u64 + 1) as i64);
-    let row = e.b.ins().ushr_imm_s(row, 32);
-    let skip = e.b.ins().imul_imm_s(row, (ge.wp - ge.ws) as i64);
-    let place = e.b.ins().iadd(s, skip);
-    let place = e.b.ins().imul_imm_s(place, ge.ep as i64);
-    let place = e.b.ins().iadd(img, place);
+    let row = e.imul_imm(s, ((1u64 << 32) / ge.ws as u64 + 1) as i64);
+    let row = e.with_imm(row, 32, |ins, x, c| ins.ushr(x, c));
+    let skip = e.imul_imm(row, (ge.wp - ge.ws) as i64);
+    let place = e.iadd(s, skip);
+    let place = e.imul_imm(place, ge.ep as i64);
+    let place = e.iadd(img, place);
     e.addr(planes, place)
 }
 
@@ -338,7 +338,7 @@ fn for_switches(
     mut body: impl FnMut(&mut Emit, Value, Value),
 ) {
     e.for_range(0, ge.q as i64, 1, |e, q| {
-        let n = e.b.ins().iadd(first, q);
+        let n = e.iadd(first, q);
         let addr = switch(e, ge, idx, planes, img, n);
         let val = e.load(F32, v, n);
         let val = e.b.ins().splat(F32X4, val);
@@ -348,16 +348,16 @@ fn for_switches(
 
 /// Adds `v · w[c]` around every switch of image `b` into its padded plane.
 fn scatter(e: &mut Emit, ge: Geo, (v, idx): (usize, usize), (planes, packed): (usize, usize), b: Value) {
-    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let img = e.imul_imm(b, ge.img() as i64);
     let taps = ge.taps();
     e.for_range(0, ge.c as i64, 1, |e, c| {
-        let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
+        let wbase = e.imul_imm(c, ge.per_channel() as i64);
         let first = first_switch(e, ge, b, c);
         for chunk in taps.chunks(HELD) {
             let held: Vec<Value> = chunk
                 .iter()
                 .map(|&(_, wo)| {
-                    let i = e.b.ins().iadd_imm_s(wbase, i64::from(wo));
+                    let i = e.iadd_imm(wbase, i64::from(wo));
                     e.load_ro(F32X4, packed, i)
                 })
                 .collect();
@@ -380,14 +380,14 @@ fn read_only() -> MemFlagsData {
 
 /// `out[b,c,q]` = the dot product of `w[c]` with the taps of switch `(b, c, q)`.
 fn gather(e: &mut Emit, ge: Geo, idx: usize, (planes, packed): (usize, usize), out: usize, b: Value) {
-    let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+    let img = e.imul_imm(b, ge.img() as i64);
     let taps = ge.taps();
     e.for_range(0, ge.c as i64, 1, |e, c| {
-        let wbase = e.b.ins().imul_imm_s(c, ge.per_channel() as i64);
+        let wbase = e.imul_imm(c, ge.per_channel() as i64);
         let waddr = e.addr(packed, wbase);
         let first = first_switch(e, ge, b, c);
         e.for_range(0, ge.q as i64, 1, |e, q| {
-            let n = e.b.ins().iadd(first, q);
+            let n = e.iadd(first, q);
             let addr = switch(e, ge, idx, planes, img, n);
             let mut acc: Vec<Value> = Vec::new();
             for (j, &(po, wo)) in taps.iter().enumerate() {
@@ -428,18 +428,18 @@ fn weight_grad(
     let taps = ge.taps();
     let per = ge.per_channel() as i64;
     e.for_dynamic(lo, hi, |e, c| {
-        let from = e.b.ins().imul_imm_s(c, per);
+        let from = e.imul_imm(c, per);
         zero(e, sums, from, per as usize);
     });
     e.for_range(0, ge.b as i64, 1, |e, b| {
-        let img = e.b.ins().imul_imm_s(b, ge.img() as i64);
+        let img = e.imul_imm(b, ge.img() as i64);
         e.for_dynamic(lo, hi, |e, c| {
             let first = first_switch(e, ge, b, c);
-            let row = e.b.ins().imul_imm_s(c, per);
+            let row = e.imul_imm(c, per);
             for chunk in taps.chunks(HELD) {
                 let vars: Vec<_> = chunk.iter().map(|_| e.b.declare_var(F32X4)).collect();
                 for (&(_, wo), &var) in chunk.iter().zip(&vars) {
-                    let i = e.b.ins().iadd_imm_s(row, i64::from(wo));
+                    let i = e.iadd_imm(row, i64::from(wo));
                     let a = e.load(F32X4, sums, i);
                     e.b.def_var(var, a);
                 }
@@ -452,7 +452,7 @@ fn weight_grad(
                     }
                 });
                 for (&(_, wo), &var) in chunk.iter().zip(&vars) {
-                    let i = e.b.ins().iadd_imm_s(row, i64::from(wo));
+                    let i = e.iadd_imm(row, i64::from(wo));
                     let a = e.b.use_var(var);
                     e.store(sums, i, a);
                 }
@@ -464,14 +464,14 @@ fn weight_grad(
     // The channels are a loop at run time, the taps unrolled: channel `ch`'s slot is
     // `slot(0, ..) + ch`, or `slot(0, ..)` for tap rows, which hold no channels.
     e.for_dynamic(lo, hi, |e, c| {
-        let row = e.b.ins().imul_imm_s(c, per);
+        let row = e.imul_imm(c, per);
         e.for_range(0, ge.e as i64, 1, |e, ch| {
             let orow = ge.weight_at(e, c, ch);
-            let lanes = if ge.rows { row } else { e.b.ins().iadd(row, ch) };
+            let lanes = if ge.rows { row } else { e.iadd(row, ch) };
             for t in 0..kk {
-                let i = e.b.ins().iadd_imm_s(lanes, ge.slot(0, t / ge.k, t % ge.k) as i64);
+                let i = e.iadd_imm(lanes, ge.slot(0, t / ge.k, t % ge.k) as i64);
                 let x = e.load(F32, sums, i);
-                let i = e.b.ins().iadd_imm_s(orow, ge.tap_at(t));
+                let i = e.iadd_imm(orow, ge.tap_at(t));
                 e.store(out, i, x);
             }
         });

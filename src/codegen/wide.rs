@@ -357,13 +357,13 @@ pub fn emit(
         if epilogue.is_empty() {
             return;
         }
-        let start = e.b.ins().imul_imm_s(u, call.unit as i64);
+        let start = e.imul_imm(u, call.unit as i64);
         let zero = e.i64(0);
         if call.by_cols {
             let m = e.i64(call.m as i64);
             block_epilogue(e, (call.c, call.n), (zero, m), (start, len), epilogue, true);
         } else {
-            let end = e.b.ins().iadd_imm_s(start, len as i64);
+            let end = e.iadd_imm(start, len as i64);
             block_epilogue(e, (call.c, call.n), (start, end), (zero, call.n), epilogue, true);
         }
     };
@@ -392,8 +392,8 @@ pub fn emit_row_units(
         let addr = e.i64(call_addr);
         e.b.ins().call(core, &[e.base, addr, u]);
         if !epilogue.is_empty() {
-            let r0 = e.b.ins().imul_imm_s(u, call.unit as i64);
-            let r1 = e.b.ins().iadd_imm_s(r0, call.unit as i64);
+            let r0 = e.imul_imm(u, call.unit as i64);
+            let r1 = e.iadd_imm(r0, call.unit as i64);
             let m = e.i64(call.m as i64);
             let r1 = e.b.ins().smin(r1, m);
             let zero = e.i64(0);
@@ -413,11 +413,11 @@ fn block_epilogue(
     stable: bool,
 ) {
     e.for_dynamic(r0, r1, |e, row| {
-        let row = e.b.ins().imul_imm_s(row, n as i64);
-        let at = e.b.ins().iadd(row, c0);
+        let row = e.imul_imm(row, n as i64);
+        let at = e.iadd(row, c0);
         let one = |e: &mut Emit, ty: Type, j: Value| {
-            let idx = e.b.ins().iadd(at, j);
-            let col = e.b.ins().iadd(c0, j);
+            let idx = e.iadd(at, j);
+            let col = e.iadd(c0, j);
             let v = e.load(ty, out, idx);
             let v = apply_ops(e, ty, ops, v, idx, Some(col), stable);
             e.store(out, idx, v);
