@@ -350,56 +350,89 @@ struct Compiled {
     relocs: Vec<ModuleReloc>,
 }
 
-/// Compiles the kernels' functions to machine code on every core (Cranelift compiles each
-/// function on its own; only placing the code in the module is serial), in their order.
-fn compile_all(isa: &dyn TargetIsa, funcs: Vec<(FuncId, String, Function)>) -> Result<Vec<Compiled>, String> {
-    // A thread's functions share one context, which keeps its allocations between them.
-    let one = |ctx: &mut Context,
-               (fid, name, func): (FuncId, String, Function)|
-     -> Result<Compiled, String> {
-        ctx.clear();
-        ctx.func = func;
-        ctx.compile(isa, &mut Default::default()).map_err(|e| format!("{name}: {:?}", e.inner))?;
-        let code = ctx.compiled_code().ok_or_else(|| format!("{name}: no code"))?;
-        let alignment = code.buffer.alignment as u64;
-        let bytes = code.code_buffer().to_vec();
-        let relocs =
-            code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, fid)).collect();
-        Ok(Compiled { fid, alignment, bytes, relocs })
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(funcs.len());
-    if threads <= 1 {
+/// A kernel's function as it waits to be compiled: its place in the program, id and name.
+type Built = (usize, FuncId, String, Function);
+
+/// The kernels' functions waiting for Cranelift: the program pushes each as soon as it is built,
+/// and threads compile them meanwhile (Cranelift compiles each function on its own; only placing
+/// the code in the module is serial), so building the IR, which is serial, overlaps compiling.
+#[derive(Default)]
+struct Queue {
+    /// The functions not yet taken, and whether the last has been pushed.
+    waiting: std::sync::Mutex<(Vec<Built>, bool)>,
+    more: std::sync::Condvar,
+}
+
+impl Queue {
+    fn push(&self, f: Built) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.0.push(f);
+        }
+        self.more.notify_one();
+    }
+
+    /// No more functions: the threads finish what is left and return.
+    fn close(&self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.1 = true;
+        }
+        self.more.notify_all();
+    }
+
+    /// The largest function waiting (so that no thread is left with a big one at the end), or
+    /// `None` once the queue is closed and empty.
+    fn take(&self) -> Option<Built> {
+        let mut w = self.waiting.lock().ok()?;
+        loop {
+            let largest = w.0.iter().enumerate().max_by_key(|(_, f)| f.3.dfg.num_insts()).map(|(i, _)| i);
+            if let Some(i) = largest {
+                return Some(w.0.swap_remove(i));
+            }
+            if w.1 {
+                return None;
+            }
+            w = self.more.wait(w).ok()?;
+        }
+    }
+
+    /// Compiles functions until the queue is closed and empty; one context for all of them,
+    /// which keeps its allocations between them.
+    fn drain(&self, isa: &dyn TargetIsa) -> Vec<(usize, Result<Compiled, String>)> {
         let mut ctx = Context::new();
-        return funcs.into_iter().map(|f| one(&mut ctx, f)).collect();
+        let mut out = Vec::new();
+        while let Some((i, fid, name, func)) = self.take() {
+            out.push((i, compile_one(&mut ctx, isa, fid, &name, func)));
+        }
+        out
     }
-    // Each thread takes the next function from a shared queue; the largest go first, so no
-    // thread is left with a big one at the end.
-    let mut queue: Vec<(usize, (FuncId, String, Function))> = funcs.into_iter().enumerate().collect();
-    queue.sort_by_key(|(_, (_, _, f))| f.dfg.num_insts());
-    let count = queue.len();
-    let queue = std::sync::Mutex::new(queue);
-    let mut done: Vec<(usize, Result<Compiled, String>)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
-                    let mut ctx = Context::new();
-                    loop {
-                        let next = queue.lock().map_or(None, |mut q| q.pop());
-                        let Some((i, f)) = next else { break };
-                        out.push((i, one(&mut ctx, f)));
-                    }
-                    out
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
-    });
-    if done.len() != count {
-        return Err("a thread compiling the kernels stopped".into());
+}
+
+/// A guard that closes the queue when the program stops building, by error or not, so that
+/// the compiling threads never wait for a function that will not come.
+struct Closing<'a>(&'a Queue);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
-    done.sort_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
+}
+
+fn compile_one(
+    ctx: &mut Context,
+    isa: &dyn TargetIsa,
+    fid: FuncId,
+    name: &str,
+    func: Function,
+) -> Result<Compiled, String> {
+    ctx.clear();
+    ctx.func = func;
+    ctx.compile(isa, &mut Default::default()).map_err(|e| format!("{name}: {:?}", e.inner))?;
+    let code = ctx.compiled_code().ok_or_else(|| format!("{name}: no code"))?;
+    let alignment = code.buffer.alignment as u64;
+    let bytes = code.code_buffer().to_vec();
+    let relocs =
+        code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, fid)).collect();
+    Ok(Compiled { fid, alignment, bytes, relocs })
 }
 
 impl Program {
@@ -450,6 +483,8 @@ impl Program {
             .map_err(|e| format!("this machine is not supported by Cranelift: {e}"))?
             .finish(settings::Flags::new(flags))
             .map_err(|e| e.to_string())?;
+        // The threads that compile the kernels share the module's ISA.
+        let compile_isa = isa.clone();
         let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
         builder.symbol("aec_logf", aec_logf as *const u8);
         builder.symbol("aec_normal", aec_normal as *const u8);
@@ -498,7 +533,6 @@ impl Program {
         // The matmuls that run on the wide core, each with its call (index by group).
         let calls = wide_calls(g, &groups, &plan, (wide_isa.is_some(), ew_isa.is_some()), &is_wide)?;
         let mut fctx = FunctionBuilderContext::new();
-        let mut funcs = Vec::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
         let work = work_list(g, &groups, &calls);
@@ -515,89 +549,124 @@ impl Program {
         }
         let mut total_insts = 0usize;
         let mut held = Vec::new();
-        for &(gi, piece) in &work {
-            let grp = &groups[gi];
-            let name = kernel_name(g, grp, piece);
-            let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-            let full_width;
-            let mut func = Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
-            let frontend = module.target_config();
-            {
-                let mut b = FunctionBuilder::new(&mut func, &mut fctx);
-                let entry = b.create_block();
-                b.append_block_params_for_function_params(entry);
-                b.switch_to_block(entry);
-                let params = b.block_params(entry).to_vec();
-                let (base, lo, hi) = (params[0], params[1], params[2]);
-                let logf_ref = module.declare_func_in_func(logf, b.func);
-                let normal_ref = module.declare_func_in_func(normal, b.func);
-                let primitives = ew_isa.map(|_| emit::Primitives {
-                    sum_exp: module.declare_func_in_func(sum_exp, b.func),
-                    chain: module.declare_func_in_func(chain, b.func),
-                });
-                let mut e = emit::Emit {
-                    b: &mut b,
-                    base,
-                    logf: Some(logf_ref),
-                    normal: Some(normal_ref),
-                    wide: primitives,
-                    full_width: false,
-                    held: Vec::new(),
-                    consts: Default::default(),
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len()).max(1);
+        let queue = Queue::default();
+        let (built, mut done) = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(|| queue.drain(&*compile_isa))).collect();
+            let closing = Closing(&queue);
+            let built = (|| -> Result<(), String> {
+                // The updates kernel first: one loop per parameter, it is often the largest, and
+                // built last it would be compiled alone after every other.
+                let updates_first = |&(_, &(gi, _)): &(usize, &(usize, Piece))| {
+                    !matches!(groups[gi], fuse::Group::Updates(_))
                 };
-                // The wide core, imported into the kernels of a group that calls it.
-                let core = calls[gi].as_deref().map(|call| {
-                    let f = module.declare_func_in_func(gemm, e.b.func);
-                    (f, call, call as *const wide::Call as i64)
-                });
-                // The full-width Adam update, imported into the updates kernel when it calls it.
-                let adam_ref = match grp {
-                    fuse::Group::Updates(ids)
-                        if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
+                let mut order: Vec<_> = work.iter().enumerate().collect();
+                order.sort_by_key(updates_first);
+                for (index, &(gi, piece)) in order {
+                    let grp = &groups[gi];
+                    let name = kernel_name(g, grp, piece);
+                    let fid =
+                        module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+                    let full_width;
+                    let mut func =
+                        Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
+                    let frontend = module.target_config();
                     {
-                        Some((module.declare_func_in_func(adam, e.b.func), adam_calls.as_slice()))
+                        let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+                        let entry = b.create_block();
+                        b.append_block_params_for_function_params(entry);
+                        b.switch_to_block(entry);
+                        let params = b.block_params(entry).to_vec();
+                        let (base, lo, hi) = (params[0], params[1], params[2]);
+                        let logf_ref = module.declare_func_in_func(logf, b.func);
+                        let normal_ref = module.declare_func_in_func(normal, b.func);
+                        let primitives = ew_isa.map(|_| emit::Primitives {
+                            sum_exp: module.declare_func_in_func(sum_exp, b.func),
+                            chain: module.declare_func_in_func(chain, b.func),
+                        });
+                        let mut e = emit::Emit {
+                            b: &mut b,
+                            base,
+                            logf: Some(logf_ref),
+                            normal: Some(normal_ref),
+                            wide: primitives,
+                            full_width: false,
+                            held: Vec::new(),
+                            consts: Default::default(),
+                        };
+                        // The wide core, imported into the kernels of a group that calls it.
+                        let core = calls[gi].as_deref().map(|call| {
+                            let f = module.declare_func_in_func(gemm, e.b.func);
+                            (f, call, call as *const wide::Call as i64)
+                        });
+                        // The full-width Adam update, imported into the updates kernel when it calls it.
+                        let adam_ref = match grp {
+                            fuse::Group::Updates(ids)
+                                if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
+                            {
+                                Some((module.declare_func_in_func(adam, e.b.func), adam_calls.as_slice()))
+                            }
+                            _ => None,
+                        };
+                        emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
+                        full_width = e.full_width;
+                        for call in e.held.drain(..) {
+                            if call.extent() > plan.size {
+                                return Err(format!("{name}: a full-width call reaches past the arena"));
+                            }
+                            held.push(call);
+                        }
+                        b.ins().return_(&[]);
+                        b.seal_all_blocks();
+                        b.finalize(frontend);
                     }
-                    _ => None,
-                };
-                emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
-                full_width = e.full_width;
-                for call in e.held.drain(..) {
-                    if call.extent() > plan.size {
-                        return Err(format!("{name}: a full-width call reaches past the arena"));
+                    if opts.keep_clif {
+                        clif.push((index, name.clone(), func.display().to_string()));
                     }
-                    held.push(call);
-                }
-                b.ins().return_(&[]);
-                b.seal_all_blocks();
-                b.finalize(frontend);
-            }
-            if opts.keep_clif {
-                clif.push((name.clone(), func.display().to_string()));
-            }
-            // Compile time grows with the code: a kernel whose loops were unrolled over a huge
-            // dimension is refused here, in milliseconds, rather than compiled for minutes.
-            let insts = func.dfg.num_insts();
-            total_insts += insts;
-            if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
-                return Err(format!(
-                    "the native code of `{}` would be too large to compile in seconds: kernel {name} \
+                    // Compile time grows with the code: a kernel whose loops were unrolled over a huge
+                    // dimension is refused here, in milliseconds, rather than compiled for minutes.
+                    let insts = func.dfg.num_insts();
+                    total_insts += insts;
+                    if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
+                        return Err(format!(
+                            "the native code of `{}` would be too large to compile in seconds: kernel {name} \
                      has {insts} instructions ({total_insts} so far; at most {MAX_KERNEL_INSTS} per \
                      kernel and {MAX_PROGRAM_INSTS} in all). Its loops unroll over a kernel's taps \
                      or a layer's channels: use smaller kernels or fewer channels, or --backend interp",
-                    g.name
-                ));
+                            g.name
+                        ));
+                    }
+                    queue.push((index, fid, name.clone(), func));
+                    let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
+                    ids.push((index, (gi, piece, fid, units, work, name, full_width)));
+                }
+                Ok(())
+            })();
+            drop(closing);
+            // This thread compiles too, once it has built every function.
+            let mut done = queue.drain(&*compile_isa);
+            for h in helpers {
+                done.extend(h.join().unwrap_or_default());
             }
-            funcs.push((fid, name.clone(), func));
-            let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
-            ids.push((gi, piece, fid, units, work, name, full_width));
+            (built, done)
+        });
+        built?;
+        if done.len() != ids.len() {
+            return Err("a thread compiling the kernels stopped".into());
         }
-        for Compiled { fid, alignment, bytes, relocs } in compile_all(module.isa(), funcs)? {
+        // Back in the program's order.
+        ids.sort_by_key(|(i, _)| *i);
+        clif.sort_by_key(|(i, _, _)| *i);
+        let clif = clif.into_iter().map(|(_, name, text)| (name, text)).collect();
+        done.sort_by_key(|(i, _)| *i);
+        for (_, compiled) in done {
+            let Compiled { fid, alignment, bytes, relocs } = compiled?;
             module.define_function_bytes(fid, alignment, &bytes, &relocs).map_err(|e| e.to_string())?;
         }
         module.finalize_definitions().map_err(|e| e.to_string())?;
         let kernels = ids
             .into_iter()
-            .map(|(group, piece, fid, units, work, name, full_width)| {
+            .map(|(_, (group, piece, fid, units, work, name, full_width))| {
                 let ptr = module.get_finalized_function(fid);
                 // SAFETY: `ptr` is the finalized code of a function declared with the signature
                 // `fn(i64, i64, i64)` (arena base, lo, hi) and no results: `KernelFn`'s ABI.
