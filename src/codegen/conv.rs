@@ -396,20 +396,8 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
                     let plane = e.iadd(plane, c);
                     let plane = e.imul_imm(plane, (ge.h * ge.w) as i64);
                     let qimg = e.imul_imm(img, (ge.oh * ge.ow) as i64);
-                    let row_at = |e: &mut Emit, oy: Value| {
-                        let t = e.imul_imm(oy, ge.ow as i64);
-                        e.iadd(qimg, t)
-                    };
-                    // Rows above and below the image: zeros.
-                    let (zero, oh) = (e.i64(0), e.i64(ge.oh as i64));
-                    for (from, to) in [(zero, oy0), (oy1, oh)] {
-                        e.for_between(from, to, |e, oy| {
-                            let q0 = row_at(e, oy);
-                            zeros(e, q0, 0, ge.ow);
-                        });
-                    }
-                    e.for_between(oy0, oy1, |e, oy| {
-                        let q0 = row_at(e, oy);
+                    let outside = |e: &mut Emit, q0: Value| zeros(e, q0, 0, ge.ow);
+                    for_tap_rows(e, ge, qimg, (oy0, oy1), outside, |e, oy, q0| {
                         zeros(e, q0, 0, ox0);
                         // x[img, c, oy·s + kh − p, ox·s + kw − p].
                         let src = input_row(e, ge, plane, oy, kh_p, kw);
@@ -515,21 +503,9 @@ fn im2col_rows(e: &mut Emit, ge: Geom, input: usize, (acol, stride): (usize, usi
                     });
                 };
                 let q = e.iadd(row, q0);
-                let row_at = |e: &mut Emit, oy: Value| {
-                    let t = e.imul_imm(oy, ge.ow as i64);
-                    e.iadd(q, t)
-                };
-                // The output rows above and below the image are zeros; in between, each row is
-                // its padding columns (zeros) around a copy.
-                let (zero, oh) = (e.i64(0), e.i64(ge.oh as i64));
-                for (from, to) in [(zero, oy0), (oy1, oh)] {
-                    e.for_between(from, to, |e, oy| {
-                        let dst = row_at(e, oy);
-                        fill(e, dst, 0, ge.ow);
-                    });
-                }
-                e.for_between(oy0, oy1, |e, oy| {
-                    let dst = row_at(e, oy);
+                // Each row inside the image is its padding columns (zeros) around a copy.
+                let outside = |e: &mut Emit, dst: Value| fill(e, dst, 0, ge.ow);
+                for_tap_rows(e, ge, q, (oy0, oy1), outside, |e, oy, dst| {
                     fill(e, dst, 0, ox0);
                     // x[img, c, oy·s + kh − p, ox·s + kw − p] for ox in ox0..ox1.
                     let src = input_row(e, ge, plane, oy, kh_p, kw);
@@ -775,6 +751,35 @@ fn for_kernel_rows(
             body(e, kh, (oy0, oy1));
         }
     }
+}
+
+/// One tap's output rows `0..oh`, row `oy` starting at `first + oy·ow`: `outside(start)` for
+/// the rows whose input row is outside the image (before `oy0` and from `oy1`: zeros),
+/// `inside(oy, start)` for the rows between. Constant ranges when `oy0` and `oy1` are
+/// constants, so no row is tested at run time.
+fn for_tap_rows(
+    e: &mut Emit,
+    ge: Geom,
+    first: Value,
+    (oy0, oy1): (Value, Value),
+    outside: impl Fn(&mut Emit, Value),
+    mut inside: impl FnMut(&mut Emit, Value, Value),
+) {
+    let row_at = |e: &mut Emit, oy: Value| {
+        let t = e.imul_imm(oy, ge.ow as i64);
+        e.iadd(first, t)
+    };
+    let (zero, oh) = (e.i64(0), e.i64(ge.oh as i64));
+    for (from, to) in [(zero, oy0), (oy1, oh)] {
+        e.for_between(from, to, |e, oy| {
+            let at = row_at(e, oy);
+            outside(e, at);
+        });
+    }
+    e.for_between(oy0, oy1, |e, oy| {
+        let at = row_at(e, oy);
+        inside(e, oy, at);
+    });
 }
 
 /// Row `(c, kh, kw)` of im2col, with the kernel row `kh` known at run time.
