@@ -130,23 +130,20 @@ impl Emit<'_, '_> {
         self.b.ins().imul(x, c)
     }
 
-    /// `x + y`, folded when either is the constant 0 or both are constants.
+    /// `x + y`, folded as [`Emit::iadd_imm`] folds when either is a constant.
     pub fn iadd(&mut self, x: Value, y: Value) -> Value {
         match (self.known(x), self.known(y)) {
-            (Some(a), Some(b)) => self.i64(a.wrapping_add(b)),
-            (Some(0), _) => y,
-            (_, Some(0)) => x,
+            (_, Some(c)) => self.iadd_imm(x, c),
+            (Some(c), _) => self.iadd_imm(y, c),
             _ => self.b.ins().iadd(x, y),
         }
     }
 
-    /// `x · y`, folded when either is the constant 0 or 1 or both are constants.
+    /// `x · y`, folded as [`Emit::imul_imm`] folds when either is a constant.
     pub fn imul(&mut self, x: Value, y: Value) -> Value {
         match (self.known(x), self.known(y)) {
-            (Some(a), Some(b)) => self.i64(a.wrapping_mul(b)),
-            (Some(0), _) | (_, Some(0)) => self.i64(0),
-            (Some(1), _) => y,
-            (_, Some(1)) => x,
+            (_, Some(c)) => self.imul_imm(x, c),
+            (Some(c), _) => self.imul_imm(y, c),
             _ => self.b.ins().imul(x, y),
         }
     }
@@ -182,9 +179,14 @@ impl Emit<'_, '_> {
 
     /// The address of element `idx` (an I64 count of 4-byte elements) of the buffer at `off`.
     pub fn addr(&mut self, off: usize, idx: Value) -> Value {
-        let bytes = self.ishl_imm(idx, 2);
-        let p = self.iadd(self.base, bytes);
+        let p = self.element(idx);
         self.iadd_imm(p, off as i64)
+    }
+
+    /// The arena base plus `idx` 4-byte elements.
+    fn element(&mut self, idx: Value) -> Value {
+        let bytes = self.ishl_imm(idx, 2);
+        self.iadd(self.base, bytes)
     }
 
     /// The address of element `idx` of the buffer at `off` as a base and an immediate offset
@@ -192,10 +194,7 @@ impl Emit<'_, '_> {
     /// Cranelift an addition to fold.
     fn place(&mut self, off: usize, idx: Value) -> (Value, i32) {
         match i32::try_from(off) {
-            Ok(imm) => {
-                let bytes = self.ishl_imm(idx, 2);
-                (self.iadd(self.base, bytes), imm)
-            }
+            Ok(imm) => (self.element(idx), imm),
             Err(_) => (self.addr(off, idx), 0),
         }
     }
