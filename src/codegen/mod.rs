@@ -353,6 +353,9 @@ struct Compiled {
 /// A kernel's function as it waits to be compiled: its place in the program, id and name.
 type Built = (usize, FuncId, String, Function);
 
+/// A kernel's machine code (or why Cranelift refused it), with its place in the program.
+type Done = (usize, Result<Compiled, String>);
+
 /// The kernels' functions waiting for Cranelift: the program pushes each as soon as it is built,
 /// and threads compile them meanwhile (Cranelift compiles each function on its own; only placing
 /// the code in the module is serial), so building the IR, which is serial, overlaps compiling.
@@ -397,7 +400,7 @@ impl Queue {
 
     /// Compiles functions until the queue is closed and empty; one context for all of them,
     /// which keeps its allocations between them.
-    fn drain(&self, isa: &dyn TargetIsa) -> Vec<(usize, Result<Compiled, String>)> {
+    fn drain(&self, isa: &dyn TargetIsa) -> Vec<Done> {
         let mut ctx = Context::new();
         let mut out = Vec::new();
         while let Some((i, fid, name, func)) = self.take() {
@@ -415,6 +418,28 @@ impl Drop for Closing<'_> {
     fn drop(&mut self) {
         self.0.close();
     }
+}
+
+/// Runs `build`, which pushes the kernels' functions to the queue it is given, while the other
+/// threads compile them; this thread compiles what is left once `build` returns. The compiled
+/// functions come back with their indices, in no particular order.
+fn build_while_compiling(
+    isa: &dyn TargetIsa,
+    threads: usize,
+    build: impl FnOnce(&Queue) -> Result<(), String>,
+) -> Result<Vec<Done>, String> {
+    let queue = Queue::default();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(|| queue.drain(isa))).collect();
+        let closing = Closing(&queue);
+        let built = build(&queue);
+        drop(closing);
+        let mut done = queue.drain(isa);
+        for h in helpers {
+            done.extend(h.join().unwrap_or_default());
+        }
+        built.map(|()| done)
+    })
 }
 
 fn compile_one(
@@ -550,107 +575,92 @@ impl Program {
         let mut total_insts = 0usize;
         let mut held = Vec::new();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len()).max(1);
-        let queue = Queue::default();
-        let (built, mut done) = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(|| queue.drain(&*compile_isa))).collect();
-            let closing = Closing(&queue);
-            let built = (|| -> Result<(), String> {
-                // The updates kernel first: one loop per parameter, it is often the largest, and
-                // built last it would be compiled alone after every other.
-                let updates_first = |&(_, &(gi, _)): &(usize, &(usize, Piece))| {
-                    !matches!(groups[gi], fuse::Group::Updates(_))
-                };
-                let mut order: Vec<_> = work.iter().enumerate().collect();
-                order.sort_by_key(updates_first);
-                for (index, &(gi, piece)) in order {
-                    let grp = &groups[gi];
-                    let name = kernel_name(g, grp, piece);
-                    let fid =
-                        module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-                    let full_width;
-                    let mut func =
-                        Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
-                    let frontend = module.target_config();
-                    {
-                        let mut b = FunctionBuilder::new(&mut func, &mut fctx);
-                        let entry = b.create_block();
-                        b.append_block_params_for_function_params(entry);
-                        b.switch_to_block(entry);
-                        let params = b.block_params(entry).to_vec();
-                        let (base, lo, hi) = (params[0], params[1], params[2]);
-                        let logf_ref = module.declare_func_in_func(logf, b.func);
-                        let normal_ref = module.declare_func_in_func(normal, b.func);
-                        let primitives = ew_isa.map(|_| emit::Primitives {
-                            sum_exp: module.declare_func_in_func(sum_exp, b.func),
-                            chain: module.declare_func_in_func(chain, b.func),
-                        });
-                        let mut e = emit::Emit {
-                            b: &mut b,
-                            base,
-                            logf: Some(logf_ref),
-                            normal: Some(normal_ref),
-                            wide: primitives,
-                            full_width: false,
-                            held: Vec::new(),
-                            consts: Default::default(),
-                        };
-                        // The wide core, imported into the kernels of a group that calls it.
-                        let core = calls[gi].as_deref().map(|call| {
-                            let f = module.declare_func_in_func(gemm, e.b.func);
-                            (f, call, call as *const wide::Call as i64)
-                        });
-                        // The full-width Adam update, imported into the updates kernel when it calls it.
-                        let adam_ref = match grp {
-                            fuse::Group::Updates(ids)
-                                if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
-                            {
-                                Some((module.declare_func_in_func(adam, e.b.func), adam_calls.as_slice()))
-                            }
-                            _ => None,
-                        };
-                        emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
-                        full_width = e.full_width;
-                        for call in e.held.drain(..) {
-                            if call.extent() > plan.size {
-                                return Err(format!("{name}: a full-width call reaches past the arena"));
-                            }
-                            held.push(call);
+        let mut done = build_while_compiling(&*compile_isa, threads, |queue| {
+            // The updates kernel first: one loop per parameter, it is often the largest, and
+            // built last it would be compiled alone after every other.
+            let updates_first =
+                |&(_, &(gi, _)): &(usize, &(usize, Piece))| !matches!(groups[gi], fuse::Group::Updates(_));
+            let mut order: Vec<_> = work.iter().enumerate().collect();
+            order.sort_by_key(updates_first);
+            for (index, &(gi, piece)) in order {
+                let grp = &groups[gi];
+                let name = kernel_name(g, grp, piece);
+                let fid = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+                let full_width;
+                let mut func =
+                    Function::with_name_signature(UserFuncName::user(0, fid.as_u32()), sig.clone());
+                let frontend = module.target_config();
+                {
+                    let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+                    let entry = b.create_block();
+                    b.append_block_params_for_function_params(entry);
+                    b.switch_to_block(entry);
+                    let params = b.block_params(entry).to_vec();
+                    let (base, lo, hi) = (params[0], params[1], params[2]);
+                    let logf_ref = module.declare_func_in_func(logf, b.func);
+                    let normal_ref = module.declare_func_in_func(normal, b.func);
+                    let primitives = ew_isa.map(|_| emit::Primitives {
+                        sum_exp: module.declare_func_in_func(sum_exp, b.func),
+                        chain: module.declare_func_in_func(chain, b.func),
+                    });
+                    let mut e = emit::Emit {
+                        b: &mut b,
+                        base,
+                        logf: Some(logf_ref),
+                        normal: Some(normal_ref),
+                        wide: primitives,
+                        full_width: false,
+                        held: Vec::new(),
+                        consts: Default::default(),
+                    };
+                    // The wide core, imported into the kernels of a group that calls it.
+                    let core = calls[gi].as_deref().map(|call| {
+                        let f = module.declare_func_in_func(gemm, e.b.func);
+                        (f, call, call as *const wide::Call as i64)
+                    });
+                    // The full-width Adam update, imported into the updates kernel when it calls it.
+                    let adam_ref = match grp {
+                        fuse::Group::Updates(ids)
+                            if ids.iter().any(|id| adam_calls.iter().any(|c| c.0 == *id)) =>
+                        {
+                            Some((module.declare_func_in_func(adam, e.b.func), adam_calls.as_slice()))
                         }
-                        b.ins().return_(&[]);
-                        b.seal_all_blocks();
-                        b.finalize(frontend);
+                        _ => None,
+                    };
+                    emit_kernel(&mut e, g, &plan, grp, piece, (core, adam_ref), (lo, hi))?;
+                    full_width = e.full_width;
+                    for call in e.held.drain(..) {
+                        if call.extent() > plan.size {
+                            return Err(format!("{name}: a full-width call reaches past the arena"));
+                        }
+                        held.push(call);
                     }
-                    if opts.keep_clif {
-                        clif.push((index, name.clone(), func.display().to_string()));
-                    }
-                    // Compile time grows with the code: a kernel whose loops were unrolled over a huge
-                    // dimension is refused here, in milliseconds, rather than compiled for minutes.
-                    let insts = func.dfg.num_insts();
-                    total_insts += insts;
-                    if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
-                        return Err(format!(
-                            "the native code of `{}` would be too large to compile in seconds: kernel {name} \
+                    b.ins().return_(&[]);
+                    b.seal_all_blocks();
+                    b.finalize(frontend);
+                }
+                if opts.keep_clif {
+                    clif.push((index, name.clone(), func.display().to_string()));
+                }
+                // Compile time grows with the code: a kernel whose loops were unrolled over a huge
+                // dimension is refused here, in milliseconds, rather than compiled for minutes.
+                let insts = func.dfg.num_insts();
+                total_insts += insts;
+                if insts > MAX_KERNEL_INSTS || total_insts > MAX_PROGRAM_INSTS {
+                    return Err(format!(
+                        "the native code of `{}` would be too large to compile in seconds: kernel {name} \
                      has {insts} instructions ({total_insts} so far; at most {MAX_KERNEL_INSTS} per \
                      kernel and {MAX_PROGRAM_INSTS} in all). Its loops unroll over a kernel's taps \
                      or a layer's channels: use smaller kernels or fewer channels, or --backend interp",
-                            g.name
-                        ));
-                    }
-                    queue.push((index, fid, name.clone(), func));
-                    let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
-                    ids.push((index, (gi, piece, fid, units, work, name, full_width)));
+                        g.name
+                    ));
                 }
-                Ok(())
-            })();
-            drop(closing);
-            // This thread compiles too, once it has built every function.
-            let mut done = queue.drain(&*compile_isa);
-            for h in helpers {
-                done.extend(h.join().unwrap_or_default());
+                queue.push((index, fid, name.clone(), func));
+                let (units, work) = kernel_units(g, grp, piece, calls[gi].as_deref());
+                ids.push((index, (gi, piece, fid, units, work, name, full_width)));
             }
-            (built, done)
-        });
-        built?;
+            Ok(())
+        })?;
         if done.len() != ids.len() {
             return Err("a thread compiling the kernels stopped".into());
         }
