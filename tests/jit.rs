@@ -1102,16 +1102,17 @@ fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
 #[test]
 fn full_width_rows_and_chains_give_the_cranelift_kernels_bits() {
     // Softmax rows and cross-entropy's (the exponentials and their sum at full width): widths
-    // of 8 to 31 leaving 0 to 3 floats past a whole vector of four, and an even or odd count of
-    // vectors; attention's softmax over 9 and 12 source positions. The whole state after three
+    // of 8 to 67 leaving 0 to 3 floats past a whole vector of four, and an even or odd count of
+    // vectors, past 32 some four vectors at a time; attention's softmax over 9 and 12 source
+    // positions. The whole state after three
     // steps must be the Cranelift kernels', bit for bit, on one and two threads.
     use aec::codegen::elementwise::ElementwisePath;
     if ElementwisePath::Auto.isa().is_none() {
         return; // No AVX2 here: there are only the Cranelift kernels.
     }
-    let mut specs: Vec<(String, u64)> = [8, 9, 13, 14, 15, 23, 31]
+    let mut specs: Vec<(String, u64)> = [8, 9, 13, 14, 15, 23, 31, 37, 67]
         .iter()
-        .zip([3, 13, 1, 5, 8, 2, 7])
+        .zip([3, 13, 1, 5, 8, 2, 7, 3, 2])
         .map(|(v, batch)| {
             let src = format!(
                 "model t {{ input s: seq[5] of token[{v}]\n encoder {{ embed 4; gru 7 }}\n \

@@ -200,6 +200,18 @@ unsafe fn sum_exp_avx2(x: *const f32, out: Option<*mut f32>, n: usize, max: f32)
         let m = _mm256_set1_ps(max);
         let mut sum = Sum128::new(n);
         let mut j = 0;
+        // Four vectors at a time, their exponentials interleaved (`wide_math::exp_n`), added
+        // in order.
+        while j + 32 <= n {
+            let v = [0, 8, 16, 24].map(|i| _mm256_sub_ps(_mm256_loadu_ps(x.add(j + i)), m));
+            for (i, t) in wide_math::exp_n(v).into_iter().enumerate() {
+                if let Some(o) = out {
+                    _mm256_storeu_ps(o.add(j + 8 * i), t);
+                }
+                sum.add(t, j + 8 * i);
+            }
+            j += 32;
+        }
         while j < n {
             let left = n - j;
             let t = wide_math::exp(_mm256_sub_ps(load8(x.add(j), left), m));
@@ -423,7 +435,7 @@ unsafe fn op_over(
     use super::emit::EpOp;
     use crate::ir::BinaryFn;
     use std::arch::x86_64::*;
-    use wide_math::{act_grad, unary};
+    use wide_math::{act_grad, unary, unary_n};
     // SAFETY: as the caller promises.
     unsafe {
         let at = |off: usize| base.add(off) as *const f32;
@@ -432,7 +444,19 @@ unsafe fn op_over(
                 let b = at(off).add(col);
                 each8(dst, len, |v, j| _mm256_add_ps(v, load8(b.add(j), len - j)));
             }
-            EpOp::Unary(f) => each8(dst, len, |v, _| unary(f, v)),
+            EpOp::Unary(f) => {
+                // Four vectors at a time, their activations interleaved (`wide_math::unary_n`).
+                let mut j = 0;
+                while j + 32 <= len {
+                    let p = dst.add(j);
+                    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+                    for (i, v) in unary_n(f, v).into_iter().enumerate() {
+                        _mm256_storeu_ps(p.add(8 * i), v);
+                    }
+                    j += 32;
+                }
+                each8(dst.add(j), len - j, |v, _| unary(f, v))
+            }
             EpOp::ActGrad(f, y) => {
                 let y = at(y).add(flat);
                 each8(dst, len, |v, j| act_grad(f, load8(y.add(j), len - j), v));
@@ -515,107 +539,192 @@ unsafe fn each8(
 
 /// The activations and their derivatives on eight lanes, operation for operation as
 /// `emit::unary`, `emit::act_grad` and `Emit::{exp, sigmoid, tanh}` write them at 128 bits.
+///
+/// The transcendentals also come `N` vectors at a time (`exp_n`, `sigmoid_n`, `tanh_n`): each
+/// step is applied to all `N` before the next, so their dependency chains (a sigmoid's is some
+/// sixty cycles long, its divide in the middle) interleave in program order and an
+/// out-of-order core overlaps them; one after another, a few such chains fill its scheduler
+/// and the rest waits. Each lane gets the same operations either way, so the same bits.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod wide_math {
     use crate::ir::UnaryFn;
     use std::arch::x86_64::*;
 
+    /// `N` independent vectors of eight lanes.
+    pub type V<const N: usize> = [__m256; N];
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn map<const N: usize>(a: V<N>, f: impl Fn(__m256) -> __m256) -> V<N> {
+        let mut out = a;
+        for i in 0..N {
+            out[i] = f(a[i]);
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zip<const N: usize>(a: V<N>, b: V<N>, f: impl Fn(__m256, __m256) -> __m256) -> V<N> {
+        let mut out = a;
+        for i in 0..N {
+            out[i] = f(a[i], b[i]);
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zip3<const N: usize>(a: V<N>, b: V<N>, c: V<N>, f: impl Fn(__m256, __m256, __m256) -> __m256) -> V<N> {
+        let mut out = a;
+        for i in 0..N {
+            out[i] = f(a[i], b[i], c[i]);
+        }
+        out
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn splat(x: f32) -> __m256 {
         _mm256_set1_ps(x)
     }
 
     /// `cond ? a : b` lane by lane (a compare's all-ones or all-zeros mask).
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn select(cond: __m256, a: __m256, b: __m256) -> __m256 {
         _mm256_blendv_ps(b, a, cond)
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn gt(a: __m256, b: __m256) -> __m256 {
         _mm256_cmp_ps::<_CMP_GT_OQ>(a, b)
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn lt(a: __m256, b: __m256) -> __m256 {
         _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
     }
 
     /// `Emit::clamp`: x within [lo, hi] by compare and select, and the two compares.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn clamp(x: __m256, lo: f32, hi: f32) -> (__m256, __m256, __m256) {
-        let above = gt(x, splat(hi));
-        let x = select(above, splat(hi), x);
-        let below = lt(x, splat(lo));
-        (select(below, splat(lo), x), above, below)
+    fn clamp<const N: usize>(x: V<N>, lo: f32, hi: f32) -> (V<N>, V<N>, V<N>) {
+        let above = map(x, |x| gt(x, splat(hi)));
+        let x = zip(above, x, |a, x| select(a, splat(hi), x));
+        let below = map(x, |x| lt(x, splat(lo)));
+        (zip(below, x, |b, x| select(b, splat(lo), x)), above, below)
     }
 
     /// `Emit::exp_in_range`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp_in_range(x: __m256, negated: bool) -> __m256 {
+    fn exp_in_range<const N: usize>(x: V<N>, negated: bool) -> V<N> {
         let sign = if negated { -1.0 } else { 1.0 };
         let magic = splat(12_582_912.0);
-        let shifted = _mm256_fmadd_ps(x, splat(sign * std::f32::consts::LOG2_E), magic);
-        let fx = _mm256_sub_ps(shifted, magic);
+        let shifted = map(x, |x| _mm256_fmadd_ps(x, splat(sign * std::f32::consts::LOG2_E), magic));
+        let fx = map(shifted, |s| _mm256_sub_ps(s, magic));
         let mut r = x;
         for c in [0.693_359_4, -2.121_944_4e-4] {
-            let t = _mm256_mul_ps(fx, splat(c));
-            r = if negated { _mm256_add_ps(r, t) } else { _mm256_sub_ps(r, t) };
+            let t = map(fx, |f| _mm256_mul_ps(f, splat(c)));
+            r = zip(r, t, |r, t| if negated { _mm256_add_ps(r, t) } else { _mm256_sub_ps(r, t) });
         }
-        let z = _mm256_mul_ps(r, r);
+        let z = map(r, |r| _mm256_mul_ps(r, r));
         let coefficients =
             [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
         let coefficient = |i: usize, c: f32| if negated && (5 - i) % 2 == 1 { -c } else { c };
-        let mut y = splat(coefficient(0, coefficients[0]));
+        let mut y = [splat(coefficient(0, coefficients[0])); N];
         for (i, &c) in coefficients.iter().enumerate().skip(1) {
-            y = _mm256_fmadd_ps(y, r, splat(coefficient(i, c)));
+            y = zip(y, r, |y, r| _mm256_fmadd_ps(y, r, splat(coefficient(i, c))));
         }
         let one = splat(1.0);
-        let rp1 = if negated { _mm256_sub_ps(one, r) } else { _mm256_add_ps(r, one) };
-        let y = _mm256_fmadd_ps(y, z, rp1);
-        let n = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n));
-        _mm256_mul_ps(y, pow2n)
+        let rp1 = map(r, |r| if negated { _mm256_sub_ps(one, r) } else { _mm256_add_ps(r, one) });
+        let y = zip3(y, z, rp1, |y, z, rp1| _mm256_fmadd_ps(y, z, rp1));
+        zip(y, shifted, |y, shifted| {
+            let n = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
+            _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n)))
+        })
     }
 
-    /// `Emit::exp`.
+    /// `Emit::exp`, on `N` vectors.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(in crate::codegen) fn exp(x: __m256) -> __m256 {
+    pub(in crate::codegen) fn exp_n<const N: usize>(x: V<N>) -> V<N> {
         let (x, above, below) = clamp(x, -87.336_55, 88.376_26);
         let y = exp_in_range(x, false);
-        let y = select(above, splat(f32::INFINITY), y);
-        select(below, splat(0.0), y)
+        let y = zip(above, y, |a, y| select(a, splat(f32::INFINITY), y));
+        zip(below, y, |b, y| select(b, splat(0.0), y))
     }
 
-    /// `Emit::sigmoid`.
+    /// `Emit::sigmoid`, on `N` vectors.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(in crate::codegen) fn sigmoid(x: __m256) -> __m256 {
+    pub(in crate::codegen) fn sigmoid_n<const N: usize>(x: V<N>) -> V<N> {
         let (x, _, overflows) = clamp(x, -88.376_26, 87.336_55);
         let e = exp_in_range(x, true);
         let one = splat(1.0);
-        let s = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        select(overflows, splat(0.0), s)
+        let s = map(e, |e| _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        zip(overflows, s, |o, s| select(o, splat(0.0), s))
+    }
+
+    /// `Emit::tanh`, on `N` vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::codegen) fn tanh_n<const N: usize>(x: V<N>) -> V<N> {
+        let two = splat(2.0);
+        let (x2, _, _) = clamp(map(x, |x| _mm256_mul_ps(x, two)), -87.336_55, 88.376_26);
+        let e = exp_in_range(x2, false);
+        let one = splat(1.0);
+        let far = map(e, |e| _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one))));
+        let z = map(x, |x| _mm256_mul_ps(x, x));
+        let mut p = [splat(-5.704_988_7e-3); N];
+        for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
+            p = zip(p, z, |p, z| _mm256_fmadd_ps(p, z, splat(c)));
+        }
+        let xz = zip(x, z, |x, z| _mm256_mul_ps(x, z));
+        let near = zip3(p, xz, x, |p, xz, x| _mm256_fmadd_ps(p, xz, x));
+        let ax = map(x, |x| _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff))));
+        let small = map(ax, |ax| lt(ax, splat(0.625)));
+        zip3(small, near, far, |s, n, f| select(s, n, f))
+    }
+
+    /// `Emit::exp`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::codegen) fn exp(x: __m256) -> __m256 {
+        exp_n([x])[0]
+    }
+
+    /// `Emit::sigmoid`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::codegen) fn sigmoid(x: __m256) -> __m256 {
+        sigmoid_n([x])[0]
     }
 
     /// `Emit::tanh`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::codegen) fn tanh(x: __m256) -> __m256 {
-        let two = splat(2.0);
-        let (x2, _, _) = clamp(_mm256_mul_ps(x, two), -87.336_55, 88.376_26);
-        let e = exp_in_range(x2, false);
-        let one = splat(1.0);
-        let far = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
-        let z = _mm256_mul_ps(x, x);
-        let mut p = splat(-5.704_988_7e-3);
-        for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
-            p = _mm256_fmadd_ps(p, z, splat(c));
+        tanh_n([x])[0]
+    }
+
+    /// `emit::unary`, on `N` vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::codegen) fn unary_n<const N: usize>(f: UnaryFn, x: V<N>) -> V<N> {
+        match f {
+            UnaryFn::Sigmoid => sigmoid_n(x),
+            UnaryFn::Tanh => tanh_n(x),
+            UnaryFn::Exp => exp_n(x),
+            _ => map(x, |x| unary(f, x)),
         }
-        let near = _mm256_fmadd_ps(p, _mm256_mul_ps(x, z), x);
-        let ax = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
-        select(lt(ax, splat(0.625)), near, far)
     }
 
     /// `emit::unary`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::codegen) fn unary(f: UnaryFn, x: __m256) -> __m256 {
         let zero = splat(0.0);
@@ -636,6 +745,7 @@ pub(super) mod wide_math {
     }
 
     /// `emit::act_grad`: `d · f′` from the activation's output `y`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::codegen) fn act_grad(f: UnaryFn, y: __m256, d: __m256) -> __m256 {
         let zero = splat(0.0);

@@ -4,10 +4,11 @@
 //! A recurrent loop on the wide core calls it once per step and unit of batch rows
 //! (`wide::Call::gates`): the forward computes the unit's `h·W_hhᵀ` and then its gates (adding
 //! `b_hh` as they read it) and new state, the backward the gates' gradients and then the
-//! unit's `dgh·W_hh`. The operations are the Cranelift loop's (`recurrent::forward_loop`, `backward_loop`) in the same
-//! order — the same fused multiply-adds, IEEE divisions, compares and selects, through
-//! [`super::elementwise::wide_math`] — so each element gets the same bits at either width
-//! (tested). `AEC_ELEMENTWISE=cranelift` keeps the gates in the generated 128-bit code.
+//! unit's `dgh·W_hh`. The operations are the Cranelift loop's (`recurrent::forward_loop`,
+//! `backward_loop`) in the same order — the same fused multiply-adds, IEEE divisions,
+//! compares and selects, through [`super::elementwise::wide_math`] — so each element gets the
+//! same bits at either width (tested). `AEC_ELEMENTWISE=cranelift` keeps the gates in the
+//! generated 128-bit code.
 
 use crate::ir::Cell;
 
@@ -116,6 +117,16 @@ impl Gates {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn step_avx2(base: *mut u8, g: &Gates, (r0, rows): (usize, usize), step: usize) {
+    // The backward's rows of the step before lie T steps' worth of floats apart in the
+    // `[B, T, …]` buffers, which the hardware prefetchers do not follow from row to row: ask
+    // for them now, while this step's gates and projection run (the backward's calls took 3%
+    // less time; the forward's, which compute more per byte, none).
+    if matches!(g.pass, Pass::Backward { .. }) && step > 0 {
+        for r in r0..r0 + rows {
+            // SAFETY: prefetches only hint; the addresses lie inside the arena (`extent`).
+            unsafe { prefetch_row(base, g, r, step - 1) };
+        }
+    }
     for r in r0..r0 + rows {
         // SAFETY: as the caller promises, row by row.
         unsafe {
@@ -127,6 +138,32 @@ pub(super) unsafe fn step_avx2(base: *mut u8, g: &Gates, (r0, rows): (usize, usi
     }
 }
 
+/// Asks the caches for what row `r` of the backward reads and writes at step `t`.
+///
+/// # Safety
+/// As [`step_avx2`], for row `r` and step `t`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn prefetch_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
+    use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
+    let Pass::Backward { gh: saves, hprev, dhs, dxp_at, dgh_at, .. } = g.pass else { return };
+    let (xrow, srow, vrow, _, _) = rows(g, r, t);
+    let (gh, s, sv) = (g.gh(), g.s(), g.sv());
+    let lines = |off: usize, at: usize, floats: usize, write: bool| {
+        let start = off + 4 * at;
+        for byte in (start..start + 4 * floats).step_by(64) {
+            // SAFETY: inside the buffer at `off`, which the arena holds (`Gates::extent`).
+            let p = unsafe { base.add(byte) } as *const i8;
+            if write { _mm_prefetch::<_MM_HINT_ET0>(p) } else { _mm_prefetch::<_MM_HINT_T0>(p) }
+        }
+    };
+    lines(saves, vrow, sv, false);
+    lines(hprev, srow, s, false);
+    lines(dhs, srow, s, false);
+    lines(g.out, dxp_at + xrow, gh, true);
+    lines(g.out, dgh_at + xrow, gh, true);
+}
+
 /// Element offsets of row `r` at step `t`: its projections (`[B, T, G·H]`), its states
 /// (`[B, T, S]`), its gate saves (`[B, T, V·H]`), its rows of `[B, G·H]` and `[B, H]`
 /// buffers (as `recurrent::rows`).
@@ -136,7 +173,7 @@ fn rows(g: &Gates, r: usize, t: usize) -> (usize, usize, usize, usize, usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::elementwise::store8;
+use super::elementwise::{load8, store8, wide_math::V};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_sub_ps,
@@ -154,16 +191,6 @@ fn runs(len: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// The activation of independent gate `k` (`recurrent::gate_activation`): tanh for an LSTM's
-/// g, else sigmoid.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gate_activation(cell: Cell, k: usize, x: __m256, y: __m256) -> __m256 {
-    use super::elementwise::wide_math::{sigmoid, tanh};
-    let a = _mm256_add_ps(x, y);
-    if cell == Cell::Lstm && k == 2 { tanh(a) } else { sigmoid(a) }
-}
-
 /// `1 - v²`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -178,101 +205,231 @@ fn sig_d(v: __m256) -> __m256 {
     _mm256_mul_ps(v, _mm256_sub_ps(_mm256_set1_ps(1.0), v))
 }
 
-/// A row's first pass in the forward (`recurrent::independent_gates`): each gate that needs
-/// only its own projections, from `pre(k, j, n)`, into the row's gate slots at `dst` (gates
-/// `hs` apart), and to `keep(k, j, n, activation)`.
-///
-/// # Safety
-/// The row's `G·H` floats at `dst` are writable, and `pre` and `keep` touch only what their
-/// caller may.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn independent_gates(
-    cell: Cell,
-    hs: usize,
-    dst: *mut f32,
-    pre: impl Fn(usize, usize, usize) -> (__m256, __m256),
-    keep: impl Fn(usize, usize, usize, __m256),
-) {
-    runs(hs, |j, n| {
-        for k in 0..cell.independent_gates() {
-            let (x, y) = pre(k, j, n);
-            let a = gate_activation(cell, k, x, y);
-            // SAFETY: gate k's lanes `j..j + n` of the row, as the caller promises.
-            unsafe { store8(dst.add(k * hs + j), a, n) };
-            keep(k, j, n, a);
-        }
-    });
-}
-
-/// One row's forward step: `recurrent::forward_loop`'s two passes over the hidden units.
+/// One row's forward step: `recurrent::forward_loop`'s two passes over the hidden units, a
+/// block of lanes at a time — 32, then 16, then runs of eight — so that the activations of a
+/// block interleave (`wide_math::sigmoid_n`).
 ///
 /// # Safety
 /// As [`step_avx2`], for row `r`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
-    use super::elementwise::load8;
-    use super::elementwise::wide_math::tanh;
+    let mut j = 0;
+    // SAFETY (each call): lanes `j..j + n` of the row, as the caller promises for the row.
+    unsafe {
+        while j + 32 <= g.h {
+            forward_lanes::<4>(base, g, (r, t), j, 32);
+            j += 32;
+        }
+        if j + 16 <= g.h {
+            forward_lanes::<2>(base, g, (r, t), j, 16);
+            j += 16;
+        }
+        while j < g.h {
+            forward_lanes::<1>(base, g, (r, t), j, (g.h - j).min(8));
+            j += 8;
+        }
+    }
+}
+
+/// `N` vectors from `p`, the last of them padded past `left` floats (`left > 8·(N − 1)`).
+///
+/// # Safety
+/// `min(left, 8·N)` floats at `p` are readable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_n<const N: usize>(p: *const f32, left: usize) -> V<N> {
+    use std::arch::x86_64::_mm256_loadu_ps;
+    let mut v = [std::arch::x86_64::_mm256_setzero_ps(); N];
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 * N {
+            for (i, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(p.add(8 * i));
+            }
+        } else {
+            for (i, v) in v.iter_mut().enumerate() {
+                *v = load8(p.add(8 * i), left - 8 * i);
+            }
+        }
+    }
+    v
+}
+
+/// Stores `N` vectors at `p`, the last of them only up to `left` floats.
+///
+/// # Safety
+/// `min(left, 8·N)` floats at `p` are writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_n<const N: usize>(p: *mut f32, v: &V<N>, left: usize) {
+    use std::arch::x86_64::_mm256_storeu_ps;
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 * N {
+            for (i, &v) in v.iter().enumerate() {
+                _mm256_storeu_ps(p.add(8 * i), v);
+            }
+        } else {
+            for (i, &v) in v.iter().enumerate() {
+                store8(p.add(8 * i), v, left - 8 * i);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn add_n<const N: usize>(a: V<N>, b: V<N>) -> V<N> {
+    let mut out = a;
+    for i in 0..N {
+        out[i] = _mm256_add_ps(a[i], b[i]);
+    }
+    out
+}
+
+/// Lanes `j..j + n` of a row's forward step: where they are in each buffer.
+#[cfg(target_arch = "x86_64")]
+struct Lanes {
+    base: *mut u8,
+    /// Element offsets of the row's projections, gate saves and `gh` row at this step.
+    xrow: usize,
+    vrow: usize,
+    grow: usize,
+    hs: usize,
+    j: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes {
+    /// The lanes in the buffer at byte offset `off`, from element `i` on.
+    fn at(&self, off: usize, i: usize) -> *mut f32 {
+        self.base.wrapping_add(off + 4 * (i + self.j)) as *mut f32
+    }
+
+    /// Gate k's projections: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (b_hh added here).
+    ///
+    /// Always inlined, and so without a target feature of its own (the two cannot go
+    /// together): its intrinsics compile as part of the AVX2 caller. An outlined call would
+    /// pass the vectors through memory.
+    ///
+    /// # Safety
+    /// The lanes lie inside the buffers (`Gates::extent`).
+    #[inline(always)]
+    unsafe fn pre<const N: usize>(&self, (xp, gh, bias): (usize, usize, Option<usize>), k: usize) -> V<N> {
+        let k0 = k * self.hs;
+        // SAFETY: as the caller promises.
+        unsafe {
+            let mut y = load_n::<N>(self.at(gh, self.grow + k0), self.n);
+            if let Some(b) = bias {
+                y = add_n(y, load_n::<N>(self.at(b, k0), self.n));
+            }
+            add_n(load_n::<N>(self.at(xp, self.xrow + k0), self.n), y)
+        }
+    }
+
+    /// Saves `v` in slot `k` for the backward, when it reads the saves (inlined as `pre`).
+    ///
+    /// # Safety
+    /// As `pre`.
+    #[inline(always)]
+    unsafe fn keep<const N: usize>(&self, saved: Option<usize>, k: usize, v: &V<N>) {
+        if let Some(s) = saved {
+            // SAFETY: as the caller promises.
+            unsafe { store_n(self.at(s, self.vrow + k * self.hs), v, self.n) };
+        }
+    }
+}
+
+/// Lanes `j..j + n` of row `r`'s forward step `t` (`n` real lanes in `N` vectors): the gates
+/// that need only their own projections, then the rest and the new state, with the 128-bit
+/// loop's operations lane for lane. The activations stay in registers between the two
+/// passes (the 128-bit loop passes them through `gh`, which nothing reads after the step).
+///
+/// # Safety
+/// As [`step_avx2`], for these lanes of row `r`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_lanes<const N: usize>(
+    base: *mut u8,
+    g: &Gates,
+    (r, t): (usize, usize),
+    j: usize,
+    n: usize,
+) {
+    use super::elementwise::wide_math::{sigmoid_n, tanh_n};
     let Pass::Forward { xp, gh, bias, h, c, saved } = g.pass else { return };
     let (xrow, orow, vrow, grow, hrow) = rows(g, r, t);
     let hs = g.h;
+    let l = Lanes { base, xrow, vrow, grow, hs, j, n };
+    let p = (xp, gh, bias);
     // SAFETY (the whole body): each index is within its row of a buffer `extent` covers.
     unsafe {
-        let at = |off: usize, i: usize| (base.add(off) as *mut f32).add(i);
-        // Gate k's projections at j: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (b_hh added here);
-        // `keep` saves a value in slot k for the backward, when it reads the saves.
-        let pre = |k: usize, j: usize, n: usize| -> (__m256, __m256) {
-            let y = load8(at(gh, grow + k * hs + j), n);
-            let y = match bias {
-                Some(b) => _mm256_add_ps(y, load8(at(b, k * hs + j), n)),
-                None => y,
-            };
-            (load8(at(xp, xrow + k * hs + j), n), y)
-        };
-        let keep = |k: usize, j: usize, n: usize, v: __m256| {
-            if let Some(s) = saved {
-                store8(at(s, vrow + k * hs + j), v, n);
+        let (hp, op) = (l.at(h, hrow), l.at(g.out, orow));
+        match g.cell {
+            Cell::Rnn => {
+                let a = tanh_n(l.pre::<N>(p, 0));
+                l.keep(saved, 0, &a);
+                store_n(hp, &a, n);
+                store_n(op, &a, n);
             }
-        };
-        let done = |k: usize, j: usize, n: usize| load8(at(gh, grow + k * hs + j), n);
-        independent_gates(g.cell, hs, at(gh, grow), pre, keep);
-        runs(hs, |j, n| {
-            let (hi, oi) = (hrow + j, orow + j);
-            match g.cell {
-                Cell::Rnn => {
-                    let (x, y) = pre(0, j, n);
-                    let a = tanh(_mm256_add_ps(x, y));
-                    keep(0, j, n, a);
-                    store8(at(h, hi), a, n);
-                    store8(at(g.out, oi), a, n);
+            Cell::Gru => {
+                let rr = sigmoid_n(l.pre::<N>(p, 0));
+                l.keep(saved, 0, &rr);
+                let z = sigmoid_n(l.pre::<N>(p, 1));
+                l.keep(saved, 1, &z);
+                // n's projections apart: r multiplies the hidden one.
+                let xn = load_n::<N>(l.at(xp, xrow + 2 * hs), n);
+                let mut yn = load_n::<N>(l.at(gh, grow + 2 * hs), n);
+                if let Some(b) = bias {
+                    yn = add_n(yn, load_n::<N>(l.at(b, 2 * hs), n));
                 }
-                Cell::Gru => {
-                    let (rr, z) = (done(0, j, n), done(1, j, n));
-                    let (xn, yn) = pre(2, j, n);
-                    keep(2, j, n, yn);
-                    let nn = tanh(_mm256_fmadd_ps(rr, yn, xn));
-                    keep(Cell::GRU_N_SLOT, j, n, nn);
-                    let hp = load8(at(h, hi), n);
-                    // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
-                    let hn = _mm256_fmadd_ps(z, _mm256_sub_ps(hp, nn), nn);
-                    store8(at(h, hi), hn, n);
-                    store8(at(g.out, oi), hn, n);
+                l.keep(saved, 2, &yn);
+                let mut nn = xn;
+                for i in 0..N {
+                    nn[i] = _mm256_fmadd_ps(rr[i], yn[i], xn[i]);
                 }
-                Cell::Lstm => {
-                    let a = [0, 1, 2, 3].map(|k| done(k, j, n));
-                    let cp = load8(at(c, hi), n);
-                    let cn = _mm256_fmadd_ps(a[1], cp, _mm256_mul_ps(a[0], a[2]));
-                    let tc = tanh(cn);
-                    keep(Cell::LSTM_TANH_C_SLOT, j, n, tc);
-                    let hn = _mm256_mul_ps(a[3], tc);
-                    store8(at(h, hi), hn, n);
-                    store8(at(c, hi), cn, n);
-                    store8(at(g.out, oi), hn, n);
-                    store8(at(g.out, oi + hs), cn, n);
+                let nn = tanh_n(nn);
+                l.keep(saved, Cell::GRU_N_SLOT, &nn);
+                let prev = load_n::<N>(hp, n);
+                // h = (1-z)·n + z·h_prev = n + z·(h_prev - n).
+                let mut hn = nn;
+                for i in 0..N {
+                    hn[i] = _mm256_fmadd_ps(z[i], _mm256_sub_ps(prev[i], nn[i]), nn[i]);
                 }
+                store_n(hp, &hn, n);
+                store_n(op, &hn, n);
             }
-        });
+            Cell::Lstm => {
+                let i = sigmoid_n(l.pre::<N>(p, 0));
+                let f = sigmoid_n(l.pre::<N>(p, 1));
+                let gg = tanh_n(l.pre::<N>(p, 2));
+                let o = sigmoid_n(l.pre::<N>(p, 3));
+                for (k, v) in [&i, &f, &gg, &o].into_iter().enumerate() {
+                    l.keep(saved, k, v);
+                }
+                let cpp = l.at(c, hrow);
+                let cp = load_n::<N>(cpp, n);
+                let mut cn = cp;
+                for q in 0..N {
+                    cn[q] = _mm256_fmadd_ps(f[q], cp[q], _mm256_mul_ps(i[q], gg[q]));
+                }
+                let tc = tanh_n(cn);
+                l.keep(saved, Cell::LSTM_TANH_C_SLOT, &tc);
+                let mut hn = tc;
+                for q in 0..N {
+                    hn[q] = _mm256_mul_ps(o[q], tc[q]);
+                }
+                store_n(hp, &hn, n);
+                store_n(cpp, &cn, n);
+                store_n(op, &hn, n);
+                store_n(l.at(g.out, orow + hs), &cn, n);
+            }
+        }
     }
 }
 
@@ -283,7 +440,6 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn backward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
-    use super::elementwise::load8;
     let Pass::Backward { gh, hprev, dhs, dh, dc, direct, dgh, dxp_at, dgh_at, .. } = g.pass else {
         return;
     };
