@@ -322,9 +322,12 @@ impl Emit<'_, '_> {
         whole: &mut dyn FnMut(&mut Self, Value),
         partial_unit: &mut dyn FnMut(&mut Self),
     ) {
-        let top = self.i64(full as i64);
-        let cap = self.b.ins().smin(hi, top);
-        self.for_dynamic(lo, cap, |e, u| whole(e, u));
+        // No loop over whole units where there are none (a parameter smaller than a chunk).
+        if full > 0 {
+            let top = self.i64(full as i64);
+            let cap = self.b.ins().smin(hi, top);
+            self.for_dynamic(lo, cap, |e, u| whole(e, u));
+        }
         if partial {
             let reaches = self.icmp_imm(IntCC::SignedGreaterThan, hi, full as i64);
             let starts = self.icmp_imm(IntCC::SignedLessThanOrEqual, lo, full as i64);

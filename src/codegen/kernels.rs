@@ -1628,12 +1628,12 @@ fn update(
     });
 }
 
-/// Every optimizer update in one kernel: its work units are the chunks of all parameters one
-/// after another, and `lo..hi` picks some of them.
 /// The full-width Adam update (`elementwise::aec_adam`) as the updates kernel imports it, and
 /// its calls by update node.
 pub type AdamPrimitive<'a> = (FuncRef, &'a [(NodeId, Box<super::elementwise::AdamCall>)]);
 
+/// Every optimizer update in one kernel: its work units are the chunks of all parameters one
+/// after another, and `lo..hi` picks some of them.
 pub fn updates(
     e: &mut Emit,
     g: &Graph,
