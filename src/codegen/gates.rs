@@ -117,16 +117,6 @@ impl Gates {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn step_avx2(base: *mut u8, g: &Gates, (r0, rows): (usize, usize), step: usize) {
-    // The backward's rows of the step before lie T steps' worth of floats apart in the
-    // `[B, T, …]` buffers, which the hardware prefetchers do not follow from row to row: ask
-    // for them now, while this step's gates and projection run (the backward's calls took 3%
-    // less time; the forward's, which compute more per byte, none).
-    if matches!(g.pass, Pass::Backward { .. }) && step > 0 {
-        for r in r0..r0 + rows {
-            // SAFETY: prefetches only hint; the addresses lie inside the arena (`extent`).
-            unsafe { prefetch_row(base, g, r, step - 1) };
-        }
-    }
     for r in r0..r0 + rows {
         // SAFETY: as the caller promises, row by row.
         unsafe {
@@ -136,32 +126,6 @@ pub(super) unsafe fn step_avx2(base: *mut u8, g: &Gates, (r0, rows): (usize, usi
             }
         }
     }
-}
-
-/// Asks the caches for what row `r` of the backward reads and writes at step `t`.
-///
-/// # Safety
-/// As [`step_avx2`], for row `r` and step `t`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn prefetch_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
-    use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
-    let Pass::Backward { gh: saves, hprev, dhs, dxp_at, dgh_at, .. } = g.pass else { return };
-    let (xrow, srow, vrow, _, _) = rows(g, r, t);
-    let (gh, s, sv) = (g.gh(), g.s(), g.sv());
-    let lines = |off: usize, at: usize, floats: usize, write: bool| {
-        let start = off + 4 * at;
-        for byte in (start..start + 4 * floats).step_by(64) {
-            // SAFETY: inside the buffer at `off`, which the arena holds (`Gates::extent`).
-            let p = unsafe { base.add(byte) } as *const i8;
-            if write { _mm_prefetch::<_MM_HINT_ET0>(p) } else { _mm_prefetch::<_MM_HINT_T0>(p) }
-        }
-    };
-    lines(saves, vrow, sv, false);
-    lines(hprev, srow, s, false);
-    lines(dhs, srow, s, false);
-    lines(g.out, dxp_at + xrow, gh, true);
-    lines(g.out, dgh_at + xrow, gh, true);
 }
 
 /// Element offsets of row `r` at step `t`: its projections (`[B, T, G·H]`), its states
