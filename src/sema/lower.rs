@@ -171,7 +171,11 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
             l.g.outputs.push(("memory".into(), memory));
         }
     }
-    Ok(l.g)
+    // A layer's node may be left unread: an embedding whose table the recurrent layer after
+    // it projects and gathers from instead (`recurrent`).
+    let names: Vec<String> = l.g.outputs.iter().map(|o| o.0.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    crate::passes::dce::keep_outputs(&l.g, &names)
 }
 
 struct Lower {
@@ -687,13 +691,28 @@ impl Lower {
         // The input projection of every step at once (one matmul), then the time loop.
         let [b, t, i] = <[usize; 3]>::try_from(self.g.ty(xs).shape.as_slice())
             .map_err(|_| "recurrent input must be [B, T, I]".to_string())?;
-        let flat = self.add(Op::Reshape { x: xs, shape: vec![b * t, i] }, span)?;
-        let mut xp = self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?;
-        if let Some(bias) = b_ih {
-            xp = self.add(Op::BiasAdd { x: xp, bias }, span)?;
-        }
-        let gh = self.g.ty(xp).shape[1];
-        let xp = self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?;
+        let xp = match self.g.node(xs).op {
+            // Tokens through an embedding whose table has at most half as many rows as the
+            // batch has tokens: each table row is projected once (`table·W_ihᵀ + b_ih`) and the
+            // projections are gathered by id — the same sums for every element, V·I·G·H
+            // multiply-adds instead of B·T·I·G·H, and the gradients through the table alike.
+            Op::Embed { table, ids } if 2 * self.g.ty(table).shape[0] <= b * t => {
+                let mut proj = self.add(Op::MatMul { a: table, b: w_ih, ta: false, tb: true }, span)?;
+                if let Some(bias) = b_ih {
+                    proj = self.add(Op::BiasAdd { x: proj, bias }, span)?;
+                }
+                self.add(Op::Embed { table: proj, ids }, span)?
+            }
+            _ => {
+                let flat = self.add(Op::Reshape { x: xs, shape: vec![b * t, i] }, span)?;
+                let mut xp = self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?;
+                if let Some(bias) = b_ih {
+                    xp = self.add(Op::BiasAdd { x: xp, bias }, span)?;
+                }
+                let gh = self.g.ty(xp).shape[1];
+                self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?
+            }
+        };
         let hs = self.add(Op::Recurrent { cell: ir_cell(r.cell), xp, h0, w_hh, b_hh }, span)?;
         // A padded source's sentences end before their padding: the state there, as PyTorch's
         // packed sequences give it (the steps before it never see the padding).
