@@ -247,7 +247,7 @@ unsafe fn store_n<const N: usize>(p: *mut f32, v: &V<N>, left: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn add_n<const N: usize>(a: V<N>, b: V<N>) -> V<N> {
+fn add_n<const N: usize>((a, b): (V<N>, V<N>)) -> V<N> {
     let mut out = a;
     for i in 0..N {
         out[i] = _mm256_add_ps(a[i], b[i]);
@@ -275,7 +275,7 @@ impl Lanes {
         self.base.wrapping_add(off + 4 * (i + self.j)) as *mut f32
     }
 
-    /// Gate k's projections: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (b_hh added here).
+    /// Gate k's two projections: x·W_ihᵀ + b_ih and h·W_hhᵀ + b_hh (b_hh added here).
     ///
     /// Always inlined, and so without a target feature of its own (the two cannot go
     /// together): its intrinsics compile as part of the AVX2 caller. An outlined call would
@@ -284,15 +284,19 @@ impl Lanes {
     /// # Safety
     /// The lanes lie inside the buffers (`Gates::extent`).
     #[inline(always)]
-    unsafe fn pre<const N: usize>(&self, (xp, gh, bias): (usize, usize, Option<usize>), k: usize) -> V<N> {
+    unsafe fn pre<const N: usize>(
+        &self,
+        (xp, gh, bias): (usize, usize, Option<usize>),
+        k: usize,
+    ) -> (V<N>, V<N>) {
         let k0 = k * self.hs;
         // SAFETY: as the caller promises.
         unsafe {
             let mut y = load_n::<N>(self.at(gh, self.grow + k0), self.n);
             if let Some(b) = bias {
-                y = add_n(y, load_n::<N>(self.at(b, k0), self.n));
+                y = add_n((y, load_n::<N>(self.at(b, k0), self.n)));
             }
-            add_n(load_n::<N>(self.at(xp, self.xrow + k0), self.n), y)
+            (load_n::<N>(self.at(xp, self.xrow + k0), self.n), y)
         }
     }
 
@@ -336,22 +340,18 @@ unsafe fn forward_lanes<const N: usize>(
         let (hp, op) = (l.at(h, hrow), l.at(g.out, orow));
         match g.cell {
             Cell::Rnn => {
-                let a = tanh_n(l.pre::<N>(p, 0));
+                let a = tanh_n(add_n(l.pre::<N>(p, 0)));
                 l.keep(saved, 0, &a);
                 store_n(hp, &a, n);
                 store_n(op, &a, n);
             }
             Cell::Gru => {
-                let rr = sigmoid_n(l.pre::<N>(p, 0));
+                let rr = sigmoid_n(add_n(l.pre::<N>(p, 0)));
                 l.keep(saved, 0, &rr);
-                let z = sigmoid_n(l.pre::<N>(p, 1));
+                let z = sigmoid_n(add_n(l.pre::<N>(p, 1)));
                 l.keep(saved, 1, &z);
                 // n's projections apart: r multiplies the hidden one.
-                let xn = load_n::<N>(l.at(xp, xrow + 2 * hs), n);
-                let mut yn = load_n::<N>(l.at(gh, grow + 2 * hs), n);
-                if let Some(b) = bias {
-                    yn = add_n(yn, load_n::<N>(l.at(b, 2 * hs), n));
-                }
+                let (xn, yn) = l.pre::<N>(p, 2);
                 l.keep(saved, 2, &yn);
                 let mut nn = xn;
                 for i in 0..N {
@@ -369,10 +369,10 @@ unsafe fn forward_lanes<const N: usize>(
                 store_n(op, &hn, n);
             }
             Cell::Lstm => {
-                let i = sigmoid_n(l.pre::<N>(p, 0));
-                let f = sigmoid_n(l.pre::<N>(p, 1));
-                let gg = tanh_n(l.pre::<N>(p, 2));
-                let o = sigmoid_n(l.pre::<N>(p, 3));
+                let i = sigmoid_n(add_n(l.pre::<N>(p, 0)));
+                let f = sigmoid_n(add_n(l.pre::<N>(p, 1)));
+                let gg = tanh_n(add_n(l.pre::<N>(p, 2)));
+                let o = sigmoid_n(add_n(l.pre::<N>(p, 3)));
                 for (k, v) in [&i, &f, &gg, &o].into_iter().enumerate() {
                     l.keep(saved, k, v);
                 }
