@@ -203,7 +203,7 @@ unsafe fn sum_exp_avx2(x: *const f32, out: Option<*mut f32>, n: usize, max: f32)
         // Four vectors at a time, their exponentials interleaved (`wide_math::exp_n`), added
         // in order.
         while j + 32 <= n {
-            let v = [0, 8, 16, 24].map(|i| _mm256_sub_ps(_mm256_loadu_ps(x.add(j + i)), m));
+            let v = load_n::<4>(x.add(j), 32).map(|v| _mm256_sub_ps(v, m));
             for (i, t) in wide_math::exp_n(v).into_iter().enumerate() {
                 if let Some(o) = out {
                     _mm256_storeu_ps(o.add(j + 8 * i), t);
@@ -449,10 +449,7 @@ unsafe fn op_over(
                 let mut j = 0;
                 while j + 32 <= len {
                     let p = dst.add(j);
-                    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
-                    for (i, v) in unary_n(f, v).into_iter().enumerate() {
-                        _mm256_storeu_ps(p.add(8 * i), v);
-                    }
+                    store_n(p, &unary_n(f, load_n::<4>(p, 32)), 32);
                     j += 32;
                 }
                 each8(dst.add(j), len - j, |v, _| unary(f, v))
@@ -502,6 +499,54 @@ pub(super) unsafe fn load8(p: *const f32, left: usize) -> std::arch::x86_64::__m
             let mut pad = [0f32; 8];
             std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), left);
             _mm256_loadu_ps(pad.as_ptr())
+        }
+    }
+}
+
+/// `N` vectors from `p`, the last of them padded past `left` floats (`left > 8·(N − 1)`).
+///
+/// # Safety
+/// `min(left, 8·N)` floats at `p` are readable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn load_n<const N: usize>(p: *const f32, left: usize) -> wide_math::V<N> {
+    use std::arch::x86_64::_mm256_loadu_ps;
+    let mut v = [std::arch::x86_64::_mm256_setzero_ps(); N];
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 * N {
+            for (i, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(p.add(8 * i));
+            }
+        } else {
+            for (i, v) in v.iter_mut().enumerate() {
+                *v = load8(p.add(8 * i), left - 8 * i);
+            }
+        }
+    }
+    v
+}
+
+/// Stores `N` vectors at `p`, the last of them only up to `left` floats.
+///
+/// # Safety
+/// `min(left, 8·N)` floats at `p` are writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn store_n<const N: usize>(p: *mut f32, v: &wide_math::V<N>, left: usize) {
+    use std::arch::x86_64::_mm256_storeu_ps;
+    // SAFETY: as the caller promises.
+    unsafe {
+        if left >= 8 * N {
+            for (i, &v) in v.iter().enumerate() {
+                _mm256_storeu_ps(p.add(8 * i), v);
+            }
+        } else {
+            for (i, &v) in v.iter().enumerate() {
+                store8(p.add(8 * i), v, left - 8 * i);
+            }
         }
     }
 }

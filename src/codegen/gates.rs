@@ -137,7 +137,7 @@ fn rows(g: &Gates, r: usize, t: usize) -> (usize, usize, usize, usize, usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::elementwise::{load8, store8, wide_math::V};
+use super::elementwise::{load_n, load8, store_n, store8, wide_math::V};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_sub_ps,
@@ -192,54 +192,6 @@ unsafe fn forward_row(base: *mut u8, g: &Gates, r: usize, t: usize) {
         while j < g.h {
             forward_lanes::<1>(base, g, (r, t), j, (g.h - j).min(8));
             j += 8;
-        }
-    }
-}
-
-/// `N` vectors from `p`, the last of them padded past `left` floats (`left > 8·(N − 1)`).
-///
-/// # Safety
-/// `min(left, 8·N)` floats at `p` are readable.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn load_n<const N: usize>(p: *const f32, left: usize) -> V<N> {
-    use std::arch::x86_64::_mm256_loadu_ps;
-    let mut v = [std::arch::x86_64::_mm256_setzero_ps(); N];
-    // SAFETY: as the caller promises.
-    unsafe {
-        if left >= 8 * N {
-            for (i, v) in v.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(p.add(8 * i));
-            }
-        } else {
-            for (i, v) in v.iter_mut().enumerate() {
-                *v = load8(p.add(8 * i), left - 8 * i);
-            }
-        }
-    }
-    v
-}
-
-/// Stores `N` vectors at `p`, the last of them only up to `left` floats.
-///
-/// # Safety
-/// `min(left, 8·N)` floats at `p` are writable.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store_n<const N: usize>(p: *mut f32, v: &V<N>, left: usize) {
-    use std::arch::x86_64::_mm256_storeu_ps;
-    // SAFETY: as the caller promises.
-    unsafe {
-        if left >= 8 * N {
-            for (i, &v) in v.iter().enumerate() {
-                _mm256_storeu_ps(p.add(8 * i), v);
-            }
-        } else {
-            for (i, &v) in v.iter().enumerate() {
-                store8(p.add(8 * i), v, left - 8 * i);
-            }
         }
     }
 }

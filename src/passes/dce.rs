@@ -3,6 +3,12 @@
 
 use crate::ir::{Graph, Op};
 
+/// The graph without the nodes none of its outputs (nor any `Update`) depends on.
+pub fn drop_unread(g: &Graph) -> Result<Graph, String> {
+    let names: Vec<&str> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    keep_outputs(g, &names)
+}
+
 /// The graph reduced to what `outputs` (and any `Update`) depend on; other outputs removed.
 pub fn keep_outputs(g: &Graph, outputs: &[&str]) -> Result<Graph, String> {
     let mut live = vec![false; g.len()];

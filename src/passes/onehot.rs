@@ -53,9 +53,7 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
     if !changed {
         return Ok(out);
     }
-    let names: Vec<String> = out.outputs.iter().map(|o| o.0.clone()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    super::dce::keep_outputs(&out, &names)
+    super::dce::drop_unread(&out)
 }
 
 fn copy(g: &Graph, id: NodeId, out: &mut Graph, map: &[NodeId]) -> Result<NodeId, String> {

@@ -134,8 +134,7 @@ pub fn rewrite(g: &Graph) -> Result<Graph, String> {
     for (name, id) in &g.outputs {
         out.outputs.push((name.clone(), map[id.index()]));
     }
-    let names: Vec<&str> = out.outputs.iter().map(|(n, _)| n.as_str()).collect();
-    super::dce::keep_outputs(&out, &names)
+    super::dce::drop_unread(&out)
 }
 
 /// Whether the switches `idx` never repeat within a plane: those of a pool whose windows do

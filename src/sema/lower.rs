@@ -173,9 +173,7 @@ fn lower_with(m: &Model, cfg: &Lowering, stage_target: Option<usize>) -> Result<
     }
     // A layer's node may be left unread: an embedding whose table the recurrent layer after
     // it projects and gathers from instead (`recurrent`).
-    let names: Vec<String> = l.g.outputs.iter().map(|o| o.0.clone()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    crate::passes::dce::keep_outputs(&l.g, &names)
+    crate::passes::dce::drop_unread(&l.g)
 }
 
 struct Lower {
