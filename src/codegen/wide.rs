@@ -68,8 +68,11 @@ pub fn worth(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// C's columns (or rows) per work unit: at most about this many, a multiple of 8, in an even
-/// number of units.
-const UNIT: usize = 128;
+/// number of units. Every unit reads the whole shared operand again, so that overhead falls
+/// as one over the unit: steps alternated in one process on Zen 3 (one and two threads) ran
+/// 3–5% faster at 512 than at 128 for bench_mlp784 and bench_unet, and no spec slower; larger
+/// units still would leave a machine of many cores too few of them.
+const UNIT: usize = 512;
 
 /// Rows per work unit of a recurrent loop's projection over `rows` batch rows: each step's
 /// call into the core covers one unit, so the rows a call sees never depend on how threads
