@@ -38,7 +38,7 @@ fn report() {
     }
     for (path, label) in paths() {
         let width = match path {
-            MatmulPath::Auto => peaks.first(),
+            MatmulPath::Auto | MatmulPath::Gemm => peaks.first(),
             MatmulPath::Cranelift => peaks.iter().find(|p| p.0 == "128-bit"),
         };
         for n in [64usize, 256, 1024] {

@@ -1077,6 +1077,54 @@ fn full_width_recurrent_gates_give_the_cranelift_kernels_bits() {
 }
 
 #[test]
+fn recurrent_products_on_register_tiles_give_the_gemm_crates_bits() {
+    // aec's 256-bit register tiles for the recurrent steps' products, against the gemm crate
+    // (`AEC_MATMUL=gemm`): hidden sizes leaving 1 to 7 columns past a panel of 8 (forward
+    // G·H columns, backward H), batches leaving 1 to 3 rows past a tile of 4 (and batch 1).
+    // Both are one chain of fmas per element over k ≤ 256, so the whole state after three
+    // steps must be the same bits, on one and two threads.
+    use aec::codegen::wide::{self, MatmulPath};
+    if wide::isa() != Some("AVX2+FMA") {
+        return; // The tiles run only where the wide core is AVX2.
+    }
+    for (cell, h, batch) in
+        [("gru", 15, 13), ("gru", 37, 1), ("lstm", 13, 7), ("lstm", 19, 3), ("rnn", 23, 9)]
+    {
+        let src = format!(
+            "model t {{ input s: seq[6] of token[5]\n encoder {{ embed 4; {cell} {h} }}\n \
+             decoder {{ {cell} {h} teacher_forcing; dense 5 -> softmax }}\n loss cross_entropy(s) }}\n \
+             train {{ optimizer sgd(lr: 0.5) }}"
+        );
+        let compiled = aec::compile(&src, &aec::Config { batch: Some(batch) }).expect("compiles");
+        let g = aec::training_step(&compiled).expect("step");
+        let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
+        let mut ends = Vec::new();
+        for (path, threads) in [(MatmulPath::Gemm, 1), (MatmulPath::Auto, 1), (MatmulPath::Auto, 2)] {
+            let program = Program::compile(&g, Options { matmul: path, ..Options::default() });
+            let mut program = program.expect("compiles");
+            let tiles = aec::codegen::describe(&program).matches("register tiles").count();
+            assert_eq!(tiles, if path == MatmulPath::Auto { 4 } else { 0 }, "{src}: {path:?}");
+            program.set_threads(threads);
+            program.set_state(&start).expect("state");
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            for step in 1..=3 {
+                program.run(&random_inputs(&g, &mut rng), 5, step).expect("runs");
+            }
+            let mut end = State::new(Vec::new());
+            program.get_state(&mut end);
+            ends.push(
+                end.params
+                    .iter()
+                    .map(|p| p.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert!(ends[0] == ends[1], "{src} at batch {batch}: the tiles differ from the gemm crate");
+        assert!(ends[1] == ends[2], "{src} at batch {batch}: two threads differ from one");
+    }
+}
+
+#[test]
 fn the_full_width_adam_update_gives_the_cranelift_kernels_bits() {
     // Adam, AdamW and Adam clipped by norm, with weight decay; parameters of 1 to 7 elements
     // past a multiple of 8 and one of two chunks (9,797 elements); one and two threads.

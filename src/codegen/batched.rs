@@ -30,7 +30,7 @@ fn dims(g: &Graph, id: NodeId) -> Option<(usize, (usize, usize, usize))> {
     Some((b, (m, n, k)))
 }
 
-fn wide_call(g: &Graph, plan: &Plan, id: NodeId, _scratch: usize, _full_width: bool) -> Option<Call> {
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, _scratch: usize, _: wide::Extras) -> Option<Call> {
     let Op::BatchMatMul { a, b, ta, tb } = g.node(id).op else { return None };
     let (batch, (m, n, k)) = dims(g, id)?;
     let at = |x: NodeId| plan.node[x.index()];

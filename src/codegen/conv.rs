@@ -188,7 +188,7 @@ fn row_stride(n: usize) -> usize {
 /// A weight gradient's: `dW[Cout, CKK] = dy'[Cout, N] · im2col(x)ᵀ`, the output gradient
 /// row-major `[Cout, N]` in the packed region and im2col `[CKK, N]` in the temporary, read
 /// transposed.
-fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _full_width: bool) -> Option<Call> {
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras) -> Option<Call> {
     if sparse::parts(g, id).is_some() {
         return None;
     }

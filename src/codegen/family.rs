@@ -31,8 +31,8 @@ pub struct Family {
     /// Bytes of scratch node `id` needs while it runs.
     pub scratch_bytes: fn(&Graph, NodeId) -> usize,
     /// The wide core's call for node `id` at `scratch`, when it uses the core; the last
-    /// argument says whether the core may do elementwise work at full width as well.
-    pub wide_call: fn(&Graph, &Plan, NodeId, usize, bool) -> Option<wide::Call>,
+    /// argument says what the core may use besides the gemm crate's kernels.
+    pub wide_call: fn(&Graph, &Plan, NodeId, usize, wide::Extras) -> Option<wide::Call>,
     /// Work units `lo..hi` ranges over in part `k`, and its rough work (multiply-adds for the
     /// main part), given the wide core's call if there is one.
     pub units: fn(&Graph, NodeId, usize, Option<&wide::Call>) -> (usize, usize),

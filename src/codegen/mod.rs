@@ -34,6 +34,7 @@ pub mod plan;
 mod recurrent;
 mod resample;
 mod sparse;
+mod tiles;
 pub mod wide;
 
 use crate::ir::{DType, Graph, NodeId, Op, OptimizerFn};
@@ -475,7 +476,7 @@ impl Program {
             .map_err(|e| format!("the graph `{}` cannot be compiled: {}", g.name, e.join("; ")))?;
         let groups = fuse::groups(g);
         let wide_isa = match opts.matmul {
-            wide::MatmulPath::Auto => wide::isa(),
+            wide::MatmulPath::Auto | wide::MatmulPath::Gemm => wide::isa(),
             wide::MatmulPath::Cranelift => None,
         };
         let mut fused_matmul = vec![false; g.len()];
@@ -556,7 +557,11 @@ impl Program {
         let ew_isa = opts.elementwise.isa();
         let adam_calls = if ew_isa.is_some() { adam_calls(g, &plan)? } else { Vec::new() };
         // The matmuls that run on the wide core, each with its call (index by group).
-        let calls = wide_calls(g, &groups, &plan, (wide_isa.is_some(), ew_isa.is_some()), &is_wide)?;
+        let extras = wide::Extras {
+            full_width: ew_isa.is_some(),
+            tiles: opts.matmul == wide::MatmulPath::Auto && tiles::fit(),
+        };
+        let calls = wide_calls(g, &groups, &plan, (wide_isa.is_some(), extras), &is_wide)?;
         let mut fctx = FunctionBuilderContext::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
@@ -1105,7 +1110,7 @@ fn wide_calls(
     g: &Graph,
     groups: &[fuse::Group],
     plan: &plan::Plan,
-    (wide_available, full_width_epilogue): (bool, bool),
+    (wide_available, extras): (bool, wide::Extras),
     is_wide: &dyn Fn(NodeId) -> bool,
 ) -> Result<Vec<Option<Box<wide::Call>>>, String> {
     let mut calls: Vec<Option<Box<wide::Call>>> = vec![None; groups.len()];
@@ -1117,9 +1122,8 @@ fn wide_calls(
             // A family's call into the core (a recurrent loop's per-step projection, a
             // dense conv2d's matmul, a batch of products).
             let scratch = family_scratch(g, plan, *id)?;
-            let call = family::of(g, *id).and_then(|(f, _)| {
-                (family::FAMILIES[f].wide_call)(g, plan, *id, scratch, full_width_epilogue)
-            });
+            let call = family::of(g, *id)
+                .and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch, extras));
             if let Some(call) = call {
                 if call.extent() > plan.size {
                     return Err(format!("the wide matmul of %{} reaches past the arena", id.0));
@@ -1136,7 +1140,7 @@ fn wide_calls(
             let mut call =
                 wide::Call::new((m, n, k), (plan.node[a.index()], ta), (plan.node[rhs.index()], tb), out);
             // With the full-width primitives, the core applies the epilogue itself.
-            if full_width_epilogue {
+            if extras.full_width {
                 call.epilogue = matmul::epilogue(g, plan, *mm, chain);
             }
             if call.extent() > plan.size {
@@ -1425,7 +1429,9 @@ pub fn describe(p: &Program) -> String {
                 let r = grp.result();
                 let full = p.calls[k.group].as_ref().is_some_and(|c| !c.epilogue.is_empty());
                 let gates = p.calls[k.group].as_ref().is_some_and(|c| c.gates.is_some());
+                let tiles = p.calls[k.group].as_ref().is_some_and(|c| c.panels);
                 let core = match (k.wide, full, gates) {
+                    (true, _, true) if tiles => " [matmul on 256-bit register tiles, gates at 256 bits]",
                     (true, _, true) => " [matmul and gates on the wide core, gates at 256 bits]",
                     (true, true, false) => " [matmul on the wide core, epilogue at 256 bits]",
                     (true, false, false) => " [matmul on the wide core]",

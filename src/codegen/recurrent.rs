@@ -45,15 +45,27 @@ fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
     parts(g, id).map(|_| Parts { names: &["pack", "loop"], main: 1 })
 }
 
-fn family_wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, full_width: bool) -> Option<Call> {
+fn family_wide_call(
+    g: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    scratch: usize,
+    extras: wide::Extras,
+) -> Option<Call> {
     let mut call = if wide_worth(g, id) { wide_call(g, plan, id, scratch)? } else { return None };
     // With the full-width primitives, the core computes the gates too (`gates`), and the
     // projection's epilogue before them (the backward's; the forward's bias goes into the
     // gates).
-    if full_width && cfg!(target_arch = "x86_64") {
+    if extras.full_width && cfg!(target_arch = "x86_64") {
         let (gates, epilogue) = full_width_gates(g, plan, id, scratch)?;
         call.gates = Some(gates);
         call.epilogue = epilogue;
+    }
+    // The product on aec's register tiles, over W_hh packed once per loop in the 128-bit
+    // path's panels (which the pack part then writes).
+    if extras.tiles {
+        let d = dims(g, id)?;
+        call = Call { b: layout(d, scratch)[0], panels: true, ..call };
     }
     Some(call)
 }
@@ -281,13 +293,15 @@ fn emit(
     let r1 = e.b.ins().smin(r1, bmax);
     let lp =
         Loop { g, plan, id, d, out, slots: [packed, s1, s2, s3, s4], rows: (r0, r1), units: (lo, hi), core };
+    // The gemm crate reads W_hh as it is backward, and W_hhᵀ row-major forward; the register
+    // tiles, like Cranelift's kernel, read the panels.
+    let gemm = core.is_some_and(|(_, call, _)| !call.panels);
     match (g.node(id).op.clone(), part) {
         // The wide core reads W_hhᵀ row-major [H, G·H]: a transposed copy.
-        (Op::Recurrent { w_hh, .. }, Part::Pack) if core.is_some() => {
+        (Op::Recurrent { w_hh, .. }, Part::Pack) if gemm => {
             transpose_panels(e, at(w_hh), (d.gh(), d.h), packed, (lo, hi))
         }
-        // The backward's core reads W_hh as it is.
-        (Op::RecurrentGrad { .. }, Part::Pack) if core.is_some() => {}
+        (Op::RecurrentGrad { .. }, Part::Pack) if gemm => {}
         // gh = h·W_hhᵀ: B = W_hhᵀ [H, G·H], W_hh stored [G·H, H].
         (Op::Recurrent { w_hh, .. }, Part::Pack) => {
             matmul::pack_b(e, at(w_hh), true, d.h, d.gh(), packed, (lo, hi))

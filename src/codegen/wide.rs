@@ -26,19 +26,32 @@ pub enum MatmulPath {
     /// AVX-512; Cranelift's 128-bit kernel otherwise.
     #[default]
     Auto,
+    /// The gemm crate's kernels for every matmul the wide core takes: not aec's register
+    /// tiles for recurrent steps ([`super::tiles`]), for comparing the two.
+    Gemm,
     /// Cranelift's 128-bit kernel for every matmul.
     Cranelift,
 }
 
 impl MatmulPath {
-    /// The path `AEC_MATMUL` asks for: `auto` (or unset) or `cranelift`.
+    /// The path `AEC_MATMUL` asks for: `auto` (or unset), `gemm` or `cranelift`.
     pub fn from_env() -> Result<MatmulPath, String> {
         match std::env::var("AEC_MATMUL").as_deref() {
             Err(_) | Ok("auto") | Ok("") => Ok(MatmulPath::Auto),
+            Ok("gemm") => Ok(MatmulPath::Gemm),
             Ok("cranelift") => Ok(MatmulPath::Cranelift),
-            Ok(other) => Err(format!("AEC_MATMUL={other}: expected `auto` or `cranelift`")),
+            Ok(other) => Err(format!("AEC_MATMUL={other}: expected `auto`, `gemm` or `cranelift`")),
         }
     }
+}
+
+/// What a kernel family's call into the wide core may use besides the gemm crate's kernels.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// The full-width elementwise primitives ([`super::elementwise`]): epilogues and gates.
+    pub full_width: bool,
+    /// aec's register tiles for a recurrent step's product ([`super::tiles`]).
+    pub tiles: bool,
 }
 
 /// The instruction set the wide core runs with on this machine, or `None` when it would not
@@ -114,6 +127,10 @@ pub struct Call {
     /// A recurrent loop's gates, computed at full width with each unit's projection
     /// ([`super::gates`]): the call's unit argument is then `step · units + unit`.
     pub gates: Option<super::gates::Gates>,
+    /// B is packed in panels of 8 columns (`matmul::pack_b`, by the kernel before) and the
+    /// product runs on aec's 256-bit register tiles ([`super::tiles`]), not the gemm crate; A
+    /// is then row-major.
+    pub panels: bool,
 }
 
 impl Call {
@@ -151,6 +168,7 @@ impl Call {
             batch_bytes: [0; 3],
             epilogue: Vec::new(),
             gates: None,
+            panels: false,
         }
     }
 
@@ -206,7 +224,11 @@ impl Call {
         };
         let later = |i: usize| self.batch.saturating_sub(1) * self.batch_bytes[i];
         let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
-        let b = last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1);
+        let b = if self.panels {
+            self.b + super::matmul::packed_bytes(self.k, self.n)
+        } else {
+            last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1)
+        };
         let c = last(self.c, self.m, self.n as isize, self.n, 1) + later(2);
         // The epilogue's operands: a bias along C's columns, other buffers of C's shape.
         let ep = self.epilogue.iter().map(|op| match *op {
@@ -285,6 +307,32 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         let a = (base.add(c.a + da) as *const f32).offset(r0 as isize * c.a_rs);
         let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
+        if c.panels {
+            // `Program::compile` sets `panels` only where the CPU has AVX2 and FMA
+            // (`tiles::fit`), with B packed in the panels `extent` counts and A row-major.
+            #[cfg(target_arch = "x86_64")]
+            super::tiles::product_avx2((rows, cols, c.k), (a, c.a_rs as usize), b, (dst, c.n));
+        } else {
+            gemm(c, (rows, cols), a, b, dst);
+        }
+        // The fused epilogue on the unit's block while it is in cache, at full width: its
+        // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
+        // CPU has AVX2 and FMA (`ElementwisePath::isa`).
+        #[cfg(target_arch = "x86_64")]
+        if !c.epilogue.is_empty() {
+            super::elementwise::epilogue_avx2(base, (c.c + dc, c.n), (r0, rows, c0, cols), &c.epilogue);
+        }
+    }
+}
+
+/// The gemm crate's kernel on a `rows × cols` block of C (`dst` its first element), A and B
+/// at their first row and column of the block.
+///
+/// # Safety
+/// As [`product`]'s, for the block.
+unsafe fn gemm(c: &Call, (rows, cols): (usize, usize), a: *const f32, b: *const f32, dst: *mut f32) {
+    // SAFETY: as this function's caller promises.
+    unsafe {
         let kernel = gemm_f32::gemm::f32::get_gemm_fn();
         // The kernels want a column-major destination: C = A·B with C row-major is computed as
         // Cᵀ = Bᵀ·Aᵀ, column-major (what the `gemm` facade does).
@@ -332,13 +380,6 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
                 false,
                 Parallelism::None,
             );
-        }
-        // The fused epilogue on the unit's block while it is in cache, at full width: its
-        // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
-        // CPU has AVX2 and FMA (`ElementwisePath::isa`).
-        #[cfg(target_arch = "x86_64")]
-        if !c.epilogue.is_empty() {
-            super::elementwise::epilogue_avx2(base, (c.c + dc, c.n), (r0, rows, c0, cols), &c.epilogue);
         }
     }
 }
