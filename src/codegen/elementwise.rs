@@ -201,27 +201,46 @@ unsafe fn sum_exp_avx2(x: *const f32, out: Option<*mut f32>, n: usize, max: f32)
         let mut sum = Sum128::new(n);
         let mut j = 0;
         // Four vectors at a time, their exponentials interleaved (`wide_math::exp_n`), added
-        // in order.
+        // in order; then the last one to four (all of a short row's: attention's over 20
+        // source positions is three), the last padded.
         while j + 32 <= n {
-            let v = load_n::<4>(x.add(j), 32).map(|v| _mm256_sub_ps(v, m));
-            for (i, t) in wide_math::exp_n(v).into_iter().enumerate() {
-                if let Some(o) = out {
-                    _mm256_storeu_ps(o.add(j + 8 * i), t);
-                }
-                sum.add(t, j + 8 * i);
-            }
+            sum_exp_block::<4>((x, out), j, j + 32, m, &mut sum);
             j += 32;
         }
-        while j < n {
-            let left = n - j;
-            let t = wide_math::exp(_mm256_sub_ps(load8(x.add(j), left), m));
-            if let Some(o) = out {
-                store8(o.add(j), t, left);
-            }
-            sum.add(t, j);
-            j += 8;
+        match (n - j).div_ceil(8) {
+            4 => sum_exp_block::<4>((x, out), j, n, m, &mut sum),
+            3 => sum_exp_block::<3>((x, out), j, n, m, &mut sum),
+            2 => sum_exp_block::<2>((x, out), j, n, m, &mut sum),
+            1 => sum_exp_block::<1>((x, out), j, n, m, &mut sum),
+            _ => {}
         }
         sum.total()
+    }
+}
+
+/// The exponentials of `x[j..end]` less `m`, `N` vectors (`8·(N − 1) < end − j ≤ 8·N`), added
+/// to `sum` (and stored at `out`), the last vector padded.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_block<const N: usize>(
+    (x, out): (*const f32, Option<*mut f32>),
+    j: usize,
+    end: usize,
+    m: std::arch::x86_64::__m256,
+    sum: &mut Sum128,
+) {
+    use std::arch::x86_64::_mm256_sub_ps;
+    // SAFETY: `j..end` is inside the row, as `sum_exp_avx2`'s caller promises.
+    unsafe {
+        let left = end - j;
+        let t = wide_math::exp_n(load_n::<N>(x.add(j), left).map(|v| _mm256_sub_ps(v, m)));
+        if let Some(o) = out {
+            store_n(o.add(j), &t, left);
+        }
+        for (i, t) in t.into_iter().enumerate() {
+            sum.add(t, j + 8 * i);
+        }
     }
 }
 
