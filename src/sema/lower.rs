@@ -701,6 +701,19 @@ impl Lower {
                 }
                 self.add(Op::Embed { table: proj, ids }, span)?
             }
+            // A teacher-forced decoder's previous tokens, one-hot: the product picks column
+            // `id` of W_ih, so the table is W_ihᵀ (+ b_ih) and the projections are gathered
+            // by id alike (the same sums: every product by a one-hot is a single term).
+            Op::OneHot { ids, depth } if 2 * depth <= b * t => {
+                let gh = self.g.ty(w_ih).shape[0];
+                let w = self.add(Op::Reshape { x: w_ih, shape: vec![1, gh, depth] }, span)?;
+                let w = self.add(Op::Transpose { x: w }, span)?;
+                let mut table = self.add(Op::Reshape { x: w, shape: vec![depth, gh] }, span)?;
+                if let Some(bias) = b_ih {
+                    table = self.add(Op::BiasAdd { x: table, bias }, span)?;
+                }
+                self.add(Op::Embed { table, ids }, span)?
+            }
             _ => {
                 let flat = self.add(Op::Reshape { x: xs, shape: vec![b * t, i] }, span)?;
                 let mut xp = self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?;
