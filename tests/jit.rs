@@ -1077,25 +1077,43 @@ fn full_width_recurrent_gates_give_the_cranelift_kernels_bits() {
 }
 
 #[test]
-fn recurrent_products_on_register_tiles_give_the_gemm_crates_bits() {
-    // aec's 256-bit register tiles for the recurrent steps' products, against the gemm crate
-    // (`AEC_MATMUL=gemm`): hidden sizes leaving 1 to 7 columns past a panel of 8 (forward
-    // G·H columns, backward H), batches leaving 1 to 3 rows past a tile of 4 (and batch 1).
-    // Both are one chain of fmas per element over k ≤ 256, so the whole state after three
-    // steps must be the same bits, on one and two threads.
+fn products_on_register_tiles_give_the_gemm_crates_bits() {
+    // aec's 256-bit register tiles, against the gemm crate (`AEC_MATMUL=gemm`): the recurrent
+    // steps' products over packed W_hh — hidden sizes leaving 1 to 7 columns past a panel of 8
+    // (forward G·H columns, backward H), batches leaving 1 to 3 rows past a tile of 4, and
+    // batch 1 — and attention's products as stored, every transpose (scores and context
+    // forward, four gradients backward) at source lengths and widths that leave partial
+    // panels and tiles. The recurrent products are one chain of fmas per element over k in
+    // both, so the whole state after three steps must be the same bits; the crate sums some
+    // transposed products in another order (the tiles' own test has their exact bits), so
+    // attention's must agree to 1e-5. Two threads must give one's bits.
     use aec::codegen::wide::{self, MatmulPath};
     if wide::isa() != Some("AVX2+FMA") {
         return; // The tiles run only where the wide core is AVX2.
     }
-    for (cell, h, batch) in
-        [("gru", 15, 13), ("gru", 37, 1), ("lstm", 13, 7), ("lstm", 19, 3), ("rnn", 23, 9)]
-    {
+    let recurrent = [("gru", 15, 13), ("gru", 37, 1), ("lstm", 13, 7), ("lstm", 19, 3), ("rnn", 23, 9)];
+    let mut specs: Vec<(String, u64, usize, bool)> = recurrent
+        .iter()
+        .map(|&(cell, h, batch)| {
+            let src = format!(
+                "model t {{ input s: seq[6] of token[5]\n encoder {{ embed 4; {cell} {h} }}\n \
+                 decoder {{ {cell} {h} teacher_forcing; dense 5 -> softmax }}\n loss cross_entropy(s) }}\n \
+                 train {{ optimizer sgd(lr: 0.5) }}"
+            );
+            (src, batch, 4, true)
+        })
+        .collect();
+    for (score, len, h, batch) in [("dot", 19, 21, 3), ("general", 17, 29, 5), ("additive", 13, 35, 2)] {
         let src = format!(
-            "model t {{ input s: seq[6] of token[5]\n encoder {{ embed 4; {cell} {h} }}\n \
-             decoder {{ {cell} {h} teacher_forcing; dense 5 -> softmax }}\n loss cross_entropy(s) }}\n \
-             train {{ optimizer sgd(lr: 0.5) }}"
+            "model t {{ input s: seq[{len}] of token[6]\n encoder {{ embed 4; gru {h} }}\n \
+             decoder {{ gru {h} teacher_forcing; attention {score}; dense 6 -> softmax }}\n \
+             loss cross_entropy(s) }}\n train {{ optimizer sgd(lr: 0.5) }}"
         );
-        let compiled = aec::compile(&src, &aec::Config { batch: Some(batch) }).expect("compiles");
+        // Two products forward and four backward (and the recurrent loops where large enough).
+        specs.push((src, batch, 6, false));
+    }
+    for (src, batch, on_tiles, exact) in &specs {
+        let compiled = aec::compile(src, &aec::Config { batch: Some(*batch) }).expect("compiles");
         let g = aec::training_step(&compiled).expect("step");
         let start = State::new(init::init_params(&compiled.forward, aec::syntax::ast::Init::Default, 4));
         let mut ends = Vec::new();
@@ -1103,7 +1121,8 @@ fn recurrent_products_on_register_tiles_give_the_gemm_crates_bits() {
             let program = Program::compile(&g, Options { matmul: path, ..Options::default() });
             let mut program = program.expect("compiles");
             let tiles = aec::codegen::describe(&program).matches("register tiles").count();
-            assert_eq!(tiles, if path == MatmulPath::Auto { 4 } else { 0 }, "{src}: {path:?}");
+            let expected = if path == MatmulPath::Auto { *on_tiles..usize::MAX } else { 0..1 };
+            assert!(expected.contains(&tiles), "{src}: {tiles} kernels on the tiles with {path:?}");
             program.set_threads(threads);
             program.set_state(&start).expect("state");
             let mut rng = ChaCha8Rng::seed_from_u64(12);
@@ -1112,15 +1131,18 @@ fn recurrent_products_on_register_tiles_give_the_gemm_crates_bits() {
             }
             let mut end = State::new(Vec::new());
             program.get_state(&mut end);
-            ends.push(
-                end.params
-                    .iter()
-                    .map(|p| p.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
-                    .collect::<Vec<_>>(),
-            );
+            ends.push(end.params.concat());
         }
-        assert!(ends[0] == ends[1], "{src} at batch {batch}: the tiles differ from the gemm crate");
-        assert!(ends[1] == ends[2], "{src} at batch {batch}: two threads differ from one");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if *exact {
+            assert!(
+                bits(&ends[0]) == bits(&ends[1]),
+                "{src} at batch {batch}: the tiles differ from the gemm crate"
+            );
+        } else {
+            close(&format!("{src} at batch {batch}: tiles against the gemm crate"), &ends[0], &ends[1], 1e-5);
+        }
+        assert!(bits(&ends[1]) == bits(&ends[2]), "{src} at batch {batch}: two threads differ from one");
     }
 }
 

@@ -30,11 +30,19 @@ fn dims(g: &Graph, id: NodeId) -> Option<(usize, (usize, usize, usize))> {
     Some((b, (m, n, k)))
 }
 
-fn wide_call(g: &Graph, plan: &Plan, id: NodeId, _scratch: usize, _: wide::Extras) -> Option<Call> {
+/// Depth up to which a product runs on aec's register tiles rather than the gemm crate (where
+/// the tiles may): one of the crate's depth blocks, so the bits are its; an attention's
+/// products are small, and the crate's planning and packing at every call was most of their
+/// time.
+const TILES_MAX_K: usize = 256;
+
+fn wide_call(g: &Graph, plan: &Plan, id: NodeId, _scratch: usize, extras: wide::Extras) -> Option<Call> {
     let Op::BatchMatMul { a, b, ta, tb } = g.node(id).op else { return None };
     let (batch, (m, n, k)) = dims(g, id)?;
     let at = |x: NodeId| plan.node[x.index()];
-    wide::worth(m, n, k).then(|| Call::batched(batch, (m, n, k), (at(a), ta), (at(b), tb), at(id)))
+    let call = Call::batched(batch, (m, n, k), (at(a), ta), (at(b), tb), at(id));
+    let tiles = (extras.tiles && k <= TILES_MAX_K).then_some(wide::TileB::AsStored);
+    wide::worth(m, n, k).then_some(Call { tiles, ..call })
 }
 
 /// One unit per product on the wide core; the loop kernel runs whole.

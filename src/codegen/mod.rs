@@ -1429,14 +1429,17 @@ pub fn describe(p: &Program) -> String {
                 let r = grp.result();
                 let full = p.calls[k.group].as_ref().is_some_and(|c| !c.epilogue.is_empty());
                 let gates = p.calls[k.group].as_ref().is_some_and(|c| c.gates.is_some());
-                let tiles = p.calls[k.group].as_ref().is_some_and(|c| c.panels);
+                let tiles = p.calls[k.group].as_ref().is_some_and(|c| c.tiles.is_some());
+                let on = if tiles { "256-bit register tiles" } else { "the wide core" };
                 let core = match (k.wide, full, gates) {
-                    (true, _, true) if tiles => " [matmul on 256-bit register tiles, gates at 256 bits]",
-                    (true, _, true) => " [matmul and gates on the wide core, gates at 256 bits]",
-                    (true, true, false) => " [matmul on the wide core, epilogue at 256 bits]",
-                    (true, false, false) => " [matmul on the wide core]",
-                    _ if k.width != "128-bit" => " [elementwise at 256 bits]",
-                    _ => "",
+                    (true, _, true) if !tiles => {
+                        " [matmul and gates on the wide core, gates at 256 bits]".into()
+                    }
+                    (true, _, true) => format!(" [matmul on {on}, gates at 256 bits]"),
+                    (true, true, false) => format!(" [matmul on {on}, epilogue at 256 bits]"),
+                    (true, false, false) => format!(" [matmul on {on}]"),
+                    _ if k.width != "128-bit" => " [elementwise at 256 bits]".into(),
+                    _ => String::new(),
                 };
                 let _ = writeln!(
                     out,

@@ -65,7 +65,7 @@ fn family_wide_call(
     // path's panels (which the pack part then writes).
     if extras.tiles {
         let d = dims(g, id)?;
-        call = Call { b: layout(d, scratch)[0], panels: true, ..call };
+        call = Call { b: layout(d, scratch)[0], tiles: Some(wide::TileB::Panels), ..call };
     }
     Some(call)
 }
@@ -295,7 +295,7 @@ fn emit(
         Loop { g, plan, id, d, out, slots: [packed, s1, s2, s3, s4], rows: (r0, r1), units: (lo, hi), core };
     // The gemm crate reads W_hh as it is backward, and W_hhᵀ row-major forward; the register
     // tiles, like Cranelift's kernel, read the panels.
-    let gemm = core.is_some_and(|(_, call, _)| !call.panels);
+    let gemm = core.is_some_and(|(_, call, _)| call.tiles.is_none());
     match (g.node(id).op.clone(), part) {
         // The wide core reads W_hhᵀ row-major [H, G·H]: a transposed copy.
         (Op::Recurrent { w_hh, .. }, Part::Pack) if gemm => {

@@ -127,10 +127,19 @@ pub struct Call {
     /// A recurrent loop's gates, computed at full width with each unit's projection
     /// ([`super::gates`]): the call's unit argument is then `step · units + unit`.
     pub gates: Option<super::gates::Gates>,
-    /// B is packed in panels of 8 columns (`matmul::pack_b`, by the kernel before) and the
-    /// product runs on aec's 256-bit register tiles ([`super::tiles`]), not the gemm crate; A
-    /// is then row-major.
-    pub panels: bool,
+    /// Whether the product runs on aec's 256-bit register tiles ([`super::tiles`]) instead of
+    /// the gemm crate, and where they read B.
+    pub tiles: Option<TileB>,
+}
+
+/// Where the register tiles read a call's B.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileB {
+    /// Packed in panels of 8 columns by the kernel before (`matmul::pack_b`): a recurrent
+    /// loop's `W_hh`, packed once per loop.
+    Panels,
+    /// As its strides say; packed per call when stored transposed.
+    AsStored,
 }
 
 impl Call {
@@ -168,7 +177,7 @@ impl Call {
             batch_bytes: [0; 3],
             epilogue: Vec::new(),
             gates: None,
-            panels: false,
+            tiles: None,
         }
     }
 
@@ -224,7 +233,7 @@ impl Call {
         };
         let later = |i: usize| self.batch.saturating_sub(1) * self.batch_bytes[i];
         let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
-        let b = if self.panels {
+        let b = if self.tiles == Some(TileB::Panels) {
             self.b + super::matmul::packed_bytes(self.k, self.n)
         } else {
             last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1)
@@ -307,12 +316,25 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         let a = (base.add(c.a + da) as *const f32).offset(r0 as isize * c.a_rs);
         let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
-        if c.panels {
-            // `Program::compile` sets `panels` only where the CPU has AVX2 and FMA
-            // (`tiles::fit`), with B packed in the panels `extent` counts and A row-major.
-            #[cfg(target_arch = "x86_64")]
-            super::tiles::product_avx2((rows, cols, c.k), (a, c.a_rs as usize), b, (dst, c.n));
-        } else {
+        // `Program::compile` sets `tiles` only where the CPU has AVX2 and FMA (`tiles::fit`),
+        // B packed in the panels `extent` counts if it says so.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(layout) = c.tiles {
+            use super::tiles::{BRows, pack, product_avx2};
+            let a = (a, c.a_rs, c.a_cs);
+            let sizes = (rows, cols, c.k);
+            match layout {
+                TileB::Panels => product_avx2(sizes, a, BRows::Panels(b), (dst, c.n)),
+                TileB::AsStored if c.b_cs == 1 => {
+                    product_avx2(sizes, a, BRows::RowMajor(b, c.b_rs as usize), (dst, c.n))
+                }
+                TileB::AsStored => {
+                    let packed = pack(b, (c.b_rs, c.b_cs), (c.k, cols));
+                    product_avx2(sizes, a, BRows::Panels(packed.as_ptr()), (dst, c.n))
+                }
+            }
+        }
+        if c.tiles.is_none() {
             gemm(c, (rows, cols), a, b, dst);
         }
         // The fused epilogue on the unit's block while it is in cache, at full width: its
