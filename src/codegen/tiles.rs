@@ -48,7 +48,6 @@ impl BRows {
     /// The same matrix from panel `p` (column `8p`) on.
     fn at_panel(self, p: usize, k: usize) -> BRows {
         match self {
-            // SAFETY (both): the caller of `product_avx2` promises the columns exist.
             BRows::Panels(b) => BRows::Panels(b.wrapping_add(p * k * NR)),
             BRows::RowMajor(b, ldb) => BRows::RowMajor(b.wrapping_add(p * NR), ldb),
         }
@@ -190,10 +189,10 @@ unsafe fn tile<const R: usize, const P: usize>(
 /// B's `k × n` elements are valid.
 pub(super) unsafe fn pack(b: *const f32, (b_rs, b_cs): (isize, isize), (k, n): (usize, usize)) -> Vec<f32> {
     let mut out = vec![0.0; k * n.div_ceil(NR) * NR];
-    for (col, panel) in (0..n).map(|j| (j, j / NR)) {
+    for col in 0..n {
         for kk in 0..k {
             // SAFETY: element (kk, col) of B, as the caller promises.
-            out[(panel * k + kk) * NR + col % NR] =
+            out[(col / NR * k + kk) * NR + col % NR] =
                 unsafe { *b.offset(kk as isize * b_rs + col as isize * b_cs) };
         }
     }

@@ -27,7 +27,7 @@ pub enum MatmulPath {
     #[default]
     Auto,
     /// The gemm crate's kernels for every matmul the wide core takes: not aec's register
-    /// tiles for recurrent steps ([`super::tiles`]), for comparing the two.
+    /// tiles for small products ([`super::tiles`]), for comparing the two.
     Gemm,
     /// Cranelift's 128-bit kernel for every matmul.
     Cranelift,
@@ -50,7 +50,8 @@ impl MatmulPath {
 pub struct Extras {
     /// The full-width elementwise primitives ([`super::elementwise`]): epilogues and gates.
     pub full_width: bool,
-    /// aec's register tiles for a recurrent step's product ([`super::tiles`]).
+    /// aec's register tiles for small products ([`super::tiles`]): a recurrent step's,
+    /// attention's.
     pub tiles: bool,
 }
 
@@ -316,26 +317,10 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         let a = (base.add(c.a + da) as *const f32).offset(r0 as isize * c.a_rs);
         let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
-        // `Program::compile` sets `tiles` only where the CPU has AVX2 and FMA (`tiles::fit`),
-        // B packed in the panels `extent` counts if it says so.
-        #[cfg(target_arch = "x86_64")]
-        if let Some(layout) = c.tiles {
-            use super::tiles::{BRows, pack, product_avx2};
-            let a = (a, c.a_rs, c.a_cs);
-            let sizes = (rows, cols, c.k);
-            match layout {
-                TileB::Panels => product_avx2(sizes, a, BRows::Panels(b), (dst, c.n)),
-                TileB::AsStored if c.b_cs == 1 => {
-                    product_avx2(sizes, a, BRows::RowMajor(b, c.b_rs as usize), (dst, c.n))
-                }
-                TileB::AsStored => {
-                    let packed = pack(b, (c.b_rs, c.b_cs), (c.k, cols));
-                    product_avx2(sizes, a, BRows::Panels(packed.as_ptr()), (dst, c.n))
-                }
-            }
-        }
-        if c.tiles.is_none() {
-            gemm(c, (rows, cols), a, b, dst);
+        match c.tiles {
+            #[cfg(target_arch = "x86_64")]
+            Some(layout) => tiled(c, layout, (rows, cols), a, b, dst),
+            _ => gemm(c, (rows, cols), a, b, dst),
         }
         // The fused epilogue on the unit's block while it is in cache, at full width: its
         // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
@@ -343,6 +328,38 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         #[cfg(target_arch = "x86_64")]
         if !c.epilogue.is_empty() {
             super::elementwise::epilogue_avx2(base, (c.c + dc, c.n), (r0, rows, c0, cols), &c.epilogue);
+        }
+    }
+}
+
+/// aec's register tiles on a `rows × cols` block of C (`dst` its first element), A and B at
+/// their first row and column of the block, B read as `layout` says.
+///
+/// # Safety
+/// As [`product`]'s, for the block; `Program::compile` sets `tiles` only where the CPU has
+/// AVX2 and FMA (`tiles::fit`), and B packed in the panels `extent` counts where it says so.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiled(
+    c: &Call,
+    layout: TileB,
+    (rows, cols): (usize, usize),
+    a: *const f32,
+    b: *const f32,
+    dst: *mut f32,
+) {
+    use super::tiles::{BRows, pack, product_avx2};
+    let (a, sizes) = ((a, c.a_rs, c.a_cs), (rows, cols, c.k));
+    // SAFETY: as this function's caller promises.
+    unsafe {
+        match layout {
+            TileB::Panels => product_avx2(sizes, a, BRows::Panels(b), (dst, c.n)),
+            TileB::AsStored if c.b_cs == 1 => {
+                product_avx2(sizes, a, BRows::RowMajor(b, c.b_rs as usize), (dst, c.n))
+            }
+            TileB::AsStored => {
+                let packed = pack(b, (c.b_rs, c.b_cs), (c.k, cols));
+                product_avx2(sizes, a, BRows::Panels(packed.as_ptr()), (dst, c.n))
+            }
         }
     }
 }
