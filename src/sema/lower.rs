@@ -689,17 +689,15 @@ impl Lower {
         // The input projection of every step at once (one matmul), then the time loop.
         let [b, t, i] = <[usize; 3]>::try_from(self.g.ty(xs).shape.as_slice())
             .map_err(|_| "recurrent input must be [B, T, I]".to_string())?;
-        let xp = match self.g.node(xs).op {
+        // The projections before the bias, and the ids they are gathered by when they are a
+        // table's rows (else they are every token's, in order).
+        let (proj, ids) = match self.g.node(xs).op {
             // Tokens through an embedding whose table has at most half as many rows as the
             // batch has tokens: each table row is projected once (`table·W_ihᵀ + b_ih`) and the
             // projections are gathered by id — the same sums for every element, V·I·G·H
             // multiply-adds instead of B·T·I·G·H, and the gradients through the table alike.
             Op::Embed { table, ids } if 2 * self.g.ty(table).shape[0] <= b * t => {
-                let mut proj = self.add(Op::MatMul { a: table, b: w_ih, ta: false, tb: true }, span)?;
-                if let Some(bias) = b_ih {
-                    proj = self.add(Op::BiasAdd { x: proj, bias }, span)?;
-                }
-                self.add(Op::Embed { table: proj, ids }, span)?
+                (self.add(Op::MatMul { a: table, b: w_ih, ta: false, tb: true }, span)?, Some(ids))
             }
             // A teacher-forced decoder's previous tokens, one-hot: the product picks column
             // `id` of W_ih, so the table is W_ihᵀ (+ b_ih) and the projections are gathered
@@ -708,20 +706,22 @@ impl Lower {
                 let gh = self.g.ty(w_ih).shape[0];
                 let w = self.add(Op::Reshape { x: w_ih, shape: vec![1, gh, depth] }, span)?;
                 let w = self.add(Op::Transpose { x: w }, span)?;
-                let mut table = self.add(Op::Reshape { x: w, shape: vec![depth, gh] }, span)?;
-                if let Some(bias) = b_ih {
-                    table = self.add(Op::BiasAdd { x: table, bias }, span)?;
-                }
-                self.add(Op::Embed { table, ids }, span)?
+                (self.add(Op::Reshape { x: w, shape: vec![depth, gh] }, span)?, Some(ids))
             }
             _ => {
                 let flat = self.add(Op::Reshape { x: xs, shape: vec![b * t, i] }, span)?;
-                let mut xp = self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?;
-                if let Some(bias) = b_ih {
-                    xp = self.add(Op::BiasAdd { x: xp, bias }, span)?;
-                }
-                let gh = self.g.ty(xp).shape[1];
-                self.add(Op::Reshape { x: xp, shape: vec![b, t, gh] }, span)?
+                (self.add(Op::MatMul { a: flat, b: w_ih, ta: false, tb: true }, span)?, None)
+            }
+        };
+        let proj = match b_ih {
+            Some(bias) => self.add(Op::BiasAdd { x: proj, bias }, span)?,
+            None => proj,
+        };
+        let xp = match ids {
+            Some(ids) => self.add(Op::Embed { table: proj, ids }, span)?,
+            None => {
+                let gh = self.g.ty(proj).shape[1];
+                self.add(Op::Reshape { x: proj, shape: vec![b, t, gh] }, span)?
             }
         };
         let hs = self.add(Op::Recurrent { cell: ir_cell(r.cell), xp, h0, w_hh, b_hh }, span)?;
