@@ -426,6 +426,30 @@ fn params_after_one_step(g: &Graph, forward: &Graph, threads: usize) -> Vec<Vec<
 }
 
 #[test]
+fn conv_patches_written_per_unit_match_the_interpreter() {
+    // A conv2d on the wide core writes im2col per unit of output positions: 40 channels make
+    // 360 rows of patches and units of 176 positions, which cross rows and images (9×11
+    // outputs per image, padding on both axes); 64 channels through a 3×2 kernel at strides
+    // 2×1, units of 160 of the 200 positions; one and two threads alike.
+    for (src, batch) in [
+        (
+            "model t { input x: [40, 9, 11]\n encoder { conv 5 k3 p1 -> relu }\n decoder { conv 40 k3 p1 -> sigmoid }\n loss mse(x) }",
+            3,
+        ),
+        (
+            "model t { input x: [64, 10, 7]\n encoder { conv 6 k3x2 s2x1 p1x1 -> tanh }\n decoder { flatten; dense 4480 -> sigmoid; reshape [64, 10, 7] }\n loss mse(x) }",
+            5,
+        ),
+    ] {
+        let (g, f) = compile_src(src, batch);
+        same_training(&format!("{src} batch {batch}"), &g, &f, 2, 1e-4);
+        same_training_threads(&format!("{src} batch {batch}, 2 threads"), &g, &f, 1, 1e-4, 2);
+        let results: Vec<_> = [1, 2].map(|threads| params_after_one_step(&g, &f, threads)).into();
+        assert!(results[0] == results[1], "{src}: 2 threads differ from 1");
+    }
+}
+
+#[test]
 fn splitting_convolutions_across_threads_changes_nothing() {
     // Convolutions' im2col packing splits by input channel, their matmuls by rows (or by
     // column panels when im2col is large: bench_conv28 at 13, with a partial last panel).

@@ -18,6 +18,7 @@
 use super::emit::Emit;
 use super::family::{Family, Parts};
 use super::matmul::{self, Mm};
+use super::patches::Patches;
 use super::plan::Plan;
 use super::sparse;
 use super::wide::{self, Call};
@@ -196,9 +197,30 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
     let temp = scratch + packed_region(&g.node(id).op, k, n);
     let stride = row_stride(ge.n()) as isize;
     match g.node(id).op {
-        Op::Conv2d { w, .. } if wide::worth(m, n, k) => {
-            let call = Call::new((m, n, k), (plan.node[w.index()], false), (scratch, false), temp);
-            Some(Call { b_rs: stride, ..call })
+        // im2col per unit, in the core ([`super::patches`]): B's strides are the buffer's.
+        Op::Conv2d { x, w, .. } if wide::worth(m, n, k) => {
+            let x = plan.node[x.index()];
+            let patches = Patches {
+                x,
+                b: ge.b,
+                ci: ge.ci,
+                h: ge.h,
+                w: ge.w,
+                k: ge.k,
+                s: ge.s,
+                p: ge.p,
+                oh: ge.oh,
+                ow: ge.ow,
+            };
+            let call = Call::new((m, n, k), (plan.node[w.index()], false), (x, false), temp);
+            Some(Call {
+                b_rs: 0,
+                b_cs: 0,
+                by_cols: true,
+                unit: patches.unit(),
+                patches: Some(patches),
+                ..call
+            })
         }
         Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }
             if wide::worth(ge.co, ge.ckk(), ge.n()) =>
@@ -215,7 +237,8 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
 /// row-major for the wide core; 1 when it does not split) and its rough work.
 fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
-        (Some((ge, ..)), Op::Conv2d { .. }) if wide => (ge.b, 4 * ge.ckk() * ge.n()),
+        // The core writes each unit's patches itself.
+        (Some(_), Op::Conv2d { .. }) if wide => (0, 0),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
         // Images: their im2col columns and their rows of the packed output gradient.
         (Some((ge, ..)), Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }) => {
@@ -282,12 +305,7 @@ fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
-        (Op::Conv2d { x, .. }, Part::Prep) if core.is_some() => {
-            let (lo, hi) = range;
-            let top = e.i64(ge.b as i64);
-            let hi = e.b.ins().smin(hi, top);
-            e.for_dynamic(lo, hi, |e, img| im2col_rows(e, ge, at(x), (packed, row_stride(ge.n())), img));
-        }
+        (Op::Conv2d { .. }, Part::Prep) if core.is_some() => {}
         (Op::Conv2d { .. }, Part::Compute) if core.is_some() => {
             if let Some((f, call, addr)) = core {
                 wide::emit(e, f, call, addr, range, &[]);

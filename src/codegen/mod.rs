@@ -30,6 +30,7 @@ mod gates;
 mod kernels;
 mod matmul;
 mod norm;
+mod patches;
 pub mod plan;
 mod recurrent;
 mod resample;
@@ -1162,12 +1163,17 @@ fn work_list(g: &Graph, groups: &[fuse::Group], calls: &[Option<Box<wide::Call>>
             // The wide core packs its operands itself.
             fuse::Group::MatMul { .. } if calls[gi].is_some() => work.push((gi, Piece::Main)),
             fuse::Group::MatMul { .. } => work.extend([(gi, Piece::Pack), (gi, Piece::Main)]),
+            // A part with no work units (a conv2d's prep when the core writes its patches) is
+            // no kernel.
             fuse::Group::Single(id) => match family::of(g, *id) {
                 Some((family, parts)) => work.extend(
                     parts
                         .names
                         .iter()
                         .enumerate()
+                        .filter(|&(k, _)| {
+                            (family::FAMILIES[family].units)(g, *id, k, calls[gi].as_deref()).0 > 0
+                        })
                         .map(|(k, &name)| (gi, Piece::Part { family, k, main: k == parts.main, name })),
                 ),
                 None => work.push((gi, Piece::Main)),

@@ -131,6 +131,9 @@ pub struct Call {
     /// Whether the product runs on aec's 256-bit register tiles ([`super::tiles`]) instead of
     /// the gemm crate, and where they read B.
     pub tiles: Option<TileB>,
+    /// A conv2d's patches ([`super::patches`]), when B is im2col of its input computed per unit
+    /// (C's columns are output positions) instead of read from the arena.
+    pub patches: Option<super::patches::Patches>,
 }
 
 /// Where the register tiles read a call's B.
@@ -179,6 +182,7 @@ impl Call {
             epilogue: Vec::new(),
             gates: None,
             tiles: None,
+            patches: None,
         }
     }
 
@@ -234,7 +238,9 @@ impl Call {
         };
         let later = |i: usize| self.batch.saturating_sub(1) * self.batch_bytes[i];
         let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
-        let b = if self.tiles == Some(TileB::Panels) {
+        let b = if let Some(p) = &self.patches {
+            p.extent()
+        } else if self.tiles == Some(TileB::Panels) {
             self.b + super::matmul::packed_bytes(self.k, self.n)
         } else {
             last(self.b, self.k, self.b_rs, self.n, self.b_cs) + later(1)
@@ -317,10 +323,17 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         let a = (base.add(c.a + da) as *const f32).offset(r0 as isize * c.a_rs);
         let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
-        match c.tiles {
+        match (&c.patches, c.tiles) {
+            (Some(p), _) => {
+                // The conv2d's input, inside `c.extent()` as well.
+                let input = std::slice::from_raw_parts(base.add(p.x) as *const f32, (p.extent() - p.x) / 4);
+                p.with(input, (c0, cols), |b, stride| {
+                    gemm(c, (rows, cols), a, (b.as_ptr(), stride as isize, 1), dst)
+                });
+            }
             #[cfg(target_arch = "x86_64")]
-            Some(layout) => tiled(c, layout, (rows, cols), a, b, dst),
-            _ => gemm(c, (rows, cols), a, b, dst),
+            (None, Some(layout)) => tiled(c, layout, (rows, cols), a, b, dst),
+            _ => gemm(c, (rows, cols), a, (b, c.b_rs, c.b_cs), dst),
         }
         // The fused epilogue on the unit's block while it is in cache, at full width: its
         // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
@@ -364,18 +377,29 @@ unsafe fn tiled(
     }
 }
 
-/// The gemm crate's kernel on a `rows × cols` block of C (`dst` its first element), A and B
-/// at their first row and column of the block.
+/// The gemm crate's kernel on a `rows × cols` block of C (`dst` its first element), A at its
+/// first row and column of the block, B there with its row and column strides.
 ///
 /// # Safety
 /// As [`product`]'s, for the block.
-unsafe fn gemm(c: &Call, (rows, cols): (usize, usize), a: *const f32, b: *const f32, dst: *mut f32) {
+unsafe fn gemm(
+    c: &Call,
+    (rows, cols): (usize, usize),
+    a: *const f32,
+    (b, b_rs, b_cs): (*const f32, isize, isize),
+    dst: *mut f32,
+) {
     // SAFETY: as this function's caller promises.
     unsafe {
         let kernel = gemm_f32::gemm::f32::get_gemm_fn();
         // The kernels want a column-major destination: C = A·B with C row-major is computed as
-        // Cᵀ = Bᵀ·Aᵀ, column-major (what the `gemm` facade does).
-        if c.n > 1 {
+        // Cᵀ = Bᵀ·Aᵀ, column-major (what the `gemm` facade does). The crate packs its left
+        // operand, Bᵀ then, one element at a time when B is stored transposed; when B is also
+        // at least four times wider than A is tall (a convolution's weight gradient: 16 rows
+        // of the output gradient against 432 columns of im2col, both along the 50,176
+        // positions), C = A·B is computed as it stands, and only the few rows of A are packed
+        // that way, B read as stored.
+        if c.n > 1 && !(b_rs == 1 && b_cs != 1 && 4 * rows <= cols) {
             kernel(
                 cols,
                 rows,
@@ -385,8 +409,8 @@ unsafe fn gemm(c: &Call, (rows, cols): (usize, usize), a: *const f32, b: *const 
                 1,
                 false,
                 b,
-                c.b_rs,
-                c.b_cs,
+                b_rs,
+                b_cs,
                 a,
                 c.a_rs,
                 c.a_cs,
@@ -410,8 +434,8 @@ unsafe fn gemm(c: &Call, (rows, cols): (usize, usize), a: *const f32, b: *const 
                 c.a_cs,
                 c.a_rs,
                 b,
-                c.b_cs,
-                c.b_rs,
+                b_cs,
+                b_rs,
                 0.0,
                 1.0,
                 false,
