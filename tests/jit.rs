@@ -427,17 +427,19 @@ fn params_after_one_step(g: &Graph, forward: &Graph, threads: usize) -> Vec<Vec<
 
 #[test]
 fn conv_patches_written_per_unit_match_the_interpreter() {
-    // A conv2d on the wide core writes im2col per unit of output positions: 40 channels make
-    // 360 rows of patches and units of 176 positions, which cross rows and images (9×11
-    // outputs per image, padding on both axes); 64 channels through a 3×2 kernel at strides
-    // 2×1, units of 160 of the 200 positions; one and two threads alike.
+    // A convolution whose im2col is 4 MiB or more has its patches written per unit by the wide
+    // core: 40 channels at 32×32 over a batch of 3 make 360 rows of patches (4.4 MB), units of
+    // 176 positions that cross rows and images, and the weight gradient's units of CKK a chunk
+    // of positions at a time; the decoder's convolution (5 channels) stays below and takes the
+    // prep kernel. Then 64 channels through a 3×2 kernel at strides 2×1 with padding on both
+    // axes (384 rows, 2,900 positions), and its mirror. One and two threads alike.
     for (src, batch) in [
         (
-            "model t { input x: [40, 9, 11]\n encoder { conv 5 k3 p1 -> relu }\n decoder { conv 40 k3 p1 -> sigmoid }\n loss mse(x) }",
+            "model t { input x: [40, 32, 32]\n encoder { conv 5 k3 p1 -> relu }\n decoder { conv 40 k3 p1 -> sigmoid }\n loss mse(x) }",
             3,
         ),
         (
-            "model t { input x: [64, 10, 7]\n encoder { conv 6 k3x2 s2x1 p1x1 -> tanh }\n decoder { flatten; dense 4480 -> sigmoid; reshape [64, 10, 7] }\n loss mse(x) }",
+            "model t { input x: [64, 40, 28]\n encoder { conv 6 k3x2 s2x1 p1x1 -> tanh }\n decoder mirror -> sigmoid\n loss mse(x) }",
             5,
         ),
     ] {

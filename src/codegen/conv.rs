@@ -18,7 +18,7 @@
 use super::emit::Emit;
 use super::family::{Family, Parts};
 use super::matmul::{self, Mm};
-use super::patches::Patches;
+use super::patches::{Patches, Role};
 use super::plan::Plan;
 use super::sparse;
 use super::wide::{self, Call};
@@ -59,7 +59,7 @@ fn family_parts(g: &Graph, id: NodeId) -> Option<Parts> {
 
 fn family_units(g: &Graph, id: NodeId, k: usize, call: Option<&Call>) -> (usize, usize) {
     match PARTS[k] {
-        Part::Prep => prep_units(g, id, call.is_some()),
+        Part::Prep => prep_units(g, id, call),
         Part::Compute => {
             let (units, work) = parts(g, id).map_or((1, 0), |(_, units, work)| (units, work));
             (call.map_or(units, Call::unit_count), work)
@@ -73,7 +73,14 @@ fn family_describe(g: &Graph, id: NodeId, k: usize, wide: bool) -> String {
     match PARTS[k] {
         Part::Finish => format!("finish %{} (into NCHW)", id.0),
         _ => {
-            let what = if wide { "im2col row-major, for the wide core" } else { prep_text(op) };
+            let patched = shape(g, id).is_some_and(|(ge, ..)| patched(ge));
+            let what = match (wide, patched) {
+                (true, true) => {
+                    "the output gradient row-major, for the wide core, which writes im2col per unit"
+                }
+                (true, false) => "im2col row-major, for the wide core",
+                (false, _) => prep_text(op),
+            };
             format!("prepare %{} {} ({what})", id.0, op.mnemonic())
         }
     }
@@ -113,6 +120,17 @@ impl Geom {
     fn n(&self) -> usize {
         self.b * self.oh * self.ow
     }
+}
+
+impl Patches {
+    /// The patches of a convolution of this geometry (seen as conv2d) whose input is at byte
+    /// offset `x`.
+    fn of(ge: Geom, x: usize) -> Patches {
+        Patches { x, b: ge.b, ci: ge.ci, h: ge.h, w: ge.w, k: ge.k, s: ge.s, p: ge.p, oh: ge.oh, ow: ge.ow }
+    }
+}
+
+impl Geom {
     fn kk(&self) -> usize {
         self.k[0] * self.k[1]
     }
@@ -183,62 +201,79 @@ fn row_stride(n: usize) -> usize {
     if (s / 16).is_multiple_of(2) { s + 16 } else { s }
 }
 
+/// Bytes of im2col from which the wide core writes a convolution's patches per unit
+/// ([`super::patches`]) instead of a prep kernel writing it whole: below, it stays in the
+/// caches between the two kernels, and the prep's loops are faster than the patches' runs
+/// (bench_conv28's first convolution, 1.8 MB of im2col: 483 µs a step against 540–640 with
+/// patches; its second, 7.2 MB, the same either way; bench_unet's, 43–87 MB, a third faster).
+const PATCHES_MIN_BYTES: usize = 4 << 20;
+
+/// Whether the wide core writes this convolution's patches per unit.
+fn patched(ge: Geom) -> bool {
+    4 * ge.ckk() * ge.n() >= PATCHES_MIN_BYTES
+}
+
 /// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
-/// im2col row-major in the packed region (which is at least as large), `T` in the temporary.
+/// `T` in the temporary; im2col written row-major by the prep kernel into the packed region
+/// (which is at least as large), or when large per unit of output positions by the core
+/// itself.
 ///
 /// A weight gradient's: `dW[Cout, CKK] = dy'[Cout, N] · im2col(x)ᵀ`, the output gradient
-/// row-major `[Cout, N]` in the packed region and im2col `[CKK, N]` in the temporary, read
-/// transposed.
+/// row-major `[Cout, N]` in the packed region; im2col `[CKK, N]` in the temporary, read
+/// transposed, or when large written by the core for each unit of CKK a chunk of positions at
+/// a time.
 fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras) -> Option<Call> {
     if sparse::parts(g, id).is_some() {
         return None;
     }
     let (ge, m, n, k, _) = shape(g, id)?;
     let temp = scratch + packed_region(&g.node(id).op, k, n);
+    let at = |x: NodeId| plan.node[x.index()];
     let stride = row_stride(ge.n()) as isize;
+    let patched = patched(ge);
     match g.node(id).op {
-        // im2col per unit, in the core ([`super::patches`]): B's strides are the buffer's.
+        Op::Conv2d { w, .. } if wide::worth(m, n, k) && !patched => {
+            let call = Call::new((m, n, k), (at(w), false), (scratch, false), temp);
+            Some(Call { b_rs: stride, ..call })
+        }
         Op::Conv2d { x, w, .. } if wide::worth(m, n, k) => {
-            let x = plan.node[x.index()];
-            let patches = Patches {
-                x,
-                b: ge.b,
-                ci: ge.ci,
-                h: ge.h,
-                w: ge.w,
-                k: ge.k,
-                s: ge.s,
-                p: ge.p,
-                oh: ge.oh,
-                ow: ge.ow,
-            };
-            let call = Call::new((m, n, k), (plan.node[w.index()], false), (x, false), temp);
+            let patches = Patches::of(ge, at(x));
+            let call = Call::new((m, n, k), (at(w), false), (at(x), false), temp);
+            let unit = patches.unit();
             Some(Call {
                 b_rs: 0,
                 b_cs: 0,
                 by_cols: true,
-                unit: patches.unit(),
-                patches: Some(patches),
+                unit,
+                patches: Some((patches, Role::Columns)),
                 ..call
             })
         }
         Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }
+            if wide::worth(ge.co, ge.ckk(), ge.n()) && !patched =>
+        {
+            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (temp, true), at(id));
+            Some(Call { b_cs: stride, ..call })
+        }
+        Op::Conv2dWeightGrad { x: input, .. } | Op::ConvTranspose2dWeightGrad { dy: input, .. }
             if wide::worth(ge.co, ge.ckk(), ge.n()) =>
         {
-            let out = plan.node[id.index()];
-            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (temp, true), out);
-            Some(Call { b_cs: stride, ..call })
+            let patches = Patches::of(ge, at(input));
+            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (at(input), true), at(id));
+            Some(Call { b_rs: 0, b_cs: 0, patches: Some((patches, Role::Depth)), ..call })
         }
         _ => None,
     }
 }
 
 /// Work units of the prep kernel (input channels of im2col, or images when it writes im2col
-/// row-major for the wide core; 1 when it does not split) and its rough work.
-fn prep_units(g: &Graph, id: NodeId, wide: bool) -> (usize, usize) {
+/// row-major for the wide core; 1 when it does not split) and its rough work, given the wide
+/// core's call if there is one.
+fn prep_units(g: &Graph, id: NodeId, call: Option<&Call>) -> (usize, usize) {
     match (shape(g, id), &g.node(id).op) {
-        // The core writes each unit's patches itself.
-        (Some(_), Op::Conv2d { .. }) if wide => (0, 0),
+        // The core writes each unit's patches itself: no prep.
+        (Some(_), Op::Conv2d { .. }) if call.is_some_and(|c| c.patches.is_some()) => (0, 0),
+        (Some((ge, ..)), Op::Conv2d { .. }) if call.is_some() => (ge.b, 4 * ge.ckk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
         // Images: their im2col columns and their rows of the packed output gradient.
         (Some((ge, ..)), Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }) => {
@@ -305,6 +340,13 @@ fn emit(
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {
+        (Op::Conv2d { x, .. }, Part::Prep) if wide_prep(core) == Some(true) => {
+            let (lo, hi) = range;
+            let top = e.i64(ge.b as i64);
+            let hi = e.b.ins().smin(hi, top);
+            e.for_dynamic(lo, hi, |e, img| im2col_rows(e, ge, at(x), (packed, row_stride(ge.n())), img));
+        }
+        // The core writes the patches: no prep kernel (`prep_units`).
         (Op::Conv2d { .. }, Part::Prep) if core.is_some() => {}
         (Op::Conv2d { .. }, Part::Compute) if core.is_some() => {
             if let Some((f, call, addr)) = core {
@@ -338,10 +380,10 @@ fn emit(
             }
         }
         (Op::Conv2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range, core.is_some());
+            weight_grad_prep(e, ge, (at(x), at(dy)), (packed, temp), range, wide_prep(core));
         }
         (Op::ConvTranspose2dWeightGrad { x, dy, .. }, Part::Prep) => {
-            weight_grad_prep(e, ge, (at(dy), at(x)), (packed, temp), range, core.is_some());
+            weight_grad_prep(e, ge, (at(dy), at(x)), (packed, temp), range, wide_prep(core));
         }
         (Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }, Part::Compute) => {
             // dWᵀ [CKK, Cout], stored transposed: dW [Cout, CKK].
@@ -462,28 +504,36 @@ fn im2col_pack(e: &mut Emit, ge: Geom, x: usize, packed: usize, (lo, hi): (Value
     });
 }
 
+/// How a convolution's prep kernel serves the wide core: not at all (`None`: Cranelift's
+/// kernel), with im2col (`Some(true)`), or without it (`Some(false)`: the core writes the
+/// patches; a weight gradient's prep still lays out the output gradient).
+fn wide_prep(core: Option<wide::Core>) -> Option<bool> {
+    core.map(|(_, call, _)| call.patches.is_none())
+}
+
 /// The weight gradient's operands for the images `lo..hi` (the work one thread takes): their
-/// columns of im2col of `input`, row-major `[CKK, N]`, into `acol`, and their rows of the output
-/// gradient `dy [B, Cout, HW]` into `packed` — as the right operand `[N, Cout]` in panels for
-/// Cranelift's kernel, or for the `wide` core as `[Cout, N]` row-major (a plane a copy), with
-/// im2col's rows [`row_stride`] apart.
+/// rows of the output gradient `dy [B, Cout, HW]` into `packed` — as the right operand `[N,
+/// Cout]` in panels for Cranelift's kernel, or for the wide core as `[Cout, N]` row-major (a
+/// plane a copy) — and their columns of im2col of `input`, row-major `[CKK, N]`, into `acol`
+/// (for the wide core with its rows [`row_stride`] apart, and only when `wide` is
+/// `Some(true)`: see [`wide_prep`]).
 fn weight_grad_prep(
     e: &mut Emit,
     ge: Geom,
     (input, dy): (usize, usize),
     (packed, acol): (usize, usize),
     (lo, hi): (Value, Value),
-    wide: bool,
+    wide: Option<bool>,
 ) {
     let (hw, n) = (ge.oh * ge.ow, ge.n());
     let top = e.i64(ge.b as i64);
     let hi = e.b.ins().smin(hi, top);
     e.for_dynamic(lo, hi, |e, img| {
-        if !wide {
+        let Some(im2col) = wide else {
             pack_channels(e, dy, (ge.b, ge.co, hw), packed, img);
             im2col_rows(e, ge, input, (acol, n), img);
             return;
-        }
+        };
         let from = e.imul_imm(img, (ge.co * hw) as i64);
         let to = e.imul_imm(img, hw as i64);
         e.for_range(0, ge.co as i64, 1, |e, c| {
@@ -493,7 +543,9 @@ fn weight_grad_prep(
             let dst = e.iadd(to, dst);
             super::kernels::copy(e, dy, src, packed, dst, hw);
         });
-        im2col_rows(e, ge, input, (acol, row_stride(n)), img);
+        if im2col {
+            im2col_rows(e, ge, input, (acol, row_stride(n)), img);
+        }
     });
 }
 

@@ -31,6 +31,18 @@ pub struct Patches {
     pub ow: usize,
 }
 
+/// What a unit's patches are to its product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// B itself (`[CKK, N]`): a conv2d, C's columns its output positions, a unit's patches
+    /// those of its columns.
+    Columns,
+    /// B transposed (`[N, CKK]` stored as `[CKK, N]`): a weight gradient, the product's depth
+    /// the output positions, a unit's patches its rows of CKK in chunks of positions
+    /// ([`Patches::depth_chunk`]), their products added up in C.
+    Depth,
+}
+
 thread_local! {
     /// Each thread's patches, reused from unit to unit.
     static BUFFER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -57,7 +69,7 @@ impl Patches {
     /// units so that two threads get the same share.
     pub fn unit(&self) -> usize {
         let n = self.positions();
-        let most = ((BUDGET / 4 / self.rows().max(1)) / 16 * 16).clamp(16, 4096);
+        let most = ((BUDGET / 4 / self.rows().max(1)) / 16 * 16).clamp(16, 512);
         let unit = |units: usize| n.div_ceil(units).next_multiple_of(16).min(n);
         // Rounding to 16 may make the count odd: more units until it is even (or so many that
         // one more is nothing).
@@ -66,6 +78,12 @@ impl Patches {
             units += 2;
         }
         unit(units)
+    }
+
+    /// Output positions per chunk of a weight gradient's unit of `rows` rows of patches: as
+    /// many as keep the chunk within [`BUDGET`], a multiple of 16, at least 16.
+    pub fn depth_chunk(rows: usize) -> usize {
+        ((BUDGET / 4 / rows.max(1)) / 16 * 16).clamp(16, 4096)
     }
 
     /// The row stride of a unit's patches of `cols` columns: `cols + 8` (a vector's overrun)
@@ -77,42 +95,51 @@ impl Patches {
         if (s / 16).is_multiple_of(2) { s + 16 } else { s }
     }
 
-    /// Calls `f` with the patches of output positions `c0..c0 + cols`, row-major `[rows,
-    /// cols]` at [`Patches::stride`], in this thread's buffer.
+    /// Calls `f` with rows `r0..r1` of the patches of output positions `c0..c0 + cols`,
+    /// row-major `[r1 − r0, cols]` at [`Patches::stride`], in this thread's buffer.
     pub fn with<R>(
         &self,
         input: &[f32],
+        (r0, r1): (usize, usize),
         (c0, cols): (usize, usize),
         f: impl FnOnce(&[f32], usize) -> R,
     ) -> R {
         let stride = Patches::stride(cols);
+        let len = (r1 - r0) * stride;
         BUFFER.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
-                buf.resize(self.rows() * stride, 0.0);
-                self.fill(input, (c0, cols), &mut buf, stride);
+                buf.resize(len, 0.0);
+                self.fill(input, (r0, r1), (c0, cols), &mut buf, stride);
                 f(&buf, stride)
             }
             // Never nested; a fresh buffer if it ever were.
             Err(_) => {
-                let mut buf = vec![0.0; self.rows() * stride];
-                self.fill(input, (c0, cols), &mut buf, stride);
+                let mut buf = vec![0.0; len];
+                self.fill(input, (r0, r1), (c0, cols), &mut buf, stride);
                 f(&buf, stride)
             }
         })
     }
 
-    /// Writes the patches of positions `c0..c0 + cols` into `out` (rows `stride` apart, at
-    /// least `cols + 8`): row `(c, i, j)` holds `x[img, c, oy·s + i − p, ox·s + j − p]` for each
+    /// Writes rows `r0..r1` of the patches of positions `c0..c0 + cols` into `out` (rows
+    /// `stride` apart, at least `cols + 8`): row `(c, i, j)` holds `x[img, c, oy·s + i − p, ox·s + j − p]` for each
     /// position `(img, oy, ox)`, zero in the padding. The floats of a row past `cols` are left
     /// undefined.
-    pub fn fill(&self, input: &[f32], unit: (usize, usize), out: &mut [f32], stride: usize) {
+    pub fn fill(
+        &self,
+        input: &[f32],
+        rows: (usize, usize),
+        unit: (usize, usize),
+        out: &mut [f32],
+        stride: usize,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 was just detected.
-            unsafe { self.fill_avx2(input, unit, out, stride) };
+            unsafe { self.fill_avx2(input, rows, unit, out, stride) };
             return;
         }
-        self.fill_with(input, unit, out, stride);
+        self.fill_with(input, rows, unit, out, stride);
     }
 
     /// [`Patches::fill`] compiled for AVX2: its copies of eight floats are one load and one
@@ -122,12 +149,26 @@ impl Patches {
     /// The CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn fill_avx2(&self, input: &[f32], unit: (usize, usize), out: &mut [f32], stride: usize) {
-        self.fill_with(input, unit, out, stride);
+    unsafe fn fill_avx2(
+        &self,
+        input: &[f32],
+        rows: (usize, usize),
+        unit: (usize, usize),
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        self.fill_with(input, rows, unit, out, stride);
     }
 
     #[inline(always)]
-    fn fill_with(&self, input: &[f32], (c0, cols): (usize, usize), out: &mut [f32], stride: usize) {
+    fn fill_with(
+        &self,
+        input: &[f32],
+        (r0, r1): (usize, usize),
+        (c0, cols): (usize, usize),
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let plane = self.oh * self.ow;
         // The unit's positions as runs along one output row: (column in the unit, image, oy,
         // first ox, length).
@@ -149,14 +190,22 @@ impl Patches {
         let zeros = [0.0f32; 8];
         for c in 0..self.ci {
             for i in 0..kh {
-                let rows = (c * kh + i) * kw;
+                // Rows (c, i, j) for the kernel columns `js` that lie in `r0..r1`, at `rows + j`
+                // of `out`.
+                let first = (c * kh + i) * kw;
+                if first + kw <= r0 || first >= r1 {
+                    continue;
+                }
+                let js = r0.saturating_sub(first)..(r1 - first).min(kw);
+                let rows = first as isize - r0 as isize;
+                let at = |j: usize| (rows + j as isize) as usize * stride;
                 // Runs left to right within each row, so a run's overrun past its end (at most
                 // seven floats) is overwritten by the next run or falls in the row's slack.
                 for &(q, img, oy, ox, len) in &runs {
                     let y = (oy * sy + i).checked_sub(py).filter(|&y| y < self.h);
                     let Some(y) = y else {
-                        for j in 0..kw {
-                            let run = &mut out[(rows + j) * stride + q..];
+                        for j in js.clone() {
+                            let run = &mut out[at(j) + q..];
                             for t in (0..len).step_by(8) {
                                 run[t..t + 8].copy_from_slice(&zeros);
                             }
@@ -174,8 +223,8 @@ impl Patches {
                     for (d, s) in to.into_remainder().iter_mut().zip(from.remainder()) {
                         *d = *s;
                     }
-                    for j in 0..kw {
-                        let run = &mut out[(rows + j) * stride + q..];
+                    for j in js.clone() {
+                        let run = &mut out[at(j) + q..];
                         let from = &padded[ox * sx + j..];
                         if sx == 1 {
                             for t in (0..len).step_by(8) {
@@ -250,12 +299,24 @@ mod tests {
                             );
                         }
                     };
-                    pt.with(&x, (c0, cols), |got, stride| check(got, stride, "fill"));
+                    pt.with(&x, (0, pt.rows()), (c0, cols), |got, stride| check(got, stride, "fill"));
                     // The path without AVX2 too, into a buffer dirty from before.
                     let stride = Patches::stride(cols);
                     let mut out = vec![f32::NAN; pt.rows() * stride];
-                    pt.fill_with(&x, (c0, cols), &mut out, stride);
+                    pt.fill_with(&x, (0, pt.rows()), (c0, cols), &mut out, stride);
                     check(&out, stride, "portable");
+                    // Ranges of rows that start and end inside a tap's kernel row.
+                    for (r0, r1) in [(1, pt.rows()), (0, pt.rows() - 1), (2, 3), (pt.rows() / 2, pt.rows())] {
+                        pt.with(&x, (r0, r1), (c0, cols), |got, stride| {
+                            for r in r0..r1 {
+                                assert_eq!(
+                                    &got[(r - r0) * stride..(r - r0) * stride + cols],
+                                    &want[r * n + c0..r * n + c0 + cols],
+                                    "{pt:?} rows {r0}..{r1}, row {r}, columns {c0}..+{cols}"
+                                );
+                            }
+                        });
+                    }
                 }
             }
         }

@@ -12,6 +12,7 @@
 //! at a stable address for as long as its code can run, and [`aec_gemm`].
 
 use super::emit::{Emit, EpOp, apply_ops};
+use super::patches::{Patches, Role};
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, Type, Value};
 use gemm_common::Parallelism;
@@ -131,9 +132,9 @@ pub struct Call {
     /// Whether the product runs on aec's 256-bit register tiles ([`super::tiles`]) instead of
     /// the gemm crate, and where they read B.
     pub tiles: Option<TileB>,
-    /// A conv2d's patches ([`super::patches`]), when B is im2col of its input computed per unit
-    /// (C's columns are output positions) instead of read from the arena.
-    pub patches: Option<super::patches::Patches>,
+    /// A convolution's patches ([`super::patches`]), when B (or Bᵀ, as the role says) is
+    /// im2col of its input computed per unit instead of read from the arena.
+    pub patches: Option<(super::patches::Patches, super::patches::Role)>,
 }
 
 /// Where the register tiles read a call's B.
@@ -238,7 +239,7 @@ impl Call {
         };
         let later = |i: usize| self.batch.saturating_sub(1) * self.batch_bytes[i];
         let a = last(self.a, self.m, self.a_rs, self.k, self.a_cs) + later(0);
-        let b = if let Some(p) = &self.patches {
+        let b = if let Some((p, _)) = &self.patches {
             p.extent()
         } else if self.tiles == Some(TileB::Panels) {
             self.b + super::matmul::packed_bytes(self.k, self.n)
@@ -324,16 +325,30 @@ unsafe fn product(base: *mut u8, c: &Call, unit: usize) {
         let b = (base.add(c.b + db) as *const f32).offset(c0 as isize * c.b_cs);
         let dst = (base.add(c.c + dc) as *mut f32).add(r0 * c.n + c0);
         match (&c.patches, c.tiles) {
-            (Some(p), _) => {
-                // The conv2d's input, inside `c.extent()` as well.
+            (Some((p, role)), _) => {
+                // The convolution's input, inside `c.extent()` as well.
                 let input = std::slice::from_raw_parts(base.add(p.x) as *const f32, (p.extent() - p.x) / 4);
-                p.with(input, (c0, cols), |b, stride| {
-                    gemm(c, (rows, cols), a, (b.as_ptr(), stride as isize, 1), dst)
-                });
+                match role {
+                    Role::Columns => p.with(input, (0, p.rows()), (c0, cols), |b, stride| {
+                        gemm(c, (rows, cols, c.k), a, (b.as_ptr(), stride as isize, 1), dst, false)
+                    }),
+                    // The unit's rows of patches, a chunk of positions (the depth) at a time,
+                    // each chunk's product added to the last.
+                    Role::Depth => {
+                        let (n, chunk) = (p.positions(), Patches::depth_chunk(cols));
+                        for (i, k0) in (0..n).step_by(chunk).enumerate() {
+                            let kc = chunk.min(n - k0);
+                            let a = a.offset(k0 as isize * c.a_cs);
+                            p.with(input, (c0, c0 + cols), (k0, kc), |b, stride| {
+                                gemm(c, (rows, cols, kc), a, (b.as_ptr(), 1, stride as isize), dst, i > 0)
+                            });
+                        }
+                    }
+                }
             }
             #[cfg(target_arch = "x86_64")]
             (None, Some(layout)) => tiled(c, layout, (rows, cols), a, b, dst),
-            _ => gemm(c, (rows, cols), a, (b, c.b_rs, c.b_cs), dst),
+            _ => gemm(c, (rows, cols, c.k), a, (b, c.b_rs, c.b_cs), dst, false),
         }
         // The fused epilogue on the unit's block while it is in cache, at full width: its
         // operands are inside `c.extent()` too, and `Program::compile` sets it only where the
@@ -377,18 +392,21 @@ unsafe fn tiled(
     }
 }
 
-/// The gemm crate's kernel on a `rows × cols` block of C (`dst` its first element), A at its
-/// first row and column of the block, B there with its row and column strides.
+/// The gemm crate's kernel on a `rows × cols` block of C (`dst` its first element) over depth
+/// `k`, A at its first row and column of the block, B there with its row and column strides;
+/// the product added to C when `accumulate`, else stored.
 ///
 /// # Safety
 /// As [`product`]'s, for the block.
 unsafe fn gemm(
     c: &Call,
-    (rows, cols): (usize, usize),
+    (rows, cols, k): (usize, usize, usize),
     a: *const f32,
     (b, b_rs, b_cs): (*const f32, isize, isize),
     dst: *mut f32,
+    accumulate: bool,
 ) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
     // SAFETY: as this function's caller promises.
     unsafe {
         let kernel = gemm_f32::gemm::f32::get_gemm_fn();
@@ -403,18 +421,18 @@ unsafe fn gemm(
             kernel(
                 cols,
                 rows,
-                c.k,
+                k,
                 dst,
                 c.n as isize,
                 1,
-                false,
+                accumulate,
                 b,
                 b_rs,
                 b_cs,
                 a,
                 c.a_rs,
                 c.a_cs,
-                0.0,
+                alpha,
                 1.0,
                 false,
                 false,
@@ -425,18 +443,18 @@ unsafe fn gemm(
             kernel(
                 rows,
                 cols,
-                c.k,
+                k,
                 dst,
                 1,
                 c.n as isize,
-                false,
+                accumulate,
                 a,
                 c.a_cs,
                 c.a_rs,
                 b,
                 b_cs,
                 b_rs,
-                0.0,
+                alpha,
                 1.0,
                 false,
                 false,
