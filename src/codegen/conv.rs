@@ -120,17 +120,11 @@ impl Geom {
     fn n(&self) -> usize {
         self.b * self.oh * self.ow
     }
-}
-
-impl Patches {
-    /// The patches of a convolution of this geometry (seen as conv2d) whose input is at byte
-    /// offset `x`.
-    fn of(ge: Geom, x: usize) -> Patches {
+    /// The patches of this convolution (seen as conv2d) whose input is at byte offset `x`.
+    fn patches(&self, x: usize) -> Patches {
+        let ge = *self;
         Patches { x, b: ge.b, ci: ge.ci, h: ge.h, w: ge.w, k: ge.k, s: ge.s, p: ge.p, oh: ge.oh, ow: ge.ow }
     }
-}
-
-impl Geom {
     fn kk(&self) -> usize {
         self.k[0] * self.k[1]
     }
@@ -237,7 +231,7 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
             Some(Call { b_rs: stride, ..call })
         }
         Op::Conv2d { x, w, .. } if wide::worth(m, n, k) => {
-            let patches = Patches::of(ge, at(x));
+            let patches = ge.patches(at(x));
             let call = Call::new((m, n, k), (at(w), false), (at(x), false), temp);
             let unit = patches.unit();
             Some(Call {
@@ -258,7 +252,7 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
         Op::Conv2dWeightGrad { x: input, .. } | Op::ConvTranspose2dWeightGrad { dy: input, .. }
             if wide::worth(ge.co, ge.ckk(), ge.n()) =>
         {
-            let patches = Patches::of(ge, at(input));
+            let patches = ge.patches(at(input));
             let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (at(input), true), at(id));
             Some(Call { b_rs: 0, b_cs: 0, patches: Some((patches, Role::Depth)), ..call })
         }
@@ -275,9 +269,11 @@ fn prep_units(g: &Graph, id: NodeId, call: Option<&Call>) -> (usize, usize) {
         (Some(_), Op::Conv2d { .. }) if call.is_some_and(|c| c.patches.is_some()) => (0, 0),
         (Some((ge, ..)), Op::Conv2d { .. }) if call.is_some() => (ge.b, 4 * ge.ckk() * ge.n()),
         (Some((ge, ..)), Op::Conv2d { .. }) => (ge.ci, 4 * ge.ckk() * ge.n()),
-        // Images: their im2col columns and their rows of the packed output gradient.
+        // Images: their im2col columns (unless the core writes the patches) and their rows of
+        // the packed output gradient.
         (Some((ge, ..)), Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }) => {
-            (ge.b, 4 * (ge.ckk() + ge.co) * ge.n())
+            let rows = if call.is_some_and(|c| c.patches.is_some()) { ge.co } else { ge.ckk() + ge.co };
+            (ge.b, 4 * rows * ge.n())
         }
         // Panels of the transposed convolution's input.
         (Some((ge, ..)), Op::ConvTranspose2d { .. }) => (ge.n().div_ceil(8), 4 * ge.co * ge.n()),

@@ -134,7 +134,7 @@ pub struct Call {
     pub tiles: Option<TileB>,
     /// A convolution's patches ([`super::patches`]), when B (or Bᵀ, as the role says) is
     /// im2col of its input computed per unit instead of read from the arena.
-    pub patches: Option<(super::patches::Patches, super::patches::Role)>,
+    pub patches: Option<(Patches, Role)>,
 }
 
 /// Where the register tiles read a call's B.
