@@ -105,26 +105,22 @@ impl Patches {
         f: impl FnOnce(&[f32], usize) -> R,
     ) -> R {
         let stride = Patches::stride(cols);
-        let len = (r1 - r0) * stride;
+        let fill = |buf: &mut Vec<f32>| {
+            buf.resize((r1 - r0) * stride, 0.0);
+            self.fill(input, (r0, r1), (c0, cols), buf, stride);
+            f(buf, stride)
+        };
         BUFFER.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                buf.resize(len, 0.0);
-                self.fill(input, (r0, r1), (c0, cols), &mut buf, stride);
-                f(&buf, stride)
-            }
+            Ok(mut buf) => fill(&mut buf),
             // Never nested; a fresh buffer if it ever were.
-            Err(_) => {
-                let mut buf = vec![0.0; len];
-                self.fill(input, (r0, r1), (c0, cols), &mut buf, stride);
-                f(&buf, stride)
-            }
+            Err(_) => fill(&mut Vec::new()),
         })
     }
 
     /// Writes rows `r0..r1` of the patches of positions `c0..c0 + cols` into `out` (rows
-    /// `stride` apart, at least `cols + 8`): row `(c, i, j)` holds `x[img, c, oy·s + i − p, ox·s + j − p]` for each
-    /// position `(img, oy, ox)`, zero in the padding. The floats of a row past `cols` are left
-    /// undefined.
+    /// `stride` apart, at least `cols + 8`): row `(c, i, j)` holds
+    /// `x[img, c, oy·s + i − p, ox·s + j − p]` for each position `(img, oy, ox)`, zero in the
+    /// padding. The floats of a row past `cols` are left undefined.
     pub fn fill(
         &self,
         input: &[f32],
