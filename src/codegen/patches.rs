@@ -186,15 +186,14 @@ impl Patches {
         let zeros = [0.0f32; 8];
         for c in 0..self.ci {
             for i in 0..kh {
-                // Rows (c, i, j) for the kernel columns `js` that lie in `r0..r1`, at `rows + j`
-                // of `out`.
+                // Rows (c, i, j) for the kernel columns `js` that lie in `r0..r1`, at row
+                // `first + j − r0` of `out` (never negative: `j ≥ r0 − first`).
                 let first = (c * kh + i) * kw;
                 if first + kw <= r0 || first >= r1 {
                     continue;
                 }
                 let js = r0.saturating_sub(first)..(r1 - first).min(kw);
-                let rows = first as isize - r0 as isize;
-                let at = |j: usize| (rows + j as isize) as usize * stride;
+                let at = |j: usize| (first + j - r0) * stride;
                 // Runs left to right within each row, so a run's overrun past its end (at most
                 // seven floats) is overwritten by the next run or falls in the row's slack.
                 for &(q, img, oy, ox, len) in &runs {
