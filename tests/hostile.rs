@@ -296,15 +296,15 @@ fn outputs_go_through_symlinks_and_never_replace_devices_or_fifos() {
 
 #[test]
 fn memory_is_estimated_before_it_is_allocated() {
-    // 74 GiB of arena at batch 100,000: a message, not an abort.
+    // 53 GiB of arena at batch 100,000: a message, not an abort.
     let (code, out, err) = aec(&["compile", "specs/coins_seg.ae", "--batch", "100000"]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("needs 74.0 GiB, over the memory budget"), "{err}");
+    assert!(err.contains("needs 53.0 GiB, over the memory budget"), "{err}");
     assert!(err.contains("use a smaller --batch"), "{err}");
     // The estimate is printed when it fits.
     let (code, out, err) = aec(&["compile", "specs/coins_seg.ae"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("memory: 24.6 MiB for the training step"), "{out}");
+    assert!(out.contains("memory: 17.8 MiB for the training step"), "{out}");
     // --memory-limit sets the budget, for compiling, for the interpreter and for data.
     let (code, _, err) = aec(&["--memory-limit", "1M", "compile", "specs/bench_mlp784.ae"]);
     assert_eq!(code, 1, "{err}");
@@ -324,8 +324,9 @@ fn memory_is_estimated_before_it_is_allocated() {
 }
 
 /// Under `ulimit -v`, the budget is what the process may still map, not the machine's memory:
-/// 8.2 GiB of arena under an 8 GiB limit is the budget's message (it was an abort, "memory
-/// allocation of 8908915712 bytes failed"), and `aec compile` allocates no arena at all.
+/// 5.7 GiB of arena under a 4 GiB limit is the budget's message (it was an abort, "memory
+/// allocation of 8908915712 bytes failed" for 8.2 GiB under 8 GiB), and `aec compile`
+/// allocates no arena at all.
 #[test]
 fn the_budget_follows_ulimit_and_compile_allocates_nothing() {
     let run = |limit_kib: u64, args: &str| {
@@ -338,12 +339,12 @@ fn the_budget_follows_ulimit_and_compile_allocates_nothing() {
             .expect("sh");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let (code, err) = run(8 << 20, "compile specs/denoise.ae --batch 100000");
+    let (code, err) = run(4 << 20, "compile specs/denoise.ae --batch 100000");
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("needs 8.2 GiB, over the memory budget of"), "{err}");
+    assert!(err.contains("needs 5.7 GiB, over the memory budget of"), "{err}");
     assert!(err.contains("(the address-space limit (ulimit -v)"), "{err}");
     // With the budget set past the limit, only not allocating the arena keeps compile alive.
-    let (code, err) = run(8 << 20, "--memory-limit 20G compile specs/denoise.ae --batch 100000");
+    let (code, err) = run(4 << 20, "--memory-limit 20G compile specs/denoise.ae --batch 100000");
     assert_eq!(code, 0, "{err}");
 }
 

@@ -14,7 +14,7 @@ pub const FAMILY: Family = Family {
     parts: |g, id| {
         matches!(g.node(id).op, Op::BatchMatMul { .. }).then_some(Parts { names: &["batch"], main: 0 })
     },
-    scratch_bytes: |_, _| 0,
+    scratch_bytes: |_, _, _| 0,
     wide_call,
     units,
     emit,

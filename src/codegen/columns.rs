@@ -21,7 +21,7 @@ pub const FAMILY: Family = Family {
         Op::ScatterColumns { .. } => Some(Parts { names: &["scatter", "transpose"], main: 0 }),
         _ => None,
     },
-    scratch_bytes: |g, id| dims(g, id).map_or(0, |d| 4 * d.n * d.depth),
+    scratch_bytes: |g, id, _| dims(g, id).map_or(0, |d| 4 * d.n * d.depth),
     wide_call: |_, _, _, _, _| None,
     units,
     emit,

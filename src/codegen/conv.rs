@@ -163,10 +163,11 @@ fn shape(g: &Graph, id: NodeId) -> Option<(Geom, usize, usize, usize, usize)> {
     }
 }
 
-/// Bytes of scratch a conv-family node needs (packed panels, then a temporary).
-fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
-    match shape(g, id) {
-        Some((_, _, n, k, temp)) => packed_region(&g.node(id).op, k, n) + temp * 4,
+/// Bytes of scratch a conv-family node needs (packed panels, then a temporary), `wide` when the
+/// wide core is there to take its matmul.
+fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
+    match regions(g, id, wide && on_patches(g, id)) {
+        Some((packed, temp)) => packed + temp,
         None => sparse::scratch_bytes(g, id),
     }
 }
@@ -175,15 +176,22 @@ fn packed_round(k: usize, n: usize) -> usize {
     matmul::packed_bytes(k, n).div_ceil(64) * 64
 }
 
-/// Bytes of `op`'s first scratch region: the packed panels, or for a conv2d on the wide core
-/// im2col row-major `[K, N]` at [`row_stride`], whichever is larger. (A weight gradient's
-/// output gradient as `[Cout, N]` fits the panels.)
-fn packed_region(op: &Op, k: usize, n: usize) -> usize {
+/// Bytes of node `id`'s two scratch regions, the temporary right after the first: the packed
+/// panels, or for a conv2d on the wide core im2col row-major `[K, N]` at [`row_stride`],
+/// whichever is larger (a weight gradient's output gradient as `[Cout, N]` fits the panels),
+/// then the temporary. When the core writes the patches per unit (`patches`), im2col is never
+/// stored: a conv2d's first region is empty, a weight gradient's temporary is.
+fn regions(g: &Graph, id: NodeId, patches: bool) -> Option<(usize, usize)> {
+    let (ge, _, n, k, temp) = shape(g, id)?;
     let packed = packed_round(k, n);
-    match op {
-        Op::Conv2d { .. } => packed.max((4 * k * row_stride(n)).next_multiple_of(64)),
-        _ => packed,
-    }
+    Some(match g.node(id).op {
+        Op::Conv2d { .. } if patches => (0, 4 * ge.co * ge.n()),
+        Op::Conv2d { .. } => (packed.max((4 * k * row_stride(n)).next_multiple_of(64)), 4 * temp),
+        Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. } if patches => {
+            ((4 * ge.co * ge.n()).next_multiple_of(64), 0)
+        }
+        _ => (packed, 4 * temp),
+    })
 }
 
 /// The row stride, in floats, of im2col written row-major for the wide core: `n` rounded up to
@@ -207,6 +215,21 @@ fn patched(ge: Geom) -> bool {
     4 * ge.ckk() * ge.n() >= PATCHES_MIN_BYTES
 }
 
+/// Whether node `id`, on the wide core, has it write the patches per unit ([`wide_call`]'s
+/// choice, which the scratch's size follows).
+fn on_patches(g: &Graph, id: NodeId) -> bool {
+    let Some((ge, m, n, k, _)) = shape(g, id) else { return false };
+    patched(ge)
+        && sparse::parts(g, id).is_none()
+        && match g.node(id).op {
+            Op::Conv2d { .. } => wide::worth(m, n, k),
+            Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. } => {
+                wide::worth(ge.co, ge.ckk(), ge.n())
+            }
+            _ => false,
+        }
+}
+
 /// A dense conv2d's matmul on the wide core: `T[Cout, N] = W[Cout, CKK] · im2col(x)[CKK, N]`,
 /// `T` in the temporary; im2col written row-major by the prep kernel into the packed region
 /// (which is at least as large), or when large per unit of output positions by the core
@@ -221,16 +244,13 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
         return None;
     }
     let (ge, m, n, k, _) = shape(g, id)?;
-    let temp = scratch + packed_region(&g.node(id).op, k, n);
+    let patched = on_patches(g, id);
+    let temp = scratch + regions(g, id, patched)?.0;
     let at = |x: NodeId| plan.node[x.index()];
     let stride = row_stride(ge.n()) as isize;
-    let patched = patched(ge);
     match g.node(id).op {
-        Op::Conv2d { w, .. } if wide::worth(m, n, k) && !patched => {
-            let call = Call::new((m, n, k), (at(w), false), (scratch, false), temp);
-            Some(Call { b_rs: stride, ..call })
-        }
-        Op::Conv2d { x, w, .. } if wide::worth(m, n, k) => {
+        // The patches per unit where `on_patches` says so (the scratch is sized for them).
+        Op::Conv2d { x, w, .. } if patched => {
             let patches = ge.patches(at(x));
             let call = Call::new((m, n, k), (at(w), false), (at(x), false), temp);
             let unit = patches.unit();
@@ -243,18 +263,22 @@ fn wide_call(g: &Graph, plan: &Plan, id: NodeId, scratch: usize, _: wide::Extras
                 ..call
             })
         }
-        Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }
-            if wide::worth(ge.co, ge.ckk(), ge.n()) && !patched =>
-        {
-            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (temp, true), at(id));
-            Some(Call { b_cs: stride, ..call })
+        Op::Conv2d { w, .. } if wide::worth(m, n, k) => {
+            let call = Call::new((m, n, k), (at(w), false), (scratch, false), temp);
+            Some(Call { b_rs: stride, ..call })
         }
         Op::Conv2dWeightGrad { x: input, .. } | Op::ConvTranspose2dWeightGrad { dy: input, .. }
-            if wide::worth(ge.co, ge.ckk(), ge.n()) =>
+            if patched =>
         {
             let patches = ge.patches(at(input));
             let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (at(input), true), at(id));
             Some(Call { b_rs: 0, b_cs: 0, patches: Some((patches, Role::Depth)), ..call })
+        }
+        Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. }
+            if wide::worth(ge.co, ge.ckk(), ge.n()) =>
+        {
+            let call = Call::new((ge.co, ge.ckk(), ge.n()), (scratch, false), (temp, true), at(id));
+            Some(Call { b_cs: stride, ..call })
         }
         _ => None,
     }
@@ -331,8 +355,9 @@ fn emit(
         return sparse::emit(e, g, plan, id, part == Part::Compute, scratch, range);
     }
     let (ge, m, n, k, _) = shape(g, id).ok_or("not a convolution")?;
+    let patches = core.is_some_and(|(_, call, _)| call.patches.is_some());
     let packed = scratch;
-    let temp = scratch + packed_region(&g.node(id).op, k, n);
+    let temp = scratch + regions(g, id, patches).ok_or("not a convolution")?.0;
     let at = |x: NodeId| plan.node[x.index()];
     let out = plan.node[id.index()];
     match (g.node(id).op.clone(), part) {

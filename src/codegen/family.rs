@@ -28,8 +28,9 @@ pub struct Parts {
 pub struct Family {
     /// The kernels node `id` compiles to; `None` when this family does not compile it.
     pub parts: fn(&Graph, NodeId) -> Option<Parts>,
-    /// Bytes of scratch node `id` needs while it runs.
-    pub scratch_bytes: fn(&Graph, NodeId) -> usize,
+    /// Bytes of scratch node `id` needs while it runs, the last argument whether the wide
+    /// core is there (its call may need less).
+    pub scratch_bytes: fn(&Graph, NodeId, bool) -> usize,
     /// The wide core's call for node `id` at `scratch`, when it uses the core; the last
     /// argument says what the core may use besides the gemm crate's kernels.
     pub wide_call: fn(&Graph, &Plan, NodeId, usize, wide::Extras) -> Option<wide::Call>,

@@ -491,7 +491,7 @@ impl Program {
                 && fused_matmul[id.index()]
                 && matmul::dims(g, id).is_some_and(|(m, n, k)| wide::worth(m, n, k))
         };
-        let plan = plan::plan(g, &groups, &|id| scratch_bytes(g, id, is_wide(id)));
+        let plan = plan::plan(g, &groups, &|id| scratch_bytes(g, id, (is_wide(id), wide_isa.is_some())));
         check_plan(g, &plan)?;
         crate::memory::check(
             &format!("the native code of `{}` (its arena of values, parameters and optimizer state)", g.name),
@@ -1122,7 +1122,7 @@ fn wide_calls(
         {
             // A family's call into the core (a recurrent loop's per-step projection, a
             // dense conv2d's matmul, a batch of products).
-            let scratch = family_scratch(g, plan, *id)?;
+            let scratch = family_scratch(plan, *id);
             let call = family::of(g, *id)
                 .and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch, extras));
             if let Some(call) = call {
@@ -1242,7 +1242,7 @@ fn emit_kernel(
         fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
         fuse::Group::Single(id) => match piece {
             Piece::Part { family, k, .. } => {
-                let scratch = family_scratch(g, plan, *id)?;
+                let scratch = family_scratch(plan, *id);
                 let emit = family::FAMILIES[family].emit;
                 emit(e, g, plan, *id, k, scratch, range, core)?;
             }
@@ -1311,15 +1311,16 @@ fn kernel_units(g: &Graph, grp: &fuse::Group, piece: Piece, call: Option<&wide::
     }
 }
 
-/// Bytes of a node's scratch: a fused matmul keeps its right operand packed in panels of 8
-/// columns (none on the wide core, which packs its operands itself: `wide`); a node of a kernel
-/// family what the family says ([`family`]).
 /// Where a family's node has its scratch (0 when it needs none).
-fn family_scratch(g: &Graph, plan: &plan::Plan, id: NodeId) -> Result<usize, String> {
-    if scratch_bytes(g, id, false) > 0 { plan.scratch_of(id) } else { Ok(0) }
+fn family_scratch(plan: &plan::Plan, id: NodeId) -> usize {
+    plan.scratch.iter().find(|s| s.0 == id).map_or(0, |s| s.1)
 }
 
-fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
+/// Bytes of a node's scratch: a fused matmul keeps its right operand packed in panels of 8
+/// columns (none on the wide core, which packs its operands itself: `wide`); a node of a kernel
+/// family what the family says ([`family`]), which may be less when the machine has the wide
+/// core (`core`).
+fn scratch_bytes(g: &Graph, id: NodeId, (wide, core): (bool, bool)) -> usize {
     match &g.node(id).op {
         Op::MatMul { .. } if wide => 0,
         Op::MatMul { b, tb, .. } => {
@@ -1327,7 +1328,7 @@ fn scratch_bytes(g: &Graph, id: NodeId, wide: bool) -> usize {
             let (k, n) = if *tb { (s[1], s[0]) } else { (s[0], s[1]) };
             k * n.div_ceil(8) * 8 * 4
         }
-        _ => family::of(g, id).map_or(0, |(f, _)| (family::FAMILIES[f].scratch_bytes)(g, id)),
+        _ => family::of(g, id).map_or(0, |(f, _)| (family::FAMILIES[f].scratch_bytes)(g, id, core)),
     }
 }
 

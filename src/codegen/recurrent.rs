@@ -186,7 +186,7 @@ fn layout(d: Dims, scratch: usize) -> [usize; 5] {
     [scratch, s1, s1 + bh, s1 + 2 * bh, s1 + 2 * bh + bg]
 }
 
-fn scratch_bytes(g: &Graph, id: NodeId) -> usize {
+fn scratch_bytes(g: &Graph, id: NodeId, _wide: bool) -> usize {
     let Some(d) = dims(g, id) else { return 0 };
     layout(d, 0)[4] + round(d.b * d.gh() * 4)
 }
