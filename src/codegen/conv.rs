@@ -185,7 +185,7 @@ fn regions(g: &Graph, id: NodeId, patches: bool) -> Option<(usize, usize)> {
     let (ge, _, n, k, temp) = shape(g, id)?;
     let packed = packed_round(k, n);
     Some(match g.node(id).op {
-        Op::Conv2d { .. } if patches => (0, 4 * ge.co * ge.n()),
+        Op::Conv2d { .. } if patches => (0, 4 * temp),
         Op::Conv2d { .. } => (packed.max((4 * k * row_stride(n)).next_multiple_of(64)), 4 * temp),
         Op::Conv2dWeightGrad { .. } | Op::ConvTranspose2dWeightGrad { .. } if patches => {
             ((4 * ge.co * ge.n()).next_multiple_of(64), 0)
