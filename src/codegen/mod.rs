@@ -1122,7 +1122,7 @@ fn wide_calls(
         {
             // A family's call into the core (a recurrent loop's per-step projection, a
             // dense conv2d's matmul, a batch of products).
-            let scratch = family_scratch(plan, *id);
+            let scratch = family_scratch(g, plan, *id)?;
             let call = family::of(g, *id)
                 .and_then(|(f, _)| (family::FAMILIES[f].wide_call)(g, plan, *id, scratch, extras));
             if let Some(call) = call {
@@ -1242,7 +1242,7 @@ fn emit_kernel(
         fuse::Group::LossPair { loss, grad, chain } => kernels::loss_pair(e, g, plan, *loss, *grad, chain)?,
         fuse::Group::Single(id) => match piece {
             Piece::Part { family, k, .. } => {
-                let scratch = family_scratch(plan, *id);
+                let scratch = family_scratch(g, plan, *id)?;
                 let emit = family::FAMILIES[family].emit;
                 emit(e, g, plan, *id, k, scratch, range, core)?;
             }
@@ -1311,9 +1311,10 @@ fn kernel_units(g: &Graph, grp: &fuse::Group, piece: Piece, call: Option<&wide::
     }
 }
 
-/// Where a family's node has its scratch (0 when it needs none).
-fn family_scratch(plan: &plan::Plan, id: NodeId) -> usize {
-    plan.scratch.iter().find(|s| s.0 == id).map_or(0, |s| s.1)
+/// Where a family's node has its scratch (0 when it needs none): an error if it needs some and
+/// the plan has none. (A node that needs scratch without the wide core needs some with it.)
+fn family_scratch(g: &Graph, plan: &plan::Plan, id: NodeId) -> Result<usize, String> {
+    if scratch_bytes(g, id, (false, false)) > 0 { plan.scratch_of(id) } else { Ok(0) }
 }
 
 /// Bytes of a node's scratch: a fused matmul keeps its right operand packed in panels of 8
