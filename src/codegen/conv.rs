@@ -73,7 +73,7 @@ fn family_describe(g: &Graph, id: NodeId, k: usize, wide: bool) -> String {
     match PARTS[k] {
         Part::Finish => format!("finish %{} (into NCHW)", id.0),
         _ => {
-            let patched = shape(g, id).is_some_and(|(ge, ..)| patched(ge));
+            let patched = on_patches(g, id);
             let what = match (wide, patched) {
                 (true, true) => {
                     "the output gradient row-major, for the wide core, which writes im2col per unit"
